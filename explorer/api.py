@@ -1,0 +1,54 @@
+"""The one-call entry point: trace a model and get its coupling groups."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .coupling.analyze import Coupling
+from .groups import Group
+from .ir import Graph
+from .metrics import count_macs
+from .tracer import trace as _trace
+
+
+class ModelGraph:
+    """A traced model: the ATen graph plus its exact channel-coupling groups."""
+
+    def __init__(self, graph: Graph, coupling: Coupling) -> None:
+        self.graph = graph
+        self.coupling = coupling
+
+    def groups(self) -> list[Group]:
+        return self.coupling.groups
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.graph.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``trace --json`` and the app."""
+        return {
+            "seconds": round(self.graph.seconds, 4),
+            "num_ops": self.num_ops,
+            "num_groups": len(self.groups()),
+            "num_prunable": sum(g.prunable for g in self.groups()),
+            "macs": count_macs(self.graph),
+            "unknown_ops": {k: sorted(set(v))[:5] for k, v in self.coupling.unknown_ops.items()},
+            "conflicts": self.coupling.conflicts,
+            "groups": [g.to_dict() for g in self.groups()],
+        }
+
+
+def trace(model: nn.Module, example_inputs: Any, ignored: Iterable[str] = ()) -> ModelGraph:
+    """Trace ``model`` on ``example_inputs`` and compute its coupling groups.
+
+    Args:
+        model: any ``nn.Module`` on cpu or meta; left as it was found.
+        example_inputs: a tensor or a tuple of positional arguments.
+        ignored: module names whose output channels must not be pruned.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    graph = _trace(model, inputs)
+    return ModelGraph(graph, Coupling(graph, ignored=ignored))

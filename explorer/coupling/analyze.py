@@ -1,0 +1,311 @@
+"""From a traced graph to groups: run the rules, resolve, find families and groups."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..groups import Axis, Group, HeadInfo, Member
+from ..ir import Graph, ValueKind
+from .context import Ctx
+from .registry import apply_rule
+from .resolve import Resolution, resolve
+
+_HEAD_TAGS = ("attention-head", "attention-batch")
+_GROUP_TAGS = ("conv-groups", "norm-groups")
+
+
+@dataclass
+class _MemberData:
+    member: Member
+    vid: int
+    atoms: np.ndarray  # (size, k) atom classes per index, -1 padded
+
+
+class Coupling:
+    """The exact channel coupling of one traced model.
+
+    Attributes:
+        graph: the trace it was computed from.
+        groups: every group with at least one parameter member, in trace order.
+        unknown_ops: ops that had no rule, with where they ran.
+        conflicts: reshape conflicts found while resolving.
+    """
+
+    def __init__(self, graph: Graph, ignored: Iterable[str] = ()) -> None:
+        self.graph = graph
+        self.ignored = tuple(ignored)
+        ctx = Ctx(graph)
+        for node in graph.ops:
+            try:
+                apply_rule(ctx, node)
+            except Exception as exc:  # a rule bug must not hide the rest of the model
+                reason = (f"coupling rule for {node.short} failed in '{node.module}' "
+                          f"({type(exc).__name__}: {exc})")
+                ctx.unknown.setdefault(node.name, []).append(node.location)
+                for ref in _refs(node):
+                    ctx.pin_all([ref], reason)
+                for i in range(len(node.outputs)):
+                    ctx.fresh_out(node, i, pin=reason)
+        for vid in graph.outputs:
+            value = graph.values[vid]
+            for ids in ctx.dims(vid):
+                ctx.sp.pin(ids, f"model output (shape {list(value.shape)})")
+        self.unknown_ops = ctx.unknown
+        self.res: Resolution = resolve(ctx.sp)
+        self.conflicts = self.res.conflicts
+        self._ctx = ctx
+        self._members = self._collect_members()
+        self._build_families()
+        self.groups: list[Group] = self._build_groups()
+
+    # -- members --------------------------------------------------------------------------
+    def _collect_members(self) -> list[_MemberData]:
+        out = []
+        for vid, value in self.graph.values.items():
+            if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER) or vid not in self._ctx.sp.dims:
+                continue
+            for d, ids in enumerate(self._ctx.sp.dims[vid]):
+                if len(ids) < 1 or not np.issubdtype(np.dtype("int64"), np.integer):
+                    continue
+                member = Member(self.graph.param_owner.get(value.name or "", ""),
+                                value.name or f"value{vid}", d, len(ids),
+                                value.kind is ValueKind.BUFFER)
+                out.append(_MemberData(member, vid, self.res.atoms_matrix(ids)))
+        return out
+
+    # -- families -------------------------------------------------------------------------
+    def _build_families(self) -> None:
+        n = self.res.num_classes
+        sig = np.zeros(n, dtype=np.uint64)
+        first_seen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        pos = 0
+        rng = np.random.default_rng(12345)
+        keys: dict[tuple[int, int, int], np.uint64] = {}
+        for m, md in enumerate(self._members):
+            a = md.atoms
+            arity = (a >= 0).sum(axis=1)
+            for j in range(a.shape[1]):
+                valid = a[:, j] >= 0
+                for r in np.unique(arity[valid]):
+                    sel = valid & (arity == r)
+                    key = keys.setdefault((m, j, int(r)), np.uint64(rng.integers(1, 2**63)))
+                    atoms = np.unique(a[sel, j])
+                    sig[atoms] += key
+            flat = a[a >= 0]
+            order = np.arange(pos, pos + len(flat))
+            np.minimum.at(first_seen, flat, order)
+            pos += len(flat)
+        present = np.nonzero(first_seen < np.iinfo(np.int64).max)[0]
+        present = present[np.argsort(first_seen[present], kind="stable")]
+        uniq, fam_of_present = np.unique(sig[present], return_inverse=True)
+        # number families by first appearance
+        fam_first: dict[int, int] = {}
+        for f in fam_of_present.reshape(-1):
+            fam_first.setdefault(int(f), len(fam_first))
+        remap = np.array([fam_first[i] for i in range(len(uniq))], dtype=np.int64)
+        self.family_of = np.full(n, -1, dtype=np.int64)
+        self.family_of[present] = remap[fam_of_present.reshape(-1)]
+        self.num_families = len(uniq)
+        self.family_atoms: list[np.ndarray] = [None] * self.num_families  # type: ignore
+        fams = self.family_of[present]
+        for f in range(self.num_families):
+            self.family_atoms[f] = present[fams == f]
+        self._family_pins = self._pins_per_family()
+        self._family_tags = self._tags_per_family()
+
+    def _expand_ids(self, ids: np.ndarray) -> np.ndarray:
+        a = self.res.atoms_matrix(ids)
+        return a[a >= 0]
+
+    def _pins_per_family(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for ids, reason in self._ctx.sp.pins:
+            fams = np.unique(self.family_of[self._expand_ids(ids)])
+            for f in fams[fams >= 0]:
+                out.setdefault(int(f), reason)
+        for text in self.conflicts:
+            out.setdefault(-1, text)
+        return out
+
+    def _tags_per_family(self) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = {}
+        for ids, tag in self._ctx.sp.tags:
+            fams = np.unique(self.family_of[self._expand_ids(ids)])
+            for f in fams[fams >= 0]:
+                out.setdefault(int(f), set()).add(tag)
+        return out
+
+    # -- groups ---------------------------------------------------------------------------
+    def _build_groups(self) -> list[Group]:
+        parent = list(range(self.num_families))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        position: dict[int, list[float]] = {}
+        for md in self._members:
+            a = md.atoms
+            if a.shape[1] < 2:
+                continue
+            fam = np.where(a >= 0, self.family_of[np.maximum(a, 0)], -1)
+            for row in np.unique(fam, axis=0):
+                row = [int(f) for f in row if f >= 0]
+                for j, f in enumerate(row):
+                    position.setdefault(f, []).append(j / max(len(row) - 1, 1))
+                    parent[find(f)] = find(row[0])
+        by_root: dict[int, list[int]] = {}
+        for f in range(self.num_families):
+            by_root.setdefault(find(f), []).append(f)
+        fam_members: dict[int, list[int]] = {}
+        for m, md in enumerate(self._members):
+            for f in np.unique(self.family_of[md.atoms[md.atoms >= 0]]):
+                if f >= 0:
+                    fam_members.setdefault(int(f), []).append(m)
+        explanations = self._explanations()
+        groups: list[Group] = []
+        for root in sorted(by_root, key=lambda r: min(by_root[r])):
+            fams = sorted(by_root[root], key=lambda f: (np.mean(position.get(f, [0.0])), f))
+            mids = sorted({m for f in fams for m in fam_members.get(f, [])})
+            if not mids or _noise(fams, self):
+                continue
+            members = [self._members[m].member for m in mids]
+            axes = [self._axis(f, members, len(fams) > 1) for f in fams]
+            heads = _head_info(axes)
+            channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
+            prunable = any(a.prunable for a in axes)
+            reason = "" if prunable else "; ".join(dict.fromkeys(a.reason for a in axes))
+            modules = list(dict.fromkeys(m.module for m in members))
+            expl = list(dict.fromkeys(e for f in fams for e in explanations.get(f, [])))
+            groups.append(Group(len(groups), channels, axes, members, heads, prunable, reason,
+                                expl[:12], modules))
+        self._group_families = [[a.family for a in g.axes] for g in groups]
+        return groups
+
+    def _axis(self, fam: int, members: list[Member], composite: bool) -> Axis:
+        size = len(self.family_atoms[fam])
+        tags = self._family_tags.get(fam, set())
+        pin = self._family_pins.get(fam)
+        if pin is not None:
+            role = "fixed" if composite else "channels"
+            return Axis(fam, size, role, False, pin)
+        if any(t in tags for t in _HEAD_TAGS):
+            role = "heads"
+        elif any(t in tags for t in _GROUP_TAGS):
+            role = "groups"
+        elif composite:
+            role = "head-dim"
+        else:
+            role = "channels"
+        if size < 2:
+            return Axis(fam, size, role, False, "a single channel")
+        ignored = self._ignored_reason(fam)
+        if ignored:
+            return Axis(fam, size, role, False, ignored)
+        return Axis(fam, size, role, True, "")
+
+    def _ignored_reason(self, fam: int) -> str:
+        if not self.ignored:
+            return ""
+        atoms = set(self.family_atoms[fam].tolist())
+        for md in self._members:
+            if md.member.dim != 0 or md.member.buffer:
+                continue
+            if not any(md.member.module == i or md.member.module.startswith(i + ".")
+                       for i in self.ignored):
+                continue
+            if atoms.intersection(md.atoms[md.atoms >= 0].tolist()):
+                return f"outputs of ignored module '{md.member.module}'"
+        return ""
+
+    def _explanations(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        records = [(u[0][:1], u[2]) for u in self._ctx.sp.unions]
+        records += [(p[0][:1], p[2]) for p in self._ctx.sp.products]
+        for ids, op_index in sorted(records, key=lambda r: r[1]):
+            node = self.graph.ops[op_index]
+            text = _describe(node, self.graph)
+            for f in np.unique(self.family_of[self._expand_ids(ids)]):
+                if f >= 0:
+                    out.setdefault(int(f), []).append(text)
+        return out
+
+    # -- pruning support ------------------------------------------------------------------
+    def group_families(self, group_id: int) -> list[int]:
+        return self._group_families[group_id]
+
+    def keep_indices(self, removed_atoms: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+        """For every member dim that loses elements, the indices it keeps."""
+        dead = np.zeros(self.res.num_classes + 1, dtype=bool)
+        dead[removed_atoms] = True
+        out: dict[tuple[str, int], np.ndarray] = {}
+        for md in self._members:
+            a = md.atoms
+            hit = np.where(a >= 0, dead[np.maximum(a, 0)], False).any(axis=1)
+            if hit.any():
+                out[(md.member.param, md.member.dim)] = np.nonzero(~hit)[0]
+        return out
+
+    def kept_count(self, ids: np.ndarray, removed_atoms: np.ndarray) -> int:
+        """How many of the elements ``ids`` survive removing ``removed_atoms``."""
+        dead = np.zeros(self.res.num_classes + 1, dtype=bool)
+        dead[removed_atoms] = True
+        a = self.res.atoms_matrix(ids)
+        return int((~np.where(a >= 0, dead[np.maximum(a, 0)], False).any(axis=1)).sum())
+
+    @property
+    def group_axes(self) -> dict[str, np.ndarray]:
+        """Module name -> element ids of its conv/norm group axis (to patch ``groups``)."""
+        return self._ctx.group_axes
+
+    def member_atoms(self) -> list[tuple[Member, np.ndarray]]:
+        """Each member with its ``(size, k)`` atom matrix (for importance scores)."""
+        return [(md.member, md.atoms) for md in self._members]
+
+
+def _noise(fams: list[int], c: Coupling) -> bool:
+    """Unit dims and pure spatial/kernel axes are not channel groups worth listing."""
+    for f in fams:
+        if len(c.family_atoms[f]) < 2:
+            continue
+        reason = c._family_pins.get(f, "")
+        if reason not in ("spatial positions", "kernel taps"):
+            return False
+    return True
+
+
+def _refs(node: object) -> list[object]:
+    from .context import tensor_args
+    return tensor_args(node)  # type: ignore[arg-type]
+
+
+def _describe(node: object, graph: Graph) -> str:
+    short = node.short  # type: ignore[attr-defined]
+    where = node.module or "<root>"  # type: ignore[attr-defined]
+    words = {
+        "add": "residual/element-wise add", "sub": "element-wise sub",
+        "mul": "element-wise multiply", "cat": "concat", "view": "reshape",
+        "_unsafe_view": "reshape", "reshape": "reshape", "mm": "matmul", "addmm": "linear",
+        "bmm": "batched matmul (attention)", "convolution": "convolution",
+        "native_layer_norm": "layer norm", "native_batch_norm": "batch norm",
+        "_native_batch_norm_legit_no_training": "batch norm",
+        "_native_batch_norm_legit": "batch norm", "native_group_norm": "group norm",
+    }
+    text = f"{words.get(short, short)} in {where}"
+    if short in ("view", "_unsafe_view", "reshape") and node.outputs[0] is not None:  # type: ignore
+        text += f" (to {list(graph.values[node.outputs[0]].shape)})"  # type: ignore
+    return text
+
+
+def _head_info(axes: list[Axis]) -> HeadInfo | None:
+    heads = [a for a in axes if a.role == "heads"]
+    dims = [a for a in axes if a.role == "head-dim"]
+    if not heads or not dims:
+        return None
+    num_heads = int(np.prod([a.size for a in heads]))
+    kv = heads[0].size if len(heads) > 1 else None
+    return HeadInfo(num_heads, dims[0].size, kv, dims[1].size if len(dims) > 1 else None)

@@ -1,0 +1,154 @@
+"""Resolve recorded unions and products into classes of elements and their atoms.
+
+Two elements are in one class when a chain of unions joins them. A product says a class is
+the tuple of its component classes; products are treated as injective functions, so
+
+* two tuples with equal components are the same class (functionality), and
+* one class defined by two tuples makes their components equal (injectivity).
+
+Both are applied until nothing changes (usually 2-3 rounds). A class with no product
+definition is an *atom*: the unit that pruning removes. Every element expands to the tuple
+of atoms it is made of; removing any of those atoms removes the element.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .spaces import Spaces
+
+
+@dataclass
+class Resolution:
+    """Element classes, atom expansion and any reshape conflicts."""
+
+    label: np.ndarray  # element id -> class id
+    num_classes: int
+    defs: dict[int, tuple[int, ...]]  # composite class -> atom classes (flattened)
+    conflicts: list[str] = field(default_factory=list)
+
+    def atoms_matrix(self, ids: np.ndarray) -> np.ndarray:
+        """``(len(ids), k)`` atom classes per element, padded with -1 to the longest tuple."""
+        labels = self.label[ids]
+        tuples = [self.defs.get(int(c)) for c in labels] if self.defs else []
+        k = max((len(t) for t in tuples if t is not None), default=1)
+        out = np.full((len(ids), k), -1, dtype=np.int64)
+        out[:, 0] = labels
+        if self.defs:
+            for i, t in enumerate(tuples):
+                if t is not None:
+                    out[i, :len(t)] = t
+        return out
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) == 0:
+        return np.arange(n, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
+    _, lab = connected_components(graph, directed=False)
+    return lab.astype(np.int64)
+
+
+def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
+    """Compute classes and atom tuples from the facts in ``sp``."""
+    n = sp.count
+    a = np.concatenate([u[0] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
+    b = np.concatenate([u[1] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
+    by_arity: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for flat, parts, _op in sp.products:
+        fl, comps = by_arity.setdefault(len(parts), ([], []))
+        fl.append(flat)
+        comps.append(np.stack(parts, axis=1))
+    prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_arity.items()}
+    label = _components(n, a, b)
+    conflicts: list[str] = []
+    for _ in range(max_rounds):
+        na, nb = [], []
+        for flat, comps in prods.values():
+            lc = label[comps]
+            _, first, inv = np.unique(lc, axis=0, return_index=True, return_inverse=True)
+            na.append(label[flat])
+            nb.append(label[flat[first[inv.reshape(-1)]]])
+            _, first2, inv2 = np.unique(label[flat], return_index=True, return_inverse=True)
+            na.append(lc.reshape(-1))
+            nb.append(lc[first2[inv2.reshape(-1)]].reshape(-1))
+        ea, eb = _cross_arity(label, prods, conflicts)
+        na.append(ea)
+        nb.append(eb)
+        xa, xb = np.concatenate(na), np.concatenate(nb)
+        diff = xa != xb
+        if not diff.any():
+            break
+        merged = _components(n, xa[diff], xb[diff])
+        label = merged[label]
+    uniq, label = np.unique(label, return_inverse=True)
+    label = label.reshape(-1).astype(np.int64)
+    defs = _flatten_defs(label, prods, conflicts)
+    return Resolution(label, len(uniq), defs, conflicts)
+
+
+def _cross_arity(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarray]],
+                 conflicts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Classes defined by tuples of different lengths: unify after full expansion."""
+    if len(prods) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    first_def: dict[int, tuple[int, ...]] = {}
+    clash: dict[int, list[tuple[int, ...]]] = {}
+    for flat, comps in prods.values():
+        lf, lc = label[flat], label[comps]
+        _, idx = np.unique(lf, return_index=True)
+        for i in idx:
+            cls, row = int(lf[i]), tuple(int(x) for x in lc[i])
+            if cls in first_def and len(first_def[cls]) != len(row):
+                clash.setdefault(cls, [first_def[cls]]).append(row)
+            first_def.setdefault(cls, row)
+    ea: list[int] = []
+    eb: list[int] = []
+    for cls, rows in clash.items():
+        expanded = [_expand(first_def, r, set()) for r in rows]
+        base = expanded[0]
+        for other in expanded[1:]:
+            if base is None or other is None or len(base) != len(other):
+                conflicts.append(f"class {cls}: reshapes that factor one space in "
+                                 f"incompatible ways")
+                continue
+            ea.extend(base)
+            eb.extend(other)
+    return np.asarray(ea, np.int64), np.asarray(eb, np.int64)
+
+
+def _expand(defs: dict[int, tuple[int, ...]], row: tuple[int, ...],
+            seen: set[int]) -> tuple[int, ...] | None:
+    out: list[int] = []
+    for c in row:
+        if c in defs:
+            if c in seen:
+                return None
+            sub = _expand(defs, defs[c], seen | {c})
+            if sub is None:
+                return None
+            out.extend(sub)
+        else:
+            out.append(c)
+    return tuple(out)
+
+
+def _flatten_defs(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarray]],
+                  conflicts: list[str]) -> dict[int, tuple[int, ...]]:
+    raw: dict[int, tuple[int, ...]] = {}
+    for flat, comps in prods.values():
+        lf, lc = label[flat], label[comps]
+        _, idx = np.unique(lf, return_index=True)
+        for i in idx:
+            raw.setdefault(int(lf[i]), tuple(int(x) for x in lc[i]))
+    out: dict[int, tuple[int, ...]] = {}
+    for cls, row in raw.items():
+        expanded = _expand(raw, row, {cls})
+        if expanded is None:
+            conflicts.append(f"class {cls}: a space defined in terms of itself")
+            continue
+        out[cls] = expanded
+    return out

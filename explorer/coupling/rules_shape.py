@@ -1,0 +1,330 @@
+"""Rules for ops that move, split, join, factor or index dims without computing."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ..ir import OpNode
+from .context import Ctx, arg, norm_dim, tensor_args
+from .registry import aten, rule
+from .spaces import IdArray
+
+
+
+def _blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Match the non-unit dims of two shapes with equal numel into (src dims, dst dims) blocks."""
+    s = [i for i, n in enumerate(src) if n != 1]
+    d = [i for i, n in enumerate(dst) if n != 1]
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(s) and j < len(d):
+        bs, bd = [s[i]], [d[j]]
+        ps, pd = src[s[i]], dst[d[j]]
+        i, j = i + 1, j + 1
+        while ps != pd:
+            if ps < pd and i < len(s):
+                ps *= src[s[i]]
+                bs.append(s[i])
+                i += 1
+            elif pd < ps and j < len(d):
+                pd *= dst[d[j]]
+                bd.append(d[j])
+                j += 1
+            else:
+                return None
+        blocks.append((bs, bd))
+    if i != len(s) or j != len(d):
+        return None
+    return blocks
+
+
+@rule(aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.view_copy,
+      aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten, aten.expand_copy,
+      aten.squeeze_copy, aten.unsqueeze_copy, aten.view_as, aten.reshape_as)
+def view(ctx: Ctx, node: OpNode) -> None:
+    """Reshape: each block of dims is flattened, then factored into the new dims.
+
+    ``(B, N, 1152) -> (B, N, 3, 6, 64)`` makes every row of the 1152 space the tuple
+    (which of q/k/v, head, dim in head): that is how head structure enters the groups.
+    """
+    src_ref = tensor_args(node)[0]
+    src = ctx.dims(src_ref)
+    in_shape = tuple(len(d) for d in src)
+    out_shape = ctx.out_shape(node)
+    blocks = _blocks(in_shape, out_shape)
+    if blocks is None:
+        ctx.fresh_out(node, 0, pin=f"reshape {list(in_shape)} -> {list(out_shape)} "
+                                  f"that could not be matched in '{node.module}'")
+        return
+    out: list[IdArray | None] = [None] * len(out_shape)
+    for bs, bd in blocks:
+        flat = ctx.sp.flatten([src[k] for k in bs], node.index)
+        parts = ctx.sp.split(flat, [out_shape[k] for k in bd], node.index)
+        for k, p in zip(bd, parts):
+            out[k] = p
+    ctx.set_out(node, 0, [o if o is not None else ctx.sp.fresh(1) for o in out])
+
+
+@rule(aten.permute, aten.permute_copy)
+def permute(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    order = [norm_dim(d, len(src)) for d in arg(node, 1, "dims")]
+    ctx.set_out(node, 0, [src[d] for d in order])
+
+
+@rule(aten.transpose, aten.t, aten.swapaxes, aten.transpose_copy, aten.t_copy,
+      aten.movedim, aten.numpy_T)
+def transpose(ctx: Ctx, node: OpNode) -> None:
+    src = list(ctx.dims(tensor_args(node)[0]))
+    if len(src) < 2:
+        ctx.set_out(node, 0, src)
+        return
+    if node.op.overloadpacket in (aten.t, aten.t_copy, aten.numpy_T):
+        a, b = 0, 1
+    else:
+        a, b = norm_dim(arg(node, 1, "dim0"), len(src)), norm_dim(arg(node, 2, "dim1"), len(src))
+    if node.op.overloadpacket is aten.movedim:
+        moved = src.pop(a)
+        src.insert(b, moved)
+    else:
+        src[a], src[b] = src[b], src[a]
+    ctx.set_out(node, 0, src)
+
+
+@rule(aten.expand, aten.broadcast_to)
+def expand(ctx: Ctx, node: OpNode) -> None:
+    """Size-1 dims grow into new spaces; existing dims pass through (never coupled)."""
+    src = ctx.dims(tensor_args(node)[0])
+    out_shape = ctx.out_shape(node)
+    offset = len(out_shape) - len(src)
+    out = [ctx.sp.fresh(n) for n in out_shape[:offset]]
+    for j, ids in enumerate(src):
+        n = out_shape[offset + j]
+        out.append(ids if len(ids) == n else ctx.sp.fresh(n))
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.select, aten.select_copy)
+def select(ctx: Ctx, node: OpNode) -> None:
+    """``x[..., i, ...]`` with a constant ``i``: the selected element is pinned."""
+    src = ctx.dims(tensor_args(node)[0])
+    dim = norm_dim(arg(node, 1, "dim"), len(src))
+    index = arg(node, 2, "index") % len(src[dim])
+    ctx.sp.pin(src[dim][index:index + 1],
+               f"selected by the constant index {index} in '{node.module or '<root>'}'"
+               f"{' at ' + node.location if node.location else ''}")
+    ctx.set_out(node, 0, src[:dim] + src[dim + 1:])
+
+
+@rule(aten.unbind, aten.unbind_copy)
+def unbind(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    dim = norm_dim(arg(node, 1, "dim", 0), len(src))
+    ctx.sp.pin(src[dim], f"unbound into separate tensors in '{node.module or '<root>'}'")
+    for i in range(len(node.outputs)):
+        ctx.set_out(node, i, src[:dim] + src[dim + 1:])
+
+
+def _slice_ids(ids: IdArray, start: int | None, end: int | None, step: int) -> IdArray:
+    n = len(ids)
+    start = 0 if start is None else start
+    end = n if end is None or end >= sys.maxsize // 2 else end
+    return ids[slice(start, end, step)]
+
+
+@rule(aten.slice, aten.slice_copy)
+def slice_(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    dim = norm_dim(arg(node, 1, "dim", 0), len(src))
+    out = list(src)
+    out[dim] = _slice_ids(src[dim], arg(node, 2, "start"), arg(node, 3, "end"),
+                          arg(node, 4, "step", 1) or 1)
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.narrow, aten.narrow_copy)
+def narrow(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    dim = norm_dim(arg(node, 1, "dim"), len(src))
+    start = arg(node, 2, "start")
+    out = list(src)
+    out[dim] = src[dim][start:start + arg(node, 3, "length")]
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.split, aten.split_with_sizes, aten.unsafe_split, aten.unsafe_split_with_sizes,
+      aten.chunk, aten.tensor_split, aten.split_copy, aten.split_with_sizes_copy)
+def split(ctx: Ctx, node: OpNode) -> None:
+    """Consecutive sub-ranges: each output takes its own slice of the element ids."""
+    src = ctx.dims(tensor_args(node)[0])
+    dim = norm_dim(arg(node, 2, "dim", 0), len(src))
+    start = 0
+    for i, vid in enumerate(node.outputs):
+        if vid is None:
+            continue
+        size = ctx.out_shape(node, i)[dim]
+        out = list(src)
+        out[dim] = src[dim][start:start + size]
+        start += size
+        ctx.set_out(node, i, out)
+
+
+@rule(aten.cat, aten.concat, aten.concatenate)
+def cat(ctx: Ctx, node: OpNode) -> None:
+    """Concatenation: the output dim is the inputs' element ids one after another."""
+    refs = [r for r in tensor_args(node) if ctx.shape(r) != (0,)]
+    out_shape = ctx.out_shape(node)
+    dim = norm_dim(arg(node, 1, "dim", 0), len(out_shape))
+    parts = [ctx.dims(r) for r in refs]
+    out = []
+    for k in range(len(out_shape)):
+        if k == dim:
+            out.append(np.concatenate([p[k] for p in parts]))
+        else:
+            first = parts[0][k]
+            for p in parts[1:]:
+                ctx.union(first, p[k], node)
+            out.append(first)
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.stack)
+def stack(ctx: Ctx, node: OpNode) -> None:
+    refs = tensor_args(node)
+    out_shape = ctx.out_shape(node)
+    dim = norm_dim(arg(node, 1, "dim", 0), len(out_shape))
+    parts = [ctx.dims(r) for r in refs]
+    out = list(parts[0])
+    for p in parts[1:]:
+        for a, b in zip(out, p):
+            ctx.union(a, b, node)
+    out.insert(dim, ctx.sp.fresh(len(refs)))
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.roll)
+def roll(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    shifts, dims = arg(node, 1, "shifts"), arg(node, 2, "dims", [])
+    out = list(src)
+    if not dims:
+        ctx.fresh_out(node, 0, pin="roll over a flattened tensor")
+        return
+    for s, d in zip(shifts, dims):
+        d = norm_dim(d, len(src))
+        out[d] = np.roll(out[d], s)
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.flip)
+def flip(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    out = list(src)
+    for d in arg(node, 1, "dims"):
+        d = norm_dim(d, len(src))
+        out[d] = out[d][::-1].copy()
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.repeat)
+def repeat(ctx: Ctx, node: OpNode) -> None:
+    """Tiling: each tiled dim is (copy index) x (original element)."""
+    src = ctx.dims(tensor_args(node)[0])
+    reps = list(arg(node, 1, "repeats"))
+    offset = len(reps) - len(src)
+    out = [ctx.sp.fresh(r) for r in reps[:offset]]
+    for j, ids in enumerate(src):
+        r = reps[offset + j]
+        if r == 1:
+            out.append(ids)
+        else:
+            flat = ctx.sp.fresh(r * len(ids))
+            ctx.sp.product(flat, [ctx.sp.fresh(r), ids], node.index)
+            out.append(flat)
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.repeat_interleave)
+def repeat_interleave(ctx: Ctx, node: OpNode) -> None:
+    refs = tensor_args(node)
+    reps = arg(node, 1, "repeats")
+    dim = arg(node, 2, "dim")
+    if len(refs) != 1 or not isinstance(reps, int) or dim is None:
+        data_dependent_pin(ctx, node)
+        return
+    src = ctx.dims(refs[0])
+    dim = norm_dim(dim, len(src))
+    flat = ctx.sp.fresh(reps * len(src[dim]))
+    ctx.sp.product(flat, [src[dim], ctx.sp.fresh(reps)], node.index)
+    out = list(src)
+    out[dim] = flat
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.constant_pad_nd)
+def pad(ctx: Ctx, node: OpNode) -> None:
+    """Padding appends new constant elements at either end of the padded dims."""
+    src = ctx.dims(tensor_args(node)[0])
+    pads = list(arg(node, 1, "pad"))
+    out = list(src)
+    for k in range(len(pads) // 2):
+        d = len(src) - 1 - k
+        lo, hi = pads[2 * k], pads[2 * k + 1]
+        ids = out[d][max(-lo, 0): len(out[d]) - max(-hi, 0)]
+        out[d] = np.concatenate([ctx.sp.fresh(max(lo, 0)), ids, ctx.sp.fresh(max(hi, 0))])
+    ctx.set_out(node, 0, out)
+
+
+def data_dependent_pin(ctx: Ctx, node: OpNode) -> None:
+    reason = f"{node.short} indexed by data in '{node.module or '<root>'}'"
+    ctx.pin_all(tensor_args(node), reason)
+    for i in range(len(node.outputs)):
+        ctx.fresh_out(node, i, pin=reason)
+
+
+@rule(aten.index, aten._unsafe_index)
+def index(ctx: Ctx, node: OpNode) -> None:
+    """``x[idx]`` with tensor indices: indexed dims are pinned, the rest pass through."""
+    src_ref = node.args[0]
+    src = ctx.dims(src_ref)
+    indices = list(arg(node, 1, "indices"))
+    where = f"indexed by a tensor in '{node.module or '<root>'}'" + (
+        f" at {node.location}" if node.location else "")
+    used = [k for k, ix in enumerate(indices) if ix is not None]
+    for k in used:
+        ctx.sp.pin(src[k], where)
+    out_shape = ctx.out_shape(node)
+    idx_rank = len(out_shape) - (len(src) - len(used))
+    contiguous = used == list(range(used[0], used[-1] + 1)) if used else True
+    rest_before = src[:used[0]] if (used and contiguous) else []
+    rest_after = [d for k, d in enumerate(src) if k not in used and (not contiguous or
+                                                                   k > used[-1])]
+    idx_dims = [ctx.sp.fresh(n) for n in out_shape[len(rest_before):len(rest_before) + idx_rank]]
+    for ids in idx_dims:
+        ctx.sp.pin(ids, where)
+    out = rest_before + idx_dims + rest_after
+    if tuple(len(d) for d in out) != out_shape:
+        ctx.fresh_out(node, 0, pin=where)
+        return
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.index_select)
+def index_select(ctx: Ctx, node: OpNode) -> None:
+    src = ctx.dims(tensor_args(node)[0])
+    dim = norm_dim(arg(node, 1, "dim"), len(src))
+    where = f"rows picked by index_select in '{node.module or '<root>'}'"
+    ctx.sp.pin(src[dim], where)
+    out = list(src)
+    out[dim] = ctx.sp.fresh(ctx.out_shape(node)[dim])
+    ctx.sp.pin(out[dim], where)
+    ctx.set_out(node, 0, out)
+
+
+@rule(aten.gather, aten.scatter, aten.scatter_add, aten.index_put, aten.index_add,
+      aten.index_copy, aten.index_fill, aten.masked_scatter, aten.scatter_reduce,
+      aten.index_put_, aten.scatter_, aten.index_add_, aten.take_along_dim)
+def indexed_by_data(ctx: Ctx, node: OpNode) -> None:
+    data_dependent_pin(ctx, node)

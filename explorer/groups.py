@@ -1,0 +1,81 @@
+"""Groups of coupled channels: the records the pruner, the reports and the app read."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter/buffer dimension a group touches."""
+
+    module: str
+    param: str  # qualified parameter or buffer name
+    dim: int
+    size: int  # width of that dim in the unpruned model
+    buffer: bool = False
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One independently prunable index set of a group (an atom family).
+
+    A plain channel group has one axis. An attention group has several: key/value heads,
+    query heads per key/value head, q/k dims per head, v/out dims per head.
+    """
+
+    family: int  # family id inside the `Coupling`
+    size: int
+    role: str  # "channels" | "heads" | "kv-heads" | "head-repeat" | "head-dim" | "groups" | "fixed"
+    prunable: bool
+    reason: str  # why it is not prunable ("" when it is)
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """Head structure recovered from the reshapes and contractions of the trace."""
+
+    num_heads: int
+    head_dim: int
+    kv_heads: int | None  # None when keys/values have as many heads as queries
+    v_head_dim: int | None = None  # differs from head_dim only when v/out dims are their own axis
+
+
+@dataclass
+class Group:
+    """Channels that must be pruned together, across every member parameter."""
+
+    id: int
+    channels: int
+    axes: list[Axis]
+    members: list[Member]
+    heads: HeadInfo | None
+    prunable: bool
+    reason: str
+    explanation: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # owning modules in trace order
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON form used by ``trace --json``, plans and the app."""
+        return {
+            "id": self.id,
+            "channels": self.channels,
+            "members": [{"module": m.module, "parameter": m.param, "dim": m.dim,
+                         "size": m.size} for m in self.members],
+            "heads": None if self.heads is None else {
+                "num_heads": self.heads.num_heads, "head_dim": self.heads.head_dim,
+                "kv_heads": self.heads.kv_heads, "v_head_dim": self.heads.v_head_dim},
+            "axes": [{"size": a.size, "role": a.role, "prunable": a.prunable,
+                      "reason": a.reason} for a in self.axes],
+            "prunable": self.prunable,
+            "reason": self.reason,
+            "explanation": self.explanation,
+        }
+
+    @property
+    def title(self) -> str:
+        """Short label such as ``"384 ch: blocks.0.mlp.fc1"`` or ``"6 heads x 16: ..."``."""
+        where = self.modules[0] if self.modules else (self.members[0].module if self.members
+                                                       else "?")
+        if self.heads:
+            return f"{self.heads.num_heads} heads x {self.heads.head_dim}: {where}"
+        return f"{self.channels} ch: {where}"

@@ -1,0 +1,114 @@
+"""The traced graph: a closed, plain-data record of one forward pass at the ATen level.
+
+A `Graph` is what the tracer produces and every analysis reads. It holds no tensors, only
+shapes, so it is cheap to keep, to copy and to serialise.
+
+Value kinds (`ValueKind`):
+    PARAM:    a named parameter of the model (``name`` is its qualified name).
+    BUFFER:   a named buffer (BatchNorm running stats, rotary ``inv_freq``, ...).
+    INPUT:    a tensor leaf of the example inputs.
+    ACTIVATION: the output of a recorded op.
+    CONST:    made inside the forward by a factory op (``zeros``, ``arange``, ...).
+    EXTERNAL: a tensor the forward used that is none of the above (a plain tensor attribute,
+              a closure constant); it first appears as an op argument.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ValueKind(enum.Enum):
+    PARAM = "param"
+    BUFFER = "buffer"
+    INPUT = "input"
+    ACTIVATION = "activation"
+    CONST = "const"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class ValueRef:
+    """A tensor argument inside `OpNode.args`, by value id."""
+
+    vid: int
+
+
+@dataclass
+class Value:
+    """One tensor version seen during the trace."""
+
+    vid: int
+    shape: tuple[int, ...]
+    dtype: str
+    kind: ValueKind
+    name: str | None = None  # parameter/buffer name, or input path like "inputs[0]"
+    producer: int | None = None  # index of the op that made it (None for leaves)
+
+
+@dataclass
+class OpNode:
+    """One ATen op call.
+
+    Attributes:
+        index: position in execution order.
+        op: the ``OpOverload`` object (identity-keyed rules use ``op.overloadpacket``).
+        args: positional arguments, tensors replaced by `ValueRef`; lists/tuples kept.
+        kwargs: keyword arguments, same convention.
+        outputs: value ids of tensor outputs, flattened in order (None for non-tensor slots).
+        module: qualified name of the innermost module running this op ("" = the root).
+        location: ``file:line`` of the innermost model-code frame, or "".
+    """
+
+    index: int
+    op: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[int | None]
+    module: str
+    location: str
+
+    @property
+    def name(self) -> str:
+        """Readable op name such as ``aten.add.Tensor``."""
+        return str(self.op)
+
+    @property
+    def short(self) -> str:
+        """Op name without namespace and overload (``add``)."""
+        return self.op.overloadpacket.__name__
+
+
+@dataclass
+class Graph:
+    """A traced forward: values, ops, model inputs/outputs and module metadata."""
+
+    values: dict[int, Value] = field(default_factory=dict)
+    ops: list[OpNode] = field(default_factory=list)
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)  # tensor leaves of the model output
+    modules: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
+    param_owner: dict[str, str] = field(default_factory=dict)  # param/buffer name -> module name
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    def value(self, vid: int) -> Value:
+        return self.values[vid]
+
+    def tensor_ids(self, args: Any) -> list[int]:
+        """All value ids referenced in a (nested) argument structure."""
+        found: list[int] = []
+        _collect_refs(args, found)
+        return found
+
+
+def _collect_refs(obj: Any, found: list[int]) -> None:
+    if isinstance(obj, ValueRef):
+        found.append(obj.vid)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _collect_refs(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _collect_refs(item, found)

@@ -1,0 +1,122 @@
+"""Bring module attributes in line with pruned parameter shapes, one handler per type.
+
+After pruning, ``nn.Linear.in_features``, ``Conv2d.groups``, ``LayerNorm.normalized_shape``
+and head counts of attention modules would still hold the old widths; the forward of many
+modules reads them. Handlers are looked up by module type (most derived first).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Patcher = Callable[[nn.Module, "PatchInfo"], None]
+
+
+@dataclass
+class PatchInfo:
+    """What a handler may need besides the module's own (already resized) tensors."""
+
+    groups: int | None = None  # new conv/norm group count when its group axis was pruned
+    changed: list[str] = field(default_factory=list)  # "attr: old -> new" lines for reports
+
+    def set(self, module: nn.Module, attr: str, value: object) -> None:
+        old = getattr(module, attr, None)
+        if old != value:
+            setattr(module, attr, value)
+            self.changed.append(f"{attr}: {old} -> {value}")
+
+
+PATCHERS: dict[type, Patcher] = {}
+
+
+def patcher(*types: type) -> Callable[[Patcher], Patcher]:
+    def register(fn: Patcher) -> Patcher:
+        for t in types:
+            PATCHERS[t] = fn
+        return fn
+    return register
+
+
+def patch_module(module: nn.Module, info: PatchInfo) -> None:
+    """Run the handler for the most derived registered type of ``module``."""
+    for cls in type(module).__mro__:
+        fn = PATCHERS.get(cls)
+        if fn is not None:
+            fn(module, info)
+            return
+
+
+@patcher(nn.Linear)
+def _linear(m: nn.Module, info: PatchInfo) -> None:
+    info.set(m, "out_features", m.weight.shape[0])
+    info.set(m, "in_features", m.weight.shape[1])
+
+
+@patcher(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(m: nn.Module, info: PatchInfo) -> None:
+    if info.groups is not None:
+        info.set(m, "groups", info.groups)
+    info.set(m, "out_channels", m.weight.shape[0])
+    info.set(m, "in_channels", m.weight.shape[1] * m.groups)
+
+
+@patcher(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_t(m: nn.Module, info: PatchInfo) -> None:
+    if info.groups is not None:
+        info.set(m, "groups", info.groups)
+    info.set(m, "in_channels", m.weight.shape[0])
+    info.set(m, "out_channels", m.weight.shape[1] * m.groups)
+
+
+@patcher(nn.modules.batchnorm._NormBase)
+def _bn(m: nn.Module, info: PatchInfo) -> None:
+    t = m.weight if m.weight is not None else m.running_mean
+    if t is not None:
+        info.set(m, "num_features", t.shape[0])
+
+
+@patcher(nn.LayerNorm)
+def _ln(m: nn.Module, info: PatchInfo) -> None:
+    if m.weight is not None:
+        info.set(m, "normalized_shape", tuple(m.weight.shape))
+
+
+@patcher(nn.GroupNorm)
+def _gn(m: nn.Module, info: PatchInfo) -> None:
+    if info.groups is not None:
+        info.set(m, "num_groups", info.groups)
+    if m.weight is not None:
+        info.set(m, "num_channels", m.weight.shape[0])
+
+
+@patcher(nn.Embedding)
+def _embedding(m: nn.Module, info: PatchInfo) -> None:
+    info.set(m, "num_embeddings", m.weight.shape[0])
+    info.set(m, "embedding_dim", m.weight.shape[1])
+
+
+if hasattr(nn, "RMSNorm"):
+    @patcher(nn.RMSNorm)
+    def _rms(m: nn.Module, info: PatchInfo) -> None:
+        if m.weight is not None:
+            info.set(m, "normalized_shape", tuple(m.weight.shape))
+
+
+@patcher(nn.MultiheadAttention)
+def _mha(m: nn.Module, info: PatchInfo) -> None:
+    e = m.out_proj.weight.shape[0]
+    info.set(m, "embed_dim", e)
+    info.set(m, "kdim", e)
+    info.set(m, "vdim", e)
+    info.set(m, "head_dim", e // m.num_heads)
+
+
+def resize_tensor(t: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` with only the kept indices along each dim in ``keep`` (values bit-identical)."""
+    out = t.detach()
+    for dim, idx in sorted(keep.items()):
+        out = out.index_select(dim, idx.to(out.device))
+    return out.clone()

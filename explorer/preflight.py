@@ -1,0 +1,109 @@
+"""Try a pruning on a weightless copy of the model before touching the real one."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .coupling.analyze import Coupling
+from .ir import Graph
+from .prune import PruneError, Removal, apply_removal
+from .tracer import TraceError, tensor_leaves, trace
+
+
+@dataclass
+class Verdict:
+    """The result of running a pruned copy."""
+
+    ok: bool
+    module: str = ""
+    location: str = ""
+    error: str = ""
+    output_shapes: list[tuple[int, ...]] | None = None
+    graph: Graph | None = None
+    params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "module": self.module, "location": self.location,
+                "error": self.error}
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers live on ``meta`` (no weight memory)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def to_device(obj: Any, device: str) -> Any:
+    """Example inputs with every tensor leaf moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Preflight:
+    """Runs removals on copies of one model; decides once whether ``meta`` works for it."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...],
+                 coupling: Coupling) -> None:
+        self.model = model
+        self.inputs = example_inputs
+        self.coupling = coupling
+        self.expected = [tuple(v.shape) for v in
+                         (coupling.graph.values[o] for o in coupling.graph.outputs)]
+        self.device = "meta"
+        try:
+            trace(meta_copy(model), to_device(example_inputs, "meta"))
+        except TraceError:
+            self.device = "cpu"
+
+    def _copy(self) -> nn.Module:
+        return meta_copy(self.model) if self.device == "meta" else copy.deepcopy(self.model)
+
+    def check(self, removal: Removal) -> Verdict:
+        """Apply ``removal`` to a fresh copy and run the forward; never touches the model."""
+        model = self._copy()
+        try:
+            apply_removal(model, self.coupling, removal)
+        except PruneError as exc:
+            return Verdict(False, error=str(exc))
+        try:
+            graph = trace(model, to_device(self.inputs, self.device))
+        except TraceError as exc:
+            cause = exc.__cause__ or exc
+            from .tracer import traceback_location
+            return Verdict(False, module=graph_module(exc), location=traceback_location(cause),
+                           error=f"{type(cause).__name__}: {cause}")
+        shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
+        params = sum(p.numel() for p in model.parameters())
+        if shapes != self.expected:
+            return Verdict(False, error=f"output shapes changed: {self.expected} -> {shapes}",
+                           output_shapes=shapes, graph=graph, params=params)
+        return Verdict(True, output_shapes=shapes, graph=graph, params=params)
+
+
+def graph_module(exc: TraceError) -> str:
+    """The module name a `TraceError` message names."""
+    text = str(exc)
+    start = text.find("module '")
+    if start < 0:
+        return ""
+    start += len("module '")
+    return text[start:text.find("'", start)]
+
+
+__all__ = ["Preflight", "Verdict", "meta_copy", "to_device", "tensor_leaves"]

@@ -1,0 +1,125 @@
+"""Remove atoms (channels, heads, head dims) from a model, in place, all or nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .coupling.analyze import Coupling
+from .patch import PatchInfo, patch_module, resize_tensor
+
+
+class PruneError(ValueError):
+    """A pruning request that cannot be applied (bad group, axis or index)."""
+
+
+@dataclass
+class Removal:
+    """Indices to remove, per group and axis (positions in the axis' canonical order)."""
+
+    picks: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+
+    def add(self, group: int, axis: int, indices: list[int]) -> None:
+        cur = self.picks.setdefault((group, axis), [])
+        cur.extend(i for i in indices if i not in cur)
+
+    def __bool__(self) -> bool:
+        return any(self.picks.values())
+
+
+def removed_atoms(coupling: Coupling, removal: Removal) -> np.ndarray:
+    """Validate a removal against the coupling and return the atom classes it removes."""
+    atoms: list[np.ndarray] = []
+    for (gid, axis), idx in removal.picks.items():
+        if not 0 <= gid < len(coupling.groups):
+            raise PruneError(f"group {gid} does not exist (the model has "
+                             f"{len(coupling.groups)} groups)")
+        group = coupling.groups[gid]
+        if not 0 <= axis < len(group.axes):
+            raise PruneError(f"group {gid} has no axis {axis}")
+        ax = group.axes[axis]
+        if idx and not ax.prunable:
+            raise PruneError(f"group {gid} axis {axis} ({ax.role}) is not prunable: {ax.reason}")
+        arr = np.asarray(sorted(set(idx)), dtype=np.int64)
+        if len(arr) and (arr.min() < 0 or arr.max() >= ax.size):
+            raise PruneError(f"index out of range for group {gid} axis {axis} of size {ax.size}")
+        if len(arr) >= ax.size:
+            raise PruneError(f"removing all {ax.size} indices of group {gid} axis {axis} "
+                             f"would delete the layer; keep at least one")
+        atoms.append(coupling.family_atoms[ax.family][arr])
+    return np.concatenate(atoms) if atoms else np.zeros(0, np.int64)
+
+
+@dataclass
+class Applied:
+    """What an application changed: tensor shapes and patched attributes."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (before, after)
+    attributes: dict[str, list[str]]  # module -> "attr: old -> new"
+
+
+def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> Applied:
+    """Shrink every member parameter/buffer of the removed atoms and patch modules.
+
+    The new tensors are computed first; the model is changed only when every one of them
+    could be built (all or nothing).
+    """
+    dead = removed_atoms(coupling, removal)
+    keeps = coupling.keep_indices(dead)
+    per_tensor: dict[str, dict[int, torch.Tensor]] = {}
+    for (name, dim), idx in keeps.items():
+        per_tensor.setdefault(name, {})[dim] = torch.as_tensor(idx, dtype=torch.long)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    new: dict[str, torch.Tensor] = {}
+    for name, keep in per_tensor.items():
+        src = params.get(name, buffers.get(name))
+        if src is None:
+            raise PruneError(f"the model has no parameter or buffer '{name}'")
+        new[name] = resize_tensor(src, keep)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    touched: set[str] = set()
+    for name, tensor in new.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attr)
+        shapes[name] = (tuple(old.shape), tuple(tensor.shape))
+        if isinstance(old, nn.Parameter):
+            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[attr] = tensor
+        touched.add(owner_name)
+    _retie(model, params, buffers)
+    attributes: dict[str, list[str]] = {}
+    for mod_name in sorted(touched | set(coupling.group_axes)):
+        module = model.get_submodule(mod_name)
+        info = PatchInfo()
+        ids = coupling.group_axes.get(mod_name)
+        if ids is not None:
+            info.groups = coupling.kept_count(ids, dead)
+        patch_module(module, info)
+        if info.changed:
+            attributes[mod_name] = info.changed
+    return Applied(shapes, attributes)
+
+
+def _retie(model: nn.Module, params: dict[str, torch.Tensor],
+           buffers: dict[str, torch.Tensor]) -> None:
+    """Parameters that were one tensor under several names (tied weights) stay tied."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in {**params, **buffers}.items():
+        by_id.setdefault(id(p), []).append(name)
+    for names in by_id.values():
+        if len(names) < 2:
+            continue
+        first_owner, _, first_attr = names[0].rpartition(".")
+        src = getattr(model.get_submodule(first_owner), first_attr)
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            mod = model.get_submodule(owner)
+            if isinstance(src, nn.Parameter):
+                mod._parameters[attr] = src
+            else:
+                mod._buffers[attr] = src

@@ -1,0 +1,213 @@
+"""Record one forward pass at the ATen level into a `Graph`.
+
+A `TorchDispatchMode` sees every ATen op with its real tensor arguments, whatever the model
+returns (tuples, dicts, ``ModelOutput``, caches) and whether or not parameters require
+grad. Module forward hooks give each op its module scope; a stack walk gives the model-code
+``file:line``. The user's model is left as it was found: hooks are removed and buffers that
+the forward may update (BatchNorm running stats in train mode) are restored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .ir import Graph, OpNode, Value, ValueKind, ValueRef
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OUR_DIR = os.path.dirname(os.path.abspath(__file__))
+_SKIP_DIRS = (_TORCH_DIR, _OUR_DIR, os.path.dirname(os.__file__))
+
+
+class TraceError(RuntimeError):
+    """The model failed to run on the example inputs; the message names module and line."""
+
+
+def user_location(frame: Any = None) -> str:
+    """``file:line`` of the innermost frame that is model code (not torch, not us)."""
+    f = frame if frame is not None else sys._getframe(1)
+    while f is not None:
+        filename = f.f_code.co_filename
+        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
+            return f"{filename}:{f.f_lineno}"
+        f = f.f_back
+    return ""
+
+
+def traceback_location(exc: BaseException) -> str:
+    """``file:line`` of the innermost model-code frame in an exception's traceback."""
+    tb = exc.__traceback__
+    found = ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
+            found = f"{filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
+
+
+def tensor_leaves(obj: Any, path: str = "out") -> list[tuple[str, torch.Tensor]]:
+    """Tensor leaves of any output structure, with a readable path for each."""
+    found: list[tuple[str, torch.Tensor]] = []
+    _walk(obj, path, found, depth=0)
+    return found
+
+
+def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int) -> None:
+    if depth > 8 or obj is None:
+        return
+    if isinstance(obj, torch.Tensor):
+        found.append((path, obj))
+    elif isinstance(obj, Mapping):
+        for key, item in obj.items():
+            _walk(item, f"{path}[{key!r}]", found, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _walk(item, f"{path}[{i}]", found, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _walk(getattr(obj, f.name), f"{path}.{f.name}", found, depth + 1)
+
+
+class _Recorder(TorchDispatchMode):
+    """Dispatch mode that appends an `OpNode` per ATen call to a `Graph`."""
+
+    def __init__(self, graph: Graph, scope: list[str]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.scope = scope
+        self._ids: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+
+    def register(self, t: torch.Tensor, kind: ValueKind, name: str | None = None,
+                 producer: int | None = None) -> int:
+        vid = len(self.graph.values)
+        self.graph.values[vid] = Value(vid, tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                                       kind, name, producer)
+        self._ids[id(t)] = (weakref.ref(t), vid)
+        return vid
+
+    def lookup(self, t: torch.Tensor) -> int | None:
+        entry = self._ids.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        return None
+
+    def _ref(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            vid = self.lookup(obj)
+            if vid is None:
+                vid = self.register(obj, ValueKind.EXTERNAL)
+            return ValueRef(vid)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._ref(o) for o in obj) if isinstance(obj, list) else tuple(
+                self._ref(o) for o in obj)
+        return obj
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ref_args = tuple(self._ref(a) for a in args)
+        ref_kwargs = {k: self._ref(v) for k, v in kwargs.items()}
+        has_tensor_input = bool(self.graph.tensor_ids((ref_args, ref_kwargs)))
+        index = len(self.graph.ops)
+        outs: list[int | None] = []
+        flat = out if isinstance(out, (list, tuple)) else (out,)
+        kind = ValueKind.ACTIVATION if has_tensor_input else ValueKind.CONST
+        for o in flat:
+            if isinstance(o, torch.Tensor):
+                # In-place and out= ops return an input object: give it a new version.
+                outs.append(self.register(o, kind, producer=index))
+            else:
+                outs.append(None)
+        self.graph.ops.append(OpNode(index, func, ref_args, ref_kwargs, outs,
+                                     self.scope[-1] if self.scope else "",
+                                     user_location(sys._getframe(1))))
+        return out
+
+
+def _module_hooks(model: torch.nn.Module, scope: list[str]) -> list[Any]:
+    handles = []
+    for name, module in model.named_modules():
+        def pre(_m: Any, _a: Any, name: str = name) -> None:
+            scope.append(name)
+
+        def post(_m: Any, _a: Any, _o: Any) -> None:
+            if scope:
+                scope.pop()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post, always_call=True))
+    return handles
+
+
+def trace(model: torch.nn.Module, example_inputs: Any,
+          example_kwargs: Mapping[str, Any] | None = None) -> Graph:
+    """Run ``model(*example_inputs, **example_kwargs)`` once and record it.
+
+    Args:
+        model: any module, on ``cpu`` or ``meta`` (parameters need not require grad).
+        example_inputs: a tensor or a tuple of positional arguments.
+        example_kwargs: keyword arguments for the forward.
+
+    Returns:
+        The recorded `Graph` (plain data; no tensors kept).
+
+    Raises:
+        TraceError: the forward raised; the message names the module and model-code line.
+    """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    graph = Graph()
+    scope: list[str] = []
+    recorder = _Recorder(graph, scope)
+    for name, module in model.named_modules():
+        graph.modules[name] = type(module).__name__
+    for name, p in model.named_parameters():
+        recorder.register(p, ValueKind.PARAM, name)
+        graph.param_owner[name] = name.rpartition(".")[0]
+    buffers = dict(model.named_buffers())
+    for name, b in buffers.items():
+        recorder.register(b, ValueKind.BUFFER, name)
+        graph.param_owner[name] = name.rpartition(".")[0]
+    for path, t in tensor_leaves((args, kwargs), "inputs"):
+        graph.inputs.append(recorder.register(t, ValueKind.INPUT, path))
+    first = next(iter(model.parameters()), None)
+    graph.device = str(first.device) if first is not None else "cpu"
+    saved = {n: b.detach().clone() for n, b in buffers.items() if b.device.type != "meta"}
+    handles = _module_hooks(model, scope)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), recorder:
+            out = model(*args, **kwargs)
+        for _path, t in tensor_leaves(out):
+            vid = recorder.lookup(t)
+            if vid is not None:
+                graph.outputs.append(vid)
+    except Exception as exc:
+        where = traceback_location(exc)
+        module = graph.ops[-1].module if graph.ops else ""
+        raise TraceError(
+            f"the model failed on the example inputs in module '{module or '<root>'}'"
+            f"{' at ' + where if where else ''}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for n, b in saved.items():
+                buffers[n].copy_(b)
+    graph.seconds = time.perf_counter() - start
+    return graph
+
+
+def input_shapes(example_inputs: Any) -> list[tuple[int, ...]]:
+    """Shapes of the tensor leaves of some example inputs (for reports)."""
+    return [tuple(t.shape) for _p, t in tensor_leaves(example_inputs)]
+
