@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attention import patch_attention
 from .coupling.analyze import Coupling
 from .patch import PatchInfo, patch_module, resize_tensor
 
@@ -102,6 +103,12 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
         patch_module(module, info)
         if info.changed:
             attributes[mod_name] = info.changed
+    removed_counts: dict[int, dict[int, int]] = {}
+    for (gid, axis), idx in removal.picks.items():
+        if idx:
+            removed_counts.setdefault(gid, {})[axis] = len(set(idx))
+    for name, log in patch_attention(model, coupling, removed_counts, keeps).items():
+        attributes.setdefault(name, []).extend(log)
     return Applied(shapes, attributes)
 
 

@@ -23,7 +23,15 @@ from .ir import Graph, OpNode, Value, ValueKind, ValueRef
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__))
+_DEMO_DIR = os.path.join(_OUR_DIR, "demos")
 _SKIP_DIRS = (_TORCH_DIR, _OUR_DIR, os.path.dirname(os.__file__))
+
+
+def _is_model_code(filename: str) -> bool:
+    """Frames of the model's own code: not torch, not the stdlib, not us (our demos are)."""
+    if filename.startswith("<"):
+        return False
+    return filename.startswith(_DEMO_DIR) or not filename.startswith(_SKIP_DIRS)
 
 
 class TraceError(RuntimeError):
@@ -35,7 +43,7 @@ def user_location(frame: Any = None) -> str:
     f = frame if frame is not None else sys._getframe(1)
     while f is not None:
         filename = f.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
+        if _is_model_code(filename):
             return f"{filename}:{f.f_lineno}"
         f = f.f_back
     return ""
@@ -47,7 +55,7 @@ def traceback_location(exc: BaseException) -> str:
     found = ""
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
+        if _is_model_code(filename):
             found = f"{filename}:{tb.tb_lineno}"
         tb = tb.tb_next
     return found
@@ -84,6 +92,7 @@ class _Recorder(TorchDispatchMode):
         self.graph = graph
         self.scope = scope
         self._ids: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self.error_scope: str | None = None  # innermost module when an op raised
 
     def register(self, t: torch.Tensor, kind: ValueKind, name: str | None = None,
                  producer: int | None = None) -> int:
@@ -113,7 +122,12 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            if self.error_scope is None:
+                self.error_scope = self.scope[-1] if self.scope else ""
+            raise
         ref_args = tuple(self._ref(a) for a in args)
         ref_kwargs = {k: self._ref(v) for k, v in kwargs.items()}
         has_tensor_input = bool(self.graph.tensor_ids((ref_args, ref_kwargs)))
@@ -193,7 +207,9 @@ def trace(model: torch.nn.Module, example_inputs: Any,
                 graph.outputs.append(vid)
     except Exception as exc:
         where = traceback_location(exc)
-        module = graph.ops[-1].module if graph.ops else ""
+        module = recorder.error_scope
+        if module is None:
+            module = graph.ops[-1].module if graph.ops else ""
         raise TraceError(
             f"the model failed on the example inputs in module '{module or '<root>'}'"
             f"{' at ' + where if where else ''}: {type(exc).__name__}: {exc}") from exc

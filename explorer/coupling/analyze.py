@@ -175,7 +175,8 @@ class Coupling:
                 continue
             members = [self._members[m].member for m in mids]
             axes = [self._axis(f, members, len(fams) > 1) for f in fams]
-            heads = _head_info(axes)
+            heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
+                                      for m in mids])
             channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
             prunable = any(a.prunable for a in axes)
             reason = "" if prunable else "; ".join(dict.fromkeys(a.reason for a in axes))
@@ -250,6 +251,17 @@ class Coupling:
                 out[(md.member.param, md.member.dim)] = np.nonzero(~hit)[0]
         return out
 
+    def member_families(self, index: int) -> set[int]:
+        """Families present in member ``index``."""
+        a = self._members[index].atoms
+        fams = self.family_of[a[a >= 0]]
+        return {int(f) for f in np.unique(fams) if f >= 0}
+
+    def members_of(self, group: Group) -> list[tuple[Member, set[int]]]:
+        """The group's members with the families each one spans."""
+        index = {md.member: i for i, md in enumerate(self._members)}
+        return [(m, self.member_families(index[m])) for m in group.members]
+
     def kept_count(self, ids: np.ndarray, removed_atoms: np.ndarray) -> int:
         """How many of the elements ``ids`` survive removing ``removed_atoms``."""
         dead = np.zeros(self.res.num_classes + 1, dtype=bool)
@@ -301,11 +313,34 @@ def _describe(node: object, graph: Graph) -> str:
     return text
 
 
-def _head_info(axes: list[Axis]) -> HeadInfo | None:
-    heads = [a for a in axes if a.role == "heads"]
-    dims = [a for a in axes if a.role == "head-dim"]
-    if not heads or not dims:
+def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
+                kept_axis: dict[int, int] | None = None,
+                kept_member: dict[tuple[str, int], int] | None = None
+                ) -> tuple[int, int, int | None] | None:
+    """(heads, head_dim, kv_heads) of a set of members of one group, before or after pruning.
+
+    The query-like member is the one spanning the most head axes; head_dim counts its
+    elements per head (a rotary pair is two elements). A member spanning fewer head axes
+    gives the key/value head count.
+    """
+    size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
+    head_fams = {a.family for a in axes if a.role == "heads"}
+    spans = [(m, fams & head_fams) for m, fams in members if fams & head_fams]
+    if not spans or not any(a.role == "head-dim" for a in axes):
         return None
-    num_heads = int(np.prod([a.size for a in heads]))
-    kv = heads[0].size if len(heads) > 1 else None
-    return HeadInfo(num_heads, dims[0].size, kv, dims[1].size if len(dims) > 1 else None)
+    q_member, q_heads = max(spans, key=lambda s: len(s[1]))
+    heads = int(np.prod([size[f] for f in q_heads]))
+    fixed = {a.family for a in axes if a.role == "fixed"}
+    q_fams = next(f for m, f in members if m == q_member)
+    copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # e.g. the q/k/v split
+    width = (kept_member or {}).get((q_member.param, q_member.dim), q_member.size)
+    kv = [s for s in spans if s[1] < q_heads]
+    kv_heads = int(np.prod([size[f] for f in kv[0][1]])) if kv else None
+    return heads, width // max(heads * copies, 1), kv_heads
+
+
+def _head_info(axes: list[Axis], members: list[tuple[Member, set[int]]]) -> HeadInfo | None:
+    counts = head_counts(axes, members)
+    if counts is None:
+        return None
+    return HeadInfo(counts[0], counts[1], counts[2])

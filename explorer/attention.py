@@ -1,0 +1,80 @@
+"""Keep attention modules' head attributes in line with pruned heads and head dims.
+
+Attention code reads head counts from attributes (``self.num_heads``, ``self.head_dim``,
+``num_key_value_groups``) and from config objects. After a head group is pruned, the
+nearest ancestor module of each member that carries such attributes is updated, but only
+where the old value matches the traced head structure (so unrelated attributes are never
+touched). Attention scaling is left as it was, which keeps logits on kept dims unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from .coupling.analyze import Coupling, head_counts
+
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
+_HEAD_DIM = ("head_dim", "head_size", "attention_head_size", "dim_head")
+_KV = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_WIDTH = ("all_head_size", "attn_dim", "inner_dim")
+
+
+def _set(module: object, names: tuple[str, ...], old: int, new: int, log: list[str]) -> None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value == old and old != new:
+            setattr(module, name, new)
+            log.append(f"{name}: {old} -> {new}")
+
+
+def patch_attention(model: nn.Module, coupling: Coupling,
+                    removed_per_axis: dict[int, dict[int, int]],
+                    keeps: dict[tuple[str, int], np.ndarray]) -> dict[str, list[str]]:
+    """Update head attributes for every pruned head group; returns module -> changes.
+
+    Head counts are computed per attention module (a group can span several layers when
+    they share a rotary embedding), from that module's own members.
+    """
+    changes: dict[str, list[str]] = {}
+    kept_member = {k: len(v) for k, v in keeps.items()}
+    for gid, removed in removed_per_axis.items():
+        group = coupling.groups[gid]
+        if group.heads is None:
+            continue
+        kept_axis = {a.family: a.size - removed.get(i, 0) for i, a in enumerate(group.axes)}
+        by_owner: dict[str, list] = {}
+        for member, fams in coupling.members_of(group):
+            owner = _owner(model, member.module)
+            if owner is not None:
+                by_owner.setdefault(owner, []).append((member, fams))
+        for name, members in by_owner.items():
+            old = head_counts(group.axes, members)
+            new = head_counts(group.axes, members, kept_axis, kept_member)
+            if old is None or new is None:
+                continue
+            module = model.get_submodule(name)
+            log = changes.setdefault(name, [])
+            _set(module, _HEADS, old[0], new[0], log)
+            _set(module, _HEAD_DIM, old[1], new[1], log)
+            if old[2] is not None and new[2] is not None:
+                _set(module, _KV, old[2], new[2], log)
+                _set(module, ("num_key_value_groups",), old[0] // old[2],
+                     new[0] // max(new[2], 1), log)
+            _set(module, _WIDTH, old[0] * old[1], new[0] * new[1], log)
+            if old[1] != new[1] and getattr(module, "fused_attn", None) is True:
+                module.fused_attn = False  # fused SDPA would rescale by the new head_dim
+                log.append("fused_attn: True -> False (keeps the original attention scale)")
+            if not log:
+                del changes[name]
+    return changes
+
+
+def _owner(model: nn.Module, member_module: str) -> str | None:
+    """Nearest ancestor (or self) of a member's module that has head attributes."""
+    parts = member_module.split(".") if member_module else []
+    for k in range(len(parts), -1, -1):
+        name = ".".join(parts[:k])
+        module = model.get_submodule(name)
+        if any(isinstance(getattr(module, a, None), int) for a in _HEADS + _HEAD_DIM):
+            return name
+    return None

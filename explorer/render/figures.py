@@ -1,0 +1,112 @@
+"""Plotly figures and tables for the app: importance, widths, costs and head checks.
+
+Every function takes plain data (arrays, dicts, groups) and returns a new figure or rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ..groups import Group
+
+_KEPT, _REMOVED = "#4C78A8", "#E45756"
+
+
+def importance_figure(scores: np.ndarray, removed: Sequence[int], title: str = "") -> go.Figure:
+    """Scores of one axis sorted ascending, removed indices in red, the cut as a line."""
+    scores = np.asarray(scores, dtype=float)
+    order = np.argsort(scores, kind="stable")
+    dead = set(int(i) for i in removed)
+    rank = np.arange(len(order))
+    is_dead = np.array([int(i) in dead for i in order], dtype=bool)
+    fig = go.Figure()
+    for name, mask, colour in (("kept", ~is_dead, _KEPT), ("removed", is_dead, _REMOVED)):
+        fig.add_trace(go.Bar(name=name, x=rank[mask].tolist(), y=scores[order][mask].tolist(),
+                             marker_color=colour,
+                             customdata=order[mask].tolist(),
+                             hovertemplate="index %{customdata}<br>score %{y:.4g}"))
+    if dead:
+        fig.add_vline(x=len(dead) - 0.5, line_dash="dash", line_color="black",
+                      annotation_text=f"cut: {len(dead)} of {len(scores)}")
+    fig.update_layout(title=title or "importance (sorted, lower = less important)",
+                      xaxis_title="rank", yaxis_title="score", barmode="overlay",
+                      bargap=0.05, height=320, margin=dict(l=40, r=10, t=40, b=40))
+    return fig
+
+
+def widths_figure(before: Mapping[str, int], after: Mapping[str, int]) -> go.Figure:
+    """Output width of each layer before and after pruning, as grouped bars."""
+    names = list(before)
+    fig = go.Figure([
+        go.Bar(name="before", x=names, y=[before[n] for n in names], marker_color="#BAB0AC"),
+        go.Bar(name="after", x=names, y=[after.get(n, 0) for n in names], marker_color=_KEPT),
+    ])
+    fig.update_layout(title="per-layer output width", barmode="group", height=380,
+                      xaxis_tickangle=-45, margin=dict(l=40, r=10, t=40, b=120))
+    return fig
+
+
+def cost_figure(params: Mapping[str, int], macs: Mapping[str, int]) -> go.Figure:
+    """Parameters and MACs per module (two bar traces on two y axes)."""
+    names = list(dict.fromkeys([*params, *macs]))
+    fig = go.Figure([
+        go.Bar(name="params", x=names, y=[params.get(n, 0) for n in names],
+               offsetgroup="p", marker_color="#72B7B2"),
+        go.Bar(name="MACs", x=names, y=[macs.get(n, 0) for n in names],
+               offsetgroup="m", yaxis="y2", marker_color="#F58518"),
+    ])
+    fig.update_layout(title="parameters and MACs per module", height=380, xaxis_tickangle=-45,
+                      yaxis=dict(title="params"),
+                      yaxis2=dict(title="MACs", overlaying="y", side="right"),
+                      margin=dict(l=40, r=40, t=40, b=120))
+    return fig
+
+
+def params_by_module(model_params: Mapping[str, int], owner: Mapping[str, str]) -> dict[str, int]:
+    """Sum parameter element counts per owning module (``owner``: param name -> module)."""
+    out: dict[str, int] = {}
+    for name, count in model_params.items():
+        mod = owner.get(name, name.rpartition(".")[0])
+        out[mod] = out.get(mod, 0) + count
+    return out
+
+
+def legal_ratios(heads: int) -> list[str]:
+    """Ratios that remove whole heads: multiples of 1/heads (below 1)."""
+    return [str(Fraction(k, heads)) for k in range(1, heads)]
+
+
+def head_table(groups: Sequence[Group],
+               module_heads: Mapping[str, int] | None = None) -> list[dict[str, object]]:
+    """One row per attention group: head structure and divisibility checks.
+
+    Args:
+        groups: the traced groups; those without head structure are skipped.
+        module_heads: optional ``num_heads`` attribute per attention module, compared with
+            the traced structure (a mismatch means a hard-coded value will break).
+    """
+    rows: list[dict[str, object]] = []
+    for g in groups:
+        if g.heads is None:
+            continue
+        h = g.heads
+        width = h.num_heads * h.head_dim
+        unit = h.kv_heads or h.num_heads
+        module = g.modules[0] if g.modules else g.members[0].module
+        attr = None
+        if module_heads:
+            attr = next((v for k, v in module_heads.items()
+                         if module == k or module.startswith(k + ".")), None)
+        ratios = legal_ratios(unit)
+        rows.append({
+            "group": g.id, "module": module, "heads": h.num_heads, "head_dim": h.head_dim,
+            "kv_heads": h.kv_heads if h.kv_heads is not None else h.num_heads,
+            "width": width,
+            "divisible": width % h.num_heads == 0 and (attr is None or width % attr == 0),
+            "num_heads attr": attr,
+            "whole-head ratios": ", ".join(ratios[:8]) + (" ..." if len(ratios) > 8 else ""),
+        })
+    return rows

@@ -1,0 +1,50 @@
+"""Model: choose a spec, build it, and see what the trace found."""
+import streamlit as st
+
+from explorer.metrics import count_params
+from explorer.specs import hf_families, list_demos
+
+EXAMPLES = ([f"demo:{d}" for d in list_demos()] + [f"hf:{f}" for f in hf_families()]
+            + ["timm:vit_tiny_patch16_224?img_size=64", "timm:resnet18"])
+
+
+def _pick() -> None:
+    st.session_state.model_spec = st.session_state.model_example
+
+
+def _request() -> None:
+    st.session_state.pe_request = (st.session_state.model_spec, st.session_state.model_device,
+                                   st.session_state.model_shape)
+
+
+st.title("Model")
+if "model_spec" not in st.session_state:
+    st.session_state.model_spec = st.session_state.pe_request[0]
+st.selectbox("Examples", EXAMPLES, index=None, key="model_example", on_change=_pick,
+             placeholder="pick a demo, transformers family or timm model")
+st.text_input("Model spec", key="model_spec",
+              help="timm:<name>?k=v, hf:<family>?k=v, demo:<name> or path/file.py:callable")
+c1, c2 = st.columns(2)
+c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
+         help="meta builds shapes only: explore big models without weights")
+c2.text_input("Input shape (blank = default)", key="model_shape", placeholder="1,3,224,224")
+st.button("Load and trace", key="model_load", type="primary", on_click=_request)
+
+if "pe" not in st.session_state:
+    st.info("No model is loaded yet.")
+    st.stop()
+pe = st.session_state.pe
+mg = pe.graph
+st.subheader(f"`{pe.spec}`")
+m = st.columns(4)
+m[0].metric("parameters", f"{count_params(pe.model):,}")
+m[1].metric("MACs", f"{pe.macs:,}")
+m[2].metric("ATen ops", mg.num_ops)
+m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(mg.groups())}")
+st.dataframe([{"id": g.id, "group": g.title, "prunable": g.prunable, "reason": g.reason,
+               "axes": ", ".join(f"{a.role} {a.size}" for a in g.axes),
+               "members": len(g.members)} for g in mg.groups()],
+             key="model_groups", hide_index=True, use_container_width=True)
+unknown = mg.coupling.unknown_ops
+if unknown:
+    st.warning(f"ops with no coupling rule (treated conservatively): {', '.join(sorted(unknown))}")

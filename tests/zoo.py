@@ -1,0 +1,87 @@
+"""The architecture zoo: one list of models that the engine must trace and prune.
+
+Imported by ``tests/test_zoo.py`` (pass/fail per model) and ``benchmarks/zoo_bench.py``
+(timings against Torch-Pruning). Input sizes are the smallest the model allows, so the whole
+zoo runs in a few minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model: how to build it, what to feed it and what to leave alone."""
+
+    spec: str  # explorer.specs.load_model spec
+    input_shape: tuple[int, ...] | None  # None: the spec's default example input
+    ignored: tuple[str, ...]  # classifier / lm_head module names never pruned
+    notes: str = ""  # what is special about the model (unsafe groups, pinned parts)
+    xfail: str = ""  # non-empty: the model cannot reach the target; the real reason
+
+    @property
+    def id(self) -> str:
+        return self.spec.split("?")[0].split(":", 1)[1]
+
+
+def _cnn(name: str, size: int = 64, head: str = "fc", notes: str = "") -> ZooEntry:
+    return ZooEntry(f"timm:{name}", (1, 3, size, size), (head,), notes)
+
+
+def _vit(spec: str, size: int, head: str = "head", notes: str = "", xfail: str = "") -> ZooEntry:
+    return ZooEntry(f"timm:{spec}", (1, 3, size, size), (head,), notes, xfail)
+
+
+ZOO: list[ZooEntry] = [
+    # --- CNNs
+    _cnn("resnet18"),
+    _cnn("resnet50"),
+    _cnn("mobilenetv2_100", head="classifier"),
+    _cnn("mobilenetv3_small_100", head="classifier", notes="SE blocks, hard-swish, conv_head"),
+    _cnn("efficientnet_b0", head="classifier", notes="SE blocks (reduce/expand coupled)"),
+    _cnn("regnetx_002", head="head.fc", notes="grouped convs: group axis pruned"),
+    _cnn("densenet121", head="classifier", notes="dense concatenation"),
+    _cnn("convnext_atto", head="head.fc", notes="LayerNorm2d, layer scale gamma"),
+    _cnn("ghostnet_100", head="classifier", notes="ghost modules: cat + slice"),
+    _cnn("repvgg_a0", head="head.fc", notes="RepVGG train-time branches"),
+    _cnn("inception_v3", size=96, notes="needs >= 75 px"),
+    _cnn("dla34", head="fc", notes="1x1-conv classifier, tree aggregation"),
+    _cnn("cspdarknet53", head="head.fc", notes="CSP split/cat"),
+    _cnn("res2net50_14w_8s", notes="split into 8 scales"),
+    _cnn("rexnet_100", head="head.fc", notes="partial residual add on a channel slice"),
+    _cnn("hrnet_w18_small", head="classifier", notes="multi-resolution fusion, upsampling"),
+    # --- ViTs and hybrids
+    _vit("vit_tiny_patch16_224?img_size=64", 64,
+         notes="head-dim groups unsafe (hard-coded head_dim); MLP hidden pruned"),
+    _vit("vit_small_patch16_224?img_size=64", 64),
+    _vit("deit_tiny_patch16_224?img_size=64", 64),
+    _vit("vit_small_patch14_dinov2?img_size=56", 56, notes="dinov2-style: layer scale, reg-free"),
+    _vit("swin_tiny_patch4_window7_224?img_size=112", 112,
+         notes="window partition / relative position bias"),
+    _vit("levit_128s", 224, head="head.linear", notes="attention biases, BN-linear"),
+    _vit("cait_xxs24_224?img_size=64", 64, notes="talking heads, class attention"),
+    _vit("crossvit_tiny_240", 240, head="head.0", notes="two branches (head.0/head.1)"),
+    _vit("pvt_v2_b0?img_size=64", 64, notes="spatial-reduction attention"),
+    _vit("efficientformer_l1?img_size=64", 64, notes="meta4d/meta3d blocks, dist head"),
+    _vit("mobilevit_xxs", 64, head="head.fc", notes="unfold/fold of patches"),
+    _vit("eva02_tiny_patch14_224?img_size=56", 56, notes="rotary embedding, SwiGLU"),
+    _vit("fastvit_t8", 64, head="head.fc", notes="reparam mixers, RepCPE"),
+    _vit("edgenext_xx_small", 64, head="head.fc", notes="split depthwise transposed attention"),
+    _vit("maxvit_nano_rw_256?img_size=64", 64, head="head.fc",
+         notes="block + grid attention, MBConv"),
+    _vit("mixer_s16_224?img_size=64", 64, notes="token-mixing MLP over patches (pinned)"),
+    _vit("resmlp_12_224?img_size=64", 64, notes="Affine norm layers"),
+    _vit("poolformer_s12", 64, head="head.fc", notes="GroupNorm1, pooling mixer"),
+    # --- transformers
+    ZooEntry("hf:llama", None, ("lm_head",), "GQA 8/2 heads"),
+    ZooEntry("hf:qwen2", None, ("lm_head",), "qkv bias"),
+    ZooEntry("hf:mistral", None, ("lm_head",)),
+    ZooEntry("hf:gpt2", None, ("lm_head",), "Conv1D (transposed linear), fused c_attn"),
+    ZooEntry("hf:bert", None, (), "encoder; pooler output"),
+    # --- demos
+    ZooEntry("demo:dino_vit", None, ("head",), "qkv reshape + qkv[0] indexing"),
+    ZooEntry("demo:resnet", None, ("fc",)),
+    ZooEntry("demo:cnn_concat", None, ("fc",)),
+]
+
+__all__ = ["ZOO", "ZooEntry"]
