@@ -167,15 +167,15 @@ class Pruner:
 
     def step(self) -> StepReport:
         """Prune one step; the report says what was removed and why groups were skipped."""
-        self.current_step += 1
-        report = StepReport(self.current_step, params_before=count_params(self.model),
+        report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
-        if self.current_step > self.steps:
+        if self.current_step >= self.steps:
             report.skipped.append(Skip(-1, "all", f"the schedule has {self.steps} step(s) "
                                                   f"and they are done"))
             report.params_after, report.macs_after = report.params_before, report.macs_before
             return report
         removal, changes, skipped = self.propose()
+        self.current_step += 1
         report.skipped = skipped
         flight = Preflight(self.model, self.inputs, self.coupling)
         removal, changes = self._drop_unsafe(flight, removal, changes, report)

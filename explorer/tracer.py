@@ -84,6 +84,9 @@ def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int
             _walk(getattr(obj, f.name), f"{path}.{f.name}", found, depth + 1)
 
 
+_SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that appends an `OpNode` per ATen call to a `Graph`."""
 
@@ -122,6 +125,10 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func in _SCALAR_READS and args and getattr(args[0], "is_meta", False):
+            # A meta tensor has no value: data-dependent checks (``mask.all()`` before a
+            # fast path) take the ordinary branch, as for an unpadded, unpacked batch.
+            return True if args[0].dtype == torch.bool else 0
         try:
             out = func(*args, **kwargs)
         except Exception:

@@ -12,11 +12,6 @@ def _pick() -> None:
     st.session_state.model_spec = st.session_state.model_example
 
 
-def _request() -> None:
-    st.session_state.pe_request = (st.session_state.model_spec, st.session_state.model_device,
-                                   st.session_state.model_shape)
-
-
 st.title("Model")
 if "model_spec" not in st.session_state:
     st.session_state.model_spec = st.session_state.pe_request[0]
@@ -28,7 +23,11 @@ c1, c2 = st.columns(2)
 c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
          help="meta builds shapes only: explore big models without weights")
 c2.text_input("Input shape (blank = default)", key="model_shape", placeholder="1,3,224,224")
-st.button("Load and trace", key="model_load", type="primary", on_click=_request)
+if st.button("Load and trace", key="model_load", type="primary"):
+    # app.py loads before the page runs, so hand it the request on a fresh run
+    st.session_state.pe_request = (st.session_state.model_spec, st.session_state.model_device,
+                                   st.session_state.model_shape)
+    st.rerun()
 
 if "pe" not in st.session_state:
     st.info("No model is loaded yet.")
@@ -44,7 +43,7 @@ m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(m
 st.dataframe([{"id": g.id, "group": g.title, "prunable": g.prunable, "reason": g.reason,
                "axes": ", ".join(f"{a.role} {a.size}" for a in g.axes),
                "members": len(g.members)} for g in mg.groups()],
-             key="model_groups", hide_index=True, use_container_width=True)
+             key="model_groups", hide_index=True, width="stretch")
 unknown = mg.coupling.unknown_ops
 if unknown:
     st.warning(f"ops with no coupling rule (treated conservatively): {', '.join(sorted(unknown))}")

@@ -26,7 +26,7 @@ if gid is not None:
             st.warning(f"not prunable: {g.reason}")
         st.dataframe([{"module": m.module, "parameter": m.param, "dim": m.dim, "size": m.size}
                       for m in g.members], key="graph_members", hide_index=True)
-st.graphviz_chart(dot, use_container_width=True)
+st.graphviz_chart(dot, width="stretch")
 d1, d2 = st.columns(2)
 d1.download_button("Download DOT", dot, file_name="model.dot", mime="text/vnd.graphviz",
                    key="graph_dl_dot")

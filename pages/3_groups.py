@@ -48,7 +48,7 @@ b[4].button("Accept all remaining", key="groups_accept_all", on_click=pe.accept_
 
 st.plotly_chart(importance_figure(p.scores[p.axes[0]], primary.removed,
                                   f"{crit} importance of '{primary.axis}'"),
-                key="groups_importance", use_container_width=True)
+                key="groups_importance", width="stretch")
 with st.expander("Members and coupling", expanded=False):
     st.markdown("\n".join(f"- {line}" for line in p.group.explanation))
     st.dataframe([{"module": mb.module, "parameter": mb.param, "dim": mb.dim, "size": mb.size}

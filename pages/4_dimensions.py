@@ -12,14 +12,14 @@ if "pe" not in st.session_state:
     st.stop()
 pe = st.session_state.pe
 st.plotly_chart(widths_figure(pe.widths_start, layer_widths(pe.model)), key="dims_widths",
-                use_container_width=True)
+                width="stretch")
 
 st.subheader("Attention heads")
 attrs = {name: int(mod.num_heads) for name, mod in pe.model.named_modules()
          if isinstance(getattr(mod, "num_heads", None), int)}
 rows = head_table(pe.graph.groups(), attrs)
 if rows:
-    st.dataframe(rows, key="dims_heads", hide_index=True, use_container_width=True)
+    st.dataframe(rows, key="dims_heads", hide_index=True, width="stretch")
     st.caption("Whole-head pruning ratios must be multiples of 1/kv_heads (GQA) or 1/heads.")
 else:
     st.info("The trace found no attention heads in this model.")
@@ -28,4 +28,4 @@ st.subheader("Cost per module")
 params = {n: p.numel() for n, p in pe.model.named_parameters()}
 st.plotly_chart(cost_figure(params_by_module(params, pe.graph.graph.param_owner),
                             macs_by_module(pe.graph.graph)), key="dims_cost",
-                use_container_width=True)
+                width="stretch")
