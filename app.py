@@ -38,6 +38,11 @@ def load(request: tuple[str, str, str]) -> None:
 st.set_page_config(page_title="Pruning Explorer", layout="wide")
 if "pe_request" not in st.session_state:
     st.session_state.pe_request = DEFAULT_REQUEST
+if st.session_state.get("model_load"):  # the Model page's button, clicked in this run
+    st.session_state.pe_request = (st.session_state.get("model_spec", ""),
+                                   st.session_state.get("model_device", "cpu"),
+                                   st.session_state.get("model_shape", ""))
+    st.session_state.pe_loaded = None  # reload even when the request is unchanged
 if st.session_state.get("pe_loaded") != st.session_state.pe_request:
     load(st.session_state.pe_request)
 if st.session_state.get("pe_error"):

@@ -19,23 +19,24 @@ _KV = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 _WIDTH = ("all_head_size", "attn_dim", "inner_dim")
 
 
-def _set(module: object, names: tuple[str, ...], old: int, new: int, log: list[str]) -> None:
+def _set(module: object, names: tuple[str, ...], old: int, new: int,
+         log: dict[str, list[object]]) -> None:
     for name in names:
         value = getattr(module, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value == old and old != new:
             setattr(module, name, new)
-            log.append(f"{name}: {old} -> {new}")
+            log[name] = [old, new]
 
 
 def patch_attention(model: nn.Module, coupling: Coupling,
                     removed_per_axis: dict[int, dict[int, int]],
-                    keeps: dict[tuple[str, int], np.ndarray]) -> dict[str, list[str]]:
+                    keeps: dict[tuple[str, int], np.ndarray]) -> dict[str, dict[str, list[object]]]:
     """Update head attributes for every pruned head group; returns module -> changes.
 
     Head counts are computed per attention module (a group can span several layers when
     they share a rotary embedding), from that module's own members.
     """
-    changes: dict[str, list[str]] = {}
+    changes: dict[str, dict[str, list[object]]] = {}
     kept_member = {k: len(v) for k, v in keeps.items()}
     for gid, removed in removed_per_axis.items():
         group = coupling.groups[gid]
@@ -53,7 +54,7 @@ def patch_attention(model: nn.Module, coupling: Coupling,
             if old is None or new is None:
                 continue
             module = model.get_submodule(name)
-            log = changes.setdefault(name, [])
+            log = changes.setdefault(name, {})
             _set(module, _HEADS, old[0], new[0], log)
             _set(module, _HEAD_DIM, old[1], new[1], log)
             if old[2] is not None and new[2] is not None:
@@ -63,7 +64,7 @@ def patch_attention(model: nn.Module, coupling: Coupling,
             _set(module, _WIDTH, old[0] * old[1], new[0] * new[1], log)
             if old[1] != new[1] and getattr(module, "fused_attn", None) is True:
                 module.fused_attn = False  # fused SDPA would rescale by the new head_dim
-                log.append("fused_attn: True -> False (keeps the original attention scale)")
+                log["fused_attn"] = [True, False]  # keeps the original attention scale
             if not log:
                 del changes[name]
     return changes

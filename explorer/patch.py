@@ -20,13 +20,14 @@ class PatchInfo:
     """What a handler may need besides the module's own (already resized) tensors."""
 
     groups: int | None = None  # new conv/norm group count when its group axis was pruned
-    changed: list[str] = field(default_factory=list)  # "attr: old -> new" lines for reports
+    changed: dict[str, list[object]] = field(default_factory=dict)  # attr -> [old, new]
 
     def set(self, module: nn.Module, attr: str, value: object) -> None:
         old = getattr(module, attr, None)
         if old != value:
             setattr(module, attr, value)
-            self.changed.append(f"{attr}: {old} -> {value}")
+            first = self.changed.get(attr, [old])[0]
+            self.changed[attr] = [first, value]
 
 
 PATCHERS: dict[type, Patcher] = {}

@@ -58,7 +58,8 @@ class Applied:
     """What an application changed: tensor shapes and patched attributes."""
 
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (before, after)
-    attributes: dict[str, list[str]]  # module -> "attr: old -> new"
+    attributes: dict[str, dict[str, list[object]]]  # module -> attr -> [old, new]
+    keeps: dict[tuple[str, int], list[int]]  # (tensor name, dim) -> indices kept
 
 
 def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> Applied:
@@ -93,7 +94,7 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
             owner._buffers[attr] = tensor
         touched.add(owner_name)
     _retie(model, params, buffers)
-    attributes: dict[str, list[str]] = {}
+    attributes: dict[str, dict[str, list[object]]] = {}
     for mod_name in sorted(touched | set(coupling.group_axes)):
         module = model.get_submodule(mod_name)
         info = PatchInfo()
@@ -102,14 +103,14 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
             info.groups = coupling.kept_count(ids, dead)
         patch_module(module, info)
         if info.changed:
-            attributes[mod_name] = info.changed
+            attributes[mod_name] = dict(info.changed)
     removed_counts: dict[int, dict[int, int]] = {}
     for (gid, axis), idx in removal.picks.items():
         if idx:
             removed_counts.setdefault(gid, {})[axis] = len(set(idx))
     for name, log in patch_attention(model, coupling, removed_counts, keeps).items():
-        attributes.setdefault(name, []).extend(log)
-    return Applied(shapes, attributes)
+        attributes.setdefault(name, {}).update(log)
+    return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()})
 
 
 def _retie(model: nn.Module, params: dict[str, torch.Tensor],

@@ -14,7 +14,7 @@ from .groups import Group
 from .importance import scores as importance_scores
 from .metrics import count_macs, count_params
 from .preflight import Preflight
-from .prune import Removal, apply_removal
+from .prune import Applied, Removal, apply_removal
 from .tracer import trace
 
 HEAD_MODES = ("dims", "whole", "keep")
@@ -61,7 +61,7 @@ class StepReport:
     macs_after: int = 0
     forward_ok: bool = True
     output_shape_ok: bool = True
-    attributes: dict[str, list[str]] = field(default_factory=dict)
+    attributes: dict[str, dict[str, list[object]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return any(c.removed for c in self.changes)
@@ -110,6 +110,7 @@ class Pruner:
         self.ignored = list(ignored)
         self.max_ratio = max_ratio
         self.current_step = 0
+        self.applied: list[Applied] = []  # every application, in order (for plans and undo)
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -182,6 +183,7 @@ class Pruner:
         report.changes = changes
         if removal:
             applied = apply_removal(self.model, self.coupling, removal)
+            self.applied.append(applied)
             report.attributes = applied.attributes
         try:
             self._analyse()

@@ -23,11 +23,7 @@ c1, c2 = st.columns(2)
 c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
          help="meta builds shapes only: explore big models without weights")
 c2.text_input("Input shape (blank = default)", key="model_shape", placeholder="1,3,224,224")
-if st.button("Load and trace", key="model_load", type="primary"):
-    # app.py loads before the page runs, so hand it the request on a fresh run
-    st.session_state.pe_request = (st.session_state.model_spec, st.session_state.model_device,
-                                   st.session_state.model_shape)
-    st.rerun()
+st.button("Load and trace", key="model_load", type="primary")  # app.py acts on the click
 
 if "pe" not in st.session_state:
     st.info("No model is loaded yet.")
