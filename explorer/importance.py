@@ -1,11 +1,23 @@
 """Importance of every index of every axis of a group, aggregated over all its members.
 
-A criterion maps (model, coupling, group) to one score array per axis; lower means less
-important. Element scores of each member (a row of a Linear, a channel of a norm, a slice
-of a fused qkv) are summed into every atom the element is made of, so a head's score is
-the total over its q, k, v rows and its output-projection columns.
+A criterion first prepares per-weight saliency tensors for the whole model (one pass over
+the calibration data for data-aware criteria), then scores a group: the saliency of every
+member element (a row of a Linear, a channel of a norm, a slice of a fused qkv) is summed
+into every atom the element is made of, so a head's score is the total over its q, k, v rows
+and its output-projection columns, and a hidden channel's score spans every layer it
+touches. Lower means less important.
 
-Add a criterion by decorating a function with ``@criterion("name")``.
+Criteria (name: saliency per weight):
+
+* ``magnitude`` / ``l2``: w^2 (group L2 norm squared); ``l1``: |w|;
+* ``taylor``: first-order |sum w * dL/dw| over the group (loss change estimate);
+* ``fisher`` / ``obd``: second-order OBD, 0.5 * w^2 * F with the empirical Fisher
+  F = sum over calibration samples of per-sample squared gradients (Hessian diagonal);
+* ``activation``: structured Wanda, |W_ij| * ||X_j|| over the inputs of each consumer layer;
+* ``bn-scale``: |gamma| of the BatchNorm members (network slimming);
+* ``random``: the baseline.
+
+Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 """
 from __future__ import annotations
 
@@ -15,40 +27,56 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration import Calibration, compute_loss, load_calibration
 from .coupling.analyze import Coupling
 from .groups import Group
 
-ElementScore = Callable[[torch.Tensor, int], torch.Tensor]
-Criterion = Callable[[nn.Module, Coupling, Group], list[np.ndarray]]
-CRITERIA: dict[str, Criterion] = {}
+
+class Criterion:
+    """Base class: subclasses fill `saliency` in `prepare` (or override `scores`)."""
+
+    needs_data = False
+    signed = False  # sum signed saliencies, then take |.| per index (first-order Taylor)
+
+    def __init__(self) -> None:
+        self.saliency: dict[str, torch.Tensor] = {}
+
+    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
+        """Compute per-weight saliency tensors for the whole model."""
+
+    def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
+        """One score array per axis of ``group``."""
+        out = aggregate(coupling, group, self.saliency)
+        return [np.abs(s) for s in out] if self.signed else out
 
 
-def criterion(name: str) -> Callable[[Criterion], Criterion]:
-    def register(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        return fn
-    return register
+CRITERIA: dict[str, type[Criterion]] = {}
 
 
-def aggregate(model: nn.Module, coupling: Coupling, group: Group,
-              element_score: ElementScore) -> list[np.ndarray]:
-    """Sum per-element scores of every parameter member into the group's axes."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def register(*names: str) -> Callable[[type[Criterion]], type[Criterion]]:
+    def deco(cls: type[Criterion]) -> type[Criterion]:
+        for n in names:
+            CRITERIA[n] = cls
+        return cls
+    return deco
+
+
+def aggregate(coupling: Coupling, group: Group,
+              saliency: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Sum a per-weight saliency over every member element into the group's axes."""
     fams = [a.family for a in group.axes]
     scores = [np.zeros(a.size, dtype=np.float64) for a in group.axes]
     pos_of = {f: _positions(coupling, f) for f in fams}
     names = {m.param for m in group.members}
     for member, atoms in coupling.member_atoms():
-        if member.param not in names or member.buffer:
+        t = saliency.get(member.param)
+        if member.param not in names or t is None:
             continue
-        t = params.get(member.param)
-        if t is None or t.device.type == "meta":
-            continue
-        elem = element_score(t.detach().float(), member.dim).cpu().numpy().astype(np.float64)
+        dims = [d for d in range(t.dim()) if d != member.dim]
+        elem = (t.sum(dim=dims) if dims else t).double().cpu().numpy()
         for j in range(atoms.shape[1]):
             col = atoms[:, j]
-            valid = col >= 0
-            fam = np.where(valid, coupling.family_of[np.maximum(col, 0)], -1)
+            fam = np.where(col >= 0, coupling.family_of[np.maximum(col, 0)], -1)
             for k, f in enumerate(fams):
                 sel = fam == f
                 if sel.any():
@@ -63,34 +91,157 @@ def _positions(coupling: Coupling, family: int) -> np.ndarray:
     return pos
 
 
-def _lp(p: float) -> ElementScore:
-    def score(t: torch.Tensor, dim: int) -> torch.Tensor:
-        dims = [d for d in range(t.dim()) if d != dim]
-        return t.abs().pow(p).sum(dim=dims) if dims else t.abs().pow(p)
-    return score
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+            if p.device.type != "meta"}
 
 
-@criterion("magnitude")
-def magnitude(model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-    """Group L2 norm: sum of squared weights over all members (per channel/head/dim)."""
-    return aggregate(model, coupling, group, _lp(2.0))
+@register("magnitude", "l2")
+class Magnitude(Criterion):
+    """Group L2 norm (squared): sum of w^2 over all members."""
+
+    power = 2.0
+
+    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
+        self.saliency = {n: w.float().abs().pow(self.power) for n, w in _weights(model).items()}
 
 
-@criterion("l1")
-def l1(model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-    """Group L1 norm: sum of absolute weights over all members."""
-    return aggregate(model, coupling, group, _lp(1.0))
+@register("l1")
+class L1(Magnitude):
+    """Group L1 norm: sum of |w| over all members."""
+
+    power = 1.0
 
 
-@criterion("random")
-def random(model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-    """Uniform random scores (seeded by group id): the baseline every criterion must beat."""
-    rng = np.random.default_rng(group.id)
-    return [rng.random(a.size) for a in group.axes]
+@register("random")
+class Random(Criterion):
+    """Uniform random scores, seeded by group id: the baseline to beat."""
+
+    def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
+        rng = np.random.default_rng(group.id)
+        return [rng.random(a.size) for a in group.axes]
 
 
-def scores(name: str, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-    """Scores of ``group`` under the criterion ``name``."""
+@register("bn-scale")
+class BNScale(Criterion):
+    """|gamma| of BatchNorm members (zero for groups without one)."""
+
+    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
+        self.saliency = {}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                self.saliency[f"{name}.weight" if name else "weight"] = m.weight.detach().abs()
+
+
+def _grads(model: nn.Module, calib: Calibration, per_sample: bool) -> dict[str, torch.Tensor]:
+    """Sum of gradients (or of per-sample squared gradients) over the calibration data."""
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        items = calib.samples() if per_sample else [
+            (b, calib.labels[i] if calib.labels else None) for i, b in enumerate(calib.batches)]
+        for batch, label in items:
+            with torch.enable_grad():
+                loss = compute_loss(model, batch, calib, label)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (n, _p), g in zip(params.items(), grads):
+                if g is not None:
+                    acc[n] += g.float().pow(2) if per_sample else g.float()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n][0])
+            p.grad = saved[n][1]
+        model.train(was_training)
+    return acc
+
+
+@register("taylor")
+class Taylor(Criterion):
+    """First-order Taylor: |sum over the group of w * dL/dw| (estimated loss change)."""
+
+    needs_data = True
+    signed = True
+
+    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
+        grads = _grads(model, calib or load_calibration(None, _inputs(coupling, model)), False)
+        self.saliency = {n: w.float() * grads[n] for n, w in _weights(model).items()
+                         if n in grads}
+
+
+@register("fisher", "obd", "hessian")
+class Fisher(Criterion):
+    """Second-order OBD saliency 0.5 * w^2 * F, F = sum of per-sample squared gradients."""
+
+    needs_data = True
+
+    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
+        fisher = _grads(model, calib or load_calibration(None, _inputs(coupling, model)), True)
+        self.fisher = fisher
+        self.saliency = {n: 0.5 * w.float().pow(2) * fisher[n] for n, w in _weights(model).items()
+                         if n in fisher}
+
+
+@register("activation", "wanda")
+class Activation(Criterion):
+    """Structured Wanda: |W_ij| * ||X_j|| on the input channels of every Linear/Conv."""
+
+    needs_data = True
+
+    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
+        calib = calib or load_calibration(None, _inputs(coupling, model))
+        norms: dict[str, torch.Tensor] = {}
+        handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                handles.append(m.register_forward_pre_hook(_act_hook(name, norms)))
+        try:
+            with torch.no_grad():
+                for batch in calib.batches:
+                    model(*batch, **calib.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        self.saliency = {}
+        modules = dict(model.named_modules())
+        for name, sq in norms.items():
+            w = modules[name].weight.detach().float().abs()
+            shape = [1] * w.dim()
+            if w.shape[1] == sq.numel():
+                shape[1] = -1
+                self.saliency[f"{name}.weight" if name else "weight"] = w * sq.sqrt().view(shape)
+
+
+def _act_hook(name: str, norms: dict[str, torch.Tensor]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float()
+        dim = x.dim() - 1 if isinstance(module, nn.Linear) else 1
+        dims = [d for d in range(x.dim()) if d != dim]
+        sq = x.pow(2).sum(dim=dims)
+        norms[name] = norms[name] + sq if name in norms else sq
+    return hook
+
+
+def _inputs(coupling: Coupling, model: nn.Module) -> tuple:
+    raise ValueError("this criterion needs calibration data: pass calibration=... (random "
+                     "inputs are made by the Pruner from its example inputs)")
+
+
+def make(name: str) -> Criterion:
+    """A fresh criterion instance by name."""
     if name not in CRITERIA:
         raise ValueError(f"unknown importance '{name}'; choose one of {sorted(CRITERIA)}")
-    return CRITERIA[name](model, coupling, group)
+    return CRITERIA[name]()
+
+
+def scores(name: str, model: nn.Module, coupling: Coupling, group: Group,
+           calib: Calibration | None = None) -> list[np.ndarray]:
+    """Scores of one group under the criterion ``name`` (prepares it for this call only)."""
+    crit = make(name)
+    crit.prepare(model, coupling, calib)
+    return crit.scores(model, coupling, group)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import sys
+
 import torch
 from torch import nn
 
@@ -43,6 +45,7 @@ def patcher(*types: type) -> Callable[[Patcher], Patcher]:
 
 def patch_module(module: nn.Module, info: PatchInfo) -> None:
     """Run the handler for the most derived registered type of ``module``."""
+    _register_optional()
     for cls in type(module).__mro__:
         fn = PATCHERS.get(cls)
         if fn is not None:
@@ -113,6 +116,29 @@ def _mha(m: nn.Module, info: PatchInfo) -> None:
     info.set(m, "kdim", e)
     info.set(m, "vdim", e)
     info.set(m, "head_dim", e // m.num_heads)
+
+
+def _hf_conv1d(m: nn.Module, info: PatchInfo) -> None:
+    """transformers' GPT-2 ``Conv1D``: a linear layer with a transposed ``(nx, nf)`` weight."""
+    info.set(m, "nx", m.weight.shape[0])
+    info.set(m, "nf", m.weight.shape[1])
+
+
+# Types from libraries we do not import ourselves: (module, attribute) -> handler. A model
+# that holds one of these types has already imported its library, so registering on first
+# use (only from ``sys.modules``) never imports transformers or timm for a plain model.
+_OPTIONAL: dict[tuple[str, str], Patcher] = {
+    ("transformers.pytorch_utils", "Conv1D"): _hf_conv1d,
+}
+
+
+def _register_optional() -> None:
+    for (mod_name, attr), fn in list(_OPTIONAL.items()):
+        mod = sys.modules.get(mod_name)
+        cls = getattr(mod, attr, None) if mod is not None else None
+        if isinstance(cls, type):
+            PATCHERS[cls] = fn
+            del _OPTIONAL[(mod_name, attr)]
 
 
 def resize_tensor(t: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor:

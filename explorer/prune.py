@@ -60,6 +60,8 @@ class Applied:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (before, after)
     attributes: dict[str, dict[str, list[object]]]  # module -> attr -> [old, new]
     keeps: dict[tuple[str, int], list[int]]  # (tensor name, dim) -> indices kept
+    # the replaced tensor objects, for an exact undo (not part of plans)
+    previous: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
 
 def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> Applied:
@@ -82,18 +84,20 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
             raise PruneError(f"the model has no parameter or buffer '{name}'")
         new[name] = resize_tensor(src, keep)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    previous: dict[str, torch.Tensor] = {}
     touched: set[str] = set()
     for name, tensor in new.items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         old = getattr(owner, attr)
+        previous[name] = old
         shapes[name] = (tuple(old.shape), tuple(tensor.shape))
         if isinstance(old, nn.Parameter):
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
         else:
             owner._buffers[attr] = tensor
         touched.add(owner_name)
-    _retie(model, params, buffers)
+    _retie(model, params, buffers, previous)
     attributes: dict[str, dict[str, list[object]]] = {}
     for mod_name in sorted(touched | set(coupling.group_axes)):
         module = model.get_submodule(mod_name)
@@ -110,11 +114,26 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
             removed_counts.setdefault(gid, {})[axis] = len(set(idx))
     for name, log in patch_attention(model, coupling, removed_counts, keeps).items():
         attributes.setdefault(name, {}).update(log)
-    return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()})
+    return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous)
+
+
+def undo(model: nn.Module, applied: Applied) -> None:
+    """Put back the exact tensors and attribute values an application replaced."""
+    for name, tensor in applied.previous.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(tensor, nn.Parameter):
+            owner._parameters[attr] = tensor
+        else:
+            owner._buffers[attr] = tensor
+    for mod_name, attrs in applied.attributes.items():
+        module = model.get_submodule(mod_name)
+        for attr, (old, _new) in attrs.items():
+            setattr(module, attr, old)
 
 
 def _retie(model: nn.Module, params: dict[str, torch.Tensor],
-           buffers: dict[str, torch.Tensor]) -> None:
+           buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> None:
     """Parameters that were one tensor under several names (tied weights) stay tied."""
     by_id: dict[int, list[str]] = {}
     for name, p in {**params, **buffers}.items():
@@ -127,6 +146,8 @@ def _retie(model: nn.Module, params: dict[str, torch.Tensor],
         for other in names[1:]:
             owner, _, attr = other.rpartition(".")
             mod = model.get_submodule(owner)
+            if getattr(mod, attr) is not src:
+                previous.setdefault(other, getattr(mod, attr))
             if isinstance(src, nn.Parameter):
                 mod._parameters[attr] = src
             else:

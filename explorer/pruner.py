@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from .calibration import Calibration, load_calibration
 from .coupling.analyze import Coupling
 from .groups import Group
-from .importance import scores as importance_scores
+from .importance import Criterion, make
 from .metrics import count_macs, count_params
 from .preflight import Preflight
-from .prune import Applied, Removal, apply_removal
+from .prune import Applied, Removal, apply_removal, removed_atoms, undo
 from .tracer import trace
 
 HEAD_MODES = ("dims", "whole", "keep")
@@ -70,6 +71,17 @@ class StepReport:
         return asdict(self)
 
 
+@dataclass
+class Candidate:
+    """One axis of one group the pruner may cut, with its scores."""
+
+    group: Group
+    axis: int
+    scores: np.ndarray
+    original: int  # width of this axis in the unpruned model
+    limit: float  # ratio of ``original`` this axis may lose at this step
+
+
 def _kept(original: int, ratio: float, round_to: int, minimum: int = 1) -> int:
     keep = max(int(round(original * (1.0 - ratio))), minimum)
     if round_to > 1 and original >= round_to:
@@ -86,21 +98,35 @@ class Pruner:
         importance: criterion name (see `explorer.importance.CRITERIA`).
         ratio: fraction of each group's channels to remove by the last step.
         iterative_steps: number of `step()` calls to reach ``ratio``.
+        global_pruning: rank channels of all groups together (scores normalised per axis)
+            instead of cutting every group by ``ratio``.
         heads: "dims" (same dims removed in every head), "whole" (remove heads), or "keep".
         round_to: keep every remaining width a multiple of this.
         ignored: module names whose outputs are never pruned.
+        calibration: data for data-aware criteria (see `explorer.calibration`).
+        ratios: per-module ratios (module name prefix -> ratio) overriding ``ratio``.
+        max_ratio: the most any axis may lose, also under global pruning.
+        target_params: stop at this fraction of the original parameter count (overrides
+            ``ratio`` by searching the uniform ratio that meets it).
+        target_macs: the same for multiply-accumulates.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, importance: str = "magnitude",
                  ratio: float = 0.5, iterative_steps: int = 1, global_pruning: bool = False,
                  heads: str = "dims", round_to: int = 1, ignored: Sequence[str] = (),
-                 max_ratio: float = 0.9) -> None:
+                 calibration: Calibration | str | None = None,
+                 ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
+                 target_params: float | None = None, target_macs: float | None = None) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if heads not in HEAD_MODES:
             raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
+        for name, value in (("target_params", target_params), ("target_macs", target_macs)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} is a fraction of the original in (0, 1], got {value}")
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.criterion: Criterion = make(importance)
         self.importance = importance
         self.ratio = ratio
         self.steps = max(1, int(iterative_steps))
@@ -108,17 +134,37 @@ class Pruner:
         self.heads = heads
         self.round_to = max(1, int(round_to))
         self.ignored = list(ignored)
+        self.ratios = dict(ratios or {})
         self.max_ratio = max_ratio
+        self.target_params = target_params
+        self.target_macs = target_macs
         self.current_step = 0
         self.applied: list[Applied] = []  # every application, in order (for plans and undo)
+        self._calib_source = calibration
+        self._calibration: Calibration | None = None
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
+        self.params_original = count_params(model)
+        self.macs_original = count_macs(self.graph)
 
+    # -- analysis -------------------------------------------------------------------------
     def _analyse(self) -> None:
         self.graph = trace(self.model, self.inputs)
         self.coupling = Coupling(self.graph, ignored=self.ignored)
         self.groups: list[Group] = self.coupling.groups
+        self._prepared = False
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        calib = None
+        if self.criterion.needs_data:
+            if self._calibration is None:
+                self._calibration = load_calibration(self._calib_source, self.inputs)
+            calib = self._calibration
+        self.criterion.prepare(self.model, self.coupling, calib)
+        self._prepared = True
 
     @staticmethod
     def _key(group: Group, axis: int) -> tuple[str, int, int, str]:
@@ -137,10 +183,19 @@ class Pruner:
             out = [i for i in out if group.axes[i].role != "heads"] + heads[:1]
         return out
 
-    def propose(self) -> tuple[Removal, list[GroupChange], list[Skip]]:
-        """Indices the next step would remove (lowest importance first)."""
-        step_ratio = self.ratio * min(self.current_step + 1, self.steps) / self.steps
-        removal, changes, skipped = Removal(), [], []
+    def _group_ratio(self, group: Group, base: float) -> float:
+        best = None
+        for prefix, r in self.ratios.items():
+            if any(m == prefix or m.startswith(prefix + ".") for m in group.modules):
+                if best is None or len(prefix) > len(best[0]):
+                    best = (prefix, r)
+        return best[1] if best else base
+
+    def candidates(self) -> tuple[list[Candidate], list[Skip]]:
+        """Every prunable axis with its scores, and why the other groups are skipped."""
+        self._prepare()
+        cands: list[Candidate] = []
+        skipped: list[Skip] = []
         for g in self.groups:
             if not g.prunable:
                 skipped.append(Skip(g.id, g.title, g.reason))
@@ -150,24 +205,117 @@ class Pruner:
                 skipped.append(Skip(g.id, g.title, f"no axis prunable in head mode "
                                                    f"'{self.heads}'"))
                 continue
-            s = importance_scores(self.importance, self.model, self.coupling, g)
+            s = self.criterion.scores(self.model, self.coupling, g)
             for i in axes:
-                ax = g.axes[i]
-                original = self._original.get(self._key(g, i), ax.size)
-                keep = _kept(original, min(step_ratio, self.max_ratio), self.round_to)
-                n = ax.size - keep
-                if n <= 0:
-                    why = "at its minimum width" if keep <= 1 else "already at the target width"
-                    skipped.append(Skip(g.id, g.title, f"{ax.role}: {why}"))
-                    continue
-                order = np.argsort(s[i], kind="stable")[:n]
-                idx = sorted(int(x) for x in order)
-                removal.add(g.id, i, idx)
-                changes.append(GroupChange(g.id, g.title, ax.role, idx, ax.size, keep))
+                original = self._original.get(self._key(g, i), g.axes[i].size)
+                cands.append(Candidate(g, i, s[i], original, 0.0))
+        return cands, skipped
+
+    # -- proposals ------------------------------------------------------------------------
+    def propose(self, ratio: float | None = None) -> tuple[Removal, list[GroupChange], list[Skip]]:
+        """Indices the next step would remove (lowest importance first)."""
+        if ratio is None:
+            ratio = self._step_ratio()
+        cands, skipped = self.candidates()
+        counts = (self._global_counts(cands, ratio) if self.global_pruning
+                  else self._local_counts(cands, ratio))
+        removal, changes = Removal(), []
+        for c, n in zip(cands, counts):
+            ax = c.group.axes[c.axis]
+            if n <= 0:
+                why = "at its minimum width" if ax.size <= 1 else "already at the target width"
+                skipped.append(Skip(c.group.id, c.group.title, f"{ax.role}: {why}"))
+                continue
+            idx = sorted(int(x) for x in np.argsort(c.scores, kind="stable")[:n])
+            removal.add(c.group.id, c.axis, idx)
+            changes.append(GroupChange(c.group.id, c.group.title, ax.role, idx, ax.size,
+                                       ax.size - n))
         return removal, changes, skipped
 
-    def step(self) -> StepReport:
-        """Prune one step; the report says what was removed and why groups were skipped."""
+    def _step_ratio(self) -> float:
+        return self.ratio * min(self.current_step + 1, self.steps) / self.steps
+
+    def _local_counts(self, cands: list[Candidate], ratio: float) -> list[int]:
+        out = []
+        for c in cands:
+            r = min(self._group_ratio(c.group, ratio), self.max_ratio)
+            out.append(c.group.axes[c.axis].size - _kept(c.original, r, self.round_to))
+        return out
+
+    def _global_counts(self, cands: list[Candidate], ratio: float) -> list[int]:
+        """Rank all indices together; every axis keeps at least (1 - max_ratio)."""
+        total = sum(c.original for c in cands)
+        budget = int(round(total * ratio)) - sum(c.original - c.group.axes[c.axis].size
+                                                 for c in cands)
+        pool = []
+        for k, c in enumerate(cands):
+            norm = c.scores / (np.mean(np.abs(c.scores)) + 1e-12)
+            for s in np.sort(norm):
+                pool.append((float(s), k))
+        pool.sort()
+        counts = [0] * len(cands)
+        floor = [max(_kept(c.original, self.max_ratio, self.round_to), 1) for c in cands]
+        for _s, k in pool:
+            if budget <= 0:
+                break
+            size = cands[k].group.axes[cands[k].axis].size
+            if size - counts[k] - 1 >= floor[k]:
+                counts[k] += 1
+                budget -= 1
+        if self.round_to > 1:  # round each kept width up to a multiple
+            for k, c in enumerate(cands):
+                size = c.group.axes[c.axis].size
+                keep = size - counts[k]
+                keep = min(size, int(math.ceil(keep / self.round_to) * self.round_to))
+                counts[k] = size - keep
+        return counts
+
+    def _ratio_for_target(self) -> float:
+        """Smallest uniform ratio whose predicted params (or MACs) meet the target."""
+        lo, hi = 0.0, self.max_ratio
+        flight = Preflight(self.model, self.inputs, self.coupling) if self.target_macs else None
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            removal, _c, _s = self.propose(mid)
+            if self._meets_target(removal, flight):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def _meets_target(self, removal: Removal, flight: Preflight | None) -> bool:
+        if self.target_params is not None:
+            if self.predict_params(removal) > self.target_params * self.params_original:
+                return False
+        if self.target_macs is not None and flight is not None:
+            verdict = flight.check(removal)
+            if verdict.graph is None or count_macs(verdict.graph) > \
+                    self.target_macs * self.macs_original:
+                return False
+        return True
+
+    def predict_params(self, removal: Removal) -> int:
+        """Parameter count after applying ``removal`` (computed from kept indices)."""
+        keeps = self.coupling.keep_indices(removed_atoms(self.coupling, removal))
+        total = 0
+        for name, p in self.model.named_parameters():
+            shape = list(p.shape)
+            for d in range(len(shape)):
+                if (name, d) in keeps:
+                    shape[d] = len(keeps[(name, d)])
+            total += math.prod(shape)
+        return total
+
+    # -- steps ----------------------------------------------------------------------------
+    def step(self, interactive: bool = False) -> StepReport | Iterator["Proposal"]:
+        """Prune one step; the report says what was removed and why groups were skipped.
+
+        With ``interactive=True`` returns an iterator of `Proposal` objects instead, one
+        group at a time; each is accepted (as proposed or resized) or rejected by the caller.
+        """
+        if interactive:
+            from .interactive import proposals
+            return proposals(self)
         report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
         if self.current_step >= self.steps:
@@ -175,7 +323,10 @@ class Pruner:
                                                   f"and they are done"))
             report.params_after, report.macs_after = report.params_before, report.macs_before
             return report
-        removal, changes, skipped = self.propose()
+        if self.target_params is not None or self.target_macs is not None:
+            removal, changes, skipped = self.propose(self._ratio_for_target())
+        else:
+            removal, changes, skipped = self.propose()
         self.current_step += 1
         report.skipped = skipped
         flight = Preflight(self.model, self.inputs, self.coupling)
@@ -185,16 +336,28 @@ class Pruner:
             applied = apply_removal(self.model, self.coupling, removal)
             self.applied.append(applied)
             report.attributes = applied.attributes
+        self._finish(report, flight.expected)
+        return report
+
+    def _finish(self, report: StepReport, expected: list[tuple[int, ...]]) -> None:
         try:
             self._analyse()
             report.forward_ok = True
             report.output_shape_ok = [tuple(self.graph.values[o].shape) for o in
-                                      self.graph.outputs] == flight.expected
+                                      self.graph.outputs] == expected
         except Exception:  # noqa: BLE001 - reported, not hidden: the flag says it failed
             report.forward_ok = report.output_shape_ok = False
         report.params_after = count_params(self.model)
         report.macs_after = count_macs(self.graph)
-        return report
+
+    def undo(self) -> Applied | None:
+        """Revert the last application exactly (same tensors, same attributes)."""
+        if not self.applied:
+            return None
+        last = self.applied.pop()
+        undo(self.model, last)
+        self._analyse()
+        return last
 
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:

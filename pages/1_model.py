@@ -3,6 +3,7 @@ import streamlit as st
 
 from explorer.metrics import count_params
 from explorer.specs import hf_families, list_demos
+from pages._session import load
 
 EXAMPLES = ([f"demo:{d}" for d in list_demos()] + [f"hf:{f}" for f in hf_families()]
             + ["timm:vit_tiny_patch16_224?img_size=64", "timm:resnet18"])
@@ -23,7 +24,11 @@ c1, c2 = st.columns(2)
 c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
          help="meta builds shapes only: explore big models without weights")
 c2.text_input("Input shape (blank = default)", key="model_shape", placeholder="1,3,224,224")
-st.button("Load and trace", key="model_load", type="primary")  # app.py acts on the click
+if st.button("Load and trace", key="model_load", type="primary"):
+    load((st.session_state.model_spec, st.session_state.model_device,
+          st.session_state.model_shape))
+if st.session_state.get("pe_error"):
+    st.error(st.session_state.pe_error)
 
 if "pe" not in st.session_state:
     st.info("No model is loaded yet.")

@@ -21,8 +21,9 @@ heads = c[2].selectbox("Heads", HEAD_MODES, key="groups_heads",
 pe.configure(crit, ratio, heads)
 
 m = st.columns(3)
-m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}")
-m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}")
+m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}",
+            delta_color="inverse")
+m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}", delta_color="inverse")
 m[2].metric("pending groups", len(pe.proposals()))
 if pe.message is not None:
     getattr(st, pe.message.kind)(pe.message.text)

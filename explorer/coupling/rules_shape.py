@@ -277,6 +277,34 @@ def pad(ctx: Ctx, node: OpNode) -> None:
     ctx.set_out(node, 0, out)
 
 
+@rule(aten.as_strided, aten.as_strided_, aten.as_strided_copy)
+def as_strided(ctx: Ctx, node: OpNode) -> None:
+    """A restride that keeps the shape and is dense (a memory-format change, as CPU kernels
+    do to their outputs) keeps every element's index; any other view is pinned."""
+    src_ref = tensor_args(node)[0]
+    src = ctx.dims(src_ref)
+    size = tuple(arg(node, 1, "size"))
+    stride = tuple(arg(node, 2, "stride"))
+    offset = arg(node, 3, "storage_offset") or 0
+    if size == ctx.shape(src_ref) and offset == 0 and _dense(size, stride):
+        ctx.set_out(node, 0, list(src))
+        return
+    reason = (f"as_strided view in '{node.module or '<root>'}' reinterprets memory; "
+              f"its elements cannot be followed")
+    ctx.pin_all([src_ref], reason)
+    ctx.fresh_out(node, 0, pin=reason)
+
+
+def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether ``stride`` lays ``size`` out without gaps or overlap (some dim order)."""
+    expect = 1
+    for n, s in sorted((p for p in zip(size, stride) if p[0] != 1), key=lambda p: p[1]):
+        if s != expect:
+            return False
+        expect *= n
+    return True
+
+
 def data_dependent_pin(ctx: Ctx, node: OpNode) -> None:
     reason = f"{node.short} indexed by data in '{node.module or '<root>'}'"
     ctx.pin_all(tensor_args(node), reason)

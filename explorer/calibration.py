@@ -1,0 +1,143 @@
+"""Calibration data and losses for data-aware importance criteria.
+
+A `Calibration` is a list of input batches plus how to turn the model's output into a loss:
+
+* ``"model"``: the model's own loss (language models given ``labels=input_ids``);
+* ``"ce"``: cross-entropy of the logits against given labels;
+* ``"output-norm"``: half the squared norm of the output, a data-free fallback that still
+  measures how much each weight moves the output.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tracer import tensor_leaves
+
+LOSSES = ("auto", "model", "ce", "output-norm")
+
+
+@dataclass
+class Calibration:
+    """Batches of positional inputs and the loss to use on them."""
+
+    batches: list[tuple[Any, ...]]
+    loss: str = "auto"
+    labels: list[torch.Tensor] | None = None  # one per batch, for ``"ce"``
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def samples(self) -> list[tuple[tuple[Any, ...], torch.Tensor | None]]:
+        """Every batch split into single samples (for per-sample gradients)."""
+        out: list[tuple[tuple[Any, ...], torch.Tensor | None]] = []
+        for i, batch in enumerate(self.batches):
+            n = _batch_size(batch)
+            for j in range(n):
+                one = tuple(a[j:j + 1] if isinstance(a, torch.Tensor) else a for a in batch)
+                lab = self.labels[i][j:j + 1] if self.labels is not None else None
+                out.append((one, lab))
+        return out
+
+
+def _batch_size(batch: tuple[Any, ...]) -> int:
+    for a in batch:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return int(a.shape[0])
+    return 1
+
+
+def random_like(example_inputs: tuple[Any, ...], num_batches: int = 4, batch_size: int = 2,
+                seed: int = 0) -> list[tuple[Any, ...]]:
+    """Random batches shaped like the example inputs (token ids stay in their range)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_batches):
+        batch = []
+        for a in example_inputs:
+            if not isinstance(a, torch.Tensor):
+                batch.append(a)
+                continue
+            shape = (batch_size,) + tuple(a.shape[1:])
+            if a.dtype in (torch.long, torch.int, torch.int32):
+                high = int(a.max()) + 1 if a.numel() and a.device.type != "meta" else 2
+                batch.append(torch.randint(0, max(high, 2), shape, generator=gen))
+            else:
+                batch.append(torch.randn(shape, generator=gen).to(a.dtype))
+        out.append(tuple(batch))
+    return out
+
+
+def load_calibration(source: str | Path | Callable[[], Any] | Calibration | None,
+                     example_inputs: tuple[Any, ...], loss: str = "auto",
+                     labels: Sequence[torch.Tensor] | None = None) -> Calibration:
+    """Build a `Calibration` from a file, a callable, batches, or random inputs.
+
+    Args:
+        source: ``None`` for random inputs like the example; a ``.pt`` file holding a tensor,
+            a tuple of tensors or a list of batches (loaded with ``weights_only=True``); a
+            callable returning the same; or a ready `Calibration`.
+        example_inputs: the model's example inputs (shape and dtype template).
+        loss: one of `LOSSES`.
+        labels: one label tensor per batch for the ``"ce"`` loss.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss '{loss}'; choose one of {LOSSES}")
+    if isinstance(source, Calibration):
+        return source
+    if source is None:
+        batches = random_like(example_inputs)
+    else:
+        if callable(source):
+            data = source()
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"calibration file '{path}' does not exist")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        batches = _as_batches(data)
+    return Calibration(batches, loss, list(labels) if labels is not None else None)
+
+
+def _as_batches(data: Any) -> list[tuple[Any, ...]]:
+    if isinstance(data, torch.Tensor):
+        return [(data,)]
+    if isinstance(data, tuple):
+        return [data]
+    if isinstance(data, list) and data:
+        return [b if isinstance(b, tuple) else (b,) for b in data]
+    raise ValueError("calibration data must be a tensor, a tuple of tensors or a list of "
+                     f"batches, got {type(data).__name__}")
+
+
+def compute_loss(model: nn.Module, batch: tuple[Any, ...], calib: Calibration,
+                 label: torch.Tensor | None = None) -> torch.Tensor:
+    """The calibration loss of one batch (see the module docstring)."""
+    kind = calib.loss
+    if kind in ("auto", "model") and _accepts_labels(model) and batch and \
+            isinstance(batch[0], torch.Tensor) and not batch[0].is_floating_point():
+        out = model(*batch, labels=batch[0], **calib.kwargs)
+        if getattr(out, "loss", None) is not None:
+            return out.loss
+    out = model(*batch, **calib.kwargs)
+    if kind == "ce":
+        if label is None:
+            raise ValueError("the 'ce' loss needs labels for every calibration batch")
+        logits = getattr(out, "logits", out)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           label.reshape(-1))
+    if kind == "model":
+        raise ValueError("the model did not return a loss; use loss='ce' or 'output-norm'")
+    leaves = [t for _p, t in tensor_leaves(out) if t.is_floating_point()]
+    return sum(0.5 * t.pow(2).mean() for t in leaves)  # type: ignore[return-value]
+
+
+def _accepts_labels(model: nn.Module) -> bool:
+    import inspect
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

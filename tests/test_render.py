@@ -1,0 +1,97 @@
+"""Renderers: DOT determinism and folding, plotly figure contents, head table."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import explorer
+from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
+from explorer.render.figures import (cost_figure, head_table, importance_figure, legal_ratios,
+                                     widths_figure)
+from explorer.specs import load_model
+
+
+@pytest.fixture(scope="module")
+def dino() -> explorer.ModelGraph:
+    lm = load_model("demo:dino_vit")
+    return explorer.trace(lm.model, lm.example_inputs)
+
+
+@pytest.fixture(scope="module")
+def vit_tiny() -> explorer.ModelGraph:
+    lm = load_model("timm:vit_tiny_patch16_224?img_size=32", device="meta")
+    return explorer.trace(lm.model, lm.example_inputs)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_dot_is_deterministic(dino: explorer.ModelGraph, depth: int) -> None:
+    lm = load_model("demo:dino_vit")
+    again = explorer.trace(lm.model, lm.example_inputs)
+    assert graph_to_dot(dino, depth, highlight_group=2) == \
+        graph_to_dot(again, depth, highlight_group=2)
+
+
+def test_dot_folds_repeated_blocks(dino: explorer.ModelGraph) -> None:
+    folded = graph_to_dot(dino, depth=2)
+    assert '"blocks.0-2 x3"' in folded and '"blocks.1"' not in folded
+    flat = graph_to_dot(dino, depth=2, fold_repeats=False)
+    assert '"blocks.0"' in flat and '"blocks.2"' in flat and "x3" not in flat
+    assert "weight [96, 3, 8, 8]" in folded  # parameter shapes in labels
+
+
+def test_dot_highlight_splits_the_fold(dino: explorer.ModelGraph) -> None:
+    dot = graph_to_dot(dino, depth=2, highlight_group=2)  # the qkv group of blocks.0
+    assert '"blocks.0" [' in dot and '"blocks.1-2 x2"' in dot
+    assert dot.count("penwidth=2.5") == 1
+
+
+def test_dot_errors(dino: explorer.ModelGraph) -> None:
+    with pytest.raises(ValueError, match="depth must be"):
+        graph_to_dot(dino, depth=0)
+    with pytest.raises(ValueError, match="group 99 does not exist"):
+        graph_to_dot(dino, highlight_group=99)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_dot_timm_vit_tiny(vit_tiny: explorer.ModelGraph, depth: int) -> None:
+    dot = graph_to_dot(vit_tiny, depth)
+    assert dot == graph_to_dot(vit_tiny, depth)
+    assert dot.startswith("digraph model {") and dot.rstrip().endswith("}")
+    if depth == 2:
+        assert '"blocks.0-11 x12"' in dot
+    else:
+        assert '"blocks"' in dot and "x12" not in dot
+    assert len(dot.splitlines()) < 60  # aggregated, not one node per op
+
+
+@pytest.mark.skipif(not has_dot(), reason="graphviz 'dot' binary not installed")
+def test_svg(dino: explorer.ModelGraph) -> None:
+    assert b"<svg" in dot_to_svg(graph_to_dot(dino, 2))
+
+
+def test_importance_figure_marks_the_cut() -> None:
+    fig = importance_figure(np.array([3.0, 1.0, 2.0, 0.5]), [1, 3])
+    data = json.loads(fig.to_json())
+    names = [t["name"] for t in data["data"]]
+    assert names == ["kept", "removed"]
+    assert data["data"][1]["customdata"] == [3, 1]  # lowest scores first
+    assert any("cut: 2 of 4" in a["text"] for a in data["layout"]["annotations"])
+
+
+def test_widths_and_cost_figures() -> None:
+    w = json.loads(widths_figure({"a": 8, "b": 4}, {"a": 4, "b": 4}).to_json())
+    assert [t["name"] for t in w["data"]] == ["before", "after"]
+    assert w["data"][1]["y"] == [4, 4]
+    c = json.loads(cost_figure({"a": 10}, {"a": 100, "b": 5}).to_json())
+    assert [t["name"] for t in c["data"]] == ["params", "MACs"]
+    assert c["data"][1]["x"] == ["a", "b"]
+
+
+def test_head_table(dino: explorer.ModelGraph) -> None:
+    rows = head_table(dino.groups(), {"blocks.0.attn": 6})
+    assert len(rows) == 3
+    assert rows[0]["heads"] == 6 and rows[0]["head_dim"] == 16 and rows[0]["divisible"]
+    assert rows[0]["num_heads attr"] == 6
+    assert legal_ratios(4) == ["1/4", "1/2", "3/4"]
