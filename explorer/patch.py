@@ -124,11 +124,17 @@ def _hf_conv1d(m: nn.Module, info: PatchInfo) -> None:
     info.set(m, "nf", m.weight.shape[1])
 
 
+def _timm_scale(m: nn.Module, info: PatchInfo) -> None:
+    """timm MetaFormer ``Scale``: ``x * scale.view(self.shape)`` with ``shape = (dim, 1, 1)``."""
+    info.set(m, "shape", (m.scale.shape[0], *tuple(m.shape)[1:]))
+
+
 # Types from libraries we do not import ourselves: (module, attribute) -> handler. A model
 # that holds one of these types has already imported its library, so registering on first
 # use (only from ``sys.modules``) never imports transformers or timm for a plain model.
 _OPTIONAL: dict[tuple[str, str], Patcher] = {
     ("transformers.pytorch_utils", "Conv1D"): _hf_conv1d,
+    ("timm.models.metaformer", "Scale"): _timm_scale,
 }
 
 
