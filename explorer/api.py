@@ -7,6 +7,8 @@ from typing import Any
 from torch import nn
 
 from .coupling.analyze import Coupling
+from .depth import Block, residual_blocks
+from .heads import AttentionInfo, attention_modules
 from .groups import Group
 from .ir import Graph
 from .metrics import count_macs
@@ -16,7 +18,8 @@ from .tracer import trace as _trace
 class ModelGraph:
     """A traced model: the ATen graph plus its exact channel-coupling groups."""
 
-    def __init__(self, graph: Graph, coupling: Coupling) -> None:
+    def __init__(self, model: nn.Module, graph: Graph, coupling: Coupling) -> None:
+        self.model = model
         self.graph = graph
         self.coupling = coupling
 
@@ -38,7 +41,18 @@ class ModelGraph:
             "unknown_ops": {k: sorted(set(v))[:5] for k, v in self.coupling.unknown_ops.items()},
             "conflicts": self.coupling.conflicts,
             "groups": [g.to_dict() for g in self.groups()],
+            "attention": [a.to_dict() for a in self.attention()],
+            "blocks": [{"module": b.module, "params": b.params, "shape": list(b.shape)}
+                       for b in self.blocks()],
         }
+
+    def attention(self) -> list[AttentionInfo]:
+        """Attention modules with q/k/v/out, heads, KV heads and divisibility."""
+        return attention_modules(self.model, self.coupling)
+
+    def blocks(self) -> list[Block]:
+        """Residual blocks that can be removed whole (depth pruning)."""
+        return residual_blocks(self.model, self.graph)
 
 
 def trace(model: nn.Module, example_inputs: Any, ignored: Iterable[str] = ()) -> ModelGraph:
@@ -51,4 +65,4 @@ def trace(model: nn.Module, example_inputs: Any, ignored: Iterable[str] = ()) ->
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     graph = _trace(model, inputs)
-    return ModelGraph(graph, Coupling(graph, ignored=ignored))
+    return ModelGraph(model, graph, Coupling(graph, ignored=ignored))

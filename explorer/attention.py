@@ -16,7 +16,7 @@ from .coupling.analyze import Coupling, head_counts
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
 _HEAD_DIM = ("head_dim", "head_size", "attention_head_size", "dim_head")
 _KV = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_WIDTH = ("all_head_size", "attn_dim", "inner_dim")
+_WIDTH = ("all_head_size", "attn_dim", "inner_dim", "split_size")
 
 
 def _set(module: object, names: tuple[str, ...], old: int, new: int,
@@ -37,7 +37,6 @@ def patch_attention(model: nn.Module, coupling: Coupling,
     they share a rotary embedding), from that module's own members.
     """
     changes: dict[str, dict[str, list[object]]] = {}
-    kept_member = {k: len(v) for k, v in keeps.items()}
     for gid, removed in removed_per_axis.items():
         group = coupling.groups[gid]
         if group.heads is None:
@@ -49,8 +48,8 @@ def patch_attention(model: nn.Module, coupling: Coupling,
             if owner is not None:
                 by_owner.setdefault(owner, []).append((member, fams))
         for name, members in by_owner.items():
-            old = head_counts(group.axes, members)
-            new = head_counts(group.axes, members, kept_axis, kept_member)
+            old = head_counts(group.axes, members, head_dims=coupling.head_dims)
+            new = head_counts(group.axes, members, kept_axis, head_dims=coupling.head_dims)
             if old is None or new is None:
                 continue
             module = model.get_submodule(name)

@@ -90,6 +90,8 @@ class Graph:
     outputs: list[int] = field(default_factory=list)  # tensor leaves of the model output
     modules: dict[str, str] = field(default_factory=dict)  # qualified name -> class name
     param_owner: dict[str, str] = field(default_factory=dict)  # param/buffer name -> module name
+    # module name -> (tensor input value ids, tensor output value ids) of its first call
+    module_io: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
     seconds: float = 0.0
     device: str = "cpu"
 

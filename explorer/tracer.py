@@ -154,15 +154,23 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def _module_hooks(model: torch.nn.Module, scope: list[str]) -> list[Any]:
+def _module_hooks(model: torch.nn.Module, scope: list[str], recorder: _Recorder) -> list[Any]:
     handles = []
+    io = recorder.graph.module_io
     for name, module in model.named_modules():
-        def pre(_m: Any, _a: Any, name: str = name) -> None:
+        def pre(_m: Any, args: Any, name: str = name) -> None:
             scope.append(name)
+            if name not in io:  # first call only: shared modules keep their first use
+                ins = [recorder.lookup(t) for _p, t in tensor_leaves(args)]
+                io[name] = ([v for v in ins if v is not None], [])
 
-        def post(_m: Any, _a: Any, _o: Any) -> None:
+        def post(_m: Any, _a: Any, out: Any, name: str = name) -> None:
             if scope:
                 scope.pop()
+            entry = io.get(name)
+            if entry is not None and not entry[1]:
+                outs = [recorder.lookup(t) for _p, t in tensor_leaves(out)]
+                entry[1].extend(v for v in outs if v is not None)
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post, always_call=True))
@@ -203,7 +211,7 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     first = next(iter(model.parameters()), None)
     graph.device = str(first.device) if first is not None else "cpu"
     saved = {n: b.detach().clone() for n, b in buffers.items() if b.device.type != "meta"}
-    handles = _module_hooks(model, scope)
+    handles = _module_hooks(model, scope, recorder)
     start = time.perf_counter()
     try:
         with torch.no_grad(), recorder:

@@ -53,6 +53,7 @@ class Coupling:
             for ids in ctx.dims(vid):
                 ctx.sp.pin(ids, f"model output (shape {list(value.shape)})")
         self.unknown_ops = ctx.unknown
+        self.head_dims = _traced_head_dims(graph)
         self.res: Resolution = resolve(ctx.sp)
         self.conflicts = self.res.conflicts
         self._ctx = ctx
@@ -176,7 +177,7 @@ class Coupling:
             members = [self._members[m].member for m in mids]
             axes = [self._axis(f, members, len(fams) > 1) for f in fams]
             heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
-                                      for m in mids])
+                                      for m in mids], self.head_dims)
             channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
             prunable = any(a.prunable for a in axes)
             reason = "" if prunable else "; ".join(dict.fromkeys(a.reason for a in axes))
@@ -279,6 +280,27 @@ class Coupling:
         return [(md.member, md.atoms) for md in self._members]
 
 
+_ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                  "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+                  "_scaled_dot_product_cudnn_attention", "bmm")
+
+
+def _traced_head_dims(graph: Graph) -> dict[str, int]:
+    """Module -> q's last dim at its first attention op (sdpa, or the q @ k^T bmm)."""
+    out: dict[str, int] = {}
+    for node in graph.ops:
+        if node.short in _ATTENTION_OPS and node.module not in out:
+            refs = graph.tensor_ids(node.args[:1])
+            if refs:
+                shape = graph.values[refs[0]].shape
+                if shape:
+                    out[node.module] = shape[-1]
+                    parent = node.module.rpartition(".")[0]
+                    out.setdefault(parent, shape[-1])
+    return out
+
+
 def _noise(fams: list[int], c: Coupling) -> bool:
     """Unit dims and pure spatial/kernel axes are not channel groups worth listing."""
     for f in fams:
@@ -315,32 +337,40 @@ def _describe(node: object, graph: Graph) -> str:
 
 def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
                 kept_axis: dict[int, int] | None = None,
-                kept_member: dict[tuple[str, int], int] | None = None
+                head_dims: dict[str, int] | None = None
                 ) -> tuple[int, int, int | None] | None:
-    """(heads, head_dim, kv_heads) of a set of members of one group, before or after pruning.
+    """(heads, head_dim, kv_heads) of one attention module's members, before or after pruning.
 
-    The query-like member is the one spanning the most head axes; head_dim counts its
-    elements per head (a rotary pair is two elements). A member spanning fewer head axes
-    gives the key/value head count.
+    The query-like member is the one spanning the most head axes. ``head_dims`` gives the
+    traced head width of attention modules (q's last dim at the attention op); it scales
+    with the kept share of the q/k head-dim axis (a rotary pair is two dims per atom).
+    Without it, the width of the query member divided by its heads and fixed copies is used.
     """
     size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
     head_fams = {a.family for a in axes if a.role == "heads"}
     spans = [(m, fams & head_fams) for m, fams in members if fams & head_fams]
-    if not spans or not any(a.role == "head-dim" for a in axes):
+    dim_axes = [a for a in axes if a.role == "head-dim"]
+    if not spans or not dim_axes:
         return None
     q_member, q_heads = max(spans, key=lambda s: len(s[1]))
     heads = int(np.prod([size[f] for f in q_heads]))
-    fixed = {a.family for a in axes if a.role == "fixed"}
     q_fams = next(f for m, f in members if m == q_member)
-    copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # e.g. the q/k/v split
-    width = (kept_member or {}).get((q_member.param, q_member.dim), q_member.size)
+    qk = next((a for a in dim_axes if a.family in q_fams), dim_axes[0])
+    traced = (head_dims or {}).get(q_member.module.rpartition(".")[0])
+    if traced is not None:
+        head_dim = traced * size[qk.family] // qk.size
+    else:
+        fixed = {a.family for a in axes if a.role == "fixed"}
+        copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # the q/k/v split
+        head_dim = q_member.size // max(heads * copies, 1)
     kv = [s for s in spans if s[1] < q_heads]
     kv_heads = int(np.prod([size[f] for f in kv[0][1]])) if kv else None
-    return heads, width // max(heads * copies, 1), kv_heads
+    return heads, head_dim, kv_heads
 
 
-def _head_info(axes: list[Axis], members: list[tuple[Member, set[int]]]) -> HeadInfo | None:
-    counts = head_counts(axes, members)
+def _head_info(axes: list[Axis], members: list[tuple[Member, set[int]]],
+               head_dims: dict[str, int]) -> HeadInfo | None:
+    counts = head_counts(axes, members, head_dims=head_dims)
     if counts is None:
         return None
     return HeadInfo(counts[0], counts[1], counts[2])

@@ -1,0 +1,82 @@
+"""Head-divisibility report: per attention module, its projections, heads and legal cuts."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+from torch import nn
+
+from .attention import _owner
+from .coupling.analyze import Coupling, head_counts
+
+
+@dataclass
+class AttentionInfo:
+    """One attention module as recovered from the trace."""
+
+    module: str
+    q: str
+    k: str
+    v: str
+    out: str
+    num_heads: int
+    head_dim: int
+    kv_heads: int | None
+    widths: dict[str, int] = field(default_factory=dict)  # projection -> width
+    divisible: dict[str, bool] = field(default_factory=dict)  # width % num_heads == 0
+    legal_head_ratios: list[str] = field(default_factory=list)  # whole-head ratios allowed
+    group: int = -1
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _is_output_side(model: nn.Module, module: str, param: str, dim: int) -> bool:
+    """True when ``dim`` of ``param`` indexes the layer's outputs (rows of a Linear)."""
+    m = model.get_submodule(module) if module else model
+    if not param.endswith("weight"):
+        return dim == 0
+    if hasattr(m, "nf"):  # transformers Conv1D stores (in, out)
+        return dim == 1
+    return dim == 0
+
+
+def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInfo]:
+    """Every attention module found through head groups, with its divisibility facts."""
+    out: list[AttentionInfo] = []
+    for g in coupling.groups:
+        if g.heads is None:
+            continue
+        by_owner: dict[str, list] = {}
+        for member, fams in coupling.members_of(g):
+            if member.buffer:
+                continue
+            owner = _owner(model, member.module) or member.module.rpartition(".")[0]
+            by_owner.setdefault(owner, []).append((member, fams))
+        head_fams = {a.family for a in g.axes if a.role == "heads"}
+        qk_dim = next((a.family for a in g.axes if a.role == "head-dim"), None)
+        for owner, members in sorted(by_owner.items()):
+            counts = head_counts(g.axes, members, head_dims=coupling.head_dims)
+            if counts is None:
+                continue
+            outs = [(m, f) for m, f in members if _is_output_side(model, m.module, m.param, m.dim)
+                    and m.param.endswith("weight")]
+            ins = [m for m, f in members if not _is_output_side(model, m.module, m.param, m.dim)
+                   and m.param.endswith("weight")]
+            if not outs:
+                continue
+            q = max(outs, key=lambda mf: len(mf[1] & head_fams))
+            k = next((m for m, f in outs if m is not q[0] and qk_dim in f), q[0])
+            v = next((m for m, f in outs if m is not q[0] and m is not k and qk_dim not in f),
+                     q[0] if len(outs) == 1 else k)
+            info = AttentionInfo(owner, q[0].module, k.module, v.module,
+                                 ins[0].module if ins else "", counts[0], counts[1], counts[2],
+                                 group=g.id)
+            for m in [q[0], k, v] + [i for i in ins[:1]]:
+                info.widths[m.module] = m.size
+                heads = counts[2] if m in (k, v) and counts[2] and m is not q[0] else counts[0]
+                info.divisible[m.module] = m.size % max(heads, 1) == 0
+            kv = counts[2] or counts[0]
+            info.legal_head_ratios = [str(Fraction(i, kv)) for i in range(0, kv)]
+            out.append(info)
+    return out
