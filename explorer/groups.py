@@ -13,6 +13,7 @@ class Member:
     dim: int
     size: int  # width of that dim in the unpruned model
     buffer: bool = False
+    rank: int = 1  # number of dims of the tensor (2+ for Linear/Conv weights)
 
 
 @dataclass(frozen=True)

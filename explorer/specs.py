@@ -258,8 +258,16 @@ def _split_query(text: str, spec_kind: str) -> tuple[str, dict[str, Any]]:
 
 
 def _parse_value(text: str) -> Any:
-    """Parse a query value: int, float, true/false, none/null, or else the string itself."""
+    """Parse a query value: int, float, true/false, none/null, a tuple/list literal such as
+    ``(1,1,2,1)``, or else the string itself."""
     lowered = text.strip().lower()
+    if text.strip()[:1] in ("(", "["):
+        import ast
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            return text
+        return tuple(value) if isinstance(value, (list, tuple)) else value
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null"):

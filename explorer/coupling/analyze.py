@@ -72,7 +72,7 @@ class Coupling:
                     continue
                 member = Member(self.graph.param_owner.get(value.name or "", ""),
                                 value.name or f"value{vid}", d, len(ids),
-                                value.kind is ValueKind.BUFFER)
+                                value.kind is ValueKind.BUFFER, len(value.shape))
                 out.append(_MemberData(member, vid, self.res.atoms_matrix(ids)))
         return out
 
@@ -365,6 +365,9 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
         head_dim = q_member.size // max(heads * copies, 1)
     kv = [s for s in spans if s[1] < q_heads]
     kv_heads = int(np.prod([size[f] for f in kv[0][1]])) if kv else None
+    if kv_heads is None and any(qk.family in f and not f & head_fams and m.rank >= 2
+                                and not m.buffer for m, f in members):
+        kv_heads = 1  # a key projection with a single head (multi-query attention)
     return heads, head_dim, kv_heads
 
 

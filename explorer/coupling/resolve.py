@@ -144,11 +144,40 @@ def _flatten_defs(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarr
         _, idx = np.unique(lf, return_index=True)
         for i in idx:
             raw.setdefault(int(lf[i]), tuple(int(x) for x in lc[i]))
+    # A class that is a product containing itself (interleaved rotary embeddings stack
+    # x[..., 1::2] and x[..., ::2] back into x) is one channel pair removed as a unit: it
+    # becomes an atom, and classes built on it expand through it normally.
+    for cls in _cyclic(raw):
+        del raw[cls]
     out: dict[int, tuple[int, ...]] = {}
     for cls, row in raw.items():
         expanded = _expand(raw, row, {cls})
         if expanded is None:
-            conflicts.append(f"class {cls}: a space defined in terms of itself")
+            conflicts.append(f"class {cls}: reshapes that could not be expanded")
             continue
         out[cls] = expanded
     return out
+
+
+def _cyclic(raw: dict[int, tuple[int, ...]]) -> list[int]:
+    """Classes that reach themselves through their product definitions."""
+    state: dict[int, int] = {}  # 1 = on the stack, 2 = done
+    found: list[int] = []
+    for root in raw:
+        if root in state:
+            continue
+        stack = [(root, iter(raw[root]))]
+        state[root] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif nxt in raw:
+                if state.get(nxt) == 1:
+                    found.append(nxt)
+                elif nxt not in state:
+                    state[nxt] = 1
+                    stack.append((nxt, iter(raw[nxt])))
+    return list(dict.fromkeys(found))

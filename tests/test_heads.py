@@ -1,0 +1,134 @@
+"""Attention families: heads and head dims recovered, pruned, patched, and lossless."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from explorer import load_model, trace
+from explorer.preflight import Preflight
+from explorer.prune import Removal, apply_removal, removed_atoms
+
+# Models whose own code derives head_dim from the residual width (``C // num_heads``,
+# ``reshape(B, N, C)``): the pre-flight must call head pruning unsafe and point at the line.
+UNSAFE_BY_CODE = {"timm:eva02_tiny_patch14_224": "eva.py:", "timm:cait_xxs24_224": "cait.py:"}
+
+FAMILIES = [
+    # spec, input shape or None, expected (heads, head_dim, kv_heads) of the first attention
+    ("demo:dino_vit_safe", None, (6, 16, None)),
+    ("timm:vit_tiny_patch16_224?img_size=32&patch_size=8", (1, 3, 32, 32), (3, 64, None)),
+    ("timm:deit_tiny_patch16_224?img_size=32&patch_size=8", (1, 3, 32, 32), (3, 64, None)),
+    ("timm:eva02_tiny_patch14_224?img_size=28", (1, 3, 28, 28), (3, 64, None)),
+    ("timm:cait_xxs24_224?img_size=32&patch_size=8&depth=2", (1, 3, 32, 32), (4, 48, None)),
+    ("timm:swin_tiny_patch4_window7_224?img_size=56&depths=(1,1,1,1)", (1, 3, 56, 56),
+     (3, 32, None)),
+    ("demo:llama", None, (8, 8, 2)),
+    ("hf:qwen2", None, None),
+    ("hf:mistral", None, None),
+    ("hf:gpt2", None, (4, 16, None)),
+    ("hf:bert", None, (4, 16, None)),
+]
+
+
+def _out(y: object) -> torch.Tensor:
+    if hasattr(y, "logits"):
+        return y.logits  # type: ignore[no-any-return,attr-defined]
+    if hasattr(y, "last_hidden_state"):
+        return y.last_hidden_state  # type: ignore[no-any-return,attr-defined]
+    return y  # type: ignore[return-value]
+
+
+def _head_removal(mg, mode: str) -> Removal:
+    removal = Removal()
+    for g in mg.groups():
+        if g.heads is None or not g.prunable:
+            continue
+        axes = [i for i, a in enumerate(g.axes) if a.prunable and
+                a.role == ("heads" if mode == "whole" else "head-dim")]
+        for i in axes[:1] if mode == "whole" else axes:
+            size = g.axes[i].size
+            removal.add(g.id, i, list(range(1, size, 2))[: size // 2])
+    return removal
+
+
+def _zeroed(model: nn.Module, coupling, removal: Removal) -> nn.Module:
+    masked = copy.deepcopy(model)
+    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
+    tensors = dict(masked.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for (name, dim), keep in keeps.items():
+            if name in tensors:
+                t = tensors[name]
+                drop = sorted(set(range(t.shape[dim])) - set(keep.tolist()))
+                t.index_fill_(dim, torch.tensor(drop, dtype=torch.long), 0.0)
+    return masked
+
+
+@pytest.mark.parametrize("mode", ["whole", "dims"])
+@pytest.mark.parametrize("spec,shape,expected", FAMILIES, ids=[f[0].split("?")[0] for f in FAMILIES])
+def test_head_pruning_family(spec: str, shape: tuple | None, expected: tuple | None,
+                             mode: str) -> None:
+    lm = load_model(spec, input_shape=shape)
+    model = lm.model.eval()
+    mg = trace(model, lm.example_inputs)
+    attn = mg.attention()
+    assert attn, "no attention module recovered"
+    if expected is not None:
+        assert (attn[0].num_heads, attn[0].head_dim, attn[0].kv_heads) == expected
+    removal = _head_removal(mg, mode)
+    assert removal
+    verdict = Preflight(model, lm.example_inputs, mg.coupling).check(removal)
+    where = UNSAFE_BY_CODE.get(spec.split("?")[0])
+    if where is not None:
+        assert not verdict.ok and where in verdict.location and verdict.module.endswith("attn")
+        return
+    assert verdict.ok, (verdict.module, verdict.location, verdict.error)
+    masked = _zeroed(model, mg.coupling, removal)
+    pruned = copy.deepcopy(model)
+    applied = apply_removal(pruned, mg.coupling, removal)
+    assert applied.attributes  # head counts or widths were patched
+    with torch.no_grad():
+        want = _out(masked(*lm.example_inputs))
+        got = _out(pruned(*lm.example_inputs))
+    assert got.shape == want.shape
+    # Removing zeroed heads (q/k/v rows and out columns) or zeroed q.k / v.out dims is lossless.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    after = trace(pruned, lm.example_inputs).attention()
+    for a in after:
+        module = pruned.get_submodule(a.module)
+        heads = next((getattr(module, n) for n in ("num_heads", "num_attention_heads", "n_head")
+                      if isinstance(getattr(module, n, None), int)), None)
+        if heads is not None:
+            assert heads == a.num_heads, a.module
+        hd = getattr(module, "head_dim", None)
+        if isinstance(hd, int):
+            assert hd == a.head_dim, a.module
+    if mode == "whole" and expected and expected[2]:  # GQA: heads stay divisible by kv heads
+        assert all(a.kv_heads is not None and a.num_heads % a.kv_heads == 0 for a in after)
+
+
+def test_multihead_attention_structure_and_verdict() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 32)
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.out = nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            a, _ = self.mha(h, h, h, need_weights=False)
+            return self.out(a + h)
+
+    model = M().eval()
+    x = torch.randn(2, 5, 8)
+    mg = trace(model, (x,))
+    g = next(g for g in mg.groups() if g.heads is not None)
+    assert (g.heads.num_heads, g.heads.head_dim) == (4, 8)
+    assert {m.param for m in g.members} >= {"mha.in_proj_weight", "mha.out_proj.weight"}
+    removal = _head_removal(mg, "dims")
+    verdict = Preflight(model, (x,), mg.coupling).check(removal)
+    # nn.MultiheadAttention derives head_dim from embed_dim: head dims alone cannot change.
+    assert not verdict.ok and verdict.error
