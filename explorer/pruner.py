@@ -14,7 +14,7 @@ from .coupling.analyze import Coupling
 from .groups import Group
 from .importance import Criterion, make
 from .metrics import count_macs, count_params
-from .preflight import Preflight
+from .preflight import Preflight, Verdict
 from .prune import Applied, Removal, apply_removal, removed_atoms, undo
 from .tracer import trace
 
@@ -361,19 +361,45 @@ class Pruner:
 
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:
-        if not removal or flight.check(removal).ok:
-            return removal, changes
-        safe = Removal()
-        for gid in sorted({g for g, _ in removal.picks}):
-            trial = Removal({k: list(v) for k, v in safe.picks.items()})
-            for (g, a), idx in removal.picks.items():
-                if g == gid:
-                    trial.add(g, a, idx)
-            verdict = flight.check(trial)
+        """Keep the groups whose pruning runs; name the others with module and line.
+
+        Bisection finds the failing groups in about log2(n) checks when few fail. Groups
+        that fail alone at the same source line are then retried together, since model code
+        such as ``reshape(B, C, -1)`` often ties two groups that are only safe as a pair.
+        """
+        by_group: dict[int, dict[int, list[int]]] = {}
+        for (g, a), idx in removal.picks.items():
+            by_group.setdefault(g, {})[a] = idx
+        safe: list[int] = []
+        verdicts: dict[int, Verdict] = {}
+
+        def trial(extra: list[int]) -> Removal:
+            r = Removal()
+            for g in safe + extra:
+                for a, idx in by_group[g].items():
+                    r.add(g, a, idx)
+            return r
+
+        def split(ids: list[int]) -> list[int]:
+            verdict = flight.check(trial(ids))
             if verdict.ok:
-                safe = trial
-            else:
-                report.unsafe.append(Unsafe(gid, verdict.module, verdict.location,
-                                            verdict.error))
-        bad = {u.group for u in report.unsafe}
-        return safe, [c for c in changes if c.group not in bad]
+                safe.extend(ids)
+                return []
+            if len(ids) == 1:
+                verdicts[ids[0]] = verdict
+                return ids
+            half = len(ids) // 2
+            return split(ids[:half]) + split(ids[half:])
+
+        unsafe = split(sorted(by_group))
+        clusters: dict[str, list[int]] = {}
+        for g in unsafe:
+            clusters.setdefault(verdicts[g].location or verdicts[g].error, []).append(g)
+        for ids in clusters.values():
+            if len(ids) > 1 and flight.check(trial(ids)).ok:
+                safe.extend(ids)
+        for g in unsafe:
+            if g not in safe:
+                v = verdicts[g]
+                report.unsafe.append(Unsafe(g, v.module, v.location, v.error))
+        return trial([]), [c for c in changes if c.group in safe]

@@ -64,9 +64,8 @@ ZOO: list[ZooEntry] = [
     _vit("cait_xxs24_224?img_size=64", 64, notes="talking heads, class attention"),
     ZooEntry("timm:crossvit_tiny_240", (1, 3, 240, 240), ("head.0", "head.1"),
              "two branches, cross attention"),
-    _vit("pvt_v2_b0", 64, notes="spatial-reduction attention; any input size",
-         xfail="Attention's reshape(B, C, -1) after the sr conv ties the sr conv's output "
-               "group to the residual width C; each group alone is unsafe (18 groups)"),
+    _vit("pvt_v2_b0", 64, notes="spatial-reduction attention; reshape(B, C, -1) after the sr "
+         "conv ties its output group to the residual width: pruned as a pair (same line)"),
     ZooEntry("timm:efficientformer_l1", (1, 3, 224, 224), ("head", "head_dist"),
              "meta4d/meta3d blocks; attention bias fixed to 7x7 tokens, so native 224 only"),
     _vit("mobilevit_xxs", 64, head="head.fc", notes="unfold/fold of patches"),
@@ -75,9 +74,9 @@ ZOO: list[ZooEntry] = [
                "has no head, so num_classes=10 gives it one; attention groups unsafe "
                "(reshape(B, N, C) hard-coded)"),
     _vit("fastvit_t8", 64, head="head.fc", notes="reparam mixers, RepCPE"),
-    _vit("edgenext_xx_small", 64, head="head.fc", notes="split depthwise transposed attention",
-         xfail="XCA's reshape(B, N, C) ties each stage's residual width to the attention "
-               "width of one block; each group alone is unsafe, so stages 1-3 keep full width"),
+    _vit("edgenext_xx_small", 64, head="head.fc",
+         notes="split depthwise transposed attention; XCA's reshape(B, N, C) ties residual "
+               "and attention widths, which are pruned together (same failing line)"),
     _vit("maxvit_nano_rw_256?img_size=64", 64, head="head.fc",
          notes="block + grid attention, MBConv"),
     _vit("mixer_s16_224?img_size=64", 64, notes="token-mixing MLP over patches (pinned)"),
