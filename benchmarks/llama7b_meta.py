@@ -67,6 +67,22 @@ def main() -> None:
         ("peak RSS after build", f"{rss_build:.0f} MB"),
         ("peak RSS overall", f"{_peak_rss_mb():.0f} MB"),
     ]
+    t0 = time.perf_counter()
+    pruner = explorer.Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.25,
+                             heads="whole", ignored=["lm_head"])
+    report = pruner.step()
+    plan_s = time.perf_counter() - t0
+    heads = {a.num_heads for a in pruner_attention(pruner)}
+    rows += [
+        ("head-pruning plan end to end (trace, groups, plan, pre-flight, apply on meta)",
+         f"{plan_s:.2f} s"),
+        ("  params before -> after", f"{report.params_before / 1e9:.2f} B -> "
+                                     f"{report.params_after / 1e9:.2f} B"),
+        ("  forward ok / output shape ok / unsafe groups",
+         f"{report.forward_ok} / {report.output_shape_ok} / {len(report.unsafe)}"),
+        ("  heads per layer after", str(sorted(heads))),
+        ("peak RSS after pruning", f"{_peak_rss_mb():.0f} MB"),
+    ]
     width = max(len(k) for k, _ in rows)
     print(f"{'llama-2-7B shape on meta':{width}s}  value")
     for key, value in rows:
@@ -78,6 +94,11 @@ def main() -> None:
         explorer.trace(lm.model, lm.example_inputs, ignored=["lm_head"])
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
+def pruner_attention(pruner: explorer.Pruner) -> list:
+    from explorer.heads import attention_modules
+    return attention_modules(pruner.model, pruner.coupling)
 
 
 if __name__ == "__main__":

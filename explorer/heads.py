@@ -53,7 +53,7 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
                 continue
             owner = _owner(model, member.module) or member.module.rpartition(".")[0]
             by_owner.setdefault(owner, []).append((member, fams))
-        head_fams = {a.family for a in g.axes if a.role == "heads"}
+        head_fams = {a.family for a in g.axes if a.role in ("heads", "head-repeat")}
         qk_dim = next((a.family for a in g.axes if a.role == "head-dim"), None)
         for owner, members in sorted(by_owner.items()):
             counts = head_counts(g.axes, members, head_dims=coupling.head_dims)

@@ -100,7 +100,8 @@ class Pruner:
         iterative_steps: number of `step()` calls to reach ``ratio``.
         global_pruning: rank channels of all groups together (scores normalised per axis)
             instead of cutting every group by ``ratio``.
-        heads: "dims" (same dims removed in every head), "whole" (remove heads), or "keep".
+        heads: "dims" (same dims removed in every head), "whole" (remove whole heads; with
+            GQA, whole key/value groups, so query heads stay divisible by kv heads), or "keep".
         round_to: keep every remaining width a multiple of this.
         ignored: module names whose outputs are never pruned.
         calibration: data for data-aware criteria (see `explorer.calibration`).
@@ -178,9 +179,6 @@ class Pruner:
         elif self.heads == "whole":
             roles.add("heads")
         out = [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles]
-        if self.heads == "whole":  # prune the outermost head axis only (kv groups for GQA)
-            heads = [i for i in out if group.axes[i].role == "heads"]
-            out = [i for i in out if group.axes[i].role != "heads"] + heads[:1]
         return out
 
     def _group_ratio(self, group: Group, base: float) -> float:

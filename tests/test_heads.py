@@ -47,7 +47,7 @@ def _head_removal(mg, mode: str) -> Removal:
             continue
         axes = [i for i, a in enumerate(g.axes) if a.prunable and
                 a.role == ("heads" if mode == "whole" else "head-dim")]
-        for i in axes[:1] if mode == "whole" else axes:
+        for i in axes:
             size = g.axes[i].size
             removal.add(g.id, i, list(range(1, size, 2))[: size // 2])
     return removal

@@ -149,6 +149,7 @@ class Coupling:
             return x
 
         position: dict[int, list[float]] = {}
+        self._outer_heads: set[int] = set()  # head axes outermost in some member (kv groups)
         for md in self._members:
             a = md.atoms
             if a.shape[1] < 2:
@@ -156,6 +157,9 @@ class Coupling:
             fam = np.where(a >= 0, self.family_of[np.maximum(a, 0)], -1)
             for row in np.unique(fam, axis=0):
                 row = [int(f) for f in row if f >= 0]
+                heads = [f for f in row if self._is_head(f)]
+                if heads:
+                    self._outer_heads.add(heads[0])
                 for j, f in enumerate(row):
                     position.setdefault(f, []).append(j / max(len(row) - 1, 1))
                     parent[find(f)] = find(row[0])
@@ -188,6 +192,10 @@ class Coupling:
         self._group_families = [[a.family for a in g.axes] for g in groups]
         return groups
 
+    def _is_head(self, fam: int) -> bool:
+        tags = self._family_tags.get(fam, set())
+        return fam not in self._family_pins and any(t in tags for t in _HEAD_TAGS)
+
     def _axis(self, fam: int, members: list[Member], composite: bool) -> Axis:
         size = len(self.family_atoms[fam])
         tags = self._family_tags.get(fam, set())
@@ -196,7 +204,7 @@ class Coupling:
             role = "fixed" if composite else "channels"
             return Axis(fam, size, role, False, pin)
         if any(t in tags for t in _HEAD_TAGS):
-            role = "heads"
+            role = "heads" if fam in self._outer_heads else "head-repeat"
         elif any(t in tags for t in _GROUP_TAGS):
             role = "groups"
         elif composite:
@@ -347,7 +355,7 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
     Without it, the width of the query member divided by its heads and fixed copies is used.
     """
     size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
-    head_fams = {a.family for a in axes if a.role == "heads"}
+    head_fams = {a.family for a in axes if a.role in ("heads", "head-repeat")}
     spans = [(m, fams & head_fams) for m, fams in members if fams & head_fams]
     dim_axes = [a for a in axes if a.role == "head-dim"]
     if not spans or not dim_axes:

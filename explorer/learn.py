@@ -1,0 +1,386 @@
+"""The teaching path: prune real, trained models and measure what each criterion costs.
+
+`run` trains a small CNN and a small ViT on sklearn's 8x8 digits (bundled, no download),
+then for every criterion and ratio prunes a copy (the classifier is left whole), measures
+test accuracy, parameters and MACs (from the `StepReport`), fine-tunes briefly and measures
+again; and prunes every group alone at a few ratios to show which groups are sensitive.
+Results are plain dataclasses, cached as JSON keyed by a hash of the settings.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import Calibration
+from .groups import Group
+from .learn_models import (MODEL_KINDS, Digits, accuracy, build_model, calibration_batches,
+                           classifier_name, load_digits, logits, train)
+from .metrics import count_params
+from .prune import Removal, apply_removal
+from .pruner import HEAD_MODES, Pruner, StepReport
+
+Progress = Callable[[float, str], None]
+CRITERIA = ("magnitude", "l1", "taylor", "fisher", "activation", "random")
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+CACHE_ENV = "PRUNING_EXPLORER_CACHE"
+_FORMAT = 1  # bump when the result layout or the experiment changes, to miss old caches
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """Everything that changes the numbers; its hash names the cache file."""
+
+    models: tuple[str, ...] = ("cnn", "vit")
+    criteria: tuple[str, ...] = CRITERIA
+    ratios: tuple[float, ...] = RATIOS
+    epochs: tuple[tuple[str, int], ...] = (("cnn", 15), ("vit", 40), ("vit-dino", 40))
+    finetune_epochs: int = 1
+    sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    sensitivity_criterion: str = "magnitude"
+    calib_batches: int = 4  # real training batches for taylor, fisher and activation
+    calib_batch_size: int = 16
+    heads: str = "dims"
+    seed: int = 0
+    test_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.models if m not in MODEL_KINDS]
+        if bad:
+            raise ValueError(f"unknown model kind(s) {bad}; choose from {MODEL_KINDS}")
+        if any(not 0.0 < r < 1.0 for r in (*self.ratios, *self.sensitivity_ratios)):
+            raise ValueError("every ratio must be in (0, 1)")
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"heads must be one of {HEAD_MODES}, got {self.heads!r}")
+        missing = [m for m in self.models if m not in dict(self.epochs)]
+        if missing:
+            raise ValueError(f"no training epochs given for {missing}")
+
+    def epochs_for(self, kind: str) -> int:
+        return dict(self.epochs)[kind]
+
+    def key(self) -> str:
+        """A short stable hash of the settings (and of the result format)."""
+        text = json.dumps({"format": _FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A coupled group of the trained model, as the page explains it."""
+
+    id: int
+    label: str
+    channels: int
+    heads: str  # "3 heads x 16" or "" when the group has no head structure
+    prunable: bool
+    reason: str
+    members: list[str]  # "conv2.weight[0]" : parameter and the dim the group cuts
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """The trained, unpruned model."""
+
+    model: str
+    accuracy: float  # test accuracy in [0, 1]
+    params: int
+    macs: int  # per image
+    train_seconds: float
+    losses: list[float]  # training loss per epoch
+    groups: list[GroupInfo]
+
+
+@dataclass(frozen=True)
+class PrunePoint:
+    """One (model, criterion, ratio) experiment."""
+
+    model: str
+    criterion: str
+    ratio: float
+    accuracy: float  # right after pruning
+    accuracy_finetuned: float  # after `LearnSettings.finetune_epochs` of training
+    similarity: float  # mean cosine of logits to the unpruned model, after pruning
+    params: int
+    macs: int
+    params_before: int
+    macs_before: int
+    pruned: bool  # False when the step removed nothing (see `unsafe`)
+    unsafe: list[str] = field(default_factory=list)  # "module at file:line: error"
+
+
+@dataclass(frozen=True)
+class SensitivityPoint:
+    """One group pruned alone at one ratio (lowest-scored indices first)."""
+
+    model: str
+    group: int
+    label: str
+    ratio: float
+    removed: int
+    params_removed: int
+    accuracy: float  # NaN when the pruned model no longer runs
+    drop: float  # unpruned accuracy minus ``accuracy``
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    settings: LearnSettings
+    models: list[ModelSummary]
+    points: list[PrunePoint]
+    sensitivity: list[SensitivityPoint]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnResult:
+        """Inverse of `to_dict` (lists in the JSON become the tuples of the settings)."""
+        s = data["settings"]
+        settings = LearnSettings(**{f.name: _tuples(s[f.name]) for f in fields(LearnSettings)})
+        models = [ModelSummary(**{**m, "groups": [GroupInfo(**g) for g in m["groups"]]})
+                  for m in data["models"]]
+        return cls(settings, models, [PrunePoint(**p) for p in data["points"]],
+                   [SensitivityPoint(**p) for p in data["sensitivity"]], data["seconds"])
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# -- cache ------------------------------------------------------------------------------------
+def cache_dir(override: str | Path | None = None) -> Path:
+    """``override``, else ``$PRUNING_EXPLORER_CACHE``, else ``~/.cache/pruning-explorer``."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "pruning-explorer"
+
+
+def cache_path(settings: LearnSettings, directory: str | Path | None = None) -> Path:
+    return cache_dir(directory) / f"learn-{settings.key()}.json"
+
+
+def load_cached(settings: LearnSettings, directory: str | Path | None = None
+                ) -> LearnResult | None:
+    """The cached result for ``settings``, or None (also for an unreadable file)."""
+    path = cache_path(settings, directory)
+    if not path.is_file():
+        return None
+    try:
+        return LearnResult.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def save(result: LearnResult, directory: str | Path | None = None) -> Path:
+    path = cache_path(result.settings, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_dict(), allow_nan=True))
+    tmp.replace(path)
+    return path
+
+
+# -- experiments ------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    """A trained model with what pruning it needs."""
+
+    kind: str
+    model: nn.Module
+    data: Digits
+    calibration: Calibration
+    summary: ModelSummary
+
+
+def example_inputs(data: Digits) -> tuple[torch.Tensor]:
+    """One training image: MACs in the reports are per image."""
+    return (data.x_train[:1],)
+
+
+def train_model(kind: str, data: Digits, settings: LearnSettings) -> Trained:
+    """Build and train one model; the summary lists its coupled groups."""
+    model = build_model(kind, seed=settings.seed)
+    start = time.perf_counter()
+    losses = train(model, data, settings.epochs_for(kind), seed=settings.seed)
+    seconds = time.perf_counter() - start
+    xs, ys = calibration_batches(data, settings.calib_batches, settings.calib_batch_size,
+                                 seed=settings.seed)
+    calib = Calibration(xs, loss="ce", labels=ys)
+    pruner = Pruner(model, example_inputs(data), ignored=[classifier_name(kind)])
+    summary = ModelSummary(kind, accuracy(model, data.x_test, data.y_test),
+                           pruner.params_original, pruner.macs_original, round(seconds, 2),
+                           losses, [group_info(g) for g in pruner.groups])
+    return Trained(kind, model, data, calib, summary)
+
+
+def group_label(group: Group) -> str:
+    """Like `Group.title`, naming the residual stream when no module owns the group."""
+    where = next((m for m in group.modules if m), "")
+    if not where:
+        where = "residual stream" if len(group.members) > 2 else group.members[0].param
+    size = f"{group.heads.num_heads} heads x {group.heads.head_dim}" if group.heads \
+        else f"{group.channels} ch"
+    return f"{size}: {where}"
+
+
+def group_info(group: Group) -> GroupInfo:
+    heads = f"{group.heads.num_heads} heads x {group.heads.head_dim}" if group.heads else ""
+    return GroupInfo(group.id, group_label(group), group.channels, heads, group.prunable,
+                     group.reason, [f"{m.param}[{m.dim}]" for m in group.members])
+
+
+def prune_copy(trained: Trained, criterion: str, ratio: float,
+               settings: LearnSettings) -> tuple[nn.Module, StepReport]:
+    """A pruned deep copy of the trained model (the classifier is never pruned)."""
+    model = copy.deepcopy(trained.model)
+    pruner = Pruner(model, example_inputs(trained.data), importance=criterion, ratio=ratio,
+                    heads=settings.heads, ignored=[classifier_name(trained.kind)],
+                    calibration=trained.calibration)
+    report = pruner.step()
+    assert isinstance(report, StepReport)  # step() without interactive returns a report
+    return model, report
+
+
+def logit_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of two models' logits over the same images."""
+    return float(nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def measure_point(trained: Trained, criterion: str, ratio: float, settings: LearnSettings,
+                  reference: torch.Tensor | None = None) -> PrunePoint:
+    """Prune, test, fine-tune, test again."""
+    data = trained.data
+    if reference is None:
+        reference = logits(trained.model, data.x_test)
+    model, report = prune_copy(trained, criterion, ratio, settings)
+    acc = accuracy(model, data.x_test, data.y_test)
+    sim = logit_similarity(logits(model, data.x_test), reference)
+    if settings.finetune_epochs > 0:
+        train(model, data, settings.finetune_epochs, lr=1e-3, seed=settings.seed + 1)
+    tuned = accuracy(model, data.x_test, data.y_test)
+    unsafe = [f"{u.module} at {u.location}: {u.error}" for u in report.unsafe]
+    return PrunePoint(trained.kind, criterion, ratio, acc, tuned, sim, report.params_after,
+                      report.macs_after, report.params_before, report.macs_before,
+                      bool(report), unsafe)
+
+
+def sweep(trained: Trained, settings: LearnSettings, progress: Progress | None = None
+          ) -> list[PrunePoint]:
+    """Every criterion at every ratio on copies of one trained model."""
+    reference = logits(trained.model, trained.data.x_test)
+    jobs = [(c, r) for c in settings.criteria for r in settings.ratios]
+    points = []
+    for i, (crit, ratio) in enumerate(jobs):
+        if progress:
+            progress(i / len(jobs), f"{trained.kind}: {crit} at {ratio:.0%}")
+        points.append(measure_point(trained, crit, ratio, settings, reference))
+    return points
+
+
+def sensitivity(trained: Trained, settings: LearnSettings, progress: Progress | None = None
+                ) -> list[SensitivityPoint]:
+    """Prune each group alone (lowest scores first) and measure the accuracy drop."""
+    pruner = Pruner(trained.model, example_inputs(trained.data),
+                    importance=settings.sensitivity_criterion, heads=settings.heads,
+                    ignored=[classifier_name(trained.kind)], calibration=trained.calibration)
+    cands, _skipped = pruner.candidates()
+    base = trained.summary.accuracy
+    rows = []
+    for i, cand in enumerate(cands):
+        if progress:
+            progress(i / max(len(cands), 1), f"{trained.kind}: sensitivity of group "
+                                             f"{cand.group.id}")
+        size = cand.group.axes[cand.axis].size
+        label = f"{group_label(cand.group)} [{cand.group.axes[cand.axis].role}]"
+        for ratio in settings.sensitivity_ratios:
+            n = min(int(round(size * ratio)), size - 1)
+            if n <= 0:
+                continue
+            removal = Removal()
+            removal.add(cand.group.id, cand.axis,
+                        sorted(int(j) for j in cand.scores.argsort(kind="stable")[:n]))
+            acc, removed, error = _alone(trained, pruner, removal)
+            rows.append(SensitivityPoint(trained.kind, cand.group.id, label, ratio, n, removed,
+                                         acc, base - acc, error))
+    return rows
+
+
+def _alone(trained: Trained, pruner: Pruner, removal: Removal) -> tuple[float, int, str]:
+    """Accuracy and parameters removed after one removal on a copy; NaN if it breaks."""
+    model = copy.deepcopy(trained.model)
+    before = count_params(model)
+    try:
+        apply_removal(model, pruner.coupling, removal)
+        acc = accuracy(model, trained.data.x_test, trained.data.y_test)
+    except Exception as exc:  # noqa: BLE001 - a group that breaks the forward is reported
+        return float("nan"), 0, f"{type(exc).__name__}: {exc}"
+    return acc, before - count_params(model), ""
+
+
+def run(settings: LearnSettings | None = None, progress: Progress | None = None,
+        directory: str | Path | None = None, use_cache: bool = True) -> LearnResult:
+    """Train, sweep and scan every model of ``settings``; cached on disk by settings hash.
+
+    Args:
+        settings: the experiment (defaults: CNN and ViT, six criteria, ratios 0.1..0.7).
+        progress: called as ``progress(fraction, text)`` with fraction in [0, 1].
+        directory: cache folder (see `cache_dir`).
+        use_cache: read and write the cache; False always recomputes and writes nothing.
+    """
+    settings = settings or LearnSettings()
+    report = progress or (lambda _f, _t: None)
+    if use_cache:
+        cached = load_cached(settings, directory)
+        if cached is not None:
+            report(1.0, "loaded from cache")
+            return cached
+    torch.manual_seed(settings.seed)
+    start = time.perf_counter()
+    data = load_digits(settings.test_fraction, seed=settings.seed)
+    models, points, sens = [], [], []
+    share = 1.0 / len(settings.models)
+    for k, kind in enumerate(settings.models):
+        part = _scaled(report, k * share, share)
+        part(0.0, f"{kind}: training {settings.epochs_for(kind)} epochs")
+        trained = train_model(kind, data, settings)
+        models.append(trained.summary)
+        points += sweep(trained, settings, _scaled(part, 0.3, 0.55))
+        sens += sensitivity(trained, settings, _scaled(part, 0.85, 0.15))
+    report(1.0, "done")
+    result = LearnResult(settings, models, points, sens, round(time.perf_counter() - start, 2))
+    if use_cache:
+        save(result, directory)
+    return result
+
+
+def _scaled(progress: Progress, offset: float, width: float) -> Progress:
+    return lambda f, text: progress(min(1.0, offset + width * f), text)
+
+
+# -- views for plots and tables ---------------------------------------------------------------
+def mean_accuracy(points: Sequence[PrunePoint], model: str, criterion: str,
+                  finetuned: bool = False) -> float:
+    """Accuracy of one criterion averaged over the swept ratios."""
+    sel = [p for p in points if p.model == model and p.criterion == criterion]
+    if not sel:
+        raise ValueError(f"no points for model '{model}' and criterion '{criterion}'")
+    vals = [p.accuracy_finetuned if finetuned else p.accuracy for p in sel]
+    return sum(vals) / len(vals)
+
+
+def rows(result: LearnResult) -> list[dict[str, Any]]:
+    """The sweep as flat dicts (one per point) for tables and plotly."""
+    return [asdict(p) for p in result.points]
