@@ -113,7 +113,8 @@ def factory(ctx: Ctx, node: OpNode) -> None:
 
 @rule(aten.topk, aten.sort, aten.argsort, aten.kthvalue, aten.median, aten.mode,
       aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique2, aten.bucketize,
-      aten.searchsorted, aten.multinomial, aten._local_scalar_dense, aten.item,
+      aten.searchsorted, aten.multinomial, aten.histc, aten.bincount, aten._local_scalar_dense,
+      aten.item,
       aten.is_nonzero, aten.equal, aten.allclose)
 def data_dependent(ctx: Ctx, node: OpNode) -> None:
     """Outputs ordered or sized by data, or values read back to Python (``.item()``):

@@ -76,6 +76,27 @@ def addmm(ctx: Ctx, node: OpNode) -> None:
     _matmul(ctx, node, a, b, bias=bias)
 
 
+@rule(aten._grouped_mm)
+def grouped_mm(ctx: Ctx, node: OpNode) -> None:
+    """Mixture-of-experts matmul: rows of ``a`` routed to per-expert matrices of ``b``.
+
+    The contracted dim is coupled across all experts; the expert dim is pinned (which rows
+    go to which expert is decided by the data).
+    """
+    a_ref, b_ref = node.args[0], node.args[1]
+    a, b = ctx.dims(a_ref), ctx.dims(b_ref)
+    ctx.union(a[-1], b[-2], node)
+    for ids in b[:-2]:
+        ctx.sp.pin(ids, f"experts selected by routing in '{node.module}'")
+    for ids in a[:-1]:
+        ctx.sp.pin(ids, f"tokens routed to experts in '{node.module}'")
+    out_shape = ctx.out_shape(node)
+    lead = [ctx.sp.fresh(n) for n in out_shape[:-1]]
+    for ids in lead:
+        ctx.sp.pin(ids, f"tokens routed to experts in '{node.module}'")
+    ctx.set_out(node, 0, lead + [b[-1]])
+
+
 @rule(aten.linear)
 def linear(ctx: Ctx, node: OpNode) -> None:
     refs = tensor_args(node)
