@@ -26,5 +26,6 @@ page = st.navigation([
     st.Page("pages/3_groups.py", title="Groups", icon=":material/content_cut:"),
     st.Page("pages/4_dimensions.py", title="Dimensions & heads", icon=":material/bar_chart:"),
     st.Page("pages/5_export.py", title="Export", icon=":material/download:"),
+    st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ])
 page.run()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|prune ...`` (also ``pruning-explorer``)."""
+"""Command line: ``python -m explorer trace|prune|replay|export ...`` (also ``pruning-explorer``)."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +6,16 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .api import trace
-from .pruner import HEAD_MODES, Pruner
+from .groups import Group
+from .export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
+from .plan import Plan
+from .pruner import HEAD_MODES, Pruner, StepReport
 from .specs import LoadedModel, SpecError, load_model, parse_input_shape
 from .tracer import TraceError
 
@@ -30,6 +34,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--importance", default="magnitude")
+    p.add_argument("--heads", default="dims", choices=HEAD_MODES)
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--global", dest="global_pruning", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruning-explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,14 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     p = sub.add_parser("prune", help="prune a model and report what changed")
     _add_model_args(p)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--importance", default="magnitude")
-    p.add_argument("--heads", default="dims", choices=HEAD_MODES)
-    p.add_argument("--round-to", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--global", dest="global_pruning", action="store_true")
+    _add_prune_args(p)
     p.add_argument("--out", default=None, help="save the pruned module (torch.save, a pickle)")
-    p.add_argument("--plan", default=None, help="write the step reports as JSON")
+    p.add_argument("--plan", default=None, help="write the pruning plan (JSON) to this file")
+    r = sub.add_parser("replay", help="apply a saved plan to a fresh model and export it")
+    _add_model_args(r)
+    r.add_argument("--plan", required=True, help="plan JSON written by prune --plan")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--formats", default="pt,safetensors",
+                   help="comma-separated: pt, safetensors, hf, report")
+    e = sub.add_parser("export", help="prune a model and export it")
+    _add_model_args(e)
+    _add_prune_args(e)
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help="comma-separated: pt (a pickle), safetensors (+ plan.json), hf, report")
+    lr = sub.add_parser("learn", help="train digits models and compare pruning criteria")
+    lr.add_argument("--models", default="cnn,vit", help="comma-separated: cnn, vit, vit-dino")
+    lr.add_argument("--finetune-epochs", type=int, default=2)
+    lr.add_argument("--cache-dir", default=None, help="default: ~/.cache/pruning-explorer")
+    lr.add_argument("--no-cache", action="store_true", help="recompute, write nothing")
+    lr.add_argument("--json", action="store_true", help="print one JSON object")
+    lr.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
 
@@ -75,12 +102,21 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    lm = _load(args)
+@dataclass
+class _Pruned:
+    pruner: Pruner
+    reports: list[StepReport]
+    summary: dict[str, Any]  # the ``prune --json`` object
+    groups_before: list[Group]  # traced groups of the unpruned model (for the head table)
+
+
+def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
+    """Run the pruner's steps."""
     pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance, ratio=args.ratio,
                     iterative_steps=args.steps, global_pruning=args.global_pruning,
                     heads=args.heads, round_to=args.round_to,
                     ignored=_ignored(lm, args.ignore))
+    groups_before = pruner.groups
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]
     first, last = reports[0], reports[-1]
@@ -96,9 +132,20 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                     "error": u.error} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
     }
+    return _Pruned(pruner, reports, out, groups_before)
+
+
+def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
+    return Plan.from_pruner(pruner, lm.spec, reports=reports)
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _load(args)
+    run = _prune(args, lm)
+    out, groups_total = run.summary, run.summary["groups_total"]
     if args.plan:
-        with open(args.plan, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=1)
+        _plan(run.pruner, lm, run.reports).save(args.plan)
+        out["plan"] = args.plan
     if args.out:
         torch.save(lm.model, args.out)
     if not args.json:
@@ -110,12 +157,82 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _check_cpu(args: argparse.Namespace) -> None:
+    if args.device == "meta":
+        raise CliError(f"{args.command} writes weights, which a meta-device model has none "
+                       f"of; use --device cpu (make plans on meta with prune --plan)")
+
+
+def _export_summary(res: ExportResult) -> dict[str, Any]:
+    return {"out": res.directory, "files": res.files, "messages": res.messages,
+            "config": None if res.config is None else
+            {"changed": res.config.changed, "ok": res.config.ok, "reason": res.config.reason}}
+
+
+def _forward_ok(lm: LoadedModel) -> bool:
+    try:
+        with torch.no_grad():
+            lm.model(*lm.example_inputs)
+    except Exception:  # noqa: BLE001 - reported as forward_ok: false
+        return False
+    return True
+
+
+def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
+    _check_cpu(args)
+    formats = parse_formats(args.formats)
+    plan = Plan.load(args.plan)
+    lm = _load(args)
+    original = snapshot(lm.model) if "report" in formats else None
+    before = sum(p.numel() for p in lm.model.parameters())
+    replay = plan.apply(lm.model)
+    res = export(lm.model, args.out, formats, plan=plan, original=original,
+                 example_inputs=lm.example_inputs)
+    out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
+           "tensors_changed": len(replay.shapes), "params_before": before,
+           "params_after": sum(p.numel() for p in lm.model.parameters()),
+           "forward_ok": _forward_ok(lm), **_export_summary(res)}
+    out["_text"] = (f"{args.model}: replayed {len(plan.steps)} step(s) of {args.plan}, "
+                    f"params {before:,} -> {out['params_after']:,}; wrote "
+                    f"{', '.join(res.files) or 'nothing'} to {args.out}"
+                    + "".join(f"\n  note: {m}" for m in res.messages))
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    _check_cpu(args)
+    formats = parse_formats(args.formats)
+    lm = _load(args)
+    original = snapshot(lm.model) if "report" in formats else None
+    run = _prune(args, lm)
+    out = run.summary
+    res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
+                 original=original, example_inputs=lm.example_inputs,
+                 groups=(run.groups_before, run.pruner.groups))
+    out.update(_export_summary(res))
+    out.pop("steps")
+    out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
+                    f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
+                    f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages))
+    return out
+
+
+def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
+    from . import learn  # imports scikit-learn: only for this command
+
+    settings = learn.LearnSettings(models=tuple(args.models.split(",")),
+                                   finetune_epochs=args.finetune_epochs)
+    result = learn.run(settings, directory=args.cache_dir, use_cache=not args.no_cache)
+    return {**result.to_dict(), "_text": learn.summary_text(result)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"trace": cmd_trace, "prune": cmd_prune}
+    handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
+                "export": cmd_export, "learn": cmd_learn}
     try:
         out = handlers[args.command](args)
-    except (SpecError, TraceError, CliError, ValueError, FileNotFoundError) as exc:
+    except (SpecError, TraceError, CliError, ValueError, OSError) as exc:
         if args.debug:
             raise
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)

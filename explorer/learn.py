@@ -8,26 +8,31 @@ Results are plain dataclasses, cached as JSON keyed by a hash of the settings.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .calibration import Calibration
 from .groups import Group
+from .importance import CRITERIA as CRITERIA_ALL
 from .learn_models import (MODEL_KINDS, Digits, accuracy, build_model, calibration_batches,
                            classifier_name, load_digits, logits, train)
 from .metrics import count_params
 from .prune import Removal, apply_removal
 from .pruner import HEAD_MODES, Pruner, StepReport
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 Progress = Callable[[float, str], None]
 CRITERIA = ("magnitude", "l1", "taylor", "fisher", "activation", "random")
@@ -44,7 +49,7 @@ class LearnSettings:
     criteria: tuple[str, ...] = CRITERIA
     ratios: tuple[float, ...] = RATIOS
     epochs: tuple[tuple[str, int], ...] = (("cnn", 15), ("vit", 40), ("vit-dino", 40))
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     sensitivity_criterion: str = "magnitude"
     calib_batches: int = 4  # real training batches for taylor, fisher and activation
@@ -61,6 +66,9 @@ class LearnSettings:
             raise ValueError("every ratio must be in (0, 1)")
         if self.heads not in HEAD_MODES:
             raise ValueError(f"heads must be one of {HEAD_MODES}, got {self.heads!r}")
+        unknown = [c for c in (*self.criteria, self.sensitivity_criterion) if c not in CRITERIA_ALL]
+        if unknown:
+            raise ValueError(f"unknown criteria {unknown}; choose from {sorted(CRITERIA_ALL)}")
         missing = [m for m in self.models if m not in dict(self.epochs)]
         if missing:
             raise ValueError(f"no training epochs given for {missing}")
@@ -330,8 +338,21 @@ def _alone(trained: Trained, pruner: Pruner, removal: Removal) -> tuple[float, i
     return acc, before - count_params(model), ""
 
 
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads, restoring the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(settings: LearnSettings | None = None, progress: Progress | None = None,
-        directory: str | Path | None = None, use_cache: bool = True) -> LearnResult:
+        directory: str | Path | None = None, use_cache: bool = True,
+        threads: int | None = 1) -> LearnResult:
     """Train, sweep and scan every model of ``settings``; cached on disk by settings hash.
 
     Args:
@@ -339,6 +360,8 @@ def run(settings: LearnSettings | None = None, progress: Progress | None = None,
         progress: called as ``progress(fraction, text)`` with fraction in [0, 1].
         directory: cache folder (see `cache_dir`).
         use_cache: read and write the cache; False always recomputes and writes nothing.
+        threads: torch threads while computing (one is fastest for these tiny models and
+            keeps float sums identical from run to run); None leaves the setting alone.
     """
     settings = settings or LearnSettings()
     report = progress or (lambda _f, _t: None)
@@ -347,6 +370,14 @@ def run(settings: LearnSettings | None = None, progress: Progress | None = None,
         if cached is not None:
             report(1.0, "loaded from cache")
             return cached
+    with _threads(threads):
+        result = _compute(settings, report)
+    if use_cache:
+        save(result, directory)
+    return result
+
+
+def _compute(settings: LearnSettings, report: Progress) -> LearnResult:
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
     data = load_digits(settings.test_fraction, seed=settings.seed)
@@ -360,10 +391,7 @@ def run(settings: LearnSettings | None = None, progress: Progress | None = None,
         points += sweep(trained, settings, _scaled(part, 0.3, 0.55))
         sens += sensitivity(trained, settings, _scaled(part, 0.85, 0.15))
     report(1.0, "done")
-    result = LearnResult(settings, models, points, sens, round(time.perf_counter() - start, 2))
-    if use_cache:
-        save(result, directory)
-    return result
+    return LearnResult(settings, models, points, sens, round(time.perf_counter() - start, 2))
 
 
 def _scaled(progress: Progress, offset: float, width: float) -> Progress:
@@ -381,6 +409,95 @@ def mean_accuracy(points: Sequence[PrunePoint], model: str, criterion: str,
     return sum(vals) / len(vals)
 
 
+def summary_text(result: LearnResult) -> str:
+    """Accuracy per criterion and ratio, one block per model ("after / after fine-tune")."""
+    ratios = result.settings.ratios
+    lines = []
+    for m in result.models:
+        lines.append(f"{m.model}: test accuracy {m.accuracy:.3f}, {m.params:,} params, "
+                     f"{m.macs:,} MACs/image")
+        lines.append(f"  {'criterion':<11}" + "".join(f"{r:>13.0%}" for r in ratios))
+        for crit in result.settings.criteria:
+            pts = {p.ratio: p for p in result.points if p.model == m.model
+                   and p.criterion == crit}
+            cells = [f"{pts[r].accuracy:.2f}/{pts[r].accuracy_finetuned:.2f}" if r in pts
+                     else "-" for r in ratios]
+            lines.append(f"  {crit:<11}" + "".join(f"{c:>13}" for c in cells))
+    lines.append(f"(accuracy after pruning / after {result.settings.finetune_epochs} fine-tune "
+                 f"epoch(s); {result.seconds:.0f} s to compute)")
+    return "\n".join(lines)
+
+
 def rows(result: LearnResult) -> list[dict[str, Any]]:
     """The sweep as flat dicts (one per point) for tables and plotly."""
     return [asdict(p) for p in result.points]
+
+
+# -- figures (read a `LearnResult`; the page and the benchmark draw the same ones) --------------
+_COLOURS = {"magnitude": "#1f77b4", "l1": "#17becf", "taylor": "#ff7f0e", "fisher": "#d62728",
+            "activation": "#2ca02c", "random": "#7f7f7f", "bn-scale": "#9467bd"}
+_X_AXES = {"ratio": "channels removed per group (ratio)", "params": "parameters",
+           "macs": "MACs per image"}
+
+
+def accuracy_figure(result: LearnResult, model: str, x: str = "ratio",
+                    finetuned: bool = True) -> go.Figure:
+    """Test accuracy per criterion against ``x`` ("ratio", "params" or "macs").
+
+    Solid lines: right after pruning; dashed: after the short fine-tune (when ``finetuned``).
+    The dotted line is the unpruned model.
+    """
+    import plotly.graph_objects as go
+
+    if x not in _X_AXES:
+        raise ValueError(f"x must be one of {sorted(_X_AXES)}, got {x!r}")
+    base = _summary(result, model)
+    fig = go.Figure()
+    for crit in result.settings.criteria:
+        pts = sorted((p for p in result.points if p.model == model and p.criterion == crit),
+                     key=lambda p: p.ratio)
+        if not pts:
+            continue
+        xs = [{"ratio": p.ratio, "params": p.params, "macs": p.macs}[x] for p in pts]
+        colour = _COLOURS.get(crit, "#8c564b")
+        fig.add_scatter(x=xs, y=[p.accuracy for p in pts], name=crit, mode="lines+markers",
+                        line={"color": colour}, legendgroup=crit)
+        if finetuned:
+            fig.add_scatter(x=xs, y=[p.accuracy_finetuned for p in pts], mode="lines+markers",
+                            name=f"{crit} + fine-tune", legendgroup=crit,
+                            line={"color": colour, "dash": "dash"}, marker={"symbol": "x"})
+    fig.add_hline(y=base.accuracy, line={"dash": "dot", "color": "black"},
+                  annotation_text=f"unpruned {base.accuracy:.1%}")
+    fig.update_layout(title=f"{model}: test accuracy after pruning", yaxis_title="accuracy",
+                      xaxis_title=_X_AXES[x], yaxis_range=[0, 1.02], height=420,
+                      margin={"t": 50, "b": 40, "l": 50, "r": 20})
+    if x != "ratio":
+        fig.update_xaxes(autorange="reversed")  # smaller models to the right, like ratio
+    return fig
+
+
+def sensitivity_figure(result: LearnResult, model: str) -> go.Figure:
+    """Accuracy drop when each group is pruned alone, per ratio."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    rows = [r for r in result.sensitivity if r.model == model]
+    for label in dict.fromkeys(r.label for r in rows):
+        sel = [r for r in rows if r.label == label]
+        fig.add_scatter(x=[r.ratio for r in sel], y=[r.drop for r in sel], name=label,
+                        mode="lines+markers",
+                        hovertext=[f"{r.removed} removed, {r.params_removed:,} params"
+                                   for r in sel])
+    fig.update_layout(title=f"{model}: accuracy drop when one group is pruned alone "
+                            f"({result.settings.sensitivity_criterion})",
+                      xaxis_title="ratio of the group removed", yaxis_title="accuracy drop",
+                      height=380, margin={"t": 50, "b": 40, "l": 50, "r": 20})
+    return fig
+
+
+def _summary(result: LearnResult, model: str) -> ModelSummary:
+    for m in result.models:
+        if m.model == model:
+            return m
+    raise ValueError(f"model '{model}' is not in this result; it has "
+                     f"{[m.model for m in result.models]}")

@@ -10,6 +10,7 @@ from torch import nn
 from .attention import patch_attention
 from .coupling.analyze import Coupling
 from .patch import PatchInfo, patch_module, resize_tensor
+from .widths import patch_widths
 
 
 class PruneError(ValueError):
@@ -113,6 +114,8 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
         if idx:
             removed_counts.setdefault(gid, {})[axis] = len(set(idx))
     for name, log in patch_attention(model, coupling, removed_counts, keeps).items():
+        attributes.setdefault(name, {}).update(log)
+    for name, log in patch_widths(model, shapes, attributes).items():
         attributes.setdefault(name, {}).update(log)
     return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous)
 

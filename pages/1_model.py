@@ -3,9 +3,12 @@ import streamlit as st
 
 from explorer.metrics import count_params
 from explorer.specs import hf_families, list_demos
+from explorer.ui_state import Message
 from pages._session import load
 
-EXAMPLES = ([f"demo:{d}" for d in list_demos()] + [f"hf:{f}" for f in hf_families()]
+FIRST = ["demo:dino_vit_safe", "demo:dino_vit"]
+EXAMPLES = (FIRST + [f"demo:{d}" for d in list_demos() if f"demo:{d}" not in FIRST]
+            + [f"hf:{f}" for f in hf_families()]
             + ["timm:vit_tiny_patch16_224?img_size=64", "timm:resnet18"])
 
 
@@ -18,6 +21,10 @@ if "model_spec" not in st.session_state:
     st.session_state.model_spec = st.session_state.pe_request[0]
 st.selectbox("Examples", EXAMPLES, index=None, key="model_example", on_change=_pick,
              placeholder="pick a demo, transformers family or timm model")
+st.caption("`demo:dino_vit` is DINO's exact attention code: it shows the `qkv[0]` indexing "
+           "case and why its hard-coded `C // num_heads` reshape makes the residual-stream and "
+           "head-dim groups unsafe, with the failing file:line (on the Groups page). "
+           "`demo:dino_vit_safe` reads the head size from an attribute, so every group prunes.")
 st.text_input("Model spec", key="model_spec",
               help="timm:<name>?k=v, hf:<family>?k=v, demo:<name> or path/file.py:callable")
 c1, c2 = st.columns(2)
@@ -34,6 +41,25 @@ if "pe" not in st.session_state:
     st.info("No model is loaded yet.")
     st.stop()
 pe = st.session_state.pe
+
+
+def _apply_plan() -> None:
+    up = st.session_state.model_plan
+    text = up.getvalue() if up is not None else st.session_state.model_plan_text
+    if not text.strip():
+        pe.message = Message("error", "no plan: upload a plan JSON file or paste its text")
+    else:
+        pe.apply_plan(text)
+    st.session_state.model_plan_msg = pe.message
+
+
+with st.expander("Replay a pruning plan on this model"):
+    st.file_uploader("Plan JSON (from the Export page or explorer.plan)", type=["json"],
+                     key="model_plan")
+    st.text_area("... or paste it", key="model_plan_text", height=80)
+    st.button("Apply plan", key="model_plan_apply", on_click=_apply_plan)
+if (msg := st.session_state.pop("model_plan_msg", None)) is not None:
+    getattr(st, msg.kind)(msg.text)
 mg = pe.graph
 st.subheader(f"`{pe.spec}`")
 m = st.columns(4)
@@ -48,3 +74,4 @@ st.dataframe([{"id": g.id, "group": g.title, "prunable": g.prunable, "reason": g
 unknown = mg.coupling.unknown_ops
 if unknown:
     st.warning(f"ops with no coupling rule (treated conservatively): {', '.join(sorted(unknown))}")
+

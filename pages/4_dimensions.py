@@ -1,9 +1,11 @@
-"""Dimensions & heads: per-layer widths before/after, costs per module, head checks."""
+"""Dimensions & heads: widths before/after, head checks, costs, sensitivity, depth pruning."""
+import pandas as pd
 import streamlit as st
 
 from explorer.metrics import macs_by_module
-from explorer.render.figures import (cost_figure, head_table, params_by_module,
-                                     widths_figure)
+from explorer.render.figures import (attention_rows, cost_figure, params_by_module,
+                                     sensitivity_figure, widths_figure)
+from explorer.sensitivity import as_table
 from explorer.ui_state import layer_widths
 
 st.title("Dimensions & heads")
@@ -11,15 +13,21 @@ if "pe" not in st.session_state:
     st.info("Load a model on the Model page first.")
     st.stop()
 pe = st.session_state.pe
+if (msg := st.session_state.pop("dims_message", None)) is not None:
+    getattr(st, msg.kind)(msg.text)
 st.plotly_chart(widths_figure(pe.widths_start, layer_widths(pe.model)), key="dims_widths",
                 width="stretch")
 
 st.subheader("Attention heads")
-attrs = {name: int(mod.num_heads) for name, mod in pe.model.named_modules()
-         if isinstance(getattr(mod, "num_heads", None), int)}
-rows = head_table(pe.graph.groups(), attrs)
+rows = attention_rows(pe.graph.attention())
 if rows:
-    st.dataframe(rows, key="dims_heads", hide_index=True, width="stretch")
+    table = pd.DataFrame(rows)
+    st.dataframe(table.style.apply(lambda r: ["" if r["ok"] else "background-color: #F8D7DA"]
+                                   * len(r), axis=1), key="dims_heads", hide_index=True)
+    bad = [r for r in rows if not r["ok"]]
+    if bad:
+        st.warning(f"{len(bad)} attention module(s) violate head divisibility: "
+                   + "; ".join(f"{r['module']}: {r['violations']}" for r in bad))
     st.caption("Whole-head pruning ratios must be multiples of 1/kv_heads (GQA) or 1/heads.")
 else:
     st.info("The trace found no attention heads in this model.")
@@ -27,5 +35,39 @@ else:
 st.subheader("Cost per module")
 params = {n: p.numel() for n, p in pe.model.named_parameters()}
 st.plotly_chart(cost_figure(params_by_module(params, pe.graph.graph.param_owner),
-                            macs_by_module(pe.graph.graph)), key="dims_cost",
-                width="stretch")
+                            macs_by_module(pe.graph.graph)), key="dims_cost", width="stretch")
+
+st.subheader("Sensitivity")
+ratios = st.multiselect("Ratios", [0.1, 0.25, 0.5, 0.75, 0.9], default=[0.25, 0.5, 0.75],
+                        key="dims_sens_ratios")
+if st.button("Compute sensitivity", key="dims_sens", disabled=not ratios,
+             help="prunes each group alone on a copy and measures the output change"):
+    try:
+        with st.spinner("pruning each group on a copy ..."):
+            st.session_state.dims_sens_rows = (pe.version, as_table(pe.sensitivity(ratios)))
+    except Exception as exc:  # noqa: BLE001 - shown as one line
+        st.error(f"sensitivity failed: {type(exc).__name__}: {exc}")
+version, sens = st.session_state.get("dims_sens_rows", (None, []))
+if version == pe.version and sens:
+    st.plotly_chart(sensitivity_figure(sens), key="dims_sens_chart", width="stretch")
+
+st.subheader("Residual blocks (depth pruning)")
+blocks = pe.graph.blocks()
+if not blocks:
+    st.info("No residual block can be removed whole in this model.")
+    st.stop()
+st.dataframe([{"block": b.module, "params": b.params, "shape": str(list(b.shape))}
+              for b in blocks], key="dims_blocks", hide_index=True)
+
+
+def _remove() -> None:
+    pe.remove_block(st.session_state.dims_block)
+    st.session_state.dims_message = pe.message
+
+
+c1, c2, c3 = st.columns([3, 1, 1])
+c1.selectbox("Block", [b.module for b in blocks], key="dims_block")
+c2.button("Remove block", key="dims_remove", on_click=_remove,
+          help="pre-flighted on a weightless copy first; replaced by identity")
+c3.button("Undo", key="dims_undo", disabled=not pe.can_undo,
+          on_click=lambda: (pe.undo(), st.session_state.update(dims_message=pe.message)))

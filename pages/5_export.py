@@ -1,7 +1,9 @@
-"""Export: check the forward, download the pruned model and a JSON report."""
+"""Export: check the forward, download the pruned model, its plan and a report."""
 import json
 
 import streamlit as st
+
+from explorer.export import FORMATS
 
 st.title("Export")
 if "pe" not in st.session_state:
@@ -12,12 +14,41 @@ if st.button("Run forward check", key="export_check"):
     msg = pe.forward_check()
     getattr(st, msg.kind)(msg.text)
 
-report = pe.report()
-c1, c2 = st.columns(2)
-c1.download_button("Download pruned model (torch.save)", pe.model_bytes(),
+try:
+    plan_text = json.dumps(pe.plan().to_dict(), indent=1)
+except Exception as exc:  # noqa: BLE001 - e.g. a removed block: shown as one line
+    plan_text = None
+    st.info(f"No plan: {exc}")
+c1, c2, c3 = st.columns(3)
+c1.download_button("Download plan JSON", plan_text or "", file_name="plan.json",
+                   mime="application/json", key="export_plan", disabled=plan_text is None,
+                   help="replay with explorer.plan.Plan.load(path).apply(model)")
+c2.download_button("Download pruned model (torch.save)", pe.model_bytes(),
                    file_name="pruned_model.pt", mime="application/octet-stream",
                    key="export_model", help="torch.load(path, weights_only=False)")
-c2.download_button("Download JSON report", json.dumps(report, indent=2),
-                   file_name="pruning_report.json", mime="application/json",
+c3.download_button("Download JSON session log", json.dumps(pe.report(), indent=2),
+                   file_name="pruning_session.json", mime="application/json",
                    key="export_report")
-st.json(report, expanded=False)
+
+st.subheader("All formats")
+default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
+formats = st.multiselect("Formats", FORMATS, default=default, key="export_formats",
+                         help="report measures latency before and after on this machine")
+if st.button("Build export files", key="export_build", type="primary", disabled=not formats):
+    try:
+        with st.spinner("exporting and measuring latency ..."):
+            st.session_state.export_files = (pe.version, *pe.export_files(tuple(formats)))
+    except Exception as exc:  # noqa: BLE001 - shown as one line, the session is untouched
+        st.error(f"export failed: {type(exc).__name__}: {exc}")
+version, files, notes = st.session_state.get("export_files", (None, {}, []))
+if version == pe.version and files:
+    for note in notes:
+        st.caption(note)
+    cols = st.columns(min(len(files), 4))
+    for n, (name, data) in enumerate(files.items()):
+        cols[n % len(cols)].download_button(f"Download {name}", data, file_name=name,
+                                            key=f"export_file_{n}")
+    if "report.md" in files:
+        with st.expander("Report", expanded=True):
+            st.markdown(files["report.md"].decode())
+st.json(pe.report(), expanded=False)

@@ -6,7 +6,7 @@ import streamlit as st
 from explorer.specs import LoadedModel, load_model, parse_input_shape
 from explorer.ui_state import Session
 
-DEFAULT_REQUEST = ("demo:dino_vit", "cpu", "")
+DEFAULT_REQUEST = ("demo:dino_vit_safe", "cpu", "")
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

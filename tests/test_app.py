@@ -1,4 +1,4 @@
-"""The Streamlit app, driven headless with AppTest (no browser)."""
+"""The Streamlit app, driven headless with AppTest (no browser), and its session state."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,9 @@ import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from explorer.specs import load_model  # noqa: E402
+from explorer.ui_state import Session  # noqa: E402
 
 TIMEOUT = 120
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -24,16 +27,26 @@ def app() -> AppTest:
     return at
 
 
+def _load(at: AppTest, spec: str, device: str = "cpu") -> None:
+    at.text_input(key="model_spec").set_value(spec)
+    at.radio(key="model_device").set_value(device)
+    at.button(key="model_load").click().run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+
+
 def test_default_model_is_traced_and_groups_listed(app: AppTest) -> None:
     assert not app.error
     assert _params(app) > 0
     labels = {m.label: m.value for m in app.metric}
     assert labels["prunable groups"].split(" / ")[0] != "0"
     assert len(app.dataframe) == 1 and len(app.dataframe[0].value) > 3
-    assert app.session_state.pe.spec == "demo:dino_vit"
+    assert app.session_state.pe.spec == "demo:dino_vit_safe"
+    options = app.selectbox(key="model_example").options
+    assert options[:2] == ["demo:dino_vit_safe", "demo:dino_vit"]
+    assert any("qkv[0]" in c.value and "file:line" in c.value for c in app.caption)
 
 
-def test_graph_page_draws_dot_and_explains_group(app: AppTest) -> None:
+def test_graph_page_draws_dot_explains_group_and_searches(app: AppTest) -> None:
     app.switch_page("pages/2_graph.py").run()
     assert not app.exception, app.exception
     charts = app.get("graphviz_chart")
@@ -45,54 +58,111 @@ def test_graph_page_draws_dot_and_explains_group(app: AppTest) -> None:
     assert "penwidth=2.5" in app.get("graphviz_chart")[0].proto.spec
     first = app.session_state.pe.graph.groups()[2].explanation[0]
     assert any(first in md.value for md in app.markdown)
+    app.text_input(key="graph_search").set_value("mlp.fc2").run()
+    spec = app.get("graphviz_chart")[0].proto.spec
+    assert "#D62728" in spec
+    assert any("3 module(s) match" in c.value for c in app.caption)
+    app.text_input(key="graph_search").set_value("zzz").run()
+    assert not app.exception and "No module" in app.info[0].value
+    assert "#D62728" not in app.get("graphviz_chart")[0].proto.spec
+    assert {b.proto.label for b in app.get("download_button")} >= {"Download DOT"}
 
 
-def test_groups_accept_reject_undo(app: AppTest) -> None:
+def test_groups_preflight_accept_reject_undo(app: AppTest) -> None:
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
     assert len(app.get("plotly_chart")) == 1
+    assert app.success and app.success[0].value.startswith("Pre-flight: the pruned copy runs")
     start = _params(app)
-    # the first proposal is the residual stream, which dino's hard-coded reshape breaks:
-    app.button(key="groups_accept").click().run()
-    assert not app.exception, app.exception
-    assert len(app.error) == 1 and "dino.py:" in app.error[0].value
-    assert _params(app) == start
-    app.button(key="groups_reject").click().run()
-    assert _params(app) == start
-    app.button(key="groups_reject").click().run()  # qkv: dino hard-codes C // H too
-    app.button(key="groups_accept").click().run()  # the mlp group is safe
+    app.button(key="groups_accept").click().run()  # the residual stream: safe in this model
     assert not app.exception and not app.error
     after = _params(app)
     assert after < start
-    app.button(key="groups_undo").click().run()
+    app.button(key="groups_reject").click().run()
+    assert _params(app) == after
+    app.button(key="groups_undo").click().run()  # the reject
+    app.button(key="groups_undo").click().run()  # the accept
     assert _params(app) == start
-    app.button(key="groups_undo").click().run()  # undo both rejects too
-    app.button(key="groups_undo").click().run()
     assert len(app.session_state.pe.proposals()) == 7
 
 
-def test_accept_with_count(app: AppTest) -> None:
+def test_accept_with_count_on_head_dims(app: AppTest) -> None:
     app.switch_page("pages/3_groups.py").run()
-    app.button(key="groups_reject").click().run()
-    app.button(key="groups_reject").click().run()
+    app.button(key="groups_reject").click().run()  # residual stream
+    assert "heads x 16" in app.subheader[0].value
+    assert any("Head structure" in md.value for md in app.markdown)
     start = _params(app)
-    app.number_input(key="groups_count").set_value(8).run()
+    app.number_input(key="groups_count_0").set_value(4).run()
     app.button(key="groups_accept_count").click().run()
     assert not app.exception and not app.error
     assert _params(app) < start
     entry = app.session_state.pe.log[-1]
-    assert entry["count"] == 8 and len(entry["axes"][0]["removed"]) == 8
+    assert entry["axes"][0]["role"] == "head-dim" and len(entry["axes"][0]["removed"]) == 4
 
 
-def test_dimensions_and_export_pages(app: AppTest) -> None:
+def test_settings_and_accept_all(app: AppTest) -> None:
+    app.switch_page("pages/3_groups.py").run()
+    app.selectbox(key="groups_criterion").set_value("taylor").run()
+    app.toggle(key="groups_global").set_value(True).run()
+    app.number_input(key="groups_round").set_value(8).run()
+    assert not app.exception and not app.error
+    pe = app.session_state.pe
+    assert (pe.importance, pe.global_pruning, pe.round_to) == ("taylor", True, 8)
+    assert all(ch.width_after % 8 == 0 for p in pe.proposals() for ch in p.changes)
+    app.button(key="groups_accept_all").click().run()
+    assert not app.exception and not app.error
+    assert "Every prunable group is decided" in app.info[0].value
+
+
+def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:
+    app.selectbox(key="model_example").set_value("demo:dino_vit").run()
+    app.button(key="model_load").click().run()
+    assert app.session_state.pe.spec == "demo:dino_vit"
+    app.switch_page("pages/3_groups.py").run()
+    assert app.warning and "dino.py:" in app.warning[0].value  # shown before accepting
+    start = _params(app)
+    app.button(key="groups_accept").click().run()
+    assert not app.exception, app.exception
+    assert len(app.error) == 1 and "dino.py:" in app.error[0].value
+    assert _params(app) == start  # nothing lost
+
+
+def test_dimensions_sensitivity_and_blocks(app: AppTest) -> None:
     app.switch_page("pages/4_dimensions.py").run()
     assert not app.exception, app.exception
     assert len(app.get("plotly_chart")) == 2
-    assert any(len(d.value) == 3 for d in app.dataframe)  # one row per attention block
+    heads = app.dataframe[0].value
+    assert len(heads) == 3 and heads["ok"].all() and set(heads["heads"]) == {6}
+    app.multiselect(key="dims_sens_ratios").set_value([0.5])
+    app.button(key="dims_sens").click().run()
+    assert not app.exception and not app.error
+    assert len(app.get("plotly_chart")) == 3
+    start = app.session_state.pe.params
+    app.selectbox(key="dims_block").set_value("blocks.1")
+    app.button(key="dims_remove").click().run()
+    assert not app.exception and not app.error
+    assert "removed block blocks.1" in app.success[0].value
+    assert app.session_state.pe.params < start
+    assert len(app.dataframe[1].value) == 2
+    app.button(key="dims_undo").click().run()
+    assert app.session_state.pe.params == start
+
+
+def test_export_page(app: AppTest) -> None:
     app.switch_page("pages/5_export.py").run()
     assert not app.exception, app.exception
     app.button(key="export_check").click().run()
     assert app.success and "forward ok" in app.success[0].value
+
+
+def test_meta_model_errors_are_one_line(app: AppTest) -> None:
+    _load(app, "demo:dino_vit_safe", device="meta")
+    app.switch_page("pages/4_dimensions.py").run()
+    app.button(key="dims_sens").click().run()
+    assert not app.exception, app.exception
+    assert len(app.error) == 1 and "needs weights" in app.error[0].value
+    app.switch_page("pages/3_groups.py").run()
+    assert not app.exception, app.exception
 
 
 def test_invalid_spec_shows_one_error(app: AppTest) -> None:
@@ -100,7 +170,7 @@ def test_invalid_spec_shows_one_error(app: AppTest) -> None:
     app.button(key="model_load").click().run()
     assert not app.exception, app.exception
     assert len(app.error) == 1 and "no_such_demo" in app.error[0].value
-    assert app.session_state.pe.spec == "demo:dino_vit"  # the old session is kept
+    assert app.session_state.pe.spec == "demo:dino_vit_safe"  # the old session is kept
 
 
 def test_bad_input_shape_shows_one_error(app: AppTest) -> None:
@@ -110,8 +180,65 @@ def test_bad_input_shape_shows_one_error(app: AppTest) -> None:
     assert len(app.error) == 1 and "input shape" in app.error[0].value
 
 
+@pytest.fixture(scope="module")
+def session() -> Session:
+    lm = load_model("demo:dino_vit_safe")
+    return Session(lm.model, lm.example_inputs, spec="demo:dino_vit_safe")
+
+
+def test_session_errors_keep_state(session: Session) -> None:
+    before = (session.params, session.settings())
+    assert not session.configure("no-such", 0.5, "dims")
+    assert "unknown importance" in session.message.text
+    assert not session.configure("magnitude", 1.5, "dims")
+    assert "ratio must be" in session.message.text
+    assert not session.configure("magnitude", 0.5, "bogus")
+    assert "heads must be" in session.message.text
+    assert not session.remove_block("blocks.9")
+    assert "not a removable residual block" in session.message.text
+    p = session.current()
+    assert not session.accept(p, count={99: 1})
+    assert "not pruned by this proposal" in session.message.text
+    assert not session.accept(p, count=10_000)
+    assert "count for" in session.message.text
+    assert not session.accept(p, count=0) and "count is 0" in session.message.text
+    assert (session.params, session.settings()) == before
+
+
+def test_session_sensitivity_needs_weights() -> None:
+    lm = load_model("demo:mlp", device="meta")
+    s = Session(lm.model, lm.example_inputs)
+    with pytest.raises(ValueError, match="needs weights"):
+        s.sensitivity()
+
+
 def test_explorer_never_imports_streamlit() -> None:
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1] / "explorer"
     offenders = [str(p) for p in root.rglob("*.py") if "import streamlit" in p.read_text()]
     assert offenders == []
+
+
+def test_export_plan_and_replay(app: AppTest) -> None:
+    app.switch_page("pages/3_groups.py").run()
+    app.button(key="groups_accept").click().run()
+    pruned = _params(app)
+    plan_text = app.session_state.pe.plan().to_dict()
+    app.switch_page("pages/5_export.py").run()
+    assert not app.exception and not app.error
+    app.multiselect(key="export_formats").set_value(["pt", "safetensors", "report"])
+    app.button(key="export_build").click().run()
+    assert not app.exception and not app.error
+    _, files, _ = app.session_state.export_files
+    assert {"model.pt", "pruned_safetensors.zip", "report.md", "report.html"} <= set(files)
+    assert "latency" in files["report.md"].decode().lower()
+    import json
+    app.switch_page("pages/1_model.py").run()
+    app.button(key="model_load").click().run()  # a fresh, unpruned session
+    app.text_area(key="model_plan_text").set_value("{not json").run()
+    app.button(key="model_plan_apply").click().run()
+    assert not app.exception and len(app.error) == 1 and "cannot apply" in app.error[0].value
+    app.text_area(key="model_plan_text").set_value(json.dumps(plan_text)).run()
+    app.button(key="model_plan_apply").click().run()
+    assert not app.exception and not app.error, app.error
+    assert _params(app) == pruned

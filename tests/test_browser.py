@@ -1,6 +1,6 @@
 """A real browser (Debian's Chromium via Playwright) drives `streamlit run app.py`.
 
-Saves screenshots of the Model, Graph and Groups pages to docs/screenshots/.
+Saves screenshots of the Model, Graph, Groups, Dimensions and Export pages to docs/screenshots/.
 """
 from __future__ import annotations
 
@@ -80,17 +80,25 @@ def test_browser_accept_a_group(server: str) -> None:
 
             page.get_by_role("link", name="Groups").click()
             page.get_by_role("button", name="Reject").wait_for(timeout=60_000)
+            page.get_by_text("Pre-flight: the pruned copy runs").wait_for(timeout=60_000)
             params = page.get_by_test_id("stMetricValue").first
             start = params.inner_text()
-            # residual stream and qkv: dino's hard-coded reshape breaks them, so reject both
-            for next_group in ("Group 2:", "Group 3:"):
-                page.get_by_role("button", name="Reject", exact=True).click()
-                page.get_by_text(next_group).wait_for(timeout=30_000)
             page.get_by_role("button", name="Accept", exact=True).click()
             page.get_by_text("accepted 1 group").wait_for(timeout=60_000)
             assert params.inner_text() != start
             page.screenshot(path=str(SHOTS / "groups.png"), full_page=True)
+
+            page.get_by_role("link", name="Dimensions & heads").click()
+            page.get_by_text("Residual blocks (depth pruning)").wait_for(timeout=60_000)
+            page.get_by_role("button", name="Compute sensitivity").click()
+            page.get_by_text("sensitivity: relative output change").wait_for(timeout=90_000)
+            page.screenshot(path=str(SHOTS / "dimensions.png"), full_page=True)
+
+            page.get_by_role("link", name="Export").click()
+            page.get_by_role("button", name="Run forward check").click()
+            page.get_by_text("forward ok").wait_for(timeout=60_000)
+            page.screenshot(path=str(SHOTS / "export.png"), full_page=True)
         finally:
             browser.close()
-    for name in ("model.png", "graph.png", "groups.png"):
+    for name in ("model.png", "graph.png", "groups.png", "dimensions.png", "export.png"):
         assert (SHOTS / name).stat().st_size > 10_000

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import explorer
 from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
-from explorer.render.figures import (cost_figure, head_table, importance_figure, legal_ratios,
-                                     widths_figure)
+from explorer.render.figures import (attention_rows, axes_rows, cost_figure, head_table,
+                                     importance_figure, legal_ratios, search_modules,
+                                     sensitivity_figure, widths_figure)
 from explorer.specs import load_model
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REGEN = os.environ.get("PE_REGEN_GOLDEN") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +101,50 @@ def test_head_table(dino: explorer.ModelGraph) -> None:
     assert rows[0]["heads"] == 6 and rows[0]["head_dim"] == 16 and rows[0]["divisible"]
     assert rows[0]["num_heads attr"] == 6
     assert legal_ratios(4) == ["1/4", "1/2", "3/4"]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_dot_matches_golden(dino: explorer.ModelGraph, depth: int) -> None:
+    """Run with PE_REGEN_GOLDEN=1 to rewrite tests/golden/ after an intended change."""
+    path = GOLDEN / f"dino_vit_depth{depth}.dot"
+    dot = graph_to_dot(dino, depth)
+    if REGEN:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(dot)
+    assert path.exists(), f"{path} is missing: run with PE_REGEN_GOLDEN=1"
+    assert dot == path.read_text(), f"DOT changed; if intended, rerun with PE_REGEN_GOLDEN=1"
+
+
+def test_dot_search_highlight(dino: explorer.ModelGraph) -> None:
+    found = search_modules(dino.graph.modules, "blocks.1.mlp")
+    assert found[0] == "blocks.1.mlp" and all("blocks.1.mlp" in f for f in found)
+    dot = graph_to_dot(dino, depth=2, highlight_modules=found)
+    assert dot.count("#D62728") == 1 and '"blocks.1" [' in dot  # split from the fold
+    assert '"blocks.0-2 x3"' not in dot
+    assert search_modules(dino.graph.modules, "LINEAR")  # class names match too
+    assert search_modules(dino.graph.modules, "  ") == []
+
+
+def test_attention_rows_flag_violations(dino: explorer.ModelGraph) -> None:
+    infos = dino.attention()
+    rows = attention_rows(infos)
+    assert len(rows) == 3 and all(r["ok"] for r in rows)
+    assert rows[0]["whole-head ratios"].startswith("1/6, 1/3")
+    bad = infos[0].__class__(**{**infos[0].to_dict(), "num_heads": 6, "kv_heads": 4,
+                                "divisible": {"blocks.0.attn.qkv": False}})
+    row = attention_rows([bad])[0]
+    assert not row["ok"]
+    assert "not divisible by heads" in row["violations"]
+    assert "6 heads not divisible by 4 kv heads" in row["violations"]
+
+
+def test_axes_rows_and_sensitivity_figure(dino: explorer.ModelGraph) -> None:
+    rows = axes_rows(dino.groups()[2])
+    assert {r["role"] for r in rows} >= {"heads", "head-dim"}
+    fig = json.loads(sensitivity_figure([
+        {"title": "a", "ratio": 0.5, "output_change": 0.2, "params_removed": 10},
+        {"title": "a", "ratio": 0.25, "output_change": 0.1, "params_removed": 5},
+        {"title": "b", "ratio": 0.5, "output_change": float("inf"), "params_removed": 3},
+    ]).to_json())
+    assert [t["name"] for t in fig["data"]] == ["a", "b"]
+    assert fig["data"][0]["x"] == [0.25, 0.5] and fig["data"][1]["y"] == [1e6]

@@ -40,16 +40,17 @@ def _fold_key(node: str, graph: Graph) -> tuple[str, int, str] | None:
     return None
 
 
-def _fold(nodes: list[str], graph: Graph, hot: set[str]) -> dict[str, str]:
+def _fold(nodes: list[str], graph: Graph, hot: set[str],
+          found: set[str] = frozenset()) -> dict[str, str]:
     """Map each node to its folded name; instances split by highlight, each part folded."""
-    buckets: dict[tuple[str, str, bool], list[tuple[int, str]]] = {}
+    buckets: dict[tuple[str, str, bool, bool], list[tuple[int, str]]] = {}
     for n in nodes:
         key = _fold_key(n, graph)
         if key is not None:
             container, idx, rest = key
-            buckets.setdefault((container, rest, n in hot), []).append((idx, n))
+            buckets.setdefault((container, rest, n in hot, n in found), []).append((idx, n))
     out = {n: n for n in nodes}
-    for (container, rest, _), members in buckets.items():
+    for (container, rest, _, _), members in buckets.items():
         if len(members) < 2:
             continue
         idx = sorted(i for i, _ in members)
@@ -73,6 +74,13 @@ def _hot_nodes(model_graph: ModelGraph, nodes: Iterable[str], group_id: int | No
                 hot.add(n)
                 break
     return hot
+
+
+def _found_nodes(nodes: Iterable[str], modules: Iterable[str]) -> set[str]:
+    """Nodes that are, contain or lie inside one of ``modules`` (a search result)."""
+    modules = [m for m in modules if m]
+    return {n for n in nodes if n not in (INPUT, OUTPUT, ROOT) and any(
+        m == n or m.startswith(n + ".") or n.startswith(m + ".") for m in modules)}
 
 
 def _param_lines(graph: Graph, members: list[str], copies: int,
@@ -99,7 +107,7 @@ def _quote(text: str) -> str:
 
 
 def graph_to_dot(model_graph: ModelGraph, depth: int = 2, highlight_group: int | None = None,
-                 fold_repeats: bool = True) -> str:
+                 fold_repeats: bool = True, highlight_modules: Iterable[str] = ()) -> str:
     """DOT text of ``model_graph`` with one node per module at ``depth``.
 
     Args:
@@ -107,6 +115,7 @@ def graph_to_dot(model_graph: ModelGraph, depth: int = 2, highlight_group: int |
         depth: module nesting depth of a node (1 = top-level children of the model).
         highlight_group: id of a group whose modules are filled with its colour.
         fold_repeats: fold ``blocks.0`` .. ``blocks.11`` into one ``blocks.0-11 x12`` node.
+        highlight_modules: module names (a search result) whose nodes get a red border.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -135,13 +144,14 @@ def graph_to_dot(model_graph: ModelGraph, depth: int = 2, highlight_group: int |
             edges[(src, OUTPUT)] = graph.values[vid].shape
     nodes[OUTPUT] = [OUTPUT]
     hot = _hot_nodes(model_graph, nodes, highlight_group)
-    folded = _fold(list(nodes), graph, hot) if fold_repeats else {n: n for n in nodes}
-    return _emit(model_graph, nodes, folded, edges, hot, ops_in, highlight_group)
+    found = _found_nodes(nodes, highlight_modules)
+    folded = _fold(list(nodes), graph, hot, found) if fold_repeats else {n: n for n in nodes}
+    return _emit(model_graph, nodes, folded, edges, hot, ops_in, highlight_group, found)
 
 
 def _emit(model_graph: ModelGraph, nodes: dict[str, list[str]], folded: dict[str, str],
           edges: dict[tuple[str, str], tuple[int, ...]], hot: set[str], ops_in: dict[str, int],
-          highlight_group: int | None) -> str:
+          highlight_group: int | None, found: set[str] = frozenset()) -> str:
     graph = model_graph.graph
     members: dict[str, list[str]] = {}
     for n in nodes:
@@ -163,6 +173,8 @@ def _emit(model_graph: ModelGraph, nodes: dict[str, list[str]], folded: dict[str
             label += _param_lines(graph, raw, len(raw), shapes)
         fill = group_colour if any(r in hot for r in raw) else name_colour(cls or name)
         extra = ", penwidth=2.5" if any(r in hot for r in raw) else ""
+        if any(r in found for r in raw):
+            extra = ', color="#D62728", penwidth=3.5'
         lines.append(f"  {_quote(name)} [label={_quote(chr(10).join(label))}, "
                      f"fillcolor={_quote(fill)}{extra}];")
     seen: set[tuple[str, str]] = set()

@@ -11,6 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..groups import Group
+from ..heads import AttentionInfo
 
 _KEPT, _REMOVED = "#4C78A8", "#E45756"
 
@@ -110,3 +111,68 @@ def head_table(groups: Sequence[Group],
             "whole-head ratios": ", ".join(ratios[:8]) + (" ..." if len(ratios) > 8 else ""),
         })
     return rows
+
+
+def attention_rows(infos: Sequence[AttentionInfo]) -> list[dict[str, object]]:
+    """One row per attention module from `ModelGraph.attention()`, violations flagged.
+
+    A violation is a projection width not divisible by its head count, or query heads not
+    divisible by key/value heads (GQA).
+    """
+    rows: list[dict[str, object]] = []
+    for a in infos:
+        kv = a.kv_heads or a.num_heads
+        bad = [m for m, ok in a.divisible.items() if not ok]
+        problems = [f"{m} width {a.widths.get(m)} not divisible by heads" for m in bad]
+        if a.num_heads % max(kv, 1):
+            problems.append(f"{a.num_heads} heads not divisible by {kv} kv heads")
+        rows.append({
+            "module": a.module, "group": a.group, "heads": a.num_heads, "head_dim": a.head_dim,
+            "kv_heads": kv,
+            "q / k / v / out": " / ".join(dict.fromkeys(x for x in (a.q, a.k, a.v, a.out) if x)),
+            "widths": ", ".join(f"{m.rpartition('.')[2]} {w}" for m, w in a.widths.items()),
+            "ok": not problems,
+            "violations": "; ".join(problems),
+            "whole-head ratios": ", ".join(r for r in a.legal_head_ratios if r != "0"),
+        })
+    return rows
+
+
+def axes_rows(group: Group) -> list[dict[str, object]]:
+    """The axes of one group (role, size, prunable, why not)."""
+    return [{"axis": i, "role": a.role, "size": a.size, "prunable": a.prunable,
+             "reason": a.reason} for i, a in enumerate(group.axes)]
+
+
+def member_rows(group: Group) -> list[dict[str, object]]:
+    """The member parameters of one group."""
+    return [{"module": m.module, "parameter": m.param, "dim": m.dim, "size": m.size}
+            for m in group.members]
+
+
+def search_modules(modules: Mapping[str, str], text: str, limit: int = 200) -> list[str]:
+    """Module names (or class names) containing ``text``, case-insensitive, in model order."""
+    needle = text.strip().lower()
+    if not needle:
+        return []
+    return [n for n, cls in modules.items()
+            if n and (needle in n.lower() or needle in cls.lower())][:limit]
+
+
+def sensitivity_figure(rows: Sequence[Mapping[str, object]]) -> go.Figure:
+    """Output change vs ratio, one line per group axis (`explorer.sensitivity.as_table`)."""
+    fig = go.Figure()
+    by_title: dict[str, list[Mapping[str, object]]] = {}
+    for r in rows:
+        by_title.setdefault(str(r["title"]), []).append(r)
+    for title, pts in by_title.items():
+        pts = sorted(pts, key=lambda r: float(r["ratio"]))
+        fig.add_trace(go.Scatter(
+            name=title, x=[r["ratio"] for r in pts], mode="lines+markers",
+            y=[min(float(r["output_change"]), 1e6) for r in pts],
+            customdata=[r["params_removed"] for r in pts],
+            hovertemplate="ratio %{x}<br>change %{y:.4g}<br>params removed %{customdata:,}"))
+    fig.update_layout(title="sensitivity: relative output change when one group is pruned",
+                      xaxis_title="ratio", yaxis_title="relative L2 change", height=380,
+                      margin=dict(l=40, r=10, t=40, b=40))
+    return fig

@@ -1,0 +1,85 @@
+"""Server-side time of the Streamlit app (AppTest, no browser): median of N runs.
+
+Measures, per model spec on ``meta``: loading + tracing from the Model page, then the first
+render of the Graph page; and on the default model one accept + reject round trip on the
+Groups page. Usage: ``python benchmarks/app_render.py [--runs 3]``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = str(ROOT / "app.py")
+SPECS = ["timm:vit_base_patch16_224",
+         "hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
+         "&num_key_value_heads=32&intermediate_size=11008&vocab_size=32000"]
+
+
+def _timed(fn) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _check(at: AppTest) -> None:
+    if at.exception or at.error:
+        raise RuntimeError(f"app failed: {[e.value for e in at.exception]} "
+                           f"{[e.value for e in at.error]}")
+
+
+def graph_render(spec: str) -> tuple[float, float]:
+    """(load + trace seconds, first Graph page render seconds) for ``spec`` on meta."""
+    st.cache_resource.clear()  # measure a cold load, not the shared cache
+    at = AppTest.from_file(APP, default_timeout=600).run()
+    at.text_input(key="model_spec").set_value(spec)
+    at.radio(key="model_device").set_value("meta")
+    load = _timed(lambda: at.button(key="model_load").click().run())
+    _check(at)
+    render = _timed(lambda: at.switch_page("pages/2_graph.py").run())
+    _check(at)
+    return load, render
+
+
+def accept_reject() -> tuple[float, float]:
+    """(accept seconds, reject seconds) of the first two proposals on the default model."""
+    at = AppTest.from_file(APP, default_timeout=600).run()
+    at.switch_page("pages/3_groups.py").run()
+    accept = _timed(lambda: at.button(key="groups_accept").click().run())
+    _check(at)
+    reject = _timed(lambda: at.button(key="groups_reject").click().run())
+    _check(at)
+    return accept, reject
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    AppTest.from_file(APP, default_timeout=600).run()  # warm imports and the default model
+    rows = []
+    for spec in SPECS:
+        runs = [graph_render(spec) for _ in range(args.runs)]
+        rows.append((f"load+trace {spec.split('?')[0]} (meta)", [r[0] for r in runs]))
+        rows.append((f"Graph page first render {spec.split('?')[0]} (meta)",
+                     [r[1] for r in runs]))
+    runs = [accept_reject() for _ in range(args.runs)]
+    rows.append(("accept (default model, pre-flight + apply + retrace)", [r[0] for r in runs]))
+    rows.append(("reject (default model)", [r[1] for r in runs]))
+    width = max(len(name) for name, _ in rows)
+    print(f"{'measurement':<{width}}  median s  runs (s)")
+    for name, times in rows:
+        print(f"{name:<{width}}  {statistics.median(times):8.3f}  "
+              + ", ".join(f"{t:.3f}" for t in times))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""Pruning plans: plain, versioned JSON that replays a pruning on a fresh copy of a model.
+
+A plan records, per applied step, which indices were REMOVED from which tensor dimension
+(kept = the complement, in order) and which module attributes changed. It carries a
+fingerprint of the original model (every parameter and buffer name with its shape), so it
+can be made on a weightless ``meta`` copy and replayed on the real weights, and so a plan
+for another model is refused before anything is touched.
+
+``Plan.apply`` validates everything first and changes the model only when every step can
+be applied (all or nothing). Kept values are copied with ``index_select``: bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .patch import resize_tensor
+from .prune import Applied
+
+SCHEMA = 1  # bump when the JSON layout changes; `Plan.load` refuses other versions
+
+__all__ = ["SCHEMA", "Plan", "PlanError", "PlanStep", "Replay", "TensorCut", "fingerprint"]
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class TensorCut:
+    """Indices removed from one dimension of one parameter or buffer at one step."""
+
+    tensor: str
+    dim: int
+    size_before: int  # width of ``dim`` when this step starts
+    removed: list[int]  # positions in that width, ascending
+
+
+@dataclass
+class PlanStep:
+    """One application (a pruner step or an accepted interactive change)."""
+
+    tensors: list[TensorCut]
+    attributes: dict[str, dict[str, list[Any]]]  # module -> attr -> [old, new]
+    group: list[int] | None = None  # group ids pruned at this step, for people reading it
+    title: str | None = None
+    head_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Names and shapes of the original model's tensors; the hash makes a quick check."""
+
+    tensors: list[list[Any]]  # sorted [name, [shape...]]
+    sha256: str
+
+
+@dataclass
+class Replay:
+    """What `Plan.apply` changed."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (before, after)
+    attributes: dict[str, dict[str, list[Any]]]  # module -> attr -> [value before, after]
+    config: Any | None = None  # `explorer.hfconfig.ConfigUpdate` for transformers models
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _hash(entries: list[list[Any]]) -> str:
+    text = json.dumps(entries, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint(shapes: Mapping[str, Sequence[int]]) -> Fingerprint:
+    """Fingerprint of ``name -> shape`` (parameters and buffers of a model)."""
+    entries = [[name, [int(s) for s in shape]] for name, shape in sorted(shapes.items())]
+    return Fingerprint(entries, _hash(entries))
+
+
+def _original_shapes(model: nn.Module, applied: Sequence[Applied]) -> dict[str, tuple[int, ...]]:
+    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor."""
+    tensors = _tensors(model)
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    aliases: dict[int, list[str]] = {}
+    for name, t in tensors.items():
+        aliases.setdefault(id(t), []).append(name)
+    for app in reversed(applied):
+        for name, (before, _after) in app.shapes.items():
+            for alias in aliases.get(id(tensors.get(name)), [name]):
+                shapes[alias] = tuple(before)
+    return shapes
+
+
+def _step_from_applied(app: Applied, head_mode: str | None, group: list[int] | None,
+                       title: str | None) -> PlanStep:
+    cuts = []
+    for (name, dim), keep in sorted(app.keeps.items()):
+        size = app.shapes[name][0][dim] if name in app.shapes else None
+        if size is None:
+            raise PlanError(f"applied change keeps indices of '{name}' but does not record "
+                            f"its shape; pass the Applied records of apply_removal unchanged")
+        kept = [int(i) for i in keep]
+        removed = sorted(set(range(size)) - set(kept))
+        if kept != sorted(kept):
+            raise PlanError(f"applied change reorders '{name}' dim {dim}; plans record "
+                            f"removals only (kept indices must stay in order)")
+        if removed:
+            cuts.append(TensorCut(name, int(dim), int(size), removed))
+    return PlanStep(cuts, _jsonable(app.attributes), group, title, head_mode)
+
+
+def _jsonable(attributes: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, dict[str, list[Any]]]:
+    out: dict[str, dict[str, list[Any]]] = {}
+    for module, attrs in attributes.items():
+        for attr, values in attrs.items():
+            vals = [list(v) if isinstance(v, tuple) else v for v in values]
+            try:
+                json.dumps(vals)
+            except TypeError as e:
+                raise PlanError(f"attribute {module}.{attr} changed to a value that is not "
+                                f"plain JSON ({values!r}); plans hold ints, floats, bools, "
+                                f"strings and lists only") from e
+            out.setdefault(module, {})[attr] = vals
+    return out
+
+
+@dataclass
+class Plan:
+    """A replayable pruning: see the module docstring. ``schema`` is the JSON version."""
+
+    model: str  # the spec it was made on, e.g. "timm:vit_tiny_patch16_224?img_size=64"
+    input_shapes: list[list[int] | None]  # example input shapes (None: not a tensor)
+    fingerprint: Fingerprint
+    steps: list[PlanStep] = field(default_factory=list)
+    schema: int = SCHEMA
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_applied(cls, applied: Sequence[Applied], model: nn.Module, spec: str,
+                     input_shapes: Sequence[Sequence[int] | None] = (),
+                     head_mode: str | None = None,
+                     groups: Sequence[list[int] | None] | None = None,
+                     titles: Sequence[str | None] | None = None) -> Plan:
+        """A plan from `Applied` records, in order, of ``model`` (already pruned by them).
+
+        Args:
+            applied: what `explorer.prune.apply_removal` returned, oldest first.
+            model: the pruned model; its original shapes are recovered from ``applied``.
+            spec: the model spec the plan is replayed from.
+            input_shapes: shapes of the example inputs.
+            head_mode: the pruner's head mode, recorded for readers.
+            groups, titles: optional per-step metadata (same length as ``applied``).
+        """
+        fp = fingerprint(_original_shapes(model, applied))
+        steps = [_step_from_applied(a, head_mode, groups[i] if groups else None,
+                                    titles[i] if titles else None)
+                 for i, a in enumerate(applied)]
+        shapes = [None if s is None else [int(x) for x in s] for s in input_shapes]
+        return cls(spec, shapes, fp, steps)
+
+    @classmethod
+    def from_pruner(cls, pruner: Any, spec: str,
+                    input_shapes: Sequence[Sequence[int] | None] | None = None,
+                    reports: Sequence[Any] | None = None) -> Plan:
+        """A plan from an `explorer.Pruner` after its steps.
+
+        Args:
+            pruner: the pruner; its ``applied`` list is recorded.
+            spec: the model spec.
+            input_shapes: defaults to the shapes of the pruner's example inputs.
+            reports: the `StepReport`s its steps returned, to record group ids and titles.
+        """
+        if input_shapes is None:
+            input_shapes = [list(x.shape) if isinstance(x, torch.Tensor) else None
+                            for x in pruner.inputs]
+        groups = titles = None
+        useful = [r for r in reports or () if r]
+        if len(useful) == len(pruner.applied) and useful:
+            groups = [[c.group for c in r.changes] for r in useful]
+            titles = ["; ".join(dict.fromkeys(c.title for c in r.changes)) for r in useful]
+        return cls.from_applied(pruner.applied, pruner.model, spec, input_shapes,
+                                head_mode=pruner.heads, groups=groups, titles=titles)
+
+    # -- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"schema": data.pop("schema"), **data}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as indented JSON (removed-index lists on one line each)."""
+        Path(path).write_text(_dumps(self.to_dict()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read a plan file. Raises `PlanError` on unreadable JSON or a wrong layout."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise PlanError(f"cannot read plan file '{path}': {e.strerror or e}") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan file '{path}' is not valid JSON: {e.msg} at line {e.lineno} "
+                            f"column {e.colno}; write it with Plan.save or fix the file") from e
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> Plan:
+        """Build a plan from parsed JSON, checking every field."""
+        return _parse(data, where)
+
+    # -- replay ---------------------------------------------------------------------------
+    def apply(self, model: nn.Module, update_config: bool = True) -> Replay:
+        """Prune ``model`` in place as recorded; all or nothing.
+
+        Everything is checked before the first change: the model's tensors against the
+        fingerprint, every tensor, dimension and index of every step, every attribute.
+
+        Args:
+            model: a fresh, unpruned copy of the plan's model (cpu or meta).
+            update_config: bring a transformers ``model.config`` in line with the new widths
+                (see `explorer.hfconfig`).
+
+        Raises:
+            PlanError: the plan does not fit ``model``; the model is unchanged.
+        """
+        replay = _commit(model, _check(self, model))
+        if update_config and hasattr(model, "config"):
+            from .hfconfig import update_config as _update
+            replay.config = _update(model)
+        return replay
+
+    @property
+    def removed_count(self) -> int:
+        return sum(len(c.removed) for s in self.steps for c in s.tensors)
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    """Indented JSON with flat number lists (indices, shapes, [old, new]) on one line."""
+    text = json.dumps(data, indent=1)
+    text = _FLAT.sub(lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
+                     text)
+    return _PAIR.sub(r"[\1, \2]", text) + "\n"
+
+
+_FLAT = re.compile(r"\[([-\d.,\s]*?)\]")  # a list of numbers
+_PAIR = re.compile(r'\[\s*("(?:[^"\\]|\\.)*"),\s*(\[[^\[\]]*\])\s*\]')  # ["name", [shape]]
+
+
+# -- parsing ------------------------------------------------------------------------------
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise PlanError(f"{where}: {what}; the plan file is malformed (write it with "
+                        f"Plan.save, or fix that field)")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(_is_int(i) for i in x)
+
+
+def _parse(data: Any, where: str) -> Plan:
+    _need(isinstance(data, dict), where, "the top level must be a JSON object")
+    version = data.get("schema")
+    if version != SCHEMA:
+        raise PlanError(f"{where}: plan schema version {version!r} is not supported; this "
+                        f"Pruning Explorer reads schema {SCHEMA}. Re-create the plan with "
+                        f"this version (python -m explorer prune ... --plan FILE)")
+    for key in ("model", "input_shapes", "fingerprint", "steps"):
+        _need(key in data, where, f"missing field '{key}'")
+    _need(isinstance(data["model"], str), where, "'model' must be a spec string")
+    shapes = data["input_shapes"]
+    _need(isinstance(shapes, list) and all(s is None or _int_list(s) for s in shapes), where,
+          "'input_shapes' must be a list of integer lists")
+    fp = data["fingerprint"]
+    _need(isinstance(fp, dict) and isinstance(fp.get("tensors"), list)
+          and isinstance(fp.get("sha256"), str), where,
+          "'fingerprint' must hold 'tensors' and 'sha256'")
+    for i, entry in enumerate(fp["tensors"]):
+        _need(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+              and _int_list(entry[1]), where, f"fingerprint.tensors[{i}] must be [name, shape]")
+    _need(_hash(fp["tensors"]) == fp["sha256"], where,
+          "the fingerprint's sha256 does not match its tensor list (was the file edited?)")
+    _need(isinstance(data["steps"], list), where, "'steps' must be a list")
+    steps = [_parse_step(s, f"{where}: steps[{i}]") for i, s in enumerate(data["steps"])]
+    return Plan(data["model"], shapes, Fingerprint(fp["tensors"], fp["sha256"]), steps)
+
+
+def _parse_step(s: Any, where: str) -> PlanStep:
+    _need(isinstance(s, dict), where, "a step must be an object")
+    _need(isinstance(s.get("tensors"), list), where, "missing list 'tensors'")
+    _need(isinstance(s.get("attributes", {}), dict), where, "'attributes' must be an object")
+    cuts = []
+    for j, c in enumerate(s["tensors"]):
+        w = f"{where}.tensors[{j}]"
+        _need(isinstance(c, dict), w, "must be an object")
+        _need(isinstance(c.get("tensor"), str), w, "'tensor' must be a name")
+        for key in ("dim", "size_before"):
+            _need(_is_int(c.get(key)), w, f"'{key}' must be an integer")
+        _need(_int_list(c.get("removed")), w, "'removed' must be a list of integers")
+        cuts.append(TensorCut(c["tensor"], c["dim"], c["size_before"], list(c["removed"])))
+    attrs = s.get("attributes", {})
+    for module, changes in attrs.items():
+        _need(isinstance(changes, dict), where, f"attributes of '{module}' must be an object")
+        for attr, pair in changes.items():
+            _need(isinstance(pair, list) and len(pair) == 2, where,
+                  f"attribute {module}.{attr} must be [old, new]")
+    group = s.get("group")
+    _need(group is None or _int_list(group), where, "'group' must be a list of ids")
+    return PlanStep(cuts, attrs, group, s.get("title"), s.get("head_mode"))
+
+
+# -- replay mechanics: check everything, then commit --------------------------------------
+@dataclass
+class _Staged:
+    """Everything `_commit` needs, computed without touching the model."""
+
+    new: dict[str, torch.Tensor]  # canonical tensor name -> sliced copy
+    aliases: dict[str, list[str]]  # canonical name -> every name of that tensor (ties)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    attributes: dict[tuple[str, str], list[Any]]  # (module, attr) -> [current, new]
+
+
+def _norm(value: Any) -> Any:
+    """Compare attribute values as JSON would hold them (tuples as lists)."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return [_norm(v) for v in value]
+    return value
+
+
+def _check_fingerprint(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> None:
+    mine = fingerprint({n: t.shape for n, t in tensors.items()})
+    if mine.sha256 == plan.fingerprint.sha256:
+        return
+    theirs = {name: tuple(shape) for name, shape in plan.fingerprint.tensors}
+    ours = {name: tuple(shape) for name, shape in mine.tensors}
+    hint = (f"; the plan was made for another model (or this one is already pruned): "
+            f"replay it on a fresh, unpruned '{plan.model}'")
+    for name in sorted(set(theirs) | set(ours)):
+        kind = "buffer" if name in ours and not isinstance(tensors[name], nn.Parameter) \
+            else "parameter"
+        if name not in ours:
+            raise PlanError(f"the model has no tensor '{name}', which the plan's model "
+                            f"'{plan.model}' had{hint}")
+        if name not in theirs:
+            raise PlanError(f"the model has {kind} '{name}', which the plan's model "
+                            f"'{plan.model}' did not{hint}")
+        if ours[name] != theirs[name]:
+            raise PlanError(f"{kind} '{name}' has shape {ours[name]} in the model but "
+                            f"{theirs[name]} in the plan's model '{plan.model}'{hint}")
+    raise PlanError("the model's fingerprint differs from the plan's")  # unreachable
+
+
+def _check_cut(cut: TensorCut, shape: list[int], where: str) -> torch.Tensor:
+    """Validate one cut against the current shape; returns the kept positions."""
+    if not 0 <= cut.dim < len(shape):
+        raise PlanError(f"{where}: tensor '{cut.tensor}' has {len(shape)} dims, the plan "
+                        f"cuts dim {cut.dim}")
+    size = shape[cut.dim]
+    if size != cut.size_before:
+        raise PlanError(f"{where}: tensor '{cut.tensor}' dim {cut.dim} has size {size} at "
+                        f"this step, the plan expects {cut.size_before}")
+    bad = [i for i in cut.removed if not 0 <= i < size]
+    if bad:
+        raise PlanError(f"{where}: index {bad[0]} is out of range for tensor "
+                        f"'{cut.tensor}' dim {cut.dim} of size {size}")
+    if len(set(cut.removed)) != len(cut.removed):
+        raise PlanError(f"{where}: tensor '{cut.tensor}' dim {cut.dim} lists an index twice")
+    if len(cut.removed) >= size:
+        raise PlanError(f"{where}: the plan removes all {size} indices of tensor "
+                        f"'{cut.tensor}' dim {cut.dim}; at least one must stay")
+    dead = set(cut.removed)
+    return torch.tensor([i for i in range(size) if i not in dead], dtype=torch.long)
+
+
+def _check_attributes(plan: Plan, model: nn.Module) -> dict[tuple[str, str], list[Any]]:
+    out: dict[tuple[str, str], list[Any]] = {}
+    for i, step in enumerate(plan.steps):
+        for mod_name, attrs in step.attributes.items():
+            try:
+                module = model.get_submodule(mod_name)
+            except AttributeError as e:
+                raise PlanError(f"step {i}: the model has no module '{mod_name}' whose "
+                                f"attributes the plan sets") from e
+            for attr, (old, new) in attrs.items():
+                key = (mod_name, attr)
+                if key not in out:
+                    if not hasattr(module, attr) and old is not None:
+                        raise PlanError(f"step {i}: module '{mod_name}' has no attribute "
+                                        f"'{attr}' (the plan changes it from {old!r})")
+                    cur = getattr(module, attr, None)
+                    if _norm(cur) != _norm(old) and _norm(cur) != _norm(new):
+                        raise PlanError(f"step {i}: {mod_name}.{attr} is {cur!r} in the "
+                                        f"model, the plan expects {old!r}")
+                    out[key] = [cur, new]
+                else:
+                    out[key][1] = new
+    return out
+
+
+def _check(plan: Plan, model: nn.Module) -> _Staged:
+    tensors = _tensors(model)
+    _check_fingerprint(plan, tensors)
+    canon: dict[str, str] = {}
+    aliases: dict[str, list[str]] = {}
+    first_of: dict[int, str] = {}
+    for name, t in tensors.items():
+        c = first_of.setdefault(id(t), name)
+        canon[name] = c
+        aliases.setdefault(c, []).append(name)
+    shapes = {n: list(tensors[n].shape) for n in aliases}
+    keeps: dict[tuple[str, int], torch.Tensor] = {}
+    for i, step in enumerate(plan.steps):
+        seen: dict[tuple[str, int], list[int]] = {}
+        for cut in step.tensors:
+            where = f"step {i}"
+            if cut.tensor not in canon:
+                raise PlanError(f"{where}: the model has no parameter or buffer "
+                                f"'{cut.tensor}'")
+            key = (canon[cut.tensor], cut.dim)
+            if key in seen:  # the same tied tensor under two names
+                if seen[key] != sorted(cut.removed):
+                    raise PlanError(f"{where}: tied tensor '{cut.tensor}' is cut twice "
+                                    f"with different indices")
+                continue
+            seen[key] = sorted(cut.removed)
+            keep = _check_cut(cut, shapes[key[0]], where)
+            base = keeps.get(key)
+            keeps[key] = keep if base is None else base[keep]
+            shapes[key[0]][cut.dim] = len(keep)
+    new: dict[str, torch.Tensor] = {}
+    per_tensor: dict[str, dict[int, torch.Tensor]] = {}
+    for (name, dim), idx in keeps.items():
+        per_tensor.setdefault(name, {})[dim] = idx
+    out_shapes = {}
+    for name, idx in per_tensor.items():
+        new[name] = resize_tensor(tensors[name], idx)
+        out_shapes[name] = (tuple(tensors[name].shape), tuple(new[name].shape))
+    return _Staged(new, aliases, out_shapes, _check_attributes(plan, model))
+
+
+def _commit(model: nn.Module, staged: _Staged) -> Replay:
+    """Swap in the sliced tensors (ties kept) and set the recorded attributes."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for name, tensor in staged.new.items():
+        owner_name, _, attr = name.rpartition(".")
+        old = getattr(model.get_submodule(owner_name), attr)
+        value: torch.Tensor = (nn.Parameter(tensor, requires_grad=old.requires_grad)
+                               if isinstance(old, nn.Parameter) else tensor)
+        for alias in staged.aliases[name]:
+            owner_name, _, attr = alias.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if isinstance(value, nn.Parameter):
+                owner._parameters[attr] = value
+            else:
+                owner._buffers[attr] = value
+            shapes[alias] = staged.shapes[name]
+    attributes: dict[str, dict[str, list[Any]]] = {}
+    for (mod_name, attr), (cur, new) in staged.attributes.items():
+        module = model.get_submodule(mod_name)
+        value = tuple(new) if isinstance(cur, tuple) and isinstance(new, list) else new
+        setattr(module, attr, value)
+        attributes.setdefault(mod_name, {})[attr] = [cur, value]
+    return Replay(shapes, attributes)

@@ -1,0 +1,315 @@
+"""A human-readable pruning report: Markdown and a self-contained HTML page.
+
+The report compares the original and the pruned model: per-layer weight shapes and
+parameters, attention heads (from the traced groups' head structure), measured CPU latency
+(median of several forwards of the example input) and a summary of the plan. It only
+reads models, groups and the plan; the HTML embeds plotly.js, so it opens offline.
+"""
+from __future__ import annotations
+
+import html
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import Group
+from .plan import Plan
+
+__all__ = ["LayerRow", "HeadRow", "Report", "build_report", "measure_latency", "measure_latencies", "write_report"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One module with parameters of its own."""
+
+    module: str
+    shape_before: tuple[int, ...]  # its weight's shape (or its first tensor's)
+    shape_after: tuple[int, ...]
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class HeadRow:
+    """One attention group's head structure before and after."""
+
+    group: int
+    module: str
+    heads_before: int
+    head_dim_before: int
+    kv_heads_before: int | None
+    heads_after: int | None  # None: the group is not found in the pruned model's trace
+    head_dim_after: int | None
+    kv_heads_after: int | None
+
+
+@dataclass
+class Report:
+    """Everything the Markdown and HTML renderings show."""
+
+    title: str
+    params_before: int
+    params_after: int
+    layers: list[LayerRow]
+    heads: list[HeadRow]
+    latency_ms_before: float | None  # median CPU forward time; None when not measurable
+    latency_ms_after: float | None
+    plan: dict[str, Any] = field(default_factory=dict)  # summary of the plan
+    notes: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        return _markdown(self)
+
+    def to_html(self) -> str:
+        return _html(self)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _main_shape(module: nn.Module) -> tuple[int, ...]:
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return tuple(w.shape)
+    first = next(module.parameters(recurse=False), None)
+    return tuple(first.shape) if first is not None else ()
+
+
+def layer_rows(original: nn.Module, pruned: nn.Module) -> list[LayerRow]:
+    """Modules with parameters of their own, in the original's order."""
+    after = dict(pruned.named_modules())
+    rows = []
+    for name, module in original.named_modules():
+        before = _params(module)
+        if not before or name not in after:
+            continue
+        rows.append(LayerRow(name or "(root)", _main_shape(module), _main_shape(after[name]),
+                             before, _params(after[name])))
+    return rows
+
+
+def head_rows(before: Sequence[Group], after: Sequence[Group] | None) -> list[HeadRow]:
+    """Head table rows: groups with head structure, matched by their first module."""
+    by_module = {(g.modules[0] if g.modules else ""): g for g in after or () if g.heads}
+    rows = []
+    for g in before:
+        if g.heads is None:
+            continue
+        module = g.modules[0] if g.modules else (g.members[0].module if g.members else "?")
+        other = by_module.get(module)
+        h2 = other.heads if other is not None else None
+        rows.append(HeadRow(g.id, module, g.heads.num_heads, g.heads.head_dim,
+                            g.heads.kv_heads, h2.num_heads if h2 else None,
+                            h2.head_dim if h2 else None, h2.kv_heads if h2 else None))
+    return rows
+
+
+def measure_latency(model: nn.Module, inputs: Sequence[Any], runs: int = 10,
+                    warmup: int = 2) -> float | None:
+    """Median wall time in ms of ``model(*inputs)`` (``time.perf_counter``), or None on meta."""
+    return measure_latencies([model], inputs, runs, warmup)[0]
+
+
+def measure_latencies(models: Sequence[nn.Module], inputs: Sequence[Any], runs: int = 10,
+                      warmup: int = 2) -> list[float | None]:
+    """Median ms per model, runs interleaved so that machine load affects all alike."""
+    live = [not any(t.device.type == "meta" for t in m.parameters()) for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                for k, m in enumerate(models):
+                    if not live[k]:
+                        continue
+                    start = time.perf_counter()
+                    m(*inputs)
+                    if i >= warmup:
+                        times[k].append(time.perf_counter() - start)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return [statistics.median(t) * 1000.0 if t else None for t in times]
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """Counts a reader wants from a plan, without the index lists."""
+    return {
+        "model": plan.model, "schema": plan.schema, "steps": len(plan.steps),
+        "tensors_cut": len({c.tensor for s in plan.steps for c in s.tensors}),
+        "indices_removed": plan.removed_count,
+        "attributes_changed": sum(len(a) for s in plan.steps for a in s.attributes.values()),
+        "fingerprint_sha256": plan.fingerprint.sha256,
+        "step_titles": [s.title for s in plan.steps if s.title],
+    }
+
+
+def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequence[Any],
+                 plan: Plan | None = None, groups_before: Sequence[Group] | None = None,
+                 groups_after: Sequence[Group] | None = None, runs: int = 10,
+                 title: str = "Pruning report") -> Report:
+    """Compare ``original`` and ``pruned`` (neither is changed).
+
+    Args:
+        original: the unpruned model.
+        pruned: the pruned model.
+        example_inputs: positional inputs for both (latency).
+        plan: the plan, summarised in the report.
+        groups_before, groups_after: traced groups of each; traced here when not given.
+        runs: forwards timed per model.
+    """
+    notes: list[str] = []
+    inputs = tuple(example_inputs)
+    if groups_before is None or groups_after is None:
+        groups_before, groups_after = _trace_groups(original, pruned, inputs, notes)
+    lat = measure_latencies([original, pruned], inputs, runs)
+    if lat[0] is None:
+        notes.append("latency not measured: the model is on the meta device")
+    return Report(title, sum(p.numel() for p in original.parameters()),
+                  sum(p.numel() for p in pruned.parameters()), layer_rows(original, pruned),
+                  head_rows(groups_before, groups_after), lat[0], lat[1],
+                  plan_summary(plan) if plan is not None else {}, notes)
+
+
+def _trace_groups(original: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
+                  notes: list[str]) -> tuple[list[Group], list[Group]]:
+    from .api import trace
+    try:
+        return trace(original, inputs).groups(), trace(pruned, inputs).groups()
+    except Exception as e:  # noqa: BLE001 - the report still has the other sections
+        notes.append(f"head table empty: tracing failed ({type(e).__name__}: {e})")
+        return [], []
+
+
+def write_report(report: Report, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(report.to_markdown(), encoding="utf-8")
+    page.write_text(report.to_html(), encoding="utf-8")
+    return [md, page]
+
+
+# -- renderings ---------------------------------------------------------------------------
+def _pct(before: float, after: float) -> str:
+    return f"{100.0 * (after - before) / before:+.1f} %" if before else "n/a"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f} ms"
+
+
+def _summary_rows(r: Report) -> list[tuple[str, str, str, str]]:
+    speed = (f"{r.latency_ms_before / r.latency_ms_after:.2f}x"
+             if r.latency_ms_before and r.latency_ms_after else "n/a")
+    return [("parameters", f"{r.params_before:,}", f"{r.params_after:,}",
+             _pct(r.params_before, r.params_after)),
+            ("CPU latency (median)", _ms(r.latency_ms_before), _ms(r.latency_ms_after),
+             f"speed-up {speed}")]
+
+
+def _layer_table(r: Report) -> tuple[list[str], list[list[str]]]:
+    head = ["module", "shape before", "shape after", "params before", "params after"]
+    rows = [[x.module, "x".join(map(str, x.shape_before)), "x".join(map(str, x.shape_after)),
+             f"{x.params_before:,}", f"{x.params_after:,}"] for x in r.layers]
+    return head, rows
+
+
+def _head_table(r: Report) -> tuple[list[str], list[list[str]]]:
+    head = ["group", "module", "heads", "head dim", "kv heads", "heads after",
+            "head dim after", "kv heads after"]
+    rows = [[str(h.group), h.module, str(h.heads_before), str(h.head_dim_before),
+             str(h.kv_heads_before or h.heads_before), _opt(h.heads_after),
+             _opt(h.head_dim_after), _opt(h.kv_heads_after or h.heads_after)] for h in r.heads]
+    return head, rows
+
+
+def _opt(x: int | None) -> str:
+    return "?" if x is None else str(x)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _markdown(r: Report) -> str:
+    parts = [f"# {r.title}", "",
+             _md_table(["", "before", "after", "change"], [list(x) for x in _summary_rows(r)]),
+             "", "## Plan", ""]
+    if r.plan:
+        parts += [f"- {k.replace('_', ' ')}: {v}" for k, v in r.plan.items() if k != "step_titles"]
+        parts += [f"- step {i}: {t}" for i, t in enumerate(r.plan.get("step_titles", []))]
+    else:
+        parts.append("no plan recorded")
+    parts += ["", "## Attention heads", ""]
+    parts.append(_md_table(*_head_table(r)) if r.heads else "no attention groups")
+    parts += ["", "## Layers", "", _md_table(*_layer_table(r))]
+    if r.notes:
+        parts += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(head: list[str], rows: Sequence[Sequence[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figures(r: Report) -> str:
+    """Per-layer widths and params as plotly figures, plotly.js inlined once."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return "<p>(plotly is not installed: no figures)</p>"
+    names = [x.module for x in r.layers]
+    widths = go.Figure([
+        go.Bar(name="before", x=names, y=[x.shape_before[0] if x.shape_before else 0
+                                          for x in r.layers], marker_color="#BAB0AC"),
+        go.Bar(name="after", x=names, y=[x.shape_after[0] if x.shape_after else 0
+                                         for x in r.layers], marker_color="#4C78A8")])
+    widths.update_layout(title="per-layer output width (dim 0 of the weight)", barmode="group",
+                         height=380, xaxis_tickangle=-45)
+    params = go.Figure([
+        go.Bar(name="before", x=names, y=[x.params_before for x in r.layers],
+               marker_color="#BAB0AC"),
+        go.Bar(name="after", x=names, y=[x.params_after for x in r.layers],
+               marker_color="#72B7B2")])
+    params.update_layout(title="parameters per layer", barmode="group", height=380,
+                         xaxis_tickangle=-45)
+    return (widths.to_html(full_html=False, include_plotlyjs=True)
+            + params.to_html(full_html=False, include_plotlyjs=False))
+
+
+_CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "td:first-child,td:nth-child(2){text-align:left}")
+
+
+def _html(r: Report) -> str:
+    plan = (_html_table(["field", "value"], [[k.replace("_", " "), str(v)]
+                                              for k, v in r.plan.items()])
+            if r.plan else "<p>no plan recorded</p>")
+    heads = _html_table(*_head_table(r)) if r.heads else "<p>no attention groups</p>"
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(r.title)}"
+            f"</title><style>{_CSS}</style></head><body><h1>{html.escape(r.title)}</h1>"
+            + _html_table(["", "before", "after", "change"], _summary_rows(r))
+            + f"<h2>Plan</h2>{plan}<h2>Attention heads</h2>{heads}<h2>Layers</h2>"
+            + _figures(r) + _html_table(*_layer_table(r))
+            + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "") + "</body></html>\n")
+

@@ -1,0 +1,53 @@
+"""Width attributes that model code reads in its forward (``self.hidden_dim``, ``self.width``).
+
+Custom modules often keep the width they were built with and use it in the forward, e.g.
+``x.reshape(-1, self.hidden_dim)`` or ``torch.split(x, self.width, 1)``. After pruning, an
+integer attribute whose name says it is a width, on a module that owns (or whose direct
+child owns) a resized tensor, is updated when its value equals the old size of exactly one
+resized dim mapping to one new size. Ambiguous cases are left alone: the pre-flight then
+reports the group unsafe with the failing line, as for any hard-coded width.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+_NAMES = {"hidden_dim", "hidden_size", "dim", "embed_dim", "width", "out_chs", "in_chs",
+          "out_channels", "in_channels", "num_features", "channels", "inner_dim",
+          "intermediate_size", "d_model", "mid_chs", "split_size", "intermediate_dim"}
+_SUFFIXES = ("_dim", "_chs", "_channels", "_features", "_width")
+_NEVER = ("kernel", "patch", "img", "window", "pool", "stride", "vocab", "position", "head",
+          "rotary", "rope", "num_")
+
+
+def _width_name(name: str) -> bool:
+    if name.startswith("_") or any(n in name for n in _NEVER):
+        return False
+    return name in _NAMES or name.endswith(_SUFFIXES)
+
+
+def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+                 already: dict[str, dict[str, list[object]]]) -> dict[str, dict[str, list[object]]]:
+    """Update width attributes after tensors changed shape; returns module -> attr changes."""
+    sizes: dict[str, dict[int, set[int]]] = {}  # module -> old size -> new sizes
+    for name, (before, after) in shapes.items():
+        owner = name.rpartition(".")[0]
+        parent = owner.rpartition(".")[0] if owner else None
+        for mod in {owner, parent} - {None}:
+            table = sizes.setdefault(mod, {})  # type: ignore[arg-type]
+            for old, new in zip(before, after):
+                if old != new:
+                    table.setdefault(old, set()).add(new)
+    changes: dict[str, dict[str, list[object]]] = {}
+    for mod_name, table in sizes.items():
+        module = model.get_submodule(mod_name)
+        done = already.get(mod_name, {})
+        for attr, value in list(vars(module).items()):
+            if attr in done or not _width_name(attr) or isinstance(value, bool) or \
+                    not isinstance(value, int):
+                continue
+            new = table.get(value)
+            if new is not None and len(new) == 1:
+                (target,) = new
+                setattr(module, attr, target)
+                changes.setdefault(mod_name, {})[attr] = [value, target]
+    return changes

@@ -1,0 +1,163 @@
+"""Export formats reload in a fresh process with equal outputs; safetensors needs no pickle."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from explorer import Pruner, load_model
+from explorer.export import ExportError, ExportResult, export, load_pruned, parse_formats
+from explorer.hfconfig import update_config
+from explorer.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pruned(spec: str, **kw: object) -> tuple[nn.Module, tuple, Plan]:
+    lm = load_model(spec)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw)
+    reports = [pruner.step() for _ in range(pruner.steps)]
+    return lm.model, lm.example_inputs, Plan.from_pruner(pruner, spec, reports=reports)
+
+
+def _output(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(*inputs)
+    return getattr(out, "logits", out)
+
+
+@dataclass
+class Exported:
+    folder: Path
+    inputs: tuple
+    expected: torch.Tensor
+    loaders: list[str]  # expressions building the model from ``folder`` in a fresh process
+    model: nn.Module
+    result: ExportResult
+
+
+_HF = "AutoModelForCausalLM.from_pretrained(folder + '/hf', attn_implementation='eager').eval()"
+_PT = "torch.load(folder + '/model.pt', weights_only=False).eval()"
+_ST = "load_pruned(None, folder)"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    """demo:resnet (pt, safetensors, report), demo:llama and hf:qwen2 (pt, safetensors, hf)."""
+    out = {}
+    for spec, formats, loaders, kw in (
+            ("demo:resnet", "pt,safetensors,hf,report", [_PT, _ST], {}),
+            ("demo:llama", "pt,safetensors,hf", [_HF, _PT, _ST], {"heads": "whole"}),
+            ("hf:qwen2", "hf", [_HF], {"heads": "whole"})):
+        folder = tmp_path_factory.mktemp(spec.replace(":", "_"))
+        model, inputs, plan = _pruned(spec, **kw)
+        res = export(model, folder, formats, plan=plan)
+        out[spec] = Exported(folder, inputs, _output(model, inputs), loaders, model, res)
+    return out
+
+
+def test_formats_reload_in_fresh_process(exported: dict[str, Exported]) -> None:
+    """One interpreter, started fresh, loads every folder; outputs equal to 1e-6."""
+    lines = ["import torch", "from safetensors.torch import load_file",
+             "from transformers import AutoModelForCausalLM",
+             "from explorer.export import load_pruned"]
+    for e in exported.values():
+        save_file({"x": e.inputs[0].contiguous(), "y": e.expected.contiguous()},
+                  str(e.folder / "check.safetensors"))
+        lines += [f"folder = {str(e.folder)!r}",
+                  "t = load_file(folder + '/check.safetensors')"]
+        for expr in e.loaders:
+            lines += [f"m = {expr}", "with torch.no_grad():", "    out = m(t['x'])",
+                      "out = getattr(out, 'logits', out)",
+                      "diff = (out - t['y']).abs().max().item()",
+                      f"assert out.shape == t['y'].shape and diff <= 1e-6, ({expr!r}, diff)",
+                      f"print('ok', folder, {expr!r})"]
+    done = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ok ") == sum(len(e.loaders) for e in exported.values())
+
+
+def test_resnet_export_files(exported: dict[str, Exported]) -> None:
+    e = exported["demo:resnet"]
+    assert set(e.result.files) == {"pt", "safetensors", "report"}
+    assert any("not a transformers model" in m for m in e.result.messages)
+    readme = (e.folder / "README.md").read_text()
+    assert "pickle" in readme and "load only files you trust" in readme
+    md = (e.folder / "report.md").read_text()
+    for section in ("parameters", "CPU latency (median)", "## Plan", "## Layers",
+                    "| conv1 | 16x3x3x3 | 8x3x3x3 |"):
+        assert section in md
+    page = (e.folder / "report.html").read_text()
+    assert "<table>" in page and "Plotly.newPlot" in page
+    assert "<script src=\"http" not in page and "<script src='http" not in page
+
+
+@pytest.mark.parametrize("spec", ["demo:llama", "hf:qwen2"])
+def test_transformers_config_patched(exported: dict[str, Exported], spec: str) -> None:
+    e = exported[spec]
+    assert e.result.config is not None and e.result.config.ok, e.result.messages
+    assert "hf" in e.result.files
+    cfg = e.model.config  # GQA 8 heads / 2 kv heads, whole kv groups pruned at 0.5
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size,
+            cfg.intermediate_size) == (4, 1, 32, 64)
+
+
+def test_safetensors_reload_reads_no_pickle(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs, plan = _pruned("demo:mlp")
+    export(model, tmp_path, "safetensors", plan=plan)
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("pickle was used")
+
+    class NoUnpickler:
+        def __init__(self, *_a: object, **_k: object) -> None:
+            refuse()
+
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickler)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    again = load_pruned("demo:mlp", tmp_path)
+    assert torch.equal(_output(again, inputs), _output(model, inputs))
+
+
+def test_head_dim_pruning_falls_back_to_safetensors(tmp_path: Path) -> None:
+    model, _inputs, plan = _pruned("demo:llama", heads="dims")
+    res = export(model, tmp_path, "hf", plan=plan)
+    assert "hf" not in res.files and "safetensors" in res.files
+    assert any("scaling" in m and "prune whole heads" in m for m in res.messages), res.messages
+    assert any("load_pruned" in m for m in res.messages)
+    again = load_pruned(None, tmp_path)
+    assert torch.equal(_output(again, _inputs), _output(model, _inputs))
+
+
+def test_non_uniform_widths_leave_config(tmp_path: Path) -> None:
+    lm = load_model("demo:llama")
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.0,
+                    ratios={"model.layers.0.mlp": 0.5})
+    pruner.step()
+    update = update_config(lm.model)
+    assert not update.ok and not update.changed
+    assert "intermediate_size differs between layers (64 in model.layers.0.mlp; 128 in " \
+           "model.layers.1.mlp)" in update.reason
+    assert lm.model.config.intermediate_size == 128
+
+
+def test_export_errors(tmp_path: Path) -> None:
+    model, _inputs, plan = _pruned("demo:mlp")
+    with pytest.raises(ExportError, match=r"unknown export format\(s\) \['onnx'\]"):
+        parse_formats("pt,onnx")
+    with pytest.raises(ExportError, match=r"safetensors format needs the plan"):
+        export(model, tmp_path, "safetensors")
+    with pytest.raises(ExportError, match=r"model.safetensors' does not exist"):
+        plan.save(tmp_path / "plan.json")
+        load_pruned(None, tmp_path)
