@@ -98,7 +98,8 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
         else:
             owner._buffers[attr] = tensor
         touched.add(owner_name)
-    _retie(model, params, buffers, previous)
+    touched |= {n.rpartition('.')[0] for n in _retie(model, params, buffers, previous)}
+    _shadow_buffers(model, keeps, buffers, previous, shapes)
     attributes: dict[str, dict[str, list[object]]] = {}
     for mod_name in sorted(touched | set(coupling.group_axes)):
         module = model.get_submodule(mod_name)
@@ -135,9 +136,34 @@ def undo(model: nn.Module, applied: Applied) -> None:
             setattr(module, attr, old)
 
 
+def _shadow_buffers(model: nn.Module, keeps: dict[tuple[str, int], np.ndarray],
+                    buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
+                    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """``original_<name>`` buffers that the forward never read follow ``<name>``.
+
+    Rotary embeddings keep ``original_inv_freq`` beside ``inv_freq`` to restore it after
+    dynamic scaling; it is not in the trace, but it must keep the same frequencies.
+    """
+    for (name, dim), keep in keeps.items():
+        owner, _, attr = name.rpartition(".")
+        shadow = f"{owner}.original_{attr}" if owner else f"original_{attr}"
+        src = buffers.get(shadow)
+        if src is None or shadow in previous or src.shape != previous.get(name, src).shape:
+            continue
+        module = model.get_submodule(owner)
+        previous[shadow] = src
+        new = resize_tensor(src, {dim: torch.as_tensor(keep, dtype=torch.long)})
+        module._buffers[f"original_{attr}"] = new
+        shapes[shadow] = (tuple(src.shape), tuple(new.shape))
+
+
 def _retie(model: nn.Module, params: dict[str, torch.Tensor],
-           buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> None:
-    """Parameters that were one tensor under several names (tied weights) stay tied."""
+           buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> list[str]:
+    """Parameters that were one tensor under several names (tied weights) stay tied.
+
+    Returns the names that were re-pointed (their modules need their attributes patched).
+    """
+    retied: list[str] = []
     by_id: dict[int, list[str]] = {}
     for name, p in {**params, **buffers}.items():
         by_id.setdefault(id(p), []).append(name)
@@ -151,7 +177,9 @@ def _retie(model: nn.Module, params: dict[str, torch.Tensor],
             mod = model.get_submodule(owner)
             if getattr(mod, attr) is not src:
                 previous.setdefault(other, getattr(mod, attr))
+                retied.append(other)
             if isinstance(src, nn.Parameter):
                 mod._parameters[attr] = src
             else:
                 mod._buffers[attr] = src
+    return retied

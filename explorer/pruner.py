@@ -63,6 +63,7 @@ class StepReport:
     forward_ok: bool = True
     output_shape_ok: bool = True
     attributes: dict[str, dict[str, list[object]]] = field(default_factory=dict)
+    config: dict[str, list[object]] = field(default_factory=dict)  # transformers config changes
 
     def __bool__(self) -> bool:
         return any(c.removed for c in self.changes)
@@ -140,6 +141,7 @@ class Pruner:
         self.target_params = target_params
         self.target_macs = target_macs
         self.current_step = 0
+        self.config_note = ""  # why a transformers config could not follow, if it could not
         self.applied: list[Applied] = []  # every application, in order (for plans and undo)
         self._calib_source = calibration
         self._calibration: Calibration | None = None
@@ -333,7 +335,8 @@ class Pruner:
         if removal:
             applied = apply_removal(self.model, self.coupling, removal)
             self.applied.append(applied)
-            report.attributes = applied.attributes
+            report.attributes = dict(applied.attributes)
+            self._update_config(report)
         self._finish(report, flight.expected)
         return report
 
@@ -348,12 +351,22 @@ class Pruner:
         report.params_after = count_params(self.model)
         report.macs_after = count_macs(self.graph)
 
+    def _update_config(self, report: StepReport) -> None:
+        """Keep a transformers ``config`` in line with uniform pruned widths."""
+        if not hasattr(getattr(self.model, "config", None), "to_dict"):
+            return
+        from .hfconfig import update_config
+        update = update_config(self.model)
+        self.config_note = update.reason
+        report.config = {k: list(v) for k, v in update.changed.items()}
+
     def undo(self) -> Applied | None:
         """Revert the last application exactly (same tensors, same attributes)."""
         if not self.applied:
             return None
         last = self.applied.pop()
         undo(self.model, last)
+        self._update_config(StepReport(self.current_step))  # widths are back: so is config
         self._analyse()
         return last
 

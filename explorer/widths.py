@@ -2,8 +2,8 @@
 
 Custom modules often keep the width they were built with and use it in the forward, e.g.
 ``x.reshape(-1, self.hidden_dim)`` or ``torch.split(x, self.width, 1)``. After pruning, an
-integer attribute whose name says it is a width, on a module that owns (or whose direct
-child owns) a resized tensor, is updated when its value equals the old size of exactly one
+integer attribute whose name says it is a width, on a module that owns (or whose child or
+grandchild owns) a resized tensor, is updated when its value equals the old size of exactly one
 resized dim mapping to one new size. Ambiguous cases are left alone: the pre-flight then
 reports the group unsafe with the failing line, as for any hard-coded width.
 """
@@ -31,8 +31,11 @@ def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tupl
     sizes: dict[str, dict[int, set[int]]] = {}  # module -> old size -> new sizes
     for name, (before, after) in shapes.items():
         owner = name.rpartition(".")[0]
-        parent = owner.rpartition(".")[0] if owner else None
-        for mod in {owner, parent} - {None}:
+        ancestors = {owner}
+        for _ in range(2):  # parent and grandparent (a block owning a ModuleList of convs)
+            owner = owner.rpartition(".")[0] if owner else ""
+            ancestors.add(owner)
+        for mod in ancestors:
             table = sizes.setdefault(mod, {})  # type: ignore[arg-type]
             for old, new in zip(before, after):
                 if old != new:
