@@ -179,7 +179,8 @@ class Coupling:
             if not mids or _noise(fams, self):
                 continue
             members = [self._members[m].member for m in mids]
-            axes = [self._axis(f, members, len(fams) > 1) for f in fams]
+            has_heads = any(self._is_head(f) for f in fams)
+            axes = [self._axis(f, members, len(fams) > 1, has_heads) for f in fams]
             heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
                                       for m in mids], self.head_dims)
             channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
@@ -196,7 +197,7 @@ class Coupling:
         tags = self._family_tags.get(fam, set())
         return fam not in self._family_pins and any(t in tags for t in _HEAD_TAGS)
 
-    def _axis(self, fam: int, members: list[Member], composite: bool) -> Axis:
+    def _axis(self, fam: int, members: list[Member], composite: bool, heads: bool) -> Axis:
         size = len(self.family_atoms[fam])
         tags = self._family_tags.get(fam, set())
         pin = self._family_pins.get(fam)
@@ -207,7 +208,7 @@ class Coupling:
             role = "heads" if fam in self._outer_heads else "head-repeat"
         elif any(t in tags for t in _GROUP_TAGS):
             role = "groups"
-        elif composite:
+        elif composite and heads:
             role = "head-dim"
         else:
             role = "channels"
