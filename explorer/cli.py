@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from .api import trace
-from .groups import Group
 from .export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
+from .groups import Group
+from .heads import AttentionInfo, attention_modules
 from .plan import Plan
 from .pruner import HEAD_MODES, Pruner, StepReport
 from .specs import LoadedModel, SpecError, load_model, parse_input_shape
@@ -41,6 +42,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--global", dest="global_pruning", action="store_true")
+    p.add_argument("--target-params", type=float, default=None,
+                   help="prune until params <= this fraction of the original (overrides ratio)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="prune until MACs <= this fraction of the original (overrides ratio)")
+    p.add_argument("--calibration", default=None,
+                   help="tensor file (.pt, weights_only) of inputs for data-aware criteria")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,8 +122,10 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
     pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance, ratio=args.ratio,
                     iterative_steps=args.steps, global_pruning=args.global_pruning,
                     heads=args.heads, round_to=args.round_to,
-                    ignored=_ignored(lm, args.ignore))
+                    ignored=_ignored(lm, args.ignore), target_params=args.target_params,
+                    target_macs=args.target_macs, calibration=args.calibration)
     groups_before = pruner.groups
+    heads_before = {a.module: a for a in attention_modules(lm.model, pruner.coupling)}
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]
     first, last = reports[0], reports[-1]
@@ -131,8 +140,26 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
                     "error": u.error} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
+        "attention": _heads_before_after(heads_before, attention_modules(lm.model,
+                                                                         pruner.coupling)),
     }
     return _Pruned(pruner, reports, out, groups_before)
+
+
+def _heads_before_after(before: dict[str, AttentionInfo],
+                        after: list[AttentionInfo]) -> list[dict[str, Any]]:
+    """Per attention module: heads, head_dim and kv heads before and after pruning."""
+    now = {a.module: a for a in after}
+    rows = []
+    for name, b in before.items():
+        a = now.get(name)
+        rows.append({"module": name,
+                     "before": {"num_heads": b.num_heads, "head_dim": b.head_dim,
+                                "kv_heads": b.kv_heads},
+                     "after": None if a is None else {"num_heads": a.num_heads,
+                                                      "head_dim": a.head_dim,
+                                                      "kv_heads": a.kv_heads}})
+    return rows
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
