@@ -65,17 +65,30 @@ class Preflight:
         self.coupling = coupling
         self.expected = [tuple(v.shape) for v in
                          (coupling.graph.values[o] for o in coupling.graph.outputs)]
-        self.device = "meta"
-        try:
-            trace(meta_copy(model), to_device(example_inputs, "meta"))
-        except TraceError:
-            self.device = "cpu"
+        self.device = "meta"  # until a failure shows the unpruned model cannot run on meta
+        self._meta_checked = False
+
+    def _meta_works(self) -> bool:
+        """Whether the unpruned model runs on meta (checked once, after a first failure)."""
+        if not self._meta_checked:
+            self._meta_checked = True
+            try:
+                trace(meta_copy(self.model), to_device(self.inputs, "meta"))
+            except TraceError:
+                self.device = "cpu"
+        return self.device == "meta"
 
     def _copy(self) -> nn.Module:
         return meta_copy(self.model) if self.device == "meta" else copy.deepcopy(self.model)
 
     def check(self, removal: Removal) -> Verdict:
         """Apply ``removal`` to a fresh copy and run the forward; never touches the model."""
+        verdict = self._check(removal)
+        if not verdict.ok and self.device == "meta" and not self._meta_works():
+            verdict = self._check(removal)  # the model needs real values: retry on cpu
+        return verdict
+
+    def _check(self, removal: Removal) -> Verdict:
         model = self._copy()
         try:
             apply_removal(model, self.coupling, removal)
