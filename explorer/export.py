@@ -17,7 +17,6 @@ Each export writes a ``README.md`` listing the files and how to load them.
 """
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import nn
 
 from .hfconfig import ConfigUpdate, update_config
 from .plan import Plan
+from .preflight import clone_model
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
@@ -216,4 +216,4 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
 
 def snapshot(model: nn.Module) -> nn.Module:
     """A deep copy to keep as the report's "before" model while ``model`` is pruned."""
-    return copy.deepcopy(model)
+    return clone_model(model)

@@ -39,7 +39,40 @@ def meta_copy(model: nn.Module) -> nn.Module:
                                    requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
+    for t in _attribute_tensors(model):
+        memo.setdefault(id(t), torch.empty_like(t, device="meta"))
     return copy.deepcopy(model, memo)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copes with non-leaf tensors cached in module attributes
+    (attention-bias caches, weight-norm results), which deepcopy refuses."""
+    memo: dict[int, Any] = {}
+    for t in _attribute_tensors(model):
+        if t.grad_fn is not None:
+            memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _attribute_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors held in module attributes (also inside dicts and lists), not params/buffers."""
+    found: list[torch.Tensor] = []
+
+    def walk(obj: Any, depth: int) -> None:
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter):
+            found.append(obj)
+        elif depth < 3 and isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif depth < 3 and isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                walk(value, 0)
+    return found
 
 
 def to_device(obj: Any, device: str) -> Any:
@@ -79,7 +112,7 @@ class Preflight:
         return self.device == "meta"
 
     def _copy(self) -> nn.Module:
-        return meta_copy(self.model) if self.device == "meta" else copy.deepcopy(self.model)
+        return meta_copy(self.model) if self.device == "meta" else clone_model(self.model)
 
     def check(self, removal: Removal) -> Verdict:
         """Apply ``removal`` to a fresh copy and run the forward; never touches the model."""
@@ -119,4 +152,4 @@ def graph_module(exc: TraceError) -> str:
     return text[start:text.find("'", start)]
 
 
-__all__ = ["Preflight", "Verdict", "meta_copy", "to_device", "tensor_leaves"]
+__all__ = ["Preflight", "Verdict", "meta_copy", "clone_model", "to_device", "tensor_leaves"]

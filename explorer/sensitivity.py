@@ -1,7 +1,6 @@
 """Sensitivity scan: how much the output (or loss) moves when one group is pruned alone."""
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import torch
 
 from .calibration import Calibration, compute_loss
+from .preflight import clone_model
 from .prune import Removal, apply_removal
 from .pruner import Pruner
 from .tracer import tensor_leaves
@@ -52,7 +52,7 @@ def scan(pruner: Pruner, ratios: Sequence[float] = (0.25, 0.5, 0.75),
                 continue
             removal = Removal()
             removal.add(c.group.id, c.axis, sorted(int(i) for i in c.scores.argsort()[:n]))
-            model = copy.deepcopy(pruner.model)
+            model = clone_model(pruner.model)
             before = sum(p.numel() for p in model.parameters())
             try:
                 apply_removal(model, pruner.coupling, removal)

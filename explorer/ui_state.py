@@ -9,7 +9,6 @@ group ids change whenever a prune changes the graph.
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -24,8 +23,8 @@ from .depth import remove_blocks
 from .groups import Group
 from .importance import CRITERIA, make
 from .metrics import count_macs, count_params
-from .preflight import Preflight, Verdict, meta_copy, to_device
 from .plan import Plan, PlanError
+from .preflight import Preflight, Verdict, clone_model, meta_copy, to_device
 from .prune import Applied, PruneError, Removal, apply_removal
 from .pruner import HEAD_MODES, GroupChange, Pruner
 from .sensitivity import SensitivityRow, scan
@@ -115,12 +114,12 @@ class Session:
     message: Message | None = None
 
     def __post_init__(self) -> None:
-        self.model = copy.deepcopy(self.model)
+        self.model = clone_model(self.model)
         self.example_inputs = tuple(self.example_inputs)
         self._history: list[_Snapshot] = []
         self._proposals: list[Proposal] | None = None
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
-        self.original = copy.deepcopy(self.model)  # unpruned, for reports and plan replays
+        self.original = clone_model(self.model)  # unpruned, for reports and plan replays
         self.applied: list[Applied] = []  # every accepted application, in order (the plan)
         self.blocks_removed = 0
         self.version = 0  # bumped whenever the model changes (pages key caches on it)
@@ -290,7 +289,7 @@ class Session:
         """Output change when each group alone is pruned at each ratio (on a copy)."""
         if self.on_meta:
             raise ValueError("sensitivity needs weights: load the model on cpu, not meta")
-        pruner = Pruner(copy.deepcopy(self.model), self.example_inputs,
+        pruner = Pruner(clone_model(self.model), self.example_inputs,
                         importance=self.importance, heads=self.heads)
         return scan(pruner, ratios)
 
@@ -318,7 +317,7 @@ class Session:
                               "change (or reload the model) first")
         try:
             plan = Plan.from_dict(json.loads(text), where="uploaded plan")
-            trial = copy.deepcopy(self.model)
+            trial = clone_model(self.model)
             plan.apply(trial)
         except (PlanError, ValueError, UnicodeDecodeError) as exc:
             return self._fail(f"cannot apply the plan: {exc}")
@@ -361,7 +360,7 @@ class Session:
         if plan is None and not self.blocks_removed:
             plan = self.plan()
         with tempfile.TemporaryDirectory() as tmp:
-            result = export(copy.deepcopy(self.model), tmp, formats=formats, plan=plan,
+            result = export(clone_model(self.model), tmp, formats=formats, plan=plan,
                             original=self.original, example_inputs=self.example_inputs)
             out: dict[str, bytes] = {}
             for fmt, paths in result.files.items():
@@ -437,7 +436,7 @@ class Session:
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""
         device = Preflight(self.model, self.example_inputs, self.graph.coupling).device
-        trial = meta_copy(self.model) if device == "meta" else copy.deepcopy(self.model)
+        trial = meta_copy(self.model) if device == "meta" else clone_model(self.model)
         remove_blocks(trial, names, {n: tuple_output for n in names})
         try:
             graph = trace(trial, to_device(self.example_inputs, device))
@@ -452,7 +451,7 @@ class Session:
         return Verdict(True, output_shapes=shapes)
 
     def _push(self, with_model: bool) -> None:
-        self._history.append(_Snapshot(copy.deepcopy(self.model) if with_model else None,
+        self._history.append(_Snapshot(clone_model(self.model) if with_model else None,
                                        dict(self.decided), list(self.log), list(self.applied),
                                        self.blocks_removed))
 

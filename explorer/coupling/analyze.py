@@ -126,8 +126,13 @@ class Coupling:
             fams = np.unique(self.family_of[self._expand_ids(ids)])
             for f in fams[fams >= 0]:
                 out.setdefault(int(f), reason)
-        for text in self.conflicts:
-            out.setdefault(-1, text)
+        bad = np.fromiter(self.res.conflict_classes, dtype=np.int64)
+        if len(bad):
+            atoms = self.res.atoms_matrix_of_classes(bad)
+            fams = np.unique(self.family_of[atoms[atoms >= 0]])
+            for f in fams[fams >= 0]:
+                out.setdefault(int(f), "reshapes that factor these channels in incompatible "
+                                       "ways (see conflicts)")
         return out
 
     def _tags_per_family(self) -> dict[int, set[str]]:

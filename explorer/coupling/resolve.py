@@ -29,6 +29,18 @@ class Resolution:
     num_classes: int
     defs: dict[int, tuple[int, ...]]  # composite class -> atom classes (flattened)
     conflicts: list[str] = field(default_factory=list)
+    conflict_classes: set[int] = field(default_factory=set)  # must not be pruned
+
+    def atoms_matrix_of_classes(self, classes: np.ndarray) -> np.ndarray:
+        """Like `atoms_matrix`, for class ids instead of element ids."""
+        k = max((len(self.defs[int(c)]) for c in classes if int(c) in self.defs), default=1)
+        out = np.full((len(classes), k), -1, dtype=np.int64)
+        out[:, 0] = classes
+        for i, c in enumerate(classes):
+            t = self.defs.get(int(c))
+            if t is not None:
+                out[i, :len(t)] = t
+        return out
 
     def atoms_matrix(self, ids: np.ndarray) -> np.ndarray:
         """``(len(ids), k)`` atom classes per element, padded with -1 to the longest tuple."""
@@ -65,6 +77,7 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
     prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_arity.items()}
     label = _components(n, a, b)
     conflicts: list[str] = []
+    cross_bad: set[int] = set()
     for _ in range(max_rounds):
         na, nb = [], []
         for flat, comps in prods.values():
@@ -75,7 +88,9 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
             _, first2, inv2 = np.unique(label[flat], return_index=True, return_inverse=True)
             na.append(lc.reshape(-1))
             nb.append(lc[first2[inv2.reshape(-1)]].reshape(-1))
-        ea, eb = _cross_arity(label, prods, conflicts)
+        cross_bad.clear()
+        conflicts.clear()
+        ea, eb = _cross_arity(label, prods, conflicts, cross_bad)
         na.append(ea)
         nb.append(eb)
         xa, xb = np.concatenate(na), np.concatenate(nb)
@@ -84,14 +99,19 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
             break
         merged = _components(n, xa[diff], xb[diff])
         label = merged[label]
-    uniq, label = np.unique(label, return_inverse=True)
-    label = label.reshape(-1).astype(np.int64)
-    defs = _flatten_defs(label, prods, conflicts)
-    return Resolution(label, len(uniq), defs, conflicts)
+    uniq, relabel = np.unique(label, return_inverse=True)
+    relabel = relabel.reshape(-1).astype(np.int64)
+    bad: set[int] = set()
+    if cross_bad:  # class ids of the last round, mapped to the compact numbering
+        old = np.fromiter(cross_bad, dtype=np.int64)
+        bad.update(int(x) for x in np.searchsorted(uniq, old[np.isin(old, uniq)]))
+    label = relabel
+    defs = _flatten_defs(label, prods, conflicts, bad)
+    return Resolution(label, len(uniq), defs, conflicts, bad)
 
 
 def _cross_arity(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarray]],
-                 conflicts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+                 conflicts: list[str], bad: set[int]) -> tuple[np.ndarray, np.ndarray]:
     """Classes defined by tuples of different lengths: unify after full expansion."""
     if len(prods) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -114,6 +134,9 @@ def _cross_arity(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarra
             if base is None or other is None or len(base) != len(other):
                 conflicts.append(f"class {cls}: reshapes that factor one space in "
                                  f"incompatible ways")
+                bad.add(cls)
+                for r in rows:
+                    bad.update(r)
                 continue
             ea.extend(base)
             eb.extend(other)
@@ -137,7 +160,7 @@ def _expand(defs: dict[int, tuple[int, ...]], row: tuple[int, ...],
 
 
 def _flatten_defs(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarray]],
-                  conflicts: list[str]) -> dict[int, tuple[int, ...]]:
+                  conflicts: list[str], bad: set[int]) -> dict[int, tuple[int, ...]]:
     raw: dict[int, tuple[int, ...]] = {}
     for flat, comps in prods.values():
         lf, lc = label[flat], label[comps]
@@ -154,6 +177,8 @@ def _flatten_defs(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarr
         expanded = _expand(raw, row, {cls})
         if expanded is None:
             conflicts.append(f"class {cls}: reshapes that could not be expanded")
+            bad.add(cls)
+            bad.update(row)
             continue
         out[cls] = expanded
     return out
