@@ -109,6 +109,14 @@ if hasattr(nn, "RMSNorm"):
             info.set(m, "normalized_shape", tuple(m.weight.shape))
 
 
+@patcher(nn.RNNBase)
+def _rnn(m: nn.Module, info: PatchInfo) -> None:
+    info.set(m, "input_size", m.weight_ih_l0.shape[1])
+    info.set(m, "hidden_size", m.weight_hh_l0.shape[1] if not getattr(m, "proj_size", 0)
+             else m.hidden_size)
+    m._init_flat_weights()  # the forward reads the cached list of weight tensors
+
+
 @patcher(nn.MultiheadAttention)
 def _mha(m: nn.Module, info: PatchInfo) -> None:
     e = m.out_proj.weight.shape[0]

@@ -234,3 +234,33 @@ def test_unknown_op_is_reported_not_guessed() -> None:
                                             for m in g.members))
     assert not g.prunable and "unsupported op" in g.reason
     assert mg.coupling.unknown_ops
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.rnn = cls(8, 16, num_layers=2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.inp(x))
+        return self.out(h[:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_recurrent_hidden_units_mask_equivalence(cls: type[nn.RNNBase]) -> None:
+    """Multi-layer bidirectional LSTM/GRU: hidden units pruned in every gate and layer."""
+    model = _Recurrent(cls).eval()
+    x = torch.randn(2, 5, 6)
+    mg = trace(model, (x,))
+    g = next(g for g in mg.groups() if any(m.param == "rnn.weight_hh_l0" for m in g.members))
+    if cls is nn.LSTM:
+        assert [a.role for a in g.axes if not a.prunable] == ["fixed"] * 4  # gates, 2x2 layers
+    axis = next(i for i, a in enumerate(g.axes) if a.prunable)
+    removal = Removal()
+    removal.add(g.id, axis, [0, 3, 7, 8])
+    masked = _mask_copy(model, mg.coupling, removal)
+    apply_removal(model, mg.coupling, removal)
+    assert model.rnn.hidden_size == 12 and model.rnn.weight_hh_l1.shape[1] == 12
+    torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-4)

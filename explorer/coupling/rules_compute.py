@@ -76,6 +76,39 @@ def addmm(ctx: Ctx, node: OpNode) -> None:
     _matmul(ctx, node, a, b, bias=bias)
 
 
+@rule(aten.mkldnn_rnn_layer)
+def lstm_layer(ctx: Ctx, node: OpNode) -> None:
+    """One LSTM layer/direction: gate rows are (gate, hidden unit); units recur via w_hh.
+
+    ``weight_ih`` and ``weight_hh`` rows are the four gates (i, f, g, o) of each hidden unit,
+    ``weight_hh`` columns and the outputs are the units themselves: removing a unit removes
+    its row in every gate, its recurrent column and its output channel.
+    """
+    x_ref, w_ih, w_hh, b_ih, b_hh, hx, cx = node.args[:7]
+    x, wi, wh = ctx.dims(x_ref), ctx.dims(w_ih), ctx.dims(w_hh)
+    hidden = int(node.args[10])
+    gates = ctx.sp.fresh(len(wi[0]) // hidden)
+    ctx.sp.pin(gates, f"the LSTM gates (i, f, g, o) of '{node.module}'")
+    units = ctx.sp.fresh(hidden)
+    ctx.sp.product(wi[0], [gates, units], node.index)
+    ctx.union(wi[0], wh[0], node)
+    for bias in (b_ih, b_hh):
+        if hasattr(bias, "vid") and len(ctx.shape(bias)) == 1:
+            ctx.union(wi[0], ctx.dims(bias)[0], node)
+    ctx.union(wh[1], units, node)
+    ctx.union(x[-1], wi[1], node)
+    states = []
+    for state in (hx, cx):
+        sd = ctx.dims(state)
+        ctx.union(sd[-1], units, node)
+        states.append(list(sd[:-1]) + [units])
+    ctx.set_out(node, 0, list(x[:-1]) + [units])
+    ctx.set_out(node, 1, states[0])
+    ctx.set_out(node, 2, states[1])
+    for i in range(3, len(node.outputs)):
+        ctx.fresh_out(node, i)
+
+
 @rule(aten._grouped_mm)
 def grouped_mm(ctx: Ctx, node: OpNode) -> None:
     """Mixture-of-experts matmul: rows of ``a`` routed to per-expert matrices of ``b``.
