@@ -40,13 +40,29 @@ class Criterion:
 
     def __init__(self) -> None:
         self.saliency: dict[str, torch.Tensor] = {}
+        self._reduced: dict[tuple[str, int], np.ndarray] = {}
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         """Compute per-weight saliency tensors for the whole model."""
 
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """The saliency of every weight of parameter ``name`` (None: not scored)."""
+        return self.saliency.get(name)
+
+    def element(self, name: str, dim: int) -> np.ndarray | None:
+        """Saliency summed over every dim but ``dim`` (cached: members recur across groups)."""
+        key = (name, dim)
+        if key not in self._reduced:
+            t = self.tensor(name)
+            if t is None:
+                return None
+            dims = [d for d in range(t.dim()) if d != dim]
+            self._reduced[key] = (t.sum(dim=dims) if dims else t).double().cpu().numpy()
+        return self._reduced[key]
+
     def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
         """One score array per axis of ``group``."""
-        out = aggregate(coupling, group, self.saliency)
+        out = aggregate(coupling, group, self.element)
         return [np.abs(s) for s in out] if self.signed else out
 
 
@@ -62,18 +78,18 @@ def register(*names: str) -> Callable[[type[Criterion]], type[Criterion]]:
 
 
 def aggregate(coupling: Coupling, group: Group,
-              saliency: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    """Sum a per-weight saliency over every member element into the group's axes."""
+              element: Callable[[str, int], np.ndarray | None]) -> list[np.ndarray]:
+    """Sum per-element saliencies (``element(param, dim)``) into the group's axes."""
     fams = [a.family for a in group.axes]
     scores = [np.zeros(a.size, dtype=np.float64) for a in group.axes]
     pos_of = {f: _positions(coupling, f) for f in fams}
     names = {m.param for m in group.members}
     for member, atoms in coupling.member_atoms():
-        t = saliency.get(member.param)
-        if member.param not in names or t is None:
+        if member.param not in names:
             continue
-        dims = [d for d in range(t.dim()) if d != member.dim]
-        elem = (t.sum(dim=dims) if dims else t).double().cpu().numpy()
+        elem = element(member.param, member.dim)
+        if elem is None:
+            continue
         for j in range(atoms.shape[1]):
             col = atoms[:, j]
             fam = np.where(col >= 0, coupling.family_of[np.maximum(col, 0)], -1)
@@ -103,7 +119,12 @@ class Magnitude(Criterion):
     power = 2.0
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        self.saliency = {n: w.float().abs().pow(self.power) for n, w in _weights(model).items()}
+        self._weights = _weights(model)  # saliency computed per parameter when asked
+        self._reduced = {}
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        w = self._weights.get(name)
+        return None if w is None else w.float().abs().pow(self.power)
 
 
 @register("l1")
@@ -127,7 +148,7 @@ class BNScale(Criterion):
     """|gamma| of BatchNorm members (zero for groups without one)."""
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        self.saliency = {}
+        self.saliency, self._reduced = {}, {}
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                 self.saliency[f"{name}.weight" if name else "weight"] = m.weight.detach().abs()
@@ -170,6 +191,7 @@ class Taylor(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         grads = _grads(model, calib or load_calibration(None, _inputs(coupling, model)), False)
+        self._reduced = {}
         self.saliency = {n: w.float() * grads[n] for n, w in _weights(model).items()
                          if n in grads}
 
@@ -182,7 +204,7 @@ class Fisher(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         fisher = _grads(model, calib or load_calibration(None, _inputs(coupling, model)), True)
-        self.fisher = fisher
+        self.fisher, self._reduced = fisher, {}
         self.saliency = {n: 0.5 * w.float().pow(2) * fisher[n] for n, w in _weights(model).items()
                          if n in fisher}
 
@@ -207,7 +229,7 @@ class Activation(Criterion):
         finally:
             for h in handles:
                 h.remove()
-        self.saliency = {}
+        self.saliency, self._reduced = {}, {}
         modules = dict(model.named_modules())
         for name, sq in norms.items():
             w = modules[name].weight.detach().float().abs()
