@@ -7,6 +7,7 @@ models), params after / before, and pass (forward runs and the output shape is u
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import time
@@ -38,6 +39,17 @@ class Result:
     ratio: float | None = None  # params after / before
     ok: bool = False
     error: str = ""
+
+
+TIMEOUT_S = 120  # one pruning call; past it the cell reads FAIL (timeout)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _timeout(_signum: int, _frame: Any) -> None:
+    raise _Timeout(f"no result in {TIMEOUT_S} s")
 
 
 def _shape(out: Any) -> tuple[int, ...]:
@@ -81,11 +93,15 @@ def _measure(entry: ZooEntry, fn: Callable[[nn.Module, tuple[Any, ...], ZooEntry
             expected = _shape(lm.model(*lm.example_inputs))
         before = _params(lm.model)
         start = time.perf_counter()
+        signal.signal(signal.SIGALRM, _timeout)
+        signal.alarm(TIMEOUT_S)
         try:
             fn(lm.model, lm.example_inputs, entry)
         except Exception as exc:  # noqa: BLE001 - a failure is a table cell, not a crash
             res.error = f"{type(exc).__name__}: {str(exc)[:120]}"
             return res
+        finally:
+            signal.alarm(0)
         times.append(time.perf_counter() - start)
         res.ratio = _params(lm.model) / before
         try:
@@ -115,12 +131,15 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     entries = [e for e in ZOO if not args.only or any(s in e.id for s in args.only)]
     print(f"torch_pruning: {getattr(tp, '__version__', 'not installed')}; runs={args.runs}")
-    print(f"{'model':36s} {'ours':>8s} {'ratio':>6s} {'':4s} | {'TP':>8s} {'ratio':>6s}")
+    print(f"{'model':36s} {'ours':>8s} {'kept':>6s} {'':4s} | {'TP':>8s} {'kept':>6s} {'':4s} |"
+          f" {'time ours/TP':>12s}")
     errors: list[str] = []
     for e in entries:
         ours = _measure(e, _ours, args.runs)
         theirs = _measure(e, _torch_pruning, args.runs) if tp is not None else None
-        print(f"{e.id:36s} {_cell(ours)} | {_cell(theirs)}", flush=True)
+        speed = (f"{ours.seconds / theirs.seconds:12.1f}" if theirs and theirs.seconds and
+                 ours.seconds else f"{'-':>12s}")
+        print(f"{e.id:36s} {_cell(ours)} | {_cell(theirs)} | {speed}", flush=True)
         for who, r in (("ours", ours), ("TP", theirs)):
             if r is not None and r.error:
                 errors.append(f"{e.id} [{who}]: {r.error}")

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from .calibration import Calibration, compute_loss
-from .preflight import clone_model
-from .prune import Removal, apply_removal
+from .prune import Removal, apply_removal, undo
 from .pruner import Pruner
 from .tracer import tensor_leaves
 
@@ -35,7 +34,9 @@ def _outputs(model: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
 
 def scan(pruner: Pruner, ratios: Sequence[float] = (0.25, 0.5, 0.75),
          calibration: Calibration | None = None) -> list[SensitivityRow]:
-    """Prune each candidate group alone on a copy at each ratio and measure the change.
+    """Prune each candidate group alone at each ratio, measure the change, and undo it.
+
+    The model is pruned in place and restored exactly after every trial (same tensors).
 
     With ``calibration`` the change is the loss increase on it; otherwise the relative L2
     change of the model's outputs on the example inputs.
@@ -52,10 +53,11 @@ def scan(pruner: Pruner, ratios: Sequence[float] = (0.25, 0.5, 0.75),
                 continue
             removal = Removal()
             removal.add(c.group.id, c.axis, sorted(int(i) for i in c.scores.argsort()[:n]))
-            model = clone_model(pruner.model)
+            model = pruner.model  # pruned in place and restored exactly (no copy)
             before = sum(p.numel() for p in model.parameters())
+            applied = apply_removal(model, pruner.coupling, removal)
+            after = sum(p.numel() for p in model.parameters())
             try:
-                apply_removal(model, pruner.coupling, removal)
                 if calibration:
                     change = _loss(model, calibration) - base_loss
                 else:
@@ -63,7 +65,8 @@ def scan(pruner: Pruner, ratios: Sequence[float] = (0.25, 0.5, 0.75),
                     change = float((out - base).norm() / (base.norm() + 1e-12))
             except Exception:  # noqa: BLE001 - a group that breaks the forward is maximal
                 change = float("inf")
-            after = sum(p.numel() for p in model.parameters())
+            finally:
+                undo(model, applied)
             rows.append(SensitivityRow(c.group.id, f"{c.group.title} [{c.group.axes[c.axis].role}]",
                                        r, n, before - after, change))
     return rows

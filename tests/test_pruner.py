@@ -150,7 +150,10 @@ def test_interactive_unsafe_proposal_changes_nothing() -> None:
 def test_sensitivity_scan_table() -> None:
     lm = load_model("demo:mlp")
     p = Pruner(lm.model, lm.example_inputs, ratio=0.5)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     rows = scan(p, ratios=(0.25, 0.75))
+    after = lm.model.state_dict()  # every trial was undone exactly
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
     assert rows and {r.ratio for r in rows} == {0.25, 0.75}
     by_ratio = {r.ratio: r.output_change for r in rows if r.group == rows[0].group}
     assert by_ratio[0.75] > by_ratio[0.25] > 0
