@@ -4,6 +4,7 @@ Saves screenshots of the Model, Graph, Groups, Dimensions and Export pages to do
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -97,6 +98,14 @@ def test_browser_accept_a_group(server: str) -> None:
             page.get_by_role("link", name="Export").click()
             page.get_by_role("button", name="Run forward check").click()
             page.get_by_text("forward ok").wait_for(timeout=60_000)
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name="Download plan JSON").click()
+            plan = json.loads(Path(download.value.path()).read_text())
+            assert plan["schema"] == 1 and plan["steps"] and plan["steps"][0]["tensors"]
+            page.get_by_text("All formats").wait_for(timeout=60_000)
+            page.get_by_role("button", name="Build export files").click()
+            page.get_by_role("button", name="Download report.html").wait_for(timeout=120_000)
+            page.get_by_text("CPU latency").first.wait_for(timeout=60_000)
             page.screenshot(path=str(SHOTS / "export.png"), full_page=True)
         finally:
             browser.close()
