@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -265,8 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     text = out.pop("_text", None)
-    if args.json or text is None:
-        print(json.dumps(out, default=str))
-    else:
-        print(text)
+    try:
+        print(json.dumps(out, default=str) if args.json or text is None else text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter exit quiet
     return 0
