@@ -215,7 +215,9 @@ class Session:
             return self._fail(f"invalid count: {exc}")
         if not removal:
             return self._fail("nothing to remove: the count is 0")
-        return self._apply(removal, [proposal], count)
+        # As proposed: the verdict shown before the click is the one that decides.
+        verdict = self.preflight(proposal) if count is None else None
+        return self._apply(removal, [proposal], count, verdict=verdict)
 
     def accept_all(self) -> bool:
         """Accept every pending proposal at once; unsafe ones are left pending and reported."""
@@ -460,9 +462,11 @@ class Session:
         return False
 
     def _apply(self, removal: Removal, accepted: list[Proposal],
-               count: int | dict[int, int] | None, flight: Preflight | None = None) -> bool:
-        flight = flight or Preflight(self.model, self.example_inputs, self.graph.coupling)
-        verdict = flight.check(removal)
+               count: int | dict[int, int] | None, flight: Preflight | None = None,
+               verdict: Verdict | None = None) -> bool:
+        if verdict is None:
+            flight = flight or Preflight(self.model, self.example_inputs, self.graph.coupling)
+            verdict = flight.check(removal)
         if not verdict.ok:
             where = " ".join(x for x in (verdict.module, verdict.location) if x)
             return self._fail(f"pre-flight failed{' in ' + where if where else ''}: "
