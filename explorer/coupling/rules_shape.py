@@ -157,31 +157,9 @@ def narrow(ctx: Ctx, node: OpNode) -> None:
 @rule(aten.split, aten.split_with_sizes, aten.unsafe_split, aten.unsafe_split_with_sizes,
       aten.chunk, aten.tensor_split, aten.split_copy, aten.split_with_sizes_copy)
 def split(ctx: Ctx, node: OpNode) -> None:
-    """Consecutive sub-ranges: each output takes its own slice of the element ids.
-
-    ``chunk(k)`` and ``split(n)`` with one size cut the dim into equal parts whose size the
-    forward recomputes from the width, so the parts must keep equal widths: the dim is
-    factored as (part x index in part), every part gets the same inner ids, and the part
-    axis is pinned (the number of parts is fixed by the code).
-    """
+    """Consecutive sub-ranges: each output takes its own slice of the element ids."""
     src = ctx.dims(tensor_args(node)[0])
     dim = norm_dim(arg(node, 2, "dim", 0), len(src))
-    sizes = [ctx.out_shape(node, i)[dim] for i, v in enumerate(node.outputs) if v is not None]
-    equal_by_code = node.op.overloadpacket in (aten.split, aten.chunk, aten.unsafe_split,
-                                               aten.split_copy) and isinstance(
-        arg(node, 1, "split_size"), int)
-    if equal_by_code and len(sizes) > 1 and len(set(sizes)) == 1 and \
-            len(sizes) * sizes[0] == len(src[dim]):
-        parts = ctx.sp.fresh(len(sizes))
-        ctx.sp.pin(parts, f"equal parts of {node.short} in '{node.module or '<root>'}'")
-        inner = ctx.sp.fresh(sizes[0])
-        ctx.sp.product(src[dim], [parts, inner], node.index)
-        for i, vid in enumerate(node.outputs):
-            if vid is not None:
-                out = list(src)
-                out[dim] = inner
-                ctx.set_out(node, i, out)
-        return
     start = 0
     for i, vid in enumerate(node.outputs):
         if vid is None:
