@@ -180,8 +180,10 @@ class Pruner:
             roles.add("head-dim")
         elif self.heads == "whole":
             roles.add("heads")
-        out = [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles]
-        return out
+        # Inside an (outer x inner) layout only inner axes are cut, so widths shrink by the
+        # ratio once (cutting a conv's groups and its channels per group would compound).
+        return [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles and
+                (a.inner or a.role == "heads")]
 
     def _group_ratio(self, group: Group, base: float) -> float:
         best = None

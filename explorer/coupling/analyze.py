@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +156,7 @@ class Coupling:
 
         position: dict[int, list[float]] = {}
         self._outer_heads: set[int] = set()  # head axes outermost in some member (kv groups)
+        self._inner: set[int] = set()  # families last in some composite layout
         for md in self._members:
             a = md.atoms
             if a.shape[1] < 2:
@@ -165,6 +167,8 @@ class Coupling:
                 heads = [f for f in row if self._is_head(f)]
                 if heads:
                     self._outer_heads.add(heads[0])
+                if row:
+                    self._inner.add(row[-1])
                 for j, f in enumerate(row):
                     position.setdefault(f, []).append(j / max(len(row) - 1, 1))
                     parent[find(f)] = find(row[0])
@@ -186,6 +190,8 @@ class Coupling:
             members = [self._members[m].member for m in mids]
             has_heads = any(self._is_head(f) for f in fams)
             axes = [self._axis(f, members, len(fams) > 1, has_heads) for f in fams]
+            if len(fams) > 1:
+                axes = [dataclasses.replace(ax, inner=ax.family in self._inner) for ax in axes]
             heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
                                       for m in mids], self.head_dims)
             channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
@@ -241,7 +247,7 @@ class Coupling:
     def _explanations(self) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
         records = [(u[0][:1], u[2]) for u in self._ctx.sp.unions]
-        records += [(p[0][:1], p[2]) for p in self._ctx.sp.products]
+        records += [(p[0][:1], p[2]) for p in self._ctx.sp.products]  # (ids, op index)
         for ids, op_index in sorted(records, key=lambda r: r[1]):
             node = self.graph.ops[op_index]
             text = _describe(node, self.graph)

@@ -69,12 +69,14 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
     n = sp.count
     a = np.concatenate([u[0] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
     b = np.concatenate([u[1] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
-    by_arity: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-    for flat, parts, _op in sp.products:
-        fl, comps = by_arity.setdefault(len(parts), ([], []))
+    # Products are keyed by the sizes of their component dims: two factorizations of one
+    # space are only unified component by component when their sizes agree.
+    by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for flat, parts, _op, sizes in sp.products:
+        fl, comps = by_shape.setdefault(sizes, ([], []))
         fl.append(flat)
         comps.append(np.stack(parts, axis=1))
-    prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_arity.items()}
+    prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_shape.items()}
     label = _components(n, a, b)
     conflicts: list[str] = []
     cross_bad: set[int] = set()
@@ -110,37 +112,59 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
     return Resolution(label, len(uniq), defs, conflicts, bad)
 
 
-def _cross_arity(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarray]],
+def _cross_arity(label: np.ndarray, prods: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]],
                  conflicts: list[str], bad: set[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Classes defined by tuples of different lengths: unify after full expansion."""
+    """Classes factored under different component sizes: unify when they agree once fully
+    expanded (``3 x 384`` and ``3 x (6 x 64)``), otherwise the class is a conflict."""
     if len(prods) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    first_def: dict[int, tuple[int, ...]] = {}
-    clash: dict[int, list[tuple[int, ...]]] = {}
-    for flat, comps in prods.values():
+    first_def: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # cls -> (row, sizes)
+    clash: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for sizes, (flat, comps) in prods.items():
         lf, lc = label[flat], label[comps]
         _, idx = np.unique(lf, return_index=True)
         for i in idx:
             cls, row = int(lf[i]), tuple(int(x) for x in lc[i])
-            if cls in first_def and len(first_def[cls]) != len(row):
-                clash.setdefault(cls, [first_def[cls]]).append(row)
-            first_def.setdefault(cls, row)
+            if cls in first_def and first_def[cls][1] != sizes:
+                clash.setdefault(cls, [first_def[cls]]).append((row, sizes))
+            first_def.setdefault(cls, (row, sizes))
     ea: list[int] = []
     eb: list[int] = []
     for cls, rows in clash.items():
-        expanded = [_expand(first_def, r, set()) for r in rows]
+        expanded = [_expand_sized(first_def, row, sizes, {cls}) for row, sizes in rows]
         base = expanded[0]
         for other in expanded[1:]:
-            if base is None or other is None or len(base) != len(other):
+            if base is None or other is None or [s for _a, s in base] != [s for _a, s in other]:
                 conflicts.append(f"class {cls}: reshapes that factor one space in "
                                  f"incompatible ways")
                 bad.add(cls)
-                for r in rows:
-                    bad.update(r)
+                for row, _sizes in rows:
+                    bad.update(row)
                 continue
-            ea.extend(base)
-            eb.extend(other)
+            ea.extend(a for a, _s in base)
+            eb.extend(a for a, _s in other)
     return np.asarray(ea, np.int64), np.asarray(eb, np.int64)
+
+
+def _expand_sized(defs: dict[int, tuple[tuple[int, ...], tuple[int, ...]]],
+                  row: tuple[int, ...], sizes: tuple[int, ...],
+                  seen: set[int]) -> list[tuple[int, int]] | None:
+    """Atoms of a product row with the size of the dim each came from."""
+    out: list[tuple[int, int]] = []
+    for c, size in zip(row, sizes):
+        if c in defs and c not in seen:
+            sub_row, sub_sizes = defs[c]
+            if int(np.prod(sub_sizes)) != size:
+                return None
+            sub = _expand_sized(defs, sub_row, sub_sizes, seen | {c})
+            if sub is None:
+                return None
+            out.extend(sub)
+        elif c in seen:
+            return None
+        else:
+            out.append((c, size))
+    return out
 
 
 def _expand(defs: dict[int, tuple[int, ...]], row: tuple[int, ...],
@@ -159,7 +183,7 @@ def _expand(defs: dict[int, tuple[int, ...]], row: tuple[int, ...],
     return tuple(out)
 
 
-def _flatten_defs(label: np.ndarray, prods: dict[int, tuple[np.ndarray, np.ndarray]],
+def _flatten_defs(label: np.ndarray, prods: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]],
                   conflicts: list[str], bad: set[int]) -> dict[int, tuple[int, ...]]:
     raw: dict[int, tuple[int, ...]] = {}
     for flat, comps in prods.values():

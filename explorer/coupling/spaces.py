@@ -27,7 +27,9 @@ class Spaces:
     count: int = 0
     dims: dict[int, list[IdArray]] = field(default_factory=dict)
     unions: list[tuple[IdArray, IdArray, int]] = field(default_factory=list)
-    products: list[tuple[IdArray, list[IdArray], int]] = field(default_factory=list)
+    # (flat ids, per-element component ids, op index, sizes of the component dims)
+    products: list[tuple[IdArray, list[IdArray], int, tuple[int, ...]]] = field(
+        default_factory=list)
     pins: list[tuple[IdArray, str]] = field(default_factory=list)
     tags: list[tuple[IdArray, str]] = field(default_factory=list)
 
@@ -48,12 +50,23 @@ class Spaces:
         self.unions.append((a, b, op_index))
 
     def product(self, flat: IdArray, parts: list[IdArray], op_index: int) -> None:
-        """``flat`` (row-major) is the product of the dims ``parts``."""
+        """``flat`` (row-major) is the product of the dims ``parts``.
+
+        Unit dims carry no structure (``x`` times a dim of size 1 is ``x``) and are dropped,
+        so a depthwise conv's (groups x 1) is the same space as its groups.
+        """
         sizes = [len(p) for p in parts]
         if int(np.prod(sizes)) != len(flat):
             raise ValueError(f"product of {sizes} does not have {len(flat)} elements")
+        real = [p for p in parts if len(p) != 1]
+        if len(real) < len(parts):
+            if len(real) == 1:
+                self.union(flat, real[0], op_index)
+            elif real:
+                self.product(flat, real, op_index)
+            return
         grids = np.meshgrid(*[np.asarray(p) for p in parts], indexing="ij")
-        self.products.append((flat, [g.reshape(-1) for g in grids], op_index))
+        self.products.append((flat, [g.reshape(-1) for g in grids], op_index, tuple(sizes)))
 
     def flatten(self, parts: list[IdArray], op_index: int) -> IdArray:
         """A new dim that is the row-major product of ``parts`` (unit dims dropped)."""
