@@ -29,7 +29,7 @@ class Axis:
     role: str  # "channels" | "heads" | "kv-heads" | "head-repeat" | "head-dim" | "groups" | "fixed"
     prunable: bool
     reason: str  # why it is not prunable ("" when it is)
-    inner: bool = True  # innermost in some member's (outer x inner) layout, or not composite
+    inner: bool = True  # innermost in every (outer x inner) layout it is part of
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,7 @@ class Coupling:
         position: dict[int, list[float]] = {}
         self._outer_heads: set[int] = set()  # head axes outermost in some member (kv groups)
         self._inner: set[int] = set()  # families last in some composite layout
+        self._outer: set[int] = set()  # families before another one in some layout
         for md in self._members:
             a = md.atoms
             if a.shape[1] < 2:
@@ -169,6 +170,7 @@ class Coupling:
                     self._outer_heads.add(heads[0])
                 if row:
                     self._inner.add(row[-1])
+                    self._outer.update(row[:-1])
                 for j, f in enumerate(row):
                     position.setdefault(f, []).append(j / max(len(row) - 1, 1))
                     parent[find(f)] = find(row[0])
@@ -191,7 +193,8 @@ class Coupling:
             has_heads = any(self._is_head(f) for f in fams)
             axes = [self._axis(f, members, len(fams) > 1, has_heads) for f in fams]
             if len(fams) > 1:
-                axes = [dataclasses.replace(ax, inner=ax.family in self._inner) for ax in axes]
+                axes = [dataclasses.replace(ax, inner=ax.family in self._inner and
+                                            ax.family not in self._outer) for ax in axes]
             heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
                                       for m in mids], self.head_dims)
             channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
