@@ -1,0 +1,146 @@
+"""Model specs: turn a short string into a random-init model plus example inputs.
+
+Accepted forms:
+
+* ``timm:<name>[?k=v&...]``: ``timm.create_model(name, pretrained=False, **kwargs)``.
+* ``hf:<family>[?k=v&...]``: a small built-in transformers config (see ``hf_families()``); query
+  fields override config fields, e.g. ``hf:llama?hidden_size=4096&num_hidden_layers=32``.
+* ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``).
+* ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
+* ``<path>.py:<callable>``: a user factory returning a module or ``(module, example_inputs)``.
+
+Weights are never downloaded; ``load_model(..., weights=...)`` loads a local state dict.
+
+One module per spec form (``_timm``, ``_hf``, ``_factory``; demos are built here), plus the
+option query (``_query``), example inputs (``_inputs``), local weights (``_weights``) and the
+shared error and records (``_types``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ._factory import build_factory
+from ._hf import HF_FAMILIES, build_hf
+from ._inputs import check_input_shape, resized_inputs, seeded, to_device
+from ._inputs import parse_input_shape as parse_input_shape
+from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
+from ._timm import build_timm
+from ._types import Built
+from ._types import LoadedModel as LoadedModel
+from ._types import SpecError as SpecError
+from ._weights import load_weights
+
+__all__ = [
+    "LoadedModel",
+    "SpecError",
+    "hf_families",
+    "list_demos",
+    "load_model",
+    "parse_input_shape",
+]
+
+SPEC_FORMS = (
+    "timm:<name>[?k=v&...]",
+    "hf:<family>[?k=v&...]",
+    "hf:<path/to/config.json>",
+    "demo:<name>",
+    "<path/to/file.py>:<callable>",
+)
+
+
+def list_demos() -> list[str]:
+    """Names accepted by ``demo:<name>``."""
+    from explorer.demos import DEMOS
+
+    return list(DEMOS)
+
+
+def hf_families() -> list[str]:
+    """Names accepted by ``hf:<family>``."""
+    return list(HF_FAMILIES)
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "cpu",
+    input_shape: Sequence[int] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    trust_weights: bool = False,
+) -> LoadedModel:
+    """Build the model a spec names, with random weights (seeded with 0) or a local state dict.
+
+    Args:
+        spec: one of the forms in the module docstring.
+        device: where to build; ``"meta"`` builds shapes only, without memory for weights.
+        input_shape: replaces the default example input shape: the full image shape with batch
+            for vision models, ``(batch, seq_len)`` for language models.
+        weights: a local ``.safetensors`` file or a ``torch.save``-d state dict
+            (raw, or under a ``"state_dict"`` / ``"model"`` key).
+        trust_weights: allow arbitrary pickles in ``torch.load`` (``weights_only=False``);
+            only for files you trust.
+
+    Returns:
+        The model in eval mode and its example inputs, on ``device``.
+
+    Raises:
+        SpecError: if the spec, the input shape or the weights file is wrong.
+    """
+    shape = check_input_shape(input_shape)
+    if weights is not None and torch.device(device).type == "meta":
+        raise SpecError(
+            f"cannot load weights {os.fspath(weights)!r} into a model on the meta device; "
+            "build on 'cpu' (or a GPU) to load weights, or drop the weights for a meta build"
+        )
+    with seeded(device):
+        built = _build(spec, device)
+        inputs = built.example_inputs
+        if shape is not None:
+            inputs = resized_inputs(inputs, shape, built, spec)
+    model = built.model
+    if weights is not None:
+        load_weights(model, Path(weights), trust_weights)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        example_inputs=tuple(to_device(x, device) for x in inputs),
+        spec=spec,
+        family=built.family,
+        kind=built.kind,
+        hf_config=built.hf_config,
+    )
+
+
+def _build(spec: str, device: str) -> Built:
+    """Dispatch on the spec's form to its builder."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix == "timm":
+        return build_timm(rest, device)
+    if sep and prefix == "hf":
+        return build_hf(rest, device)
+    if sep and prefix == "demo":
+        return _build_demo(rest, device)
+    path, sep, attr = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        return build_factory(Path(path), attr, device)
+    raise SpecError(
+        f"model spec {spec!r} is not recognised; use one of: " + ", ".join(SPEC_FORMS)
+    )
+
+
+def _build_demo(name: str, device: str) -> Built:
+    """``demo:<name>``: a built-in demo from ``explorer.demos``."""
+    from explorer.demos import DEMOS, KIND
+
+    if name not in DEMOS:
+        raise SpecError(f"unknown demo {name!r}; use one of {', '.join(DEMOS)}")
+    with torch.device(device):
+        model, inputs = DEMOS[name]()
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    return Built(model, tuple(inputs), "demo", KIND[name], vocab_size=vocab)

@@ -1,0 +1,112 @@
+"""``<path>.py:<callable>``: a user factory returning a module or ``(module, example_inputs)``.
+
+Errors in the user's file are reported with the ``file:line`` where they happened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._types import Built, SpecError
+
+
+def build_factory(path: Path, attr: str, device: str) -> Built:
+    """Import ``path``, call ``attr()`` and move the model it returns to ``device``.
+
+    Raises:
+        SpecError: if the file or callable is missing, it raises, or it returns something else.
+    """
+    if not path.is_file():
+        raise SpecError(f"factory file {str(path)!r} does not exist (spec '{path}:{attr}')")
+    module = _import_file(path)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise SpecError(
+            f"{str(path)!r} has no callable {attr!r}; "
+            f"callables there: {', '.join(public) or 'none'}"
+        )
+    try:
+        result = factory()
+    except Exception as e:  # any user error: report where it happened in the user's file
+        raise SpecError(
+            f"factory {path}:{attr}() raised {type(e).__name__}: {e} (at {_user_frame(e, path)})"
+        ) from e
+    model, inputs = _unpack_factory_result(result, path, attr)
+    return Built(model.to(device), inputs, "factory", _guess_kind(inputs))
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import a Python file by path under a fresh module name."""
+    name = f"_explorer_factory_{path.stem}_{uuid.uuid4().hex[:8]}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise SpecError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a broken user file: say where
+        del sys.modules[name]
+        raise SpecError(
+            f"importing {str(path)!r} raised {type(e).__name__}: {e} (at {_user_frame(e, path)})"
+        ) from e
+    return module
+
+
+def _user_frame(error: BaseException, path: Path) -> str:
+    """``file:line`` of the innermost traceback frame inside ``path`` (or the innermost frame)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    target = path.resolve()
+    mine = [f for f in frames if Path(f.filename).resolve() == target]
+    frame = (mine or frames)[-1] if frames else None
+    return f"{frame.filename}:{frame.lineno}" if frame else str(path)
+
+
+def _unpack_factory_result(result: Any, path: Path, attr: str) -> tuple[nn.Module, tuple[Any, ...]]:
+    if isinstance(result, nn.Module):
+        return result, (_default_input_for(result, path, attr),)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        inputs = result[1]
+        if isinstance(inputs, torch.Tensor):
+            return result[0], (inputs,)
+        if isinstance(inputs, (tuple, list)):
+            return result[0], tuple(inputs)
+    raise SpecError(
+        f"{path}:{attr}() returned {type(result).__name__}; it must return an nn.Module or "
+        "(nn.Module, example_inputs) with example_inputs a tensor or a tuple of them"
+    )
+
+
+def _default_input_for(model: nn.Module, path: Path, attr: str) -> torch.Tensor:
+    """A (1, in_features) or (1, C, 224, 224) input guessed from the first Linear / Conv2d."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return torch.randn(1, module.in_channels, 224, 224)
+        if isinstance(module, nn.Linear):
+            return torch.randn(1, module.in_features)
+    raise SpecError(
+        f"{path}:{attr}() returned only a module and no Linear/Conv2d to guess its input from; "
+        "return (module, example_inputs) instead"
+    )
+
+
+def _guess_kind(inputs: tuple[Any, ...]) -> str:
+    first = inputs[0] if inputs else None
+    if isinstance(first, torch.Tensor):
+        if first.is_floating_point() and first.dim() == 4:
+            return "vision"
+        if not first.is_floating_point() and first.dim() == 2:
+            return "lm"
+    return "other"

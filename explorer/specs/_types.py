@@ -1,0 +1,39 @@
+"""The error and records shared by the spec builders: ``SpecError``, ``LoadedModel``, ``Built``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+class SpecError(ValueError):
+    """A model spec, input shape or weights file the user gave is wrong.
+
+    The message says what is wrong, where, and what to do about it.
+    """
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model built from a spec, ready to trace."""
+
+    model: nn.Module  # in eval mode
+    example_inputs: tuple[Any, ...]  # positional args for model(*example_inputs)
+    spec: str  # the spec string it was built from
+    family: str  # "timm" | "hf" | "demo" | "factory"
+    kind: str  # "vision" | "lm" | "encoder" | "other": what the inputs are
+    hf_config: Any | None = None  # transformers PretrainedConfig for hf models, else None
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a family builder returns before inputs are resized, weights loaded and eval set."""
+
+    model: nn.Module
+    example_inputs: tuple[Any, ...]
+    family: str
+    kind: str
+    hf_config: Any | None = None
+    vocab_size: int | None = None  # token-id range for "lm"/"encoder" inputs
