@@ -168,9 +168,10 @@ class Coupling:
                 heads = [f for f in row if self._is_head(f)]
                 if heads:
                     self._outer_heads.add(heads[0])
-                if row:
-                    self._inner.add(row[-1])
-                    self._outer.update(row[:-1])
+                free = [f for f in row if f not in self._family_pins]  # fixed axes aside
+                if free:
+                    self._inner.add(free[-1])
+                    self._outer.update(free[:-1])
                 for j, f in enumerate(row):
                     position.setdefault(f, []).append(j / max(len(row) - 1, 1))
                     parent[find(f)] = find(row[0])
