@@ -69,7 +69,7 @@ class Coupling:
             if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER) or vid not in self._ctx.sp.dims:
                 continue
             for d, ids in enumerate(self._ctx.sp.dims[vid]):
-                if len(ids) < 1 or not np.issubdtype(np.dtype("int64"), np.integer):
+                if len(ids) < 1:
                     continue
                 member = Member(self.graph.param_owner.get(value.name or "", ""),
                                 value.name or f"value{vid}", d, len(ids),

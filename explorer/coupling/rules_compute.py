@@ -180,7 +180,7 @@ def convolution(ctx: Ctx, node: OpNode) -> None:
             ctx.sp.product(c_in, [g, w_in], node.index)
             ctx.sp.product(w_out, [g, ctx.sp.fresh(len(w_out) // groups)], node.index)
             c_out = w_out
-    if isinstance(bias, object) and bias is not None and hasattr(bias, "vid"):
+    if bias is not None and hasattr(bias, "vid"):
         ctx.union(c_out, ctx.dims(bias)[0], node)
     out_shape = ctx.out_shape(node)
     spatial = [ctx.sp.fresh(n) for n in out_shape[(1 if unbatched else 2):]]
