@@ -141,6 +141,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
                     "error": u.error} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
+        "notes": list(dict.fromkeys(n for r in reports for n in r.notes)),
         "attention": _heads_before_after(heads_before, attention_modules(lm.model,
                                                                          pruner.coupling)),
     }
@@ -182,6 +183,11 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                         f"{out['macs_after']:,}; {out['groups_pruned']}/{groups_total} groups "
                         f"pruned; forward {'ok' if out['forward_ok'] else 'FAILED'}; "
                         f"{len(out['unsafe'])} unsafe group(s) skipped")
+        for u in out["unsafe"]:
+            out["_text"] += f"\n  unsafe group {u['group']}: {u['module']} {u['location']}: " \
+                            f"{u['error']}"
+        for note in out["notes"]:
+            out["_text"] += f"\n  note: {note}"
     return out
 
 

@@ -64,6 +64,7 @@ class StepReport:
     output_shape_ok: bool = True
     attributes: dict[str, dict[str, list[object]]] = field(default_factory=dict)
     config: dict[str, list[object]] = field(default_factory=dict)  # transformers config changes
+    notes: list[str] = field(default_factory=list)  # caveats the user should read
 
     def __bool__(self) -> bool:
         return any(c.removed for c in self.changes)
@@ -141,6 +142,7 @@ class Pruner:
         self.target_params = target_params
         self.target_macs = target_macs
         self.current_step = 0
+        self.notes: list[str] = []  # caveats found while scoring (copied into step reports)
         self.config_note = ""  # why a transformers config could not follow, if it could not
         self.applied: list[Applied] = []  # every application, in order (for plans and undo)
         self._calib_source = calibration
@@ -162,6 +164,14 @@ class Pruner:
         if self._prepared:
             return
         calib = None
+        on_meta = any(p.device.type == "meta" for p in self.model.parameters())
+        if on_meta and self.importance != "random":
+            if self.criterion.needs_data:
+                raise ValueError(f"importance '{self.importance}' needs real weights and data, "
+                                 f"but the model is on the meta device; use 'random' (or "
+                                 f"plan structure only) and replay the plan on real weights")
+            self.notes.append(f"the weights are on the meta device, so '{self.importance}' "
+                              f"has no values: the lowest indices of each group are chosen")
         if self.criterion.needs_data:
             if self._calibration is None:
                 self._calibration = load_calibration(self._calib_source, self.inputs)
@@ -331,6 +341,7 @@ class Pruner:
             removal, changes, skipped = self.propose()
         self.current_step += 1
         report.skipped = skipped
+        report.notes = list(dict.fromkeys(self.notes))
         flight = Preflight(self.model, self.inputs, self.coupling)
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes

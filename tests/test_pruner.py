@@ -157,3 +157,11 @@ def test_sensitivity_scan_table() -> None:
     assert rows and {r.ratio for r in rows} == {0.25, 0.75}
     by_ratio = {r.ratio: r.output_change for r in rows if r.group == rows[0].group}
     assert by_ratio[0.75] > by_ratio[0.25] > 0
+
+
+def test_meta_model_scores_are_explained_or_refused() -> None:
+    lm = load_model("demo:llama", device="meta")
+    report = Pruner(lm.model, lm.example_inputs, ratio=0.5).step()
+    assert report and any("meta device" in n for n in report.notes)
+    with pytest.raises(ValueError, match="needs real weights and data"):
+        Pruner(lm.model, lm.example_inputs, importance="fisher").step()
