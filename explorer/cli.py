@@ -1,4 +1,7 @@
-"""Command line: ``python -m explorer trace|prune|replay|export ...`` (also ``pruning-explorer``)."""
+"""Command line: ``python -m explorer trace|prune|replay|export|learn ...``.
+
+Also installed as the ``pruning-explorer`` console script.
+"""
 from __future__ import annotations
 
 import argparse

@@ -76,7 +76,7 @@ def proposals(pruner: "Pruner") -> Iterator[Proposal]:
     while True:
         removal, _changes, _skipped = pruner.propose()
         nxt = None
-        for (gid, axis), idx in removal.picks.items():
+        for (gid, _axis), idx in removal.picks.items():
             g = pruner.groups[gid]
             key = (g.members[0].param, g.members[0].dim)
             if key not in done and idx:

@@ -122,7 +122,8 @@ def _step_from_applied(app: Applied, head_mode: str | None, group: list[int] | N
     return PlanStep(cuts, _jsonable(app.attributes), group, title, head_mode)
 
 
-def _jsonable(attributes: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, dict[str, list[Any]]]:
+def _jsonable(attributes: Mapping[str, Mapping[str, Sequence[Any]]]
+              ) -> dict[str, dict[str, list[Any]]]:
     out: dict[str, dict[str, list[Any]]] = {}
     for module, attrs in attributes.items():
         for attr, values in attrs.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -17,6 +17,9 @@ from .metrics import count_macs, count_params
 from .preflight import Preflight, Verdict
 from .prune import Applied, Removal, apply_removal, removed_atoms, undo
 from .tracer import trace
+
+if TYPE_CHECKING:
+    from .interactive import Proposal
 
 HEAD_MODES = ("dims", "whole", "keep")
 

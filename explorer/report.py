@@ -22,7 +22,8 @@ from torch import nn
 from .groups import Group
 from .plan import Plan
 
-__all__ = ["LayerRow", "HeadRow", "Report", "build_report", "measure_latency", "measure_latencies", "write_report"]
+__all__ = ["LayerRow", "HeadRow", "Report", "build_report", "measure_latency",
+           "measure_latencies", "write_report"]
 
 
 @dataclass(frozen=True)

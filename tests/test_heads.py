@@ -67,7 +67,8 @@ def _zeroed(model: nn.Module, coupling, removal: Removal) -> nn.Module:
 
 
 @pytest.mark.parametrize("mode", ["whole", "dims"])
-@pytest.mark.parametrize("spec,shape,expected", FAMILIES, ids=[f[0].split("?")[0] for f in FAMILIES])
+@pytest.mark.parametrize("spec,shape,expected", FAMILIES,
+                         ids=[f[0].split("?")[0] for f in FAMILIES])
 def test_head_pruning_family(spec: str, shape: tuple | None, expected: tuple | None,
                              mode: str) -> None:
     lm = load_model(spec, input_shape=shape)

@@ -112,7 +112,7 @@ def test_dot_matches_golden(dino: explorer.ModelGraph, depth: int) -> None:
         path.parent.mkdir(exist_ok=True)
         path.write_text(dot)
     assert path.exists(), f"{path} is missing: run with PE_REGEN_GOLDEN=1"
-    assert dot == path.read_text(), f"DOT changed; if intended, rerun with PE_REGEN_GOLDEN=1"
+    assert dot == path.read_text(), "DOT changed; if intended, rerun with PE_REGEN_GOLDEN=1"
 
 
 def test_dot_search_highlight(dino: explorer.ModelGraph) -> None:

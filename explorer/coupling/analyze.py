@@ -66,7 +66,8 @@ class Coupling:
     def _collect_members(self) -> list[_MemberData]:
         out = []
         for vid, value in self.graph.values.items():
-            if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER) or vid not in self._ctx.sp.dims:
+            if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER) or \
+                    vid not in self._ctx.sp.dims:
                 continue
             for d, ids in enumerate(self._ctx.sp.dims[vid]):
                 if len(ids) < 1:

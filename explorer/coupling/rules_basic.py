@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..ir import OpNode
 from .context import Ctx, arg, norm_dim, tensor_args

@@ -1,7 +1,6 @@
 """Rules for contractions (matmul, conv, attention), embeddings, norms and pooling."""
 from __future__ import annotations
 
-import torch
 
 from ..ir import OpNode
 from .context import Ctx, arg, tensor_args
