@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from zoo import ZOO, ZooEntry, main_output_shape  # noqa: E402
+
 from explorer import Pruner, load_model  # noqa: E402
-from zoo import ZOO, ZooEntry  # noqa: E402
 
 try:
     import torch_pruning as tp
@@ -52,16 +53,6 @@ def _timeout(_signum: int, _frame: Any) -> None:
     raise _Timeout(f"no result in {TIMEOUT_S} s")
 
 
-def _shape(out: Any) -> tuple[int, ...]:
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    if isinstance(out, (tuple, list)) and out:
-        return _shape(out[0])
-    raise TypeError(f"no tensor output in {type(out).__name__}")
 
 
 def _params(model: nn.Module) -> int:
@@ -90,7 +81,7 @@ def _measure(entry: ZooEntry, fn: Callable[[nn.Module, tuple[Any, ...], ZooEntry
     for _ in range(runs):
         lm = load_model(entry.spec, input_shape=entry.input_shape)
         with torch.no_grad():
-            expected = _shape(lm.model(*lm.example_inputs))
+            expected = main_output_shape(lm.model(*lm.example_inputs))
         before = _params(lm.model)
         start = time.perf_counter()
         signal.signal(signal.SIGALRM, _timeout)
@@ -106,7 +97,7 @@ def _measure(entry: ZooEntry, fn: Callable[[nn.Module, tuple[Any, ...], ZooEntry
         res.ratio = _params(lm.model) / before
         try:
             with torch.no_grad():
-                res.ok = _shape(lm.model(*lm.example_inputs)) == expected
+                res.ok = main_output_shape(lm.model(*lm.example_inputs)) == expected
             if not res.ok:
                 res.error = "output shape changed"
         except Exception as exc:  # noqa: BLE001

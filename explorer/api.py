@@ -8,8 +8,8 @@ from torch import nn
 
 from .coupling.analyze import Coupling
 from .depth import Block, residual_blocks
-from .heads import AttentionInfo, attention_modules
 from .groups import Group
+from .heads import AttentionInfo, attention_modules
 from .ir import Graph
 from .metrics import count_macs
 from .tracer import trace as _trace

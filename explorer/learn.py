@@ -25,8 +25,17 @@ from torch import nn
 from .calibration import Calibration
 from .groups import Group
 from .importance import CRITERIA as CRITERIA_ALL
-from .learn_models import (MODEL_KINDS, Digits, accuracy, build_model, calibration_batches,
-                           classifier_name, load_digits, logits, train)
+from .learn_models import (
+    MODEL_KINDS,
+    Digits,
+    accuracy,
+    build_model,
+    calibration_batches,
+    classifier_name,
+    load_digits,
+    logits,
+    train,
+)
 from .metrics import count_params
 from .prune import Removal, apply_removal
 from .pruner import HEAD_MODES, Pruner, StepReport

@@ -6,10 +6,9 @@ modules reads them. Handlers are looked up by module type (most derived first).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import sys
 
 import torch
 from torch import nn

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .patch import resize_tensor
-from .prune import Applied
+from .prune import Applied, set_tensor
 
 SCHEMA = 1  # bump when the JSON layout changes; `Plan.load` refuses other versions
 
@@ -465,12 +465,7 @@ def _commit(model: nn.Module, staged: _Staged) -> Replay:
         value: torch.Tensor = (nn.Parameter(tensor, requires_grad=old.requires_grad)
                                if isinstance(old, nn.Parameter) else tensor)
         for alias in staged.aliases[name]:
-            owner_name, _, attr = alias.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            if isinstance(value, nn.Parameter):
-                owner._parameters[attr] = value
-            else:
-                owner._buffers[attr] = value
+            set_tensor(model, alias, value)
             shapes[alias] = staged.shapes[name]
     attributes: dict[str, dict[str, list[Any]]] = {}
     for (mod_name, attr), (cur, new) in staged.attributes.items():

@@ -121,15 +121,20 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
     return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous)
 
 
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter (if it is one) or buffer called ``name``."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(tensor, nn.Parameter):
+        owner._parameters[attr] = tensor
+    else:
+        owner._buffers[attr] = tensor
+
+
 def undo(model: nn.Module, applied: Applied) -> None:
     """Put back the exact tensors and attribute values an application replaced."""
     for name, tensor in applied.previous.items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if isinstance(tensor, nn.Parameter):
-            owner._parameters[attr] = tensor
-        else:
-            owner._buffers[attr] = tensor
+        set_tensor(model, name, tensor)
     for mod_name, attrs in applied.attributes.items():
         module = model.get_submodule(mod_name)
         for attr, (old, _new) in attrs.items():

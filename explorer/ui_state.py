@@ -274,9 +274,7 @@ class Session:
             if verdict.ok:
                 break
         if not verdict.ok:
-            where = " ".join(x for x in (verdict.module, verdict.location) if x)
-            return self._fail(f"pre-flight failed{' in ' + where if where else ''}: "
-                              f"{verdict.error}")
+            return self._fail_preflight(verdict)
         before = self.params
         self._push(with_model=True)
         remove_blocks(self.model, [name], {name: tuple_output})
@@ -457,6 +455,10 @@ class Session:
                                        dict(self.decided), list(self.log), list(self.applied),
                                        self.blocks_removed))
 
+    def _fail_preflight(self, verdict: Verdict) -> bool:
+        where = " ".join(x for x in (verdict.module, verdict.location) if x)
+        return self._fail(f"pre-flight failed{' in ' + where if where else ''}: {verdict.error}")
+
     def _fail(self, text: str) -> bool:
         self.message = Message("error", text)
         return False
@@ -468,9 +470,7 @@ class Session:
             flight = flight or Preflight(self.model, self.example_inputs, self.graph.coupling)
             verdict = flight.check(removal)
         if not verdict.ok:
-            where = " ".join(x for x in (verdict.module, verdict.location) if x)
-            return self._fail(f"pre-flight failed{' in ' + where if where else ''}: "
-                              f"{verdict.error}")
+            return self._fail_preflight(verdict)
         before = self.params
         self._push(with_model=True)
         try:

@@ -3,8 +3,13 @@ import pandas as pd
 import streamlit as st
 
 from explorer.metrics import macs_by_module
-from explorer.render.figures import (attention_rows, cost_figure, params_by_module,
-                                     sensitivity_figure, widths_figure)
+from explorer.render.figures import (
+    attention_rows,
+    cost_figure,
+    params_by_module,
+    sensitivity_figure,
+    widths_figure,
+)
 from explorer.sensitivity import as_table
 from explorer.ui_state import layer_widths
 

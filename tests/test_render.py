@@ -10,9 +10,17 @@ import pytest
 
 import explorer
 from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
-from explorer.render.figures import (attention_rows, axes_rows, cost_figure, head_table,
-                                     importance_figure, legal_ratios, search_modules,
-                                     sensitivity_figure, widths_figure)
+from explorer.render.figures import (
+    attention_rows,
+    axes_rows,
+    cost_figure,
+    head_table,
+    importance_figure,
+    legal_ratios,
+    search_modules,
+    sensitivity_figure,
+    widths_figure,
+)
 from explorer.specs import load_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -11,25 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-from explorer import Pruner, load_model
+# tests/ is on sys.path (rootdir-relative, no package)
+from zoo import ZOO, ZooEntry, main_output_shape
 
-from zoo import ZOO, ZooEntry  # tests/ is on sys.path (rootdir-relative, no package)
+from explorer import Pruner, load_model
 
 TARGET = 0.60  # params_after / params_before a 0.5 channel ratio must reach
 _ROWS: list[tuple[str, str, str, str, str]] = []
 
 
-def _shape(out: Any) -> tuple[int, ...]:
-    """The shape of a model's main output (tensor, ``ModelOutput`` or tuple)."""
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    if isinstance(out, (tuple, list)) and out:
-        return _shape(out[0])
-    raise TypeError(f"no tensor output in {type(out).__name__}")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +50,12 @@ def test_zoo_prunes(entry: ZooEntry, zoo_table: list[tuple[str, str, str, str, s
     zoo_table.append(row)  # type: ignore[arg-type]
     lm = load_model(entry.spec, input_shape=entry.input_shape)
     with torch.no_grad():
-        before = _shape(lm.model(*lm.example_inputs))
+        before = main_output_shape(lm.model(*lm.example_inputs))
     pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, importance="magnitude",
                     heads="dims", ignored=list(entry.ignored))
     report = pruner.step()
     with torch.no_grad():
-        after = _shape(lm.model(*lm.example_inputs))
+        after = main_output_shape(lm.model(*lm.example_inputs))
     frac = report.params_after / report.params_before
     row[2:] = [f"{frac:.3f}", str(len(report.unsafe)), f"{time.perf_counter() - start:.1f}s"]
     ok = report.forward_ok and report.output_shape_ok and after == before and frac <= TARGET

@@ -7,6 +7,9 @@ zoo runs in a few minutes on two CPU cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,16 @@ ZOO: list[ZooEntry] = [
 ]
 
 __all__ = ["ZOO", "ZooEntry"]
+
+
+def main_output_shape(out: Any) -> tuple[int, ...]:
+    """The shape of a model's main output (tensor, ``ModelOutput`` or tuple)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    if isinstance(out, (tuple, list)) and out:
+        return main_output_shape(out[0])
+    raise TypeError(f"no tensor output in {type(out).__name__}")

@@ -1,8 +1,8 @@
 """From a traced graph to groups: run the rules, resolve, find families and groups."""
 from __future__ import annotations
 
-from collections.abc import Iterable
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np

@@ -8,7 +8,6 @@ from .context import Ctx, arg, norm_dim, tensor_args
 from .registry import aten, rule
 
 
-
 @rule(aten.add, aten.sub, aten.mul, aten.div, aten.where, aten.eq, aten.ne, aten.lt,
       aten.gt, aten.le, aten.ge, aten.maximum, aten.minimum, aten.pow, aten.remainder,
       aten.fmod, aten.floor_divide, aten.rsub, aten.logical_and, aten.logical_or,

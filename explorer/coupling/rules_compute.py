@@ -1,12 +1,10 @@
 """Rules for contractions (matmul, conv, attention), embeddings, norms and pooling."""
 from __future__ import annotations
 
-
 from ..ir import OpNode
 from .context import Ctx, arg, tensor_args
 from .registry import aten, rule
 from .spaces import IdArray
-
 
 
 def _batch(ctx: Ctx, node: OpNode, a: list[IdArray], b: list[IdArray],

@@ -11,7 +11,6 @@ from .registry import aten, rule
 from .spaces import IdArray
 
 
-
 def _blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
     """Match the non-unit dims of two shapes with equal numel into (src dims, dst dims) blocks."""
     s = [i for i, n in enumerate(src) if n != 1]
