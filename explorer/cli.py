@@ -91,14 +91,10 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     return load_model(args.model, device=args.device, input_shape=shape, weights=args.weights)
 
 
-def _ignored(lm: LoadedModel, extra: list[str]) -> list[str]:
-    return list(extra)
-
-
 def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     start = time.perf_counter()
-    mg = trace(lm.model, lm.example_inputs, ignored=_ignored(lm, args.ignore))
+    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
     out = mg.to_dict()
     out["seconds"] = round(time.perf_counter() - start, 4)
     out["model"] = args.model
@@ -126,7 +122,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
     pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance, ratio=args.ratio,
                     iterative_steps=args.steps, global_pruning=args.global_pruning,
                     heads=args.heads, round_to=args.round_to,
-                    ignored=_ignored(lm, args.ignore), target_params=args.target_params,
+                    ignored=list(args.ignore), target_params=args.target_params,
                     target_macs=args.target_macs, calibration=args.calibration)
     groups_before = pruner.groups
     heads_before = {a.module: a for a in attention_modules(lm.model, pruner.coupling)}

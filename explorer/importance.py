@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import Calibration, compute_loss, load_calibration
+from .calibration import Calibration, compute_loss
 from .coupling.analyze import Coupling
 from .groups import Group
 
@@ -190,7 +190,7 @@ class Taylor(Criterion):
     signed = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        grads = _grads(model, calib or load_calibration(None, _inputs(coupling, model)), False)
+        grads = _grads(model, _need(calib), False)
         self._reduced = {}
         self.saliency = {n: w.float() * grads[n] for n, w in _weights(model).items()
                          if n in grads}
@@ -203,7 +203,7 @@ class Fisher(Criterion):
     needs_data = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        fisher = _grads(model, calib or load_calibration(None, _inputs(coupling, model)), True)
+        fisher = _grads(model, _need(calib), True)
         self.fisher, self._reduced = fisher, {}
         self.saliency = {n: 0.5 * w.float().pow(2) * fisher[n] for n, w in _weights(model).items()
                          if n in fisher}
@@ -216,7 +216,7 @@ class Activation(Criterion):
     needs_data = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        calib = calib or load_calibration(None, _inputs(coupling, model))
+        calib = _need(calib)
         norms: dict[str, torch.Tensor] = {}
         handles = []
         for name, m in model.named_modules():
@@ -249,9 +249,12 @@ def _act_hook(name: str, norms: dict[str, torch.Tensor]) -> Callable[..., None]:
     return hook
 
 
-def _inputs(coupling: Coupling, model: nn.Module) -> tuple:
-    raise ValueError("this criterion needs calibration data: pass calibration=... (random "
-                     "inputs are made by the Pruner from its example inputs)")
+def _need(calib: Calibration | None) -> Calibration:
+    """Data-aware criteria get their batches from the caller (the Pruner makes random ones)."""
+    if calib is None:
+        raise ValueError("this criterion needs calibration data: pass calibration=... (random "
+                         "inputs are made by the Pruner from its example inputs)")
+    return calib
 
 
 def make(name: str) -> Criterion:

@@ -95,9 +95,6 @@ class Graph:
     seconds: float = 0.0
     device: str = "cpu"
 
-    def value(self, vid: int) -> Value:
-        return self.values[vid]
-
     def tensor_ids(self, args: Any) -> list[int]:
         """All value ids referenced in a (nested) argument structure."""
         found: list[int] = []

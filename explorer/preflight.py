@@ -132,7 +132,7 @@ class Preflight:
         except TraceError as exc:
             cause = exc.__cause__ or exc
             from .tracer import traceback_location
-            return Verdict(False, module=graph_module(exc), location=traceback_location(cause),
+            return Verdict(False, module=exc.module, location=traceback_location(cause),
                            error=f"{type(cause).__name__}: {cause}")
         shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
         params = sum(p.numel() for p in model.parameters())
@@ -140,16 +140,6 @@ class Preflight:
             return Verdict(False, error=f"output shapes changed: {self.expected} -> {shapes}",
                            output_shapes=shapes, graph=graph, params=params)
         return Verdict(True, output_shapes=shapes, graph=graph, params=params)
-
-
-def graph_module(exc: TraceError) -> str:
-    """The module name a `TraceError` message names."""
-    text = str(exc)
-    start = text.find("module '")
-    if start < 0:
-        return ""
-    start += len("module '")
-    return text[start:text.find("'", start)]
 
 
 __all__ = ["Preflight", "Verdict", "meta_copy", "clone_model", "to_device", "tensor_leaves"]

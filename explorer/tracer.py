@@ -37,6 +37,11 @@ def _is_model_code(filename: str) -> bool:
 class TraceError(RuntimeError):
     """The model failed to run on the example inputs; the message names module and line."""
 
+    def __init__(self, message: str, module: str = "", location: str = "") -> None:
+        super().__init__(message)
+        self.module = module  # innermost module running when it failed ("" = the root)
+        self.location = location  # model-code file:line of the failing statement
+
 
 def user_location(frame: Any = None) -> str:
     """``file:line`` of the innermost frame that is model code (not torch, not us)."""
@@ -227,7 +232,8 @@ def trace(model: torch.nn.Module, example_inputs: Any,
             module = graph.ops[-1].module if graph.ops else ""
         raise TraceError(
             f"the model failed on the example inputs in module '{module or '<root>'}'"
-            f"{' at ' + where if where else ''}: {type(exc).__name__}: {exc}") from exc
+            f"{' at ' + where if where else ''}: {type(exc).__name__}: {exc}",
+            module or "", where) from exc
     finally:
         for h in handles:
             h.remove()
@@ -236,9 +242,3 @@ def trace(model: torch.nn.Module, example_inputs: Any,
                 buffers[n].copy_(b)
     graph.seconds = time.perf_counter() - start
     return graph
-
-
-def input_shapes(example_inputs: Any) -> list[tuple[int, ...]]:
-    """Shapes of the tensor leaves of some example inputs (for reports)."""
-    return [tuple(t.shape) for _p, t in tensor_leaves(example_inputs)]
-
