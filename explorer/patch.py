@@ -81,7 +81,7 @@ def _bn(m: nn.Module, info: PatchInfo) -> None:
         info.set(m, "num_features", t.shape[0])
 
 
-@patcher(nn.LayerNorm)
+@patcher(nn.LayerNorm, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []))
 def _ln(m: nn.Module, info: PatchInfo) -> None:
     if m.weight is not None:
         info.set(m, "normalized_shape", tuple(m.weight.shape))
@@ -99,13 +99,6 @@ def _gn(m: nn.Module, info: PatchInfo) -> None:
 def _embedding(m: nn.Module, info: PatchInfo) -> None:
     info.set(m, "num_embeddings", m.weight.shape[0])
     info.set(m, "embedding_dim", m.weight.shape[1])
-
-
-if hasattr(nn, "RMSNorm"):
-    @patcher(nn.RMSNorm)
-    def _rms(m: nn.Module, info: PatchInfo) -> None:
-        if m.weight is not None:
-            info.set(m, "normalized_shape", tuple(m.weight.shape))
 
 
 @patcher(nn.RNNBase)
