@@ -1,7 +1,7 @@
 """Pruning Explorer: the Streamlit entry point (run with ``streamlit run app.py``).
 
 Loads the default model on first visit (cached once per spec for all sessions) and gives
-each browser session its own deep copy to prune (`explorer.ui_state.Session`).
+each browser session its own deep copy to prune (`explorer.app.session.Session`).
 """
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from explorer import learn  # noqa: E402
-from explorer.learn import LearnSettings  # noqa: E402
-from explorer.learn_models import load_digits  # noqa: E402
+from explorer.teach import learn  # noqa: E402
+from explorer.teach.learn import LearnSettings  # noqa: E402
+from explorer.teach.models import load_digits  # noqa: E402
 
 RATIOS = (0.3, 0.5)
 Scores = dict[tuple[str, str, float], list[tuple[float, float]]]  # -> [(accuracy, cosine)]
@@ -68,7 +68,7 @@ def table(scores: Scores) -> str:
                 row.append("" if crit == "random" else f"{gain:+.3f}")
             lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in lines)
 
 
 def write_plot(path: Path) -> Path:

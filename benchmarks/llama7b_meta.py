@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import explorer  # noqa: E402
 from explorer.coupling.analyze import Coupling  # noqa: E402
-from explorer.specs import load_model  # noqa: E402
-from explorer.tracer import trace as raw_trace  # noqa: E402
+from explorer.graph.tracer import trace as raw_trace  # noqa: E402
+from explorer.io.specs import load_model  # noqa: E402
 
 SPEC = ("hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
         "&num_key_value_heads=32&intermediate_size=11008&vocab_size=32000")
@@ -58,7 +58,7 @@ def main() -> None:
     groups = mg.groups()
     rows = [
         ("model build (meta)", f"{build:.2f} s"),
-        ("explorer.trace, median of %d" % args.runs, f"{statistics.median(totals):.2f} s"),
+        (f"explorer.trace, median of {args.runs}", f"{statistics.median(totals):.2f} s"),
         ("  tracer only (median)", f"{statistics.median(traces):.2f} s"),
         ("  coupling only (median)", f"{statistics.median(couples):.2f} s"),
         ("ATen ops", str(mg.num_ops)),
@@ -97,7 +97,7 @@ def main() -> None:
 
 
 def pruner_attention(pruner: explorer.Pruner) -> list:
-    from explorer.heads import attention_modules
+    from explorer.coupling.heads import attention_modules
     return attention_modules(pruner.model, pruner.coupling)
 
 

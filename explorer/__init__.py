@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from .api import ModelGraph as ModelGraph
 from .api import trace as trace
-from .export import load_pruned as load_pruned
-from .groups import Group as Group
-from .plan import Plan as Plan
-from .pruner import Pruner as Pruner
-from .pruner import StepReport as StepReport
-from .specs import load_model as load_model
+from .coupling.groups import Group as Group
+from .io.export import load_pruned as load_pruned
+from .io.plan import Plan as Plan
+from .io.specs import load_model as load_model
+from .prune.pruner import Pruner as Pruner
+from .prune.pruner import StepReport as StepReport
 
 __all__ = ["trace", "ModelGraph", "Group", "Pruner", "StepReport", "Plan", "load_pruned",
            "load_model"]

@@ -1,6 +1,6 @@
 """``python -m explorer``."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -7,12 +7,12 @@ from typing import Any
 from torch import nn
 
 from .coupling.analyze import Coupling
-from .depth import Block, residual_blocks
-from .groups import Group
-from .heads import AttentionInfo, attention_modules
-from .ir import Graph
-from .metrics import count_macs
-from .tracer import trace as _trace
+from .coupling.groups import Group
+from .coupling.heads import AttentionInfo, attention_modules
+from .graph.ir import Graph
+from .graph.metrics import count_macs
+from .graph.tracer import trace as _trace
+from .prune.depth import Block, residual_blocks
 
 
 class ModelGraph:

@@ -1,9 +1,9 @@
 """Model: choose a spec, build it, and see what the trace found."""
 import streamlit as st
 
-from explorer.metrics import count_params
-from explorer.specs import hf_families, list_demos
-from explorer.ui_state import Message
+from explorer.app.session import Message
+from explorer.graph.metrics import count_params
+from explorer.io.specs import hf_families, list_demos
 from pages._session import load
 
 FIRST = ["demo:dino_vit_safe", "demo:dino_vit"]

@@ -1,8 +1,8 @@
 """Groups: decide on one proposal at a time (pre-flight, accept, resize, reject, undo)."""
 import streamlit as st
 
-from explorer.importance import CRITERIA
-from explorer.pruner import HEAD_MODES
+from explorer.prune.importance import CRITERIA
+from explorer.prune.pruner import HEAD_MODES
 from explorer.render.figures import axes_rows, importance_figure, member_rows
 
 st.title("Groups")
@@ -11,7 +11,7 @@ if "pe" not in st.session_state:
     st.stop()
 pe = st.session_state.pe
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round")
-for k, v in zip(KEYS, pe.settings()):  # the session is the source of truth
+for k, v in zip(KEYS, pe.settings(), strict=False):  # the session is the source of truth
     st.session_state[k] = v
 
 
@@ -61,7 +61,7 @@ if st.session_state.get("groups_for") != proposal_id:  # a new proposal: reset t
     for n, ch in enumerate(p.changes):
         st.session_state[f"groups_count_{n}"] = len(ch.removed)
 counts = {}
-for n, (axis, ch) in enumerate(zip(p.axes, p.changes)):
+for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=False)):
     counts[axis] = st.number_input(f"Count to remove from '{ch.axis}' (axis {axis}, "
                                    f"{ch.width_before} wide)", 0, ch.width_before - 1,
                                    key=f"groups_count_{n}")
@@ -74,7 +74,7 @@ b[3].button("Undo", key="groups_undo", on_click=pe.undo, disabled=not pe.can_und
 b[4].button("Accept all remaining", key="groups_accept_all", on_click=pe.accept_all)
 
 charts = st.columns(len(p.changes))
-for n, (axis, ch) in enumerate(zip(p.axes, p.changes)):
+for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=False)):
     charts[n].plotly_chart(importance_figure(p.scores[axis], ch.removed,
                                              f"{pe.importance} importance of '{ch.axis}'"),
                            key=f"groups_importance_{n}", width="stretch")

@@ -2,7 +2,9 @@
 import pandas as pd
 import streamlit as st
 
-from explorer.metrics import macs_by_module
+from explorer.app.session import layer_widths
+from explorer.graph.metrics import macs_by_module
+from explorer.prune.sensitivity import as_table
 from explorer.render.figures import (
     attention_rows,
     cost_figure,
@@ -10,8 +12,6 @@ from explorer.render.figures import (
     sensitivity_figure,
     widths_figure,
 )
-from explorer.sensitivity import as_table
-from explorer.ui_state import layer_widths
 
 st.title("Dimensions & heads")
 if "pe" not in st.session_state:

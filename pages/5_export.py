@@ -3,7 +3,7 @@ import json
 
 import streamlit as st
 
-from explorer.export import FORMATS
+from explorer.io.export import FORMATS
 
 st.title("Export")
 if "pe" not in st.session_state:
@@ -22,7 +22,7 @@ except Exception as exc:  # noqa: BLE001 - e.g. a removed block: shown as one li
 c1, c2, c3 = st.columns(3)
 c1.download_button("Download plan JSON", plan_text or "", file_name="plan.json",
                    mime="application/json", key="export_plan", disabled=plan_text is None,
-                   help="replay with explorer.plan.Plan.load(path).apply(model)")
+                   help="replay with explorer.Plan.load(path).apply(model)")
 c2.download_button("Download pruned model (torch.save)", pe.model_bytes(),
                    file_name="pruned_model.pt", mime="application/octet-stream",
                    key="export_model", help="torch.load(path, weights_only=False)")

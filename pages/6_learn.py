@@ -1,7 +1,7 @@
 """Learn: prune a CNN and a ViT trained on real digits and see what each criterion costs."""
 import streamlit as st
 
-from explorer import learn
+from explorer.teach import learn
 
 st.title("Learn: pruning on real data")
 st.markdown(

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer.specs import LoadedModel, load_model, parse_input_shape
-from explorer.ui_state import Session
+from explorer.app.session import Session
+from explorer.io.specs import LoadedModel, load_model, parse_input_shape
 
 DEFAULT_REQUEST = ("demo:dino_vit_safe", "cpu", "")
 

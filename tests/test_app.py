@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from explorer.specs import load_model  # noqa: E402
-from explorer.ui_state import Session  # noqa: E402
+from explorer.app.session import Session  # noqa: E402
+from explorer.io.specs import load_model  # noqa: E402
 
 TIMEOUT = 120
 APP = str(Path(__file__).resolve().parents[1] / "app.py")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from explorer.cli import main
-from explorer.plan import Plan
+from explorer.app.cli import main
+from explorer.io.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

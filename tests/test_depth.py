@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from explorer import load_model, trace
-from explorer.depth import remove_blocks
-from explorer.preflight import meta_copy, to_device
-from explorer.tracer import trace as raw_trace
+from explorer.graph.tracer import trace as raw_trace
+from explorer.prune.depth import remove_blocks
+from explorer.prune.preflight import meta_copy, to_device
 
 
 @pytest.mark.parametrize("spec,expected", [

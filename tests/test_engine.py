@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from explorer import Pruner, load_model, trace
-from explorer.preflight import Preflight
-from explorer.prune import Removal, apply_removal, removed_atoms
+from explorer.prune.preflight import Preflight
+from explorer.prune.removal import Removal, apply_removal, removed_atoms
 
 
 def _out(y: object) -> torch.Tensor:

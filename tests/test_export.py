@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from explorer import Pruner, load_model
-from explorer.export import ExportError, ExportResult, export, load_pruned, parse_formats
-from explorer.hfconfig import update_config
-from explorer.plan import Plan
+from explorer.io.export import ExportError, ExportResult, export, load_pruned, parse_formats
+from explorer.io.plan import Plan
+from explorer.prune.fixups.hfconfig import update_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_formats_reload_in_fresh_process(exported: dict[str, Exported]) -> None:
     """One interpreter, started fresh, loads every folder; outputs equal to 1e-6."""
     lines = ["import torch", "from safetensors.torch import load_file",
              "from transformers import AutoModelForCausalLM",
-             "from explorer.export import load_pruned"]
+             "from explorer import load_pruned"]
     for e in exported.values():
         save_file({"x": e.inputs[0].contiguous(), "y": e.expected.contiguous()},
                   str(e.folder / "check.safetensors"))

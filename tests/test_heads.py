@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from explorer import load_model, trace
-from explorer.preflight import Preflight
-from explorer.prune import Removal, apply_removal, removed_atoms
+from explorer.prune.preflight import Preflight
+from explorer.prune.removal import Removal, apply_removal, removed_atoms
 
 # Models whose own code derives head_dim from the residual width (``C // num_heads``,
 # ``reshape(B, N, C)``): the pre-flight must call head pruning unsafe and point at the line.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from explorer import Pruner, load_model
-from explorer.plan import SCHEMA, Plan, PlanError
+from explorer.io.plan import SCHEMA, Plan, PlanError
 
 VIT = "timm:vit_tiny_patch16_224?img_size=64&depth=2"
 
@@ -80,7 +80,7 @@ def test_replay_identity(name: str, request: pytest.FixtureRequest, tmp_path: Pa
     ours = dict(fresh.named_parameters())
     for n, t in p.model.named_parameters():
         assert isinstance(ours[n], nn.Parameter) and ours[n].requires_grad == t.requires_grad
-    for (n, m), (_, m2) in zip(p.model.named_modules(), fresh.named_modules()):
+    for (n, m), (_, m2) in zip(p.model.named_modules(), fresh.named_modules(), strict=False):
         for attr in ("in_features", "out_features", "num_features", "normalized_shape",
                      "num_heads", "head_dim", "num_key_value_groups"):
             assert getattr(m, attr, None) == getattr(m2, attr, None), f"{n}.{attr}"

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from explorer import Pruner, load_model
-from explorer.calibration import Calibration
-from explorer.importance import make
-from explorer.sensitivity import scan
+from explorer.prune.calibration import Calibration
+from explorer.prune.importance import make
+from explorer.prune.sensitivity import scan
 
 
 class Planted(nn.Module):

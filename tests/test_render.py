@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import explorer
+from explorer.io.specs import load_model
 from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
 from explorer.render.figures import (
     attention_rows,
@@ -21,7 +22,6 @@ from explorer.render.figures import (
     sensitivity_figure,
     widths_figure,
 )
-from explorer.specs import load_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGEN = os.environ.get("PE_REGEN_GOLDEN") == "1"

@@ -1,4 +1,4 @@
-"""Tests for explorer.specs and the built-in demos."""
+"""Tests for explorer.io.specs and the built-in demos."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from explorer.demos import DEMOS, KIND
-from explorer.specs import (
+from explorer.io.specs import (
     LoadedModel,
     SpecError,
     hf_families,
@@ -119,7 +119,7 @@ def test_timm_rejected_kwarg() -> None:
     [("7", 7), ("0.5", 0.5), ("true", True), ("False", False), ("none", None), ("avg", "avg")],
 )
 def test_query_value_parsing(text: str, value: Any) -> None:
-    from explorer.specs import _parse_value
+    from explorer.io.specs import _parse_value
 
     assert _parse_value(text) == value
     assert type(_parse_value(text)) is type(value)

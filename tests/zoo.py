@@ -16,7 +16,7 @@ import torch
 class ZooEntry:
     """One zoo model: how to build it, what to feed it and what to leave alone."""
 
-    spec: str  # explorer.specs.load_model spec
+    spec: str  # explorer.load_model spec
     input_shape: tuple[int, ...] | None  # None: the spec's default example input
     ignored: tuple[str, ...]  # classifier / lm_head module names never pruned
     notes: str = ""  # what is special about the model (unsafe groups, pinned parts)

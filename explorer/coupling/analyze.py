@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..groups import Axis, Group, HeadInfo, Member
-from ..ir import Graph, ValueKind
+from ..graph.ir import Graph, ValueKind
 from .context import Ctx
+from .groups import Axis, Group, HeadInfo, Member
 from .registry import apply_rule
 from .resolve import Resolution, resolve
 
@@ -41,7 +41,7 @@ class Coupling:
         for node in graph.ops:
             try:
                 apply_rule(ctx, node)
-            except Exception as exc:  # a rule bug must not hide the rest of the model
+            except Exception as exc:  # noqa: BLE001 - a rule bug must not hide the rest of the model
                 reason = (f"coupling rule for {node.short} failed in '{node.module}' "
                           f"({type(exc).__name__}: {exc})")
                 ctx.unknown.setdefault(node.name, []).append(node.location)

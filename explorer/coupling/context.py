@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ir import Graph, OpNode, ValueKind, ValueRef
+from ..graph.ir import Graph, OpNode, ValueKind, ValueRef
 from .spaces import IdArray, Spaces
 
 Rule = Callable[["Ctx", OpNode], None]
@@ -50,7 +50,7 @@ class Ctx:
         if vid is None:
             return
         shape = self.graph.values[vid].shape
-        if len(shape) != len(dims) or any(len(d) != s for d, s in zip(dims, shape)):
+        if len(shape) != len(dims) or any(len(d) != s for d, s in zip(dims, shape, strict=False)):
             raise ValueError(f"rule for {node.name} gave dims {[len(d) for d in dims]} "
                              f"for an output of shape {list(shape)}")
         self.sp.dims[vid] = dims
@@ -89,7 +89,8 @@ class Ctx:
                     out[k] = ids
                 else:
                     self.union(out[k], ids, node)  # type: ignore[arg-type]
-        return [o if o is not None else self.sp.fresh(n) for o, n in zip(out, out_shape)]
+        return [o if o is not None else self.sp.fresh(n)
+                for o, n in zip(out, out_shape, strict=False)]
 
     def pin_all(self, refs: list[Any], reason: str) -> None:
         for ref in refs:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..ir import OpNode
+from ..graph.ir import OpNode
 from .context import Ctx, Rule, tensor_args
 
 RULES: dict[Any, Rule] = {}

@@ -151,7 +151,7 @@ def _expand_sized(defs: dict[int, tuple[tuple[int, ...], tuple[int, ...]]],
                   seen: set[int]) -> list[tuple[int, int]] | None:
     """Atoms of a product row with the size of the dim each came from."""
     out: list[tuple[int, int]] = []
-    for c, size in zip(row, sizes):
+    for c, size in zip(row, sizes, strict=False):
         if c in defs and c not in seen:
             sub_row, sub_sizes = defs[c]
             if int(np.prod(sub_sizes)) != size:

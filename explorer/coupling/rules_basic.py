@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir import OpNode
+from ..graph.ir import OpNode
 from .context import Ctx, arg, norm_dim, tensor_args
 from .registry import aten, rule
 
@@ -82,9 +82,7 @@ def reduction(ctx: Ctx, node: OpNode) -> None:
 
 def _reduction_dims(node: OpNode) -> list[int] | None:
     name = node.op.overloadpacket
-    if name in (aten.linalg_vector_norm,):
-        dim = arg(node, 2, "dim")
-    elif name in (aten.norm,):
+    if name in (aten.linalg_vector_norm,) or name in (aten.norm,):
         dim = arg(node, 2, "dim")
     elif name in (aten.var, aten.std, aten.var_mean, aten.std_mean):
         dim = arg(node, 1, "dim")

@@ -1,7 +1,7 @@
 """Rules for contractions (matmul, conv, attention), embeddings, norms and pooling."""
 from __future__ import annotations
 
-from ..ir import OpNode
+from ..graph.ir import OpNode
 from .context import Ctx, arg, tensor_args
 from .registry import aten, rule
 from .spaces import IdArray
@@ -38,7 +38,7 @@ def _matmul(ctx: Ctx, node: OpNode, a_ref: object, b_ref: object, bias: object =
         for ids in batch:
             ctx.sp.tag(ids, "attention-batch")
     out = batch + [a[-2], b[-1]]
-    out = [d for d, keep in zip(out, _keep_mask(ctx, node, a_ref, b_ref)) if keep]
+    out = [d for d, keep in zip(out, _keep_mask(ctx, node, a_ref, b_ref), strict=False) if keep]
     if bias is not None:
         ctx.broadcast(node, [bias], tuple(len(d) for d in out))
         bd = ctx.dims(bias)
@@ -246,7 +246,7 @@ def group_norm(ctx: Ctx, node: OpNode) -> None:
     c = x[1]
     packet = node.op.overloadpacket
     groups = int(node.args[6] if packet is aten.native_group_norm else arg(node, 1, "num_groups"))
-    if 1 < groups:
+    if groups > 1:
         g = ctx.sp.fresh(groups)
         ctx.sp.tag(g, "norm-groups")
         ctx.group_axes[node.module] = g
@@ -281,7 +281,7 @@ def sdpa(ctx: Ctx, node: OpNode) -> None:
         elif len(hk) and len(hq) % len(hk) == 0:
             ctx.sp.product(hq, [hk, ctx.sp.fresh(len(hq) // len(hk))], node.index)
         ctx.sp.tag(hq, "attention-head")
-        for a, b in zip(q[:-3], k[:-3]):
+        for a, b in zip(q[:-3], k[:-3], strict=False):
             if len(a) == len(b):
                 ctx.union(a, b, node)
     for ref in tensor_args(node)[3:]:  # attention mask broadcasts against (B, H, L, S)

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from ..ir import OpNode
+from ..graph.ir import OpNode
 from .context import Ctx, arg, norm_dim, tensor_args
 from .registry import aten, rule
 from .spaces import IdArray
@@ -60,7 +60,7 @@ def view(ctx: Ctx, node: OpNode) -> None:
     for bs, bd in blocks:
         flat = ctx.sp.flatten([src[k] for k in bs], node.index)
         parts = ctx.sp.split(flat, [out_shape[k] for k in bd], node.index)
-        for k, p in zip(bd, parts):
+        for k, p in zip(bd, parts, strict=False):
             out[k] = p
     ctx.set_out(node, 0, [o if o is not None else ctx.sp.fresh(1) for o in out])
 
@@ -196,7 +196,7 @@ def stack(ctx: Ctx, node: OpNode) -> None:
     parts = [ctx.dims(r) for r in refs]
     out = list(parts[0])
     for p in parts[1:]:
-        for a, b in zip(out, p):
+        for a, b in zip(out, p, strict=False):
             ctx.union(a, b, node)
     out.insert(dim, ctx.sp.fresh(len(refs)))
     ctx.set_out(node, 0, out)
@@ -210,7 +210,7 @@ def roll(ctx: Ctx, node: OpNode) -> None:
     if not dims:
         ctx.fresh_out(node, 0, pin="roll over a flattened tensor")
         return
-    for s, d in zip(shifts, dims):
+    for s, d in zip(shifts, dims, strict=False):
         d = norm_dim(d, len(src))
         out[d] = np.roll(out[d], s)
     ctx.set_out(node, 0, out)
@@ -296,7 +296,8 @@ def as_strided(ctx: Ctx, node: OpNode) -> None:
 def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """Whether ``stride`` lays ``size`` out without gaps or overlap (some dim order)."""
     expect = 1
-    for n, s in sorted((p for p in zip(size, stride) if p[0] != 1), key=lambda p: p[1]):
+    laid = (p for p in zip(size, stride, strict=True) if p[0] != 1)
+    for n, s in sorted(laid, key=lambda p: p[1]):
         if s != expect:
             return False
         expect *= n

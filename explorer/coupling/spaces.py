@@ -87,7 +87,7 @@ class Spaces:
             out[real[0]] = flat
         elif real:
             parts = [self.fresh(sizes[i]) for i in real]
-            for i, p in zip(real, parts):
+            for i, p in zip(real, parts, strict=False):
                 out[i] = p
             self.product(flat, parts, op_index)
         return out  # type: ignore[return-value]  # every slot is filled above

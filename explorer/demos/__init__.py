@@ -6,7 +6,8 @@ the inputs are ("vision" images, "lm" token ids, "other" plain feature vectors).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterable
 
 from ..api import ModelGraph
-from ..ir import Graph, ValueKind
+from ..graph.ir import Graph, ValueKind
 
 INPUT, OUTPUT, ROOT = "input", "output", "(root)"
 _INDEX = re.compile(r"^\d+$")
@@ -121,7 +121,7 @@ def graph_to_dot(model_graph: ModelGraph, depth: int = 2, highlight_group: int |
         raise ValueError(f"depth must be >= 1, got {depth}")
     graph = model_graph.graph
     node_of_module: dict[str, str] = {}
-    producer_node: dict[int, str] = {vid: INPUT for vid in graph.inputs}
+    producer_node: dict[int, str] = dict.fromkeys(graph.inputs, INPUT)
     nodes: dict[str, list[str]] = {INPUT: [INPUT]}  # node -> raw members, insertion ordered
     ops_in: dict[str, int] = {}
     edges: dict[tuple[str, str], tuple[int, ...]] = {}

@@ -10,8 +10,8 @@ from fractions import Fraction
 import numpy as np
 import plotly.graph_objects as go
 
-from ..groups import Group
-from ..heads import AttentionInfo
+from ..coupling.groups import Group
+from ..coupling.heads import AttentionInfo
 
 _KEPT, _REMOVED = "#4C78A8", "#E45756"
 
@@ -20,7 +20,7 @@ def importance_figure(scores: np.ndarray, removed: Sequence[int], title: str = "
     """Scores of one axis sorted ascending, removed indices in red, the cut as a line."""
     scores = np.asarray(scores, dtype=float)
     order = np.argsort(scores, kind="stable")
-    dead = set(int(i) for i in removed)
+    dead = {int(i) for i in removed}
     rank = np.arange(len(order))
     is_dead = np.array([int(i) in dead for i in order], dtype=bool)
     fig = go.Figure()
@@ -34,7 +34,7 @@ def importance_figure(scores: np.ndarray, removed: Sequence[int], title: str = "
                       annotation_text=f"cut: {len(dead)} of {len(scores)}")
     fig.update_layout(title=title or "importance (sorted, lower = less important)",
                       xaxis_title="rank", yaxis_title="score", barmode="overlay",
-                      bargap=0.05, height=320, margin=dict(l=40, r=10, t=40, b=40))
+                      bargap=0.05, height=320, margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig
 
 
@@ -46,7 +46,7 @@ def widths_figure(before: Mapping[str, int], after: Mapping[str, int]) -> go.Fig
         go.Bar(name="after", x=names, y=[after.get(n, 0) for n in names], marker_color=_KEPT),
     ])
     fig.update_layout(title="per-layer output width", barmode="group", height=380,
-                      xaxis_tickangle=-45, margin=dict(l=40, r=10, t=40, b=120))
+                      xaxis_tickangle=-45, margin={"l": 40, "r": 10, "t": 40, "b": 120})
     return fig
 
 
@@ -60,9 +60,9 @@ def cost_figure(params: Mapping[str, int], macs: Mapping[str, int]) -> go.Figure
                offsetgroup="m", yaxis="y2", marker_color="#F58518"),
     ])
     fig.update_layout(title="parameters and MACs per module", height=380, xaxis_tickangle=-45,
-                      yaxis=dict(title="params"),
-                      yaxis2=dict(title="MACs", overlaying="y", side="right"),
-                      margin=dict(l=40, r=40, t=40, b=120))
+                      yaxis={"title": "params"},
+                      yaxis2={"title": "MACs", "overlaying": "y", "side": "right"},
+                      margin={"l": 40, "r": 40, "t": 40, "b": 120})
     return fig
 
 
@@ -174,5 +174,5 @@ def sensitivity_figure(rows: Sequence[Mapping[str, object]]) -> go.Figure:
             hovertemplate="ratio %{x}<br>change %{y:.4g}<br>params removed %{customdata:,}"))
     fig.update_layout(title="sensitivity: relative output change when one group is pruned",
                       xaxis_title="ratio", yaxis_title="relative L2 change", height=380,
-                      margin=dict(l=40, r=10, t=40, b=40))
+                      margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig

@@ -22,10 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .calibration import Calibration
-from .groups import Group
-from .importance import CRITERIA as CRITERIA_ALL
-from .learn_models import (
+from ..coupling.groups import Group
+from ..graph.metrics import count_params
+from ..prune.calibration import Calibration
+from ..prune.importance import CRITERIA as CRITERIA_ALL
+from ..prune.pruner import HEAD_MODES, Pruner, StepReport
+from ..prune.removal import Removal, apply_removal
+from .models import (
     MODEL_KINDS,
     Digits,
     accuracy,
@@ -36,9 +39,6 @@ from .learn_models import (
     logits,
     train,
 )
-from .metrics import count_params
-from .prune import Removal, apply_removal
-from .pruner import HEAD_MODES, Pruner, StepReport
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go

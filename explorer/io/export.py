@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hfconfig import ConfigUpdate, update_config
+from ..prune.fixups.hfconfig import ConfigUpdate, update_config
+from ..prune.preflight import clone_model
 from .plan import Plan
-from .preflight import clone_model
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
@@ -94,7 +94,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
             wanted.append("safetensors")
             result.messages.append("wrote model.safetensors + plan.json instead (load with "
-                                   "explorer.export.load_pruned)")
+                                   "explorer.load_pruned)")
     if "pt" in wanted:
         torch.save(model, out / "model.pt")
         result.files["pt"] = [str(out / "model.pt")]
@@ -163,7 +163,7 @@ _HOWTO = {
            "code from the file; load only files you trust**: "
            "`torch.load('model.pt', weights_only=False)`."),
     "safetensors": ("`model.safetensors` + `plan.json`: weights and the pruning plan, no "
-                    "pickle. `explorer.export.load_pruned(None, '<this folder>')` rebuilds the "
+                    "pickle. `explorer.load_pruned(None, '<this folder>')` rebuilds the "
                     "original architecture from the plan's spec, replays the plan and loads "
                     "the weights."),
     "hf": ("`hf/`: a transformers folder with the pruned widths in `config.json`: "
@@ -191,7 +191,7 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
         The pruned model with the exported weights, in eval mode.
 
     Raises:
-        explorer.plan.PlanError: the plan is unreadable or does not fit the model.
+        explorer.PlanError: the plan is unreadable or does not fit the model.
         ExportError: the weights file is missing or does not fit the replayed model.
     """
     from safetensors.torch import load_model as load_weights

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .preflight import Preflight, Verdict
-from .prune import Applied, Removal, apply_removal
+from .removal import Applied, Removal, apply_removal
 
 if TYPE_CHECKING:
-    from .groups import Group
+    from ..coupling.groups import Group
     from .pruner import Pruner
 
 
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 class Proposal:
     """The pruner's proposal for one group at this step."""
 
-    pruner: "Pruner"
-    group: "Group"
+    pruner: Pruner
+    group: Group
     picks: dict[int, list[int]]  # axis -> indices proposed for removal
     scores: dict[int, np.ndarray]  # axis -> importance scores
     decided: bool = False
@@ -70,7 +70,7 @@ class Proposal:
         self.decided = True
 
 
-def proposals(pruner: "Pruner") -> Iterator[Proposal]:
+def proposals(pruner: Pruner) -> Iterator[Proposal]:
     """Yield one proposal per prunable group, re-planning after each accepted one."""
     done: set[tuple[str, int]] = set()
     while True:

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from ..graph.tracer import tensor_leaves
 from .calibration import Calibration, compute_loss
-from .prune import Removal, apply_removal, undo
 from .pruner import Pruner
-from .tracer import tensor_leaves
+from .removal import Removal, apply_removal, undo
 
 
 @dataclass(frozen=True)

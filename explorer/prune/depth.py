@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ir import Graph
+from ..graph.ir import Graph
 
 
 @dataclass(frozen=True)

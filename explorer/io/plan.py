@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .patch import resize_tensor
-from .prune import Applied, set_tensor
+from ..prune.fixups.patch import resize_tensor
+from ..prune.removal import Applied, set_tensor
 
 SCHEMA = 1  # bump when the JSON layout changes; `Plan.load` refuses other versions
 
@@ -158,7 +158,7 @@ class Plan:
         """A plan from `Applied` records, in order, of ``model`` (already pruned by them).
 
         Args:
-            applied: what `explorer.prune.apply_removal` returned, oldest first.
+            applied: what `explorer.prune.removal.apply_removal` returned, oldest first.
             model: the pruned model; its original shapes are recovered from ``applied``.
             spec: the model spec the plan is replayed from.
             input_shapes: shapes of the example inputs.
@@ -240,7 +240,7 @@ class Plan:
         """
         replay = _commit(model, _check(self, model))
         if update_config and hasattr(model, "config"):
-            from .hfconfig import update_config as _update
+            from ..prune.fixups.hfconfig import update_config as _update
             replay.config = _update(model)
         return replay
 

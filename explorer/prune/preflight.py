@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .coupling.analyze import Coupling
-from .ir import Graph
-from .prune import PruneError, Removal, apply_removal
-from .tracer import TraceError, tensor_leaves, trace
+from ..coupling.analyze import Coupling
+from ..graph.ir import Graph
+from ..graph.tracer import TraceError, tensor_leaves, trace
+from .removal import PruneError, Removal, apply_removal
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Preflight:
             graph = trace(model, to_device(self.inputs, self.device))
         except TraceError as exc:
             cause = exc.__cause__ or exc
-            from .tracer import traceback_location
+            from ..graph.tracer import traceback_location
             return Verdict(False, module=exc.module, location=traceback_location(cause),
                            error=f"{type(cause).__name__}: {cause}")
         shapes = [tuple(graph.values[o].shape) for o in graph.outputs]

@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
+from ..coupling.analyze import Coupling
+from ..coupling.groups import Group
+from ..graph.metrics import count_macs, count_params
+from ..graph.tracer import trace
 from .calibration import Calibration, load_calibration
-from .coupling.analyze import Coupling
-from .groups import Group
 from .importance import Criterion, make
-from .metrics import count_macs, count_params
 from .preflight import Preflight, Verdict
-from .prune import Applied, Removal, apply_removal, removed_atoms, undo
-from .tracer import trace
+from .removal import Applied, Removal, apply_removal, removed_atoms, undo
 
 if TYPE_CHECKING:
-    from .interactive import Proposal
+    from .proposal import Proposal
 
 HEAD_MODES = ("dims", "whole", "keep")
 
@@ -201,9 +201,9 @@ class Pruner:
     def _group_ratio(self, group: Group, base: float) -> float:
         best = None
         for prefix, r in self.ratios.items():
-            if any(m == prefix or m.startswith(prefix + ".") for m in group.modules):
-                if best is None or len(prefix) > len(best[0]):
-                    best = (prefix, r)
+            inside = any(m == prefix or m.startswith(prefix + ".") for m in group.modules)
+            if inside and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, r)
         return best[1] if best else base
 
     def candidates(self) -> tuple[list[Candidate], list[Skip]]:
@@ -235,7 +235,7 @@ class Pruner:
         counts = (self._global_counts(cands, ratio) if self.global_pruning
                   else self._local_counts(cands, ratio))
         removal, changes = Removal(), []
-        for c, n in zip(cands, counts):
+        for c, n in zip(cands, counts, strict=False):
             ax = c.group.axes[c.axis]
             if n <= 0:
                 why = "at its minimum width" if ax.size <= 1 else "already at the target width"
@@ -299,9 +299,9 @@ class Pruner:
         return hi
 
     def _meets_target(self, removal: Removal, flight: Preflight | None) -> bool:
-        if self.target_params is not None:
-            if self.predict_params(removal) > self.target_params * self.params_original:
-                return False
+        if self.target_params is not None and \
+                self.predict_params(removal) > self.target_params * self.params_original:
+            return False
         if self.target_macs is not None and flight is not None:
             verdict = flight.check(removal)
             if verdict.graph is None or count_macs(verdict.graph) > \
@@ -322,14 +322,14 @@ class Pruner:
         return total
 
     # -- steps ----------------------------------------------------------------------------
-    def step(self, interactive: bool = False) -> StepReport | Iterator["Proposal"]:
+    def step(self, interactive: bool = False) -> StepReport | Iterator[Proposal]:
         """Prune one step; the report says what was removed and why groups were skipped.
 
         With ``interactive=True`` returns an iterator of `Proposal` objects instead, one
         group at a time; each is accepted (as proposed or resized) or rejected by the caller.
         """
         if interactive:
-            from .interactive import proposals
+            from .proposal import proposals
             return proposals(self)
         report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
@@ -371,7 +371,7 @@ class Pruner:
         """Keep a transformers ``config`` in line with uniform pruned widths."""
         if not hasattr(getattr(self.model, "config", None), "to_dict"):
             return
-        from .hfconfig import update_config
+        from .fixups.hfconfig import update_config
         update = update_config(self.model)
         self.config_note = update.reason
         report.config = {k: list(v) for k, v in update.changed.items()}

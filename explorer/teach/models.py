@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .demos.dino import Attention, SafeAttention, VisionTransformer
+from ..demos.dino import Attention, SafeAttention, VisionTransformer
 
 MODEL_KINDS = ("cnn", "vit", "vit-dino")
 NUM_CLASSES = 10

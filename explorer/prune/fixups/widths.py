@@ -37,7 +37,7 @@ def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tupl
             ancestors.add(owner)
         for mod in ancestors:
             table = sizes.setdefault(mod, {})  # type: ignore[arg-type]
-            for old, new in zip(before, after):
+            for old, new in zip(before, after, strict=False):
                 if old != new:
                     table.setdefault(old, set()).add(new)
     changes: dict[str, dict[str, list[object]]] = {}

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..coupling.analyze import Coupling
+from ..coupling.groups import Group
 from .calibration import Calibration, compute_loss
-from .coupling.analyze import Coupling
-from .groups import Group
 
 
 class Criterion:
@@ -156,7 +156,7 @@ class BNScale(Criterion):
 
 def _grads(model: nn.Module, calib: Calibration, per_sample: bool) -> dict[str, torch.Tensor]:
     """Sum of gradients (or of per-sample squared gradients) over the calibration data."""
-    params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = dict(model.named_parameters(remove_duplicate=False))
     saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     was_training = model.training
@@ -171,7 +171,7 @@ def _grads(model: nn.Module, calib: Calibration, per_sample: bool) -> dict[str, 
             with torch.enable_grad():
                 loss = compute_loss(model, batch, calib, label)
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (n, _p), g in zip(params.items(), grads):
+            for (n, _p), g in zip(params.items(), grads, strict=False):
                 if g is not None:
                     acc[n] += g.float().pow(2) if per_sample else g.float()
     finally:

@@ -18,17 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import ModelGraph
-from .depth import remove_blocks
-from .groups import Group
-from .importance import CRITERIA, make
-from .metrics import count_macs, count_params
-from .plan import Plan, PlanError
-from .preflight import Preflight, Verdict, clone_model, meta_copy, to_device
-from .prune import Applied, PruneError, Removal, apply_removal
-from .pruner import HEAD_MODES, GroupChange, Pruner
-from .sensitivity import SensitivityRow, scan
-from .tracer import TraceError, trace, traceback_location
+from ..api import ModelGraph
+from ..coupling.groups import Group
+from ..graph.metrics import count_macs, count_params
+from ..graph.tracer import TraceError, trace, traceback_location
+from ..io.plan import Plan, PlanError
+from ..prune.depth import remove_blocks
+from ..prune.importance import CRITERIA, make
+from ..prune.preflight import Preflight, Verdict, clone_model, meta_copy, to_device
+from ..prune.pruner import HEAD_MODES, GroupChange, Pruner
+from ..prune.removal import Applied, PruneError, Removal, apply_removal
+from ..prune.sensitivity import SensitivityRow, scan
 
 GroupKey = tuple[str, int]
 
@@ -60,7 +60,7 @@ class Proposal:
         if unknown:
             raise ValueError(f"axes {sorted(unknown)} are not pruned by this proposal")
         out = Removal()
-        for axis, change in zip(self.axes, self.changes):
+        for axis, change in zip(self.axes, self.changes, strict=False):
             idx = change.removed
             if axis in counts:
                 n = int(counts[axis])
@@ -295,7 +295,7 @@ class Session:
 
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
-        """The accepted prunings as a replayable `explorer.plan.Plan`.
+        """The accepted prunings as a replayable `explorer.Plan`.
 
         Raises:
             ValueError: when a residual block was removed (plans record tensor cuts only).
@@ -345,7 +345,7 @@ class Session:
         return Message("success", f"forward ok, output shapes {shapes}")
 
     def export_files(self, formats: tuple[str, ...]) -> tuple[dict[str, bytes], list[str]]:
-        """Downloads for ``formats`` (see `explorer.export.FORMATS`): file name -> bytes.
+        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`): file name -> bytes.
 
         ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
@@ -355,7 +355,7 @@ class Session:
         import zipfile
         from pathlib import Path
 
-        from .export import export
+        from ..io.export import export
         plan = self.plan() if ("safetensors" in formats or "hf" in formats) else None
         if plan is None and not self.blocks_removed:
             plan = self.plan()
@@ -423,7 +423,7 @@ class Session:
         cands, _ = self._pruner.candidates()
         scores = {(c.group.id, c.axis): c.scores for c in cands}
         by_group: dict[int, list[tuple[int, GroupChange]]] = {}
-        for (gid, axis), change in zip(removal.picks, changes):  # appended in step
+        for (gid, axis), change in zip(removal.picks, changes, strict=False):  # appended in step
             by_group.setdefault(gid, []).append((axis, change))
         out = []
         for gid, picks in by_group.items():
@@ -437,7 +437,7 @@ class Session:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""
         device = Preflight(self.model, self.example_inputs, self.graph.coupling).device
         trial = meta_copy(self.model) if device == "meta" else clone_model(self.model)
-        remove_blocks(trial, names, {n: tuple_output for n in names})
+        remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
         try:
             graph = trace(trial, to_device(self.example_inputs, device))
         except TraceError as exc:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .coupling.analyze import Coupling, head_counts
-
-_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
-_HEAD_DIM = ("head_dim", "head_size", "attention_head_size", "dim_head")
-_KV = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_WIDTH = ("all_head_size", "attn_dim", "inner_dim", "split_size")
+from ...coupling.analyze import Coupling, head_counts
+from ...coupling.heads import (
+    HEAD_COUNT_ATTRS,
+    HEAD_DIM_ATTRS,
+    HEAD_WIDTH_ATTRS,
+    KV_HEAD_ATTRS,
+    head_owner,
+)
 
 
 def _set(module: object, names: tuple[str, ...], old: int, new: int,
@@ -44,7 +46,7 @@ def patch_attention(model: nn.Module, coupling: Coupling,
         kept_axis = {a.family: a.size - removed.get(i, 0) for i, a in enumerate(group.axes)}
         by_owner: dict[str, list] = {}
         for member, fams in coupling.members_of(group):
-            owner = _owner(model, member.module)
+            owner = head_owner(model, member.module)
             if owner is not None:
                 by_owner.setdefault(owner, []).append((member, fams))
         for name, members in by_owner.items():
@@ -54,13 +56,13 @@ def patch_attention(model: nn.Module, coupling: Coupling,
                 continue
             module = model.get_submodule(name)
             log = changes.setdefault(name, {})
-            _set(module, _HEADS, old[0], new[0], log)
-            _set(module, _HEAD_DIM, old[1], new[1], log)
+            _set(module, HEAD_COUNT_ATTRS, old[0], new[0], log)
+            _set(module, HEAD_DIM_ATTRS, old[1], new[1], log)
             if old[2] is not None and new[2] is not None:
-                _set(module, _KV, old[2], new[2], log)
+                _set(module, KV_HEAD_ATTRS, old[2], new[2], log)
                 _set(module, ("num_key_value_groups",), old[0] // old[2],
                      new[0] // max(new[2], 1), log)
-            _set(module, _WIDTH, old[0] * old[1], new[0] * new[1], log)
+            _set(module, HEAD_WIDTH_ATTRS, old[0] * old[1], new[0] * new[1], log)
             if old[1] != new[1] and getattr(module, "fused_attn", None) is True:
                 module.fused_attn = False  # fused SDPA would rescale by the new head_dim
                 log["fused_attn"] = [True, False]  # keeps the original attention scale
@@ -69,12 +71,3 @@ def patch_attention(model: nn.Module, coupling: Coupling,
     return changes
 
 
-def _owner(model: nn.Module, member_module: str) -> str | None:
-    """Nearest ancestor (or self) of a member's module that has head attributes."""
-    parts = member_module.split(".") if member_module else []
-    for k in range(len(parts), -1, -1):
-        name = ".".join(parts[:k])
-        module = model.get_submodule(name)
-        if any(isinstance(getattr(module, a, None), int) for a in _HEADS + _HEAD_DIM):
-            return name
-    return None

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from .api import trace
-from .export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
-from .groups import Group
-from .heads import AttentionInfo, attention_modules
-from .plan import Plan
-from .pruner import HEAD_MODES, Pruner, StepReport
-from .specs import LoadedModel, SpecError, load_model, parse_input_shape
-from .tracer import TraceError
+from ..api import trace
+from ..coupling.groups import Group
+from ..coupling.heads import AttentionInfo, attention_modules
+from ..graph.tracer import TraceError
+from ..io.export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
+from ..io.plan import Plan
+from ..io.specs import LoadedModel, SpecError, load_model, parse_input_shape
+from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 
 
 class CliError(Exception):
@@ -251,7 +251,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
-    from . import learn  # imports scikit-learn: only for this command
+    from ..teach import learn  # imports scikit-learn: only for this command
 
     settings = learn.LearnSettings(models=tuple(args.models.split(",")),
                                    finetune_epochs=args.finetune_epochs)

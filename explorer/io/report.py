@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import Group
+from ..coupling.groups import Group
 from .plan import Plan
 
 __all__ = ["LayerRow", "HeadRow", "Report", "build_report", "measure_latency",
@@ -138,7 +138,7 @@ def measure_latencies(models: Sequence[nn.Module], inputs: Sequence[Any], runs: 
                     if i >= warmup:
                         times[k].append(time.perf_counter() - start)
     finally:
-        for m, mode in zip(models, modes):
+        for m, mode in zip(models, modes, strict=False):
             m.train(mode)
     return [statistics.median(t) * 1000.0 if t else None for t in times]
 
@@ -184,7 +184,7 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
 
 def _trace_groups(original: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
                   notes: list[str]) -> tuple[list[Group], list[Group]]:
-    from .api import trace
+    from ..api import trace
     try:
         return trace(original, inputs).groups(), trace(pruned, inputs).groups()
     except Exception as e:  # noqa: BLE001 - the report still has the other sections

@@ -6,8 +6,25 @@ from fractions import Fraction
 
 from torch import nn
 
-from .attention import _owner
-from .coupling.analyze import Coupling, head_counts
+from .analyze import Coupling, head_counts
+
+# attribute names attention code reads its head structure from
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
+HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size", "dim_head")
+KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "split_size")
+
+
+def head_owner(model: nn.Module, member_module: str) -> str | None:
+    """Nearest ancestor (or self) of a member's module that has head attributes."""
+    parts = member_module.split(".") if member_module else []
+    for k in range(len(parts), -1, -1):
+        name = ".".join(parts[:k])
+        module = model.get_submodule(name)
+        attrs = HEAD_COUNT_ATTRS + HEAD_DIM_ATTRS
+        if any(isinstance(getattr(module, a, None), int) for a in attrs):
+            return name
+    return None
 
 
 @dataclass
@@ -51,7 +68,7 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
         for member, fams in coupling.members_of(g):
             if member.buffer:
                 continue
-            owner = _owner(model, member.module) or member.module.rpartition(".")[0]
+            owner = head_owner(model, member.module) or member.module.rpartition(".")[0]
             by_owner.setdefault(owner, []).append((member, fams))
         head_fams = {a.family for a in g.axes if a.role in ("heads", "head-repeat")}
         qk_dim = next((a.family for a in g.axes if a.role == "head-dim"), None)
@@ -72,11 +89,11 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
             info = AttentionInfo(owner, q[0].module, k.module, v.module,
                                  ins[0].module if ins else "", counts[0], counts[1], counts[2],
                                  group=g.id)
-            for m in [q[0], k, v] + [i for i in ins[:1]]:
+            for m in [q[0], k, v] + list(ins[:1]):
                 info.widths[m.module] = m.size
                 heads = counts[2] if m in (k, v) and counts[2] and m is not q[0] else counts[0]
                 info.divisible[m.module] = m.size % max(heads, 1) == 0
             kv = counts[2] or counts[0]
-            info.legal_head_ratios = [str(Fraction(i, kv)) for i in range(0, kv)]
+            info.legal_head_ratios = [str(Fraction(i, kv)) for i in range(kv)]
             out.append(info)
     return out

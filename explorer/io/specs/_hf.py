@@ -33,15 +33,15 @@ class HFFamily:
 
 
 def _decoder_defaults(**extra: Any) -> Mapping[str, Any]:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
+    base = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+    }
     return MappingProxyType({**base, **extra})
 
 
@@ -58,16 +58,16 @@ HF_FAMILIES: Mapping[str, HFFamily] = MappingProxyType(
             "gpt2",
             "lm",
             MappingProxyType(
-                dict(n_embd=64, n_head=4, n_layer=2, n_positions=128, vocab_size=256,
-                     bos_token_id=0, eos_token_id=0)
+                {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128, "vocab_size": 256,
+                     "bos_token_id": 0, "eos_token_id": 0}
             ),
         ),
         "bert": HFFamily(
             "bert",
             "encoder",
             MappingProxyType(
-                dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-                     intermediate_size=128, vocab_size=256, max_position_embeddings=128)
+                {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                     "intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 128}
             ),
         ),
     }

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import patch_attention
-from .coupling.analyze import Coupling
-from .patch import PatchInfo, patch_module, resize_tensor
-from .widths import patch_widths
+from ..coupling.analyze import Coupling
+from .fixups.attention import patch_attention
+from .fixups.patch import PatchInfo, patch_module, resize_tensor
+from .fixups.widths import patch_widths
 
 
 class PruneError(ValueError):
