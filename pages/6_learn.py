@@ -66,7 +66,7 @@ right.markdown(
 
 st.subheader("Which groups are sensitive?")
 left, right = st.columns([3, 1])
-left.plotly_chart(learn.sensitivity_figure(result, model), key="learn_sens", width="stretch")
+left.plotly_chart(learn.learn_sensitivity_figure(result, model), key="learn_sens", width="stretch")
 right.markdown(
     "A **coupled group** is a set of channels that must be cut together: removing output "
     "channel *i* of a conv also removes input channel *i* of the next conv and entry *i* of "

@@ -10,8 +10,9 @@ import torch
 
 from explorer import load_model, trace
 from explorer.graph.tracer import trace as raw_trace
+from explorer.graph.walk import to_device
 from explorer.prune.depth import remove_blocks
-from explorer.prune.preflight import meta_copy, to_device
+from explorer.prune.preflight import meta_copy
 
 
 @pytest.mark.parametrize("spec,expected", [

@@ -18,6 +18,7 @@ import torch
 from ..api import trace
 from ..coupling.groups import Group
 from ..coupling.heads import AttentionInfo, attention_modules
+from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io.export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
 from ..io.plan import Plan
@@ -217,13 +218,13 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     plan = Plan.load(args.plan)
     lm = _load(args)
     original = snapshot(lm.model) if "report" in formats else None
-    before = sum(p.numel() for p in lm.model.parameters())
+    before = count_params(lm.model)
     replay = plan.apply(lm.model)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
                  example_inputs=lm.example_inputs)
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
-           "params_after": sum(p.numel() for p in lm.model.parameters()),
+           "params_after": count_params(lm.model),
            "forward_ok": _forward_ok(lm), **_export_summary(res)}
     out["_text"] = (f"{args.model}: replayed {len(plan.steps)} step(s) of {args.plan}, "
                     f"params {before:,} -> {out['params_after']:,}; wrote "

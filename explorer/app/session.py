@@ -22,10 +22,11 @@ from ..api import ModelGraph
 from ..coupling.groups import Group
 from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import TraceError, trace, traceback_location
+from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
 from ..prune.depth import remove_blocks
 from ..prune.importance import CRITERIA, make
-from ..prune.preflight import Preflight, Verdict, clone_model, meta_copy, to_device
+from ..prune.preflight import Preflight, Verdict, clone_model, meta_copy
 from ..prune.pruner import HEAD_MODES, GroupChange, Pruner
 from ..prune.removal import Applied, PruneError, Removal, apply_removal
 from ..prune.sensitivity import SensitivityRow, scan

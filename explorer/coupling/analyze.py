@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph.ir import Graph, ValueKind
-from .context import Ctx
+from ..graph.ops import ATTENTION_OPS
+from .context import Ctx, tensor_args
 from .groups import Axis, Group, HeadInfo, Member
 from .registry import apply_rule
 from .resolve import Resolution, resolve
-
-_HEAD_TAGS = ("attention-head", "attention-batch")
-_GROUP_TAGS = ("conv-groups", "norm-groups")
+from .spaces import Pin
+from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
 
 
 @dataclass
@@ -45,14 +45,13 @@ class Coupling:
                 reason = (f"coupling rule for {node.short} failed in '{node.module}' "
                           f"({type(exc).__name__}: {exc})")
                 ctx.unknown.setdefault(node.name, []).append(node.location)
-                for ref in _refs(node):
-                    ctx.pin_all([ref], reason)
+                ctx.pin_all(tensor_args(node), reason, PinKind.UNSUPPORTED)
                 for i in range(len(node.outputs)):
-                    ctx.fresh_out(node, i, pin=reason)
+                    ctx.fresh_out(node, i, pin=reason, kind=PinKind.UNSUPPORTED)
         for vid in graph.outputs:
             value = graph.values[vid]
             for ids in ctx.dims(vid):
-                ctx.sp.pin(ids, f"model output (shape {list(value.shape)})")
+                ctx.sp.pin(ids, f"model output (shape {list(value.shape)})", PinKind.MODEL_IO)
         self.unknown_ops = ctx.unknown
         self.head_dims = _traced_head_dims(graph)
         self.res: Resolution = resolve(ctx.sp)
@@ -122,23 +121,23 @@ class Coupling:
         a = self.res.atoms_matrix(ids)
         return a[a >= 0]
 
-    def _pins_per_family(self) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for ids, reason in self._ctx.sp.pins:
+    def _pins_per_family(self) -> dict[int, Pin]:
+        out: dict[int, Pin] = {}
+        for ids, pin in self._ctx.sp.pins:
             fams = np.unique(self.family_of[self._expand_ids(ids)])
             for f in fams[fams >= 0]:
-                out.setdefault(int(f), reason)
+                out.setdefault(int(f), pin)
         bad = np.fromiter(self.res.conflict_classes, dtype=np.int64)
         if len(bad):
             atoms = self.res.atoms_matrix_of_classes(bad)
             fams = np.unique(self.family_of[atoms[atoms >= 0]])
             for f in fams[fams >= 0]:
-                out.setdefault(int(f), "reshapes that factor these channels in incompatible "
-                                       "ways (see conflicts)")
+                out.setdefault(int(f), Pin(PinKind.CONFLICT, "reshapes that factor these "
+                                           "channels in incompatible ways (see conflicts)"))
         return out
 
-    def _tags_per_family(self) -> dict[int, set[str]]:
-        out: dict[int, set[str]] = {}
+    def _tags_per_family(self) -> dict[int, set[Tag]]:
+        out: dict[int, set[Tag]] = {}
         for ids, tag in self._ctx.sp.tags:
             fams = np.unique(self.family_of[self._expand_ids(ids)])
             for f in fams[fams >= 0]:
@@ -199,35 +198,35 @@ class Coupling:
                                             ax.family not in self._outer) for ax in axes]
             heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
                                       for m in mids], self.head_dims)
-            channels = int(np.prod([a.size for a in axes if a.role != "fixed"] or [0]))
+            channels = int(np.prod([a.size for a in axes if a.role is not AxisRole.FIXED]
+                                   or [0]))
             prunable = any(a.prunable for a in axes)
             reason = "" if prunable else "; ".join(dict.fromkeys(a.reason for a in axes))
             modules = list(dict.fromkeys(m.module for m in members))
             expl = list(dict.fromkeys(e for f in fams for e in explanations.get(f, [])))
             groups.append(Group(len(groups), channels, axes, members, heads, prunable, reason,
                                 expl[:12], modules))
-        self._group_families = [[a.family for a in g.axes] for g in groups]
         return groups
 
     def _is_head(self, fam: int) -> bool:
         tags = self._family_tags.get(fam, set())
-        return fam not in self._family_pins and any(t in tags for t in _HEAD_TAGS)
+        return fam not in self._family_pins and bool(tags & HEAD_TAGS)
 
     def _axis(self, fam: int, members: list[Member], composite: bool, heads: bool) -> Axis:
         size = len(self.family_atoms[fam])
         tags = self._family_tags.get(fam, set())
         pin = self._family_pins.get(fam)
         if pin is not None:
-            role = "fixed" if composite else "channels"
-            return Axis(fam, size, role, False, pin)
-        if any(t in tags for t in _HEAD_TAGS):
-            role = "heads" if fam in self._outer_heads else "head-repeat"
-        elif any(t in tags for t in _GROUP_TAGS):
-            role = "groups"
+            role = AxisRole.FIXED if composite else AxisRole.CHANNELS
+            return Axis(fam, size, role, False, pin.reason)
+        if tags & HEAD_TAGS:
+            role = AxisRole.HEADS if fam in self._outer_heads else AxisRole.HEAD_REPEAT
+        elif tags & GROUP_TAGS:
+            role = AxisRole.GROUPS
         elif composite and heads:
-            role = "head-dim"
+            role = AxisRole.HEAD_DIM
         else:
-            role = "channels"
+            role = AxisRole.CHANNELS
         if size < 2:
             return Axis(fam, size, role, False, "a single channel")
         ignored = self._ignored_reason(fam)
@@ -262,9 +261,6 @@ class Coupling:
         return out
 
     # -- pruning support ------------------------------------------------------------------
-    def group_families(self, group_id: int) -> list[int]:
-        return self._group_families[group_id]
-
     def keep_indices(self, removed_atoms: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
         """For every member dim that loses elements, the indices it keeps."""
         dead = np.zeros(self.res.num_classes + 1, dtype=bool)
@@ -305,17 +301,11 @@ class Coupling:
         return [(md.member, md.atoms) for md in self._members]
 
 
-_ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
-                  "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
-                  "_scaled_dot_product_cudnn_attention", "bmm")
-
-
 def _traced_head_dims(graph: Graph) -> dict[str, int]:
     """Module -> q's last dim at its first attention op (sdpa, or the q @ k^T bmm)."""
     out: dict[str, int] = {}
     for node in graph.ops:
-        if node.short in _ATTENTION_OPS and node.module not in out:
+        if node.op.overloadpacket in ATTENTION_OPS and node.module not in out:
             refs = graph.tensor_ids(node.args[:1])
             if refs:
                 shape = graph.values[refs[0]].shape
@@ -331,15 +321,10 @@ def _noise(fams: list[int], c: Coupling) -> bool:
     for f in fams:
         if len(c.family_atoms[f]) < 2:
             continue
-        reason = c._family_pins.get(f, "")
-        if reason not in ("spatial positions", "kernel taps"):
+        pin = c._family_pins.get(f)
+        if pin is None or pin.kind is not PinKind.SPATIAL:
             return False
     return True
-
-
-def _refs(node: object) -> list[object]:
-    from .context import tensor_args
-    return tensor_args(node)  # type: ignore[arg-type]
 
 
 def _describe(node: object, graph: Graph) -> str:
@@ -372,9 +357,9 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
     Without it, the width of the query member divided by its heads and fixed copies is used.
     """
     size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
-    head_fams = {a.family for a in axes if a.role in ("heads", "head-repeat")}
+    head_fams = {a.family for a in axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
     spans = [(m, fams & head_fams) for m, fams in members if fams & head_fams]
-    dim_axes = [a for a in axes if a.role == "head-dim"]
+    dim_axes = [a for a in axes if a.role is AxisRole.HEAD_DIM]
     if not spans or not dim_axes:
         return None
     q_member, q_heads = max(spans, key=lambda s: len(s[1]))
@@ -385,7 +370,7 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
     if traced is not None:
         head_dim = traced * size[qk.family] // qk.size
     else:
-        fixed = {a.family for a in axes if a.role == "fixed"}
+        fixed = {a.family for a in axes if a.role is AxisRole.FIXED}
         copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # the q/k/v split
         head_dim = q_member.size // max(heads * copies, 1)
     kv = [s for s in spans if s[1] < q_heads]

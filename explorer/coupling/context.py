@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..graph.ir import Graph, OpNode, ValueKind, ValueRef
+from ..graph.ir import Graph, OpNode, ValueKind, ValueRef, value_refs
 from .spaces import IdArray, Spaces
+from .vocab import PinKind
 
 Rule = Callable[["Ctx", OpNode], None]
 
@@ -32,11 +33,11 @@ class Ctx:
             self.sp.dims[vid] = got
             if value.kind is ValueKind.INPUT:
                 for ids in got:
-                    self.sp.pin(ids, f"model input {value.name}")
+                    self.sp.pin(ids, f"model input {value.name}", PinKind.MODEL_IO)
             elif value.kind is ValueKind.EXTERNAL:
                 for ids in got:
                     self.sp.pin(ids, "a plain tensor attribute or constant (not a parameter "
-                                "or buffer) that pruning cannot resize")
+                                "or buffer) that pruning cannot resize", PinKind.CONSTANT)
         return got
 
     def shape(self, ref: Any) -> tuple[int, ...]:
@@ -55,7 +56,8 @@ class Ctx:
                              f"for an output of shape {list(shape)}")
         self.sp.dims[vid] = dims
 
-    def fresh_out(self, node: OpNode, i: int, pin: str | None = None) -> list[IdArray]:
+    def fresh_out(self, node: OpNode, i: int, pin: str | None = None,
+                  kind: PinKind = PinKind.STRUCTURE) -> list[IdArray]:
         """New ids for output ``i`` (pinned with ``pin`` as reason when given)."""
         vid = node.outputs[i]
         if vid is None:
@@ -64,7 +66,7 @@ class Ctx:
         self.sp.dims[vid] = dims
         if pin:
             for ids in dims:
-                self.sp.pin(ids, pin)
+                self.sp.pin(ids, pin, kind)
         return dims
 
     def union(self, a: IdArray, b: IdArray, node: OpNode) -> None:
@@ -92,10 +94,11 @@ class Ctx:
         return [o if o is not None else self.sp.fresh(n)
                 for o, n in zip(out, out_shape, strict=False)]
 
-    def pin_all(self, refs: list[Any], reason: str) -> None:
+    def pin_all(self, refs: list[Any], reason: str,
+                kind: PinKind = PinKind.STRUCTURE) -> None:
         for ref in refs:
             for ids in self.dims(ref):
-                self.sp.pin(ids, reason)
+                self.sp.pin(ids, reason, kind)
 
     def out_shape(self, node: OpNode, i: int = 0) -> tuple[int, ...]:
         vid = node.outputs[i]
@@ -104,18 +107,7 @@ class Ctx:
 
 def tensor_args(node: OpNode) -> list[ValueRef]:
     """The tensor arguments of a node, in order (nested lists flattened)."""
-    found: list[ValueRef] = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, ValueRef):
-            found.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            for o in obj:
-                walk(o)
-
-    walk(node.args)
-    walk(list(node.kwargs.values()))
-    return found
+    return value_refs((node.args, list(node.kwargs.values())))
 
 
 def norm_dim(dim: int, rank: int) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .vocab import AxisRole
+
 
 @dataclass(frozen=True)
 class Member:
@@ -26,7 +28,7 @@ class Axis:
 
     family: int  # family id inside the `Coupling`
     size: int
-    role: str  # "channels" | "heads" | "kv-heads" | "head-repeat" | "head-dim" | "groups" | "fixed"
+    role: AxisRole
     prunable: bool
     reason: str  # why it is not prunable ("" when it is)
     inner: bool = True  # innermost in every (outer x inner) layout it is part of
@@ -66,7 +68,7 @@ class Group:
             "heads": None if self.heads is None else {
                 "num_heads": self.heads.num_heads, "head_dim": self.heads.head_dim,
                 "kv_heads": self.heads.kv_heads, "v_head_dim": self.heads.v_head_dim},
-            "axes": [{"size": a.size, "role": a.role, "prunable": a.prunable,
+            "axes": [{"size": a.size, "role": a.role.value, "prunable": a.prunable,
                       "reason": a.reason} for a in self.axes],
             "prunable": self.prunable,
             "reason": self.reason,

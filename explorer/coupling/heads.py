@@ -7,6 +7,7 @@ from fractions import Fraction
 from torch import nn
 
 from .analyze import Coupling, head_counts
+from .vocab import AxisRole
 
 # attribute names attention code reads its head structure from
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
@@ -70,8 +71,8 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
                 continue
             owner = head_owner(model, member.module) or member.module.rpartition(".")[0]
             by_owner.setdefault(owner, []).append((member, fams))
-        head_fams = {a.family for a in g.axes if a.role in ("heads", "head-repeat")}
-        qk_dim = next((a.family for a in g.axes if a.role == "head-dim"), None)
+        head_fams = {a.family for a in g.axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
+        qk_dim = next((a.family for a in g.axes if a.role is AxisRole.HEAD_DIM), None)
         for owner, members in sorted(by_owner.items()):
             counts = head_counts(g.axes, members, head_dims=coupling.head_dims)
             if counts is None:

@@ -8,6 +8,7 @@ import torch
 
 from ..graph.ir import OpNode
 from .context import Ctx, Rule, tensor_args
+from .vocab import PinKind
 
 RULES: dict[Any, Rule] = {}
 
@@ -64,9 +65,9 @@ def _unknown(ctx: Ctx, node: OpNode) -> None:
             ctx.fresh_out(node, i)
         return
     ctx.unknown.setdefault(node.name, []).append(node.location)
-    ctx.pin_all(inputs, reason)
+    ctx.pin_all(inputs, reason, PinKind.UNSUPPORTED)
     for i in range(len(node.outputs)):
-        ctx.fresh_out(node, i, pin=reason)
+        ctx.fresh_out(node, i, pin=reason, kind=PinKind.UNSUPPORTED)
 
 
 def _load_rules() -> None:

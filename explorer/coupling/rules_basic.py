@@ -6,6 +6,7 @@ import numpy as np
 from ..graph.ir import OpNode
 from .context import Ctx, arg, norm_dim, tensor_args
 from .registry import aten, rule
+from .vocab import PinKind
 
 
 @rule(aten.add, aten.sub, aten.mul, aten.div, aten.where, aten.eq, aten.ne, aten.lt,
@@ -116,9 +117,9 @@ def data_dependent(ctx: Ctx, node: OpNode) -> None:
     """Outputs ordered or sized by data, or values read back to Python (``.item()``):
     nothing they touch may be pruned."""
     reason = f"data-dependent {node.short} in '{node.module or '<root>'}'"
-    ctx.pin_all(tensor_args(node), reason)
+    ctx.pin_all(tensor_args(node), reason, PinKind.INDEXED)
     for i in range(len(node.outputs)):
-        ctx.fresh_out(node, i, pin=reason)
+        ctx.fresh_out(node, i, pin=reason, kind=PinKind.INDEXED)
 
 
 __all__ = ["broadcast_elementwise", "identity", "np"]

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from ..graph.ir import OpNode
+from ..graph.ops import SDPA_OPS
 from .context import Ctx, arg, tensor_args
 from .registry import aten, rule
 from .spaces import IdArray
+from .vocab import PinKind, Tag
 
 
 def _batch(ctx: Ctx, node: OpNode, a: list[IdArray], b: list[IdArray],
@@ -36,7 +38,7 @@ def _matmul(ctx: Ctx, node: OpNode, a_ref: object, b_ref: object, bias: object =
     batch = _batch(ctx, node, a[:-2], b[:-2], out_shape[:max(len(out_shape) - 2, 0)])
     if len(batch) and len(a) > 2 and len(b) > 2:
         for ids in batch:
-            ctx.sp.tag(ids, "attention-batch")
+            ctx.sp.tag(ids, Tag.ATTENTION_BATCH)
     out = batch + [a[-2], b[-1]]
     out = [d for d, keep in zip(out, _keep_mask(ctx, node, a_ref, b_ref), strict=False) if keep]
     if bias is not None:
@@ -117,13 +119,13 @@ def grouped_mm(ctx: Ctx, node: OpNode) -> None:
     a, b = ctx.dims(a_ref), ctx.dims(b_ref)
     ctx.union(a[-1], b[-2], node)
     for ids in b[:-2]:
-        ctx.sp.pin(ids, f"experts selected by routing in '{node.module}'")
+        ctx.sp.pin(ids, f"experts selected by routing in '{node.module}'", PinKind.INDEXED)
     for ids in a[:-1]:
-        ctx.sp.pin(ids, f"tokens routed to experts in '{node.module}'")
+        ctx.sp.pin(ids, f"tokens routed to experts in '{node.module}'", PinKind.INDEXED)
     out_shape = ctx.out_shape(node)
     lead = [ctx.sp.fresh(n) for n in out_shape[:-1]]
     for ids in lead:
-        ctx.sp.pin(ids, f"tokens routed to experts in '{node.module}'")
+        ctx.sp.pin(ids, f"tokens routed to experts in '{node.module}'", PinKind.INDEXED)
     ctx.set_out(node, 0, lead + [b[-1]])
 
 
@@ -157,7 +159,7 @@ def convolution(ctx: Ctx, node: OpNode) -> None:
         groups = int(arg(node, 6 if not transposed else 6, "groups", 1) or 1)
     x, w = ctx.dims(x_ref), ctx.dims(w_ref)
     for ids in w[2:]:
-        ctx.sp.pin(ids, "kernel taps")
+        ctx.sp.pin(ids, "kernel taps", PinKind.SPATIAL)
     w_in, w_out = (w[0], w[1]) if transposed else (w[1], w[0])
     unbatched = len(x) == len(w) - 1
     c_in = x[0] if unbatched else x[1]
@@ -166,7 +168,7 @@ def convolution(ctx: Ctx, node: OpNode) -> None:
         c_out = w_out
     else:
         g = ctx.sp.fresh(groups)
-        ctx.sp.tag(g, "conv-groups")
+        ctx.sp.tag(g, Tag.CONV_GROUPS)
         ctx.group_axes[node.module] = g
         if transposed:  # weight (C_in, C_out/g): rows are (group, in-per-group)
             ctx.sp.product(c_in, [g, ctx.sp.fresh(len(c_in) // groups)], node.index)
@@ -182,7 +184,7 @@ def convolution(ctx: Ctx, node: OpNode) -> None:
     out_shape = ctx.out_shape(node)
     spatial = [ctx.sp.fresh(n) for n in out_shape[(1 if unbatched else 2):]]
     for ids in spatial:
-        ctx.sp.pin(ids, "spatial positions")
+        ctx.sp.pin(ids, "spatial positions", PinKind.SPATIAL)
     out = ([c_out] if unbatched else [x[0], c_out]) + spatial
     ctx.set_out(node, 0, out)
 
@@ -191,7 +193,8 @@ def convolution(ctx: Ctx, node: OpNode) -> None:
 def embedding(ctx: Ctx, node: OpNode) -> None:
     w_ref, idx_ref = node.args[0], node.args[1]
     w, idx = ctx.dims(w_ref), ctx.dims(idx_ref)
-    ctx.sp.pin(w[0], f"embedding rows are addressed by token ids in '{node.module}'")
+    ctx.sp.pin(w[0], f"embedding rows are addressed by token ids in '{node.module}'",
+               PinKind.INDEXED)
     if node.op.overloadpacket is aten.embedding:
         ctx.set_out(node, 0, list(idx) + [w[1]])
     else:
@@ -248,7 +251,7 @@ def group_norm(ctx: Ctx, node: OpNode) -> None:
     groups = int(node.args[6] if packet is aten.native_group_norm else arg(node, 1, "num_groups"))
     if groups > 1:
         g = ctx.sp.fresh(groups)
-        ctx.sp.tag(g, "norm-groups")
+        ctx.sp.tag(g, Tag.NORM_GROUPS)
         ctx.group_axes[node.module] = g
         ctx.sp.product(c, [g, ctx.sp.fresh(len(c) // groups)], node.index)
     for ref in refs[1:]:
@@ -258,11 +261,7 @@ def group_norm(ctx: Ctx, node: OpNode) -> None:
     _norm_outputs(ctx, node, x)
 
 
-@rule(aten._scaled_dot_product_flash_attention_for_cpu,
-      aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
-      aten._scaled_dot_product_cudnn_attention, aten.scaled_dot_product_attention,
-      aten._scaled_dot_product_attention_math,
-      aten._scaled_dot_product_fused_attention_overrideable)
+@rule(*SDPA_OPS)
 def sdpa(ctx: Ctx, node: OpNode) -> None:
     """Attention: q.k contract the head dim; heads pair up; v gives the output head dim.
 
@@ -280,7 +279,7 @@ def sdpa(ctx: Ctx, node: OpNode) -> None:
             ctx.union(hq, hk, node)
         elif len(hk) and len(hq) % len(hk) == 0:
             ctx.sp.product(hq, [hk, ctx.sp.fresh(len(hq) // len(hk))], node.index)
-        ctx.sp.tag(hq, "attention-head")
+        ctx.sp.tag(hq, Tag.ATTENTION_HEAD)
         for a, b in zip(q[:-3], k[:-3], strict=False):
             if len(a) == len(b):
                 ctx.union(a, b, node)
@@ -306,7 +305,7 @@ def native_mha(ctx: Ctx, node: OpNode) -> None:
     t = ctx.sp.fresh(3)
     ctx.sp.pin(t, "the q/k/v split of a fused in-projection")
     heads = ctx.sp.fresh(num_heads)
-    ctx.sp.tag(heads, "attention-head")
+    ctx.sp.tag(heads, Tag.ATTENTION_HEAD)
     hd = ctx.sp.fresh(len(w[0]) // 3 // num_heads)
     ctx.sp.product(w[0], [t, heads, hd], node.index)
     ctx.sp.product(pw[1], [heads, hd], node.index)
@@ -326,7 +325,7 @@ def _spatial(ctx: Ctx, node: OpNode, n_spatial: int) -> None:
         keep = list(x[:len(x) - n_spatial])
         spatial = [ctx.sp.fresh(n) for n in shape[len(keep):]]
         for ids in spatial:
-            ctx.sp.pin(ids, "spatial positions")
+            ctx.sp.pin(ids, "spatial positions", PinKind.SPATIAL)
         if tuple(len(d) for d in keep + spatial) == shape:
             ctx.set_out(node, i, keep + spatial)
         else:
@@ -357,11 +356,11 @@ rule(aten.max_pool3d, aten.max_pool3d_with_indices, aten.avg_pool3d,
 def grid_sample(ctx: Ctx, node: OpNode) -> None:
     x_ref, grid_ref = node.args[0], node.args[1]
     x = ctx.dims(x_ref)
-    ctx.pin_all([grid_ref], "sampling grid")
+    ctx.pin_all([grid_ref], "sampling grid", PinKind.INDEXED)
     shape = ctx.out_shape(node)
     spatial = [ctx.sp.fresh(n) for n in shape[2:]]
     for ids in spatial:
-        ctx.sp.pin(ids, "spatial positions")
+        ctx.sp.pin(ids, "spatial positions", PinKind.SPATIAL)
     ctx.set_out(node, 0, [x[0], x[1]] + spatial)
 
 
@@ -392,7 +391,7 @@ def channel_factor(ctx: Ctx, node: OpNode) -> None:
     lead = list(x[:-3])
     spatial = [ctx.sp.fresh(n) for n in shape[-2:]]
     for ids in spatial:
-        ctx.sp.pin(ids, "spatial positions")
+        ctx.sp.pin(ids, "spatial positions", PinKind.SPATIAL)
     ctx.set_out(node, 0, lead + [c_out] + spatial)
 
 
@@ -403,8 +402,8 @@ def im2col(ctx: Ctx, node: OpNode) -> None:
     c = x[-3]
     flat = ctx.sp.fresh(shape[-2])
     kernel = ctx.sp.fresh(shape[-2] // len(c))
-    ctx.sp.pin(kernel, "kernel positions of an unfold")
+    ctx.sp.pin(kernel, "kernel positions of an unfold", PinKind.SPATIAL)
     ctx.sp.product(flat, [c, kernel], node.index)
     loc = ctx.sp.fresh(shape[-1])
-    ctx.sp.pin(loc, "spatial positions")
+    ctx.sp.pin(loc, "spatial positions", PinKind.SPATIAL)
     ctx.set_out(node, 0, list(x[:-3]) + [flat, loc])

@@ -9,6 +9,7 @@ from ..graph.ir import OpNode
 from .context import Ctx, arg, norm_dim, tensor_args
 from .registry import aten, rule
 from .spaces import IdArray
+from .vocab import PinKind
 
 
 def _blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
@@ -112,7 +113,7 @@ def select(ctx: Ctx, node: OpNode) -> None:
     index = arg(node, 2, "index") % len(src[dim])
     ctx.sp.pin(src[dim][index:index + 1],
                f"selected by the constant index {index} in '{node.module or '<root>'}'"
-               f"{' at ' + node.location if node.location else ''}")
+               f"{' at ' + node.location if node.location else ''}", PinKind.INDEXED)
     ctx.set_out(node, 0, src[:dim] + src[dim + 1:])
 
 
@@ -120,7 +121,8 @@ def select(ctx: Ctx, node: OpNode) -> None:
 def unbind(ctx: Ctx, node: OpNode) -> None:
     src = ctx.dims(tensor_args(node)[0])
     dim = norm_dim(arg(node, 1, "dim", 0), len(src))
-    ctx.sp.pin(src[dim], f"unbound into separate tensors in '{node.module or '<root>'}'")
+    ctx.sp.pin(src[dim], f"unbound into separate tensors in '{node.module or '<root>'}'",
+               PinKind.INDEXED)
     for i in range(len(node.outputs)):
         ctx.set_out(node, i, src[:dim] + src[dim + 1:])
 
@@ -289,8 +291,8 @@ def as_strided(ctx: Ctx, node: OpNode) -> None:
         return
     reason = (f"as_strided view in '{node.module or '<root>'}' reinterprets memory; "
               f"its elements cannot be followed")
-    ctx.pin_all([src_ref], reason)
-    ctx.fresh_out(node, 0, pin=reason)
+    ctx.pin_all([src_ref], reason, PinKind.UNSUPPORTED)
+    ctx.fresh_out(node, 0, pin=reason, kind=PinKind.UNSUPPORTED)
 
 
 def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -306,9 +308,9 @@ def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 def data_dependent_pin(ctx: Ctx, node: OpNode) -> None:
     reason = f"{node.short} indexed by data in '{node.module or '<root>'}'"
-    ctx.pin_all(tensor_args(node), reason)
+    ctx.pin_all(tensor_args(node), reason, PinKind.INDEXED)
     for i in range(len(node.outputs)):
-        ctx.fresh_out(node, i, pin=reason)
+        ctx.fresh_out(node, i, pin=reason, kind=PinKind.INDEXED)
 
 
 @rule(aten.index, aten._unsafe_index)
@@ -321,7 +323,7 @@ def index(ctx: Ctx, node: OpNode) -> None:
         f" at {node.location}" if node.location else "")
     used = [k for k, ix in enumerate(indices) if ix is not None]
     for k in used:
-        ctx.sp.pin(src[k], where)
+        ctx.sp.pin(src[k], where, PinKind.INDEXED)
     out_shape = ctx.out_shape(node)
     idx_rank = len(out_shape) - (len(src) - len(used))
     contiguous = used == list(range(used[0], used[-1] + 1)) if used else True
@@ -330,10 +332,10 @@ def index(ctx: Ctx, node: OpNode) -> None:
                                                                    k > used[-1])]
     idx_dims = [ctx.sp.fresh(n) for n in out_shape[len(rest_before):len(rest_before) + idx_rank]]
     for ids in idx_dims:
-        ctx.sp.pin(ids, where)
+        ctx.sp.pin(ids, where, PinKind.INDEXED)
     out = rest_before + idx_dims + rest_after
     if tuple(len(d) for d in out) != out_shape:
-        ctx.fresh_out(node, 0, pin=where)
+        ctx.fresh_out(node, 0, pin=where, kind=PinKind.INDEXED)
         return
     ctx.set_out(node, 0, out)
 
@@ -343,10 +345,10 @@ def index_select(ctx: Ctx, node: OpNode) -> None:
     src = ctx.dims(tensor_args(node)[0])
     dim = norm_dim(arg(node, 1, "dim"), len(src))
     where = f"rows picked by index_select in '{node.module or '<root>'}'"
-    ctx.sp.pin(src[dim], where)
+    ctx.sp.pin(src[dim], where, PinKind.INDEXED)
     out = list(src)
     out[dim] = ctx.sp.fresh(ctx.out_shape(node)[dim])
-    ctx.sp.pin(out[dim], where)
+    ctx.sp.pin(out[dim], where, PinKind.INDEXED)
     ctx.set_out(node, 0, out)
 
 

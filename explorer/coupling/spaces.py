@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .vocab import PinKind, Tag
+
 IdArray = np.ndarray  # int64 element ids, one per index of a tensor dimension
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Why elements must not be pruned: a kind analyses compare, a reason people read."""
+
+    kind: PinKind
+    reason: str
 
 
 @dataclass
@@ -30,8 +40,8 @@ class Spaces:
     # (flat ids, per-element component ids, op index, sizes of the component dims)
     products: list[tuple[IdArray, list[IdArray], int, tuple[int, ...]]] = field(
         default_factory=list)
-    pins: list[tuple[IdArray, str]] = field(default_factory=list)
-    tags: list[tuple[IdArray, str]] = field(default_factory=list)
+    pins: list[tuple[IdArray, Pin]] = field(default_factory=list)
+    tags: list[tuple[IdArray, Tag]] = field(default_factory=list)
 
     def fresh(self, n: int) -> IdArray:
         """``n`` new element ids."""
@@ -92,12 +102,12 @@ class Spaces:
             self.product(flat, parts, op_index)
         return out  # type: ignore[return-value]  # every slot is filled above
 
-    def pin(self, ids: IdArray, reason: str) -> None:
+    def pin(self, ids: IdArray, reason: str, kind: PinKind = PinKind.STRUCTURE) -> None:
         """These elements (and every atom they are made of) must not be pruned."""
         if len(ids):
-            self.pins.append((np.asarray(ids, dtype=np.int64), reason))
+            self.pins.append((np.asarray(ids, dtype=np.int64), Pin(kind, reason)))
 
-    def tag(self, ids: IdArray, tag: str) -> None:
-        """Mark elements with a role, e.g. ``"head"`` for the batch dim of attention."""
+    def tag(self, ids: IdArray, tag: Tag) -> None:
+        """Mark elements with a role, e.g. `Tag.ATTENTION_HEAD` for the heads of attention."""
         if len(ids):
             self.tags.append((np.asarray(ids, dtype=np.int64), tag))

@@ -97,17 +97,19 @@ class Graph:
 
     def tensor_ids(self, args: Any) -> list[int]:
         """All value ids referenced in a (nested) argument structure."""
-        found: list[int] = []
-        _collect_refs(args, found)
-        return found
+        return [ref.vid for ref in value_refs(args)]
 
 
-def _collect_refs(obj: Any, found: list[int]) -> None:
-    if isinstance(obj, ValueRef):
-        found.append(obj.vid)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _collect_refs(item, found)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _collect_refs(item, found)
+def value_refs(obj: Any) -> list[ValueRef]:
+    """Every `ValueRef` in a nested structure of op arguments, in order."""
+    found: list[ValueRef] = []
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, ValueRef):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+    return found

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .ir import Graph, OpNode, ValueRef
+from .ops import SDPA_OPS
 
 aten = torch.ops.aten
 
@@ -38,9 +39,7 @@ def op_macs(graph: Graph, node: OpNode) -> int:
     if packet in (aten.linear,):
         w = _shape(graph, node.args[1])
         return math.prod(out) * w[1]
-    if packet in (aten._scaled_dot_product_flash_attention_for_cpu,
-                  aten._scaled_dot_product_efficient_attention,
-                  aten._scaled_dot_product_flash_attention):
+    if packet in SDPA_OPS:
         q, k = _shape(graph, node.args[0]), _shape(graph, node.args[1])
         return math.prod(q) * k[-2] + math.prod(out) * k[-2]
     return 0

@@ -8,7 +8,6 @@ the forward may update (BatchNorm running stats in train mode) are restored.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .ir import Graph, OpNode, Value, ValueKind, ValueRef
+from .walk import tensor_leaves
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -64,29 +64,6 @@ def traceback_location(exc: BaseException) -> str:
             found = f"{filename}:{tb.tb_lineno}"
         tb = tb.tb_next
     return found
-
-
-def tensor_leaves(obj: Any, path: str = "out") -> list[tuple[str, torch.Tensor]]:
-    """Tensor leaves of any output structure, with a readable path for each."""
-    found: list[tuple[str, torch.Tensor]] = []
-    _walk(obj, path, found, depth=0)
-    return found
-
-
-def _walk(obj: Any, path: str, found: list[tuple[str, torch.Tensor]], depth: int) -> None:
-    if depth > 8 or obj is None:
-        return
-    if isinstance(obj, torch.Tensor):
-        found.append((path, obj))
-    elif isinstance(obj, Mapping):
-        for key, item in obj.items():
-            _walk(item, f"{path}[{key!r}]", found, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            _walk(item, f"{path}[{i}]", found, depth + 1)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            _walk(getattr(obj, f.name), f"{path}.{f.name}", found, depth + 1)
 
 
 _SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)

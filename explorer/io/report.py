@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..coupling.groups import Group
+from ..graph.metrics import count_params
 from .plan import Plan
 
 __all__ = ["LayerRow", "HeadRow", "Report", "build_report", "measure_latency",
@@ -176,8 +177,7 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
     lat = measure_latencies([original, pruned], inputs, runs)
     if lat[0] is None:
         notes.append("latency not measured: the model is on the meta device")
-    return Report(title, sum(p.numel() for p in original.parameters()),
-                  sum(p.numel() for p in pruned.parameters()), layer_rows(original, pruned),
+    return Report(title, count_params(original), count_params(pruned), layer_rows(original, pruned),
                   head_rows(groups_before, groups_after), lat[0], lat[1],
                   plan_summary(plan) if plan is not None else {}, notes)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..graph.tracer import tensor_leaves
+from ..graph.walk import tensor_leaves
 
 LOSSES = ("auto", "model", "ce", "output-norm")
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..graph.ir import Graph
+from ..graph.metrics import count_params
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,13 @@ def residual_blocks(model: nn.Module, graph: Graph) -> list[Block]:
         if name not in reads.get(ins[0], []):  # the residual add is the block's own
             continue
             continue
-        params = sum(p.numel() for p in modules[name].parameters())
+        params = count_params(modules[name])
         if params:
             out.append(Block(name, params, x.shape))
     return out
 
 
-class Skip(nn.Module):
+class RemovedBlock(nn.Module):
     """Stands in for a removed block: returns its input in the block's output structure."""
 
     def __init__(self, tuple_output: bool = False) -> None:
@@ -63,11 +64,11 @@ class Skip(nn.Module):
 
 def remove_blocks(model: nn.Module, names: list[str], tuple_output: dict[str, bool] | None = None
                   ) -> dict[str, nn.Module]:
-    """Replace each named block by `Skip`; returns the removed modules (for undo)."""
+    """Replace each named block by `RemovedBlock`; returns the removed modules (for undo)."""
     removed = {}
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         removed[name] = parent.get_submodule(attr)
-        setattr(parent, attr, Skip((tuple_output or {}).get(name, False)))
+        setattr(parent, attr, RemovedBlock((tuple_output or {}).get(name, False)))
     return removed

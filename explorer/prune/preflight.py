@@ -10,7 +10,9 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..graph.ir import Graph
-from ..graph.tracer import TraceError, tensor_leaves, trace
+from ..graph.metrics import count_params
+from ..graph.tracer import TraceError, trace
+from ..graph.walk import tensor_leaves, to_device
 from .removal import PruneError, Removal, apply_removal
 
 
@@ -57,35 +59,12 @@ def clone_model(model: nn.Module) -> nn.Module:
 def _attribute_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Tensors held in module attributes (also inside dicts and lists), not params/buffers."""
     found: list[torch.Tensor] = []
-
-    def walk(obj: Any, depth: int) -> None:
-        if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter):
-            found.append(obj)
-        elif depth < 3 and isinstance(obj, dict):
-            for v in obj.values():
-                walk(v, depth + 1)
-        elif depth < 3 and isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v, depth + 1)
-
     for module in model.modules():
         for key, value in vars(module).items():
             if key not in ("_parameters", "_buffers", "_modules"):
-                walk(value, 0)
+                found += [t for _p, t in tensor_leaves(value, max_depth=3)
+                          if not isinstance(t, nn.Parameter)]
     return found
-
-
-def to_device(obj: Any, device: str) -> Any:
-    """Example inputs with every tensor leaf moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 class Preflight:
@@ -135,7 +114,7 @@ class Preflight:
             return Verdict(False, module=exc.module, location=traceback_location(cause),
                            error=f"{type(cause).__name__}: {cause}")
         shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
-        params = sum(p.numel() for p in model.parameters())
+        params = count_params(model)
         if shapes != self.expected:
             return Verdict(False, error=f"output shapes changed: {self.expected} -> {shapes}",
                            output_shapes=shapes, graph=graph, params=params)

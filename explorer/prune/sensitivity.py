@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..graph.tracer import tensor_leaves
+from ..graph.metrics import count_params
+from ..graph.walk import tensor_leaves
 from .calibration import Calibration, compute_loss
 from .pruner import Pruner
 from .removal import Removal, apply_removal, undo
@@ -54,9 +55,9 @@ def scan(pruner: Pruner, ratios: Sequence[float] = (0.25, 0.5, 0.75),
             removal = Removal()
             removal.add(c.group.id, c.axis, sorted(int(i) for i in c.scores.argsort()[:n]))
             model = pruner.model  # pruned in place and restored exactly (no copy)
-            before = sum(p.numel() for p in model.parameters())
+            before = count_params(model)
             applied = apply_removal(model, pruner.coupling, removal)
-            after = sum(p.numel() for p in model.parameters())
+            after = count_params(model)
             try:
                 if calibration:
                     change = _loss(model, calibration) - base_loss

@@ -25,7 +25,7 @@ from torch import nn
 from ..coupling.groups import Group
 from ..graph.metrics import count_params
 from ..prune.calibration import Calibration
-from ..prune.importance import CRITERIA as CRITERIA_ALL
+from ..prune.importance import CRITERIA
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..prune.removal import Removal, apply_removal
 from .models import (
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 Progress = Callable[[float, str], None]
-CRITERIA = ("magnitude", "l1", "taylor", "fisher", "activation", "random")
+TAUGHT_CRITERIA = ("magnitude", "l1", "taylor", "fisher", "activation", "random")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 CACHE_ENV = "PRUNING_EXPLORER_CACHE"
 _FORMAT = 1  # bump when the result layout or the experiment changes, to miss old caches
@@ -55,7 +55,7 @@ class LearnSettings:
     """Everything that changes the numbers; its hash names the cache file."""
 
     models: tuple[str, ...] = ("cnn", "vit")
-    criteria: tuple[str, ...] = CRITERIA
+    criteria: tuple[str, ...] = TAUGHT_CRITERIA
     ratios: tuple[float, ...] = RATIOS
     epochs: tuple[tuple[str, int], ...] = (("cnn", 15), ("vit", 40), ("vit-dino", 40))
     finetune_epochs: int = 2
@@ -75,9 +75,9 @@ class LearnSettings:
             raise ValueError("every ratio must be in (0, 1)")
         if self.heads not in HEAD_MODES:
             raise ValueError(f"heads must be one of {HEAD_MODES}, got {self.heads!r}")
-        unknown = [c for c in (*self.criteria, self.sensitivity_criterion) if c not in CRITERIA_ALL]
+        unknown = [c for c in (*self.criteria, self.sensitivity_criterion) if c not in CRITERIA]
         if unknown:
-            raise ValueError(f"unknown criteria {unknown}; choose from {sorted(CRITERIA_ALL)}")
+            raise ValueError(f"unknown criteria {unknown}; choose from {sorted(CRITERIA)}")
         missing = [m for m in self.models if m not in dict(self.epochs)]
         if missing:
             raise ValueError(f"no training epochs given for {missing}")
@@ -485,7 +485,7 @@ def accuracy_figure(result: LearnResult, model: str, x: str = "ratio",
     return fig
 
 
-def sensitivity_figure(result: LearnResult, model: str) -> go.Figure:
+def learn_sensitivity_figure(result: LearnResult, model: str) -> go.Figure:
     """Accuracy drop when each group is pruned alone, per ratio."""
     import plotly.graph_objects as go
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ...graph.walk import to_device
 from ._factory import build_factory
 from ._hf import HF_FAMILIES, build_hf
-from ._inputs import check_input_shape, resized_inputs, seeded, to_device
+from ._inputs import check_input_shape, resized_inputs, seeded
 from ._inputs import parse_input_shape as parse_input_shape
 from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
 from ._timm import build_timm

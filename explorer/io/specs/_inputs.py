@@ -75,11 +75,6 @@ def resized_inputs(
     return (new, *inputs[1:])
 
 
-def to_device(value: Any, device: str) -> Any:
-    """``value`` moved to ``device`` if it is a tensor, else unchanged."""
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
 @contextmanager
 def seeded(device: str) -> Iterator[None]:
     """Seed with 0 for reproducible random weights, restoring the caller's RNG state after."""

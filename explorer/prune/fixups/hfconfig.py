@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConfigUpdate", "update_config", "layer_widths"]
+__all__ = ["ConfigUpdate", "update_config", "config_widths"]
 
 Reader = Callable[[nn.Module], "dict[str, int] | None"]
 
@@ -98,7 +98,7 @@ _READERS: tuple[Reader, ...] = (_llama_attention, _bert_attention, _gpt2_attenti
                                 _gated_mlp, _bert_intermediate, _gpt2_mlp)
 
 
-def layer_widths(model: nn.Module) -> dict[str, dict[int, list[str]]]:
+def config_widths(model: nn.Module) -> dict[str, dict[int, list[str]]]:
     """Config field -> width -> modules that have it (read from the pruned weights)."""
     widths: dict[str, dict[int, list[str]]] = {}
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -125,7 +125,7 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     if config is None or not hasattr(config, "to_dict"):
         return ConfigUpdate(reason="not a transformers model (it has no config object)")
     values: dict[str, int] = {}
-    for key, by_value in layer_widths(model).items():
+    for key, by_value in config_widths(model).items():
         if len(by_value) > 1:
             detail = "; ".join(f"{v} in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''}"
                                for v, mods in sorted(by_value.items()))

@@ -1,0 +1,20 @@
+"""Closed lists of ATen op packets that several analyses must agree on (keyed by identity)."""
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+#: Fused scaled-dot-product attention kernels (q, k, v are the first three arguments).
+SDPA_OPS = frozenset({
+    aten.scaled_dot_product_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_cudnn_attention,
+    aten._scaled_dot_product_attention_math,
+    aten._scaled_dot_product_fused_attention_overrideable,
+})
+
+#: Ops whose first argument is an attention query: fused kernels and the q @ k^T bmm.
+ATTENTION_OPS = SDPA_OPS | {aten.bmm}
