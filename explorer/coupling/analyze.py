@@ -110,10 +110,9 @@ class Coupling:
         self.family_of = np.full(n, -1, dtype=np.int64)
         self.family_of[present] = remap[fam_of_present.reshape(-1)]
         self.num_families = len(uniq)
-        self.family_atoms: list[np.ndarray] = [None] * self.num_families  # type: ignore
         fams = self.family_of[present]
-        for f in range(self.num_families):
-            self.family_atoms[f] = present[fams == f]
+        self.family_atoms: list[np.ndarray] = [present[fams == f]
+                                               for f in range(self.num_families)]
         self._family_pins = self._pins_per_family()
         self._family_tags = self._tags_per_family()
 
@@ -196,15 +195,15 @@ class Coupling:
             if len(fams) > 1:
                 axes = [dataclasses.replace(ax, inner=ax.family in self._inner and
                                             ax.family not in self._outer) for ax in axes]
-            heads = _head_info(axes, [(self._members[m].member, self.member_families(m))
-                                      for m in mids], self.head_dims)
+            head_info = _head_info(axes, [(self._members[m].member, self.member_families(m))
+                                          for m in mids], self.head_dims)
             channels = int(np.prod([a.size for a in axes if a.role is not AxisRole.FIXED]
                                    or [0]))
             prunable = any(a.prunable for a in axes)
             reason = "" if prunable else "; ".join(dict.fromkeys(a.reason for a in axes))
             modules = list(dict.fromkeys(m.module for m in members))
             expl = list(dict.fromkeys(e for f in fams for e in explanations.get(f, [])))
-            groups.append(Group(len(groups), channels, axes, members, heads, prunable, reason,
+            groups.append(Group(len(groups), channels, axes, members, head_info, prunable, reason,
                                 expl[:12], modules))
         return groups
 

@@ -7,6 +7,7 @@ from fractions import Fraction
 from torch import nn
 
 from .analyze import Coupling, head_counts
+from .groups import Member
 from .vocab import AxisRole
 
 # attribute names attention code reads its head structure from
@@ -65,7 +66,7 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
     for g in coupling.groups:
         if g.heads is None:
             continue
-        by_owner: dict[str, list] = {}
+        by_owner: dict[str, list[tuple[Member, set[int]]]] = {}
         for member, fams in coupling.members_of(g):
             if member.buffer:
                 continue

@@ -61,7 +61,7 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
     _, lab = connected_components(graph, directed=False)
-    return lab.astype(np.int64)
+    return np.asarray(lab, dtype=np.int64)
 
 
 def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
@@ -73,15 +73,16 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
     # space are only unified component by component when their sizes agree.
     by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for flat, parts, _op, sizes in sp.products:
-        fl, comps = by_shape.setdefault(sizes, ([], []))
+        fl, cs = by_shape.setdefault(sizes, ([], []))
         fl.append(flat)
-        comps.append(np.stack(parts, axis=1))
+        cs.append(np.stack(parts, axis=1))
     prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_shape.items()}
     label = _components(n, a, b)
     conflicts: list[str] = []
     cross_bad: set[int] = set()
     for _ in range(max_rounds):
-        na, nb = [], []
+        na: list[np.ndarray] = []
+        nb: list[np.ndarray] = []
         for flat, comps in prods.values():
             lc = label[comps]
             _, first, inv = np.unique(lc, axis=0, return_index=True, return_inverse=True)

@@ -116,7 +116,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        patches: torch.Tensor = self.proj(x)
+        return patches.flatten(2).transpose(1, 2)
 
 
 class VisionTransformer(nn.Module):
@@ -177,14 +178,16 @@ class VisionTransformer(nn.Module):
         cls_tokens = self.cls_token.expand(B, -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
         x = x + self.interpolate_pos_encoding(x, w, h)
-        return self.pos_drop(x)
+        out: torch.Tensor = self.pos_drop(x)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prepare_tokens(x)
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
-        return self.head(x[:, 0])
+        logits: torch.Tensor = self.head(x[:, 0])
+        return logits
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -13,7 +13,7 @@ def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
     2 layers, 256-token vocab) on (1, 16) token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM  # heavy import, only when asked for
 
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation goes through **kwargs
         **HF_FAMILIES["llama"].defaults, use_cache=False, attn_implementation="eager"
     )
     model = LlamaForCausalLM(config)

@@ -22,7 +22,8 @@ class ResidualMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.fc2(self.act(self.fc1(x)))
-        return self.fc3(x)
+        out: torch.Tensor = self.fc3(x)
+        return out
 
 
 def build() -> tuple[nn.Module, tuple[torch.Tensor]]:

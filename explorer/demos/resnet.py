@@ -26,9 +26,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out: torch.Tensor = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self.relu(out + identity)
+        return out
 
 
 class ResNet(nn.Module):
@@ -48,7 +49,8 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(self.avgpool(x), 1))
+        return logits
 
 
 class ConcatCNN(nn.Module):
@@ -72,7 +74,8 @@ class ConcatCNN(nn.Module):
         x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
         x = self.relu(self.bn(self.grouped(x)))
         x = self.relu(self.pointwise(self.depthwise(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(self.pool(x), 1))
+        return logits
 
 
 def build() -> tuple[nn.Module, tuple[torch.Tensor]]:

@@ -77,7 +77,7 @@ class OpNode:
     @property
     def short(self) -> str:
         """Op name without namespace and overload (``add``)."""
-        return self.op.overloadpacket.__name__
+        return str(self.op.overloadpacket.__name__)
 
 
 @dataclass

@@ -73,7 +73,7 @@ class _Recorder(TorchDispatchMode):
     """Dispatch mode that appends an `OpNode` per ATen call to a `Graph`."""
 
     def __init__(self, graph: Graph, scope: list[str]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in torch
         self.graph = graph
         self.scope = scope
         self._ids: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
@@ -104,8 +104,8 @@ class _Recorder(TorchDispatchMode):
                 self._ref(o) for o in obj)
         return obj
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _SCALAR_READS and args and getattr(args[0], "is_meta", False):
             # A meta tensor has no value: data-dependent checks (``mask.all()`` before a

@@ -124,6 +124,12 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
         result.messages.append(f"hf: no transformers folder: {update.reason}")
         return
     folder = out / "hf"
+    from transformers import PreTrainedModel  # only models with a config reach this point
+
+    if not isinstance(model, PreTrainedModel):
+        result.messages.append("hf: no transformers folder: the model is not a transformers "
+                               "PreTrainedModel")
+        return
     model.save_pretrained(str(folder))
     result.files["hf"] = [str(folder)]
 

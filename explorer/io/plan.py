@@ -450,8 +450,8 @@ def _check(plan: Plan, model: nn.Module) -> _Staged:
     for (name, dim), idx in keeps.items():
         per_tensor.setdefault(name, {})[dim] = idx
     out_shapes = {}
-    for name, idx in per_tensor.items():
-        new[name] = resize_tensor(tensors[name], idx)
+    for name, picks in per_tensor.items():
+        new[name] = resize_tensor(tensors[name], picks)
         out_shapes[name] = (tuple(tensors[name].shape), tuple(new[name].shape))
     return _Staged(new, aliases, out_shapes, _check_attributes(plan, model))
 
@@ -470,7 +470,7 @@ def _commit(model: nn.Module, staged: _Staged) -> Replay:
     attributes: dict[str, dict[str, list[Any]]] = {}
     for (mod_name, attr), (cur, new) in staged.attributes.items():
         module = model.get_submodule(mod_name)
-        value = tuple(new) if isinstance(cur, tuple) and isinstance(new, list) else new
-        setattr(module, attr, value)
-        attributes.setdefault(mod_name, {})[attr] = [cur, value]
+        attr_value = tuple(new) if isinstance(cur, tuple) and isinstance(new, list) else new
+        setattr(module, attr, attr_value)
+        attributes.setdefault(mod_name, {})[attr] = [cur, attr_value]
     return Replay(shapes, attributes)

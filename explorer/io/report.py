@@ -291,8 +291,9 @@ def _figures(r: Report) -> str:
                marker_color="#72B7B2")])
     params.update_layout(title="parameters per layer", barmode="group", height=380,
                          xaxis_tickangle=-45)
-    return (widths.to_html(full_html=False, include_plotlyjs=True)
-            + params.to_html(full_html=False, include_plotlyjs=False))
+    html: str = (widths.to_html(full_html=False, include_plotlyjs=True)
+                 + params.to_html(full_html=False, include_plotlyjs=False))
+    return html
 
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}"

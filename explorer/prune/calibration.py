@@ -121,7 +121,8 @@ def compute_loss(model: nn.Module, batch: tuple[Any, ...], calib: Calibration,
             isinstance(batch[0], torch.Tensor) and not batch[0].is_floating_point():
         out = model(*batch, labels=batch[0], **calib.kwargs)
         if getattr(out, "loss", None) is not None:
-            return out.loss
+            loss: torch.Tensor = out.loss
+            return loss
     out = model(*batch, **calib.kwargs)
     if kind == "ce":
         if label is None:

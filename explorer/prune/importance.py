@@ -22,6 +22,7 @@ Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -240,7 +241,7 @@ class Activation(Criterion):
 
 
 def _act_hook(name: str, norms: dict[str, torch.Tensor]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple) -> None:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().float()
         dim = x.dim() - 1 if isinstance(module, nn.Linear) else 1
         dims = [d for d in range(x.dim()) if d != dim]

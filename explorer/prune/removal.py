@@ -1,6 +1,7 @@
 """Remove atoms (channels, heads, head dims) from a model, in place, all or nothing."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,8 +75,8 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
     dead = removed_atoms(coupling, removal)
     keeps = coupling.keep_indices(dead)
     per_tensor: dict[str, dict[int, torch.Tensor]] = {}
-    for (name, dim), idx in keeps.items():
-        per_tensor.setdefault(name, {})[dim] = torch.as_tensor(idx, dtype=torch.long)
+    for (name, dim), kept in keeps.items():
+        per_tensor.setdefault(name, {})[dim] = torch.as_tensor(kept, dtype=torch.long)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     new: dict[str, torch.Tensor] = {}
@@ -162,8 +163,8 @@ def _shadow_buffers(model: nn.Module, keeps: dict[tuple[str, int], np.ndarray],
         shapes[shadow] = (tuple(src.shape), tuple(new.shape))
 
 
-def _retie(model: nn.Module, params: dict[str, torch.Tensor],
-           buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> list[str]:
+def _retie(model: nn.Module, params: Mapping[str, torch.Tensor],
+           buffers: Mapping[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> list[str]:
     """Parameters that were one tensor under several names (tied weights) stay tied.
 
     Returns the names that were re-pointed (their modules need their attributes patched).

@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from ..api import ModelGraph
 from ..graph.ir import Graph, ValueKind
@@ -41,7 +42,7 @@ def _fold_key(node: str, graph: Graph) -> tuple[str, int, str] | None:
 
 
 def _fold(nodes: list[str], graph: Graph, hot: set[str],
-          found: set[str] = frozenset()) -> dict[str, str]:
+          found: AbstractSet[str] = frozenset()) -> dict[str, str]:
     """Map each node to its folded name; instances split by highlight, each part folded."""
     buckets: dict[tuple[str, str, bool, bool], list[tuple[int, str]]] = {}
     for n in nodes:
@@ -53,8 +54,8 @@ def _fold(nodes: list[str], graph: Graph, hot: set[str],
     for (container, rest, _, _), members in buckets.items():
         if len(members) < 2:
             continue
-        idx = sorted(i for i, _ in members)
-        label = f"{container}.{idx[0]}-{idx[-1]}" + (f".{rest}" if rest else "")
+        order = sorted(i for i, _ in members)
+        label = f"{container}.{order[0]}-{order[-1]}" + (f".{rest}" if rest else "")
         for _, n in members:
             out[n] = f"{label} x{len(members)}"
     return out
@@ -132,12 +133,12 @@ def graph_to_dot(model_graph: ModelGraph, depth: int = 2, highlight_group: int |
         nodes.setdefault(node, [node])
         ops_in[node] = ops_in.get(node, 0) + 1
         for vid in graph.tensor_ids((op.args, op.kwargs)):
-            src = producer_node.get(vid)
-            if src is not None and src != node and (src, node) not in edges:
-                edges[(src, node)] = graph.values[vid].shape
-        for vid in op.outputs:
-            if vid is not None:
-                producer_node[vid] = node
+            source = producer_node.get(vid)
+            if source is not None and source != node and (source, node) not in edges:
+                edges[(source, node)] = graph.values[vid].shape
+        for out_vid in op.outputs:
+            if out_vid is not None:
+                producer_node[out_vid] = node
     for vid in graph.outputs:
         src = producer_node.get(vid)
         if src is not None and (src, OUTPUT) not in edges:
@@ -151,7 +152,7 @@ def graph_to_dot(model_graph: ModelGraph, depth: int = 2, highlight_group: int |
 
 def _emit(model_graph: ModelGraph, nodes: dict[str, list[str]], folded: dict[str, str],
           edges: dict[tuple[str, str], tuple[int, ...]], hot: set[str], ops_in: dict[str, int],
-          highlight_group: int | None, found: set[str] = frozenset()) -> str:
+          highlight_group: int | None, found: AbstractSet[str] = frozenset()) -> str:
     graph = model_graph.graph
     members: dict[str, list[str]] = {}
     for n in nodes:
@@ -203,4 +204,5 @@ def dot_to_svg(dot: str) -> bytes:
         raise RuntimeError("graphviz 'dot' is not installed; install it with "
                            "'apt-get install graphviz' to export SVG")
     import graphviz
-    return graphviz.Source(dot).pipe(format="svg")
+    svg: bytes = graphviz.Source(dot).pipe(format="svg")
+    return svg

@@ -159,6 +159,12 @@ def search_modules(modules: Mapping[str, str], text: str, limit: int = 200) -> l
             if n and (needle in n.lower() or needle in cls.lower())][:limit]
 
 
+def _number(value: object) -> float:
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
 def sensitivity_figure(rows: Sequence[Mapping[str, object]]) -> go.Figure:
     """Output change vs ratio, one line per group axis (`explorer.sensitivity.as_table`)."""
     fig = go.Figure()
@@ -166,10 +172,10 @@ def sensitivity_figure(rows: Sequence[Mapping[str, object]]) -> go.Figure:
     for r in rows:
         by_title.setdefault(str(r["title"]), []).append(r)
     for title, pts in by_title.items():
-        pts = sorted(pts, key=lambda r: float(r["ratio"]))
+        pts = sorted(pts, key=lambda r: _number(r["ratio"]))
         fig.add_trace(go.Scatter(
             name=title, x=[r["ratio"] for r in pts], mode="lines+markers",
-            y=[min(float(r["output_change"]), 1e6) for r in pts],
+            y=[min(_number(r["output_change"]), 1e6) for r in pts],
             customdata=[r["params_removed"] for r in pts],
             hovertemplate="ratio %{x}<br>change %{y:.4g}<br>params removed %{customdata:,}"))
     fig.update_layout(title="sensitivity: relative output change when one group is pruned",

@@ -57,7 +57,8 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.pool(torch.relu(self.bn2(self.conv2(x))))
-        return self.classifier(x.flatten(1))
+        logits: torch.Tensor = self.classifier(x.flatten(1))
+        return logits
 
 
 def build_model(kind: str, seed: int = 0) -> nn.Module:
@@ -94,7 +95,7 @@ def train(model: nn.Module, data: Digits, epochs: int, lr: float = 3e-3, batch_s
             idx = order[i:i + batch_size]
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
@@ -113,7 +114,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return model(x)
+    out: torch.Tensor = model(x)
+    return out
 
 
 def calibration_batches(data: Digits, batches: int, batch_size: int,

@@ -97,7 +97,8 @@ def build_hf(text: str, device: str) -> Built:
 
     auto_cls = AutoModelForCausalLM if kind == "lm" else AutoModel
     with torch.device(device):
-        model = auto_cls.from_config(config, attn_implementation=attn)
+        # transformers leaves from_config unannotated
+        model = auto_cls.from_config(config, attn_implementation=attn)  # type: ignore[no-untyped-call]
     vocab = int(config.vocab_size)
     ids = torch.randint(0, vocab, (1, DEFAULT_SEQ_LEN))
     return Built(model, (ids,), "hf", kind, hf_config=config, vocab_size=vocab)

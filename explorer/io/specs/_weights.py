@@ -62,8 +62,9 @@ def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
         return obj.state_dict()
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                return obj[key]
+            nested = obj.get(key)
+            if isinstance(nested, Mapping):
+                return nested
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
     raise SpecError(

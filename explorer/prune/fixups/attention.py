@@ -12,6 +12,7 @@ import numpy as np
 from torch import nn
 
 from ...coupling.analyze import Coupling, head_counts
+from ...coupling.groups import Member
 from ...coupling.heads import (
     HEAD_COUNT_ATTRS,
     HEAD_DIM_ATTRS,
@@ -44,7 +45,7 @@ def patch_attention(model: nn.Module, coupling: Coupling,
         if group.heads is None:
             continue
         kept_axis = {a.family: a.size - removed.get(i, 0) for i, a in enumerate(group.axes)}
-        by_owner: dict[str, list] = {}
+        by_owner: dict[str, list[tuple[Member, set[int]]]] = {}
         for member, fams in coupling.members_of(group):
             owner = head_owner(model, member.module)
             if owner is not None:
@@ -64,7 +65,7 @@ def patch_attention(model: nn.Module, coupling: Coupling,
                      new[0] // max(new[2], 1), log)
             _set(module, HEAD_WIDTH_ATTRS, old[0] * old[1], new[0] * new[1], log)
             if old[1] != new[1] and getattr(module, "fused_attn", None) is True:
-                module.fused_attn = False  # fused SDPA would rescale by the new head_dim
+                setattr(module, "fused_attn", False)  # noqa: B010 - fused SDPA would rescale by the new head_dim
                 log["fused_attn"] = [True, False]  # keeps the original attention scale
             if not log:
                 del changes[name]

@@ -34,6 +34,22 @@ class PatchInfo:
 PATCHERS: dict[type, Patcher] = {}
 
 
+def tensor_attr(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as a tensor (``nn.Module.__getattr__`` is typed as a union)."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    return value
+
+
+def int_attr(module: nn.Module, name: str) -> int:
+    """``module.<name>`` as an int (a width or count attribute)."""
+    value = getattr(module, name)
+    if not isinstance(value, int):
+        raise TypeError(f"{type(module).__name__}.{name} is not an int")
+    return value
+
+
 def patcher(*types: type) -> Callable[[Patcher], Patcher]:
     def register(fn: Patcher) -> Patcher:
         for t in types:
@@ -54,63 +70,70 @@ def patch_module(module: nn.Module, info: PatchInfo) -> None:
 
 @patcher(nn.Linear)
 def _linear(m: nn.Module, info: PatchInfo) -> None:
-    info.set(m, "out_features", m.weight.shape[0])
-    info.set(m, "in_features", m.weight.shape[1])
+    w = tensor_attr(m, "weight")
+    info.set(m, "out_features", w.shape[0])
+    info.set(m, "in_features", w.shape[1])
 
 
 @patcher(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(m: nn.Module, info: PatchInfo) -> None:
     if info.groups is not None:
         info.set(m, "groups", info.groups)
-    info.set(m, "out_channels", m.weight.shape[0])
-    info.set(m, "in_channels", m.weight.shape[1] * m.groups)
+    w = tensor_attr(m, "weight")
+    info.set(m, "out_channels", w.shape[0])
+    info.set(m, "in_channels", w.shape[1] * int_attr(m, "groups"))
 
 
 @patcher(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv_t(m: nn.Module, info: PatchInfo) -> None:
     if info.groups is not None:
         info.set(m, "groups", info.groups)
-    info.set(m, "in_channels", m.weight.shape[0])
-    info.set(m, "out_channels", m.weight.shape[1] * m.groups)
+    w = tensor_attr(m, "weight")
+    info.set(m, "in_channels", w.shape[0])
+    info.set(m, "out_channels", w.shape[1] * int_attr(m, "groups"))
 
 
 @patcher(nn.modules.batchnorm._NormBase)
 def _bn(m: nn.Module, info: PatchInfo) -> None:
-    t = m.weight if m.weight is not None else m.running_mean
-    if t is not None:
+    t = getattr(m, "weight", None)
+    t = t if t is not None else getattr(m, "running_mean", None)
+    if isinstance(t, torch.Tensor):
         info.set(m, "num_features", t.shape[0])
 
 
 @patcher(nn.LayerNorm, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []))
 def _ln(m: nn.Module, info: PatchInfo) -> None:
-    if m.weight is not None:
-        info.set(m, "normalized_shape", tuple(m.weight.shape))
+    if getattr(m, "weight", None) is not None:
+        info.set(m, "normalized_shape", tuple(tensor_attr(m, "weight").shape))
 
 
 @patcher(nn.GroupNorm)
 def _gn(m: nn.Module, info: PatchInfo) -> None:
     if info.groups is not None:
         info.set(m, "num_groups", info.groups)
-    if m.weight is not None:
-        info.set(m, "num_channels", m.weight.shape[0])
+    if getattr(m, "weight", None) is not None:
+        info.set(m, "num_channels", tensor_attr(m, "weight").shape[0])
 
 
 @patcher(nn.Embedding)
 def _embedding(m: nn.Module, info: PatchInfo) -> None:
-    info.set(m, "num_embeddings", m.weight.shape[0])
-    info.set(m, "embedding_dim", m.weight.shape[1])
+    w = tensor_attr(m, "weight")
+    info.set(m, "num_embeddings", w.shape[0])
+    info.set(m, "embedding_dim", w.shape[1])
 
 
 @patcher(nn.RNNBase)
 def _rnn(m: nn.Module, info: PatchInfo) -> None:
-    info.set(m, "input_size", m.weight_ih_l0.shape[1])
-    info.set(m, "hidden_size", m.weight_hh_l0.shape[1] if not getattr(m, "proj_size", 0)
+    assert isinstance(m, nn.RNNBase)
+    info.set(m, "input_size", tensor_attr(m, "weight_ih_l0").shape[1])
+    info.set(m, "hidden_size", tensor_attr(m, "weight_hh_l0").shape[1] if not m.proj_size
              else m.hidden_size)
     m._init_flat_weights()  # the forward reads the cached list of weight tensors
 
 
 @patcher(nn.MultiheadAttention)
 def _mha(m: nn.Module, info: PatchInfo) -> None:
+    assert isinstance(m, nn.MultiheadAttention)
     e = m.out_proj.weight.shape[0]
     info.set(m, "embed_dim", e)
     info.set(m, "kdim", e)
@@ -120,13 +143,15 @@ def _mha(m: nn.Module, info: PatchInfo) -> None:
 
 def _hf_conv1d(m: nn.Module, info: PatchInfo) -> None:
     """transformers' GPT-2 ``Conv1D``: a linear layer with a transposed ``(nx, nf)`` weight."""
-    info.set(m, "nx", m.weight.shape[0])
-    info.set(m, "nf", m.weight.shape[1])
+    w = tensor_attr(m, "weight")
+    info.set(m, "nx", w.shape[0])
+    info.set(m, "nf", w.shape[1])
 
 
 def _timm_scale(m: nn.Module, info: PatchInfo) -> None:
     """timm MetaFormer ``Scale``: ``x * scale.view(self.shape)`` with ``shape = (dim, 1, 1)``."""
-    info.set(m, "shape", (m.scale.shape[0], *tuple(m.shape)[1:]))
+    shape: tuple[int, ...] = tuple(getattr(m, "shape"))  # noqa: B009 - shadows nn.Module API
+    info.set(m, "shape", (tensor_attr(m, "scale").shape[0], *shape[1:]))
 
 
 # Types from libraries we do not import ourselves: (module, attribute) -> handler. A model

@@ -36,7 +36,7 @@ def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tupl
             owner = owner.rpartition(".")[0] if owner else ""
             ancestors.add(owner)
         for mod in ancestors:
-            table = sizes.setdefault(mod, {})  # type: ignore[arg-type]
+            table = sizes.setdefault(mod, {})
             for old, new in zip(before, after, strict=False):
                 if old != new:
                     table.setdefault(old, set()).add(new)
@@ -48,9 +48,9 @@ def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tupl
             if attr in done or not _width_name(attr) or isinstance(value, bool) or \
                     not isinstance(value, int):
                 continue
-            new = table.get(value)
-            if new is not None and len(new) == 1:
-                (target,) = new
+            options = table.get(value)
+            if options is not None and len(options) == 1:
+                (target,) = options
                 setattr(module, attr, target)
                 changes.setdefault(mod_name, {})[attr] = [value, target]
     return changes
