@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 
 import explorer
+from explorer.coupling.heads import legal_head_ratios
 from explorer.io.specs import load_model
 from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
 from explorer.render.figures import (
     attention_rows,
     axes_rows,
     cost_figure,
-    head_table,
     importance_figure,
-    legal_ratios,
     search_modules,
     sensitivity_figure,
     widths_figure,
@@ -103,12 +102,12 @@ def test_widths_and_cost_figures() -> None:
     assert c["data"][1]["x"] == ["a", "b"]
 
 
-def test_head_table(dino: explorer.ModelGraph) -> None:
-    rows = head_table(dino.groups(), {"blocks.0.attn": 6})
+def test_attention_rows_and_legal_ratios(dino: explorer.ModelGraph) -> None:
+    rows = attention_rows(dino.attention())
     assert len(rows) == 3
-    assert rows[0]["heads"] == 6 and rows[0]["head_dim"] == 16 and rows[0]["divisible"]
-    assert rows[0]["num_heads attr"] == 6
-    assert legal_ratios(4) == ["1/4", "1/2", "3/4"]
+    assert rows[0]["heads"] == 6 and rows[0]["head_dim"] == 16 and rows[0]["ok"]
+    assert rows[0]["whole-head ratios"] == "1/6, 1/3, 1/2, 2/3, 5/6"
+    assert legal_head_ratios(4) == ["1/4", "1/2", "3/4"]
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from ..api import trace
-from ..coupling.groups import Group
-from ..coupling.heads import AttentionInfo, attention_modules
+from ..coupling.heads import AttentionInfo, attention_modules, head_changes
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io.export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
@@ -115,7 +114,7 @@ class _Pruned:
     pruner: Pruner
     reports: list[StepReport]
     summary: dict[str, Any]  # the ``prune --json`` object
-    groups_before: list[Group]  # traced groups of the unpruned model (for the head table)
+    attention: tuple[list[AttentionInfo], list[AttentionInfo]]  # before, after
 
 
 def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
@@ -125,12 +124,12 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
                     heads=args.heads, round_to=args.round_to,
                     ignored=list(args.ignore), target_params=args.target_params,
                     target_macs=args.target_macs, calibration=args.calibration)
-    groups_before = pruner.groups
-    heads_before = {a.module: a for a in attention_modules(lm.model, pruner.coupling)}
+    heads_before = attention_modules(lm.model, pruner.coupling)
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]
     first, last = reports[0], reports[-1]
     pruned_groups = {c.group for c in first.changes if c.removed}
+    heads_after = attention_modules(lm.model, pruner.coupling)
     out: dict[str, Any] = {
         "model": args.model,
         "params_before": first.params_before, "params_after": last.params_after,
@@ -142,26 +141,9 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
                     "error": u.error} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
         "notes": list(dict.fromkeys(n for r in reports for n in r.notes)),
-        "attention": _heads_before_after(heads_before, attention_modules(lm.model,
-                                                                         pruner.coupling)),
+        "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
     }
-    return _Pruned(pruner, reports, out, groups_before)
-
-
-def _heads_before_after(before: dict[str, AttentionInfo],
-                        after: list[AttentionInfo]) -> list[dict[str, Any]]:
-    """Per attention module: heads, head_dim and kv heads before and after pruning."""
-    now = {a.module: a for a in after}
-    rows = []
-    for name, b in before.items():
-        a = now.get(name)
-        rows.append({"module": name,
-                     "before": {"num_heads": b.num_heads, "head_dim": b.head_dim,
-                                "kv_heads": b.kv_heads},
-                     "after": None if a is None else {"num_heads": a.num_heads,
-                                                      "head_dim": a.head_dim,
-                                                      "kv_heads": a.kv_heads}})
-    return rows
+    return _Pruned(pruner, reports, out, (heads_before, heads_after))
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
@@ -242,7 +224,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     out = run.summary
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
                  original=original, example_inputs=lm.example_inputs,
-                 groups=(run.groups_before, run.pruner.groups))
+                 attention=run.attention)
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "

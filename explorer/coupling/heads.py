@@ -1,6 +1,7 @@
 """Head-divisibility report: per attention module, its projections, heads and legal cuts."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -95,7 +96,48 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
                 info.widths[m.module] = m.size
                 heads = counts[2] if m in (k, v) and counts[2] and m is not q[0] else counts[0]
                 info.divisible[m.module] = m.size % max(heads, 1) == 0
-            kv = counts[2] or counts[0]
-            info.legal_head_ratios = [str(Fraction(i, kv)) for i in range(kv)]
+            info.legal_head_ratios = legal_head_ratios(counts[2] or counts[0])
             out.append(info)
     return out
+
+
+def legal_head_ratios(unit: int) -> list[str]:
+    """Ratios that remove whole heads (whole key/value groups under GQA): k/unit, 0 < k < unit."""
+    return [str(Fraction(k, unit)) for k in range(1, unit)]
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """One attention module's head structure before and after pruning."""
+
+    module: str
+    group: int
+    heads_before: int
+    head_dim_before: int
+    kv_heads_before: int | None
+    heads_after: int | None  # None: the module is not found in the pruned model's trace
+    head_dim_after: int | None
+    kv_heads_after: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"module", "before": {...}, "after": {...} | None}`` for JSON output."""
+        after = None if self.heads_after is None else {
+            "num_heads": self.heads_after, "head_dim": self.head_dim_after,
+            "kv_heads": self.kv_heads_after}
+        return {"module": self.module,
+                "before": {"num_heads": self.heads_before, "head_dim": self.head_dim_before,
+                           "kv_heads": self.kv_heads_before},
+                "after": after}
+
+
+def head_changes(before: Sequence[AttentionInfo],
+                 after: Sequence[AttentionInfo]) -> list[HeadChange]:
+    """Pair attention modules of an original and a pruned model by module name."""
+    now = {a.module: a for a in after}
+    rows = []
+    for b in before:
+        a = now.get(b.module)
+        rows.append(HeadChange(b.module, b.group, b.num_heads, b.head_dim, b.kv_heads,
+                               a.num_heads if a else None, a.head_dim if a else None,
+                               a.kv_heads if a else None))
+    return rows

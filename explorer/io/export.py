@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..coupling.heads import AttentionInfo
 from ..prune.fixups.hfconfig import ConfigUpdate, update_config
 from ..prune.preflight import clone_model
 from .plan import Plan
@@ -65,7 +66,8 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
 def export(model: nn.Module, out_dir: str | os.PathLike[str],
            formats: str | Sequence[str] = DEFAULT_FORMATS, plan: Plan | None = None,
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
-           groups: tuple[Sequence[Any], Sequence[Any]] | None = None) -> ExportResult:
+           attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None
+           ) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -77,7 +79,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
             report).
         original: the unpruned model, for the report; rebuilt from ``plan.model`` if None.
         example_inputs: inputs for the report's latency; from the plan's spec if None.
-        groups: traced groups (before, after) for the report's head table.
+        attention: attention modules (before, after) for the report's head table.
 
     Raises:
         ExportError: an unknown format, or ``safetensors`` without a plan.
@@ -102,7 +104,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         result.files["safetensors"] = _export_safetensors(model, plan, out)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
-                                                groups)
+                                                attention)
     _write_readme(out, result, plan)
     return result
 
@@ -136,7 +138,8 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
 
 def _export_report(model: nn.Module, out: Path, plan: Plan | None,
                    original: nn.Module | None, example_inputs: Sequence[Any] | None,
-                   groups: tuple[Sequence[Any], Sequence[Any]] | None) -> list[str]:
+                   attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None
+                   ) -> list[str]:
     from .report import build_report, write_report
     if original is None or example_inputs is None:
         if plan is None:
@@ -146,8 +149,7 @@ def _export_report(model: nn.Module, out: Path, plan: Plan | None,
         lm = _load_spec(plan)
         original = original if original is not None else lm.model
         example_inputs = example_inputs if example_inputs is not None else lm.example_inputs
-    before, after = groups if groups is not None else (None, None)
-    report = build_report(original, model, example_inputs, plan, before, after,
+    report = build_report(original, model, example_inputs, plan, attention,
                           title=f"Pruning report: {plan.model}" if plan else "Pruning report")
     return [str(p) for p in write_report(report, out)]
 

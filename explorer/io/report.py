@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..coupling.groups import Group
+from ..coupling.heads import AttentionInfo, HeadChange, head_changes
 from ..graph.metrics import count_params
 from .plan import Plan
 
-__all__ = ["LayerRow", "HeadRow", "Report", "build_report", "measure_latency",
+__all__ = ["LayerRow", "Report", "build_report", "measure_latency",
            "measure_latencies", "write_report"]
 
 
@@ -38,20 +38,6 @@ class LayerRow:
     params_after: int
 
 
-@dataclass(frozen=True)
-class HeadRow:
-    """One attention group's head structure before and after."""
-
-    group: int
-    module: str
-    heads_before: int
-    head_dim_before: int
-    kv_heads_before: int | None
-    heads_after: int | None  # None: the group is not found in the pruned model's trace
-    head_dim_after: int | None
-    kv_heads_after: int | None
-
-
 @dataclass
 class Report:
     """Everything the Markdown and HTML renderings show."""
@@ -60,7 +46,7 @@ class Report:
     params_before: int
     params_after: int
     layers: list[LayerRow]
-    heads: list[HeadRow]
+    heads: list[HeadChange]
     latency_ms_before: float | None  # median CPU forward time; None when not measurable
     latency_ms_after: float | None
     plan: dict[str, Any] = field(default_factory=dict)  # summary of the plan
@@ -95,22 +81,6 @@ def layer_rows(original: nn.Module, pruned: nn.Module) -> list[LayerRow]:
             continue
         rows.append(LayerRow(name or "(root)", _main_shape(module), _main_shape(after[name]),
                              before, _params(after[name])))
-    return rows
-
-
-def head_rows(before: Sequence[Group], after: Sequence[Group] | None) -> list[HeadRow]:
-    """Head table rows: groups with head structure, matched by their first module."""
-    by_module = {(g.modules[0] if g.modules else ""): g for g in after or () if g.heads}
-    rows = []
-    for g in before:
-        if g.heads is None:
-            continue
-        module = g.modules[0] if g.modules else (g.members[0].module if g.members else "?")
-        other = by_module.get(module)
-        h2 = other.heads if other is not None else None
-        rows.append(HeadRow(g.id, module, g.heads.num_heads, g.heads.head_dim,
-                            g.heads.kv_heads, h2.num_heads if h2 else None,
-                            h2.head_dim if h2 else None, h2.kv_heads if h2 else None))
     return rows
 
 
@@ -157,8 +127,9 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
 
 
 def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequence[Any],
-                 plan: Plan | None = None, groups_before: Sequence[Group] | None = None,
-                 groups_after: Sequence[Group] | None = None, runs: int = 10,
+                 plan: Plan | None = None,
+                 attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
+                 runs: int = 10,
                  title: str = "Pruning report") -> Report:
     """Compare ``original`` and ``pruned`` (neither is changed).
 
@@ -167,26 +138,26 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
         pruned: the pruned model.
         example_inputs: positional inputs for both (latency).
         plan: the plan, summarised in the report.
-        groups_before, groups_after: traced groups of each; traced here when not given.
+        attention: attention modules (before, after); traced here when not given.
         runs: forwards timed per model.
     """
     notes: list[str] = []
     inputs = tuple(example_inputs)
-    if groups_before is None or groups_after is None:
-        groups_before, groups_after = _trace_groups(original, pruned, inputs, notes)
+    if attention is None:
+        attention = _trace_attention(original, pruned, inputs, notes)
     lat = measure_latencies([original, pruned], inputs, runs)
     if lat[0] is None:
         notes.append("latency not measured: the model is on the meta device")
     return Report(title, count_params(original), count_params(pruned), layer_rows(original, pruned),
-                  head_rows(groups_before, groups_after), lat[0], lat[1],
+                  head_changes(*attention), lat[0], lat[1],
                   plan_summary(plan) if plan is not None else {}, notes)
 
 
-def _trace_groups(original: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
-                  notes: list[str]) -> tuple[list[Group], list[Group]]:
+def _trace_attention(original: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
+                     notes: list[str]) -> tuple[list[AttentionInfo], list[AttentionInfo]]:
     from ..api import trace
     try:
-        return trace(original, inputs).groups(), trace(pruned, inputs).groups()
+        return trace(original, inputs).attention(), trace(pruned, inputs).attention()
     except Exception as e:  # noqa: BLE001 - the report still has the other sections
         notes.append(f"head table empty: tracing failed ({type(e).__name__}: {e})")
         return [], []
@@ -228,9 +199,9 @@ def _layer_table(r: Report) -> tuple[list[str], list[list[str]]]:
 
 
 def _head_table(r: Report) -> tuple[list[str], list[list[str]]]:
-    head = ["group", "module", "heads", "head dim", "kv heads", "heads after",
+    head = ["module", "group", "heads", "head dim", "kv heads", "heads after",
             "head dim after", "kv heads after"]
-    rows = [[str(h.group), h.module, str(h.heads_before), str(h.head_dim_before),
+    rows = [[h.module, str(h.group), str(h.heads_before), str(h.head_dim_before),
              str(h.kv_heads_before or h.heads_before), _opt(h.heads_after),
              _opt(h.head_dim_after), _opt(h.kv_heads_after or h.heads_after)] for h in r.heads]
     return head, rows

@@ -5,7 +5,6 @@ Every function takes plain data (arrays, dicts, groups) and returns a new figure
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from fractions import Fraction
 
 import numpy as np
 import plotly.graph_objects as go
@@ -73,44 +72,6 @@ def params_by_module(model_params: Mapping[str, int], owner: Mapping[str, str]) 
         mod = owner.get(name, name.rpartition(".")[0])
         out[mod] = out.get(mod, 0) + count
     return out
-
-
-def legal_ratios(heads: int) -> list[str]:
-    """Ratios that remove whole heads: multiples of 1/heads (below 1)."""
-    return [str(Fraction(k, heads)) for k in range(1, heads)]
-
-
-def head_table(groups: Sequence[Group],
-               module_heads: Mapping[str, int] | None = None) -> list[dict[str, object]]:
-    """One row per attention group: head structure and divisibility checks.
-
-    Args:
-        groups: the traced groups; those without head structure are skipped.
-        module_heads: optional ``num_heads`` attribute per attention module, compared with
-            the traced structure (a mismatch means a hard-coded value will break).
-    """
-    rows: list[dict[str, object]] = []
-    for g in groups:
-        if g.heads is None:
-            continue
-        h = g.heads
-        width = h.num_heads * h.head_dim
-        unit = h.kv_heads or h.num_heads
-        module = g.modules[0] if g.modules else g.members[0].module
-        attr = None
-        if module_heads:
-            attr = next((v for k, v in module_heads.items()
-                         if module == k or module.startswith(k + ".")), None)
-        ratios = legal_ratios(unit)
-        rows.append({
-            "group": g.id, "module": module, "heads": h.num_heads, "head_dim": h.head_dim,
-            "kv_heads": h.kv_heads if h.kv_heads is not None else h.num_heads,
-            "width": width,
-            "divisible": width % h.num_heads == 0 and (attr is None or width % attr == 0),
-            "num_heads attr": attr,
-            "whole-head ratios": ", ".join(ratios[:8]) + (" ..." if len(ratios) > 8 else ""),
-        })
-    return rows
 
 
 def attention_rows(infos: Sequence[AttentionInfo]) -> list[dict[str, object]]:
