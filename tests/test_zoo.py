@@ -17,6 +17,7 @@ from zoo import ZOO, ZooEntry, main_output_shape
 from explorer import Pruner, load_model
 
 TARGET = 0.60  # params_after / params_before a 0.5 channel ratio must reach
+ZOO_TIMEOUT_S = 300  # one model; the slowest (maxvit) takes ~20 s alone on the CI machine
 _ROWS: list[tuple[str, str, str, str, str]] = []
 
 
@@ -37,7 +38,7 @@ def zoo_table(request: pytest.FixtureRequest) -> Iterator[list[tuple[str, str, s
 
 
 def _param(entry: ZooEntry) -> Any:
-    marks = [pytest.mark.zoo]
+    marks = [pytest.mark.zoo, pytest.mark.timeout(ZOO_TIMEOUT_S)]
     if entry.xfail:
         marks.append(pytest.mark.xfail(strict=True, reason=entry.xfail))
     return pytest.param(entry, id=entry.id, marks=marks)
