@@ -107,7 +107,7 @@ def test_interactive_accept_reject_resize_and_undo_are_exact() -> None:
     original = copy.deepcopy(model.state_dict())
     p = Pruner(model, lm.example_inputs, ratio=0.5)
     seen = []
-    for i, prop in enumerate(p.step(interactive=True)):
+    for i, prop in enumerate(p.proposals()):
         seen.append(prop.group.title)
         if i == 0:
             assert prop.accept().ok
@@ -136,7 +136,7 @@ def test_interactive_accept_reject_resize_and_undo_are_exact() -> None:
 def test_interactive_unsafe_proposal_changes_nothing() -> None:
     lm = load_model("demo:dino_vit")
     p = Pruner(lm.model, lm.example_inputs, ratio=0.5)
-    for prop in p.step(interactive=True):
+    for prop in p.proposals():
         if prop.group.channels == 96:  # the residual stream: DINO reshapes with C // heads
             state = {k: v.clone() for k, v in lm.model.state_dict().items()}
             verdict = prop.accept()

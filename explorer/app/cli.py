@@ -22,6 +22,7 @@ from ..graph.tracer import TraceError
 from ..io.export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
 from ..io.plan import Plan
 from ..io.specs import LoadedModel, SpecError, load_model, parse_input_shape
+from ..prune.preflight import forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 
 
@@ -186,12 +187,7 @@ def _export_summary(res: ExportResult) -> dict[str, Any]:
 
 
 def _forward_ok(lm: LoadedModel) -> bool:
-    try:
-        with torch.no_grad():
-            lm.model(*lm.example_inputs)
-    except Exception:  # noqa: BLE001 - reported as forward_ok: false
-        return False
-    return True
+    return forward_check(lm.model, lm.example_inputs, None).ok
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:

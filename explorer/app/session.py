@@ -4,92 +4,59 @@ Streamlit-free on purpose (the app's pages only draw it), so every transition is
 without a browser. A session owns a private copy of the model; the pristine model it was
 made from is never touched.
 
-A group is known across re-traces by its `group_key` (first member parameter and dim), since
-group ids change whenever a prune changes the graph.
+The session is a coordinator: proposals, pre-flight, joint sets, application and exact undo
+are the `Pruner`'s (`explorer.prune`), plans are `explorer.io.plan`'s and exports
+`explorer.io.export`'s. It adds what a person deciding one group at a time needs: which
+groups are decided, an undo stack over accepts, rejects, block removals and plan replays, a
+log for the report, and one `Message` after each action.
 """
 from __future__ import annotations
 
+import enum
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..api import ModelGraph
-from ..coupling.groups import Group
+from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
-from ..graph.tracer import TraceError, trace, traceback_location
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
 from ..prune.depth import remove_blocks
-from ..prune.importance import CRITERIA, make
-from ..prune.preflight import Preflight, Verdict, clone_model, meta_copy
-from ..prune.pruner import HEAD_MODES, GroupChange, Pruner
-from ..prune.removal import Applied, PruneError, Removal, apply_removal
-from ..prune.sensitivity import SensitivityRow, scan
-
-GroupKey = tuple[str, int]
-
-
-def group_key(group: Group) -> GroupKey:
-    """A name for a group that survives re-tracing (ids do not)."""
-    m = group.members[0]
-    return (m.param, m.dim)
-
-
-@dataclass
-class Proposal:
-    """What the pruner suggests removing from one group."""
-
-    group: Group
-    key: GroupKey
-    changes: list[GroupChange]  # one per pruned axis; the first is the "primary" axis
-    axes: list[int]  # axis index of each change
-    scores: dict[int, np.ndarray]  # axis index -> scores (lower = less important)
-
-    def removal(self, count: int | dict[int, int] | None = None) -> Removal:
-        """The proposal as a `Removal`.
-
-        ``count`` resizes axes (the k lowest scores are removed): an int resizes the primary
-        axis, a dict maps axis index -> count for any of the proposal's axes.
-        """
-        counts = {self.axes[0]: count} if isinstance(count, int) else dict(count or {})
-        unknown = set(counts) - set(self.axes)
-        if unknown:
-            raise ValueError(f"axes {sorted(unknown)} are not pruned by this proposal")
-        out = Removal()
-        for axis, change in zip(self.axes, self.changes, strict=False):
-            idx = change.removed
-            if axis in counts:
-                n = int(counts[axis])
-                if not 0 <= n < change.width_before:
-                    raise ValueError(f"count for '{change.axis}' must be in "
-                                     f"[0, {change.width_before - 1}], got {n}")
-                order = np.argsort(self.scores[axis], kind="stable")[:n]
-                idx = sorted(int(i) for i in order)
-            if idx:
-                out.add(self.group.id, axis, idx)
-        return out
+from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
+from ..prune.proposal import Counts, Proposal
+from ..prune.pruner import Pruner
+from ..prune.removal import Applied, PruneError, Removal, undo
+from ..prune.sensitivity import Progress, SensitivityRow, scan
 
 
 @dataclass
 class Message:
-    """Feedback for the user after an action: kind is "success", "error" or "info"."""
+    """Feedback for the user after an action."""
 
-    kind: str
+    kind: str  # "success", "error" or "info"
     text: str
 
 
+class Decision(enum.Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
 @dataclass
-class _Snapshot:
-    model: nn.Module | None  # None when the action did not change the model (a reject)
+class _Undo:
+    """How to revert one action: the session state before it, and what to do to the model."""
+
+    what: str  # shown in the decision history
     decided: dict[GroupKey, str]
-    log: list[dict[str, Any]]
-    applied: list[Any] = field(default_factory=list)
-    blocks_removed: int = 0
+    log_len: int
+    revert: Callable[[], None] | None = None  # None: the action did not touch the model
+    blocks: int = 0
 
 
 @dataclass
@@ -100,6 +67,7 @@ class Session:
         model: the model to prune; the session deep-copies it.
         example_inputs: positional inputs for one forward.
         spec: the spec string the model came from (for the report).
+        importance, ratio, heads, global_pruning, round_to: the `Pruner` settings.
     """
 
     model: nn.Module
@@ -110,46 +78,60 @@ class Session:
     heads: str = "dims"
     global_pruning: bool = False
     round_to: int = 1
-    decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> "accepted"/"rejected"
+    decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> a `Decision` value
     log: list[dict[str, Any]] = field(default_factory=list)  # accepted changes, for the report
     message: Message | None = None
 
     def __post_init__(self) -> None:
         self.model = clone_model(self.model)
         self.example_inputs = tuple(self.example_inputs)
-        self._history: list[_Snapshot] = []
-        self._proposals: list[Proposal] | None = None
-        self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self.original = clone_model(self.model)  # unpruned, for reports and plan replays
-        self.applied: list[Applied] = []  # every accepted application, in order (the plan)
+        self.pruner = Pruner(self.model, self.example_inputs, importance=self.importance,
+                             ratio=self.ratio, heads=self.heads,
+                             global_pruning=self.global_pruning, round_to=self.round_to)
+        self._history: list[_Undo] = []
+        self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self.blocks_removed = 0
-        self.version = 0  # bumped whenever the model changes (pages key caches on it)
-        self._retrace()
+        self.graph = self._model_graph()
         self.params_start = self.params
         self.macs_start = self.macs
         self.widths_start = layer_widths(self.model)
-        self.output_shapes = [tuple(self.graph.graph.values[o].shape)
-                              for o in self.graph.graph.outputs]
+        self.output_shapes = self.pruner.preflight().expected
 
     # ------------------------------------------------------------------ state read by pages
+    @property
+    def version(self) -> int:
+        """Changes whenever the model changes (pages key their caches on it)."""
+        return self.pruner.version
+
+    @property
+    def applied(self) -> list[Applied]:
+        """Every accepted application, in order (the plan)."""
+        return self.pruner.applied
+
     @property
     def params(self) -> int:
         return count_params(self.model)
 
     @property
     def macs(self) -> int:
-        return count_macs(self.graph.graph)
+        return count_macs(self.pruner.graph)
 
     @property
     def can_undo(self) -> bool:
         return bool(self._history)
 
     @property
+    def history(self) -> list[str]:
+        """The decisions that undo would revert, oldest first."""
+        return [h.what for h in self._history]
+
+    @property
     def on_meta(self) -> bool:
         return any(p.device.type == "meta" for p in self.model.parameters())
 
     def settings(self) -> tuple[str, float, str, bool, int]:
-        return (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to)
+        return self.pruner.settings()
 
     def configure(self, importance: str, ratio: float, heads: str,
                   global_pruning: bool | None = None, round_to: int | None = None) -> bool:
@@ -158,57 +140,40 @@ class Session:
         On a bad setting (or a criterion that cannot run on this model) the previous
         settings are kept, an error message is set and False is returned.
         """
-        new = (importance, float(ratio), heads,
-               self.global_pruning if global_pruning is None else bool(global_pruning),
-               self.round_to if round_to is None else int(round_to))
-        if new == self.settings():
-            return True
+        old = self.settings()
         try:
-            if importance not in CRITERIA:
-                raise ValueError(f"unknown importance '{importance}'; choose one of "
-                                 f"{sorted(CRITERIA)}")
-            if heads not in HEAD_MODES:
-                raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
-            if not 0.0 <= new[1] < 1.0:
-                raise ValueError(f"ratio must be in [0, 1), got {new[1]}")
-            if new[4] < 1:
-                raise ValueError(f"round_to must be >= 1, got {new[4]}")
+            self.pruner.configure(importance, ratio, heads, global_pruning, round_to)
         except ValueError as exc:
             return self._fail(str(exc))
-        old = self.settings()
-        (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to) = new
-        self._pruner = self._make_pruner(reuse=self._pruner)
-        self._proposals = None
+        if self.settings() == old:
+            return True
         try:
             self.proposals()
         except Exception as exc:  # noqa: BLE001 - a criterion may need weights or data
-            (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to) = old
-            self._pruner = self._make_pruner(reuse=self._pruner)
-            self._proposals = None
-            return self._fail(f"cannot use {importance!r} here: {type(exc).__name__}: {exc}")
+            self.pruner.configure(*old)
+            return self._fail(f"cannot use {importance!r} here: {exc}")
+        self._sync_settings()
         return True
 
     def proposals(self) -> list[Proposal]:
         """Proposals for every prunable group not yet accepted or rejected."""
-        if self._proposals is None:
-            self._proposals = self._propose()
-        return [p for p in self._proposals if p.key not in self.decided]
+        return [p for p in self.pruner.pending() if p.key not in self.decided]
 
     def current(self) -> Proposal | None:
         """The next proposal to decide on, or None when every group is decided."""
         pending = self.proposals()
         return pending[0] if pending else None
 
-    def preflight(self, proposal: Proposal) -> Verdict:
-        """The pre-flight verdict of accepting ``proposal`` as proposed (cached)."""
-        key = (self.version, proposal.key, self.settings())
+    def preflight(self, proposal: Proposal, count: int | Counts | None = None) -> Verdict:
+        """The pre-flight verdict of accepting ``proposal`` (with ``count``; cached)."""
+        counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
+        key = (self.version, tuple(proposal.keys), self.settings(), tuple(sorted(counts.items())))
         if key not in self._verdicts:
-            flight = Preflight(self.model, self.example_inputs, self.graph.coupling)
-            self._verdicts[key] = flight.check(proposal.removal())
+            self._verdicts[key] = self.pruner.preflight().check(proposal.removal(counts))
         return self._verdicts[key]
 
     # ------------------------------------------------------------------ transitions
-    def accept(self, proposal: Proposal, count: int | dict[int, int] | None = None) -> bool:
+    def accept(self, proposal: Proposal, count: int | Counts | None = None) -> bool:
         """Pre-flight and apply one proposal (``count`` resizes its axes, see `removal`)."""
         try:
             removal = proposal.removal(count)
@@ -216,52 +181,53 @@ class Session:
             return self._fail(f"invalid count: {exc}")
         if not removal:
             return self._fail("nothing to remove: the count is 0")
-        # As proposed: the verdict shown before the click is the one that decides.
-        verdict = self.preflight(proposal) if count is None else None
-        return self._apply(removal, [proposal], count, verdict=verdict)
+        verdict = self.preflight(proposal, count)
+        return self._apply(removal, [proposal], count, verdict)
 
-    def accept_all(self) -> bool:
-        """Accept every pending proposal at once; unsafe ones are left pending and reported."""
+    def accept_all(self, progress: Progress | None = None) -> bool:
+        """Accept every pending proposal at once (joint sets included, as `Pruner.step`
+        does); the ones that stay unsafe are left pending and reported."""
         pending = self.proposals()
         if not pending:
             return self._fail("no pending proposals")
-        flight = Preflight(self.model, self.example_inputs, self.graph.coupling)
-        safe, removal, unsafe = [], Removal(), []
-        for p in pending:
-            trial = Removal({k: list(v) for k, v in removal.picks.items()})
-            for (g, a), idx in p.removal().picks.items():
-                trial.add(g, a, idx)
-            verdict = flight.check(trial)
-            if verdict.ok:
-                removal, safe = trial, safe + [p]
-            else:
-                unsafe.append(f"{p.group.title} ({verdict.module} {verdict.location})")
-        if not safe:
+        parts = {p.key: p.removal() for p in pending}
+        if progress:
+            progress(0.0, f"pre-flight of {len(parts)} groups")
+        from ..prune.joint import solve
+        sol = solve(self.pruner.preflight(), parts)
+        unsafe = [f"{p.group.title} ({sol.unsafe[p.key].module} {sol.unsafe[p.key].location})"
+                  for p in pending if p.key in sol.unsafe]
+        if not sol.safe:
             return self._fail("no proposal passed the pre-flight: " + "; ".join(unsafe))
-        ok = self._apply(removal, safe, None, flight=flight)
+        if progress:
+            progress(0.5, f"applying {len(sol.safe)} groups")
+        safe = [p for p in pending if p.key in set(sol.safe)]
+        ok = self._apply(sol.removal(parts), safe, None, Verdict(True))
         if ok and unsafe:
             self.message = Message("info", f"accepted {len(safe)} groups; left unsafe: "
                                            + "; ".join(unsafe))
         return ok
 
     def reject(self, proposal: Proposal) -> None:
-        """Keep the group as it is; it is not proposed again (until undo)."""
-        self._push(with_model=False)
-        self.decided[proposal.key] = "rejected"
-        self.message = Message("info", f"rejected {proposal.group.title}")
+        """Keep the group(s) as they are; not proposed again (until undo)."""
+        self._push(f"rejected {proposal.title}")
+        for k in proposal.keys:
+            self.decided[k] = Decision.REJECTED.value
+        self.message = Message("info", f"rejected {proposal.title}")
 
     def undo(self) -> bool:
-        """Restore the state before the last accept, reject or block removal."""
+        """Revert the last accept, reject, block removal or plan replay exactly."""
         if not self._history:
             self.message = Message("error", "nothing to undo")
             return False
-        snap = self._history.pop()
-        self.decided, self.log = snap.decided, snap.log
-        self.applied, self.blocks_removed = snap.applied, snap.blocks_removed
-        if snap.model is not None:
-            self.model = snap.model
-            self._retrace()
-        self.message = Message("info", "undone")
+        last = self._history.pop()
+        if last.revert is not None:
+            last.revert()
+            self.graph = self._model_graph()
+        self.decided = last.decided
+        del self.log[last.log_len:]
+        self.blocks_removed = last.blocks
+        self.message = Message("info", f"undone: {last.what}")
         return True
 
     def remove_block(self, name: str) -> bool:
@@ -277,22 +243,28 @@ class Session:
         if not verdict.ok:
             return self._fail_preflight(verdict)
         before = self.params
-        self._push(with_model=True)
-        remove_blocks(self.model, [name], {name: tuple_output})
+        removed = remove_blocks(self.model, [name], {name: tuple_output})
+
+        def revert() -> None:
+            parent, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), attr, removed[name])
+            self.pruner.retrace()
+
+        self._push(f"removed block {name}", revert)
         self.blocks_removed += 1
         self.log.append({"block": name, "params": blocks[name].params})
-        self._retrace()
+        self.pruner.retrace()
+        self.graph = self._model_graph()
         self.message = Message("success", f"removed block {name}: params {before:,} -> "
                                           f"{self.params:,}")
         return True
 
-    def sensitivity(self, ratios: tuple[float, ...] = (0.25, 0.5, 0.75)) -> list[SensitivityRow]:
-        """Output change when each group alone is pruned at each ratio (on a copy)."""
+    def sensitivity(self, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
+                    progress: Progress | None = None) -> list[SensitivityRow]:
+        """Output change when each group alone is pruned at each ratio (restored exactly)."""
         if self.on_meta:
             raise ValueError("sensitivity needs weights: load the model on cpu, not meta")
-        pruner = Pruner(clone_model(self.model), self.example_inputs,
-                        importance=self.importance, heads=self.heads)
-        return scan(pruner, ratios)
+        return scan(self.pruner, ratios, progress=progress)
 
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
@@ -318,32 +290,40 @@ class Session:
                               "change (or reload the model) first")
         try:
             plan = Plan.from_dict(json.loads(text), where="uploaded plan")
-            trial = clone_model(self.model)
-            plan.apply(trial)
         except (PlanError, ValueError, UnicodeDecodeError) as exc:
             return self._fail(f"cannot apply the plan: {exc}")
         before = self.params
-        self._push(with_model=True)
-        self.model = trial
+        previous = _tensors(self.model)
+        try:
+            replay = plan.apply(self.model)  # all or nothing
+        except (PlanError, ValueError) as exc:
+            return self._fail(f"cannot apply the plan: {exc}")
+
+        def revert() -> None:
+            undo(self.model, Applied({}, replay.attributes, {}, previous))
+            self.pruner.retrace()
+
+        self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
         self.log.append({"plan": plan.model, "steps": len(plan.steps),
                          "removed": plan.removed_count})
         self.blocks_removed += 1  # the replay is not an `Applied` record: no re-export
-        self._retrace()
+        self.pruner.retrace()
+        self.graph = self._model_graph()
         self.message = Message("success", f"replayed a plan of {len(plan.steps)} step(s): "
                                           f"params {before:,} -> {self.params:,}")
         return True
 
     # ------------------------------------------------------------------ export
     def forward_check(self) -> Message:
-        """Trace the current model and compare its output shapes with the original's."""
-        try:
-            mg = self._trace()
-        except Exception as exc:  # noqa: BLE001 - shown to the user as one error line
-            return Message("error", f"forward failed: {type(exc).__name__}: {exc}")
-        shapes = [tuple(mg.graph.values[o].shape) for o in mg.graph.outputs]
-        if shapes != self.output_shapes:
-            return Message("error", f"output shapes changed: {self.output_shapes} -> {shapes}")
-        return Message("success", f"forward ok, output shapes {shapes}")
+        """Run the current model and compare its output shapes with the original's."""
+        verdict = forward_check(self.model, self.example_inputs, self.output_shapes)
+        if verdict.ok:
+            return Message("success", f"forward ok, output shapes {verdict.output_shapes}")
+        if verdict.graph is None:
+            where = " ".join(x for x in (verdict.module, verdict.location) if x)
+            return Message("error", f"forward failed{' in ' + where if where else ''}: "
+                                    f"{verdict.error}")
+        return Message("error", verdict.error)
 
     def export_files(self, formats: tuple[str, ...]) -> tuple[dict[str, bytes], list[str]]:
         """Downloads for ``formats`` (see `explorer.io.export.FORMATS`): file name -> bytes.
@@ -352,32 +332,12 @@ class Session:
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
         after). Returns the files and the exporter's notes (skips, fall-backs).
         """
-        import tempfile
-        import zipfile
-        from pathlib import Path
-
-        from ..io.export import export
+        from ..io.export import export_bytes
         plan = self.plan() if ("safetensors" in formats or "hf" in formats) else None
         if plan is None and not self.blocks_removed:
             plan = self.plan()
-        with tempfile.TemporaryDirectory() as tmp:
-            result = export(clone_model(self.model), tmp, formats=formats, plan=plan,
+        return export_bytes(clone_model(self.model), formats, plan=plan,
                             original=self.original, example_inputs=self.example_inputs)
-            out: dict[str, bytes] = {}
-            for fmt, paths in result.files.items():
-                if fmt in ("pt", "report"):
-                    for path in paths:
-                        out[Path(path).name] = Path(path).read_bytes()
-                    continue
-                buf = io.BytesIO()
-                with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                    for path in map(Path, paths):
-                        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-                        for f in files:
-                            if f.is_file():
-                                zf.write(f, f.relative_to(Path(tmp)))
-                out[f"pruned_{fmt}.zip"] = buf.getvalue()
-        return out, list(result.messages)
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""
@@ -392,69 +352,27 @@ class Session:
                 "round_to": self.round_to, "params_before": self.params_start,
                 "params_after": self.params, "macs_before": self.macs_start,
                 "macs_after": self.macs, "accepted": self.log,
-                "rejected": [list(k) for k, v in self.decided.items() if v == "rejected"]}
+                "rejected": [list(k) for k, v in self.decided.items()
+                             if v == Decision.REJECTED.value]}
 
     # ------------------------------------------------------------------ internals
-    def _trace(self) -> ModelGraph:
-        return ModelGraph(self.model, *self._trace_parts(self.model))
+    def _model_graph(self) -> ModelGraph:
+        return ModelGraph(self.model, self.pruner.graph, self.pruner.coupling)
 
-    def _trace_parts(self, model: nn.Module) -> tuple[Any, Any]:
-        pruner = Pruner(model, self.example_inputs)
-        return pruner.graph, pruner.coupling
-
-    def _make_pruner(self, reuse: Pruner | None = None) -> Pruner:
-        if reuse is not None:  # same model: keep its trace, only the settings change
-            if reuse.importance != self.importance:
-                reuse.criterion, reuse._prepared = make(self.importance), False
-            reuse.importance, reuse.ratio, reuse.heads = self.importance, self.ratio, self.heads
-            reuse.global_pruning, reuse.round_to = self.global_pruning, self.round_to
-            return reuse
-        return Pruner(self.model, self.example_inputs, importance=self.importance,
-                      ratio=self.ratio, heads=self.heads, global_pruning=self.global_pruning,
-                      round_to=self.round_to)
-
-    def _retrace(self) -> None:
-        self._pruner = self._make_pruner()
-        self.graph = ModelGraph(self.model, self._pruner.graph, self._pruner.coupling)
-        self._proposals = None
-        self.version += 1
-
-    def _propose(self) -> list[Proposal]:
-        removal, changes, _ = self._pruner.propose()
-        cands, _ = self._pruner.candidates()
-        scores = {(c.group.id, c.axis): c.scores for c in cands}
-        by_group: dict[int, list[tuple[int, GroupChange]]] = {}
-        for (gid, axis), change in zip(removal.picks, changes, strict=False):  # appended in step
-            by_group.setdefault(gid, []).append((axis, change))
-        out = []
-        for gid, picks in by_group.items():
-            group = self.graph.coupling.groups[gid]
-            out.append(Proposal(group, group_key(group), [c for _, c in picks],
-                                [a for a, _ in picks],
-                                {a: np.asarray(scores[(gid, a)]) for a, _ in picks}))
-        return out
+    def _sync_settings(self) -> None:
+        (self.importance, self.ratio, self.heads, self.global_pruning,
+         self.round_to) = self.pruner.settings()
 
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""
-        device = Preflight(self.model, self.example_inputs, self.graph.coupling).device
+        device = self.pruner.preflight().device
         trial = meta_copy(self.model) if device == "meta" else clone_model(self.model)
         remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
-        try:
-            graph = trace(trial, to_device(self.example_inputs, device))
-        except TraceError as exc:
-            cause = exc.__cause__ or exc
-            return Verdict(False, location=traceback_location(cause),
-                           error=f"{type(cause).__name__}: {cause}")
-        shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
-        if shapes != self.output_shapes:
-            return Verdict(False, error=f"output shapes changed: {self.output_shapes} -> "
-                                        f"{shapes}", output_shapes=shapes)
-        return Verdict(True, output_shapes=shapes)
+        return forward_check(trial, to_device(self.example_inputs, device), self.output_shapes)
 
-    def _push(self, with_model: bool) -> None:
-        self._history.append(_Snapshot(clone_model(self.model) if with_model else None,
-                                       dict(self.decided), list(self.log), list(self.applied),
-                                       self.blocks_removed))
+    def _push(self, what: str, revert: Callable[[], None] | None = None) -> None:
+        self._history.append(_Undo(what, dict(self.decided), len(self.log), revert,
+                                   self.blocks_removed))
 
     def _fail_preflight(self, verdict: Verdict) -> bool:
         where = " ".join(x for x in (verdict.module, verdict.location) if x)
@@ -465,34 +383,46 @@ class Session:
         return False
 
     def _apply(self, removal: Removal, accepted: list[Proposal],
-               count: int | dict[int, int] | None, flight: Preflight | None = None,
-               verdict: Verdict | None = None) -> bool:
-        if verdict is None:
-            flight = flight or Preflight(self.model, self.example_inputs, self.graph.coupling)
-            verdict = flight.check(removal)
+               count: int | Counts | None, verdict: Verdict) -> bool:
         if not verdict.ok:
             return self._fail_preflight(verdict)
         before = self.params
-        self._push(with_model=True)
+        state = (dict(self.decided), len(self.log), self.blocks_removed)
         try:
-            applied = apply_removal(self.model, self.graph.coupling, removal)
+            applied = self.pruner.apply(removal)
         except PruneError as exc:
-            self._history.pop()
             return self._fail(str(exc))
-        self.applied.append(applied)
+        title = "; ".join(p.title for p in accepted)
+        self._history.append(_Undo(f"accepted {title}", *state[:2], self._undo_apply,
+                                   state[2]))
         for p in accepted:
-            self.decided[p.key] = "accepted"
-            removed = {a: removal.picks.get((p.group.id, a), []) for a in p.axes}
-            self.log.append({"group": p.group.title, "key": list(p.key),
-                             "axes": [{"role": p.group.axes[a].role, "size": p.group.axes[a].size,
-                                       "removed": idx} for a, idx in removed.items()],
-                             "count": count if not isinstance(count, dict) else
-                             {str(k): v for k, v in count.items()},
-                             "attributes": applied.attributes})
-        self._retrace()
+            self._log_accept(p, removal, count, applied)
+        self.graph = self._model_graph()
         self.message = Message("success", f"accepted {len(accepted)} group(s): params "
                                           f"{before:,} -> {self.params:,}")
         return True
+
+    def _undo_apply(self) -> None:
+        self.pruner.undo()
+
+    def _log_accept(self, p: Proposal, removal: Removal, count: int | Counts | None,
+                    applied: Applied) -> None:
+        for q in [p, *p.partners]:
+            self.decided[q.key] = Decision.ACCEPTED.value
+            removed = {a: removal.picks.get((q.group.id, a), []) for a in q.axes}
+            self.log.append({"group": q.group.title, "key": list(q.key),
+                             "axes": [{"role": q.group.axes[a].role,
+                                       "size": q.group.axes[a].size, "removed": idx}
+                                      for a, idx in removed.items()],
+                             "count": count if not isinstance(count, dict) else
+                             {str(k): v for k, v in count.items()},
+                             "attributes": applied.attributes})
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -507,3 +437,6 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 def message_dict(message: Message | None) -> dict[str, str] | None:
     return None if message is None else asdict(message)
+
+
+__all__ = ["Decision", "Message", "Proposal", "Session", "layer_widths", "message_dict"]

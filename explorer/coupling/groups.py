@@ -82,4 +82,20 @@ class Group:
                                                        else "?")
         if self.heads:
             return f"{self.heads.num_heads} heads x {self.heads.head_dim}: {where}"
+        if not where:  # owned by the root module: the residual stream (embeddings, norms)
+            return f"residual stream ({self.channels} ch)"
         return f"{self.channels} ch: {where}"
+
+    @property
+    def key(self) -> GroupKey:
+        """A name for the group that survives re-tracing (ids change after every cut)."""
+        return group_key(self)
+
+
+GroupKey = tuple[str, int]
+
+
+def group_key(group: Group) -> GroupKey:
+    """The group's first member parameter and dim: stable across re-traces, unlike ids."""
+    m = group.members[0]
+    return (m.param, m.dim)

@@ -109,6 +109,38 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     return result
 
 
+def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = None,
+                 original: nn.Module | None = None, example_inputs: Any = None
+                 ) -> tuple[dict[str, bytes], list[str]]:
+    """`export` into memory: file name -> bytes, and the exporter's messages.
+
+    ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
+    files) as one ``pruned_<format>.zip``. For downloads (the app's Export page).
+    """
+    import io
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export(model, tmp, formats=formats, plan=plan, original=original,
+                        example_inputs=example_inputs)
+        out: dict[str, bytes] = {}
+        for fmt, paths in result.files.items():
+            if fmt in ("pt", "report"):
+                for path in paths:
+                    out[Path(path).name] = Path(path).read_bytes()
+                continue
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for path in map(Path, paths):
+                    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+                    for f in files:
+                        if f.is_file():
+                            zf.write(f, f.relative_to(Path(tmp)))
+            out[f"pruned_{fmt}.zip"] = buf.getvalue()
+    return out, list(result.messages)
+
+
 def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     from safetensors.torch import save_model
     save_model(model, str(out / "model.safetensors"), force_contiguous=True)

@@ -11,7 +11,7 @@ from torch import nn
 from ..coupling.analyze import Coupling
 from ..graph.ir import Graph
 from ..graph.metrics import count_params
-from ..graph.tracer import TraceError, trace
+from ..graph.tracer import TraceError, trace, traceback_location
 from ..graph.walk import tensor_leaves, to_device
 from .removal import PruneError, Removal, apply_removal
 
@@ -106,19 +106,30 @@ class Preflight:
             apply_removal(model, self.coupling, removal)
         except PruneError as exc:
             return Verdict(False, error=str(exc))
-        try:
-            graph = trace(model, to_device(self.inputs, self.device))
-        except TraceError as exc:
-            cause = exc.__cause__ or exc
-            from ..graph.tracer import traceback_location
-            return Verdict(False, module=exc.module, location=traceback_location(cause),
-                           error=f"{type(cause).__name__}: {cause}")
-        shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
-        params = count_params(model)
-        if shapes != self.expected:
-            return Verdict(False, error=f"output shapes changed: {self.expected} -> {shapes}",
-                           output_shapes=shapes, graph=graph, params=params)
-        return Verdict(True, output_shapes=shapes, graph=graph, params=params)
+        return forward_check(model, to_device(self.inputs, self.device), self.expected)
 
 
-__all__ = ["Preflight", "Verdict", "meta_copy", "clone_model", "to_device", "tensor_leaves"]
+def forward_check(model: nn.Module, inputs: tuple[Any, ...],
+                  expected: list[tuple[int, ...]] | None) -> Verdict:
+    """Trace ``model`` on ``inputs``; ok when it runs and (if given) the output shapes match.
+
+    The one forward check of the package: pre-flight copies, pruned models after a step,
+    the app's export check and the CLI's replay all go through it. The verdict carries the
+    traced graph, so a caller that needs it does not run the model twice.
+    """
+    try:
+        graph = trace(model, inputs)
+    except TraceError as exc:
+        cause = exc.__cause__ or exc
+        return Verdict(False, module=exc.module, location=traceback_location(cause),
+                       error=f"{type(cause).__name__}: {cause}")
+    shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
+    params = count_params(model)
+    if expected is not None and shapes != expected:
+        return Verdict(False, error=f"output shapes changed: {expected} -> {shapes}",
+                       output_shapes=shapes, graph=graph, params=params)
+    return Verdict(True, output_shapes=shapes, graph=graph, params=params)
+
+
+__all__ = ["Preflight", "Verdict", "clone_model", "forward_check", "meta_copy", "tensor_leaves",
+           "to_device"]

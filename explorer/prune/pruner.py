@@ -1,25 +1,27 @@
 """The pruner: choose indices per group, pre-flight them, apply, and report each step."""
 from __future__ import annotations
 
+import linecache
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group
+from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import trace
 from .calibration import Calibration, load_calibration
-from .importance import Criterion, make
-from .preflight import Preflight, Verdict
+from .importance import CRITERIA, Criterion, make
+from .joint import Solution, merge, solve
+from .preflight import Preflight, forward_check
+from .proposal import Proposal
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
-
-if TYPE_CHECKING:
-    from .proposal import Proposal
 
 HEAD_MODES = ("dims", "whole", "keep")
 
@@ -87,6 +89,22 @@ class Candidate:
     limit: float  # ratio of ``original`` this axis may lose at this step
 
 
+def _validate(importance: str, ratio: float, heads: str, round_to: int,
+              target_params: float | None = None, target_macs: float | None = None) -> None:
+    """The pruner's settings checks (the one place they live; the app relies on them)."""
+    if importance not in CRITERIA:
+        raise ValueError(f"unknown importance '{importance}'; choose one of {sorted(CRITERIA)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
+    if int(round_to) < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    for name, value in (("target_params", target_params), ("target_macs", target_macs)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} is a fraction of the original in (0, 1], got {value}")
+
+
 def _kept(original: int, ratio: float, round_to: int, minimum: int = 1) -> int:
     keep = max(int(round(original * (1.0 - ratio))), minimum)
     if round_to > 1 and original >= round_to:
@@ -123,13 +141,7 @@ class Pruner:
                  calibration: Calibration | str | None = None,
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
                  target_params: float | None = None, target_macs: float | None = None) -> None:
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-        if heads not in HEAD_MODES:
-            raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
-        for name, value in (("target_params", target_params), ("target_macs", target_macs)):
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} is a fraction of the original in (0, 1], got {value}")
+        _validate(importance, ratio, heads, round_to, target_params, target_macs)
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         self.criterion: Criterion = make(importance)
@@ -150,6 +162,9 @@ class Pruner:
         self.applied: list[Applied] = []  # every application, in order (for plans and undo)
         self._calib_source = calibration
         self._calibration: Calibration | None = None
+        self.version = 0  # bumped at every re-trace (caches of proposals key on it)
+        self._flight: Preflight | None = None
+        self._pending: tuple[int, list[Proposal]] | None = None
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -157,11 +172,51 @@ class Pruner:
         self.macs_original = count_macs(self.graph)
 
     # -- analysis -------------------------------------------------------------------------
-    def _analyse(self) -> None:
-        self.graph = trace(self.model, self.inputs)
+    def _analyse(self, graph: Graph | None = None) -> None:
+        self.graph = graph if graph is not None else trace(self.model, self.inputs)
         self.coupling = Coupling(self.graph, ignored=self.ignored)
         self.groups: list[Group] = self.coupling.groups
         self._prepared = False
+        self._flight = None
+        self._pending = None
+        self.version += 1
+
+    def retrace(self) -> None:
+        """Trace the model again after a change made outside the pruner (a block removal,
+        a plan replay or its undo); a transformers config follows the widths."""
+        self._update_config(StepReport(self.current_step))
+        self._analyse()
+
+    def configure(self, importance: str | None = None, ratio: float | None = None,
+                  heads: str | None = None, global_pruning: bool | None = None,
+                  round_to: int | None = None) -> None:
+        """Change settings on the same traced model (None keeps a setting as it is).
+
+        Raises:
+            ValueError: a bad setting; the pruner is unchanged.
+        """
+        new_importance = self.importance if importance is None else importance
+        new_ratio = self.ratio if ratio is None else float(ratio)
+        new_heads = self.heads if heads is None else heads
+        new_round = self.round_to if round_to is None else int(round_to)
+        _validate(new_importance, new_ratio, new_heads, new_round)
+        if new_importance != self.importance:
+            self.criterion, self.importance, self._prepared = make(new_importance), \
+                new_importance, False
+        self.ratio, self.heads, self.round_to = new_ratio, new_heads, new_round
+        if global_pruning is not None:
+            self.global_pruning = bool(global_pruning)
+        self._pending = None
+
+    def settings(self) -> tuple[str, float, str, bool, int]:
+        """(importance, ratio, heads, global_pruning, round_to)."""
+        return (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to)
+
+    def preflight(self) -> Preflight:
+        """The pre-flight runner for the model as it is now (kept until the next cut)."""
+        if self._flight is None:
+            self._flight = Preflight(self.model, self.inputs, self.coupling)
+        return self._flight
 
     def _prepare(self) -> None:
         if self._prepared:
@@ -184,8 +239,7 @@ class Pruner:
 
     @staticmethod
     def _key(group: Group, axis: int) -> tuple[str, int, int, str]:
-        m = group.members[0]
-        return (m.param, m.dim, axis, group.axes[axis].role)
+        return (*group.key, axis, group.axes[axis].role)
 
     def _target_axes(self, group: Group) -> list[int]:
         roles = {"channels", "groups"}
@@ -321,16 +375,84 @@ class Pruner:
             total += math.prod(shape)
         return total
 
+    # -- proposals, one group at a time ---------------------------------------------------
+    def pending(self) -> list[Proposal]:
+        """This step's proposal for every group it would cut, bound to this pruner (cached
+        until the next cut or settings change)."""
+        if self._pending is None or self._pending[0] != self.version:
+            removal, changes, _skipped = self.propose()
+            cands, _ = self.candidates()
+            scores = {(c.group.id, c.axis): c.scores for c in cands}
+            by_group: dict[int, list[tuple[int, GroupChange]]] = {}
+            for (gid, axis), change in zip(removal.picks, changes, strict=True):
+                by_group.setdefault(gid, []).append((axis, change))
+            out = [Proposal(self.groups[gid], [c for _a, c in picks], [a for a, _c in picks],
+                            {a: np.asarray(scores[(gid, a)]) for a, _c in picks}, pruner=self)
+                   for gid, picks in by_group.items()]
+            self._pending = (self.version, out)
+        return list(self._pending[1])
+
+    def proposals(self) -> Iterator[Proposal]:
+        """One proposal per group, re-planned after each accepted one; the caller accepts
+        (as proposed or resized) or rejects each. Ends the step when every group is seen."""
+        done: set[tuple[str, int]] = set()
+        while True:
+            nxt = next((p for p in self.pending() if p.key not in done), None)
+            if nxt is None:
+                self.current_step = min(self.current_step + 1, self.steps)
+                return
+            done.add(nxt.key)
+            yield nxt
+
+    def verdicts(self, pending: list[Proposal] | None = None) -> Solution[tuple[str, int]]:
+        """Each proposal's pre-flight alone, and the joint sets that run when cut together."""
+        props = self.pending() if pending is None else pending
+        return solve(self.preflight(), {p.key: p.removal() for p in props}, alone=True)
+
+    def joint(self, proposal: Proposal, pending: list[Proposal] | None = None,
+              solution: Solution[tuple[str, int]] | None = None) -> Proposal | None:
+        """The joint proposal that makes an unsafe ``proposal`` safe, or None.
+
+        Groups that fail alone at the same model line are cut together by the same fraction
+        (the proposal's); None when ``proposal`` is safe alone or no such set runs.
+        """
+        props = {p.key: p for p in (self.pending() if pending is None else pending)}
+        props.setdefault(proposal.key, proposal)
+        sol = solution or self.verdicts(list(props.values()))
+        for js in sol.joint:
+            if proposal.key in js.parts:
+                others = [props[k] for k in js.parts if k != proposal.key]
+                joint = Proposal(proposal.group, proposal.changes, proposal.axes,
+                                 proposal.scores, others, _joint_reason(js.location, props,
+                                                                        js.parts),
+                                 pruner=self)
+                if self.preflight().check(joint.removal()).ok:
+                    return joint
+        return None
+
+    def apply(self, removal: Removal) -> Applied:
+        """Apply ``removal`` now (no pre-flight: the caller ran one) and re-trace.
+
+        Raises:
+            PruneError: the removal does not fit the model; nothing is changed.
+        """
+        applied = apply_removal(self.model, self.coupling, removal)
+        self.applied.append(applied)
+        self._update_config(StepReport(self.current_step))
+        self._analyse()
+        return applied
+
     # -- steps ----------------------------------------------------------------------------
-    def step(self, interactive: bool = False) -> StepReport | Iterator[Proposal]:
+    def step(self, interactive: bool = False) -> StepReport:
         """Prune one step; the report says what was removed and why groups were skipped.
 
-        With ``interactive=True`` returns an iterator of `Proposal` objects instead, one
-        group at a time; each is accepted (as proposed or resized) or rejected by the caller.
+        ``interactive=True`` is a deprecated alias of `proposals()` (kept for old callers;
+        it returns that iterator, not a report).
         """
         if interactive:
-            from .proposal import proposals
-            return proposals(self)
+            warnings.warn("Pruner.step(interactive=True) is deprecated; use "
+                          "Pruner.proposals()", DeprecationWarning, stacklevel=2)
+            return self.proposals()  # type: ignore[return-value]
         report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
         if self.current_step >= self.steps:
@@ -357,13 +479,11 @@ class Pruner:
         return report
 
     def _finish(self, report: StepReport, expected: list[tuple[int, ...]]) -> None:
-        try:
-            self._analyse()
-            report.forward_ok = True
-            report.output_shape_ok = [tuple(self.graph.values[o].shape) for o in
-                                      self.graph.outputs] == expected
-        except Exception:  # noqa: BLE001 - reported, not hidden: the flag says it failed
-            report.forward_ok = report.output_shape_ok = False
+        verdict = forward_check(self.model, self.inputs, expected)
+        report.forward_ok = verdict.graph is not None
+        report.output_shape_ok = verdict.ok
+        if verdict.graph is not None:
+            self._analyse(verdict.graph)
         report.params_after = count_params(self.model)
         report.macs_after = count_macs(self.graph)
 
@@ -388,45 +508,31 @@ class Pruner:
 
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:
-        """Keep the groups whose pruning runs; name the others with module and line.
-
-        Bisection finds the failing groups in about log2(n) checks when few fail. Groups
-        that fail alone at the same source line are then retried together, since model code
-        such as ``reshape(B, C, -1)`` often ties two groups that are only safe as a pair.
-        """
-        by_group: dict[int, dict[int, list[int]]] = {}
+        """Keep the groups whose pruning runs (alone or as a joint set, `joint.solve`);
+        name the others with module and line."""
+        parts: dict[int, Removal] = {}
         for (g, a), idx in removal.picks.items():
-            by_group.setdefault(g, {})[a] = idx
-        safe: list[int] = []
-        verdicts: dict[int, Verdict] = {}
+            parts.setdefault(g, Removal()).add(g, a, idx)
+        sol = solve(flight, dict(sorted(parts.items())))
+        for g, v in sol.unsafe.items():
+            report.unsafe.append(Unsafe(g, v.module, v.location, v.error))
+        safe = set(sol.safe)
+        return merge(parts[g] for g in sorted(safe)), [c for c in changes if c.group in safe]
 
-        def trial(extra: list[int]) -> Removal:
-            r = Removal()
-            for g in safe + extra:
-                for a, idx in by_group[g].items():
-                    r.add(g, a, idx)
-            return r
 
-        def split(ids: list[int]) -> list[int]:
-            verdict = flight.check(trial(ids))
-            if verdict.ok:
-                safe.extend(ids)
-                return []
-            if len(ids) == 1:
-                verdicts[ids[0]] = verdict
-                return ids
-            half = len(ids) // 2
-            return split(ids[:half]) + split(ids[half:])
+def _joint_reason(location: str, props: dict[tuple[str, int], Proposal],
+                  keys: list[tuple[str, int]]) -> str:
+    """Why these groups must shrink together, quoting the model line when it is readable."""
+    code = _source_line(location)
+    names = " and ".join(props[k].group.title for k in keys)
+    where = f"`{location}`" + (f" (`{code}`)" if code else "")
+    return (f"{where} fails when any one of {names} is cut alone; cut together by the same "
+            f"fraction the model runs, so they must shrink together")
 
-        unsafe = split(sorted(by_group))
-        clusters: dict[str, list[int]] = {}
-        for g in unsafe:
-            clusters.setdefault(verdicts[g].location or verdicts[g].error, []).append(g)
-        for ids in clusters.values():
-            if len(ids) > 1 and flight.check(trial(ids)).ok:
-                safe.extend(ids)
-        for g in unsafe:
-            if g not in safe:
-                v = verdicts[g]
-                report.unsafe.append(Unsafe(g, v.module, v.location, v.error))
-        return trial([]), [c for c in changes if c.group in safe]
+
+def _source_line(location: str) -> str:
+    """The text of ``file:line`` when the file is readable, else ""."""
+    path, _, line = location.rpartition(":")
+    if not path or not line.isdigit():
+        return ""
+    return linecache.getline(path, int(line)).strip()

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from ..coupling.groups import Group
-from ..graph.metrics import count_params
 from ..prune.calibration import Calibration
 from ..prune.importance import CRITERIA
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
-from ..prune.removal import Removal, apply_removal
+from ..prune.sensitivity import scan
 from .models import (
     MODEL_KINDS,
     Digits,
@@ -309,42 +308,31 @@ def sweep(trained: Trained, settings: LearnSettings, progress: Progress | None =
 
 def sensitivity(trained: Trained, settings: LearnSettings, progress: Progress | None = None
                 ) -> list[SensitivityPoint]:
-    """Prune each group alone (lowest scores first) and measure the accuracy drop."""
+    """Prune each group alone (lowest scores first) and measure the accuracy drop.
+
+    Runs `explorer.prune.sensitivity.scan` with accuracy on the test split as the measure.
+    """
     pruner = Pruner(trained.model, example_inputs(trained.data),
                     importance=settings.sensitivity_criterion, heads=settings.heads,
                     ignored=[classifier_name(trained.kind)], calibration=trained.calibration)
-    cands, _skipped = pruner.candidates()
     base = trained.summary.accuracy
-    rows = []
-    for i, cand in enumerate(cands):
+
+    def drop(model: nn.Module) -> float:
+        return base - accuracy(model, trained.data.x_test, trained.data.y_test)
+
+    def report(done: float, text: str) -> None:
         if progress:
-            progress(i / max(len(cands), 1), f"{trained.kind}: sensitivity of group "
-                                             f"{cand.group.id}")
-        size = cand.group.axes[cand.axis].size
-        label = f"{group_label(cand.group)} [{cand.group.axes[cand.axis].role}]"
-        for ratio in settings.sensitivity_ratios:
-            n = min(int(round(size * ratio)), size - 1)
-            if n <= 0:
-                continue
-            removal = Removal()
-            removal.add(cand.group.id, cand.axis,
-                        sorted(int(j) for j in cand.scores.argsort(kind="stable")[:n]))
-            acc, removed, error = _alone(trained, pruner, removal)
-            rows.append(SensitivityPoint(trained.kind, cand.group.id, label, ratio, n, removed,
-                                         acc, base - acc, error))
-    return rows
+            progress(done, f"{trained.kind}: {text}")
 
-
-def _alone(trained: Trained, pruner: Pruner, removal: Removal) -> tuple[float, int, str]:
-    """Accuracy and parameters removed after one removal on a copy; NaN if it breaks."""
-    model = copy.deepcopy(trained.model)
-    before = count_params(model)
-    try:
-        apply_removal(model, pruner.coupling, removal)
-        acc = accuracy(model, trained.data.x_test, trained.data.y_test)
-    except Exception as exc:  # noqa: BLE001 - a group that breaks the forward is reported
-        return float("nan"), 0, f"{type(exc).__name__}: {exc}"
-    return acc, before - count_params(model), ""
+    rows = scan(pruner, settings.sensitivity_ratios, measure=drop, progress=report)
+    out = []
+    for r in rows:
+        label = f"{group_label(pruner.groups[r.group])} [{r.role}]"
+        acc = float("nan") if r.error else base - r.output_change
+        out.append(SensitivityPoint(trained.kind, r.group, label, r.ratio, r.removed,
+                                    0 if r.error else r.params_removed, acc,
+                                    base - acc, r.error))
+    return out
 
 
 @contextlib.contextmanager

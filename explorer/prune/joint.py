@@ -1,0 +1,106 @@
+"""Which removals are safe: alone, together with the others, or only as a joint set.
+
+The one algorithm behind `Pruner.step`, the session's Accept all and its joint proposals.
+Model code such as DINO's ``reshape(B, N, 3, self.num_heads, C // self.num_heads)`` ties
+groups that the coupling keeps apart: cutting the residual width alone (or the head dims
+alone) breaks the forward at that line, cutting both by the same fraction runs. Such groups
+fail *alone* at the same model line; `solve` retries them together and, when the set passes,
+reports it as one joint decision.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .preflight import Preflight, Verdict
+from .removal import Removal
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class JointSet(Generic[K]):
+    """Parts that are unsafe alone but run when cut together."""
+
+    parts: list[K]
+    location: str  # the model line every part fails at alone (or the shared error)
+    module: str = ""
+
+
+@dataclass
+class Solution(Generic[K]):
+    """The outcome of `solve`: what may be applied together and what may not."""
+
+    safe: list[K] = field(default_factory=list)  # every part to apply (joint sets included)
+    joint: list[JointSet[K]] = field(default_factory=list)
+    unsafe: dict[K, Verdict] = field(default_factory=dict)  # left out, with the alone verdict
+
+    def removal(self, parts: Mapping[K, Removal]) -> Removal:
+        """The union of the safe parts."""
+        return merge(parts[k] for k in self.safe)
+
+
+def merge(removals: Iterable[Removal]) -> Removal:
+    """One removal holding every pick of ``removals``."""
+    out = Removal()
+    for r in removals:
+        for (g, a), idx in r.picks.items():
+            out.add(g, a, idx)
+    return out
+
+
+def _where(verdict: Verdict) -> str:
+    return verdict.location or verdict.error
+
+
+def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False) -> Solution[K]:
+    """Find the largest set of ``parts`` that runs when applied together.
+
+    Bisection finds the failing parts in about log2(n) checks when few fail (``alone=False``,
+    what a step and Accept all use). With ``alone=True`` every part is first checked on its
+    own (n checks), so each one's alone verdict is known: what the app and the CLI show up
+    front. Either way, parts that fail at the same model line are then retried as one set.
+    """
+    keys = list(parts)
+    sol: Solution[K] = Solution()
+    verdicts: dict[K, Verdict] = {}
+    if alone:
+        failed = []
+        for k in keys:
+            v = flight.check(parts[k])
+            if v.ok:
+                sol.safe.append(k)
+            else:
+                verdicts[k] = v
+                failed.append(k)
+        if failed and sol.safe and not flight.check(sol.removal(parts)).ok:
+            # safe alone but not together: fall back to the bisection for the whole set
+            return solve(flight, parts, alone=False)
+    else:
+        failed = _bisect(flight, parts, keys, sol.safe, verdicts)
+    clusters: dict[str, list[K]] = {}
+    for k in failed:
+        clusters.setdefault(_where(verdicts[k]), []).append(k)
+    for where, ids in clusters.items():
+        trial = merge(parts[k] for k in [*sol.safe, *ids])
+        if len(ids) > 1 and flight.check(trial).ok:
+            sol.safe.extend(ids)
+            sol.joint.append(JointSet(ids, where, verdicts[ids[0]].module))
+    sol.unsafe = {k: verdicts[k] for k in failed if k not in sol.safe}
+    return sol
+
+
+def _bisect(flight: Preflight, parts: Mapping[K, Removal], ids: Sequence[K], safe: list[K],
+            verdicts: dict[K, Verdict]) -> list[K]:
+    """Add to ``safe`` the parts of ``ids`` that run with it; return the failing ones."""
+    verdict = flight.check(merge(parts[k] for k in [*safe, *ids]))
+    if verdict.ok:
+        safe.extend(ids)
+        return []
+    if len(ids) == 1:
+        verdicts[ids[0]] = verdict
+        return list(ids)
+    half = len(ids) // 2
+    return (_bisect(flight, parts, ids[:half], safe, verdicts)
+            + _bisect(flight, parts, ids[half:], safe, verdicts))
