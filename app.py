@@ -1,7 +1,8 @@
 """Pruning Explorer: the Streamlit entry point (run with ``streamlit run app.py``).
 
 Loads the default model on first visit (cached once per spec for all sessions) and gives
-each browser session its own deep copy to prune (`explorer.app.session.Session`).
+each browser session its own deep copy to prune (`explorer.app.session.Session`). The
+session id in the URL and the session log on disk bring the decisions back after a refresh.
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ ROOT = str(Path(__file__).resolve().parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pages._session import DEFAULT_REQUEST, load  # noqa: E402
+from pages._session import restore_or_start  # noqa: E402
 
 st.set_page_config(page_title="Pruning Explorer", layout="wide")
-if "pe_request" not in st.session_state:
-    load(DEFAULT_REQUEST)  # a failure is shown on the Model page
+restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh
 
 page = st.navigation([
     st.Page("pages/1_model.py", title="Model", icon=":material/memory:", default=True),

@@ -1,18 +1,22 @@
 """Server-side time of the Streamlit app (AppTest, no browser): median of N runs.
 
 Measures, per model spec on ``meta``: loading + tracing from the Model page, then the first
-render of the Graph page; and on the default model one accept + reject round trip on the
-Groups page. Usage: ``python benchmarks/app_render.py [--runs 3]``.
+render of the Graph page; on the default model one accept + reject round trip on the
+Groups page; and on the Llama-2-7B shape (meta) Accept, Undo and Accept all on the Groups
+page. Usage: ``python benchmarks/app_render.py [--runs 3] [--only-7b]``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PE_SESSION_DIR", tempfile.mkdtemp())  # not the user's session logs
 sys.path.insert(0, str(ROOT))
 
 import streamlit as st  # noqa: E402
@@ -60,20 +64,45 @@ def accept_reject() -> tuple[float, float]:
     return accept, reject
 
 
+def llama_accept_undo_all() -> tuple[float, float, float]:
+    """(Accept, Undo, Accept all) seconds on the Groups page for the 7B shape on meta."""
+    at = AppTest.from_file(APP, default_timeout=600).run()
+    at.text_input(key="model_spec").set_value(SPECS[1])
+    at.radio(key="model_device").set_value("meta")
+    at.button(key="model_load").click().run()
+    _check(at)
+    at.switch_page("pages/3_groups.py").run()
+    _check(at)
+    accept = _timed(lambda: at.button(key="groups_accept").click().run())
+    _check(at)
+    undo = _timed(lambda: at.button(key="groups_undo").click().run())
+    _check(at)
+    accept_all = _timed(lambda: at.button(key="groups_accept_all").click().run())
+    _check(at)
+    return accept, undo, accept_all
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only-7b", action="store_true", help="only the 7B Groups page times")
     args = ap.parse_args()
     AppTest.from_file(APP, default_timeout=600).run()  # warm imports and the default model
     rows = []
-    for spec in SPECS:
+    runs7 = [llama_accept_undo_all() for _ in range(args.runs)]
+    name = "7B shape (meta) Groups page:"
+    rows.append((f"{name} Accept (pre-flight cached, apply, re-analyse)", [r[0] for r in runs7]))
+    rows.append((f"{name} Undo (exact, analysis taken back)", [r[1] for r in runs7]))
+    rows.append((f"{name} Accept all (solver, apply, re-analyse)", [r[2] for r in runs7]))
+    for spec in [] if args.only_7b else SPECS:
         runs = [graph_render(spec) for _ in range(args.runs)]
         rows.append((f"load+trace {spec.split('?')[0]} (meta)", [r[0] for r in runs]))
         rows.append((f"Graph page first render {spec.split('?')[0]} (meta)",
                      [r[1] for r in runs]))
-    runs = [accept_reject() for _ in range(args.runs)]
-    rows.append(("accept (default model, pre-flight + apply + retrace)", [r[0] for r in runs]))
-    rows.append(("reject (default model)", [r[1] for r in runs]))
+    runs = [] if args.only_7b else [accept_reject() for _ in range(args.runs)]
+    if runs:
+        rows.append(("accept (default model, pre-flight + apply + retrace)", [r[0] for r in runs]))
+        rows.append(("reject (default model)", [r[1] for r in runs]))
     width = max(len(name) for name, _ in rows)
     print(f"{'measurement':<{width}}  median s  runs (s)")
     for name, times in rows:

@@ -4,6 +4,7 @@ import streamlit as st
 from explorer.app.session import Message
 from explorer.graph.metrics import count_params
 from explorer.io.specs import hf_families, list_demos
+from explorer.render.proposal_view import part_label
 from pages._session import load
 
 FIRST = ["demo:dino_vit_safe", "demo:dino_vit"]
@@ -23,14 +24,17 @@ st.selectbox("Examples", EXAMPLES, index=None, key="model_example", on_change=_p
              placeholder="pick a demo, transformers family or timm model")
 st.caption("`demo:dino_vit` is DINO's exact attention code: it shows the `qkv[0]` indexing "
            "case and why its hard-coded `C // num_heads` reshape makes the residual-stream and "
-           "head-dim groups unsafe, with the failing file:line (on the Groups page). "
+           "head groups unsafe alone, with the failing file:line, and safe when cut together. "
            "`demo:dino_vit_safe` reads the head size from an attribute, so every group prunes.")
 st.text_input("Model spec", key="model_spec",
               help="timm:<name>?k=v, hf:<family>?k=v, demo:<name> or path/file.py:callable")
 c1, c2 = st.columns(2)
 c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
          help="meta builds shapes only: explore big models without weights")
-c2.text_input("Input shape (blank = default)", key="model_shape", placeholder="1,3,224,224")
+loaded = st.session_state.get("pe")
+first = next((x for x in loaded.example_inputs if hasattr(x, "shape")), None) if loaded else None
+c2.text_input("Input shape (blank = default)", key="model_shape",
+              placeholder=",".join(map(str, first.shape)) if first is not None else "default")
 if st.button("Load and trace", key="model_load", type="primary"):
     load((st.session_state.model_spec, st.session_state.model_device,
           st.session_state.model_shape))
@@ -67,10 +71,30 @@ m[0].metric("parameters", f"{count_params(pe.model):,}")
 m[1].metric("MACs", f"{pe.macs:,}")
 m[2].metric("ATen ops", mg.num_ops)
 m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(mg.groups())}")
+AUTO_PREFLIGHT = 16  # up to this many pending groups the verdicts are computed on load
+pending = pe.proposals()
+verdicts: dict[int, str] = {}
+if pending and (len(pending) <= AUTO_PREFLIGHT or st.session_state.get("model_verdicts_for")
+                == pe.version):
+    bar = st.progress(0.0, text="pre-flight of every group") if len(pending) > 4 else None
+    verdicts = pe.verdict_labels(None if bar is None else
+                                 lambda f, text: bar.progress(f, text=text))
+    if bar is not None:
+        bar.empty()
+elif pending and st.button(f"Pre-flight every group ({len(pending)}, about "
+                           f"{len(pending)} forward passes)", key="model_verdicts"):
+    st.session_state.model_verdicts_for = pe.version
+    st.rerun()
 st.dataframe([{"id": g.id, "group": g.title, "prunable": g.prunable, "reason": g.reason,
-               "axes": ", ".join(f"{a.role} {a.size}" for a in g.axes),
+               "pre-flight": verdicts.get(g.id, "") if g.prunable else "",
+               "axes": ", ".join(f"{part_label(a.role, a.size)} {a.size}" for a in g.axes[:6])
+               + (f" (+{len(g.axes) - 6} more)" if len(g.axes) > 6 else ""),
                "members": len(g.members)} for g in mg.groups()],
              key="model_groups", hide_index=True, width="stretch")
+if any(v.startswith("unsafe alone") for v in verdicts.values()):
+    st.warning("Some groups are unsafe to cut alone but safe together (see pre-flight): the "
+               "Groups page offers them as one joint proposal, and Accept all cuts them "
+               "together.")
 unknown = mg.coupling.unknown_ops
 if unknown:
     st.warning(f"ops with no coupling rule (treated conservatively): {', '.join(sorted(unknown))}")

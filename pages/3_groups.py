@@ -1,93 +1,212 @@
-"""Groups: decide on one proposal at a time (pre-flight, accept, resize, reject, undo)."""
+"""Groups: decide on one proposal at a time (pre-flight, counts, accept, reject, undo).
+
+Each section is one function over the session (`explorer.app.session.Session`) so a new
+view of the current proposal is one more function and one call at the bottom.
+"""
+from __future__ import annotations
+
 import streamlit as st
 
+from explorer.app.session import Session
+from explorer.graph.metrics import count_macs
 from explorer.prune.importance import CRITERIA
+from explorer.prune.preflight import Verdict
+from explorer.prune.proposal import Proposal
 from explorer.prune.pruner import HEAD_MODES
-from explorer.render.figures import axes_rows, importance_figure, member_rows
+from explorer.render.figures import member_rows
+from explorer.render.proposal_view import (
+    axis_figure,
+    axis_rows,
+    heatmap_figure,
+    layered,
+    part_label,
+    removed_for,
+    short_location,
+)
+from pages._session import reset
 
-st.title("Groups")
-if "pe" not in st.session_state:
-    st.info("Load a model on the Model page first.")
-    st.stop()
-pe = st.session_state.pe
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round")
-for k, v in zip(KEYS, pe.settings(), strict=False):  # the session is the source of truth
-    st.session_state[k] = v
 
 
-def _configure() -> None:
-    pe.configure(*(st.session_state[k] for k in KEYS))
+def settings(pe: Session) -> None:
+    for k, v in zip(KEYS, pe.settings(), strict=True):  # the session is the source of truth
+        st.session_state[k] = v
+
+    def configure() -> None:
+        pe.configure(*(st.session_state[k] for k in KEYS))
+
+    c = st.columns(5)
+    c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=configure)
+    c[1].slider("Ratio", 0.0, 0.9, step=0.05, key=KEYS[1], on_change=configure)
+    c[2].selectbox("Heads", HEAD_MODES, key=KEYS[2], on_change=configure,
+                   help="dims: same dims in every head; whole: remove heads; keep: none")
+    c[3].toggle("Global ranking", key=KEYS[3], on_change=configure,
+                help="rank channels of all groups together instead of the ratio per group")
+    c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=configure)
+    if pe.on_meta:
+        st.caption("The weights are on the meta device: there are no scores to rank, so the "
+                   "lowest indices are proposed (load on cpu for importance charts).")
 
 
-c = st.columns(5)
-c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=_configure)
-c[1].slider("Ratio", 0.0, 0.9, step=0.05, key=KEYS[1], on_change=_configure)
-c[2].selectbox("Heads", HEAD_MODES, key=KEYS[2], on_change=_configure,
-               help="dims: same dims in every head; whole: remove heads; keep: none")
-c[3].toggle("Global ranking", key=KEYS[3], on_change=_configure,
-            help="rank channels of all groups together instead of the ratio per group")
-c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=_configure)
+def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
+    """The counts on screen: a few inputs, or one layer table for a group spanning layers."""
+    proposal_id = (pe.version, tuple(p.keys), pe.settings())
+    fresh = st.session_state.get("groups_for") != proposal_id
+    if fresh:  # a new proposal: the widgets start from the proposed counts
+        st.session_state.groups_for = proposal_id
+        st.session_state.pop("groups_table", None)
+        for n, ch in enumerate(p.changes):
+            st.session_state[f"groups_count_{n}"] = len(ch.removed)
+    if not layered(p):
+        cols = st.columns(len(p.axes))
+        return {axis: int(cols[n].number_input(
+            f"Remove from {part_label(ch.axis, ch.width_before)} ({ch.width_before} wide)",
+            0, ch.width_before - 1, key=f"groups_count_{n}"))
+            for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True))}
+    rows = axis_rows(pe.graph.coupling, p)
+    table = [{"layer": r.layer, "part": r.part, "width": r.width, "remove": r.remove}
+             for r in rows]
+    st.caption(f"{len(rows)} layer rows: edit **remove** per layer (0 keeps that layer as "
+               f"it is); Accept uses the counts in this table.")
+    edited = st.data_editor(table, key="groups_table", hide_index=True, width="stretch",
+                            disabled=["layer", "part", "width"],
+                            column_config={"remove": st.column_config.NumberColumn(
+                                "remove", min_value=0, step=1)})
+    return {r.axis: int(e["remove"]) for r, e in zip(rows, edited, strict=True)}
 
-m = st.columns(3)
-m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}",
-            delta_color="inverse")
-m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}", delta_color="inverse")
-try:
-    pending = pe.proposals()
-except Exception as exc:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
-    st.error(f"cannot compute proposals: {type(exc).__name__}: {exc}")
-    st.stop()
-m[2].metric("pending groups", len(pending))
-if pe.message is not None:
-    getattr(st, pe.message.kind)(pe.message.text)
 
-p = pe.current()
-if p is None:
-    st.info("Every prunable group is decided. Undo to revisit, or go to Export.")
-    st.button("Undo", key="groups_undo_done", on_click=pe.undo, disabled=not pe.can_undo)
-    st.stop()
+def verdict_box(pe: Session, p: Proposal, verdict: Verdict, joint: Proposal | None) -> None:
+    if verdict.ok:
+        st.success(f"Pre-flight: the pruned copy runs, output shapes {verdict.output_shapes}")
+    else:
+        where = short_location(verdict.location) if verdict.location else "the model"
+        st.warning(f"Pre-flight: accepting this alone breaks the forward at {where} "
+                   f"({verdict.module or 'the model'}): {verdict.error}")
+    if joint is not None:
+        st.info(f"Joint proposal: {short_reason(joint)}")
 
-st.subheader(f"Group {p.group.id}: {p.group.title}")
-st.caption(" · ".join(f"{ch.axis}: {ch.width_before} → {ch.width_after}" for ch in p.changes))
-verdict = pe.preflight(p)
-if verdict.ok:
-    st.success(f"Pre-flight: the pruned copy runs, output shapes {verdict.output_shapes}")
-else:
-    st.warning(f"Pre-flight: accepting breaks the forward in {verdict.module or 'the model'} "
-               f"{verdict.location}: {verdict.error}")
-proposal_id = (pe.version, p.key, pe.settings())
-if st.session_state.get("groups_for") != proposal_id:  # a new proposal: reset the counts
-    st.session_state.groups_for = proposal_id
-    for n, ch in enumerate(p.changes):
-        st.session_state[f"groups_count_{n}"] = len(ch.removed)
-counts = {}
-for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=False)):
-    counts[axis] = st.number_input(f"Count to remove from '{ch.axis}' (axis {axis}, "
-                                   f"{ch.width_before} wide)", 0, ch.width_before - 1,
-                                   key=f"groups_count_{n}")
-b = st.columns(5)
-b[0].button("Accept", key="groups_accept", type="primary", on_click=lambda: pe.accept(p))
-b[1].button("Accept with count", key="groups_accept_count",
-            on_click=lambda: pe.accept(p, count={a: int(k) for a, k in counts.items()}))
-b[2].button("Reject", key="groups_reject", on_click=lambda: pe.reject(p))
-b[3].button("Undo", key="groups_undo", on_click=pe.undo, disabled=not pe.can_undo)
-b[4].button("Accept all remaining", key="groups_accept_all", on_click=pe.accept_all)
 
-charts = st.columns(len(p.changes))
-for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=False)):
-    charts[n].plotly_chart(importance_figure(p.scores[axis], ch.removed,
-                                             f"{pe.importance} importance of '{ch.axis}'"),
-                           key=f"groups_importance_{n}", width="stretch")
-if p.group.heads is not None:
-    h = p.group.heads
-    st.markdown(f"**Head structure:** {h.num_heads} heads × {h.head_dim} dims"
-                + (f", {h.kv_heads} key/value heads" if h.kv_heads else ""))
-st.dataframe(axes_rows(p.group), key="groups_axes", hide_index=True)
-with st.expander("Why these channels are coupled", expanded=True):
-    st.markdown("\n".join(f"- {line}" for line in p.group.explanation) or "- (none)")
-    st.dataframe(member_rows(p.group), key="groups_members", hide_index=True)
-with st.expander(f"All pending proposals ({len(pending)})"):
-    st.dataframe([{"id": q.group.id, "group": q.group.title,
-                   "change": "; ".join(f"{ch.axis} {ch.width_before}→{ch.width_after}"
-                                       for ch in q.changes)} for q in pending],
-                 key="groups_pending", hide_index=True)
+def short_reason(joint: Proposal) -> str:
+    """The joint reason with the location shortened to ``file:line``."""
+    text = joint.reason
+    for word in text.split("`"):
+        if ":" in word and "/" in word:
+            text = text.replace(word, short_location(word))
+    return text
+
+
+def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
+    m = st.columns(4)
+    m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}",
+                delta_color="inverse")
+    m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}", delta_color="inverse")
+    m[2].metric("pending groups", pending)
+    if verdict is not None and verdict.ok and verdict.graph is not None:
+        m[3].metric("after Accept", f"{verdict.params:,} params",
+                    f"{count_macs(verdict.graph) - pe.macs:,} MACs", delta_color="inverse")
+
+
+def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
+            joint: Proposal | None) -> None:
+    b = st.columns(6)
+    edited = counts if counts != p.counts() else None
+    b[0].button("Accept", key="groups_accept", type="primary", disabled=not verdict.ok,
+                help="apply the counts on screen" if verdict.ok else
+                "unsafe alone: see the pre-flight (and the joint proposal, if any)",
+                on_click=lambda: pe.accept(p, edited))
+    if joint is not None:
+        b[1].button(f"Accept jointly ({len(joint.keys)} groups)", key="groups_accept_joint",
+                    type="primary", on_click=lambda: pe.accept(joint, edited))
+    b[2].button("Reject", key="groups_reject", on_click=lambda: pe.reject(p))
+    b[3].button("Undo", key="groups_undo", on_click=pe.undo, disabled=not pe.can_undo)
+    if b[4].button("Accept all remaining", key="groups_accept_all"):
+        bar = st.progress(0.0, text="Accept all")
+        pe.accept_all(lambda f, text: bar.progress(f, text=text))
+        bar.empty()
+        st.rerun()
+    b[5].button("Reset", key="groups_reset", on_click=reset,
+                help="forget every decision and start again from the unpruned model")
+
+
+def chart(pe: Session, p: Proposal, counts: dict[int, int]) -> None:
+    if pe.on_meta:
+        return
+    if layered(p):
+        rows = axis_rows(pe.graph.coupling, p, counts)
+        st.plotly_chart(heatmap_figure(rows, p, counts, pe.importance), key="groups_heatmap",
+                        width="stretch")
+        return
+    removed = removed_for(p, counts)
+    cols = st.columns(len(p.axes))
+    for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True)):
+        cols[n].plotly_chart(axis_figure(p.scores[axis], removed[axis],
+                                         f"{pe.importance} importance of the "
+                                         f"{part_label(ch.axis, ch.width_before)}",
+                                         "head" if ch.axis == "heads" else "channel"),
+                             key=f"groups_importance_{n}", width="stretch")
+
+
+def details(pe: Session, p: Proposal, pending: list[Proposal]) -> None:
+    if p.group.heads is not None:
+        h = p.group.heads
+        st.markdown(f"**Head structure:** {h.num_heads} heads × {h.head_dim} dims"
+                    + (f", {h.kv_heads} key/value heads" if h.kv_heads else ""))
+    with st.expander("Why these channels are coupled", expanded=not layered(p)):
+        st.markdown("\n".join(f"- {line}" for line in p.group.explanation) or "- (none)")
+        st.dataframe(member_rows(p.group), key="groups_members", hide_index=True)
+    with st.expander(f"All pending proposals ({len(pending)})"):
+        st.dataframe([{"group": q.group.title,
+                       "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
+                                           f"{ch.width_before}→{ch.width_after}"
+                                           for ch in q.changes[:3])
+                       + (f" (+{len(q.changes) - 3} layers)" if len(q.changes) > 3 else "")}
+                      for q in pending], key="groups_pending", hide_index=True)
+
+
+def history(pe: Session) -> None:
+    with st.expander(f"Decision history ({len(pe.history)})"):
+        st.markdown("\n".join(f"{i + 1}. {h}" for i, h in enumerate(pe.history))
+                    or "No decisions yet.")
+
+
+def main() -> None:
+    st.title("Groups")
+    if "pe" not in st.session_state:
+        st.info("Load a model on the Model page first.")
+        st.stop()
+    pe: Session = st.session_state.pe
+    settings(pe)
+    try:
+        pending = pe.proposals()
+    except Exception as exc:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
+        st.error(f"cannot compute proposals: {exc}")
+        st.stop()
+    p = pe.current()
+    if p is None:
+        metrics(pe, None, 0)
+        if pe.message is not None:
+            getattr(st, pe.message.kind)(pe.message.text)
+        st.info("Every prunable group is decided. Undo to revisit, or go to Export.")
+        c = st.columns(2)
+        c[0].button("Undo", key="groups_undo_done", on_click=pe.undo, disabled=not pe.can_undo)
+        c[1].button("Reset", key="groups_reset_done", on_click=reset)
+        history(pe)
+        st.stop()
+    st.subheader(f"Group {p.group.id}: {p.group.title}")
+    counts = counts_editor(pe, p)
+    try:
+        verdict = pe.preflight(p, counts if counts != p.counts() else None)
+    except ValueError as exc:  # a count out of range
+        verdict = Verdict(False, error=str(exc))
+    joint = pe.joint(p) if not verdict.ok else None
+    metrics(pe, verdict, len(pending))
+    if pe.message is not None:
+        getattr(st, pe.message.kind)(pe.message.text)
+    verdict_box(pe, p, verdict, joint)
+    actions(pe, p, counts, verdict, joint)
+    chart(pe, p, counts)
+    details(pe, p, pending)
+    history(pe)
+
+
+main()

@@ -18,17 +18,30 @@ if "pe" not in st.session_state:
     st.info("Load a model on the Model page first.")
     st.stop()
 pe = st.session_state.pe
+AUTO_PREFLIGHT = 16  # pending groups up to which the verdicts are computed on render
+
+
+def _natural(text: str) -> tuple[object, ...]:
+    return tuple(int(t) if t.isdigit() else t for t in text.replace(".", " ").split())
+
 if (msg := st.session_state.pop("dims_message", None)) is not None:
     getattr(st, msg.kind)(msg.text)
 st.plotly_chart(widths_figure(pe.widths_start, layer_widths(pe.model)), key="dims_widths",
                 width="stretch")
 
 st.subheader("Attention heads")
-rows = attention_rows(pe.graph.attention())
+rows = sorted(attention_rows(pe.graph.attention()), key=lambda r: _natural(str(r["module"])))
+verdicts = pe.verdict_labels() if len(pe.proposals()) <= AUTO_PREFLIGHT else {}
+for r in rows:  # the pre-flight of each head group, alone and jointly, up front
+    r["pre-flight"] = verdicts.get(int(str(r["group"])), "")
 if rows:
     table = pd.DataFrame(rows)
     st.dataframe(table.style.apply(lambda r: ["" if r["ok"] else "background-color: #F8D7DA"]
                                    * len(r), axis=1), key="dims_heads", hide_index=True)
+    unsafe = [r for r in rows if str(r["pre-flight"]).startswith("unsafe")]
+    if unsafe:
+        st.warning(f"{len(unsafe)} head group(s) are unsafe to cut alone: "
+                   + "; ".join(f"{r['module']}: {r['pre-flight']}" for r in unsafe))
     bad = [r for r in rows if not r["ok"]]
     if bad:
         st.warning(f"{len(bad)} attention module(s) violate head divisibility: "
@@ -47,11 +60,14 @@ ratios = st.multiselect("Ratios", [0.1, 0.25, 0.5, 0.75, 0.9], default=[0.25, 0.
                         key="dims_sens_ratios")
 if st.button("Compute sensitivity", key="dims_sens", disabled=not ratios,
              help="prunes each group alone on a copy and measures the output change"):
+    bar = st.progress(0.0, text="pruning each group alone ...")
     try:
-        with st.spinner("pruning each group on a copy ..."):
-            st.session_state.dims_sens_rows = (pe.version, as_table(pe.sensitivity(ratios)))
+        rows = pe.sensitivity(ratios, lambda f, text: bar.progress(f, text=text))
+        st.session_state.dims_sens_rows = (pe.version, as_table(rows))
     except Exception as exc:  # noqa: BLE001 - shown as one line
-        st.error(f"sensitivity failed: {type(exc).__name__}: {exc}")
+        st.error(f"sensitivity failed: {exc}")
+    finally:
+        bar.empty()
 version, sens = st.session_state.get("dims_sens_rows", (None, []))
 if version == pe.version and sens:
     st.plotly_chart(sensitivity_figure(sens), key="dims_sens_chart", width="stretch")

@@ -20,6 +20,11 @@ def _params(at: AppTest) -> int:
     return int(metric.value.replace(",", ""))
 
 
+@pytest.fixture(autouse=True)
+def _session_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PE_SESSION_DIR", str(tmp_path / "sessions"))
+
+
 @pytest.fixture()
 def app() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
@@ -93,7 +98,8 @@ def test_accept_with_count_on_head_dims(app: AppTest) -> None:
     assert any("Head structure" in md.value for md in app.markdown)
     start = _params(app)
     app.number_input(key="groups_count_0").set_value(4).run()
-    app.button(key="groups_accept_count").click().run()
+    assert not app.exception and app.success[0].value.startswith("Pre-flight")
+    app.button(key="groups_accept").click().run()  # the one Accept uses the count on screen
     assert not app.exception and not app.error
     assert _params(app) < start
     entry = app.session_state.pe.log[-1]
@@ -120,11 +126,15 @@ def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:
     assert app.session_state.pe.spec == "demo:dino_vit"
     app.switch_page("pages/3_groups.py").run()
     assert app.warning and "dino.py:" in app.warning[0].value  # shown before accepting
+    assert app.button(key="groups_accept").disabled  # unsafe alone: not offered
+    assert any("must shrink together" in i.value and "dino.py:" in i.value for i in app.info)
     start = _params(app)
-    app.button(key="groups_accept").click().run()
-    assert not app.exception, app.exception
-    assert len(app.error) == 1 and "dino.py:" in app.error[0].value
-    assert _params(app) == start  # nothing lost
+    app.button(key="groups_accept_joint").click().run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    assert _params(app) < start
+    pe = app.session_state.pe
+    assert len(pe.log) == 4  # the residual stream and the heads of the three blocks
+    assert pe.forward_check().kind == "success"
 
 
 def test_dimensions_sensitivity_and_blocks(app: AppTest) -> None:

@@ -103,7 +103,7 @@ def test_browser_accept_a_group(server: str, tmp_path: Path) -> None:
             with page.expect_download(timeout=60_000) as download:
                 page.get_by_role("button", name="Download plan JSON").click()
             plan = json.loads(Path(download.value.path()).read_text())
-            assert plan["schema"] == 1 and plan["steps"] and plan["steps"][0]["tensors"]
+            assert plan["schema"] == 2 and plan["steps"] and plan["steps"][0]["tensors"]
             page.get_by_text("All formats").wait_for(timeout=60_000)
             page.get_by_role("button", name="Build export files").click()
             page.get_by_role("button", name="Download report.html").wait_for(timeout=120_000)

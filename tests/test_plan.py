@@ -156,7 +156,7 @@ def _missing_tensor(data: dict) -> None:
 
 
 def _wrong_schema(data: dict) -> None:
-    data["schema"] = 2
+    data["schema"] = 3
 
 
 def _edited_fingerprint(data: dict) -> None:
@@ -183,7 +183,7 @@ def _bad_attribute(data: dict) -> None:
 @pytest.mark.parametrize("edit,match", [
     (_bad_second_step, r"step 1: index \d+ is out of range for tensor '.*' dim \d of size"),
     (_missing_tensor, r"the model has no parameter or buffer 'no.such.weight'"),
-    (_wrong_schema, r"schema version 2 is not supported; this Pruning Explorer reads schema 1"),
+    (_wrong_schema, r"schema version 3 is not supported; this Pruning Explorer reads schema 2"),
     (_edited_fingerprint, r"sha256 does not match its tensor list"),
     (_wrong_size, r"step 0: tensor '.*' dim \d has size \d+ at this step, the plan expects"),
     (_all_removed, r"removes all \d+ indices"),

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trace", help="trace a model and list its coupling groups")
     _add_model_args(t)
+    t.add_argument("--no-preflight", action="store_true",
+                   help="skip the pre-flight of each group at ratio 0.5 (alone and jointly)")
     p = sub.add_parser("prune", help="prune a model and report what changed")
     _add_model_args(p)
     _add_prune_args(p)
@@ -98,6 +100,8 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
     out = mg.to_dict()
     out["seconds"] = round(time.perf_counter() - start, 4)
+    verdicts = {} if args.no_preflight else _verdicts(lm, mg, list(args.ignore))
+    out["preflight"] = {str(k): v for k, v in verdicts.items()}
     out["model"] = args.model
     out["device"] = args.device
     if not args.json:
@@ -105,9 +109,23 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
                  f"({out['num_prunable']} prunable) in {out['seconds']:.2f}s"]
         for g in mg.groups():
             state = "prunable" if g.prunable else f"fixed: {g.reason}"
+            if g.id in verdicts:
+                state += f"; pre-flight at 0.5: {verdicts[g.id]}"
             lines.append(f"  [{g.id}] {g.title} ({len(g.members)} members) - {state}")
         out["_text"] = "\n".join(lines)
     return out
+
+
+def _verdicts(lm: LoadedModel, mg: Any, ignored: list[str]) -> dict[int, str]:
+    """Group id -> pre-flight verdict at ratio 0.5 (head dims), alone and jointly."""
+    from ..render.proposal_view import verdict_labels
+    pruner = Pruner(lm.model, lm.example_inputs, ignored=ignored, importance="random"
+                    if any(p.device.type == "meta" for p in lm.model.parameters())
+                    else "magnitude")
+    pending = pruner.pending()
+    labels = verdict_labels(pruner.verdicts(pending), {p.key: p.group.title for p in pending})
+    ids = {g.key: g.id for g in mg.groups()}
+    return {ids[k]: v for k, v in labels.items() if k in ids}
 
 
 @dataclass

@@ -27,7 +27,8 @@ from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
-from ..prune.depth import remove_blocks
+from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
+from ..prune.joint import Solution, solve
 from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
 from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
@@ -91,7 +92,11 @@ class Session:
                              global_pruning=self.global_pruning, round_to=self.round_to)
         self._history: list[_Undo] = []
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
+        self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
+        self.actions: list[dict[str, Any]] = []  # what the user did, replayable (`replay`)
+        self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
         self.blocks_removed = 0
+        self._depth: list[tuple[int, BlockRemoval]] = []  # (accepts before it, the removal)
         self.graph = self._model_graph()
         self.params_start = self.params
         self.macs_start = self.macs
@@ -153,6 +158,7 @@ class Session:
             self.pruner.configure(*old)
             return self._fail(f"cannot use {importance!r} here: {exc}")
         self._sync_settings()
+        self._record({"do": "configure", "settings": list(self.settings())})
         return True
 
     def proposals(self) -> list[Proposal]:
@@ -172,6 +178,27 @@ class Session:
             self._verdicts[key] = self.pruner.preflight().check(proposal.removal(counts))
         return self._verdicts[key]
 
+    def verdicts(self, progress: Progress | None = None) -> Solution[GroupKey]:
+        """Every pending proposal's pre-flight alone, and the joint sets (cached until the
+        model, the settings or the decisions change)."""
+        pending = self.proposals()
+        key = (self.version, self.settings(), tuple(p.key for p in pending))
+        if self._solution is None or self._solution[0] != key:
+            self._solution = (key, self.pruner.verdicts(pending, progress))
+        return self._solution[1]
+
+    def verdict_labels(self, progress: Progress | None = None) -> dict[int, str]:
+        """Group id -> its one-line pre-flight verdict at the current settings (pending
+        groups only)."""
+        from ..render.proposal_view import verdict_labels
+        pending = self.proposals()
+        labels = verdict_labels(self.verdicts(progress), {p.key: p.group.title for p in pending})
+        return {p.group.id: labels.get(p.key, "") for p in pending}
+
+    def joint(self, proposal: Proposal) -> Proposal | None:
+        """The joint proposal that makes an unsafe ``proposal`` safe, or None."""
+        return self.pruner.joint(proposal, self.proposals(), self.verdicts())
+
     # ------------------------------------------------------------------ transitions
     def accept(self, proposal: Proposal, count: int | Counts | None = None) -> bool:
         """Pre-flight and apply one proposal (``count`` resizes its axes, see `removal`)."""
@@ -182,7 +209,13 @@ class Session:
         if not removal:
             return self._fail("nothing to remove: the count is 0")
         verdict = self.preflight(proposal, count)
-        return self._apply(removal, [proposal], count, verdict)
+        ok = self._apply(removal, [proposal], count, verdict)
+        if ok:
+            counts = {proposal.axes[0]: count} if isinstance(count, int) else count
+            self._record({"do": "accept", "key": list(proposal.key), "joint": proposal.joint,
+                          "counts": None if counts is None else
+                          [[int(a), int(n)] for a, n in counts.items()]})
+        return ok
 
     def accept_all(self, progress: Progress | None = None) -> bool:
         """Accept every pending proposal at once (joint sets included, as `Pruner.step`
@@ -191,18 +224,17 @@ class Session:
         if not pending:
             return self._fail("no pending proposals")
         parts = {p.key: p.removal() for p in pending}
-        if progress:
-            progress(0.0, f"pre-flight of {len(parts)} groups")
-        from ..prune.joint import solve
-        sol = solve(self.pruner.preflight(), parts)
+        sol = solve(self.pruner.preflight(), parts, progress=progress)
         unsafe = [f"{p.group.title} ({sol.unsafe[p.key].module} {sol.unsafe[p.key].location})"
                   for p in pending if p.key in sol.unsafe]
         if not sol.safe:
             return self._fail("no proposal passed the pre-flight: " + "; ".join(unsafe))
         if progress:
-            progress(0.5, f"applying {len(sol.safe)} groups")
+            progress(0.95, f"applying {len(sol.safe)} groups and analysing the result")
         safe = [p for p in pending if p.key in set(sol.safe)]
         ok = self._apply(sol.removal(parts), safe, None, Verdict(True))
+        if ok:
+            self._record({"do": "accept_all"})
         if ok and unsafe:
             self.message = Message("info", f"accepted {len(safe)} groups; left unsafe: "
                                            + "; ".join(unsafe))
@@ -214,6 +246,7 @@ class Session:
         for k in proposal.keys:
             self.decided[k] = Decision.REJECTED.value
         self.message = Message("info", f"rejected {proposal.title}")
+        self._record({"do": "reject", "keys": [list(k) for k in proposal.keys]})
 
     def undo(self) -> bool:
         """Revert the last accept, reject, block removal or plan replay exactly."""
@@ -228,6 +261,7 @@ class Session:
         del self.log[last.log_len:]
         self.blocks_removed = last.blocks
         self.message = Message("info", f"undone: {last.what}")
+        self._record({"do": "undo"})
         return True
 
     def remove_block(self, name: str) -> bool:
@@ -243,11 +277,11 @@ class Session:
         if not verdict.ok:
             return self._fail_preflight(verdict)
         before = self.params
-        removed = remove_blocks(self.model, [name], {name: tuple_output})
+        record = remove_blocks_recorded(self.model, {name: tuple_output})
+        self._depth.append((len(self.applied), record))
 
         def revert() -> None:
-            parent, _, attr = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), attr, removed[name])
+            restore_blocks(self.model, self._depth.pop()[1])
             self.pruner.retrace()
 
         self._push(f"removed block {name}", revert)
@@ -257,6 +291,7 @@ class Session:
         self.graph = self._model_graph()
         self.message = Message("success", f"removed block {name}: params {before:,} -> "
                                           f"{self.params:,}")
+        self._record({"do": "block", "name": name})
         return True
 
     def sensitivity(self, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
@@ -268,20 +303,29 @@ class Session:
 
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
-        """The accepted prunings as a replayable `explorer.Plan`.
+        """The accepted prunings and block removals as a replayable `explorer.Plan`.
 
         Raises:
-            ValueError: when a residual block was removed (plans record tensor cuts only).
+            ValueError: after a plan replay (the replayed plan is the record; export it).
         """
-        if self.blocks_removed:
-            raise ValueError("plans record channel cuts only; undo the block removal to "
-                             "export a plan")
+        if self.blocks_removed > len(self._depth):
+            raise ValueError("this session replayed a plan: that plan is its record; reload "
+                             "the model to export a new one")
         shapes = [list(x.shape) if isinstance(x, torch.Tensor) else None
                   for x in self.example_inputs]
-        titles = [e.get("group") for e in self.log if "group" in e]
-        return Plan.from_applied(self.applied, self.model, self.spec, shapes,
-                                 head_mode=self.heads,
-                                 titles=titles if len(titles) == len(self.applied) else None)
+        steps: list[Applied | BlockRemoval] = []
+        titles: list[str | None] = []
+        accepted = [e.get("group") for e in self.log if "group" in e]
+        depth = list(self._depth)
+        for i, app in enumerate([*self.applied, None]):
+            while depth and depth[0][0] == i:
+                steps.append(depth.pop(0)[1])
+                titles.append(None)
+            if app is not None:
+                steps.append(app)
+                titles.append(accepted[i] if len(accepted) == len(self.applied) else None)
+        return Plan.from_applied(steps, self.model, self.spec, shapes, head_mode=self.heads,
+                                 titles=titles)
 
     def apply_plan(self, text: str | bytes) -> bool:
         """Replay a plan (JSON text) on the loaded, unpruned model; on error nothing changes."""
@@ -300,6 +344,7 @@ class Session:
             return self._fail(f"cannot apply the plan: {exc}")
 
         def revert() -> None:
+            restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
             undo(self.model, Applied({}, replay.attributes, {}, previous))
             self.pruner.retrace()
 
@@ -311,6 +356,7 @@ class Session:
         self.graph = self._model_graph()
         self.message = Message("success", f"replayed a plan of {len(plan.steps)} step(s): "
                                           f"params {before:,} -> {self.params:,}")
+        self._record({"do": "plan", "text": text if isinstance(text, str) else text.decode()})
         return True
 
     # ------------------------------------------------------------------ export
@@ -333,9 +379,9 @@ class Session:
         after). Returns the files and the exporter's notes (skips, fall-backs).
         """
         from ..io.export import export_bytes
-        plan = self.plan() if ("safetensors" in formats or "hf" in formats) else None
-        if plan is None and not self.blocks_removed:
-            plan = self.plan()
+        replayed = self.blocks_removed > len(self._depth)
+        plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
+            else self.plan()
         return export_bytes(clone_model(self.model), formats, plan=plan,
                             original=self.original, example_inputs=self.example_inputs)
 
@@ -354,6 +400,65 @@ class Session:
                 "macs_after": self.macs, "accepted": self.log,
                 "rejected": [list(k) for k, v in self.decided.items()
                              if v == Decision.REJECTED.value]}
+
+    # ------------------------------------------------------------------ replay
+    def replay(self, actions: list[dict[str, Any]], progress: Progress | None = None) -> int:
+        """Redo recorded ``actions`` (from `actions` of an earlier session on the same model).
+
+        Stops at the first action that no longer applies (the model or code changed) and
+        says so in `message`. Returns how many actions were replayed.
+        """
+        for i, act in enumerate(actions):
+            if progress:
+                progress(i / max(len(actions), 1), f"replaying decision {i + 1} of "
+                                                   f"{len(actions)}")
+            if not self._replay_one(act):
+                self.message = Message("error", f"replayed {i} of {len(actions)} decisions; "
+                                                f"decision {i + 1} ({act.get('do')}) no "
+                                                f"longer applies: "
+                                                f"{self.message.text if self.message else ''}")
+                return i
+        if actions:
+            self.message = Message("info", f"restored {len(actions)} decisions")
+        return len(actions)
+
+    def _replay_one(self, act: dict[str, Any]) -> bool:
+        do = act.get("do")
+        if do == "configure":
+            return self.configure(*act["settings"])
+        if do == "accept":
+            p = self._pending_by_key(tuple(act["key"]))
+            if p is not None and act.get("joint"):
+                p = self.joint(p)
+            if p is None:
+                return self._fail("its group is not pending")
+            counts = act.get("counts")
+            return self.accept(p, None if counts is None else {int(a): int(n)
+                                                               for a, n in counts})
+        if do == "accept_all":
+            return self.accept_all()
+        if do == "reject":
+            p = self._pending_by_key(tuple(act["keys"][0]))
+            if p is None:
+                return self._fail("its group is not pending")
+            self.reject(p)
+            return True
+        if do == "undo":
+            return self.undo()
+        if do == "block":
+            return self.remove_block(str(act["name"]))
+        if do == "plan":
+            return self.apply_plan(str(act["text"]))
+        return self._fail(f"unknown action {do!r}")
+
+    def _pending_by_key(self, key: tuple[Any, ...]) -> Proposal | None:
+        want = (str(key[0]), int(key[1]))
+        return next((p for p in self.proposals() if p.key == want), None)
+
+    def _record(self, action: dict[str, Any]) -> None:
+        self.actions.append(action)
+        if self.on_action is not None:
+            self.on_action(self)
 
     # ------------------------------------------------------------------ internals
     def _model_graph(self) -> ModelGraph:
@@ -389,7 +494,7 @@ class Session:
         before = self.params
         state = (dict(self.decided), len(self.log), self.blocks_removed)
         try:
-            applied = self.pruner.apply(removal)
+            applied = self.pruner.apply(removal, verdict.graph)
         except PruneError as exc:
             return self._fail(str(exc))
         title = "; ".join(p.title for p in accepted)

@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..prune.depth import BlockRemoval, remove_blocks
 from ..prune.fixups.patch import resize_tensor
 from ..prune.removal import Applied, set_tensor
 
-SCHEMA = 1  # bump when the JSON layout changes; `Plan.load` refuses other versions
+SCHEMA = 2  # bump when the JSON layout changes (and migrate the old one in `_migrate`)
+# 2: steps may remove residual blocks (``blocks``); schema-1 files are read as schema 2.
 
-__all__ = ["SCHEMA", "Plan", "PlanError", "PlanStep", "Replay", "TensorCut", "fingerprint"]
+__all__ = ["SCHEMA", "BlockCut", "Plan", "PlanError", "PlanStep", "Replay", "TensorCut",
+           "fingerprint"]
 
 
 class PlanError(ValueError):
@@ -45,15 +48,24 @@ class TensorCut:
     removed: list[int]  # positions in that width, ascending
 
 
+@dataclass(frozen=True)
+class BlockCut:
+    """A residual block replaced by identity (depth pruning)."""
+
+    module: str
+    tuple_output: bool = False  # the stand-in returns ``(x,)``, as the block returned a tuple
+
+
 @dataclass
 class PlanStep:
-    """One application (a pruner step or an accepted interactive change)."""
+    """One application (a pruner step, an accepted interactive change, a block removal)."""
 
     tensors: list[TensorCut]
     attributes: dict[str, dict[str, list[Any]]]  # module -> attr -> [old, new]
     group: list[int] | None = None  # group ids pruned at this step, for people reading it
     title: str | None = None
     head_mode: str | None = None
+    blocks: list[BlockCut] = field(default_factory=list)  # schema 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Replay:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (before, after)
     attributes: dict[str, dict[str, list[Any]]]  # module -> attr -> [value before, after]
     config: Any | None = None  # `explorer.hfconfig.ConfigUpdate` for transformers models
+    blocks: dict[str, nn.Module] = field(default_factory=dict)  # removed blocks (for undo)
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +103,8 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> Fingerprint:
     return Fingerprint(entries, _hash(entries))
 
 
-def _original_shapes(model: nn.Module, applied: Sequence[Applied]) -> dict[str, tuple[int, ...]]:
+def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
+                     ) -> dict[str, tuple[int, ...]]:
     """Shapes before ``applied`` (undone in reverse); tied names follow their tensor."""
     tensors = _tensors(model)
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
@@ -98,14 +112,20 @@ def _original_shapes(model: nn.Module, applied: Sequence[Applied]) -> dict[str, 
     for name, t in tensors.items():
         aliases.setdefault(id(t), []).append(name)
     for app in reversed(applied):
+        if isinstance(app, BlockRemoval):  # its tensors left the model with the block
+            shapes.update(app.shapes)
+            continue
         for name, (before, _after) in app.shapes.items():
             for alias in aliases.get(id(tensors.get(name)), [name]):
                 shapes[alias] = tuple(before)
     return shapes
 
 
-def _step_from_applied(app: Applied, head_mode: str | None, group: list[int] | None,
-                       title: str | None) -> PlanStep:
+def _step_from_applied(app: Applied | BlockRemoval, head_mode: str | None,
+                       group: list[int] | None, title: str | None) -> PlanStep:
+    if isinstance(app, BlockRemoval):
+        return PlanStep([], {}, None, title or "removed " + ", ".join(app.modules), None,
+                        [BlockCut(m, t) for m, t in app.tuple_output.items()])
     cuts = []
     for (name, dim), keep in sorted(app.keeps.items()):
         size = app.shapes[name][0][dim] if name in app.shapes else None
@@ -150,7 +170,7 @@ class Plan:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_applied(cls, applied: Sequence[Applied], model: nn.Module, spec: str,
+    def from_applied(cls, applied: Sequence[Applied | BlockRemoval], model: nn.Module, spec: str,
                      input_shapes: Sequence[Sequence[int] | None] = (),
                      head_mode: str | None = None,
                      groups: Sequence[list[int] | None] | None = None,
@@ -158,7 +178,9 @@ class Plan:
         """A plan from `Applied` records, in order, of ``model`` (already pruned by them).
 
         Args:
-            applied: what `explorer.prune.removal.apply_removal` returned, oldest first.
+            applied: what `explorer.prune.removal.apply_removal` (channel cuts) and
+                `explorer.prune.depth.remove_blocks_recorded` (block removals) returned,
+                oldest first.
             model: the pruned model; its original shapes are recovered from ``applied``.
             spec: the model spec the plan is replayed from.
             input_shapes: shapes of the example inputs.
@@ -239,6 +261,9 @@ class Plan:
             PlanError: the plan does not fit ``model``; the model is unchanged.
         """
         replay = _commit(model, _check(self, model))
+        cuts = {b.module: b.tuple_output for step in self.steps for b in step.blocks}
+        if cuts:
+            replay.blocks = remove_blocks(model, list(cuts), cuts)
         if update_config and hasattr(model, "config"):
             from ..prune.fixups.hfconfig import update_config as _update
             replay.config = _update(model)
@@ -276,8 +301,17 @@ def _int_list(x: Any) -> bool:
     return isinstance(x, list) and all(_is_int(i) for i in x)
 
 
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 plan as schema 2 (its steps remove no blocks)."""
+    if data.get("schema") != 1 or not isinstance(data.get("steps"), list):
+        return data
+    steps = [{**s, "blocks": []} if isinstance(s, dict) else s for s in data["steps"]]
+    return {**data, "schema": 2, "steps": steps}
+
+
 def _parse(data: Any, where: str) -> Plan:
     _need(isinstance(data, dict), where, "the top level must be a JSON object")
+    data = _migrate(data)
     version = data.get("schema")
     if version != SCHEMA:
         raise PlanError(f"{where}: plan schema version {version!r} is not supported; this "
@@ -324,7 +358,13 @@ def _parse_step(s: Any, where: str) -> PlanStep:
                   f"attribute {module}.{attr} must be [old, new]")
     group = s.get("group")
     _need(group is None or _int_list(group), where, "'group' must be a list of ids")
-    return PlanStep(cuts, attrs, group, s.get("title"), s.get("head_mode"))
+    blocks = s.get("blocks", [])
+    _need(isinstance(blocks, list) and all(
+        isinstance(b, dict) and isinstance(b.get("module"), str) and b["module"]
+        and isinstance(b.get("tuple_output", False), bool) for b in blocks), where,
+        "'blocks' must be a list of {module, tuple_output}")
+    return PlanStep(cuts, attrs, group, s.get("title"), s.get("head_mode"),
+                    [BlockCut(b["module"], b.get("tuple_output", False)) for b in blocks])
 
 
 # -- replay mechanics: check everything, then commit --------------------------------------
@@ -415,9 +455,20 @@ def _check_attributes(plan: Plan, model: nn.Module) -> dict[tuple[str, str], lis
     return out
 
 
+def _check_blocks(plan: Plan, model: nn.Module) -> None:
+    for i, step in enumerate(plan.steps):
+        for b in step.blocks:
+            try:
+                model.get_submodule(b.module)
+            except AttributeError:
+                raise PlanError(f"step {i}: the model has no module '{b.module}' to remove; "
+                                f"is this plan for another model?") from None
+
+
 def _check(plan: Plan, model: nn.Module) -> _Staged:
     tensors = _tensors(model)
     _check_fingerprint(plan, tensors)
+    _check_blocks(plan, model)
     canon: dict[str, str] = {}
     aliases: dict[str, list[str]] = {}
     first_of: dict[int, str] = {}

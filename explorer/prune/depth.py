@@ -7,7 +7,7 @@ not blocks themselves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,3 +72,35 @@ def remove_blocks(model: nn.Module, names: list[str], tuple_output: dict[str, bo
         removed[name] = parent.get_submodule(attr)
         setattr(parent, attr, RemovedBlock((tuple_output or {}).get(name, False)))
     return removed
+
+
+@dataclass
+class BlockRemoval:
+    """One application of depth pruning, for plans and an exact undo."""
+
+    tuple_output: dict[str, bool]  # block name -> whether its Skip returns a 1-tuple
+    shapes: dict[str, tuple[int, ...]]  # the removed tensors (full names) -> shape then
+    removed: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.tuple_output)
+
+
+def remove_blocks_recorded(model: nn.Module, tuple_output: dict[str, bool]) -> BlockRemoval:
+    """`remove_blocks` for ``tuple_output``'s names, returning what `restore_blocks` needs."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in tuple_output:
+        block = model.get_submodule(name)
+        for sub, t in [*block.named_parameters(remove_duplicate=False),
+                       *block.named_buffers(remove_duplicate=False)]:
+            shapes[f"{name}.{sub}"] = tuple(t.shape)
+    removed = remove_blocks(model, list(tuple_output), tuple_output)
+    return BlockRemoval(dict(tuple_output), shapes, removed)
+
+
+def restore_blocks(model: nn.Module, record: BlockRemoval) -> None:
+    """Put the removed modules back (the exact objects)."""
+    for name, module in record.removed.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module)

@@ -9,7 +9,7 @@ reports it as one joint decision.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -54,7 +54,11 @@ def _where(verdict: Verdict) -> str:
     return verdict.location or verdict.error
 
 
-def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False) -> Solution[K]:
+Progress = Callable[[float, str], None]
+
+
+def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
+          progress: Progress | None = None) -> Solution[K]:
     """Find the largest set of ``parts`` that runs when applied together.
 
     Bisection finds the failing parts in about log2(n) checks when few fail (``alone=False``,
@@ -65,9 +69,11 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False) ->
     keys = list(parts)
     sol: Solution[K] = Solution()
     verdicts: dict[K, Verdict] = {}
+    tell = progress or (lambda _f, _t: None)
     if alone:
         failed = []
-        for k in keys:
+        for i, k in enumerate(keys):
+            tell(i / max(len(keys), 1), f"pre-flight of group {i + 1} of {len(keys)}, alone")
             v = flight.check(parts[k])
             if v.ok:
                 sol.safe.append(k)
@@ -76,9 +82,9 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False) ->
                 failed.append(k)
         if failed and sol.safe and not flight.check(sol.removal(parts)).ok:
             # safe alone but not together: fall back to the bisection for the whole set
-            return solve(flight, parts, alone=False)
+            return solve(flight, parts, alone=False, progress=progress)
     else:
-        failed = _bisect(flight, parts, keys, sol.safe, verdicts)
+        failed = _bisect(flight, parts, keys, sol.safe, verdicts, tell, len(keys))
     clusters: dict[str, list[K]] = {}
     for k in failed:
         clusters.setdefault(_where(verdicts[k]), []).append(k)
@@ -92,8 +98,10 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False) ->
 
 
 def _bisect(flight: Preflight, parts: Mapping[K, Removal], ids: Sequence[K], safe: list[K],
-            verdicts: dict[K, Verdict]) -> list[K]:
+            verdicts: dict[K, Verdict], tell: Progress, total: int) -> list[K]:
     """Add to ``safe`` the parts of ``ids`` that run with it; return the failing ones."""
+    tell((len(safe) + len(verdicts)) / max(total, 1),
+         f"pre-flight of {len(ids)} group(s) together ({len(safe)} of {total} safe so far)")
     verdict = flight.check(merge(parts[k] for k in [*safe, *ids]))
     if verdict.ok:
         safe.extend(ids)
@@ -102,5 +110,5 @@ def _bisect(flight: Preflight, parts: Mapping[K, Removal], ids: Sequence[K], saf
         verdicts[ids[0]] = verdict
         return list(ids)
     half = len(ids) // 2
-    return (_bisect(flight, parts, ids[:half], safe, verdicts)
-            + _bisect(flight, parts, ids[half:], safe, verdicts))
+    return (_bisect(flight, parts, ids[:half], safe, verdicts, tell, total)
+            + _bisect(flight, parts, ids[half:], safe, verdicts, tell, total))

@@ -122,7 +122,7 @@ def forward_check(model: nn.Module, inputs: tuple[Any, ...],
     except TraceError as exc:
         cause = exc.__cause__ or exc
         return Verdict(False, module=exc.module, location=traceback_location(cause),
-                       error=f"{type(cause).__name__}: {cause}")
+                       error=str(cause) or type(cause).__name__)
     shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
     params = count_params(model)
     if expected is not None and shapes != expected:

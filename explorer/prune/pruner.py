@@ -1,10 +1,11 @@
 """The pruner: choose indices per group, pre-flight them, apply, and report each step."""
 from __future__ import annotations
 
+import itertools
 import linecache
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -162,9 +163,13 @@ class Pruner:
         self.applied: list[Applied] = []  # every application, in order (for plans and undo)
         self._calib_source = calibration
         self._calibration: Calibration | None = None
-        self.version = 0  # bumped at every re-trace (caches of proposals key on it)
+        self.version = 0  # names the model state: new at every re-trace, an undo takes back
+        self._versions = itertools.count(1)  # the old one (caches of proposals key on it)
         self._flight: Preflight | None = None
-        self._pending: tuple[int, list[Proposal]] | None = None
+        # the analysis before each `apply` (for an undo without re-tracing)
+        # id(Applied) -> the analysis before it (graph, coupling, version, proposals)
+        self._before: dict[int, tuple[Graph, Coupling, int, Any]] = {}
+        self._pending: tuple[int, tuple[Any, ...], list[Proposal]] | None = None
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -179,12 +184,13 @@ class Pruner:
         self._prepared = False
         self._flight = None
         self._pending = None
-        self.version += 1
+        self.version = next(self._versions)
 
     def retrace(self) -> None:
         """Trace the model again after a change made outside the pruner (a block removal,
         a plan replay or its undo); a transformers config follows the widths."""
         self._update_config(StepReport(self.current_step))
+        self._before.clear()  # the model changed outside the pruner: old analyses are stale
         self._analyse()
 
     def configure(self, importance: str | None = None, ratio: float | None = None,
@@ -379,7 +385,7 @@ class Pruner:
     def pending(self) -> list[Proposal]:
         """This step's proposal for every group it would cut, bound to this pruner (cached
         until the next cut or settings change)."""
-        if self._pending is None or self._pending[0] != self.version:
+        if self._pending is None or self._pending[:2] != (self.version, self.settings()):
             removal, changes, _skipped = self.propose()
             cands, _ = self.candidates()
             scores = {(c.group.id, c.axis): c.scores for c in cands}
@@ -389,8 +395,8 @@ class Pruner:
             out = [Proposal(self.groups[gid], [c for _a, c in picks], [a for a, _c in picks],
                             {a: np.asarray(scores[(gid, a)]) for a, _c in picks}, pruner=self)
                    for gid, picks in by_group.items()]
-            self._pending = (self.version, out)
-        return list(self._pending[1])
+            self._pending = (self.version, self.settings(), out)
+        return list(self._pending[2])
 
     def proposals(self) -> Iterator[Proposal]:
         """One proposal per group, re-planned after each accepted one; the caller accepts
@@ -404,10 +410,13 @@ class Pruner:
             done.add(nxt.key)
             yield nxt
 
-    def verdicts(self, pending: list[Proposal] | None = None) -> Solution[tuple[str, int]]:
+    def verdicts(self, pending: list[Proposal] | None = None,
+                 progress: Callable[[float, str], None] | None = None
+                 ) -> Solution[tuple[str, int]]:
         """Each proposal's pre-flight alone, and the joint sets that run when cut together."""
         props = self.pending() if pending is None else pending
-        return solve(self.preflight(), {p.key: p.removal() for p in props}, alone=True)
+        return solve(self.preflight(), {p.key: p.removal() for p in props}, alone=True,
+                     progress=progress)
 
     def joint(self, proposal: Proposal, pending: list[Proposal] | None = None,
               solution: Solution[tuple[str, int]] | None = None) -> Proposal | None:
@@ -430,16 +439,22 @@ class Pruner:
                     return joint
         return None
 
-    def apply(self, removal: Removal) -> Applied:
-        """Apply ``removal`` now (no pre-flight: the caller ran one) and re-trace.
+    def apply(self, removal: Removal, graph: Graph | None = None) -> Applied:
+        """Apply ``removal`` now (no pre-flight: the caller ran one) and re-analyse.
+
+        Args:
+            removal: what to remove.
+            graph: the pre-flight's trace of the pruned copy (`Verdict.graph`); when given
+                the model is not traced again, only its coupling is recomputed.
 
         Raises:
             PruneError: the removal does not fit the model; nothing is changed.
         """
         applied = apply_removal(self.model, self.coupling, removal)
         self.applied.append(applied)
+        self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
         self._update_config(StepReport(self.current_step))
-        self._analyse()
+        self._analyse(graph)
         return applied
 
     # -- steps ----------------------------------------------------------------------------
@@ -473,6 +488,7 @@ class Pruner:
         if removal:
             applied = apply_removal(self.model, self.coupling, removal)
             self.applied.append(applied)
+            self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             report.attributes = dict(applied.attributes)
             self._update_config(report)
         self._finish(report, flight.expected)
@@ -503,8 +519,24 @@ class Pruner:
         last = self.applied.pop()
         undo(self.model, last)
         self._update_config(StepReport(self.current_step))  # widths are back: so is config
-        self._analyse()
+        before = self._before.pop(id(last), None)
+        if before is not None:  # the model is exactly as it was then
+            self._restore(*before)
+        else:
+            self._analyse()
         return last
+
+    def _restore(self, graph: Graph, coupling: Coupling, version: int,
+                 pending: tuple[int, tuple[Any, ...], list[Proposal]] | None) -> None:
+        """Take back the analysis of an earlier, identical model state (no re-trace): its
+        version too, so caches keyed on it (proposals, verdicts) are valid again."""
+        self.graph, self.coupling, self.groups = graph, coupling, coupling.groups
+        self._prepared = False
+        self._flight = None
+        self.version = version
+        self._pending = pending
+        for p in pending[2] if pending else []:  # undecided again
+            p.decided, p.applied, p.verdict = False, None, None
 
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:

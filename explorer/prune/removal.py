@@ -26,7 +26,11 @@ class Removal:
 
     def add(self, group: int, axis: int, indices: list[int]) -> None:
         cur = self.picks.setdefault((group, axis), [])
-        cur.extend(i for i in indices if i not in cur)
+        seen = set(cur)  # a set: a 7B model's widths make list membership quadratic
+        for i in indices:
+            if i not in seen:
+                seen.add(i)
+                cur.append(i)
 
     def __bool__(self) -> bool:
         return any(self.picks.values())
