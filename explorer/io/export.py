@@ -127,13 +127,13 @@ def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = N
         out: dict[str, bytes] = {}
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
-                for path in paths:
-                    out[Path(path).name] = Path(path).read_bytes()
+                for name in paths:
+                    out[Path(name).name] = Path(name).read_bytes()
                 continue
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for path in map(Path, paths):
-                    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+                for folder in map(Path, paths):
+                    files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
                     for f in files:
                         if f.is_file():
                             zf.write(f, f.relative_to(Path(tmp)))
