@@ -35,11 +35,21 @@ default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
 formats = st.multiselect("Formats", FORMATS, default=default, key="export_formats",
                          help="report measures latency before and after on this machine")
 if st.button("Build export files", key="export_build", type="primary", disabled=not formats):
+    bar = st.progress(0.0, text="exporting")
     try:
-        with st.spinner("exporting and measuring latency ..."):
-            st.session_state.export_files = (pe.version, *pe.export_files(tuple(formats)))
+        built: dict[str, bytes] = {}
+        messages: list[str] = []
+        for i, fmt in enumerate(formats):  # one format at a time, so the bar is real progress
+            bar.progress(i / len(formats), text=f"exporting {fmt}"
+                         + (" (measuring latency before and after)" if fmt == "report" else ""))
+            got, notes = pe.export_files((fmt,))
+            built.update(got)
+            messages += [n for n in notes if n not in messages]
+        st.session_state.export_files = (pe.version, built, messages)
     except Exception as exc:  # noqa: BLE001 - shown as one line, the session is untouched
-        st.error(f"export failed: {type(exc).__name__}: {exc}")
+        st.error(f"export failed: {exc}")
+    finally:
+        bar.empty()
 version, files, notes = st.session_state.get("export_files", (None, {}, []))
 if version == pe.version and files:
     for note in notes:

@@ -23,7 +23,7 @@ if c[2].button("Run the experiment", key="learn_run", type="primary"):
         st.session_state.learn_result = learn.run(
             settings, progress=lambda f, t: bar.progress(f, text=t), threads=None)
     except Exception as exc:  # noqa: BLE001 - shown as one line, never a traceback
-        st.error(f"The experiment failed: {type(exc).__name__}: {exc}")
+        st.error(f"The experiment failed: {exc}")
         st.stop()
     bar.empty()
 
