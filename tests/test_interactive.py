@@ -262,3 +262,18 @@ def test_layer_table_accepts_a_subset_of_layers() -> None:
     widths = [layer.self_attn.v_proj.weight.shape[0] for layer in s.model.model.layers]
     assert widths == [64, 48, 64, 64, 64]  # one head of 16 dims less in layer 1 only
     assert s.forward_check().kind == "success"
+
+
+@pytest.mark.parametrize("heads", ["dims", "whole"])
+def test_dino_global_ranking_cuts_tied_groups_by_one_fraction(heads: str) -> None:
+    lm = load_model("demo:dino_vit")
+    p = Pruner(lm.model, lm.example_inputs, ratio=0.5, heads=heads, global_pruning=True)
+    joint = p.joint(p.pending()[0])  # global ranking proposes different fractions per group
+    assert joint is not None and p.preflight().check(joint.removal()).ok
+    report = p.step()
+    assert not report.unsafe and report.forward_ok and report.output_shape_ok
+    residual = next(c for c in report.changes if c.group == 0)
+    heads_kept = {c.width_after for c in report.changes if c.axis in ("heads", "head-dim")}
+    per_head = 16 if heads == "whole" else heads_kept.pop()
+    n_heads = heads_kept.pop() if heads == "whole" else 6
+    assert residual.width_after == n_heads * per_head  # C // num_heads still holds

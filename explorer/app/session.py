@@ -224,7 +224,8 @@ class Session:
         if not pending:
             return self._fail("no pending proposals")
         parts = {p.key: p.removal() for p in pending}
-        sol = solve(self.pruner.preflight(), parts, progress=progress)
+        sol = solve(self.pruner.preflight(), parts, progress=progress,
+                    rescale=self.pruner.common_fraction)
         unsafe = [f"{p.group.title} ({sol.unsafe[p.key].module} {sol.unsafe[p.key].location})"
                   for p in pending if p.key in sol.unsafe]
         if not sol.safe:

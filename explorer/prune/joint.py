@@ -35,10 +35,11 @@ class Solution(Generic[K]):
     safe: list[K] = field(default_factory=list)  # every part to apply (joint sets included)
     joint: list[JointSet[K]] = field(default_factory=list)
     unsafe: dict[K, Verdict] = field(default_factory=dict)  # left out, with the alone verdict
+    rescaled: dict[K, Removal] = field(default_factory=dict)  # joint parts at one fraction
 
     def removal(self, parts: Mapping[K, Removal]) -> Removal:
-        """The union of the safe parts."""
-        return merge(parts[k] for k in self.safe)
+        """The union of the safe parts (joint parts rescaled to a common fraction, if so)."""
+        return merge(self.rescaled.get(k, parts[k]) for k in self.safe)
 
 
 def merge(removals: Iterable[Removal]) -> Removal:
@@ -57,14 +58,19 @@ def _where(verdict: Verdict) -> str:
 Progress = Callable[[float, str], None]
 
 
+Rescale = Callable[[list[Removal]], list[Removal]]  # parts -> the same at one fraction
+
+
 def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
-          progress: Progress | None = None) -> Solution[K]:
+          progress: Progress | None = None, rescale: Rescale | None = None) -> Solution[K]:
     """Find the largest set of ``parts`` that runs when applied together.
 
     Bisection finds the failing parts in about log2(n) checks when few fail (``alone=False``,
     what a step and Accept all use). With ``alone=True`` every part is first checked on its
     own (n checks), so each one's alone verdict is known: what the app and the CLI show up
-    front. Either way, parts that fail at the same model line are then retried as one set.
+    front. Either way, parts that fail at the same model line are then retried as one set,
+    as proposed and, when that fails and ``rescale`` is given, cut by one common fraction
+    (global ranking proposes different fractions; ``C // num_heads`` needs the same one).
     """
     keys = list(parts)
     sol: Solution[K] = Solution()
@@ -82,17 +88,26 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
                 failed.append(k)
         if failed and sol.safe and not flight.check(sol.removal(parts)).ok:
             # safe alone but not together: fall back to the bisection for the whole set
-            return solve(flight, parts, alone=False, progress=progress)
+            return solve(flight, parts, alone=False, progress=progress, rescale=rescale)
     else:
         failed = _bisect(flight, parts, keys, sol.safe, verdicts, tell, len(keys))
     clusters: dict[str, list[K]] = {}
     for k in failed:
         clusters.setdefault(_where(verdicts[k]), []).append(k)
     for where, ids in clusters.items():
-        trial = merge(parts[k] for k in [*sol.safe, *ids])
-        if len(ids) > 1 and flight.check(trial).ok:
-            sol.safe.extend(ids)
-            sol.joint.append(JointSet(ids, where, verdicts[ids[0]].module))
+        if len(ids) < 2:
+            continue
+        base = [sol.removal(parts)]
+        together = [parts[k] for k in ids]
+        if not flight.check(merge(base + together)).ok:
+            if rescale is None:
+                continue
+            together = rescale(together)
+            if not flight.check(merge(base + together)).ok:
+                continue
+            sol.rescaled.update(zip(ids, together, strict=True))
+        sol.safe.extend(ids)
+        sol.joint.append(JointSet(ids, where, verdicts[ids[0]].module))
     sol.unsafe = {k: verdicts[k] for k in failed if k not in sol.safe}
     return sol
 

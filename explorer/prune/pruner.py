@@ -6,7 +6,7 @@ import linecache
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from .calibration import Calibration, load_calibration
 from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, forward_check
-from .proposal import Proposal
+from .proposal import Proposal, lowest
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
 
 HEAD_MODES = ("dims", "whole", "keep")
@@ -416,7 +416,30 @@ class Pruner:
         """Each proposal's pre-flight alone, and the joint sets that run when cut together."""
         props = self.pending() if pending is None else pending
         return solve(self.preflight(), {p.key: p.removal() for p in props}, alone=True,
-                     progress=progress)
+                     progress=progress, rescale=self.common_fraction)
+
+    def common_fraction(self, parts: list[Removal]) -> list[Removal]:
+        """``parts`` re-cut so every axis loses the same fraction (their mean), lowest
+        scores first: what groups tied by ``C // num_heads`` need to shrink together."""
+        picks = [(g, a, len(idx)) for r in parts for (g, a), idx in r.picks.items() if idx]
+        if not picks:
+            return parts
+        fraction = float(np.mean([n / self.groups[g].axes[a].size for g, a, n in picks]))
+        smallest = min(self.groups[g].axes[a].size for g, a, _n in picks)
+        # a multiple of 1/smallest: then every wider axis (usually a multiple of the smallest,
+        # such as C = num_heads * head_dim) keeps a width that rounds the same way
+        fraction = max(1, round(fraction * smallest)) / smallest
+        cands, _ = self.candidates()
+        scores = {(c.group.id, c.axis): c.scores for c in cands}
+        out = []
+        for r in parts:
+            new = Removal()
+            for (g, a), idx in r.picks.items():
+                size = self.groups[g].axes[a].size
+                n = size - _kept(size, fraction, self.round_to)
+                new.add(g, a, lowest(scores[(g, a)], n) if (g, a) in scores and n > 0 else idx)
+            out.append(new)
+        return out
 
     def joint(self, proposal: Proposal, pending: list[Proposal] | None = None,
               solution: Solution[tuple[str, int]] | None = None) -> Proposal | None:
@@ -431,13 +454,25 @@ class Pruner:
         for js in sol.joint:
             if proposal.key in js.parts:
                 others = [props[k] for k in js.parts if k != proposal.key]
+                reason = _joint_reason(js.location, props, js.parts)
                 joint = Proposal(proposal.group, proposal.changes, proposal.axes,
-                                 proposal.scores, others, _joint_reason(js.location, props,
-                                                                        js.parts),
-                                 pruner=self)
+                                 proposal.scores, others, reason, pruner=self)
+                if self.preflight().check(joint.removal()).ok:
+                    return joint
+                joint = self._snapped(joint)  # the same fraction everywhere, snapped
                 if self.preflight().check(joint.removal()).ok:
                     return joint
         return None
+
+    def _snapped(self, joint: Proposal) -> Proposal:
+        """``joint`` with its primary counts moved to the common fraction of its parts."""
+        parts = [joint.removal(), *(p.removal() for p in joint.partners)]
+        first = self.common_fraction([merge(parts)])[0]
+        changes = [replace(c, removed=first.picks.get((joint.group.id, a), c.removed),
+                           width_after=c.width_before - len(first.picks.get(
+                               (joint.group.id, a), c.removed)))
+                   for a, c in zip(joint.axes, joint.changes, strict=True)]
+        return replace(joint, changes=changes)
 
     def apply(self, removal: Removal, graph: Graph | None = None) -> Applied:
         """Apply ``removal`` now (no pre-flight: the caller ran one) and re-analyse.
@@ -545,11 +580,18 @@ class Pruner:
         parts: dict[int, Removal] = {}
         for (g, a), idx in removal.picks.items():
             parts.setdefault(g, Removal()).add(g, a, idx)
-        sol = solve(flight, dict(sorted(parts.items())))
+        sol = solve(flight, dict(sorted(parts.items())), rescale=self.common_fraction)
         for g, v in sol.unsafe.items():
             report.unsafe.append(Unsafe(g, v.module, v.location, v.error))
         safe = set(sol.safe)
-        return merge(parts[g] for g in sorted(safe)), [c for c in changes if c.group in safe]
+        kept = [c for c in changes if c.group in safe]
+        for c in kept:  # a joint set cut at a common fraction: report what is really removed
+            if c.group in sol.rescaled:
+                axis = next(a for (g, a) in removal.picks if g == c.group and
+                            self.groups[g].axes[a].role == c.axis)
+                c.removed = sol.rescaled[c.group].picks.get((c.group, axis), c.removed)
+                c.width_after = c.width_before - len(c.removed)
+        return merge(sol.rescaled.get(g, parts[g]) for g in sorted(safe)), kept
 
 
 def _joint_reason(location: str, props: dict[tuple[str, int], Proposal],
