@@ -30,6 +30,8 @@ class Resolution:
     defs: dict[int, tuple[int, ...]]  # composite class -> atom classes (flattened)
     conflicts: list[str] = field(default_factory=list)
     conflict_classes: set[int] = field(default_factory=set)  # must not be pruned
+    _table: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False,
+                                                         compare=False)
 
     def atoms_matrix_of_classes(self, classes: np.ndarray) -> np.ndarray:
         """Like `atoms_matrix`, for class ids instead of element ids."""
@@ -45,15 +47,25 @@ class Resolution:
     def atoms_matrix(self, ids: np.ndarray) -> np.ndarray:
         """``(len(ids), k)`` atom classes per element, padded with -1 to the longest tuple."""
         labels = self.label[ids]
-        tuples = [self.defs.get(int(c)) for c in labels] if self.defs else []
-        k = max((len(t) for t in tuples if t is not None), default=1)
-        out = np.full((len(ids), k), -1, dtype=np.int64)
-        out[:, 0] = labels
-        if self.defs:
-            for i, t in enumerate(tuples):
-                if t is not None:
-                    out[i, :len(t)] = t
-        return out
+        table, lengths = self._atom_table()
+        k = int(lengths[labels].max()) if len(labels) else 1
+        return table[labels, :k]  # fancy indexing: a new array
+
+    def _atom_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Class id -> its atom tuple padded with -1, and the tuple lengths (built once: a
+        7B model asks for thousands of member matrices)."""
+        if self._table is None:
+            n = max(int(self.label.max()) + 1 if len(self.label) else 0, self.num_classes,
+                    max(self.defs, default=-1) + 1)
+            k = max((len(t) for t in self.defs.values()), default=1)
+            table = np.full((n, k), -1, dtype=np.int64)
+            table[:, 0] = np.arange(n)
+            lengths = np.ones(n, dtype=np.int64)
+            for c, t in self.defs.items():
+                table[c, :len(t)] = t
+                lengths[c] = len(t)
+            self._table = (table, lengths)
+        return self._table
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -190,8 +202,8 @@ def _flatten_defs(label: np.ndarray, prods: dict[tuple[int, ...], tuple[np.ndarr
     for flat, comps in prods.values():
         lf, lc = label[flat], label[comps]
         _, idx = np.unique(lf, return_index=True)
-        for i in idx:
-            raw.setdefault(int(lf[i]), tuple(int(x) for x in lc[i]))
+        for key, row in zip(lf[idx].tolist(), lc[idx].tolist(), strict=True):
+            raw.setdefault(key, tuple(row))
     # A class that is a product containing itself (interleaved rotary embeddings stack
     # x[..., 1::2] and x[..., ::2] back into x) is one channel pair removed as a unit: it
     # becomes an atom, and classes built on it expand through it normally.
