@@ -1,6 +1,7 @@
 """Groups: decide on one proposal at a time (pre-flight, accept, resize, reject, undo)."""
 import streamlit as st
 
+from explorer.app.sources import quality_text
 from explorer.prune.importance import CRITERIA
 from explorer.prune.pruner import HEAD_MODES
 from explorer.render.figures import axes_rows, importance_figure, member_rows
@@ -28,7 +29,7 @@ c[3].toggle("Global ranking", key=KEYS[3], on_change=_configure,
             help="rank channels of all groups together instead of the ratio per group")
 c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=_configure)
 
-m = st.columns(3)
+m = st.columns(4)
 m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}",
             delta_color="inverse")
 m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}", delta_color="inverse")
@@ -38,6 +39,9 @@ except Exception as exc:  # noqa: BLE001 - e.g. a criterion that needs weights o
     st.error(f"cannot compute proposals: {type(exc).__name__}: {exc}")
     st.stop()
 m[2].metric("pending groups", len(pending))
+quality = pe.quality()
+if quality is not None:
+    m[3].metric(*quality_text(quality), help=f"against the original, on {pe.quality_source}")
 if pe.message is not None:
     getattr(st, pe.message.kind)(pe.message.text)
 
@@ -55,6 +59,16 @@ if verdict.ok:
 else:
     st.warning(f"Pre-flight: accepting breaks the forward in {verdict.module or 'the model'} "
                f"{verdict.location}: {verdict.error}")
+if verdict.ok and quality is not None:
+    try:
+        cost = pe.proposal_cost(p)
+    except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
+        st.warning(f"could not measure what accepting costs: {type(exc).__name__}: {exc}")
+    else:
+        if cost is not None:
+            label, now = quality_text(quality)
+            st.info(f"Accepting it: {label} {now} → {quality_text(cost)[1]} "
+                    f"(measured on a copy with weights, {pe.quality_source})")
 proposal_id = (pe.version, p.key, pe.settings())
 if st.session_state.get("groups_for") != proposal_id:  # a new proposal: reset the counts
     st.session_state.groups_for = proposal_id

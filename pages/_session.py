@@ -1,33 +1,51 @@
 """Shared by app.py and the pages (not a page itself): the model cache and session loading."""
 from __future__ import annotations
 
+from typing import Any
+
 import streamlit as st
 
 from explorer.app.session import Session
-from explorer.io.specs import LoadedModel, load_model, parse_input_shape
+from explorer.app.sources import LoadRequest, load_request
+from explorer.io.specs import LoadedModel, load_model
 
-DEFAULT_REQUEST = ("demo:dino_vit_safe", "cpu", "")
+DEFAULT_REQUEST = LoadRequest("demo:dino_vit_safe")
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def pristine(spec: str, device: str, shape: tuple[int, ...] | None) -> LoadedModel:
+def pristine(spec: str, device: str, shape: tuple[int, ...] | None,
+             weights: str | None) -> LoadedModel:
     """The unpruned model; shared by all sessions, so never mutated (sessions copy it)."""
-    return load_model(spec, device=device, input_shape=shape)
+    return load_model(spec, device=device, input_shape=shape, weights=weights)
 
 
-def load(request: tuple[str, str, str]) -> bool:
+def _cached(spec: str, *, device: str, input_shape: tuple[int, ...] | None,
+            weights: str | None) -> LoadedModel:
+    return pristine(spec, device, input_shape, weights)
+
+
+def load(request: LoadRequest) -> bool:
     """Build a fresh session for ``request``; on failure keep the old one and record why."""
-    spec, device, shape_text = request
     st.session_state.pe_request = request
-    with st.status(f"Loading and tracing `{spec}` ...", expanded=False) as status:
+    with st.status(f"Loading `{request.spec}` ...", expanded=False) as status:
         try:
-            shape = parse_input_shape(shape_text) if shape_text.strip() else None
-            lm = pristine(spec.strip(), device, shape)
-            st.session_state.pe = Session(lm.model, lm.example_inputs, spec=spec.strip())
+            loaded = load_request(request, build=_cached, progress=status.write)
+            lm = loaded.model
+            status.write("tracing the model and finding its groups")
+            st.session_state.pe = Session(lm.model, lm.example_inputs, spec=request.spec,
+                                          calibration=loaded.calibration,
+                                          heldout=loaded.heldout, task=lm.task)
+            st.session_state.pe_loaded = _summary(lm)
             st.session_state.pe_error = ""
-            status.update(label=f"Traced `{spec}`", state="complete")
+            status.update(label=f"Traced `{request.spec}`", state="complete")
             return True
         except Exception as exc:  # noqa: BLE001 - any user model can fail; shown as one line
-            st.session_state.pe_error = f"{type(exc).__name__}: {exc}"
-            status.update(label=f"Could not load `{spec}`", state="error")
+            st.session_state.pe_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            status.update(label=f"Could not load `{request.spec}`", state="error")
             return False
+
+
+def _summary(lm: LoadedModel) -> dict[str, Any]:
+    """What the Model page says about where the weights came from."""
+    return {"pretrained": lm.pretrained, "task": lm.task.value, "notes": list(lm.notes),
+            "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}

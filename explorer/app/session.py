@@ -24,12 +24,16 @@ from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import TraceError, trace, traceback_location
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..prune.calibration import Calibration, random_like
 from ..prune.depth import remove_blocks
 from ..prune.importance import CRITERIA, make
 from ..prune.preflight import Preflight, Verdict, clone_model, meta_copy
 from ..prune.pruner import HEAD_MODES, GroupChange, Pruner
 from ..prune.removal import Applied, PruneError, Removal, apply_removal
 from ..prune.sensitivity import SensitivityRow, scan
+from ..quality.evaluate import Quality
+from ..quality.probe import QualityProbe
+from ..quality.task import Task
 
 GroupKey = tuple[str, int]
 
@@ -113,6 +117,10 @@ class Session:
     decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> "accepted"/"rejected"
     log: list[dict[str, Any]] = field(default_factory=list)  # accepted changes, for the report
     message: Message | None = None
+    calibration: Calibration | None = None  # data for data-aware criteria (random if None)
+    heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
+    task: Task | None = None  # what the model does (inferred when None)
+    _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model = clone_model(self.model)
@@ -291,8 +299,42 @@ class Session:
         if self.on_meta:
             raise ValueError("sensitivity needs weights: load the model on cpu, not meta")
         pruner = Pruner(clone_model(self.model), self.example_inputs,
-                        importance=self.importance, heads=self.heads)
+                        importance=self.importance, heads=self.heads,
+                        calibration=self.calibration)
         return scan(pruner, ratios)
+
+    # ------------------------------------------------------------------ quality
+    def quality(self) -> Quality | None:
+        """Quality of the current model against the original on a small held-out batch
+        (cached per model version); None on meta, which has no weights to measure."""
+        probe = self._quality_probe()
+        return None if probe is None else probe.current(self.model, self.version)
+
+    def proposal_cost(self, proposal: Proposal) -> Quality | None:
+        """Quality after accepting ``proposal`` as proposed, measured on a CPU copy with
+        weights (the pre-flight copy is weightless); cached; None on meta."""
+        probe = self._quality_probe()
+        if probe is None:
+            return None
+        key = (self.version, proposal.key, self.settings())
+        return probe.cost(self.model, self.graph.coupling, proposal.removal, key)
+
+    @property
+    def quality_source(self) -> str:
+        """What the quality is measured on, in words."""
+        if self.heldout is None:
+            return "random inputs (no held-out data given)"
+        return f"{_batch_rows(self.heldout.batches[0])} held-out samples"
+
+    def _quality_probe(self) -> QualityProbe | None:
+        if self.on_meta:
+            return None
+        if self._probe is None:
+            data = (Calibration(self.heldout.batches[:1], mask_index=self.heldout.mask_index)
+                    if self.heldout is not None else
+                    Calibration(random_like(self.example_inputs, 1, 4, seed=1)))
+            self._probe = QualityProbe(self.original, data, self.task)
+        return self._probe
 
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
@@ -411,7 +453,7 @@ class Session:
             return reuse
         return Pruner(self.model, self.example_inputs, importance=self.importance,
                       ratio=self.ratio, heads=self.heads, global_pruning=self.global_pruning,
-                      round_to=self.round_to)
+                      round_to=self.round_to, calibration=self.calibration)
 
     def _retrace(self) -> None:
         self._pruner = self._make_pruner()
@@ -493,6 +535,11 @@ class Session:
         self.message = Message("success", f"accepted {len(accepted)} group(s): params "
                                           f"{before:,} -> {self.params:,}")
         return True
+
+
+def _batch_rows(batch: tuple[Any, ...]) -> int:
+    first = next((a for a in batch if isinstance(a, torch.Tensor) and a.dim()), None)
+    return int(first.shape[0]) if first is not None else 1
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:

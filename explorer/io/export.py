@@ -29,6 +29,7 @@ from torch import nn
 from ..coupling.heads import AttentionInfo
 from ..prune.fixups.hfconfig import ConfigUpdate, update_config
 from ..prune.preflight import clone_model
+from ..quality.evaluate import Quality
 from .plan import Plan
 
 FORMATS = ("pt", "safetensors", "hf", "report")
@@ -66,8 +67,8 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
 def export(model: nn.Module, out_dir: str | os.PathLike[str],
            formats: str | Sequence[str] = DEFAULT_FORMATS, plan: Plan | None = None,
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
-           attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None
-           ) -> ExportResult:
+           attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
+           quality: Quality | None = None, tokenizer: Any | None = None) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -80,6 +81,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         original: the unpruned model, for the report; rebuilt from ``plan.model`` if None.
         example_inputs: inputs for the report's latency; from the plan's spec if None.
         attention: attention modules (before, after) for the report's head table.
+        quality: `explorer.evaluate` on held-out data, for the report's quality section.
+        tokenizer: saved into the ``hf`` folder, so it is a complete checkpoint again.
 
     Raises:
         ExportError: an unknown format, or ``safetensors`` without a plan.
@@ -93,6 +96,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     result = ExportResult(str(out))
     if "hf" in wanted:
         _export_hf(model, out, result)
+        if "hf" in result.files and tokenizer is not None:
+            tokenizer.save_pretrained(result.files["hf"][0])
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
             wanted.append("safetensors")
             result.messages.append("wrote model.safetensors + plan.json instead (load with "
@@ -104,7 +109,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         result.files["safetensors"] = _export_safetensors(model, plan, out)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
-                                                attention)
+                                                attention, quality)
     _write_readme(out, result, plan)
     return result
 
@@ -138,8 +143,8 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
 
 def _export_report(model: nn.Module, out: Path, plan: Plan | None,
                    original: nn.Module | None, example_inputs: Sequence[Any] | None,
-                   attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None
-                   ) -> list[str]:
+                   attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
+                   quality: Quality | None = None) -> list[str]:
     from .report import build_report, write_report
     if original is None or example_inputs is None:
         if plan is None:
@@ -150,7 +155,8 @@ def _export_report(model: nn.Module, out: Path, plan: Plan | None,
         original = original if original is not None else lm.model
         example_inputs = example_inputs if example_inputs is not None else lm.example_inputs
     report = build_report(original, model, example_inputs, plan, attention,
-                          title=f"Pruning report: {plan.model}" if plan else "Pruning report")
+                          title=f"Pruning report: {plan.model}" if plan else "Pruning report",
+                          quality=quality)
     return [str(p) for p in write_report(report, out)]
 
 

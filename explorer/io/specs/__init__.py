@@ -5,11 +5,17 @@ Accepted forms:
 * ``timm:<name>[?k=v&...]``: ``timm.create_model(name, pretrained=False, **kwargs)``.
 * ``hf:<family>[?k=v&...]``: a small built-in transformers config (see ``hf_families()``); query
   fields override config fields, e.g. ``hf:llama?hidden_size=4096&num_hidden_layers=32``.
-* ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``).
+* ``hf:<local folder>[?task=...&k=v]``: a transformers checkpoint folder (config, single or
+  sharded weights, tokenizer) via ``from_pretrained(..., local_files_only=True)``; ``task`` is
+  causal-lm, masked-lm, encoder, sequence-classification or image-classification (default: the
+  config's ``architectures``).
+* ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``),
+  random weights.
 * ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
 * ``<path>.py:<callable>``: a user factory returning a module or ``(module, example_inputs)``.
 
-Weights are never downloaded; ``load_model(..., weights=...)`` loads a local state dict.
+Weights are never downloaded; ``load_model(..., weights=...)`` loads a local state dict (a
+``.safetensors`` file, a sharded ``*.index.json`` or a ``torch.save``-d dict).
 
 One module per spec form (``_timm``, ``_hf``, ``_factory``; demos are built here), plus the
 option query (``_query``), example inputs (``_inputs``), local weights (``_weights``) and the
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ...graph.walk import to_device
+from ...quality.task import Task, infer_task
 from ._factory import build_factory
 from ._hf import HF_FAMILIES, build_hf
 from ._inputs import check_input_shape, resized_inputs, seeded
@@ -48,6 +55,7 @@ __all__ = [
 SPEC_FORMS = (
     "timm:<name>[?k=v&...]",
     "hf:<family>[?k=v&...]",
+    "hf:<local checkpoint folder>[?task=...]",
     "hf:<path/to/config.json>",
     "demo:<name>",
     "<path/to/file.py>:<callable>",
@@ -114,6 +122,10 @@ def load_model(
         family=built.family,
         kind=built.kind,
         hf_config=built.hf_config,
+        task=built.task if built.task is not Task.OTHER else infer_task(model),
+        tokenizer=built.tokenizer,
+        pretrained=built.pretrained or weights is not None,
+        notes=built.notes,
     )
 
 

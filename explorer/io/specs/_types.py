@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from ...quality.task import Task
+
 
 class SpecError(ValueError):
     """A model spec, input shape or weights file the user gave is wrong.
@@ -25,6 +27,10 @@ class LoadedModel:
     family: str  # "timm" | "hf" | "demo" | "factory"
     kind: str  # "vision" | "lm" | "encoder" | "other": what the inputs are
     hf_config: Any | None = None  # transformers PretrainedConfig for hf models, else None
+    task: Task = Task.OTHER  # what the model does: decides how quality is measured
+    tokenizer: Any | None = None  # the checkpoint's tokenizer (hf:<folder>), for text data
+    pretrained: bool = False  # True when real weights were loaded (folder or weights file)
+    notes: tuple[str, ...] = ()  # loading caveats to show the user (e.g. a new head)
 
 
 @dataclass(frozen=True)
@@ -37,3 +43,8 @@ class Built:
     kind: str
     hf_config: Any | None = None
     vocab_size: int | None = None  # token-id range for "lm"/"encoder" inputs
+    task: Task = Task.OTHER
+    tokenizer: Any | None = None
+    source: str = ""  # the checkpoint folder the weights came from, if any
+    pretrained: bool = False
+    notes: tuple[str, ...] = ()
