@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.tracer import tensor_leaves
+from ..graph.walk import tensor_leaves
 from ..prune.calibration import Calibration
 from .task import HEADLINE, Metric, Task, infer_task
 
