@@ -228,10 +228,10 @@ def test_image_folder_uses_the_models_data_config_and_timm_folder_loads(tmp_path
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    net = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
     folder = tmp_path / "resnet"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18",
+    (folder / "config.json").write_text(json.dumps({"architecture": "test_resnet",
                                                     "num_classes": 5}))
     save_file(net.state_dict(), folder / "model.safetensors")
     lm = load_model(f"timm:{folder}")
@@ -241,7 +241,7 @@ def test_image_folder_uses_the_models_data_config_and_timm_folder_loads(tmp_path
     for i in range(3):
         Image.new("RGB", (40 + 10 * i, 50), (80 * i, 20, 200)).save(images / f"{i}.png")
     data = load_data(tmp_path / "images", lm, DataOptions(batch_size=2))
-    assert [tuple(b[0].shape) for b in data.batches] == [(2, 3, 224, 224), (1, 3, 224, 224)]
+    assert [tuple(b[0].shape) for b in data.batches] == [(2, 3, 160, 160), (1, 3, 160, 160)]
     with torch.no_grad():
         assert torch.equal(lm.model(*data.batches[0]), net(*data.batches[0]))
     same = evaluate(lm.model, net, data)
