@@ -27,6 +27,8 @@ from ..prune.calibration import Calibration
 from ..prune.preflight import clone_model
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..quality.evaluate import Quality, evaluate
+from ..render.dot import view_to_dot
+from ..render.view import build_view
 
 
 class CliError(Exception):
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated: pt (a pickle), safetensors (+ plan.json), hf, report")
+    gv = sub.add_parser("graph", help="print the graph view model (nodes and edges)")
+    _add_model_args(gv)
+    gv.add_argument("--depth", type=int, default=2, help="modules above this depth open")
+    gv.add_argument("--group", type=int, default=None, help="id of the group to select")
+    gv.add_argument("--no-fold", action="store_true", help="do not fold repeated blocks")
     lr = sub.add_parser("learn", help="train digits models and compare pruning criteria")
     lr.add_argument("--models", default="cnn,vit", help="comma-separated: cnn, vit, vit-dino")
     lr.add_argument("--finetune-epochs", type=int, default=2)
@@ -295,11 +302,21 @@ def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
     return {**result.to_dict(), "_text": learn.summary_text(result)}
 
 
+def cmd_graph(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _load(args)
+    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
+    view = build_view(mg, depth=args.depth, group=args.group, fold=not args.no_fold).visible()
+    out: dict[str, Any] = dict(view.to_dict())
+    if not args.json:
+        out["_text"] = view_to_dot(view)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
-                "export": cmd_export, "learn": cmd_learn}
+                "export": cmd_export, "learn": cmd_learn, "graph": cmd_graph}
     try:
         out = handlers[args.command](args)
     except (SpecError, TraceError, CliError, ValueError, OSError) as exc:
