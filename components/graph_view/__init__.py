@@ -14,7 +14,7 @@ _STATIC = Path(__file__).resolve().parent / "static"
 _component = components.declare_component("pe_graph_view", path=str(_STATIC))
 
 
-def graph_view(view: dict[str, Any], key: str, model_key: str = "", height: int = 650,
+def graph_view(view: dict[str, Any], key: str, model_key: str = "", height: int = 720,
                selected: str | None = None) -> dict[str, Any] | None:
     """Draw a view model (``ViewModel.to_component()``) and return the last click.
 

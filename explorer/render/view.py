@@ -40,6 +40,7 @@ _OP_WORDS = {
     "_native_batch_norm_legit": "batch_norm", "_softmax": "softmax",
 }
 _MAX_PARAM_LINES = 3
+_MAX_CHAIN_OPENED = 80  # a longer chain (a residual stream) is shown on closed boxes
 
 
 class NodeKind(enum.Enum):
@@ -214,6 +215,17 @@ class _Builder:
                 self.param_groups.setdefault(m.param, set()).add(gr.id)
                 if m.dim == 0:
                     self.dim0_group.setdefault(m.param, gr.id)
+        self.home: dict[int, str] = {}  # group -> innermost module holding all its members
+        for gr in groups:
+            mods = [m.module for m in gr.members]
+            common = mods[0].split(".") if mods else []
+            for m in mods[1:]:
+                parts = m.split(".")
+                n = 0
+                while n < min(len(parts), len(common)) and parts[n] == common[n]:
+                    n += 1
+                common = common[:n]
+            self.home[gr.id] = ".".join(common)
         self.fam_groups: dict[int, set[int]] = {}
         for gr in groups:
             for f in (a.family for a in gr.axes):
@@ -398,7 +410,6 @@ class _Builder:
                edges: list[ViewEdge], chain: set[str], copies: dict[str, int],
                ranges: dict[str, str]) -> list[ViewNode]:
         g = self.g
-        removed_ops = set(opmap)
         alive = {op.module for op in kept_ops}
         kept_modules = [m for m in modules if any(_within(a, m) for a in alive)]
         out_groups: dict[str, set[int]] = {}
@@ -427,8 +438,14 @@ class _Builder:
             for m in _ancestors_and_self(op.module):
                 first_op.setdefault(m, op.index)
         order = sorted(kept_modules, key=lambda m: (first_op.get(m, 0), m.count(".")))
-        boxes = {m: self._box(m, box_groups[m], m in box_chain, box_first.get(m),
-                              copies.get(m, 1), ranges.get(m), removed_ops)
+        local: dict[str, int] = {}  # box -> first group whose members all lie inside it
+        for gid in sorted(self.home):
+            for m in _ancestors_and_self(self.home[gid]):
+                local.setdefault(m, gid)
+        self.open_chain = len([n for n in op_nodes if n.chain]) <= _MAX_CHAIN_OPENED
+        boxes = {m: self._box(m, box_groups[m], m in box_chain,
+                              local.get(m, box_first.get(m)),
+                              copies.get(m, 1), ranges.get(m))
                  for m in order}
         # interleave: a box right before its first op
         by_first: dict[int, list[ViewNode]] = {}
@@ -482,7 +499,7 @@ class _Builder:
         return self.unsafe.get(self.group, "") if self.group in gids else ""
 
     def _box(self, m: str, gids: set[int], chain: bool, primary: int | None, copies: int,
-             fold_range: str | None, removed_ops: set[int]) -> ViewNode:
+             fold_range: str | None) -> ViewNode:
         g = self.g
         parent = m.rpartition(".")[0]
         cls = g.modules.get(m, "")
@@ -498,7 +515,7 @@ class _Builder:
                           + " , ".join(str(list(g.values[v].shape)) for v in outs[:2]))
         detail += self._param_lines(m, copies)
         depth = m.count(".") + 1
-        expanded = depth < self.depth or (chain and self.group is not None)
+        expanded = depth < self.depth or (chain and self.open_chain)
         tgroup = tuple(sorted(gids))
         return ViewNode(f"m:{m}", label, f"m:{parent}" if parent else None, NodeKind.MODULE,
                         tgroup, m, tuple(detail), expanded, copies, primary, chain,

@@ -23,6 +23,7 @@ let selectedId = null;
 let clicks = 0;
 let searchText = "";
 let layoutMs = 0;
+let lastText = "";
 
 // -- Streamlit protocol (the component API, without streamlit-component-lib) ---------------
 function send(type, data) {
@@ -187,6 +188,10 @@ function draw(fit) {
   const layout = cy.layout({ ...LAYOUT, fit });
   layout.one("layoutstop", () => {
     if (!fit && pan) { cy.zoom(pan.zoom); cy.pan(pan.pan); }
+    const chain = cy.nodes(".chain, .member").filter((n) => !n.hasClass("open"));
+    if (fit && chain.nonempty() && chain.length < cy.nodes().length) {
+      cy.fit(chain, 30);  // a selected group: zoom to its chain
+    }
     layoutMs = performance.now() - t0;
     publish();
   });
@@ -209,7 +214,7 @@ function info() {
   const open = cy.nodes(".open").length;
   const group = view.group === null ? "no group selected" : `group ${view.group} selected`;
   return `${cy.nodes().length} nodes, ${open} open boxes, ${group} · click: select · ` +
-    "double-click a box: expand/collapse · wheel: zoom · drag: pan";
+    "double-click: open/close · wheel: zoom · drag: pan";
 }
 
 function toggle(id) {
@@ -238,10 +243,15 @@ function openAncestorsOf(pred) {
 
 function setup() {
   document.body.innerHTML = `
-    <div id="pe-bar" style="display:flex;gap:6px;align-items:center;font:12px Helvetica,Arial">
+    <style>#pe-bar button{font:12px Helvetica,Arial;padding:2px 8px;border:1px solid #bbb;
+      border-radius:4px;background:#f7f7f9;cursor:pointer;white-space:nowrap}
+      #pe-bar input{font:12px Helvetica,Arial;padding:3px 6px;border:1px solid #bbb;
+      border-radius:4px}</style>
+    <div id="pe-bar" style="display:flex;gap:6px;align-items:center;font:12px Helvetica,Arial;
+      height:26px;overflow:hidden">
       <input id="pe-search" placeholder="search ops and modules" style="width:220px">
       <button id="pe-fit">Fit</button>
-      <button id="pe-toggle">Expand / collapse selected</button>
+      <button id="pe-toggle">Expand/collapse selected</button>
       <button id="pe-expand-all">Expand all</button>
       <button id="pe-collapse-all">Collapse all</button>
       <span id="pe-info" style="color:#555"></span>
@@ -251,9 +261,9 @@ function setup() {
     <div id="pe-state" style="display:none"></div>`;
   document.body.style.margin = "0";
   cy = cytoscape({ container: document.getElementById("pe-cy"), style: STYLE,
-                   wheelSensitivity: 0.3, minZoom: 0.05, maxZoom: 4,
+                   minZoom: 0.05, maxZoom: 4,
                    selectionType: "single", boxSelectionEnabled: false });
-  cy.on("tap", "node", (evt) => select(evt.target.id()));
+  cy.on("onetap", "node", (evt) => select(evt.target.id()));  // not the first of a double
   cy.on("dbltap", "node", (evt) => toggle(evt.target.id()));
   document.getElementById("pe-fit").onclick = () => cy.fit(undefined, 20);
   document.getElementById("pe-toggle").onclick = () => selectedId && toggle(selectedId);
@@ -272,9 +282,13 @@ function setup() {
   });
   window.peGraph = {
     // test hooks: rendered boxes (iframe pixels), state, and the same actions as the mouse
-    box: (id) => {
+    box: (id) => {  // in the iframe's pixels, for a real mouse click
       const n = cy.getElementById(id);
-      return n.nonempty() ? n.renderedBoundingBox() : null;
+      if (n.empty()) return null;
+      const b = n.renderedBoundingBox();
+      const c = cy.container().getBoundingClientRect();
+      return { x1: b.x1 + c.left, x2: b.x2 + c.left, y1: b.y1 + c.top, y2: b.y2 + c.top,
+               title: n.hasClass("open") ? 18 : 0 };
     },
     visible: () => cy.nodes().map((n) => n.id()),
     isOpen: (id) => cy.getElementById(id).hasClass("open"),
@@ -294,8 +308,12 @@ function render(args) {
   if (key !== modelKey) { toggled = new Map(); selectedId = null; }
   modelKey = key;
   const prevGroup = view ? view.group : null;
-  view = args.view;
+  const text = JSON.stringify(args.view);
   if (args.selected) selectedId = args.selected;
+  if (!fresh && text === lastText) { publish(); return; }  // a rerun with the same graph
+  lastText = text;
+  view = args.view;
+  if (view.group !== prevGroup) toggled = new Map();  // a new group opens what it needs
   draw(fresh || view.group !== prevGroup);
 }
 
