@@ -146,6 +146,26 @@ class ViewModel:
                     set(old.group_ids) | set(e.group_ids))), coupled=old.coupled or e.coupled)
         return ViewModel(nodes, list(merged.values()), self.group, self.depth)
 
+    def subgraph(self, hops: int = 1) -> ViewModel:
+        """The selected group's ops (members and chain), ``hops`` ops of context, their boxes.
+
+        Every box is open: this is the picture of one proposal, not of the model.
+
+        Raises:
+            ValueError: when no group is selected.
+        """
+        if self.group is None:
+            raise ValueError("a subgraph needs a selected group (build_view(..., group=ID))")
+        keep = {n.id for n in self.nodes if n.kind is NodeKind.OP and self.group in n.group_ids}
+        for _ in range(hops):
+            keep |= {e.target for e in self.edges if e.source in keep} | \
+                    {e.source for e in self.edges if e.target in keep}
+        boxes = {a for n in keep for a in self.ancestors(n)}
+        nodes = [replace(n, expanded=n.kind is NodeKind.MODULE) for n in self.nodes
+                 if n.id in keep or n.id in boxes]
+        edges = [e for e in self.edges if e.source in keep and e.target in keep]
+        return ViewModel(nodes, edges, self.group, self.depth)
+
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
         """``{"nodes": [...], "edges": [...]}`` with exactly the API fields."""
         return {
