@@ -4,7 +4,9 @@ import streamlit as st
 from explorer.app.sources import quality_text
 from explorer.prune.importance import CRITERIA
 from explorer.prune.pruner import HEAD_MODES
+from components.graph_view import graph_view
 from explorer.render.figures import axes_rows, importance_figure, member_rows
+from explorer.render.view import build_view
 
 st.title("Groups")
 if "pe" not in st.session_state:
@@ -97,6 +99,13 @@ if p.group.heads is not None:
     st.markdown(f"**Head structure:** {h.num_heads} heads × {h.head_dim} dims"
                 + (f", {h.kv_heads} key/value heads" if h.kv_heads else ""))
 st.dataframe(axes_rows(p.group), key="groups_axes", hide_index=True)
+if p.group.id < len(pe.graph.groups()) and pe.graph.groups()[p.group.id].title == p.group.title:
+    with st.expander("Subgraph: members, coupling chain and one hop of context", expanded=True):
+        where = {} if verdict.ok else {
+            p.group.id: f"{verdict.module} {verdict.location.rsplit('/', 1)[-1]}"}
+        sub = build_view(pe.graph, group=p.group.id, unsafe=where).subgraph()
+        graph_view(sub.to_component(), key="groups_graph", height=460,
+                   model_key=f"{pe.version}:{p.group.id}")
 with st.expander("Why these channels are coupled", expanded=True):
     st.markdown("\n".join(f"- {line}" for line in p.group.explanation) or "- (none)")
     st.dataframe(member_rows(p.group), key="groups_members", hide_index=True)

@@ -208,3 +208,14 @@ def test_subgraph_of_a_group(dino: explorer.ModelGraph) -> None:
     assert all(n.expanded for n in sub.nodes if n.kind is NodeKind.MODULE)
     _assert_no_edge_to_own_box(sub)
     assert all(e.source in ops | {n.id for n in sub.nodes} for e in sub.edges)
+
+
+def test_unsafe_group_is_marked_with_its_location() -> None:
+    mg = _trace("demo:dino_vit")
+    gid = _qkv_group(mg)
+    view = build_view(mg, group=gid, unsafe={gid: "blocks.0.attn dino.py:58"})
+    marked = {n.id for n in view.nodes if n.unsafe}
+    assert marked == {"m:blocks.0.attn", *(n.id for n in view.nodes if n.label == "linear"
+                                            and n.module.startswith("blocks.0.attn."))}
+    assert len(marked) == 3 and view.node("m:blocks.0.attn").unsafe.endswith("dino.py:58")
+    assert not any(n.unsafe for n in build_view(mg, group=gid).nodes)

@@ -70,6 +70,7 @@ class ViewNode:
     pins: str = ""  # OP: why it fixes an axis of the selected group (e.g. a select)
     found: bool = False  # MODULE: matches the search
     unsafe: str = ""  # the selected group is unsafe: where pruning it breaks the forward
+    # (on the ops holding its parameters and on the module the failure names)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def build_view(model_graph: ModelGraph, depth: int = 2, group: int | None = None
             that hold it in some but not all instances are split.
         fold: fold identical repeated blocks.
         search: module names to mark as found (they are kept out of folds, like ``group``).
-        unsafe: group id -> where pruning it breaks the forward (``module file:line``).
+        unsafe: group id -> where pruning it breaks the forward (``"module file:line"``).
 
     Raises:
         ValueError: for a depth below 1 or a group id the model does not have.
@@ -504,7 +505,8 @@ class _Builder:
         return ViewNode(nid, label, f"m:{op.module}" if op.module else None, NodeKind.OP, gids,
                         op.module, tuple(detail), primary_group=primary, chain=on_chain,
                         pins=self._pins(op) if on_chain else "",
-                        unsafe=self._unsafe(gids))
+                        unsafe=self._unsafe(tuple(g for p in params
+                                                  for g in self.param_groups.get(p, ()))))
 
     def _pins(self, op: OpNode) -> str:
         """The reason when ``op`` consumes a pinned axis of the selected group (a select)."""
@@ -516,7 +518,13 @@ class _Builder:
         return next((r for f, r in self.pinned_fams.items() if f in ins and f not in outs), "")
 
     def _unsafe(self, gids: tuple[int, ...]) -> str:
+        """The selected group's failure, on the ops holding its parameters."""
         return self.unsafe.get(self.group, "") if self.group in gids else ""
+
+    def _unsafe_box(self, module: str) -> str:
+        """The selected group's failure, on the module it names (``"module file:line"``)."""
+        text = self.unsafe.get(self.group, "") if self.group is not None else ""
+        return text if text and text.split(" ", 1)[0] == module else ""
 
     def _box(self, m: str, gids: set[int], chain: bool, primary: int | None, copies: int,
              fold_range: str | None) -> ViewNode:
@@ -540,7 +548,7 @@ class _Builder:
         return ViewNode(f"m:{m}", label, f"m:{parent}" if parent else None, NodeKind.MODULE,
                         tgroup, m, tuple(detail), expanded, copies, primary, chain,
                         found=any(_within(s, m) or _within(m, s) for s in self.search),
-                        unsafe=self._unsafe(tgroup))
+                        unsafe=self._unsafe_box(m))
 
     def _param_lines(self, m: str, copies: int) -> list[str]:
         names = [p for p, owner in self.g.param_owner.items() if _within(owner, m)

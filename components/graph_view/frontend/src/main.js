@@ -71,6 +71,7 @@ function nodeText(n, isOpen) {
   const lines = [n.label];
   if (n.kind === "module") lines.push(...n.detail);
   if (n.pins) lines.push("pins an axis");
+  if (n.unsafe && (n.kind !== "module" || !isOpen)) lines.push("unsafe: " + n.unsafe);
   return lines.join("\n");
 }
 
@@ -291,6 +292,10 @@ function setup() {
                title: n.hasClass("open") ? 18 : 0 };
     },
     visible: () => cy.nodes().map((n) => n.id()),
+    info: (id) => {
+      const n = view.nodes.find((x) => x.id === id);
+      return n ? { label: n.label, classes: cy.getElementById(id).classes() } : null;
+    },
     isOpen: (id) => cy.getElementById(id).hasClass("open"),
     toggle,
     fit: () => cy.fit(undefined, 20),
