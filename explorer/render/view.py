@@ -240,8 +240,8 @@ class _Builder:
         for gr in groups:
             mods = [m.module for m in gr.members]
             common = mods[0].split(".") if mods else []
-            for m in mods[1:]:
-                parts = m.split(".")
+            for name in mods[1:]:
+                parts = name.split(".")
                 n = 0
                 while n < min(len(parts), len(common)) and parts[n] == common[n]:
                     n += 1
@@ -273,8 +273,8 @@ class _Builder:
             gids = op_groups.setdefault(target, set())
             for p in op_params.get(op.index, ()):
                 gids |= self.param_groups.get(p, set())
-        edges, edge_vid = self._op_edges(shown, opmap, instance_of)
-        edges = self._edge_groups(edges, edge_vid)
+        pairs, edge_vid = self._op_edges(shown, opmap, instance_of)
+        edges = self._edge_groups(pairs, edge_vid)
         for e in edges:  # the group's channels flow through both ends
             for end in (e.source, e.target):
                 if end.startswith("op:"):
