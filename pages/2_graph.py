@@ -27,8 +27,12 @@ fold = c4.checkbox("Fold repeats", value=True, key="graph_fold")
 if gid is not None and gid >= len(groups):
     gid = None  # the model changed under the selection (a prune or a new model)
 found = search_modules(mg.graph.modules, query)
-if query.strip() and not found:
-    st.info(f"No module name or class contains '{query.strip()}'.")
+if query.strip():
+    if found:
+        st.caption(f"{len(found)} module(s) match '{query.strip()}' (red border): "
+                   + ", ".join(found[:12]) + (" ..." if len(found) > 12 else ""))
+    else:
+        st.info(f"No module name or class contains '{query.strip()}'.")
 view = build_view(mg, depth=depth, group=gid, fold=fold, search=found)
 model_key = f"{st.session_state.pe.spec}:{mg.num_ops}:{len(groups)}:{depth}:{fold}"
 graph_view(view.to_component(), key="graph_view", model_key=model_key,
