@@ -1,10 +1,10 @@
 """Groups: decide on one proposal at a time (pre-flight, accept, resize, reject, undo)."""
 import streamlit as st
 
+from components.graph_view import graph_view
 from explorer.app.sources import quality_text
 from explorer.prune.importance import CRITERIA
 from explorer.prune.pruner import HEAD_MODES
-from components.graph_view import graph_view
 from explorer.render.figures import axes_rows, importance_figure, member_rows
 from explorer.render.view import build_view
 

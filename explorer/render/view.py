@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..api import ModelGraph
+from ..coupling.vocab import AxisRole
 from ..graph.ir import Graph, OpNode, ValueKind
 
 _OP_WORDS = {
@@ -256,7 +257,7 @@ class _Builder:
         if group is not None:
             gr = groups[group]
             self.group_modules = {m.module for m in gr.members} | set(gr.modules)
-            self.pinned_fams = {a.family: a.reason for a in gr.axes if not a.prunable and a.reason}
+            self.pinned_fams = {a.family: a.reason for a in gr.axes if a.role is AxisRole.FIXED}
 
     def build(self) -> ViewModel:
         g = self.g
