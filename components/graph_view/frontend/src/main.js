@@ -14,6 +14,7 @@ cytoscape.use(elk);
 
 const HIGHLIGHT = "#f28e2b";
 const CHAIN = "#d62728";
+const READABLE = 0.9; // the least zoom a selected chain is shown at
 
 let cy = null;
 let view = null; // the last view model
@@ -191,7 +192,13 @@ function draw(fit) {
     if (!fit && pan) { cy.zoom(pan.zoom); cy.pan(pan.pan); }
     const chain = cy.nodes(".chain, .member").filter((n) => !n.hasClass("open"));
     if (fit && chain.nonempty() && chain.length < cy.nodes().length) {
-      cy.fit(chain, 30);  // a selected group: zoom to its chain
+      cy.fit(chain, 30);  // a selected group: zoom to its chain, readable, from its start
+      if (cy.zoom() < READABLE) {
+        const bb = chain.boundingBox();
+        cy.zoom(READABLE);
+        cy.pan({ x: cy.width() / 2 - READABLE * (bb.x1 + bb.x2) / 2,
+                 y: 20 - READABLE * bb.y1 });
+      }
     }
     layoutMs = performance.now() - t0;
     publish();
