@@ -33,7 +33,18 @@ if query.strip():
                    + ", ".join(found[:12]) + (" ..." if len(found) > 12 else ""))
     else:
         st.info(f"No module name or class contains '{query.strip()}'.")
-view = build_view(mg, depth=depth, group=gid, fold=fold, search=found)
+unsafe: dict[int, str] = {}
+if gid is not None:  # pre-flight the selected group's pending proposal: unsafe shows file:line
+    try:
+        p = next((q for q in st.session_state.pe.proposals() if q.group.id == gid), None)
+        verdict = st.session_state.pe.preflight(p) if p is not None else None
+    except Exception:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
+        verdict = None
+    if verdict is not None and not verdict.ok:
+        unsafe[gid] = f"{verdict.module} {verdict.location.rsplit('/', 1)[-1]}"
+        st.warning(f"Pruning group {gid} breaks the forward in {verdict.module} "
+                   f"{verdict.location}: {verdict.error}")
+view = build_view(mg, depth=depth, group=gid, fold=fold, search=found, unsafe=unsafe)
 model_key = f"{st.session_state.pe.spec}:{mg.num_ops}:{len(groups)}:{depth}:{fold}"
 graph_view(view.to_component(), key="graph_view", model_key=model_key,
            selected=st.session_state.get("graph_node"))

@@ -252,3 +252,13 @@ def test_export_plan_and_replay(app: AppTest) -> None:
     app.button(key="model_plan_apply").click().run()
     assert not app.exception and not app.error, app.error
     assert _params(app) == pruned
+
+
+def test_graph_page_marks_an_unsafe_group_with_its_location(app: AppTest) -> None:
+    _load(app, "demo:dino_vit")  # head width from C // num_heads: the qkv group is unsafe
+    app.switch_page("pages/2_graph.py").run()
+    app.selectbox(key="graph_group").set_value(2).run()
+    assert not app.exception, app.exception
+    assert any("breaks the forward in blocks.0.attn" in w.value for w in app.warning)
+    marked = {n["id"]: n["unsafe"] for n in _graph_view(app)["nodes"] if n["unsafe"]}
+    assert marked["m:blocks.0.attn"] == "blocks.0.attn dino.py:58"
