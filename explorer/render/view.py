@@ -25,6 +25,7 @@ Depth sets what is expanded at first, not what exists: every module and op is in
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -597,12 +598,13 @@ def _modules_with_ops(ops: list[OpNode]) -> list[str]:
     return list(seen)
 
 
-def _ancestors_and_self(module: str) -> list[str]:
-    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]`` (the root "" is not a box)."""
+@functools.lru_cache(maxsize=4096)
+def _ancestors_and_self(module: str) -> tuple[str, ...]:
+    """``"a.b.c"`` -> ``("a", "a.b", "a.b.c")`` (the root "" is not a box)."""
     if not module:
-        return []
+        return ()
     parts = module.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
 
 
 def _within(name: str, module: str) -> bool:
