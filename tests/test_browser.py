@@ -175,6 +175,13 @@ def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
             graph.wait_for_function("window.peGraph.isOpen('m:blocks.1')", timeout=30_000)
             assert "m:blocks.1.attn" in graph.evaluate("window.peGraph.visible()")
             assert state.get_attribute("data-group") == "2"  # a double click selects nothing
+
+            search = page.frame_locator(GRAPH).get_by_placeholder("search ops and modules")
+            search.fill("fc2")
+            search.press("Enter")  # opens the boxes around every hit and marks them
+            graph.wait_for_function("window.peGraph.visible().includes('m:blocks.0.mlp.fc2')",
+                                    timeout=30_000)
+            assert "hit" in graph.evaluate("window.peGraph.info('m:blocks.0.mlp.fc2').classes")
         finally:
             browser.close()
     assert (SHOTS / "graph.png").stat().st_size > 10_000

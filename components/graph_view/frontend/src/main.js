@@ -162,7 +162,7 @@ const STYLE = [
   { selector: "edge", style: {
     "curve-style": "bezier", "target-arrow-shape": "triangle", "width": 1.2,
     "line-color": "#999", "target-arrow-color": "#999", "label": "data(label)",
-    "font-size": 8, "color": "#555", "text-background-color": "#fff",
+    "font-size": 8, "color": "#555", "text-background-color": "#fff", "text-margin-x": 24,
     "text-background-opacity": 0.8, "text-background-padding": 1 } },
   { selector: "edge.hot", style: { "line-color": CHAIN, "target-arrow-color": CHAIN,
     "width": 3, "color": CHAIN, "font-weight": "bold" } },
