@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|prune|replay|export|learn ...``.
+"""Command line: ``python -m explorer trace|prune|replay|export|graph|learn ...``.
 
 Also installed as the ``pruning-explorer`` console script.
 """
