@@ -220,3 +220,18 @@ def test_unsafe_group_is_marked_with_its_location() -> None:
                                             and n.module.startswith("blocks.0.attn."))}
     assert len(marked) == 3 and view.node("m:blocks.0.attn").unsafe.endswith("dino.py:58")
     assert not any(n.unsafe for n in build_view(mg, group=gid).nodes)
+
+
+def test_visible_moves_edges_to_the_outermost_closed_box(dino: explorer.ModelGraph) -> None:
+    view = build_view(dino, depth=1, fold=False)
+    inner_open = view.visible(expanded={"m:blocks.0.attn"})  # its parents stay closed
+    ids = {n.id for n in inner_open.nodes}
+    assert "m:blocks" in ids and "m:blocks.0" not in ids and "m:blocks.0.attn" not in ids
+    opened = view.visible(expanded={"m:blocks", "m:blocks.1"})
+    ids = {n.id for n in opened.nodes}
+    assert {"m:blocks.0", "m:blocks.1.attn", "m:blocks.2"} <= ids and "m:blocks.0.attn" not in ids
+    pairs = {(e.source, e.target) for e in opened.edges}
+    # block 0 (closed) feeds the first op of block 1 (open): the edge ends at the op
+    assert any(a == "m:blocks.0" and opened.node(b).parent == "m:blocks.1" for a, b in pairs)
+    assert not any(a == b for a, b in pairs)
+    _assert_acyclic(opened)
