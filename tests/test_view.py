@@ -12,8 +12,8 @@ from explorer.app.cli import main
 from explorer.io.specs import load_model
 from explorer.render.view import NodeKind, ViewModel, build_view
 
-LLAMA_32 = ("hf:llama?num_hidden_layers=32&hidden_size=64&intermediate_size=128"
-            "&num_attention_heads=4&num_key_value_heads=4&vocab_size=128")
+LLAMA_SMALL = ("hf:llama?num_hidden_layers=6&hidden_size=64&intermediate_size=128"
+               "&num_attention_heads=4&num_key_value_heads=4&vocab_size=128")
 LLAMA_7B = ("hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
             "&num_key_value_heads=32&intermediate_size=11008&vocab_size=32000")
 
@@ -148,12 +148,12 @@ def test_dino_qkv_chain_at_op_level(dino: explorer.ModelGraph) -> None:
     assert shown.node("m:blocks.0").primary_group == gid  # a click on the block selects it
 
 
-def test_llama_32_layers_fold_to_one_block() -> None:
-    mg = _trace(LLAMA_32)
+def test_llama_layers_fold_to_one_block() -> None:
+    mg = _trace(LLAMA_SMALL)
     shown = build_view(mg, depth=3).visible()
     layers = [n for n in shown.nodes if n.parent == "m:model.layers"]
     assert [(n.id, n.copies, n.label) for n in layers] == [
-        ("m:model.layers.0", 32, "0-31 x32 (LlamaDecoderLayer)")]
+        ("m:model.layers.0", 6, "0-5 x6 (LlamaDecoderLayer)")]
     _assert_acyclic(shown)
     _assert_no_edge_to_own_box(build_view(mg, depth=9))
 
@@ -163,7 +163,9 @@ def test_llama_7b_shape_folds_to_one_block() -> None:
     mg = _trace(LLAMA_7B, device="meta")
     shown = build_view(mg, depth=3).visible()
     layers = [n for n in shown.nodes if n.parent == "m:model.layers"]
-    assert [(n.id, n.copies) for n in layers] == [("m:model.layers.0", 32)]
+    assert [(n.id, n.copies, n.label) for n in layers] == [
+        ("m:model.layers.0", 32, "0-31 x32 (LlamaDecoderLayer)")]
+    _assert_acyclic(shown)
     assert "weight [4096, 4096]" not in layers[0].detail[-1]
     assert layers[0].detail[-1].endswith("202,383,360 weights (each of 32)")
 
