@@ -102,4 +102,4 @@ def dot_to_svg(dot: str) -> bytes:
         raise RuntimeError("graphviz 'dot' is not installed; install it with "
                            "'apt-get install graphviz' to export SVG")
     import graphviz
-    return graphviz.Source(dot).pipe(format="svg")
+    return bytes(graphviz.Source(dot).pipe(format="svg"))
