@@ -59,13 +59,18 @@ if gid is not None:
         st.markdown("\n".join(f"{n}. {line}" for n, line in enumerate(g.explanation, 1))
                     or "- (no explanation)")
         st.dataframe(member_rows(g), key="graph_members", hide_index=True)
-dot = graph_to_dot(mg, depth=depth, highlight_group=gid, fold_repeats=fold,
-                   highlight_modules=found)
+
+
+def _dot() -> str:  # made on click (a deferred download), from the same view model
+    return graph_to_dot(mg, depth=depth, highlight_group=gid, fold_repeats=fold,
+                        highlight_modules=found)
+
+
 d1, d2 = st.columns(2)
-d1.download_button("Download DOT", dot, file_name="model.dot", mime="text/vnd.graphviz",
+d1.download_button("Download DOT", _dot, file_name="model.dot", mime="text/vnd.graphviz",
                    key="graph_dl_dot")
 if has_dot():
-    d2.download_button("Download SVG", dot_to_svg(dot), file_name="model.svg",
+    d2.download_button("Download SVG", lambda: dot_to_svg(_dot()), file_name="model.svg",
                        mime="image/svg+xml", key="graph_dl_svg")
 else:
     d2.caption("Install graphviz `dot` to export SVG.")

@@ -182,6 +182,11 @@ def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
             graph.wait_for_function("window.peGraph.visible().includes('m:blocks.0.mlp.fc2')",
                                     timeout=30_000)
             assert "hit" in graph.evaluate("window.peGraph.info('m:blocks.0.mlp.fc2').classes")
+
+            with page.expect_download(timeout=60_000) as download:  # made on click
+                page.get_by_role("button", name="Download DOT").click()
+            dot = Path(download.value.path()).read_text()
+            assert dot.startswith("digraph model") and 'subgraph "cluster_m:blocks.0"' in dot
         finally:
             browser.close()
     assert (SHOTS / "graph.png").stat().st_size > 10_000
