@@ -151,6 +151,7 @@ def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
             assert not graph.evaluate("window.peGraph.isOpen('m:blocks.0')")
             assert graph.evaluate("window.peGraph.info('m:blocks.0').label") == "0-2 x3 (Block)"
 
+            page.wait_for_timeout(500)  # let a rerun that follows the first draw settle
             page.mouse.click(*_node_centre(page, "m:blocks.0"))  # select: back to Python
             page.frame_locator(GRAPH).locator("#pe-state[data-group='2']").wait_for(
                 timeout=60_000, state="attached")
@@ -171,6 +172,7 @@ def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
             page.frame_locator(GRAPH).get_by_role("button", name="Fit").click()
             assert not graph.evaluate("window.peGraph.isOpen('m:blocks.1')")
             assert graph.evaluate("window.peGraph.info('m:blocks.1').label") == "1-2 x2 (Block)"
+            page.wait_for_timeout(500)
             page.mouse.dblclick(*_node_centre(page, "m:blocks.1"))  # expand in place
             graph.wait_for_function("window.peGraph.isOpen('m:blocks.1')", timeout=30_000)
             assert "m:blocks.1.attn" in graph.evaluate("window.peGraph.visible()")
