@@ -17,6 +17,7 @@ from .calibration import Calibration, load_calibration
 from .importance import Criterion, make
 from .preflight import Preflight, Verdict
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .transaction import transaction
 
 if TYPE_CHECKING:
     from .proposal import Proposal
@@ -342,17 +343,18 @@ class Pruner:
             removal, changes, skipped = self.propose(self._ratio_for_target())
         else:
             removal, changes, skipped = self.propose()
-        self.current_step += 1
         report.skipped = skipped
         report.notes = list(dict.fromkeys(self.notes))
         flight = Preflight(self.model, self.inputs, self.coupling)
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
         if removal:
-            applied = apply_removal(self.model, self.coupling, removal)
+            with transaction(self.model):  # the config update too: all or nothing
+                applied = apply_removal(self.model, self.coupling, removal)
+                self._update_config(report)
             self.applied.append(applied)
             report.attributes = dict(applied.attributes)
-            self._update_config(report)
+        self.current_step += 1
         self._finish(report, flight.expected)
         return report
 
