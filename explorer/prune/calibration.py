@@ -111,7 +111,12 @@ def load_calibration(source: str | Path | Callable[[], Any] | Calibration | None
                                  "explorer.load_data(path, loaded_model) instead of the path")
             if not path.is_file():
                 raise FileNotFoundError(f"calibration file '{path}' does not exist")
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises a different type per cause
+                detail = " ".join(str(e).split())[:200] or type(e).__name__
+                raise ValueError(f"cannot read calibration file '{path}' as tensors "
+                                 f"(torch.load, weights_only=True): {detail}") from e
         batches = _as_batches(data)
     return Calibration(batches, loss, list(labels) if labels is not None else None)
 
