@@ -22,11 +22,13 @@ import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -622,15 +624,47 @@ def _meta_inputs(plan: Plan, example_inputs: Sequence[Any] | None) -> list[tuple
             for dtype in (torch.float32, torch.long)]
 
 
+_CACHE_SIZE = 4  # couplings of unpruned models kept for repeated replays (app, tests)
+_COUPLINGS: OrderedDict[tuple[Any, ...], Coupling] = OrderedDict()
+
+
+def _structure_key(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a trace depends on besides code: module types, scalar attributes and configs,
+    tensor names, shapes and dtypes, input shapes and dtypes."""
+    parts: list[Any] = []
+    for name, module in model.named_modules():
+        scalars = sorted((k, repr(v)) for k, v in vars(module).items()
+                         if isinstance(v, (int, float, str, bool, tuple, type(None))))
+        config = getattr(module, "config", None)
+        parts.append((name, id(type(module)), tuple(scalars),
+                      config.to_json_string() if hasattr(config, "to_json_string") else None))
+    for name, t in _tensors(model).items():
+        parts.append((name, tuple(t.shape), str(t.dtype)))
+    parts.extend((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
+                 for a in inputs)
+    return tuple(parts)
+
+
 def _coupling(work: nn.Module, candidates: list[tuple[Any, ...]], step: int
               ) -> tuple[Coupling, list[tuple[Any, ...]]]:
-    """The coupling of ``work`` as it is now, from the first inputs that trace."""
+    """The coupling of ``work`` as it is now, from the first inputs that trace (the
+    coupling of an unpruned model comes from a small cache when it was traced before)."""
     error: Exception | None = None
     for k, inputs in enumerate(candidates):
+        key = _structure_key(work, inputs) if step == 0 else None
+        if key is not None and key in _COUPLINGS:
+            _COUPLINGS.move_to_end(key)
+            return _COUPLINGS[key], candidates[k:k + 1]
         try:
-            return Coupling(trace(work, inputs)), candidates[k:k + 1]
+            coupling = Coupling(trace(work, inputs))
         except TraceError as e:
             error = e
+            continue
+        if key is not None:
+            _COUPLINGS[key] = coupling
+            while len(_COUPLINGS) > _CACHE_SIZE:
+                _COUPLINGS.popitem(last=False)
+        return coupling, candidates[k:k + 1]
     raise PlanError(f"step {step}: cannot trace the model to check the plan against its "
                     f"coupling ({str(error).splitlines()[0]}); pass example_inputs=")
 
@@ -643,26 +677,27 @@ def _removal_of(step: PlanStep, coupling: Coupling, i: int) -> Removal:
         if key not in members:
             raise PlanError(f"step {i}: tensor '{key[0]}' dim {key[1]} is in no coupled "
                             f"group of the model, the plan cuts it")
-    alive: set[int] = set()
-    hit: set[int] = set()
+    size = coupling.res.num_classes + 1
+    alive = np.zeros(size, dtype=bool)
+    hit = np.zeros(size, dtype=bool)
     for key, atoms in members.items():
-        gone = cuts.get(key, set())
-        for row in range(atoms.shape[0]):
-            ids = {int(a) for a in atoms[row] if a >= 0}
-            (hit if row in gone else alive).update(ids)
-    dead = hit - alive
+        gone = np.zeros(atoms.shape[0], dtype=bool)
+        gone[[j for j in cuts.get(key, ()) if 0 <= j < atoms.shape[0]]] = True
+        hit[atoms[gone][atoms[gone] >= 0]] = True
+        alive[atoms[~gone][atoms[~gone] >= 0]] = True
+    dead = hit & ~alive
     removal = Removal()
     for group in coupling.groups:
         for k, axis in enumerate(group.axes):
-            picks = [j for j, a in enumerate(coupling.family_atoms[axis.family].tolist())
-                     if a in dead]
-            if picks:
-                removal.add(group.id, k, picks)
+            picks = np.nonzero(dead[coupling.family_atoms[axis.family]])[0]
+            if len(picks):
+                removal.add(group.id, k, [int(j) for j in picks])
     try:
-        got = {int(a) for a in removed_atoms(coupling, removal)}
+        got = np.zeros(size, dtype=bool)
+        got[removed_atoms(coupling, removal)] = True
     except PruneError as e:
         raise PlanError(f"step {i}: {e}") from None
-    if got != dead or not dead and cuts:
+    if not np.array_equal(got, dead) or (not dead.any() and any(cuts.values())):
         raise PlanError(f"step {i}: the plan's cuts are not whole coupled channels or heads "
                         f"of the model (a member's cut is missing, shifted or of another "
                         f"size); re-create the plan")
