@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 import threading
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from modelstate import assert_same, capture
 from torch import nn
@@ -209,8 +209,8 @@ def test_load_pruned_bad_weights_leave_the_model(tmp_path: Path, tamper: str) ->
     assert_same(before, fresh)
 
 
-@pytest.mark.parametrize("text", [b"\xff\xfe{", b"[" * 100_000, b'{"schema": 1' + b"7" * 5000 + b"}",
-                                  b'{"schema": true}'])
+@pytest.mark.parametrize("text", [b"\xff\xfe{", b"[" * 100_000,
+                                  b'{"schema": 1' + b"7" * 5000 + b"}", b'{"schema": true}'])
 def test_app_plan_upload_is_one_error_and_no_change(text: bytes) -> None:
     lm = load_model("demo:mlp")
     session = Session(lm.model, lm.example_inputs, spec="demo:mlp")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -122,8 +122,15 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pruning-explorer", description=__doc__)
+    parser = _Parser(prog="pruning-explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trace", help="trace a model and list its coupling groups")
     _add_model_args(t)
@@ -189,13 +196,18 @@ def _deadline(seconds: float | None, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _save_new(path: str, force: bool, write: Callable[[str], None]) -> None:
-    """Write a file through a temporary file beside it; refuse to overwrite unless ``force``."""
+def _check_new_file(path: str, force: bool) -> None:
     target = Path(path)
     if target.is_dir():
         raise CliError(f"'{path}' is a folder; give a file name")
     if target.exists() and not force:
         raise CliError(f"'{path}' exists; choose another name or pass --force to overwrite it")
+
+
+def _save_new(path: str, force: bool, write: Callable[[str], None]) -> None:
+    """Write a file through a temporary file beside it; refuse to overwrite unless ``force``."""
+    target = Path(path)
+    _check_new_file(path, force)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
                                    dir=target.parent if str(target.parent) else ".")
@@ -293,13 +305,12 @@ def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    for path in (args.plan, args.out):  # refuse before any work
+        if path:
+            _check_new_file(path, args.force)
     lm = _load(args)
     run = _prune(args, lm)
     out, groups_total = run.summary, run.summary["groups_total"]
-    for path in (args.plan, args.out):  # refuse before writing either
-        if path and Path(path).exists() and not args.force:
-            raise CliError(f"'{path}' exists; choose another name or pass --force to "
-                           f"overwrite it")
     if args.plan:
         plan = _plan(run.pruner, lm, run.reports)
         _save_new(args.plan, args.force, plan.save)
