@@ -245,11 +245,14 @@ Made by Pruning Explorer. Files:
 _HOWTO = {
     "pt": ("`model.pt`: the whole module, `torch.save`d. **This is a pickle: loading it runs "
            "code from the file; load only files you trust**: "
-           "`torch.load('model.pt', weights_only=False)`."),
+           "`torch.load('model.pt', weights_only=False)` (a model from `file.py:fn` needs "
+           "that file's folder on `sys.path`)."),
     "safetensors": ("`model.safetensors` + `plan.json`: weights and the pruning plan, no "
-                    "pickle. `explorer.load_pruned(None, '<this folder>')` rebuilds the "
-                    "original architecture from the plan's spec, replays the plan and loads "
-                    "the weights."),
+                    "pickle, no code. `explorer.load_pruned(None, '<this folder>')` rebuilds "
+                    "the original architecture from the plan's `timm:`/`hf:`/`demo:` spec, "
+                    "replays the plan and loads the weights. For a `file.py:fn` spec pass it "
+                    "yourself, `explorer.load_pruned('file.py:fn', '<this folder>')`: that "
+                    "runs the file, so only for a file you trust."),
     "hf": ("`hf/`: a transformers folder with the pruned widths in `config.json`: "
            "`AutoModelForCausalLM.from_pretrained('<this folder>/hf')` (or `AutoModel`)."),
     "report": "`report.md`, `report.html`: what changed, per layer, heads, latency, the plan.",

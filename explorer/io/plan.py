@@ -635,7 +635,7 @@ def _structure_key(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]
     for name, module in model.named_modules():
         scalars = sorted((k, repr(v)) for k, v in vars(module).items()
                          if isinstance(v, (int, float, str, bool, tuple, type(None))))
-        config = getattr(module, "config", None)
+        config: Any = getattr(module, "config", None)
         parts.append((name, id(type(module)), tuple(scalars),
                       config.to_json_string() if hasattr(config, "to_json_string") else None))
     for name, t in _tensors(model).items():

@@ -93,7 +93,7 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
 
 def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.ndarray,
             keeps: dict[tuple[str, int], np.ndarray], new: dict[str, torch.Tensor],
-            params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Applied:
+            params: Mapping[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Applied:
     """Swap the resized tensors in and patch modules (inside `apply_removal`'s transaction)."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     previous: dict[str, torch.Tensor] = {}
