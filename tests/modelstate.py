@@ -28,7 +28,7 @@ def capture(model: nn.Module) -> ModelState:
     ids.update({n: id(t) for n, t in model.named_buffers(remove_duplicate=False)})
     attrs = {name: {k: v for k, v in vars(m).items() if plan_attribute(k)}
              for name, m in model.named_modules()}
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     return ModelState(tensors, ids, {n: m.training for n, m in model.named_modules()}, attrs,
                       config.to_dict() if hasattr(config, "to_dict") else None)
 
