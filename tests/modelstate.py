@@ -20,10 +20,14 @@ class ModelState:
     config: dict[str, Any] | None
 
 
-def capture(model: nn.Module) -> ModelState:
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def capture(model: nn.Module, clone: bool = True) -> ModelState:
+    """The model's state; ``clone=False`` keeps references (to compare, never to keep)."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone() if clone else t.detach()
+
+    tensors = {k: own(v) for k, v in model.state_dict().items()}
     for name, b in model.named_buffers(remove_duplicate=False):
-        tensors.setdefault(name, b.detach().clone())
+        tensors.setdefault(name, own(b))
     ids = {n: id(t) for n, t in model.named_parameters(remove_duplicate=False)}
     ids.update({n: id(t) for n, t in model.named_buffers(remove_duplicate=False)})
     attrs = {name: {k: v for k, v in vars(m).items() if plan_attribute(k)}
@@ -35,7 +39,7 @@ def capture(model: nn.Module) -> ModelState:
 
 def assert_same(before: ModelState, model: nn.Module) -> None:
     """``model`` is exactly as captured in ``before`` (values bit for bit)."""
-    after = capture(model)
+    after = capture(model, clone=False)
     assert after.tensors.keys() == before.tensors.keys()
     for name, t in before.tensors.items():
         other = after.tensors[name]

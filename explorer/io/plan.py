@@ -315,7 +315,7 @@ class _HugeInt(ValueError):
 
 
 def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+    if len(text) > _MAX_INT_DIGITS and len(text.lstrip("-")) > _MAX_INT_DIGITS:
         raise _HugeInt(f"an integer of {len(text.lstrip('-'))} digits")
     return int(text)
 
@@ -345,21 +345,20 @@ def _json(text: str | bytes, where: str) -> Any:
     except RecursionError:
         raise PlanError(f"{where} nests JSON deeper than Python can parse; a plan nests "
                         f"{_MAX_DEPTH} levels at most") from None
-    _check_depth(data, where)
-    return data
+    return data  # `_parse` checks the depth
 
 
 def _check_depth(data: Any, where: str) -> None:
+    if not isinstance(data, (dict, list)):
+        return
     stack = [(data, 0)]
     while stack:
         value, depth = stack.pop()
         if depth > _MAX_DEPTH:
             raise PlanError(f"{where} nests JSON {depth} levels deep; a plan nests "
                             f"{_MAX_DEPTH} levels at most")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
 
 
 def checksum(data: Mapping[str, Any]) -> str:
