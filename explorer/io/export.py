@@ -35,8 +35,8 @@ from torch import nn
 from ..coupling.heads import AttentionInfo
 from ..prune.fixups.hfconfig import ConfigUpdate, update_config
 from ..prune.preflight import clone_model
-from ..quality.evaluate import Quality
 from ..prune.transaction import transaction
+from ..quality.evaluate import Quality
 from .plan import Plan
 
 FORMATS = ("pt", "safetensors", "hf", "report")
