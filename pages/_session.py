@@ -1,6 +1,7 @@
 """Shared by app.py and the pages (not a page itself): the model cache and session loading."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import streamlit as st
@@ -10,13 +11,17 @@ from explorer.app.sources import LoadRequest, load_request
 from explorer.io.specs import LoadedModel, load_model
 
 DEFAULT_REQUEST = LoadRequest("demo:dino_vit_safe")
+# `file.py:fn` specs import and run that file on the server: off unless whoever starts the
+# server sets this to 1 (PRUNING_EXPLORER_ALLOW_FACTORY=1 streamlit run app.py).
+ALLOW_FACTORY_ENV = "PRUNING_EXPLORER_ALLOW_FACTORY"
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def pristine(spec: str, device: str, shape: tuple[int, ...] | None,
              weights: str | None) -> LoadedModel:
     """The unpruned model; shared by all sessions, so never mutated (sessions copy it)."""
-    return load_model(spec, device=device, input_shape=shape, weights=weights)
+    return load_model(spec, device=device, input_shape=shape, weights=weights,
+                      allow_code=os.environ.get(ALLOW_FACTORY_ENV) == "1")
 
 
 def _cached(spec: str, *, device: str, input_shape: tuple[int, ...] | None,

@@ -10,7 +10,6 @@ group ids change whenever a prune changes the graph.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -359,11 +358,13 @@ class Session:
             return self._fail("a plan replays on the unpruned model: undo every accepted "
                               "change (or reload the model) first")
         try:
-            plan = Plan.from_dict(json.loads(text), where="uploaded plan")
+            plan = Plan.loads(text, where="uploaded plan")
             trial = clone_model(self.model)
-            plan.apply(trial)
-        except (PlanError, ValueError, UnicodeDecodeError) as exc:
+            plan.apply(trial, example_inputs=self.example_inputs)
+        except PlanError as exc:  # the plan is checked completely: this is every user error
             return self._fail(f"cannot apply the plan: {exc}")
+        except Exception as exc:  # noqa: BLE001 - never a traceback in the browser
+            return self._fail(f"cannot apply the plan: {type(exc).__name__}: {exc}")
         before = self.params
         self._push(with_model=True)
         self.model = trial

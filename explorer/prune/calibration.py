@@ -9,6 +9,7 @@ A `Calibration` is a list of input batches plus how to turn the model's output i
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,15 @@ def load_calibration(source: str | Path | Callable[[], Any] | Calibration | None
                                  "explorer.load_data(path, loaded_model) instead of the path")
             if not path.is_file():
                 raise FileNotFoundError(f"calibration file '{path}' does not exist")
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+                    warnings.simplefilter("ignore")
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises a different type per cause
+                raise ValueError(f"cannot read calibration file '{path}' as tensors "
+                                 f"(torch.load, weights_only=True, failed with "
+                                 f"{type(e).__name__}); save a tensor, a tuple of tensors "
+                                 f"or a list of batches with torch.save") from e
         batches = _as_batches(data)
     return Calibration(batches, loss, list(labels) if labels is not None else None)
 

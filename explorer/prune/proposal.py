@@ -13,6 +13,7 @@ import numpy as np
 
 from .preflight import Preflight, Verdict
 from .removal import Applied, Removal, apply_removal
+from .transaction import transaction
 
 if TYPE_CHECKING:
     from ..coupling.groups import Group
@@ -59,9 +60,11 @@ class Proposal:
         self.verdict = verdict
         if not verdict.ok:
             return verdict
-        self.applied = apply_removal(p.model, p.coupling, removal)
-        p.applied.append(self.applied)
-        p._analyse()
+        with transaction(p.model):  # re-tracing the pruned model is part of accepting
+            applied = apply_removal(p.model, p.coupling, removal)
+            p._analyse()
+        self.applied = applied
+        p.applied.append(applied)
         self.decided = True
         return verdict
 

@@ -17,6 +17,8 @@ from .calibration import Calibration, load_calibration
 from .importance import Criterion, make
 from .preflight import Preflight, Verdict
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .transaction import transaction
+from .validate import check_module_names
 
 if TYPE_CHECKING:
     from .proposal import Proposal
@@ -125,6 +127,10 @@ class Pruner:
                  target_params: float | None = None, target_macs: float | None = None) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        for name, value in (("iterative_steps", iterative_steps), ("round_to", round_to)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_module_names(model, ignored, "ignored")
         if heads not in HEAD_MODES:
             raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
         for name, value in (("target_params", target_params), ("target_macs", target_macs)):
@@ -179,7 +185,13 @@ class Pruner:
             if self._calibration is None:
                 self._calibration = load_calibration(self._calib_source, self.inputs)
             calib = self._calibration
-        self.criterion.prepare(self.model, self.coupling, calib)
+        try:
+            self.criterion.prepare(self.model, self.coupling, calib)
+        except (RuntimeError, IndexError, TypeError) as e:  # a batch the forward rejects
+            detail = " ".join(str(e).split())[:200]
+            raise ValueError(f"importance '{self.importance}': the model failed on the "
+                             f"calibration data ({type(e).__name__}: {detail}); give batches "
+                             f"shaped like the example inputs") from e
         self._prepared = True
 
     @staticmethod
@@ -342,17 +354,18 @@ class Pruner:
             removal, changes, skipped = self.propose(self._ratio_for_target())
         else:
             removal, changes, skipped = self.propose()
-        self.current_step += 1
         report.skipped = skipped
         report.notes = list(dict.fromkeys(self.notes))
         flight = Preflight(self.model, self.inputs, self.coupling)
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
         if removal:
-            applied = apply_removal(self.model, self.coupling, removal)
+            with transaction(self.model):  # the config update too: all or nothing
+                applied = apply_removal(self.model, self.coupling, removal)
+                self._update_config(report)
             self.applied.append(applied)
             report.attributes = dict(applied.attributes)
-            self._update_config(report)
+        self.current_step += 1
         self._finish(report, flight.expected)
         return report
 

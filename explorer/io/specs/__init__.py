@@ -47,6 +47,7 @@ __all__ = [
     "LoadedModel",
     "SpecError",
     "hf_families",
+    "is_code_spec",
     "list_demos",
     "load_model",
     "parse_input_shape",
@@ -81,6 +82,7 @@ def load_model(
     input_shape: Sequence[int] | None = None,
     weights: str | os.PathLike[str] | None = None,
     trust_weights: bool = False,
+    allow_code: bool = True,
 ) -> LoadedModel:
     """Build the model a spec names, with random weights (seeded with 0) or a local state dict.
 
@@ -93,6 +95,8 @@ def load_model(
             (raw, or under a ``"state_dict"`` / ``"model"`` key).
         trust_weights: allow arbitrary pickles in ``torch.load`` (``weights_only=False``);
             only for files you trust.
+        allow_code: build ``file.py:fn`` specs (this imports and runs the file); servers and
+            loaders of untrusted input pass False.
 
     Returns:
         The model in eval mode and its example inputs, on ``device``.
@@ -101,6 +105,12 @@ def load_model(
         SpecError: if the spec, the input shape or the weights file is wrong.
     """
     shape = check_input_shape(input_shape)
+    if not allow_code and is_code_spec(spec):
+        raise SpecError(
+            f"model spec {spec!r} names a Python file, and running code from a spec is off "
+            "here; use a timm:, hf: or demo: spec (the app enables factory specs only when "
+            "started with PRUNING_EXPLORER_ALLOW_FACTORY=1)"
+        )
     if weights is not None and torch.device(device).type == "meta":
         raise SpecError(
             f"cannot load weights {os.fspath(weights)!r} into a model on the meta device; "
@@ -127,6 +137,18 @@ def load_model(
         pretrained=built.pretrained or weights is not None,
         notes=built.notes,
     )
+
+
+def is_code_spec(spec: str) -> bool:
+    """Whether building ``spec`` imports and runs a user's Python file (``file.py:fn``).
+
+    Only a caller who passes such a spec itself may build it: it is code execution.
+    """
+    prefix, sep, _rest = spec.partition(":")
+    if sep and prefix in ("timm", "hf", "demo"):
+        return False
+    path, sep, _attr = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py")
 
 
 def _build(spec: str, device: str) -> Built:

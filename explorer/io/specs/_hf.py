@@ -19,7 +19,7 @@ import torch
 from ...quality.task import Task
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
 from ._query import split_query
-from ._types import Built, SpecError
+from ._types import Built, SpecError, one_line
 
 DEFAULT_SEQ_LEN = 16  # token ids per example input
 
@@ -106,9 +106,16 @@ def build_hf(text: str, device: str) -> Built:
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto_cls = AutoModelForCausalLM if kind == "lm" else AutoModel
-    with torch.device(device):
-        # transformers leaves from_config unannotated
-        model = auto_cls.from_config(config, attn_implementation=attn)  # type: ignore[no-untyped-call]
+    try:
+        with torch.device(device):
+            # transformers leaves from_config unannotated
+            model = auto_cls.from_config(  # type: ignore[no-untyped-call]
+                config, attn_implementation=attn)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types on bad configs
+        raise SpecError(
+            f"transformers could not build 'hf:{text}': {type(e).__name__}: {one_line(e)}; "
+            "check the config fields (and use attn_implementation=eager or sdpa)"
+        ) from e
     vocab = int(config.vocab_size)
     ids = torch.randint(0, vocab, (1, DEFAULT_SEQ_LEN))
     task = Task.CAUSAL_LM if kind == "lm" else Task.ENCODER
@@ -133,7 +140,28 @@ def _hf_config(model_type: str, base: Mapping[str, Any], overrides: Mapping[str,
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise SpecError(f"{model_type} config has no field {key!r}{hint}")
-    return AutoConfig.for_model(model_type, **{**base, **overrides})
+    merged = {**base, **overrides}
+    for key, value in merged.items():
+        _check_field(model_type, key, value, getattr(reference, key, None))
+    try:
+        return AutoConfig.for_model(model_type, **merged)
+    except Exception as e:  # noqa: BLE001 - config classes validate with many error types
+        raise SpecError(f"{model_type} config rejected its fields: {one_line(e)}") from e
+
+
+_COUNT_PREFIXES = ("num_", "n_")
+_COUNT_SUFFIXES = ("_size", "_dim", "_heads", "_layers", "_embeddings", "_embd", "_positions")
+
+
+def _check_field(model_type: str, key: str, value: Any, reference: Any) -> None:
+    """Sizes and counts are positive integers; a field that is an int stays an int."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(reference, int) and not isinstance(reference, bool) and value is not None \
+            and not is_int:
+        raise SpecError(f"{model_type} config field {key!r} must be an integer, got {value!r}")
+    count = key.startswith(_COUNT_PREFIXES) or key.endswith(_COUNT_SUFFIXES)
+    if count and is_int and value < 1:
+        raise SpecError(f"{model_type} config field {key!r} must be at least 1, got {value}")
 
 
 def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any, str]:

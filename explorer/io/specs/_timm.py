@@ -19,6 +19,9 @@ from ._weights import load_weights
 _TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 _DEFAULT_IMAGE = (3, 224, 224)
+# create_model options that read files or download (a spec builds random weights only)
+_FILE_OPTIONS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg",
+                           "pretrained_cfg_overlay", "cache_dir"})
 
 
 def build_timm(text: str, device: str) -> Built:
@@ -30,6 +33,12 @@ def build_timm(text: str, device: str) -> Built:
     import timm
 
     name, kwargs = split_query(text, "timm")
+    files = sorted(set(kwargs) & _FILE_OPTIONS)
+    if files:
+        raise SpecError(
+            f"timm spec option {files[0]!r} would download or read a file; specs build "
+            "random weights only: load local weights with weights= (--weights FILE)"
+        )
     if Path(name).is_dir():
         return _build_timm_folder(Path(name), kwargs, device)
     if not timm.is_model(name):
@@ -42,8 +51,12 @@ def build_timm(text: str, device: str) -> Built:
     try:
         with torch.device(device):
             model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise SpecError(f"timm model {name!r} rejected options {kwargs}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - timm asserts/raises anything on bad options
+        detail = str(e).splitlines()[0] if str(e) else "an assertion in its constructor"
+        raise SpecError(
+            f"timm model {name!r} rejected options {kwargs}: {type(e).__name__}: "
+            f"{detail}; check the option values (e.g. widths divisible by the head count)"
+        ) from e
     return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), "timm", "vision")
 
 

@@ -17,6 +17,12 @@ class SpecError(ValueError):
     """
 
 
+def one_line(error: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line (whitespace collapsed, cut at ``limit``)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A model built from a spec, ready to trace."""

@@ -87,9 +87,16 @@ def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
     if path.name.endswith(".index.json"):
         return _read_sharded(path, trust)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SpecError(
+                f"weights {str(path)!r} are not a readable safetensors file "
+                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it complete?"
+            ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... per cause
