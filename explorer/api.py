@@ -13,6 +13,7 @@ from .graph.ir import Graph
 from .graph.metrics import count_macs
 from .graph.tracer import trace as _trace
 from .prune.depth import Block, residual_blocks
+from .prune.validate import check_module_names
 
 
 class ModelGraph:
@@ -62,7 +63,12 @@ def trace(model: nn.Module, example_inputs: Any, ignored: Iterable[str] = ()) ->
         model: any ``nn.Module`` on cpu or meta; left as it was found.
         example_inputs: a tensor or a tuple of positional arguments.
         ignored: module names whose output channels must not be pruned.
+
+    Raises:
+        ValueError: an ignored name is not a module of ``model`` (with close names).
     """
+    ignored = list(ignored)
+    check_module_names(model, ignored, "ignored")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     graph = _trace(model, inputs)
     return ModelGraph(model, graph, Coupling(graph, ignored=ignored))

@@ -2,6 +2,7 @@
 import streamlit as st
 
 from explorer.app.session import Message
+from explorer.app.sources import quality_text, request_from_form
 from explorer.graph.metrics import count_params
 from explorer.io.specs import hf_families, list_demos
 from explorer.render.proposal_view import part_label
@@ -19,7 +20,7 @@ def _pick() -> None:
 
 st.title("Model")
 if "model_spec" not in st.session_state:
-    st.session_state.model_spec = st.session_state.pe_request[0]
+    st.session_state.model_spec = st.session_state.pe_request.spec
 st.selectbox("Examples", EXAMPLES, index=None, key="model_example", on_change=_pick,
              placeholder="pick a demo, transformers family or timm model")
 st.caption("`demo:dino_vit` is DINO's exact attention code: it shows the `qkv[0]` indexing "
@@ -31,13 +32,53 @@ st.text_input("Model spec", key="model_spec",
 c1, c2 = st.columns(2)
 c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
          help="meta builds shapes only: explore big models without weights")
-loaded = st.session_state.get("pe")
-first = next((x for x in loaded.example_inputs if hasattr(x, "shape")), None) if loaded else None
+current = st.session_state.get("pe")
+first = next((x for x in current.example_inputs if hasattr(x, "shape")), None) if current else None
 c2.text_input("Input shape (blank = default)", key="model_shape",
               placeholder=",".join(map(str, first.shape)) if first is not None else "default")
+with st.expander("Local checkpoint and data (real weights, real text or images)"):
+    st.text_input("Local folder or weights file", key="model_path",
+                  placeholder="/models/all-MiniLM-L6-v2  (config.json + weights + tokenizer)",
+                  help="a transformers folder (single or sharded safetensors, tokenizer) loads "
+                       "as hf:<folder>; a timm folder as timm:<folder>; a file is a state "
+                       "dict (.safetensors, *.index.json or .pt, weights_only) for the spec")
+    st.file_uploader("... or upload a weights file", type=["safetensors", "pt", "pth", "bin"],
+                     key="model_upload")
+    d = st.columns(2)
+    d[0].text_input("Calibration data", key="model_calib",
+                    placeholder=".txt (one sample a line), .jsonl, image folder or .pt")
+    d[0].file_uploader("... or upload it", type=["txt", "jsonl", "pt"], key="model_calib_up")
+    d[1].text_input("Held-out data (quality)", key="model_heldout",
+                    placeholder="other samples than calibration")
+    d[1].file_uploader("... or upload it", type=["txt", "jsonl", "pt"], key="model_heldout_up")
+    o = st.columns(3)
+    o[0].number_input("Samples (0 = all)", 0, 100_000, 0, key="model_samples")
+    o[1].number_input("Sequence length", 2, 8192, 128, key="model_seq_len")
+    o[2].number_input("Batch size", 1, 1024, 8, key="model_batch")
+
+
+def _upload(key: str) -> tuple[str, bytes] | None:
+    up = st.session_state.get(key)
+    return None if up is None else (up.name, up.getvalue())
+
+
 if st.button("Load and trace", key="model_load", type="primary"):
-    load((st.session_state.model_spec, st.session_state.model_device,
-          st.session_state.model_shape))
+    try:
+        request = request_from_form(
+            st.session_state.model_spec, st.session_state.model_device,
+            st.session_state.model_shape, path=st.session_state.get("model_path", ""),
+            weights_upload=_upload("model_upload"),
+            calibration=st.session_state.get("model_calib", ""),
+            calibration_upload=_upload("model_calib_up"),
+            heldout=st.session_state.get("model_heldout", ""),
+            heldout_upload=_upload("model_heldout_up"),
+            num_samples=st.session_state.get("model_samples", 0),
+            seq_len=st.session_state.get("model_seq_len", 128),
+            batch_size=st.session_state.get("model_batch", 8))
+    except ValueError as exc:
+        st.session_state.pe_error = str(exc)
+    else:
+        load(request)
 if st.session_state.get("pe_error"):
     st.error(st.session_state.pe_error)
 
@@ -66,11 +107,21 @@ if (msg := st.session_state.pop("model_plan_msg", None)) is not None:
     getattr(st, msg.kind)(msg.text)
 mg = pe.graph
 st.subheader(f"`{pe.spec}`")
-m = st.columns(4)
+info = st.session_state.get("pe_loaded", {})
+st.caption(f"task: {info.get('task', '?')} · weights: "
+           f"{'loaded from disk' if info.get('pretrained') else 'random (or none, on meta)'}"
+           + (f" · tokenizer: {info['tokenizer']}" if info.get("tokenizer") else "")
+           + f" · calibration: {'file' if pe.calibration is not None else 'random inputs'}")
+for note in info.get("notes", []):
+    st.warning(note)
+m = st.columns(5)
 m[0].metric("parameters", f"{count_params(pe.model):,}")
 m[1].metric("MACs", f"{pe.macs:,}")
 m[2].metric("ATen ops", mg.num_ops)
 m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(mg.groups())}")
+quality = pe.quality()
+if quality is not None:
+    m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
 AUTO_PREFLIGHT = 16  # up to this many pending groups the verdicts are computed on load
 pending = pe.proposals()
 verdicts: dict[int, str] = {}

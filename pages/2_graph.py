@@ -1,8 +1,10 @@
-"""Graph: the traced model collapsed by module depth, one group and a search highlighted."""
+"""Graph: the traced model as nested modules, interactive, one group and its chain highlighted."""
 import streamlit as st
 
+from components.graph_view import graph_view
 from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
 from explorer.render.figures import member_rows, search_modules
+from explorer.render.view import build_view
 
 st.title("Graph")
 if "pe" not in st.session_state:
@@ -10,9 +12,15 @@ if "pe" not in st.session_state:
     st.stop()
 mg = st.session_state.pe.graph
 groups = mg.groups()
+click = st.session_state.get("graph_view")
+if isinstance(click, dict) and click.get("n") != st.session_state.get("graph_click_n"):
+    st.session_state.graph_click_n = click.get("n")  # a new click in the graph selects its group
+    st.session_state.graph_node = click.get("node")
+    if click.get("group") is not None and click["group"] < len(groups):
+        st.session_state.graph_group = click["group"]
 c1, c2, c3, c4 = st.columns([2, 3, 2, 1])
-depth = c1.slider("Module depth", 1, 6, 2, key="graph_depth")
-gid = c2.selectbox("Highlight group", [None, *range(len(groups))], key="graph_group",
+depth = c1.slider("Expanded to depth", 1, 6, 2, key="graph_depth")
+gid = c2.selectbox("Group", [None, *range(len(groups))], key="graph_group",
                    format_func=lambda i: "none" if i is None else f"{i}: {groups[i].title}")
 query = c3.text_input("Search module", key="graph_search", placeholder="e.g. attn.qkv, Linear")
 fold = c4.checkbox("Fold repeats", value=True, key="graph_fold")
@@ -25,23 +33,44 @@ if query.strip():
                    + ", ".join(found[:12]) + (" ..." if len(found) > 12 else ""))
     else:
         st.info(f"No module name or class contains '{query.strip()}'.")
-dot = graph_to_dot(mg, depth=depth, highlight_group=gid, fold_repeats=fold,
-                   highlight_modules=found)
-
+unsafe: dict[int, str] = {}
+if gid is not None:  # pre-flight the selected group's pending proposal: unsafe shows file:line
+    try:
+        p = next((q for q in st.session_state.pe.proposals() if q.group.id == gid), None)
+        verdict = st.session_state.pe.preflight(p) if p is not None else None
+    except Exception:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
+        verdict = None
+    if verdict is not None and not verdict.ok:
+        unsafe[gid] = f"{verdict.module} {verdict.location.rsplit('/', 1)[-1]}"
+        st.warning(f"Pruning group {gid} breaks the forward in {verdict.module} "
+                   f"{verdict.location}: {verdict.error}")
+view = build_view(mg, depth=depth, group=gid, fold=fold, search=found, unsafe=unsafe)
+model_key = f"{st.session_state.pe.spec}:{mg.num_ops}:{len(groups)}:{depth}:{fold}"
+graph_view(view.to_component(), key="graph_view", model_key=model_key,
+           selected=st.session_state.get("graph_node"))
 if gid is not None:
     g = groups[gid]
-    with st.expander(f"Why group {gid} ({g.title}) is coupled", expanded=True):
+    st.markdown(f"**Selected group {gid}: {g.title}** — members filled orange, the coupling "
+                "chain in red (coupled dims starred on each edge), ops that pin an axis cut "
+                "at the corners.")
+    if not g.prunable:
+        st.warning(f"not prunable: {g.reason}")
+    with st.expander(f"Why group {gid} is coupled", expanded=False):
         st.markdown("\n".join(f"{n}. {line}" for n, line in enumerate(g.explanation, 1))
                     or "- (no explanation)")
-        if not g.prunable:
-            st.warning(f"not prunable: {g.reason}")
         st.dataframe(member_rows(g), key="graph_members", hide_index=True)
-st.graphviz_chart(dot, width="stretch")
+
+
+def _dot() -> str:  # made on click (a deferred download), from the same view model
+    return graph_to_dot(mg, depth=depth, highlight_group=gid, fold_repeats=fold,
+                        highlight_modules=found)
+
+
 d1, d2 = st.columns(2)
-d1.download_button("Download DOT", dot, file_name="model.dot", mime="text/vnd.graphviz",
+d1.download_button("Download DOT", _dot, file_name="model.dot", mime="text/vnd.graphviz",
                    key="graph_dl_dot")
 if has_dot():
-    d2.download_button("Download SVG", dot_to_svg(dot), file_name="model.svg",
+    d2.download_button("Download SVG", lambda: dot_to_svg(_dot()), file_name="model.svg",
                        mime="image/svg+xml", key="graph_dl_svg")
 else:
     d2.caption("Install graphviz `dot` to export SVG.")

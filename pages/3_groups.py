@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import streamlit as st
 
+from components.graph_view import graph_view
 from explorer.app.session import Session
+from explorer.app.sources import quality_text
 from explorer.graph.metrics import count_macs
 from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
@@ -23,6 +25,7 @@ from explorer.render.proposal_view import (
     removed_for,
     short_location,
 )
+from explorer.render.view import build_view
 from pages._session import reset
 
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round")
@@ -96,7 +99,7 @@ def short_reason(joint: Proposal) -> str:
 
 
 def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
-    m = st.columns(4)
+    m = st.columns(5)
     m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}",
                 delta_color="inverse")
     m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}", delta_color="inverse")
@@ -104,6 +107,39 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
     if verdict is not None and verdict.ok and verdict.graph is not None:
         m[3].metric("after Accept", f"{verdict.params:,} params",
                     f"{count_macs(verdict.graph) - pe.macs:,} MACs", delta_color="inverse")
+    quality = pe.quality()
+    if quality is not None:
+        m[4].metric(*quality_text(quality), help=f"against the original, on {pe.quality_source}")
+
+
+def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict) -> None:
+    """What accepting the counts on screen costs in quality (on a copy with weights)."""
+    quality = pe.quality()
+    if not verdict.ok or quality is None:
+        return
+    try:
+        after = pe.proposal_cost(p, counts if counts != p.counts() else None)
+    except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
+        st.warning(f"could not measure what accepting costs: {exc}")
+        return
+    if after is not None:
+        label, now = quality_text(quality)
+        st.info(f"Accepting it: {label} {now} → {quality_text(after)[1]} "
+                f"(measured on a copy with weights, {pe.quality_source})")
+
+
+def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
+    """The proposal's members, coupling chain and one hop of context."""
+    groups = pe.graph.groups()
+    if p.group.id >= len(groups) or groups[p.group.id].title != p.group.title:
+        return
+    with st.expander("Subgraph: members, coupling chain and one hop of context",
+                     expanded=not layered(p)):
+        where = {} if verdict.ok else {
+            p.group.id: f"{verdict.module} {short_location(verdict.location)}"}
+        sub = build_view(pe.graph, group=p.group.id, unsafe=where).subgraph()
+        graph_view(sub.to_component(), key="groups_graph", height=460,
+                   model_key=f"{pe.version}:{p.group.id}")
 
 
 def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
@@ -203,8 +239,10 @@ def main() -> None:
     if pe.message is not None:
         getattr(st, pe.message.kind)(pe.message.text)
     verdict_box(pe, p, verdict, joint)
+    cost(pe, p, counts, verdict)
     actions(pe, p, counts, verdict, joint)
     chart(pe, p, counts)
+    subgraph(pe, p, verdict)
     details(pe, p, pending)
     history(pe)
 

@@ -2,19 +2,34 @@
 the session log on disk that lets a session survive a browser refresh (`explorer.app.store`)."""
 from __future__ import annotations
 
+import dataclasses
+import os
+from typing import Any
+
 import streamlit as st
 
 from explorer.app import store
 from explorer.app.session import Session
-from explorer.io.specs import LoadedModel, load_model, parse_input_shape
+from explorer.app.sources import LoadRequest, load_request
+from explorer.io.specs import LoadedModel, load_model
 
-DEFAULT_REQUEST = ("demo:dino_vit_safe", "cpu", "")
+DEFAULT_REQUEST = LoadRequest("demo:dino_vit_safe")
+# `file.py:fn` specs import and run that file on the server: off unless whoever starts the
+# server sets this to 1 (PRUNING_EXPLORER_ALLOW_FACTORY=1 streamlit run app.py).
+ALLOW_FACTORY_ENV = "PRUNING_EXPLORER_ALLOW_FACTORY"
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def pristine(spec: str, device: str, shape: tuple[int, ...] | None) -> LoadedModel:
+def pristine(spec: str, device: str, shape: tuple[int, ...] | None,
+             weights: str | None) -> LoadedModel:
     """The unpruned model; shared by all sessions, so never mutated (sessions copy it)."""
-    return load_model(spec, device=device, input_shape=shape)
+    return load_model(spec, device=device, input_shape=shape, weights=weights,
+                      allow_code=os.environ.get(ALLOW_FACTORY_ENV) == "1")
+
+
+def _cached(spec: str, *, device: str, input_shape: tuple[int, ...] | None,
+            weights: str | None) -> LoadedModel:
+    return pristine(spec, device, input_shape, weights)
 
 
 def _sid() -> str:
@@ -29,35 +44,54 @@ def _sid() -> str:
 def _save(session: Session) -> None:
     request = st.session_state.get("pe_request", DEFAULT_REQUEST)
     try:
-        store.save(_sid(), store.SavedSession(tuple(request), session.actions))
+        store.save(_sid(), store.SavedSession(dataclasses.asdict(request), session.actions))
     except OSError as exc:  # a read-only disk: the session still works, it just won't survive
         st.session_state.pe_error = f"cannot save the session log: {exc}"
 
 
-def load(request: tuple[str, str, str], actions: list[dict[str, object]] | None = None) -> bool:
+def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> bool:
     """Build a fresh session for ``request`` (replaying ``actions``); on failure keep the
     old one and record why."""
-    spec, device, shape_text = request
     st.session_state.pe_request = request
-    with st.status(f"Loading and tracing `{spec}` ...", expanded=False) as status:
+    with st.status(f"Loading `{request.spec}` ...", expanded=False) as status:
         try:
-            shape = parse_input_shape(shape_text) if shape_text.strip() else None
-            lm = pristine(spec.strip(), device, shape)
-            pe = Session(lm.model, lm.example_inputs, spec=spec.strip())
+            loaded = load_request(request, build=_cached, progress=status.write)
+            lm = loaded.model
+            status.write("tracing the model and finding its groups")
+            pe = Session(lm.model, lm.example_inputs, spec=request.spec,
+                         calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task)
             if actions:
                 bar = st.progress(0.0, text="replaying your decisions")
                 pe.replay(list(actions), lambda f, text: bar.progress(f, text=text))
                 bar.empty()
             pe.on_action = _save
             st.session_state.pe = pe
+            st.session_state.pe_loaded = _summary(lm)
             st.session_state.pe_error = ""
             _save(pe)
-            status.update(label=f"Traced `{spec}`", state="complete")
+            status.update(label=f"Traced `{request.spec}`", state="complete")
             return True
         except Exception as exc:  # noqa: BLE001 - any user model can fail; shown as one line
-            st.session_state.pe_error = str(exc) or exc.__class__.__name__
-            status.update(label=f"Could not load `{spec}`", state="error")
+            st.session_state.pe_error = (str(exc) or type(exc).__name__).splitlines()[0]
+            status.update(label=f"Could not load `{request.spec}`", state="error")
             return False
+
+
+def _summary(lm: LoadedModel) -> dict[str, Any]:
+    """What the Model page says about where the weights came from."""
+    return {"pretrained": lm.pretrained, "task": lm.task.value, "notes": list(lm.notes),
+            "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
+
+
+def _request(fields: dict[str, Any]) -> LoadRequest | None:
+    """A saved request, if it still names `LoadRequest` fields of the right types."""
+    known = {f.name: f for f in dataclasses.fields(LoadRequest)}
+    if set(fields) - set(known):
+        return None
+    try:
+        return LoadRequest(**fields)
+    except TypeError:
+        return None
 
 
 def restore_or_start() -> None:
@@ -65,8 +99,9 @@ def restore_or_start() -> None:
     if "pe_request" in st.session_state:
         return
     saved = store.load(_sid())
-    if saved is not None:
-        load(saved.request, saved.actions)
+    request = _request(saved.request) if saved is not None else None
+    if saved is not None and request is not None:
+        load(request, saved.actions)
     else:
         load(DEFAULT_REQUEST)  # a failure is shown on the Model page
 

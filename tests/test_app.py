@@ -1,7 +1,9 @@
 """The Streamlit app, driven headless with AppTest (no browser), and its session state."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,25 +53,33 @@ def test_default_model_is_traced_and_groups_listed(app: AppTest) -> None:
     assert any("qkv[0]" in c.value and "file:line" in c.value for c in app.caption)
 
 
-def test_graph_page_draws_dot_explains_group_and_searches(app: AppTest) -> None:
+def _graph_view(at: AppTest) -> dict[str, Any]:
+    """The view model the page handed to the graph component."""
+    views = [json.loads(c.proto.json_args)["view"] for c in at.get("component_instance")]
+    assert len(views) == 1
+    return views[0]  # type: ignore[no-any-return]
+
+
+def test_graph_page_draws_view_explains_group_and_searches(app: AppTest) -> None:
     app.switch_page("pages/2_graph.py").run()
     assert not app.exception, app.exception
-    charts = app.get("graphviz_chart")
-    assert len(charts) == 1
-    assert charts[0].proto.spec.startswith("digraph model")
-    assert "blocks.0-2 x3" in charts[0].proto.spec
-    app.selectbox(key="graph_group").set_value(2).run()
+    nodes = {n["id"]: n for n in _graph_view(app)["nodes"]}
+    assert nodes["m:blocks.0"]["label"] == "0-2 x3 (Block)" and "m:blocks.1" not in nodes
+    app.session_state["graph_view"] = {"node": "m:blocks.0", "group": 2, "n": 1}  # a click
+    app.run()
     assert not app.exception, app.exception
-    assert "penwidth=2.5" in app.get("graphviz_chart")[0].proto.spec
+    assert app.selectbox(key="graph_group").value == 2
+    view = _graph_view(app)
+    assert view["group"] == 2
+    assert any(n["chain"] and n["label"] == "select dim 0 [1]" for n in view["nodes"])
     first = app.session_state.pe.graph.groups()[2].explanation[0]
     assert any(first in md.value for md in app.markdown)
     app.text_input(key="graph_search").set_value("mlp.fc2").run()
-    spec = app.get("graphviz_chart")[0].proto.spec
-    assert "#D62728" in spec
+    assert any(n["found"] for n in _graph_view(app)["nodes"])
     assert any("3 module(s) match" in c.value for c in app.caption)
     app.text_input(key="graph_search").set_value("zzz").run()
     assert not app.exception and "No module" in app.info[0].value
-    assert "#D62728" not in app.get("graphviz_chart")[0].proto.spec
+    assert not any(n["found"] for n in _graph_view(app)["nodes"])
     assert {b.proto.label for b in app.get("download_button")} >= {"Download DOT"}
 
 
@@ -252,3 +262,13 @@ def test_export_plan_and_replay(app: AppTest) -> None:
     app.button(key="model_plan_apply").click().run()
     assert not app.exception and not app.error, app.error
     assert _params(app) == pruned
+
+
+def test_graph_page_marks_an_unsafe_group_with_its_location(app: AppTest) -> None:
+    _load(app, "demo:dino_vit")  # head width from C // num_heads: the qkv group is unsafe
+    app.switch_page("pages/2_graph.py").run()
+    app.selectbox(key="graph_group").set_value(2).run()
+    assert not app.exception, app.exception
+    assert any("breaks the forward in blocks.0.attn" in w.value for w in app.warning)
+    marked = {n["id"]: n["unsafe"] for n in _graph_view(app)["nodes"] if n["unsafe"]}
+    assert marked["m:blocks.0.attn"] == "blocks.0.attn dino.py:58"

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,10 +78,6 @@ def test_browser_accept_a_group(server: str, tmp_path: Path) -> None:
             page.get_by_text("prunable groups").wait_for(timeout=90_000)
             page.screenshot(path=str(SHOTS / "model.png"), full_page=True)
 
-            page.get_by_role("link", name="Graph").click()
-            page.locator("svg").filter(has_text="blocks").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(SHOTS / "graph.png"), full_page=True)
-
             page.get_by_role("link", name="Groups").click()
             page.get_by_role("button", name="Reject").wait_for(timeout=60_000)
             page.get_by_text("Pre-flight: the pruned copy runs").wait_for(timeout=60_000)
@@ -111,5 +108,87 @@ def test_browser_accept_a_group(server: str, tmp_path: Path) -> None:
             page.screenshot(path=str(SHOTS / "export.png"), full_page=True)
         finally:
             browser.close()
-    for name in ("model.png", "graph.png", "groups.png", "dimensions.png", "export.png"):
+    for name in ("model.png", "groups.png", "dimensions.png", "export.png"):
         assert (SHOTS / name).stat().st_size > 10_000
+
+
+GRAPH = "iframe[title*='graph_view']"
+
+
+def _graph_frame(page: Any) -> Any:
+    frame = page.frame(url=lambda u: "pe_graph_view" in u)
+    assert frame is not None
+    return frame
+
+
+def _node_centre(page: Any, node_id: str) -> tuple[float, float]:
+    """Page pixels of a node's centre (the graph is a canvas: ask the component where)."""
+    box = _graph_frame(page).evaluate(f"window.peGraph.box({json.dumps(node_id)})")
+    frame_box = page.locator(GRAPH).bounding_box()
+    assert box is not None and frame_box is not None, node_id
+    return (frame_box["x"] + (box["x1"] + box["x2"]) / 2,
+            frame_box["y"] + (box["y1"] + box["y2"]) / 2)
+
+
+def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
+    """A click on a block selects its group (highlighted, op-level chain); a double click
+    expands a folded block in place."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SHOTS = ROOT / _SHOTS_ENV if _SHOTS_ENV else tmp_path  # noqa: N806 - a path constant
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+            page.get_by_text("prunable groups").wait_for(timeout=90_000)
+            page.get_by_role("link", name="Graph").click()
+            state = page.frame_locator(GRAPH).locator("#pe-state")
+            page.frame_locator(GRAPH).locator("#pe-state[data-ready='1']").wait_for(
+                timeout=60_000, state="attached")
+            graph = _graph_frame(page)
+            assert not graph.evaluate("window.peGraph.isOpen('m:blocks.0')")
+            assert graph.evaluate("window.peGraph.info('m:blocks.0').label") == "0-2 x3 (Block)"
+
+            page.wait_for_timeout(500)  # let a rerun that follows the first draw settle
+            page.mouse.click(*_node_centre(page, "m:blocks.0"))  # select: back to Python
+            page.frame_locator(GRAPH).locator("#pe-state[data-group='2']").wait_for(
+                timeout=60_000, state="attached")
+            page.get_by_text("Selected group 2: 6 heads x 16: blocks.0.attn.qkv").wait_for(
+                timeout=60_000)
+            graph = _graph_frame(page)
+            graph.wait_for_function("window.peGraph.isOpen('m:blocks.0.attn')", timeout=30_000)
+            lit = (state.get_attribute("data-highlighted") or "").split()
+            labels = [graph.evaluate(f"window.peGraph.info('{i}').label") for i in lit]
+            assert "m:blocks.0.attn.qkv" in lit and "m:blocks.1" not in lit
+            assert sorted(x for x in labels if x.startswith("select")) == [
+                "select dim 0 [0]", "select dim 0 [1]", "select dim 0 [2]"]
+            assert "member" in graph.evaluate("window.peGraph.info('m:blocks.0.attn.qkv')"
+                                              ".classes")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(SHOTS / "graph.png"), full_page=True)
+
+            page.frame_locator(GRAPH).get_by_role("button", name="Fit").click()
+            assert not graph.evaluate("window.peGraph.isOpen('m:blocks.1')")
+            assert graph.evaluate("window.peGraph.info('m:blocks.1').label") == "1-2 x2 (Block)"
+            page.wait_for_timeout(500)
+            page.mouse.dblclick(*_node_centre(page, "m:blocks.1"))  # expand in place
+            graph.wait_for_function("window.peGraph.isOpen('m:blocks.1')", timeout=30_000)
+            assert "m:blocks.1.attn" in graph.evaluate("window.peGraph.visible()")
+            assert state.get_attribute("data-group") == "2"  # a double click selects nothing
+
+            search = page.frame_locator(GRAPH).get_by_placeholder("search ops and modules")
+            search.fill("fc2")
+            search.press("Enter")  # opens the boxes around every hit and marks them
+            graph.wait_for_function("window.peGraph.visible().includes('m:blocks.0.mlp.fc2')",
+                                    timeout=30_000)
+            assert "hit" in graph.evaluate("window.peGraph.info('m:blocks.0.mlp.fc2').classes")
+
+            with page.expect_download(timeout=60_000) as download:  # made on click
+                page.get_by_role("button", name="Download DOT").click()
+            dot = Path(download.value.path()).read_text()
+            assert dot.startswith("digraph model") and 'subgraph "cluster_m:blocks.0"' in dot
+        finally:
+            browser.close()
+    assert (SHOTS / "graph.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ import torch
 
 from explorer.app import store
 from explorer.app.session import Session
-from explorer.io.plan import SCHEMA, Plan
+from explorer.io.plan import SCHEMA, Plan, checksum
 from explorer.io.specs import load_model
 from explorer.prune.proposal import Proposal
 from explorer.prune.pruner import Pruner
@@ -124,6 +124,7 @@ def test_schema_1_plans_are_migrated(tmp_path: Path) -> None:
     data["schema"] = 1
     for step in data["steps"]:
         del step["blocks"]
+    data["sha256"] = checksum(data)  # as a schema-1 writer sealed it
     plan = Plan.from_dict(json.loads(json.dumps(data)))
     fresh = load_model("demo:mlp").model
     plan.apply(fresh)
@@ -141,9 +142,9 @@ def test_session_log_replays_after_a_refresh(tmp_path: Path) -> None:
     assert s.undo()
     assert s.remove_block("blocks.2")
     sid = store.new_sid()
-    store.save(sid, store.SavedSession(("demo:dino_vit_safe", "cpu", ""), s.actions), tmp_path)
+    store.save(sid, store.SavedSession({"spec": "demo:dino_vit_safe"}, s.actions), tmp_path)
     saved = store.load(sid, tmp_path)
-    assert saved is not None and saved.request[0] == "demo:dino_vit_safe"
+    assert saved is not None and saved.request["spec"] == "demo:dino_vit_safe"
     again = Session(load_model("demo:dino_vit_safe").model, lm.example_inputs)
     assert again.replay(saved.actions) == len(s.actions)
     assert again.params == s.params and again.decided == s.decided

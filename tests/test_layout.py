@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "graph": set(),
     "coupling": {"graph"},
     "prune": {"graph", "coupling"},
-    "io": {"graph", "coupling", "prune", "demos", "api"},
+    "io": {"graph", "coupling", "prune", "demos", "api", "quality"},
     "demos": {"io"},  # the llama demo reuses the built-in transformers config
     "render": {"graph", "coupling", "prune", "api"},
     "quality": {"graph", "coupling", "prune"},

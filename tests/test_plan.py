@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from explorer import Pruner, load_model
-from explorer.io.plan import SCHEMA, Plan, PlanError
+from explorer.io.plan import SCHEMA, Plan, PlanError, checksum
 
 VIT = "timm:vit_tiny_patch16_224?img_size=64&depth=2"
 
@@ -141,6 +141,7 @@ def test_llama_config_follows_replay(llama: Pruned, tmp_path: Path) -> None:
 def _edited(plan: Plan, tmp_path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
     data = plan.to_dict()
     edit(data)
+    data["sha256"] = checksum(data)  # as a user who edits on purpose would
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
     return path
@@ -177,7 +178,7 @@ def _bad_type(data: dict) -> None:
 
 
 def _bad_attribute(data: dict) -> None:
-    data["steps"][0]["attributes"]["no_such_module"] = {"x": [1, 2]}
+    data["steps"][0]["attributes"]["no_such_module"] = {"in_features": [1, 2]}
 
 
 @pytest.mark.parametrize("edit,match", [

@@ -48,16 +48,20 @@ def test_dot_is_deterministic(dino: explorer.ModelGraph, depth: int) -> None:
 
 def test_dot_folds_repeated_blocks(dino: explorer.ModelGraph) -> None:
     folded = graph_to_dot(dino, depth=2)
-    assert '"blocks.0-2 x3"' in folded and '"blocks.1"' not in folded
+    assert '"m:blocks.0" [label="0-2 x3 (Block)' in folded and '"m:blocks.1"' not in folded
+    assert "(each of 3)" in folded
     flat = graph_to_dot(dino, depth=2, fold_repeats=False)
-    assert '"blocks.0"' in flat and '"blocks.2"' in flat and "x3" not in flat
+    assert '"m:blocks.0" [label="0 (Block)' in flat and '"m:blocks.2"' in flat
+    assert "x3" not in flat
     assert "weight [96, 3, 8, 8]" in folded  # parameter shapes in labels
+    assert 'subgraph "cluster_m:blocks" {' in folded  # a module is a box around its children
 
 
 def test_dot_highlight_splits_the_fold(dino: explorer.ModelGraph) -> None:
     dot = graph_to_dot(dino, depth=2, highlight_group=2)  # the qkv group of blocks.0
-    assert '"blocks.0" [' in dot and '"blocks.1-2 x2"' in dot
-    assert dot.count("penwidth=2.5") == 1
+    assert 'subgraph "cluster_m:blocks.0" {' in dot and '"m:blocks.1" [label="1-2 x2' in dot
+    assert dot.count("shape=octagon") == 3  # the three selects that pin the q/k/v axis
+    assert '[label="[1, 17, 3*, 6*, 16*]", color="#D62728"' in dot  # the chain, coupled dims
 
 
 def test_dot_errors(dino: explorer.ModelGraph) -> None:
@@ -73,10 +77,10 @@ def test_dot_timm_vit_tiny(vit_tiny: explorer.ModelGraph, depth: int) -> None:
     assert dot == graph_to_dot(vit_tiny, depth)
     assert dot.startswith("digraph model {") and dot.rstrip().endswith("}")
     if depth == 2:
-        assert '"blocks.0-11 x12"' in dot
+        assert '"m:blocks.0" [label="0-11 x12 (Block)' in dot
     else:
-        assert '"blocks"' in dot and "x12" not in dot
-    assert len(dot.splitlines()) < 60  # aggregated, not one node per op
+        assert '"m:blocks" [label="blocks (Sequential)' in dot and "x12" not in dot
+    assert len(dot.splitlines()) < 80  # collapsed boxes, not one node per op
 
 
 @pytest.mark.skipif(not has_dot(), reason="graphviz 'dot' binary not installed")
@@ -126,8 +130,8 @@ def test_dot_search_highlight(dino: explorer.ModelGraph) -> None:
     found = search_modules(dino.graph.modules, "blocks.1.mlp")
     assert found[0] == "blocks.1.mlp" and all("blocks.1.mlp" in f for f in found)
     dot = graph_to_dot(dino, depth=2, highlight_modules=found)
-    assert dot.count("#D62728") == 1 and '"blocks.1" [' in dot  # split from the fold
-    assert '"blocks.0-2 x3"' not in dot
+    assert dot.count("#D62728") == 1 and '"m:blocks.1" [label="1 (Block)' in dot  # split out
+    assert "x3" not in dot and '"m:blocks.2" [label="2 (Block)' in dot
     assert search_modules(dino.graph.modules, "LINEAR")  # class names match too
     assert search_modules(dino.graph.modules, "  ") == []
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|prune|replay|export|learn ...``.
+"""Command line: ``python -m explorer trace|prune|replay|export|graph|learn ...``.
 
 Also installed as the ``pruning-explorer`` console script.
 """
@@ -7,11 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -19,11 +24,23 @@ from ..api import trace
 from ..coupling.heads import AttentionInfo, attention_modules, head_changes
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
-from ..io.export import DEFAULT_FORMATS, ExportResult, export, parse_formats, snapshot
+from ..io.data import DataOptions, check_apart, load_data
+from ..io.export import (
+    DEFAULT_FORMATS,
+    ExportResult,
+    check_out_dir,
+    export,
+    parse_formats,
+    snapshot,
+)
 from ..io.plan import Plan
 from ..io.specs import LoadedModel, SpecError, load_model, parse_input_shape
-from ..prune.preflight import forward_check
+from ..prune.calibration import Calibration
+from ..prune.preflight import clone_model, forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
+from ..quality.evaluate import Quality, evaluate
+from ..render.dot import view_to_dot
+from ..render.view import build_view
 
 
 class CliError(Exception):
@@ -31,32 +48,91 @@ class CliError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="timm:NAME, hf:FAMILY, demo:NAME or file.py:fn")
+    p.add_argument("--model", required=True,
+                   help="timm:NAME, timm:FOLDER, hf:FAMILY, hf:FOLDER, demo:NAME or file.py:fn")
     p.add_argument("--device", default="cpu", choices=["cpu", "meta"])
     p.add_argument("--input-shape", default=None, help="e.g. 1,3,224,224 or 1,16 for LMs")
     p.add_argument("--weights", default=None, help="local state dict (.safetensors or .pt)")
     p.add_argument("--ignore", action="append", default=[], help="module to leave unpruned")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="give up building and tracing the model after this many seconds")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
+    return value
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--ratio", type=_ratio, default=0.5)
     p.add_argument("--importance", default="magnitude")
     p.add_argument("--heads", default="dims", choices=HEAD_MODES)
-    p.add_argument("--round-to", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--round-to", type=_positive_int, default=1)
+    p.add_argument("--steps", type=_positive_int, default=1)
     p.add_argument("--global", dest="global_pruning", action="store_true")
     p.add_argument("--target-params", type=float, default=None,
                    help="prune until params <= this fraction of the original (overrides ratio)")
     p.add_argument("--target-macs", type=float, default=None,
                    help="prune until MACs <= this fraction of the original (overrides ratio)")
     p.add_argument("--calibration", default=None,
-                   help="tensor file (.pt, weights_only) of inputs for data-aware criteria")
+                   help="data for data-aware criteria: .txt (one sample a line) or .jsonl "
+                        "('text' field) tokenized with the model's tokenizer, an image folder, "
+                        "or a tensor file (.pt, weights_only)")
+    p.add_argument("--eval", dest="eval_data", default=None,
+                   help="held-out data (same forms, never the calibration samples): measure "
+                        "quality before and after (perplexity, cosine, KL, top-1)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="use the first N samples of each data file (default: all)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pruning-explorer", description=__doc__)
+    parser = _Parser(prog="pruning-explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trace", help="trace a model and list its coupling groups")
     _add_model_args(t)
@@ -67,21 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     p.add_argument("--out", default=None, help="save the pruned module (torch.save, a pickle)")
     p.add_argument("--plan", default=None, help="write the pruning plan (JSON) to this file")
+    p.add_argument("--force", action="store_true", help="overwrite existing --out/--plan files")
     r = sub.add_parser("replay", help="apply a saved plan to a fresh model and export it")
     _add_model_args(r)
     r.add_argument("--plan", required=True, help="plan JSON written by prune --plan")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--formats", default="pt,safetensors",
                    help="comma-separated: pt, safetensors, hf, report")
+    r.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     e = sub.add_parser("export", help="prune a model and export it")
     _add_model_args(e)
     _add_prune_args(e)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated: pt (a pickle), safetensors (+ plan.json), hf, report")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    gv = sub.add_parser("graph", help="print the graph view model (nodes and edges)")
+    _add_model_args(gv)
+    gv.add_argument("--depth", type=_count, default=2, help="modules above this depth open")
+    gv.add_argument("--group", type=int, default=None, help="id of the group to select")
+    gv.add_argument("--no-fold", action="store_true", help="do not fold repeated blocks")
     lr = sub.add_parser("learn", help="train digits models and compare pruning criteria")
     lr.add_argument("--models", default="cnn,vit", help="comma-separated: cnn, vit, vit-dino")
-    lr.add_argument("--finetune-epochs", type=int, default=2)
+    lr.add_argument("--finetune-epochs", type=_count, default=2)
     lr.add_argument("--cache-dir", default=None, help="default: ~/.cache/pruning-explorer")
     lr.add_argument("--no-cache", action="store_true", help="recompute, write nothing")
     lr.add_argument("--json", action="store_true", help="print one JSON object")
@@ -90,14 +174,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
+    calibration, held = getattr(args, "calibration", None), getattr(args, "eval_data", None)
+    if calibration and held:
+        check_apart(calibration, held)  # before the (slow) model load
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
-    return load_model(args.model, device=args.device, input_shape=shape, weights=args.weights)
+    with _deadline(args.timeout, "building the model"):
+        return load_model(args.model, device=args.device, input_shape=shape,
+                          weights=args.weights)
+
+
+@contextmanager
+def _deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Raise `CliError` when the body runs longer than ``seconds`` (main thread only:
+    SIGALRM; a long C call ends first)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise CliError(f"{what} took longer than --timeout {seconds:g} s; a factory that "
+                       f"never returns, or raise --timeout")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check_new_file(path: str, force: bool) -> None:
+    target = Path(path)
+    if target.is_dir():
+        raise CliError(f"'{path}' is a folder; give a file name")
+    if target.exists() and not force:
+        raise CliError(f"'{path}' exists; choose another name or pass --force to overwrite it")
+
+
+def _save_new(path: str, force: bool, write: Callable[[str], None]) -> None:
+    """Write a file through a temporary file beside it; refuse to overwrite unless ``force``."""
+    target = Path(path)
+    _check_new_file(path, force)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.parent if str(target.parent) else ".")
+    except OSError as e:
+        raise CliError(f"cannot write '{path}': {e.strerror or e}") from e
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except (OSError, RuntimeError) as e:
+        raise CliError(f"cannot write '{path}': {getattr(e, 'strerror', None) or e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     start = time.perf_counter()
-    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
+    with _deadline(args.timeout, "tracing the model"):
+        mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
     out = mg.to_dict()
     out["seconds"] = round(time.perf_counter() - start, 4)
     verdicts = {} if args.no_preflight else _verdicts(lm, mg, list(args.ignore))
@@ -134,15 +274,32 @@ class _Pruned:
     reports: list[StepReport]
     summary: dict[str, Any]  # the ``prune --json`` object
     attention: tuple[list[AttentionInfo], list[AttentionInfo]]  # before, after
+    quality: Quality | None  # on the --eval data; None without it
+
+
+def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None,
+                                                                Calibration | None]:
+    """Calibration and held-out data from ``--calibration`` / ``--eval`` (checked apart in
+    `_load`)."""
+    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    if args.eval_data and args.device == "meta":
+        raise CliError("--eval measures quality, which needs weights; use --device cpu")
+    calib = load_data(args.calibration, lm, opts) if args.calibration else None
+    held = load_data(args.eval_data, lm, opts) if args.eval_data else None
+    return calib, held
 
 
 def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
-    """Run the pruner's steps."""
-    pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance, ratio=args.ratio,
-                    iterative_steps=args.steps, global_pruning=args.global_pruning,
-                    heads=args.heads, round_to=args.round_to,
-                    ignored=list(args.ignore), target_params=args.target_params,
-                    target_macs=args.target_macs, calibration=args.calibration)
+    """Run the pruner's steps (and measure quality on ``--eval`` data)."""
+    calib, held = _data(args, lm)
+    original = clone_model(lm.model) if held is not None else None
+    with _deadline(args.timeout, "tracing the model"):
+        pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance,
+                        ratio=args.ratio, iterative_steps=args.steps,
+                        global_pruning=args.global_pruning, heads=args.heads,
+                        round_to=args.round_to, ignored=list(args.ignore),
+                        target_params=args.target_params, target_macs=args.target_macs,
+                        calibration=calib)
     heads_before = attention_modules(lm.model, pruner.coupling)
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]
@@ -159,10 +316,13 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
                     "error": u.error} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
-        "notes": list(dict.fromkeys(n for r in reports for n in r.notes)),
+        "notes": list(dict.fromkeys([*lm.notes, *(n for r in reports for n in r.notes)])),
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
     }
-    return _Pruned(pruner, reports, out, (heads_before, heads_after))
+    quality = (evaluate(lm.model, original, held, task=lm.task)
+               if held is not None and original is not None else None)
+    out["quality"] = quality.to_dict() if quality is not None else None
+    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality)
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
@@ -170,14 +330,18 @@ def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    for path in (args.plan, args.out):  # refuse before any work
+        if path:
+            _check_new_file(path, args.force)
     lm = _load(args)
     run = _prune(args, lm)
     out, groups_total = run.summary, run.summary["groups_total"]
     if args.plan:
-        _plan(run.pruner, lm, run.reports).save(args.plan)
+        plan = _plan(run.pruner, lm, run.reports)
+        _save_new(args.plan, args.force, plan.save)
         out["plan"] = args.plan
     if args.out:
-        torch.save(lm.model, args.out)
+        _save_new(args.out, args.force, lambda tmp: torch.save(lm.model, tmp))
     if not args.json:
         out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
                         f"{out['params_after']:,}, MACs {out['macs_before']:,} -> "
@@ -187,9 +351,17 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         for u in out["unsafe"]:
             out["_text"] += f"\n  unsafe group {u['group']}: {u['module']} {u['location']}: " \
                             f"{u['error']}"
+        if out["quality"] is not None:
+            out["_text"] += "\n  " + _quality_line(out["quality"])
         for note in out["notes"]:
             out["_text"] += f"\n  note: {note}"
     return out
+
+
+def _quality_line(q: dict[str, Any]) -> str:
+    """``quality (cosine) on 20 held-out samples: 1.0000 -> 0.9123``."""
+    return (f"quality ({q['metric']}) on {q['samples']} held-out samples: {q['before']:.4f} -> "
+            f"{q['after']:.4f}")
 
 
 def _check_cpu(args: argparse.Namespace) -> None:
@@ -211,13 +383,14 @@ def _forward_ok(lm: LoadedModel) -> bool:
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     _check_cpu(args)
     formats = parse_formats(args.formats)
+    check_out_dir(Path(args.out), args.force)
     plan = Plan.load(args.plan)
     lm = _load(args)
     original = snapshot(lm.model) if "report" in formats else None
     before = count_params(lm.model)
-    replay = plan.apply(lm.model)
+    replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
-                 example_inputs=lm.example_inputs)
+                 example_inputs=lm.example_inputs, force=args.force)
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
@@ -232,19 +405,31 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     _check_cpu(args)
     formats = parse_formats(args.formats)
+    check_out_dir(Path(args.out), args.force)
     lm = _load(args)
     original = snapshot(lm.model) if "report" in formats else None
     run = _prune(args, lm)
     out = run.summary
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
                  original=original, example_inputs=lm.example_inputs,
-                 attention=run.attention)
+                 attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
+                 force=args.force)
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
-                    f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages))
+                    f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages)
+                    + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"])))
     return out
+
+
+def _quiet_transformers() -> None:
+    """No progress bars from transformers: stderr carries only our one ``error:`` line."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
 
 
 def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,17 +441,39 @@ def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
     return {**result.to_dict(), "_text": learn.summary_text(result)}
 
 
+def cmd_graph(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _load(args)
+    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
+    view = build_view(mg, depth=args.depth, group=args.group, fold=not args.no_fold).visible()
+    out: dict[str, Any] = dict(view.to_dict())
+    if not args.json:
+        out["_text"] = view_to_dot(view)
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
-                "export": cmd_export, "learn": cmd_learn}
+                "export": cmd_export, "learn": cmd_learn, "graph": cmd_graph}
     try:
         out = handlers[args.command](args)
     except (SpecError, TraceError, CliError, ValueError, OSError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug, not a user error: still one line
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (a bug; rerun with "
+              f"--debug and report the traceback)", file=sys.stderr)
+        return 1
     text = out.pop("_text", None)
     try:
         print(json.dumps(out, default=str) if args.json or text is None else text)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import io
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..prune.calibration import Calibration, random_like
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
 from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
@@ -34,6 +34,9 @@ from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
 from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
+from ..quality.evaluate import Quality
+from ..quality.probe import QualityProbe
+from ..quality.task import Task
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Session:
     decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> a `Decision` value
     log: list[dict[str, Any]] = field(default_factory=list)  # accepted changes, for the report
     message: Message | None = None
+    calibration: Calibration | None = None  # data for data-aware criteria (random if None)
+    heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
+    task: Task | None = None  # what the model does (inferred when None)
+    _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model = clone_model(self.model)
@@ -89,7 +96,8 @@ class Session:
         self.original = clone_model(self.model)  # unpruned, for reports and plan replays
         self.pruner = Pruner(self.model, self.example_inputs, importance=self.importance,
                              ratio=self.ratio, heads=self.heads,
-                             global_pruning=self.global_pruning, round_to=self.round_to)
+                             global_pruning=self.global_pruning, round_to=self.round_to,
+                             calibration=self.calibration)
         self._history: list[_Undo] = []
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
@@ -302,6 +310,44 @@ class Session:
             raise ValueError("sensitivity needs weights: load the model on cpu, not meta")
         return scan(self.pruner, ratios, progress=progress)
 
+    # ------------------------------------------------------------------ quality
+    def quality(self) -> Quality | None:
+        """Quality of the current model against the original on a small held-out batch
+        (cached per model version); None on meta, which has no weights to measure."""
+        probe = self._quality_probe()
+        return None if probe is None else probe.current(self.model, self.version)
+
+    def proposal_cost(self, proposal: Proposal, count: int | Counts | None = None
+                      ) -> Quality | None:
+        """Quality after accepting ``proposal`` (with ``count``, the counts on screen),
+        measured on a CPU copy with weights (the pre-flight copy is weightless); cached;
+        None on meta."""
+        probe = self._quality_probe()
+        if probe is None:
+            return None
+        counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
+        key = (self.version, tuple(proposal.keys), self.settings(),
+               tuple(sorted(counts.items())))
+        return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
+                          key)
+
+    @property
+    def quality_source(self) -> str:
+        """What the quality is measured on, in words."""
+        if self.heldout is None:
+            return "random inputs (no held-out data given)"
+        return f"{_batch_rows(self.heldout.batches[0])} held-out samples"
+
+    def _quality_probe(self) -> QualityProbe | None:
+        if self.on_meta:
+            return None
+        if self._probe is None:
+            data = (Calibration(self.heldout.batches[:1], mask_index=self.heldout.mask_index)
+                    if self.heldout is not None else
+                    Calibration(random_like(self.example_inputs, 1, 4, seed=1)))
+            self._probe = QualityProbe(self.original, data, self.task)
+        return self._probe
+
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
         """The accepted prunings and block removals as a replayable `explorer.Plan`.
@@ -334,14 +380,16 @@ class Session:
             return self._fail("a plan replays on the unpruned model: undo every accepted "
                               "change (or reload the model) first")
         try:
-            plan = Plan.from_dict(json.loads(text), where="uploaded plan")
-        except (PlanError, ValueError, UnicodeDecodeError) as exc:
+            plan = Plan.loads(text, where="uploaded plan")
+        except PlanError as exc:  # the plan is checked completely: this is every user error
             return self._fail(f"cannot apply the plan: {exc}")
         before = self.params
         previous = _tensors(self.model)
         try:
-            replay = plan.apply(self.model)  # all or nothing
-        except (PlanError, ValueError) as exc:
+            replay = plan.apply(self.model, example_inputs=self.example_inputs)  # all or nothing
+        except PlanError as exc:
+            return self._fail(f"cannot apply the plan: {exc}")
+        except Exception as exc:  # noqa: BLE001 - never a traceback in the browser
             return self._fail(f"cannot apply the plan: {exc}")
 
         def revert() -> None:
@@ -529,6 +577,11 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     out.update(model.named_buffers(remove_duplicate=False))
     return out
+
+
+def _batch_rows(batch: tuple[Any, ...]) -> int:
+    first = next((a for a in batch if isinstance(a, torch.Tensor) and a.dim()), None)
+    return int(first.shape[0]) if first is not None else 1
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:

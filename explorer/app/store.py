@@ -37,7 +37,7 @@ def valid_sid(sid: object) -> bool:
 class SavedSession:
     """What a page refresh needs: the model request and the decisions taken on it."""
 
-    request: tuple[str, str, str]  # (spec, device, input shape text)
+    request: dict[str, str | int]  # the Model page's request (`sources.LoadRequest` fields)
     actions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -48,7 +48,7 @@ def save(sid: str, saved: SavedSession, directory: Path | None = None) -> None:
     folder = directory or session_dir()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{sid}.json.tmp"
-    tmp.write_text(json.dumps({"request": list(saved.request), "actions": saved.actions}),
+    tmp.write_text(json.dumps({"request": saved.request, "actions": saved.actions}),
                    encoding="utf-8")
     tmp.replace(folder / f"{sid}.json")
 
@@ -64,10 +64,12 @@ def load(sid: str, directory: Path | None = None) -> SavedSession | None:
         return None
     req = data.get("request") if isinstance(data, dict) else None
     acts = data.get("actions") if isinstance(data, dict) else None
-    if not (isinstance(req, list) and len(req) == 3 and all(isinstance(x, str) for x in req)
+    if not (isinstance(req, dict) and isinstance(req.get("spec"), str)
+            and all(isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool)
+                    for k, v in req.items())
             and isinstance(acts, list) and all(isinstance(a, dict) for a in acts)):
         return None
-    return SavedSession((req[0], req[1], req[2]), acts)
+    return SavedSession(dict(req), acts)
 
 
 def forget(sid: str, directory: Path | None = None) -> None:

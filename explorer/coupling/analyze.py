@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ class Coupling:
         self.conflicts = self.res.conflicts
         self._ctx = ctx
         self._members = self._collect_members()
+        self._class_atoms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._dim_families: dict[int, frozenset[int]] = {}
         self._build_families()
         self.groups: list[Group] = self._build_groups()
 
@@ -272,6 +275,33 @@ class Coupling:
                 out[(md.member.param, md.member.dim)] = np.nonzero(~hit)[0]
         return out
 
+    def value_families(self, vid: int) -> list[frozenset[int]]:
+        """Atom families carried by each dim of value ``vid`` (empty for a value no rule saw).
+
+        A group's channels flow along a tensor exactly when one of its families is here.
+        """
+        if self._class_atoms is None:
+            self._class_atoms = _class_atom_table(self.res)
+        start, length, flat = self._class_atoms
+        out: list[frozenset[int]] = []
+        for ids in self._ctx.sp.dims.get(vid, []):
+            known = self._dim_families.get(id(ids))  # views share the id arrays of their input
+            if known is not None:
+                out.append(known)
+                continue
+            classes = np.unique(self.res.label[ids])
+            n = length[classes]
+            comp = classes[n > 0]
+            counts = n[n > 0]
+            offsets = np.repeat(start[comp] - np.cumsum(counts) + counts, counts)
+            atoms = np.concatenate([classes[n == 0],
+                                    flat[offsets + np.arange(int(counts.sum()))]])
+            fams = np.unique(self.family_of[atoms])
+            found = frozenset(int(f) for f in fams if f >= 0)
+            self._dim_families[id(ids)] = found  # sp.dims keeps ids alive: the key stays unique
+            out.append(found)
+        return out
+
     def member_families(self, index: int) -> set[int]:
         """Families present in member ``index``."""
         a = self._members[index].atoms
@@ -298,6 +328,21 @@ class Coupling:
     def member_atoms(self) -> list[tuple[Member, np.ndarray]]:
         """Each member with its ``(size, k)`` atom matrix (for importance scores)."""
         return [(md.member, md.atoms) for md in self._members]
+
+
+def _class_atom_table(res: Resolution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, flat): the atoms of composite class c are ``flat[start[c]:][:length[c]]``
+    (length 0 for an atom class)."""
+    n = max(res.num_classes, int(res.label.max(initial=-1)) + 1)
+    keys = np.fromiter(res.defs.keys(), dtype=np.int64, count=len(res.defs))
+    lens = np.fromiter((len(t) for t in res.defs.values()), dtype=np.int64, count=len(res.defs))
+    flat = np.fromiter(itertools.chain.from_iterable(res.defs.values()), dtype=np.int64,
+                       count=int(lens.sum()))
+    start = np.zeros(n, dtype=np.int64)
+    length = np.zeros(n, dtype=np.int64)
+    start[keys] = np.cumsum(lens) - lens
+    length[keys] = lens
+    return start, length, flat
 
 
 def _traced_head_dims(graph: Graph) -> dict[str, int]:

@@ -6,19 +6,25 @@ Formats (``export(..., formats=...)``):
   file (``torch.load(path, weights_only=False)``); load only files you trust.
 * ``safetensors``: ``model.safetensors`` (weights only) and ``plan.json``. `load_pruned`
   builds the original architecture, replays the plan and loads the weights; no pickle is
-  read anywhere, so these files are safe to load from anyone.
+  read and no code named by the folder is imported (a plan made from a ``file.py:fn``
+  factory loads only when the caller passes that spec or a model), so these files are data.
 * ``hf``: for transformers models, a ``save_pretrained`` folder ``hf/`` whose config holds
   the pruned widths; ``AutoModel*.from_pretrained`` loads it. Only when the widths are the
   same in every layer and the config rebuilds the pruned model exactly; otherwise the
   export falls back to ``safetensors`` and says why.
 * ``report``: ``report.md`` and a self-contained ``report.html`` (see `explorer.report`).
 
-Each export writes a ``README.md`` listing the files and how to load them.
+Each export writes a ``README.md`` listing the files and how to load them. An export is
+written into a temporary folder beside ``out_dir`` and renamed into place, so a folder holds
+one complete export or nothing; a non-empty ``out_dir`` is refused unless ``force=True``.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +35,14 @@ from torch import nn
 from ..coupling.heads import AttentionInfo
 from ..prune.fixups.hfconfig import ConfigUpdate, update_config
 from ..prune.preflight import clone_model
+from ..prune.transaction import transaction
+from ..quality.evaluate import Quality
 from .plan import Plan
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
 
-__all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportError", "ExportResult", "export",
+__all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportError", "ExportResult", "check_out_dir", "export",
            "load_pruned", "parse_formats"]
 
 
@@ -66,8 +74,9 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
 def export(model: nn.Module, out_dir: str | os.PathLike[str],
            formats: str | Sequence[str] = DEFAULT_FORMATS, plan: Plan | None = None,
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
-           attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None
-           ) -> ExportResult:
+           attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
+           quality: Quality | None = None, tokenizer: Any | None = None,
+           force: bool = False) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -80,19 +89,85 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         original: the unpruned model, for the report; rebuilt from ``plan.model`` if None.
         example_inputs: inputs for the report's latency; from the plan's spec if None.
         attention: attention modules (before, after) for the report's head table.
+        quality: `explorer.evaluate` on held-out data, for the report's quality section.
+        tokenizer: saved into the ``hf`` folder, so it is a complete checkpoint again.
+        force: replace a non-empty ``out_dir`` (its old content is removed).
 
     Raises:
-        ExportError: an unknown format, or ``safetensors`` without a plan.
+        ExportError: an unknown format, ``safetensors`` without a plan, or ``out_dir`` is
+            not empty (and ``force`` is False) or not a folder.
     """
     wanted = list(parse_formats(formats))
     if "safetensors" in wanted and plan is None:
         raise ExportError("the safetensors format needs the plan that pruned the model (to "
                           "rebuild its architecture on load); pass plan=, or use 'pt'")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    target = Path(out_dir)
+    check_out_dir(target, force)
+    with _staging(target, force) as out:
+        result = _write(model, out, wanted, plan, original, example_inputs, attention,
+                        quality, tokenizer)
+    result.directory = str(target)
+    result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
+                    for f, paths in result.files.items()}
+    return result
+
+
+def check_out_dir(target: Path, force: bool) -> None:
+    """Refuse an ``out_dir`` that is a file, or not empty unless ``force`` (ExportError)."""
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"'{target}' exists and is not a folder; choose a folder for --out")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise ExportError(f"'{target}' is not empty; choose a new folder, or pass --force "
+                          f"(force=True) to replace its content")
+
+
+@contextmanager
+def _staging(target: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder beside ``target``, renamed onto it when the body succeeds."""
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise ExportError(f"cannot write to '{parent}': {e.strerror or e}") from e
+    try:
+        yield tmp
+        _swap_in(tmp, target, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, target: Path, force: bool) -> None:
+    old = None
+    if target.is_dir() and force:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=tmp.parent))
+        os.rename(target, old / "content")
+    elif target.is_dir():
+        try:
+            target.rmdir()  # empty: replace it (fails if another export filled it meanwhile)
+        except OSError as e:
+            raise ExportError(f"'{target}' was filled while exporting; nothing was "
+                              f"written") from e
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        raise ExportError(f"cannot move the export into '{target}': {e.strerror or e}; "
+                          f"nothing was written") from e
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
+           original: nn.Module | None, example_inputs: Sequence[Any] | None,
+           attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
+           quality: Quality | None, tokenizer: Any | None) -> ExportResult:
+    """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
         _export_hf(model, out, result)
+        if "hf" in result.files and tokenizer is not None:
+            tokenizer.save_pretrained(result.files["hf"][0])
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
             wanted.append("safetensors")
             result.messages.append("wrote model.safetensors + plan.json instead (load with "
@@ -104,7 +179,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         result.files["safetensors"] = _export_safetensors(model, plan, out)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
-                                                attention)
+                                                attention, quality)
     _write_readme(out, result, plan)
     return result
 
@@ -170,8 +245,8 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
 
 def _export_report(model: nn.Module, out: Path, plan: Plan | None,
                    original: nn.Module | None, example_inputs: Sequence[Any] | None,
-                   attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None
-                   ) -> list[str]:
+                   attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
+                   quality: Quality | None = None) -> list[str]:
     from .report import build_report, write_report
     if original is None or example_inputs is None:
         if plan is None:
@@ -182,7 +257,8 @@ def _export_report(model: nn.Module, out: Path, plan: Plan | None,
         original = original if original is not None else lm.model
         example_inputs = example_inputs if example_inputs is not None else lm.example_inputs
     report = build_report(original, model, example_inputs, plan, attention,
-                          title=f"Pruning report: {plan.model}" if plan else "Pruning report")
+                          title=f"Pruning report: {plan.model}" if plan else "Pruning report",
+                          quality=quality)
     return [str(p) for p in write_report(report, out)]
 
 
@@ -201,11 +277,14 @@ Made by Pruning Explorer. Files:
 _HOWTO = {
     "pt": ("`model.pt`: the whole module, `torch.save`d. **This is a pickle: loading it runs "
            "code from the file; load only files you trust**: "
-           "`torch.load('model.pt', weights_only=False)`."),
+           "`torch.load('model.pt', weights_only=False)` (a model from `file.py:fn` needs "
+           "that file's folder on `sys.path`)."),
     "safetensors": ("`model.safetensors` + `plan.json`: weights and the pruning plan, no "
-                    "pickle. `explorer.load_pruned(None, '<this folder>')` rebuilds the "
-                    "original architecture from the plan's spec, replays the plan and loads "
-                    "the weights."),
+                    "pickle, no code. `explorer.load_pruned(None, '<this folder>')` rebuilds "
+                    "the original architecture from the plan's `timm:`/`hf:`/`demo:` spec, "
+                    "replays the plan and loads the weights. For a `file.py:fn` spec pass it "
+                    "yourself, `explorer.load_pruned('file.py:fn', '<this folder>')`: that "
+                    "runs the file, so only for a file you trust."),
     "hf": ("`hf/`: a transformers folder with the pruned widths in `config.json`: "
            "`AutoModelForCausalLM.from_pretrained('<this folder>/hf')` (or `AutoModel`)."),
     "report": "`report.md`, `report.html`: what changed, per layer, heads, latency, the plan.",
@@ -234,24 +313,64 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
         explorer.PlanError: the plan is unreadable or does not fit the model.
         ExportError: the weights file is missing or does not fit the replayed model.
     """
-    from safetensors.torch import load_model as load_weights
     folder = Path(directory)
     plan = Plan.load(folder / "plan.json")
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
+    state = _read_safetensors(weights)
+    inputs: Sequence[Any] | None = None
     if isinstance(source, nn.Module):
         model = source
     else:
-        from .specs import load_model
-        model = load_model(source or plan.model).model
-    plan.apply(model)
-    try:
-        load_weights(model, str(weights), strict=True)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ExportError(f"weights '{weights}' do not fit the replayed model: "
-                          f"{str(e).splitlines()[0]}") from e
+        from .specs import is_code_spec, load_model
+        spec = source if source is not None else plan.model
+        if source is None and is_code_spec(spec):
+            raise ExportError(f"the plan in '{folder}' names the factory '{spec}'; loading a "
+                              f"folder never runs code it names. If you trust that file, pass "
+                              f"it yourself (this imports and runs it): "
+                              f"load_pruned('{spec}', '{folder}'), or pass a fresh model")
+        lm = load_model(spec)
+        model, inputs = lm.model, lm.example_inputs
+    with transaction(model):
+        plan.apply(model, example_inputs=inputs)
+        _load_checked(model, state, weights)
     return model.eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ExportError(f"'{path}' is not a readable safetensors file "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Copy ``state`` into ``model`` after checking every key, shape and dtype (so no copy
+    can fail half way). Tied tensors need one of their names in the file."""
+    expected = model.state_dict(keep_vars=True)
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        by_tensor.setdefault(id(t), []).append(name)
+    unexpected = sorted(set(state) - set(expected))
+    missing = [names[0] for names in by_tensor.values() if not any(n in state for n in names)]
+    bad = [f"{n} {tuple(state[n].shape)}/{state[n].dtype} vs model "
+           f"{tuple(expected[n].shape)}/{expected[n].dtype}" for n in state
+           if n in expected and (state[n].shape != expected[n].shape
+                                 or state[n].dtype != expected[n].dtype)]
+    for label, names in (("unexpected tensors", unexpected), ("missing tensors", missing),
+                         ("mismatched tensors", bad)):
+        if names:
+            raise ExportError(f"weights '{path}' do not fit the replayed model: {label} "
+                              f"({len(names)}): {', '.join(names[:3])}"
+                              f"{' ...' if len(names) > 3 else ''}")
+    with torch.no_grad():
+        for names in by_tensor.values():
+            src = next(state[n] for n in names if n in state)
+            expected[names[0]].copy_(src)
 
 
 def snapshot(model: nn.Module) -> nn.Module:

@@ -8,6 +8,13 @@ for another model is refused before anything is touched.
 
 ``Plan.apply`` validates everything first and changes the model only when every step can
 be applied (all or nothing). Kept values are copied with ``index_select``: bit-identical.
+
+A plan is data and runs no code. It is checked as untrusted input: JSON limits (size, depth,
+integer length, UTF-8), a ``sha256`` checksum over the whole plan, attribute names, types and
+ranges limited to what the engine itself writes (`explorer.io.plan_rules`), and every step
+re-derived by the engine from the coupling of the model it is applied to (on a weightless
+copy): the cuts must be whole coupled channels or heads, and the attributes exactly those the
+engine sets for them. Anything else is one `PlanError` and the model is left untouched.
 """
 from __future__ import annotations
 
@@ -15,23 +22,34 @@ import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..coupling.analyze import Coupling
+from ..graph.tracer import TraceError, trace
 from ..prune.depth import BlockRemoval, remove_blocks
 from ..prune.fixups.patch import resize_tensor
-from ..prune.removal import Applied, set_tensor
+from ..prune.preflight import meta_copy
+from ..prune.removal import Applied, PruneError, Removal, apply_removal, removed_atoms, set_tensor
+from ..prune.transaction import transaction
+from .plan_rules import check_attribute
 
 SCHEMA = 2  # bump when the JSON layout changes (and migrate the old one in `_migrate`)
 # 2: steps may remove residual blocks (``blocks``); schema-1 files are read as schema 2.
 
-__all__ = ["SCHEMA", "BlockCut", "Plan", "PlanError", "PlanStep", "Replay", "TensorCut",
+__all__ = ["SCHEMA", "BlockCut", "Plan", "PlanError", "PlanStep", "Replay", "TensorCut", "checksum",
            "fingerprint"]
+
+MAX_PLAN_BYTES = 256 * 2**20  # far above any real plan; a bigger file is refused unread
+_MAX_DEPTH = 16  # a plan nests 6 levels deep
+_MAX_INT_DIGITS = 18  # indices, sizes and widths fit in 64 bits
 
 
 class PlanError(ValueError):
@@ -219,8 +237,11 @@ class Plan:
 
     # -- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data, sealed with its ``sha256`` checksum."""
         data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
+        out = {"schema": data.pop("schema"), **data}
+        out["sha256"] = checksum(out)
+        return out
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as indented JSON (removed-index lists on one line each)."""
@@ -230,15 +251,19 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan file. Raises `PlanError` on unreadable JSON or a wrong layout."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            size = Path(path).stat().st_size
+            if size > MAX_PLAN_BYTES:
+                raise PlanError(f"plan file '{path}' is {size:,} bytes, more than a plan can "
+                                f"be ({MAX_PLAN_BYTES:,}); is it the right file?")
+            raw = Path(path).read_bytes()
         except OSError as e:
             raise PlanError(f"cannot read plan file '{path}': {e.strerror or e}") from e
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan file '{path}' is not valid JSON: {e.msg} at line {e.lineno} "
-                            f"column {e.colno}; write it with Plan.save or fix the file") from e
-        return cls.from_dict(data, where=str(path))
+        return cls.loads(raw, where=f"plan file '{path}'")
+
+    @classmethod
+    def loads(cls, text: str | bytes, where: str = "plan") -> Plan:
+        """Parse plan JSON text (from an upload, say) with the same checks as `load`."""
+        return cls.from_dict(_json(text, where), where=where)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "plan") -> Plan:
@@ -246,27 +271,35 @@ class Plan:
         return _parse(data, where)
 
     # -- replay ---------------------------------------------------------------------------
-    def apply(self, model: nn.Module, update_config: bool = True) -> Replay:
+    def apply(self, model: nn.Module, update_config: bool = True,
+              example_inputs: Sequence[Any] | None = None) -> Replay:
         """Prune ``model`` in place as recorded; all or nothing.
 
         Everything is checked before the first change: the model's tensors against the
-        fingerprint, every tensor, dimension and index of every step, every attribute.
+        fingerprint, every tensor, dimension and index of every step, every attribute, and
+        every step against the coupling of ``model`` (re-derived by the engine on a
+        weightless copy). A failure while committing restores the model exactly.
 
         Args:
             model: a fresh, unpruned copy of the plan's model (cpu or meta).
             update_config: bring a transformers ``model.config`` in line with the new widths
                 (see `explorer.hfconfig`).
+            example_inputs: inputs to trace ``model`` with; by default zeros of the plan's
+                input shapes (float, or token ids when the model does not take floats).
 
         Raises:
             PlanError: the plan does not fit ``model``; the model is unchanged.
         """
-        replay = _commit(model, _check(self, model))
+        staged = _check(self, model)
+        _check_coupling(self, model, example_inputs)
         cuts = {b.module: b.tuple_output for step in self.steps for b in step.blocks}
-        if cuts:
-            replay.blocks = remove_blocks(model, list(cuts), cuts)
-        if update_config and hasattr(model, "config"):
-            from ..prune.fixups.hfconfig import update_config as _update
-            replay.config = _update(model)
+        with transaction(model):
+            replay = _commit(model, staged)
+            if cuts:
+                replay.blocks = remove_blocks(model, list(cuts), cuts)
+            if update_config and hasattr(model, "config"):
+                from ..prune.fixups.hfconfig import update_config as _update
+                replay.config = _update(model)
         return replay
 
     @property
@@ -309,16 +342,80 @@ def _migrate(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "schema": 2, "steps": steps}
 
 
+class _HugeInt(ValueError):
+    """An integer literal longer than any index or width (raised while parsing)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS and len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _HugeInt(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _parse_constant(text: str) -> Any:
+    raise _HugeInt(f"the non-JSON number {text}")
+
+
+def _json(text: str | bytes, where: str) -> Any:
+    """Parse plan JSON with limits: UTF-8, size, nesting depth, integer length."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PlanError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); a plan "
+                            f"is JSON written by Plan.save") from None
+    if len(text) > MAX_PLAN_BYTES:
+        raise PlanError(f"{where} is longer than a plan can be ({MAX_PLAN_BYTES:,} bytes)")
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column "
+                        f"{e.colno}; write it with Plan.save or fix the file") from None
+    except _HugeInt as e:
+        raise PlanError(f"{where} holds {e}; plans hold indices and widths of at most "
+                        f"{_MAX_INT_DIGITS} digits") from None
+    except RecursionError:
+        raise PlanError(f"{where} nests JSON deeper than Python can parse; a plan nests "
+                        f"{_MAX_DEPTH} levels at most") from None
+    return data  # `_parse` checks the depth
+
+
+def _check_depth(data: Any, where: str) -> None:
+    if not isinstance(data, (dict, list)):
+        return
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise PlanError(f"{where} nests JSON {depth} levels deep; a plan nests "
+                            f"{_MAX_DEPTH} levels at most")
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+
+
+def checksum(data: Mapping[str, Any]) -> str:
+    """sha256 of a plan's JSON data (every field but ``sha256`` itself, keys sorted)."""
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _parse(data: Any, where: str) -> Plan:
+    _check_depth(data, where)
     _need(isinstance(data, dict), where, "the top level must be a JSON object")
-    data = _migrate(data)
     version = data.get("schema")
-    if version != SCHEMA:
+    if not _is_int(version) or version not in (1, SCHEMA):
         raise PlanError(f"{where}: plan schema version {version!r} is not supported; this "
                         f"Pruning Explorer reads schema {SCHEMA}. Re-create the plan with "
                         f"this version (python -m explorer prune ... --plan FILE)")
-    for key in ("model", "input_shapes", "fingerprint", "steps"):
+    for key in ("model", "input_shapes", "fingerprint", "steps", "sha256"):
         _need(key in data, where, f"missing field '{key}'")
+    unknown = sorted(set(data) - {"schema", "model", "input_shapes", "fingerprint", "steps",
+                                  "sha256"})
+    _need(not unknown, where, f"unknown field '{unknown[0]}'" if unknown else "")
+    _need(data["sha256"] == checksum(data), where,
+          "the plan's sha256 does not match its content (was the file edited or cut short?)")
+    data = _migrate(data)  # after the checksum, which covers the file as it was written
     _need(isinstance(data["model"], str), where, "'model' must be a spec string")
     shapes = data["input_shapes"]
     _need(isinstance(shapes, list) and all(s is None or _int_list(s) for s in shapes), where,
@@ -349,6 +446,8 @@ def _parse_step(s: Any, where: str) -> PlanStep:
         for key in ("dim", "size_before"):
             _need(_is_int(c.get(key)), w, f"'{key}' must be an integer")
         _need(_int_list(c.get("removed")), w, "'removed' must be a list of integers")
+        _need(c["removed"] == sorted(set(c["removed"])), w,
+              "'removed' must list distinct indices in ascending order")
         cuts.append(TensorCut(c["tensor"], c["dim"], c["size_before"], list(c["removed"])))
     attrs = s.get("attributes", {})
     for module, changes in attrs.items():
@@ -356,8 +455,12 @@ def _parse_step(s: Any, where: str) -> PlanStep:
         for attr, pair in changes.items():
             _need(isinstance(pair, list) and len(pair) == 2, where,
                   f"attribute {module}.{attr} must be [old, new]")
+            problem = check_attribute(attr, pair[0], pair[1])
+            _need(not problem, where, f"attribute {module}.{attr}: {problem}")
     group = s.get("group")
     _need(group is None or _int_list(group), where, "'group' must be a list of ids")
+    for key in ("title", "head_mode"):
+        _need(s.get(key) is None or isinstance(s[key], str), where, f"'{key}' must be text")
     blocks = s.get("blocks", [])
     _need(isinstance(blocks, list) and all(
         isinstance(b, dict) and isinstance(b.get("module"), str) and b["module"]
@@ -442,15 +545,19 @@ def _check_attributes(plan: Plan, model: nn.Module) -> dict[tuple[str, str], lis
             for attr, (old, new) in attrs.items():
                 key = (mod_name, attr)
                 if key not in out:
-                    if not hasattr(module, attr) and old is not None:
+                    if not hasattr(module, attr):
                         raise PlanError(f"step {i}: module '{mod_name}' has no attribute "
-                                        f"'{attr}' (the plan changes it from {old!r})")
+                                        f"'{attr}' (the plan changes it from {_short(old)})")
                     cur = getattr(module, attr, None)
-                    if _norm(cur) != _norm(old) and _norm(cur) != _norm(new):
-                        raise PlanError(f"step {i}: {mod_name}.{attr} is {cur!r} in the "
-                                        f"model, the plan expects {old!r}")
+                    if _norm(cur) != _norm(old):
+                        raise PlanError(f"step {i}: {mod_name}.{attr} is {_short(cur)} in "
+                                        f"the model, the plan expects {_short(old)}")
                     out[key] = [cur, new]
                 else:
+                    if _norm(out[key][1]) != _norm(old):
+                        raise PlanError(f"step {i}: {mod_name}.{attr} is {_short(out[key][1])}"
+                                        f" after the steps before, the plan expects "
+                                        f"{_short(old)}")
                     out[key][1] = new
     return out
 
@@ -463,6 +570,14 @@ def _check_blocks(plan: Plan, model: nn.Module) -> None:
             except AttributeError:
                 raise PlanError(f"step {i}: the model has no module '{b.module}' to remove; "
                                 f"is this plan for another model?") from None
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message (a tensor by its shape, long text cut)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check(plan: Plan, model: nn.Module) -> _Staged:
@@ -525,3 +640,143 @@ def _commit(model: nn.Module, staged: _Staged) -> Replay:
         setattr(module, attr, attr_value)
         attributes.setdefault(mod_name, {})[attr] = [cur, attr_value]
     return Replay(shapes, attributes)
+
+
+# -- every step against the coupling: the engine re-derives it on a weightless copy ------
+def _check_coupling(plan: Plan, model: nn.Module, example_inputs: Sequence[Any] | None) -> None:
+    """Replay ``plan`` with the engine on a meta copy of ``model``; its cuts must be whole
+    coupled channels/heads of each step's coupling, its attributes exactly the engine's."""
+    if not plan.steps:
+        return
+    work = meta_copy(model)
+    candidates = _meta_inputs(plan, example_inputs)
+    for i, step in enumerate(plan.steps):
+        if step.blocks:  # depth pruning: the next steps see the model without the blocks
+            cuts = {b.module: b.tuple_output for b in step.blocks}
+            remove_blocks(work, list(cuts), cuts)
+            if not step.tensors:
+                continue
+        coupling, candidates = _coupling(work, candidates, i)
+        removal = _removal_of(step, coupling, i)
+        try:
+            applied = apply_removal(work, coupling, removal)
+        except PruneError as e:
+            raise PlanError(f"step {i}: {e}") from None
+        _compare(step, applied, i)
+
+
+def _meta_inputs(plan: Plan, example_inputs: Sequence[Any] | None) -> list[tuple[Any, ...]]:
+    """Input tuples to try, on meta: the caller's, or zeros of the plan's shapes (float,
+    then token ids)."""
+    if example_inputs is not None:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) \
+            else (example_inputs,)
+        return [tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)]
+    shapes = [s for s in plan.input_shapes if s is not None]
+    _need(bool(shapes), "plan", "'input_shapes' holds no tensor shape to trace the model with")
+    return [tuple(torch.zeros(s, dtype=dtype, device="meta") for s in shapes)
+            for dtype in (torch.float32, torch.long)]
+
+
+_CACHE_SIZE = 4  # couplings of unpruned models kept for repeated replays (app, tests)
+_COUPLINGS: OrderedDict[tuple[Any, ...], Coupling] = OrderedDict()
+
+
+def _structure_key(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a trace depends on besides code: module types, scalar attributes and configs,
+    tensor names, shapes and dtypes, input shapes and dtypes."""
+    parts: list[Any] = []
+    for name, module in model.named_modules():
+        scalars = sorted((k, repr(v)) for k, v in vars(module).items()
+                         if isinstance(v, (int, float, str, bool, tuple, type(None))))
+        config: Any = getattr(module, "config", None)
+        parts.append((name, id(type(module)), tuple(scalars),
+                      config.to_json_string() if hasattr(config, "to_json_string") else None))
+    for name, t in _tensors(model).items():
+        parts.append((name, tuple(t.shape), str(t.dtype)))
+    parts.extend((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
+                 for a in inputs)
+    return tuple(parts)
+
+
+def _coupling(work: nn.Module, candidates: list[tuple[Any, ...]], step: int
+              ) -> tuple[Coupling, list[tuple[Any, ...]]]:
+    """The coupling of ``work`` as it is now, from the first inputs that trace (the
+    coupling of an unpruned model comes from a small cache when it was traced before)."""
+    error: Exception | None = None
+    for k, inputs in enumerate(candidates):
+        key = _structure_key(work, inputs) if step == 0 else None
+        if key is not None and key in _COUPLINGS:
+            _COUPLINGS.move_to_end(key)
+            return _COUPLINGS[key], candidates[k:k + 1]
+        try:
+            coupling = Coupling(trace(work, inputs))
+        except TraceError as e:
+            error = e
+            continue
+        if key is not None:
+            _COUPLINGS[key] = coupling
+            while len(_COUPLINGS) > _CACHE_SIZE:
+                _COUPLINGS.popitem(last=False)
+        return coupling, candidates[k:k + 1]
+    raise PlanError(f"step {step}: cannot trace the model to check the plan against its "
+                    f"coupling ({str(error).splitlines()[0]}); pass example_inputs=")
+
+
+def _removal_of(step: PlanStep, coupling: Coupling, i: int) -> Removal:
+    """The group/axis indices whose removal cuts exactly what ``step`` cuts."""
+    cuts = {(c.tensor, c.dim): set(c.removed) for c in step.tensors}
+    members = {(m.param, m.dim): atoms for m, atoms in coupling.member_atoms()}
+    for key in cuts:
+        if key not in members:
+            raise PlanError(f"step {i}: tensor '{key[0]}' dim {key[1]} is in no coupled "
+                            f"group of the model, the plan cuts it")
+    size = coupling.res.num_classes + 1
+    alive = np.zeros(size, dtype=bool)
+    hit = np.zeros(size, dtype=bool)
+    for key, atoms in members.items():
+        gone = np.zeros(atoms.shape[0], dtype=bool)
+        gone[[j for j in cuts.get(key, ()) if 0 <= j < atoms.shape[0]]] = True
+        hit[atoms[gone][atoms[gone] >= 0]] = True
+        alive[atoms[~gone][atoms[~gone] >= 0]] = True
+    dead = hit & ~alive
+    removal = Removal()
+    for group in coupling.groups:
+        for k, axis in enumerate(group.axes):
+            picks = np.nonzero(dead[coupling.family_atoms[axis.family]])[0]
+            if len(picks):
+                removal.add(group.id, k, [int(j) for j in picks])
+    try:
+        got = np.zeros(size, dtype=bool)
+        got[removed_atoms(coupling, removal)] = True
+    except PruneError as e:
+        raise PlanError(f"step {i}: {e}") from None
+    if not np.array_equal(got, dead) or (not dead.any() and any(cuts.values())):
+        raise PlanError(f"step {i}: the plan's cuts are not whole coupled channels or heads "
+                        f"of the model (a member's cut is missing, shifted or of another "
+                        f"size); re-create the plan")
+    return removal
+
+
+def _compare(step: PlanStep, applied: Applied, i: int) -> None:
+    """The engine's cuts and attributes for this step must be the plan's."""
+    ours = {(c.tensor, c.dim): c.removed for c in step.tensors}
+    engine = {}
+    for (name, dim), keep in applied.keeps.items():
+        size = applied.shapes[name][0][dim]
+        engine[(name, dim)] = sorted(set(range(size)) - {int(k) for k in keep})
+    for key in sorted(set(ours) | set(engine)):
+        if ours.get(key) != engine.get(key):
+            raise PlanError(f"step {i}: the coupled channels this step removes cut tensor "
+                            f"'{key[0]}' dim {key[1]} at {_short(engine.get(key, []))}, the "
+                            f"plan at {_short(ours.get(key, []))}; re-create the plan")
+    derived = _jsonable(applied.attributes)
+    keys = {(m, a) for m, attrs in step.attributes.items() for a in attrs} | \
+        {(m, a) for m, attrs in derived.items() for a in attrs}
+    for mod, attr in sorted(keys):
+        want = derived.get(mod, {}).get(attr)
+        got = step.attributes.get(mod, {}).get(attr)
+        if _norm(want) != _norm(got):
+            raise PlanError(f"step {i}: this step sets {mod}.{attr} to "
+                            f"{_short(None if want is None else want[1])}, the plan to "
+                            f"{_short(None if got is None else got[1])}; re-create the plan")

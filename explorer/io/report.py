@@ -21,6 +21,8 @@ from torch import nn
 
 from ..coupling.heads import AttentionInfo, HeadChange, head_changes
 from ..graph.metrics import count_params
+from ..quality.evaluate import Quality
+from ..quality.task import Metric
 from .plan import Plan
 
 __all__ = ["LayerRow", "Report", "build_report", "measure_latency",
@@ -51,6 +53,7 @@ class Report:
     latency_ms_after: float | None
     plan: dict[str, Any] = field(default_factory=dict)  # summary of the plan
     notes: list[str] = field(default_factory=list)
+    quality: Quality | None = None  # measured on held-out data; None when none was given
 
     def to_markdown(self) -> str:
         return _markdown(self)
@@ -130,7 +133,7 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
                  plan: Plan | None = None,
                  attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
                  runs: int = 10,
-                 title: str = "Pruning report") -> Report:
+                 title: str = "Pruning report", quality: Quality | None = None) -> Report:
     """Compare ``original`` and ``pruned`` (neither is changed).
 
     Args:
@@ -140,6 +143,7 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
         plan: the plan, summarised in the report.
         attention: attention modules (before, after); traced here when not given.
         runs: forwards timed per model.
+        quality: `explorer.evaluate` of ``pruned`` against ``original`` on held-out data.
     """
     notes: list[str] = []
     inputs = tuple(example_inputs)
@@ -150,7 +154,7 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
         notes.append("latency not measured: the model is on the meta device")
     return Report(title, count_params(original), count_params(pruned), layer_rows(original, pruned),
                   head_changes(*attention), lat[0], lat[1],
-                  plan_summary(plan) if plan is not None else {}, notes)
+                  plan_summary(plan) if plan is not None else {}, notes, quality)
 
 
 def _trace_attention(original: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
@@ -191,6 +195,27 @@ def _summary_rows(r: Report) -> list[tuple[str, str, str, str]]:
              f"speed-up {speed}")]
 
 
+def _quality_table(q: Quality) -> tuple[list[str], list[list[str]]]:
+    """Headline metric first, then every measure that applies to the model."""
+    rows = [[f"{q.metric.value} (headline)", f"{q.before:.4f}", f"{q.after:.4f}"]]
+    if q.metric is not Metric.COSINE:
+        rows.append(["output cosine similarity", "1.0000", f"{q.cosine:.4f}"])
+    if q.kl is not None:
+        rows.append(["KL(original || pruned)", "0.0000", f"{q.kl:.4f}"])
+    if q.top1 is not None:
+        rows.append(["top-1 agreement", "1.0000", f"{q.top1:.4f}"])
+    if q.perplexity_before is not None and q.perplexity_after is not None:
+        rows.append(["perplexity", f"{q.perplexity_before:.3f}", f"{q.perplexity_after:.3f}"])
+    return ["measure", "before", "after"], rows
+
+
+def _quality_text(r: Report) -> str:
+    if r.quality is None:
+        return "not measured: give held-out data (`--eval FILE`, or `quality=` to build_report)"
+    return (f"{r.quality.task.value} model, {r.quality.samples} held-out samples, never used "
+            "for calibration")
+
+
 def _layer_table(r: Report) -> tuple[list[str], list[list[str]]]:
     head = ["module", "shape before", "shape after", "params before", "params after"]
     rows = [[x.module, "x".join(map(str, x.shape_before)), "x".join(map(str, x.shape_after)),
@@ -220,7 +245,10 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 def _markdown(r: Report) -> str:
     parts = [f"# {r.title}", "",
              _md_table(["", "before", "after", "change"], [list(x) for x in _summary_rows(r)]),
-             "", "## Plan", ""]
+             "", "## Quality", "", _quality_text(r), ""]
+    if r.quality is not None:
+        parts += [_md_table(*_quality_table(r.quality))]
+    parts += ["", "## Plan", ""]
     if r.plan:
         parts += [f"- {k.replace('_', ' ')}: {v}" for k, v in r.plan.items() if k != "step_titles"]
         parts += [f"- step {i}: {t}" for i, t in enumerate(r.plan.get("step_titles", []))]
@@ -282,6 +310,8 @@ def _html(r: Report) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(r.title)}"
             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(r.title)}</h1>"
             + _html_table(["", "before", "after", "change"], _summary_rows(r))
+            + f"<h2>Quality</h2><p>{html.escape(_quality_text(r))}</p>"
+            + (_html_table(*_quality_table(r.quality)) if r.quality is not None else "")
             + f"<h2>Plan</h2>{plan}<h2>Attention heads</h2>{heads}<h2>Layers</h2>"
             + _figures(r) + _html_table(*_layer_table(r))
             + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "") + "</body></html>\n")

@@ -9,6 +9,7 @@ A `Calibration` is a list of input batches plus how to turn the model's output i
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,16 @@ class Calibration:
     loss: str = "auto"
     labels: list[torch.Tensor] | None = None  # one per batch, for ``"ce"``
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Position of the padding mask (1 = real token) in each batch, when the text was padded:
+    # the model reads it as its ``attention_mask`` and losses and metrics skip padded tokens.
+    mask_index: int | None = None
+
+    def mask(self, batch: tuple[Any, ...]) -> torch.Tensor | None:
+        """The padding mask of ``batch`` (None when the batches carry no mask)."""
+        if self.mask_index is None or self.mask_index >= len(batch):
+            return None
+        mask = batch[self.mask_index]
+        return mask if isinstance(mask, torch.Tensor) else None
 
     def samples(self) -> list[tuple[tuple[Any, ...], torch.Tensor | None]]:
         """Every batch split into single samples (for per-sample gradients)."""
@@ -95,9 +106,21 @@ def load_calibration(source: str | Path | Callable[[], Any] | Calibration | None
             data = source()
         else:
             path = Path(source)
+            if path.is_dir() or path.suffix in (".txt", ".jsonl"):
+                raise ValueError(f"calibration '{path}' is text or images, which need the "
+                                 "model's tokenizer or transform: pass "
+                                 "explorer.load_data(path, loaded_model) instead of the path")
             if not path.is_file():
                 raise FileNotFoundError(f"calibration file '{path}' does not exist")
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+                    warnings.simplefilter("ignore")
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises a different type per cause
+                raise ValueError(f"cannot read calibration file '{path}' as tensors "
+                                 f"(torch.load, weights_only=True, failed with "
+                                 f"{type(e).__name__}); save a tensor, a tuple of tensors "
+                                 f"or a list of batches with torch.save") from e
         batches = _as_batches(data)
     return Calibration(batches, loss, list(labels) if labels is not None else None)
 
@@ -119,7 +142,9 @@ def compute_loss(model: nn.Module, batch: tuple[Any, ...], calib: Calibration,
     kind = calib.loss
     if kind in ("auto", "model") and _accepts_labels(model) and batch and \
             isinstance(batch[0], torch.Tensor) and not batch[0].is_floating_point():
-        out = model(*batch, labels=batch[0], **calib.kwargs)
+        mask = calib.mask(batch)
+        labels = batch[0] if mask is None else batch[0].masked_fill(mask == 0, -100)
+        out = model(*batch, labels=labels, **calib.kwargs)
         if getattr(out, "loss", None) is not None:
             loss: torch.Tensor = out.loss
             return loss

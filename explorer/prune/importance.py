@@ -21,7 +21,8 @@ Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -150,8 +151,15 @@ class BNScale(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         self.saliency, self._reduced = {}, {}
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.weight is not None]
+        if not norms:
+            raise ValueError("importance 'bn-scale' scores channels by BatchNorm scales, and "
+                             "the model has no affine BatchNorm layer; use 'magnitude' or a "
+                             "data-aware criterion")
         for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None \
+                    and m.weight.device.type != "meta":
                 self.saliency[f"{name}.weight" if name else "weight"] = m.weight.detach().abs()
 
 
@@ -160,8 +168,15 @@ def _grads(model: nn.Module, calib: Calibration, per_sample: bool) -> dict[str, 
     params = dict(model.named_parameters(remove_duplicate=False))
     saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    was_training = model.training
-    model.eval()
+    with calibrating(model):
+        _accumulate(model, calib, per_sample, params, saved, acc)
+    return acc
+
+
+def _accumulate(model: nn.Module, calib: Calibration, per_sample: bool,
+                params: dict[str, nn.Parameter],
+                saved: dict[str, tuple[bool, torch.Tensor | None]],
+                acc: dict[str, torch.Tensor]) -> None:
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -179,8 +194,29 @@ def _grads(model: nn.Module, calib: Calibration, per_sample: bool) -> dict[str, 
         for n, p in params.items():
             p.requires_grad_(saved[n][0])
             p.grad = saved[n][1]
-        model.train(was_training)
-    return acc
+
+
+@contextmanager
+def calibrating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for calibration passes, then every module's own mode and every buffer back.
+
+    Eval mode keeps BatchNorm statistics still; buffers are also compared and restored after,
+    for modules that update them in eval mode too.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(owner, name, b, b.detach().clone()) for owner in model.modules()
+               for name, b in owner._buffers.items() if b is not None]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for owner, name, original, values in buffers:
+            owner._buffers[name] = original
+            if original.device.type != "meta" and not torch.equal(original, values):
+                with torch.no_grad():
+                    original.copy_(values)
 
 
 @register("taylor")
@@ -224,7 +260,7 @@ class Activation(Criterion):
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 handles.append(m.register_forward_pre_hook(_act_hook(name, norms)))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), calibrating(model):
                 for batch in calib.batches:
                     model(*batch, **calib.kwargs)
         finally:

@@ -23,6 +23,8 @@ from .joint import Solution, merge, solve
 from .preflight import Preflight, forward_check
 from .proposal import Proposal, lowest
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .transaction import transaction
+from .validate import check_module_names
 
 HEAD_MODES = ("dims", "whole", "keep")
 
@@ -142,6 +144,10 @@ class Pruner:
                  calibration: Calibration | str | None = None,
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
                  target_params: float | None = None, target_macs: float | None = None) -> None:
+        for name, value in (("iterative_steps", iterative_steps), ("round_to", round_to)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_module_names(model, ignored, "ignored")
         _validate(importance, ratio, heads, round_to, target_params, target_macs)
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -240,7 +246,13 @@ class Pruner:
             if self._calibration is None:
                 self._calibration = load_calibration(self._calib_source, self.inputs)
             calib = self._calibration
-        self.criterion.prepare(self.model, self.coupling, calib)
+        try:
+            self.criterion.prepare(self.model, self.coupling, calib)
+        except (RuntimeError, IndexError, TypeError) as e:  # a batch the forward rejects
+            detail = " ".join(str(e).split())[:200]
+            raise ValueError(f"importance '{self.importance}': the model failed on the "
+                             f"calibration data ({type(e).__name__}: {detail}); give batches "
+                             f"shaped like the example inputs") from e
         self._prepared = True
 
     @staticmethod
@@ -485,11 +497,13 @@ class Pruner:
         Raises:
             PruneError: the removal does not fit the model; nothing is changed.
         """
-        applied = apply_removal(self.model, self.coupling, removal)
+        before = (self.graph, self.coupling, self.version, self._pending)
+        with transaction(self.model):  # the config update and re-analysis are part of it
+            applied = apply_removal(self.model, self.coupling, removal)
+            self._update_config(StepReport(self.current_step))
+            self._analyse(graph)
         self.applied.append(applied)
-        self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
-        self._update_config(StepReport(self.current_step))
-        self._analyse(graph)
+        self._before[id(applied)] = before
         return applied
 
     # -- steps ----------------------------------------------------------------------------
@@ -514,18 +528,19 @@ class Pruner:
             removal, changes, skipped = self.propose(self._ratio_for_target())
         else:
             removal, changes, skipped = self.propose()
-        self.current_step += 1
         report.skipped = skipped
         report.notes = list(dict.fromkeys(self.notes))
         flight = Preflight(self.model, self.inputs, self.coupling)
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
         if removal:
-            applied = apply_removal(self.model, self.coupling, removal)
+            with transaction(self.model):  # the config update too: all or nothing
+                applied = apply_removal(self.model, self.coupling, removal)
+                self._update_config(report)
             self.applied.append(applied)
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             report.attributes = dict(applied.attributes)
-            self._update_config(report)
+        self.current_step += 1
         self._finish(report, flight.expected)
         return report
 

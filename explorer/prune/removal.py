@@ -12,6 +12,7 @@ from ..coupling.analyze import Coupling
 from .fixups.attention import patch_attention
 from .fixups.patch import PatchInfo, patch_module, resize_tensor
 from .fixups.widths import patch_widths
+from .transaction import transaction
 
 
 class PruneError(ValueError):
@@ -74,7 +75,8 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
     """Shrink every member parameter/buffer of the removed atoms and patch modules.
 
     The new tensors are computed first; the model is changed only when every one of them
-    could be built (all or nothing).
+    could be built, and a failure while swapping them in or patching attributes puts the
+    model back exactly as it was (`explorer.prune.transaction`).
     """
     dead = removed_atoms(coupling, removal)
     keeps = coupling.keep_indices(dead)
@@ -89,6 +91,14 @@ def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> App
         if src is None:
             raise PruneError(f"the model has no parameter or buffer '{name}'")
         new[name] = resize_tensor(src, keep)
+    with transaction(model):
+        return _commit(model, coupling, removal, dead, keeps, new, params, buffers)
+
+
+def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.ndarray,
+            keeps: dict[tuple[str, int], np.ndarray], new: dict[str, torch.Tensor],
+            params: Mapping[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Applied:
+    """Swap the resized tensors in and patch modules (inside `apply_removal`'s transaction)."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     previous: dict[str, torch.Tensor] = {}
     touched: set[str] = set()

@@ -5,11 +5,17 @@ Accepted forms:
 * ``timm:<name>[?k=v&...]``: ``timm.create_model(name, pretrained=False, **kwargs)``.
 * ``hf:<family>[?k=v&...]``: a small built-in transformers config (see ``hf_families()``); query
   fields override config fields, e.g. ``hf:llama?hidden_size=4096&num_hidden_layers=32``.
-* ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``).
+* ``hf:<local folder>[?task=...&k=v]``: a transformers checkpoint folder (config, single or
+  sharded weights, tokenizer) via ``from_pretrained(..., local_files_only=True)``; ``task`` is
+  causal-lm, masked-lm, encoder, sequence-classification or image-classification (default: the
+  config's ``architectures``).
+* ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``),
+  random weights.
 * ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
 * ``<path>.py:<callable>``: a user factory returning a module or ``(module, example_inputs)``.
 
-Weights are never downloaded; ``load_model(..., weights=...)`` loads a local state dict.
+Weights are never downloaded; ``load_model(..., weights=...)`` loads a local state dict (a
+``.safetensors`` file, a sharded ``*.index.json`` or a ``torch.save``-d dict).
 
 One module per spec form (``_timm``, ``_hf``, ``_factory``; demos are built here), plus the
 option query (``_query``), example inputs (``_inputs``), local weights (``_weights``) and the
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ...graph.walk import to_device
+from ...quality.task import Task, infer_task
 from ._factory import build_factory
 from ._hf import HF_FAMILIES, build_hf
 from ._inputs import check_input_shape, resized_inputs, seeded
@@ -40,6 +47,7 @@ __all__ = [
     "LoadedModel",
     "SpecError",
     "hf_families",
+    "is_code_spec",
     "list_demos",
     "load_model",
     "parse_input_shape",
@@ -48,6 +56,7 @@ __all__ = [
 SPEC_FORMS = (
     "timm:<name>[?k=v&...]",
     "hf:<family>[?k=v&...]",
+    "hf:<local checkpoint folder>[?task=...]",
     "hf:<path/to/config.json>",
     "demo:<name>",
     "<path/to/file.py>:<callable>",
@@ -73,6 +82,7 @@ def load_model(
     input_shape: Sequence[int] | None = None,
     weights: str | os.PathLike[str] | None = None,
     trust_weights: bool = False,
+    allow_code: bool = True,
 ) -> LoadedModel:
     """Build the model a spec names, with random weights (seeded with 0) or a local state dict.
 
@@ -85,6 +95,8 @@ def load_model(
             (raw, or under a ``"state_dict"`` / ``"model"`` key).
         trust_weights: allow arbitrary pickles in ``torch.load`` (``weights_only=False``);
             only for files you trust.
+        allow_code: build ``file.py:fn`` specs (this imports and runs the file); servers and
+            loaders of untrusted input pass False.
 
     Returns:
         The model in eval mode and its example inputs, on ``device``.
@@ -93,6 +105,12 @@ def load_model(
         SpecError: if the spec, the input shape or the weights file is wrong.
     """
     shape = check_input_shape(input_shape)
+    if not allow_code and is_code_spec(spec):
+        raise SpecError(
+            f"model spec {spec!r} names a Python file, and running code from a spec is off "
+            "here; use a timm:, hf: or demo: spec (the app enables factory specs only when "
+            "started with PRUNING_EXPLORER_ALLOW_FACTORY=1)"
+        )
     if weights is not None and torch.device(device).type == "meta":
         raise SpecError(
             f"cannot load weights {os.fspath(weights)!r} into a model on the meta device; "
@@ -114,7 +132,23 @@ def load_model(
         family=built.family,
         kind=built.kind,
         hf_config=built.hf_config,
+        task=built.task if built.task is not Task.OTHER else infer_task(model),
+        tokenizer=built.tokenizer,
+        pretrained=built.pretrained or weights is not None,
+        notes=built.notes,
     )
+
+
+def is_code_spec(spec: str) -> bool:
+    """Whether building ``spec`` imports and runs a user's Python file (``file.py:fn``).
+
+    Only a caller who passes such a spec itself may build it: it is code execution.
+    """
+    prefix, sep, _rest = spec.partition(":")
+    if sep and prefix in ("timm", "hf", "demo"):
+        return False
+    path, sep, _attr = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py")
 
 
 def _build(spec: str, device: str) -> Built:

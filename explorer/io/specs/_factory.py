@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
-import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,22 +44,63 @@ def build_factory(path: Path, attr: str, device: str) -> Built:
     return Built(model.to(device), inputs, "factory", _guess_kind(inputs))
 
 
+_OWNED: set[str] = set()  # module names this loader registered (a rebuild replaces them)
+
+
 def _import_file(path: Path) -> ModuleType:
-    """Import a Python file by path under a fresh module name."""
-    name = f"_explorer_factory_{path.stem}_{uuid.uuid4().hex[:8]}"
+    """Import a Python file under its stem, with its folder on ``sys.path``.
+
+    Classes defined there are then pickled as ``<stem>.<Class>``, so a ``model.pt`` of the
+    model loads wherever that folder is on ``sys.path``. A stem that names another module
+    (``json.py``, an installed package) is refused: the file must be renamed.
+    """
+    path = path.resolve()
+    name = path.stem
+    if not name.isidentifier():
+        raise SpecError(
+            f"factory file name {path.name!r} is not a Python module name; rename it to "
+            "letters, digits and underscores (it is imported as a module)"
+        )
+    if name not in _OWNED:
+        _claim(name, path)
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise SpecError(f"cannot import {str(path)!r} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
+    previous = sys.modules.get(name)
     sys.modules[name] = module  # dataclasses and pickling look modules up here
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # a broken user file: say where
-        del sys.modules[name]
+        if previous is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = previous
         raise SpecError(
             f"importing {str(path)!r} raised {type(e).__name__}: {e} (at {_user_frame(e, path)})"
         ) from e
+    _OWNED.add(name)
     return module
+
+
+def _claim(name: str, path: Path) -> None:
+    """Put ``path``'s folder on ``sys.path`` and check that ``import <name>`` finds ``path``."""
+    clash = sys.modules.get(name)
+    origin = getattr(clash, "__file__", None) if clash is not None else None
+    if clash is None:
+        folder = str(path.parent)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        origin = found.origin if found is not None else None
+    if origin is None or Path(origin).resolve() != path:
+        raise SpecError(
+            f"factory file {str(path)!r} is imported as module {name!r}, but that name is "
+            f"already {origin or 'a built-in module'}; rename the file"
+        )
 
 
 def _user_frame(error: BaseException, path: Path) -> str:

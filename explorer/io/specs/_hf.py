@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,8 +16,10 @@ from typing import Any
 
 import torch
 
+from ...quality.task import Task
+from ._hf_folder import KIND, build_folder, choose_task, read_config_json
 from ._query import split_query
-from ._types import Built, SpecError
+from ._types import Built, SpecError, one_line
 
 DEFAULT_SEQ_LEN = 16  # token ids per example input
 
@@ -82,12 +83,21 @@ def build_hf(text: str, device: str) -> Built:
     """
     name, overrides = split_query(text, "hf")
     attn = overrides.pop("attn_implementation", "eager")
+    requested_task = overrides.pop("task", None)
+    if Path(name).is_dir():
+        folder = Path(name)
+        data = read_config_json(folder / "config.json")
+        config = _hf_config(data.pop("model_type"), {**data, "use_cache": False}, overrides)
+        task = choose_task(config, requested_task, f"'hf:{text}'")
+        return build_folder(folder, config, task, attn, device)
     if name in HF_FAMILIES:
         family = HF_FAMILIES[name]
         config = _hf_config(family.model_type, {**family.defaults, "use_cache": False}, overrides)
         kind = family.kind
     elif name.endswith(".json") or os.sep in name or "/" in name:
         config, kind = _hf_config_from_file(Path(name), overrides)
+        if requested_task is not None:
+            kind = KIND.get(choose_task(config, requested_task, f"'hf:{text}'"), "encoder")
     else:
         raise SpecError(
             f"unknown transformers family {name!r} in 'hf:{text}'; use one of "
@@ -96,12 +106,20 @@ def build_hf(text: str, device: str) -> Built:
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto_cls = AutoModelForCausalLM if kind == "lm" else AutoModel
-    with torch.device(device):
-        # transformers leaves from_config unannotated
-        model = auto_cls.from_config(config, attn_implementation=attn)  # type: ignore[no-untyped-call]
+    try:
+        with torch.device(device):
+            # transformers leaves from_config unannotated
+            model = auto_cls.from_config(  # type: ignore[no-untyped-call]
+                config, attn_implementation=attn)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types on bad configs
+        raise SpecError(
+            f"transformers could not build 'hf:{text}': {type(e).__name__}: {one_line(e)}; "
+            "check the config fields (and use attn_implementation=eager or sdpa)"
+        ) from e
     vocab = int(config.vocab_size)
     ids = torch.randint(0, vocab, (1, DEFAULT_SEQ_LEN))
-    return Built(model, (ids,), "hf", kind, hf_config=config, vocab_size=vocab)
+    task = Task.CAUSAL_LM if kind == "lm" else Task.ENCODER
+    return Built(model, (ids,), "hf", kind, hf_config=config, vocab_size=vocab, task=task)
 
 
 def _hf_config(model_type: str, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
@@ -115,28 +133,40 @@ def _hf_config(model_type: str, base: Mapping[str, Any], overrides: Mapping[str,
             f"transformers {_transformers_version()} does not know model_type {model_type!r}"
         ) from e
     known = set(reference.to_dict()) | set(getattr(reference, "attribute_map", {}))
+    known |= {n for cls in type(reference).__mro__ for n, v in vars(cls).items()
+              if isinstance(v, property) and v.fset is not None}  # e.g. ``num_labels``
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise SpecError(f"{model_type} config has no field {key!r}{hint}")
-    return AutoConfig.for_model(model_type, **{**base, **overrides})
+    merged = {**base, **overrides}
+    for key, value in merged.items():
+        _check_field(model_type, key, value, getattr(reference, key, None))
+    try:
+        return AutoConfig.for_model(model_type, **merged)
+    except Exception as e:  # noqa: BLE001 - config classes validate with many error types
+        raise SpecError(f"{model_type} config rejected its fields: {one_line(e)}") from e
+
+
+_COUNT_PREFIXES = ("num_", "n_")
+_COUNT_SUFFIXES = ("_size", "_dim", "_heads", "_layers", "_embeddings", "_embd", "_positions")
+
+
+def _check_field(model_type: str, key: str, value: Any, reference: Any) -> None:
+    """Sizes and counts are positive integers; a field that is an int stays an int."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(reference, int) and not isinstance(reference, bool) and value is not None \
+            and not is_int:
+        raise SpecError(f"{model_type} config field {key!r} must be an integer, got {value!r}")
+    count = key.startswith(_COUNT_PREFIXES) or key.endswith(_COUNT_SUFFIXES)
+    if count and is_int and value < 1:
+        raise SpecError(f"{model_type} config field {key!r} must be at least 1, got {value}")
 
 
 def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any, str]:
-    """Config and kind ("lm" or "encoder") from a local config.json (or a folder holding one)."""
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise SpecError(f"transformers config file {str(file)!r} does not exist")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpecError(f"cannot read transformers config {str(file)!r}: {e}") from e
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise SpecError(
-            f"transformers config {str(file)!r} has no 'model_type' field; "
-            "add one, e.g. \"model_type\": \"llama\""
-        )
+    """Config and kind ("lm" or "encoder") from a local config.json (random weights)."""
+    data = read_config_json(path)
     model_type = data.pop("model_type")
     config = _hf_config(model_type, {**data, "use_cache": False}, overrides)
     return config, _hf_kind(config)

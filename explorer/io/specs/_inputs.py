@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 
 from ._types import Built, SpecError
+
+MAX_INPUT_ELEMENTS = 2**27  # 512 MiB of float32: far above one example, far below a crash
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -30,7 +33,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
             f"input shape {text!r} is not a list of positive integers; "
             "write it like '1,3,224,224' or '1x3x224x224'"
         )
-    return dims
+    return check_input_shape(dims) or dims
 
 
 def check_input_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -44,6 +47,12 @@ def check_input_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
     dims = tuple(shape)
     if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
         raise SpecError(f"input_shape {shape!r} must be a non-empty sequence of positive ints")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise SpecError(
+            f"input shape {dims} has {math.prod(dims):,} elements, more than the "
+            f"{MAX_INPUT_ELEMENTS:,} an example input may have; one example is enough "
+            "(batch 1, e.g. 1,3,224,224)"
+        )
     return dims
 
 

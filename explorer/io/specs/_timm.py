@@ -1,18 +1,27 @@
-"""``timm:<name>[?k=v&...]``: a random-init timm model on one image of its default size."""
+"""``timm:<name>[?k=v&...]`` (random init) or ``timm:<folder>`` (a local timm checkpoint)."""
 
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...quality.task import Task
 from ._query import split_query
 from ._types import Built, SpecError
+from ._weights import load_weights
+
+_TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 _DEFAULT_IMAGE = (3, 224, 224)
+# create_model options that read files or download (a spec builds random weights only)
+_FILE_OPTIONS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg",
+                           "pretrained_cfg_overlay", "cache_dir"})
 
 
 def build_timm(text: str, device: str) -> Built:
@@ -24,6 +33,14 @@ def build_timm(text: str, device: str) -> Built:
     import timm
 
     name, kwargs = split_query(text, "timm")
+    files = sorted(set(kwargs) & _FILE_OPTIONS)
+    if files:
+        raise SpecError(
+            f"timm spec option {files[0]!r} would download or read a file; specs build "
+            "random weights only: load local weights with weights= (--weights FILE)"
+        )
+    if Path(name).is_dir():
+        return _build_timm_folder(Path(name), kwargs, device)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -34,8 +51,12 @@ def build_timm(text: str, device: str) -> Built:
     try:
         with torch.device(device):
             model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise SpecError(f"timm model {name!r} rejected options {kwargs}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - timm asserts/raises anything on bad options
+        detail = str(e).splitlines()[0] if str(e) else "an assertion in its constructor"
+        raise SpecError(
+            f"timm model {name!r} rejected options {kwargs}: {type(e).__name__}: "
+            f"{detail}; check the option values (e.g. widths divisible by the head count)"
+        ) from e
     return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), "timm", "vision")
 
 
@@ -51,3 +72,47 @@ def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, 
         height = width = img_size
     chans = kwargs.get("in_chans", chans)
     return (int(chans), int(height), int(width))
+
+
+def _build_timm_folder(folder: Path, kwargs: dict[str, Any], device: str) -> Built:
+    """``timm:<folder>``: a timm checkpoint folder (``config.json`` with ``architecture``, and
+    ``model.safetensors`` or ``pytorch_model.bin``, read with ``weights_only=True``).
+
+    Raises:
+        SpecError: if the folder has no usable config or its weights do not fit.
+    """
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read the timm config {str(config_file)!r}: {e}") from e
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if not isinstance(arch, str):
+        raise SpecError(f"timm config {str(config_file)!r} has no 'architecture' field")
+    import timm
+
+    if not timm.is_model(arch):
+        raise SpecError(f"timm {timm.__version__} does not know the architecture {arch!r} "
+                        f"named in {str(config_file)!r}")
+    options = {"num_classes": config["num_classes"]} if "num_classes" in config else {}
+    built = _create(arch, {**options, **kwargs}, device)
+    files = [folder / f for f in _TIMM_WEIGHTS if (folder / f).is_file()]
+    on_meta = torch.device(device).type == "meta"
+    if files and not on_meta:
+        load_weights(built.model, files[0], trust=False)
+    notes = () if files or on_meta else (f"{folder} holds no weights file: random weights",)
+    return Built(built.model, built.example_inputs, "timm", "vision",
+                 task=Task.IMAGE_CLASSIFICATION, source=str(folder),
+                 pretrained=bool(files) and not on_meta, notes=notes)
+
+
+def _create(arch: str, kwargs: dict[str, Any], device: str) -> Built:
+    """``build_timm`` with keyword options given as a dict."""
+    import timm
+
+    try:
+        with torch.device(device):
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        raise SpecError(f"timm model {arch!r} rejected options {kwargs}: {e}") from e
+    return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), "timm", "vision")

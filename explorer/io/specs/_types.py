@@ -7,12 +7,20 @@ from typing import Any
 
 from torch import nn
 
+from ...quality.task import Task
+
 
 class SpecError(ValueError):
     """A model spec, input shape or weights file the user gave is wrong.
 
     The message says what is wrong, where, and what to do about it.
     """
+
+
+def one_line(error: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line (whitespace collapsed, cut at ``limit``)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,10 @@ class LoadedModel:
     family: str  # "timm" | "hf" | "demo" | "factory"
     kind: str  # "vision" | "lm" | "encoder" | "other": what the inputs are
     hf_config: Any | None = None  # transformers PretrainedConfig for hf models, else None
+    task: Task = Task.OTHER  # what the model does: decides how quality is measured
+    tokenizer: Any | None = None  # the checkpoint's tokenizer (hf:<folder>), for text data
+    pretrained: bool = False  # True when real weights were loaded (folder or weights file)
+    notes: tuple[str, ...] = ()  # loading caveats to show the user (e.g. a new head)
 
 
 @dataclass(frozen=True)
@@ -37,3 +49,8 @@ class Built:
     kind: str
     hf_config: Any | None = None
     vocab_size: int | None = None  # token-id range for "lm"/"encoder" inputs
+    task: Task = Task.OTHER
+    tokenizer: Any | None = None
+    source: str = ""  # the checkpoint folder the weights came from, if any
+    pretrained: bool = False
+    notes: tuple[str, ...] = ()

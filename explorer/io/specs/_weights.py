@@ -1,10 +1,14 @@
-"""Local weights: a ``.safetensors`` file or a ``torch.save``-d state dict, fit to the model.
+"""Local weights: a ``.safetensors`` file, a sharded checkpoint's ``*.index.json`` or a
+``torch.save``-d state dict, fit to the model.
 
-Pickles load with ``weights_only=True`` unless the caller trusts the file.
+Pickles load with ``weights_only=True`` unless the caller trusts the file. Keys the model does
+not save (non-persistent buffers such as ``position_ids``) and keys that only repeat a tied
+parameter are tolerated; any other mismatch is one error naming the first bad key.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,9 +24,12 @@ def load_weights(model: nn.Module, path: Path, trust: bool) -> None:
     Raises:
         SpecError: if the file is missing or unreadable, or its keys or shapes do not fit.
     """
-    state = _read_state_dict(path, trust)
+    state = dict(_read_state_dict(path, trust))
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    for key in _non_persistent_buffers(model):
+        state.pop(key, None)
+    tied = _tied_aliases(model)
+    missing = [k for k in expected if k not in state and tied.get(k, k) not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -39,20 +46,57 @@ def load_weights(model: nn.Module, path: Path, trust: bool) -> None:
         if keys
     ]
     if problems:
+        first = (unexpected or missing or mismatched)[0]
         raise SpecError(
-            f"weights {str(path)!r} do not fit the model: " + "; ".join(problems)
+            f"weights {str(path)!r} do not fit the model: first bad key {first!r}; "
+            + "; ".join(problems)
             + ". Check that the spec and its options build the same architecture"
         )
+    for key in [k for k in expected if k not in state]:  # a tied alias: copy its twin
+        state[key] = state[tied[key]]
     model.load_state_dict(state, strict=True)
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    """Full names of buffers the model does not save (``register_buffer(persistent=False)``)."""
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules()
+            for name in getattr(module, "_non_persistent_buffers_set", ())]
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Every state-dict key that repeats a tensor already saved under an earlier key -> that key
+    (tied embeddings: a checkpoint may hold either name)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.device.type == "meta":
+            continue
+        ident = tensor.data_ptr()
+        if ident in first:
+            out[key] = first[ident]
+            out.setdefault(first[ident], key)
+        else:
+            first[ident] = key
+    return out
 
 
 def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
         raise SpecError(f"weights file {str(path)!r} does not exist")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path, trust)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SpecError(
+                f"weights {str(path)!r} are not a readable safetensors file "
+                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it complete?"
+            ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... per cause
@@ -71,3 +115,26 @@ def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
         f"weights {str(path)!r} hold a {type(obj).__name__}, not a state dict; save "
         "model.state_dict() (or a dict with it under 'state_dict' or 'model')"
     )
+
+
+def _read_sharded(index: Path, trust: bool) -> dict[str, torch.Tensor]:
+    """Every shard listed in a sharded checkpoint's ``weight_map``, merged.
+
+    Raises:
+        SpecError: if the index is unreadable, has no ``weight_map`` or names a missing shard.
+    """
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read the checkpoint index {str(index)!r}: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SpecError(f"checkpoint index {str(index)!r} has no 'weight_map'; give the "
+                        "index.json written by save_pretrained next to its shards")
+    state: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(str(v) for v in weight_map.values()):
+        part = index.parent / shard
+        if not part.is_file():
+            raise SpecError(f"shard {shard!r} named by {str(index)!r} does not exist")
+        state.update(_read_state_dict(part, trust))
+    return state

@@ -102,8 +102,9 @@ def config_widths(model: nn.Module) -> dict[str, dict[int, list[str]]]:
     """Config field -> width -> modules that have it (read from the pruned weights)."""
     widths: dict[str, dict[int, list[str]]] = {}
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None:
-        widths["hidden_size"] = {int(emb.weight.shape[1]): ["input embeddings"]}
+    weight = getattr(emb, "weight", None)  # ViT/Swin patch embeddings have a conv, no weight
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        widths["hidden_size"] = {int(weight.shape[1]): ["input embeddings"]}
     for name, module in model.named_modules():
         for reader in _READERS:
             found = reader(module)

@@ -33,6 +33,14 @@ class PatchInfo:
 
 PATCHERS: dict[type, Patcher] = {}
 
+# Every attribute a handler below sets, and the tuple-valued ones among them (plans may set
+# only these; `explorer.io.plan_rules`). Keep in line with the handlers.
+WRITES = frozenset({"out_features", "in_features", "groups", "out_channels", "in_channels",
+                    "num_features", "normalized_shape", "num_groups", "num_channels",
+                    "num_embeddings", "embedding_dim", "input_size", "hidden_size",
+                    "embed_dim", "kdim", "vdim", "head_dim", "nx", "nf", "shape"})
+TUPLE_WRITES = frozenset({"normalized_shape", "shape"})
+
 
 def tensor_attr(module: nn.Module, name: str) -> torch.Tensor:
     """``module.<name>`` as a tensor (``nn.Module.__getattr__`` is typed as a union)."""

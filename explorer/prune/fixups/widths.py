@@ -19,7 +19,8 @@ _NEVER = ("kernel", "patch", "img", "window", "pool", "stride", "vocab", "positi
           "rotary", "rope", "num_")
 
 
-def _width_name(name: str) -> bool:
+def width_name(name: str) -> bool:
+    """Whether `patch_widths` may update an integer attribute called ``name``."""
     if name.startswith("_") or any(n in name for n in _NEVER):
         return False
     return name in _NAMES or name.endswith(_SUFFIXES)
@@ -45,7 +46,7 @@ def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tupl
         module = model.get_submodule(mod_name)
         done = already.get(mod_name, {})
         for attr, value in list(vars(module).items()):
-            if attr in done or not _width_name(attr) or isinstance(value, bool) or \
+            if attr in done or not width_name(attr) or isinstance(value, bool) or \
                     not isinstance(value, int):
                 continue
             options = table.get(value)

@@ -1,0 +1,154 @@
+"""Where the app's model and data come from: a spec, a local checkpoint, uploads, data files.
+
+Streamlit-free: the Model page collects a `LoadRequest`; `load_request` builds the model (in
+stages, reporting each to a callback so the page can show progress) and its calibration and
+held-out data, and `quality_text` words a measured quality for the pages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io.data import DataOptions, check_apart, load_data
+from ..io.specs import LoadedModel, SpecError, load_model, parse_input_shape
+from ..prune.calibration import Calibration
+from ..quality.evaluate import Quality
+from ..quality.task import Metric
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the Model page asks for."""
+
+    spec: str
+    device: str = "cpu"
+    shape: str = ""  # "1,3,224,224", blank for the model's default
+    weights: str = ""  # a local weights file (also a sharded *.index.json); blank for none
+    calibration: str = ""  # .txt / .jsonl / .pt / image folder; blank for random inputs
+    heldout: str = ""  # held-out data for quality; blank for none
+    num_samples: int = 0  # 0 = every sample
+    seq_len: int = 128
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A built model and the data the session prunes and measures it with."""
+
+    model: LoadedModel
+    calibration: Calibration | None
+    heldout: Calibration | None
+
+
+def spec_for_path(path: str) -> tuple[str, str]:
+    """A spec and a weights file for a local path the user typed.
+
+    A transformers checkpoint folder gives ``hf:<folder>``; a timm folder (``config.json``
+    with ``architecture``) gives ``timm:<folder>``; a file is a weights file for the current
+    spec (returned as ``("", path)``).
+
+    Raises:
+        SpecError: if the path does not exist or is a folder without ``config.json``.
+    """
+    p = Path(path.strip()).expanduser()
+    if p.is_file():
+        return "", str(p)
+    if not p.is_dir():
+        raise SpecError(f"local path {str(p)!r} does not exist")
+    config = p / "config.json"
+    if not config.is_file():
+        raise SpecError(f"folder {str(p)!r} has no config.json; give a transformers or timm "
+                        "checkpoint folder, or a weights file")
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read {str(config)!r}: {e}") from e
+    timm_style = isinstance(data, dict) and "architecture" in data and "model_type" not in data
+    return (f"timm:{p}" if timm_style else f"hf:{p}"), ""
+
+
+def save_upload(name: str, data: bytes, directory: str | None = None) -> Path:
+    """Write uploaded bytes to a file named by their hash (same upload, same path).
+
+    Args:
+        name: the uploaded file's name (its suffix is kept: it tells the file's kind).
+        data: the bytes.
+        directory: where to write; a folder under the system temp dir by default.
+    """
+    folder = Path(directory or tempfile.gettempdir()) / "pruning-explorer-uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    path = folder / f"{digest}{''.join(Path(name).suffixes[-2:])}"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def load_request(request: LoadRequest, build: Callable[..., LoadedModel] = load_model,
+                 progress: Callable[[str], None] | None = None) -> Loaded:
+    """Build the model of ``request`` and read its data, reporting each stage to ``progress``.
+
+    Args:
+        request: what to load.
+        build: ``load_model`` or a cached wrapper of it with the same signature.
+        progress: called with a short line before each stage.
+
+    Raises:
+        SpecError, DataError: for a bad spec, weights file or data file (one clear line).
+    """
+    say = progress or (lambda _line: None)
+    if request.calibration and request.heldout:
+        check_apart(request.calibration, request.heldout)
+    shape = parse_input_shape(request.shape) if request.shape.strip() else None
+    say(f"building `{request.spec}`" + (f" with weights {request.weights}"
+                                        if request.weights else ""))
+    lm = build(request.spec.strip(), device=request.device, input_shape=shape,
+               weights=request.weights or None)
+    options = DataOptions(request.num_samples or None, request.seq_len, request.batch_size)
+    calibration = heldout = None
+    if request.calibration:
+        say(f"reading calibration data {request.calibration}")
+        calibration = load_data(request.calibration, lm, options)
+    if request.heldout:
+        say(f"reading held-out data {request.heldout}")
+        heldout = load_data(request.heldout, lm, options)
+    return Loaded(lm, calibration, heldout)
+
+
+def quality_text(quality: Quality) -> tuple[str, str]:
+    """A metric label and value for the pages, e.g. ``("cosine to original", "0.9734")``."""
+    if quality.metric is Metric.PERPLEXITY:
+        return "perplexity", f"{quality.after:.3f}"
+    label = {Metric.COSINE: "cosine to original", Metric.TOP1: "top-1 agreement"}[quality.metric]
+    return label, f"{quality.after:.4f}"
+
+
+Upload = tuple[str, bytes]  # (file name, contents) of an uploaded file
+
+
+def request_from_form(spec: str, device: str = "cpu", shape: str = "", *, path: str = "",
+                      weights_upload: Upload | None = None, calibration: str = "",
+                      calibration_upload: Upload | None = None, heldout: str = "",
+                      heldout_upload: Upload | None = None, num_samples: int = 0,
+                      seq_len: int = 128, batch_size: int = 8) -> LoadRequest:
+    """The `LoadRequest` for the Model page's fields (an upload wins over a typed path).
+
+    Raises:
+        SpecError: if ``path`` does not exist or is a folder with no checkpoint config.
+    """
+    weights = ""
+    if path.strip():
+        folder_spec, weights = spec_for_path(path)
+        spec = folder_spec or spec
+    if weights_upload is not None:
+        weights = str(save_upload(*weights_upload))
+    if calibration_upload is not None:
+        calibration = str(save_upload(*calibration_upload))
+    if heldout_upload is not None:
+        heldout = str(save_upload(*heldout_upload))
+    return LoadRequest(spec.strip(), device, shape, weights, calibration.strip(),
+                       heldout.strip(), int(num_samples), int(seq_len), int(batch_size))

@@ -1,0 +1,242 @@
+"""Quality of a pruned model against the original on held-out data.
+
+`evaluate` runs both models on the same batches and reports, for any model, the cosine
+similarity of their outputs (per token for logits, mask-pooled per sample for encoders, per
+sample otherwise) and, where the outputs are logits, the KL divergence and top-1 agreement;
+for causal language models also the perplexity of each on the held-out text. Padded tokens
+(the batches' padding mask, see `Calibration.mask_index`) are skipped everywhere.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph.walk import tensor_leaves
+from ..prune.calibration import Calibration
+from .task import HEADLINE, Metric, Task, infer_task
+
+# tasks whose main output is logits even when the model returns a bare tensor (timm)
+_LOGIT_TASKS = frozenset({Task.CAUSAL_LM, Task.MASKED_LM, Task.SEQUENCE_CLASSIFICATION,
+                          Task.IMAGE_CLASSIFICATION})
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Quality of ``model`` against ``reference`` on held-out batches."""
+
+    task: Task
+    metric: Metric  # the headline metric of the task
+    before: float  # headline on the reference (1.0 for the similarity metrics)
+    after: float  # headline on the model
+    cosine: float  # mean output cosine similarity to the reference
+    kl: float | None  # mean KL(reference || model) per token or sample; None without logits
+    top1: float | None  # argmax agreement with the reference; None without logits
+    perplexity_before: float | None  # causal LMs only
+    perplexity_after: float | None
+    samples: int  # held-out samples (rows) evaluated
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{metric, before, after, ...}`` for JSON output."""
+        return {"metric": self.metric.value, "before": self.before, "after": self.after,
+                "task": self.task.value, "cosine": self.cosine, "kl": self.kl,
+                "top1": self.top1, "perplexity_before": self.perplexity_before,
+                "perplexity_after": self.perplexity_after, "samples": self.samples}
+
+
+@dataclass
+class _Sums:
+    """Running sums over batches (each metric is a sum and a count)."""
+
+    cosine: float = 0.0
+    cosine_n: int = 0
+    kl: float = 0.0
+    top1: float = 0.0
+    logit_n: int = 0
+    nll_before: float = 0.0
+    nll_after: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+
+
+def evaluate(model: nn.Module, reference: nn.Module,
+             data: Calibration | Sequence[tuple[Any, ...]], *,
+             task: Task | str | None = None) -> Quality:
+    """Measure how far ``model`` has moved from ``reference`` on held-out ``data``.
+
+    Args:
+        model: the pruned model.
+        reference: the original model (same inputs, same output structure).
+        data: held-out batches of positional inputs, or a `Calibration` (whose
+            ``mask_index`` names the padding mask). Keep them apart from calibration data.
+        task: what the model does (a `Task` or its value); inferred from the model's class
+            when None.
+
+    Returns:
+        The `Quality` record; neither model is changed (train/eval modes are restored).
+
+    Raises:
+        ValueError: if there is no batch, or the two models' outputs differ in shape.
+    """
+    calib = as_data(data)
+    kind = Task(task) if task is not None else infer_task(reference)
+    return compare(model, reference_outputs(reference, calib), calib, kind)
+
+
+Output = tuple[torch.Tensor, bool]  # the compared output of one batch, and "is it logits"
+
+
+def as_data(data: Calibration | Sequence[tuple[Any, ...]]) -> Calibration:
+    """``data`` as a `Calibration` (batches of positional inputs).
+
+    Raises:
+        ValueError: if there is no batch.
+    """
+    calib = data if isinstance(data, Calibration) else Calibration([tuple(b) for b in data])
+    if not calib.batches:
+        raise ValueError("evaluation data is empty: give at least one held-out batch")
+    return calib
+
+
+def reference_outputs(reference: nn.Module, data: Calibration) -> list[Output]:
+    """The reference model's compared output on every batch (on CPU, to be reused)."""
+    with _eval_mode(reference), torch.no_grad():
+        outs = [_primary(reference(*_to(b, reference), **data.kwargs)) for b in data.batches]
+    return [(t.detach().cpu(), flag) for t, flag in outs]
+
+
+def compare(model: nn.Module, references: Sequence[Output], data: Calibration,
+            task: Task) -> Quality:
+    """`Quality` of ``model`` against precomputed `reference_outputs` on the same ``data``.
+
+    Raises:
+        ValueError: if an output's shape differs from the reference's.
+    """
+    sums = _Sums()
+    with _eval_mode(model), torch.no_grad():
+        for batch, ref in zip(data.batches, references, strict=True):
+            out = _primary(model(*_to(batch, model), **data.kwargs))
+            if ref[0].shape != out[0].shape:
+                raise ValueError(f"the pruned model's output {tuple(out[0].shape)} differs from "
+                                 f"the original's {tuple(ref[0].shape)}; cannot compare them")
+            _accumulate(sums, task, ref, out, batch, data.mask(batch))
+    return _result(task, sums)
+
+
+def _result(kind: Task, s: _Sums) -> Quality:
+    cosine = min(1.0, s.cosine / max(s.cosine_n, 1))  # rounding can pass 1 by an ulp
+    kl = s.kl / s.logit_n if s.logit_n else None
+    top1 = s.top1 / s.logit_n if s.logit_n else None
+    ppl_before = math.exp(s.nll_before / s.tokens) if s.tokens else None
+    ppl_after = math.exp(s.nll_after / s.tokens) if s.tokens else None
+    metric = HEADLINE[kind]
+    if metric is Metric.PERPLEXITY and ppl_before is not None and ppl_after is not None:
+        before, after = ppl_before, ppl_after
+    elif metric is Metric.TOP1 and top1 is not None:
+        before, after = 1.0, top1
+    else:
+        metric, before, after = Metric.COSINE, 1.0, cosine
+    return Quality(kind, metric, before, after, cosine, kl, top1, ppl_before, ppl_after,
+                   s.samples)
+
+
+def _accumulate(s: _Sums, kind: Task, ref: tuple[torch.Tensor, bool],
+                out: tuple[torch.Tensor, bool], batch: tuple[Any, ...],
+                mask: torch.Tensor | None) -> None:
+    """Add one batch's cosine, KL, top-1 and NLL sums to ``s``."""
+    r, is_logits = ref[0].double().cpu(), ref[1] or kind in _LOGIT_TASKS
+    o = out[0].double().cpu()
+    s.samples += int(r.shape[0]) if r.dim() else 1
+    valid = _valid(r, mask)
+    if kind is Task.ENCODER and r.dim() == 3:
+        weights = valid.unsqueeze(-1).float()
+        pooled_r = (r * weights).sum(1) / weights.sum(1).clamp(min=1)
+        pooled_o = (o * weights).sum(1) / weights.sum(1).clamp(min=1)
+        s.cosine += float(F.cosine_similarity(pooled_r, pooled_o, dim=-1).sum())
+        s.cosine_n += int(r.shape[0])
+    elif r.dim() >= 2:
+        rows_r, rows_o = _rows(r, valid), _rows(o, valid)
+        s.cosine += float(F.cosine_similarity(rows_r, rows_o, dim=-1).sum())
+        s.cosine_n += int(rows_r.shape[0])
+    else:
+        s.cosine += float(F.cosine_similarity(r.flatten(), o.flatten(), dim=0))
+        s.cosine_n += 1
+    if is_logits and r.dim() >= 2:
+        rows_r, rows_o = _rows(r, valid), _rows(o, valid)
+        log_r, log_o = rows_r.log_softmax(-1), rows_o.log_softmax(-1)
+        s.kl += float((log_r.exp() * (log_r - log_o)).sum())
+        s.top1 += float((rows_r.argmax(-1) == rows_o.argmax(-1)).sum())
+        s.logit_n += int(rows_r.shape[0])
+    if kind is Task.CAUSAL_LM and is_logits and r.dim() == 3:
+        ids = batch[0]
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            nll_r, n = _next_token_nll(r, ids.cpu(), valid)
+            nll_o, _ = _next_token_nll(o, ids.cpu(), valid)
+            s.nll_before, s.nll_after, s.tokens = s.nll_before + nll_r, s.nll_after + nll_o, \
+                s.tokens + n
+
+
+def _valid(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Which (sample, position) entries of a (B, T, ...) output are real tokens."""
+    if output.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(output.shape[:2]):
+        return mask.cpu() != 0
+    if output.dim() == 3:
+        return torch.ones(output.shape[:2], dtype=torch.bool)
+    return torch.ones(output.shape[:1], dtype=torch.bool)
+
+
+def _rows(output: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The output as (rows, features): one row per valid token (3-D) or per sample."""
+    if output.dim() == 3:
+        return output[valid]
+    return output.reshape(output.shape[0], -1)[valid]
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over pairs of real tokens, and their count."""
+    pairs = valid[:, :-1] & valid[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                          reduction="none").reshape(pairs.shape)
+    return float(nll[pairs].sum()), int(pairs.sum())
+
+
+def _primary(out: Any) -> tuple[torch.Tensor, bool]:
+    """The output compared: ``logits`` when there are any (flag True), else the hidden state
+    or the first floating-point tensor."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits, True
+    hidden = getattr(out, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden, False
+    leaves = [t for _p, t in tensor_leaves(out) if t.is_floating_point()]
+    if not leaves:
+        raise ValueError("the model returned no floating-point tensor to compare")
+    return leaves[0], False
+
+
+def _to(batch: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
+    """``batch`` with its tensors on the device of ``model``'s first parameter."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return batch
+    return tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in batch)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, every submodule's train/eval flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
