@@ -56,7 +56,8 @@ def _shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k).clone() for k in f.keys()})  # not a file view
+            names = f.keys()
+            out.update({k: f.get_tensor(k).clone() for k in names})  # not a file view
     return out
 
 

@@ -211,7 +211,8 @@ def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
 
     total = 0
     with safe_open(str(out / shard), framework="pt") as f:
-        for name in f.keys():
+        names = f.keys()
+        for name in names:
             sl = f.get_slice(name)
             shape = sl.get_shape()
             size = _DTYPE_BYTES[sl.get_dtype()]
@@ -252,7 +253,7 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
     meta = _meta_model(src)
     _check_fingerprint(plan, ckpt, meta)
     replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
-    keeps = plan.keeps({name: shape for name, shape in plan.fingerprint.tensors})
+    keeps = plan.keeps(dict(plan.fingerprint.tensors))
     update = replay.config
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
