@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,11 @@ def _models(everything: bool) -> list[tuple[str, tuple[int, ...] | None, tuple[s
     return [(e.spec, e.input_shape, e.ignored) for e in chosen] + list(EXTRA)
 
 
+def _unrooted(value: Any) -> str:
+    """JSON of ``value`` with checkout paths (``/any/where/explorer/...``) made relative."""
+    return re.sub(r'/[^"\s]*?/explorer/', "explorer/", json.dumps(value))
+
+
 def compare(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Differences, one line each (empty: identical)."""
     out = []
@@ -80,7 +86,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         a, b = old[spec], new[spec]
         for key in a:
-            if key != "seconds" and a[key] != b.get(key):
+            if key != "seconds" and _unrooted(a[key]) != _unrooted(b.get(key)):
                 out.append(f"{spec}: {key} differs")
     return out
 

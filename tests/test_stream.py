@@ -159,3 +159,17 @@ def test_cli_replay_checkpoint(ckpt: Ckpt, tmp_path: Path,
     assert err.startswith("error: the index names shard 'model-00002-of-00005.safetensors'")
     assert main(["replay", "--plan", str(plan_file), "--out", str(out)]) == 2
     assert "replay needs --model SPEC, or --checkpoint DIR" in capsys.readouterr().err
+
+
+def test_single_file_bf16_checkpoint(ckpt: Ckpt, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(ckpt.folder).to(torch.bfloat16)
+    folder = tmp_path / "bf16"
+    model.save_pretrained(folder)  # one model.safetensors, no index
+    plan = _plan(ckpt, heads="whole")
+    res = replay_checkpoint(folder, plan, tmp_path / "out")
+    assert res.written == ["model.safetensors"]
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    plan.apply(model, update_config=False)  # hfconfig compares bf16 rotary buffers to fp32
+    got = _shard_tensors(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in got.items())

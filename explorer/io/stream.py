@@ -10,10 +10,11 @@
    and the plan is replayed on it: every step, index and attribute is validated, and
    `explorer.prune.fixups.hfconfig.update_config` says whether a config can describe the
    pruned widths.
-2. **Cut one shard at a time.** Tensors are read one by one, the plan's kept indices are
-   selected (``index_select``: bit-identical to `Plan.apply`), and the shard is written to a
-   temporary file, renamed into place, then marked done (``OUT/.stream/<shard>.done``).
-   Peak memory is about one output shard plus one input tensor.
+2. **Cut one shard at a time, one tensor at a time.** The output shard's header is
+   written first (its shapes follow from the plan), then each tensor is read, its kept
+   indices selected (``index_select``: bit-identical to `Plan.apply`) and appended. The file
+   is renamed into place when complete, then marked done (``OUT/.stream/<shard>.done``).
+   Peak memory is about the largest tensor (read and cut), below the largest shard.
 3. **Resumable.** A shard whose done marker matches this plan and source is skipped, so an
    interrupted run picks up where it stopped.
 4. **Loadable output.** Uniform widths: ``config.json`` with the pruned widths, new shards
@@ -37,13 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..prune.fixups.patch import resize_tensor
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 ORIGINAL_CONFIG = "original_config.json"  # the unpruned config, when no config fits
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element
 _MARKERS = ".stream"  # folder in the output: one done marker per finished shard
 
 __all__ = ["Checkpoint", "OutputKind", "StreamError", "StreamResult", "load_shards",
@@ -188,21 +190,49 @@ def _stamp(plan: Plan, ckpt: Checkpoint, shard: str) -> str:
 
 def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch.Tensor]],
                target: Path) -> int:
-    """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors.
 
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(ckpt.folder / shard), framework="pt") as f:
-        metadata = f.metadata() or {"format": "pt"}
-        for name in ckpt.shards[shard]:
-            t = f.get_tensor(name)
-            keep = keeps.get(name)
-            tensors[name] = resize_tensor(t, keep) if keep else t
+    The output's safetensors header is known before any weight is read (shapes from the
+    plan, dtypes from the input header), so it is written first and each tensor follows
+    as soon as it is cut: one input tensor and its cut copy are in memory at a time.
+    """
+    from safetensors import safe_open
+
     tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    with safe_open(str(ckpt.folder / shard), framework="pt") as f:
+        entries: dict[str, Any] = {}
+        offset = 0
+        for name in ckpt.shards[shard]:
+            sl = f.get_slice(name)
+            shape = [int(x) for x in sl.get_shape()]
+            for dim, keep in keeps.get(name, {}).items():
+                shape[dim] = len(keep)
+            dtype = sl.get_dtype()
+            if dtype not in _DTYPE_BYTES:
+                raise StreamError(f"tensor '{name}' of '{shard}' has dtype {dtype}, which "
+                                  f"streaming replay does not handle")
+            size = _DTYPE_BYTES[dtype]
+            for x in shape:
+                size *= x
+            entries[name] = {"dtype": dtype, "shape": shape,
+                             "data_offsets": [offset, offset + size]}
+            offset += size
+        metadata = f.metadata()
+        if metadata:
+            entries = {"__metadata__": metadata, **entries}
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # tensors start 8-byte aligned
+        with open(tmp, "wb") as out:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            for name in ckpt.shards[shard]:
+                t = f.get_tensor(name)
+                for dim, idx in sorted(keeps.get(name, {}).items()):
+                    t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
+                out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
     os.replace(tmp, target)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return offset
 
 
 def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
@@ -222,8 +252,6 @@ def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
     return total
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
