@@ -7,7 +7,9 @@ Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--dir DIR
 * ``stream``: writes a synthetic Llama checkpoint of about 2.2 GB (random fp32 weights,
   ``save_pretrained(max_shard_size="450MB")``), makes a plan on a ``meta`` copy, and replays
   it with ``explorer.io.stream.replay_checkpoint``: time and peak RSS against the largest
-  shard and against the process before the replay (imports).
+  shard and against the process before the replay (imports). Memory is sampled from
+  ``/proc/self/status``: ``RssAnon`` (what the process holds) and ``VmRSS`` (which also
+  counts checkpoint pages mapped by safetensors, page cache the kernel can drop).
 * ``sequential``: activation importance of that checkpoint, one decoder layer at a time,
   under ``max_memory={"cpu": "600MB"}`` with the rest offloaded to disk.
 
@@ -47,6 +49,43 @@ CAP = {"cpu": "600MB"}
 def _rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Sampler:
+    """Peak anonymous and total resident memory of this process, sampled every 20 ms.
+
+    safetensors reads weights through ``mmap``: pages of the checkpoint files it touched
+    count in the resident set (``RssFile``) although they are page cache the kernel can
+    drop; ``RssAnon`` is the memory the process itself holds.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = {"RssAnon": 0, "VmRSS": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in self.peak:
+                self.peak[key] = max(self.peak[key], int(value.split()[0]) // 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._read()
+
+    def __enter__(self) -> _Sampler:
+        self._read()
+        self.start = dict(self.peak)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
 
 
 # -- children: each prints one JSON line ---------------------------------------------------
@@ -100,14 +139,17 @@ def child_stream(folder: str) -> dict[str, Any]:
     from explorer.io.plan import Plan
     from explorer.io.stream import replay_checkpoint
 
-    base = _rss_mb()
     plan = Plan.load(Path(folder) / "plan.json")
-    t0 = time.perf_counter()
-    res = replay_checkpoint(Path(folder) / "ckpt", plan, Path(folder) / "out")
-    seconds = time.perf_counter() - t0
+    with _Sampler() as mem:
+        t0 = time.perf_counter()
+        res = replay_checkpoint(Path(folder) / "ckpt", plan, Path(folder) / "out")
+        seconds = time.perf_counter() - t0
     out = sorted((Path(folder) / "out").glob("*.safetensors"))
-    return {"seconds": round(seconds, 1), "rss_before_mb": round(base),
-            "peak_rss_mb": round(_rss_mb()), "growth_mb": round(_rss_mb() - base),
+    return {"seconds": round(seconds, 1), "anon_before_mb": mem.start["RssAnon"],
+            "anon_peak_mb": mem.peak["RssAnon"],
+            "anon_growth_mb": mem.peak["RssAnon"] - mem.start["RssAnon"],
+            "rss_before_mb": mem.start["VmRSS"], "rss_peak_mb": mem.peak["VmRSS"],
+            "largest_shard_mb": round(res.largest_shard_bytes / 1e6),
             "kind": res.kind.value, "tensors_cut": res.tensors_cut,
             "out_gb": round(sum(p.stat().st_size for p in out) / 1e9, 2)}
 
@@ -121,19 +163,22 @@ def child_sequential(folder: str) -> dict[str, Any]:
     from explorer.prune.sequential import load_offloaded, sequential_criterion
 
     ckpt = Path(folder) / "ckpt"
-    base = _rss_mb()
-    t0 = time.perf_counter()
-    off = load_offloaded(ckpt, max_memory=CAP, offload_folder=Path(folder) / "offload")
     ids = torch.full((1, 128), SYNTHETIC["vocab_size"] - 1, dtype=torch.long)
     calib = Calibration(random_like((ids,), num_batches=4, batch_size=2))
-    crit = sequential_criterion(off.model, calib)
-    seconds = time.perf_counter() - t0
+    with _Sampler() as mem:
+        t0 = time.perf_counter()
+        off = load_offloaded(ckpt, max_memory=CAP, offload_folder=Path(folder) / "offload")
+        loaded = time.perf_counter() - t0
+        crit = sequential_criterion(off.model, calib)
+        seconds = time.perf_counter() - t0
     lm = load_model(f"hf:{ckpt}/config.json", device="meta")
     mg = explorer.trace(lm.model, lm.example_inputs)
     scored = [crit.scores(lm.model, mg.coupling, g) for g in mg.groups() if g.prunable]
-    return {"seconds": round(seconds, 1), "rss_before_mb": round(base),
-            "peak_rss_mb": round(_rss_mb()), "growth_mb": round(_rss_mb() - base),
-            "offloaded": off.offloaded, "groups_scored": len(scored),
+    return {"seconds": round(seconds, 1), "load_seconds": round(loaded, 1),
+            "anon_before_mb": mem.start["RssAnon"], "anon_peak_mb": mem.peak["RssAnon"],
+            "anon_growth_mb": mem.peak["RssAnon"] - mem.start["RssAnon"],
+            "rss_before_mb": mem.start["VmRSS"], "rss_peak_mb": mem.peak["VmRSS"],
+            "cap": CAP, "offloaded": off.offloaded, "groups_scored": len(scored),
             "calibration": "4 batches x 2 x 128 tokens"}
 
 

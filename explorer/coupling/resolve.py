@@ -247,9 +247,9 @@ def _flatten_defs(label: np.ndarray, n: int, prods: Prods, conflicts: list[str],
                   bad: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The atom table: every class's row of atom classes, its arity, and which are products.
 
-    A definition whose components are all atoms is its own expansion; only the few that
-    nest products are expanded one by one (in first-definition order, as conflicts are
-    reported in that order).
+    A definition whose components are all atoms is its own expansion; nested ones are
+    expanded level by level (`_atom_table`). Classes that reach a cycle are searched one
+    by one (`_cyclic`), in first-definition order as conflicts are reported in that order.
     """
     firsts = _first_rows(label, prods)
     width = max((rows.shape[1] for _s, _c, rows in firsts), default=1)
@@ -265,21 +265,19 @@ def _flatten_defs(label: np.ndarray, n: int, prods: Prods, conflicts: list[str],
     defined = np.nonzero(length > 0)[0]
     order = defined[np.lexsort((defined, first_shape[defined]))]  # first-definition order
 
-    def nested(length: np.ndarray) -> np.ndarray:
-        has = length > 0
-        return has & np.where(raw >= 0, has[np.maximum(raw, 0)], False).any(axis=1)
-
     # A class that is a product containing itself (interleaved rotary embeddings stack
     # x[..., 1::2] and x[..., ::2] back into x) is one channel pair removed as a unit: it
     # becomes an atom, and classes built on it expand through it normally. Only classes
-    # with a composite component can lie on such a cycle.
-    deep = nested(length)
+    # that reach a cycle through their definitions (no finite nesting level) are searched.
     rows_view = _Rows(raw, length)
-    cyclic = _cyclic({int(c): rows_view[int(c)] for c in order[deep[order]]})
-    length[cyclic] = 0
-    deep = nested(length)
+    level = _levels(raw, length)
+    tangled = order[(length[order] > 0) & (level[order] < 0)]
+    if len(tangled):
+        cyclic = _cyclic({int(c): rows_view[int(c)] for c in tangled})
+        length[cyclic] = 0
+        level = _levels(raw, length)
     expanded: dict[int, tuple[int, ...]] = {}
-    for cls in order[deep[order]].tolist():
+    for cls in order[(length[order] > 0) & (level[order] < 0)].tolist():  # none in a DAG
         row = rows_view[cls]
         got = _expand(rows_view, row, {cls})
         if got is None:
@@ -288,19 +286,67 @@ def _flatten_defs(label: np.ndarray, n: int, prods: Prods, conflicts: list[str],
             bad.update(row)
             continue
         expanded[cls] = got
-    simple = (length > 0) & ~deep
-    k = max([width if simple.any() else 1, 1, *map(len, expanded.values())])
-    table = np.full((n, k), -1, dtype=np.int64)
+    return _atom_table(raw, length, level, expanded)
+
+
+def _levels(raw: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Nesting level of every defined class (0: its components are atoms; -1: it reaches a
+    cycle, or is not defined)."""
+    has = length > 0
+    comp_def = np.where(raw >= 0, has[np.maximum(raw, 0)], False)
+    level = np.full(len(length), -1, dtype=np.int64)
+    simple = has & ~comp_def.any(axis=1)
+    level[simple] = 0
+    todo = np.nonzero(has & ~simple)[0]
+    while len(todo):
+        sub = np.where(comp_def[todo], level[np.maximum(raw[todo], 0)], 0)
+        ready = (sub >= 0).all(axis=1)
+        if not ready.any():
+            break  # the rest reach a cycle
+        level[todo[ready]] = sub[ready].max(axis=1) + 1
+        todo = todo[~ready]
+    return level
+
+
+def _atom_table(raw: np.ndarray, length: np.ndarray, level: np.ndarray,
+                expanded: dict[int, tuple[int, ...]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense expansion: atoms are themselves, level-0 products their row, and deeper ones
+    the concatenated expansions of their components, one level at a time."""
+    n, width = raw.shape
+    has = length > 0
+    top = int(level.max()) if n else 0
+    k = max([width if (level == 0).any() else 1, 1, *map(len, expanded.values())])
+    table = np.full((n, max(k, 1)), -1, dtype=np.int64)
     table[:, 0] = np.arange(n)
     arity = np.ones(n, dtype=np.int64)
-    is_def = simple.copy()
+    simple = level == 0
     table[simple, :width] = raw[simple]
     arity[simple] = length[simple]
-    for cls, atoms in expanded.items():
-        table[cls, :len(atoms)] = atoms
-        table[cls, len(atoms):] = -1
-        arity[cls] = len(atoms)
-        is_def[cls] = True
+    for lv in range(1, top + 1):
+        cls = np.nonzero(level == lv)[0]
+        comps = raw[cls]
+        parts = [np.where((comps[:, j] >= 0)[:, None],
+                          table[np.maximum(comps[:, j], 0)], -1) for j in range(width)]
+        cat = np.concatenate(parts, axis=1)
+        cat = np.take_along_axis(cat, np.argsort(cat < 0, axis=1, kind="stable"), axis=1)
+        count = (cat >= 0).sum(axis=1)
+        need = int(count.max())
+        if need > table.shape[1]:
+            table = np.concatenate([table, np.full((n, need - table.shape[1]), -1,
+                                                   dtype=np.int64)], axis=1)
+        table[cls] = -1
+        table[cls, :need] = cat[:, :need]
+        arity[cls] = count
+    for cls_, atoms in expanded.items():
+        if len(atoms) > table.shape[1]:
+            table = np.concatenate([table, np.full((n, len(atoms) - table.shape[1]), -1,
+                                                   dtype=np.int64)], axis=1)
+        table[cls_] = -1
+        table[cls_, :len(atoms)] = atoms
+        arity[cls_] = len(atoms)
+    is_def = (level >= 0) & has
+    is_def[list(expanded)] = True
     return table, arity, is_def
 
 
