@@ -98,8 +98,7 @@ class Coupling:
                 for r in np.unique(arity[valid]):
                     sel = valid & (arity == r)
                     key = keys.setdefault((m, j, int(r)), np.uint64(rng.integers(1, 2**63)))
-                    atoms = np.unique(a[sel, j])
-                    sig[atoms] += key
+                    sig[a[sel, j]] += key  # once per atom: fancy += does not accumulate
             flats.append(a[a >= 0])
         if flats:  # position of each atom's first appearance over all members, in order
             seen, first = np.unique(np.concatenate(flats), return_index=True)

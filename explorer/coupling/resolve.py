@@ -82,9 +82,11 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
     for _ in range(max_rounds):
         na: list[np.ndarray] = []
         nb: list[np.ndarray] = []
+        bound = int(label.max()) + 1  # labels are component ids below this
         for flat, comps in prods.values():
             lc = label[comps]
-            _, first, inv = np.unique(lc, axis=0, return_index=True, return_inverse=True)
+            _, first, inv = np.unique(_row_keys(lc, bound), return_index=True,
+                                      return_inverse=True)
             na.append(label[flat])
             nb.append(label[flat[first[inv.reshape(-1)]]])
             _, first2, inv2 = np.unique(label[flat], return_index=True, return_inverse=True)
@@ -99,7 +101,7 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
         diff = xa != xb
         if not diff.any():
             break
-        merged = _components(n, xa[diff], xb[diff])
+        merged = _components(bound, xa[diff], xb[diff])  # over classes, not elements
         label = merged[label]
     uniq, relabel = np.unique(label, return_inverse=True)
     relabel = relabel.reshape(-1).astype(np.int64)
@@ -110,6 +112,17 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
     label = relabel
     table, arity, is_def = _flatten_defs(label, len(uniq), prods, conflicts, bad)
     return Resolution(label, len(uniq), table, arity, is_def, conflicts, bad)
+
+
+def _row_keys(rows: np.ndarray, bound: int) -> np.ndarray:
+    """One int64 per row, equal exactly when the rows (values below ``bound``) are equal:
+    `np.unique` on it replaces the much slower row-wise ``np.unique(rows, axis=0)``."""
+    key = rows[:, 0].astype(np.int64)
+    for j in range(1, rows.shape[1]):
+        if len(key) and int(key.max()) >= (2**62) // bound:  # would overflow: densify
+            key = np.unique(key, return_inverse=True)[1].reshape(-1).astype(np.int64)
+        key = key * bound + rows[:, j]
+    return key
 
 
 Prods = dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]  # sizes -> (flat, components)
