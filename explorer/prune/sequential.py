@@ -17,6 +17,8 @@ The sequential calibration of SparseGPT and Wanda, on accelerate's big-model mac
    model's own forward with the decoder layers stood in by their recorded outputs.
 
 Peak memory: one decoder layer's weights, the kept activations, and per-channel vectors.
+(On glibc, run with ``MALLOC_MMAP_THRESHOLD_=1048576``: otherwise the allocator keeps freed
+layer buffers in its heap and the resident set grows layer after layer without a leak.)
 The scores equal the in-memory ones: the same modules see the same inputs in the same
 order, and the same functions reduce them.
 """
