@@ -89,7 +89,7 @@ class Coupling:
         first_seen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
         rng = np.random.default_rng(12345)
         keys: dict[tuple[int, int, int], np.uint64] = {}
-        flats = []
+        flats: list[np.ndarray] = []
         for m, md in enumerate(self._members):
             a = md.atoms
             arity = (a >= 0).sum(axis=1)
@@ -313,7 +313,7 @@ class Coupling:
     def _member_families(self) -> list[list[int]]:
         """Families of every member, ascending (computed once)."""
         if self._member_fams is None:
-            out = []
+            out: list[list[int]] = []
             for md in self._members:
                 fams = np.unique(self.family_of[md.atoms[md.atoms >= 0]])
                 out.append([int(f) for f in fams if f >= 0])

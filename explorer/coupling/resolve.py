@@ -153,7 +153,7 @@ class _FirstDefs:
             self.pos[classes] = np.arange(len(classes))
 
     def __contains__(self, cls: object) -> bool:
-        return self.shape[int(cls)] >= 0  # type: ignore[call-overload]
+        return bool(self.shape[int(cls)] >= 0)  # type: ignore[call-overload]
 
     def __getitem__(self, cls: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         sizes, _classes, rows = self.firsts[int(self.shape[cls])]
