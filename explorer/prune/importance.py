@@ -272,9 +272,10 @@ class Activation(Criterion):
         the per-input-channel sum of squares of their inputs. `prepare` calls it for the
         whole model; `explorer.prune.sequential` one decoder layer at a time."""
         for name, sq in norms.items():
-            if name not in modules:
+            weight = modules[name].weight if name in modules else None
+            if not isinstance(weight, torch.Tensor):
                 continue
-            w = modules[name].weight.detach().float().abs()
+            w = weight.detach().float().abs()
             shape = [1] * w.dim()
             if w.shape[1] == sq.numel():
                 shape[1] = -1
