@@ -1,6 +1,7 @@
 """Scale: trace+groups of 7B/70B shapes on meta, streaming replay, sequential importance.
 
-Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--dir DIR]``.
+Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--dir DIR]
+[--explorer CHECKOUT]``.
 
 * ``trace``: ``explorer.trace`` (tracer + coupling + groups) of the Llama-2-7B and 70B
   shapes on ``meta``, against the recording meta forward alone; wall and CPU time (on a
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --explorer DIR (passed on to the children as PE_EXPLORER): measure another checkout's
+# explorer, e.g. the code before a change.
+sys.path.insert(0, os.environ.get("PE_EXPLORER") or str(ROOT))
 
 SHAPES = {
     "7B": "hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
@@ -209,8 +212,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parts", default="trace,stream,sequential")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--explorer", default=None,
+                        help="folder holding the explorer package to measure (default: here)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.explorer:
+        os.environ["PE_EXPLORER"] = str(Path(args.explorer).resolve())
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](args.child[1])))
         return
