@@ -48,8 +48,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element
 _MARKERS = ".stream"  # folder in the output: one done marker per finished shard
 
-__all__ = ["Checkpoint", "OutputKind", "StreamError", "StreamResult", "load_shards",
-           "read_checkpoint", "replay_checkpoint"]
+__all__ = ["Checkpoint", "OutputKind", "StreamError", "StreamResult", "read_checkpoint",
+           "replay_checkpoint"]
 
 
 class StreamError(ValueError):
@@ -356,38 +356,6 @@ def _readme(plan: Plan, result: StreamResult) -> str:
     notes = "".join(f"\n- note: {m}" for m in result.messages)
     return (f"# Pruned checkpoint: {plan.model}\n\nMade by Pruning Explorer's streaming "
             f"replay ({len(plan.steps)} plan step(s)). {how}{notes}\n")
-
-
-def load_shards(model: nn.Module, folder: str | os.PathLike[str]) -> None:
-    """Load a (possibly sharded) safetensors folder into ``model``, strictly, shard by shard.
-
-    Raises:
-        StreamError: a tensor the model lacks, a shape that differs, or a missing one
-            (tied names and non-persistent buffers excepted).
-    """
-    from safetensors.torch import load_file
-
-    ckpt = read_checkpoint(folder)
-    expected = model.state_dict(keep_vars=True)
-    ids: dict[int, list[str]] = {}
-    for name, t in expected.items():
-        ids.setdefault(id(t), []).append(name)
-    loaded: set[str] = set()
-    for shard in ckpt.shards:
-        state = load_file(str(ckpt.folder / shard))
-        bad = [n for n in state if n not in expected or expected[n].shape != state[n].shape]
-        if bad:
-            n = bad[0]
-            have = tuple(expected[n].shape) if n in expected else "nothing"
-            raise StreamError(f"shard '{shard}' tensor '{n}' has shape "
-                              f"{tuple(state[n].shape)}, the model has {have}")
-        model.load_state_dict(state, strict=False)
-        for n in state:
-            loaded.update(ids[id(expected[n])])
-    missing = [n for n in expected if n not in loaded]
-    if missing:
-        raise StreamError(f"'{folder}' has no tensor '{missing[0]}' of the model")
-
 
 
 def replay_command(checkpoint: str, plan_file: str, out: str) -> dict[str, Any]:
