@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -346,10 +345,10 @@ def _class_atom_table(res: Resolution) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """(start, length, flat): the atoms of composite class c are ``flat[start[c]:][:length[c]]``
     (length 0 for an atom class)."""
     n = max(res.num_classes, int(res.label.max(initial=-1)) + 1)
-    keys = np.fromiter(res.defs.keys(), dtype=np.int64, count=len(res.defs))
-    lens = np.fromiter((len(t) for t in res.defs.values()), dtype=np.int64, count=len(res.defs))
-    flat = np.fromiter(itertools.chain.from_iterable(res.defs.values()), dtype=np.int64,
-                       count=int(lens.sum()))
+    keys = np.nonzero(res.is_def)[0]
+    lens = res.arity[keys]
+    rows = res.table[keys]
+    flat = rows[np.arange(rows.shape[1])[None, :] < lens[:, None]]  # row by row, in order
     start = np.zeros(n, dtype=np.int64)
     length = np.zeros(n, dtype=np.int64)
     start[keys] = np.cumsum(lens) - lens
