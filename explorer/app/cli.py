@@ -47,8 +47,8 @@ class CliError(Exception):
     """A user error: printed as one line on stderr, exit code 2."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required,
                    help="timm:NAME, timm:FOLDER, hf:FAMILY, hf:FOLDER, demo:NAME or file.py:fn")
     p.add_argument("--device", default="cpu", choices=["cpu", "meta"])
     p.add_argument("--input-shape", default=None, help="e.g. 1,3,224,224 or 1,16 for LMs")
@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="write the pruning plan (JSON) to this file")
     p.add_argument("--force", action="store_true", help="overwrite existing --out/--plan files")
     r = sub.add_parser("replay", help="apply a saved plan to a fresh model and export it")
-    _add_model_args(r)
+    _add_model_args(r, model_required=False)
+    r.add_argument("--checkpoint", default=None,
+                   help="transformers folder (config + safetensors shards) to prune shard by "
+                        "shard, without loading the model (instead of --model)")
     r.add_argument("--plan", required=True, help="plan JSON written by prune --plan")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--formats", default="pt,safetensors",
@@ -381,6 +384,12 @@ def _forward_ok(lm: LoadedModel) -> bool:
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
+    if args.checkpoint:
+        from ..io.stream import replay_command
+        return replay_command(args.checkpoint, args.plan, args.out)
+    if not args.model:
+        raise CliError("replay needs --model SPEC, or --checkpoint DIR for a transformers "
+                       "checkpoint folder")
     _check_cpu(args)
     formats = parse_formats(args.formats)
     check_out_dir(Path(args.out), args.force)

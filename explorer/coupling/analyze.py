@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -58,6 +57,8 @@ class Coupling:
         self.res: Resolution = resolve(ctx.sp)
         self.conflicts = self.res.conflicts
         self._ctx = ctx
+        self._member_fams: list[list[int]] | None = None  # per member, see _member_families
+        self._ignored_by_family: dict[int, str] | None = None  # see _ignored_reason
         self._members = self._collect_members()
         self._class_atoms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._dim_families: dict[int, frozenset[int]] = {}
@@ -85,9 +86,9 @@ class Coupling:
         n = self.res.num_classes
         sig = np.zeros(n, dtype=np.uint64)
         first_seen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-        pos = 0
         rng = np.random.default_rng(12345)
         keys: dict[tuple[int, int, int], np.uint64] = {}
+        flats: list[np.ndarray] = []
         for m, md in enumerate(self._members):
             a = md.atoms
             arity = (a >= 0).sum(axis=1)
@@ -96,12 +97,11 @@ class Coupling:
                 for r in np.unique(arity[valid]):
                     sel = valid & (arity == r)
                     key = keys.setdefault((m, j, int(r)), np.uint64(rng.integers(1, 2**63)))
-                    atoms = np.unique(a[sel, j])
-                    sig[atoms] += key
-            flat = a[a >= 0]
-            order = np.arange(pos, pos + len(flat))
-            np.minimum.at(first_seen, flat, order)
-            pos += len(flat)
+                    sig[a[sel, j]] += key  # once per atom: fancy += does not accumulate
+            flats.append(a[a >= 0])
+        if flats:  # position of each atom's first appearance over all members, in order
+            seen, first = np.unique(np.concatenate(flats), return_index=True)
+            first_seen[seen] = first
         present = np.nonzero(first_seen < np.iinfo(np.int64).max)[0]
         present = present[np.argsort(first_seen[present], kind="stable")]
         uniq, fam_of_present = np.unique(sig[present], return_inverse=True)
@@ -181,10 +181,9 @@ class Coupling:
         for f in range(self.num_families):
             by_root.setdefault(find(f), []).append(f)
         fam_members: dict[int, list[int]] = {}
-        for m, md in enumerate(self._members):
-            for f in np.unique(self.family_of[md.atoms[md.atoms >= 0]]):
-                if f >= 0:
-                    fam_members.setdefault(int(f), []).append(m)
+        for m, fams_m in enumerate(self._member_families()):
+            for f in fams_m:
+                fam_members.setdefault(f, []).append(m)
         explanations = self._explanations()
         groups: list[Group] = []
         for root in sorted(by_root, key=lambda r: min(by_root[r])):
@@ -237,18 +236,22 @@ class Coupling:
         return Axis(fam, size, role, True, "")
 
     def _ignored_reason(self, fam: int) -> str:
+        """Why ``fam`` is not pruned: the first ignored module whose outputs (dim 0 of a
+        parameter) share an atom with it."""
         if not self.ignored:
             return ""
-        atoms = set(self.family_atoms[fam].tolist())
-        for md in self._members:
-            if md.member.dim != 0 or md.member.buffer:
-                continue
-            if not any(md.member.module == i or md.member.module.startswith(i + ".")
-                       for i in self.ignored):
-                continue
-            if atoms.intersection(md.atoms[md.atoms >= 0].tolist()):
-                return f"outputs of ignored module '{md.member.module}'"
-        return ""
+        if self._ignored_by_family is None:
+            found: dict[int, str] = {}
+            for m, md in enumerate(self._members):
+                if md.member.dim != 0 or md.member.buffer:
+                    continue
+                if not any(md.member.module == i or md.member.module.startswith(i + ".")
+                           for i in self.ignored):
+                    continue
+                for f in self._member_families()[m]:
+                    found.setdefault(f, f"outputs of ignored module '{md.member.module}'")
+            self._ignored_by_family = found
+        return self._ignored_by_family.get(fam, "")
 
     def _explanations(self) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
@@ -304,9 +307,17 @@ class Coupling:
 
     def member_families(self, index: int) -> set[int]:
         """Families present in member ``index``."""
-        a = self._members[index].atoms
-        fams = self.family_of[a[a >= 0]]
-        return {int(f) for f in np.unique(fams) if f >= 0}
+        return set(self._member_families()[index])
+
+    def _member_families(self) -> list[list[int]]:
+        """Families of every member, ascending (computed once)."""
+        if self._member_fams is None:
+            out: list[list[int]] = []
+            for md in self._members:
+                fams = np.unique(self.family_of[md.atoms[md.atoms >= 0]])
+                out.append([int(f) for f in fams if f >= 0])
+            self._member_fams = out
+        return self._member_fams
 
     def members_of(self, group: Group) -> list[tuple[Member, set[int]]]:
         """The group's members with the families each one spans."""
@@ -334,10 +345,10 @@ def _class_atom_table(res: Resolution) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """(start, length, flat): the atoms of composite class c are ``flat[start[c]:][:length[c]]``
     (length 0 for an atom class)."""
     n = max(res.num_classes, int(res.label.max(initial=-1)) + 1)
-    keys = np.fromiter(res.defs.keys(), dtype=np.int64, count=len(res.defs))
-    lens = np.fromiter((len(t) for t in res.defs.values()), dtype=np.int64, count=len(res.defs))
-    flat = np.fromiter(itertools.chain.from_iterable(res.defs.values()), dtype=np.int64,
-                       count=int(lens.sum()))
+    keys = np.nonzero(res.is_def)[0]
+    lens = res.arity[keys]
+    rows = res.table[keys]
+    flat = rows[np.arange(rows.shape[1])[None, :] < lens[:, None]]  # row by row, in order
     start = np.zeros(n, dtype=np.int64)
     length = np.zeros(n, dtype=np.int64)
     start[keys] = np.cumsum(lens) - lens

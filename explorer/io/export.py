@@ -304,7 +304,8 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     Args:
         source: a fresh, unpruned model of the plan's architecture, or a spec string, or
             None to use the spec recorded in the plan.
-        directory: the export folder (``plan.json`` and ``model.safetensors``).
+        directory: the export folder (``plan.json`` and ``model.safetensors``, or the
+            shards and index that `explorer.io.stream.replay_checkpoint` writes).
 
     Returns:
         The pruned model with the exported weights, in eval mode.
@@ -316,9 +317,10 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     folder = Path(directory)
     plan = Plan.load(folder / "plan.json")
     weights = folder / "model.safetensors"
-    if not weights.is_file():
+    index = folder / "model.safetensors.index.json"  # shards from explorer.io.stream
+    if not weights.is_file() and not index.is_file():
         raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
-    state = _read_safetensors(weights)
+    state = _read_safetensors(weights) if weights.is_file() else _read_shards(index)
     inputs: Sequence[Any] | None = None
     if isinstance(source, nn.Module):
         model = source
@@ -346,6 +348,19 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ExportError(f"'{path}' is not a readable safetensors file "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards an index names (the model is being built in memory)."""
+    import json
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"'{index}' is not a readable safetensors index ({e})") from e
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        state.update(_read_safetensors(index.parent / shard))
+    return state
 
 
 def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:

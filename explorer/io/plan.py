@@ -302,6 +302,37 @@ class Plan:
                 replay.config = _update(model)
         return replay
 
+    def keeps(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[int, torch.Tensor]]:
+        """Kept positions per tensor name and dim after every step, checked against ``shapes``.
+
+        Each name is followed on its own (tied names are cut alike by the plan), so this
+        needs no model: `explorer.io.stream` cuts checkpoint tensors with it.
+
+        Args:
+            shapes: original shape of every tensor the plan may cut (e.g. the fingerprint).
+
+        Raises:
+            PlanError: a cut names an unknown tensor or does not fit its shape.
+        """
+        current = {n: list(s) for n, s in shapes.items()}
+        out: dict[str, dict[int, torch.Tensor]] = {}
+        for i, step in enumerate(self.steps):
+            done: dict[tuple[str, int], list[int]] = {}
+            for cut in step.tensors:
+                if cut.tensor not in current:
+                    raise PlanError(f"step {i}: there is no tensor '{cut.tensor}'")
+                if (cut.tensor, cut.dim) in done:  # listed twice, as `_check` allows
+                    if done[cut.tensor, cut.dim] != sorted(cut.removed):
+                        raise PlanError(f"step {i}: tensor '{cut.tensor}' is cut twice "
+                                        f"with different indices")
+                    continue
+                done[cut.tensor, cut.dim] = sorted(cut.removed)
+                keep = _check_cut(cut, current[cut.tensor], f"step {i}")
+                dims = out.setdefault(cut.tensor, {})
+                dims[cut.dim] = keep if cut.dim not in dims else dims[cut.dim][keep]
+                current[cut.tensor][cut.dim] = len(keep)
+        return out
+
     @property
     def removed_count(self) -> int:
         return sum(len(c.removed) for s in self.steps for c in s.tensors)

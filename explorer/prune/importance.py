@@ -255,10 +255,7 @@ class Activation(Criterion):
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         calib = _need(calib)
         norms: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, m in model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                handles.append(m.register_forward_pre_hook(_act_hook(name, norms)))
+        handles = input_norm_hooks(model, norms)
         try:
             with torch.no_grad(), calibrating(model):
                 for batch in calib.batches:
@@ -267,13 +264,35 @@ class Activation(Criterion):
             for h in handles:
                 h.remove()
         self.saliency, self._reduced = {}, {}
-        modules = dict(model.named_modules())
+        self.add_statistics(dict(model.named_modules()), norms)
+
+    def add_statistics(self, modules: dict[str, nn.Module], norms: dict[str, torch.Tensor]
+                       ) -> None:
+        """Saliency of the consumers in ``modules`` (their weights loaded) from ``norms``,
+        the per-input-channel sum of squares of their inputs. `prepare` calls it for the
+        whole model; `explorer.prune.sequential` one decoder layer at a time."""
         for name, sq in norms.items():
-            w = modules[name].weight.detach().float().abs()
+            weight = modules[name].weight if name in modules else None
+            if not isinstance(weight, torch.Tensor):
+                continue
+            w = weight.detach().float().abs()
             shape = [1] * w.dim()
             if w.shape[1] == sq.numel():
                 shape[1] = -1
                 self.saliency[f"{name}.weight" if name else "weight"] = w * sq.sqrt().view(shape)
+
+
+CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose inputs are recorded
+
+
+def input_norm_hooks(model: nn.Module, norms: dict[str, torch.Tensor],
+                     prefix: str = "") -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks adding each consumer's per-input-channel sum of squares into ``norms``, keyed
+    by its name (in ``model``, after ``prefix``: the name of ``model`` itself); the caller
+    removes them."""
+    return [m.register_forward_pre_hook(_act_hook(".".join(filter(None, (prefix, name))),
+                                                  norms))
+            for name, m in model.named_modules() if isinstance(m, CONSUMERS)]
 
 
 def _act_hook(name: str, norms: dict[str, torch.Tensor]) -> Callable[..., None]:

@@ -1,0 +1,373 @@
+"""Apply a plan to a sharded transformers checkpoint, shard by shard, without the model.
+
+``replay_checkpoint(folder, plan, out)`` reads a transformers folder (``config.json`` and
+``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards with their
+``model.safetensors.index.json``) and writes the pruned checkpoint next to it:
+
+1. **Check first, write nothing until every check passes.** The shards' headers give every
+   tensor's name and shape (``safe_open`` reads no weights for that); they must match the
+   plan's fingerprint. The architecture is built on ``meta`` from the config (no weights)
+   and the plan is replayed on it: every step, index and attribute is validated, and
+   `explorer.prune.fixups.hfconfig.update_config` says whether a config can describe the
+   pruned widths.
+2. **Cut one shard at a time, one tensor at a time.** The output shard's header is
+   written first (its shapes follow from the plan), then each tensor is read, its kept
+   indices selected (``index_select``: bit-identical to `Plan.apply`) and appended. The file
+   is renamed into place when complete, then marked done (``OUT/.stream/<shard>.done``).
+   Peak memory is about the largest tensor (read and cut), below the largest shard.
+3. **Resumable.** A shard whose done marker matches this plan and source is skipped, so an
+   interrupted run picks up where it stopped.
+4. **Loadable output.** Uniform widths: ``config.json`` with the pruned widths, new shards
+   and index; ``from_pretrained(out)`` loads it. Otherwise (widths differ between layers,
+   head-dim pruning): the shards, ``plan.json`` and the unpruned ``original_config.json``;
+   `explorer.load_pruned` rebuilds the model from them (like the in-memory
+   ``safetensors`` export).
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import Plan
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+ORIGINAL_CONFIG = "original_config.json"  # the unpruned config, when no config fits
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element
+_MARKERS = ".stream"  # folder in the output: one done marker per finished shard
+
+__all__ = ["Checkpoint", "OutputKind", "StreamError", "StreamResult", "read_checkpoint",
+           "replay_checkpoint"]
+
+
+class StreamError(ValueError):
+    """A checkpoint folder that cannot be read or pruned as asked; nothing was written."""
+
+
+class OutputKind(enum.Enum):
+    """What the output folder holds."""
+
+    HF = "hf"  # config.json with the pruned widths: from_pretrained loads it
+    SAFETENSORS = "safetensors"  # shards + plan.json + original_config.json: load_pruned
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A transformers folder as read from its headers (no weights loaded)."""
+
+    folder: Path
+    shards: dict[str, list[str]]  # shard file name -> its tensor names, in file order
+    shapes: dict[str, tuple[int, ...]]  # tensor name -> shape
+    sharded: bool  # an index file names the shards (else one model.safetensors)
+
+    def shard_bytes(self, shard: str) -> int:
+        return (self.folder / shard).stat().st_size
+
+
+@dataclass
+class StreamResult:
+    """What `replay_checkpoint` did."""
+
+    out: str
+    kind: OutputKind
+    written: list[str] = field(default_factory=list)  # shards cut in this run
+    skipped: list[str] = field(default_factory=list)  # shards an earlier run finished
+    tensors_cut: int = 0  # checkpoint tensors whose shape the plan changes
+    config_changed: dict[str, list[int]] = field(default_factory=dict)  # key -> [old, new]
+    messages: list[str] = field(default_factory=list)  # why the fall-back, for people
+    largest_shard_bytes: int = 0  # of the input
+
+
+def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
+    """Names and shapes of every tensor of a safetensors checkpoint folder.
+
+    Raises:
+        StreamError: no safetensors weights, or an index naming missing shards.
+    """
+    from safetensors import safe_open
+
+    root = Path(folder)
+    if (root / INDEX).is_file():
+        weight_map = _read_json(root / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise StreamError(f"'{root / INDEX}' has no 'weight_map' object")
+        files = sorted({str(v) for v in weight_map.values()})
+        sharded = True
+    elif (root / SINGLE).is_file():
+        files, sharded = [SINGLE], False
+    else:
+        raise StreamError(f"'{root}' holds no {SINGLE} or {INDEX}; streaming replay reads "
+                          f"safetensors checkpoints (save_pretrained(..., "
+                          f"safe_serialization=True))")
+    shards: dict[str, list[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        path = root / name
+        if not path.is_file():
+            raise StreamError(f"the index names shard '{name}', which is not in '{root}'")
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                shapes[key] = tuple(int(s) for s in f.get_slice(key).get_shape())
+        shards[name] = keys
+    return Checkpoint(root, shards, shapes, sharded)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise StreamError(f"cannot read '{path}': {e}") from e
+    if not isinstance(data, dict):
+        raise StreamError(f"'{path}' must hold a JSON object")
+    return data
+
+
+def _meta_model(folder: Path) -> nn.Module:
+    """The checkpoint's architecture on ``meta`` (no weights), from its config."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise StreamError(f"transformers cannot read '{folder / 'config.json'}': "
+                          f"{str(e).splitlines()[0]}") from e
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None:
+        raise StreamError(f"config '{folder / 'config.json'}' names architecture {arch!r}, "
+                          f"which transformers {transformers.__version__} does not have; "
+                          f"set 'architectures' to a transformers model class")
+    with torch.device("meta"):
+        model: nn.Module = cls(config)
+    return model
+
+
+def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
+    """Shard tensors against the plan's fingerprint; absent ones must be ties or buffers
+    that checkpoints do not hold."""
+    theirs = {name: tuple(shape) for name, shape in plan.fingerprint.tensors}
+    hint = (f"; the plan was made for another model (or this checkpoint is already pruned): "
+            f"use a plan made on '{ckpt.folder}'s architecture")
+    for name, shape in ckpt.shapes.items():
+        if name not in theirs:
+            raise StreamError(f"the checkpoint has tensor '{name}', which the plan's model "
+                              f"'{plan.model}' did not{hint}")
+        if shape != theirs[name]:
+            raise StreamError(f"tensor '{name}' has shape {shape} in the checkpoint but "
+                              f"{theirs[name]} in the plan's model '{plan.model}'{hint}")
+    persistent = set(meta.state_dict(keep_vars=True))
+    first_of: dict[int, list[str]] = {}
+    for name, t in [*meta.named_parameters(remove_duplicate=False),
+                    *meta.named_buffers(remove_duplicate=False)]:
+        first_of.setdefault(id(t), []).append(name)
+    stored = {n for names in first_of.values() for n in names
+              if any(a in ckpt.shapes for a in names)}
+    for name in theirs:
+        if name not in ckpt.shapes and name in persistent and name not in stored:
+            raise StreamError(f"the checkpoint has no tensor '{name}', which the plan's model "
+                              f"'{plan.model}' had{hint}")
+
+
+def _stamp(plan: Plan, ckpt: Checkpoint, shard: str) -> str:
+    """What a done marker holds: this plan, this source shard (name and size)."""
+    text = json.dumps([plan.to_dict(), shard, ckpt.shard_bytes(shard)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch.Tensor]],
+               target: Path) -> int:
+    """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors.
+
+    The output's safetensors header is known before any weight is read (shapes from the
+    plan, dtypes from the input header), so it is written first and each tensor follows
+    as soon as it is cut: one input tensor and its cut copy are in memory at a time.
+    """
+    from safetensors import safe_open
+
+    tmp = target.with_name(target.name + ".tmp")
+    with safe_open(str(ckpt.folder / shard), framework="pt") as f:
+        entries: dict[str, Any] = {}
+        offset = 0
+        for name in ckpt.shards[shard]:
+            sl = f.get_slice(name)
+            shape = [int(x) for x in sl.get_shape()]
+            for dim, keep in keeps.get(name, {}).items():
+                shape[dim] = len(keep)
+            dtype = sl.get_dtype()
+            if dtype not in _DTYPE_BYTES:
+                raise StreamError(f"tensor '{name}' of '{shard}' has dtype {dtype}, which "
+                                  f"streaming replay does not handle")
+            size = _DTYPE_BYTES[dtype]
+            for x in shape:
+                size *= x
+            entries[name] = {"dtype": dtype, "shape": shape,
+                             "data_offsets": [offset, offset + size]}
+            offset += size
+        metadata = f.metadata()
+        if metadata:
+            entries = {"__metadata__": metadata, **entries}
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # tensors start 8-byte aligned
+        with open(tmp, "wb") as out:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            for name in ckpt.shards[shard]:
+                t = f.get_tensor(name)
+                for dim, idx in sorted(keeps.get(name, {}).items()):
+                    t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
+                out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    os.replace(tmp, target)
+    return offset
+
+
+def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
+    """Bytes of tensors in a finished output shard, from its header."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(out / shard), framework="pt") as f:
+        names = f.keys()
+        for name in names:
+            sl = f.get_slice(name)
+            shape = sl.get_shape()
+            size = _DTYPE_BYTES[sl.get_dtype()]
+            for s in shape:
+                size *= int(s)
+            total += size
+    return total
+
+
+
+
+def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
+                      out: str | os.PathLike[str]) -> StreamResult:
+    """Prune a safetensors checkpoint folder as ``plan`` says, shard by shard.
+
+    Args:
+        checkpoint: a transformers folder (config + safetensors, sharded or not).
+        plan: a plan made on this architecture (e.g. on a ``meta`` copy).
+        out: the output folder; created if missing. Shards finished by an earlier run with
+            the same plan are kept.
+
+    Returns:
+        What was written and skipped, and the output kind.
+
+    Raises:
+        StreamError: unreadable folder, or a plan for another checkpoint; nothing written.
+        explorer.PlanError: a step that does not fit; nothing written.
+    """
+    src, dst = Path(checkpoint), Path(out)
+    if dst.resolve() == src.resolve():
+        raise StreamError(f"--out '{dst}' is the checkpoint folder; write to a new folder")
+    if not (src / "config.json").is_file():
+        raise StreamError(f"'{src}' has no config.json; pass a transformers checkpoint "
+                          f"folder (save_pretrained output)")
+    ckpt = read_checkpoint(src)
+    meta = _meta_model(src)
+    _check_fingerprint(plan, ckpt, meta)
+    replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
+    keeps = plan.keeps(dict(plan.fingerprint.tensors))
+    update = replay.config
+    kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
+    result = StreamResult(str(dst), kind, largest_shard_bytes=max(
+        ckpt.shard_bytes(s) for s in ckpt.shards))
+    result.tensors_cut = sum(1 for name in ckpt.shapes if name in keeps)
+    if kind is OutputKind.SAFETENSORS:
+        reason = update.reason if update is not None else "the model has no config"
+        result.messages.append(f"no config describes the pruned model ({reason}); wrote the "
+                               f"shards with plan.json and {ORIGINAL_CONFIG} (load with "
+                               f"explorer.load_pruned)")
+    elif update is not None:
+        result.config_changed = dict(update.changed)
+
+    (dst / _MARKERS).mkdir(parents=True, exist_ok=True)
+    total = 0
+    for shard in ckpt.shards:
+        target, marker = dst / shard, dst / _MARKERS / (shard + ".done")
+        stamp = _stamp(plan, ckpt, shard)
+        if target.is_file() and marker.is_file() and marker.read_text() == stamp:
+            result.skipped.append(shard)
+            total += _output_bytes(ckpt, shard, dst)
+            continue
+        marker.unlink(missing_ok=True)
+        total += _cut_shard(ckpt, shard, keeps, target)
+        marker.write_text(stamp)
+        result.written.append(shard)
+    _finish(ckpt, plan, dst, result, total)
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total: int) -> None:
+    """Index, config (or plan + original config), the checkpoint's other files, README."""
+    if ckpt.sharded:
+        index = _read_json(ckpt.folder / INDEX)
+        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        _write_atomic(dst / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config = _read_json(ckpt.folder / "config.json")
+    if result.kind is OutputKind.HF:
+        for key, (_old, new) in result.config_changed.items():
+            config[key] = new
+        _write_atomic(dst / "config.json", json.dumps(config, indent=2) + "\n")
+    else:
+        (dst / "config.json").unlink(missing_ok=True)  # from an earlier run with another plan
+        _write_atomic(dst / ORIGINAL_CONFIG, json.dumps(config, indent=2) + "\n")
+        plan.save(dst / "plan.json")
+    for path in sorted(ckpt.folder.iterdir()):
+        if path.is_file() and not _is_weights_or_config(path.name):
+            shutil.copyfile(path, dst / path.name)
+    _write_atomic(dst / "README.md", _readme(plan, result))
+
+
+def _is_weights_or_config(name: str) -> bool:
+    return (name == "config.json" or name.endswith(_WEIGHT_SUFFIXES)
+            or name.endswith(".index.json"))
+
+
+def _readme(plan: Plan, result: StreamResult) -> str:
+    if result.kind is OutputKind.HF:
+        how = ("`config.json` holds the pruned widths: "
+               "`AutoModelForCausalLM.from_pretrained('<this folder>')`.")
+    else:
+        how = (f"no transformers config describes the pruned model, so `{ORIGINAL_CONFIG}` "
+               f"keeps the unpruned one and `plan.json` the pruning: "
+               f"`explorer.load_pruned('hf:<this folder>/{ORIGINAL_CONFIG}', "
+               f"'<this folder>')` builds it, replays the plan and loads the shards.")
+    notes = "".join(f"\n- note: {m}" for m in result.messages)
+    return (f"# Pruned checkpoint: {plan.model}\n\nMade by Pruning Explorer's streaming "
+            f"replay ({len(plan.steps)} plan step(s)). {how}{notes}\n")
+
+
+def replay_command(checkpoint: str, plan_file: str, out: str) -> dict[str, Any]:
+    """``python -m explorer replay --checkpoint DIR --plan FILE --out OUT``: the JSON
+    summary (``_text`` for people)."""
+    res = replay_checkpoint(checkpoint, Plan.load(plan_file), out)
+    summary: dict[str, Any] = {
+        "checkpoint": checkpoint, "plan": plan_file, "out": res.out, "kind": res.kind.value,
+        "written": res.written, "skipped": res.skipped, "tensors_cut": res.tensors_cut,
+        "config_changed": res.config_changed, "messages": res.messages}
+    summary["_text"] = (f"{checkpoint}: cut {res.tensors_cut} tensor(s) in "
+                        f"{len(res.written)} shard(s) ({len(res.skipped)} already done) -> "
+                        f"{res.out} ({res.kind.value})"
+                        + "".join(f"\n  note: {m}" for m in res.messages))
+    return summary

@@ -1,0 +1,85 @@
+"""Layer-by-layer importance on an offloaded model equals the in-memory importance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import explorer
+from explorer import load_model
+from explorer.prune.calibration import Calibration, random_like
+from explorer.prune.importance import make
+from explorer.prune.sequential import (
+    SequentialError,
+    decoder_layers,
+    load_offloaded,
+    sequential_criterion,
+)
+
+CAP = {"cpu": "300KB"}  # the tiny llama is about 420 KB: the decoder layers go to disk
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama") / "ckpt"
+    load_model("hf:llama?num_hidden_layers=3").model.save_pretrained(folder,
+                                                                     max_shard_size="100KB")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calib() -> Calibration:
+    ids = torch.full((1, 16), 255, dtype=torch.long)
+    return Calibration(random_like((ids,), num_batches=3, batch_size=2))
+
+
+def _in_memory(ckpt: Path, calib: Calibration) -> tuple:
+    model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False).eval()
+    lm = load_model(f"hf:{ckpt}/config.json", device="meta")
+    mg = explorer.trace(lm.model, lm.example_inputs)
+    crit = make("activation")
+    crit.prepare(model, mg.coupling, calib)
+    return model, mg, crit
+
+
+def test_offloaded_sequential_scores_equal_in_memory(ckpt: Path, calib: Calibration,
+                                                     tmp_path: Path) -> None:
+    _model, mg, reference = _in_memory(ckpt, calib)
+    off = load_offloaded(ckpt, max_memory=CAP, offload_folder=tmp_path / "offload")
+    assert "model.layers" in off.offloaded or any(m.startswith("model.layers.")
+                                                 for m in off.offloaded), off.device_map
+    crit = sequential_criterion(off.model, calib)
+    assert {name for name, _dim in crit._reduced} == set(reference.saliency)
+    for name in reference.saliency:  # every Linear, the LM head included
+        for dim in (0, 1):
+            np.testing.assert_array_equal(crit.element(name, dim),
+                                          reference.element(name, dim), err_msg=name)
+    prunable = [g for g in mg.groups() if g.prunable]
+    assert prunable
+    for g in prunable:
+        for ours, theirs in zip(crit.scores(off.model, mg.coupling, g),
+                                reference.scores(off.model, mg.coupling, g), strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+    _name, layers = decoder_layers(off.model)
+    assert all(p.device.type == "meta" for p in layers.parameters())  # offloaded again
+
+
+def test_resident_model_gives_the_same_scores(ckpt: Path, calib: Calibration) -> None:
+    model, _mg, reference = _in_memory(ckpt, calib)
+    crit = sequential_criterion(model, calib)
+    for name in reference.saliency:
+        np.testing.assert_array_equal(crit.element(name, 1), reference.element(name, 1))
+
+
+def test_sequential_errors(ckpt: Path, calib: Calibration) -> None:
+    model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False)
+    with pytest.raises(SequentialError, match=r"criterion 'taylor' has no layer-by-layer form"):
+        sequential_criterion(model, calib, "taylor")
+    with pytest.raises(SequentialError, match=r"pass offload_folder= for the weights"):
+        load_offloaded(ckpt, max_memory=CAP)
+    with pytest.raises(SequentialError, match=r"has no list of repeated layers"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
