@@ -6,7 +6,7 @@ from explorer.app.sources import quality_text, request_from_form
 from explorer.graph.metrics import count_params
 from explorer.io.specs import hf_families, list_demos
 from explorer.render.proposal_view import part_label
-from pages._session import load
+from pages._session import load, show
 
 FIRST = ["demo:dino_vit_safe", "demo:dino_vit"]
 EXAMPLES = (FIRST + [f"demo:{d}" for d in list_demos() if f"demo:{d}" not in FIRST]
@@ -92,7 +92,7 @@ def _apply_plan() -> None:
     up = st.session_state.model_plan
     text = up.getvalue() if up is not None else st.session_state.model_plan_text
     if not text.strip():
-        pe.message = Message("error", "no plan: upload a plan JSON file or paste its text")
+        pe.message = Message.error("no plan: upload a plan JSON file or paste its text")
     else:
         pe.apply_plan(text)
     st.session_state.model_plan_msg = pe.message
@@ -104,7 +104,7 @@ with st.expander("Replay a pruning plan on this model"):
     st.text_area("... or paste it", key="model_plan_text", height=80)
     st.button("Apply plan", key="model_plan_apply", on_click=_apply_plan)
 if (msg := st.session_state.pop("model_plan_msg", None)) is not None:
-    getattr(st, msg.kind)(msg.text)
+    show(msg)
 mg = pe.graph
 st.subheader(f"`{pe.spec}`")
 info = st.session_state.get("pe_loaded", {})

@@ -26,7 +26,7 @@ from explorer.render.proposal_view import (
     short_location,
 )
 from explorer.render.view import build_view
-from pages._session import reset
+from pages._session import reset, show
 
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round")
 
@@ -221,7 +221,7 @@ def main() -> None:
     if p is None:
         metrics(pe, None, 0)
         if pe.message is not None:
-            getattr(st, pe.message.kind)(pe.message.text)
+            show(pe.message)
         st.info("Every prunable group is decided. Undo to revisit, or go to Export.")
         c = st.columns(2)
         c[0].button("Undo", key="groups_undo_done", on_click=pe.undo, disabled=not pe.can_undo)
@@ -237,7 +237,7 @@ def main() -> None:
     joint = pe.joint(p) if not verdict.ok else None
     metrics(pe, verdict, len(pending))
     if pe.message is not None:
-        getattr(st, pe.message.kind)(pe.message.text)
+        show(pe.message)
     verdict_box(pe, p, verdict, joint)
     cost(pe, p, counts, verdict)
     actions(pe, p, counts, verdict, joint)

@@ -12,6 +12,7 @@ from explorer.render.figures import (
     sensitivity_figure,
     widths_figure,
 )
+from pages._session import show
 
 st.title("Dimensions & heads")
 if "pe" not in st.session_state:
@@ -25,7 +26,7 @@ def _natural(text: str) -> tuple[object, ...]:
     return tuple(int(t) if t.isdigit() else t for t in text.replace(".", " ").split())
 
 if (msg := st.session_state.pop("dims_message", None)) is not None:
-    getattr(st, msg.kind)(msg.text)
+    show(msg)
 st.plotly_chart(widths_figure(pe.widths_start, layer_widths(pe.model)), key="dims_widths",
                 width="stretch")
 

@@ -4,6 +4,7 @@ import json
 import streamlit as st
 
 from explorer.io.export import FORMATS
+from pages._session import show
 
 st.title("Export")
 if "pe" not in st.session_state:
@@ -12,7 +13,7 @@ if "pe" not in st.session_state:
 pe = st.session_state.pe
 if st.button("Run forward check", key="export_check"):
     msg = pe.forward_check()
-    getattr(st, msg.kind)(msg.text)
+    show(msg)
 
 try:
     plan_text = json.dumps(pe.plan().to_dict(), indent=1)

@@ -9,7 +9,7 @@ from typing import Any
 import streamlit as st
 
 from explorer.app import store
-from explorer.app.session import Session
+from explorer.app.session import Message, MessageKind, Session
 from explorer.app.sources import LoadRequest, load_request
 from explorer.io.specs import LoadedModel, load_model
 
@@ -109,3 +109,11 @@ def restore_or_start() -> None:
 def reset() -> None:
     """Forget every decision: a fresh, unpruned session of the same model."""
     load(st.session_state.get("pe_request", DEFAULT_REQUEST))
+
+
+_SHOW = {MessageKind.SUCCESS: st.success, MessageKind.ERROR: st.error, MessageKind.INFO: st.info}
+
+
+def show(message: Message) -> None:
+    """Draw a session message with the Streamlit element for its kind."""
+    _SHOW[message.kind](message.text)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import io
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,12 +39,32 @@ from ..quality.probe import QualityProbe
 from ..quality.task import Task
 
 
+class MessageKind(str, enum.Enum):
+    """How the app shows a `Message`."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    INFO = "info"
+
+
 @dataclass
 class Message:
     """Feedback for the user after an action."""
 
-    kind: str  # "success", "error" or "info"
+    kind: MessageKind
     text: str
+
+    @classmethod
+    def success(cls, text: str) -> Message:
+        return cls(MessageKind.SUCCESS, text)
+
+    @classmethod
+    def error(cls, text: str) -> Message:
+        return cls(MessageKind.ERROR, text)
+
+    @classmethod
+    def info(cls, text: str) -> Message:
+        return cls(MessageKind.INFO, text)
 
 
 class Decision(enum.Enum):
@@ -245,7 +265,7 @@ class Session:
         if ok:
             self._record({"do": "accept_all"})
         if ok and unsafe:
-            self.message = Message("info", f"accepted {len(safe)} groups; left unsafe: "
+            self.message = Message.info(f"accepted {len(safe)} groups; left unsafe: "
                                            + "; ".join(unsafe))
         return ok
 
@@ -254,13 +274,13 @@ class Session:
         self._push(f"rejected {proposal.title}")
         for k in proposal.keys:
             self.decided[k] = Decision.REJECTED.value
-        self.message = Message("info", f"rejected {proposal.title}")
+        self.message = Message.info(f"rejected {proposal.title}")
         self._record({"do": "reject", "keys": [list(k) for k in proposal.keys]})
 
     def undo(self) -> bool:
         """Revert the last accept, reject, block removal or plan replay exactly."""
         if not self._history:
-            self.message = Message("error", "nothing to undo")
+            self.message = Message.error("nothing to undo")
             return False
         last = self._history.pop()
         if last.revert is not None:
@@ -269,7 +289,7 @@ class Session:
         self.decided = last.decided
         del self.log[last.log_len:]
         self.blocks_removed = last.blocks
-        self.message = Message("info", f"undone: {last.what}")
+        self.message = Message.info(f"undone: {last.what}")
         self._record({"do": "undo"})
         return True
 
@@ -298,7 +318,7 @@ class Session:
         self.log.append({"block": name, "params": blocks[name].params})
         self.pruner.retrace()
         self.graph = self._model_graph()
-        self.message = Message("success", f"removed block {name}: params {before:,} -> "
+        self.message = Message.success(f"removed block {name}: params {before:,} -> "
                                           f"{self.params:,}")
         self._record({"do": "block", "name": name})
         return True
@@ -403,7 +423,7 @@ class Session:
         self.blocks_removed += 1  # the replay is not an `Applied` record: no re-export
         self.pruner.retrace()
         self.graph = self._model_graph()
-        self.message = Message("success", f"replayed a plan of {len(plan.steps)} step(s): "
+        self.message = Message.success(f"replayed a plan of {len(plan.steps)} step(s): "
                                           f"params {before:,} -> {self.params:,}")
         self._record({"do": "plan", "text": text if isinstance(text, str) else text.decode()})
         return True
@@ -413,12 +433,12 @@ class Session:
         """Run the current model and compare its output shapes with the original's."""
         verdict = forward_check(self.model, self.example_inputs, self.output_shapes)
         if verdict.ok:
-            return Message("success", f"forward ok, output shapes {verdict.output_shapes}")
+            return Message.success(f"forward ok, output shapes {verdict.output_shapes}")
         if verdict.graph is None:
             where = " ".join(x for x in (verdict.module, verdict.location) if x)
-            return Message("error", f"forward failed{' in ' + where if where else ''}: "
+            return Message.error(f"forward failed{' in ' + where if where else ''}: "
                                     f"{verdict.error}")
-        return Message("error", verdict.error)
+        return Message.error(verdict.error)
 
     def export_files(self, formats: tuple[str, ...]) -> tuple[dict[str, bytes], list[str]]:
         """Downloads for ``formats`` (see `explorer.io.export.FORMATS`): file name -> bytes.
@@ -462,13 +482,13 @@ class Session:
                 progress(i / max(len(actions), 1), f"replaying decision {i + 1} of "
                                                    f"{len(actions)}")
             if not self._replay_one(act):
-                self.message = Message("error", f"replayed {i} of {len(actions)} decisions; "
+                self.message = Message.error(f"replayed {i} of {len(actions)} decisions; "
                                                 f"decision {i + 1} ({act.get('do')}) no "
                                                 f"longer applies: "
                                                 f"{self.message.text if self.message else ''}")
                 return i
         if actions:
-            self.message = Message("info", f"restored {len(actions)} decisions")
+            self.message = Message.info(f"restored {len(actions)} decisions")
         return len(actions)
 
     def _replay_one(self, act: dict[str, Any]) -> bool:
@@ -533,7 +553,7 @@ class Session:
         return self._fail(f"pre-flight failed{' in ' + where if where else ''}: {verdict.error}")
 
     def _fail(self, text: str) -> bool:
-        self.message = Message("error", text)
+        self.message = Message.error(text)
         return False
 
     def _apply(self, removal: Removal, accepted: list[Proposal],
@@ -552,7 +572,7 @@ class Session:
         for p in accepted:
             self._log_accept(p, removal, count, applied)
         self.graph = self._model_graph()
-        self.message = Message("success", f"accepted {len(accepted)} group(s): params "
+        self.message = Message.success(f"accepted {len(accepted)} group(s): params "
                                           f"{before:,} -> {self.params:,}")
         return True
 
@@ -594,8 +614,4 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def message_dict(message: Message | None) -> dict[str, str] | None:
-    return None if message is None else asdict(message)
-
-
-__all__ = ["Decision", "Message", "Proposal", "Session", "layer_widths", "message_dict"]
+__all__ = ["Decision", "Message", "MessageKind", "Proposal", "Session", "layer_widths"]

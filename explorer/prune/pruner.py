@@ -14,6 +14,7 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group
+from ..coupling.vocab import AxisRole, HeadMode
 from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import trace
@@ -26,7 +27,7 @@ from .removal import Applied, Removal, apply_removal, removed_atoms, undo
 from .transaction import transaction
 from .validate import check_module_names
 
-HEAD_MODES = ("dims", "whole", "keep")
+HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
 
 
 @dataclass
@@ -260,15 +261,16 @@ class Pruner:
         return (*group.key, axis, group.axes[axis].role)
 
     def _target_axes(self, group: Group) -> list[int]:
-        roles = {"channels", "groups"}
-        if self.heads == "dims":
-            roles.add("head-dim")
-        elif self.heads == "whole":
-            roles.add("heads")
+        roles = {AxisRole.CHANNELS, AxisRole.GROUPS}
+        mode = HeadMode(self.heads)
+        if mode is HeadMode.DIMS:
+            roles.add(AxisRole.HEAD_DIM)
+        elif mode is HeadMode.WHOLE:
+            roles.add(AxisRole.HEADS)
         # Inside an (outer x inner) layout only inner axes are cut, so widths shrink by the
         # ratio once (cutting a conv's groups and its channels per group would compound).
         return [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles and
-                (a.inner or a.role == "heads")]
+                (a.inner or a.role is AxisRole.HEADS)]
 
     def _group_ratio(self, group: Group, base: float) -> float:
         best = None
