@@ -44,10 +44,10 @@ def _int_attrs(module: nn.Module) -> dict[str, int | tuple[int, ...]]:
     for attr, value in vars(module).items():
         if attr.startswith("_") or isinstance(value, bool):
             continue
-        if isinstance(value, int) and value > 1:
-            out[attr] = value
-        elif isinstance(value, tuple) and value and \
-                all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        is_int = isinstance(value, int) and value > 1
+        is_ints = isinstance(value, tuple) and bool(value) and \
+            all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if is_int or is_ints:
             out[attr] = value
     return out
 
@@ -114,7 +114,8 @@ def patch_scoped_widths(model: nn.Module, coupling: Coupling, removed_atoms: np.
     return changes
 
 
-def _mapped(value: int | tuple[int, ...], sizes: dict[int, set[int]]) -> int | tuple[int, ...] | None:
+def _mapped(value: int | tuple[int, ...],
+            sizes: dict[int, set[int]]) -> int | tuple[int, ...] | None:
     """``value`` with every element that has one unambiguous new size replaced; None when
     an element is ambiguous or no element is in ``sizes``."""
     out: list[int] = []
