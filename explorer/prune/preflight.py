@@ -5,6 +5,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,18 +68,42 @@ def _attribute_tensors(model: nn.Module) -> list[torch.Tensor]:
     return found
 
 
+# Full forwards on a real device (not meta) that one `Preflight` runs at most: a model that
+# cannot run on meta (detection: nonzero, nms) costs a real forward per check.
+MAX_FORWARDS = 24
+
+
 class Preflight:
-    """Runs removals on copies of one model; decides once whether ``meta`` works for it."""
+    """Runs removals on copies of one model; decides once whether ``meta`` works for it.
+
+    Output shapes are compared only on dims that do not depend on the data (the number of
+    detections does); `notes` names the dims left out. At most ``max_forwards`` checks run
+    on a real device; later ones answer "not checked" without running.
+    """
 
     def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...],
-                 coupling: Coupling) -> None:
+                 coupling: Coupling, max_forwards: int = MAX_FORWARDS) -> None:
         self.model = model
         self.inputs = example_inputs
         self.coupling = coupling
         self.expected = [tuple(v.shape) for v in
                          (coupling.graph.values[o] for o in coupling.graph.outputs)]
+        self.dynamic = data_dependent_dims(coupling)
+        self.notes = _dynamic_notes(coupling, self.dynamic)
         self.device = "meta"  # until a failure shows the unpruned model cannot run on meta
+        self.max_forwards = max_forwards
+        self.forwards = 0  # checks run on a real device so far
         self._meta_checked = False
+
+    def same_shapes(self, shapes: list[tuple[int, ...]]) -> bool:
+        """Whether output ``shapes`` equal the unpruned ones on every data-independent dim."""
+        if len(shapes) != len(self.expected):
+            return False
+        for got, want, dyn in zip(shapes, self.expected, self.dynamic, strict=True):
+            if len(got) != len(want) or any(g != w for g, w, d in zip(got, want, dyn,
+                                                                       strict=True) if not d):
+                return False
+        return True
 
     def _meta_works(self) -> bool:
         """Whether the unpruned model runs on meta (checked once, after a first failure)."""
@@ -101,6 +126,12 @@ class Preflight:
         return verdict
 
     def _check(self, removal: Removal) -> Verdict:
+        if self.device != "meta":
+            if self.forwards >= self.max_forwards:
+                return Verdict(False, error=f"not checked: the pre-flight budget of "
+                                            f"{self.max_forwards} full forwards is spent "
+                                            f"(left unpruned to be safe)")
+            self.forwards += 1
         model = self._copy()
         try:
             apply_removal(model, self.coupling, removal)
@@ -115,10 +146,55 @@ class Preflight:
                            error=f"{type(cause).__name__}: {cause}")
         shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
         params = count_params(model)
-        if shapes != self.expected:
+        if not self.same_shapes(shapes):
             return Verdict(False, error=f"output shapes changed: {self.expected} -> {shapes}",
                            output_shapes=shapes, graph=graph, params=params)
         return Verdict(True, output_shapes=shapes, graph=graph, params=params)
+
+
+def data_dependent_dims(coupling: Coupling) -> list[tuple[bool, ...]]:
+    """Per model output, per dim: whether its size comes from the data.
+
+    Sizes made by ops whose output shape depends on values (``nonzero``, boolean
+    ``index``, ``unique``: ATen's ``dynamic_output_shape`` tag) or by ops with no coupling
+    rule (torchvision's ``nms``) are followed to the outputs through the element ids the
+    coupling rules gave every dim (slices, gathers and concatenations keep them).
+    """
+    graph = coupling.graph
+    res = coupling.res
+    seeds: list[np.ndarray] = []
+    for node in graph.ops:
+        if torch.Tag.dynamic_output_shape in node.op.tags or node.name in coupling.unknown_ops:
+            for vid in node.outputs:
+                if vid is not None:
+                    seeds.extend(res.atoms_matrix(ids).ravel()
+                                 for ids in coupling.value_dims(vid) if len(ids))
+    tainted = np.unique(np.concatenate(seeds)) if seeds else np.zeros(0, np.int64)
+    tainted = tainted[tainted >= 0]
+    out: list[tuple[bool, ...]] = []
+    for vid in graph.outputs:
+        dims = coupling.value_dims(vid)
+        flags = []
+        for ids in dims:
+            atoms = res.atoms_matrix(ids).ravel() if len(ids) else np.zeros(0, np.int64)
+            flags.append(bool(np.isin(atoms[atoms >= 0], tainted).any()))
+        shape = graph.values[vid].shape
+        out.append(tuple(flags) if len(flags) == len(shape) else (False,) * len(shape))
+    return out
+
+
+def _dynamic_notes(coupling: Coupling, dynamic: list[tuple[bool, ...]]) -> list[str]:
+    """What the shape comparison leaves out, for the step report."""
+    graph = coupling.graph
+    notes = []
+    for i, (vid, flags) in enumerate(zip(graph.outputs, dynamic, strict=True)):
+        dims = [str(d) for d, f in enumerate(flags) if f]
+        if dims:
+            shape = list(graph.values[vid].shape)
+            notes.append(f"output {i} {shape}: dim {', '.join(dims)} depends on the data (a "
+                         f"number of detections or selected items), so the pre-flight does "
+                         f"not compare it")
+    return notes
 
 
 __all__ = ["Preflight", "Verdict", "meta_copy", "clone_model", "to_device", "tensor_leaves"]

@@ -366,15 +366,16 @@ class Pruner:
             self.applied.append(applied)
             report.attributes = dict(applied.attributes)
         self.current_step += 1
-        self._finish(report, flight.expected)
+        report.notes += flight.notes
+        self._finish(report, flight)
         return report
 
-    def _finish(self, report: StepReport, expected: list[tuple[int, ...]]) -> None:
+    def _finish(self, report: StepReport, flight: Preflight) -> None:
         try:
             self._analyse()
             report.forward_ok = True
-            report.output_shape_ok = [tuple(self.graph.values[o].shape) for o in
-                                      self.graph.outputs] == expected
+            report.output_shape_ok = flight.same_shapes(
+                [tuple(self.graph.values[o].shape) for o in self.graph.outputs])
         except Exception:  # noqa: BLE001 - reported, not hidden: the flag says it failed
             report.forward_ok = report.output_shape_ok = False
         report.params_after = count_params(self.model)
