@@ -141,8 +141,7 @@ class Preflight:
             graph = trace(model, to_device(self.inputs, self.device))
         except TraceError as exc:
             cause = exc.__cause__ or exc
-            from ..graph.tracer import traceback_location
-            return Verdict(False, module=exc.module, location=traceback_location(cause),
+            return Verdict(False, module=exc.module, location=exc.location,
                            error=f"{type(cause).__name__}: {cause}")
         shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
         params = count_params(model)
