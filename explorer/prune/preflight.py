@@ -161,22 +161,26 @@ def data_dependent_dims(coupling: Coupling) -> list[tuple[bool, ...]]:
     """
     graph = coupling.graph
     res = coupling.res
+    def atoms(vid: int) -> list[np.ndarray]:
+        return [a[a >= 0] for a in (res.atoms_matrix(ids).ravel()
+                                    for ids in coupling.value_dims(vid) if len(ids))]
+
     seeds: list[np.ndarray] = []
     for node in graph.ops:
         if torch.Tag.dynamic_output_shape in node.op.tags or node.name in coupling.unknown_ops:
+            inputs = [a for vid in graph.tensor_ids((node.args, node.kwargs)) for a in atoms(vid)]
+            known = np.concatenate(inputs) if inputs else np.zeros(0, np.int64)
             for vid in node.outputs:
-                if vid is not None:
-                    seeds.extend(res.atoms_matrix(ids).ravel()
-                                 for ids in coupling.value_dims(vid) if len(ids))
+                if vid is not None:  # dims the op made, not ones it passed through
+                    seeds.extend(a for a in atoms(vid) if not np.isin(a, known).all())
     tainted = np.unique(np.concatenate(seeds)) if seeds else np.zeros(0, np.int64)
-    tainted = tainted[tainted >= 0]
     out: list[tuple[bool, ...]] = []
     for vid in graph.outputs:
         dims = coupling.value_dims(vid)
         flags = []
-        for ids in dims:
-            atoms = res.atoms_matrix(ids).ravel() if len(ids) else np.zeros(0, np.int64)
-            flags.append(bool(np.isin(atoms[atoms >= 0], tainted).any()))
+        for ids in dims:  # an empty dim has no ids to follow: only data makes one empty
+            a = res.atoms_matrix(ids).ravel() if len(ids) else np.zeros(0, np.int64)
+            flags.append(not len(ids) or bool(np.isin(a[a >= 0], tainted).any()))
         shape = graph.values[vid].shape
         out.append(tuple(flags) if len(flags) == len(shape) else (False,) * len(shape))
     return out
