@@ -90,6 +90,11 @@ HF_FOLDER = {(name, "whole") for name in ARCHS} - {("falcon", "whole"), ("gemma2
     | {("mpnet", "dims"), ("convnext", "dims")}
 
 
+# Relative-position bias tables: (positions, heads), indexed by a computed position index.
+_TABLES = ("relative_position_bias_table.weight", "relative_position_bias_table",
+           "relative_attention_bias.weight")
+
+
 def _build(arch: Arch) -> nn.Module:
     config = transformers.AutoConfig.for_model(arch.model_type, **arch.config)
     torch.manual_seed(0)
@@ -118,12 +123,16 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
     x = _inputs(arch)
     before = _logits(model, x)
     params = sum(p.numel() for p in model.parameters())
+    tables = {n: p.shape[-1] for n, p in model.named_parameters() if n.endswith(_TABLES)}
     pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
     report = pruner.step()
     assert report.forward_ok and report.output_shape_ok
     after = _logits(model, x)
     assert after.shape == before.shape
     assert sum(p.numel() for p in model.parameters()) < 0.75 * params, report.unsafe
+    if heads == "whole":  # relative-position bias tables lose the pruned heads' columns
+        cut = {n: p.shape[-1] for n, p in model.named_parameters() if n in tables}
+        assert all(cut[n] < tables[n] for n in tables), (tables, cut)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
