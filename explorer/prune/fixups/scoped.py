@@ -9,13 +9,21 @@ one of those arguments, and is the size of a dim of the op's tensors that prunin
 is set to the new size. Only unambiguous evidence is used: when the same old size maps to
 two new sizes in a module (a pruned channel dim and an untouched token dim of equal size),
 the attribute is left alone and the pre-flight reports the group with its line.
+
+Equal values are told apart by position: LeViT's ``split([self.key_dim, self.key_dim,
+self.val_dim])`` with key and value dims both 16 cuts them differently. For ``split`` and
+``view``/``reshape`` the i-th integer argument is the size of a known output dim, and the
+source line the trace recorded names the attribute at each position.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ast
+import linecache
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ...coupling.analyze import Coupling
@@ -57,9 +65,11 @@ def _flat(value: int | tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _evidence(coupling: Coupling, attrs: dict[str, dict[str, int | tuple[int, ...]]],
-              removed_atoms: np.ndarray) -> dict[str, dict[int, set[int]]]:
+              removed_atoms: np.ndarray, named: dict[str, dict[str, set[int]]]
+              ) -> dict[str, dict[int, set[int]]]:
     """Module -> old size -> new sizes, from dims of the tensors of ops whose integer
-    arguments hold one of the module's attribute values."""
+    arguments hold one of the module's attribute values; fills ``named`` (module -> attr
+    -> new sizes) where the source line names the attribute at a position."""
     count = coupling.survivors(removed_atoms)
     table: dict[str, dict[int, set[int]]] = {}
     for node in coupling.graph.ops:
@@ -70,12 +80,96 @@ def _evidence(coupling: Coupling, attrs: dict[str, dict[str, int | tuple[int, ..
             set(_ints((node.args, node.kwargs)))
         if not wanted:
             continue
+        _by_name(coupling, node, own, count, named.setdefault(node.module, {}))
         sizes = table.setdefault(node.module, {})
         for vid in _tensor_ids(coupling, node):
             for ids in coupling.value_dims(vid):
                 if len(ids) in wanted:
                     sizes.setdefault(len(ids), set()).add(count(ids))
     return table
+
+
+_SHAPING = {torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.reshape}
+_SPLITS = {torch.ops.aten.split_with_sizes, torch.ops.aten.split}
+
+
+def _by_name(coupling: Coupling, node: OpNode, own: dict[str, int | tuple[int, ...]],
+             count: Callable[[np.ndarray], int], named: dict[str, set[int]]) -> None:
+    """New sizes of the attributes the op's source line names at each position."""
+    found = _positional(coupling, node, count) if node.location else None
+    if found is None:
+        return
+    values, new = found
+    names = _named_positions(node.location, values, own)
+    for name, size in zip(names or [], new, strict=False):
+        if name is not None and isinstance(own.get(name), int):
+            named.setdefault(name, set()).add(size)
+
+
+def _positional(coupling: Coupling, node: OpNode, count: Callable[[np.ndarray], int]
+                ) -> tuple[list[int], list[int]] | None:
+    """(integer list argument, new size at each position) for ops whose list argument
+    gives output sizes: ``view``/``reshape`` (output dims) and ``split`` (output parts)."""
+    packet = node.op.overloadpacket
+    sizes = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(v, int) for v in sizes):
+        return None
+    if packet in _SHAPING and node.outputs and node.outputs[0] is not None:
+        dims = coupling.value_dims(node.outputs[0])
+        if len(dims) == len(sizes):
+            return list(sizes), [count(d) for d in dims]
+    if packet in _SPLITS and len(node.outputs) == len(sizes):
+        dim = node.args[2] if len(node.args) > 2 else 0
+        new = []
+        for vid in node.outputs:
+            dims = coupling.value_dims(vid) if vid is not None else []
+            if not isinstance(dim, int) or not -len(dims) <= dim < len(dims):
+                return None
+            new.append(count(dims[dim]))
+        return list(sizes), new
+    return None
+
+
+def _named_positions(location: str, values: list[int],
+                     attrs: dict[str, int | tuple[int, ...]]) -> list[str | None] | None:
+    """The ``self.<attr>`` at each position of the list or call arguments in the source
+    statement that match ``values`` (None where the element is not such an attribute)."""
+    path, _, line = location.rpartition(":")
+    if not line.isdigit():
+        return None
+    first = int(line)  # a statement's first line; its arguments may follow on the next
+    text = " ".join(linecache.getline(path, n).strip() for n in range(first, first + 4))
+    for segment in _bracketed(text):
+        try:
+            tree = ast.parse(segment, mode="eval").body
+        except SyntaxError:
+            continue
+        elts = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
+        if len(elts) != len(values):
+            continue
+        names = [e.attr if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name)
+                 and e.value.id == "self" else None for e in elts]
+        if any(names) and all(n is None or attrs.get(n) == v
+                              for n, v in zip(names, values, strict=True)):
+            return names
+    return None
+
+
+def _bracketed(text: str) -> Iterator[str]:
+    """Every balanced ``[...]`` and ``(...)`` substring of one source line."""
+    closing = {"[": "]", "(": ")"}
+    for start, ch in enumerate(text):
+        if ch not in closing:
+            continue
+        depth = 0
+        for end in range(start, len(text)):
+            if text[end] in "[(":
+                depth += 1
+            elif text[end] in "])":
+                depth -= 1
+                if depth == 0:
+                    yield text[start:end + 1]
+                    break
 
 
 def _tensor_ids(coupling: Coupling, node: OpNode) -> list[int]:
@@ -104,10 +198,12 @@ def patch_scoped_widths(model: nn.Module, coupling: Coupling, removed_atoms: np.
         if found:
             attrs[name] = found
     changes: Widths = {}
-    for name, sizes in _evidence(coupling, attrs, removed_atoms).items():
+    named: dict[str, dict[str, set[int]]] = {}
+    for name, sizes in _evidence(coupling, attrs, removed_atoms, named).items():
         module = model.get_submodule(name)
         for attr, value in attrs[name].items():
-            new = _mapped(value, sizes)
+            by_name = named.get(name, {}).get(attr, set())
+            new = next(iter(by_name)) if len(by_name) == 1 else _mapped(value, sizes)
             if new is not None and new != value:
                 setattr(module, attr, new)
                 changes.setdefault(name, {})[attr] = [value, new]
