@@ -76,8 +76,8 @@ ZOO: list[ZooEntry] = [
     _vit("swin_tiny_patch4_window7_224?img_size=112", 112,
          notes="window partition / relative position bias"),
     ZooEntry("timm:levit_128s", (1, 3, 224, 224), ("head.linear", "head_dist.linear"),
-             "attention biases sized by resolution; attention key/value dims unsafe "
-             "(split sizes hard-coded)"),
+             "attention biases sized by resolution; split([key_dim, key_dim, val_dim]) and "
+             "reshape(val_attn_dim) attributes follow the pruning (named by position)"),
     _vit("cait_xxs24_224?img_size=64", 64, notes="talking heads, class attention"),
     ZooEntry("timm:crossvit_tiny_240", (1, 3, 240, 240), ("head.0", "head.1"),
              "two branches, cross attention"),
