@@ -28,6 +28,7 @@ from torch import nn
 
 from ...coupling.analyze import Coupling
 from ...graph.ir import OpNode
+from .patch import has_patcher
 
 Widths = dict[str, dict[str, list[object]]]  # module -> attr -> [old, new]
 
@@ -194,6 +195,8 @@ def patch_scoped_widths(model: nn.Module, coupling: Coupling, removed_atoms: np.
             module = model.get_submodule(name)
         except AttributeError:
             continue
+        if has_patcher(module):
+            continue  # conv groups, norm shapes: its type's handler keeps them
         found = {a: v for a, v in _int_attrs(module).items() if a not in already.get(name, {})}
         if found:
             attrs[name] = found
