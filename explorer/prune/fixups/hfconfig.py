@@ -31,6 +31,7 @@ __all__ = ["ConfigUpdate", "update_config"]
 
 Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
 Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
+_PROBE = 8  # the value a None field is probed with (and twice it)
 _MAX_BUILDS = 120  # meta builds per update, at most, while searching for the config
 # Config fields that never follow a pruned width (probing them only costs builds).
 _NOT_WIDTHS = ("vocab", "token_id", "position", "layers", "n_layer", "num_labels", "seed",
@@ -94,6 +95,8 @@ def update_config(model: nn.Module) -> ConfigUpdate:
 
 def _build(model: nn.Module, config: Any) -> nn.Module | str:
     """``type(model)(config)`` on meta, or why it cannot be built."""
+    if config is None:
+        return "the config refuses the value"
     try:
         with torch.device("meta"):
             return type(model)(config)
@@ -128,38 +131,45 @@ def _is_int(v: object) -> bool:
 
 
 def _slots(config: Any) -> list[Slot]:
-    """Integer config fields (and integers in list fields) that may describe a width."""
+    """Integer config fields (and integers in list fields) that may describe a width; a
+    field left None (GPT-2's ``n_inner``: derived from another) is one too."""
     out: list[Slot] = []
     for k, v in config.to_dict().items():
         if any(n in k for n in _NOT_WIDTHS) or not hasattr(config, k):
             continue
-        if _is_int(v):
+        if _is_int(v) or v is None:
             out.append((k, -1))
         elif isinstance(v, list) and v and all(_is_int(x) for x in v):
             out.extend((k, i) for i in range(len(v)))
     return out
 
 
-def _get(config: Any, slot: Slot) -> int:
+def _get(config: Any, slot: Slot) -> int | None:
     value = getattr(config, slot[0])
-    return int(value if slot[1] < 0 else value[slot[1]])
+    if slot[1] >= 0:
+        value = value[slot[1]]
+    return None if value is None else int(value)
 
 
-def _with(config: Any, values: dict[Slot, int]) -> Any:
-    """A copy of ``config`` with the slots set."""
+def _with(config: Any, values: dict[Slot, int | None]) -> Any:
+    """A copy of ``config`` with the slots set, or None when the config refuses a value
+    (validated fields)."""
     out = copy.deepcopy(config)
-    for (name, index), value in values.items():
-        if index < 0:
-            setattr(out, name, value)
-        else:
-            items = list(getattr(out, name))
-            items[index] = value
-            setattr(out, name, items)
+    try:
+        for (name, index), value in values.items():
+            if index < 0:
+                setattr(out, name, value)
+            else:
+                items = list(getattr(out, name))
+                items[index] = value
+                setattr(out, name, items)
+    except Exception:  # noqa: BLE001 - a config that refuses the value cannot describe it
+        return None
     return out
 
 
 def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, float]
-              ) -> tuple[dict[Slot, list[_Reading]], dict[Slot, list[int]]]:
+              ) -> tuple[dict[Slot, list[_Reading]], dict[Slot, list[int | None]]]:
     """Per config slot: the values the pruned model's observables give for it, and the
     candidate values to try (readings by votes, then the old value scaled by the ratios
     seen between pruned and original observables)."""
@@ -169,17 +179,23 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
                      for k, v in before.items() if k[0] == "t" and k in ours and v and
                      ours[k] != v)
     readings: dict[Slot, list[_Reading]] = {}
-    candidates: dict[Slot, list[int]] = {}
+    candidates: dict[Slot, list[int | None]] = {}
     for slot in _slots(config):
-        old = _get(config, slot)
+        unset = _get(config, slot)
+        old, seen = (unset, before) if unset is not None else (_PROBE, None)
+        if seen is None:  # a None field: compare two values it could take
+            first = _build(model, _with(config, {slot: old}))
+            if isinstance(first, str):
+                continue
+            seen = _observe(first)
         built = _build(model, _with(config, {slot: 2 * old}))
         if isinstance(built, str):
             continue
         after = _observe(built)
-        if after == before:
+        if after == seen:
             continue  # the field changes nothing we can see
         found: list[_Reading] = []
-        for key, o0 in before.items():
+        for key, o0 in seen.items():
             o1 = after.get(key)
             if not o0 or o1 is None or o1 != 2 * o0 or key not in ours:
                 continue
@@ -193,9 +209,12 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
         tally: Counter[int] = Counter()
         for r in found:
             tally[r.value] += r.weight
-        votes = [v for v, _ in tally.most_common()]
+        votes: list[int | None] = [v for v, _ in tally.most_common()]
+        if unset is None:  # keep it derived unless an explicit value fits better
+            candidates[slot] = [None, *votes]
+            continue
         scaled = [int(old * r) for r, _ in ratios.most_common(3) if (old * r).denominator == 1]
-        candidates[slot] = list(dict.fromkeys(votes + [old] + scaled))
+        candidates[slot] = list(dict.fromkeys([*votes, old, *scaled]))
     return readings, candidates
 
 
@@ -209,8 +228,8 @@ def _distance(ours: dict[Key, float], fresh: nn.Module) -> tuple[int, int]:
 
 
 def _search(model: nn.Module, config: Any, ours: dict[Key, float],
-            readings: dict[Slot, list[_Reading]], candidates: dict[Slot, list[int]]
-            ) -> dict[Slot, int]:
+            readings: dict[Slot, list[_Reading]], candidates: dict[Slot, list[int | None]]
+            ) -> dict[Slot, int | None]:
     """Slot values whose build matches the pruned model best: start from the best-voted
     values and change one slot at a time while that lowers `_distance`. Slots that a
     module attribute states outright (``head_dim``) move last: a shape that disagrees with
@@ -220,7 +239,7 @@ def _search(model: nn.Module, config: Any, ours: dict[Key, float],
                 if any(r.weight > 1 and r.value == current[slot] for r in found)}
     builds = 0
 
-    def distance(values: dict[Slot, int]) -> tuple[int, int] | None:
+    def distance(values: dict[Slot, int | None]) -> tuple[int, int] | None:
         nonlocal builds
         builds += 1
         fresh = _build(model, _with(config, values))
@@ -228,7 +247,7 @@ def _search(model: nn.Module, config: Any, ours: dict[Key, float],
 
     best = distance(current)
     while best != (0, 0) and builds < _MAX_BUILDS:
-        moves: list[tuple[bool, tuple[int, int], dict[Slot, int]]] = []
+        moves: list[tuple[bool, tuple[int, int], dict[Slot, int | None]]] = []
         for slot, cands in candidates.items():
             for value in cands:
                 if value == current[slot] or builds >= _MAX_BUILDS:
