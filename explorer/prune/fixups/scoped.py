@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from ...coupling.analyze import Coupling
+from ...coupling.heads import HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS
 from ...graph.ir import OpNode
-from .patch import has_patcher
+from .patch import TUPLE_WRITES, WRITES, has_patcher
+from .widths import width_name
 
 Widths = dict[str, dict[str, list[object]]]  # module -> attr -> [old, new]
 
@@ -47,11 +49,20 @@ def _ints(obj: Any) -> Iterator[int]:
             yield from _ints(item)
 
 
+# Names a plan may record (`explorer.io.plan_rules`): widths, head counts and shapes only.
+_NAMED = WRITES | set(HEAD_COUNT_ATTRS) | set(HEAD_DIM_ATTRS) | set(HEAD_WIDTH_ATTRS) | \
+    set(KV_HEAD_ATTRS)
+
+
 def _int_attrs(module: nn.Module) -> dict[str, int | tuple[int, ...]]:
-    """Public attributes holding an int or a non-empty tuple of ints."""
+    """Public attributes holding an int (width-like name) or a tuple of ints (a shape)."""
     out: dict[str, int | tuple[int, ...]] = {}
     for attr, value in vars(module).items():
         if attr.startswith("_") or isinstance(value, bool):
+            continue
+        if isinstance(value, tuple) and attr not in TUPLE_WRITES:
+            continue
+        if isinstance(value, int) and not (attr in _NAMED or width_name(attr)):
             continue
         is_int = isinstance(value, int) and value > 1
         is_ints = isinstance(value, tuple) and bool(value) and \
