@@ -7,6 +7,7 @@ zoo runs in a few minutes on two CPU cores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,23 @@ class ZooEntry:
     ignored: tuple[str, ...]  # classifier / lm_head module names never pruned
     notes: str = ""  # what is special about the model (unsafe groups, pinned parts)
     xfail: str = ""  # non-empty: the model cannot reach the target; the real reason
+    data_dims: tuple[int, ...] = ()  # dims of the main output whose size depends on the data
 
     @property
     def id(self) -> str:
-        return self.spec.split("?")[0].split(":", 1)[1]
+        return self.spec.split("?")[0].rsplit(":", 1)[1]
+
+    def comparable(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``shape`` with the data-dependent dims masked (-1), for before/after checks."""
+        return tuple(-1 if d in self.data_dims else n for d, n in enumerate(shape))
+
+
+_FACTORIES = Path(__file__).resolve().parent / "zoo_factories.py"
+
+
+def _factory(name: str, ignored: tuple[str, ...], notes: str, data_dims: tuple[int, ...] = ()
+             ) -> ZooEntry:
+    return ZooEntry(f"{_FACTORIES}:{name}", None, ignored, notes, data_dims=data_dims)
 
 
 def _cnn(name: str, size: int = 64, head: str = "fc", notes: str = "") -> ZooEntry:
@@ -62,8 +76,8 @@ ZOO: list[ZooEntry] = [
     _vit("swin_tiny_patch4_window7_224?img_size=112", 112,
          notes="window partition / relative position bias"),
     ZooEntry("timm:levit_128s", (1, 3, 224, 224), ("head.linear", "head_dist.linear"),
-             "attention biases sized by resolution; attention key/value dims unsafe "
-             "(split sizes hard-coded)"),
+             "attention biases sized by resolution; split([key_dim, key_dim, val_dim]) and "
+             "reshape(val_attn_dim) attributes follow the pruning (named by position)"),
     _vit("cait_xxs24_224?img_size=64", 64, notes="talking heads, class attention"),
     ZooEntry("timm:crossvit_tiny_240", (1, 3, 240, 240), ("head.0", "head.1"),
              "two branches, cross attention"),
@@ -94,6 +108,14 @@ ZOO: list[ZooEntry] = [
     ZooEntry("hf:bert", None, (), "encoder; pooler output",
              xfail="AutoModel's outputs are the hidden states, so the hidden size is pinned; "
                    "embeddings, norms and pooler keep ~35% of the parameters"),
+    # --- torchvision
+    _factory("fasterrcnn_resnet50_fpn", ("roi_heads.box_predictor",),
+             "detection: the number of boxes depends on the data, so the pre-flight compares "
+             "only data-independent output dims; the RPN head's view(N, -1, 4, H, W) keeps "
+             "its anchor group", data_dims=(0,)),
+    _factory("shufflenet_v2_x0_5", ("fc",),
+             "channel shuffle; chunk(2) of the stride-1 blocks recomputes halves from the "
+             "width: those 3 groups stay unsafe (located at the chunk line)"),
     # --- demos
     ZooEntry("demo:dino_vit", None, ("head",), "qkv reshape + qkv[0] indexing"),
     ZooEntry("demo:resnet", None, ("fc",)),
@@ -111,6 +133,8 @@ def main_output_shape(out: Any) -> tuple[int, ...]:
         value = getattr(out, key, None)
         if isinstance(value, torch.Tensor):
             return tuple(value.shape)
+    if isinstance(out, dict) and out:  # detection: boxes first
+        return main_output_shape(out.get("boxes", next(iter(out.values()))))
     if isinstance(out, (tuple, list)) and out:
         return main_output_shape(out[0])
     raise TypeError(f"no tensor output in {type(out).__name__}")

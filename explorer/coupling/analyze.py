@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -330,6 +330,21 @@ class Coupling:
         dead[removed_atoms] = True
         a = self.res.atoms_matrix(ids)
         return int((~np.where(a >= 0, dead[np.maximum(a, 0)], False).any(axis=1)).sum())
+
+    def survivors(self, removed_atoms: np.ndarray) -> Callable[[np.ndarray], int]:
+        """A counter of the elements of an id array that survive removing ``removed_atoms``
+        (`kept_count` with the removed set computed once, for many queries)."""
+        dead = np.zeros(self.res.num_classes + 1, dtype=bool)
+        dead[removed_atoms] = True
+
+        def count(ids: np.ndarray) -> int:
+            a = self.res.atoms_matrix(ids)
+            return int((~np.where(a >= 0, dead[np.maximum(a, 0)], False).any(axis=1)).sum())
+        return count
+
+    def value_dims(self, vid: int) -> list[np.ndarray]:
+        """Element ids of each dim of traced value ``vid`` (empty if no rule gave it any)."""
+        return list(self._ctx.sp.dims.get(vid, []))
 
     @property
     def group_axes(self) -> dict[str, np.ndarray]:

@@ -13,6 +13,9 @@ from .vocab import PinKind
 Rule = Callable[["Ctx", OpNode], None]
 
 
+_INTEGER_DTYPES = frozenset({"int64", "int32", "int16", "int8", "uint8"})
+
+
 class Ctx:
     """Per-trace state for rules: lazily gives every value one id array per dim."""
 
@@ -34,6 +37,10 @@ class Ctx:
             if value.kind is ValueKind.INPUT:
                 for ids in got:
                     self.sp.pin(ids, f"model input {value.name}", PinKind.MODEL_IO)
+            elif value.kind is ValueKind.BUFFER and value.dtype in _INTEGER_DTYPES:
+                for ids in got:  # Swin's relative_position_index: looked up, never cut
+                    self.sp.pin(ids, f"entries of the integer buffer '{value.name}' are "
+                                "indices or positions, not channels", PinKind.INDEXED)
             elif value.kind is ValueKind.EXTERNAL:
                 for ids in got:
                     self.sp.pin(ids, "a plain tensor attribute or constant (not a parameter "

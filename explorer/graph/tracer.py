@@ -8,11 +8,12 @@ the forward may update (BatchNorm running stats in train mode) are restored.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ def _is_model_code(filename: str) -> bool:
     """Frames of the model's own code: not torch, not the stdlib, not us (our demos are)."""
     if filename.startswith("<"):
         return False
-    return filename.startswith(_DEMO_DIR) or not filename.startswith(_SKIP_DIRS)
+    return filename.startswith(_DEMO_DIR + os.sep) or \
+        not filename.startswith(tuple(d + os.sep for d in _SKIP_DIRS))
 
 
 class TraceError(RuntimeError):
@@ -54,16 +56,47 @@ def user_location(frame: Any = None) -> str:
     return ""
 
 
-def traceback_location(exc: BaseException) -> str:
-    """``file:line`` of the innermost model-code frame in an exception's traceback."""
+def traceback_location(exc: BaseException, files: Collection[str] = ()) -> str:
+    """``file:line`` of the innermost frame of an exception's traceback in one of ``files``
+    (the model's own source), else of the innermost model-code frame."""
     tb = exc.__traceback__
-    found = ""
+    found = own = ""
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
         if _is_model_code(filename):
             found = f"{filename}:{tb.tb_lineno}"
+            if filename in files:
+                own = found
         tb = tb.tb_next
-    return found
+    return own or found
+
+
+def model_files(model: torch.nn.Module) -> set[str]:
+    """Source files that define the classes of a model's modules."""
+    files: set[str] = set()
+    for cls in {type(m) for m in model.modules()}:
+        path = _source_file(cls)
+        if path and _is_model_code(path):
+            files.add(path)
+    return files
+
+
+def _source_file(obj: Any) -> str:
+    try:
+        return inspect.getsourcefile(obj) or ""
+    except (TypeError, OSError):
+        return ""
+
+
+def forward_location(module: torch.nn.Module) -> str:
+    """``file:line`` of a module's ``forward`` definition, or "" when it has no source."""
+    forward = type(module).forward
+    path = _source_file(forward)
+    try:
+        line = inspect.getsourcelines(forward)[1]
+    except (TypeError, OSError):
+        return ""
+    return f"{path}:{line}" if path else ""
 
 
 _SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
@@ -203,10 +236,12 @@ def trace(model: torch.nn.Module, example_inputs: Any,
             if vid is not None:
                 graph.outputs.append(vid)
     except Exception as exc:
-        where = traceback_location(exc)
+        where = traceback_location(exc, model_files(model))
         module = recorder.error_scope
         if module is None:
             module = graph.ops[-1].module if graph.ops else ""
+        if not where:
+            where = forward_location(_submodule(model, module))
         raise TraceError(
             f"the model failed on the example inputs in module '{module or '<root>'}'"
             f"{' at ' + where if where else ''}: {type(exc).__name__}: {exc}",
@@ -219,3 +254,10 @@ def trace(model: torch.nn.Module, example_inputs: Any,
                 buffers[n].copy_(b)
     graph.seconds = time.perf_counter() - start
     return graph
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model

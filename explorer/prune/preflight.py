@@ -5,13 +5,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..graph.ir import Graph
 from ..graph.metrics import count_params
-from ..graph.tracer import TraceError, trace, traceback_location
+from ..graph.tracer import TraceError, trace
 from ..graph.walk import tensor_leaves, to_device
 from .removal import PruneError, Removal, apply_removal
 
@@ -67,18 +68,36 @@ def _attribute_tensors(model: nn.Module) -> list[torch.Tensor]:
     return found
 
 
+# Full forwards on a real device (not meta) that one `Preflight` runs at most: a model that
+# cannot run on meta (detection: nonzero, nms) costs a real forward per check.
+MAX_FORWARDS = 24
+
+
 class Preflight:
-    """Runs removals on copies of one model; decides once whether ``meta`` works for it."""
+    """Runs removals on copies of one model; decides once whether ``meta`` works for it.
+
+    Output shapes are compared only on dims that do not depend on the data (the number of
+    detections does); `notes` names the dims left out. At most ``max_forwards`` checks run
+    on a real device; later ones answer "not checked" without running.
+    """
 
     def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...],
-                 coupling: Coupling) -> None:
+                 coupling: Coupling, max_forwards: int = MAX_FORWARDS) -> None:
         self.model = model
         self.inputs = example_inputs
         self.coupling = coupling
         self.expected = [tuple(v.shape) for v in
                          (coupling.graph.values[o] for o in coupling.graph.outputs)]
+        self.dynamic = data_dependent_dims(coupling)
+        self.notes = _dynamic_notes(coupling, self.dynamic)
         self.device = "meta"  # until a failure shows the unpruned model cannot run on meta
+        self.max_forwards = max_forwards
+        self.forwards = 0  # checks run on a real device so far
         self._meta_checked = False
+
+    def same_shapes(self, shapes: list[tuple[int, ...]]) -> bool:
+        """Whether output ``shapes`` equal the unpruned ones on every data-independent dim."""
+        return same_shapes(shapes, self.expected, self.dynamic)
 
     def _meta_works(self) -> bool:
         """Whether the unpruned model runs on meta (checked once, after a first failure)."""
@@ -101,35 +120,107 @@ class Preflight:
         return verdict
 
     def _check(self, removal: Removal) -> Verdict:
+        if self.device != "meta":
+            if self.forwards >= self.max_forwards:
+                return Verdict(False, error=f"not checked: the pre-flight budget of "
+                                            f"{self.max_forwards} full forwards is spent "
+                                            f"(left unpruned to be safe)")
+            self.forwards += 1
         model = self._copy()
         try:
             apply_removal(model, self.coupling, removal)
         except PruneError as exc:
             return Verdict(False, error=str(exc))
-        return forward_check(model, to_device(self.inputs, self.device), self.expected)
+        return forward_check(model, to_device(self.inputs, self.device), self.expected,
+                             self.dynamic)
+
+
+def same_shapes(shapes: list[tuple[int, ...]], expected: list[tuple[int, ...]],
+                dynamic: list[tuple[bool, ...]] | None = None) -> bool:
+    """Whether output ``shapes`` equal ``expected`` on every dim not marked data-dependent."""
+    if len(shapes) != len(expected):
+        return False
+    flags = dynamic if dynamic is not None else [(False,) * len(w) for w in expected]
+    for got, want, dyn in zip(shapes, expected, flags, strict=True):
+        if len(got) != len(want) or any(g != w for g, w, d in zip(got, want, dyn, strict=True)
+                                        if not d):
+            return False
+    return True
 
 
 def forward_check(model: nn.Module, inputs: tuple[Any, ...],
-                  expected: list[tuple[int, ...]] | None) -> Verdict:
+                  expected: list[tuple[int, ...]] | None,
+                  dynamic: list[tuple[bool, ...]] | None = None) -> Verdict:
     """Trace ``model`` on ``inputs``; ok when it runs and (if given) the output shapes match.
 
     The one forward check of the package: pre-flight copies, pruned models after a step,
-    the app's export check and the CLI's replay all go through it. The verdict carries the
-    traced graph, so a caller that needs it does not run the model twice.
+    the app's export check and the CLI's replay all go through it. Dims flagged in
+    ``dynamic`` (sizes made by the data, such as a number of detections) are not compared.
+    The verdict carries the traced graph, so a caller that needs it does not run the model
+    twice.
     """
     try:
         graph = trace(model, inputs)
     except TraceError as exc:
         cause = exc.__cause__ or exc
-        return Verdict(False, module=exc.module, location=traceback_location(cause),
+        return Verdict(False, module=exc.module, location=exc.location,
                        error=str(cause) or type(cause).__name__)
     shapes = [tuple(graph.values[o].shape) for o in graph.outputs]
     params = count_params(model)
-    if expected is not None and shapes != expected:
+    if expected is not None and not same_shapes(shapes, expected, dynamic):
         return Verdict(False, error=f"output shapes changed: {expected} -> {shapes}",
                        output_shapes=shapes, graph=graph, params=params)
     return Verdict(True, output_shapes=shapes, graph=graph, params=params)
 
 
-__all__ = ["Preflight", "Verdict", "clone_model", "forward_check", "meta_copy", "tensor_leaves",
-           "to_device"]
+def data_dependent_dims(coupling: Coupling) -> list[tuple[bool, ...]]:
+    """Per model output, per dim: whether its size comes from the data.
+
+    Sizes made by ops whose output shape depends on values (``nonzero``, boolean
+    ``index``, ``unique``: ATen's ``dynamic_output_shape`` tag) or by ops with no coupling
+    rule (torchvision's ``nms``) are followed to the outputs through the element ids the
+    coupling rules gave every dim (slices, gathers and concatenations keep them).
+    """
+    graph = coupling.graph
+    res = coupling.res
+    def atoms(vid: int) -> list[np.ndarray]:
+        return [a[a >= 0] for a in (res.atoms_matrix(ids).ravel()
+                                    for ids in coupling.value_dims(vid) if len(ids))]
+
+    seeds: list[np.ndarray] = []
+    for node in graph.ops:
+        if torch.Tag.dynamic_output_shape in node.op.tags or node.name in coupling.unknown_ops:
+            inputs = [a for vid in graph.tensor_ids((node.args, node.kwargs)) for a in atoms(vid)]
+            known = np.concatenate(inputs) if inputs else np.zeros(0, np.int64)
+            for vid in node.outputs:
+                if vid is not None:  # dims the op made, not ones it passed through
+                    seeds.extend(a for a in atoms(vid) if not np.isin(a, known).all())
+    tainted = np.unique(np.concatenate(seeds)) if seeds else np.zeros(0, np.int64)
+    out: list[tuple[bool, ...]] = []
+    for vid in graph.outputs:
+        dims = coupling.value_dims(vid)
+        flags = []
+        for ids in dims:  # an empty dim has no ids to follow: only data makes one empty
+            a = res.atoms_matrix(ids).ravel() if len(ids) else np.zeros(0, np.int64)
+            flags.append(not len(ids) or bool(np.isin(a[a >= 0], tainted).any()))
+        shape = graph.values[vid].shape
+        out.append(tuple(flags) if len(flags) == len(shape) else (False,) * len(shape))
+    return out
+
+
+def _dynamic_notes(coupling: Coupling, dynamic: list[tuple[bool, ...]]) -> list[str]:
+    """What the shape comparison leaves out, for the step report."""
+    graph = coupling.graph
+    notes = []
+    for i, (vid, flags) in enumerate(zip(graph.outputs, dynamic, strict=True)):
+        dims = [str(d) for d, f in enumerate(flags) if f]
+        if dims:
+            shape = list(graph.values[vid].shape)
+            notes.append(f"output {i} {shape}: dim {', '.join(dims)} depends on the data (a "
+                         f"number of detections or selected items), so the pre-flight does "
+                         f"not compare it")
+    return notes
+
+
+__all__ = ["Preflight", "Verdict", "clone_model", "data_dependent_dims", "forward_check",
+           "meta_copy", "same_shapes", "tensor_leaves", "to_device"]

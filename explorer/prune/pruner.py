@@ -543,11 +543,12 @@ class Pruner:
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             report.attributes = dict(applied.attributes)
         self.current_step += 1
-        self._finish(report, flight.expected)
+        report.notes += flight.notes
+        self._finish(report, flight)
         return report
 
-    def _finish(self, report: StepReport, expected: list[tuple[int, ...]]) -> None:
-        verdict = forward_check(self.model, self.inputs, expected)
+    def _finish(self, report: StepReport, flight: Preflight) -> None:
+        verdict = forward_check(self.model, self.inputs, flight.expected, flight.dynamic)
         report.forward_ok = verdict.graph is not None
         report.output_shape_ok = verdict.ok
         if verdict.graph is not None:

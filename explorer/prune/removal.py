@@ -11,6 +11,7 @@ from torch import nn
 from ..coupling.analyze import Coupling
 from .fixups.attention import patch_attention
 from .fixups.patch import PatchInfo, patch_module, resize_tensor
+from .fixups.scoped import patch_scoped_widths
 from .fixups.widths import patch_widths
 from .transaction import transaction
 
@@ -132,6 +133,8 @@ def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.nda
     for name, log in patch_attention(model, coupling, removed_counts, keeps).items():
         attributes.setdefault(name, {}).update(log)
     for name, log in patch_widths(model, shapes, attributes).items():
+        attributes.setdefault(name, {}).update(log)
+    for name, log in patch_scoped_widths(model, coupling, dead, attributes).items():
         attributes.setdefault(name, {}).update(log)
     return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous)
 

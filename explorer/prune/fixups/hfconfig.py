@@ -3,120 +3,63 @@
 Attention and MLP modules of transformers models read their widths from the config when
 they are built. After pruning, the modules hold the new widths (patched attributes and
 resized weights) but ``model.config`` still describes the old model, so ``save_pretrained``
-would write a folder that ``from_pretrained`` cannot load. `update_config` reads the widths
-from every layer's weights, and when each is the same in every layer writes them into the
-config. It then checks the result: the architecture the new config builds (on ``meta``) must
-have exactly the pruned model's tensor shapes and module attributes, and rotary
-frequencies recomputed from it must equal the pruned ones. ``ok`` says whether
-``from_pretrained`` on a saved folder rebuilds this model exactly.
+would write a folder that ``from_pretrained`` cannot load.
+
+No table of architectures: each integer config field is tied to what it describes by
+building the architecture on ``meta`` twice, once from the config and once with the field
+doubled. A tensor dim or module attribute that doubles with it (``q_proj.weight`` dim 0 with
+``num_attention_heads`` when ``head_dim`` is fixed, ``fc1.weight`` dim 0 with ``ffn_dim``,
+``experts.gate_up_proj`` dim 1 with ``intermediate_size``) reads the field's new value off
+the pruned model. Every reading votes; the best-voted values are checked by building the
+architecture from the new config: it must have exactly the pruned model's tensor shapes and
+module attributes, and rotary frequencies recomputed from it must equal the pruned ones.
+``ok`` says whether ``from_pretrained`` on a saved folder rebuilds this model exactly.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import math
+from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ConfigUpdate", "update_config", "config_widths"]
+__all__ = ["ConfigUpdate", "update_config"]
 
-Reader = Callable[[nn.Module], "dict[str, int] | None"]
+Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
+Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
+_PROBE = 8  # the value a None field is probed with (and twice it)
+_MAX_BUILDS = 120  # meta builds per update, at most, while searching for the config
+# Config fields that never follow a pruned width (probing them only costs builds).
+_NOT_WIDTHS = ("vocab", "token_id", "position", "layers", "n_layer", "num_labels", "seed",
+               "image_size", "patch_size", "num_channels", "bucket", "max_", "window",
+               "n_positions", "n_ctx", "experts_per_tok", "num_local_experts", "depths",
+               "stride", "kernel", "out_indices")
 
 
 @dataclass
 class ConfigUpdate:
     """What `update_config` did."""
 
-    changed: dict[str, list[int]] = field(default_factory=dict)  # config key -> [old, new]
+    changed: dict[str, list[Any]] = field(default_factory=dict)  # config key -> [old, new]
     ok: bool = False  # a save_pretrained folder of the model reloads it exactly
     reason: str = ""  # why not, when ``ok`` is False
 
 
-def _out(linear: nn.Module) -> int:
-    return int(linear.weight.shape[0])
+@dataclass
+class _Reading:
+    """One observable that follows a config field: the value it gives for the field."""
 
-
-def _heads_from(q_out: int, k_out: int | None, head_dim: int) -> dict[str, int] | None:
-    if head_dim <= 0 or q_out % head_dim or (k_out is not None and k_out % head_dim):
-        return None
-    out = {"num_attention_heads": q_out // head_dim, "head_dim": head_dim}
-    if k_out is not None:
-        out["num_key_value_heads"] = k_out // head_dim
-    return out
-
-
-def _llama_attention(m: nn.Module) -> dict[str, int] | None:
-    """Llama, Qwen2, Mistral, Gemma, Phi-3 style: q_proj/k_proj (or qkv_proj) and head_dim."""
-    hd = getattr(m, "head_dim", None)
-    if not isinstance(hd, int) or not hasattr(m, "o_proj"):
-        return None
-    if hasattr(m, "q_proj") and hasattr(m, "k_proj"):
-        return _heads_from(_out(m.q_proj), _out(m.k_proj), hd)
-    return None
-
-
-def _bert_attention(m: nn.Module) -> dict[str, int] | None:
-    """BERT self-attention: query/key/value and attention_head_size."""
-    hd = getattr(m, "attention_head_size", None)
-    if not isinstance(hd, int) or not hasattr(m, "query"):
-        return None
-    out = _heads_from(_out(m.query), None, hd)
-    if out is not None:
-        del out["head_dim"]  # derived from hidden_size / heads in BERT's config
-    return out
-
-
-def _gpt2_attention(m: nn.Module) -> dict[str, int] | None:
-    """GPT-2: c_attn (transposed Conv1D) with num_heads/head_dim attributes."""
-    if not hasattr(m, "c_attn") or not isinstance(getattr(m, "num_heads", None), int):
-        return None
-    return {"num_attention_heads": int(m.num_heads)}
-
-
-def _gated_mlp(m: nn.Module) -> dict[str, int] | None:
-    if hasattr(m, "up_proj") and hasattr(m, "down_proj"):
-        return {"intermediate_size": _out(m.up_proj)}
-    return None
-
-
-def _bert_intermediate(m: nn.Module) -> dict[str, int] | None:
-    if type(m).__name__.endswith("Intermediate") and hasattr(m, "dense"):
-        return {"intermediate_size": _out(m.dense)}
-    return None
-
-
-def _gpt2_mlp(m: nn.Module) -> dict[str, int] | None:
-    if hasattr(m, "c_fc") and hasattr(m, "c_proj"):
-        return {"n_inner": int(m.c_fc.weight.shape[1])}  # Conv1D weight is (in, out)
-    return None
-
-
-# Tried in order on every module; the first that answers describes it.
-_READERS: tuple[Reader, ...] = (_llama_attention, _bert_attention, _gpt2_attention,
-                                _gated_mlp, _bert_intermediate, _gpt2_mlp)
-
-
-def config_widths(model: nn.Module) -> dict[str, dict[int, list[str]]]:
-    """Config field -> width -> modules that have it (read from the pruned weights)."""
-    widths: dict[str, dict[int, list[str]]] = {}
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(emb, "weight", None)  # ViT/Swin patch embeddings have a conv, no weight
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        widths["hidden_size"] = {int(weight.shape[1]): ["input embeddings"]}
-    for name, module in model.named_modules():
-        for reader in _READERS:
-            found = reader(module)
-            if found is not None:
-                for key, value in found.items():
-                    widths.setdefault(key, {}).setdefault(value, []).append(name)
-                break
-    return widths
+    value: int
+    where: str  # the module it was read from (for messages)
+    weight: int = 1  # votes it carries
 
 
 def update_config(model: nn.Module) -> ConfigUpdate:
-    """Write the pruned widths into ``model.config`` when every layer agrees.
+    """Write the pruned widths into ``model.config`` when one config describes them.
 
     Returns which config keys changed, and ``ok``/``reason``: whether a ``save_pretrained``
     folder of the model reloads it exactly. The config is left as it was when the widths
@@ -125,47 +68,236 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return ConfigUpdate(reason="not a transformers model (it has no config object)")
-    values: dict[str, int] = {}
-    for key, by_value in config_widths(model).items():
-        if len(by_value) > 1:
-            detail = "; ".join(f"{v} in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''}"
-                               for v, mods in sorted(by_value.items()))
-            return ConfigUpdate(reason=f"{key} differs between layers ({detail}); a "
-                                       f"transformers config holds one value per field")
-        values[key] = next(iter(by_value))
-    candidate = copy.deepcopy(config)
-    changed: dict[str, list[int]] = {}
-    attribute_map = getattr(config, "attribute_map", {}) or {}
-    for key, value in values.items():
-        if key == "n_inner" and getattr(config, "n_inner", None) is None \
-                and value == 4 * values.get("hidden_size", -1):
-            continue  # GPT-2's default inner width (None = 4 x n_embd) still holds
-        old = getattr(config, key, None)
-        if key == "head_dim" and old is None and \
-                values.get("hidden_size", -1) == value * values.get("num_attention_heads", -1):
-            continue  # derived as hidden_size // num_attention_heads, and that still holds
-        if old != value:
-            setattr(candidate, key, value)
-            changed[attribute_map.get(key, key)] = [old, value]
-    shape_problem, problem = _mismatch(model, candidate)
-    if shape_problem:
-        return ConfigUpdate(reason=f"no config of {type(config).__name__} describes the "
-                                   f"pruned model: {problem}")
-    for key, value in values.items():
-        if attribute_map.get(key, key) in changed:
-            setattr(config, key, value)
-    return ConfigUpdate(changed, ok=not problem, reason=problem)
+    base = _build(model, config)
+    if isinstance(base, str):
+        return ConfigUpdate(reason=base)
+    shape_problem, problem = _mismatch(model, config, base)
+    if not shape_problem:
+        return ConfigUpdate(ok=not problem, reason=problem)  # the config already fits
+    ours = _observe(model)
+    readings, candidates = _readings(model, config, base, ours)
+    values = _search(model, config, ours, readings, candidates)
+    candidate = _with(config, values)
+    fresh = _build(model, candidate)
+    if not isinstance(fresh, str):
+        shape_problem, found = _mismatch(model, candidate, fresh)
+        if not shape_problem:
+            changed = {f: [getattr(config, f), getattr(candidate, f)]
+                       for f in dict.fromkeys(n for n, _ in values)
+                       if getattr(config, f) != getattr(candidate, f)}
+            for f, (_, new) in changed.items():
+                setattr(config, f, new)
+            return ConfigUpdate(changed, ok=not found, reason=found)
+    return ConfigUpdate(reason=_disagreement(readings) or
+                        f"no config of {type(config).__name__} describes the pruned model: "
+                        f"{problem}")
 
 
-def _mismatch(model: nn.Module, config: Any) -> tuple[bool, str]:
-    """(is it a shape difference, the first difference) between the pruned model and
-    ``type(model)(config)``; ``(False, "")`` when they are the same model."""
+def _build(model: nn.Module, config: Any) -> nn.Module | str:
+    """``type(model)(config)`` on meta, or why it cannot be built."""
+    if config is None:
+        return "the config refuses the value"
     try:
         with torch.device("meta"):
-            fresh = type(model)(config)
+            return type(model)(config)
     except Exception as e:  # noqa: BLE001 - any build error means "config cannot say this"
-        return True, (f"building {type(model).__name__} from the new config raised "
-                      f"{type(e).__name__}: {e}")
+        return (f"building {type(model).__name__} from the config raised "
+                f"{type(e).__name__}: {e}")
+
+
+def _observe(model: nn.Module) -> dict[Key, float]:
+    """Tensor dims and numeric module attributes: what a config decides about a model."""
+    obs: dict[Key, float] = {}
+    tensors = dict(model.state_dict(keep_vars=True))
+    tensors.update(dict(model.named_buffers()))
+    for name, t in tensors.items():
+        for d, n in enumerate(t.shape):
+            obs[("t", name, str(d))] = int(n)
+    for mname, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                obs[("a", mname, attr)] = value
+            elif isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value):
+                for i, v in enumerate(value):
+                    obs[("a", mname, attr, str(i))] = v
+    return obs
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _slots(config: Any) -> list[Slot]:
+    """Integer config fields (and integers in list fields) that may describe a width; a
+    field left None (GPT-2's ``n_inner``: derived from another) is one too."""
+    out: list[Slot] = []
+    for k, v in config.to_dict().items():
+        if any(n in k for n in _NOT_WIDTHS) or not hasattr(config, k):
+            continue
+        if _is_int(v) or v is None:
+            out.append((k, -1))
+        elif isinstance(v, list) and v and all(_is_int(x) for x in v):
+            out.extend((k, i) for i in range(len(v)))
+    return out
+
+
+def _get(config: Any, slot: Slot) -> int | None:
+    value = getattr(config, slot[0])
+    if slot[1] >= 0:
+        value = value[slot[1]]
+    return None if value is None else int(value)
+
+
+def _with(config: Any, values: dict[Slot, int | None]) -> Any:
+    """A copy of ``config`` with the slots set, or None when the config refuses a value
+    (validated fields)."""
+    out = copy.deepcopy(config)
+    try:
+        for (name, index), value in values.items():
+            if index < 0:
+                setattr(out, name, value)
+            else:
+                items = list(getattr(out, name))
+                items[index] = value
+                setattr(out, name, items)
+    except Exception:  # noqa: BLE001 - a config that refuses the value cannot describe it
+        return None
+    return out
+
+
+def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, float]
+              ) -> tuple[dict[Slot, list[_Reading]], dict[Slot, list[int | None]]]:
+    """Per config slot: the values the pruned model's observables give for it, and the
+    candidate values to try (readings by votes, then the old value scaled by the ratios
+    seen between pruned and original observables)."""
+    before = _observe(base)
+    ratios = Counter(Fraction(ours[k]).limit_denominator(1 << 10) /
+                     Fraction(v).limit_denominator(1 << 10)
+                     for k, v in before.items() if k[0] == "t" and k in ours and v and
+                     ours[k] != v)
+    readings: dict[Slot, list[_Reading]] = {}
+    candidates: dict[Slot, list[int | None]] = {}
+    for slot in _slots(config):
+        unset = _get(config, slot)
+        old, seen = (unset, before) if unset is not None else (_PROBE, None)
+        if seen is None:  # a None field: compare two values it could take
+            first = _build(model, _with(config, {slot: old}))
+            if isinstance(first, str):
+                continue
+            seen = _observe(first)
+        built = _build(model, _with(config, {slot: 2 * old}))
+        if isinstance(built, str):
+            continue
+        after = _observe(built)
+        if after == seen:
+            continue  # the field changes nothing we can see
+        found: list[_Reading] = []
+        for key, o0 in seen.items():
+            o1 = after.get(key)
+            if not o0 or o1 is None or o1 != 2 * o0 or key not in ours:
+                continue
+            value = Fraction(ours[key]).limit_denominator(1 << 20) * old / \
+                Fraction(o0).limit_denominator(1 << 20)
+            if value.denominator == 1 and value > 0:
+                # an attribute holding the field itself is the module saying what it is
+                weight = 100 if key[0] == "a" and o0 == old else 1
+                found.append(_Reading(int(value), _where(key), weight))
+        readings[slot] = found
+        tally: Counter[int] = Counter()
+        for r in found:
+            tally[r.value] += r.weight
+        votes: list[int | None] = [v for v, _ in tally.most_common()]
+        if unset is None:  # keep it derived unless an explicit value fits better
+            candidates[slot] = [None, *votes]
+            continue
+        scaled = [int(old * r) for r, _ in ratios.most_common(3) if (old * r).denominator == 1]
+        candidates[slot] = list(dict.fromkeys([*votes, old, *scaled]))
+    return readings, candidates
+
+
+def _distance(ours: dict[Key, float], fresh: nn.Module) -> tuple[int, int]:
+    """How many integer observables (shapes, counts) and how many real ones (scales) of
+    the pruned model the fresh build gets wrong; integers weigh more."""
+    theirs = _observe(fresh)
+    wrong = [isinstance(v, int) for k, v in ours.items()
+             if k not in theirs or not math.isclose(theirs[k], v, rel_tol=1e-9)]
+    return sum(wrong), len(wrong) - sum(wrong)
+
+
+def _search(model: nn.Module, config: Any, ours: dict[Key, float],
+            readings: dict[Slot, list[_Reading]], candidates: dict[Slot, list[int | None]]
+            ) -> dict[Slot, int | None]:
+    """Slot values whose build matches the pruned model best: start from the best-voted
+    values and change one slot at a time while that lowers `_distance`. Slots that a
+    module attribute states outright (``head_dim``) move last: a shape that disagrees with
+    them is fixed on the slots no module states (the head count of a llama attention)."""
+    current = {slot: cands[0] for slot, cands in candidates.items()}
+    anchored = {slot for slot, found in readings.items()
+                if any(r.weight > 1 and r.value == current[slot] for r in found)}
+    builds = 0
+
+    def distance(values: dict[Slot, int | None]) -> tuple[int, int] | None:
+        nonlocal builds
+        builds += 1
+        fresh = _build(model, _with(config, values))
+        return None if isinstance(fresh, str) else _distance(ours, fresh)
+
+    best = distance(current)
+    while best != (0, 0) and builds < _MAX_BUILDS:
+        moves: list[tuple[bool, tuple[int, int], dict[Slot, int | None]]] = []
+        for slot, cands in candidates.items():
+            for value in cands:
+                if value == current[slot] or builds >= _MAX_BUILDS:
+                    continue
+                trial = {**current, slot: value}
+                d = distance(trial)
+                if d is not None and (best is None or d < best):
+                    moves.append((slot in anchored, d, trial))
+        if not moves:
+            break
+        _, best, current = min(moves, key=lambda m: (m[0], m[1]))
+    return current
+
+
+def _where(key: Key) -> str:
+    """The module an observable describes: a tensor's owner's parent, an attribute's module."""
+    if key[0] == "t":
+        owner = key[1].rpartition(".")[0]
+        return owner.rpartition(".")[0] or owner
+    return key[1]
+
+
+def _disagreement(readings: dict[Slot, list[_Reading]]) -> str:
+    """The field whose readings are most evenly split between values, as a message."""
+    best: tuple[int, str, dict[int, list[str]]] | None = None
+    for (name, _), found in readings.items():
+        by_value: dict[int, list[str]] = {}
+        for r in found:
+            mods = by_value.setdefault(r.value, [])
+            if r.where not in mods:
+                mods.append(r.where)
+        if len(by_value) < 2:
+            continue
+        minority = sorted(Counter(r.value for r in found).values())[-2]
+        if best is None or minority > best[0]:
+            best = (minority, name, by_value)
+    if best is None or best[0] < 2:
+        return ""
+    _, name, by_value = best
+    by_value = {v: [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
+                for v, mods in by_value.items()}  # name a layer, not each of its parts
+    detail = "; ".join(f"{v} in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''}"
+                       for v, mods in sorted(by_value.items()))
+    return (f"{name} differs between layers ({detail}); a transformers config holds one "
+            f"value per field")
+
+
+def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, str]:
+    """(is it a shape difference, the first difference) between the pruned model and
+    ``fresh = type(model)(config)``; ``(False, "")`` when they are the same model."""
     ours = {n: tuple(t.shape) for n, t in _named_tensors(model)}
     theirs = {n: tuple(t.shape) for n, t in _named_tensors(fresh)}
     for name in ours:
@@ -183,11 +315,21 @@ def _mismatch(model: nn.Module, config: Any) -> tuple[bool, str]:
                 continue
             theirs_v = getattr(other, attr, value)
             if theirs_v != value:
-                hint = (" (head-dim pruning keeps the original attention scaling; prune "
-                        "whole heads for a transformers export)" if "scal" in attr else "")
+                hint = _hint(attr)
                 return False, (f"{name}.{attr} is {value!r} in the pruned model but "
                                f"{theirs_v!r} in one built from the config{hint}")
     return False, _rotary_mismatch(model, config)
+
+
+def _hint(attr: str) -> str:
+    """What a differing scalar attribute usually means, for the message."""
+    if "embed" in attr:
+        return (" (an embedding scale derived from the hidden size: the pruned model keeps "
+                "the original one)")
+    if "scal" in attr or attr == "norm_factor":
+        return (" (head-dim pruning keeps the original attention scaling; prune whole heads "
+                "for a transformers export)")
+    return ""
 
 
 # Attributes that only restate weight shapes (compared above, as shapes), or state.

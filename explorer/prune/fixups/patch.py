@@ -76,6 +76,12 @@ def patch_module(module: nn.Module, info: PatchInfo) -> None:
             return
 
 
+def has_patcher(module: nn.Module) -> bool:
+    """Whether a handler of `PATCHERS` keeps this module's attributes (its type's own)."""
+    _register_optional()
+    return any(cls in PATCHERS for cls in type(module).__mro__)
+
+
 @patcher(nn.Linear)
 def _linear(m: nn.Module, info: PatchInfo) -> None:
     w = tensor_attr(m, "weight")

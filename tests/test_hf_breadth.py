@@ -1,0 +1,168 @@
+"""Transformers architectures outside the built-in families, from tiny random configs.
+
+Each is pruned at 0.5 with whole heads and with head dims. The forward must run with the
+same output shape and fewer parameters, and the export must reload: a ``save_pretrained``
+folder that ``from_pretrained`` rebuilds with equal logits, or, when no config can describe
+the pruned model, safetensors + plan with the reason, which `load_pruned` rebuilds with
+equal logits. ``HF_FOLDER`` lists the runs whose config follows the pruning (measured), so
+a run that stops producing a loadable config fails.
+
+Run with ``pytest -m zoo tests/test_hf_breadth.py``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from explorer import Pruner
+from explorer.io.export import export, load_pruned
+from explorer.io.plan import Plan
+
+transformers = pytest.importorskip("transformers")
+
+_TEXT = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+         "hidden_size": 64, "vocab_size": 256, "max_position_embeddings": 64}
+_IMAGE = {**_TEXT, "image_size": 32, "patch_size": 8, "num_channels": 3, "num_labels": 10}
+_SEQ = {**_TEXT, "max_position_embeddings": 70, "num_labels": 3}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One transformers architecture: its class, a tiny config and the head left unpruned."""
+
+    cls: str  # transformers model class
+    model_type: str
+    config: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ("lm_head",)
+
+    @property
+    def image(self) -> bool:
+        return "Image" in self.cls
+
+
+ARCHS: dict[str, Arch] = {
+    "vit": Arch("ViTForImageClassification", "vit", _IMAGE, ("classifier",)),
+    "deit": Arch("DeiTForImageClassification", "deit", _IMAGE, ("classifier",)),
+    "swin": Arch("SwinForImageClassification", "swin",
+                 {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1],
+                  "num_heads": [2, 4], "window_size": 4, "num_labels": 10}, ("classifier",)),
+    "convnext": Arch("ConvNextForImageClassification", "convnext",
+                     {"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1],
+                      "num_labels": 10}, ("classifier",)),
+    "bert": Arch("BertForSequenceClassification", "bert", _SEQ, ("classifier",)),
+    "roberta": Arch("RobertaForSequenceClassification", "roberta", _SEQ,
+                    ("classifier.out_proj",)),
+    "distilbert": Arch("DistilBertForSequenceClassification", "distilbert",
+                       {"dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128,
+                        "vocab_size": 256, "max_position_embeddings": 64, "num_labels": 3},
+                       ("classifier",)),
+    "mpnet": Arch("MPNetForSequenceClassification", "mpnet", _SEQ, ("classifier.out_proj",)),
+    "gpt_neox": Arch("GPTNeoXForCausalLM", "gpt_neox", _TEXT),
+    "opt": Arch("OPTForCausalLM", "opt",
+                {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "ffn_dim": 128, "vocab_size": 256, "max_position_embeddings": 64,
+                 "word_embed_proj_dim": 64}),
+    "falcon": Arch("FalconForCausalLM", "falcon",
+                   {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "vocab_size": 256, "new_decoder_architecture": False,
+                    "multi_query": True}),
+    "phi": Arch("PhiForCausalLM", "phi", _TEXT),
+    "stablelm": Arch("StableLmForCausalLM", "stablelm", {**_TEXT, "num_key_value_heads": 2}),
+    "gemma2": Arch("Gemma2ForCausalLM", "gemma2",
+                   {**_TEXT, "head_dim": 16, "num_key_value_heads": 2,
+                    "query_pre_attn_scalar": 16, "sliding_window": 8}),
+    "olmo": Arch("OlmoForCausalLM", "olmo", {**_TEXT, "pad_token_id": 0, "eos_token_id": 1}),
+    "mixtral": Arch("MixtralForCausalLM", "mixtral",
+                    {**_TEXT, "num_key_value_heads": 2, "num_local_experts": 4,
+                     "num_experts_per_tok": 2}),
+}
+
+# Runs whose pruned model a transformers config describes exactly (measured). Head-dim runs
+# keep the original attention scaling, which no config can say, so they export safetensors
+# (ConvNeXt has no attention: both runs are the same).
+HF_FOLDER = {(name, "whole") for name in ARCHS} - {("falcon", "whole"), ("gemma2", "whole")} \
+    | {("mpnet", "dims"), ("convnext", "dims")}
+
+
+# Relative-position bias tables: (positions, heads), indexed by a computed position index.
+_TABLES = ("relative_position_bias_table.weight", "relative_position_bias_table",
+           "relative_attention_bias.weight")
+
+
+def _build(arch: Arch) -> nn.Module:
+    config = transformers.AutoConfig.for_model(arch.model_type, **arch.config)
+    torch.manual_seed(0)
+    return getattr(transformers, arch.cls)(config).eval()
+
+
+def _inputs(arch: Arch) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    if arch.image:
+        return torch.randn(2, 3, 32, 32, generator=gen)
+    return torch.randint(0, 256, (2, 12), generator=gen)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+# Replays that the plan checks merged with issue 13 refuse (found by this test; open).
+_REPLAY_REFUSED = {
+    ("swin", "dims"): "plan replay (its coupling from a zero-input meta trace, no ignored "
+                      "modules) disagrees with the pruner on the "
+                      "relative_position_bias_table cut",
+    ("mixtral", "dims"): "plan replay traces on meta, where transformers' grouped_mm MoE "
+                         "path needs bf16; load_pruned cannot pass example_inputs",
+}
+
+
+def _runs() -> list[Any]:
+    out = []
+    for name in ARCHS:
+        for heads in ("whole", "dims"):
+            reason = _REPLAY_REFUSED.get((name, heads))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            out.append(pytest.param(name, heads, marks=marks, id=f"{name}-{heads}"))
+    return out
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("name", "heads"), _runs())
+def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
+    arch = ARCHS[name]
+    model = _build(arch)
+    x = _inputs(arch)
+    before = _logits(model, x)
+    params = sum(p.numel() for p in model.parameters())
+    tables = {n: p.shape[-1] for n, p in model.named_parameters() if n.endswith(_TABLES)}
+    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
+    report = pruner.step()
+    assert report.forward_ok and report.output_shape_ok
+    after = _logits(model, x)
+    assert after.shape == before.shape
+    assert sum(p.numel() for p in model.parameters()) < 0.75 * params, report.unsafe
+    if heads == "whole":  # relative-position bias tables lose the pruned heads' columns
+        cut = {n: p.shape[-1] for n, p in model.named_parameters() if n in tables}
+        assert all(cut[n] < tables[n] for n in tables), (tables, cut)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
+    if "hf" in result.files:
+        assert result.config is not None and result.config.ok
+        again = type(model).from_pretrained(result.files["hf"][0]).eval()
+        for key, (_old, new) in result.config.changed.items():
+            assert getattr(again.config, key) == new
+    else:
+        assert result.config is not None and not result.config.ok and result.config.reason
+        assert any(m.startswith("hf: no transformers folder: ") for m in result.messages)
+        again = load_pruned(_build(arch), tmp_path)
+    assert ((name, heads) in HF_FOLDER) == ("hf" in result.files), result.messages
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
