@@ -105,7 +105,7 @@ def encode(tokenizer: object, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
 def calibration(tokenizer: object, texts: list[str], batch: int = BATCH) -> Calibration:
     """Batches of (input_ids, attention_mask); the mask keeps padding out of statistics."""
     batches = [encode(tokenizer, texts[i:i + batch]) for i in range(0, len(texts), batch)]
-    return Calibration(list(batches), loss="auto", mask=1)
+    return Calibration(list(batches), loss="auto", mask_index=1)
 
 
 def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,8 @@ def allocation_rows(setting: Setting, crit: Criterion, ratios: list[float],
     """
     pruner = setting.pruner
     pruner.criterion = crit
-    small = Calibration(setting.calib.batches[:2], loss="auto", mask=setting.calib.mask)
+    small = Calibration(setting.calib.batches[:2], loss="auto",
+                        mask_index=setting.calib.mask_index)
     rows = []
     for ratio in ratios:
         start = time.perf_counter()

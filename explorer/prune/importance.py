@@ -34,7 +34,7 @@ Criteria (name: score of one index):
 * ``random``: the baseline.
 
 Activation statistics and the ``output-norm`` loss skip padded tokens when the calibration
-carries an attention mask (`Calibration.mask`).
+carries an attention mask (`Calibration.mask_index`).
 
 Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 """
