@@ -29,7 +29,7 @@ Criteria (name: score of one index):
   the model's output ||J_s d||^2 (see `explorer.prune.calibration`);
 * ``activation`` / ``wanda``: structured Wanda / FLAP: ||X_j|| * ||W[:, j]|| summed over the
   consumers (input activation norm times consumer column norm); producer-scored axes use
-  the norm of the produced activation ||Y_j||;
+  the Wanda row score sum_j |W_ij| ||X_j|| of the producers;
 * ``bn-scale``: |gamma| of the BatchNorm members (network slimming);
 * ``random``: the baseline.
 
@@ -450,36 +450,36 @@ class Activation(Criterion):
     removal_side = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        stats = activation_norms(model, _need(calib))
-        modules = dict(model.named_modules())
-        self._reduced, self._consumers = {}, set()
-        for name, (x_sq, y_sq) in stats.items():
-            module = modules[name]
-            weight = module.weight.detach().float()
-            dim = input_dim(module)
-            if dim is not None and weight.shape[dim] == x_sq.numel():
-                col = _reduce(weight.pow(2), dim).sqrt()
-                self._reduced[(_qualified(name, "weight"), dim)] = \
-                    (x_sq.sqrt() * col).double().numpy()
-            out_dim = 1 - dim if dim is not None else 0
-            if weight.shape[out_dim] == y_sq.numel():
-                self._reduced[(_qualified(name, "weight"), out_dim)] = y_sq.sqrt().double().numpy()
+        norms = activation_norms(model, _need(calib))
+        self.saliency, self._reduced, self._consumers = {}, {}, set()
+        self.add_statistics(dict(model.named_modules()), norms)
 
     def add_statistics(self, modules: dict[str, nn.Module], norms: dict[str, torch.Tensor]
                        ) -> None:
-        """Consumer scores of the layers in ``modules`` (weights loaded) from ``norms``, the
-        per-input-channel sum of squares of their inputs (`input_norm_hooks`);
-        `explorer.prune.sequential` calls it one decoder layer at a time. Producer-scored
-        axes (q/k dims) get no statistics on that path."""
+        """Scores of the layers in ``modules`` (weights loaded) from ``norms``, the
+        per-input-channel sum of squares of their inputs. `prepare` calls it for the whole
+        model; `explorer.prune.sequential` one decoder layer at a time.
+
+        Input channel j of a layer: ||X_j|| * ||W[:, j]||. Output channel i (used where no
+        layer reads the channel through a weight, e.g. q/k dims): sum_j |W_ij| ||X_j||, the
+        Wanda bound on the produced activation's norm.
+        """
         for name, sq in norms.items():
             module = modules.get(name)
             weight = getattr(module, "weight", None) if module is not None else None
             dim = input_dim(module) if module is not None else None
-            if isinstance(weight, torch.Tensor) and dim is not None and \
-                    weight.shape[dim] == sq.numel():
-                col = _reduce(weight.detach().float().pow(2), dim).sqrt()
-                self._reduced[(_qualified(name, "weight"), dim)] = \
-                    (sq.sqrt() * col).double().cpu().numpy()
+            if not isinstance(weight, torch.Tensor) or dim is None or \
+                    weight.shape[dim] != sq.numel():
+                continue
+            w = weight.detach().float()
+            norm = sq.sqrt().to(w.device)
+            key = _qualified(name, "weight")
+            self._reduced[(key, dim)] = (norm * _reduce(w.pow(2), dim).sqrt()).double().cpu() \
+                .numpy()
+            out_dim = 1 - dim
+            rows = w.abs().movedim(out_dim, 0).movedim(dim if dim else 1, 1)
+            rows = rows.reshape(rows.shape[0], rows.shape[1], -1).sum(-1)  # kernel taps summed
+            self._reduced[(key, out_dim)] = (rows @ norm).double().cpu().numpy()
 
     def element(self, name: str, dim: int) -> np.ndarray | None:
         return self._reduced.get((name, dim))
@@ -488,40 +488,34 @@ class Activation(Criterion):
 CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose inputs are recorded
 
 
-def input_norm_hooks(model: nn.Module, norms: dict[str, torch.Tensor],
-                     prefix: str = "") -> list[torch.utils.hooks.RemovableHandle]:
+def input_norm_hooks(model: nn.Module, norms: dict[str, torch.Tensor], prefix: str = "",
+                     mask: list[torch.Tensor | None] | None = None,
+                     ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks adding each consumer's per-input-channel sum of squares into ``norms``, keyed
     by its name (in ``model``, after ``prefix``: the name of ``model`` itself); the caller
-    removes them."""
+    removes them. ``mask[0]``, when given, is the current batch's token mask (padding left
+    out)."""
+    current: list[torch.Tensor | None] = mask if mask is not None else [None]
     return [m.register_forward_pre_hook(_act_hook(".".join(filter(None, (prefix, name))),
-                                                  norms))
-            for name, m in model.named_modules() if isinstance(m, CONSUMERS)]
+                                                  norms, current))
+            for name, m in model.named_modules()
+            if isinstance(m, CONSUMERS) or input_dim(m) is not None]
 
 
-def _act_hook(name: str, norms: dict[str, torch.Tensor]) -> Callable[..., None]:
+def _act_hook(name: str, norms: dict[str, torch.Tensor],
+              current: list[torch.Tensor | None]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().float()
-        dim = x.dim() - 1 if isinstance(module, nn.Linear) else 1
-        dims = [d for d in range(x.dim()) if d != dim]
-        sq = x.pow(2).sum(dim=dims)
+        sq = _channel_energy(x, not isinstance(module, _CONVS), current[0])
         norms[name] = norms[name] + sq if name in norms else sq
     return hook
 
 
-def activation_norms(model: nn.Module, calib: Calibration,
-                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module -> (sum of X_j^2 per input channel, sum of Y_i^2 per output channel).
-
-    Over every Linear/Conv (and transformers Conv1D) on the calibration batches; tokens the
-    attention mask marks as padding are left out.
-    """
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def activation_norms(model: nn.Module, calib: Calibration) -> dict[str, torch.Tensor]:
+    """Layer -> sum of X_j^2 per input channel over the calibration batches (real tokens)."""
+    norms: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor | None] = [None]
-    handles = []
-    for name, m in model.named_modules():
-        dim = input_dim(m)
-        if dim is not None or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            handles.append(m.register_forward_hook(_stats_hook(name, stats, current)))
+    handles = input_norm_hooks(model, norms, mask=current)
     try:
         with torch.no_grad(), calibrating(model):
             for batch in calib.batches:
@@ -530,24 +524,7 @@ def activation_norms(model: nn.Module, calib: Calibration,
     finally:
         for h in handles:
             h.remove()
-    return stats
-
-
-def _stats_hook(name: str, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                current: list[torch.Tensor | None]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not args or not isinstance(args[0], torch.Tensor) or \
-                not isinstance(output, torch.Tensor):
-            return
-        channels_last = not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                                nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                                nn.ConvTranspose3d))
-        x_sq = _channel_energy(args[0].detach().float(), channels_last, current[0])
-        y_sq = _channel_energy(output.detach().float(), channels_last, current[0])
-        if name in stats:
-            x_sq, y_sq = stats[name][0] + x_sq, stats[name][1] + y_sq
-        stats[name] = (x_sq, y_sq)
-    return hook
+    return norms
 
 
 def _channel_energy(t: torch.Tensor, channels_last: bool,
