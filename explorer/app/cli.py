@@ -122,6 +122,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples of each data file (default: all)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
+                   help="refit the layers that read removed channels on the calibration data "
+                        "(random inputs without --calibration: check quality on held-out data)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -302,7 +305,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
                         global_pruning=args.global_pruning, heads=args.heads,
                         round_to=args.round_to, ignored=list(args.ignore),
                         target_params=args.target_params, target_macs=args.target_macs,
-                        calibration=calib)
+                        calibration=calib,
+                        compensate=None if args.compensate == "none" else args.compensate)
     heads_before = attention_modules(lm.model, pruner.coupling)
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]

@@ -5,7 +5,16 @@ A `Calibration` is a list of input batches plus how to turn the model's output i
 * ``"model"``: the model's own loss (language models given ``labels=input_ids``);
 * ``"ce"``: cross-entropy of the logits against given labels;
 * ``"output-norm"``: half the squared norm of the output, a data-free fallback that still
-  measures how much each weight moves the output.
+  measures how much each weight moves the output;
+* ``"output-probe"``: the output projected on a random Gaussian direction (seeded per
+  sample). Its per-sample gradients g_s = J_s^T v_s give E[(g_s . d)^2] = ||J_s d||^2, so
+  squared first-order terms estimate how far a weight change d moves the output (the
+  Gauss-Newton curvature): what the ``fisher`` criterion uses when ``"auto"`` finds no
+  model loss.
+
+When batches carry an attention mask (``mask_index`` names its position in every batch;
+1 marks a real token, 0 padding), padded tokens count neither in activation statistics nor
+in the ``"output-norm"`` and ``"output-probe"`` losses.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ from torch import nn
 
 from ..graph.walk import tensor_leaves
 
-LOSSES = ("auto", "model", "ce", "output-norm")
+LOSSES = ("auto", "model", "ce", "output-norm", "output-probe")
 
 
 @dataclass
@@ -42,11 +51,21 @@ class Calibration:
         mask = batch[self.mask_index]
         return mask if isinstance(mask, torch.Tensor) else None
 
+    def token_mask(self, batch: tuple[Any, ...]) -> torch.Tensor | None:
+        """`mask` as booleans (True: a real token), checked to be (batch, tokens)."""
+        m = self.mask(batch)
+        if m is None:
+            return None
+        if m.dim() != 2:
+            raise ValueError(f"calibration input {self.mask_index} is not a (batch, tokens) "
+                             f"attention mask")
+        return m.bool()
+
     def samples(self) -> list[tuple[tuple[Any, ...], torch.Tensor | None]]:
         """Every batch split into single samples (for per-sample gradients)."""
         out: list[tuple[tuple[Any, ...], torch.Tensor | None]] = []
         for i, batch in enumerate(self.batches):
-            n = _batch_size(batch)
+            n = batch_size(batch)
             for j in range(n):
                 one = tuple(a[j:j + 1] if isinstance(a, torch.Tensor) else a for a in batch)
                 lab = self.labels[i][j:j + 1] if self.labels is not None else None
@@ -54,7 +73,7 @@ class Calibration:
         return out
 
 
-def _batch_size(batch: tuple[Any, ...]) -> int:
+def batch_size(batch: tuple[Any, ...]) -> int:
     for a in batch:
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             return int(a.shape[0])
@@ -137,11 +156,18 @@ def _as_batches(data: Any) -> list[tuple[Any, ...]]:
 
 
 def compute_loss(model: nn.Module, batch: tuple[Any, ...], calib: Calibration,
-                 label: torch.Tensor | None = None) -> torch.Tensor:
-    """The calibration loss of one batch (see the module docstring)."""
+                 label: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """The calibration loss of one batch (see the module docstring).
+
+    Args:
+        model: the model.
+        batch: positional inputs.
+        calib: the calibration (its loss kind, mask and keyword inputs).
+        label: the batch's labels for ``"ce"``.
+        seed: seeds the random direction of ``"output-probe"``.
+    """
     kind = calib.loss
-    if kind in ("auto", "model") and _accepts_labels(model) and batch and \
-            isinstance(batch[0], torch.Tensor) and not batch[0].is_floating_point():
+    if kind in ("auto", "model") and model_loss_applies(model, batch):
         mask = calib.mask(batch)
         labels = batch[0] if mask is None else batch[0].masked_fill(mask == 0, -100)
         out = model(*batch, labels=labels, **calib.kwargs)
@@ -158,7 +184,36 @@ def compute_loss(model: nn.Module, batch: tuple[Any, ...], calib: Calibration,
     if kind == "model":
         raise ValueError("the model did not return a loss; use loss='ce' or 'output-norm'")
     leaves = [t for _p, t in tensor_leaves(out) if t.is_floating_point()]
-    return sum(0.5 * t.pow(2).mean() for t in leaves)  # type: ignore[return-value]
+    mask = calib.token_mask(batch)
+    if kind == "output-probe":
+        gen = torch.Generator().manual_seed(seed)
+        return sum(_projection(t, mask, gen) for t in leaves)  # type: ignore[return-value]
+    return sum(_half_square_mean(t, mask) for t in leaves)  # type: ignore[return-value]
+
+
+def model_loss_applies(model: nn.Module, batch: tuple[Any, ...]) -> bool:
+    """Whether ``"auto"`` uses the model's own loss (token ids in, ``labels`` accepted)."""
+    return _accepts_labels(model) and bool(batch) and isinstance(batch[0], torch.Tensor) \
+        and not batch[0].is_floating_point()
+
+
+def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask]
+    return t
+
+
+def _projection(t: torch.Tensor, mask: torch.Tensor | None,
+                gen: torch.Generator) -> torch.Tensor:
+    """t . v over real tokens, v standard Gaussian."""
+    real = _real(t, mask)
+    v = torch.randn(real.shape, generator=gen).to(real.dtype)
+    return (real * v).sum()
+
+
+def _half_square_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """0.5 * mean of t^2, over real tokens only when ``t`` is (batch, tokens, ...)."""
+    return 0.5 * _real(t, mask).pow(2).mean()
 
 
 def _accepts_labels(model: nn.Module) -> bool:

@@ -1,21 +1,40 @@
 """Importance of every index of every axis of a group, aggregated over all its members.
 
-A criterion first prepares per-weight saliency tensors for the whole model (one pass over
-the calibration data for data-aware criteria), then scores a group: the saliency of every
-member element (a row of a Linear, a channel of a norm, a slice of a fused qkv) is summed
-into every atom the element is made of, so a head's score is the total over its q, k, v rows
-and its output-projection columns, and a hidden channel's score spans every layer it
-touches. Lower means less important.
+A criterion first prepares per-weight (or per-channel) saliencies for the whole model (one
+pass over the calibration data for data-aware criteria), then scores a group: the saliency
+of every member element (a row of a Linear, a channel of a norm, a slice of a fused qkv) is
+summed into every atom the element is made of, so a head's score is the total over the
+head's dims, and a hidden channel's score spans every layer it touches.
 
-Criteria (name: saliency per weight):
+Data-aware criteria score the *removal* of a channel, and a channel is removed exactly when
+the layers that read it stop reading it: they sum over the **consumer** members only (the
+input columns ``W[:, j]`` of every Linear/Conv that reads channel ``j``; for a head, the
+output projection's columns of the head's dims). The producer rows do not carry the same
+information (zeroing them leaves the bias and the activation of the bias). An axis no layer
+reads through a weight column (the q/k dims of attention, read by ``q @ k^T``; a model
+output) is scored on its producers: zeroing the q and k rows and biases of a dim removes it
+from every dot product exactly. Lower means less important.
 
-* ``magnitude`` / ``l2``: w^2 (group L2 norm squared); ``l1``: |w|;
-* ``taylor``: first-order |sum w * dL/dw| over the group (loss change estimate);
-* ``fisher`` / ``obd``: second-order OBD, 0.5 * w^2 * F with the empirical Fisher
-  F = sum over calibration samples of per-sample squared gradients (Hessian diagonal);
-* ``activation``: structured Wanda, |W_ij| * ||X_j|| over the inputs of each consumer layer;
+Criteria (name: score of one index):
+
+* ``magnitude`` / ``l2``: sum of w^2 over every member (group L2 norm squared, as in
+  Torch-Pruning); ``l1``: sum of |w|;
+* ``taylor``: first-order loss change of removing the index, per calibration sample s:
+  |sum of w * dL_s/dw over the consumer columns| (= |sum over tokens of X_j * dL_s/dX_j|),
+  summed over the samples;
+* ``fisher`` / ``obd``: second-order (group Fisher / OBD): 0.5 * sum over calibration samples
+  of (sum of w * dL_s/dw over the consumer columns)^2, the empirical-Fisher estimate of the
+  loss change of removing the index. Without a model loss or labels (``loss="auto"`` on an
+  encoder) L_s is the ``"output-probe"`` loss, so the score estimates the squared change of
+  the model's output ||J_s d||^2 (see `explorer.prune.calibration`);
+* ``activation`` / ``wanda``: structured Wanda / FLAP: ||X_j|| * ||W[:, j]|| summed over the
+  consumers (input activation norm times consumer column norm); producer-scored axes use
+  the Wanda row score sum_j |W_ij| ||X_j|| of the producers;
 * ``bn-scale``: |gamma| of the BatchNorm members (network slimming);
 * ``random``: the baseline.
+
+Activation statistics and the ``output-norm`` loss skip padded tokens when the calibration
+carries an attention mask (`Calibration.mask_index`).
 
 Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 """
@@ -23,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,19 +50,27 @@ import torch
 from torch import nn
 
 from ..coupling.analyze import Coupling
-from ..coupling.groups import Group
-from .calibration import Calibration, compute_loss
+from ..coupling.groups import Group, Member
+from .calibration import Calibration, batch_size, compute_loss, model_loss_applies
+
+Element = Callable[[str, int], "np.ndarray | None"]
 
 
 class Criterion:
-    """Base class: subclasses fill `saliency` in `prepare` (or override `scores`)."""
+    """Base class: subclasses fill `saliency` in `prepare` (or override `element`/`scores`).
+
+    ``removal_side`` criteria sum each axis over the members whose zeroing removes it
+    exactly (the consumers, see the module docstring); the others over every member.
+    """
 
     needs_data = False
     signed = False  # sum signed saliencies, then take |.| per index (first-order Taylor)
+    removal_side = False
 
     def __init__(self) -> None:
         self.saliency: dict[str, torch.Tensor] = {}
         self._reduced: dict[tuple[str, int], np.ndarray] = {}
+        self._consumers: set[tuple[str, int]] = set()
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         """Compute per-weight saliency tensors for the whole model."""
@@ -64,8 +92,20 @@ class Criterion:
 
     def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
         """One score array per axis of ``group``."""
-        out = aggregate(coupling, group, self.element)
-        return [np.abs(s) for s in out] if self.signed else out
+        if not self.removal_side:
+            return [self.finish(s) for s in aggregate(coupling, group, self.element)[0]]
+        if not self._consumers:
+            self._consumers = consumer_members(model, coupling)
+        consumer, covered = aggregate(coupling, group, self.element,
+                                      lambda m: (m.param, m.dim) in self._consumers)
+        producer, _ = aggregate(coupling, group, self.element,
+                                lambda m: (m.param, m.dim) not in self._consumers)
+        return [self.finish(c if ok else p)
+                for c, p, ok in zip(consumer, producer, covered, strict=True)]
+
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        """Per-index score from the summed member saliencies."""
+        return np.abs(summed) if self.signed else summed
 
 
 CRITERIA: dict[str, type[Criterion]] = {}
@@ -79,19 +119,38 @@ def register(*names: str) -> Callable[[type[Criterion]], type[Criterion]]:
     return deco
 
 
-def aggregate(coupling: Coupling, group: Group,
-              element: Callable[[str, int], np.ndarray | None]) -> list[np.ndarray]:
-    """Sum per-element saliencies (``element(param, dim)``) into the group's axes."""
+def aggregate(coupling: Coupling, group: Group, element: Element,
+              keep: Callable[[Member], bool] | None = None,
+              ) -> tuple[list[np.ndarray], list[bool]]:
+    """Sum per-element saliencies (``element(param, dim)``) into the group's axes.
+
+    An element saliency is one value per index of the member dim, or a ``(size, samples)``
+    array (one column per calibration sample); the sums have the same trailing shape.
+
+    Args:
+        coupling: the model's coupling.
+        group: the group to score.
+        element: the saliency of a member's elements (None: not scored).
+        keep: only members for which this is true count (default: all).
+
+    Returns:
+        The score array of every axis, and whether any kept member reached that axis.
+    """
     fams = [a.family for a in group.axes]
-    scores = [np.zeros(a.size, dtype=np.float64) for a in group.axes]
+    scores: list[np.ndarray] = [np.zeros(0)] * len(fams)
+    covered = [False] * len(fams)
     pos_of = {f: _positions(coupling, f) for f in fams}
     names = {m.param for m in group.members}
+    tail: tuple[int, ...] | None = None
     for member, atoms in coupling.member_atoms():
-        if member.param not in names:
+        if member.param not in names or (keep is not None and not keep(member)):
             continue
         elem = element(member.param, member.dim)
         if elem is None:
             continue
+        if tail is None:
+            tail = elem.shape[1:]
+            scores = [np.zeros((a.size, *tail), dtype=np.float64) for a in group.axes]
         for j in range(atoms.shape[1]):
             col = atoms[:, j]
             fam = np.where(col >= 0, coupling.family_of[np.maximum(col, 0)], -1)
@@ -99,7 +158,10 @@ def aggregate(coupling: Coupling, group: Group,
                 sel = fam == f
                 if sel.any():
                     np.add.at(scores[k], pos_of[f][col[sel]], elem[sel])
-    return scores
+                    covered[k] = True
+    if tail is None:
+        scores = [np.zeros(a.size, dtype=np.float64) for a in group.axes]
+    return scores, covered
 
 
 def _positions(coupling: Coupling, family: int) -> np.ndarray:
@@ -107,6 +169,43 @@ def _positions(coupling: Coupling, family: int) -> np.ndarray:
     atoms = coupling.family_atoms[family]
     pos[atoms] = np.arange(len(atoms))
     return pos
+
+
+def input_dim(module: nn.Module) -> int | None:
+    """The weight dim indexed by the layer's input channels (None: not a weighted reader)."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return 0
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return 1 if module.groups == 1 else None  # a grouped conv's dim 1 is per group
+    conv1d = _hf_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return 0  # transformers' Conv1D stores the weight as (in, out)
+    return None
+
+
+def _hf_conv1d() -> type[nn.Module] | None:
+    import sys
+    mod = sys.modules.get("transformers.pytorch_utils")  # only if the model already uses it
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def consumer_members(model: nn.Module, coupling: Coupling) -> set[tuple[str, int]]:
+    """(parameter, dim) of every member that is the input side of a layer's weight."""
+    modules = dict(model.named_modules())
+    out: set[tuple[str, int]] = set()
+    for member, _atoms in coupling.member_atoms():
+        module = modules.get(member.module)
+        if module is None or member.param != _qualified(member.module, "weight"):
+            continue
+        if input_dim(module) == member.dim and member.rank >= 2:
+            out.add((member.param, member.dim))
+    return out
+
+
+def _qualified(module: str, attr: str) -> str:
+    return f"{module}.{attr}" if module else attr
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -138,10 +237,12 @@ class L1(Magnitude):
 
 @register("random")
 class Random(Criterion):
-    """Uniform random scores, seeded by group id: the baseline to beat."""
+    """Uniform random scores, seeded by group id (and `seed`): the baseline to beat."""
+
+    seed = 0  # set on an instance to draw another baseline
 
     def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-        rng = np.random.default_rng(group.id)
+        rng = np.random.default_rng(group.id if self.seed == 0 else (self.seed, group.id))
         return [rng.random(a.size) for a in group.axes]
 
 
@@ -160,36 +261,20 @@ class BNScale(Criterion):
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None \
                     and m.weight.device.type != "meta":
-                self.saliency[f"{name}.weight" if name else "weight"] = m.weight.detach().abs()
+                self.saliency[_qualified(name, "weight")] = m.weight.detach().abs()
 
 
-def _grads(model: nn.Module, calib: Calibration, per_sample: bool) -> dict[str, torch.Tensor]:
-    """Sum of gradients (or of per-sample squared gradients) over the calibration data."""
+@contextmanager
+def _gradients_on(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """Every parameter requires grad, in eval mode (`calibrating`); all restored on exit."""
     params = dict(model.named_parameters(remove_duplicate=False))
     saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    with calibrating(model):
-        _accumulate(model, calib, per_sample, params, saved, acc)
-    return acc
-
-
-def _accumulate(model: nn.Module, calib: Calibration, per_sample: bool,
-                params: dict[str, nn.Parameter],
-                saved: dict[str, tuple[bool, torch.Tensor | None]],
-                acc: dict[str, torch.Tensor]) -> None:
     try:
-        for p in params.values():
-            p.requires_grad_(True)
-            p.grad = None
-        items = calib.samples() if per_sample else [
-            (b, calib.labels[i] if calib.labels else None) for i, b in enumerate(calib.batches)]
-        for batch, label in items:
-            with torch.enable_grad():
-                loss = compute_loss(model, batch, calib, label)
-                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (n, _p), g in zip(params.items(), grads, strict=False):
-                if g is not None:
-                    acc[n] += g.float().pow(2) if per_sample else g.float()
+        with calibrating(model):
+            for p in params.values():
+                p.requires_grad_(True)
+                p.grad = None
+            yield params
     finally:
         for n, p in params.items():
             p.requires_grad_(saved[n][0])
@@ -219,90 +304,247 @@ def calibrating(model: nn.Module) -> Iterator[None]:
                     original.copy_(values)
 
 
-@register("taylor")
-class Taylor(Criterion):
-    """First-order Taylor: |sum over the group of w * dL/dw| (estimated loss change)."""
+def _reduce(t: torch.Tensor, dim: int) -> torch.Tensor:
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dim=dims) if dims else t
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d)
+
+
+def _first_order(model: nn.Module, calib: Calibration) -> dict[tuple[str, int], np.ndarray]:
+    """(weight, dim) -> (channels, samples): first-order loss change of removing a channel.
+
+    For the input dim of a layer: sum over tokens of X_j * dL_s/dX_j, X being that layer's
+    own input (= sum of w * dL_s/dw over the column ``W[:, j]``); for its output dim: the
+    same with the output Y_i (= zeroing row i and its bias). One backward per batch gives
+    every sample's terms, since samples do not interact in eval mode; the rows of a layer
+    called on flattened (samples * tokens, channels) inputs count as samples.
+    """
+    terms: dict[tuple[str, int], torch.Tensor] = {}  # of the current batch
+    current: list[torch.Tensor | None] = [None]
+    handles = []
+    for name, m in model.named_modules():
+        dim = input_dim(m)
+        if dim is not None or isinstance(m, _CONVS):
+            out_dim = 0 if dim is None else 1 - dim
+            weight = _qualified(name, "weight")
+            handles.append(m.register_forward_pre_hook(
+                _alias_input(weight, dim, terms, current)))
+            handles.append(m.register_forward_hook(_watch_output(weight, out_dim, terms,
+                                                                 current)))
+    columns: dict[tuple[str, int], list[torch.Tensor]] = {}
+    samples = 0
+    try:
+        with _gradients_on(model):
+            for i, batch in enumerate(calib.batches):
+                current[0] = calib.token_mask(batch)
+                label = calib.labels[i] if calib.labels else None
+                terms.clear()
+                with torch.enable_grad():
+                    loss = compute_loss(model, batch, calib, label, seed=i)
+                    torch.autograd.backward(loss)
+                samples += batch_size(batch)
+                for key, t in terms.items():
+                    columns.setdefault(key, []).append(t)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: torch.cat(v, dim=0).T.double().cpu().numpy() for k, v in columns.items()}
+    return {k: v for k, v in out.items() if v.shape[1] == samples}  # else rows are not samples
+
+
+def _alias_input(weight: str, dim: int | None, terms: dict[tuple[str, int], torch.Tensor],
+                 current: list[torch.Tensor | None]) -> Callable[..., Any]:
+    """Give the layer its own view of its input, so the gradient is its alone."""
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if dim is None or not args or not isinstance(args[0], torch.Tensor) or \
+                not args[0].requires_grad:
+            return None
+        x = args[0].view_as(args[0])
+        _record(x, (weight, dim), not isinstance(module, _CONVS), terms, current[0])
+        return (x, *args[1:])
+    return hook
+
+
+def _watch_output(weight: str, dim: int, terms: dict[tuple[str, int], torch.Tensor],
+                  current: list[torch.Tensor | None]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            _record(output, (weight, dim), not isinstance(module, _CONVS), terms, current[0])
+    return hook
+
+
+def _record(t: torch.Tensor, key: tuple[str, int], channels_last: bool,
+            terms: dict[tuple[str, int], torch.Tensor], mask: torch.Tensor | None) -> None:
+    """On backward, add sum over tokens of t * dL/dt per (sample, channel) to ``terms``.
+
+    A layer called several times in one forward adds up its calls (removing a channel
+    removes it from every call).
+    """
+    value = t.detach()
+
+    def on_grad(grad: torch.Tensor) -> None:
+        prod = (value * grad).float()
+        if channels_last:
+            if mask is not None and prod.dim() >= 3 and tuple(prod.shape[:2]) == \
+                    tuple(mask.shape):
+                prod = prod * mask.unsqueeze(-1).to(prod.dtype)
+            prod = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1) if prod.dim() > 2 \
+                else prod.reshape(-1, prod.shape[-1])
+        else:
+            prod = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1)
+        old = terms.get(key)
+        terms[key] = prod if old is None or old.shape != prod.shape else old + prod
+    t.register_hook(on_grad)  # type: ignore[no-untyped-call]
+
+
+class _FirstOrder(Criterion):
+    """Per-sample first-order terms of removing each channel (see `_first_order`)."""
 
     needs_data = True
-    signed = True
+    removal_side = True
+    per_sample: dict[tuple[str, int], np.ndarray]
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        grads = _grads(model, _need(calib), False)
-        self._reduced = {}
-        self.saliency = {n: w.float() * grads[n] for n, w in _weights(model).items()
-                         if n in grads}
+        self.per_sample = _first_order(model, self.loss_for(model, _need(calib)))
+        self._reduced, self._consumers = {}, set()
+
+    def loss_for(self, model: nn.Module, calib: Calibration) -> Calibration:
+        """The calibration (and loss) the terms are computed on."""
+        return calib
+
+    def element(self, name: str, dim: int) -> np.ndarray | None:
+        return self.per_sample.get((name, dim))
+
+
+@register("taylor")
+class Taylor(_FirstOrder):
+    """First-order Taylor: sum over samples of |sum over consumer columns of w * dL_s/dw|."""
+
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.abs(summed).sum(axis=-1)
+        return out
 
 
 @register("fisher", "obd", "hessian")
-class Fisher(Criterion):
-    """Second-order OBD saliency 0.5 * w^2 * F, F = sum of per-sample squared gradients."""
+class Fisher(_FirstOrder):
+    """Group Fisher: 0.5 * sum over samples of (sum over consumer columns of w * dL_s/dw)^2."""
 
-    needs_data = True
+    def loss_for(self, model: nn.Module, calib: Calibration) -> Calibration:
+        if calib.loss == "auto" and not model_loss_applies(model, calib.batches[0]):
+            return replace(calib, loss="output-probe")  # the curvature of the output itself
+        return calib
 
-    def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        fisher = _grads(model, _need(calib), True)
-        self.fisher, self._reduced = fisher, {}
-        self.saliency = {n: 0.5 * w.float().pow(2) * fisher[n] for n, w in _weights(model).items()
-                         if n in fisher}
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        out: np.ndarray = 0.5 * np.square(summed).sum(axis=-1)
+        return out
 
 
 @register("activation", "wanda")
 class Activation(Criterion):
-    """Structured Wanda: |W_ij| * ||X_j|| on the input channels of every Linear/Conv."""
+    """Structured Wanda: ||X_j|| * ||W[:, j]|| over the consumers of every channel."""
 
     needs_data = True
+    removal_side = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        calib = _need(calib)
-        norms: dict[str, torch.Tensor] = {}
-        handles = input_norm_hooks(model, norms)
-        try:
-            with torch.no_grad(), calibrating(model):
-                for batch in calib.batches:
-                    model(*batch, **calib.kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        self.saliency, self._reduced = {}, {}
+        norms = activation_norms(model, _need(calib))
+        self.saliency, self._reduced, self._consumers = {}, {}, set()
         self.add_statistics(dict(model.named_modules()), norms)
 
     def add_statistics(self, modules: dict[str, nn.Module], norms: dict[str, torch.Tensor]
                        ) -> None:
-        """Saliency of the consumers in ``modules`` (their weights loaded) from ``norms``,
-        the per-input-channel sum of squares of their inputs. `prepare` calls it for the
-        whole model; `explorer.prune.sequential` one decoder layer at a time."""
+        """Scores of the layers in ``modules`` (weights loaded) from ``norms``, the
+        per-input-channel sum of squares of their inputs. `prepare` calls it for the whole
+        model; `explorer.prune.sequential` one decoder layer at a time.
+
+        Input channel j of a layer: ||X_j|| * ||W[:, j]||. Output channel i (used where no
+        layer reads the channel through a weight, e.g. q/k dims): sum_j |W_ij| ||X_j||, the
+        Wanda bound on the produced activation's norm.
+        """
         for name, sq in norms.items():
-            weight = modules[name].weight if name in modules else None
-            if not isinstance(weight, torch.Tensor):
+            module = modules.get(name)
+            weight = getattr(module, "weight", None) if module is not None else None
+            dim = input_dim(module) if module is not None else None
+            if not isinstance(weight, torch.Tensor) or dim is None or \
+                    weight.shape[dim] != sq.numel():
                 continue
-            w = weight.detach().float().abs()
-            shape = [1] * w.dim()
-            if w.shape[1] == sq.numel():
-                shape[1] = -1
-                self.saliency[f"{name}.weight" if name else "weight"] = w * sq.sqrt().view(shape)
+            w = weight.detach().float()
+            norm = sq.sqrt().to(w.device)
+            key = _qualified(name, "weight")
+            self._reduced[(key, dim)] = (norm * _reduce(w.pow(2), dim).sqrt()).double().cpu() \
+                .numpy()
+            out_dim = 1 - dim
+            rows = w.abs().movedim(out_dim, 0).movedim(dim if dim else 1, 1)
+            rows = rows.reshape(rows.shape[0], rows.shape[1], -1).sum(-1)  # kernel taps summed
+            self._reduced[(key, out_dim)] = (rows @ norm).double().cpu().numpy()
+
+    def element(self, name: str, dim: int) -> np.ndarray | None:
+        return self._reduced.get((name, dim))
 
 
 CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose inputs are recorded
 
 
-def input_norm_hooks(model: nn.Module, norms: dict[str, torch.Tensor],
-                     prefix: str = "") -> list[torch.utils.hooks.RemovableHandle]:
+def input_norm_hooks(model: nn.Module, norms: dict[str, torch.Tensor], prefix: str = "",
+                     mask: list[torch.Tensor | None] | None = None,
+                     ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks adding each consumer's per-input-channel sum of squares into ``norms``, keyed
     by its name (in ``model``, after ``prefix``: the name of ``model`` itself); the caller
-    removes them."""
+    removes them. ``mask[0]``, when given, is the current batch's token mask (padding left
+    out)."""
+    current: list[torch.Tensor | None] = mask if mask is not None else [None]
     return [m.register_forward_pre_hook(_act_hook(".".join(filter(None, (prefix, name))),
-                                                  norms))
-            for name, m in model.named_modules() if isinstance(m, CONSUMERS)]
+                                                  norms, current))
+            for name, m in model.named_modules()
+            if isinstance(m, CONSUMERS) or input_dim(m) is not None]
 
 
-def _act_hook(name: str, norms: dict[str, torch.Tensor]) -> Callable[..., None]:
+def _act_hook(name: str, norms: dict[str, torch.Tensor],
+              current: list[torch.Tensor | None]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().float()
-        dim = x.dim() - 1 if isinstance(module, nn.Linear) else 1
-        dims = [d for d in range(x.dim()) if d != dim]
-        sq = x.pow(2).sum(dim=dims)
+        sq = _channel_energy(x, not isinstance(module, _CONVS), current[0])
         norms[name] = norms[name] + sq if name in norms else sq
     return hook
+
+
+def activation_norms(model: nn.Module, calib: Calibration) -> dict[str, torch.Tensor]:
+    """Layer -> sum of X_j^2 per input channel over the calibration batches (real tokens)."""
+    norms: dict[str, torch.Tensor] = {}
+    current: list[torch.Tensor | None] = [None]
+    handles = input_norm_hooks(model, norms, mask=current)
+    try:
+        with torch.no_grad(), calibrating(model):
+            for batch in calib.batches:
+                current[0] = calib.token_mask(batch)
+                model(*batch, **calib.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return norms
+
+
+def _channel_energy(t: torch.Tensor, channels_last: bool,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum of squares per channel over every other dim, real tokens only."""
+    if channels_last:
+        t = t.reshape(-1, t.shape[-1]) if mask is None else _real_tokens(t, mask)
+        return t.pow(2).sum(dim=0)
+    dims = [d for d in range(t.dim()) if d != 1]
+    return t.pow(2).sum(dim=dims)
+
+
+def _real_tokens(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(tokens, channels) rows of a channels-last activation whose token is not padding."""
+    if t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask].reshape(-1, t.shape[-1])
+    flat = t.reshape(-1, t.shape[-1])
+    if flat.shape[0] == mask.numel():
+        return flat[mask.reshape(-1)]
+    return flat
 
 
 def _need(calib: Calibration | None) -> Calibration:

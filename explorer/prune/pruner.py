@@ -19,6 +19,7 @@ from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import trace
 from .calibration import Calibration, load_calibration
+from .compensate import compensation, prune_and_compensate
 from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, forward_check
@@ -137,6 +138,8 @@ class Pruner:
         target_params: stop at this fraction of the original parameter count (overrides
             ``ratio`` by searching the uniform ratio that meets it).
         target_macs: the same for multiply-accumulates.
+        compensate: refit the consumers of removed channels on the calibration data after
+            each step: "bias", "lstsq" or None (see `explorer.prune.compensate`).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, importance: str = "magnitude",
@@ -144,12 +147,14 @@ class Pruner:
                  heads: str = "dims", round_to: int = 1, ignored: Sequence[str] = (),
                  calibration: Calibration | str | None = None,
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
-                 target_params: float | None = None, target_macs: float | None = None) -> None:
+                 target_params: float | None = None, target_macs: float | None = None,
+                 compensate: str | None = None) -> None:
         for name, value in (("iterative_steps", iterative_steps), ("round_to", round_to)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         check_module_names(model, ignored, "ignored")
         _validate(importance, ratio, heads, round_to, target_params, target_macs)
+        self.compensate = compensation(compensate)
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         self.criterion: Criterion = make(importance)
@@ -501,7 +506,7 @@ class Pruner:
         """
         before = (self.graph, self.coupling, self.version, self._pending)
         with transaction(self.model):  # the config update and re-analysis are part of it
-            applied = apply_removal(self.model, self.coupling, removal)
+            applied = self._apply(removal)
             self._update_config(StepReport(self.current_step))
             self._analyse(graph)
         self.applied.append(applied)
@@ -537,7 +542,7 @@ class Pruner:
         report.changes = changes
         if removal:
             with transaction(self.model):  # the config update too: all or nothing
-                applied = apply_removal(self.model, self.coupling, removal)
+                applied = self._apply(removal)
                 self._update_config(report)
             self.applied.append(applied)
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
@@ -546,6 +551,14 @@ class Pruner:
         report.notes += flight.notes
         self._finish(report, flight)
         return report
+
+    def _apply(self, removal: Removal) -> Applied:
+        if self.compensate is None:
+            return apply_removal(self.model, self.coupling, removal)
+        if self._calibration is None:
+            self._calibration = load_calibration(self._calib_source, self.inputs)
+        return prune_and_compensate(self.model, self.coupling, removal, self._calibration,
+                                    self.compensate)
 
     def _finish(self, report: StepReport, flight: Preflight) -> None:
         verdict = forward_check(self.model, self.inputs, flight.expected, flight.dynamic)

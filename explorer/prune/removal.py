@@ -68,8 +68,10 @@ class Applied:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # name -> (before, after)
     attributes: dict[str, dict[str, list[object]]]  # module -> attr -> [old, new]
     keeps: dict[tuple[str, int], list[int]]  # (tensor name, dim) -> indices kept
-    # the replaced tensor objects, for an exact undo (not part of plans)
-    previous: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # the replaced tensor objects, for an exact undo (not part of plans); None: a parameter
+    # that did not exist (a bias created by compensation)
+    previous: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False,
+                                                     compare=False)
 
 
 def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> Applied:
@@ -101,7 +103,7 @@ def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.nda
             params: Mapping[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Applied:
     """Swap the resized tensors in and patch modules (inside `apply_removal`'s transaction)."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    previous: dict[str, torch.Tensor] = {}
+    previous: dict[str, torch.Tensor | None] = {}
     touched: set[str] = set()
     for name, tensor in new.items():
         owner_name, _, attr = name.rpartition(".")
@@ -139,11 +141,14 @@ def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.nda
     return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous)
 
 
-def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` in place of the parameter (if it is one) or buffer called ``name``."""
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    """Put ``tensor`` in place of the parameter (if it is one) or buffer called ``name``.
+
+    None puts back an absent parameter (such as ``bias=False``).
+    """
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    if isinstance(tensor, nn.Parameter):
+    if tensor is None or isinstance(tensor, nn.Parameter):
         owner._parameters[attr] = tensor
     else:
         owner._buffers[attr] = tensor
@@ -160,7 +165,7 @@ def undo(model: nn.Module, applied: Applied) -> None:
 
 
 def _shadow_buffers(model: nn.Module, keeps: dict[tuple[str, int], np.ndarray],
-                    buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
+                    buffers: dict[str, torch.Tensor], previous: dict[str, torch.Tensor | None],
                     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
     """``original_<name>`` buffers that the forward never read follow ``<name>``.
 
@@ -171,7 +176,8 @@ def _shadow_buffers(model: nn.Module, keeps: dict[tuple[str, int], np.ndarray],
         owner, _, attr = name.rpartition(".")
         shadow = f"{owner}.original_{attr}" if owner else f"original_{attr}"
         src = buffers.get(shadow)
-        if src is None or shadow in previous or src.shape != previous.get(name, src).shape:
+        before = previous.get(name, src)
+        if src is None or shadow in previous or before is None or src.shape != before.shape:
             continue
         module = model.get_submodule(owner)
         previous[shadow] = src
@@ -181,7 +187,8 @@ def _shadow_buffers(model: nn.Module, keeps: dict[tuple[str, int], np.ndarray],
 
 
 def _retie(model: nn.Module, params: Mapping[str, torch.Tensor],
-           buffers: Mapping[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> list[str]:
+           buffers: Mapping[str, torch.Tensor],
+           previous: dict[str, torch.Tensor | None]) -> list[str]:
     """Parameters that were one tensor under several names (tied weights) stay tied.
 
     Returns the names that were re-pointed (their modules need their attributes patched).

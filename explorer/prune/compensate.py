@@ -1,0 +1,271 @@
+"""Compensation: refit what removed channels fed into, from calibration activations.
+
+Removing input channels ``R`` of a layer ``y = W x + b`` drops ``W[:, R] x_R`` from its
+output. Two refits, both computed from the unpruned model's inputs to each consumer layer
+on the calibration data (padded tokens left out):
+
+* ``bias``: ``b += W[:, R] @ mean(x_R)``, the mean of what was dropped. Exact when the removed
+  channels are constant on the data (dead or saturated units); a layer without a bias gets
+  one where its forward reads ``self.bias`` (Linear, Conv).
+* ``lstsq``: ridge least squares of the consumer's kept columns and bias on the kept inputs
+  against its unpruned output: ``[W' b'] = ([W b] G[:, K] + lam P) (G[K, K] + lam I)^-1``
+  with ``G`` the second moment of ``[x; 1]``, ``lam = ridge * mean(diag G[K, K])`` and ``P``
+  the ``bias`` solution, so the ridge pulls towards bias compensation rather than towards
+  zero. Linear layers only (others get ``bias``). With few calibration tokens per input it
+  overfits: evaluate it on held-out data.
+
+Both run inside the removal: the model is pruned and compensated, or left exactly as it was.
+The replaced tensors go into the `Applied` record, so `undo` restores them too.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..coupling.analyze import Coupling
+from .calibration import Calibration
+from .importance import calibrating, input_dim
+from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+
+
+class Compensation(str, enum.Enum):
+    """How to refit the consumers of removed channels."""
+
+    BIAS = "bias"
+    LSTSQ = "lstsq"
+
+
+def compensation(value: str | Compensation | None) -> Compensation | None:
+    """Parse a compensation name (None: no compensation)."""
+    if value is None or isinstance(value, Compensation):
+        return value
+    try:
+        return Compensation(value)
+    except ValueError:
+        raise ValueError(f"unknown compensation {value!r}; choose one of "
+                         f"{[c.value for c in Compensation]} or None") from None
+
+
+_BIAS_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # forward reads self.bias
+
+
+@dataclass
+class Target:
+    """One consumer layer that loses input channels."""
+
+    module: str
+    weight: str  # qualified weight name
+    in_dim: int
+    kept: np.ndarray  # kept input indices (of the unpruned layer)
+    removed: np.ndarray
+
+
+@dataclass
+class InputStats:
+    """Statistics of a layer's inputs over the calibration data."""
+
+    count: int  # tokens (or positions) seen
+    total: torch.Tensor  # sum of x per input channel
+    gram: torch.Tensor | None  # sum of [x; 1][x; 1]^T (lstsq only)
+
+
+def targets(model: nn.Module, coupling: Coupling, removal: Removal) -> list[Target]:
+    """The consumer layers of ``removal`` that compensation can refit."""
+    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
+    shared = _shared_weights(model)
+    out: list[Target] = []
+    for (name, dim), kept in sorted(keeps.items()):
+        module_name, _, attr = name.rpartition(".")
+        if attr != "weight" or name in shared:
+            continue
+        module = model.get_submodule(module_name)
+        if not isinstance(module, _BIAS_LAYERS) or input_dim(module) != dim:
+            continue
+        size = _weight(module).shape[dim]
+        kept_arr = np.asarray(kept, dtype=np.int64)
+        removed = np.setdiff1d(np.arange(size), kept_arr)
+        if len(removed):
+            out.append(Target(module_name, name, dim, kept_arr, removed))
+    return out
+
+
+def _shared_weights(model: nn.Module) -> set[str]:
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n for names in by_id.values() if len(names) > 1 for n in names}
+
+
+def input_stats(model: nn.Module, modules: list[str], calib: Calibration,
+                gram: bool) -> dict[str, InputStats]:
+    """Sums (and second moments) of the inputs of ``modules`` over the calibration data."""
+    stats: dict[str, InputStats] = {}
+    current: list[torch.Tensor | None] = [None]
+    handles = [model.get_submodule(m).register_forward_pre_hook(
+        _input_hook(m, stats, current, gram)) for m in modules]
+    try:
+        with torch.no_grad(), calibrating(model):
+            for batch in calib.batches:
+                current[0] = calib.token_mask(batch)
+                model(*batch, **calib.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _input_hook(name: str, stats: dict[str, InputStats], current: list[torch.Tensor | None],
+                gram: bool) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = _rows(module, args[0].detach().double(), current[0])
+        g = None
+        if gram:
+            aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            g = aug.T @ aug
+        old = stats.get(name)
+        if old is not None:
+            g = None if g is None or old.gram is None else old.gram + g
+            stats[name] = InputStats(old.count + x.shape[0], old.total + x.sum(0), g)
+        else:
+            stats[name] = InputStats(x.shape[0], x.sum(0), g)
+    return hook
+
+
+def _rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(positions, channels): one row per token (real ones) or spatial position."""
+    if isinstance(module, nn.Linear):
+        if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask].reshape(-1, x.shape[-1])
+        return x.reshape(-1, x.shape[-1])
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
+                         calib: Calibration, mode: Compensation | str | None,
+                         ridge: float = 0.5,
+                         stats: Mapping[str, InputStats] | None = None) -> Applied:
+    """`apply_removal`, then refit the consumers of the removed channels; all or nothing.
+
+    Args:
+        model: the model, pruned in place.
+        coupling: its coupling (of the unpruned model).
+        removal: what to remove.
+        calib: calibration batches (their inputs to each consumer are measured before).
+        mode: ``bias`` or ``lstsq``.
+        ridge: the ridge strength relative to the mean input energy (``lstsq``).
+        stats: `input_stats` of this (unpruned) model on ``calib``, measured once to prune
+            it several ways; layers missing from it are measured here.
+
+    Returns:
+        The `Applied` record; its ``previous`` also holds the tensors compensation replaced
+        (None for a bias it created), so `undo` reverts both.
+    """
+    kind = compensation(mode)
+    if kind is None:
+        return apply_removal(model, coupling, removal)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError(f"compensation '{kind.value}' needs real weights, but the model is on "
+                         f"the meta device; prune without it (--compensate none)")
+    todo = targets(model, coupling, removal)
+    gram = kind is Compensation.LSTSQ
+    known = {k: v for k, v in (stats or {}).items() if not gram or v.gram is not None}
+    missing = [t.module for t in todo if t.module not in known]
+    stats = {**known, **(input_stats(model, missing, calib, gram) if missing else {})}
+    original = {t.module: _dense(model.get_submodule(t.module)) for t in todo}
+    applied = apply_removal(model, coupling, removal)
+    try:
+        new: dict[str, torch.Tensor] = {}
+        for t in todo:
+            if t.module not in stats:  # not run on the calibration data: nothing to fit
+                continue
+            new.update(_refit(model, t, stats[t.module], original[t.module], kind, ridge,
+                              applied.keeps))
+        for name, tensor in new.items():
+            _install(model, name, tensor, applied)
+    except Exception:
+        undo(model, applied)
+        raise
+    return applied
+
+
+def _dense(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    bias = _param(module, "bias")
+    return _weight(module).detach().clone(), None if bias is None else bias.detach().clone()
+
+
+def _param(module: nn.Module, attr: str) -> torch.Tensor | None:
+    value = module._parameters.get(attr)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = _param(module, "weight")
+    if weight is None:
+        raise ValueError(f"{type(module).__name__} has no weight parameter to refit")
+    return weight
+
+
+def _refit(model: nn.Module, t: Target, stats: InputStats,
+           original: tuple[torch.Tensor, torch.Tensor | None], kind: Compensation,
+           ridge: float, keeps: dict[tuple[str, int], list[int]]) -> dict[str, torch.Tensor]:
+    """New (pruned-shape) weight and bias of one consumer."""
+    module = model.get_submodule(t.module)
+    weight, bias = original
+    out_rows = keeps.get((t.weight, 0))  # Linear and Conv weights: dim 0 is the output
+    bias_name = f"{t.module}.bias"
+    if kind is Compensation.LSTSQ and isinstance(module, nn.Linear) and stats.gram is not None:
+        w, b = _lstsq(weight.double(), bias, stats, t.kept, ridge)
+        rows = torch.as_tensor(out_rows if out_rows is not None else range(w.shape[0]))
+        dtype = _weight(module).dtype
+        return {t.weight: w[rows].to(dtype), bias_name: b[rows].to(dtype)}
+    mean = stats.total / max(stats.count, 1)
+    removed = torch.as_tensor(t.removed)
+    dropped = weight.double().index_select(t.in_dim, removed)
+    if dropped.dim() > 2:  # conv: every kernel tap sees the mean (exact away from padding)
+        dropped = dropped.sum(dim=list(range(2, dropped.dim())))
+    shift = dropped @ mean[removed] if t.in_dim == 1 else dropped.T @ mean[removed]
+    full = shift if bias is None else bias.double() + shift
+    rows = torch.as_tensor(out_rows if out_rows is not None else range(full.shape[0]))
+    return {bias_name: full[rows].to(_weight(module).dtype)}
+
+
+def _lstsq(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats,
+           kept: np.ndarray, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge refit of [W b] on the kept inputs: returns (W' (out, |K|), b' (out,)).
+
+    The ridge pulls towards the bias-compensated layer (not towards zero), so a strong
+    ridge gives ``bias`` compensation back and a weak one the plain least squares.
+    """
+    if stats.gram is None:
+        raise ValueError("least squares needs the second moments of the inputs")
+    n = weight.shape[1]
+    b = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias.double()
+    aug = torch.cat([weight, b.unsqueeze(1)], dim=1)
+    cols = torch.as_tensor(np.append(kept, n))
+    g = stats.gram / max(stats.count, 1)
+    removed = torch.as_tensor(np.setdiff1d(np.arange(n), kept))
+    prior = aug[:, cols].clone()
+    prior[:, -1] += weight[:, removed] @ g[removed, n]  # g[:, n] is the mean input
+    g_kk = g[cols][:, cols]
+    lam = ridge * float(torch.diagonal(g_kk).mean())
+    reg = g_kk + lam * torch.eye(len(cols), dtype=g.dtype)
+    rhs = aug @ g[:, cols] + lam * prior  # (out, |K| + 1)
+    sol = torch.linalg.solve(reg, rhs.T).T  # reg is symmetric
+    return sol[:, :-1], sol[:, -1]
+
+
+def _install(model: nn.Module, name: str, tensor: torch.Tensor, applied: Applied) -> None:
+    """Put ``tensor`` in as parameter ``name``; remember what it replaced (once)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = owner._parameters.get(attr)
+    if name not in applied.previous:
+        applied.previous[name] = old  # None: the bias did not exist
+    requires_grad = (old if old is not None else _weight(owner)).requires_grad
+    owner._parameters[attr] = nn.Parameter(tensor.contiguous(), requires_grad=requires_grad)
