@@ -414,7 +414,7 @@ class Session:
 
         def revert() -> None:
             restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
-            undo(self.model, Applied({}, replay.attributes, {}, previous))
+            undo(self.model, Applied({}, replay.attributes, {}, dict(previous)))
             self.pruner.retrace()
 
         self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
@@ -593,8 +593,8 @@ class Session:
                              "attributes": applied.attributes})
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    out: dict[str, torch.Tensor | None] = dict(model.named_parameters(remove_duplicate=False))
     out.update(model.named_buffers(remove_duplicate=False))
     return out
 
