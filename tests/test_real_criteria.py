@@ -108,3 +108,23 @@ def test_padding_does_not_change_activation_scores(bench: Bench) -> None:
         scores.append(torch.as_tensor(crit.scores(bench.model, coupling, group)[0]))
     torch.testing.assert_close(scores[1], scores[0])
     assert not torch.allclose(scores[2], scores[0])
+
+
+@pytest.mark.slow
+def test_compensation_is_kept_only_when_it_helps_end_to_end(bench: Bench) -> None:
+    # measured (32 calibration sentences): fisher's cut + bias refit moves the outputs away
+    # from the unpruned model's, so the refit is dropped (0.895 = the plain cut; it used to
+    # collapse the embedding); activation + lstsq helps and is kept (0.904 -> 0.961).
+    for criterion, mode, dropped in (("fisher", "bias", True), ("activation", "lstsq", False)):
+        notes: list[str] = []
+        model = copy.deepcopy(bench.model)
+        prune_and_compensate(model, bench.pruner.coupling, bench.removal(criterion),
+                             bench.calib, mode, notes=notes)
+        cos = float(nn.functional.cosine_similarity(_embed(model, *bench.held),
+                                                    bench.reference).mean())
+        plain = bench.cosine(criterion)
+        assert bool(notes) is dropped, notes
+        if dropped:
+            assert "was not kept" in notes[0] and abs(cos - plain) < 1e-6
+        else:
+            assert cos > plain + 0.02

@@ -29,9 +29,12 @@ import torch
 from torch import nn
 
 from ..coupling.analyze import Coupling
+from ..graph.walk import tensor_leaves
 from .calibration import Calibration
 from .importance import calibrating, input_dim
-from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .removal import Applied, Removal, apply_removal, removed_atoms, set_tensor, undo
+
+GUARD_BATCHES = 2  # calibration batches the end-to-end check compares outputs on
 
 
 class Compensation(str, enum.Enum):
@@ -149,7 +152,8 @@ def _rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
 def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
                          calib: Calibration, mode: Compensation | str | None,
                          ridge: float = 0.5,
-                         stats: Mapping[str, InputStats] | None = None) -> Applied:
+                         stats: Mapping[str, InputStats] | None = None,
+                         notes: list[str] | None = None) -> Applied:
     """`apply_removal`, then refit the consumers of the removed channels; all or nothing.
 
     Args:
@@ -161,6 +165,9 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
         ridge: the ridge strength relative to the mean input energy (``lstsq``).
         stats: `input_stats` of this (unpruned) model on ``calib``, measured once to prune
             it several ways; layers missing from it are measured here.
+        notes: receives a line when the refit is dropped because it moved the model's
+            outputs on the calibration data further from the unpruned ones than the plain
+            cut does (the refit is kept only when it helps end to end).
 
     Returns:
         The `Applied` record; its ``previous`` also holds the tensors compensation replaced
@@ -178,6 +185,7 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
     missing = [t.module for t in todo if t.module not in known]
     stats = {**known, **(input_stats(model, missing, calib, gram) if missing else {})}
     original = {t.module: _dense(model.get_submodule(t.module)) for t in todo}
+    reference = _outputs(model, calib)
     applied = apply_removal(model, coupling, removal)
     try:
         new: dict[str, torch.Tensor] = {}
@@ -186,12 +194,60 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
                 continue
             new.update(_refit(model, t, stats[t.module], original[t.module], kind, ridge,
                               applied.keeps))
+        plain = {name: _param(model.get_submodule(name.rpartition(".")[0]),
+                              name.rpartition(".")[2]) for name in new}
         for name, tensor in new.items():
             _install(model, name, tensor, applied)
+        _keep_if_better(model, calib, reference, new, plain, kind, notes)
     except Exception:
         undo(model, applied)
         raise
     return applied
+
+
+def _outputs(model: nn.Module, calib: Calibration) -> list[torch.Tensor]:
+    """The model's floating outputs on the first `GUARD_BATCHES` calibration batches."""
+    outs: list[torch.Tensor] = []
+    with torch.no_grad(), calibrating(model):
+        for batch in calib.batches[:GUARD_BATCHES]:
+            leaves = [t.detach().float().reshape(-1) for _p, t in
+                      tensor_leaves(model(*batch, **calib.kwargs)) if t.is_floating_point()]
+            outs.append(torch.cat(leaves) if leaves else torch.zeros(0))
+    return outs
+
+
+def _deviation(outs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Relative squared distance of ``outs`` to ``reference``."""
+    num = sum(float(((o - r) ** 2).sum()) for o, r in zip(outs, reference, strict=True))
+    return num / max(sum(float((r ** 2).sum()) for r in reference), 1e-30)
+
+
+def _keep_if_better(model: nn.Module, calib: Calibration, reference: list[torch.Tensor],
+                    new: Mapping[str, torch.Tensor], plain: Mapping[str, torch.Tensor | None],
+                    kind: Compensation, notes: list[str] | None) -> None:
+    """Keep the refit only when it brings the outputs closer to the unpruned model's.
+
+    Each layer's refit is optimal for that layer on the calibration data, yet the model can
+    still get worse (a mean carried by a few tokens, moved onto every token, then
+    normalised); the end-to-end comparison catches it and keeps the plain cut instead.
+    """
+    with_refit = _deviation(_outputs(model, calib), reference)
+    for name, tensor in plain.items():
+        set_tensor(model, name, tensor)
+    without = _deviation(_outputs(model, calib), reference)
+    if with_refit <= without:
+        for name, tensor in new.items():
+            set_tensor(model, name, nn.Parameter(tensor.contiguous(),
+                                                 requires_grad=_requires_grad(model, name)))
+    elif notes is not None:
+        notes.append(f"compensation '{kind.value}' was not kept: on the calibration data it "
+                     f"moved the outputs further from the unpruned model's (relative error "
+                     f"{with_refit:.3g} with it, {without:.3g} without)")
+
+
+def _requires_grad(model: nn.Module, name: str) -> bool:
+    owner = model.get_submodule(name.rpartition(".")[0])
+    return _weight(owner).requires_grad
 
 
 def _dense(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -548,7 +548,7 @@ class Pruner:
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             report.attributes = dict(applied.attributes)
         self.current_step += 1
-        report.notes += flight.notes
+        report.notes += [n for n in [*self.notes, *flight.notes] if n not in report.notes]
         self._finish(report, flight)
         return report
 
@@ -557,8 +557,11 @@ class Pruner:
             return apply_removal(self.model, self.coupling, removal)
         if self._calibration is None:
             self._calibration = load_calibration(self._calib_source, self.inputs)
-        return prune_and_compensate(self.model, self.coupling, removal, self._calibration,
-                                    self.compensate)
+        notes: list[str] = []
+        applied = prune_and_compensate(self.model, self.coupling, removal, self._calibration,
+                                       self.compensate, notes=notes)
+        self.notes.extend(n for n in notes if n not in self.notes)
+        return applied
 
     def _finish(self, report: StepReport, flight: Preflight) -> None:
         verdict = forward_check(self.model, self.inputs, flight.expected, flight.dynamic)
