@@ -83,6 +83,7 @@ def test_browser_accept_a_group(server: str, tmp_path: Path) -> None:
             page.get_by_text("Pre-flight: the pruned copy runs").wait_for(timeout=60_000)
             params = page.get_by_test_id("stMetricValue").first
             start = params.inner_text()
+            page.wait_for_timeout(500)  # let the rerun that drew the verdict settle
             page.get_by_role("button", name="Accept", exact=True).click()
             page.get_by_text("accepted 1 group").wait_for(timeout=60_000)
             assert params.inner_text() != start
