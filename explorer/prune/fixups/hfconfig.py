@@ -180,20 +180,12 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
                      ours[k] != v)
     readings: dict[Slot, list[_Reading]] = {}
     candidates: dict[Slot, list[int | None]] = {}
-    for slot in _slots(config):
+    for slot, probe in _doublings(model, config, before).items():
+        if probe is None:
+            continue  # the field cannot be doubled, or doubling it changes nothing we see
         unset = _get(config, slot)
-        old, seen = (unset, before) if unset is not None else (_PROBE, None)
-        if seen is None:  # a None field: compare two values it could take
-            first = _build(model, _with(config, {slot: old}))
-            if isinstance(first, str):
-                continue
-            seen = _observe(first)
-        built = _build(model, _with(config, {slot: 2 * old}))
-        if isinstance(built, str):
-            continue
-        after = _observe(built)
-        if after == seen:
-            continue  # the field changes nothing we can see
+        old = unset if unset is not None else _PROBE
+        seen, after = probe
         found: list[_Reading] = []
         for key, o0 in seen.items():
             o1 = after.get(key)
@@ -216,6 +208,43 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
         scaled = [int(old * r) for r, _ in ratios.most_common(3) if (old * r).denominator == 1]
         candidates[slot] = list(dict.fromkeys([*votes, old, *scaled]))
     return readings, candidates
+
+
+# (model class, config JSON) -> per slot, the observables before and after doubling it.
+# Depends only on the config, so repeated updates of one model (accept, undo, the next
+# accept at the same widths) reuse the meta builds instead of repeating them.
+_DOUBLINGS: dict[tuple[type, str], dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]]
+_DOUBLINGS = {}
+_DOUBLINGS_MAX = 8
+
+
+def _doublings(model: nn.Module, config: Any, before: dict[Key, float]
+               ) -> dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]:
+    """Per config slot: observables of a meta build before and after doubling the slot."""
+    key = (type(model), config.to_json_string())
+    cached = _DOUBLINGS.get(key)
+    if cached is not None:
+        return cached
+    out: dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None] = {}
+    for slot in _slots(config):
+        out[slot] = None
+        unset = _get(config, slot)
+        old, seen = (unset, before) if unset is not None else (_PROBE, None)
+        if seen is None:  # a None field: compare two values it could take
+            first = _build(model, _with(config, {slot: old}))
+            if isinstance(first, str):
+                continue
+            seen = _observe(first)
+        built = _build(model, _with(config, {slot: 2 * old}))
+        if isinstance(built, str):
+            continue
+        after = _observe(built)
+        if after != seen:
+            out[slot] = (seen, after)
+    if len(_DOUBLINGS) >= _DOUBLINGS_MAX:
+        _DOUBLINGS.pop(next(iter(_DOUBLINGS)))
+    _DOUBLINGS[key] = out
+    return out
 
 
 def _distance(ours: dict[Key, float], fresh: nn.Module) -> tuple[int, int]:
