@@ -60,34 +60,24 @@ def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
                    help="give up building and tracing the model after this many seconds")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: str
+            ) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` above (``strict``) or at least ``lowest``, finite."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > lowest if strict else value >= lowest) or \
+                value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, 0, True, "a positive integer")
+_count = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0.0, True, "a positive number")
 
 
 def _ratio(text: str) -> float:

@@ -55,3 +55,10 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 def to_device(obj: Any, device: str | torch.device) -> Any:
     """``obj`` with every tensor leaf moved to ``device``."""
     return map_tensors(obj, lambda t: t.to(device))
+
+
+def flat_floats(obj: Any) -> torch.Tensor:
+    """Every floating tensor leaf of ``obj``, detached, as one flat float32 vector."""
+    leaves = [t.detach().float().reshape(-1) for _p, t in tensor_leaves(obj)
+              if t.is_floating_point()]
+    return torch.cat(leaves) if leaves else torch.zeros(0)

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from ..coupling.analyze import Coupling
-from ..graph.walk import tensor_leaves
+from ..graph.walk import flat_floats
 from .calibration import Calibration
-from .importance import calibrating, input_dim
+from .importance import calibrating, calibration_pass, input_dim
 from .removal import Applied, Removal, apply_removal, removed_atoms, set_tensor, undo
 
 GUARD_BATCHES = 2  # calibration batches the end-to-end check compares outputs on
@@ -112,14 +112,7 @@ def input_stats(model: nn.Module, modules: list[str], calib: Calibration,
     current: list[torch.Tensor | None] = [None]
     handles = [model.get_submodule(m).register_forward_pre_hook(
         _input_hook(m, stats, current, gram)) for m in modules]
-    try:
-        with torch.no_grad(), calibrating(model):
-            for batch in calib.batches:
-                current[0] = calib.token_mask(batch)
-                model(*batch, **calib.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    calibration_pass(model, calib, handles, current)
     return stats
 
 
@@ -207,13 +200,9 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
 
 def _outputs(model: nn.Module, calib: Calibration) -> list[torch.Tensor]:
     """The model's floating outputs on the first `GUARD_BATCHES` calibration batches."""
-    outs: list[torch.Tensor] = []
     with torch.no_grad(), calibrating(model):
-        for batch in calib.batches[:GUARD_BATCHES]:
-            leaves = [t.detach().float().reshape(-1) for _p, t in
-                      tensor_leaves(model(*batch, **calib.kwargs)) if t.is_floating_point()]
-            outs.append(torch.cat(leaves) if leaves else torch.zeros(0))
-    return outs
+        return [flat_floats(model(*batch, **calib.kwargs))
+                for batch in calib.batches[:GUARD_BATCHES]]
 
 
 def _deviation(outs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -515,7 +515,15 @@ def activation_norms(model: nn.Module, calib: Calibration) -> dict[str, torch.Te
     """Layer -> sum of X_j^2 per input channel over the calibration batches (real tokens)."""
     norms: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor | None] = [None]
-    handles = input_norm_hooks(model, norms, mask=current)
+    calibration_pass(model, calib, input_norm_hooks(model, norms, mask=current), current)
+    return norms
+
+
+def calibration_pass(model: nn.Module, calib: Calibration,
+                     handles: list[torch.utils.hooks.RemovableHandle],
+                     current: list[torch.Tensor | None]) -> None:
+    """Run every calibration batch (no grad, eval, modes and buffers restored after), with
+    ``current[0]`` holding the batch's token mask for the hooks; ``handles`` are removed."""
     try:
         with torch.no_grad(), calibrating(model):
             for batch in calib.batches:
@@ -524,7 +532,6 @@ def activation_norms(model: nn.Module, calib: Calibration) -> dict[str, torch.Te
     finally:
         for h in handles:
             h.remove()
-    return norms
 
 
 def _channel_energy(t: torch.Tensor, channels_last: bool,

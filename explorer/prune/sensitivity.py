@@ -16,7 +16,7 @@ from torch import nn
 
 from ..coupling.groups import Group
 from ..graph.metrics import count_params
-from ..graph.walk import tensor_leaves
+from ..graph.walk import flat_floats, tensor_leaves
 from .calibration import Calibration, compute_loss
 from .proposal import lowest
 from .pruner import Pruner
@@ -42,9 +42,7 @@ class SensitivityRow:
 
 def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
     with torch.no_grad():
-        out = model(*inputs)
-    return torch.cat([t.detach().float().reshape(-1) for _p, t in tensor_leaves(out)
-                      if t.is_floating_point()])
+        return flat_floats(model(*inputs))
 
 
 def default_measure(pruner: Pruner, calibration: Calibration | None = None) -> Measure:
