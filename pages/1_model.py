@@ -5,6 +5,7 @@ from explorer.app.session import Message
 from explorer.app.sources import quality_text, request_from_form
 from explorer.graph.metrics import count_params
 from explorer.io.specs import hf_families, list_demos
+from explorer.render.figures import compact
 from explorer.render.proposal_view import part_label
 from pages._session import load, show
 
@@ -115,8 +116,8 @@ st.caption(f"task: {info.get('task', '?')} · weights: "
 for note in info.get("notes", []):
     st.warning(note)
 m = st.columns(5)
-m[0].metric("parameters", f"{count_params(pe.model):,}")
-m[1].metric("MACs", f"{pe.macs:,}")
+m[0].metric("parameters", compact(count_params(pe.model)), help=f"{count_params(pe.model):,}")
+m[1].metric("MACs", compact(pe.macs), help=f"{pe.macs:,}")
 m[2].metric("ATen ops", mg.num_ops)
 m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(mg.groups())}")
 quality = pe.quality()

@@ -15,7 +15,7 @@ from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
 from explorer.prune.proposal import Proposal
 from explorer.prune.pruner import HEAD_MODES
-from explorer.render.figures import member_rows
+from explorer.render.figures import compact, member_rows
 from explorer.render.proposal_view import (
     axis_figure,
     axis_rows,
@@ -100,13 +100,15 @@ def short_reason(joint: Proposal) -> str:
 
 def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
     m = st.columns(5)
-    m[0].metric("parameters", f"{pe.params:,}", f"{pe.params - pe.params_start:,}",
-                delta_color="inverse")
-    m[1].metric("MACs", f"{pe.macs:,}", f"{pe.macs - pe.macs_start:,}", delta_color="inverse")
+    m[0].metric("parameters", compact(pe.params), compact(pe.params - pe.params_start),
+                delta_color="inverse", help=f"{pe.params:,} (start {pe.params_start:,})")
+    m[1].metric("MACs", compact(pe.macs), compact(pe.macs - pe.macs_start),
+                delta_color="inverse", help=f"{pe.macs:,} (start {pe.macs_start:,})")
     m[2].metric("pending groups", pending)
     if verdict is not None and verdict.ok and verdict.graph is not None:
-        m[3].metric("after Accept", f"{verdict.params:,} params",
-                    f"{count_macs(verdict.graph) - pe.macs:,} MACs", delta_color="inverse")
+        m[3].metric("params after Accept", compact(verdict.params),
+                    f"{compact(count_macs(verdict.graph) - pe.macs)} MACs",
+                    delta_color="inverse", help=f"{verdict.params:,} parameters")
     quality = pe.quality()
     if quality is not None:
         m[4].metric(*quality_text(quality), help=f"against the original, on {pe.quality_source}")

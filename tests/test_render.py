@@ -159,3 +159,10 @@ def test_axes_rows_and_sensitivity_figure(dino: explorer.ModelGraph) -> None:
     ]).to_json())
     assert [t["name"] for t in fig["data"]] == ["a", "b"]
     assert fig["data"][0]["x"] == [0.25, 0.5] and fig["data"][1]["y"] == [1e6]
+
+
+def test_compact_counts_fit_a_metric_column() -> None:
+    from explorer.render.figures import compact
+    assert compact(179_482) == "179,482" and compact(9_999_999) == "9,999,999"
+    assert compact(6_738_415_616) == "6.74 B" and compact(105_780_000_000) == "106 B"
+    assert compact(-52_856_619_008) == "-52.9 B" and compact(12_500_000) == "12.5 M"

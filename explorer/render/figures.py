@@ -143,3 +143,16 @@ def sensitivity_figure(rows: Sequence[Mapping[str, object]]) -> go.Figure:
                       xaxis_title="ratio", yaxis_title="relative L2 change", height=380,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig
+
+
+def compact(n: int) -> str:
+    """``n`` exactly while it fits a metric column (below ten million: 9,870,123), else in
+    three significant digits and a unit (6.74 B, 106 B, 52.9 M), signed when negative."""
+    if abs(n) < 10**7:
+        return f"{n:,}"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6)):
+        if n >= scale:
+            value = n / scale
+            return f"{sign}{value:.3g} {unit}" if value < 100 else f"{sign}{value:.0f} {unit}"
+    return f"{sign}{n:,}"
