@@ -68,9 +68,9 @@ def _dot() -> str:  # made on click (a deferred download), from the same view mo
 
 d1, d2 = st.columns(2)
 d1.download_button("Download DOT", _dot, file_name="model.dot", mime="text/vnd.graphviz",
-                   key="graph_dl_dot")
+                   key="graph_dl_dot", on_click="ignore")
 if has_dot():
     d2.download_button("Download SVG", lambda: dot_to_svg(_dot()), file_name="model.svg",
-                       mime="image/svg+xml", key="graph_dl_svg")
+                       mime="image/svg+xml", key="graph_dl_svg", on_click="ignore")
 else:
     d2.caption("Install graphviz `dot` to export SVG.")

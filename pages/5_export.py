@@ -23,13 +23,14 @@ except Exception as exc:  # noqa: BLE001 - e.g. a removed block: shown as one li
 c1, c2, c3 = st.columns(3)
 c1.download_button("Download plan JSON", plan_text or "", file_name="plan.json",
                    mime="application/json", key="export_plan", disabled=plan_text is None,
-                   help="replay with explorer.Plan.load(path).apply(model)")
-c2.download_button("Download pruned model (torch.save)", pe.model_bytes(),
+                   on_click="ignore", help="replay with explorer.Plan.load(path).apply(model)")
+c2.download_button("Download pruned model (torch.save)", pe.model_bytes,  # made on click
                    file_name="pruned_model.pt", mime="application/octet-stream",
-                   key="export_model", help="torch.load(path, weights_only=False)")
-c3.download_button("Download JSON session log", json.dumps(pe.report(), indent=2),
+                   key="export_model", on_click="ignore",
+                   help="torch.load(path, weights_only=False)")
+c3.download_button("Download JSON session log", lambda: json.dumps(pe.report(), indent=2),
                    file_name="pruning_session.json", mime="application/json",
-                   key="export_report")
+                   key="export_report", on_click="ignore")
 
 st.subheader("All formats")
 default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
@@ -58,7 +59,7 @@ if version == pe.version and files:
     cols = st.columns(min(len(files), 4))
     for n, (name, data) in enumerate(files.items()):
         cols[n % len(cols)].download_button(f"Download {name}", data, file_name=name,
-                                            key=f"export_file_{n}")
+                                            key=f"export_file_{n}", on_click="ignore")
     if "report.md" in files:
         with st.expander("Report", expanded=True):
             st.markdown(files["report.md"].decode())
