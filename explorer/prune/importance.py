@@ -321,19 +321,11 @@ def _first_order(model: nn.Module, calib: Calibration) -> dict[tuple[str, int], 
     same with the output Y_i (= zeroing row i and its bias). One backward per batch gives
     every sample's terms, since samples do not interact in eval mode; the rows of a layer
     called on flattened (samples * tokens, channels) inputs count as samples.
+    `explorer.prune.sequential` computes the same terms one decoder layer at a time.
     """
     terms: dict[tuple[str, int], torch.Tensor] = {}  # of the current batch
     current: list[torch.Tensor | None] = [None]
-    handles = []
-    for name, m in model.named_modules():
-        dim = input_dim(m)
-        if dim is not None or isinstance(m, _CONVS):
-            out_dim = 0 if dim is None else 1 - dim
-            weight = _qualified(name, "weight")
-            handles.append(m.register_forward_pre_hook(
-                _alias_input(weight, dim, terms, current)))
-            handles.append(m.register_forward_hook(_watch_output(weight, out_dim, terms,
-                                                                 current)))
+    handles = first_order_hooks(model, terms, current)
     columns: dict[tuple[str, int], list[torch.Tensor]] = {}
     samples = 0
     try:
@@ -351,33 +343,65 @@ def _first_order(model: nn.Module, calib: Calibration) -> dict[tuple[str, int], 
     finally:
         for h in handles:
             h.remove()
+    return per_sample_terms(columns, samples)
+
+
+def per_sample_terms(columns: dict[tuple[str, int], list[torch.Tensor]], samples: int,
+                     ) -> dict[tuple[str, int], np.ndarray]:
+    """(weight, dim) -> (channels, samples) from each batch's (samples, channels) terms, in
+    batch order; keys whose rows are not samples are left out."""
     out = {k: torch.cat(v, dim=0).T.double().cpu().numpy() for k, v in columns.items()}
     return {k: v for k, v in out.items() if v.shape[1] == samples}  # else rows are not samples
 
 
+def first_order_hooks(model: nn.Module, terms: dict[tuple[str, int], torch.Tensor],
+                      current: list[torch.Tensor | None], prefix: str = "",
+                      seen: list[torch.Tensor] | None = None,
+                      ) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks adding the first-order terms of every weighted layer of ``model`` (named after
+    ``prefix``) into ``terms`` on backward; ``current[0]`` is the batch's token mask, and
+    ``seen``, when given, collects the tensors whose gradients the terms read (to ask
+    `torch.autograd.grad` for them). The caller removes the hooks."""
+    handles = []
+    for name, m in model.named_modules():
+        dim = input_dim(m)
+        if dim is not None or isinstance(m, _CONVS):
+            out_dim = 0 if dim is None else 1 - dim
+            weight = _qualified(".".join(filter(None, (prefix, name))), "weight")
+            handles.append(m.register_forward_pre_hook(
+                _alias_input(weight, dim, terms, current, seen)))
+            handles.append(m.register_forward_hook(_watch_output(weight, out_dim, terms,
+                                                                 current, seen)))
+    return handles
+
+
 def _alias_input(weight: str, dim: int | None, terms: dict[tuple[str, int], torch.Tensor],
-                 current: list[torch.Tensor | None]) -> Callable[..., Any]:
+                 current: list[torch.Tensor | None],
+                 seen: list[torch.Tensor] | None = None) -> Callable[..., Any]:
     """Give the layer its own view of its input, so the gradient is its alone."""
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if dim is None or not args or not isinstance(args[0], torch.Tensor) or \
                 not args[0].requires_grad:
             return None
         x = args[0].view_as(args[0])
-        _record(x, (weight, dim), not isinstance(module, _CONVS), terms, current[0])
+        _record(x, (weight, dim), not isinstance(module, _CONVS), terms, current[0], seen)
         return (x, *args[1:])
     return hook
 
 
 def _watch_output(weight: str, dim: int, terms: dict[tuple[str, int], torch.Tensor],
-                  current: list[torch.Tensor | None]) -> Callable[..., None]:
+                  current: list[torch.Tensor | None],
+                  seen: list[torch.Tensor] | None = None) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            _record(output, (weight, dim), not isinstance(module, _CONVS), terms, current[0])
+            _record(output, (weight, dim), not isinstance(module, _CONVS), terms, current[0],
+                    seen)
     return hook
 
 
 def _record(t: torch.Tensor, key: tuple[str, int], channels_last: bool,
-            terms: dict[tuple[str, int], torch.Tensor], mask: torch.Tensor | None) -> None:
+            terms: dict[tuple[str, int], torch.Tensor], mask: torch.Tensor | None,
+            seen: list[torch.Tensor] | None = None) -> None:
     """On backward, add sum over tokens of t * dL/dt per (sample, channel) to ``terms``.
 
     A layer called several times in one forward adds up its calls (removing a channel
@@ -398,6 +422,8 @@ def _record(t: torch.Tensor, key: tuple[str, int], channels_last: bool,
         old = terms.get(key)
         terms[key] = prod if old is None or old.shape != prod.shape else old + prod
     t.register_hook(on_grad)  # type: ignore[no-untyped-call]
+    if seen is not None:
+        seen.append(t)
 
 
 class _FirstOrder(Criterion):

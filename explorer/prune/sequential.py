@@ -16,7 +16,36 @@ The sequential calibration of SparseGPT and Wanda, on accelerate's big-model mac
    outputs. The layers after the last decoder layer (final norm, LM head) are run by the
    model's own forward with the decoder layers stood in by their recorded outputs.
 
+3. For the gradient criteria (``taylor``, ``fisher``: per-sample first-order terms
+   ``sum over tokens of X_j * dL_s/dX_j`` at every weighted layer's input and output, see
+   `explorer.prune.importance`), `sequential_criterion` runs a layer-wise backward:
+
+   * forward, one layer at a time, keeping every decoder layer's input hidden states (in
+     memory, or in ``activations_folder`` on disk); the other inputs of a layer (attention
+     mask, position embeddings) are the first layer's, as the model passes them;
+   * the loss at the head: the model's own forward, each decoder layer standing in with its
+     recorded output as a leaf that requires grad, then `compute_loss` (the loss of the
+     in-memory criterion: the model's loss, ``ce``, ``output-norm`` or ``output-probe`` for
+     ``fisher`` without a model loss); one `torch.autograd.grad` gives the terms of the
+     layers after the decoder stack (final norm, LM head) and dL/d(last hidden);
+   * the layers in reverse: load one, recompute its forward from its kept input with grad
+     on, pull the incoming output gradient back through it (the same hooks as in memory
+     record the terms of its layers, batch by batch, the token mask applied), keep dL/d(its
+     input) and offload it;
+   * the layers before the decoder stack (e.g. a projection after the embeddings) are run
+     again up to the first decoder layer and receive its input gradient.
+
+   Parameter ``.grad`` is never written (`torch.autograd.grad`); ``requires_grad`` flags,
+   train/eval modes and buffers are restored (`calibrating`).
+
 Peak memory: one decoder layer's weights, the kept activations, and per-channel vectors.
+The gradient criteria keep, in memory: one decoder layer's weights and the autograd graph of
+one layer for one batch, the first layer's non-hidden inputs, the gradient of the hidden
+states (one hidden-states tensor per batch), and the per-sample terms
+(channels x samples of every weighted layer, as in memory); plus the input hidden states
+of every decoder layer (layers x batches x tokens x hidden), or of one layer when
+``activations_folder`` keeps them on disk. The LM head's pass holds one batch's logits and
+their graph, as the in-memory path does.
 (On glibc, run with ``MALLOC_MMAP_THRESHOLD_=1048576``: otherwise the allocator keeps freed
 layer buffers in its heap and the resident set grows layer after layer without a leak.)
 The scores equal the in-memory ones: the same modules see the same inputs in the same
@@ -31,16 +60,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .calibration import Calibration
-from .importance import Activation, Criterion, input_norm_hooks, make
+from ..graph.walk import tensor_leaves
+from .calibration import Calibration, batch_size, compute_loss
+from .importance import (
+    Activation,
+    Criterion,
+    _FirstOrder,
+    _need,
+    calibrating,
+    first_order_hooks,
+    input_norm_hooks,
+    make,
+    per_sample_terms,
+)
 
 __all__ = ["SequentialError", "Offloaded", "load_offloaded", "decoder_layers",
            "sequential_criterion"]
 
-SEQUENTIAL_CRITERIA = ("activation", "wanda")  # criteria with per-layer statistics
+# criteria with a layer-by-layer form: per-layer statistics, then per-layer gradients
+SEQUENTIAL_CRITERIA = ("activation", "wanda", "taylor", "fisher", "obd", "hessian")
 
 
 class SequentialError(ValueError):
@@ -151,9 +193,28 @@ def _first_inputs(model: nn.Module, first: nn.Module, calib: Calibration) -> lis
     return kept
 
 
+def _hidden_out(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (alone, or first of a tuple)."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not isinstance(hidden, torch.Tensor):
+        raise SequentialError(f"a decoder layer returned {type(hidden).__name__}, not the "
+                              f"hidden states as a tensor (alone or first of a tuple)")
+    return hidden
+
+
+def _hidden_in(inputs: Inputs) -> torch.Tensor:
+    """The hidden states a decoder layer is given (first positional or ``hidden_states``)."""
+    args, kwargs = inputs
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise SequentialError("the first decoder layer is not given its hidden states as "
+                              "its first argument or as hidden_states=")
+    return hidden
+
+
 def _with_hidden(inputs: Inputs, output: Any) -> Inputs:
     """The next layer's inputs: this layer's output in place of its hidden states."""
-    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = _hidden_out(output)
     args, kwargs = inputs
     if args:
         return (hidden, *args[1:]), kwargs
@@ -233,22 +294,36 @@ def _run_outside(model: nn.Module, layers: nn.ModuleList, calib: Calibration,
 
 
 def sequential_criterion(model: nn.Module, calib: Calibration,
-                         criterion: str = "activation") -> Criterion:
+                         criterion: str = "activation",
+                         activations_folder: str | os.PathLike[str] | None = None,
+                         ) -> Criterion:
     """Prepare ``criterion`` on ``model`` one decoder layer at a time (module docstring).
 
     Args:
         model: a transformers model, typically from `load_offloaded` (any placement).
         calib: calibration batches (as for the in-memory criteria).
-        criterion: a criterion with per-layer statistics (`SEQUENTIAL_CRITERIA`).
+        criterion: a criterion with a layer-by-layer form (`SEQUENTIAL_CRITERIA`).
+        activations_folder: gradient criteria only: keep each decoder layer's input hidden
+            states in files there (read back in the backward walk) rather than in memory.
 
     Returns:
         The prepared criterion: ``crit.scores(model, coupling, group)`` scores any group of
         a coupling traced on a ``meta`` copy of the same architecture.
 
     Raises:
-        SequentialError: another criterion, or a model without repeated layers.
+        SequentialError: another criterion, a model without repeated layers, or (gradient
+            criteria) layers sharing modules or given inputs that depend on weights outside
+            the decoder stack.
+        ValueError: an unknown criterion, or no calibration.
     """
     crit = make(criterion)
+    if isinstance(crit, _FirstOrder):
+        calib = _need(calib)
+        with calibrating(model), _grad_flags(model):
+            crit.per_sample = _first_order(model, crit.loss_for(model, calib),
+                                           activations_folder)
+        crit._reduced, crit._consumers = {}, set()
+        return crit
     if not isinstance(crit, Activation):
         raise SequentialError(f"criterion '{criterion}' has no layer-by-layer form; use one "
                               f"of {', '.join(SEQUENTIAL_CRITERIA)}")
@@ -294,3 +369,247 @@ def sequential_criterion(model: nn.Module, calib: Calibration,
             crit.add_statistics(modules, tail)
             _reduce(crit)
     return crit
+
+
+# -- gradient criteria: a layer-wise backward (module docstring, point 3) --------------------
+
+Terms = dict[tuple[str, int], torch.Tensor]  # (weight, dim) -> (samples, channels), one batch
+Columns = dict[tuple[str, int], list[torch.Tensor]]  # the same, every batch in order
+
+
+@contextlib.contextmanager
+def _grad_flags(model: nn.Module) -> Iterator[None]:
+    """Every floating parameter requires grad (as in the in-memory path); flags put back by
+    name on exit (accelerate replaces an offloaded parameter each time it loads or drops it,
+    carrying the flag of the one it replaces)."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    try:
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        yield
+    finally:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n in saved and p.requires_grad != saved[n]:
+                p.requires_grad_(saved[n])
+
+
+class _Stash:
+    """The input hidden states of every decoder layer (one tensor per batch), kept in
+    memory or, given a folder, in one file per layer there (removed when read or on exit)."""
+
+    def __init__(self, folder: str | os.PathLike[str] | None) -> None:
+        self.folder = folder
+        self.dir: Path | None = None
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.devices: dict[int, list[torch.device]] = {}
+
+    def __enter__(self) -> _Stash:
+        if self.folder is not None:
+            import tempfile
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix="activations-", dir=self.folder))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dir is not None:
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        if self.dir is None:
+            self.kept[layer] = hidden
+            return
+        self.devices[layer] = [h.device for h in hidden]
+        torch.save([h.detach().cpu() for h in hidden], self.dir / f"{layer}.pt")
+
+    def get(self, layer: int) -> list[torch.Tensor]:
+        if self.dir is None:
+            return self.kept.pop(layer)
+        path = self.dir / f"{layer}.pt"
+        hidden: list[torch.Tensor] = torch.load(path, weights_only=True)
+        path.unlink()
+        return [h.to(d) for h, d in zip(hidden, self.devices.pop(layer), strict=True)]
+
+
+def _collect(terms: Terms, columns: Columns) -> None:
+    for key, t in terms.items():
+        columns.setdefault(key, []).append(t)
+    terms.clear()
+
+
+def _check_unshared(layers: nn.ModuleList) -> None:
+    """Each weighted module belongs to one decoder layer (its terms add up within a batch)."""
+    owner: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for m in layer.modules():
+            if owner.setdefault(id(m), i) != i:
+                raise SequentialError(f"decoder layers {owner[id(m)]} and {i} share a "
+                                      f"module; gradient criteria cannot be computed one "
+                                      f"layer at a time on shared layers")
+
+
+def _capture(model: nn.Module, first: nn.Module, calib: Calibration,
+             current: list[torch.Tensor | None]) -> tuple[list[Inputs], bool]:
+    """The first decoder layer's inputs (hidden states detached), and whether weighted
+    layers ran before it on a path from the weights (their terms need a pass of their own).
+
+    Raises:
+        SequentialError: a layer input other than the hidden states depends on weights (its
+            gradient would not reach them one layer at a time).
+    """
+    terms: Terms = {}
+    seen: list[torch.Tensor] = []
+    handles = first_order_hooks(model, terms, current, "", seen)
+    try:
+        with torch.enable_grad():
+            kept = _first_inputs(model, first, calib)
+    finally:
+        for h in handles:
+            h.remove()
+    before = bool(seen)
+    seen.clear()
+    out: list[Inputs] = []
+    for args, kwargs in kept:
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        for path, t in tensor_leaves((args[1:], rest), "inputs"):
+            if t.requires_grad:
+                raise SequentialError(f"decoder layer input {path} depends on weights outside "
+                                      f"the decoder layers; gradient criteria cannot be "
+                                      f"computed one layer at a time on this model")
+        out.append(_with_hidden((args, kwargs), _hidden_in((args, kwargs)).detach()))
+    return out, before
+
+
+def _standing_in(outputs: list[Any], leaves: list[torch.Tensor]) -> list[Any]:
+    """Each batch's last-layer output with its hidden states replaced by ``leaves``."""
+    return [(leaf, *o[1:]) if isinstance(o, tuple) else leaf
+            for o, leaf in zip(outputs, leaves, strict=True)]
+
+
+def _head(model: nn.Module, layers: nn.ModuleList, calib: Calibration, last: list[Any],
+          current: list[torch.Tensor | None], columns: Columns) -> list[torch.Tensor]:
+    """The loss of every batch from the last decoder layer's outputs; records the terms of
+    the layers after the decoder stack and returns dL/d(last hidden states) per batch."""
+    leaves = [_hidden_out(o).detach().requires_grad_(True) for o in last]
+    cursor = [0]
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Recorded(_standing_in(last, leaves), cursor)
+    terms: Terms = {}
+    seen: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    handles = first_order_hooks(model, terms, current, "", seen)  # the layers are stand-ins
+    try:
+        for b, batch in enumerate(calib.batches):
+            cursor[0] = b
+            current[0] = calib.token_mask(batch)
+            seen.clear()
+            label = calib.labels[b] if calib.labels else None
+            with torch.enable_grad():
+                loss = compute_loss(model, batch, calib, label, seed=b)
+                got = torch.autograd.grad(loss, [leaves[b], *seen], allow_unused=True)
+            if got[0] is None:
+                raise SequentialError("the calibration loss does not depend on the last "
+                                      "decoder layer's output")
+            grads.append(got[0])
+            _collect(terms, columns)
+    finally:
+        for h in handles:
+            h.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return grads
+
+
+def _backward_layer(layer: nn.Module, name: str, kept: list[Inputs],
+                    hidden: list[torch.Tensor], grads: list[torch.Tensor], calib: Calibration,
+                    current: list[torch.Tensor | None], columns: Columns) -> None:
+    """Recompute ``layer`` (weights loaded) from its kept inputs with grad on, pull each
+    batch's output gradient back through it (recording its terms), and replace ``grads``
+    by the gradients of its inputs."""
+    terms: Terms = {}
+    seen: list[torch.Tensor] = []
+    handles = first_order_hooks(layer, terms, current, name, seen)
+    try:
+        for b, (inputs, batch) in enumerate(zip(kept, calib.batches, strict=True)):
+            current[0] = calib.token_mask(batch)
+            seen.clear()
+            x = hidden[b].detach().requires_grad_(True)
+            args, kwargs = _with_hidden(inputs, x)
+            with torch.enable_grad():
+                out = _hidden_out(layer(*args, **kwargs))
+                got = torch.autograd.grad(out, [x, *seen], grad_outputs=grads[b].to(out.device),
+                                          allow_unused=True)
+            grads[b] = got[0] if got[0] is not None else torch.zeros_like(x)
+            _collect(terms, columns)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _before(model: nn.Module, first: nn.Module, calib: Calibration, grads: list[torch.Tensor],
+            current: list[torch.Tensor | None], columns: Columns) -> None:
+    """Terms of the weighted layers before the decoder stack: the model run again up to the
+    first decoder layer, whose input gradient is pulled back through them."""
+    captured: list[torch.Tensor] = []
+
+    def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append(_hidden_in((args, kwargs)))
+        raise _Stop
+
+    terms: Terms = {}
+    seen: list[torch.Tensor] = []
+    handles = [first.register_forward_pre_hook(stop, with_kwargs=True),
+               *first_order_hooks(model, terms, current, "", seen)]
+    try:
+        for b, batch in enumerate(calib.batches):
+            current[0] = calib.token_mask(batch)
+            seen.clear()
+            captured.clear()
+            with torch.enable_grad():
+                with contextlib.suppress(_Stop):
+                    model(*batch, **calib.kwargs)
+                x = captured[0]
+                if x.requires_grad and seen:
+                    torch.autograd.grad(x, seen, grad_outputs=grads[b].to(x.device),
+                                        allow_unused=True)
+            _collect(terms, columns)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_order(model: nn.Module, calib: Calibration,
+                 activations_folder: str | os.PathLike[str] | None,
+                 ) -> dict[tuple[str, int], np.ndarray]:
+    """`importance._first_order` (the per-sample terms of ``taylor`` / ``fisher``) computed
+    one decoder layer at a time (module docstring, point 3)."""
+    prefix, layers = decoder_layers(model)
+    _check_unshared(layers)
+    current: list[torch.Tensor | None] = [None]
+    columns: Columns = {}
+    with _Stash(activations_folder) as stash:
+        kept, before = _capture(model, layers[0], calib, current)
+        hidden = [_hidden_in(inputs) for inputs in kept]
+        last: list[Any] = []
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                stash.put(i, hidden)
+                with _resident(layer):
+                    last = [layer(*a, **k) for a, k in
+                            (_with_hidden(inputs, h) for inputs, h in zip(kept, hidden,
+                                                                          strict=True))]
+                hidden = [_hidden_out(o) for o in last]
+        del hidden
+        grads = _head(model, layers, calib, last, current, columns)
+        del last
+        for i in reversed(range(len(layers))):
+            hidden = stash.get(i)
+            with _resident(layers[i]):
+                _backward_layer(layers[i], f"{prefix}.{i}", kept, hidden, grads, calib,
+                                current, columns)
+            del hidden
+        if before:
+            _before(model, layers[0], calib, grads, current, columns)
+    return per_sample_terms(columns, sum(batch_size(b) for b in calib.batches))
