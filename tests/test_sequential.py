@@ -78,8 +78,9 @@ def test_resident_model_gives_the_same_scores(ckpt: Path, calib: Calibration) ->
 
 def test_sequential_errors(ckpt: Path, calib: Calibration) -> None:
     model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False)
-    with pytest.raises(SequentialError, match=r"criterion 'taylor' has no layer-by-layer form"):
-        sequential_criterion(model, calib, "taylor")
+    with pytest.raises(SequentialError, match=r"criterion 'magnitude' has no layer-by-layer "
+                                              r"form; use one of activation, wanda, taylor"):
+        sequential_criterion(model, calib, "magnitude")
     with pytest.raises(SequentialError, match=r"pass offload_folder= for the weights"):
         load_offloaded(ckpt, max_memory=CAP)
     with pytest.raises(SequentialError, match=r"has no list of repeated layers"):
