@@ -14,7 +14,9 @@ Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--dir DIR
   counts checkpoint pages mapped by safetensors, page cache the kernel can drop).
 * ``sequential``: activation importance of that checkpoint, one decoder layer at a time,
   under ``max_memory={"cpu": "600MB"}`` with the rest offloaded to disk (run with
-  ``MALLOC_MMAP_THRESHOLD_=1048576``: see `_ENV`).
+  ``MALLOC_MMAP_THRESHOLD_=1048576``: see `_ENV`); then, in another process, ``taylor``
+  importance under the same cap by the layer-wise backward (forward, loss at the head, then
+  the layers in reverse, each recomputed with grad on; the kept hidden states in memory).
 
 Every measurement runs in its own process (peak RSS is per process). The synthetic
 checkpoint is deleted at the end.
@@ -162,7 +164,7 @@ def child_stream(folder: str) -> dict[str, Any]:
             "out_gb": round(sum(p.stat().st_size for p in out) / 1e9, 2)}
 
 
-def child_sequential(folder: str) -> dict[str, Any]:
+def child_sequential(folder: str, criterion: str = "activation") -> dict[str, Any]:
     import torch
 
     import explorer
@@ -177,12 +179,14 @@ def child_sequential(folder: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         off = load_offloaded(ckpt, max_memory=CAP, offload_folder=Path(folder) / "offload")
         loaded = time.perf_counter() - t0
-        crit = sequential_criterion(off.model, calib)
-        seconds = time.perf_counter() - t0
+        c0 = time.process_time()
+        crit = sequential_criterion(off.model, calib, criterion)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     lm = load_model(f"hf:{ckpt}/config.json", device="meta")
     mg = explorer.trace(lm.model, lm.example_inputs)
     scored = [crit.scores(lm.model, mg.coupling, g) for g in mg.groups() if g.prunable]
-    return {"seconds": round(seconds, 1), "load_seconds": round(loaded, 1),
+    return {"criterion": criterion, "seconds": round(seconds, 1),
+            "load_seconds": round(loaded, 1), "criterion_cpu_s": round(cpu, 1),
             "anon_before_mb": mem.start["RssAnon"], "anon_peak_mb": mem.peak["RssAnon"],
             "anon_growth_mb": mem.peak["RssAnon"] - mem.start["RssAnon"],
             "rss_before_mb": mem.start["VmRSS"], "rss_peak_mb": mem.peak["VmRSS"],
@@ -190,14 +194,19 @@ def child_sequential(folder: str) -> dict[str, Any]:
             "calibration": "4 batches x 2 x 128 tokens"}
 
 
+def child_sequential_taylor(folder: str) -> dict[str, Any]:
+    return child_sequential(folder, "taylor")
+
+
 CHILDREN = {"trace": child_trace, "write": child_write, "stream": child_stream,
-            "sequential": child_sequential}
+            "sequential": child_sequential, "sequential_taylor": child_sequential_taylor}
 
 
 # glibc raises its mmap threshold as large blocks are freed, after which freed layer buffers
 # stay in the heap and the resident set climbs layer after layer although nothing leaks; a
 # fixed threshold hands them back (measured: 2.5 GB -> 1.5 GB peak for `sequential`).
-_ENV = {"sequential": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+_ENV = {kind: {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+        for kind in ("sequential", "sequential_taylor")}
 
 
 def _run(kind: str, arg: str) -> dict[str, Any]:
@@ -233,6 +242,7 @@ def main() -> None:
                 results["stream"] = _run("stream", str(scratch))
             if "sequential" in parts:
                 results["sequential"] = _run("sequential", str(scratch))
+                results["sequential_taylor"] = _run("sequential_taylor", str(scratch))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(results, indent=1))

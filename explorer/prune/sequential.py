@@ -395,8 +395,9 @@ def _grad_flags(model: nn.Module) -> Iterator[None]:
 
 
 class _Stash:
-    """The input hidden states of every decoder layer (one tensor per batch), kept in
-    memory or, given a folder, in one file per layer there (removed when read or on exit)."""
+    """The input hidden states of every decoder layer (one tensor per batch), kept in CPU
+    memory (not on the accelerator, whose memory then holds one layer's) or, given a folder,
+    in one file per layer there (removed when read, and on exit)."""
 
     def __init__(self, folder: str | os.PathLike[str] | None) -> None:
         self.folder = folder
@@ -417,18 +418,20 @@ class _Stash:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
-        if self.dir is None:
-            self.kept[layer] = hidden
-            return
         self.devices[layer] = [h.device for h in hidden]
-        torch.save([h.detach().cpu() for h in hidden], self.dir / f"{layer}.pt")
+        on_cpu = [h.detach().cpu() for h in hidden]
+        if self.dir is None:
+            self.kept[layer] = on_cpu
+        else:
+            torch.save(on_cpu, self.dir / f"{layer}.pt")
 
     def get(self, layer: int) -> list[torch.Tensor]:
         if self.dir is None:
-            return self.kept.pop(layer)
-        path = self.dir / f"{layer}.pt"
-        hidden: list[torch.Tensor] = torch.load(path, weights_only=True)
-        path.unlink()
+            hidden = self.kept.pop(layer)
+        else:
+            path = self.dir / f"{layer}.pt"
+            hidden = torch.load(path, weights_only=True)
+            path.unlink()
         return [h.to(d) for h, d in zip(hidden, self.devices.pop(layer), strict=True)]
 
 
