@@ -349,9 +349,14 @@ def _first_order(model: nn.Module, calib: Calibration) -> dict[tuple[str, int], 
 def per_sample_terms(columns: dict[tuple[str, int], list[torch.Tensor]], samples: int,
                      ) -> dict[tuple[str, int], np.ndarray]:
     """(weight, dim) -> (channels, samples) from each batch's (samples, channels) terms, in
-    batch order; keys whose rows are not samples are left out."""
-    out = {k: torch.cat(v, dim=0).T.double().cpu().numpy() for k, v in columns.items()}
-    return {k: v for k, v in out.items() if v.shape[1] == samples}  # else rows are not samples
+    batch order; keys whose rows are not samples are left out. Empties ``columns`` (each
+    key's batches are released once converted)."""
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for key in list(columns):
+        terms = torch.cat(columns.pop(key), dim=0).T.double().cpu().numpy()
+        if terms.shape[1] == samples:  # else its rows are not samples
+            out[key] = terms
+    return out
 
 
 def first_order_hooks(model: nn.Module, terms: dict[tuple[str, int], torch.Tensor],

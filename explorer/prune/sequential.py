@@ -21,7 +21,7 @@ The sequential calibration of SparseGPT and Wanda, on accelerate's big-model mac
    `explorer.prune.importance`), `sequential_criterion` runs a layer-wise backward:
 
    * forward, one layer at a time, keeping every decoder layer's input hidden states (in
-     memory, or in ``activations_folder`` on disk); the other inputs of a layer (attention
+     CPU memory, or in ``activations_folder`` on disk); the other inputs of a layer (attention
      mask, position embeddings) are the first layer's, as the model passes them;
    * the loss at the head: the model's own forward, each decoder layer standing in with its
      recorded output as a leaf that requires grad, then `compute_loss` (the loss of the
@@ -38,14 +38,18 @@ The sequential calibration of SparseGPT and Wanda, on accelerate's big-model mac
    Parameter ``.grad`` is never written (`torch.autograd.grad`); ``requires_grad`` flags,
    train/eval modes and buffers are restored (`calibrating`).
 
-Peak memory: one decoder layer's weights, the kept activations, and per-channel vectors.
-The gradient criteria keep, in memory: one decoder layer's weights and the autograd graph of
-one layer for one batch, the first layer's non-hidden inputs, the gradient of the hidden
-states (one hidden-states tensor per batch), and the per-sample terms
-(channels x samples of every weighted layer, as in memory); plus the input hidden states
-of every decoder layer (layers x batches x tokens x hidden), or of one layer when
-``activations_folder`` keeps them on disk. The LM head's pass holds one batch's logits and
-their graph, as the in-memory path does.
+Peak memory, activation criteria: one decoder layer's weights, the kept activations (one
+hidden-states tensor per batch and the first layer's other inputs), per-channel vectors.
+Gradient criteria: one decoder layer's weights, that layer's autograd graph for one batch
+(its weights' gradients are not kept), the first layer's other inputs, the output gradient
+(one hidden-states tensor per batch), the per-sample terms (input and output channels x
+samples of every weighted layer, as the in-memory criterion keeps them), and the input
+hidden states of every decoder layer (layers x samples x tokens x hidden) in CPU memory, or
+of one layer when ``activations_folder`` keeps them on disk; the LM head's pass holds one
+batch's logits and their graph, as in memory. For a 70B Llama (80 layers, hidden 8192) and
+128 samples of 2048 tokens in bf16, the kept hidden states are 344 GB (use
+``activations_folder``: then 4.3 GB per layer), and the per-sample terms 13 M channels x 128
+samples, 6.6 GB in float32 while collected and 13 GB as the float64 arrays scored.
 (On glibc, run with ``MALLOC_MMAP_THRESHOLD_=1048576``: otherwise the allocator keeps freed
 layer buffers in its heap and the resident set grows layer after layer without a leak.)
 The scores equal the in-memory ones: the same modules see the same inputs in the same
