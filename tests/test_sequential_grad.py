@@ -67,8 +67,13 @@ def test_offloaded_gradient_scores_equal_in_memory(ckpt: Path, tmp_path: Path,
 
     off = load_offloaded(ckpt, max_memory=CAP, offload_folder=tmp_path / "offload")
     assert any(m.startswith("model.layers") for m in off.offloaded), off.device_map
+    off.model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in off.model.named_parameters()}
     crit = sequential_criterion(off.model, calib, name,
                                 activations_folder=tmp_path / "activations")
+    assert {n: p.requires_grad for n, p in off.model.named_parameters()} == flags
+    assert not any(m.training for m in off.model.modules())
+    assert all(p.grad is None for p in off.model.parameters())
     _assert_same_terms(crit, reference)
     assert ("lm_head.weight", 1) in _terms(crit)
     assert ("model.layers.2.mlp.down_proj.weight", 1) in _terms(crit)
