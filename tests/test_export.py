@@ -140,6 +140,33 @@ def test_head_dim_pruning_falls_back_to_safetensors(tmp_path: Path) -> None:
     assert torch.equal(_output(again, _inputs), _output(model, _inputs))
 
 
+def test_residual_cut_exports_a_transformers_folder(tmp_path: Path) -> None:
+    """A Llama residual cut to 44 (round_to 4, 4 heads left): the config follows, so do the
+    decoder layers' descriptive ``hidden_size`` attributes (no forward reads them), and
+    ``from_pretrained`` rebuilds the model with equal logits."""
+    from transformers import AutoModelForCausalLM
+
+    model, inputs, plan = _pruned("hf:llama?num_hidden_layers=2", heads="whole", round_to=4)
+    assert model.config.hidden_size == 32 and model.model.layers[0].hidden_size == 32
+    res = export(model, tmp_path, "hf", plan=plan)
+    assert res.config is not None and res.config.ok, res.messages
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(_output(again, inputs), _output(model, inputs), rtol=0, atol=1e-6)
+
+
+def test_config_transformers_refuses_falls_back_with_the_reason(tmp_path: Path) -> None:
+    lm = load_model("hf:llama?num_hidden_layers=2")
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole")
+    plan = Plan.from_pruner(pruner, lm.spec, reports=[pruner.step()])
+    res = export(lm.model, tmp_path, "hf", plan=plan)  # hidden 45 with 4 heads: refused
+    assert "hf" not in res.files and "safetensors" in res.files
+    assert any("not a multiple of the number of attention heads" in m and "round" in m
+               for m in res.messages), res.messages
+    assert lm.model.config.hidden_size == 64  # an invalid config is never written
+    again = load_pruned(None, tmp_path)
+    assert torch.equal(_output(again, lm.example_inputs), _output(lm.model, lm.example_inputs))
+
+
 def test_non_uniform_widths_leave_config(tmp_path: Path) -> None:
     lm = load_model("demo:llama")
     pruner = Pruner(lm.model, lm.example_inputs, ratio=0.0,

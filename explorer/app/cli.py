@@ -5,6 +5,7 @@ Also installed as the ``pruning-explorer`` console script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -34,10 +35,17 @@ from ..io.export import (
     snapshot,
 )
 from ..io.plan import Plan
-from ..io.specs import LoadedModel, SpecError, load_model, parse_input_shape
-from ..prune.calibration import Calibration
+from ..io.specs import LoadedModel, SpecError, has_weights, load_model, parse_input_shape
+from ..prune.calibration import Calibration, load_calibration
+from ..prune.importance import Criterion
 from ..prune.preflight import clone_model, forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
+from ..prune.sequential import (
+    SEQUENTIAL_CRITERIA,
+    SequentialError,
+    load_offloaded,
+    sequential_criterion,
+)
 from ..quality.evaluate import Quality, evaluate
 from ..render.dot import view_to_dot
 from ..render.view import build_view
@@ -112,6 +120,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples of each data file (default: all)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="with --device meta and hf:FOLDER: compute a data-aware criterion "
+                        "one decoder layer at a time from the folder's weights, holding at "
+                        "most SIZE (e.g. 8GB) in CPU memory; the rest is offloaded to disk")
+    p.add_argument("--offload-folder", default=None,
+                   help="where --max-memory offloads weights and keeps activations "
+                        "(default: a temporary folder, removed afterwards)")
     p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
                    help="refit the layers that read removed channels on the calibration data "
                         "(random inputs without --calibration: check quality on held-out data)")
@@ -285,10 +300,58 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
     return calib, held
 
 
+def _checkpoint_folder(args: argparse.Namespace, lm: LoadedModel) -> Path:
+    """The weights folder behind a meta ``hf:FOLDER`` model, for ``--max-memory``."""
+    if args.device != "meta":
+        raise CliError("--max-memory scores a model that does not fit in memory from its "
+                       "checkpoint; use it with --device meta (without it, the model is "
+                       "loaded whole)")
+    folder = Path(args.model[3:].split("?", 1)[0]) if args.model.startswith("hf:") else None
+    if folder is None or not folder.is_dir() or not has_weights(folder):
+        raise CliError(f"--max-memory needs an hf:FOLDER model with safetensors weights; "
+                       f"'{args.model}' is not one")
+    if args.importance not in SEQUENTIAL_CRITERIA:
+        raise CliError(f"--max-memory: importance '{args.importance}' has no layer-by-layer "
+                       f"form; use one of {', '.join(SEQUENTIAL_CRITERIA)}")
+    if args.steps != 1 or args.compensate != "none":
+        raise CliError("--max-memory scores the original weights once: use --steps 1 and "
+                       "--compensate none")
+    return folder
+
+
+def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
+                       calib: Calibration | None) -> Criterion:
+    """``--importance`` computed from the checkpoint one decoder layer at a time, within
+    ``--max-memory`` (`explorer.prune.sequential`)."""
+    folder = _checkpoint_folder(args, lm)
+    data = load_calibration(calib, lm.example_inputs)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.offload_folder) if args.offload_folder else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="pe-offload-")))
+        try:
+            off = load_offloaded(folder, max_memory={"cpu": args.max_memory},
+                                 offload_folder=work / "weights")
+        except (ValueError, OSError) as e:
+            raise CliError(f"--max-memory: cannot place '{folder}' ({e})") from e
+        theirs = {n for n, _ in off.model.named_parameters()}
+        ours = {n for n, _ in lm.model.named_parameters()}
+        if theirs != ours:
+            missing = sorted(ours - theirs)[:3]
+            raise CliError(f"--max-memory: the checkpoint's architecture names other weights "
+                           f"than the model spec's (e.g. {missing}); give the spec the "
+                           f"checkpoint's task (hf:FOLDER?task=...)")
+        try:
+            return sequential_criterion(off.model, data, args.importance,
+                                        activations_folder=work / "activations")
+        except (SequentialError, RuntimeError) as e:
+            raise CliError(f"--max-memory: {' '.join(str(e).split())[:300]}") from e
+
+
 def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
     """Run the pruner's steps (and measure quality on ``--eval`` data)."""
     calib, held = _data(args, lm)
     original = clone_model(lm.model) if held is not None else None
+    scores = _sequential_scores(args, lm, calib) if args.max_memory else None
     with _deadline(args.timeout, "tracing the model"):
         pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance,
                         ratio=args.ratio, iterative_steps=args.steps,
@@ -296,7 +359,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
                         round_to=args.round_to, ignored=list(args.ignore),
                         target_params=args.target_params, target_macs=args.target_macs,
                         calibration=calib,
-                        compensate=None if args.compensate == "none" else args.compensate)
+                        compensate=None if args.compensate == "none" else args.compensate,
+                        scores=scores)
     heads_before = attention_modules(lm.model, pruner.coupling)
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]

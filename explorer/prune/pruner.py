@@ -140,6 +140,10 @@ class Pruner:
         target_macs: the same for multiply-accumulates.
         compensate: refit the consumers of removed channels on the calibration data after
             each step: "bias", "lstsq" or None (see `explorer.prune.compensate`).
+        scores: a criterion prepared elsewhere on this model's original weights, used instead
+            of preparing ``importance`` here; e.g. `explorer.prune.sequential.
+            sequential_criterion` on the checkpoint that a ``meta`` model describes. Its
+            statistics index the original channels, so it ranks the first cut only.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, importance: str = "magnitude",
@@ -148,17 +152,21 @@ class Pruner:
                  calibration: Calibration | str | None = None,
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
                  target_params: float | None = None, target_macs: float | None = None,
-                 compensate: str | None = None) -> None:
+                 compensate: str | None = None, scores: Criterion | None = None) -> None:
         for name, value in (("iterative_steps", iterative_steps), ("round_to", round_to)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         check_module_names(model, ignored, "ignored")
+        if scores is not None and iterative_steps != 1:
+            raise ValueError("scores given for the original weights rank one cut only; use "
+                             "iterative_steps=1")
         _validate(importance, ratio, heads, round_to, target_params, target_macs)
         self.compensate = compensation(compensate)
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        self.criterion: Criterion = make(importance)
+        self.criterion: Criterion = make(importance) if scores is None else scores
         self.importance = importance
+        self._given_scores = scores is not None
         self.ratio = ratio
         self.steps = max(1, int(iterative_steps))
         self.global_pruning = global_pruning
@@ -218,7 +226,8 @@ class Pruner:
         new_heads = self.heads if heads is None else heads
         new_round = self.round_to if round_to is None else int(round_to)
         _validate(new_importance, new_ratio, new_heads, new_round)
-        if new_importance != self.importance:
+        if new_importance != self.importance or (self._given_scores and importance):
+            self._given_scores = False
             self.criterion, self.importance, self._prepared = make(new_importance), \
                 new_importance, False
         self.ratio, self.heads, self.round_to = new_ratio, new_heads, new_round
@@ -238,6 +247,13 @@ class Pruner:
 
     def _prepare(self) -> None:
         if self._prepared:
+            return
+        if self._given_scores:
+            if self.applied:
+                raise ValueError("the given scores rank the original channels and this model "
+                                 "was cut since; prune in one step (iterative_steps=1) or "
+                                 "compute the scores again on the pruned weights")
+            self._prepared = True
             return
         calib = None
         on_meta = any(p.device.type == "meta" for p in self.model.parameters())

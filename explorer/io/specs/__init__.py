@@ -34,6 +34,7 @@ from ...graph.walk import to_device
 from ...quality.task import Task, infer_task
 from ._factory import build_factory
 from ._hf import HF_FAMILIES, build_hf
+from ._hf_folder import has_weights as has_weights
 from ._inputs import check_input_shape, resized_inputs, seeded
 from ._inputs import parse_input_shape as parse_input_shape
 from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
@@ -46,6 +47,7 @@ from ._weights import load_weights
 __all__ = [
     "LoadedModel",
     "SpecError",
+    "has_weights",
     "hf_families",
     "is_code_spec",
     "list_demos",

@@ -18,7 +18,9 @@ module attributes, and rotary frequencies recomputed from it must equal the prun
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -72,8 +74,9 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     if isinstance(base, str):
         return ConfigUpdate(reason=base)
     shape_problem, problem = _mismatch(model, config, base)
-    if not shape_problem:
-        return ConfigUpdate(ok=not problem, reason=problem)  # the config already fits
+    if not shape_problem:  # the config already fits the shapes
+        problem = _refusal(config) or _follow_descriptive(model, config, base, problem)
+        return ConfigUpdate(ok=not problem, reason=problem)
     ours = _observe(model)
     readings, candidates = _readings(model, config, base, ours)
     values = _search(model, config, ours, readings, candidates)
@@ -81,7 +84,11 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     fresh = _build(model, candidate)
     if not isinstance(fresh, str):
         shape_problem, found = _mismatch(model, candidate, fresh)
+        refused = _refusal(candidate)
+        if not shape_problem and refused:
+            return ConfigUpdate(reason=refused)  # the config is left as it was
         if not shape_problem:
+            found = _follow_descriptive(model, candidate, fresh, found)
             changed = {f: [getattr(config, f), getattr(candidate, f)]
                        for f in dict.fromkeys(n for n, _ in values)
                        if getattr(config, f) != getattr(candidate, f)}
@@ -348,6 +355,78 @@ def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, st
                 return False, (f"{name}.{attr} is {value!r} in the pruned model but "
                                f"{theirs_v!r} in one built from the config{hint}")
     return False, _rotary_mismatch(model, config)
+
+
+def _refusal(config: Any) -> str:
+    """Why transformers refuses to save ``config`` (its own validation), or ''."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return ""
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - any validation error: the config cannot be saved
+        cause = e.__cause__ if e.__cause__ is not None else e
+        detail = " ".join(str(cause).split())[:200]
+        return (f"transformers refuses a {type(config).__name__} with the pruned widths "
+                f"({detail}); round the widths so the config accepts them (round_to / "
+                f"--round-to)")
+    return ""
+
+
+def _follow_descriptive(model: nn.Module, config: Any, fresh: nn.Module, problem: str
+                        ) -> str:
+    """Set the integer attributes that only describe a width to the config's values.
+
+    A module may keep a width it took from the config at build time and never read it again
+    (``LlamaDecoderLayer.hidden_size``): no traced op reads it, so pruning did not patch it,
+    and it is the one thing that differs from the model the config builds. Such an attribute
+    follows the config; one that the module's code reads (an embedding scale, a head count)
+    is left as it is and the difference stays ``problem``. Returns the difference left ('').
+    """
+    fresh_modules = dict(fresh.named_modules())
+    changed = False
+    for name, module in model.named_modules():
+        other = fresh_modules.get(name)
+        if other is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if attr.startswith("_") or attr in _SHAPE_ATTRS or not _is_int(value):
+                continue
+            theirs = getattr(other, attr, value)
+            if _is_int(theirs) and theirs != value and not _read_by_code(type(module), attr):
+                setattr(module, attr, theirs)
+                changed = True
+    return _mismatch(model, config, fresh)[1] if changed else problem
+
+
+_READS: dict[tuple[type, str], bool] = {}
+
+
+def _read_by_code(cls: type, attr: str) -> bool:
+    """Whether a method of ``cls`` (its own classes, not torch's; ``__init__`` aside) reads
+    ``self.<attr>``. No source to read counts as a read."""
+    key = (cls, attr)
+    if key not in _READS:
+        pattern = re.compile(rf"\.{re.escape(attr)}\b")
+        found = False
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch.") or klass is object:
+                continue
+            for fname, fn in vars(klass).items():
+                if fname == "__init__" or not inspect.isfunction(fn):
+                    continue
+                try:
+                    source = inspect.getsource(fn)
+                except (OSError, TypeError):
+                    found = True
+                    break
+                if pattern.search(source):
+                    found = True
+                    break
+            if found:
+                break
+        _READS[key] = found
+    return _READS[key]
 
 
 def _hint(attr: str) -> str:
