@@ -41,6 +41,8 @@ class GroupChange:
     removed: list[int]
     width_before: int
     width_after: int
+    # why this axis and not the innermost one, when the pruner fell back to an outer axis
+    fallback: str = ""
 
 
 @dataclass
@@ -631,10 +633,17 @@ class Pruner:
         for (g, a), idx in removal.picks.items():
             parts.setdefault(g, Removal()).add(g, a, idx)
         sol = solve(flight, dict(sorted(parts.items())), rescale=self.common_fraction)
+        outer = self._outer_fallbacks(flight, sol, parts)
         for g, v in sol.unsafe.items():
-            report.unsafe.append(Unsafe(g, v.module, v.location, v.error))
+            if g not in outer:
+                report.unsafe.append(Unsafe(g, v.module, v.location, v.error))
         safe = set(sol.safe)
         kept = [c for c in changes if c.group in safe]
+        for g, (part, change) in sorted(outer.items()):
+            parts[g] = part
+            safe.add(g)
+            kept.append(change)
+            report.notes.append(f"{change.title}: {change.fallback}")
         for c in kept:  # a joint set cut at a common fraction: report what is really removed
             if c.group in sol.rescaled:
                 axis = next(a for (g, a) in removal.picks if g == c.group and
@@ -642,6 +651,49 @@ class Pruner:
                 c.removed = sol.rescaled[c.group].picks.get((c.group, axis), c.removed)
                 c.width_after = c.width_before - len(c.removed)
         return merge(sol.rescaled.get(g, parts[g]) for g in sorted(safe)), kept
+
+    def _outer_fallbacks(self, flight: Preflight, sol: Solution[int], parts: dict[int, Removal]
+                         ) -> dict[int, tuple[Removal, GroupChange]]:
+        """Groups whose innermost axis is unsafe, re-cut on an outer channel axis that runs.
+
+        In an (outer x inner) layout the pruner cuts the inner axis (so widths shrink once).
+        When model code fixes that inner width (``view(-1, self.conv.in_channels, 4, 4)``
+        after a linear layer keeps the 4 x 4 block), whole blocks of ``inner`` channels may
+        still go: the outer axes are tried, outermost first, each with the safe cuts so far,
+        at the fraction the inner cut had. Only channel and group axes are tried (heads stay
+        the head mode's choice).
+        """
+        found: dict[int, tuple[Removal, GroupChange]] = {}
+        for gid, verdict in sorted(sol.unsafe.items()):
+            group = self.groups[gid]
+            picked = {a: idx for (g, a), idx in parts[gid].picks.items() if idx}
+            outer = [i for i, a in enumerate(group.axes) if a.prunable and not a.inner and
+                     a.role in (AxisRole.CHANNELS, AxisRole.GROUPS) and i not in picked]
+            if not picked or not outer:
+                continue
+            fraction = max(len(idx) / group.axes[a].size for a, idx in picked.items())
+            scores = self.criterion.scores(self.model, self.coupling, group)
+            base = merge([sol.removal(parts), *(p for p, _c in found.values())])
+            for i in outer:
+                ax = group.axes[i]
+                n = ax.size - _kept(ax.size, fraction, self.round_to)
+                if n <= 0:
+                    continue
+                part = Removal()
+                part.add(gid, i, lowest(np.asarray(scores[i]), n))
+                if not flight.check(merge([base, part])).ok:
+                    continue
+                inner = ", ".join(f"{group.axes[a].size}" for a in picked)
+                block = int(np.prod([a.size for a in group.axes[i + 1:]] or [1]))
+                where = f"{verdict.location}: " if verdict.location else ""
+                why = (f"its innermost axis ({inner}) fails when cut ({where}{verdict.error}); "
+                       f"cut the outer {ax.role} axis of {ax.size} instead, whole blocks of "
+                       f"{block} channels")
+                idx = part.picks[(gid, i)]
+                found[gid] = (part, GroupChange(gid, group.title, ax.role, idx, ax.size,
+                                                ax.size - n, why))
+                break
+        return found
 
 
 def _joint_reason(location: str, props: dict[tuple[str, int], Proposal],

@@ -1,0 +1,59 @@
+"""Axis choice: when the innermost axis of an (outer x inner) layout is unsafe, the pruner
+falls back to an outer channel axis (whole blocks of inner channels) and says so."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer import Pruner
+
+
+class LinearToDeconv(nn.Module):
+    """A linear layer reshaped into a 256 x 4 x 4 feature map for transposed convs, the
+    channel count read from the first deconv (the layout of Torch-Pruning's reshape test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 256 * 16)
+        self.up1 = nn.ConvTranspose2d(256, 32, kernel_size=4, stride=2, padding=1)
+        self.up2 = nn.ConvTranspose2d(32, 8, kernel_size=4, stride=2, padding=1)
+        self.final = nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc(x))
+        x = x.view(-1, self.up1.in_channels, 4, 4)
+        x = F.relu(self.up2(F.relu(self.up1(x))))
+        return self.final(torch.flatten(x, 1))
+
+
+def test_unsafe_inner_axis_falls_back_to_whole_blocks() -> None:
+    torch.manual_seed(0)
+    model = LinearToDeconv().eval()
+    x = torch.randn(1, 64)
+    original = model.fc.weight.detach().clone()
+    pruner = Pruner(model, (x,), ratio=0.5, ignored=["final"])
+    fc_group = next(g for g in pruner.groups if g.members[0].param == "fc.weight")
+    assert [a.size for a in fc_group.axes] == [256, 4, 4]  # (channels x 4 x 4)
+    report = pruner.step()
+    assert report.unsafe == [] and report.forward_ok and report.output_shape_ok
+    (change,) = [c for c in report.changes if c.fallback]
+    assert (change.width_before, change.width_after) == (256, 128)
+    assert "innermost axis" in change.fallback and "whole blocks of 16 channels" in \
+        change.fallback and "test_axis_choice.py" in change.fallback  # the failing line
+    assert any(change.fallback in n for n in report.notes)
+    assert model.up1.in_channels == 128 and model.fc.out_features == 128 * 16
+    # the kept rows of fc are whole 4 x 4 blocks of the original, in order
+    rows = original.view(256, 16, 64)
+    kept = [c for c in range(256) if c not in set(change.removed)]
+    assert torch.equal(model.fc.weight.detach().view(128, 16, 64), rows[kept])
+    assert model(x).shape == (1, 10)
+
+
+def test_safe_inner_axes_need_no_fallback() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    report = Pruner(model, (torch.randn(1, 3, 8, 8),), ratio=0.5, ignored=["4"]).step()
+    assert report.changes and not any(c.fallback for c in report.changes)
+    assert report.unsafe == []
