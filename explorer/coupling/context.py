@@ -24,6 +24,8 @@ class Ctx:
         self.sp = Spaces()
         self.unknown: dict[str, list[str]] = {}  # op name -> locations where it had no rule
         self.group_axes: dict[str, IdArray] = {}  # module -> ids of its conv/norm group axis
+        # id(part) -> (flat, parts) of every dim a reshape factored (see rules_shape.view)
+        self.factors: dict[int, tuple[IdArray, tuple[IdArray, ...]]] = {}
 
     # -- reading ------------------------------------------------------------------------
     def dims(self, ref: Any) -> list[IdArray]:

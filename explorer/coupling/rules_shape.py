@@ -59,11 +59,41 @@ def view(ctx: Ctx, node: OpNode) -> None:
         return
     out: list[IdArray | None] = [None] * len(out_shape)
     for bs, bd in blocks:
-        flat = ctx.sp.flatten([src[k] for k in bs], node.index)
+        srcs = [src[k] for k in bs]
+        flat = _refolded(ctx, srcs)
+        if flat is None:
+            flat = ctx.sp.flatten(srcs, node.index)
         parts = ctx.sp.split(flat, [out_shape[k] for k in bd], node.index)
+        if len(parts) > 1:
+            for p in parts:
+                ctx.factors[id(p)] = (flat, tuple(parts))
         for k, p in zip(bd, parts, strict=False):
             out[k] = p
     ctx.set_out(node, 0, [o if o is not None else ctx.sp.fresh(1) for o in out])
+
+
+def _refolded(ctx: Ctx, srcs: list[IdArray]) -> IdArray | None:
+    """The channels of ``srcs`` flattened, when they are the factors of one earlier reshape.
+
+    ``view(B, g, C // g, H, W)``, ``transpose(1, 2)``, ``view(B, C, H, W)`` (a channel
+    shuffle) flattens the factors of one dim in another order: the result is the same
+    channels permuted, not new ones. Returning the permuted element ids keeps each channel
+    itself through the shuffle, so later slices (``chunk(2)``) see the channels they take.
+    None when ``srcs`` are not exactly the factors of one reshape.
+    """
+    if len(srcs) < 2:
+        return None
+    entry = ctx.factors.get(id(srcs[0]))
+    if entry is None or len(entry[1]) != len(srcs):
+        return None
+    flat, parts = entry
+    order = [next((j for j, p in enumerate(parts) if p is s), -1) for s in srcs]
+    if sorted(order) != list(range(len(parts))):
+        return None
+    if order == sorted(order):
+        return flat
+    grid = flat.reshape([len(p) for p in parts])
+    return np.ascontiguousarray(grid.transpose(order)).reshape(-1)
 
 
 @rule(aten.permute, aten.permute_copy)
@@ -157,18 +187,31 @@ def narrow(ctx: Ctx, node: OpNode) -> None:
 @rule(aten.split, aten.split_with_sizes, aten.unsafe_split, aten.unsafe_split_with_sizes,
       aten.chunk, aten.tensor_split, aten.split_copy, aten.split_with_sizes_copy)
 def split(ctx: Ctx, node: OpNode) -> None:
-    """Consecutive sub-ranges: each output takes its own slice of the element ids."""
+    """Consecutive sub-ranges: each output takes its own slice of the element ids.
+
+    A split by one size (``chunk(n)``, ``split(size)``) cuts the pruned width into equal
+    parts again at run time, so its parts must keep the same channels: they are tied index
+    by index (pruning channel i of one part prunes channel i of every part). Without this a
+    channel shuffle followed by ``chunk(2)`` (ShuffleNet v2) hands each half the wrong
+    channels. Splits by a list of sizes keep their parts independent.
+    """
     src = ctx.dims(tensor_args(node)[0])
     dim = norm_dim(arg(node, 2, "dim", 0), len(src))
     start = 0
+    parts: list[IdArray] = []
     for i, vid in enumerate(node.outputs):
         if vid is None:
             continue
         size = ctx.out_shape(node, i)[dim]
         out = list(src)
         out[dim] = src[dim][start:start + size]
+        parts.append(out[dim])
         start += size
         ctx.set_out(node, i, out)
+    if isinstance(arg(node, 1, "split_size"), int) and len(parts) > 1 and \
+            start == len(src[dim]) and len({len(p) for p in parts}) == 1:
+        for p in parts[1:]:
+            ctx.union(parts[0], p, node)
 
 
 @rule(aten.cat, aten.concat, aten.concatenate)
