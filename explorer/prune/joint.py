@@ -94,22 +94,43 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
     clusters: dict[str, list[K]] = {}
     for k in failed:
         clusters.setdefault(_where(verdicts[k]), []).append(k)
-    for where, ids in clusters.items():
-        if len(ids) < 2:
+    done: set[str] = set()
+    for start in list(clusters):
+        if start in done or len(clusters[start]) < 2:
+            continue  # a lone part failed alone at its own line: it joins a set when named
+        ids, merged = list(clusters[start]), [start]
+        while True:
+            verdict, together = _together(flight, sol.removal(parts), [parts[k] for k in ids],
+                                          rescale)
+            if verdict.ok:
+                break
+            # the set fails at another set's line: the width they share is cut in both
+            # (XCiT's C // num_heads in its self- and class-attention blocks)
+            nxt = _where(verdict)
+            if nxt not in clusters or nxt in merged or nxt in done:
+                break
+            merged.append(nxt)
+            ids += clusters[nxt]
+        if not verdict.ok:
             continue
-        base = [sol.removal(parts)]
-        together = [parts[k] for k in ids]
-        if not flight.check(merge(base + together)).ok:
-            if rescale is None:
-                continue
-            together = rescale(together)
-            if not flight.check(merge(base + together)).ok:
-                continue
+        done.update(merged)
+        if together is not None:
             sol.rescaled.update(zip(ids, together, strict=True))
         sol.safe.extend(ids)
-        sol.joint.append(JointSet(ids, where, verdicts[ids[0]].module))
+        sol.joint.append(JointSet(ids, start, verdicts[ids[0]].module))
     sol.unsafe = {k: verdicts[k] for k in failed if k not in sol.safe}
     return sol
+
+
+def _together(flight: Preflight, base: Removal, together: list[Removal],
+              rescale: Rescale | None) -> tuple[Verdict, list[Removal] | None]:
+    """The check of ``together`` with ``base`` as proposed and, when that fails and
+    ``rescale`` is given, at one common fraction; the rescaled parts when those ran."""
+    verdict = flight.check(merge([base, *together]))
+    if verdict.ok or rescale is None:
+        return verdict, None
+    scaled = rescale(together)
+    return flight.check(merge([base, *scaled])), scaled
 
 
 def _bisect(flight: Preflight, parts: Mapping[K, Removal], ids: Sequence[K], safe: list[K],
