@@ -13,6 +13,7 @@ from typing import Any
 
 from ..coupling.heads import HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS
 from ..prune.fixups.patch import TUPLE_WRITES, WRITES
+from ..prune.fixups.scoped import SPLIT_LISTS
 from ..prune.fixups.widths import width_name
 
 __all__ = ["check_attribute", "plan_attribute"]
@@ -26,7 +27,7 @@ _INT_ATTRS = (WRITES - TUPLE_WRITES) | set(HEAD_COUNT_ATTRS) | set(HEAD_DIM_ATTR
 def plan_attribute(name: str) -> bool:
     """Whether a plan may set an attribute called ``name`` at all."""
     return name in _INT_ATTRS or name in TUPLE_WRITES or name == "fused_attn" or \
-        (not name.startswith("_") and width_name(name))
+        (not name.startswith("_") and (width_name(name) or name.endswith(SPLIT_LISTS)))
 
 
 def _width(value: Any) -> bool:
@@ -40,7 +41,7 @@ def check_attribute(name: str, old: Any, new: Any) -> str:
                 "and shapes only)")
     if name == "fused_attn":
         return "" if old is True and new is False else "may only change from true to false"
-    if name in TUPLE_WRITES:
+    if name in TUPLE_WRITES or name.endswith(SPLIT_LISTS):  # shapes, split sizes
         ok = all(isinstance(v, list) and v and all(_width(x) for x in v) for v in (old, new))
         return "" if ok else "must be [old, new] lists of positive integers"
     ok = all(_width(v) for v in (old, new))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import linecache
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -211,7 +212,7 @@ def patch_scoped_widths(model: nn.Module, coupling: Coupling, removed_atoms: np.
         found = {a: v for a, v in _int_attrs(module).items() if a not in already.get(name, {})}
         if found:
             attrs[name] = found
-    changes: Widths = {}
+    changes: Widths = _split_lists(model, coupling, removed_atoms, already)
     named: dict[str, dict[str, set[int]]] = {}
     for name, sizes in _evidence(coupling, attrs, removed_atoms, named).items():
         module = model.get_submodule(name)
@@ -242,3 +243,47 @@ def _mapped(value: int | tuple[int, ...],
     if not hit:
         return None
     return tuple(out) if isinstance(value, tuple) else out[0]
+
+
+# List attributes a module passes whole as the sizes of a split: CoaT's
+# ``torch.split(v_img, self.channel_splits, dim=1)`` (channels per window group of heads).
+SPLIT_LISTS = ("_splits", "_sizes")
+
+
+def _split_lists(model: nn.Module, coupling: Coupling, removed_atoms: np.ndarray,
+                 already: Widths) -> Widths:
+    """Set list attributes (names ending in `SPLIT_LISTS`) that a traced ``split`` received
+    whole, named on its source line, to the parts' pruned sizes; unchanged when two calls
+    disagree."""
+    count = coupling.survivors(removed_atoms)
+    found: dict[tuple[str, str], set[tuple[int, ...]]] = {}
+    for node in coupling.graph.ops:
+        if node.op.overloadpacket not in _SPLITS or not node.location:
+            continue
+        try:
+            module = model.get_submodule(node.module)
+        except AttributeError:
+            continue
+        lists = {a: v for a, v in vars(module).items() if a.endswith(SPLIT_LISTS) and
+                 not a.startswith("_") and a not in already.get(node.module, {}) and
+                 isinstance(v, list)}
+        got = _positional(coupling, node, count) if lists else None
+        if got is None:
+            continue
+        values, new = got
+        path, _, line = node.location.rpartition(":")
+        text = " ".join(linecache.getline(path, int(line) + k) for k in range(4)) \
+            if line.isdigit() else ""
+        for attr, value in lists.items():
+            if value == values and re.search(rf"\bself\.{re.escape(attr)}\b", text):
+                found.setdefault((node.module, attr), set()).add(tuple(new))
+    changes: Widths = {}
+    for (name, attr), news in sorted(found.items()):
+        if len(news) != 1:
+            continue
+        module = model.get_submodule(name)
+        old, new = list(getattr(module, attr)), list(next(iter(news)))
+        if new != old:
+            setattr(module, attr, new)
+            changes.setdefault(name, {})[attr] = [old, new]
+    return changes
