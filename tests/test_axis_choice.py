@@ -57,3 +57,35 @@ def test_safe_inner_axes_need_no_fallback() -> None:
     report = Pruner(model, (torch.randn(1, 3, 8, 8),), ratio=0.5, ignored=["4"]).step()
     assert report.changes and not any(c.fallback for c in report.changes)
     assert report.unsafe == []
+
+
+class WindowSplits(nn.Module):
+    """Channels split by a list attribute into window groups (CoaT's ``channel_splits``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 12)
+        self.channel_splits = [4, 8]
+        self.win_a = nn.Linear(4, 6)
+        self.win_b = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.proj(x), self.channel_splits, dim=-1)
+        return self.out(self.win_a(a) + self.win_b(b))
+
+
+def test_split_size_list_follows_pruning_and_undo() -> None:
+    torch.manual_seed(0)
+    model = WindowSplits().eval()
+    x = torch.randn(2, 8)
+    pruner = Pruner(model, (x,), ratio=0.5, ignored=["out"])
+    report = pruner.step()
+    assert report.unsafe == [] and report.forward_ok and report.output_shape_ok
+    assert model.channel_splits == [model.win_a.in_features, model.win_b.in_features]
+    assert model.channel_splits != [4, 8] and model.proj.out_features == \
+        sum(model.channel_splits)
+    assert report.attributes[""]["channel_splits"] == [[4, 8], model.channel_splits]
+    assert model(x).shape == (2, 3)
+    pruner.undo()
+    assert model.channel_splits == [4, 8] and model.proj.out_features == 12

@@ -65,5 +65,7 @@ def test_zoo_prunes(entry: ZooEntry, zoo_table: list[tuple[str, str, str, str, s
     assert report.forward_ok, "the pruned model's forward failed"
     assert report.output_shape_ok, "the pruned model's output shape changed"
     assert after == before, f"real forward gave {after}, expected {before}"
+    if entry.safe:
+        assert not report.unsafe, [(u.location, u.error) for u in report.unsafe]
     assert frac <= TARGET, (f"params {report.params_after}/{report.params_before} = {frac:.3f} "
                             f"> {TARGET}; unsafe groups: {len(report.unsafe)}")

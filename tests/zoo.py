@@ -23,6 +23,7 @@ class ZooEntry:
     notes: str = ""  # what is special about the model (unsafe groups, pinned parts)
     xfail: str = ""  # non-empty: the model cannot reach the target; the real reason
     data_dims: tuple[int, ...] = ()  # dims of the main output whose size depends on the data
+    safe: bool = False  # no group may be left unsafe by the pre-flight
 
     @property
     def id(self) -> str:
@@ -36,9 +37,16 @@ class ZooEntry:
 _FACTORIES = Path(__file__).resolve().parent / "zoo_factories.py"
 
 
-def _factory(name: str, ignored: tuple[str, ...], notes: str, data_dims: tuple[int, ...] = ()
-             ) -> ZooEntry:
-    return ZooEntry(f"{_FACTORIES}:{name}", None, ignored, notes, data_dims=data_dims)
+def _factory(name: str, ignored: tuple[str, ...], notes: str, data_dims: tuple[int, ...] = (),
+             safe: bool = False) -> ZooEntry:
+    return ZooEntry(f"{_FACTORIES}:{name}", None, ignored, notes, data_dims=data_dims,
+                    safe=safe)
+
+
+def _native(spec: str, head: str, notes: str) -> ZooEntry:
+    """A timm model on its default input (224 px): widths computed from the input
+    (``C = x.shape[-1]``, ``C // num_heads``) must be cut jointly; no group left unsafe."""
+    return ZooEntry(f"timm:{spec}", None, (head,), notes, safe=True)
 
 
 def _cnn(name: str, size: int = 64, head: str = "fc", notes: str = "") -> ZooEntry:
@@ -77,7 +85,8 @@ ZOO: list[ZooEntry] = [
          notes="window partition / relative position bias"),
     ZooEntry("timm:levit_128s", (1, 3, 224, 224), ("head.linear", "head_dist.linear"),
              "attention biases sized by resolution; split([key_dim, key_dim, val_dim]) and "
-             "reshape(val_attn_dim) attributes follow the pruning (named by position)"),
+             "reshape(val_attn_dim) attributes follow the pruning (named by position)",
+             safe=True),
     _vit("cait_xxs24_224?img_size=64", 64, notes="talking heads, class attention"),
     ZooEntry("timm:crossvit_tiny_240", (1, 3, 240, 240), ("head.0", "head.1"),
              "two branches, cross attention"),
@@ -86,10 +95,18 @@ ZOO: list[ZooEntry] = [
     ZooEntry("timm:efficientformer_l1", (1, 3, 224, 224), ("head", "head_dist"),
              "meta4d/meta3d blocks; attention bias fixed to 7x7 tokens, so native 224 only"),
     _vit("mobilevit_xxs", 64, head="head.fc", notes="unfold/fold of patches"),
-    _vit("eva02_tiny_patch14_224?img_size=56&num_classes=10", 56,
-         notes="rotary embedding (interleaved rot: see resolve cycle note); the MIM config "
-               "has no head, so num_classes=10 gives it one; attention groups unsafe "
-               "(reshape(B, N, C) hard-coded)"),
+    _native("eva02_tiny_patch14_224?num_classes=10", "head",
+            "rotary embedding (interleaved rot: see resolve cycle note); reshape(B, N, C) "
+            "with C = x.shape[-1] ties the residual to the attention widths: cut jointly. "
+            "The MIM config has no head (its output is the residual, which pins the width: "
+            "0.677 kept), so num_classes=10 gives it one"),
+    _native("xcit_nano_12_p16_224", "head",
+            "cross-covariance attention: reshape(..., C // self.num_heads) in the self- and "
+            "the class-attention blocks, both tied to the residual: one joint set"),
+    _native("coat_lite_tiny", "head",
+            "conv relative position encoding splits v by the list attribute channel_splits "
+            "(followed); C // num_heads reshape cut jointly with the residual"),
+    _native("gcvit_xxtiny", "head.fc", "global query tokens, window attention"),
     _vit("fastvit_t8", 64, head="head.fc", notes="reparam mixers, RepCPE"),
     _vit("edgenext_xx_small", 64, head="head.fc",
          notes="split depthwise transposed attention; XCA's reshape(B, N, C) ties residual "
@@ -113,9 +130,9 @@ ZOO: list[ZooEntry] = [
              "detection: the number of boxes depends on the data, so the pre-flight compares "
              "only data-independent output dims; the RPN head's view(N, -1, 4, H, W) keeps "
              "its anchor group", data_dims=(0,)),
-    _factory("shufflenet_v2_x0_5", ("fc",),
-             "channel shuffle; chunk(2) of the stride-1 blocks recomputes halves from the "
-             "width: those 3 groups stay unsafe (located at the chunk line)"),
+    _factory("shufflenet_v2_x1_0", ("fc",),
+             "channel shuffle (view / transpose / view: a permutation of the channels) and "
+             "chunk(2), whose halves are tied index by index: every group safe", safe=True),
     # --- demos
     ZooEntry("demo:dino_vit", None, ("head",), "qkv reshape + qkv[0] indexing"),
     ZooEntry("demo:resnet", None, ("fc",)),

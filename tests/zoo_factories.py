@@ -18,8 +18,8 @@ def fasterrcnn_resnet50_fpn() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.rand(1, 3, 128, 128),)
 
 
-def shufflenet_v2_x0_5() -> tuple[nn.Module, tuple[torch.Tensor]]:
+def shufflenet_v2_x1_0() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """torchvision ShuffleNet v2 at 64 px: channel shuffle and chunk(2)."""
-    from torchvision.models import shufflenet_v2_x0_5 as build
+    from torchvision.models import shufflenet_v2_x1_0 as build
     torch.manual_seed(0)
     return build(weights=None).eval(), (torch.rand(1, 3, 64, 64),)
