@@ -89,3 +89,40 @@ def test_split_size_list_follows_pruning_and_undo() -> None:
     assert model(x).shape == (2, 3)
     pruner.undo()
     assert model.channel_splits == [4, 8] and model.proj.out_features == 12
+
+
+class TwoReaders(nn.Module):
+    """One width ``C = h.shape[-1]`` read at two lines: the residual and the first branch
+    fail alone at the first line, the second branch alone at the second. A third branch
+    with a hard-coded ``reshape(n, 4, 4)`` stays unsafe (so the pre-flight must bisect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.a, self.pa = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b, self.pb = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.d, self.pd = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        n, c = h.shape
+        a = self.a(h).reshape(n, 2, c // 2).flip(1)
+        b = self.b(h).reshape(n, 2, c // 2).flip(1)
+        d = self.d(h).reshape(n, 4, 4).flip(1)
+        return self.out(h + self.pa(a.reshape(n, -1)) + self.pb(b.reshape(n, -1))
+                        + self.pd(d.reshape(n, -1)))
+
+
+def test_sets_failing_at_each_others_lines_are_cut_together() -> None:
+    torch.manual_seed(0)
+    model = TwoReaders().eval()
+    x = torch.randn(3, 4)
+    report = Pruner(model, (x,), ratio=0.5, ignored=["out"]).step()
+    assert report.forward_ok and report.output_shape_ok
+    assert [u.location.rpartition(":")[2] for u in report.unsafe] == \
+        [str(TwoReaders.forward.__code__.co_firstlineno + 5)]  # only the 4 x 4 branch
+    widths = (model.embed.out_features, model.a.out_features, model.b.out_features,
+              model.d.out_features)
+    assert widths == (8, 8, 8, 16)
+    assert model(x).shape == (3, 3)

@@ -5,7 +5,9 @@ Model code such as DINO's ``reshape(B, N, 3, self.num_heads, C // self.num_heads
 groups that the coupling keeps apart: cutting the residual width alone (or the head dims
 alone) breaks the forward at that line, cutting both by the same fraction runs. Such groups
 fail *alone* at the same model line; `solve` retries them together and, when the set passes,
-reports it as one joint decision.
+reports it as one joint decision. A set that still fails at the line where another set
+failed alone takes that set in (one width read at two lines, as XCiT's self- and
+class-attention blocks both read ``C // num_heads``).
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
     own (n checks), so each one's alone verdict is known: what the app and the CLI show up
     front. Either way, parts that fail at the same model line are then retried as one set,
     as proposed and, when that fails and ``rescale`` is given, cut by one common fraction
-    (global ranking proposes different fractions; ``C // num_heads`` needs the same one).
+    (global ranking proposes different fractions; ``C // num_heads`` needs the same one);
+    a set failing at another failing set's line is merged with it and retried.
     """
     keys = list(parts)
     sol: Solution[K] = Solution()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .patch import WRITES, has_patcher
+
 _NAMES = {"hidden_dim", "hidden_size", "dim", "embed_dim", "width", "out_chs", "in_chs",
           "out_channels", "in_channels", "num_features", "channels", "inner_dim",
           "intermediate_size", "d_model", "mid_chs", "split_size", "intermediate_dim"}
@@ -45,9 +47,10 @@ def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tupl
     for mod_name, table in sizes.items():
         module = model.get_submodule(mod_name)
         done = already.get(mod_name, {})
+        owned = WRITES if has_patcher(module) else frozenset()  # its type's handler set them
         for attr, value in list(vars(module).items()):
-            if attr in done or not width_name(attr) or isinstance(value, bool) or \
-                    not isinstance(value, int):
+            if attr in done or attr in owned or not width_name(attr) or \
+                    isinstance(value, bool) or not isinstance(value, int):
                 continue
             options = table.get(value)
             if options is not None and len(options) == 1:
