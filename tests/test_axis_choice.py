@@ -24,7 +24,8 @@ class LinearToDeconv(nn.Module):
         x = F.relu(self.fc(x))
         x = x.view(-1, self.up1.in_channels, 4, 4)
         x = F.relu(self.up2(F.relu(self.up1(x))))
-        return self.final(torch.flatten(x, 1))
+        y: torch.Tensor = self.final(torch.flatten(x, 1))
+        return y
 
 
 def test_unsafe_inner_axis_falls_back_to_whole_blocks() -> None:
@@ -72,7 +73,8 @@ class WindowSplits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = torch.split(self.proj(x), self.channel_splits, dim=-1)
-        return self.out(self.win_a(a) + self.win_b(b))
+        y: torch.Tensor = self.out(self.win_a(a) + self.win_b(b))
+        return y
 
 
 def test_split_size_list_follows_pruning_and_undo() -> None:
@@ -110,8 +112,9 @@ class TwoReaders(nn.Module):
         a = self.a(h).reshape(n, 2, c // 2).flip(1)
         b = self.b(h).reshape(n, 2, c // 2).flip(1)
         d = self.d(h).reshape(n, 4, 4).flip(1)
-        return self.out(h + self.pa(a.reshape(n, -1)) + self.pb(b.reshape(n, -1))
-                        + self.pd(d.reshape(n, -1)))
+        y: torch.Tensor = self.out(h + self.pa(a.reshape(n, -1)) + self.pb(b.reshape(n, -1))
+                                   + self.pd(d.reshape(n, -1)))
+        return y
 
 
 def test_sets_failing_at_each_others_lines_are_cut_together() -> None:

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import shufflenet_v2_x0_5
+from torchvision.models import shufflenet_v2_x0_5  # type: ignore[import-untyped]
 
 from explorer import Pruner, trace
+from explorer.coupling.analyze import Coupling
 from explorer.prune.preflight import Preflight
 from explorer.prune.removal import Removal, apply_removal, removed_atoms
 
@@ -20,6 +21,7 @@ def _shufflenet() -> tuple[nn.Module, tuple[torch.Tensor]]:
     with torch.no_grad():  # non-trivial norms, so a misplaced channel changes the output
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
@@ -27,11 +29,11 @@ def _shufflenet() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.rand(1, 3, 64, 64),)
 
 
-def _zeroed(model: nn.Module, coupling: object, removal: Removal) -> nn.Module:
+def _zeroed(model: nn.Module, coupling: Coupling, removal: Removal) -> nn.Module:
     """A copy with the parameters of removed channels zeroed (BN weight and bias included,
     so a removed channel is exactly 0 wherever it flows)."""
     masked = copy.deepcopy(model)
-    keeps = coupling.keep_indices(removed_atoms(coupling, removal))  # type: ignore[attr-defined]
+    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
     tensors = dict(masked.named_parameters())
     with torch.no_grad():
         for (name, dim), keep in keeps.items():
@@ -86,9 +88,10 @@ class ChunkMix(nn.Module):
         self.right = nn.Conv2d(8, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        a, b = y.split([8, 8], dim=1) if self.by_sizes else y.chunk(2, dim=1)
-        return self.left(a) + self.right(b)
+        h = self.conv(x)
+        a, b = h.split([8, 8], dim=1) if self.by_sizes else h.chunk(2, dim=1)
+        y: torch.Tensor = self.left(a) + self.right(b)
+        return y
 
 
 def _conv_groups(by_sizes: bool) -> list[Any]:
