@@ -113,23 +113,11 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
 
-# Replays that the plan checks merged with issue 13 refuse (found by this test; open).
-_REPLAY_REFUSED = {
-    ("swin", "dims"): "plan replay (its coupling from a zero-input meta trace, no ignored "
-                      "modules) disagrees with the pruner on the "
-                      "relative_position_bias_table cut",
-    ("mixtral", "dims"): "plan replay traces on meta, where transformers' grouped_mm MoE "
-                         "path needs bf16; load_pruned cannot pass example_inputs",
-}
-
-
 def _runs() -> list[Any]:
     out = []
     for name in ARCHS:
         for heads in ("whole", "dims"):
-            reason = _REPLAY_REFUSED.get((name, heads))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            out.append(pytest.param(name, heads, marks=marks, id=f"{name}-{heads}"))
+            out.append(pytest.param(name, heads, id=f"{name}-{heads}"))
     return out
 
 

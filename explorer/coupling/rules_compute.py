@@ -283,8 +283,12 @@ def sdpa(ctx: Ctx, node: OpNode) -> None:
         for a, b in zip(q[:-3], k[:-3], strict=False):
             if len(a) == len(b):
                 ctx.union(a, b, node)
-    for ref in tensor_args(node)[3:]:  # attention mask broadcasts against (B, H, L, S)
-        ctx.broadcast(node, [ref], tuple(len(d) for d in q[:-1]) + (len(k[-2]),))
+    scores = list(q[:-1]) + [k[-2]]  # (B, H, L, S): what an attention mask is added to
+    for ref in tensor_args(node)[3:]:  # a mask or bias (a keyword on the CPU kernels)
+        mask = ctx.dims(ref)
+        for ids, s in zip(reversed(mask), reversed(scores), strict=False):
+            if len(ids) == len(s) > 1:  # a size-1 dim broadcasts: not coupled
+                ctx.union(ids, s, node)
     ctx.set_out(node, 0, q[:-1] + [v[-1]])
     for i in range(1, len(node.outputs)):
         ctx.fresh_out(node, i)
