@@ -154,3 +154,42 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
         again = load_pruned(_build(arch), tmp_path)
     assert ((name, heads) in HF_FOLDER) == ("hf" in result.files), result.messages
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["stablelm", "phi", "gpt_neox"])
+def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
+    """Partial rotary: the rotated slice ``q[..., :rotary_ndims]`` loses whole pairs (i,
+    i + r/2) with their frequency ``inv_freq[i]``, the slice bound follows, and the pass-through
+    dims are cut on their own. Scores stay a function of relative positions only."""
+    arch = ARCHS[name]
+    model = _build(arch)
+    x = _inputs(arch)
+    pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    rotary = int(head_dim * config.rope_parameters["partial_rotary_factor"])
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    report = pruner.step()
+    assert not report.unsafe and report.forward_ok
+    (inv_freq,) = [b for n, b in model.named_buffers() if n.rpartition(".")[2] == "inv_freq"]
+    assert 0 < 2 * inv_freq.numel() < rotary  # rotary pairs were cut, not all
+    for module in model.modules():  # the slice bound the forward reads follows
+        if hasattr(module, "rotary_ndims") and name != "gpt_neox":  # neox reads cos.shape
+            assert module.rotary_ndims == 2 * inv_freq.numel()
+    keeps = {k: [int(i) for i in v] for a in pruner.applied for k, v in a.keeps.items()}
+    kept_freq = keeps[next(k for k in keeps if k[0].rpartition(".")[2] == "inv_freq")]
+    if name != "gpt_neox":  # separate q_proj: rows of head 0 inside the rotated slice
+        rows = [i for i in keeps[("model.layers.0.self_attn.q_proj.weight", 0)] if i < rotary]
+        assert rows == kept_freq + [i + rotary // 2 for i in kept_freq]
+    with torch.no_grad():  # a pair cut apart would make scores depend on absolute positions
+        a = model(x, position_ids=pos).logits
+        b = model(x, position_ids=pos + 7).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
+    assert "hf" not in result.files and result.config is not None and result.config.reason
+    again = load_pruned(_build(arch), tmp_path)
+    torch.testing.assert_close(_logits(again, x), a, rtol=0, atol=1e-5)

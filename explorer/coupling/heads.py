@@ -16,6 +16,9 @@ HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "he
 HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size", "dim_head")
 KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "split_size")
+# The rotated slice of each head under partial rotary embeddings (``q[..., :rotary_ndims]``):
+# a width the forward slices with, patched when rotary pairs are cut.
+ROTARY_DIM_ATTRS = ("rotary_ndims", "rotary_dim", "rotary_emb_dim")
 
 
 def head_owner(model: nn.Module, member_module: str) -> str | None:

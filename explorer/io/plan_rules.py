@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..coupling.heads import HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS
+from ..coupling.heads import (HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS,
+                              ROTARY_DIM_ATTRS)
 from ..prune.fixups.patch import TUPLE_WRITES, WRITES
 from ..prune.fixups.scoped import SPLIT_LISTS
 from ..prune.fixups.widths import width_name
@@ -21,7 +22,7 @@ __all__ = ["check_attribute", "plan_attribute"]
 MAX_WIDTH = 2**40  # far above any real width; catches absurd values early
 
 _INT_ATTRS = (WRITES - TUPLE_WRITES) | set(HEAD_COUNT_ATTRS) | set(HEAD_DIM_ATTRS) \
-    | set(HEAD_WIDTH_ATTRS) | set(KV_HEAD_ATTRS) | {"num_key_value_groups"}
+    | set(HEAD_WIDTH_ATTRS) | set(KV_HEAD_ATTRS) | set(ROTARY_DIM_ATTRS) | {"num_key_value_groups"}
 
 
 def plan_attribute(name: str) -> bool:

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from ...coupling.analyze import Coupling
-from ...coupling.heads import HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS
-from ...graph.ir import OpNode
+from ...coupling.heads import (HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS,
+                               ROTARY_DIM_ATTRS)
+from ...graph.ir import OpNode, ValueRef
 from .patch import TUPLE_WRITES, WRITES, has_patcher
 from .widths import width_name
 
@@ -52,7 +53,7 @@ def _ints(obj: Any) -> Iterator[int]:
 
 # Names a plan may record (`explorer.io.plan_rules`): widths, head counts and shapes only.
 _NAMED = WRITES | set(HEAD_COUNT_ATTRS) | set(HEAD_DIM_ATTRS) | set(HEAD_WIDTH_ATTRS) | \
-    set(KV_HEAD_ATTRS)
+    set(KV_HEAD_ATTRS) | set(ROTARY_DIM_ATTRS)
 
 
 def _int_attrs(module: nn.Module) -> dict[str, int | tuple[int, ...]]:
@@ -109,6 +110,9 @@ _SPLITS = {torch.ops.aten.split_with_sizes, torch.ops.aten.split}
 def _by_name(coupling: Coupling, node: OpNode, own: dict[str, int | tuple[int, ...]],
              count: Callable[[np.ndarray], int], named: dict[str, set[int]]) -> None:
     """New sizes of the attributes the op's source line names at each position."""
+    if node.location and node.op.overloadpacket is torch.ops.aten.slice:
+        _slice_bounds(coupling, node, own, count, named)
+        return
     found = _positional(coupling, node, count) if node.location else None
     if found is None:
         return
@@ -117,6 +121,60 @@ def _by_name(coupling: Coupling, node: OpNode, own: dict[str, int | tuple[int, .
     for name, size in zip(names or [], new, strict=False):
         if name is not None and isinstance(own.get(name), int):
             named.setdefault(name, set()).add(size)
+
+
+def _slice_bounds(coupling: Coupling, node: OpNode, own: dict[str, int | tuple[int, ...]],
+                  count: Callable[[np.ndarray], int], named: dict[str, set[int]]) -> None:
+    """A slice bound the source names (``q[..., :self.rotary_ndims]``, ``q[...,
+    self.rotary_ndims:]``): the rotated part of partial rotary embeddings. The bound is
+    the new width of a head slice (``[:a]``) or of what the tail slice leaves (``[a:]``)."""
+    args = list(node.args) + [None] * (4 - len(node.args))
+    dim, start, end = (args[1] if args[1] is not None else 0), args[2], args[3]
+    if not (isinstance(dim, int) and isinstance(node.args[0], ValueRef) and node.outputs
+            and node.outputs[0] is not None):
+        return
+    src = coupling.value_dims(node.args[0].vid)
+    out = coupling.value_dims(node.outputs[0])
+    if not -len(src) <= dim < len(src) or len(src) != len(out):
+        return
+    old_in = len(src[dim])
+    new_in, new_out = count(src[dim]), count(out[dim])
+    start = 0 if start is None else start
+    end = old_in if end is None or end > old_in else end
+    for attr, bound in _named_bounds(node.location, own):
+        if bound == "upper" and own.get(attr) == end and start == 0:
+            named.setdefault(attr, set()).add(new_out)
+        elif bound == "lower" and own.get(attr) == start and end == old_in:
+            named.setdefault(attr, set()).add(new_in - new_out)
+
+
+def _named_bounds(location: str, attrs: dict[str, int | tuple[int, ...]]
+                  ) -> list[tuple[str, str]]:
+    """``(attr, "lower"|"upper")`` for every ``self.<attr>`` slice bound in the statement."""
+    path, _, line = location.rpartition(":")
+    if not line.isdigit():
+        return []
+    first = int(line)
+    text = " ".join(linecache.getline(path, n).strip() for n in range(first, first + 4))
+    found: list[tuple[str, str]] = []
+    for segment in _bracketed(text):
+        if not segment.startswith("["):
+            continue
+        try:
+            tree = ast.parse("_" + segment, mode="eval").body
+        except SyntaxError:
+            continue
+        if not isinstance(tree, ast.Subscript):
+            continue
+        parts = tree.slice.elts if isinstance(tree.slice, ast.Tuple) else [tree.slice]
+        for part in parts:
+            if not isinstance(part, ast.Slice):
+                continue
+            for bound, e in (("lower", part.lower), ("upper", part.upper)):
+                if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and \
+                        e.value.id == "self" and e.attr in attrs:
+                    found.append((e.attr, bound))
+    return list(dict.fromkeys(found))
 
 
 def _positional(coupling: Coupling, node: OpNode, count: Callable[[np.ndarray], int]
