@@ -86,7 +86,7 @@ ARCHS: dict[str, Arch] = {
 # Runs whose pruned model a transformers config describes exactly (measured). Head-dim runs
 # keep the original attention scaling, which no config can say, so they export safetensors
 # (ConvNeXt has no attention: both runs are the same).
-HF_FOLDER = {(name, "whole") for name in ARCHS} - {("falcon", "whole"), ("gemma2", "whole")} \
+HF_FOLDER = {(name, "whole") for name in ARCHS} - {("gemma2", "whole")} \
     | {("mpnet", "dims"), ("convnext", "dims")}
 
 
@@ -193,3 +193,45 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     assert "hf" not in result.files and result.config is not None and result.config.reason
     again = load_pruned(_build(arch), tmp_path)
     torch.testing.assert_close(_logits(again, x), a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("heads", ["whole", "dims"])
+def test_falcon_multi_query(heads: str, tmp_path: Path) -> None:
+    """Falcon's fused multi-query ``query_key_value``: rows are (q heads + k + v) x head_dim,
+    k and v picked by the constant lists ``[-2]``/``[-1]``. Whole heads cut query heads and
+    keep the shared key/value head whole; head dims cut q, k and v dims alike."""
+    arch = ARCHS["falcon"]
+    model = _build(arch)
+    x = _inputs(arch)
+    qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
+    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
+    report = pruner.step()
+    assert not report.unsafe and report.forward_ok
+    attn = model.transformer.h[0].self_attention
+    keeps = {k[1]: [int(i) for i in v] for a in pruner.applied for k, v in a.keeps.items()
+             if k[0] == "transformer.h.0.self_attention.query_key_value.weight"}
+    keep_rows = keeps[0]
+    if heads == "whole":
+        assert (attn.num_heads, attn.head_dim) == (2, 16)
+        assert keep_rows[-32:] == list(range(64, 96))  # the shared k and v head, whole
+        q_heads = {i // 16 for i in keep_rows[:-32]}
+        assert len(q_heads) == 2 and keep_rows[:-32] == [16 * h + d for h in sorted(q_heads)
+                                                         for d in range(16)]
+        torch.testing.assert_close(attn.query_key_value.weight[-32:], qkv[64:96][:, keeps[1]])
+    else:
+        assert (attn.num_heads, attn.head_dim) == (4, 8)
+        dims = [[i % 16 for i in keep_rows if i // 16 == h] for h in range(6)]
+        assert all(d == dims[0] for d in dims)  # one head-dim cut for q, k and v
+    after = _logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:falcon"))
+    if heads == "whole":
+        assert result.config is not None and result.config.ok
+        assert model.config.num_attention_heads == 2 and model.transformer.num_heads == 2
+        again = type(model).from_pretrained(result.files["hf"][0]).eval()
+    else:  # the attention keeps 1/sqrt(16) for 8 dims: no config says that
+        again = load_pruned(_build(arch), tmp_path)
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)

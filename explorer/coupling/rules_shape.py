@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from ..graph.ir import OpNode
+from ..graph.ir import OpNode, ValueRef
 from .context import Ctx, arg, norm_dim, tensor_args
 from .registry import aten, rule
 from .spaces import IdArray
@@ -356,6 +356,30 @@ def data_dependent_pin(ctx: Ctx, node: OpNode) -> None:
         ctx.fresh_out(node, i, pin=reason, kind=PinKind.INDEXED)
 
 
+_SAME_VALUES = (aten.lift_fresh, aten.lift_fresh_copy, aten.clone, aten._to_copy,
+                aten.alias, aten.detach)
+
+
+def _constant_index(ctx: Ctx, ref: object, size: int) -> np.ndarray | None:
+    """Positions (in ``range(size)``, distinct) an index list fixed by the code selects:
+    the values the trace kept of a constant the forward made (``[-2]``), passed through
+    copies; None when the index depends on data or its values are unknown."""
+    if not isinstance(ref, ValueRef):
+        return None
+    value = ctx.graph.values[ref.vid]
+    while value.data is None and value.producer is not None:
+        node = ctx.graph.ops[value.producer]
+        first = node.args[0] if node.args else None
+        if node.op.overloadpacket not in _SAME_VALUES or not isinstance(first, ValueRef):
+            return None
+        value = ctx.graph.values[first.vid]
+    if value.data is None or not value.data or \
+            not all(-size <= v < size for v in value.data):
+        return None
+    picked = np.array([v % size for v in value.data], dtype=np.int64)
+    return picked if len(set(picked.tolist())) == len(picked) else None
+
+
 @rule(aten.index, aten._unsafe_index)
 def index(ctx: Ctx, node: OpNode) -> None:
     """``x[idx]`` with tensor indices: indexed dims are pinned, the rest pass through."""
@@ -365,6 +389,14 @@ def index(ctx: Ctx, node: OpNode) -> None:
     where = f"indexed by a tensor in '{node.module or '<root>'}'" + (
         f" at {node.location}" if node.location else "")
     used = [k for k, ix in enumerate(indices) if ix is not None]
+    if len(used) == 1:
+        picked = _constant_index(ctx, indices[used[0]], len(src[used[0]]))
+        if picked is not None:  # ``x[..., [-2], :]``: the listed elements, followed
+            out = list(src)
+            out[used[0]] = src[used[0]][picked]
+            if tuple(len(d) for d in out) == ctx.out_shape(node):
+                ctx.set_out(node, 0, out)
+                return
     for k in used:
         ctx.sp.pin(src[k], where, PinKind.INDEXED)
     out_shape = ctx.out_shape(node)

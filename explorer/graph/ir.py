@@ -45,6 +45,7 @@ class Value:
     kind: ValueKind
     name: str | None = None  # parameter/buffer name, or input path like "inputs[0]"
     producer: int | None = None  # index of the op that made it (None for leaves)
+    data: tuple[int, ...] | None = None  # values of a small constant integer vector (index lists)
 
 
 @dataclass

@@ -8,6 +8,7 @@ the forward may update (BatchNorm running stats in train mode) are restored.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .ir import Graph, OpNode, Value, ValueKind, ValueRef
@@ -102,6 +104,18 @@ def forward_location(module: torch.nn.Module) -> str:
 _SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
 
+_MAX_CONSTANT = 64  # elements of a constant integer vector whose values the graph keeps
+
+
+def _constant_ints(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The values of a small integer vector made by the code (``x[..., [-2], :]``'s index
+    list), so index rules can follow the elements it selects; None for anything else."""
+    if t.dim() != 1 or t.numel() > _MAX_CONSTANT or t.is_meta or t.is_floating_point() or \
+            t.is_complex() or t.dtype == torch.bool:
+        return None
+    return tuple(int(v) for v in t.tolist())
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that appends an `OpNode` per ATen call to a `Graph`."""
 
@@ -111,6 +125,7 @@ class _Recorder(TorchDispatchMode):
         self.scope = scope
         self._ids: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self.error_scope: str | None = None  # innermost module when an op raised
+        self.index_lists: list[tuple[int, ...]] = []  # of the ``x[...]`` being dispatched
 
     def register(self, t: torch.Tensor, kind: ValueKind, name: str | None = None,
                  producer: int | None = None) -> int:
@@ -119,6 +134,17 @@ class _Recorder(TorchDispatchMode):
                                        kind, name, producer)
         self._ids[id(t)] = (weakref.ref(t), vid)
         return vid
+
+    def _constant(self, t: torch.Tensor) -> tuple[int, ...] | None:
+        """Values of a small constant integer vector: read from the tensor, or (on meta,
+        where it has none) the integer list of the indexing expression that made it."""
+        data = _constant_ints(t)
+        if data is not None or not t.is_meta or t.dim() != 1 or t.is_floating_point():
+            return data
+        for k, values in enumerate(self.index_lists):
+            if len(values) == t.numel():
+                return self.index_lists.pop(k)
+        return None
 
     def lookup(self, t: torch.Tensor) -> int | None:
         entry = self._ids.get(id(t))
@@ -131,6 +157,7 @@ class _Recorder(TorchDispatchMode):
             vid = self.lookup(obj)
             if vid is None:
                 vid = self.register(obj, ValueKind.EXTERNAL)
+                self.graph.values[vid].data = self._constant(obj)
             return ValueRef(vid)
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._ref(o) for o in obj) if isinstance(obj, list) else tuple(
@@ -167,6 +194,28 @@ class _Recorder(TorchDispatchMode):
                                      self.scope[-1] if self.scope else "",
                                      user_location(sys._getframe(1))))
         return out
+
+
+class _IndexLists(TorchFunctionMode):
+    """Keeps the integer lists of ``x[..., [-2], :]`` for the recorder: on ``meta`` the
+    index tensor made from such a list reaches the dispatcher with no values to read."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if func is _GETITEM and len(args) > 1:
+            index = args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            self.recorder.index_lists = [
+                tuple(p) for p in parts if isinstance(p, list) and len(p) <= _MAX_CONSTANT
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in p)]
+        return func(*args, **(kwargs or {}))
+
+
+_GETITEM = torch.Tensor.__getitem__
 
 
 def _module_hooks(model: torch.nn.Module, scope: list[str], recorder: _Recorder) -> list[Any]:
@@ -229,7 +278,8 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     handles = _module_hooks(model, scope, recorder)
     start = time.perf_counter()
     try:
-        with torch.no_grad(), recorder:
+        lists = _IndexLists(recorder) if graph.device == "meta" else contextlib.nullcontext()
+        with torch.no_grad(), recorder, lists:
             out = model(*args, **kwargs)
         for _path, t in tensor_leaves(out):
             vid = recorder.lookup(t)

@@ -47,6 +47,8 @@ class ConfigUpdate:
     """What `update_config` did."""
 
     changed: dict[str, list[Any]] = field(default_factory=dict)  # config key -> [old, new]
+    # "module.attr" -> [old, new]: integers that only mirror a config field (set below)
+    attributes: dict[str, list[Any]] = field(default_factory=dict)
     ok: bool = False  # a save_pretrained folder of the model reloads it exactly
     reason: str = ""  # why not, when ``ok`` is False
 
@@ -94,10 +96,40 @@ def update_config(model: nn.Module) -> ConfigUpdate:
                        if getattr(config, f) != getattr(candidate, f)}
             for f, (_, new) in changed.items():
                 setattr(config, f, new)
-            return ConfigUpdate(changed, ok=not found, reason=found)
+            synced = _sync_mirrors(model, base, fresh)
+            if synced:
+                found = _mismatch(model, candidate, fresh)[1]
+            return ConfigUpdate(changed, synced, ok=not found, reason=found)
     return ConfigUpdate(reason=_disagreement(readings) or
                         f"no config of {type(config).__name__} describes the pruned model: "
                         f"{problem}")
+
+
+def _sync_mirrors(model: nn.Module, base: nn.Module, fresh: nn.Module) -> dict[str, list[Any]]:
+    """Set integer attributes that only mirror a config field to what the new config builds.
+
+    ``FalconModel.num_heads`` copies ``num_attention_heads`` and is read only on a branch the
+    model does not take (ALiBi): pruning leaves it at the value the old config built
+    (``base``) while the config now derives another. A width or count the traced forward
+    reads with effect cannot be stale after a cut that passed the pre-flight forward (the
+    shapes changed), so such an attribute is the config's copy: it follows the config, as
+    it would after ``from_pretrained``. Returns ``"module.attr" -> [old, new]``.
+    """
+    before = dict(base.named_modules())
+    after = dict(fresh.named_modules())
+    out: dict[str, list[Any]] = {}
+    for name, module in model.named_modules():
+        old_m, new_m = before.get(name), after.get(name)
+        if old_m is None or new_m is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if attr.startswith("_") or attr in _SHAPE_ATTRS or not _is_int(value):
+                continue
+            was, now = getattr(old_m, attr, None), getattr(new_m, attr, None)
+            if _is_int(was) and _is_int(now) and value == was != now:
+                setattr(module, attr, now)
+                out[f"{name}.{attr}" if name else attr] = [value, now]
+    return out
 
 
 def _build(model: nn.Module, config: Any) -> nn.Module | str:
