@@ -256,6 +256,31 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     Raises:
         TraceError: the forward raised; the message names the module and model-code line.
     """
+    graph = _trace(model, example_inputs, example_kwargs, index_lists=False)
+    if graph.device == "meta" and _unread_index(graph):
+        # on meta, ``x[..., [-2], :]`` reaches the dispatcher as an index tensor with no
+        # values: trace again keeping the lists of the indexing expressions (slower)
+        graph = _trace(model, example_inputs, example_kwargs, index_lists=True)
+    return graph
+
+
+def _unread_index(graph: Graph) -> bool:
+    """Whether an ``index`` op took a small integer vector made by the code whose values
+    the trace could not read."""
+    for node in graph.ops:
+        if node.op.overloadpacket is not torch.ops.aten.index:
+            continue
+        for vid in graph.tensor_ids(node.args[1:]):
+            v = graph.values[vid]
+            if v.kind is ValueKind.EXTERNAL and v.data is None and len(v.shape) == 1 and \
+                    v.shape[0] <= _MAX_CONSTANT and v.dtype in ("int64", "int32"):
+                return True
+    return False
+
+
+def _trace(model: torch.nn.Module, example_inputs: Any,
+           example_kwargs: Mapping[str, Any] | None, index_lists: bool) -> Graph:
+    """`trace`; ``index_lists``: keep the integer lists of indexing expressions."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     graph = Graph()
@@ -278,7 +303,7 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     handles = _module_hooks(model, scope, recorder)
     start = time.perf_counter()
     try:
-        lists = _IndexLists(recorder) if graph.device == "meta" else contextlib.nullcontext()
+        lists = _IndexLists(recorder) if index_lists else contextlib.nullcontext()
         with torch.no_grad(), recorder, lists:
             out = model(*args, **kwargs)
         for _path, t in tensor_leaves(out):

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..coupling.heads import (HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS,
-                              ROTARY_DIM_ATTRS)
+from ..coupling.heads import (
+    HEAD_COUNT_ATTRS,
+    HEAD_DIM_ATTRS,
+    HEAD_WIDTH_ATTRS,
+    KV_HEAD_ATTRS,
+    ROTARY_DIM_ATTRS,
+)
 from ..prune.fixups.patch import TUPLE_WRITES, WRITES
 from ..prune.fixups.scoped import SPLIT_LISTS
 from ..prune.fixups.widths import width_name

@@ -28,8 +28,13 @@ import torch
 from torch import nn
 
 from ...coupling.analyze import Coupling
-from ...coupling.heads import (HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS,
-                               ROTARY_DIM_ATTRS)
+from ...coupling.heads import (
+    HEAD_COUNT_ATTRS,
+    HEAD_DIM_ATTRS,
+    HEAD_WIDTH_ATTRS,
+    KV_HEAD_ATTRS,
+    ROTARY_DIM_ATTRS,
+)
 from ...graph.ir import OpNode, ValueRef
 from .patch import TUPLE_WRITES, WRITES, has_patcher
 from .widths import width_name
