@@ -235,3 +235,29 @@ def test_falcon_multi_query(heads: str, tmp_path: Path) -> None:
     else:  # the attention keeps 1/sqrt(16) for 8 dims: no config says that
         again = load_pruned(_build(arch), tmp_path)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_derived_constant_fallback_reason(tmp_path: Path) -> None:
+    """Gemma2 scales its embeddings by ``sqrt(hidden_size)``, a constant its constructor
+    derives from the config. After the residual is cut the pruned model keeps 8.0, a config
+    build would compute sqrt(32); the embedding is tied to ``lm_head``, so the ratio cannot
+    be folded into the weight. The export says so and falls back to safetensors + plan."""
+    arch = ARCHS["gemma2"]
+    model = _build(arch)
+    x = _inputs(arch)
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    after = _logits(model, x)
+    assert model.model.embed_tokens.scalar_embed_scale == 8.0  # the function is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gemma2"))
+    assert result.config is not None and not result.config.ok
+    reason = result.config.reason
+    assert reason.startswith("model.embed_tokens.scalar_embed_scale is 8.0 in the pruned model")
+    assert "proportional to hidden_size**0.5" in reason
+    assert "'model.embed_tokens.weight' is tied to 'lm_head.weight'" in reason
+    torch.testing.assert_close(_logits(load_pruned(_build(arch), tmp_path), x), after,
+                               rtol=0, atol=1e-5)

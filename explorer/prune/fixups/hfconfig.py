@@ -47,8 +47,6 @@ class ConfigUpdate:
     """What `update_config` did."""
 
     changed: dict[str, list[Any]] = field(default_factory=dict)  # config key -> [old, new]
-    # "module.attr" -> [old, new]: integers that only mirror a config field (set below)
-    attributes: dict[str, list[Any]] = field(default_factory=dict)
     ok: bool = False  # a save_pretrained folder of the model reloads it exactly
     reason: str = ""  # why not, when ``ok`` is False
 
@@ -80,56 +78,28 @@ def update_config(model: nn.Module) -> ConfigUpdate:
         problem = _refusal(config) or _follow_descriptive(model, config, base, problem)
         return ConfigUpdate(ok=not problem, reason=problem)
     ours = _observe(model)
+    doubled = _doublings(model, config, _observe(base))
     readings, candidates = _readings(model, config, base, ours)
     values = _search(model, config, ours, readings, candidates)
     candidate = _with(config, values)
     fresh = _build(model, candidate)
     if not isinstance(fresh, str):
+        _explain_constants(model, candidate, fresh, doubled)
         shape_problem, found = _mismatch(model, candidate, fresh)
         refused = _refusal(candidate)
         if not shape_problem and refused:
             return ConfigUpdate(reason=refused)  # the config is left as it was
         if not shape_problem:
-            found = _follow_descriptive(model, candidate, fresh, found)
+            found = _follow_descriptive(model, candidate, fresh, found, base)
             changed = {f: [getattr(config, f), getattr(candidate, f)]
                        for f in dict.fromkeys(n for n, _ in values)
                        if getattr(config, f) != getattr(candidate, f)}
             for f, (_, new) in changed.items():
                 setattr(config, f, new)
-            synced = _sync_mirrors(model, base, fresh)
-            if synced:
-                found = _mismatch(model, candidate, fresh)[1]
-            return ConfigUpdate(changed, synced, ok=not found, reason=found)
+            return ConfigUpdate(changed, ok=not found, reason=found)
     return ConfigUpdate(reason=_disagreement(readings) or
                         f"no config of {type(config).__name__} describes the pruned model: "
                         f"{problem}")
-
-
-def _sync_mirrors(model: nn.Module, base: nn.Module, fresh: nn.Module) -> dict[str, list[Any]]:
-    """Set integer attributes that only mirror a config field to what the new config builds.
-
-    ``FalconModel.num_heads`` copies ``num_attention_heads`` and is read only on a branch the
-    model does not take (ALiBi): pruning leaves it at the value the old config built
-    (``base``) while the config now derives another. A width or count the traced forward
-    reads with effect cannot be stale after a cut that passed the pre-flight forward (the
-    shapes changed), so such an attribute is the config's copy: it follows the config, as
-    it would after ``from_pretrained``. Returns ``"module.attr" -> [old, new]``.
-    """
-    before = dict(base.named_modules())
-    after = dict(fresh.named_modules())
-    out: dict[str, list[Any]] = {}
-    for name, module in model.named_modules():
-        old_m, new_m = before.get(name), after.get(name)
-        if old_m is None or new_m is None:
-            continue
-        for attr, value in list(vars(module).items()):
-            if attr.startswith("_") or attr in _SHAPE_ATTRS or not _is_int(value):
-                continue
-            was, now = getattr(old_m, attr, None), getattr(new_m, attr, None)
-            if _is_int(was) and _is_int(now) and value == was != now:
-                setattr(module, attr, now)
-                out[f"{name}.{attr}" if name else attr] = [value, now]
-    return out
 
 
 def _build(model: nn.Module, config: Any) -> nn.Module | str:
@@ -383,7 +353,7 @@ def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, st
                 continue
             theirs_v = getattr(other, attr, value)
             if theirs_v != value:
-                hint = _hint(attr)
+                hint = _EXPLAINED.get((type(model), config.to_json_string(), name, attr), "")
                 return False, (f"{name}.{attr} is {value!r} in the pruned model but "
                                f"{theirs_v!r} in one built from the config{hint}")
     return False, _rotary_mismatch(model, config)
@@ -405,8 +375,8 @@ def _refusal(config: Any) -> str:
     return ""
 
 
-def _follow_descriptive(model: nn.Module, config: Any, fresh: nn.Module, problem: str
-                        ) -> str:
+def _follow_descriptive(model: nn.Module, config: Any, fresh: nn.Module, problem: str,
+                        base: nn.Module | None = None) -> str:
     """Set the integer attributes that only describe a width to the config's values.
 
     A module may keep a width it took from the config at build time and never read it again
@@ -414,7 +384,13 @@ def _follow_descriptive(model: nn.Module, config: Any, fresh: nn.Module, problem
     and it is the one thing that differs from the model the config builds. Such an attribute
     follows the config; one that the module's code reads (an embedding scale, a head count)
     is left as it is and the difference stays ``problem``. Returns the difference left ('').
+
+    One the code reads follows too when it is still the value the old config built
+    (``base``): a stale copy of a config field. ``FalconModel.num_heads`` is read only on
+    the ALiBi branch a rotary Falcon never takes; a count the traced forward read with
+    effect would have been patched, or failed the pre-flight forward, once heads were cut.
     """
+    before = dict(base.named_modules()) if base is not None else {}
     fresh_modules = dict(fresh.named_modules())
     changed = False
     for name, module in model.named_modules():
@@ -425,7 +401,9 @@ def _follow_descriptive(model: nn.Module, config: Any, fresh: nn.Module, problem
             if attr.startswith("_") or attr in _SHAPE_ATTRS or not _is_int(value):
                 continue
             theirs = getattr(other, attr, value)
-            if _is_int(theirs) and theirs != value and not _read_by_code(type(module), attr):
+            stale = name in before and getattr(before[name], attr, None) == value
+            if _is_int(theirs) and theirs != value and \
+                    (stale or not _read_by_code(type(module), attr)):
                 setattr(module, attr, theirs)
                 changed = True
     return _mismatch(model, config, fresh)[1] if changed else problem
@@ -461,15 +439,60 @@ def _read_by_code(cls: type, attr: str) -> bool:
     return _READS[key]
 
 
-def _hint(attr: str) -> str:
-    """What a differing scalar attribute usually means, for the message."""
-    if "embed" in attr:
-        return (" (an embedding scale derived from the hidden size: the pruned model keeps "
-                "the original one)")
-    if "scal" in attr or attr == "norm_factor":
-        return (" (head-dim pruning keeps the original attention scaling; prune whole heads "
-                "for a transformers export)")
-    return ""
+# (model class, config JSON, module, attribute) -> why a constant differs (for messages)
+_EXPLAINED: dict[tuple[type, str, str, str], str] = {}
+_EXPLAINED_MAX = 256
+_HEAD_FIELDS = ("head", "n_head")  # config fields a head-dim cut changes
+
+
+def _explain_constants(model: nn.Module, config: Any, fresh: nn.Module,
+                       doubled: dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]
+                       ) -> None:
+    """Record why real-valued attributes (an embedding scale, an attention scaling) of the
+    pruned model differ from a build of ``config``: they are constants the constructor
+    derives from config fields, found like the widths are (the meta builds with one field
+    doubled): ``scalar_embed_scale`` grows as ``hidden_size**0.5``, ``scaling`` as
+    ``head_dim**-0.5``. The pruned model keeps the value of its original widths; folding
+    the ratio into a weight is impossible when that weight is tied to another use."""
+    fresh_modules = dict(fresh.named_modules())
+    ties = _ties(model)
+    for name, module in model.named_modules():
+        other = fresh_modules.get(name)
+        for attr, value in vars(module).items():
+            if other is None or not isinstance(value, float) or attr.startswith("_"):
+                continue
+            theirs = getattr(other, attr, value)
+            if not isinstance(theirs, float) or math.isclose(theirs, value, rel_tol=1e-12):
+                continue
+            laws = []
+            for (field_name, index), probe in doubled.items():
+                a, b = (probe[0].get(("a", name, attr)), probe[1].get(("a", name, attr))) \
+                    if probe is not None else (None, None)
+                if a and b and a > 0 and b > 0 and a != b:
+                    slot = field_name if index < 0 else f"{field_name}[{index}]"
+                    laws.append(f"{slot}**{math.log2(b / a):.3g}")
+            if not laws:
+                continue
+            text = (f" (a constant the constructor derives from the config, proportional to "
+                    f"{' and '.join(laws)}; the pruned model keeps the value of its original "
+                    f"widths")
+            tied = [f"'{mine}' is tied to '{theirs_name}'" for mine, theirs_name in ties
+                    if mine.rpartition(".")[0] == name]
+            if tied:
+                text += f", and it cannot be folded into the weight: {tied[0]}"
+            if any(h in law for law in laws for h in _HEAD_FIELDS):
+                text += "; prune whole heads for a transformers export"
+            if len(_EXPLAINED) >= _EXPLAINED_MAX:
+                _EXPLAINED.pop(next(iter(_EXPLAINED)))
+            _EXPLAINED[(type(model), config.to_json_string(), name, attr)] = text + ")"
+
+
+def _ties(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, other name) for parameters shared under two names (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return [(a, b) for group in names.values() for a in group for b in group if a != b]
 
 
 # Attributes that only restate weight shapes (compared above, as shapes), or state.
