@@ -84,10 +84,14 @@ ARCHS: dict[str, Arch] = {
 }
 
 # Runs whose pruned model a transformers config describes exactly (measured). Head-dim runs
-# keep the original attention scaling, which no config can say, so they export safetensors
-# (ConvNeXt has no attention: both runs are the same).
+# keep the original attention scaling; where it multiplies a separate query projection the
+# export folds the ratio into that projection (`explorer.prune.fixups.fold`). Still no
+# config: rotary models with head dims (the kept frequencies are a subset no config
+# recomputes), GPT-NeoX's fused query_key_value (the fold would scale k and v too), Gemma2
+# (embedding scale, tied embedding). ConvNeXt has no attention: both runs are the same.
 HF_FOLDER = {(name, "whole") for name in ARCHS} - {("gemma2", "whole")} \
-    | {("mpnet", "dims"), ("convnext", "dims")}
+    | {(name, "dims") for name in ("vit", "deit", "swin", "convnext", "bert", "roberta",
+                                   "distilbert", "mpnet", "opt")}
 
 
 # Relative-position bias tables: (positions, heads), indexed by a computed position index.
@@ -261,3 +265,42 @@ def test_derived_constant_fallback_reason(tmp_path: Path) -> None:
     assert "'model.embed_tokens.weight' is tied to 'lm_head.weight'" in reason
     torch.testing.assert_close(_logits(load_pruned(_build(arch), tmp_path), x), after,
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_fold_attention_scaling(tmp_path: Path) -> None:
+    """Head dims cut 16 -> 8 keep the scaling 1/4 the model was built with; a config with
+    8 dims builds 1/sqrt(8). The export sets the config's value and multiplies the query
+    projection by the ratio (same outputs), and leaves the in-memory model as it was."""
+    arch = ARCHS["bert"]
+    model = _build(arch)
+    x = _inputs(arch)
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    after = _logits(model, x)
+    attn = model.bert.encoder.layer[0].attention.self
+    query = attn.query.weight.detach().clone()
+    assert attn.attention_head_size == 8 and attn.scaling == 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:bert"))
+    assert any("bert.encoder.layer.0.attention.self.scaling 0.25 -> 0.353553" in m and
+               "folded into 4 weights" in m for m in result.messages), result.messages
+    assert attn.scaling == 0.25 and torch.equal(attn.query.weight, query)  # untouched
+    again = type(model).from_pretrained(result.files["hf"][0]).eval()
+    folded_q = again.bert.encoder.layer[0].attention.self.query.weight
+    torch.testing.assert_close(folded_q, query * 0.25 / 8 ** -0.5)
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+    # GPT-NeoX fuses q, k and v in one projection: scaling q would scale k and v too
+    arch = ARCHS["gpt_neox"]
+    model = _build(arch)
+    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, heads="dims",
+                    ignored=list(arch.ignored))
+    pruner.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path / "neox", "hf",
+                        plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
+    assert result.config is not None and "not folded" in result.config.reason
+    assert "split at" in result.config.reason and "is not linear in it" in result.config.reason

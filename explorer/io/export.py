@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..coupling.heads import AttentionInfo
-from ..prune.fixups.hfconfig import ConfigUpdate, update_config
+from ..prune.fixups.fold import folded
+from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from ..prune.preflight import clone_model
 from ..prune.transaction import transaction
 from ..quality.evaluate import Quality
@@ -165,7 +166,7 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
-        _export_hf(model, out, result)
+        _export_hf(model, out, result, _fold_inputs(plan, example_inputs))
         if "hf" in result.files and tokenizer is not None:
             tokenizer.save_pretrained(result.files["hf"][0])
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
@@ -223,15 +224,57 @@ def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     return [str(out / "model.safetensors"), str(out / "plan.json")]
 
 
-def _export_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
+def _export_hf(model: nn.Module, out: Path, result: ExportResult,
+               inputs: list[tuple[Any, ...]]) -> None:
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         result.messages.append("hf: not a transformers model; no transformers folder written")
         return
     update = update_config(model)
     result.config = update
+    constants = None if update.ok else differing_constants(model)
+    if constants:  # only constants such as the attention scaling differ: fold them
+        for candidate in inputs:
+            with folded(model, constants, candidate) as fold:
+                if fold.reason.startswith("cannot trace"):
+                    continue
+                if not fold.reason:
+                    again = update_config(model)
+                    if again.ok:
+                        result.config = again
+                        result.messages.append(
+                            "hf: " + ", ".join(f"{k} {v[0]:.6g} -> {v[1]:.6g}"
+                                               for k, v in fold.constants.items())
+                            + f" as the config derives them; the ratios are folded into "
+                              f"{len(fold.scaled)} weights (same outputs)")
+                        _save_hf(model, out, result)
+                        return
+                    update.reason = (f"{again.reason} (after folding "
+                                     f"{', '.join(fold.constants)} into the weights)")
+                else:
+                    update.reason += f"; not folded: {fold.reason}"
+                break
     if not update.ok:
         result.messages.append(f"hf: no transformers folder: {update.reason}")
         return
+    _save_hf(model, out, result)
+
+
+def _fold_inputs(plan: Plan | None, example_inputs: Sequence[Any] | None
+                 ) -> list[tuple[Any, ...]]:
+    """Inputs to check a fold with: the caller's, or random ones of the plan's shapes
+    (floats, then token ids)."""
+    if example_inputs is not None:
+        return [tuple(example_inputs) if isinstance(example_inputs, (tuple, list))
+                else (example_inputs,)]
+    shapes = [s for s in plan.input_shapes if s is not None] if plan is not None else []
+    if not shapes:
+        return []
+    gen = torch.Generator().manual_seed(0)
+    return [tuple(torch.randn(s, generator=gen) for s in shapes),
+            tuple(torch.randint(0, 2, s, generator=gen) for s in shapes)]
+
+
+def _save_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
     folder = out / "hf"
     from transformers import PreTrainedModel  # only models with a config reach this point
 

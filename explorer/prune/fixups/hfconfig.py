@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConfigUpdate", "update_config"]
+__all__ = ["ConfigUpdate", "differing_constants", "update_config"]
 
 Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
 Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
@@ -100,6 +100,33 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     return ConfigUpdate(reason=_disagreement(readings) or
                         f"no config of {type(config).__name__} describes the pruned model: "
                         f"{problem}")
+
+
+def differing_constants(model: nn.Module) -> dict[tuple[str, str], float] | None:
+    """Real-valued module attributes (``scaling``) whose value in a build of ``model.config``
+    differs from the pruned model's: ``(module, attr) -> the config's value``. None when the
+    config does not build the model's tensor shapes, or it differs in anything else."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    fresh = _build(model, config)
+    if isinstance(fresh, str) or _mismatch(model, config, fresh)[0]:
+        return None
+    fresh_modules = dict(fresh.named_modules())
+    out: dict[tuple[str, str], float] = {}
+    for name, module in model.named_modules():
+        other = fresh_modules.get(name)
+        for attr, value in vars(module).items():
+            if other is None or attr.startswith("_") or attr in _SHAPE_ATTRS or \
+                    not isinstance(value, (int, float, bool, tuple)):
+                continue
+            theirs = getattr(other, attr, value)
+            if theirs == value:
+                continue
+            if not (isinstance(value, float) and isinstance(theirs, float) and theirs > 0):
+                return None
+            out[(name, attr)] = theirs
+    return out
 
 
 def _build(model: nn.Module, config: Any) -> nn.Module | str:
