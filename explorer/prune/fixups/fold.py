@@ -154,7 +154,7 @@ def _uses(node: OpNode, value: float) -> list[int]:
     packet = node.op.overloadpacket
     if packet in ATTENTION_OPS and isinstance(node.args[0], ValueRef):
         return [node.args[0].vid]
-    if packet in (aten.mul, aten.div) and isinstance(node.args[0], ValueRef):
+    if packet is aten.mul and isinstance(node.args[0], ValueRef):
         return [node.args[0].vid]
     return []
 
