@@ -304,3 +304,27 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
                         plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
     assert result.config is not None and "not folded" in result.config.reason
     assert "split at" in result.config.reason and "is not linear in it" in result.config.reason
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
+    """With untied embeddings, Gemma2's embedding scale (attribute and buffer) is set to
+    sqrt(32) and the ratio folded into the embedding weight: a config describes the model."""
+    arch = ARCHS["gemma2"]
+    arch = Arch(arch.cls, arch.model_type, {**arch.config, "tie_word_embeddings": False})
+    model = _build(arch)
+    x = _inputs(arch)
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    after = _logits(model, x)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gemma2"))
+    assert "hf" in result.files, result.messages
+    assert model.model.embed_tokens.scalar_embed_scale == 8.0  # the model is as it was
+    again = type(model).from_pretrained(result.files["hf"][0]).eval()
+    assert again.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
+    torch.testing.assert_close(again.model.embed_tokens.weight, embed * 8.0 / 32 ** 0.5)
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)

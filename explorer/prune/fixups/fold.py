@@ -43,7 +43,7 @@ _REARRANGE = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.p
               aten._to_copy, aten.flatten, aten.lift_fresh}
 _SUM = {aten.add, aten.sub, aten.cat, aten.stack}  # linear when every input is in the cone
 _PRODUCT = {aten.mul, aten.div}  # linear in the one operand that depends on parameters
-_MATMUL = {aten.addmm, aten.linear, aten.mm, aten.matmul, aten.bmm}
+_MATMUL = {aten.addmm, aten.linear, aten.mm, aten.matmul, aten.bmm, aten.embedding}
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Fold:
 
     constants: dict[str, list[float]] = field(default_factory=dict)  # "mod.attr" -> [old, new]
     scaled: dict[str, float] = field(default_factory=dict)  # parameter -> factor
+    buffers: dict[str, float] = field(default_factory=dict)  # one-element buffer -> new value
     reason: str = ""  # why nothing was folded ("" when every constant was)
 
 
@@ -159,6 +160,28 @@ def _uses(node: OpNode, value: float) -> list[int]:
     return []
 
 
+def _buffer_uses(graph: Graph, module: nn.Module, mod: str, old: float,
+                 consumers: dict[int, list[OpNode]]) -> tuple[list[str], list[tuple[OpNode, int]]]:
+    """One-element buffers of ``module`` holding ``old`` (Gemma2 keeps its embedding scale
+    as ``scalar_embed_scale`` and as the buffer ``embed_scale`` its forward multiplies by),
+    and the ``x * buffer`` ops that use them, with ``x``."""
+    names = [f"{mod}.{b}" if mod else b for b, t in module.named_buffers(recurse=False)
+             if t.is_floating_point() and t.numel() == 1 and t.device.type != "meta"
+             and math.isclose(float(t), old, rel_tol=1e-6)]
+    uses: list[tuple[OpNode, int]] = []
+    stack = [vid for vid, v in graph.values.items()
+             if v.kind is ValueKind.BUFFER and v.name in names]
+    while stack:
+        vid = stack.pop()
+        for node in consumers.get(vid, []):
+            ins = graph.tensor_ids(node.args)
+            if node.op.overloadpacket in _REARRANGE and ins[:1] == [vid]:
+                stack.extend(o for o in node.outputs if o is not None)
+            elif node.op.overloadpacket is aten.mul and len(ins) == 2 and vid in ins:
+                uses.append((node, ins[1 - ins.index(vid)]))
+    return names, uses
+
+
 def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], float]
               ) -> Fold:
     """Which weights absorb each differing constant (``(module, attr) -> new value``)."""
@@ -168,8 +191,18 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
         old = getattr(model.get_submodule(mod), attr)
         uses = [(node, vid) for node in graph.ops if node.module == mod
                 for vid in _uses(node, float(old))]
+        buffers, more = _buffer_uses(graph, model.get_submodule(mod), mod, float(old),
+                                     consumers)
+        uses += more
+        fold.buffers.update(dict.fromkeys(buffers, new))
         if not uses:  # read by no traced op (a branch not taken): it just follows the
-            # config; the forward check below catches a use this search does not see
+            # config; the forward check below catches a use this search does not see,
+            # except through a buffer the constructor computed from it (not compared)
+            recomputed = sorted(model.get_submodule(mod)._non_persistent_buffers_set)
+            if recomputed:
+                fold.reason = (f"{mod}.{attr} is read by no traced op, and '{mod}' holds "
+                               f"buffers a load recomputes ({', '.join(recomputed)})")
+                return fold
             fold.constants[f"{mod}.{attr}"] = [float(old), new]
             continue
         for node, vid in uses:
@@ -210,14 +243,17 @@ def folded(model: nn.Module, constants: dict[tuple[str, str], float],
     if fold.reason:
         yield fold
         return
-    params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in fold.scaled}
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    saved = {name: params[name].detach().clone() for name in [*fold.scaled, *fold.buffers]}
     attrs = {key: getattr(model.get_submodule(key[0]), key[1]) for key in constants}
     try:
         with torch.no_grad():
             before = flat_floats(model(*inputs))
             for name, factor in fold.scaled.items():
                 params[name].mul_(factor)
+            for name, value in fold.buffers.items():
+                params[name].fill_(value)
             for (mod, attr), new in constants.items():
                 setattr(model.get_submodule(mod), attr, new)
             after = flat_floats(model(*inputs))
@@ -232,7 +268,7 @@ def folded(model: nn.Module, constants: dict[tuple[str, str], float],
         _restore(model, params, saved, attrs)
 
 
-def _restore(model: nn.Module, params: dict[str, nn.Parameter],
+def _restore(model: nn.Module, params: dict[str, torch.Tensor],
              saved: dict[str, torch.Tensor], attrs: dict[tuple[str, str], Any]) -> None:
     with torch.no_grad():
         for name, t in saved.items():
