@@ -168,10 +168,10 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     i + r/2) with their frequency ``inv_freq[i]``, the slice bound follows, and the pass-through
     dims are cut on their own. Scores stay a function of relative positions only."""
     arch = ARCHS[name]
-    model = _build(arch)
+    model: Any = _build(arch)
     x = _inputs(arch)
     pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
-    config = model.config
+    config: Any = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     rotary = int(head_dim * config.rope_parameters["partial_rotary_factor"])
     pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
@@ -207,7 +207,7 @@ def test_falcon_multi_query(heads: str, tmp_path: Path) -> None:
     k and v picked by the constant lists ``[-2]``/``[-1]``. Whole heads cut query heads and
     keep the shared key/value head whole; head dims cut q, k and v dims alike."""
     arch = ARCHS["falcon"]
-    model = _build(arch)
+    model: Any = _build(arch)
     x = _inputs(arch)
     qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
     pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
@@ -235,7 +235,7 @@ def test_falcon_multi_query(heads: str, tmp_path: Path) -> None:
     if heads == "whole":
         assert result.config is not None and result.config.ok
         assert model.config.num_attention_heads == 2 and model.transformer.num_heads == 2
-        again = type(model).from_pretrained(result.files["hf"][0]).eval()
+        again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
     else:  # the attention keeps 1/sqrt(16) for 8 dims: no config says that
         again = load_pruned(_build(arch), tmp_path)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
@@ -249,7 +249,7 @@ def test_derived_constant_fallback_reason(tmp_path: Path) -> None:
     build would compute sqrt(32); the embedding is tied to ``lm_head``, so the ratio cannot
     be folded into the weight. The export says so and falls back to safetensors + plan."""
     arch = ARCHS["gemma2"]
-    model = _build(arch)
+    model: Any = _build(arch)
     x = _inputs(arch)
     pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
     assert not pruner.step().unsafe
@@ -274,7 +274,7 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
     8 dims builds 1/sqrt(8). The export sets the config's value and multiplies the query
     projection by the ratio (same outputs), and leaves the in-memory model as it was."""
     arch = ARCHS["bert"]
-    model = _build(arch)
+    model: Any = _build(arch)
     x = _inputs(arch)
     pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
     assert not pruner.step().unsafe
@@ -288,7 +288,7 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
     assert any("bert.encoder.layer.0.attention.self.scaling 0.25 -> 0.353553" in m and
                "folded into 4 weights" in m for m in result.messages), result.messages
     assert attn.scaling == 0.25 and torch.equal(attn.query.weight, query)  # untouched
-    again = type(model).from_pretrained(result.files["hf"][0]).eval()
+    again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
     folded_q = again.bert.encoder.layer[0].attention.self.query.weight
     torch.testing.assert_close(folded_q, query * 0.25 / 8 ** -0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
@@ -313,7 +313,7 @@ def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
     sqrt(32) and the ratio folded into the embedding weight: a config describes the model."""
     arch = ARCHS["gemma2"]
     arch = Arch(arch.cls, arch.model_type, {**arch.config, "tie_word_embeddings": False})
-    model = _build(arch)
+    model: Any = _build(arch)
     x = _inputs(arch)
     pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
     assert not pruner.step().unsafe
@@ -324,7 +324,7 @@ def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gemma2"))
     assert "hf" in result.files, result.messages
     assert model.model.embed_tokens.scalar_embed_scale == 8.0  # the model is as it was
-    again = type(model).from_pretrained(result.files["hf"][0]).eval()
+    again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
     assert again.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
     torch.testing.assert_close(again.model.embed_tokens.weight, embed * 8.0 / 32 ** 0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
