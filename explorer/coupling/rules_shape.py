@@ -360,10 +360,10 @@ _SAME_VALUES = (aten.lift_fresh, aten.lift_fresh_copy, aten.clone, aten._to_copy
                 aten.alias, aten.detach)
 
 
-def _constant_index(ctx: Ctx, ref: object, size: int) -> np.ndarray | None:
-    """Positions (in ``range(size)``, distinct) an index list fixed by the code selects:
-    the values the trace kept of a constant the forward made (``[-2]``), passed through
-    copies; None when the index depends on data or its values are unknown."""
+def _constant_index(ctx: Ctx, ref: object, size: int) -> tuple[int, ...] | None:
+    """The literal positions (distinct, in ``-size..size-1``) an index list fixed by the
+    code selects: the values the trace kept of a constant the forward made (``[-2]``),
+    passed through copies; None when the index depends on data or its values are unknown."""
     if not isinstance(ref, ValueRef):
         return None
     value = ctx.graph.values[ref.vid]
@@ -376,8 +376,7 @@ def _constant_index(ctx: Ctx, ref: object, size: int) -> np.ndarray | None:
     if value.data is None or not value.data or \
             not all(-size <= v < size for v in value.data):
         return None
-    picked = np.array([v % size for v in value.data], dtype=np.int64)
-    return picked if len(set(picked.tolist())) == len(picked) else None
+    return value.data if len({v % size for v in value.data}) == len(value.data) else None
 
 
 @rule(aten.index, aten._unsafe_index)
@@ -390,11 +389,20 @@ def index(ctx: Ctx, node: OpNode) -> None:
         f" at {node.location}" if node.location else "")
     used = [k for k, ix in enumerate(indices) if ix is not None]
     if len(used) == 1:
-        picked = _constant_index(ctx, indices[used[0]], len(src[used[0]]))
-        if picked is not None:  # ``x[..., [-2], :]``: the listed elements, followed
+        d = used[0]
+        raw = _constant_index(ctx, indices[d], len(src[d]))
+        if raw is not None:  # ``x[..., [-2], :]``: the listed elements, followed
+            size = len(src[d])
             out = list(src)
-            out[used[0]] = src[used[0]][picked]
-            if tuple(len(d) for d in out) == ctx.out_shape(node):
+            out[d] = src[d][np.array([v % size for v in raw], dtype=np.int64)]
+            if tuple(len(x) for x in out) == ctx.out_shape(node):
+                for v in raw:  # the literal keeps its position only if nothing between
+                    # it and the end it counts from is cut: [2] pins 0..2, [-2] the last two
+                    span = src[d][:v + 1] if v >= 0 else src[d][size + v:]
+                    ctx.sp.pin(span, f"position {v} of a constant index list in "
+                               f"'{node.module or '<root>'}'" + (
+                                   f" at {node.location}" if node.location else ""),
+                               PinKind.INDEXED)
                 ctx.set_out(node, 0, out)
                 return
     for k in used:
