@@ -102,7 +102,8 @@ _TABLES = ("relative_position_bias_table.weight", "relative_position_bias_table"
 def _build(arch: Arch) -> nn.Module:
     config = transformers.AutoConfig.for_model(arch.model_type, **arch.config)
     torch.manual_seed(0)
-    return getattr(transformers, arch.cls)(config).eval()
+    model: nn.Module = getattr(transformers, arch.cls)(config).eval()
+    return model
 
 
 def _inputs(arch: Arch) -> torch.Tensor:
@@ -114,7 +115,8 @@ def _inputs(arch: Arch) -> torch.Tensor:
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x).logits
+        logits: torch.Tensor = model(x).logits
+    return logits
 
 
 def _runs() -> list[Any]:
@@ -149,7 +151,8 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
     if "hf" in result.files:
         assert result.config is not None and result.config.ok
-        again = type(model).from_pretrained(result.files["hf"][0]).eval()
+        hf_cls: Any = type(model)
+        again = hf_cls.from_pretrained(result.files["hf"][0]).eval()
         for key, (_old, new) in result.config.changed.items():
             assert getattr(again.config, key) == new
     else:
