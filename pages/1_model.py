@@ -1,18 +1,18 @@
 """Model: choose a spec, build it, and see what the trace found."""
 import streamlit as st
 
+from explorer.app.display import (
+    group_rows,
+    heading,
+    input_placeholder,
+    loaded_caption,
+    unsafe_alone,
+)
 from explorer.app.session import Message
-from explorer.app.sources import quality_text, request_from_form
+from explorer.app.sources import example_specs, plan_text, quality_text, request_from_fields
 from explorer.graph.metrics import count_params
-from explorer.io.specs import hf_families, list_demos
 from explorer.render.figures import compact
-from explorer.render.proposal_view import part_label
 from pages._session import load, show
-
-FIRST = ["demo:dino_vit_safe", "demo:dino_vit"]
-EXAMPLES = (FIRST + [f"demo:{d}" for d in list_demos() if f"demo:{d}" not in FIRST]
-            + [f"hf:{f}" for f in hf_families()]
-            + ["timm:vit_tiny_patch16_224?img_size=64", "timm:resnet18"])
 
 
 def _pick() -> None:
@@ -22,7 +22,7 @@ def _pick() -> None:
 st.title("Model")
 if "model_spec" not in st.session_state:
     st.session_state.model_spec = st.session_state.pe_request.spec
-st.selectbox("Examples", EXAMPLES, index=None, key="model_example", on_change=_pick,
+st.selectbox("Examples", example_specs(), index=None, key="model_example", on_change=_pick,
              placeholder="pick a demo, transformers family or timm model")
 st.caption("`demo:dino_vit` is DINO's exact attention code: it shows the `qkv[0]` indexing "
            "case and why its hard-coded `C // num_heads` reshape makes the residual-stream and "
@@ -34,9 +34,8 @@ c1, c2 = st.columns(2)
 c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
          help="meta builds shapes only: explore big models without weights")
 current = st.session_state.get("pe")
-first = next((x for x in current.example_inputs if hasattr(x, "shape")), None) if current else None
 c2.text_input("Input shape (blank = default)", key="model_shape",
-              placeholder=",".join(map(str, first.shape)) if first is not None else "default")
+              placeholder=input_placeholder(current.example_inputs) if current else "default")
 with st.expander("Local checkpoint and data (real weights, real text or images)"):
     st.text_input("Local folder or weights file", key="model_path",
                   placeholder="/models/all-MiniLM-L6-v2  (config.json + weights + tokenizer)",
@@ -58,28 +57,14 @@ with st.expander("Local checkpoint and data (real weights, real text or images)"
     o[2].number_input("Batch size", 1, 1024, 8, key="model_batch")
 
 
-def _upload(key: str) -> tuple[str, bytes] | None:
-    up = st.session_state.get(key)
-    return None if up is None else (up.name, up.getvalue())
-
-
 if st.button("Load and trace", key="model_load", type="primary"):
     try:
-        request = request_from_form(
-            st.session_state.model_spec, st.session_state.model_device,
-            st.session_state.model_shape, path=st.session_state.get("model_path", ""),
-            weights_upload=_upload("model_upload"),
-            calibration=st.session_state.get("model_calib", ""),
-            calibration_upload=_upload("model_calib_up"),
-            heldout=st.session_state.get("model_heldout", ""),
-            heldout_upload=_upload("model_heldout_up"),
-            num_samples=st.session_state.get("model_samples", 0),
-            seq_len=st.session_state.get("model_seq_len", 128),
-            batch_size=st.session_state.get("model_batch", 8))
+        request = request_from_fields(st.session_state)
     except ValueError as exc:
         st.session_state.pe_error = str(exc)
     else:
-        load(request)
+        if load(request):
+            st.rerun()  # draw the fields above (input-shape placeholder) for the new model
 if st.session_state.get("pe_error"):
     st.error(st.session_state.pe_error)
 
@@ -90,9 +75,8 @@ pe = st.session_state.pe
 
 
 def _apply_plan() -> None:
-    up = st.session_state.model_plan
-    text = up.getvalue() if up is not None else st.session_state.model_plan_text
-    if not text.strip():
+    text = plan_text(st.session_state.model_plan, st.session_state.model_plan_text)
+    if text is None:
         pe.message = Message.error("no plan: upload a plan JSON file or paste its text")
     else:
         pe.apply_plan(text)
@@ -107,12 +91,12 @@ with st.expander("Replay a pruning plan on this model"):
 if (msg := st.session_state.pop("model_plan_msg", None)) is not None:
     show(msg)
 mg = pe.graph
-st.subheader(f"`{pe.spec}`")
+title = heading(pe.spec)
+st.subheader(title.name, help=f"spec: `{pe.spec}`")
+if title.options:
+    st.caption(f"options: {title.options}")
 info = st.session_state.get("pe_loaded", {})
-st.caption(f"task: {info.get('task', '?')} · weights: "
-           f"{'loaded from disk' if info.get('pretrained') else 'random (or none, on meta)'}"
-           + (f" · tokenizer: {info['tokenizer']}" if info.get("tokenizer") else "")
-           + f" · calibration: {'file' if pe.calibration is not None else 'random inputs'}")
+st.caption(loaded_caption(info, pe.calibration is not None))
 for note in info.get("notes", []):
     st.warning(note)
 m = st.columns(5)
@@ -137,13 +121,9 @@ elif pending and st.button(f"Pre-flight every group ({len(pending)}, about "
                            f"{len(pending)} forward passes)", key="model_verdicts"):
     st.session_state.model_verdicts_for = pe.version
     st.rerun()
-st.dataframe([{"id": g.id, "group": g.title, "prunable": g.prunable, "reason": g.reason,
-               "pre-flight": verdicts.get(g.id, "") if g.prunable else "",
-               "axes": ", ".join(f"{part_label(a.role, a.size)} {a.size}" for a in g.axes[:6])
-               + (f" (+{len(g.axes) - 6} more)" if len(g.axes) > 6 else ""),
-               "members": len(g.members)} for g in mg.groups()],
-             key="model_groups", hide_index=True, width="stretch")
-if any(v.startswith("unsafe alone") for v in verdicts.values()):
+st.dataframe(group_rows(mg.groups(), verdicts), key="model_groups", hide_index=True,
+             width="stretch")
+if unsafe_alone(verdicts):
     st.warning("Some groups are unsafe to cut alone but safe together (see pre-flight): the "
                "Groups page offers them as one joint proposal, and Accept all cuts them "
                "together.")

@@ -8,9 +8,19 @@ from __future__ import annotations
 import streamlit as st
 
 from components.graph_view import graph_view
+from explorer.app.display import (
+    after_accept,
+    cost_text,
+    edited,
+    head_structure,
+    layer_table,
+    pending_rows,
+    short_reason,
+    table_counts,
+    verdict_text,
+)
 from explorer.app.session import Session
 from explorer.app.sources import quality_text
-from explorer.graph.metrics import count_macs
 from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
 from explorer.prune.proposal import Proposal
@@ -67,35 +77,19 @@ def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
             0, ch.width_before - 1, key=f"groups_count_{n}"))
             for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True))}
     rows = axis_rows(pe.graph.coupling, p)
-    table = [{"layer": r.layer, "part": r.part, "width": r.width, "remove": r.remove}
-             for r in rows]
     st.caption(f"{len(rows)} layer rows: edit **remove** per layer (0 keeps that layer as "
                f"it is); Accept uses the counts in this table.")
-    edited = st.data_editor(table, key="groups_table", hide_index=True, width="stretch",
-                            disabled=["layer", "part", "width"],
-                            column_config={"remove": st.column_config.NumberColumn(
-                                "remove", min_value=0, step=1)})
-    return {r.axis: int(e["remove"]) for r, e in zip(rows, edited, strict=True)}
+    table = st.data_editor(layer_table(rows), key="groups_table", hide_index=True,
+                           width="stretch", disabled=["layer", "part", "width"],
+                           column_config={"remove": st.column_config.NumberColumn(
+                               "remove", min_value=0, step=1)})
+    return table_counts(rows, table)
 
 
 def verdict_box(pe: Session, p: Proposal, verdict: Verdict, joint: Proposal | None) -> None:
-    if verdict.ok:
-        st.success(f"Pre-flight: the pruned copy runs, output shapes {verdict.output_shapes}")
-    else:
-        where = short_location(verdict.location) if verdict.location else "the model"
-        st.warning(f"Pre-flight: accepting this alone breaks the forward at {where} "
-                   f"({verdict.module or 'the model'}): {verdict.error}")
+    (st.success if verdict.ok else st.warning)(verdict_text(verdict))
     if joint is not None:
         st.info(f"Joint proposal: {short_reason(joint)}")
-
-
-def short_reason(joint: Proposal) -> str:
-    """The joint reason with the location shortened to ``file:line``."""
-    text = joint.reason
-    for word in text.split("`"):
-        if ":" in word and "/" in word:
-            text = text.replace(word, short_location(word))
-    return text
 
 
 def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
@@ -105,10 +99,10 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
     m[1].metric("MACs", compact(pe.macs), compact(pe.macs - pe.macs_start),
                 delta_color="inverse", help=f"{pe.macs:,} (start {pe.macs_start:,})")
     m[2].metric("pending groups", pending)
-    if verdict is not None and verdict.ok and verdict.graph is not None:
-        m[3].metric("params after Accept", compact(verdict.params),
-                    f"{compact(count_macs(verdict.graph) - pe.macs)} MACs",
-                    delta_color="inverse", help=f"{verdict.params:,} parameters")
+    after = after_accept(verdict, pe.macs)
+    if after is not None:
+        m[3].metric("params after Accept", compact(after[0]), f"{compact(after[1])} MACs",
+                    delta_color="inverse", help=f"{after[0]:,} parameters")
     quality = pe.quality()
     if quality is not None:
         m[4].metric(*quality_text(quality), help=f"against the original, on {pe.quality_source}")
@@ -120,14 +114,12 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict) -> 
     if not verdict.ok or quality is None:
         return
     try:
-        after = pe.proposal_cost(p, counts if counts != p.counts() else None)
+        after = pe.proposal_cost(p, edited(p, counts))
     except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
         st.warning(f"could not measure what accepting costs: {exc}")
         return
     if after is not None:
-        label, now = quality_text(quality)
-        st.info(f"Accepting it: {label} {now} → {quality_text(after)[1]} "
-                f"(measured on a copy with weights, {pe.quality_source})")
+        st.info(cost_text(quality, after, pe.quality_source))
 
 
 def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
@@ -147,14 +139,14 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
 def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
             joint: Proposal | None) -> None:
     b = st.columns(6)
-    edited = counts if counts != p.counts() else None
+    on_screen = edited(p, counts)
     b[0].button("Accept", key="groups_accept", type="primary", disabled=not verdict.ok,
                 help="apply the counts on screen" if verdict.ok else
                 "unsafe alone: see the pre-flight (and the joint proposal, if any)",
-                on_click=lambda: pe.accept(p, edited))
+                on_click=lambda: pe.accept(p, on_screen))
     if joint is not None:
         b[1].button(f"Accept jointly ({len(joint.keys)} groups)", key="groups_accept_joint",
-                    type="primary", on_click=lambda: pe.accept(joint, edited))
+                    type="primary", on_click=lambda: pe.accept(joint, on_screen))
     b[2].button("Reject", key="groups_reject", on_click=lambda: pe.reject(p))
     b[3].button("Undo", key="groups_undo", on_click=pe.undo, disabled=not pe.can_undo)
     if b[4].button("Accept all remaining", key="groups_accept_all"):
@@ -186,19 +178,12 @@ def chart(pe: Session, p: Proposal, counts: dict[int, int]) -> None:
 
 def details(pe: Session, p: Proposal, pending: list[Proposal]) -> None:
     if p.group.heads is not None:
-        h = p.group.heads
-        st.markdown(f"**Head structure:** {h.num_heads} heads × {h.head_dim} dims"
-                    + (f", {h.kv_heads} key/value heads" if h.kv_heads else ""))
+        st.markdown(f"**Head structure:** {head_structure(p.group)}")
     with st.expander("Why these channels are coupled", expanded=not layered(p)):
         st.markdown("\n".join(f"- {line}" for line in p.group.explanation) or "- (none)")
         st.dataframe(member_rows(p.group), key="groups_members", hide_index=True)
     with st.expander(f"All pending proposals ({len(pending)})"):
-        st.dataframe([{"group": q.group.title,
-                       "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
-                                           f"{ch.width_before}→{ch.width_after}"
-                                           for ch in q.changes[:3])
-                       + (f" (+{len(q.changes) - 3} layers)" if len(q.changes) > 3 else "")}
-                      for q in pending], key="groups_pending", hide_index=True)
+        st.dataframe(pending_rows(pending), key="groups_pending", hide_index=True)
 
 
 def history(pe: Session) -> None:
@@ -233,7 +218,7 @@ def main() -> None:
     st.subheader(f"Group {p.group.id}: {p.group.title}")
     counts = counts_editor(pe, p)
     try:
-        verdict = pe.preflight(p, counts if counts != p.counts() else None)
+        verdict = pe.preflight(p, edited(p, counts))
     except ValueError as exc:  # a count out of range
         verdict = Verdict(False, error=str(exc))
     joint = pe.joint(p) if not verdict.ok else None

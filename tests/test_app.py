@@ -130,6 +130,28 @@ def test_settings_and_accept_all(app: AppTest) -> None:
     assert "Every prunable group is decided" in app.info[0].value
 
 
+SMALL_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=3&num_attention_heads=4"
+               "&num_key_value_heads=4&intermediate_size=128&vocab_size=100")
+
+
+def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
+        app: AppTest) -> None:
+    """Seen in Chromium on the 7B shape: the input-shape placeholder kept DINO's image shape,
+    the long spec was a large heading, and the first proposal was titled by the embedding
+    table instead of the residual stream it is."""
+    assert app.text_input(key="model_shape").placeholder == "1,3,32,32"  # DINO's image
+    _load(app, SMALL_LLAMA, device="meta")
+    tokens = app.session_state.pe.example_inputs[0].shape
+    assert app.text_input(key="model_shape").placeholder == ",".join(map(str, tokens))
+    assert [h.value for h in app.subheader] == ["hf:llama"]  # the options go to a caption
+    assert any(c.value.startswith("options: hidden_size=64 · ") for c in app.caption)
+    groups = app.dataframe[0].value
+    assert "residual stream (64 ch): model.layers" in list(groups["group"])
+    app.switch_page("pages/3_groups.py").run()
+    assert not app.exception, app.exception
+    assert app.subheader[0].value == "Group 1: residual stream (64 ch): model.layers"
+
+
 def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:
     app.selectbox(key="model_example").set_value("demo:dino_vit").run()
     app.button(key="model_load").click().run()

@@ -204,3 +204,42 @@ def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
         finally:
             browser.close()
     assert (SHOTS / "graph.png").stat().st_size > 10_000
+
+
+SMALL_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=3&num_attention_heads=4"
+               "&num_key_value_heads=4&intermediate_size=128&vocab_size=100")
+
+
+def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: Path) -> None:
+    """Seen on the 7B shape: after loading a transformers model on meta the input-shape field
+    still offered DINO's ``1,3,32,32``, the spec was repeated as a large heading, and the
+    first proposal was named after the embedding table, not the residual stream."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+            page.get_by_text("prunable groups").wait_for(timeout=90_000)
+            shape = page.get_by_role("textbox", name="Input shape (blank = default)")
+            assert shape.get_attribute("placeholder") == "1,3,32,32"
+            spec = page.get_by_role("textbox", name="Model spec")
+            spec.fill(SMALL_LLAMA)
+            spec.press("Enter")
+            page.get_by_text("meta", exact=True).click()
+            page.wait_for_timeout(500)  # let the reruns of the edits settle
+            page.get_by_role("button", name="Load and trace").click()
+            page.get_by_text("options: hidden_size=64").wait_for(timeout=90_000)
+            page.wait_for_function(
+                "document.querySelector(\"input[aria-label='Input shape (blank = default)']\")"
+                ".placeholder == '1,16'", timeout=30_000)
+            headings = page.locator("h3").all_inner_texts()
+            assert "hf:llama" in [h.strip() for h in headings]
+            assert not any(SMALL_LLAMA in h for h in headings)
+            page.get_by_role("link", name="Groups").click()
+            page.get_by_text("Group 1: residual stream (64 ch): model.layers").wait_for(
+                timeout=60_000)
+            page.screenshot(path=str(tmp_path / "llama_groups.png"), full_page=True)
+        finally:
+            browser.close()

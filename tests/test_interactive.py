@@ -39,7 +39,7 @@ def test_dino_joint_proposal_accepts_interactively(heads: str) -> None:
     shape = lm.model(*lm.example_inputs).shape
     p = Pruner(lm.model, lm.example_inputs, ratio=0.5, heads=heads)
     first = next(p.proposals())
-    assert first.group.title == "residual stream (96 ch)"
+    assert first.group.title == "residual stream (96 ch): blocks"
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     assert not p.preflight().check(first.removal()).ok  # unsafe alone
     assert all(torch.equal(state[k], v) for k, v in lm.model.state_dict().items())
@@ -171,7 +171,7 @@ def test_app_session_survives_refresh_and_reset(tmp_path: Path,
         fresh.run()  # a refresh: a new script session with the same URL
     assert not fresh.exception, fresh.exception
     assert fresh.session_state.pe.params == params
-    assert fresh.session_state.pe.history == ["accepted residual stream (96 ch)"]
+    assert fresh.session_state.pe.history == ["accepted residual stream (96 ch): blocks"]
     fresh.switch_page("pages/3_groups.py").run()
     fresh.button(key="groups_reset").click().run()
     assert fresh.session_state.pe.params == fresh.session_state.pe.params_start
@@ -220,7 +220,11 @@ def test_7b_head_group_is_one_layer_table(tmp_path: Path,
     at.radio(key="model_device").set_value("meta")
     at.button(key="model_load").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
+    tokens = at.session_state.pe.example_inputs[0].shape
+    assert at.text_input(key="model_shape").placeholder == ",".join(map(str, tokens))
+    assert [h.value for h in at.subheader] == ["hf:llama"]
     at.switch_page("pages/3_groups.py").run()
+    assert "residual stream (4096 ch): model.layers" in at.subheader[0].value
     at.button(key="groups_reject").click().run()  # the residual stream
     assert not at.exception and not at.error, (at.exception, at.error)
     assert "32 heads x 128" in at.subheader[0].value

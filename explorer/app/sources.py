@@ -9,12 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from ..io.data import DataOptions, check_apart, load_data
-from ..io.specs import LoadedModel, SpecError, load_model, parse_input_shape
+from ..io.specs import (
+    LoadedModel,
+    SpecError,
+    hf_families,
+    list_demos,
+    load_model,
+    parse_input_shape,
+)
 from ..prune.calibration import Calibration
 from ..quality.evaluate import Quality
 from ..quality.task import Metric
@@ -152,3 +160,54 @@ def request_from_form(spec: str, device: str = "cpu", shape: str = "", *, path: 
         heldout = str(save_upload(*heldout_upload))
     return LoadRequest(spec.strip(), device, shape, weights, calibration.strip(),
                        heldout.strip(), int(num_samples), int(seq_len), int(batch_size))
+
+
+FIRST_EXAMPLES = ("demo:dino_vit_safe", "demo:dino_vit")  # the teaching pair, listed first
+
+
+def example_specs() -> list[str]:
+    """The Model page's examples: the DINO pair, every demo, transformers families, timm."""
+    demos = [f"demo:{d}" for d in list_demos() if f"demo:{d}" not in FIRST_EXAMPLES]
+    return [*FIRST_EXAMPLES, *demos, *(f"hf:{f}" for f in hf_families()),
+            "timm:vit_tiny_patch16_224?img_size=64", "timm:resnet18"]
+
+
+class UploadedFile(Protocol):
+    """What an upload widget holds (Streamlit's ``UploadedFile``)."""
+
+    name: str
+
+    def getvalue(self) -> bytes: ...
+
+
+def _upload(fields: Mapping[str, Any], key: str) -> Upload | None:
+    up: UploadedFile | None = fields.get(key)
+    return None if up is None else (up.name, up.getvalue())
+
+
+def request_from_fields(fields: Mapping[str, Any]) -> LoadRequest:
+    """`request_from_form` over the Model page's widget values, keyed as on the page
+    (``model_spec``, ``model_device``, ``model_shape``, ``model_path``, ``model_upload``,
+    ``model_calib`` / ``_up``, ``model_heldout`` / ``_up``, ``model_samples``,
+    ``model_seq_len``, ``model_batch``).
+
+    Raises:
+        SpecError: as `request_from_form`.
+    """
+    return request_from_form(
+        fields.get("model_spec", ""), fields.get("model_device", "cpu"),
+        fields.get("model_shape", ""), path=fields.get("model_path", ""),
+        weights_upload=_upload(fields, "model_upload"),
+        calibration=fields.get("model_calib", ""),
+        calibration_upload=_upload(fields, "model_calib_up"),
+        heldout=fields.get("model_heldout", ""),
+        heldout_upload=_upload(fields, "model_heldout_up"),
+        num_samples=fields.get("model_samples", 0), seq_len=fields.get("model_seq_len", 128),
+        batch_size=fields.get("model_batch", 8))
+
+
+def plan_text(upload: UploadedFile | None, pasted: str) -> bytes | str | None:
+    """The plan to apply: an uploaded file wins over pasted text; None when both are empty."""
+    if upload is not None:
+        return upload.getvalue()
+    return pasted if pasted.strip() else None

@@ -12,6 +12,7 @@ from ..graph.ops import ATTENTION_OPS
 from .context import Ctx, tensor_args
 from .groups import Axis, Group, HeadInfo, Member
 from .registry import apply_rule
+from .residual import mark_residual
 from .resolve import Resolution, resolve
 from .spaces import Pin
 from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
@@ -64,6 +65,7 @@ class Coupling:
         self._dim_families: dict[int, frozenset[int]] = {}
         self._build_families()
         self.groups: list[Group] = self._build_groups()
+        mark_residual(graph, self.groups, self.value_families)
 
     # -- members --------------------------------------------------------------------------
     def _collect_members(self) -> list[_MemberData]:

@@ -57,6 +57,9 @@ class Group:
     reason: str
     explanation: list[str] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)  # owning modules in trace order
+    # modules whose residual adds sum this group's channels (see `coupling.residual`);
+    # empty unless it passes through two or more: then it is a residual stream
+    residual: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form used by ``trace --json``, plans and the app."""
@@ -77,13 +80,15 @@ class Group:
 
     @property
     def title(self) -> str:
-        """Short label such as ``"384 ch: blocks.0.mlp.fc1"`` or ``"6 heads x 16: ..."``."""
+        """Short label such as ``"384 ch: blocks.0.mlp.fc1"``, ``"6 heads x 16: ..."`` or
+        ``"residual stream (4096 ch): model.layers"`` (named by the blocks its adds are in)."""
         where = self.modules[0] if self.modules else (self.members[0].module if self.members
                                                        else "?")
         if self.heads:
             return f"{self.heads.num_heads} heads x {self.heads.head_dim}: {where}"
-        if not where:  # owned by the root module: the residual stream (embeddings, norms)
-            return f"residual stream ({self.channels} ch)"
+        if self.residual or not where:  # summed across blocks, or owned by the root module
+            blocks = _common_prefix(self.residual)
+            return f"residual stream ({self.channels} ch)" + (f": {blocks}" if blocks else "")
         return f"{self.channels} ch: {where}"
 
     @property
@@ -93,6 +98,19 @@ class Group:
 
 
 GroupKey = tuple[str, int]
+
+
+def _common_prefix(modules: list[str]) -> str:
+    """The dotted module path every name in ``modules`` starts with ("" when none)."""
+    if not modules:
+        return ""
+    parts = [m.split(".") if m else [] for m in modules]
+    shared: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        shared.append(level[0])
+    return ".".join(shared)
 
 
 def group_key(group: Group) -> GroupKey:

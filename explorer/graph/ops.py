@@ -18,3 +18,6 @@ SDPA_OPS = frozenset({
 
 #: Ops whose first argument is an attention query: fused kernels and the q @ k^T bmm.
 ATTENTION_OPS = SDPA_OPS | {aten.bmm}
+
+#: Element-wise sums: two activations added (``x + f(x)``) make a residual connection.
+ADD_OPS = frozenset({aten.add, aten.add_})

@@ -32,6 +32,7 @@ from ..coupling.analyze import Coupling
 from ..graph.walk import flat_floats
 from .calibration import Calibration
 from .importance import calibrating, calibration_pass, input_dim
+from .rebase import head_axes, rebase
 from .removal import Applied, Removal, apply_removal, removed_atoms, set_tensor, undo
 
 GUARD_BATCHES = 2  # calibration batches the end-to-end check compares outputs on
@@ -174,12 +175,19 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
                          f"the meta device; prune without it (--compensate none)")
     todo = targets(model, coupling, removal)
     gram = kind is Compensation.LSTSQ
-    known = {k: v for k, v in (stats or {}).items() if not gram or v.gram is not None}
+    reference = _outputs(model, calib)
+    stats, rebased = _rebase_heads(model, coupling, removal, calib, reference, stats or {},
+                                   notes)
+    known = {k: v for k, v in stats.items() if not gram or v.gram is not None}
     missing = [t.module for t in todo if t.module not in known]
     stats = {**known, **(input_stats(model, missing, calib, gram) if missing else {})}
     original = {t.module: _dense(model.get_submodule(t.module)) for t in todo}
-    reference = _outputs(model, calib)
-    applied = apply_removal(model, coupling, removal)
+    try:
+        applied = apply_removal(model, coupling, removal)
+    except Exception:
+        _put_back(model, rebased)
+        raise
+    applied.previous.update(rebased)  # undo restores the weights from before the re-basing
     try:
         new: dict[str, torch.Tensor] = {}
         for t in todo:
@@ -196,6 +204,50 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
         undo(model, applied)
         raise
     return applied
+
+
+REBASE_TOLERANCE = 1e-8  # relative squared output change a re-basing may cause (rounding)
+
+
+def _rebase_heads(model: nn.Module, coupling: Coupling, removal: Removal, calib: Calibration,
+                  reference: list[torch.Tensor], stats: Mapping[str, InputStats],
+                  notes: list[str] | None) -> tuple[dict[str, InputStats],
+                                                    dict[str, torch.Tensor]]:
+    """Re-base the heads whose dims ``removal`` cuts (see `explorer.prune.rebase`).
+
+    Returns:
+        The input statistics in the new bases (an output projection's inputs change basis
+        with its heads), and the parameters the re-basing replaced (empty: nothing done).
+    """
+    axes = head_axes(model, coupling, removal)
+    out = dict(stats)
+    if not axes:
+        return out, {}
+    writers = sorted({s.module for a in axes for s in a.sides if not s.columns})
+    readers = sorted({s.module for a in axes for s in a.sides if s.columns})
+    fresh = [m for m in writers + readers if m not in out or out[m].gram is None]
+    out.update(input_stats(model, fresh, calib, gram=True) if fresh else {})
+    grams = {m: g / max(out[m].count, 1) for m in writers + readers
+             if (g := out[m].gram) is not None}
+    try:
+        previous = rebase(model, axes, grams)
+    except RuntimeError:  # torch.linalg.LinAlgError: a singular moment even with the ridge
+        return out, {}
+    moved = _deviation(_outputs(model, calib), reference)
+    if moved > REBASE_TOLERANCE:
+        _put_back(model, previous)
+        if notes is not None:
+            notes.append(f"head dims were cut without re-basing the heads: the re-based "
+                         f"model's outputs moved (relative error {moved:.3g})")
+        return out, {}
+    for m in readers:  # the output projection now reads the re-based dims: re-measure
+        del out[m]
+    return out, previous
+
+
+def _put_back(model: nn.Module, previous: Mapping[str, torch.Tensor | None]) -> None:
+    for name, tensor in previous.items():
+        set_tensor(model, name, tensor)
 
 
 def _outputs(model: nn.Module, calib: Calibration) -> list[torch.Tensor]:
