@@ -14,6 +14,10 @@ on the calibration data (padded tokens left out):
   zero. Linear layers only (others get ``bias``). With few calibration tokens per input it
   overfits: evaluate it on held-out data.
 
+Before a head-dim cut, both first re-base the heads it cuts (`explorer.prune.rebase`): a
+change of basis inside each head that keeps the function and moves the least energetic
+dims of every head onto the cut indices (the cut removes the same indices from every head).
+
 Both run inside the removal: the model is pruned and compensated, or left exactly as it was.
 The replaced tensors go into the `Applied` record, so `undo` restores them too.
 """
