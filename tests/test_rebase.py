@@ -66,7 +66,7 @@ def test_rebasing_keeps_the_function_and_finds_both_axes_of_every_head() -> None
     stats = input_stats(model, linears, calib, gram=True)
     grams = {m: s.gram / s.count for m, s in stats.items() if s.gram is not None}
     original = copy.deepcopy(model)
-    previous = rebase(model, axes, grams)
+    previous = rebase(model, axes, grams).previous
     x = torch.randint(0, model.config.vocab_size, (3, 16))
     assert _max_change(model, original, x) < 1e-4
     assert not torch.equal(model.encoder.layer[0].attention.self.query.weight,

@@ -234,19 +234,22 @@ def _rebase_heads(model: nn.Module, coupling: Coupling, removal: Removal, calib:
     grams = {m: g / max(out[m].count, 1) for m in writers + readers
              if (g := out[m].gram) is not None}
     try:
-        previous = rebase(model, axes, grams)
+        done = rebase(model, axes, grams)
     except RuntimeError:  # torch.linalg.LinAlgError: a singular moment even with the ridge
         return out, {}
     moved = _deviation(_outputs(model, calib), reference)
     if moved > REBASE_TOLERANCE:
-        _put_back(model, previous)
+        _put_back(model, done.previous)
         if notes is not None:
             notes.append(f"head dims were cut without re-basing the heads: the re-based "
                          f"model's outputs moved (relative error {moved:.3g})")
         return out, {}
-    for m in readers:  # the output projection now reads the re-based dims: re-measure
-        del out[m]
-    return out, previous
+    for m, basis in done.input_bases.items():  # the output projection reads re-based dims
+        old = out.pop(m)
+        if old.gram is not None:  # (always: measured with moments above)
+            out[m] = InputStats(old.count, basis[:-1, :-1] @ old.total,
+                                basis @ old.gram @ basis.T)
+    return out, done.previous
 
 
 def _put_back(model: nn.Module, previous: Mapping[str, torch.Tensor | None]) -> None:

@@ -204,11 +204,21 @@ def _whitened(w_out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return n
 
 
-def rebase(model: nn.Module, axes: list[HeadAxis], grams: Mapping[str, torch.Tensor]
-           ) -> dict[str, torch.Tensor]:
-    """Re-base every head of ``axes`` in place; returns the parameters it replaced, by name.
+@dataclass
+class Rebased:
+    """What `rebase` changed."""
 
-    The caller checks the model's outputs and puts the returned tensors back if they moved.
+    previous: dict[str, torch.Tensor]  # parameter name -> the tensor it replaced
+    # reader module -> B (float64, inputs + 1 square): its new input is ``B [x; 1]``, so its
+    # input statistics follow without another pass (sum -> B sum, moment -> B G B^T)
+    input_bases: dict[str, torch.Tensor]
+
+
+def rebase(model: nn.Module, axes: list[HeadAxis], grams: Mapping[str, torch.Tensor]
+           ) -> Rebased:
+    """Re-base every head of ``axes`` in place (all transforms computed first).
+
+    The caller checks the model's outputs and puts ``previous`` back if they moved.
 
     Raises:
         torch.linalg.LinAlgError: if a second moment is singular beyond the ridge.
@@ -216,6 +226,7 @@ def rebase(model: nn.Module, axes: list[HeadAxis], grams: Mapping[str, torch.Ten
     modules = {s.module for a in axes for s in a.sides}
     dense = {m: _dense(model.get_submodule(m)) for m in modules}
     new = {m: (w.clone(), b.clone()) for m, (w, b) in dense.items()}
+    bases: dict[str, torch.Tensor] = {}
     for axis in axes:
         first, second = axis.sides
         for h, (a, b) in enumerate(transforms(axis, dense, grams)):
@@ -223,6 +234,9 @@ def rebase(model: nn.Module, axes: list[HeadAxis], grams: Mapping[str, torch.Ten
             if second.columns:
                 idx = torch.as_tensor(second.index[h])
                 new[second.module][0][:, idx] = dense[second.module][0][:, idx] @ b
+                width = dense[second.module][0].shape[1] + 1
+                basis = bases.setdefault(second.module, torch.eye(width, dtype=torch.float64))
+                basis[idx.unsqueeze(1), idx] = a  # the head's context is re-based like v
             else:
                 _rows(new[second.module], second.index[h], b)
     previous: dict[str, torch.Tensor] = {}
@@ -235,7 +249,7 @@ def rebase(model: nn.Module, axes: list[HeadAxis], grams: Mapping[str, torch.Ten
             previous[f"{m}.{attr}"] = old
             set_tensor(model, f"{m}.{attr}", nn.Parameter(value.to(old.dtype).contiguous(),
                                                           requires_grad=old.requires_grad))
-    return previous
+    return Rebased(previous, bases)
 
 
 def _rows(wb: tuple[torch.Tensor, torch.Tensor], rows: np.ndarray, t: torch.Tensor) -> None:
