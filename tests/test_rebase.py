@@ -114,3 +114,11 @@ def test_fused_qkv_heads_are_left_as_they_are() -> None:
             if a.role == "head-dim":
                 removal.add(g.id, i, [0, 3])
     assert removal and head_axes(lm.model, pruner.coupling, removal) == []
+
+
+def test_whole_heads_and_mlp_cuts_are_not_rebased() -> None:
+    model, _calib, example = _bert()
+    for heads in ("whole", "keep"):
+        pruner = Pruner(model, example, ratio=0.5, heads=heads)
+        removal, changes, _ = pruner.propose()
+        assert changes and head_axes(model, pruner.coupling, removal) == []
