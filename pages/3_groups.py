@@ -89,7 +89,8 @@ def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
 def verdict_box(pe: Session, p: Proposal, verdict: Verdict, joint: Proposal | None) -> None:
     (st.success if verdict.ok else st.warning)(verdict_text(verdict))
     if joint is not None:
-        st.info(f"Joint proposal: {short_reason(joint)}")
+        kind = "Joint proposal" if joint.joint else "Outer-axis proposal"
+        st.info(f"{kind}: {short_reason(joint)}")
 
 
 def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
@@ -144,9 +145,13 @@ def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
                 help="apply the counts on screen" if verdict.ok else
                 "unsafe alone: see the pre-flight (and the joint proposal, if any)",
                 on_click=lambda: pe.accept(p, on_screen))
-    if joint is not None:
+    if joint is not None and joint.joint:
         b[1].button(f"Accept jointly ({len(joint.keys)} groups)", key="groups_accept_joint",
                     type="primary", on_click=lambda: pe.accept(joint, on_screen))
+    elif joint is not None:  # the outer axis, as proposed (the counts on screen are inner)
+        b[1].button(f"Accept on the outer axis ({joint.changes[0].width_after} left)",
+                    key="groups_accept_joint", type="primary",
+                    on_click=lambda: pe.accept(joint))
     b[2].button("Reject", key="groups_reject", on_click=lambda: pe.reject(p))
     b[3].button("Undo", key="groups_undo", on_click=pe.undo, disabled=not pe.can_undo)
     if b[4].button("Accept all remaining", key="groups_accept_all"):

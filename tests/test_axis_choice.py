@@ -129,3 +129,38 @@ def test_sets_failing_at_each_others_lines_are_cut_together() -> None:
               model.d.out_features)
     assert widths == (8, 8, 8, 16)
     assert model(x).shape == (3, 3)
+
+
+def test_interactive_mode_offers_the_outer_axis_and_replays_it() -> None:
+    """One group at a time: the unsafe inner cut gets an outer-axis proposal (as `step`
+    would cut), accepting it cuts whole blocks, undo is exact, and the session log replays."""
+    from explorer.app.session import Session
+
+    torch.manual_seed(0)
+    model = LinearToDeconv().eval()
+    x = torch.randn(1, 64)
+    s = Session(model, (x,))  # works on its own copy
+    model = s.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s.configure("magnitude", 0.5, "dims", False, 1)
+    p = next(q for q in s.proposals() if q.group.members[0].param == "fc.weight")
+    assert not s.preflight(p).ok
+    fix = s.joint(p)
+    assert fix is not None and fix.fallback and not fix.joint
+    assert "innermost axis" in fix.reason and fix.changes[0].width_after == 128
+    assert s.accept(fix)
+    assert model.up1.in_channels == 128 and model.fc.out_features == 128 * 16
+    assert model(x).shape == (1, 10)
+    accepted = model.fc.weight.detach().clone()
+    actions = list(s.actions)
+
+    s.undo()
+    assert model.fc.out_features == 256 * 16
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    torch.manual_seed(0)
+    replayed = Session(LinearToDeconv().eval(), (x,))
+    assert replayed.replay(actions) == len(actions)
+    again = replayed.model
+    assert again.fc.out_features == 128 * 16 and again.up1.in_channels == 128
+    assert torch.equal(again.fc.weight.detach(), accepted)  # the same blocks, replayed

@@ -201,7 +201,8 @@ class Session:
     def preflight(self, proposal: Proposal, count: int | Counts | None = None) -> Verdict:
         """The pre-flight verdict of accepting ``proposal`` (with ``count``; cached)."""
         counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
-        key = (self.version, tuple(proposal.keys), self.settings(), tuple(sorted(counts.items())))
+        key = (self.version, tuple(proposal.keys), tuple(proposal.axes), self.settings(),
+               tuple(sorted(counts.items())))
         if key not in self._verdicts:
             self._verdicts[key] = self.pruner.preflight().check(proposal.removal(counts))
         return self._verdicts[key]
@@ -224,7 +225,8 @@ class Session:
         return {p.group.id: labels.get(p.key, "") for p in pending}
 
     def joint(self, proposal: Proposal) -> Proposal | None:
-        """The joint proposal that makes an unsafe ``proposal`` safe, or None."""
+        """The proposal that makes an unsafe ``proposal`` safe (a joint set, or its outer
+        axis: `Pruner.joint`), or None."""
         return self.pruner.joint(proposal, self.proposals(), self.verdicts())
 
     # ------------------------------------------------------------------ transitions
@@ -240,7 +242,8 @@ class Session:
         ok = self._apply(removal, [proposal], count, verdict)
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
-            self._record({"do": "accept", "key": list(proposal.key), "joint": proposal.joint,
+            self._record({"do": "accept", "key": list(proposal.key),
+                          "joint": proposal.joint or proposal.fallback,
                           "counts": None if counts is None else
                           [[int(a), int(n)] for a, n in counts.items()]})
         return ok

@@ -69,6 +69,11 @@ class Proposal:
         return bool(self.partners)
 
     @property
+    def fallback(self) -> bool:
+        """An outer-axis cut standing in for an unsafe innermost one (``reason`` says why)."""
+        return any(c.fallback for c in self.changes)
+
+    @property
     def title(self) -> str:
         return " + ".join([self.group.title, *(p.group.title for p in self.partners)])
 

@@ -22,7 +22,7 @@ from .calibration import Calibration, load_calibration
 from .compensate import compensation, prune_and_compensate
 from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
-from .preflight import Preflight, forward_check
+from .preflight import Preflight, Verdict, forward_check
 from .proposal import Proposal, lowest
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
 from .transaction import transaction
@@ -480,10 +480,12 @@ class Pruner:
 
     def joint(self, proposal: Proposal, pending: list[Proposal] | None = None,
               solution: Solution[tuple[str, int]] | None = None) -> Proposal | None:
-        """The joint proposal that makes an unsafe ``proposal`` safe, or None.
+        """The proposal that makes an unsafe ``proposal`` safe, or None.
 
         Groups that fail alone at the same model line are cut together by the same fraction
-        (the proposal's); None when ``proposal`` is safe alone or no such set runs.
+        (the proposal's, a joint proposal); else, when the group's innermost axis is what
+        fails, its outer axis at that fraction (``fallback`` says why, as `Pruner.step`
+        does). None when ``proposal`` is safe alone or nothing runs.
         """
         props = {p.key: p for p in (self.pending() if pending is None else pending)}
         props.setdefault(proposal.key, proposal)
@@ -499,7 +501,18 @@ class Pruner:
                 joint = self._snapped(joint)  # the same fraction everywhere, snapped
                 if self.preflight().check(joint.removal()).ok:
                     return joint
-        return None
+        verdict = sol.unsafe.get(proposal.key)
+        if verdict is None or proposal.joint or proposal.fallback:
+            return None
+        cut = self._outer_cut(self.preflight(), proposal.group, proposal.picks, verdict,
+                              Removal())
+        if cut is None:
+            return None
+        part, change = cut
+        axis = next(a for (_g, a) in part.picks)
+        scores = self.criterion.scores(self.model, self.coupling, proposal.group)[axis]
+        return Proposal(proposal.group, [change], [axis], {axis: np.asarray(scores)},
+                        reason=change.fallback, pruner=self)
 
     def _snapped(self, joint: Proposal) -> Proposal:
         """``joint`` with its primary counts moved to the common fraction of its parts."""
@@ -654,46 +667,53 @@ class Pruner:
 
     def _outer_fallbacks(self, flight: Preflight, sol: Solution[int], parts: dict[int, Removal]
                          ) -> dict[int, tuple[Removal, GroupChange]]:
-        """Groups whose innermost axis is unsafe, re-cut on an outer channel axis that runs.
+        """Groups whose innermost axis is unsafe, re-cut on an outer axis that runs
+        (`_outer_cut`), each on top of the safe cuts so far."""
+        found: dict[int, tuple[Removal, GroupChange]] = {}
+        for gid, verdict in sorted(sol.unsafe.items()):
+            picked = {a: idx for (g, a), idx in parts[gid].picks.items() if idx}
+            base = merge([sol.removal(parts), *(p for p, _c in found.values())])
+            cut = self._outer_cut(flight, self.groups[gid], picked, verdict, base)
+            if cut is not None:
+                found[gid] = cut
+        return found
+
+    def _outer_cut(self, flight: Preflight, group: Group, picked: dict[int, list[int]],
+                   verdict: Verdict, base: Removal) -> tuple[Removal, GroupChange] | None:
+        """``group`` re-cut on an outer channel axis that runs, when its inner cut does not.
 
         In an (outer x inner) layout the pruner cuts the inner axis (so widths shrink once).
         When model code fixes that inner width (``view(-1, self.conv.in_channels, 4, 4)``
         after a linear layer keeps the 4 x 4 block), whole blocks of ``inner`` channels may
-        still go: the outer axes are tried, outermost first, each with the safe cuts so far,
-        at the fraction the inner cut had. Only channel and group axes are tried (heads stay
-        the head mode's choice).
+        still go: the outer axes are tried, outermost first, on top of ``base``, at the
+        fraction the inner cut had. Only channel and group axes are tried (heads stay the
+        head mode's choice). None when no outer axis runs.
         """
-        found: dict[int, tuple[Removal, GroupChange]] = {}
-        for gid, verdict in sorted(sol.unsafe.items()):
-            group = self.groups[gid]
-            picked = {a: idx for (g, a), idx in parts[gid].picks.items() if idx}
-            outer = [i for i, a in enumerate(group.axes) if a.prunable and not a.inner and
-                     a.role in (AxisRole.CHANNELS, AxisRole.GROUPS) and i not in picked]
-            if not picked or not outer:
+        outer = [i for i, a in enumerate(group.axes) if a.prunable and not a.inner and
+                 a.role in (AxisRole.CHANNELS, AxisRole.GROUPS) and i not in picked]
+        if not picked or not outer:
+            return None
+        fraction = max(len(idx) / group.axes[a].size for a, idx in picked.items())
+        scores = self.criterion.scores(self.model, self.coupling, group)
+        for i in outer:
+            ax = group.axes[i]
+            n = ax.size - _kept(ax.size, fraction, self.round_to)
+            if n <= 0:
                 continue
-            fraction = max(len(idx) / group.axes[a].size for a, idx in picked.items())
-            scores = self.criterion.scores(self.model, self.coupling, group)
-            base = merge([sol.removal(parts), *(p for p, _c in found.values())])
-            for i in outer:
-                ax = group.axes[i]
-                n = ax.size - _kept(ax.size, fraction, self.round_to)
-                if n <= 0:
-                    continue
-                part = Removal()
-                part.add(gid, i, lowest(np.asarray(scores[i]), n))
-                if not flight.check(merge([base, part])).ok:
-                    continue
-                inner = ", ".join(f"{group.axes[a].size}" for a in picked)
-                block = int(np.prod([a.size for a in group.axes[i + 1:]] or [1]))
-                where = f"{verdict.location}: " if verdict.location else ""
-                why = (f"its innermost axis ({inner}) fails when cut ({where}{verdict.error}); "
-                       f"cut the outer {ax.role} axis of {ax.size} instead, whole blocks of "
-                       f"{block} channels")
-                idx = part.picks[(gid, i)]
-                found[gid] = (part, GroupChange(gid, group.title, ax.role, idx, ax.size,
-                                                ax.size - n, why))
-                break
-        return found
+            part = Removal()
+            part.add(group.id, i, lowest(np.asarray(scores[i]), n))
+            if not flight.check(merge([base, part])).ok:
+                continue
+            inner = ", ".join(f"{group.axes[a].size}" for a in picked)
+            block = int(np.prod([a.size for a in group.axes[i + 1:]] or [1]))
+            where = f"{verdict.location}: " if verdict.location else ""
+            why = (f"its innermost axis ({inner}) fails when cut ({where}{verdict.error}); "
+                   f"cut the outer {ax.role} axis of {ax.size} instead, whole blocks of "
+                   f"{block} channels")
+            idx = part.picks[(group.id, i)]
+            return part, GroupChange(group.id, group.title, ax.role, idx, ax.size,
+                                     ax.size - n, why)
+        return None
 
 
 def _joint_reason(location: str, props: dict[tuple[str, int], Proposal],
