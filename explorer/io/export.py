@@ -142,7 +142,14 @@ def _swap_in(tmp: Path, target: Path, force: bool) -> None:
     old = None
     if target.is_dir() and force:
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=tmp.parent))
-        os.rename(target, old / "content")
+        try:
+            os.rename(target, old / "content")
+        except FileNotFoundError:
+            pass  # another export moved it away meanwhile: nothing to set aside
+        except OSError as e:
+            shutil.rmtree(old, ignore_errors=True)
+            raise ExportError(f"cannot replace '{target}': {e.strerror or e}; nothing was "
+                              f"written") from e
     elif target.is_dir():
         try:
             target.rmdir()  # empty: replace it (fails if another export filled it meanwhile)
