@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph.ir import Graph, ValueKind
+from ..graph.ir import Graph, Value, ValueKind
 from ..graph.ops import ATTENTION_OPS
 from .context import Ctx, tensor_args
 from .groups import Axis, Group, HeadInfo, Member
@@ -22,7 +22,20 @@ from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
 class _MemberData:
     member: Member
     vid: int
-    atoms: np.ndarray  # (size, k) atom classes per index, -1 padded
+    ids: np.ndarray  # element ids of the dim
+    res: Resolution
+    # over intervals (when the resolution has an interval form): the super atoms of each
+    # piece of the dim (-1 padded) and each piece's length
+    rows: np.ndarray | None = None
+    widths: np.ndarray | None = None
+    _atoms: np.ndarray | None = None
+
+    @property
+    def atoms(self) -> np.ndarray:
+        """``(size, k)`` atom classes per index, -1 padded (computed on first use)."""
+        if self._atoms is None:
+            self._atoms = self.res.atoms_matrix(self.ids)
+        return self._atoms
 
 
 class Coupling:
@@ -55,9 +68,11 @@ class Coupling:
                 ctx.sp.pin(ids, f"model output (shape {list(value.shape)})", PinKind.MODEL_IO)
         self.unknown_ops = ctx.unknown
         self.head_dims = _traced_head_dims(graph)
-        self.res: Resolution = resolve(ctx.sp)
-        self.conflicts = self.res.conflicts
         self._ctx = ctx
+        self.res: Resolution = resolve(ctx.sp, whole=[
+            ids for vid, _v in self._member_values() for ids in ctx.sp.dims[vid]])
+        self.conflicts = self.res.conflicts
+        self._symbolic = self.res.form is not None  # members read over intervals
         self._member_fams: list[list[int]] | None = None  # per member, see _member_families
         self._ignored_by_family: dict[int, str] | None = None  # see _ignored_reason
         self._members = self._collect_members()
@@ -70,56 +85,81 @@ class Coupling:
     # -- members --------------------------------------------------------------------------
     def _collect_members(self) -> list[_MemberData]:
         out = []
-        for vid, value in self.graph.values.items():
-            if value.kind not in (ValueKind.PARAM, ValueKind.BUFFER) or \
-                    vid not in self._ctx.sp.dims:
-                continue
+        form = self.res.form
+        for vid, value in self._member_values():
             for d, ids in enumerate(self._ctx.sp.dims[vid]):
                 if len(ids) < 1:
                     continue
                 member = Member(self.graph.param_owner.get(value.name or "", ""),
                                 value.name or f"value{vid}", d, len(ids),
                                 value.kind is ValueKind.BUFFER, len(value.shape))
-                out.append(_MemberData(member, vid, self.res.atoms_matrix(ids)))
+                md = _MemberData(member, vid, ids, self.res)
+                got = form.pieces(ids) if form is not None else None
+                if form is None or got is None:
+                    self._symbolic = False
+                    md._atoms = md.atoms
+                else:
+                    classes, md.widths = got
+                    k = int(form.arity[classes].max())
+                    md.rows = form.table[classes, :k]
+                out.append(md)
         return out
+
+    def _member_values(self) -> list[tuple[int, Value]]:
+        return [(vid, value) for vid, value in self.graph.values.items()
+                if value.kind in (ValueKind.PARAM, ValueKind.BUFFER)
+                and vid in self._ctx.sp.dims]
 
     # -- families -------------------------------------------------------------------------
     def _build_families(self) -> None:
+        """Atoms with the same members at the same positions form a family."""
         n = self.res.num_classes
+        form = self.res.form
+        if self._symbolic and form is not None:
+            rows = [md.rows if md.rows is not None else md.atoms for md in self._members]
+            units, sig = self._signatures(rows, len(form.width))
+            fam_units = _first_numbered(sig)
+            present = form.elements(units)  # offsets of one super atom are consecutive
+            fams = np.repeat(fam_units, form.width[units])
+        else:
+            present, sig = self._signatures([md.atoms for md in self._members], n)
+            fams = _first_numbered(sig)
+        self.family_of = np.full(n, -1, dtype=np.int64)
+        self.family_of[present] = fams
+        self.num_families = int(fams.max()) + 1 if len(fams) else 0
+        order = np.argsort(fams, kind="stable")
+        bounds = np.cumsum(np.bincount(fams, minlength=self.num_families))
+        self.family_atoms: list[np.ndarray] = np.split(present[order], bounds[:-1]) \
+            if self.num_families else []
+        self._family_pins = self._pins_per_family()
+        self._family_tags = self._tags_per_family()
+
+    @staticmethod
+    def _signatures(matrices: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The atoms present in the members' atom ``matrices``, in order of first appearance,
+        with a signature each: a sum of one random key per (member, position, arity) it
+        appears at. Over intervals the matrices hold super atoms, whose channels share
+        their signature and appear one after the other."""
         sig = np.zeros(n, dtype=np.uint64)
-        first_seen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
         rng = np.random.default_rng(12345)
         keys: dict[tuple[int, int, int], np.uint64] = {}
         flats: list[np.ndarray] = []
-        for m, md in enumerate(self._members):
-            a = md.atoms
+        for m, a in enumerate(matrices):
             arity = (a >= 0).sum(axis=1)
             for j in range(a.shape[1]):
                 valid = a[:, j] >= 0
-                for r in np.unique(arity[valid]):
-                    sel = valid & (arity == r)
+                here = arity[valid]
+                lo, hi = (int(here.min()), int(here.max())) if len(here) else (0, 0)
+                for r in ([lo] if lo == hi else np.unique(here).tolist()):
+                    sel = valid & (arity == r) if lo != hi else valid
                     key = keys.setdefault((m, j, int(r)), np.uint64(rng.integers(1, 2**63)))
                     sig[a[sel, j]] += key  # once per atom: fancy += does not accumulate
             flats.append(a[a >= 0])
-        if flats:  # position of each atom's first appearance over all members, in order
-            seen, first = np.unique(np.concatenate(flats), return_index=True)
-            first_seen[seen] = first
-        present = np.nonzero(first_seen < np.iinfo(np.int64).max)[0]
-        present = present[np.argsort(first_seen[present], kind="stable")]
-        uniq, fam_of_present = np.unique(sig[present], return_inverse=True)
-        # number families by first appearance
-        fam_first: dict[int, int] = {}
-        for f in fam_of_present.reshape(-1):
-            fam_first.setdefault(int(f), len(fam_first))
-        remap = np.array([fam_first[i] for i in range(len(uniq))], dtype=np.int64)
-        self.family_of = np.full(n, -1, dtype=np.int64)
-        self.family_of[present] = remap[fam_of_present.reshape(-1)]
-        self.num_families = len(uniq)
-        fams = self.family_of[present]
-        self.family_atoms: list[np.ndarray] = [present[fams == f]
-                                               for f in range(self.num_families)]
-        self._family_pins = self._pins_per_family()
-        self._family_tags = self._tags_per_family()
+        if not flats:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        seen, first = np.unique(np.concatenate(flats), return_index=True)
+        present = seen[np.argsort(first, kind="stable")]
+        return present, sig[present]
 
     def _expand_ids(self, ids: np.ndarray) -> np.ndarray:
         a = self.res.atoms_matrix(ids)
@@ -163,7 +203,7 @@ class Coupling:
         self._inner: set[int] = set()  # families last in some composite layout
         self._outer: set[int] = set()  # families before another one in some layout
         for md in self._members:
-            a = md.atoms
+            a = self._member_rows(md)
             if a.shape[1] < 2:
                 continue
             fam = np.where(a >= 0, self.family_of[np.maximum(a, 0)], -1)
@@ -273,12 +313,32 @@ class Coupling:
         dead = np.zeros(self.res.num_classes + 1, dtype=bool)
         dead[removed_atoms] = True
         out: dict[tuple[str, int], np.ndarray] = {}
+        touched = self._touched(dead)
         for md in self._members:
+            if touched is not None and md.rows is not None and \
+                    not touched[md.rows[md.rows >= 0]].any():
+                continue
             a = md.atoms
             hit = np.where(a >= 0, dead[np.maximum(a, 0)], False).any(axis=1)
             if hit.any():
                 out[(md.member.param, md.member.dim)] = np.nonzero(~hit)[0]
         return out
+
+    def _member_rows(self, md: _MemberData) -> np.ndarray:
+        """A member's atom rows: one per piece, of element atoms at offset 0 (families are
+        the same at every offset), or one per index when resolved element by element."""
+        form = self.res.form
+        if not self._symbolic or form is None or md.rows is None:
+            return md.atoms
+        return np.where(md.rows >= 0, form.base[np.maximum(md.rows, 0)], -1)
+
+    def _touched(self, dead: np.ndarray) -> np.ndarray | None:
+        """Per super class of the interval form: whether one of its channels is dead."""
+        form = self.res.form
+        if not self._symbolic or form is None:
+            return None
+        count = np.concatenate([[0], np.cumsum(dead[:self.res.num_classes])])
+        return np.asarray(count[form.base + form.width] - count[form.base] > 0)
 
     def value_families(self, vid: int) -> list[frozenset[int]]:
         """Atom families carried by each dim of value ``vid`` (empty for a value no rule saw).
@@ -294,7 +354,7 @@ class Coupling:
             if known is not None:
                 out.append(known)
                 continue
-            classes = np.unique(self.res.label[ids])
+            classes = np.unique(self.res.classes(ids))
             n = length[classes]
             comp = classes[n > 0]
             counts = n[n > 0]
@@ -316,7 +376,8 @@ class Coupling:
         if self._member_fams is None:
             out: list[list[int]] = []
             for md in self._members:
-                fams = np.unique(self.family_of[md.atoms[md.atoms >= 0]])
+                a = self._member_rows(md)
+                fams = np.unique(self.family_of[a[a >= 0]])
                 out.append([int(f) for f in fams if f >= 0])
             self._member_fams = out
         return self._member_fams
@@ -358,10 +419,21 @@ class Coupling:
         return [(md.member, md.atoms) for md in self._members]
 
 
+def _first_numbered(sig: np.ndarray) -> np.ndarray:
+    """Family of each unit (atom or super atom, in order of first appearance): equal
+    signatures are one family, numbered in order of first appearance."""
+    if not len(sig):
+        return np.zeros(0, np.int64)
+    uniq, first, inv = np.unique(sig, return_index=True, return_inverse=True)
+    remap = np.empty(len(uniq), dtype=np.int64)
+    remap[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    return remap[inv.reshape(-1)]
+
+
 def _class_atom_table(res: Resolution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, length, flat): the atoms of composite class c are ``flat[start[c]:][:length[c]]``
     (length 0 for an atom class)."""
-    n = max(res.num_classes, int(res.label.max(initial=-1)) + 1)
+    n = res.num_classes  # labels are class ids below it
     keys = np.nonzero(res.is_def)[0]
     lens = res.arity[keys]
     rows = res.table[keys]

@@ -12,31 +12,71 @@ of atoms it is made of; removing any of those atoms removes the element.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .spaces import Spaces
+from .spaces import IdArray, Spaces
+
+if TYPE_CHECKING:
+    from .intervals import IntervalForm
 
 
-@dataclass
 class Resolution:
     """Element classes, atom expansion and any reshape conflicts.
 
     The atom expansion is one dense table (a row per class, -1 padded) so that expanding
-    the millions of elements of a large model is one indexing operation.
+    the millions of elements of a large model is one indexing operation. A resolution
+    computed over intervals (``form``) answers `atoms_matrix` from the intervals and builds
+    the element-wise arrays (``label``, ``table``, ``arity``, ``is_def``) only when read.
+
+    Attributes:
+        label: element id -> class id.
+        num_classes: number of classes.
+        table: ``(num_classes, k)``: class -> its atom classes (itself for an atom).
+        arity: class -> number of atoms in its row of ``table``.
+        is_def: class -> it is a product of other classes (not an atom).
+        conflicts: reshape conflicts found while resolving.
+        conflict_classes: classes that must not be pruned.
+        form: the same resolution over intervals, when it was computed that way.
     """
 
-    label: np.ndarray  # element id -> class id
-    num_classes: int
-    table: np.ndarray  # (num_classes, k): class -> its atom classes (itself for an atom)
-    arity: np.ndarray  # class -> number of atoms in its row of ``table``
-    is_def: np.ndarray  # class -> it is a product of other classes (not an atom)
-    conflicts: list[str] = field(default_factory=list)
-    conflict_classes: set[int] = field(default_factory=set)  # must not be pruned
+    def __init__(self, label: np.ndarray | None, num_classes: int, table: np.ndarray | None,
+                 arity: np.ndarray | None, is_def: np.ndarray | None,
+                 conflicts: list[str] | None = None, conflict_classes: set[int] | None = None,
+                 form: IntervalForm | None = None, num_elements: int = 0) -> None:
+        self._arrays = None if label is None or table is None or arity is None or \
+            is_def is None else (label, table, arity, is_def)
+        self.num_classes = num_classes
+        self.conflicts = conflicts if conflicts is not None else []
+        self.conflict_classes = conflict_classes if conflict_classes is not None else set()
+        self.form = form
+        self._num_elements = num_elements
+
+    def _element_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            assert self.form is not None  # noqa: S101 - built with arrays or with a form
+            self._arrays = self.form.element_arrays(self._num_elements)
+        return self._arrays
+
+    @property
+    def label(self) -> np.ndarray:
+        return self._element_arrays()[0]
+
+    @property
+    def table(self) -> np.ndarray:
+        return self._element_arrays()[1]
+
+    @property
+    def arity(self) -> np.ndarray:
+        return self._element_arrays()[2]
+
+    @property
+    def is_def(self) -> np.ndarray:
+        return self._element_arrays()[3]
 
     @property
     def defs(self) -> dict[int, tuple[int, ...]]:
@@ -44,15 +84,26 @@ class Resolution:
         return {int(c): tuple(int(x) for x in self.table[c, :self.arity[c]])
                 for c in np.nonzero(self.is_def)[0]}
 
+    def classes(self, ids: np.ndarray) -> np.ndarray:
+        """The class of each element of ``ids``."""
+        if self._arrays is None and self.form is not None:
+            return self.form.classes(np.asarray(ids, dtype=np.int64))
+        return np.asarray(self.label[ids])
+
     def atoms_matrix_of_classes(self, classes: np.ndarray) -> np.ndarray:
         """Like `atoms_matrix`, for class ids instead of element ids."""
         classes = np.asarray(classes, dtype=np.int64)
+        if self._arrays is None and self.form is not None:
+            return self.form.atoms_of_classes(classes)
         k = int(self.arity[classes].max()) if len(classes) else 1
         return self.table[classes, :k].copy()
 
     def atoms_matrix(self, ids: np.ndarray) -> np.ndarray:
         """``(len(ids), k)`` atom classes per element, padded with -1 to the longest tuple."""
-        return self.atoms_matrix_of_classes(self.label[ids])
+        return self.atoms_matrix_of_classes(self.classes(ids))
+
+
+Prods = dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]  # sizes -> (flat, components)
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -63,9 +114,22 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(lab, dtype=np.int64)
 
 
-def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
-    """Compute classes and atom tuples from the facts in ``sp``."""
-    n = sp.count
+def resolve(sp: Spaces, max_rounds: int = 50, whole: Iterable[IdArray] = ()) -> Resolution:
+    """Compute classes and atom tuples from the facts in ``sp``.
+
+    The facts are first resolved over intervals of channels (`intervals.resolve_intervals`,
+    whose cost does not grow with channel width); when that cannot give the element-wise
+    answer exactly (reshape conflicts, cyclic definitions), every element is resolved.
+    ``whole``: id arrays (parameter dims) the interval form should read piece by piece.
+    """
+    from .intervals import resolve_intervals  # imports this module: resolved at call time
+
+    got = resolve_intervals(sp, max_rounds, whole)
+    return got if got is not None else resolve_elements(sp, max_rounds)
+
+
+def resolve_elements(sp: Spaces, max_rounds: int = 50) -> Resolution:
+    """`resolve` with one element per channel (the reference the interval path matches)."""
     a = np.concatenate([u[0] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
     b = np.concatenate([u[1] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
     # Products are keyed by the sizes of their component dims: two factorizations of one
@@ -76,6 +140,14 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
         fl.append(flat)
         cs.append(np.stack(parts, axis=1))
     prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_shape.items()}
+    return resolve_facts(sp.count, a, b, prods, max_rounds)[0]
+
+
+def resolve_facts(n: int, a: np.ndarray, b: np.ndarray, prods: Prods, max_rounds: int = 50
+                  ) -> tuple[Resolution, bool]:
+    """Classes and atoms of ``n`` elements with unions ``a[i] ~ b[i]`` and products ``prods``
+    (component sizes -> (flat ids, component ids per row)); also whether some definition
+    was cyclic (searched one class at a time)."""
     label = _components(n, a, b)
     conflicts: list[str] = []
     cross_bad: set[int] = set()
@@ -110,8 +182,8 @@ def resolve(sp: Spaces, max_rounds: int = 50) -> Resolution:
         old = np.fromiter(cross_bad, dtype=np.int64)
         bad.update(int(x) for x in np.searchsorted(uniq, old[np.isin(old, uniq)]))
     label = relabel
-    table, arity, is_def = _flatten_defs(label, len(uniq), prods, conflicts, bad)
-    return Resolution(label, len(uniq), table, arity, is_def, conflicts, bad)
+    table, arity, is_def, cyclic = _flatten_defs(label, len(uniq), prods, conflicts, bad)
+    return Resolution(label, len(uniq), table, arity, is_def, conflicts, bad), cyclic
 
 
 def _row_keys(rows: np.ndarray, bound: int) -> np.ndarray:
@@ -125,7 +197,6 @@ def _row_keys(rows: np.ndarray, bound: int) -> np.ndarray:
     return key
 
 
-Prods = dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]  # sizes -> (flat, components)
 FirstRows = list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]  # (sizes, classes, rows)
 
 
@@ -257,12 +328,13 @@ class _Rows(Mapping[int, tuple[int, ...]]):
 
 
 def _flatten_defs(label: np.ndarray, n: int, prods: Prods, conflicts: list[str],
-                  bad: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  bad: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """The atom table: every class's row of atom classes, its arity, and which are products.
 
     A definition whose components are all atoms is its own expansion; nested ones are
     expanded level by level (`_atom_table`). Classes that reach a cycle are searched one
     by one (`_cyclic`), in first-definition order as conflicts are reported in that order.
+    The last value says whether any class reached a cycle.
     """
     firsts = _first_rows(label, prods)
     width = max((rows.shape[1] for _s, _c, rows in firsts), default=1)
@@ -299,7 +371,7 @@ def _flatten_defs(label: np.ndarray, n: int, prods: Prods, conflicts: list[str],
             bad.update(row)
             continue
         expanded[cls] = got
-    return _atom_table(raw, length, level, expanded)
+    return (*_atom_table(raw, length, level, expanded), bool(len(tangled)))
 
 
 def _levels(raw: np.ndarray, length: np.ndarray) -> np.ndarray:

@@ -1,0 +1,307 @@
+"""Resolve the coupling facts over intervals of channels instead of single channels.
+
+Rules give every tensor dim a fresh run of element ids, and nearly every fact relates such
+runs position by position (a union of two dims, a reshape of ``64 x 128`` into ``8192``).
+So the element ids are cut into *intervals*: the coarsest partition of ``range(count)``
+into runs of consecutive ids such that every fact reads whole intervals, position by
+position:
+
+* a union ``a[i] ~ b[i]`` breaks ``a`` and ``b`` at the same positions, and each piece of
+  ``a`` and ``b`` is one whole interval (so interval ``I`` of ``a`` at position ``k`` and
+  interval ``J`` of ``b`` at ``k`` are joined offset by offset);
+* a product ``flat = p_1 x ... x p_m`` (row-major) makes every element of the outer parts
+  ``p_1 .. p_{m-1}`` an interval of its own, and breaks the innermost part and every one of
+  the ``flat`` blocks of its size at the same positions, so a piece of ``flat`` is the tuple
+  (outer elements, piece of the inner part), offset by offset.
+
+With one *super element* per interval, the same resolution as `resolve.resolve_facts`
+runs on the super elements; the element-wise answer is then read off exactly: the class of
+element ``start(I) + i`` is (the class of ``I``, offset ``i``), every class's atoms are
+its super class's atoms with the offset carried by the last one (the outer ones are single
+channels), and class ids are ranked by their smallest element as the element-wise
+resolution numbers them. The cost follows the number of intervals, which grows with heads
+and slices but not with channel width. Where the interval answer could differ in anything
+shown (reshape conflicts, whose messages name class ids; cyclic definitions), `None` is
+returned and the caller resolves element by element.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .resolve import Prods, Resolution, resolve_facts
+from .spaces import IdArray, Spaces
+
+
+@dataclass
+class _Runs:
+    """An id array as maximal runs of consecutive ids: local starts, first ids, lengths."""
+
+    start: np.ndarray
+    value: np.ndarray
+    length: np.ndarray
+    size: int
+
+    @staticmethod
+    def of(ids: IdArray) -> _Runs:
+        ids = np.asarray(ids, dtype=np.int64)
+        brk = np.flatnonzero(np.diff(ids) != 1) + 1
+        start = np.concatenate([[0], brk]).astype(np.int64)
+        length = np.diff(np.concatenate([start, [len(ids)]])).astype(np.int64)
+        return _Runs(start, ids[start], length, len(ids))
+
+    def at(self, k: np.ndarray) -> np.ndarray:
+        """Element ids at local positions ``k``."""
+        j = np.searchsorted(self.start, k, side="right") - 1
+        return np.asarray(self.value[j] + (k - self.start[j]), dtype=np.int64)
+
+    def interior(self, cuts: np.ndarray) -> np.ndarray:
+        """Local positions (not run starts) of the elements that start an interval."""
+        lo = np.searchsorted(cuts, self.value, side="right")
+        hi = np.searchsorted(cuts, self.value + self.length, side="left")
+        count = hi - lo
+        total = int(count.sum())
+        if not total:
+            return np.zeros(0, np.int64)
+        first = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(total)
+        return np.asarray(cuts[first] + np.repeat(self.start - self.value, count),
+                          dtype=np.int64)
+
+    def cuts_at(self, breaks: np.ndarray) -> np.ndarray:
+        """Interval bounds needed for the pieces starting at local positions ``breaks``
+        (sorted, starting with 0): each piece's first id and the id after its last one."""
+        ends = np.concatenate([breaks[1:], [self.size]]) - 1
+        return np.concatenate([self.at(breaks), self.at(ends) + 1])
+
+
+def _union_breaks(a: _Runs, b: _Runs, cuts: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate([a.start, b.start, a.interior(cuts), b.interior(cuts)]))
+
+
+@dataclass
+class _Product:
+    flat: _Runs
+    outer: list[IdArray]  # the parts before the innermost one
+    inner: _Runs
+    sizes: tuple[int, ...]
+
+    def inner_breaks(self, cuts: np.ndarray) -> np.ndarray:
+        """Break positions inside one block of ``flat`` (= in the inner part)."""
+        step = self.sizes[-1]
+        flat = np.concatenate([self.flat.start, self.flat.interior(cuts)]) % step
+        return np.unique(np.concatenate([self.inner.start, self.inner.interior(cuts), flat]))
+
+    def flat_breaks(self, inner: np.ndarray) -> np.ndarray:
+        blocks = self.flat.size // self.sizes[-1]
+        return np.asarray((np.arange(blocks, dtype=np.int64)[:, None] * self.sizes[-1]
+                           + inner[None, :]).reshape(-1), dtype=np.int64)
+
+
+def _parts(grids: list[IdArray], sizes: tuple[int, ...]) -> list[IdArray]:
+    """The component dims of a product from its row-major expanded grids."""
+    out = []
+    for j, g in enumerate(grids):
+        index = tuple(slice(None) if t == j else 0 for t in range(len(sizes)))
+        out.append(np.asarray(g).reshape(sizes)[index])
+    return out
+
+
+def _refine(n: int, unions: list[tuple[_Runs, _Runs]], prods: list[_Product],
+            whole: list[_Runs]) -> np.ndarray:
+    """Sorted interval starts (with ``n`` last): the coarsest cuts every fact reads whole.
+
+    Cuts only grow; after the first sweep only the facts with a run around a new cut are
+    read again (a worklist), so long chains of facts do not cost whole sweeps.
+    """
+    seed = [np.array([0, n], dtype=np.int64)] + [w.cuts_at(w.start) for w in whole]
+    lo: list[np.ndarray] = []  # every run of every fact: first id, end, fact index
+    hi: list[np.ndarray] = []
+    owner: list[np.ndarray] = []
+    for f, (a, b) in enumerate(unions):
+        seed += [a.cuts_at(a.start), b.cuts_at(b.start)]
+        for r in (a, b):
+            lo.append(r.value)
+            hi.append(r.value + r.length)
+            owner.append(np.full(len(r.value), f, dtype=np.int64))
+    for f, p in enumerate(prods, start=len(unions)):
+        seed += [p.flat.cuts_at(p.flat.start), p.inner.cuts_at(p.inner.start)]
+        for part in p.outer:  # each outer element is an interval of its own
+            part = np.asarray(part, dtype=np.int64)
+            seed += [part, part + 1]
+        for r in (p.flat, p.inner):
+            lo.append(r.value)
+            hi.append(r.value + r.length)
+            owner.append(np.full(len(r.value), f, dtype=np.int64))
+    run_lo = np.concatenate(lo) if lo else np.zeros(0, np.int64)
+    run_hi = np.concatenate(hi) if hi else np.zeros(0, np.int64)
+    run_of = np.concatenate(owner) if owner else np.zeros(0, np.int64)
+    cuts = np.unique(np.concatenate(seed))
+    dirty = np.arange(len(unions) + len(prods))
+    while len(dirty):
+        found = [cuts]
+        for f in dirty.tolist():
+            if f < len(unions):
+                a, b = unions[f]
+                brk = _union_breaks(a, b, cuts)
+                found += [a.cuts_at(brk), b.cuts_at(brk)]
+            else:
+                p = prods[f - len(unions)]
+                inner = p.inner_breaks(cuts)
+                found += [p.inner.cuts_at(inner), p.flat.cuts_at(p.flat_breaks(inner))]
+        grown = np.unique(np.concatenate(found))
+        new = np.setdiff1d(grown, cuts, assume_unique=True)
+        cuts = grown
+        # facts with a run strictly around a new cut must be read again
+        inside = (np.searchsorted(new, run_hi, side="left")
+                  - np.searchsorted(new, run_lo, side="right")) > 0
+        dirty = np.unique(run_of[inside])
+    return cuts
+
+
+def resolve_intervals(sp: Spaces, max_rounds: int = 50, whole: Iterable[IdArray] = ()
+                      ) -> Resolution | None:
+    """`resolve.resolve_elements`'s exact result computed over intervals, or ``None`` where
+    it cannot be given exactly this way (the caller then resolves element by element).
+
+    ``whole``: id arrays (parameter dims) whose runs should start and end on interval
+    bounds, so that `IntervalForm.rows` reads them piece by piece.
+    """
+    n = sp.count
+    unions = [(_Runs.of(a), _Runs.of(b)) for a, b, _op in sp.unions]
+    prods = []
+    for flat, grids, _op, sizes in sp.products:
+        parts = _parts(grids, sizes)
+        prods.append(_Product(_Runs.of(flat), parts[:-1], _Runs.of(parts[-1]), sizes))
+    cuts = _refine(n, unions, prods, [_Runs.of(w) for w in whole if len(w)])
+    starts, lengths = cuts[:-1], np.diff(cuts)
+
+    def sid(ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(cuts, ids, side="right") - 1
+
+    sa: list[np.ndarray] = [np.zeros(0, np.int64)]
+    sb: list[np.ndarray] = [np.zeros(0, np.int64)]
+    for a, b in unions:
+        brk = _union_breaks(a, b, cuts)
+        sa.append(sid(a.at(brk)))
+        sb.append(sid(b.at(brk)))
+    ua, ub = np.concatenate(sa), np.concatenate(sb)
+    if not np.array_equal(lengths[ua], lengths[ub]):
+        return None
+    by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for p in prods:
+        inner = p.inner_breaks(cuts)
+        fb = p.flat_breaks(inner)
+        rows = len(fb)
+        block = fb // p.sizes[-1]
+        comps = []
+        for j, part in enumerate(p.outer):  # row-major index of the outer parts
+            stride = int(np.prod(p.sizes[j + 1:-1], dtype=np.int64))
+            comps.append(sid(np.asarray(part)[(block // stride) % p.sizes[j]]))
+        comps.append(np.tile(sid(p.inner.at(inner)), rows // max(len(inner), 1)))
+        flat = sid(p.flat.at(fb))
+        if not np.array_equal(lengths[flat], lengths[comps[-1]]) or \
+                any(lengths[c].max(initial=1) != 1 for c in comps[:-1]):
+            return None
+        fl, cs = by_shape.setdefault(p.sizes, ([], []))
+        fl.append(flat)
+        cs.append(np.stack(comps, axis=1))
+    sprods: Prods = {k: (np.concatenate(f), np.concatenate(c))
+                     for k, (f, c) in by_shape.items()}
+    sres, cyclic = resolve_facts(len(starts), ua, ub, sprods, max_rounds)
+    if cyclic or sres.conflicts or sres.conflict_classes:
+        return None
+    return _expand(sres, cuts, n)
+
+
+def _expand(sres: Resolution, cuts: np.ndarray, n: int) -> Resolution | None:
+    """The element-wise resolution of a resolution over intervals."""
+    starts, lengths = cuts[:-1], np.diff(cuts)
+    nc = sres.num_classes
+    # the first (smallest) interval of each super class, and its length
+    first = np.full(nc, len(starts), dtype=np.int64)
+    np.minimum.at(first, sres.label, np.arange(len(starts), dtype=np.int64))
+    width = lengths[first]
+    if not np.array_equal(lengths, width[sres.label]):
+        return None  # intervals of one class must be read offset by offset
+    # element classes (C, i) are numbered by their smallest element, start(first C) + i;
+    # super classes are numbered by their smallest interval, so the ranks are cumulative
+    base = np.cumsum(width) - width  # id of (C, 0)
+    k = np.arange(sres.table.shape[1])[None, :]
+    sw = np.where(sres.table >= 0, width[np.maximum(sres.table, 0)], 0)
+    carrier = np.take_along_axis(sw, (sres.arity - 1)[:, None], axis=1)[:, 0]
+    if not (np.array_equal(carrier, width) and  # the last atom carries the offset,
+            (sw[k < (sres.arity - 1)[:, None]] == 1).all()):  # the others are single
+        return None
+    form = IntervalForm(cuts, sres.label, sres.table, sres.arity, sres.is_def, base, width)
+    return Resolution(None, int(width.sum()), None, None, None, form=form, num_elements=n)
+
+
+@dataclass
+class IntervalForm:
+    """A resolution over intervals: what `Coupling` reads instead of single channels.
+
+    A *super class* is a class of intervals; its element classes are ``base[C] + i`` for
+    ``i < width[C]``. A super class's atoms are ``table[C, :arity[C]]`` (super atoms); the
+    element class ``base[C] + i`` has the atoms ``base[A]`` of those, plus ``i`` on the
+    last one (the others are single channels).
+    """
+
+    cuts: np.ndarray  # interval starts, then the number of elements
+    label: np.ndarray  # interval -> super class
+    table: np.ndarray  # super class -> its super atoms, -1 padded
+    arity: np.ndarray
+    is_def: np.ndarray
+    base: np.ndarray  # super class -> element class of its offset 0
+    width: np.ndarray  # super class -> channels per interval
+
+    def pieces(self, ids: IdArray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Super classes of the whole intervals ``ids`` reads, in order, with their
+        lengths; ``None`` when ``ids`` does not read whole intervals."""
+        runs = _Runs.of(ids)
+        brk = np.unique(np.concatenate([runs.start, runs.interior(self.cuts)]))
+        first = runs.at(brk)
+        sid = np.searchsorted(self.cuts, first, side="right") - 1
+        size = np.diff(np.concatenate([brk, [runs.size]]))
+        if not (np.array_equal(self.cuts[sid], first)
+                and np.array_equal(self.cuts[sid + 1] - first, size)):
+            return None
+        return self.label[sid], size
+
+    def classes(self, ids: np.ndarray) -> np.ndarray:
+        """The element class of each element id."""
+        sid = np.searchsorted(self.cuts, ids, side="right") - 1
+        return np.asarray(self.base[self.label[sid]] + (ids - self.cuts[sid]), dtype=np.int64)
+
+    def atoms_of_classes(self, classes: np.ndarray) -> np.ndarray:
+        """``(len(classes), k)`` atoms of element classes, -1 padded to the longest row."""
+        owner = np.searchsorted(self.base, classes, side="right") - 1
+        arity = self.arity[owner]
+        k = int(arity.max()) if len(classes) else 1
+        rows = self.table[owner, :k]
+        out = np.where(rows >= 0, self.base[np.maximum(rows, 0)], -1)
+        if len(classes):
+            out[np.arange(len(classes)), arity - 1] += classes - self.base[owner]
+        return np.asarray(out, dtype=np.int64)
+
+    def element_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The element-wise ``label``, ``table``, ``arity`` and ``is_def`` of ``n`` elements."""
+        starts, lengths = self.cuts[:-1], np.diff(self.cuts)
+        label = np.repeat(self.base[self.label] - starts, lengths) + np.arange(n, dtype=np.int64)
+        num = int(self.width.sum())
+        owner = np.repeat(np.arange(len(self.width), dtype=np.int64), self.width)
+        offset = np.arange(num, dtype=np.int64) - self.base[owner]
+        rows = self.table[owner]
+        arity = self.arity[owner]
+        table = np.where(rows >= 0, self.base[np.maximum(rows, 0)], -1)
+        last = np.arange(rows.shape[1])[None, :] == (arity - 1)[:, None]
+        table += np.where(last, offset[:, None], 0)
+        return label, table, arity, self.is_def[owner]
+
+    def elements(self, classes: np.ndarray) -> np.ndarray:
+        """The element classes of super classes ``classes``, in order (offsets ascending)."""
+        w = self.width[classes]
+        total = int(w.sum())
+        return (np.repeat(self.base[classes] - np.cumsum(w) + w, w)
+                + np.arange(total, dtype=np.int64))
