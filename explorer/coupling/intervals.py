@@ -59,21 +59,81 @@ class _Runs:
 
     def interior(self, cuts: np.ndarray) -> np.ndarray:
         """Local positions (not run starts) of the elements that start an interval."""
-        lo = np.searchsorted(cuts, self.value, side="right")
-        hi = np.searchsorted(cuts, self.value + self.length, side="left")
-        count = hi - lo
-        total = int(count.sum())
-        if not total:
-            return np.zeros(0, np.int64)
-        first = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(total)
-        return np.asarray(cuts[first] + np.repeat(self.start - self.value, count),
-                          dtype=np.int64)
+        run, at = _inside(cuts, self.value, self.length)
+        return np.asarray(at + (self.start - self.value)[run], dtype=np.int64)
 
     def cuts_at(self, breaks: np.ndarray) -> np.ndarray:
         """Interval bounds needed for the pieces starting at local positions ``breaks``
         (sorted, starting with 0): each piece's first id and the id after its last one."""
         ends = np.concatenate([breaks[1:], [self.size]]) - 1
         return np.concatenate([self.at(breaks), self.at(ends) + 1])
+
+
+def _inside(cuts: np.ndarray, first: np.ndarray, length: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The cuts strictly inside the runs ``[first, first + length)``: (run, cut) pairs,
+    by run then cut."""
+    lo = np.searchsorted(cuts, first, side="right")
+    count = np.searchsorted(cuts, first + length, side="left") - lo
+    total = int(count.sum())
+    if not total:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    run = np.repeat(np.arange(len(first), dtype=np.int64), count)
+    return run, cuts[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(total)]
+
+
+class _Unions:
+    """The unions, those of two single runs (nearly all) held in arrays and read at once."""
+
+    def __init__(self, pairs: list[tuple[_Runs, _Runs]]) -> None:
+        self.pairs = pairs
+        self.simple = np.array([len(a.start) == 1 and len(b.start) == 1 for a, b in pairs],
+                               dtype=bool)
+        chosen = [pairs[i] for i in np.flatnonzero(self.simple).tolist()]
+        self.a0 = np.array([a.value[0] for a, _b in chosen], dtype=np.int64)
+        self.b0 = np.array([b.value[0] for _a, b in chosen], dtype=np.int64)
+        self.size = np.array([a.size for a, _b in chosen], dtype=np.int64)
+        self.row = np.cumsum(self.simple) - 1  # union -> its index among the simple ones
+
+    def breaks(self, sel: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Break positions of the simple unions ``sel`` (indices among the simple ones):
+        (union, local position) pairs by union then position, position 0 included."""
+        size = self.size[sel]
+        units = [np.arange(len(sel), dtype=np.int64)]
+        pos = [np.zeros(len(sel), dtype=np.int64)]
+        for first in (self.a0[sel], self.b0[sel]):
+            run, at = _inside(cuts, first, size)
+            units.append(run)
+            pos.append(at - first[run])
+        span = int(size.max(initial=0)) + 1
+        key = np.unique(np.concatenate(units) * span + np.concatenate(pos))
+        return key // span, key % span
+
+    def cuts(self, which: np.ndarray, cuts: np.ndarray) -> list[np.ndarray]:
+        """Interval bounds the unions ``which`` need under ``cuts``."""
+        out = []
+        sel = self.row[which[self.simple[which]]]
+        if len(sel):
+            unit, pos = self.breaks(sel, cuts)
+            a0, b0, size = self.a0[sel], self.b0[sel], self.size[sel]
+            out += [a0[unit] + pos, b0[unit] + pos, a0 + size, b0 + size]
+        for f in which[~self.simple[which]].tolist():
+            a, b = self.pairs[f]
+            brk = _union_breaks(a, b, cuts)
+            out += [a.cuts_at(brk), b.cuts_at(brk)]
+        return out
+
+    def super_pairs(self, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The elements starting each piece of every union, both sides."""
+        sel = np.arange(len(self.a0))
+        unit, pos = self.breaks(sel, cuts)
+        sa, sb = [self.a0[unit] + pos], [self.b0[unit] + pos]
+        for f in np.flatnonzero(~self.simple).tolist():
+            a, b = self.pairs[f]
+            brk = _union_breaks(a, b, cuts)
+            sa.append(a.at(brk))
+            sb.append(b.at(brk))
+        return np.concatenate(sa), np.concatenate(sb)
 
 
 def _union_breaks(a: _Runs, b: _Runs, cuts: np.ndarray) -> np.ndarray:
@@ -108,8 +168,8 @@ def _parts(grids: list[IdArray], sizes: tuple[int, ...]) -> list[IdArray]:
     return out
 
 
-def _refine(n: int, unions: list[tuple[_Runs, _Runs]], prods: list[_Product],
-            whole: list[_Runs]) -> np.ndarray:
+def _refine(n: int, unions: _Unions, prods: list[_Product], whole: list[_Runs]
+            ) -> np.ndarray:
     """Sorted interval starts (with ``n`` last): the coarsest cuts every fact reads whole.
 
     Cuts only grow; after the first sweep only the facts with a run around a new cut are
@@ -119,14 +179,13 @@ def _refine(n: int, unions: list[tuple[_Runs, _Runs]], prods: list[_Product],
     lo: list[np.ndarray] = []  # every run of every fact: first id, end, fact index
     hi: list[np.ndarray] = []
     owner: list[np.ndarray] = []
-    for f, (a, b) in enumerate(unions):
-        seed += [a.cuts_at(a.start), b.cuts_at(b.start)]
+    count = len(unions.pairs)
+    for f, (a, b) in enumerate(unions.pairs):
         for r in (a, b):
             lo.append(r.value)
             hi.append(r.value + r.length)
             owner.append(np.full(len(r.value), f, dtype=np.int64))
-    for f, p in enumerate(prods, start=len(unions)):
-        seed += [p.flat.cuts_at(p.flat.start), p.inner.cuts_at(p.inner.start)]
+    for f, p in enumerate(prods, start=count):
         for part in p.outer:  # each outer element is an interval of its own
             part = np.asarray(part, dtype=np.int64)
             seed += [part, part + 1]
@@ -138,18 +197,13 @@ def _refine(n: int, unions: list[tuple[_Runs, _Runs]], prods: list[_Product],
     run_hi = np.concatenate(hi) if hi else np.zeros(0, np.int64)
     run_of = np.concatenate(owner) if owner else np.zeros(0, np.int64)
     cuts = np.unique(np.concatenate(seed))
-    dirty = np.arange(len(unions) + len(prods))
+    dirty = np.arange(count + len(prods))
     while len(dirty):
-        found = [cuts]
-        for f in dirty.tolist():
-            if f < len(unions):
-                a, b = unions[f]
-                brk = _union_breaks(a, b, cuts)
-                found += [a.cuts_at(brk), b.cuts_at(brk)]
-            else:
-                p = prods[f - len(unions)]
-                inner = p.inner_breaks(cuts)
-                found += [p.inner.cuts_at(inner), p.flat.cuts_at(p.flat_breaks(inner))]
+        found = [cuts] + unions.cuts(dirty[dirty < count], cuts)
+        for f in dirty[dirty >= count].tolist():
+            p = prods[f - count]
+            inner = p.inner_breaks(cuts)
+            found += [p.inner.cuts_at(inner), p.flat.cuts_at(p.flat_breaks(inner))]
         grown = np.unique(np.concatenate(found))
         new = np.setdiff1d(grown, cuts, assume_unique=True)
         cuts = grown
@@ -169,24 +223,27 @@ def resolve_intervals(sp: Spaces, max_rounds: int = 50, whole: Iterable[IdArray]
     bounds, so that `IntervalForm.rows` reads them piece by piece.
     """
     n = sp.count
-    unions = [(_Runs.of(a), _Runs.of(b)) for a, b, _op in sp.unions]
+    memo: dict[int, _Runs] = {}  # rules share id arrays between facts (views, residuals)
+
+    def runs(ids: IdArray) -> _Runs:
+        got = memo.get(id(ids))
+        if got is None:
+            got = memo[id(ids)] = _Runs.of(ids)
+        return got
+
+    unions = _Unions([(runs(a), runs(b)) for a, b, _op in sp.unions])
     prods = []
     for flat, grids, _op, sizes in sp.products:
         parts = _parts(grids, sizes)
-        prods.append(_Product(_Runs.of(flat), parts[:-1], _Runs.of(parts[-1]), sizes))
-    cuts = _refine(n, unions, prods, [_Runs.of(w) for w in whole if len(w)])
+        prods.append(_Product(runs(flat), parts[:-1], _Runs.of(parts[-1]), sizes))
+    cuts = _refine(n, unions, prods, [runs(w) for w in whole if len(w)])
     starts, lengths = cuts[:-1], np.diff(cuts)
 
     def sid(ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(cuts, ids, side="right") - 1
 
-    sa: list[np.ndarray] = [np.zeros(0, np.int64)]
-    sb: list[np.ndarray] = [np.zeros(0, np.int64)]
-    for a, b in unions:
-        brk = _union_breaks(a, b, cuts)
-        sa.append(sid(a.at(brk)))
-        sb.append(sid(b.at(brk)))
-    ua, ub = np.concatenate(sa), np.concatenate(sb)
+    ea, eb = unions.super_pairs(cuts)
+    ua, ub = sid(ea), sid(eb)
     if not np.array_equal(lengths[ua], lengths[ub]):
         return None
     by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
