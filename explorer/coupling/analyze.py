@@ -13,7 +13,7 @@ from .context import Ctx, tensor_args
 from .groups import Axis, Group, HeadInfo, Member
 from .registry import apply_rule
 from .residual import mark_residual
-from .resolve import Resolution, resolve
+from .resolve import Resolution, resolve, resolve_elements
 from .spaces import Pin
 from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
 
@@ -46,9 +46,13 @@ class Coupling:
         groups: every group with at least one parameter member, in trace order.
         unknown_ops: ops that had no rule, with where they ran.
         conflicts: reshape conflicts found while resolving.
+
+    ``intervals=False`` resolves channel by channel (`resolve.resolve_elements`), the
+    reference the interval resolution must match; the results are the same, only slower.
     """
 
-    def __init__(self, graph: Graph, ignored: Iterable[str] = ()) -> None:
+    def __init__(self, graph: Graph, ignored: Iterable[str] = (), *,
+                 intervals: bool = True) -> None:
         self.graph = graph
         self.ignored = tuple(ignored)
         ctx = Ctx(graph)
@@ -70,7 +74,8 @@ class Coupling:
         self.head_dims = _traced_head_dims(graph)
         self._ctx = ctx
         self.res: Resolution = resolve(ctx.sp, whole=[
-            ids for vid, _v in self._member_values() for ids in ctx.sp.dims[vid]])
+            ids for vid, _v in self._member_values() for ids in ctx.sp.dims[vid]]
+        ) if intervals else resolve_elements(ctx.sp)
         self.conflicts = self.res.conflicts
         self._symbolic = self.res.form is not None  # members read over intervals
         self._member_fams: list[list[int]] | None = None  # per member, see _member_families

@@ -406,8 +406,9 @@ def _atom_table(raw: np.ndarray, length: np.ndarray, level: np.ndarray,
     table[:, 0] = np.arange(n)
     arity = np.ones(n, dtype=np.int64)
     simple = level == 0
-    table[simple, :width] = raw[simple]
-    arity[simple] = length[simple]
+    if simple.any():  # (with none, the table may be narrower than ``raw``)
+        table[simple, :width] = raw[simple]
+        arity[simple] = length[simple]
     for lv in range(1, top + 1):
         cls = np.nonzero(level == lv)[0]
         comps = raw[cls]
