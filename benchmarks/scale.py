@@ -5,7 +5,8 @@ Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--dir DIR
 
 * ``trace``: ``explorer.trace`` (tracer + coupling + groups) of the Llama-2-7B and 70B
   shapes on ``meta``, against the recording meta forward alone; wall and CPU time (on a
-  shared machine the CPU time is the stable figure), peak RSS of each run.
+  shared machine the CPU time is the stable figure), peak RSS of each run, and how many
+  channel ids the rules gave out against the intervals the coupling resolved them in.
 * ``stream``: writes a synthetic Llama checkpoint of about 2.2 GB (random fp32 weights,
   ``save_pretrained(max_shard_size="450MB")``), makes a plan on a ``meta`` copy, and replays
   it with ``explorer.io.stream.replay_checkpoint``: time and peak RSS against the largest
@@ -111,12 +112,17 @@ def child_trace(shape: str) -> dict[str, Any]:
     mg = explorer.trace(lm.model, lm.example_inputs, ignored=["lm_head"])
     groups = mg.groups()
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = round(_rss_mb())
+    res = mg.coupling.res
+    form = getattr(res, "form", None)  # resolved over intervals (absent before that)
     return {"shape": shape, "ops": mg.num_ops, "groups": len(groups),
+            "channel_ids": int(form.cuts[-1]) if form is not None else len(res.label),
+            "intervals": len(form.cuts) - 1 if form is not None else None,
             "prunable": sum(g.prunable for g in groups), "forward_s": round(forward, 2),
             "forward_cpu_s": round(forward_cpu, 2), "trace_groups_s": round(total, 2),
             "trace_groups_cpu_s": round(total_cpu, 2),
             "ratio_cpu": round(total_cpu / forward_cpu, 1),
-            "rss_after_forward_mb": round(rss_forward), "peak_rss_mb": round(_rss_mb())}
+            "rss_after_forward_mb": round(rss_forward), "peak_rss_mb": peak}
 
 
 def child_write(folder: str) -> dict[str, Any]:
