@@ -123,18 +123,22 @@ class Coupling:
         if self._symbolic and form is not None:
             rows = [md.rows if md.rows is not None else md.atoms for md in self._members]
             units, sig = self._signatures(rows, len(form.width))
-            fam_units = _first_numbered(sig)
-            present = form.elements(units)  # offsets of one super atom are consecutive
-            fams = np.repeat(fam_units, form.width[units])
-        else:
-            present, sig = self._signatures([md.atoms for md in self._members], n)
             fams = _first_numbered(sig)
-        self.family_of = np.full(n, -1, dtype=np.int64)
-        self.family_of[present] = fams
+            width = form.width  # offsets of one super atom are consecutive atoms
+        else:
+            units, sig = self._signatures([md.atoms for md in self._members], n)
+            fams = _first_numbered(sig)
+            width = np.ones(n, dtype=np.int64)
         self.num_families = int(fams.max()) + 1 if len(fams) else 0
+        # atoms grouped by family, in order of first appearance inside each
         order = np.argsort(fams, kind="stable")
-        bounds = np.cumsum(np.bincount(fams, minlength=self.num_families))
-        self.family_atoms: list[np.ndarray] = np.split(present[order], bounds[:-1]) \
+        ordered = units[order]
+        atoms = form.elements(ordered) if self._symbolic and form is not None else ordered
+        self.family_of = np.full(n, -1, dtype=np.int64)
+        self.family_of[atoms] = np.repeat(fams[order], width[ordered])
+        bounds = np.cumsum(np.bincount(fams, weights=width[units],
+                                       minlength=self.num_families)).astype(np.int64)
+        self.family_atoms: list[np.ndarray] = np.split(atoms, bounds[:-1]) \
             if self.num_families else []
         self._family_pins = self._pins_per_family()
         self._family_tags = self._tags_per_family()
