@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/coupling_dump.py dump OUT.json [--all]   # trace a model set, write it
+    python benchmarks/coupling_dump.py dump OUT.json [--all] [--channels]
     python benchmarks/coupling_dump.py compare OLD.json NEW.json
 
 Run ``dump`` with the old code (e.g. ``PYTHONPATH=<old checkout>``) and the new one, then
@@ -10,7 +10,8 @@ Run ``dump`` with the old code (e.g. ``PYTHONPATH=<old checkout>``) and the new 
 conflicts, unknown ops, and a hash of every member's atom matrix and of the families must
 be identical. ``--all`` takes the whole zoo (tests/zoo.py), otherwise a set of about 20
 models that covers CNNs, grouped convs, concatenation, ViTs, rotary, GQA and the
-transformers built-ins.
+transformers built-ins. ``--channels`` resolves channel by channel (``Coupling(...,
+intervals=False)``), the reference the interval resolution must match.
 """
 from __future__ import annotations
 
@@ -42,14 +43,17 @@ def _hash(a: np.ndarray) -> str:
                           + str(a.shape).encode()).hexdigest()[:16]
 
 
-def dump_one(spec: str, shape: tuple[int, ...] | None, ignored: tuple[str, ...]
-             ) -> dict[str, Any]:
+def dump_one(spec: str, shape: tuple[int, ...] | None, ignored: tuple[str, ...],
+             channels: bool = False) -> dict[str, Any]:
     import explorer
     from explorer.io.specs import load_model
 
     lm = load_model(spec, input_shape=shape)
     t0 = time.perf_counter()
     mg = explorer.trace(lm.model, lm.example_inputs, ignored=list(ignored))
+    if channels:
+        from explorer.coupling.analyze import Coupling
+        mg.coupling = Coupling(mg.graph, ignored, intervals=False)
     seconds = time.perf_counter() - t0
     c = mg.coupling
     return {
@@ -100,6 +104,8 @@ def main() -> None:
     d = sub.add_parser("dump")
     d.add_argument("out")
     d.add_argument("--all", action="store_true")
+    d.add_argument("--channels", action="store_true",
+                   help="resolve channel by channel (the reference)")
     c = sub.add_parser("compare")
     c.add_argument("old")
     c.add_argument("new")
@@ -109,7 +115,7 @@ def main() -> None:
         print(f"explorer from {explorer.__file__}", file=sys.stderr)
         result = {}
         for spec, shape, ignored in _models(args.all):
-            result[spec] = dump_one(spec, shape, ignored)
+            result[spec] = dump_one(spec, shape, ignored, args.channels)
             print(f"{spec}: {len(result[spec]['groups'])} groups, "
                   f"{result[spec]['seconds']:.2f} s", file=sys.stderr)
         Path(args.out).write_text(json.dumps(result, indent=0, default=str))
