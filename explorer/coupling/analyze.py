@@ -354,27 +354,35 @@ class Coupling:
 
         A group's channels flow along a tensor exactly when one of its families is here.
         """
-        if self._class_atoms is None:
-            self._class_atoms = _class_atom_table(self.res)
-        start, length, flat = self._class_atoms
         out: list[frozenset[int]] = []
         for ids in self._ctx.sp.dims.get(vid, []):
             known = self._dim_families.get(id(ids))  # views share the id arrays of their input
             if known is not None:
                 out.append(known)
                 continue
-            classes = np.unique(self.res.classes(ids))
-            n = length[classes]
-            comp = classes[n > 0]
-            counts = n[n > 0]
-            offsets = np.repeat(start[comp] - np.cumsum(counts) + counts, counts)
-            atoms = np.concatenate([classes[n == 0],
-                                    flat[offsets + np.arange(int(counts.sum()))]])
-            fams = np.unique(self.family_of[atoms])
+            fams = np.unique(self.family_of[self._dim_atoms(ids)])
             found = frozenset(int(f) for f in fams if f >= 0)
             self._dim_families[id(ids)] = found  # sp.dims keeps ids alive: the key stays unique
             out.append(found)
         return out
+
+    def _dim_atoms(self, ids: np.ndarray) -> np.ndarray:
+        """Atoms of the elements ``ids`` (each at least once; over intervals, the offset-0
+        atom of each super atom stands for all of its offsets, which share a family)."""
+        form = self.res.form
+        if self._symbolic and form is not None:
+            sid = np.searchsorted(form.cuts, ids, side="right") - 1
+            rows = form.table[np.unique(form.label[sid])]
+            return np.asarray(form.base[rows[rows >= 0]])
+        if self._class_atoms is None:
+            self._class_atoms = _class_atom_table(self.res)
+        start, length, flat = self._class_atoms
+        classes = np.unique(self.res.classes(ids))
+        n = length[classes]
+        comp = classes[n > 0]
+        counts = n[n > 0]
+        offsets = np.repeat(start[comp] - np.cumsum(counts) + counts, counts)
+        return np.concatenate([classes[n == 0], flat[offsets + np.arange(int(counts.sum()))]])
 
     def member_families(self, index: int) -> set[int]:
         """Families present in member ``index``."""
