@@ -524,7 +524,7 @@ class Session:
         return self._fail(f"unknown action {do!r}")
 
     def _pending_by_key(self, key: tuple[Any, ...]) -> Proposal | None:
-        want = (str(key[0]), int(key[1]))
+        want = (str(key[0]), int(key[1]), int(key[2]) if len(key) > 2 else 0)  # old logs: 2
         return next((p for p in self.proposals() if p.key == want), None)
 
     def _record(self, action: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from ..graph.ir import Graph, Value, ValueKind
 from ..graph.ops import ATTENTION_OPS
 from .context import Ctx, tensor_args
-from .groups import Axis, Group, HeadInfo, Member
+from .groups import Axis, Group, HeadInfo, Member, number_parts
 from .registry import apply_rule
 from .residual import mark_residual
 from .resolve import Resolution, resolve, resolve_elements
@@ -258,6 +258,7 @@ class Coupling:
             expl = list(dict.fromkeys(e for f in fams for e in explanations.get(f, [])))
             groups.append(Group(len(groups), channels, axes, members, head_info, prunable, reason,
                                 expl[:12], modules))
+        number_parts(groups)
         return groups
 
     def _is_head(self, fam: int) -> bool:

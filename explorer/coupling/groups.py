@@ -60,6 +60,7 @@ class Group:
     # modules whose residual adds sum this group's channels (see `coupling.residual`);
     # empty unless it passes through two or more: then it is a residual stream
     residual: list[str] = field(default_factory=list)
+    part: int = 0  # among groups whose first member is the same parameter dim (`group_key`)
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form used by ``trace --json``, plans and the app."""
@@ -97,7 +98,7 @@ class Group:
         return group_key(self)
 
 
-GroupKey = tuple[str, int]
+GroupKey = tuple[str, int, int]
 
 
 def _common_prefix(modules: list[str]) -> str:
@@ -114,6 +115,18 @@ def _common_prefix(modules: list[str]) -> str:
 
 
 def group_key(group: Group) -> GroupKey:
-    """The group's first member parameter and dim: stable across re-traces, unlike ids."""
+    """The group's first member parameter and dim, and which part of that dim it is (groups
+    carved out of one split tensor share both): stable across re-traces, unlike ids."""
     m = group.members[0]
-    return (m.param, m.dim)
+    return (m.param, m.dim, group.part)
+
+
+def number_parts(groups: list[Group]) -> None:
+    """Set `Group.part`: 0, 1, ... over the groups (in order) whose first member is the same
+    parameter dim, such as the q, k and v groups of a fused ``qkv`` weight."""
+    seen: dict[tuple[str, int], int] = {}
+    for g in groups:
+        if g.members:
+            first = (g.members[0].param, g.members[0].dim)
+            g.part = seen.get(first, 0)
+            seen[first] = g.part + 1

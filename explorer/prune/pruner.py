@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from ..coupling.analyze import Coupling
-from ..coupling.groups import Group
+from ..coupling.groups import Group, GroupKey
 from ..coupling.vocab import AxisRole, HeadMode
 from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
@@ -280,7 +280,7 @@ class Pruner:
         self._prepared = True
 
     @staticmethod
-    def _key(group: Group, axis: int) -> tuple[str, int, int, str]:
+    def _key(group: Group, axis: int) -> tuple[str, int, int, int, str]:
         return (*group.key, axis, group.axes[axis].role)
 
     def _target_axes(self, group: Group) -> list[int]:
@@ -438,7 +438,7 @@ class Pruner:
     def proposals(self) -> Iterator[Proposal]:
         """One proposal per group, re-planned after each accepted one; the caller accepts
         (as proposed or resized) or rejects each. Ends the step when every group is seen."""
-        done: set[tuple[str, int]] = set()
+        done: set[GroupKey] = set()
         while True:
             nxt = next((p for p in self.pending() if p.key not in done), None)
             if nxt is None:
@@ -449,7 +449,7 @@ class Pruner:
 
     def verdicts(self, pending: list[Proposal] | None = None,
                  progress: Callable[[float, str], None] | None = None
-                 ) -> Solution[tuple[str, int]]:
+                 ) -> Solution[GroupKey]:
         """Each proposal's pre-flight alone, and the joint sets that run when cut together."""
         props = self.pending() if pending is None else pending
         return solve(self.preflight(), {p.key: p.removal() for p in props}, alone=True,
@@ -479,7 +479,7 @@ class Pruner:
         return out
 
     def joint(self, proposal: Proposal, pending: list[Proposal] | None = None,
-              solution: Solution[tuple[str, int]] | None = None) -> Proposal | None:
+              solution: Solution[GroupKey] | None = None) -> Proposal | None:
         """The proposal that makes an unsafe ``proposal`` safe, or None.
 
         Groups that fail alone at the same model line are cut together by the same fraction
@@ -716,8 +716,8 @@ class Pruner:
         return None
 
 
-def _joint_reason(location: str, props: dict[tuple[str, int], Proposal],
-                  keys: list[tuple[str, int]]) -> str:
+def _joint_reason(location: str, props: dict[GroupKey, Proposal], keys: list[GroupKey]
+                  ) -> str:
     """Why these groups must shrink together, quoting the model line when it is readable."""
     code = _source_line(location)
     names = " and ".join(props[k].group.title for k in keys)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..coupling.analyze import Coupling
-from ..coupling.groups import Group
+from ..coupling.groups import Group, GroupKey
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -167,8 +167,8 @@ def short_location(location: str) -> str:
     return f"{os.path.basename(path)}:{line}" if path else location
 
 
-def verdict_labels(solution: Solution[tuple[str, int]], titles: Mapping[tuple[str, int], str]
-                   ) -> dict[tuple[str, int], str]:
+def verdict_labels(solution: Solution[GroupKey], titles: Mapping[GroupKey, str]
+                   ) -> dict[GroupKey, str]:
     """Group key -> a one-line pre-flight verdict: safe alone, or unsafe alone and what to
     cut with it (the Model page, the heads table and ``trace`` show these up front)."""
     out = dict.fromkeys(solution.safe, "safe alone")
