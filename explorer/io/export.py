@@ -117,7 +117,13 @@ def check_out_dir(target: Path, force: bool) -> None:
     """Refuse an ``out_dir`` that is a file, or not empty unless ``force`` (ExportError)."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"'{target}' exists and is not a folder; choose a folder for --out")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if force:
+        return
+    try:
+        filled = target.is_dir() and any(target.iterdir())
+    except FileNotFoundError:  # removed meanwhile (another export swapping it): empty
+        filled = False
+    if filled:
         raise ExportError(f"'{target}' is not empty; choose a new folder, or pass --force "
                           f"(force=True) to replace its content")
 
