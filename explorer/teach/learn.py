@@ -242,19 +242,9 @@ def train_model(kind: str, data: Digits, settings: LearnSettings) -> Trained:
     return Trained(kind, model, data, calib, summary)
 
 
-def group_label(group: Group) -> str:
-    """Like `Group.title`, naming the residual stream when no module owns the group."""
-    where = next((m for m in group.modules if m), "")
-    if not where:
-        where = "residual stream" if len(group.members) > 2 else group.members[0].param
-    size = f"{group.heads.num_heads} heads x {group.heads.head_dim}" if group.heads \
-        else f"{group.channels} ch"
-    return f"{size}: {where}"
-
-
 def group_info(group: Group) -> GroupInfo:
     heads = f"{group.heads.num_heads} heads x {group.heads.head_dim}" if group.heads else ""
-    return GroupInfo(group.id, group_label(group), group.channels, heads, group.prunable,
+    return GroupInfo(group.id, group.title, group.channels, heads, group.prunable,
                      group.reason, [f"{m.param}[{m.dim}]" for m in group.members])
 
 
@@ -327,7 +317,7 @@ def sensitivity(trained: Trained, settings: LearnSettings, progress: Progress | 
     rows = scan(pruner, settings.sensitivity_ratios, measure=drop, progress=report)
     out = []
     for r in rows:
-        label = f"{group_label(pruner.groups[r.group])} [{r.role}]"
+        label = f"{pruner.groups[r.group].title} [{r.role}]"
         acc = float("nan") if r.error else base - r.output_change
         out.append(SensitivityPoint(trained.kind, r.group, label, r.ratio, r.removed,
                                     0 if r.error else r.params_removed, acc,
