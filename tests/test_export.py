@@ -188,3 +188,23 @@ def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"model.safetensors' does not exist"):
         plan.save(tmp_path / "plan.json")
         load_pruned(None, tmp_path)
+
+
+def test_fold_check_ignores_dropout_and_keeps_train_mode(tmp_path: Path) -> None:
+    """Folding a derived constant (OPT's attention scaling after a head-dim cut) is checked
+    with eval forwards: a model left in train mode (dropout on) still exports a folder, and
+    comes back in train mode."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(
+        "opt", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.5)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    x = torch.randint(0, 256, (2, 12))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims")
+    plan = Plan.from_pruner(pruner, "opt", reports=[pruner.step()])
+    model.train()
+    res = export(model, tmp_path, "hf", plan=plan, example_inputs=(x,))
+    assert "hf" in res.files, res.messages
+    assert all(m.training for m in model.modules())

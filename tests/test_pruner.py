@@ -166,3 +166,27 @@ def test_meta_model_scores_are_explained_or_refused() -> None:
     assert report and any("meta device" in n for n in report.notes)
     with pytest.raises(ValueError, match="needs real weights and data"):
         Pruner(lm.model, lm.example_inputs, importance="fisher").step()
+
+
+@pytest.mark.parametrize("spec", ["hf:llama?num_hidden_layers=2",
+                                  "hf:gemma?num_hidden_layers=2"])
+def test_undo_after_a_config_changing_cut_is_exact(spec: str) -> None:
+    """Undo puts back the config and every module setting as they were, rather than
+    re-deriving a config from the restored shapes (a 64-wide q_proj also reads as 4 heads
+    x 16, which once set head_dim to 16 on the attention modules and broke the forward)."""
+    lm = load_model(spec)
+    model, inputs = lm.model.eval(), lm.example_inputs
+    config = copy.deepcopy(model.config.to_dict())
+    settings = {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
+                if isinstance(v, (int, float, tuple)) and not k.startswith("_")}
+    with torch.no_grad():
+        before = model(*inputs).logits
+    pruner = Pruner(model, inputs, ratio=0.3, heads="whole", round_to=4)
+    report = pruner.step()
+    assert report.config  # the cut changed the config (heads and hidden size)
+    pruner.undo()
+    assert model.config.to_dict() == config
+    assert {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
+            if isinstance(v, (int, float, tuple)) and not k.startswith("_")} == settings
+    with torch.no_grad():
+        assert torch.equal(model(*inputs).logits, before)

@@ -122,3 +122,36 @@ def test_whole_heads_and_mlp_cuts_are_not_rebased() -> None:
         pruner = Pruner(model, example, ratio=0.5, heads=heads)
         removal, changes, _ = pruner.propose()
         assert changes and head_axes(model, pruner.coupling, removal) == []
+
+
+class _Branchy(nn.Module):
+    """Attention that only runs on length-8 inputs: calibration batches of length 6 never
+    reach it, so re-basing has no moments for its heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 8:
+            b, t, _ = x.shape
+            q, k, v = (lin(x).view(b, t, 4, -1).transpose(1, 2) for lin in (self.q, self.k,
+                                                                               self.v))
+            a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        y: torch.Tensor = self.fc(x)
+        return y
+
+
+@pytest.mark.parametrize("mode", ["bias", "lstsq"])
+def test_heads_the_calibration_never_runs_are_cut_without_rebasing(mode: str) -> None:
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    x = torch.randn(2, 8, 32)
+    batches = [torch.randn(2, 6, 32) for _ in range(3)]
+    report = Pruner(model, (x,), ratio=0.5, heads="dims", compensate=mode,
+                    calibration=lambda: batches).step()
+    assert report.forward_ok and report.changes
+    assert model.q.out_features == model.k.out_features == model.v.out_features == 16
+    assert model(x).shape == (2, 8, 32)

@@ -182,14 +182,14 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
     reference = _outputs(model, calib)
     stats, rebased = _rebase_heads(model, coupling, removal, calib, reference, stats or {},
                                    notes)
-    known = {k: v for k, v in stats.items() if not gram or v.gram is not None}
-    missing = [t.module for t in todo if t.module not in known]
-    stats = {**known, **(input_stats(model, missing, calib, gram) if missing else {})}
-    original = {t.module: _dense(model.get_submodule(t.module)) for t in todo}
     try:
+        known = {k: v for k, v in stats.items() if not gram or v.gram is not None}
+        missing = [t.module for t in todo if t.module not in known]
+        stats = {**known, **(input_stats(model, missing, calib, gram) if missing else {})}
+        original = {t.module: _dense(model.get_submodule(t.module)) for t in todo}
         applied = apply_removal(model, coupling, removal)
-    except Exception:
-        _put_back(model, rebased)
+    except BaseException:
+        _put_back(model, rebased)  # the re-basing too: nothing of this call stays
         raise
     applied.previous.update(rebased)  # undo restores the weights from before the re-basing
     try:
@@ -231,11 +231,16 @@ def _rebase_heads(model: nn.Module, coupling: Coupling, removal: Removal, calib:
     readers = sorted({s.module for a in axes for s in a.sides if s.columns})
     fresh = [m for m in writers + readers if m not in out or out[m].gram is None]
     out.update(input_stats(model, fresh, calib, gram=True) if fresh else {})
+    # a layer the calibration data never ran has no moments: its heads are cut as they are
+    axes = [a for a in axes if all(s.module in out and out[s.module].gram is not None
+                                   for s in a.sides)]
+    if not axes:
+        return out, {}
     grams = {m: g / max(out[m].count, 1) for m in writers + readers
-             if (g := out[m].gram) is not None}
+             if m in out and (g := out[m].gram) is not None}
     try:
         done = rebase(model, axes, grams)
-    except RuntimeError:  # torch.linalg.LinAlgError: a singular moment even with the ridge
+    except (RuntimeError, KeyError, ValueError):  # e.g. a singular moment even with the ridge
         return out, {}
     moved = _deviation(_outputs(model, calib), reference)
     if moved > REBASE_TOLERANCE:

@@ -25,7 +25,7 @@ from .joint import Solution, merge, solve
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Proposal, lowest
 from .removal import Applied, Removal, apply_removal, removed_atoms, undo
-from .transaction import transaction
+from .transaction import ModelState, transaction
 from .validate import check_module_names
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
@@ -191,6 +191,8 @@ class Pruner:
         # the analysis before each `apply` (for an undo without re-tracing)
         # id(Applied) -> the analysis before it (graph, coupling, version, proposals)
         self._before: dict[int, tuple[Graph, Coupling, int, Any]] = {}
+        # id(Applied) -> the model's settings and config before it (for an exact undo)
+        self._settings: dict[int, ModelState] = {}
         self._pending: tuple[int, tuple[Any, ...], list[Proposal]] | None = None
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
@@ -213,6 +215,7 @@ class Pruner:
         a plan replay or its undo); a transformers config follows the widths."""
         self._update_config(StepReport(self.current_step))
         self._before.clear()  # the model changed outside the pruner: old analyses are stale
+        self._settings.clear()  # and so are the settings recorded before each application
         self._analyse()
 
     def configure(self, importance: str | None = None, ratio: float | None = None,
@@ -536,12 +539,13 @@ class Pruner:
             PruneError: the removal does not fit the model; nothing is changed.
         """
         before = (self.graph, self.coupling, self.version, self._pending)
-        with transaction(self.model):  # the config update and re-analysis are part of it
+        with transaction(self.model) as state:  # the config update and re-analysis too
             applied = self._apply(removal)
             self._update_config(StepReport(self.current_step))
             self._analyse(graph)
         self.applied.append(applied)
         self._before[id(applied)] = before
+        self._settings[id(applied)] = state
         return applied
 
     # -- steps ----------------------------------------------------------------------------
@@ -572,11 +576,12 @@ class Pruner:
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
         if removal:
-            with transaction(self.model):  # the config update too: all or nothing
+            with transaction(self.model) as state:  # the config update too: all or nothing
                 applied = self._apply(removal)
                 self._update_config(report)
             self.applied.append(applied)
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
+            self._settings[id(applied)] = state
             report.attributes = dict(applied.attributes)
         self.current_step += 1
         report.notes += [n for n in [*self.notes, *flight.notes] if n not in report.notes]
@@ -618,7 +623,11 @@ class Pruner:
             return None
         last = self.applied.pop()
         undo(self.model, last)
-        self._update_config(StepReport(self.current_step))  # widths are back: so is config
+        settings = self._settings.pop(id(last), None)
+        if settings is not None:  # the config and module settings exactly as before it
+            settings.restore_settings()
+        else:
+            self._update_config(StepReport(self.current_step))  # widths are back: so is config
         before = self._before.pop(id(last), None)
         if before is not None:  # the model is exactly as it was then
             self._restore(*before)

@@ -67,6 +67,25 @@ class ModelState:
                 del d[key]
             d.update(saved)
 
+    def restore_settings(self) -> None:
+        """Put back the scalar settings (widths, head counts, scales, size lists) of every
+        module and the configs; parameters, buffers, submodules, hooks and train/eval modes
+        stay as they are (an undo puts the tensors back itself)."""
+        for ms in self.modules:
+            d = vars(ms.module)
+            for key, value in ms.attrs.items():
+                if key != "training" and isinstance(value, (int, float, tuple, list)) \
+                        and d.get(key, _MISSING) != value:
+                    d[key] = type(value)(value) if isinstance(value, list) else value
+        for config, saved in self.configs:
+            d = vars(config)
+            for key in [k for k in d if k not in saved]:
+                del d[key]
+            d.update(saved)
+
+
+_MISSING = object()
+
 
 def _config_dict(config: Any) -> dict[str, Any]:
     """A copy of a config's attributes; nested sub-configs are copied too."""

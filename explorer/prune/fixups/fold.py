@@ -247,16 +247,24 @@ def folded(model: nn.Module, constants: dict[tuple[str, str], float],
     params.update(model.named_buffers())
     saved = {name: params[name].detach().clone() for name in [*fold.scaled, *fold.buffers]}
     attrs = {key: getattr(model.get_submodule(key[0]), key[1]) for key in constants}
+    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad():
-            before = flat_floats(model(*inputs))
-            for name, factor in fold.scaled.items():
-                params[name].mul_(factor)
-            for name, value in fold.buffers.items():
-                params[name].fill_(value)
-            for (mod, attr), new in constants.items():
-                setattr(model.get_submodule(mod), attr, new)
-            after = flat_floats(model(*inputs))
+        # the check compares two eval forwards (dropout would make any two differ), and
+        # leaves the caller's random state and train/eval modes as they were
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
+            try:
+                before = flat_floats(model(*inputs))
+                for name, factor in fold.scaled.items():
+                    params[name].mul_(factor)
+                for name, value in fold.buffers.items():
+                    params[name].fill_(value)
+                for (mod, attr), new in constants.items():
+                    setattr(model.get_submodule(mod), attr, new)
+                after = flat_floats(model(*inputs))
+            finally:
+                for m, training in modes.items():
+                    m.training = training
         same = before.shape == after.shape and \
             torch.allclose(before, after, rtol=1e-4, atol=1e-5)
         if not same:
