@@ -190,3 +190,21 @@ def test_undo_after_a_config_changing_cut_is_exact(spec: str) -> None:
             if isinstance(v, (int, float, tuple)) and not k.startswith("_")} == settings
     with torch.no_grad():
         assert torch.equal(model(*inputs).logits, before)
+
+
+def test_config_update_never_leaves_a_model_that_does_not_run() -> None:
+    """Without the recorded settings (an undo after a change outside the pruner), the config
+    is re-derived from the shapes; when the module settings it would follow break the
+    forward (head_dim 8 -> 16 on Llama attention), they are put back and the config left."""
+    lm = load_model("hf:llama?num_hidden_layers=2")
+    model, inputs = lm.model.eval(), lm.example_inputs
+    with torch.no_grad():
+        before = model(*inputs).logits
+    pruner = Pruner(model, inputs, ratio=0.3, heads="whole", round_to=4)
+    pruner.step()
+    pruner._settings.clear()  # as after a retrace: undo has nothing recorded to restore
+    pruner.undo()
+    assert model.model.layers[0].self_attn.head_dim == 8
+    with torch.no_grad():
+        assert torch.equal(model(*inputs).logits, before)
+    assert "left as it was" in pruner.config_note

@@ -613,7 +613,13 @@ class Pruner:
         if not hasattr(getattr(self.model, "config", None), "to_dict"):
             return
         from .fixups.hfconfig import update_config
+        state = ModelState.capture(self.model)
         update = update_config(self.model)
+        if state.settings_changed() and not forward_check(self.model, self.inputs, None).ok:
+            state.restore_settings()  # module settings it followed broke the forward: undo
+            self.config_note = ("the config was left as it was: the module settings it "
+                                "would bring in line break the forward")
+            return
         self.config_note = update.reason
         report.config = {k: list(v) for k, v in update.changed.items()}
 

@@ -67,6 +67,12 @@ class ModelState:
                 del d[key]
             d.update(saved)
 
+    def settings_changed(self) -> bool:
+        """Whether a module's scalar setting differs from the recorded one."""
+        return any(key != "training" and isinstance(value, (int, float, tuple, list)) and
+                   vars(ms.module).get(key, _MISSING) != value
+                   for ms in self.modules for key, value in ms.attrs.items())
+
     def restore_settings(self) -> None:
         """Put back the scalar settings (widths, head counts, scales, size lists) of every
         module and the configs; parameters, buffers, submodules, hooks and train/eval modes
