@@ -278,23 +278,33 @@ def _run_outside(model: nn.Module, layers: nn.ModuleList, calib: Calibration,
     recording the inputs of the consumers outside the layers (not those in ``skip``)."""
     inside = {id(m) for m in layers.modules()}
     outside = {n: m for n, m in model.named_modules() if id(m) not in inside and n not in skip}
+    with _recorded(layers, outputs) as cursor:
+        handles = [h for n, m in outside.items() if not list(m.children())  # hooked once
+                   for h in input_norm_hooks(m, norms, n)]
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(calib.batches):
+                    cursor[0] = b
+                    model(*batch, **calib.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+    return outside
+
+
+@contextlib.contextmanager
+def _recorded(layers: nn.ModuleList, outputs: list[Any]) -> Iterator[list[int]]:
+    """Every decoder layer stood in by `_Recorded` ``outputs`` (put back on leaving); yields
+    the cursor naming the batch being run."""
     cursor = [0]
     originals = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _Recorded(outputs, cursor)
-    handles = [h for n, m in outside.items() if not list(m.children())  # each hooked once
-               for h in input_norm_hooks(m, norms, n)]
     try:
-        with torch.no_grad():
-            for b, batch in enumerate(calib.batches):
-                cursor[0] = b
-                model(*batch, **calib.kwargs)
+        for i in range(len(layers)):
+            layers[i] = _Recorded(outputs, cursor)
+        yield cursor
     finally:
-        for h in handles:
-            h.remove()
         for i, layer in enumerate(originals):
             layers[i] = layer
-    return outside
 
 
 def sequential_criterion(model: nn.Module, calib: Calibration,
@@ -499,33 +509,28 @@ def _head(model: nn.Module, layers: nn.ModuleList, calib: Calibration, last: lis
     """The loss of every batch from the last decoder layer's outputs; records the terms of
     the layers after the decoder stack and returns dL/d(last hidden states) per batch."""
     leaves = [_hidden_out(o).detach().requires_grad_(True) for o in last]
-    cursor = [0]
-    originals = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _Recorded(_standing_in(last, leaves), cursor)
     terms: Terms = {}
     seen: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
-    handles = first_order_hooks(model, terms, current, "", seen)  # the layers are stand-ins
-    try:
-        for b, batch in enumerate(calib.batches):
-            cursor[0] = b
-            current[0] = calib.token_mask(batch)
-            seen.clear()
-            label = calib.labels[b] if calib.labels else None
-            with torch.enable_grad():
-                loss = compute_loss(model, batch, calib, label, seed=b)
-                got = torch.autograd.grad(loss, [leaves[b], *seen], allow_unused=True)
-            if got[0] is None:
-                raise SequentialError("the calibration loss does not depend on the last "
-                                      "decoder layer's output")
-            grads.append(got[0])
-            _collect(terms, columns)
-    finally:
-        for h in handles:
-            h.remove()
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+    with _recorded(layers, _standing_in(last, leaves)) as cursor:
+        handles = first_order_hooks(model, terms, current, "", seen)  # layers are stand-ins
+        try:
+            for b, batch in enumerate(calib.batches):
+                cursor[0] = b
+                current[0] = calib.token_mask(batch)
+                seen.clear()
+                label = calib.labels[b] if calib.labels else None
+                with torch.enable_grad():
+                    loss = compute_loss(model, batch, calib, label, seed=b)
+                    got = torch.autograd.grad(loss, [leaves[b], *seen], allow_unused=True)
+                if got[0] is None:
+                    raise SequentialError("the calibration loss does not depend on the last "
+                                          "decoder layer's output")
+                grads.append(got[0])
+                _collect(terms, columns)
+        finally:
+            for h in handles:
+                h.remove()
     return grads
 
 
