@@ -8,24 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFLOAD_CAP
 
 import explorer
 from explorer import load_model
 from explorer.app.cli import main
 from explorer.graph.metrics import count_params
 
-CAP = "300KB"  # the tiny llama is about 420 KB: its decoder layers go to disk
+CAP = OFFLOAD_CAP  # the decoder layers go to disk
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama") / "ckpt"
-    load_model("hf:llama?num_hidden_layers=3").model.save_pretrained(folder,
-                                                                     max_shard_size="100KB")
+@pytest.fixture(scope="module", autouse=True)
+def _calibration(ckpt: Path) -> None:
     torch.save(torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1)),
-               folder.parent / "calib.pt")
-    return folder
+               ckpt.parent / "calib.pt")
 
 
 def _removed(plan: Path) -> list[tuple[str, int, list[int]]]:

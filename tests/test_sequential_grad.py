@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import OFFLOAD_CAP
 from transformers import AutoModelForCausalLM
 
 import explorer
@@ -20,16 +21,7 @@ from explorer.prune.sequential import (
     sequential_criterion,
 )
 
-CAP = {"cpu": "300KB"}  # the tiny llama is about 420 KB: the decoder layers go to disk
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama") / "ckpt"
-    load_model("hf:llama?num_hidden_layers=3").model.save_pretrained(folder,
-                                                                     max_shard_size="100KB")
-    return folder
+CAP = {"cpu": OFFLOAD_CAP}  # the decoder layers go to disk
 
 
 def _padded(num_batches: int = 3, loss: str = "auto") -> Calibration:
