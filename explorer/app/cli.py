@@ -35,7 +35,13 @@ from ..io.export import (
     snapshot,
 )
 from ..io.plan import Plan
-from ..io.specs import LoadedModel, SpecError, has_weights, load_model, parse_input_shape
+from ..io.specs import (
+    LoadedModel,
+    SpecError,
+    checkpoint_folder,
+    load_model,
+    parse_input_shape,
+)
 from ..prune.calibration import Calibration, load_calibration
 from ..prune.importance import Criterion
 from ..prune.preflight import clone_model, forward_check
@@ -306,8 +312,8 @@ def _checkpoint_folder(args: argparse.Namespace, lm: LoadedModel) -> Path:
         raise CliError("--max-memory scores a model that does not fit in memory from its "
                        "checkpoint; use it with --device meta (without it, the model is "
                        "loaded whole)")
-    folder = Path(args.model[3:].split("?", 1)[0]) if args.model.startswith("hf:") else None
-    if folder is None or not folder.is_dir() or not has_weights(folder):
+    folder = checkpoint_folder(args.model)
+    if folder is None:
         raise CliError(f"--max-memory needs an hf:FOLDER model with safetensors weights; "
                        f"'{args.model}' is not one")
     if args.importance not in SEQUENTIAL_CRITERIA:

@@ -34,10 +34,11 @@ from ...graph.walk import to_device
 from ...quality.task import Task, infer_task
 from ._factory import build_factory
 from ._hf import HF_FAMILIES, build_hf
-from ._hf_folder import has_weights as has_weights
+from ._hf_folder import has_weights
 from ._inputs import check_input_shape, resized_inputs, seeded
 from ._inputs import parse_input_shape as parse_input_shape
 from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
+from ._query import split_query
 from ._timm import build_timm
 from ._types import Built
 from ._types import LoadedModel as LoadedModel
@@ -47,7 +48,7 @@ from ._weights import load_weights
 __all__ = [
     "LoadedModel",
     "SpecError",
-    "has_weights",
+    "checkpoint_folder",
     "hf_families",
     "is_code_spec",
     "list_demos",
@@ -181,3 +182,13 @@ def _build_demo(name: str, device: str) -> Built:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     return Built(model, tuple(inputs), "demo", KIND[name], vocab_size=vocab)
+
+
+def checkpoint_folder(spec: str) -> Path | None:
+    """The local transformers folder with weights that an ``hf:FOLDER[?...]`` spec names,
+    else None."""
+    if not spec.startswith("hf:"):
+        return None
+    name, _options = split_query(spec[3:], "hf")
+    folder = Path(name)
+    return folder if folder.is_dir() and has_weights(folder) else None
