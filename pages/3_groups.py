@@ -154,7 +154,8 @@ def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
                     on_click=lambda: pe.accept(joint))
     b[2].button("Reject", key="groups_reject", on_click=lambda: pe.reject(p))
     b[3].button("Undo", key="groups_undo", on_click=pe.undo, disabled=not pe.can_undo)
-    if b[4].button("Accept all remaining", key="groups_accept_all"):
+    if b[4].button("Accept all", key="groups_accept_all",
+                   help="accept every remaining proposal (joint sets included)"):
         bar = st.progress(0.0, text="Accept all")
         pe.accept_all(lambda f, text: bar.progress(f, text=text))
         bar.empty()
