@@ -98,31 +98,70 @@ class _Sampler:
 
 
 # -- children: each prints one JSON line ---------------------------------------------------
-def child_trace(shape: str) -> dict[str, Any]:
-    import explorer
+def child_forward(shape: str) -> dict[str, Any]:
+    """The recording meta forward alone (the tracer with no coupling), in its own process."""
     from explorer.graph.tracer import trace as raw_trace
     from explorer.io.specs import load_model
 
     lm = load_model(SHAPES[shape], device="meta")
     t0, c0 = time.perf_counter(), time.process_time()
     raw_trace(lm.model, lm.example_inputs)
-    forward, forward_cpu = time.perf_counter() - t0, time.process_time() - c0
-    rss_forward = _rss_mb()
+    return {"forward_s": time.perf_counter() - t0, "forward_cpu_s": time.process_time() - c0}
+
+
+def child_trace(shape: str) -> dict[str, Any]:
+    """``explorer.trace`` + groups in a process that did nothing else: time, the resident
+    set before it started (imports and the meta model) and the peak."""
+    import explorer
+    from explorer.io.specs import load_model
+
+    lm = load_model(SHAPES[shape], device="meta")
+    before = _status_mb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     mg = explorer.trace(lm.model, lm.example_inputs, ignored=["lm_head"])
     groups = mg.groups()
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = round(_rss_mb())
     res = mg.coupling.res
     form = getattr(res, "form", None)  # resolved over intervals (absent before that)
     return {"shape": shape, "ops": mg.num_ops, "groups": len(groups),
             "channel_ids": int(form.cuts[-1]) if form is not None else len(res.label),
             "intervals": len(form.cuts) - 1 if form is not None else None,
-            "prunable": sum(g.prunable for g in groups), "forward_s": round(forward, 2),
-            "forward_cpu_s": round(forward_cpu, 2), "trace_groups_s": round(total, 2),
-            "trace_groups_cpu_s": round(total_cpu, 2),
-            "ratio_cpu": round(total_cpu / forward_cpu, 1),
-            "rss_after_forward_mb": round(rss_forward), "peak_rss_mb": peak}
+            "prunable": sum(g.prunable for g in groups), "trace_groups_s": total,
+            "trace_groups_cpu_s": total_cpu, "rss_before_mb": before,
+            "peak_rss_mb": _rss_mb(), "rss_anon_mb": _status_mb("RssAnon")}
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) / 1024
+    return 0.0
+
+
+def trace_table(runs: int) -> list[dict[str, Any]]:
+    """Per shape, ``runs`` rounds of (forward, trace) children interleaved; medians."""
+    import statistics
+
+    out = []
+    for shape in SHAPES:
+        forwards, traces = [], []
+        for _ in range(runs):
+            forwards.append(_run("forward", shape))
+            traces.append(_run("trace", shape))
+        row = dict(traces[0])
+        for key in ("trace_groups_s", "trace_groups_cpu_s", "rss_before_mb", "peak_rss_mb",
+                    "rss_anon_mb"):
+            row[key] = round(statistics.median(t[key] for t in traces), 2)
+        for key in ("forward_s", "forward_cpu_s"):
+            row[key] = round(statistics.median(f[key] for f in forwards), 2)
+        ratios = [t["trace_groups_cpu_s"] / f["forward_cpu_s"]
+                  for f, t in zip(forwards, traces, strict=True)]
+        row["ratio_cpu"] = round(statistics.median(ratios), 2)
+        row["ratio_cpu_runs"] = [round(r, 2) for r in ratios]
+        row["coupling_mb"] = round(row["peak_rss_mb"] - row["rss_before_mb"])
+        out.append(row)
+    return out
 
 
 def child_write(folder: str) -> dict[str, Any]:
@@ -204,8 +243,9 @@ def child_sequential_taylor(folder: str) -> dict[str, Any]:
     return child_sequential(folder, "taylor")
 
 
-CHILDREN = {"trace": child_trace, "write": child_write, "stream": child_stream,
-            "sequential": child_sequential, "sequential_taylor": child_sequential_taylor}
+CHILDREN = {"forward": child_forward, "trace": child_trace, "write": child_write,
+            "stream": child_stream, "sequential": child_sequential,
+            "sequential_taylor": child_sequential_taylor}
 
 
 # glibc raises its mmap threshold as large blocks are freed, after which freed layer buffers
@@ -226,6 +266,8 @@ def _run(kind: str, arg: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parts", default="trace,stream,sequential")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="trace part: rounds of (forward, trace) per shape, medians")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--explorer", default=None,
                         help="folder holding the explorer package to measure (default: here)")
@@ -239,7 +281,7 @@ def main() -> None:
     parts = args.parts.split(",")
     results: dict[str, Any] = {}
     if "trace" in parts:
-        results["trace"] = [_run("trace", s) for s in SHAPES]
+        results["trace"] = trace_table(args.runs)
     if "stream" in parts or "sequential" in parts:
         scratch = Path(args.dir or tempfile.mkdtemp(prefix="pe-scale-"))
         try:

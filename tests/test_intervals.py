@@ -10,7 +10,7 @@ from explorer import load_model
 from explorer.coupling.analyze import Coupling
 from explorer.coupling.intervals import resolve_intervals
 from explorer.coupling.resolve import Resolution, resolve, resolve_elements
-from explorer.coupling.spaces import Spaces
+from explorer.coupling.spaces import ID_DTYPE, Runs, Spaces
 from explorer.graph.tracer import trace as raw_trace
 
 
@@ -96,6 +96,34 @@ def _random_spaces(seed: int) -> Spaces:
     return sp
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_runs_stand_for_their_ids(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pieces = [np.arange(s, s + n) for s, n in zip(rng.integers(0, 1000, 6),
+                                                  rng.integers(0, 40, 6), strict=True)]
+    ids = rng.permutation(np.concatenate(pieces))[: rng.integers(0, 60)] if seed % 2 \
+        else np.concatenate(pieces)
+    runs = Runs.of(ids)
+    assert len(runs) == len(ids)
+    assert runs.expand().dtype == ID_DTYPE
+    np.testing.assert_array_equal(runs.expand(), ids)
+    k = np.arange(len(ids))
+    np.testing.assert_array_equal(runs.at(k), ids)
+    assert (np.diff(runs.start) > 0).all() and (runs.length > 0).all()
+
+
+def test_retired_values_read_back_their_ids() -> None:
+    sp = Spaces()
+    a, b = sp.fresh(5), sp.fresh(3)
+    sp.dims[0] = [a, b]
+    sp.dims[1] = [b]  # a view sharing the dim
+    sp.retire([0, 1])
+    assert all(isinstance(d, Runs) for d in sp.dims[0] + sp.dims[1])
+    assert sp.dims[0][1] is sp.dims[1][0]  # converted once
+    np.testing.assert_array_equal(sp.arrays(0)[0], a)
+    assert sp.runs(1)[0] is sp.runs(1)[0]  # stable objects (they key caches)
+
+
 @pytest.mark.parametrize("seed", range(300))
 def test_random_facts(seed: int) -> None:
     sp = _random_spaces(seed)
@@ -127,6 +155,10 @@ def test_coupling_over_intervals_is_the_channel_coupling(
     assert [dataclasses.asdict(g) for g in fast.groups] == \
         [dataclasses.asdict(g) for g in ref.groups]
     np.testing.assert_array_equal(fast.family_of, ref.family_of)
+    picks = np.random.default_rng(0).integers(0, len(ref.family_of), 500)
+    np.testing.assert_array_equal(fast.family_of[picks], ref.family_of[picks])
+    assert [fast.family_atoms.size(f) for f in range(len(fast.family_atoms))] == \
+        [len(a) for a in ref.family_atoms]
     assert len(fast.family_atoms) == len(ref.family_atoms)
     for a, b in zip(fast.family_atoms, ref.family_atoms, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -135,6 +167,10 @@ def test_coupling_over_intervals_is_the_channel_coupling(
         np.testing.assert_array_equal(aa, ab)
     for vid in list(graph.values)[::7]:
         assert fast.value_families(vid) == ref.value_families(vid)
+        for a, b in zip(fast.value_dims(vid), ref.value_dims(vid), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # no rule reads a value after the trace: every dim is kept as runs of ids
+    assert all(isinstance(d, Runs) for dims in fast._ctx.sp.dims.values() for d in dims)
     prunable = [g for g in fast.groups if g.prunable]
     assert prunable
     for group in prunable[:4]:  # cut the first half of each axis's atoms

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, overload
 
 import numpy as np
 
@@ -11,10 +12,11 @@ from ..graph.ir import Graph, Value, ValueKind
 from ..graph.ops import ATTENTION_OPS
 from .context import Ctx, tensor_args
 from .groups import Axis, Group, HeadInfo, Member, number_parts
+from .intervals import IntervalForm
 from .registry import apply_rule
 from .residual import mark_residual
 from .resolve import Resolution, resolve, resolve_elements
-from .spaces import Pin
+from .spaces import Pin, Runs
 from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
 
 
@@ -22,7 +24,7 @@ from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
 class _MemberData:
     member: Member
     vid: int
-    ids: np.ndarray  # element ids of the dim
+    ids: Runs  # element ids of the dim
     res: Resolution
     # over intervals (when the resolution has an interval form): the super atoms of each
     # piece of the dim (-1 padded) and each piece's length
@@ -34,7 +36,7 @@ class _MemberData:
     def atoms(self) -> np.ndarray:
         """``(size, k)`` atom classes per index, -1 padded (computed on first use)."""
         if self._atoms is None:
-            self._atoms = self.res.atoms_matrix(self.ids)
+            self._atoms = self.res.atoms_matrix(self.ids.expand())
         return self._atoms
 
 
@@ -56,6 +58,7 @@ class Coupling:
         self.graph = graph
         self.ignored = tuple(ignored)
         ctx = Ctx(graph)
+        last_reads = _last_reads(graph)
         for node in graph.ops:
             try:
                 apply_rule(ctx, node)
@@ -66,15 +69,17 @@ class Coupling:
                 ctx.pin_all(tensor_args(node), reason, PinKind.UNSUPPORTED)
                 for i in range(len(node.outputs)):
                     ctx.fresh_out(node, i, pin=reason, kind=PinKind.UNSUPPORTED)
+            ctx.sp.retire(last_reads.get(node.index, []))
         for vid in graph.outputs:
             value = graph.values[vid]
             for ids in ctx.dims(vid):
                 ctx.sp.pin(ids, f"model output (shape {list(value.shape)})", PinKind.MODEL_IO)
+        ctx.sp.retire(list(ctx.sp.dims))
         self.unknown_ops = ctx.unknown
         self.head_dims = _traced_head_dims(graph)
         self._ctx = ctx
         self.res: Resolution = resolve(ctx.sp, whole=[
-            ids for vid, _v in self._member_values() for ids in ctx.sp.dims[vid]]
+            ids for vid, _v in self._member_values() for ids in ctx.sp.runs(vid)]
         ) if intervals else resolve_elements(ctx.sp)
         self.conflicts = self.res.conflicts
         self._symbolic = self.res.form is not None  # members read over intervals
@@ -92,7 +97,7 @@ class Coupling:
         out = []
         form = self.res.form
         for vid, value in self._member_values():
-            for d, ids in enumerate(self._ctx.sp.dims[vid]):
+            for d, ids in enumerate(self._ctx.sp.runs(vid)):
                 if len(ids) < 1:
                     continue
                 member = Member(self.graph.param_owner.get(value.name or "", ""),
@@ -130,16 +135,16 @@ class Coupling:
             fams = _first_numbered(sig)
             width = np.ones(n, dtype=np.int64)
         self.num_families = int(fams.max()) + 1 if len(fams) else 0
-        # atoms grouped by family, in order of first appearance inside each
+        # units (atoms, or super atoms over intervals) grouped by family, in order of first
+        # appearance inside each
         order = np.argsort(fams, kind="stable")
-        ordered = units[order]
-        atoms = form.elements(ordered) if self._symbolic and form is not None else ordered
-        self.family_of = np.full(n, -1, dtype=np.int64)
-        self.family_of[atoms] = np.repeat(fams[order], width[ordered])
-        bounds = np.cumsum(np.bincount(fams, weights=width[units],
-                                       minlength=self.num_families)).astype(np.int64)
-        self.family_atoms: list[np.ndarray] = np.split(atoms, bounds[:-1]) \
-            if self.num_families else []
+        counts = np.bincount(fams, minlength=self.num_families)
+        split = np.split(units[order], np.cumsum(counts)[:-1]) if self.num_families else []
+        symbolic = form if self._symbolic else None
+        of_unit = np.full(len(width), -1, dtype=np.int64)
+        of_unit[units] = fams
+        self.family_of = FamilyOf(of_unit, symbolic, n)
+        self.family_atoms = FamilyAtoms(split, symbolic)
         self._family_pins = self._pins_per_family()
         self._family_tags = self._tags_per_family()
 
@@ -170,8 +175,8 @@ class Coupling:
         present = seen[np.argsort(first, kind="stable")]
         return present, sig[present]
 
-    def _expand_ids(self, ids: np.ndarray) -> np.ndarray:
-        a = self.res.atoms_matrix(ids)
+    def _expand_ids(self, ids: Runs) -> np.ndarray:
+        a = self.res.atoms_matrix(ids.expand())
         return a[a >= 0]
 
     def _pins_per_family(self) -> dict[int, Pin]:
@@ -266,7 +271,7 @@ class Coupling:
         return fam not in self._family_pins and bool(tags & HEAD_TAGS)
 
     def _axis(self, fam: int, members: list[Member], composite: bool, heads: bool) -> Axis:
-        size = len(self.family_atoms[fam])
+        size = self.family_atoms.size(fam)
         tags = self._family_tags.get(fam, set())
         pin = self._family_pins.get(fam)
         if pin is not None:
@@ -307,12 +312,13 @@ class Coupling:
 
     def _explanations(self) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
-        records = [(u[0][:1], u[2]) for u in self._ctx.sp.unions]
-        records += [(p[0][:1], p[2]) for p in self._ctx.sp.products]  # (ids, op index)
+        records = [(u[0], u[2]) for u in self._ctx.sp.unions]
+        records += [(p[0], p[2]) for p in self._ctx.sp.products]  # (ids, op index)
         for ids, op_index in sorted(records, key=lambda r: r[1]):
             node = self.graph.ops[op_index]
             text = _describe(node, self.graph)
-            for f in np.unique(self.family_of[self._expand_ids(ids)]):
+            first = self.res.atoms_matrix(ids.value[:1])
+            for f in np.unique(self.family_of[first[first >= 0]]):
                 if f >= 0:
                     out.setdefault(int(f), []).append(text)
         return out
@@ -356,7 +362,7 @@ class Coupling:
         A group's channels flow along a tensor exactly when one of its families is here.
         """
         out: list[frozenset[int]] = []
-        for ids in self._ctx.sp.dims.get(vid, []):
+        for ids in self._ctx.sp.runs(vid):
             known = self._dim_families.get(id(ids))  # views share the id arrays of their input
             if known is not None:
                 out.append(known)
@@ -367,18 +373,21 @@ class Coupling:
             out.append(found)
         return out
 
-    def _dim_atoms(self, ids: np.ndarray) -> np.ndarray:
+    def _dim_atoms(self, runs: Runs) -> np.ndarray:
         """Atoms of the elements ``ids`` (each at least once; over intervals, the offset-0
         atom of each super atom stands for all of its offsets, which share a family)."""
         form = self.res.form
         if self._symbolic and form is not None:
-            sid = np.searchsorted(form.cuts, ids, side="right") - 1
+            lo = np.searchsorted(form.cuts, runs.value, side="right") - 1
+            hi = np.searchsorted(form.cuts, runs.value + runs.length, side="left")
+            sid = np.concatenate([np.zeros(0, np.int64)] + [
+                np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)])
             rows = form.table[np.unique(form.label[sid])]
             return np.asarray(form.base[rows[rows >= 0]])
         if self._class_atoms is None:
             self._class_atoms = _class_atom_table(self.res)
         start, length, flat = self._class_atoms
-        classes = np.unique(self.res.classes(ids))
+        classes = np.unique(self.res.classes(runs.expand()))
         n = length[classes]
         comp = classes[n > 0]
         counts = n[n > 0]
@@ -425,7 +434,7 @@ class Coupling:
 
     def value_dims(self, vid: int) -> list[np.ndarray]:
         """Element ids of each dim of traced value ``vid`` (empty if no rule gave it any)."""
-        return list(self._ctx.sp.dims.get(vid, []))
+        return self._ctx.sp.arrays(vid)
 
     @property
     def group_axes(self) -> dict[str, np.ndarray]:
@@ -435,6 +444,81 @@ class Coupling:
     def member_atoms(self) -> list[tuple[Member, np.ndarray]]:
         """Each member with its ``(size, k)`` atom matrix (for importance scores)."""
         return [(md.member, md.atoms) for md in self._members]
+
+
+class FamilyOf:
+    """Atom class -> its family (-1 for classes that are no family's atom), read like an
+    array: ``family_of[atoms]``. Over intervals it is computed from the super atom of each
+    class (every channel of a super atom is in its family), so nothing per channel is kept.
+    """
+
+    def __init__(self, of_unit: np.ndarray, form: IntervalForm | None, n: int) -> None:
+        self._of_unit = of_unit  # family per atom class, or per super class over intervals
+        self._form = form
+        self._n = n
+
+    def __getitem__(self, classes: Any) -> np.ndarray:
+        if self._form is None:
+            return np.asarray(self._of_unit[classes])
+        owner = np.searchsorted(self._form.base, classes, side="right") - 1
+        return np.asarray(self._of_unit[owner])
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self._n,)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[np.arange(self._n)], dtype=dtype)
+
+
+class FamilyAtoms(Sequence[np.ndarray]):
+    """Family -> its atom classes in order of first appearance; over intervals each
+    family's channels are listed when read (a 70B model has millions)."""
+
+    def __init__(self, units: list[np.ndarray], form: IntervalForm | None) -> None:
+        self._units = units  # per family: its atoms, or super atoms over intervals
+        self._form = form
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    @overload
+    def __getitem__(self, fam: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, fam: slice) -> Sequence[np.ndarray]: ...
+
+    def __getitem__(self, fam: int | slice) -> np.ndarray | Sequence[np.ndarray]:
+        if isinstance(fam, slice):
+            return [self[f] for f in range(len(self))[fam]]
+        units = self._units[fam]
+        return units if self._form is None else self._form.elements(units)
+
+    def size(self, fam: int) -> int:
+        """How many atoms family ``fam`` has (without listing them)."""
+        units = self._units[fam]
+        return len(units) if self._form is None else int(self._form.width[units].sum())
+
+
+def _last_reads(graph: Graph) -> dict[int, list[int]]:
+    """Op index -> the values no later op reads (its inputs read for the last time, its
+    outputs nobody reads); the model's outputs are read at the end."""
+    last: dict[int, int] = {}
+    for node in graph.ops:
+        for vid in node.outputs:
+            if vid is not None:
+                last.setdefault(vid, node.index)
+        for ref in tensor_args(node):
+            last[ref.vid] = node.index
+    for vid in graph.outputs:
+        last.pop(vid, None)
+    out: dict[int, list[int]] = {}
+    for vid, index in last.items():
+        out.setdefault(index, []).append(vid)
+    return out
 
 
 def _first_numbered(sig: np.ndarray) -> np.ndarray:
@@ -481,7 +565,7 @@ def _traced_head_dims(graph: Graph) -> dict[str, int]:
 def _noise(fams: list[int], c: Coupling) -> bool:
     """Unit dims and pure spatial/kernel axes are not channel groups worth listing."""
     for f in fams:
-        if len(c.family_atoms[f]) < 2:
+        if c.family_atoms.size(f) < 2:
             continue
         pin = c._family_pins.get(f)
         if pin is None or pin.kind is not PinKind.SPATIAL:

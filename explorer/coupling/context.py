@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..graph.ir import Graph, OpNode, ValueKind, ValueRef, value_refs
-from .spaces import IdArray, Spaces
+from .spaces import IdArray, Runs, Spaces
 from .vocab import PinKind
 
 Rule = Callable[["Ctx", OpNode], None]
@@ -31,22 +31,25 @@ class Ctx:
     def dims(self, ref: Any) -> list[IdArray]:
         """Id arrays, one per dim, of a `ValueRef` or value id."""
         vid = ref.vid if isinstance(ref, ValueRef) else int(ref)
-        got = self.sp.dims.get(vid)
-        if got is None:
-            value = self.graph.values[vid]
-            got = [self.sp.fresh(n) for n in value.shape]
-            self.sp.dims[vid] = got
-            if value.kind is ValueKind.INPUT:
-                for ids in got:
-                    self.sp.pin(ids, f"model input {value.name}", PinKind.MODEL_IO)
-            elif value.kind is ValueKind.BUFFER and value.dtype in _INTEGER_DTYPES:
-                for ids in got:  # Swin's relative_position_index: looked up, never cut
-                    self.sp.pin(ids, f"entries of the integer buffer '{value.name}' are "
-                                "indices or positions, not channels", PinKind.INDEXED)
-            elif value.kind is ValueKind.EXTERNAL:
-                for ids in got:
-                    self.sp.pin(ids, "a plain tensor attribute or constant (not a parameter "
-                                "or buffer) that pruning cannot resize", PinKind.CONSTANT)
+        stored = self.sp.dims.get(vid)
+        if stored is not None:
+            # a value no later op reads is held as runs (`Spaces.retire`); read again, it
+            # gets new arrays with the same ids
+            return [d.expand() if isinstance(d, Runs) else d for d in stored]
+        value = self.graph.values[vid]
+        got = [self.sp.fresh(n) for n in value.shape]
+        self.sp.dims[vid] = list(got)
+        if value.kind is ValueKind.INPUT:
+            for ids in got:
+                self.sp.pin(ids, f"model input {value.name}", PinKind.MODEL_IO)
+        elif value.kind is ValueKind.BUFFER and value.dtype in _INTEGER_DTYPES:
+            for ids in got:  # Swin's relative_position_index: looked up, never cut
+                self.sp.pin(ids, f"entries of the integer buffer '{value.name}' are "
+                            "indices or positions, not channels", PinKind.INDEXED)
+        elif value.kind is ValueKind.EXTERNAL:
+            for ids in got:
+                self.sp.pin(ids, "a plain tensor attribute or constant (not a parameter "
+                            "or buffer) that pruning cannot resize", PinKind.CONSTANT)
         return got
 
     def shape(self, ref: Any) -> tuple[int, ...]:
@@ -63,7 +66,7 @@ class Ctx:
         if len(shape) != len(dims) or any(len(d) != s for d, s in zip(dims, shape, strict=False)):
             raise ValueError(f"rule for {node.name} gave dims {[len(d) for d in dims]} "
                              f"for an output of shape {list(shape)}")
-        self.sp.dims[vid] = dims
+        self.sp.dims[vid] = list(dims)
 
     def fresh_out(self, node: OpNode, i: int, pin: str | None = None,
                   kind: PinKind = PinKind.STRUCTURE) -> list[IdArray]:
@@ -72,7 +75,7 @@ class Ctx:
         if vid is None:
             return []
         dims = [self.sp.fresh(n) for n in self.graph.values[vid].shape]
-        self.sp.dims[vid] = dims
+        self.sp.dims[vid] = list(dims)
         if pin:
             for ids in dims:
                 self.sp.pin(ids, pin, kind)

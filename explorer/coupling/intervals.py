@@ -32,60 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .resolve import Prods, Resolution, resolve_facts
-from .spaces import IdArray, Spaces
-
-
-@dataclass
-class _Runs:
-    """An id array as maximal runs of consecutive ids: local starts, first ids, lengths."""
-
-    start: np.ndarray
-    value: np.ndarray
-    length: np.ndarray
-    size: int
-
-    @staticmethod
-    def of(ids: IdArray) -> _Runs:
-        ids = np.asarray(ids, dtype=np.int64)
-        brk = np.flatnonzero(np.diff(ids) != 1) + 1
-        start = np.concatenate([[0], brk]).astype(np.int64)
-        length = np.diff(np.concatenate([start, [len(ids)]])).astype(np.int64)
-        return _Runs(start, ids[start], length, len(ids))
-
-    def at(self, k: np.ndarray) -> np.ndarray:
-        """Element ids at local positions ``k``."""
-        j = np.searchsorted(self.start, k, side="right") - 1
-        return np.asarray(self.value[j] + (k - self.start[j]), dtype=np.int64)
-
-    def interior(self, cuts: np.ndarray) -> np.ndarray:
-        """Local positions (not run starts) of the elements that start an interval."""
-        run, at = _inside(cuts, self.value, self.length)
-        return np.asarray(at + (self.start - self.value)[run], dtype=np.int64)
-
-    def cuts_at(self, breaks: np.ndarray) -> np.ndarray:
-        """Interval bounds needed for the pieces starting at local positions ``breaks``
-        (sorted, starting with 0): each piece's first id and the id after its last one."""
-        ends = np.concatenate([breaks[1:], [self.size]]) - 1
-        return np.concatenate([self.at(breaks), self.at(ends) + 1])
-
-
-def _inside(cuts: np.ndarray, first: np.ndarray, length: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The cuts strictly inside the runs ``[first, first + length)``: (run, cut) pairs,
-    by run then cut."""
-    lo = np.searchsorted(cuts, first, side="right")
-    count = np.searchsorted(cuts, first + length, side="left") - lo
-    total = int(count.sum())
-    if not total:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    run = np.repeat(np.arange(len(first), dtype=np.int64), count)
-    return run, cuts[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(total)]
+from .spaces import IdArray, Runs, Spaces, inside
 
 
 class _Unions:
     """The unions, those of two single runs (nearly all) held in arrays and read at once."""
 
-    def __init__(self, pairs: list[tuple[_Runs, _Runs]]) -> None:
+    def __init__(self, pairs: list[tuple[Runs, Runs]]) -> None:
         self.pairs = pairs
         self.simple = np.array([len(a.start) == 1 and len(b.start) == 1 for a, b in pairs],
                                dtype=bool)
@@ -102,7 +55,7 @@ class _Unions:
         units = [np.arange(len(sel), dtype=np.int64)]
         pos = [np.zeros(len(sel), dtype=np.int64)]
         for first in (self.a0[sel], self.b0[sel]):
-            run, at = _inside(cuts, first, size)
+            run, at = inside(cuts, first, size)
             units.append(run)
             pos.append(at - first[run])
         span = int(size.max(initial=0)) + 1
@@ -136,15 +89,15 @@ class _Unions:
         return np.concatenate(sa), np.concatenate(sb)
 
 
-def _union_breaks(a: _Runs, b: _Runs, cuts: np.ndarray) -> np.ndarray:
+def _union_breaks(a: Runs, b: Runs, cuts: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([a.start, b.start, a.interior(cuts), b.interior(cuts)]))
 
 
 @dataclass
 class _Product:
-    flat: _Runs
+    flat: Runs
     outer: list[IdArray]  # the parts before the innermost one
-    inner: _Runs
+    inner: Runs
     sizes: tuple[int, ...]
 
     def inner_breaks(self, cuts: np.ndarray) -> np.ndarray:
@@ -159,16 +112,7 @@ class _Product:
                            + inner[None, :]).reshape(-1), dtype=np.int64)
 
 
-def _parts(grids: list[IdArray], sizes: tuple[int, ...]) -> list[IdArray]:
-    """The component dims of a product from its row-major expanded grids."""
-    out = []
-    for j, g in enumerate(grids):
-        index = tuple(slice(None) if t == j else 0 for t in range(len(sizes)))
-        out.append(np.asarray(g).reshape(sizes)[index])
-    return out
-
-
-def _refine(n: int, unions: _Unions, prods: list[_Product], whole: list[_Runs]
+def _refine(n: int, unions: _Unions, prods: list[_Product], whole: list[Runs]
             ) -> np.ndarray:
     """Sorted interval starts (with ``n`` last): the coarsest cuts every fact reads whole.
 
@@ -214,29 +158,19 @@ def _refine(n: int, unions: _Unions, prods: list[_Product], whole: list[_Runs]
     return cuts
 
 
-def resolve_intervals(sp: Spaces, max_rounds: int = 50, whole: Iterable[IdArray] = ()
+def resolve_intervals(sp: Spaces, max_rounds: int = 50, whole: Iterable[Runs] = ()
                       ) -> Resolution | None:
     """`resolve.resolve_elements`'s exact result computed over intervals, or ``None`` where
     it cannot be given exactly this way (the caller then resolves element by element).
 
-    ``whole``: id arrays (parameter dims) whose runs should start and end on interval
+    ``whole``: dims (parameter dims) whose runs should start and end on interval
     bounds, so that `IntervalForm.rows` reads them piece by piece.
     """
     n = sp.count
-    memo: dict[int, _Runs] = {}  # rules share id arrays between facts (views, residuals)
-
-    def runs(ids: IdArray) -> _Runs:
-        got = memo.get(id(ids))
-        if got is None:
-            got = memo[id(ids)] = _Runs.of(ids)
-        return got
-
-    unions = _Unions([(runs(a), runs(b)) for a, b, _op in sp.unions])
-    prods = []
-    for flat, grids, _op, sizes in sp.products:
-        parts = _parts(grids, sizes)
-        prods.append(_Product(runs(flat), parts[:-1], _Runs.of(parts[-1]), sizes))
-    cuts = _refine(n, unions, prods, [runs(w) for w in whole if len(w)])
+    unions = _Unions([(a, b) for a, b, _op in sp.unions])
+    prods = [_Product(flat, parts[:-1], Runs.of(parts[-1]), sizes)
+             for flat, parts, _op, sizes in sp.products]
+    cuts = _refine(n, unions, prods, [w for w in whole if len(w)])
     starts, lengths = cuts[:-1], np.diff(cuts)
 
     def sid(ids: np.ndarray) -> np.ndarray:
@@ -313,10 +247,10 @@ class IntervalForm:
     base: np.ndarray  # super class -> element class of its offset 0
     width: np.ndarray  # super class -> channels per interval
 
-    def pieces(self, ids: IdArray) -> tuple[np.ndarray, np.ndarray] | None:
+    def pieces(self, ids: IdArray | Runs) -> tuple[np.ndarray, np.ndarray] | None:
         """Super classes of the whole intervals ``ids`` reads, in order, with their
         lengths; ``None`` when ``ids`` does not read whole intervals."""
-        runs = _Runs.of(ids)
+        runs = ids if isinstance(ids, Runs) else Runs.of(ids)
         brk = np.unique(np.concatenate([runs.start, runs.interior(self.cuts)]))
         first = runs.at(brk)
         sid = np.searchsorted(self.cuts, first, side="right") - 1

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .spaces import IdArray, Spaces
+from .spaces import Runs, Spaces
 
 if TYPE_CHECKING:
     from .intervals import IntervalForm
@@ -114,7 +114,7 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(lab, dtype=np.int64)
 
 
-def resolve(sp: Spaces, max_rounds: int = 50, whole: Iterable[IdArray] = ()) -> Resolution:
+def resolve(sp: Spaces, max_rounds: int = 50, whole: Iterable[Runs] = ()) -> Resolution:
     """Compute classes and atom tuples from the facts in ``sp``.
 
     The facts are first resolved over intervals of channels (`intervals.resolve_intervals`,
@@ -130,15 +130,17 @@ def resolve(sp: Spaces, max_rounds: int = 50, whole: Iterable[IdArray] = ()) -> 
 
 def resolve_elements(sp: Spaces, max_rounds: int = 50) -> Resolution:
     """`resolve` with one element per channel (the reference the interval path matches)."""
-    a = np.concatenate([u[0] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
-    b = np.concatenate([u[1] for u in sp.unions]) if sp.unions else np.zeros(0, np.int64)
+    a = np.concatenate([u[0].expand() for u in sp.unions]) if sp.unions else \
+        np.zeros(0, np.int64)
+    b = np.concatenate([u[1].expand() for u in sp.unions]) if sp.unions else \
+        np.zeros(0, np.int64)
     # Products are keyed by the sizes of their component dims: two factorizations of one
     # space are only unified component by component when their sizes agree.
     by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for flat, parts, _op, sizes in sp.products:
         fl, cs = by_shape.setdefault(sizes, ([], []))
-        fl.append(flat)
-        cs.append(np.stack(parts, axis=1))
+        fl.append(flat.expand())
+        cs.append(np.stack(Spaces.grids(parts), axis=1))
     prods = {k: (np.concatenate(f), np.concatenate(c)) for k, (f, c) in by_shape.items()}
     return resolve_facts(sp.count, a, b, prods, max_rounds)[0]
 

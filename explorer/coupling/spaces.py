@@ -1,7 +1,11 @@
 """The element store the coupling rules write to.
 
 Every channel of every tensor dimension seen in a trace is an *element* with an integer id.
-Rules record three kinds of facts about elements:
+Rules read and write a dim's ids as an array; the facts keep them as `Runs` (runs of
+consecutive ids: a fresh dim is one run however wide), and a value's arrays are turned into
+runs once no later op reads it (`Spaces.retire`), so what the rules hold stays bounded by
+the values alive at one point of the trace, not by every channel of the model. Rules record
+three kinds of facts about elements:
 
 * **union**: two elements are the same channel (pruning one means pruning the other);
 * **product**: an element of a flattened dimension is the tuple of elements of the
@@ -19,7 +23,88 @@ import numpy as np
 
 from .vocab import PinKind, Tag
 
-IdArray = np.ndarray  # int64 element ids, one per index of a tensor dimension
+IdArray = np.ndarray  # element ids, one per index of a tensor dimension
+# Ids are int32: a trace of a 70B model gives out 15 M of them (parameter dims mostly), and
+# the rules hold every one; results read through them come out int64.
+ID_DTYPE = np.int32
+
+
+class Runs:
+    """An id array as maximal runs of consecutive ids: local starts, first ids, lengths.
+
+    One small array holds all three (a trace keeps one `Runs` per dim of every value).
+    """
+
+    __slots__ = ("_table", "size")
+
+    def __init__(self, table: np.ndarray, size: int) -> None:
+        self._table = table  # rows: start, value, length
+        self.size = size
+
+    @property
+    def start(self) -> np.ndarray:
+        return np.asarray(self._table[0])
+
+    @property
+    def value(self) -> np.ndarray:
+        return np.asarray(self._table[1])
+
+    @property
+    def length(self) -> np.ndarray:
+        return np.asarray(self._table[2])
+
+    @staticmethod
+    def of(ids: IdArray) -> Runs:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(ids):
+            return Runs(np.zeros((3, 0), np.int64), 0)
+        brk = np.flatnonzero(np.diff(ids) != 1) + 1
+        start = np.concatenate([[0], brk]).astype(np.int64)
+        length = np.diff(np.concatenate([start, [len(ids)]])).astype(np.int64)
+        return Runs(np.stack([start, ids[start], length]), len(ids))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def expand(self) -> IdArray:
+        """The id array these runs stand for."""
+        if len(self.value) == 1:
+            return np.arange(self.value[0], self.value[0] + self.size, dtype=ID_DTYPE)
+        return np.asarray(np.repeat(self.value - self.start, self.length)
+                          + np.arange(self.size), dtype=ID_DTYPE)
+
+    def at(self, k: np.ndarray) -> np.ndarray:
+        """Element ids at local positions ``k``."""
+        j = np.searchsorted(self.start, k, side="right") - 1
+        return np.asarray(self.value[j] + (k - self.start[j]), dtype=np.int64)
+
+    def interior(self, cuts: np.ndarray) -> np.ndarray:
+        """Local positions (not run starts) of the elements that start an interval."""
+        run, at = inside(cuts, self.value, self.length)
+        return np.asarray(at + (self.start - self.value)[run], dtype=np.int64)
+
+    def cuts_at(self, breaks: np.ndarray) -> np.ndarray:
+        """Interval bounds needed for the pieces starting at local positions ``breaks``
+        (sorted, starting with 0): each piece's first id and the id after its last one."""
+        ends = np.concatenate([breaks[1:], [self.size]]) - 1
+        return np.concatenate([self.at(breaks), self.at(ends) + 1])
+
+
+def inside(cuts: np.ndarray, first: np.ndarray, length: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The cuts strictly inside the runs ``[first, first + length)``: (run, cut) pairs,
+    by run then cut."""
+    lo = np.searchsorted(cuts, first, side="right")
+    count = np.searchsorted(cuts, first + length, side="left") - lo
+    total = int(count.sum())
+    if not total:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    run = np.repeat(np.arange(len(first), dtype=np.int64), count)
+    return run, cuts[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(total)]
+
+
+
+Dim = IdArray | Runs  # a dim's ids while a rule may still read them, then as runs
 
 
 @dataclass(frozen=True)
@@ -35,17 +120,20 @@ class Spaces:
     """Element ids per value dimension plus the recorded relations."""
 
     count: int = 0
-    dims: dict[int, list[IdArray]] = field(default_factory=dict)
-    unions: list[tuple[IdArray, IdArray, int]] = field(default_factory=list)
-    # (flat ids, per-element component ids, op index, sizes of the component dims)
-    products: list[tuple[IdArray, list[IdArray], int, tuple[int, ...]]] = field(
+    dims: dict[int, list[Dim]] = field(default_factory=dict)
+    unions: list[tuple[Runs, Runs, int]] = field(default_factory=list)
+    # (flat ids, the component dims, op index, their sizes): ``flat`` is their row-major
+    # product (`Spaces.grids` expands it one element at a time)
+    products: list[tuple[Runs, list[IdArray], int, tuple[int, ...]]] = field(
         default_factory=list)
-    pins: list[tuple[IdArray, Pin]] = field(default_factory=list)
-    tags: list[tuple[IdArray, Tag]] = field(default_factory=list)
+    pins: list[tuple[Runs, Pin]] = field(default_factory=list)
+    tags: list[tuple[Runs, Tag]] = field(default_factory=list)
 
     def fresh(self, n: int) -> IdArray:
         """``n`` new element ids."""
-        ids = np.arange(self.count, self.count + n, dtype=np.int64)
+        if self.count + n > np.iinfo(ID_DTYPE).max:
+            raise OverflowError(f"more than {np.iinfo(ID_DTYPE).max} channel ids")
+        ids = np.arange(self.count, self.count + n, dtype=ID_DTYPE)
         self.count += n
         return ids
 
@@ -57,7 +145,7 @@ class Spaces:
             raise ValueError(f"union of dims of sizes {len(a)} and {len(b)}")
         if np.array_equal(a, b):
             return
-        self.unions.append((a, b, op_index))
+        self.unions.append((Runs.of(a), Runs.of(b), op_index))
 
     def product(self, flat: IdArray, parts: list[IdArray], op_index: int) -> None:
         """``flat`` (row-major) is the product of the dims ``parts``.
@@ -75,8 +163,14 @@ class Spaces:
             elif real:
                 self.product(flat, real, op_index)
             return
+        self.products.append((Runs.of(flat), [np.asarray(p) for p in parts], op_index,
+                              tuple(sizes)))
+
+    @staticmethod
+    def grids(parts: list[IdArray]) -> list[IdArray]:
+        """A product's component ids per element of its flat dim (row-major)."""
         grids = np.meshgrid(*[np.asarray(p) for p in parts], indexing="ij")
-        self.products.append((flat, [g.reshape(-1) for g in grids], op_index, tuple(sizes)))
+        return [g.reshape(-1) for g in grids]
 
     def flatten(self, parts: list[IdArray], op_index: int) -> IdArray:
         """A new dim that is the row-major product of ``parts`` (unit dims dropped)."""
@@ -105,9 +199,38 @@ class Spaces:
     def pin(self, ids: IdArray, reason: str, kind: PinKind = PinKind.STRUCTURE) -> None:
         """These elements (and every atom they are made of) must not be pruned."""
         if len(ids):
-            self.pins.append((np.asarray(ids, dtype=np.int64), Pin(kind, reason)))
+            self.pins.append((Runs.of(ids), Pin(kind, reason)))
 
     def tag(self, ids: IdArray, tag: Tag) -> None:
         """Mark elements with a role, e.g. `Tag.ATTENTION_HEAD` for the heads of attention."""
         if len(ids):
-            self.tags.append((np.asarray(ids, dtype=np.int64), tag))
+            self.tags.append((Runs.of(ids), tag))
+
+    def retire(self, vids: list[int]) -> None:
+        """No rule reads these values again: keep their dims as runs only (a dim shared by
+        several values is converted once)."""
+        seen: dict[int, Runs] = {}
+        for vid in vids:
+            dims = self.dims.get(vid)
+            if dims is None:
+                continue
+            out: list[Dim] = []
+            for d in dims:
+                if isinstance(d, Runs):
+                    out.append(d)
+                else:
+                    got = seen.get(id(d))
+                    if got is None:
+                        got = seen[id(d)] = Runs.of(d)
+                    out.append(got)
+            self.dims[vid] = out
+
+    def runs(self, vid: int) -> list[Runs]:
+        """The dims of value ``vid`` as runs (empty for a value no rule saw); the same
+        objects on every call, so they can key caches."""
+        self.retire([vid])
+        return [d for d in self.dims.get(vid, []) if isinstance(d, Runs)]
+
+    def arrays(self, vid: int) -> list[IdArray]:
+        """The dims of value ``vid`` as id arrays (empty for a value no rule saw)."""
+        return [d.expand() if isinstance(d, Runs) else d for d in self.dims.get(vid, [])]
