@@ -1,12 +1,15 @@
 """Scale: trace+groups of 7B/70B shapes on meta, streaming replay, sequential importance.
 
-Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--dir DIR]
+Usage: ``python benchmarks/scale.py [--parts trace,stream,sequential] [--runs N] [--dir DIR]
 [--explorer CHECKOUT]``.
 
 * ``trace``: ``explorer.trace`` (tracer + coupling + groups) of the Llama-2-7B and 70B
-  shapes on ``meta``, against the recording meta forward alone; wall and CPU time (on a
-  shared machine the CPU time is the stable figure), peak RSS of each run, and how many
-  channel ids the rules gave out against the intervals the coupling resolved them in.
+  shapes on ``meta``, against the recording meta forward alone (the tracer, no coupling),
+  each in a fresh process of its own, ``--runs`` rounds interleaved, medians (the ratio is
+  taken per round). CPU time (on a shared machine the stable figure) and wall time; the
+  resident set before ``explorer.trace`` starts (imports and the meta model) and its peak,
+  and how many channel ids the rules gave out against the intervals the coupling resolved
+  them in.
 * ``stream``: writes a synthetic Llama checkpoint of about 2.2 GB (random fp32 weights,
   ``save_pretrained(max_shard_size="450MB")``), makes a plan on a ``meta`` copy, and replays
   it with ``explorer.io.stream.replay_checkpoint``: time and peak RSS against the largest
@@ -293,6 +296,16 @@ def main() -> None:
                 results["sequential_taylor"] = _run("sequential_taylor", str(scratch))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    if "trace" in results:
+        print("| shape | ATen ops / groups | meta forward (CPU s) | trace + groups (CPU s) | "
+              "ratio (per round) | RSS before / peak | channel ids / intervals |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results["trace"]:
+            print(f"| {r['shape']} | {r['ops']:,} / {r['groups']} | {r['forward_cpu_s']:.2f} | "
+                  f"{r['trace_groups_cpu_s']:.2f} | {r['ratio_cpu']:.2f}x "
+                  f"({', '.join(f'{x:.2f}' for x in r['ratio_cpu_runs'])}) | "
+                  f"{r['rss_before_mb']:.0f} / {r['peak_rss_mb']:.0f} MB | "
+                  f"{r['channel_ids']:,} / {r['intervals'] or 0:,} |")
     print(json.dumps(results, indent=1))
 
 

@@ -17,6 +17,7 @@ Resolution (`resolve.py`) turns these facts into atoms and families.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,10 +59,19 @@ class Runs:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not len(ids):
             return Runs(np.zeros((3, 0), np.int64), 0)
-        brk = np.flatnonzero(np.diff(ids) != 1) + 1
-        start = np.concatenate([[0], brk]).astype(np.int64)
-        length = np.diff(np.concatenate([start, [len(ids)]])).astype(np.int64)
-        return Runs(np.stack([start, ids[start], length]), len(ids))
+        brk = np.flatnonzero(np.diff(ids) != 1)
+        table = np.empty((3, len(brk) + 1), dtype=np.int64)
+        table[0, 0] = 0
+        table[0, 1:] = brk + 1
+        table[1] = ids[table[0]]
+        table[2, :-1] = np.diff(table[0])
+        table[2, -1] = len(ids) - table[0, -1]
+        return Runs(table, len(ids))
+
+    @staticmethod
+    def single(first: int, size: int) -> Runs:
+        """The runs of ``size`` consecutive ids from ``first``."""
+        return Runs(np.array([[0], [first], [size]], dtype=np.int64), size)
 
     def __len__(self) -> int:
         return self.size
@@ -128,12 +138,16 @@ class Spaces:
         default_factory=list)
     pins: list[tuple[Runs, Pin]] = field(default_factory=list)
     tags: list[tuple[Runs, Tag]] = field(default_factory=list)
+    # id(array) -> (weak reference to it, its runs), dropped when the array is freed
+    _runs: dict[int, tuple[weakref.ref[IdArray], Runs]] = field(default_factory=dict,
+                                                                repr=False)
 
     def fresh(self, n: int) -> IdArray:
         """``n`` new element ids."""
         if self.count + n > np.iinfo(ID_DTYPE).max:
             raise OverflowError(f"more than {np.iinfo(ID_DTYPE).max} channel ids")
         ids = np.arange(self.count, self.count + n, dtype=ID_DTYPE)
+        self._remember(ids, Runs.single(self.count, n))
         self.count += n
         return ids
 
@@ -145,7 +159,7 @@ class Spaces:
             raise ValueError(f"union of dims of sizes {len(a)} and {len(b)}")
         if np.array_equal(a, b):
             return
-        self.unions.append((Runs.of(a), Runs.of(b), op_index))
+        self.unions.append((self.runs_of(a), self.runs_of(b), op_index))
 
     def product(self, flat: IdArray, parts: list[IdArray], op_index: int) -> None:
         """``flat`` (row-major) is the product of the dims ``parts``.
@@ -163,7 +177,7 @@ class Spaces:
             elif real:
                 self.product(flat, real, op_index)
             return
-        self.products.append((Runs.of(flat), [np.asarray(p) for p in parts], op_index,
+        self.products.append((self.runs_of(flat), [np.asarray(p) for p in parts], op_index,
                               tuple(sizes)))
 
     @staticmethod
@@ -199,31 +213,41 @@ class Spaces:
     def pin(self, ids: IdArray, reason: str, kind: PinKind = PinKind.STRUCTURE) -> None:
         """These elements (and every atom they are made of) must not be pruned."""
         if len(ids):
-            self.pins.append((Runs.of(ids), Pin(kind, reason)))
+            self.pins.append((self.runs_of(ids), Pin(kind, reason)))
 
     def tag(self, ids: IdArray, tag: Tag) -> None:
         """Mark elements with a role, e.g. `Tag.ATTENTION_HEAD` for the heads of attention."""
         if len(ids):
-            self.tags.append((Runs.of(ids), tag))
+            self.tags.append((self.runs_of(ids), tag))
 
     def retire(self, vids: list[int]) -> None:
         """No rule reads these values again: keep their dims as runs only (a dim shared by
         several values is converted once)."""
-        seen: dict[int, Runs] = {}
         for vid in vids:
             dims = self.dims.get(vid)
-            if dims is None:
-                continue
-            out: list[Dim] = []
-            for d in dims:
-                if isinstance(d, Runs):
-                    out.append(d)
-                else:
-                    got = seen.get(id(d))
-                    if got is None:
-                        got = seen[id(d)] = Runs.of(d)
-                    out.append(got)
-            self.dims[vid] = out
+            if dims is not None:
+                self.dims[vid] = [d if isinstance(d, Runs) else self.runs_of(d) for d in dims]
+
+    def runs_of(self, ids: IdArray) -> Runs:
+        """The runs of an id array, computed once per array while it lives (rules pass the
+        same arrays around: views, residual streams; a fresh dim is known to be one run)."""
+        key = id(ids)
+        got = self._runs.get(key)
+        if got is not None and got[0]() is ids:
+            return got[1]
+        runs = Runs.of(ids)
+        self._remember(ids, runs)
+        return runs
+
+    def _remember(self, ids: IdArray, runs: Runs) -> None:
+        key = id(ids)
+        cache = self._runs
+        try:
+            ref = weakref.ref(ids, lambda dead: cache.pop(key, None)
+                              if cache.get(key, (None,))[0] is dead else None)
+        except TypeError:  # not an ndarray (a list a rule passed): nothing to key on
+            return
+        cache[key] = (ref, runs)
 
     def runs(self, vid: int) -> list[Runs]:
         """The dims of value ``vid`` as runs (empty for a value no rule saw); the same
