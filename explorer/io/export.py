@@ -39,6 +39,7 @@ from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
 from ..quality.evaluate import Quality
 from .plan import Plan
+from .quiet import quiet_transformers
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
@@ -297,7 +298,8 @@ def _save_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
         result.messages.append("hf: no transformers folder: the model is not a transformers "
                                "PreTrainedModel")
         return
-    model.save_pretrained(str(folder))
+    with quiet_transformers():  # no "Writing model shards" bar on the caller's stderr
+        model.save_pretrained(str(folder))
     result.files["hf"] = [str(folder)]
 
 
