@@ -27,15 +27,17 @@ def _silence() -> None:
         if _users > 1:
             return
         try:
-            from huggingface_hub import utils as hub
+            from huggingface_hub.utils import (  # type: ignore[attr-defined]  # not re-exported
+                are_progress_bars_disabled,
+            )
             from transformers.utils import logging as hf_logging
         except ImportError:
             _restore = None
             return
-        on = hf_logging.is_progress_bar_enabled()  # type: ignore[no-untyped-call]
-        _restore = (on, hub.are_progress_bars_disabled())
+        on = hf_logging.is_progress_bar_enabled()
+        _restore = (on, are_progress_bars_disabled())
         if on:
-            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped there
 
 
 def _put_back() -> None:
@@ -48,11 +50,13 @@ def _put_back() -> None:
         _restore = None
         if not was_on:
             return
-        from huggingface_hub import utils as hub
+        from huggingface_hub.utils import (  # type: ignore[attr-defined]  # not re-exported
+            disable_progress_bars,
+        )
         from transformers.utils import logging as hf_logging
         hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # also the hub's
         if hub_was_off:
-            hub.disable_progress_bars()
+            disable_progress_bars()
 
 
 @contextmanager
