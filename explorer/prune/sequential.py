@@ -337,7 +337,7 @@ def sequential_criterion(model: nn.Module, calib: Calibration,
 
 def _prepare(model: nn.Module, calib: Calibration, criterion: str,
              activations_folder: str | os.PathLike[str] | None) -> Criterion:
-    """`sequential_criterion`, on the caller's random state."""
+    """`sequential_criterion` inside `kept_rng`: the forwards draw from a fork."""
     crit = make(criterion)
     if isinstance(crit, _FirstOrder):
         calib = _need(calib)
