@@ -496,15 +496,6 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _quiet_transformers() -> None:
-    """No progress bars from transformers: stderr carries only our one ``error:`` line."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
-
-
 def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
     from ..teach import learn  # imports scikit-learn: only for this command
 
@@ -531,7 +522,6 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_transformers()
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
                 "export": cmd_export, "learn": cmd_learn, "graph": cmd_graph}
     try:

@@ -4,7 +4,8 @@ A `TorchDispatchMode` sees every ATen op with its real tensor arguments, whateve
 returns (tuples, dicts, ``ModelOutput``, caches) and whether or not parameters require
 grad. Module forward hooks give each op its module scope; a stack walk gives the model-code
 ``file:line``. The user's model is left as it was found: hooks are removed and buffers that
-the forward may update (BatchNorm running stats in train mode) are restored.
+the forward may update (BatchNorm running stats in train mode) are restored, and the
+forward draws from a fork of torch's random state (dropout in train mode), not the caller's.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .ir import Graph, OpNode, Value, ValueKind, ValueRef
+from .rng import kept_rng
 from .walk import tensor_leaves
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -304,7 +306,7 @@ def _trace(model: torch.nn.Module, example_inputs: Any,
     start = time.perf_counter()
     try:
         lists = _IndexLists(recorder) if index_lists else contextlib.nullcontext()
-        with torch.no_grad(), recorder, lists:
+        with kept_rng(model, (args, kwargs)), torch.no_grad(), recorder, lists:
             out = model(*args, **kwargs)
         for _path, t in tensor_leaves(out):
             vid = recorder.lookup(t)

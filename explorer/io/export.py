@@ -36,9 +36,10 @@ from ..coupling.heads import AttentionInfo
 from ..prune.fixups.fold import folded
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from ..prune.preflight import clone_model
-from ..prune.transaction import transaction
+from ..prune.transaction import left_as_found, transaction
 from ..quality.evaluate import Quality
 from .plan import Plan
+from .quiet import quiet_transformers
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
@@ -81,8 +82,9 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
-        model: the pruned model (not changed, except that a transformers ``config`` is
-            brought in line with the pruned widths).
+        model: the pruned model, left exactly as it was (config included): the config
+            brought in line with the pruned widths and folded constants go only into the
+            written ``hf`` folder.
         out_dir: created if missing.
         formats: names from `FORMATS`.
         plan: the plan that pruned it; needed by ``safetensors`` (and summarised by the
@@ -179,7 +181,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
-        _export_hf(model, out, result, _fold_inputs(plan, example_inputs))
+        with left_as_found(model):  # config updates and save_pretrained's own writes
+            _export_hf(model, out, result, _fold_inputs(plan, example_inputs))
         if "hf" in result.files and tokenizer is not None:
             tokenizer.save_pretrained(result.files["hf"][0])
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
@@ -295,7 +298,8 @@ def _save_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
         result.messages.append("hf: no transformers folder: the model is not a transformers "
                                "PreTrainedModel")
         return
-    model.save_pretrained(str(folder))
+    with quiet_transformers():  # no "Writing model shards" bar on the caller's stderr
+        model.save_pretrained(str(folder))
     result.files["hf"] = [str(folder)]
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..coupling.heads import AttentionInfo, HeadChange, head_changes
 from ..graph.metrics import count_params
+from ..graph.rng import kept_rng
 from ..quality.evaluate import Quality
 from ..quality.task import Metric
 from .plan import Plan
@@ -98,11 +99,11 @@ def measure_latencies(models: Sequence[nn.Module], inputs: Sequence[Any], runs: 
     """Median ms per model, runs interleaved so that machine load affects all alike."""
     live = [not any(t.device.type == "meta" for t in m.parameters()) for m in models]
     times: list[list[float]] = [[] for _ in models]
-    modes = [m.training for m in models]
+    modes = [(sub, sub.training) for m in models for sub in m.modules()]
     try:
         for m in models:
             m.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), kept_rng(*models, inputs):
             for i in range(warmup + runs):
                 for k, m in enumerate(models):
                     if not live[k]:
@@ -112,8 +113,8 @@ def measure_latencies(models: Sequence[nn.Module], inputs: Sequence[Any], runs: 
                     if i >= warmup:
                         times[k].append(time.perf_counter() - start)
     finally:
-        for m, mode in zip(models, modes, strict=False):
-            m.train(mode)
+        for sub, mode in modes:
+            sub.training = mode
     return [statistics.median(t) * 1000.0 if t else None for t in times]
 
 

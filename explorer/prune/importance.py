@@ -51,6 +51,7 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, Member
+from ..graph.rng import kept_rng
 from .calibration import Calibration, batch_size, compute_loss, model_loss_applies
 
 Element = Callable[[str, int], "np.ndarray | None"]
@@ -286,14 +287,16 @@ def calibrating(model: nn.Module) -> Iterator[None]:
     """Eval mode for calibration passes, then every module's own mode and every buffer back.
 
     Eval mode keeps BatchNorm statistics still; buffers are also compared and restored after,
-    for modules that update them in eval mode too.
+    for modules that update them in eval mode too. The passes draw from a fork of torch's
+    random state (`kept_rng`), so the caller's is unchanged.
     """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(owner, name, b, b.detach().clone()) for owner in model.modules()
                for name, b in owner._buffers.items() if b is not None]
     model.eval()
     try:
-        yield
+        with kept_rng(model):
+            yield
     finally:
         for module, training in modes:
             module.training = training

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..coupling.groups import Group
 from ..graph.metrics import count_params
+from ..graph.rng import kept_rng
 from ..graph.walk import flat_floats, tensor_leaves
 from .calibration import Calibration, compute_loss
 from .proposal import lowest
@@ -41,7 +42,7 @@ class SensitivityRow:
 
 
 def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), kept_rng(model, inputs):
         return flat_floats(model(*inputs))
 
 
@@ -106,7 +107,7 @@ def _trial(pruner: Pruner, group: Group, axis: int, idx: list[int], ratio: float
 
 
 def _loss(model: nn.Module, calib: Calibration) -> float:
-    with torch.no_grad():
+    with torch.no_grad(), kept_rng(model, calib.batches):
         losses = [float(compute_loss(model, b, calib, calib.labels[i] if calib.labels else None))
                   for i, b in enumerate(calib.batches)]
     return sum(losses) / len(losses)
@@ -233,7 +234,7 @@ def _levels(pruner: Pruner, ratios: list[float], calibration: Calibration,
 def _calibration_outputs(model: torch.nn.Module, calib: Calibration) -> torch.Tensor:
     """Every floating output of every calibration batch, flattened (real tokens only)."""
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), kept_rng(model, calib.batches):
         for batch in calib.batches:
             out = model(*batch, **calib.kwargs)
             mask = calib.token_mask(batch)

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..graph.rng import kept_rng
 from ..graph.walk import tensor_leaves
 from .calibration import Calibration, batch_size, compute_loss
 from .importance import (
@@ -330,6 +331,13 @@ def sequential_criterion(model: nn.Module, calib: Calibration,
             the decoder stack.
         ValueError: an unknown criterion, or no calibration.
     """
+    with kept_rng(model):
+        return _prepare(model, calib, criterion, activations_folder)
+
+
+def _prepare(model: nn.Module, calib: Calibration, criterion: str,
+             activations_folder: str | os.PathLike[str] | None) -> Criterion:
+    """`sequential_criterion` inside `kept_rng`: the forwards draw from a fork."""
     crit = make(criterion)
     if isinstance(crit, _FirstOrder):
         calib = _need(calib)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ModelState", "transaction"]
+__all__ = ["ModelState", "left_as_found", "transaction"]
 
 _SLOTS = ("_parameters", "_buffers", "_modules")
 
@@ -118,3 +118,18 @@ def transaction(model: nn.Module) -> Iterator[ModelState]:
     except BaseException:
         state.restore()
         raise
+
+
+@contextmanager
+def left_as_found(model: nn.Module) -> Iterator[ModelState]:
+    """Run the body, then restore ``model`` as it was on entry however the body ends: for
+    work on the user's model that must not outlive it (an export brings the config in line
+    and ``save_pretrained`` writes ``architectures``/``dtype`` into it; the written folder
+    keeps them, the user's model does not). The body must not write into tensors in place,
+    or must put them back itself.
+    """
+    state = ModelState.capture(model)
+    try:
+        yield state
+    finally:
+        state.restore()

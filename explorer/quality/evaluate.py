@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..graph.rng import kept_rng
 from ..graph.walk import tensor_leaves
 from ..prune.calibration import Calibration
 from .task import HEADLINE, Metric, Task, infer_task
@@ -232,11 +233,13 @@ def _to(batch: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, every submodule's train/eval flag restored after."""
+    """Eval mode inside, every submodule's train/eval flag and the caller's random state
+    restored after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield
+        with kept_rng(model):
+            yield
     finally:
         for m, training in modes:
             m.training = training

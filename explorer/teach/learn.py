@@ -365,7 +365,12 @@ def run(settings: LearnSettings | None = None, progress: Progress | None = None,
 
 
 def _compute(settings: LearnSettings, report: Progress) -> LearnResult:
-    torch.manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded; the caller's random state kept
+        torch.manual_seed(settings.seed)
+        return _computed(settings, report)
+
+
+def _computed(settings: LearnSettings, report: Progress) -> LearnResult:
     start = time.perf_counter()
     data = load_digits(settings.test_fraction, seed=settings.seed)
     models, points, sens = [], [], []

@@ -66,12 +66,14 @@ def build_model(kind: str, seed: int = 0) -> nn.Module:
     ``"vit-dino"`` (DINO's attention, head size recomputed as ``C // num_heads``)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind '{kind}'; choose one of {MODEL_KINDS}")
-    torch.manual_seed(seed)
-    if kind == "cnn":
-        return DigitsCNN()
-    attn: type[Attention] = SafeAttention if kind == "vit" else Attention
-    return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=NUM_CLASSES,
-                             embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, attn_cls=attn)
+    with torch.random.fork_rng(devices=[]):  # seeded, the caller's random state kept
+        torch.manual_seed(seed)
+        if kind == "cnn":
+            return DigitsCNN()
+        attn: type[Attention] = SafeAttention if kind == "vit" else Attention
+        return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=NUM_CLASSES,
+                                 embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0,
+                                 attn_cls=attn)
 
 
 def classifier_name(kind: str) -> str:

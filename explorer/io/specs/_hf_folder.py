@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...quality.task import Task, task_of_architecture
+from ..quiet import quiet_transformers
 from ._types import Built, SpecError
 
 # weight files of a transformers checkpoint folder, in the order from_pretrained prefers them
@@ -76,9 +77,10 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
     notes: list[str] = []
     try:
         if has_weights(folder) and not on_meta:
-            model, info = auto_cls.from_pretrained(
-                str(folder), config=config, local_files_only=True, weights_only=True,
-                attn_implementation=attn, output_loading_info=True)
+            with quiet_transformers():  # no "Loading weights" bar on the caller's stderr
+                model, info = auto_cls.from_pretrained(
+                    str(folder), config=config, local_files_only=True, weights_only=True,
+                    attn_implementation=attn, output_loading_info=True)
             model.to(device)
             notes += _loading_notes(info, folder)
         else:
