@@ -72,6 +72,10 @@ ARCHS: dict[str, Arch] = {
                    {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "vocab_size": 256, "new_decoder_architecture": False,
                     "multi_query": True}),
+    "falcon_gqa": Arch("FalconForCausalLM", "falcon",
+                       {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_kv_heads": 2, "vocab_size": 256,
+                        "new_decoder_architecture": True}),
     "phi": Arch("PhiForCausalLM", "phi", _TEXT),
     "stablelm": Arch("StableLmForCausalLM", "stablelm", {**_TEXT, "num_key_value_heads": 2}),
     "gemma2": Arch("Gemma2ForCausalLM", "gemma2",
@@ -338,4 +342,38 @@ def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
     again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
     assert again.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
     torch.testing.assert_close(again.model.embed_tokens.weight, embed * 8.0 / 32 ** 0.5)
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_falcon_grouped_kv_whole_heads(tmp_path: Path) -> None:
+    """Falcon's ``new_decoder_architecture``: one fused ``query_key_value`` whose rows are
+    (kv heads) x (query heads per kv head + k + v) x head_dim; the key and value positions
+    are picked by ``[-2]``/``[-1]`` and broadcast to the query heads before SDPA. The fused
+    weight's key piece spans the kv heads only, so whole heads are cut as whole kv groups:
+    a group's query heads, its key and its value together, and ``num_kv_heads`` follows."""
+    arch = ARCHS["falcon_gqa"]
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    group = next(g for g in pruner.coupling.groups if g.heads is not None)
+    assert (group.heads.num_heads, group.heads.kv_heads) == (4, 2)
+    report = pruner.step()
+    assert not report.unsafe and report.forward_ok
+    attn = model.transformer.h[0].self_attention
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 1, 16)
+    keeps = {k[1]: [int(i) for i in v] for a in pruner.applied for k, v in a.keeps.items()
+             if k[0] == "transformer.h.0.self_attention.query_key_value.weight"}
+    (kept_group,) = {i // 64 for i in keeps[0]}  # 64 rows per kv group: (2 q + k + v) x 16
+    assert keeps[0] == list(range(64 * kept_group, 64 * kept_group + 64))
+    torch.testing.assert_close(attn.query_key_value.weight, qkv[keeps[0]][:, keeps[1]])
+    after = _logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:falcon"))
+    assert result.config is not None and result.config.ok, result.messages
+    again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
+    assert (again.config.num_attention_heads, again.config.num_kv_heads) == (2, 1)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
