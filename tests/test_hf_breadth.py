@@ -91,11 +91,12 @@ ARCHS: dict[str, Arch] = {
 # keep the original attention scaling; where it multiplies a separate query projection the
 # export folds the ratio into that projection (`explorer.prune.fixups.fold`). Still no
 # config: rotary models with head dims (the kept frequencies are a subset no config
-# recomputes), GPT-NeoX's fused query_key_value (the fold would scale k and v too), Gemma2
-# (embedding scale, tied embedding). ConvNeXt has no attention: both runs are the same.
+# recomputes), Gemma2 (embedding scale, tied embedding). GPT-NeoX's fused query_key_value
+# absorbs the ratio in its q rows, and its one kept rotary pair has the frequency a config
+# with 8 dims recomputes. ConvNeXt has no attention: both runs are the same.
 HF_FOLDER = {(name, "whole") for name in ARCHS} - {("gemma2", "whole")} \
     | {(name, "dims") for name in ("vit", "deit", "swin", "convnext", "bert", "roberta",
-                                   "distilbert", "mpnet", "opt")}
+                                   "distilbert", "mpnet", "opt", "gpt_neox")}
 
 
 # Relative-position bias tables: (positions, heads), indexed by a computed position index.
@@ -201,8 +202,15 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
-    assert "hf" not in result.files and result.config is not None and result.config.reason
-    again = load_pruned(_build(arch), tmp_path)
+    # a config with fewer dims recomputes base**(-2i/dims): the same frequency only for
+    # i = 0, so only a cut keeping just the first pair exports a transformers folder
+    # (GPT-NeoX here, with its scaling folded into the q rows of query_key_value)
+    assert ("hf" in result.files) == (kept_freq == [0]), (kept_freq, result.messages)
+    if "hf" in result.files:
+        again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
+    else:
+        assert result.config is not None and "rotary frequencies" in result.config.reason
+        again = load_pruned(_build(arch), tmp_path)
     torch.testing.assert_close(_logits(again, x), a, rtol=0, atol=1e-5)
 
 
@@ -307,18 +315,39 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
     folded_q = again.bert.encoder.layer[0].attention.self.query.weight
     torch.testing.assert_close(folded_q, query * 0.25 / 8 ** -0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
-    # GPT-NeoX fuses q, k and v in one projection: scaling q would scale k and v too
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_fold_fused_qkv(tmp_path: Path) -> None:
+    """GPT-NeoX fuses q, k and v in one projection, viewed as (heads, 3 x head_dim) and split
+    into q, k and v: the scaling is folded into the rows of ``query_key_value`` (weight and
+    bias) that produce q, and the k and v rows are left as they were."""
     arch = ARCHS["gpt_neox"]
-    model = _build(arch)
-    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, heads="dims",
-                    ignored=list(arch.ignored))
-    pruner.step()
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    after = _logits(model, x)
+    attn = model.gpt_neox.layers[0].attention
+    assert attn.head_size == 8 and attn.scaling == 0.25
+    qkv = {n: p.detach().clone() for n, p in attn.query_key_value.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = export(model, tmp_path / "neox", "hf",
-                        plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
-    assert result.config is not None and "not folded" in result.config.reason
-    assert "split at" in result.config.reason and "is not linear in it" in result.config.reason
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
+    assert "hf" in result.files, result.messages
+    assert any("gpt_neox.layers.0.attention.scaling 0.25 -> 0.353553" in m for m in
+               result.messages), result.messages
+    assert all(torch.equal(p, qkv[n]) for n, p in attn.query_key_value.named_parameters())
+    again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
+    assert again.gpt_neox.layers[0].attention.scaling == pytest.approx(8 ** -0.5)
+    q_rows = torch.tensor([24 * h + d for h in range(4) for d in range(8)])  # (h, q|k|v, d)
+    kv_rows = torch.tensor([r for r in range(96) if r not in set(q_rows.tolist())])
+    factor = 0.25 / 8 ** -0.5
+    for n, p in again.gpt_neox.layers[0].attention.query_key_value.named_parameters():
+        torch.testing.assert_close(p[q_rows], qkv[n][q_rows] * factor)
+        assert torch.equal(p[kv_rows], qkv[n][kv_rows])
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
 
 
 @pytest.mark.zoo

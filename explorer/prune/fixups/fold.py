@@ -16,9 +16,17 @@ through ops that are linear in it to the parameters that produce it. Every value
 must be used only inside that cone (else scaling it would change another use), and a
 forward on the example inputs must give the same outputs before and after, or nothing is
 folded.
+
+A fused projection (GPT-NeoX's ``query_key_value``, split into q, k and v after a view) is
+scaled in part: where the walk meets an op that picks part of its input (split, slice,
+select, a constant index) whose other parts go elsewhere, the input is scaled only where it
+feeds the cone. Which rows those are is read by replaying the rearranging ops between the
+projection and the pick on integer labels (each output feature's index), so the rows of
+the weight and bias that produce q are scaled, and k and v are not.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,14 +41,20 @@ from ...graph.ops import ATTENTION_OPS
 from ...graph.tracer import TraceError, trace
 from ...graph.walk import flat_floats
 
-__all__ = ["Fold", "folded"]
+__all__ = ["Fold", "folded", "plan_fold", "scale_tensor"]
 
 aten = torch.ops.aten
 # ops whose output is the first tensor argument rearranged (linear, one input)
 _REARRANGE = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute,
               aten.t, aten.clone, aten.contiguous, aten.expand, aten.unsqueeze,
-              aten.squeeze, aten.alias, aten.slice, aten.select, aten.neg, aten.detach,
-              aten._to_copy, aten.flatten, aten.lift_fresh}
+              aten.squeeze, aten.alias, aten.neg, aten.detach, aten._to_copy, aten.flatten,
+              aten.lift_fresh}
+# ops that keep each element's value (labels pass through them unchanged)
+_SAME = {aten.clone, aten.contiguous, aten.alias, aten.neg, aten.detach, aten._to_copy,
+         aten.lift_fresh}
+# ops that pick part of the first tensor argument: its other parts may go elsewhere
+_SELECT = {aten.slice, aten.select, aten.split, aten.split_with_sizes, aten.unbind,
+           aten.narrow, aten.index}
 _SUM = {aten.add, aten.sub, aten.cat, aten.stack}  # linear when every input is in the cone
 _PRODUCT = {aten.mul, aten.div}  # linear in the one operand that depends on parameters
 _MATMUL = {aten.addmm, aten.linear, aten.mm, aten.matmul, aten.bmm, aten.embedding}
@@ -52,6 +66,9 @@ class Fold:
 
     constants: dict[str, list[float]] = field(default_factory=dict)  # "mod.attr" -> [old, new]
     scaled: dict[str, float] = field(default_factory=dict)  # parameter -> factor
+    # parameter -> the flat indices of its elements the factor applies to, when only part
+    # of it produces the scaled value (a fused projection); absent: the whole parameter
+    elements: dict[str, list[int]] = field(default_factory=dict)
     buffers: dict[str, float] = field(default_factory=dict)  # one-element buffer -> new value
     reason: str = ""  # why nothing was folded ("" when every constant was)
 
@@ -92,29 +109,60 @@ def _has_param(graph: Graph, vid: int, producers: dict[int, OpNode],
     return False
 
 
-def _cone(graph: Graph, start: int) -> tuple[set[int], set[str]] | str:
-    """Values between ``start`` and the parameters it is linear in, and those parameters'
-    names; or why ``start`` is not such a linear function."""
+@dataclass
+class _Cone:
+    """What scaling one operand reaches: the values scaled whole, the parameters scaled
+    whole and the parameters scaled in part (flat element indices)."""
+
+    values: set[int] = field(default_factory=set)
+    params: set[str] = field(default_factory=set)
+    elements: dict[str, set[int]] = field(default_factory=dict)
+
+
+def _cone(graph: Graph, start: int) -> _Cone | str:
+    """Values between ``start`` and the parameters it is linear in, and those parameters
+    (in part where a fused projection produces it); or why ``start`` is not such a linear
+    function.
+
+    The walk goes back from ``start``. The input of an op that picks part of it waits until
+    every later value is placed: when all its users' outputs are in the cone it is scaled
+    whole, else only the part the cone picks (`_partial`).
+    """
     producers = _producers(graph)
     memo: dict[int, bool] = {}
-    cone: set[int] = set()
-    params: set[str] = set()
+    cone = _Cone()
+    waiting: list[tuple[int, int]] = []  # (-producer index, value): latest first
+    partial: set[int] = set()
     stack = [start]
-    while stack:
-        vid = stack.pop()
-        if vid in cone:
+    consumers = _consumers(graph)
+    while stack or waiting:
+        if not stack:
+            _, vid = heapq.heappop(waiting)
+            if vid in cone.values or vid in partial:
+                continue
+            users = consumers.get(vid, [])
+            if all(o in cone.values for u in users for o in u.outputs if o is not None):
+                stack.append(vid)
+            else:
+                partial.add(vid)
             continue
-        cone.add(vid)
+        vid = stack.pop()
+        if vid in cone.values:
+            continue
+        cone.values.add(vid)
         value = graph.values[vid]
         if value.kind is ValueKind.PARAM:
-            params.add(str(value.name))
+            cone.params.add(str(value.name))
             continue
         node = producers.get(vid)
         if node is None:
             return f"it reaches the {value.kind.value} '{value.name}' that is not a weight"
         packet = node.op.overloadpacket
         ins = graph.tensor_ids((node.args, node.kwargs))
-        if packet in _REARRANGE or packet in _SUM:
+        if packet in _SELECT and isinstance(node.args[0], ValueRef):
+            source = node.args[0].vid
+            heapq.heappush(waiting, (-_order(source, producers), source))
+        elif packet in _REARRANGE or packet in _SUM:
             stack.extend(ins)
         elif packet in _PRODUCT:
             live = [v for v in ins if _has_param(graph, v, producers, memo)]
@@ -133,7 +181,171 @@ def _cone(graph: Graph, start: int) -> tuple[set[int], set[str]] | str:
                 return f"{node.short} at {node.location or node.module} has no weight"
         else:
             return f"{node.short} at {node.location or node.module} is not linear in it"
-    return cone, params
+    if partial:
+        found = _partial(graph, partial, cone, producers, consumers)
+        if isinstance(found, str):
+            return found
+    return cone
+
+
+def _order(vid: int, producers: dict[int, OpNode]) -> int:
+    node = producers.get(vid)
+    return -1 if node is None else node.index
+
+
+def _partial(graph: Graph, partial: set[int], cone: _Cone, producers: dict[int, OpNode],
+             consumers: dict[int, list[OpNode]]) -> str | None:
+    """Scale, in ``cone.elements``, the rows of the projections whose outputs reach the cone
+    only in part (through the values ``partial``), or say why that cannot be done exactly."""
+    sources: dict[int, OpNode] = {}  # projection output -> its op
+    stack = list(partial)
+    while stack:
+        vid = stack.pop()
+        node = producers.get(vid)
+        if node is None:
+            return (f"only part of the {graph.values[vid].kind.value} '{graph.values[vid].name}'"
+                    f" feeds it")
+        packet = node.op.overloadpacket
+        if packet in _MATMUL:
+            sources[vid] = node
+        elif (packet in _REARRANGE or packet in _SELECT) and isinstance(node.args[0], ValueRef):
+            stack.append(node.args[0].vid)
+        else:
+            return (f"only part of the output of {node.short} at "
+                    f"{node.location or node.module} feeds it, and it is not a projection")
+    for vid, node in sources.items():
+        rows = _picked_rows(graph, vid, node, cone.values, consumers)
+        if isinstance(rows, str):
+            return rows
+        found = _projection_elements(graph, node, rows, producers, consumers)
+        if isinstance(found, str):
+            return found
+        for name, idx in found.items():
+            cone.elements.setdefault(name, set()).update(idx)
+    return None
+
+
+def _picked_rows(graph: Graph, out: int, node: OpNode, cone: set[int],
+                 consumers: dict[int, list[OpNode]]) -> torch.Tensor | str:
+    """The output features of projection ``node`` that reach the cone: its output's last
+    dim labelled by index and replayed through the rearranging and picking ops after it.
+    A labelled value that leaves by another op must hold none of those features."""
+    shape = graph.values[out].shape
+    labels = {out: torch.arange(shape[-1]).expand(shape)}
+    picked: list[torch.Tensor] = []
+    others: list[tuple[OpNode | None, int]] = []
+    stack = [out]
+    while stack:
+        vid = stack.pop()
+        users = consumers.get(vid, [])
+        if vid in graph.outputs or not users:
+            others.append((None, vid))
+        for user in users:
+            got = _replay(graph, user, labels) if user.op.overloadpacket in _REARRANGE | \
+                _SELECT and graph.tensor_ids(user.args[:1]) == [vid] else None
+            if got is None:
+                others.append((user, vid))
+                continue
+            for o, t in zip(user.outputs, got, strict=False):
+                if o is None or o in labels:
+                    continue
+                labels[o] = t
+                if o in cone:
+                    picked.append(t)
+                else:
+                    stack.append(o)
+    if not picked:
+        return f"no feature of {node.short} at {node.location or node.module} reaches it"
+    rows: torch.Tensor = torch.unique(torch.cat([t.reshape(-1) for t in picked]))
+    for other, vid in others:
+        if torch.isin(labels[vid], rows).any():
+            where = "the model output" if other is None else \
+                f"{other.short} at {other.location or other.module}"
+            return f"a part of {node.short} it scales is also used by {where}"
+    return rows
+
+
+def _replay(graph: Graph, node: OpNode, labels: dict[int, torch.Tensor]
+            ) -> list[torch.Tensor] | None:
+    """``node`` run on integer labels in place of its first argument (None when it cannot
+    be: an index with no recorded values, a shape that differs from the trace)."""
+    first = graph.tensor_ids(node.args[:1])[0]
+    if node.op.overloadpacket in _SAME:
+        outs = [labels[first]]
+    else:
+        def sub(a: Any) -> Any:
+            if isinstance(a, ValueRef):
+                if a.vid in labels:
+                    return labels[a.vid]
+                data = graph.values[a.vid].data
+                if data is None:
+                    raise LookupError(a.vid)
+                return torch.tensor(data, dtype=torch.long)
+            if isinstance(a, (list, tuple)):
+                return type(a)(sub(x) for x in a)
+            return a
+        try:
+            got = node.op(*sub(node.args), **{k: sub(v) for k, v in node.kwargs.items()})
+        except (LookupError, RuntimeError, TypeError, IndexError):
+            return None
+        outs = list(got) if isinstance(got, (list, tuple)) else [got]
+    for o, t in zip(node.outputs, outs, strict=False):
+        if o is not None and tuple(t.shape) != tuple(graph.values[o].shape):
+            return None
+    return outs
+
+
+# the argument positions of a projection's weight and bias, and whether the weight is
+# stored (out, in) (``linear``) rather than (in, out) (the right operand of ``mm``)
+_PROJECTION = {aten.addmm: (2, 0, False), aten.mm: (1, None, False),
+               aten.matmul: (1, None, False), aten.bmm: (1, None, False),
+               aten.linear: (1, 2, True), aten.embedding: (0, None, False)}
+
+
+def _projection_elements(graph: Graph, node: OpNode, rows: torch.Tensor,
+                         producers: dict[int, OpNode], consumers: dict[int, list[OpNode]]
+                         ) -> dict[str, set[int]] | str:
+    """Flat indices of the elements of the projection's weight and bias that produce the
+    output features ``rows``."""
+    where = f"{node.short} at {node.location or node.module}"
+    layout = _PROJECTION.get(node.op.overloadpacket)
+    if layout is None:
+        return f"only part of {where} feeds it, and its weight layout is not known"
+    w_pos, b_pos, out_in = layout
+    out: dict[str, set[int]] = {}
+    for pos, is_bias in ((w_pos, False), (b_pos, True)):
+        if pos is None or pos >= len(node.args) or not isinstance(node.args[pos], ValueRef):
+            continue
+        chain = _param_chain(graph, node.args[pos].vid, producers)
+        if chain is None:
+            return f"{where} is fed by an activation where a weight was expected"
+        param, steps = chain
+        for v in [param.vid, *(o for n in steps for o in n.outputs if o is not None)]:
+            if any(u is not node and u not in steps for u in consumers.get(v, [])):
+                return f"'{param.name}' is also used outside {where}"
+        labels = {param.vid: torch.arange(math.prod(param.shape)).reshape(param.shape)}
+        for step in steps:
+            got = _replay(graph, step, labels)
+            if got is None or step.outputs[0] is None:
+                return f"cannot follow '{param.name}' into {where}"
+            labels[step.outputs[0]] = got[0]
+        operand = labels[node.args[pos].vid]
+        picked = operand[rows] if out_in and not is_bias else operand[..., rows]
+        out[str(param.name)] = {int(i) for i in picked.reshape(-1)}
+    return out
+
+
+def _param_chain(graph: Graph, vid: int, producers: dict[int, OpNode]
+                 ) -> tuple[Any, list[OpNode]] | None:
+    """The parameter ``vid`` rearranges and the ops from it (``t(weight)``), in order."""
+    steps: list[OpNode] = []
+    while graph.values[vid].kind is not ValueKind.PARAM:
+        node = producers.get(vid)
+        if node is None or node.op.overloadpacket not in _REARRANGE:
+            return None
+        steps.append(node)
+        vid = graph.tensor_ids(node.args)[0]
+    return graph.values[vid], steps[::-1]
 
 
 def _only_params(graph: Graph, vid: int, producers: dict[int, OpNode]) -> bool:
@@ -210,22 +422,49 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
             if isinstance(found, str):
                 fold.reason = f"{mod}.{attr} scales a value that cannot absorb it: {found}"
                 return fold
-            cone, params = found
-            for v in cone:  # scaling the cone must change nothing but this use
+            for v in found.values:  # scaling the cone must change nothing but this use
                 for user in consumers.get(v, []):
-                    if user is not node and not any(o in cone for o in user.outputs
+                    if user is not node and not any(o in found.values for o in user.outputs
                                                     if o is not None):
                         fold.reason = (f"{mod}.{attr}: a value it scales is also used by "
                                        f"{user.short} at {user.location or user.module}")
                         return fold
             factor = float(old) / new
-            for p in params:
+            for p in [*found.params, *found.elements]:
                 if fold.scaled.get(p, factor) != factor:
                     fold.reason = f"'{p}' would absorb two different constants"
                     return fold
-                fold.scaled[p] = factor
+            _merge_elements(fold, found, model)
+            fold.scaled.update(dict.fromkeys([*found.params, *found.elements], factor))
         fold.constants[f"{mod}.{attr}"] = [float(old), new]
     return fold
+
+
+def _merge_elements(fold: Fold, found: _Cone, model: nn.Module) -> None:
+    """Record the parts of parameters ``found`` scales (before `Fold.scaled` takes them);
+    a parameter one use scales whole is scaled whole."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    whole = {n for n in fold.scaled if n not in fold.elements} | found.params
+    for name in found.params:
+        fold.elements.pop(name, None)
+    for name, idx in found.elements.items():
+        if name in whole:
+            continue
+        merged = set(fold.elements.get(name, [])) | idx
+        if len(merged) == sizes.get(name, -1):
+            fold.elements.pop(name, None)
+        else:
+            fold.elements[name] = sorted(merged)
+
+
+def scale_tensor(t: torch.Tensor, factor: float, elements: Sequence[int] | None) -> None:
+    """Multiply ``t`` in place by ``factor``, only at the flat ``elements`` when given: the
+    one operation the in-memory export and the streamed replay both run (same bits)."""
+    if elements is None:
+        t.mul_(factor)
+        return
+    index = torch.unravel_index(torch.as_tensor(elements, dtype=torch.long), t.shape)
+    t[index] = t[index] * factor
 
 
 @contextmanager
@@ -256,7 +495,7 @@ def folded(model: nn.Module, constants: dict[tuple[str, str], float],
             try:
                 before = flat_floats(model(*inputs))
                 for name, factor in fold.scaled.items():
-                    params[name].mul_(factor)
+                    scale_tensor(params[name], factor, fold.elements.get(name))
                 for name, value in fold.buffers.items():
                     params[name].fill_(value)
                 for (mod, attr), new in constants.items():
