@@ -11,6 +11,7 @@ Run with ``pytest -m zoo tests/test_hf_breadth.py``.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,3 +407,76 @@ def test_falcon_grouped_kv_whole_heads(tmp_path: Path) -> None:
     again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
     assert (again.config.num_attention_heads, again.config.num_kv_heads) == (2, 1)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+def _shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            out.update({k: f.get_tensor(k).clone() for k in names})
+    return out
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["bert", "opt"])
+def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
+    """`replay --checkpoint` (shard by shard, no model in memory) writes the folder the
+    in-memory export writes: the attention scaling folded into the same query weights, bit
+    for bit, and the same config.json."""
+    from explorer.io.stream import OutputKind, replay_checkpoint
+
+    arch = ARCHS[name]
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "ckpt")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    after = _logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = export(model, tmp_path / "export", "hf", plan=plan)
+    assert "hf" in exported.files, exported.messages
+    res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    assert res.kind is OutputKind.HF, res.messages
+    assert any("scaling 0.25 -> 0.353553" in m and "folded into 4 weights" in m
+               for m in res.messages), res.messages
+    want, got = _shard_tensors(tmp_path / "export" / "hf"), _shard_tensors(tmp_path / "stream")
+    assert set(got) == set(want)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []  # bit-identical
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "export" / "hf" / "config.json").read_text())
+    again: Any = type(model).from_pretrained(tmp_path / "stream").eval()
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_streamed_replay_cannot_fold_a_buffer_on_meta(tmp_path: Path) -> None:
+    """Gemma2 (untied) keeps its embedding scale in a buffer the constructor computes; the
+    export folds it, but the weightless copy of a streamed replay has no buffer values: it
+    writes shards + plan.json and says why, and `load_pruned` rebuilds the pruned model."""
+    from explorer.io.stream import OutputKind, replay_checkpoint
+
+    arch = ARCHS["gemma2"]
+    arch = Arch(arch.cls, arch.model_type, {**arch.config, "tie_word_embeddings": False})
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "ckpt")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    assert res.kind is OutputKind.SAFETENSORS
+    assert "holds buffers a load recomputes (embed_scale) whose values a weightless (meta) " \
+           "copy does not have: export the pruned model in memory" in res.messages[0]
+    again = load_pruned(_build(arch), tmp_path / "stream")
+    torch.testing.assert_close(_logits(again, x), _logits(model, x), rtol=0, atol=1e-5)

@@ -70,6 +70,8 @@ class Fold:
     # of it produces the scaled value (a fused projection); absent: the whole parameter
     elements: dict[str, list[int]] = field(default_factory=dict)
     buffers: dict[str, float] = field(default_factory=dict)  # one-element buffer -> new value
+    # constants read by no traced op: they follow the config, only a forward can confirm it
+    unread: list[str] = field(default_factory=list)
     reason: str = ""  # why nothing was folded ("" when every constant was)
 
 
@@ -372,6 +374,47 @@ def _uses(node: OpNode, value: float) -> list[int]:
     return []
 
 
+def _halved_uses(graph: Graph, mod: str, value: float, consumers: dict[int, list[OpNode]]
+                 ) -> list[tuple[OpNode, int]]:
+    """SDPA as its math decomposition runs it (on ``meta``, where no fused kernel is
+    picked): ``q * sqrt(scale)`` and ``k.T * sqrt(scale)`` into one ``bmm``. The pair is one
+    use of ``scale``; q, the left operand's tensor, absorbs the whole ratio (the same
+    operand the fused kernel's ``scale=`` names, so both traces fold the same weights)."""
+    root = math.sqrt(value)
+    sides: dict[int, dict[int, OpNode]] = {}  # bmm index -> operand position -> its mul
+    for node in graph.ops:
+        if node.module != mod or node.op.overloadpacket is not aten.mul or \
+                len(node.args) != 2 or not isinstance(node.args[0], ValueRef) or \
+                not isinstance(node.args[1], float) or \
+                not math.isclose(node.args[1], root, rel_tol=1e-9):
+            continue
+        reached = _reaches_matmul(graph, node, consumers)
+        if reached is not None:
+            sides.setdefault(reached[0].index, {})[reached[1]] = node
+    return [(pair[0], pair[0].args[0].vid) for pair in sides.values()
+            if set(pair) == {0, 1} and isinstance(pair[0].args[0], ValueRef)]
+
+
+def _reaches_matmul(graph: Graph, node: OpNode, consumers: dict[int, list[OpNode]]
+                    ) -> tuple[OpNode, int] | None:
+    """The ``bmm``/``matmul`` the output of ``node`` feeds through rearranging ops only,
+    and the operand position it feeds (None when it goes anywhere else)."""
+    vid = node.outputs[0]
+    while vid is not None:
+        users = consumers.get(vid, [])
+        if len(users) != 1:
+            return None
+        (user,) = users
+        if user.op.overloadpacket in (aten.bmm, aten.matmul):
+            refs = [i for i, a in enumerate(user.args[:2])
+                    if isinstance(a, ValueRef) and a.vid == vid]
+            return (user, refs[0]) if len(refs) == 1 else None
+        if user.op.overloadpacket not in _REARRANGE:
+            return None
+        vid = user.outputs[0]
+    return None
+
+
 def _buffer_uses(graph: Graph, module: nn.Module, mod: str, old: float,
                  consumers: dict[int, list[OpNode]]) -> tuple[list[str], list[tuple[OpNode, int]]]:
     """One-element buffers of ``module`` holding ``old`` (Gemma2 keeps its embedding scale
@@ -403,6 +446,7 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
         old = getattr(model.get_submodule(mod), attr)
         uses = [(node, vid) for node in graph.ops if node.module == mod
                 for vid in _uses(node, float(old))]
+        uses += _halved_uses(graph, mod, float(old), consumers)
         buffers, more = _buffer_uses(graph, model.get_submodule(mod), mod, float(old),
                                      consumers)
         uses += more
@@ -410,12 +454,17 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
         if not uses:  # read by no traced op (a branch not taken): it just follows the
             # config; the forward check below catches a use this search does not see,
             # except through a buffer the constructor computed from it (not compared)
-            recomputed = sorted(model.get_submodule(mod)._non_persistent_buffers_set)
+            owner = model.get_submodule(mod)
+            recomputed = sorted(owner._non_persistent_buffers_set)
             if recomputed:
                 fold.reason = (f"{mod}.{attr} is read by no traced op, and '{mod}' holds "
                                f"buffers a load recomputes ({', '.join(recomputed)})")
+                if any(getattr(owner, b).device.type == "meta" for b in recomputed):
+                    fold.reason += (" whose values a weightless (meta) copy does not have: "
+                                    "export the pruned model in memory to fold them")
                 return fold
             fold.constants[f"{mod}.{attr}"] = [float(old), new]
+            fold.unread.append(f"{mod}.{attr}")
             continue
         for node, vid in uses:
             found = _cone(graph, vid)
