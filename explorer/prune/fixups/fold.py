@@ -66,9 +66,9 @@ class Fold:
 
     constants: dict[str, list[float]] = field(default_factory=dict)  # "mod.attr" -> [old, new]
     scaled: dict[str, float] = field(default_factory=dict)  # parameter -> factor
-    # parameter -> the flat indices of its elements the factor applies to, when only part
-    # of it produces the scaled value (a fused projection); absent: the whole parameter
-    elements: dict[str, list[int]] = field(default_factory=dict)
+    # parameter -> (dim, indices along it) the factor applies to, when only part of it
+    # produces the scaled value (the q rows of a fused projection); absent: all of it
+    elements: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     buffers: dict[str, float] = field(default_factory=dict)  # one-element buffer -> new value
     # constants read by no traced op: they follow the config, only a forward can confirm it
     unread: list[str] = field(default_factory=list)
@@ -118,7 +118,7 @@ class _Cone:
 
     values: set[int] = field(default_factory=set)
     params: set[str] = field(default_factory=set)
-    elements: dict[str, set[int]] = field(default_factory=dict)
+    elements: dict[str, tuple[int, set[int]]] = field(default_factory=dict)  # (dim, indices)
 
 
 def _cone(graph: Graph, start: int) -> _Cone | str:
@@ -222,8 +222,10 @@ def _partial(graph: Graph, partial: set[int], cone: _Cone, producers: dict[int, 
         found = _projection_elements(graph, node, rows, producers, consumers)
         if isinstance(found, str):
             return found
-        for name, idx in found.items():
-            cone.elements.setdefault(name, set()).update(idx)
+        for name, (dim, idx) in found.items():
+            if cone.elements.setdefault(name, (dim, set()))[0] != dim:
+                return f"two parts of '{name}' along different dims feed it"
+            cone.elements[name][1].update(idx)
     return None
 
 
@@ -287,7 +289,11 @@ def _replay(graph: Graph, node: OpNode, labels: dict[int, torch.Tensor]
                 return type(a)(sub(x) for x in a)
             return a
         try:
-            got = node.op(*sub(node.args), **{k: sub(v) for k, v in node.kwargs.items()})
+            try:
+                got = node.op(*sub(node.args), **{k: sub(v) for k, v in node.kwargs.items()})
+            except RuntimeError:  # a view of a broadcast label: the same on a copy
+                labels = {**labels, first: labels[first].contiguous()}
+                got = node.op(*sub(node.args), **{k: sub(v) for k, v in node.kwargs.items()})
         except (LookupError, RuntimeError, TypeError, IndexError):
             return None
         outs = list(got) if isinstance(got, (list, tuple)) else [got]
@@ -306,15 +312,15 @@ _PROJECTION = {aten.addmm: (2, 0, False), aten.mm: (1, None, False),
 
 def _projection_elements(graph: Graph, node: OpNode, rows: torch.Tensor,
                          producers: dict[int, OpNode], consumers: dict[int, list[OpNode]]
-                         ) -> dict[str, set[int]] | str:
-    """Flat indices of the elements of the projection's weight and bias that produce the
-    output features ``rows``."""
+                         ) -> dict[str, tuple[int, set[int]]] | str:
+    """For the projection's weight and bias: the dim and the indices along it that
+    produce the output features ``rows`` (a weight's output rows)."""
     where = f"{node.short} at {node.location or node.module}"
     layout = _PROJECTION.get(node.op.overloadpacket)
     if layout is None:
         return f"only part of {where} feeds it, and its weight layout is not known"
     w_pos, b_pos, out_in = layout
-    out: dict[str, set[int]] = {}
+    out: dict[str, tuple[int, set[int]]] = {}
     for pos, is_bias in ((w_pos, False), (b_pos, True)):
         if pos is None or pos >= len(node.args) or not isinstance(node.args[pos], ValueRef):
             continue
@@ -325,16 +331,35 @@ def _projection_elements(graph: Graph, node: OpNode, rows: torch.Tensor,
         for v in [param.vid, *(o for n in steps for o in n.outputs if o is not None)]:
             if any(u is not node and u not in steps for u in consumers.get(v, [])):
                 return f"'{param.name}' is also used outside {where}"
-        labels = {param.vid: torch.arange(math.prod(param.shape)).reshape(param.shape)}
-        for step in steps:
-            got = _replay(graph, step, labels)
-            if got is None or step.outputs[0] is None:
-                return f"cannot follow '{param.name}' into {where}"
-            labels[step.outputs[0]] = got[0]
-        operand = labels[node.args[pos].vid]
-        picked = operand[rows] if out_in and not is_bias else operand[..., rows]
-        out[str(param.name)] = {int(i) for i in picked.reshape(-1)}
+        axis = 0 if out_in and not is_bias else -1  # the operand's output-feature axis
+        found = next((f for d in range(len(param.shape))
+                      if (f := _feature_dim(graph, param, steps, d, node.args[pos].vid, axis))
+                      is not None), None)
+        if found is None:
+            return f"cannot tell which part of '{param.name}' produces which output of {where}"
+        out[str(param.name)] = (found[0], {int(i) for i in found[1][rows]})
     return out
+
+
+def _feature_dim(graph: Graph, param: Any, steps: list[OpNode], dim: int, operand: int,
+                 axis: int) -> tuple[int, torch.Tensor] | None:
+    """Whether ``dim`` of the parameter becomes the operand's ``axis`` alone: then the
+    index along ``dim`` behind each feature. The parameter's index along ``dim`` is
+    replayed through ``steps`` as a broadcast label (no memory of the parameter's size);
+    the operand's labels must vary along ``axis`` only."""
+    shape = tuple(param.shape)
+    index = torch.arange(shape[dim]).reshape([-1 if i == dim else 1 for i in range(len(shape))])
+    labels = {param.vid: index.expand(shape)}
+    for step in steps:
+        got = _replay(graph, step, labels)
+        if got is None or step.outputs[0] is None:
+            return None
+        labels[step.outputs[0]] = got[0]
+    t = labels[operand]
+    axis %= t.dim()
+    if any(t.stride(i) != 0 and t.shape[i] > 1 for i in range(t.dim()) if i != axis):
+        return None
+    return dim, t[tuple(slice(None) if i == axis else 0 for i in range(t.dim()))]
 
 
 def _param_chain(graph: Graph, vid: int, producers: dict[int, OpNode]
@@ -483,37 +508,45 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
                 if fold.scaled.get(p, factor) != factor:
                     fold.reason = f"'{p}' would absorb two different constants"
                     return fold
-            _merge_elements(fold, found, model)
+            fold.reason = _merge_elements(fold, found, model)
+            if fold.reason:
+                return fold
             fold.scaled.update(dict.fromkeys([*found.params, *found.elements], factor))
         fold.constants[f"{mod}.{attr}"] = [float(old), new]
     return fold
 
 
-def _merge_elements(fold: Fold, found: _Cone, model: nn.Module) -> None:
+def _merge_elements(fold: Fold, found: _Cone, model: nn.Module) -> str:
     """Record the parts of parameters ``found`` scales (before `Fold.scaled` takes them);
-    a parameter one use scales whole is scaled whole."""
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    a parameter one use scales whole is scaled whole. Returns why two uses disagree."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     whole = {n for n in fold.scaled if n not in fold.elements} | found.params
     for name in found.params:
         fold.elements.pop(name, None)
-    for name, idx in found.elements.items():
+    for name, (dim, idx) in found.elements.items():
         if name in whole:
             continue
-        merged = set(fold.elements.get(name, [])) | idx
-        if len(merged) == sizes.get(name, -1):
+        before = fold.elements.get(name, (dim, []))
+        if before[0] != dim:
+            return f"two parts of '{name}' along different dims absorb it"
+        merged = set(before[1]) | idx
+        if name in shapes and len(merged) == shapes[name][dim]:
             fold.elements.pop(name, None)
         else:
-            fold.elements[name] = sorted(merged)
+            fold.elements[name] = (dim, sorted(merged))
+    return ""
 
 
-def scale_tensor(t: torch.Tensor, factor: float, elements: Sequence[int] | None) -> None:
-    """Multiply ``t`` in place by ``factor``, only at the flat ``elements`` when given: the
-    one operation the in-memory export and the streamed replay both run (same bits)."""
-    if elements is None:
+def scale_tensor(t: torch.Tensor, factor: float, part: tuple[int, Sequence[int]] | None
+                 ) -> None:
+    """Multiply ``t`` in place by ``factor``, only at the indices ``part[1]`` along dim
+    ``part[0]`` when given: the one operation the in-memory export and the streamed replay
+    both run (same bits)."""
+    if part is None:
         t.mul_(factor)
         return
-    index = torch.unravel_index(torch.as_tensor(elements, dtype=torch.long), t.shape)
-    t[index] = t[index] * factor
+    index = torch.as_tensor(part[1], dtype=torch.long)
+    t.index_copy_(part[0], index, t.index_select(part[0], index) * factor)
 
 
 @contextmanager
