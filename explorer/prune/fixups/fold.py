@@ -114,7 +114,7 @@ def _has_param(graph: Graph, vid: int, producers: dict[int, OpNode],
 @dataclass
 class _Cone:
     """What scaling one operand reaches: the values scaled whole, the parameters scaled
-    whole and the parameters scaled in part (flat element indices)."""
+    whole and the parameters scaled in part (a dim and the indices along it)."""
 
     values: set[int] = field(default_factory=set)
     params: set[str] = field(default_factory=set)
