@@ -11,6 +11,8 @@ Run with ``pytest -m zoo tests/test_hf_breadth.py``.
 """
 from __future__ import annotations
 
+import copy
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,10 @@ ARCHS: dict[str, Arch] = {
                    {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "vocab_size": 256, "new_decoder_architecture": False,
                     "multi_query": True}),
+    "falcon_gqa": Arch("FalconForCausalLM", "falcon",
+                       {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_kv_heads": 2, "vocab_size": 256,
+                        "new_decoder_architecture": True}),
     "phi": Arch("PhiForCausalLM", "phi", _TEXT),
     "stablelm": Arch("StableLmForCausalLM", "stablelm", {**_TEXT, "num_key_value_heads": 2}),
     "gemma2": Arch("Gemma2ForCausalLM", "gemma2",
@@ -87,11 +93,12 @@ ARCHS: dict[str, Arch] = {
 # keep the original attention scaling; where it multiplies a separate query projection the
 # export folds the ratio into that projection (`explorer.prune.fixups.fold`). Still no
 # config: rotary models with head dims (the kept frequencies are a subset no config
-# recomputes), GPT-NeoX's fused query_key_value (the fold would scale k and v too), Gemma2
-# (embedding scale, tied embedding). ConvNeXt has no attention: both runs are the same.
+# recomputes), Gemma2 (embedding scale, tied embedding). GPT-NeoX's fused query_key_value
+# absorbs the ratio in its q rows, and its one kept rotary pair has the frequency a config
+# with 8 dims recomputes. ConvNeXt has no attention: both runs are the same.
 HF_FOLDER = {(name, "whole") for name in ARCHS} - {("gemma2", "whole")} \
     | {(name, "dims") for name in ("vit", "deit", "swin", "convnext", "bert", "roberta",
-                                   "distilbert", "mpnet", "opt")}
+                                   "distilbert", "mpnet", "opt", "gpt_neox")}
 
 
 # Relative-position bias tables: (positions, heads), indexed by a computed position index.
@@ -190,6 +197,12 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     if name != "gpt_neox":  # separate q_proj: rows of head 0 inside the rotated slice
         rows = [i for i in keeps[("model.layers.0.self_attn.q_proj.weight", 0)] if i < rotary]
         assert rows == kept_freq + [i + rotary // 2 for i in kept_freq]
+    # a replay of the plan cuts the frequencies kept for dynamic rope (original_inv_freq,
+    # read by no traced op) as the step did, so a meta replay sees the same shapes
+    fresh = _build(arch)
+    Plan.from_pruner(pruner, f"hf:{name}").apply(fresh, update_config=False)
+    assert {n: b.shape for n, b in fresh.named_buffers()} == \
+        {n: b.shape for n, b in model.named_buffers()}
     with torch.no_grad():  # a pair cut apart would make scores depend on absolute positions
         a = model(x, position_ids=pos).logits
         b = model(x, position_ids=pos + 7).logits
@@ -197,8 +210,15 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
-    assert "hf" not in result.files and result.config is not None and result.config.reason
-    again = load_pruned(_build(arch), tmp_path)
+    # a config with fewer dims recomputes base**(-2i/dims): the same frequency only for
+    # i = 0, so only a cut keeping just the first pair exports a transformers folder
+    # (GPT-NeoX here, with its scaling folded into the q rows of query_key_value)
+    assert ("hf" in result.files) == (kept_freq == [0]), (kept_freq, result.messages)
+    if "hf" in result.files:
+        again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
+    else:
+        assert result.config is not None and "rotary frequencies" in result.config.reason
+        again = load_pruned(_build(arch), tmp_path)
     torch.testing.assert_close(_logits(again, x), a, rtol=0, atol=1e-5)
 
 
@@ -303,18 +323,39 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
     folded_q = again.bert.encoder.layer[0].attention.self.query.weight
     torch.testing.assert_close(folded_q, query * 0.25 / 8 ** -0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
-    # GPT-NeoX fuses q, k and v in one projection: scaling q would scale k and v too
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_fold_fused_qkv(tmp_path: Path) -> None:
+    """GPT-NeoX fuses q, k and v in one projection, viewed as (heads, 3 x head_dim) and split
+    into q, k and v: the scaling is folded into the rows of ``query_key_value`` (weight and
+    bias) that produce q, and the k and v rows are left as they were."""
     arch = ARCHS["gpt_neox"]
-    model = _build(arch)
-    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, heads="dims",
-                    ignored=list(arch.ignored))
-    pruner.step()
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    after = _logits(model, x)
+    attn = model.gpt_neox.layers[0].attention
+    assert attn.head_size == 8 and attn.scaling == 0.25
+    qkv = {n: p.detach().clone() for n, p in attn.query_key_value.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = export(model, tmp_path / "neox", "hf",
-                        plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
-    assert result.config is not None and "not folded" in result.config.reason
-    assert "split at" in result.config.reason and "is not linear in it" in result.config.reason
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
+    assert "hf" in result.files, result.messages
+    assert any("gpt_neox.layers.0.attention.scaling 0.25 -> 0.353553" in m for m in
+               result.messages), result.messages
+    assert all(torch.equal(p, qkv[n]) for n, p in attn.query_key_value.named_parameters())
+    again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
+    assert again.gpt_neox.layers[0].attention.scaling == pytest.approx(8 ** -0.5)
+    q_rows = torch.tensor([24 * h + d for h in range(4) for d in range(8)])  # (h, q|k|v, d)
+    kv_rows = torch.tensor([r for r in range(96) if r not in set(q_rows.tolist())])
+    factor = 0.25 / 8 ** -0.5
+    for n, p in again.gpt_neox.layers[0].attention.query_key_value.named_parameters():
+        torch.testing.assert_close(p[q_rows], qkv[n][q_rows] * factor)
+        assert torch.equal(p[kv_rows], qkv[n][kv_rows])
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
 
 
 @pytest.mark.zoo
@@ -339,3 +380,128 @@ def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
     assert again.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
     torch.testing.assert_close(again.model.embed_tokens.weight, embed * 8.0 / 32 ** 0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_falcon_grouped_kv_whole_heads(tmp_path: Path) -> None:
+    """Falcon's ``new_decoder_architecture``: one fused ``query_key_value`` whose rows are
+    (kv heads) x (query heads per kv head + k + v) x head_dim; the key and value positions
+    are picked by ``[-2]``/``[-1]`` and broadcast to the query heads before SDPA. The fused
+    weight's key piece spans the kv heads only, so whole heads are cut as whole kv groups:
+    a group's query heads, its key and its value together, and ``num_kv_heads`` follows."""
+    arch = ARCHS["falcon_gqa"]
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    group = next(g for g in pruner.coupling.groups if g.heads is not None)
+    assert (group.heads.num_heads, group.heads.kv_heads) == (4, 2)
+    report = pruner.step()
+    assert not report.unsafe and report.forward_ok
+    attn = model.transformer.h[0].self_attention
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 1, 16)
+    keeps = {k[1]: [int(i) for i in v] for a in pruner.applied for k, v in a.keeps.items()
+             if k[0] == "transformer.h.0.self_attention.query_key_value.weight"}
+    (kept_group,) = {i // 64 for i in keeps[0]}  # 64 rows per kv group: (2 q + k + v) x 16
+    assert keeps[0] == list(range(64 * kept_group, 64 * kept_group + 64))
+    torch.testing.assert_close(attn.query_key_value.weight, qkv[keeps[0]][:, keeps[1]])
+    after = _logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:falcon"))
+    assert result.config is not None and result.config.ok, result.messages
+    again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
+    assert (again.config.num_attention_heads, again.config.num_kv_heads) == (2, 1)
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+def _shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            out.update({k: f.get_tensor(k).clone() for k in names})
+    return out
+
+
+def _save_checkpoint(model: Any, folder: Path, renamed: bool) -> None:
+    """``save_pretrained``, or (``renamed``) the config with a safetensors file of the
+    module names: transformers 5 saves GPT-NeoX's ``lm_head`` as ``embed_out``, a renaming
+    streaming replay does not follow (it refuses the checkpoint)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not renamed:
+            model.save_pretrained(folder)
+            return
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]  # as save_pretrained sets them
+        config.dtype = model.dtype
+        config.save_pretrained(folder)
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["bert", "opt", "gpt_neox"])
+def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
+    """`replay --checkpoint` (shard by shard, no model in memory) writes the folder the
+    in-memory export writes: the attention scaling folded into the same query weights (the
+    q rows of GPT-NeoX's fused query_key_value), bit for bit, and the same config.json."""
+    from explorer.io.stream import OutputKind, replay_checkpoint
+
+    arch = ARCHS[name]
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    _save_checkpoint(model, tmp_path / "ckpt", renamed=name == "gpt_neox")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    after = _logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = export(model, tmp_path / "export", "hf", plan=plan)
+    assert "hf" in exported.files, exported.messages
+    res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    assert res.kind is OutputKind.HF, res.messages
+    assert any("scaling 0.25 -> 0.353553" in m and "folded into 4 weights" in m
+               for m in res.messages), res.messages
+    want, got = _shard_tensors(tmp_path / "export" / "hf"), _shard_tensors(tmp_path / "stream")
+    if name == "gpt_neox":  # the export's save_pretrained writes lm_head as embed_out
+        want["lm_head.weight"] = want.pop("embed_out.weight")
+    assert set(got) == set(want)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []  # bit-identical
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "export" / "hf" / "config.json").read_text())
+    again: Any = type(model).from_pretrained(tmp_path / "stream").eval()
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_streamed_replay_cannot_fold_a_buffer_on_meta(tmp_path: Path) -> None:
+    """Gemma2 (untied) keeps its embedding scale in a buffer the constructor computes; the
+    export folds it, but the weightless copy of a streamed replay has no buffer values: it
+    writes shards + plan.json and says why, and `load_pruned` rebuilds the pruned model."""
+    from explorer.io.stream import OutputKind, replay_checkpoint
+
+    arch = ARCHS["gemma2"]
+    arch = Arch(arch.cls, arch.model_type, {**arch.config, "tie_word_embeddings": False})
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "ckpt")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    assert res.kind is OutputKind.SAFETENSORS
+    assert "holds buffers a load recomputes (embed_scale) whose values a weightless (meta) " \
+           "copy does not have: export the pruned model in memory" in res.messages[0]
+    again = load_pruned(_build(arch), tmp_path / "stream")
+    torch.testing.assert_close(_logits(again, x), _logits(model, x), rtol=0, atol=1e-5)

@@ -260,7 +260,9 @@ class Coupling:
                 axes = [dataclasses.replace(ax, inner=ax.family in self._inner and
                                             ax.family not in self._outer) for ax in axes]
             head_info = _head_info(axes, [(self._members[m].member, self.member_families(m))
-                                          for m in mids], self.head_dims)
+                                          for m in mids], self.head_dims,
+                                   {self._members[m].member: self.member_pieces(m)
+                                    for m in mids})
             channels = int(np.prod([a.size for a in axes if a.role is not AxisRole.FIXED]
                                    or [0]))
             prunable = any(a.prunable for a in axes)
@@ -419,6 +421,20 @@ class Coupling:
         """The group's members with the families each one spans."""
         index = {md.member: i for i, md in enumerate(self._members)}
         return [(m, self.member_families(index[m])) for m in group.members]
+
+    def member_pieces(self, index: int) -> list[frozenset[int]]:
+        """The families of each piece of member ``index``, distinct, in order: a fused
+        ``query_key_value`` weight has a query piece (kv heads x query heads per kv head x
+        dims) and key/value pieces (kv heads x fixed position x dims)."""
+        a = self._member_rows(self._members[index])
+        fams = np.where(a >= 0, self.family_of[np.maximum(a, 0)], -1)
+        rows = (frozenset(int(f) for f in row if f >= 0) for row in fams)
+        return list(dict.fromkeys(r for r in rows if r))
+
+    def pieces_of(self, group: Group) -> dict[Member, list[frozenset[int]]]:
+        """`member_pieces` of each of the group's members."""
+        index = {md.member: i for i, md in enumerate(self._members)}
+        return {m: self.member_pieces(index[m]) for m in group.members}
 
     def kept_count(self, ids: np.ndarray, removed_atoms: np.ndarray) -> int:
         """How many of the elements ``ids`` survive removing ``removed_atoms``."""
@@ -613,7 +629,8 @@ def _describe(node: object, graph: Graph) -> str:
 
 def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
                 kept_axis: dict[int, int] | None = None,
-                head_dims: dict[str, int] | None = None
+                head_dims: dict[str, int] | None = None,
+                pieces: dict[Member, list[frozenset[int]]] | None = None
                 ) -> tuple[int, int, int | None] | None:
     """(heads, head_dim, kv_heads) of one attention module's members, before or after pruning.
 
@@ -621,6 +638,9 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
     traced head width of attention modules (q's last dim at the attention op); it scales
     with the kept share of the q/k head-dim axis (a rotary pair is two dims per atom).
     Without it, the width of the query member divided by its heads and fixed copies is used.
+    Key/value heads are read per piece of each member (``pieces``, see
+    `Coupling.member_pieces`): in a fused ``query_key_value`` weight the key piece spans the
+    kv head axis but not the query heads per kv head, while the member as a whole spans both.
     """
     size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
     head_fams = {a.family for a in axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
@@ -639,17 +659,19 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
         fixed = {a.family for a in axes if a.role is AxisRole.FIXED}
         copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # the q/k/v split
         head_dim = q_member.size // max(heads * copies, 1)
-    kv = [s for s in spans if s[1] < q_heads]
-    kv_heads = int(np.prod([size[f] for f in kv[0][1]])) if kv else None
+    rows = [(m, set(p)) for m, f in members for p in (pieces or {}).get(m, [frozenset(f)])]
+    kv = [r & head_fams for _m, r in rows if r & head_fams < q_heads]
+    kv_heads = int(np.prod([size[f] for f in kv[0]])) if kv else None
     if kv_heads is None and any(qk.family in f and not f & head_fams and m.rank >= 2
-                                and not m.buffer for m, f in members):
+                                and not m.buffer for m, f in rows):
         kv_heads = 1  # a key projection with a single head (multi-query attention)
     return heads, head_dim, kv_heads
 
 
 def _head_info(axes: list[Axis], members: list[tuple[Member, set[int]]],
-               head_dims: dict[str, int]) -> HeadInfo | None:
-    counts = head_counts(axes, members, head_dims=head_dims)
+               head_dims: dict[str, int], pieces: dict[Member, list[frozenset[int]]]
+               ) -> HeadInfo | None:
+    counts = head_counts(axes, members, head_dims=head_dims, pieces=pieces)
     if counts is None:
         return None
     return HeadInfo(counts[0], counts[1], counts[2])

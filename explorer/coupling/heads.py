@@ -78,8 +78,10 @@ def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInf
             by_owner.setdefault(owner, []).append((member, fams))
         head_fams = {a.family for a in g.axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
         qk_dim = next((a.family for a in g.axes if a.role is AxisRole.HEAD_DIM), None)
+        pieces = coupling.pieces_of(g)
         for owner, members in sorted(by_owner.items()):
-            counts = head_counts(g.axes, members, head_dims=coupling.head_dims)
+            counts = head_counts(g.axes, members, head_dims=coupling.head_dims,
+                                 pieces=pieces)
             if counts is None:
                 continue
             outs = [(m, f) for m, f in members if _is_output_side(model, m.module, m.param, m.dim)

@@ -646,6 +646,13 @@ def _check(plan: Plan, model: nn.Module) -> _Staged:
     per_tensor: dict[str, dict[int, torch.Tensor]] = {}
     for (name, dim), idx in keeps.items():
         per_tensor.setdefault(name, {})[dim] = idx
+    for name, picks in list(per_tensor.items()):  # as `removal._shadow_buffers` cuts them
+        owner, _, attr = name.rpartition(".")
+        shadow = f"{owner}.original_{attr}" if owner else f"original_{attr}"
+        if shadow in tensors and shadow not in per_tensor and \
+                tensors[shadow].shape == tensors[name].shape:
+            per_tensor[shadow] = picks
+            aliases.setdefault(shadow, [shadow])
     out_shapes = {}
     for name, picks in per_tensor.items():
         new[name] = resize_tensor(tensors[name], picks)

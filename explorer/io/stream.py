@@ -2,7 +2,8 @@
 
 ``replay_checkpoint(folder, plan, out)`` reads a transformers folder (``config.json`` and
 ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards with their
-``model.safetensors.index.json``) and writes the pruned checkpoint next to it:
+``model.safetensors.index.json``) and writes the pruned checkpoint next to it, the same
+tensors and config an in-memory `explorer.io.export.export` of the pruned model writes:
 
 1. **Check first, write nothing until every check passes.** The shards' headers give every
    tensor's name and shape (``safe_open`` reads no weights for that); they must match the
@@ -18,8 +19,13 @@
 3. **Resumable.** A shard whose done marker matches this plan and source is skipped, so an
    interrupted run picks up where it stopped.
 4. **Loadable output.** Uniform widths: ``config.json`` with the pruned widths, new shards
-   and index; ``from_pretrained(out)`` loads it. Otherwise (widths differ between layers,
-   head-dim pruning): the shards, ``plan.json`` and the unpruned ``original_config.json``;
+   and index; ``from_pretrained(out)`` loads it. Where only constants the constructor
+   derives from the config differ (the attention scaling after a head-dim cut), they are
+   folded into the weights as the export folds them (`explorer.prune.fixups.fold`, planned
+   on the trace of the weightless copy; the export also checks it with a forward, which a
+   streamed replay has no weights for), each scaled tensor multiplied as it is cut.
+   Otherwise (widths differ between layers, a fold that cannot be made): the shards,
+   ``plan.json`` and the unpruned ``original_config.json``;
    `explorer.load_pruned` rebuilds the model from them (like the in-memory
    ``safetensors`` export).
 """
@@ -38,6 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..graph.tracer import TraceError, trace
+from ..prune.fixups.fold import Fold, plan_fold, scale_tensor
+from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
@@ -182,14 +191,54 @@ def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
                               f"'{plan.model}' had{hint}")
 
 
-def _stamp(plan: Plan, ckpt: Checkpoint, shard: str) -> str:
-    """What a done marker holds: this plan, this source shard (name and size)."""
-    text = json.dumps([plan.to_dict(), shard, ckpt.shard_bytes(shard)], sort_keys=True)
+def _stamp(plan: Plan, ckpt: Checkpoint, shard: str, fold: Fold | None) -> str:
+    """What a done marker holds: this plan, this source shard (name and size), the fold."""
+    folds = None if fold is None else [fold.scaled, fold.elements]
+    text = json.dumps([plan.to_dict(), shard, ckpt.shard_bytes(shard), folds], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None
+          ) -> tuple[Fold | None, ConfigUpdate | None, str]:
+    """The fold an export would make on the pruned model, planned on the weightless
+    ``meta`` copy: the fold (None if none), the config update, and a note for people."""
+    constants = None if update is None or update.ok else differing_constants(meta)
+    if update is None or not constants:
+        return None, update, ""
+    graph = None
+    for dtype in (torch.float32, torch.long):  # float inputs, then token ids
+        inputs = tuple(torch.zeros(s, dtype=dtype, device="meta")
+                       for s in plan.input_shapes if s is not None)
+        try:
+            graph = trace(meta, inputs)
+            break
+        except TraceError:
+            continue
+    fold = plan_fold(graph, meta, constants) if graph is not None else \
+        Fold(reason="cannot trace the weightless model to fold constants")
+    if not fold.reason and fold.unread:
+        fold.reason = (f"{', '.join(fold.unread)} is read by no op of the weightless trace; "
+                       f"only a forward with weights could confirm that it just follows the "
+                       f"config (export the pruned model in memory)")
+    if fold.reason:
+        update.reason += f"; not folded: {fold.reason}"
+        return None, update, ""
+    for (mod, attr), new in constants.items():
+        setattr(meta.get_submodule(mod), attr, new)
+    again = update_config(meta)
+    if not again.ok:
+        update.reason = f"{again.reason} (after folding {', '.join(fold.constants)} into the " \
+                        f"weights)"
+        return None, update, ""
+    note = (", ".join(f"{k} {v[0]:.6g} -> {v[1]:.6g}" for k, v in fold.constants.items())
+            + f" as the config derives them; the ratios are folded into {len(fold.scaled)} "
+              f"weights (planned on the weightless trace, as the export plans it; the export "
+              f"also checks it with a forward)")
+    return fold, ConfigUpdate({**update.changed, **again.changed}, ok=True), note
+
+
 def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch.Tensor]],
-               target: Path) -> int:
+               target: Path, fold: Fold | None = None) -> int:
     """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors.
 
     The output's safetensors header is known before any weight is read (shapes from the
@@ -229,6 +278,8 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
                 t = f.get_tensor(name)
                 for dim, idx in sorted(keeps.get(name, {}).items()):
                     t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
+                if fold is not None and name in fold.scaled:  # as the export folds it
+                    scale_tensor(t, fold.scaled[name], fold.elements.get(name))
                 out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
                 del t
     os.replace(tmp, target)
@@ -282,7 +333,7 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
     _check_fingerprint(plan, ckpt, meta)
     replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
     keeps = plan.keeps(dict(plan.fingerprint.tensors))
-    update = replay.config
+    fold, update, note = _fold(meta, plan, replay.config)
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
         ckpt.shard_bytes(s) for s in ckpt.shards))
@@ -294,18 +345,20 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
                                f"explorer.load_pruned)")
     elif update is not None:
         result.config_changed = dict(update.changed)
+        if note:
+            result.messages.append(note)
 
     (dst / _MARKERS).mkdir(parents=True, exist_ok=True)
     total = 0
     for shard in ckpt.shards:
         target, marker = dst / shard, dst / _MARKERS / (shard + ".done")
-        stamp = _stamp(plan, ckpt, shard)
+        stamp = _stamp(plan, ckpt, shard, fold)
         if target.is_file() and marker.is_file() and marker.read_text() == stamp:
             result.skipped.append(shard)
             total += _output_bytes(ckpt, shard, dst)
             continue
         marker.unlink(missing_ok=True)
-        total += _cut_shard(ckpt, shard, keeps, target)
+        total += _cut_shard(ckpt, shard, keeps, target, fold)
         marker.write_text(stamp)
         result.written.append(shard)
     _finish(ckpt, plan, dst, result, total)

@@ -50,9 +50,11 @@ def patch_attention(model: nn.Module, coupling: Coupling,
             owner = head_owner(model, member.module)
             if owner is not None:
                 by_owner.setdefault(owner, []).append((member, fams))
+        pieces = coupling.pieces_of(group)
         for name, members in by_owner.items():
-            old = head_counts(group.axes, members, head_dims=coupling.head_dims)
-            new = head_counts(group.axes, members, kept_axis, head_dims=coupling.head_dims)
+            old = head_counts(group.axes, members, head_dims=coupling.head_dims, pieces=pieces)
+            new = head_counts(group.axes, members, kept_axis, head_dims=coupling.head_dims,
+                              pieces=pieces)
             if old is None or new is None:
                 continue
             module = model.get_submodule(name)

@@ -16,9 +16,15 @@ through ops that are linear in it to the parameters that produce it. Every value
 must be used only inside that cone (else scaling it would change another use), and a
 forward on the example inputs must give the same outputs before and after, or nothing is
 folded.
+
+A fused projection (GPT-NeoX's ``query_key_value``, split into q, k and v after a view) is
+scaled in part: where the walk meets an op that picks part of its input (split, slice,
+select, a constant index) whose other parts go elsewhere, only the rows of the projection
+that produce the picked part are scaled (`explorer.prune.fixups.fused`).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,18 +38,13 @@ from ...graph.ir import Graph, OpNode, ValueKind, ValueRef
 from ...graph.ops import ATTENTION_OPS
 from ...graph.tracer import TraceError, trace
 from ...graph.walk import flat_floats
+from .fused import MATMUL, REARRANGE, SELECT, projection_parts
 
-__all__ = ["Fold", "folded"]
+__all__ = ["Fold", "folded", "plan_fold", "scale_tensor"]
 
 aten = torch.ops.aten
-# ops whose output is the first tensor argument rearranged (linear, one input)
-_REARRANGE = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute,
-              aten.t, aten.clone, aten.contiguous, aten.expand, aten.unsqueeze,
-              aten.squeeze, aten.alias, aten.slice, aten.select, aten.neg, aten.detach,
-              aten._to_copy, aten.flatten, aten.lift_fresh}
 _SUM = {aten.add, aten.sub, aten.cat, aten.stack}  # linear when every input is in the cone
 _PRODUCT = {aten.mul, aten.div}  # linear in the one operand that depends on parameters
-_MATMUL = {aten.addmm, aten.linear, aten.mm, aten.matmul, aten.bmm, aten.embedding}
 
 
 @dataclass
@@ -52,7 +53,12 @@ class Fold:
 
     constants: dict[str, list[float]] = field(default_factory=dict)  # "mod.attr" -> [old, new]
     scaled: dict[str, float] = field(default_factory=dict)  # parameter -> factor
+    # parameter -> (dim, indices along it) the factor applies to, when only part of it
+    # produces the scaled value (the q rows of a fused projection); absent: all of it
+    elements: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     buffers: dict[str, float] = field(default_factory=dict)  # one-element buffer -> new value
+    # constants read by no traced op: they follow the config, only a forward can confirm it
+    unread: list[str] = field(default_factory=list)
     reason: str = ""  # why nothing was folded ("" when every constant was)
 
 
@@ -92,36 +98,67 @@ def _has_param(graph: Graph, vid: int, producers: dict[int, OpNode],
     return False
 
 
-def _cone(graph: Graph, start: int) -> tuple[set[int], set[str]] | str:
-    """Values between ``start`` and the parameters it is linear in, and those parameters'
-    names; or why ``start`` is not such a linear function."""
+@dataclass
+class _Cone:
+    """What scaling one operand reaches: the values scaled whole, the parameters scaled
+    whole and the parameters scaled in part (a dim and the indices along it)."""
+
+    values: set[int] = field(default_factory=set)
+    params: set[str] = field(default_factory=set)
+    elements: dict[str, tuple[int, set[int]]] = field(default_factory=dict)  # (dim, indices)
+
+
+def _cone(graph: Graph, start: int) -> _Cone | str:
+    """Values between ``start`` and the parameters it is linear in, and those parameters
+    (in part where a fused projection produces it); or why ``start`` is not such a linear
+    function.
+
+    The walk goes back from ``start``. The input of an op that picks part of it waits until
+    every later value is placed: when all its users' outputs are in the cone it is scaled
+    whole, else only the part the cone picks (`_partial`).
+    """
     producers = _producers(graph)
     memo: dict[int, bool] = {}
-    cone: set[int] = set()
-    params: set[str] = set()
+    cone = _Cone()
+    waiting: list[tuple[int, int]] = []  # (-producer index, value): latest first
+    partial: set[int] = set()
     stack = [start]
-    while stack:
-        vid = stack.pop()
-        if vid in cone:
+    consumers = _consumers(graph)
+    while stack or waiting:
+        if not stack:
+            _, vid = heapq.heappop(waiting)
+            if vid in cone.values or vid in partial:
+                continue
+            users = consumers.get(vid, [])
+            if all(o in cone.values for u in users for o in u.outputs if o is not None):
+                stack.append(vid)
+            else:
+                partial.add(vid)
             continue
-        cone.add(vid)
+        vid = stack.pop()
+        if vid in cone.values:
+            continue
+        cone.values.add(vid)
         value = graph.values[vid]
         if value.kind is ValueKind.PARAM:
-            params.add(str(value.name))
+            cone.params.add(str(value.name))
             continue
         node = producers.get(vid)
         if node is None:
             return f"it reaches the {value.kind.value} '{value.name}' that is not a weight"
         packet = node.op.overloadpacket
         ins = graph.tensor_ids((node.args, node.kwargs))
-        if packet in _REARRANGE or packet in _SUM:
+        if packet in SELECT and isinstance(node.args[0], ValueRef):
+            source = node.args[0].vid
+            heapq.heappush(waiting, (-_order(source, producers), source))
+        elif packet in REARRANGE or packet in _SUM:
             stack.extend(ins)
         elif packet in _PRODUCT:
             live = [v for v in ins if _has_param(graph, v, producers, memo)]
             if len(live) != 1 or (packet is aten.div and ins and live[0] != ins[0]):
                 return f"{node.short} at {node.location or node.module} is not linear in it"
             stack.append(live[0])
-        elif packet in _MATMUL:
+        elif packet in MATMUL:
             weights = [v for v in ins if _has_param(graph, v, producers, memo)
                        and _only_params(graph, v, producers)]
             live = [v for v in ins if _has_param(graph, v, producers, memo)]
@@ -133,14 +170,24 @@ def _cone(graph: Graph, start: int) -> tuple[set[int], set[str]] | str:
                 return f"{node.short} at {node.location or node.module} has no weight"
         else:
             return f"{node.short} at {node.location or node.module} is not linear in it"
-    return cone, params
+    if partial:
+        parts = projection_parts(graph, partial, cone.values, producers, consumers)
+        if isinstance(parts, str):
+            return parts
+        cone.elements = parts
+    return cone
+
+
+def _order(vid: int, producers: dict[int, OpNode]) -> int:
+    node = producers.get(vid)
+    return -1 if node is None else node.index
 
 
 def _only_params(graph: Graph, vid: int, producers: dict[int, OpNode]) -> bool:
     """Whether ``vid`` is a parameter, or a rearrangement of one (``t(weight)``)."""
     while graph.values[vid].kind is not ValueKind.PARAM:
         node = producers.get(vid)
-        if node is None or node.op.overloadpacket not in _REARRANGE:
+        if node is None or node.op.overloadpacket not in REARRANGE:
             return False
         vid = graph.tensor_ids(node.args)[0]
     return True
@@ -160,6 +207,47 @@ def _uses(node: OpNode, value: float) -> list[int]:
     return []
 
 
+def _halved_uses(graph: Graph, mod: str, value: float, consumers: dict[int, list[OpNode]]
+                 ) -> list[tuple[OpNode, int]]:
+    """SDPA as its math decomposition runs it (on ``meta``, where no fused kernel is
+    picked): ``q * sqrt(scale)`` and ``k.T * sqrt(scale)`` into one ``bmm``. The pair is one
+    use of ``scale``; q, the left operand's tensor, absorbs the whole ratio (the same
+    operand the fused kernel's ``scale=`` names, so both traces fold the same weights)."""
+    root = math.sqrt(value)
+    sides: dict[int, dict[int, OpNode]] = {}  # bmm index -> operand position -> its mul
+    for node in graph.ops:
+        if node.module != mod or node.op.overloadpacket is not aten.mul or \
+                len(node.args) != 2 or not isinstance(node.args[0], ValueRef) or \
+                not isinstance(node.args[1], float) or \
+                not math.isclose(node.args[1], root, rel_tol=1e-9):
+            continue
+        reached = _reaches_matmul(graph, node, consumers)
+        if reached is not None:
+            sides.setdefault(reached[0].index, {})[reached[1]] = node
+    return [(pair[0], pair[0].args[0].vid) for pair in sides.values()
+            if set(pair) == {0, 1} and isinstance(pair[0].args[0], ValueRef)]
+
+
+def _reaches_matmul(graph: Graph, node: OpNode, consumers: dict[int, list[OpNode]]
+                    ) -> tuple[OpNode, int] | None:
+    """The ``bmm``/``matmul`` the output of ``node`` feeds through rearranging ops only,
+    and the operand position it feeds (None when it goes anywhere else)."""
+    vid = node.outputs[0]
+    while vid is not None:
+        users = consumers.get(vid, [])
+        if len(users) != 1:
+            return None
+        (user,) = users
+        if user.op.overloadpacket in (aten.bmm, aten.matmul):
+            refs = [i for i, a in enumerate(user.args[:2])
+                    if isinstance(a, ValueRef) and a.vid == vid]
+            return (user, refs[0]) if len(refs) == 1 else None
+        if user.op.overloadpacket not in REARRANGE:
+            return None
+        vid = user.outputs[0]
+    return None
+
+
 def _buffer_uses(graph: Graph, module: nn.Module, mod: str, old: float,
                  consumers: dict[int, list[OpNode]]) -> tuple[list[str], list[tuple[OpNode, int]]]:
     """One-element buffers of ``module`` holding ``old`` (Gemma2 keeps its embedding scale
@@ -175,7 +263,7 @@ def _buffer_uses(graph: Graph, module: nn.Module, mod: str, old: float,
         vid = stack.pop()
         for node in consumers.get(vid, []):
             ins = graph.tensor_ids(node.args)
-            if node.op.overloadpacket in _REARRANGE and ins[:1] == [vid]:
+            if node.op.overloadpacket in REARRANGE and ins[:1] == [vid]:
                 stack.extend(o for o in node.outputs if o is not None)
             elif node.op.overloadpacket is aten.mul and len(ins) == 2 and vid in ins:
                 uses.append((node, ins[1 - ins.index(vid)]))
@@ -191,6 +279,7 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
         old = getattr(model.get_submodule(mod), attr)
         uses = [(node, vid) for node in graph.ops if node.module == mod
                 for vid in _uses(node, float(old))]
+        uses += _halved_uses(graph, mod, float(old), consumers)
         buffers, more = _buffer_uses(graph, model.get_submodule(mod), mod, float(old),
                                      consumers)
         uses += more
@@ -198,34 +287,74 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
         if not uses:  # read by no traced op (a branch not taken): it just follows the
             # config; the forward check below catches a use this search does not see,
             # except through a buffer the constructor computed from it (not compared)
-            recomputed = sorted(model.get_submodule(mod)._non_persistent_buffers_set)
+            owner = model.get_submodule(mod)
+            recomputed = sorted(owner._non_persistent_buffers_set)
             if recomputed:
                 fold.reason = (f"{mod}.{attr} is read by no traced op, and '{mod}' holds "
                                f"buffers a load recomputes ({', '.join(recomputed)})")
+                if any(getattr(owner, b).device.type == "meta" for b in recomputed):
+                    fold.reason += (" whose values a weightless (meta) copy does not have: "
+                                    "export the pruned model in memory to fold them")
                 return fold
             fold.constants[f"{mod}.{attr}"] = [float(old), new]
+            fold.unread.append(f"{mod}.{attr}")
             continue
         for node, vid in uses:
             found = _cone(graph, vid)
             if isinstance(found, str):
                 fold.reason = f"{mod}.{attr} scales a value that cannot absorb it: {found}"
                 return fold
-            cone, params = found
-            for v in cone:  # scaling the cone must change nothing but this use
+            for v in found.values:  # scaling the cone must change nothing but this use
                 for user in consumers.get(v, []):
-                    if user is not node and not any(o in cone for o in user.outputs
+                    if user is not node and not any(o in found.values for o in user.outputs
                                                     if o is not None):
                         fold.reason = (f"{mod}.{attr}: a value it scales is also used by "
                                        f"{user.short} at {user.location or user.module}")
                         return fold
             factor = float(old) / new
-            for p in params:
+            for p in [*found.params, *found.elements]:
                 if fold.scaled.get(p, factor) != factor:
                     fold.reason = f"'{p}' would absorb two different constants"
                     return fold
-                fold.scaled[p] = factor
+            fold.reason = _merge_elements(fold, found, model)
+            if fold.reason:
+                return fold
+            fold.scaled.update(dict.fromkeys([*found.params, *found.elements], factor))
         fold.constants[f"{mod}.{attr}"] = [float(old), new]
     return fold
+
+
+def _merge_elements(fold: Fold, found: _Cone, model: nn.Module) -> str:
+    """Record the parts of parameters ``found`` scales (before `Fold.scaled` takes them);
+    a parameter one use scales whole is scaled whole. Returns why two uses disagree."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    whole = {n for n in fold.scaled if n not in fold.elements} | found.params
+    for name in found.params:
+        fold.elements.pop(name, None)
+    for name, (dim, idx) in found.elements.items():
+        if name in whole:
+            continue
+        before = fold.elements.get(name, (dim, []))
+        if before[0] != dim:
+            return f"two parts of '{name}' along different dims absorb it"
+        merged = set(before[1]) | idx
+        if name in shapes and len(merged) == shapes[name][dim]:
+            fold.elements.pop(name, None)
+        else:
+            fold.elements[name] = (dim, sorted(merged))
+    return ""
+
+
+def scale_tensor(t: torch.Tensor, factor: float, part: tuple[int, Sequence[int]] | None
+                 ) -> None:
+    """Multiply ``t`` in place by ``factor``, only at the indices ``part[1]`` along dim
+    ``part[0]`` when given: the one operation the in-memory export and the streamed replay
+    both run (same bits)."""
+    if part is None:
+        t.mul_(factor)
+        return
+    index = torch.as_tensor(part[1], dtype=torch.long)
+    t.index_copy_(part[0], index, t.index_select(part[0], index) * factor)
 
 
 @contextmanager
@@ -256,7 +385,7 @@ def folded(model: nn.Module, constants: dict[tuple[str, str], float],
             try:
                 before = flat_floats(model(*inputs))
                 for name, factor in fold.scaled.items():
-                    params[name].mul_(factor)
+                    scale_tensor(params[name], factor, fold.elements.get(name))
                 for name, value in fold.buffers.items():
                     params[name].fill_(value)
                 for (mod, attr), new in constants.items():
