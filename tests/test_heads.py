@@ -133,3 +133,27 @@ def test_multihead_attention_structure_and_verdict() -> None:
     verdict = Preflight(model, (x,), mg.coupling).check(removal)
     # nn.MultiheadAttention derives head_dim from embed_dim: head dims alone cannot change.
     assert not verdict.ok and verdict.error
+
+
+def test_head_counts_reads_no_kv_heads_from_a_piece_without_heads() -> None:
+    """A member piece that spans the head dim but no head axis (a positional table tied to
+    the head dims of every block, as EVA-02's rope) is not a key with fewer heads: the
+    empty set of heads is a subset of every set, and read as one it made kv_heads 1."""
+    from explorer.coupling.analyze import head_counts
+    from explorer.coupling.groups import Axis, Member
+    from explorer.coupling.vocab import AxisRole
+
+    axes = [Axis(0, 3, AxisRole.HEADS, True, ""), Axis(1, 3, AxisRole.HEADS, True, ""),
+            Axis(2, 32, AxisRole.HEAD_DIM, True, "")]
+    q0 = Member("blocks.0.attn.qkv", "blocks.0.attn.qkv.weight", 0, 96, rank=2)
+    q1 = Member("blocks.1.attn.qkv", "blocks.1.attn.qkv.weight", 0, 96, rank=2)
+    table = Member("rope", "rope.pos_embed", 1, 32, buffer=True, rank=2)
+    members = [(q0, {0, 2}), (q1, {1, 2}), (table, {2})]
+    pieces = {q0: [frozenset({0, 2})], q1: [frozenset({1, 2})], table: [frozenset({2})]}
+    assert head_counts(axes, members, pieces=pieces)[2] is None  # type: ignore[index]
+    # a real key piece with fewer heads is still read: GQA in a fused projection
+    axes_gqa = [Axis(0, 2, AxisRole.HEADS, True, ""), Axis(1, 4, AxisRole.HEAD_REPEAT, True, ""),
+                Axis(2, 8, AxisRole.HEAD_DIM, True, "")]
+    qkv = Member("attn.qkv", "attn.qkv.weight", 0, 96, rank=2)
+    fused = {qkv: [frozenset({0, 1, 2}), frozenset({0, 2})]}
+    assert head_counts(axes_gqa, [(qkv, {0, 1, 2})], pieces=fused)[2] == 2  # type: ignore[index]

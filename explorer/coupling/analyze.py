@@ -81,6 +81,7 @@ class Coupling:
             for ids in ctx.dims(vid):
                 ctx.sp.pin(ids, f"model output (shape {list(value.shape)})", PinKind.MODEL_IO)
         ctx.sp.retire(list(ctx.sp.dims))
+        ctx.sp.done()
         self.unknown_ops = ctx.unknown
         self.head_dims = _traced_head_dims(graph)
         self._ctx = ctx
@@ -660,7 +661,7 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
         copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # the q/k/v split
         head_dim = q_member.size // max(heads * copies, 1)
     rows = [(m, set(p)) for m, f in members for p in (pieces or {}).get(m, [frozenset(f)])]
-    kv = [r & head_fams for _m, r in rows if r & head_fams < q_heads]
+    kv = [h for _m, r in rows if (h := r & head_fams) and h < q_heads]  # () < any set
     kv_heads = int(np.prod([size[f] for f in kv[0]])) if kv else None
     if kv_heads is None and any(qk.family in f and not f & head_fams and m.rank >= 2
                                 and not m.buffer for m, f in rows):

@@ -228,6 +228,11 @@ class Spaces:
             if dims is not None:
                 self.dims[vid] = [d if isinstance(d, Runs) else self.runs_of(d) for d in dims]
 
+    def done(self) -> None:
+        """The rules are over: drop the cache of runs (its weak references would also keep
+        the store from being copied or pickled)."""
+        self._runs.clear()
+
     def runs_of(self, ids: IdArray) -> Runs:
         """The runs of an id array, computed once per array while it lives (rules pass the
         same arrays around: views, residual streams; a fresh dim is known to be one run)."""
