@@ -263,7 +263,7 @@ class Coupling:
             head_info = _head_info(axes, [(self._members[m].member, self.member_families(m))
                                           for m in mids], self.head_dims,
                                    {self._members[m].member: self.member_pieces(m)
-                                    for m in mids})
+                                    for m in mids} if has_heads else {})
             channels = int(np.prod([a.size for a in axes if a.role is not AxisRole.FIXED]
                                    or [0]))
             prunable = any(a.prunable for a in axes)
@@ -429,6 +429,9 @@ class Coupling:
         dims) and key/value pieces (kv heads x fixed position x dims)."""
         a = self._member_rows(self._members[index])
         fams = np.where(a >= 0, self.family_of[np.maximum(a, 0)], -1)
+        if len(fams):  # distinct rows in order (one row per channel when not over intervals)
+            _rows, first = np.unique(fams, axis=0, return_index=True)
+            fams = fams[np.sort(first)]
         rows = (frozenset(int(f) for f in row if f >= 0) for row in fams)
         return list(dict.fromkeys(r for r in rows if r))
 
