@@ -36,7 +36,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,7 @@ def _stamp(plan: Plan, ckpt: Checkpoint, shard: str, fold: Fold | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None
+def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None, names: Collection[str]
           ) -> tuple[Fold | None, ConfigUpdate | None, str]:
     """The fold an export would make on the pruned model, planned on the weightless
     ``meta`` copy: the fold (None if none), the config update, and a note for people."""
@@ -216,6 +216,10 @@ def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None
             continue
     fold = plan_fold(graph, meta, constants) if graph is not None else \
         Fold(reason="cannot trace the weightless model to fold constants")
+    missing = [n for n in fold.scaled if n not in names]
+    if not fold.reason and missing:  # tied or renamed in the checkpoint: it cannot be scaled
+        fold.reason = (f"the weight '{missing[0]}' the ratio would be folded into is not a "
+                       f"tensor of the checkpoint (tied or saved under another name)")
     if not fold.reason and fold.unread:
         fold.reason = (f"{', '.join(fold.unread)} is read by no op of the weightless trace; "
                        f"only a forward with weights could confirm that it just follows the "
@@ -333,7 +337,7 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
     _check_fingerprint(plan, ckpt, meta)
     replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
     keeps = plan.keeps(dict(plan.fingerprint.tensors))
-    fold, update, note = _fold(meta, plan, replay.config)
+    fold, update, note = _fold(meta, plan, replay.config, ckpt.shapes)
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
         ckpt.shard_bytes(s) for s in ckpt.shards))
