@@ -264,7 +264,7 @@ class Session:
         if progress:
             progress(0.95, f"applying {len(sol.safe)} groups and analysing the result")
         safe = [p for p in pending if p.key in set(sol.safe)]
-        ok = self._apply(sol.removal(parts), safe, None, Verdict(True))
+        ok = self._apply(sol.removal(parts), safe, None, self._traced_here(sol.verdict))
         if ok:
             self._record({"do": "accept_all"})
         if ok and unsafe:
@@ -578,6 +578,16 @@ class Session:
         self.message = Message.success(f"accepted {len(accepted)} group(s): params "
                                           f"{before:,} -> {self.params:,}")
         return True
+
+    def _traced_here(self, verdict: Verdict | None) -> Verdict:
+        """The solver's passing pre-flight of the removal about to be applied, when its trace
+        of the pruned copy ran where the model runs (a model on meta: the trace applying
+        would make again); else a verdict without a graph, so applying traces the model."""
+        if verdict is None or verdict.graph is None:
+            return Verdict(True)
+        first = next(iter(self.model.parameters()), None)
+        here = str(first.device) if first is not None else "cpu"
+        return verdict if verdict.graph.device == here else Verdict(True)
 
     def _undo_apply(self) -> None:
         self.pruner.undo()

@@ -38,6 +38,9 @@ class Solution(Generic[K]):
     joint: list[JointSet[K]] = field(default_factory=list)
     unsafe: dict[K, Verdict] = field(default_factory=dict)  # left out, with the alone verdict
     rescaled: dict[K, Removal] = field(default_factory=dict)  # joint parts at one fraction
+    # the passing pre-flight of exactly `removal` when one ran (its trace of the pruned copy
+    # spares the caller a trace of the model after applying it); None when none did
+    verdict: Verdict | None = None
 
     def removal(self, parts: Mapping[K, Removal]) -> Removal:
         """The union of the safe parts (joint parts rescaled to a common fraction, if so)."""
@@ -49,7 +52,10 @@ def merge(removals: Iterable[Removal]) -> Removal:
     out = Removal()
     for r in removals:
         for (g, a), idx in r.picks.items():
-            out.add(g, a, idx)
+            if (g, a) in out.picks:
+                out.add(g, a, idx)
+            else:  # the first pick of an axis: what `Removal.add` keeps, without its loop
+                out.picks[(g, a)] = list(dict.fromkeys(idx))
     return out
 
 
@@ -61,6 +67,27 @@ Progress = Callable[[float, str], None]
 
 
 Rescale = Callable[[list[Removal]], list[Removal]]  # parts -> the same at one fraction
+Check = Callable[[Removal], Verdict]
+
+
+class _Checks:
+    """``flight.check`` that remembers the last passing removal and its verdict."""
+
+    def __init__(self, flight: Preflight) -> None:
+        self.flight = flight
+        self.last: tuple[Removal, Verdict] | None = None
+
+    def __call__(self, removal: Removal) -> Verdict:
+        verdict = self.flight.check(removal)
+        if verdict.ok:
+            self.last = (removal, verdict)
+        return verdict
+
+    def of(self, removal: Removal) -> Verdict | None:
+        """The passing verdict of exactly ``removal`` when it was the last one checked."""
+        if self.last is None or self.last[0].picks != removal.picks:
+            return None
+        return self.last[1]
 
 
 def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
@@ -79,21 +106,22 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
     sol: Solution[K] = Solution()
     verdicts: dict[K, Verdict] = {}
     tell = progress or (lambda _f, _t: None)
+    check = _Checks(flight)
     if alone:
         failed = []
         for i, k in enumerate(keys):
             tell(i / max(len(keys), 1), f"pre-flight of group {i + 1} of {len(keys)}, alone")
-            v = flight.check(parts[k])
+            v = check(parts[k])
             if v.ok:
                 sol.safe.append(k)
             else:
                 verdicts[k] = v
                 failed.append(k)
-        if failed and sol.safe and not flight.check(sol.removal(parts)).ok:
+        if failed and sol.safe and not check(sol.removal(parts)).ok:
             # safe alone but not together: fall back to the bisection for the whole set
             return solve(flight, parts, alone=False, progress=progress, rescale=rescale)
     else:
-        failed = _bisect(flight, parts, keys, sol.safe, verdicts, tell, len(keys))
+        failed = _bisect(check, parts, keys, sol.safe, verdicts, tell, len(keys))
     clusters: dict[str, list[K]] = {}
     for k in failed:
         clusters.setdefault(_where(verdicts[k]), []).append(k)
@@ -103,7 +131,7 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
             continue  # a lone part failed alone at its own line: it joins a set when named
         ids, merged = list(clusters[start]), [start]
         while True:
-            verdict, together = _together(flight, sol.removal(parts), [parts[k] for k in ids],
+            verdict, together = _together(check, sol.removal(parts), [parts[k] for k in ids],
                                           rescale)
             if verdict.ok:
                 break
@@ -122,26 +150,28 @@ def solve(flight: Preflight, parts: Mapping[K, Removal], alone: bool = False,
         sol.safe.extend(ids)
         sol.joint.append(JointSet(ids, start, verdicts[ids[0]].module))
     sol.unsafe = {k: verdicts[k] for k in failed if k not in sol.safe}
+    if sol.safe:
+        sol.verdict = check.of(sol.removal(parts))
     return sol
 
 
-def _together(flight: Preflight, base: Removal, together: list[Removal],
+def _together(check: Check, base: Removal, together: list[Removal],
               rescale: Rescale | None) -> tuple[Verdict, list[Removal] | None]:
     """The check of ``together`` with ``base`` as proposed and, when that fails and
     ``rescale`` is given, at one common fraction; the rescaled parts when those ran."""
-    verdict = flight.check(merge([base, *together]))
+    verdict = check(merge([base, *together]))
     if verdict.ok or rescale is None:
         return verdict, None
     scaled = rescale(together)
-    return flight.check(merge([base, *scaled])), scaled
+    return check(merge([base, *scaled])), scaled
 
 
-def _bisect(flight: Preflight, parts: Mapping[K, Removal], ids: Sequence[K], safe: list[K],
+def _bisect(check: Check, parts: Mapping[K, Removal], ids: Sequence[K], safe: list[K],
             verdicts: dict[K, Verdict], tell: Progress, total: int) -> list[K]:
     """Add to ``safe`` the parts of ``ids`` that run with it; return the failing ones."""
     tell((len(safe) + len(verdicts)) / max(total, 1),
          f"pre-flight of {len(ids)} group(s) together ({len(safe)} of {total} safe so far)")
-    verdict = flight.check(merge(parts[k] for k in [*safe, *ids]))
+    verdict = check(merge(parts[k] for k in [*safe, *ids]))
     if verdict.ok:
         safe.extend(ids)
         return []
@@ -149,5 +179,5 @@ def _bisect(flight: Preflight, parts: Mapping[K, Removal], ids: Sequence[K], saf
         verdicts[ids[0]] = verdict
         return list(ids)
     half = len(ids) // 2
-    return (_bisect(flight, parts, ids[:half], safe, verdicts, tell, total)
-            + _bisect(flight, parts, ids[half:], safe, verdicts, tell, total))
+    return (_bisect(check, parts, ids[:half], safe, verdicts, tell, total)
+            + _bisect(check, parts, ids[half:], safe, verdicts, tell, total))

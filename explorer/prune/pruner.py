@@ -332,6 +332,11 @@ class Pruner:
         if ratio is None:
             ratio = self._step_ratio()
         cands, skipped = self.candidates()
+        return self._propose(cands, skipped, ratio)
+
+    def _propose(self, cands: list[Candidate], skipped: list[Skip], ratio: float
+                 ) -> tuple[Removal, list[GroupChange], list[Skip]]:
+        """`propose` over candidates already scored (``skipped`` is extended)."""
         counts = (self._global_counts(cands, ratio) if self.global_pruning
                   else self._local_counts(cands, ratio))
         removal, changes = Removal(), []
@@ -426,8 +431,8 @@ class Pruner:
         """This step's proposal for every group it would cut, bound to this pruner (cached
         until the next cut or settings change)."""
         if self._pending is None or self._pending[:2] != (self.version, self.settings()):
-            removal, changes, _skipped = self.propose()
-            cands, _ = self.candidates()
+            cands, skipped = self.candidates()  # scored once: the picks and the charts
+            removal, changes, _skipped = self._propose(cands, skipped, self._step_ratio())
             scores = {(c.group.id, c.axis): c.scores for c in cands}
             by_group: dict[int, list[tuple[int, GroupChange]]] = {}
             for (gid, axis), change in zip(removal.picks, changes, strict=True):

@@ -28,11 +28,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["ConfigUpdate", "differing_constants", "update_config"]
 
 Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
 Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
+_Values = tuple[tuple[Slot, int | None], ...]  # a set of slot values, as a dict key
 _PROBE = 8  # the value a None field is probed with (and twice it)
 _MAX_BUILDS = 120  # meta builds per update, at most, while searching for the config
 # Config fields that never follow a pruned width (probing them only costs builds).
@@ -80,9 +82,8 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     ours = _observe(model)
     doubled = _doublings(model, config, _observe(base))
     readings, candidates = _readings(model, config, base, ours)
-    values = _search(model, config, ours, readings, candidates)
+    values, fresh = _search(model, config, ours, readings, candidates)
     candidate = _with(config, values)
-    fresh = _build(model, candidate)
     if not isinstance(fresh, str):
         _explain_constants(model, candidate, fresh, doubled)
         shape_problem, found = _mismatch(model, candidate, fresh)
@@ -129,12 +130,39 @@ def differing_constants(model: nn.Module) -> dict[tuple[str, str], float] | None
     return out
 
 
+# Weight initialisers a build calls (as `torch.nn.init` functions or tensor methods).
+_INITS = frozenset(id(f) for f in (
+    *(getattr(torch.nn.init, n) for n in (
+        "constant_", "dirac_", "eye_", "kaiming_normal_", "kaiming_uniform_", "normal_",
+        "ones_", "orthogonal_", "sparse_", "trunc_normal_", "uniform_", "xavier_normal_",
+        "xavier_uniform_", "zeros_") if hasattr(torch.nn.init, n)),
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_))
+
+
+class _NoInit(TorchFunctionMode):
+    """Skips weight initialisers on meta tensors, in this thread only, while a build runs.
+
+    A meta tensor holds no values, so filling one changes nothing a build is read for (tensor
+    shapes and module attributes); the calls only cost time (about 40 % of a 7B-shape
+    build, and an update makes up to `_MAX_BUILDS` of them).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if id(func) in _INITS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def _build(model: nn.Module, config: Any) -> nn.Module | str:
     """``type(model)(config)`` on meta, or why it cannot be built."""
     if config is None:
         return "the config refuses the value"
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInit():
             return type(model)(config)
     except Exception as e:  # noqa: BLE001 - any build error means "config cannot say this"
         return (f"building {type(model).__name__} from the config raised "
@@ -294,24 +322,37 @@ def _distance(ours: dict[Key, float], fresh: nn.Module) -> tuple[int, int]:
 
 def _search(model: nn.Module, config: Any, ours: dict[Key, float],
             readings: dict[Slot, list[_Reading]], candidates: dict[Slot, list[int | None]]
-            ) -> dict[Slot, int | None]:
+            ) -> tuple[dict[Slot, int | None], nn.Module | str]:
     """Slot values whose build matches the pruned model best: start from the best-voted
     values and change one slot at a time while that lowers `_distance`. Slots that a
     module attribute states outright (``head_dim``) move last: a shape that disagrees with
-    them is fixed on the slots no module states (the head count of a llama attention)."""
+    them is fixed on the slots no module states (the head count of a llama attention).
+
+    Returns the values and their build (or why it failed). Each set of values is built once:
+    a step comes back to the values it left (a trial of the slot it moved) and the answer
+    is built already; the budget `_MAX_BUILDS` counts the trials as before.
+    """
     current = {slot: cands[0] for slot, cands in candidates.items()}
     anchored = {slot for slot, found in readings.items()
                 if any(r.weight > 1 and r.value == current[slot] for r in found)}
     builds = 0
+    measured: dict[_Values, tuple[int, int] | None] = {}
+    kept: dict[_Values, nn.Module | str] = {}  # builds of values a step may move to
 
     def distance(values: dict[Slot, int | None]) -> tuple[int, int] | None:
         nonlocal builds
         builds += 1
-        fresh = _build(model, _with(config, values))
-        return None if isinstance(fresh, str) else _distance(ours, fresh)
+        key = tuple(values.items())
+        if key not in measured:
+            fresh = _build(model, _with(config, values))
+            measured[key] = None if isinstance(fresh, str) else _distance(ours, fresh)
+            kept[key] = fresh
+        return measured[key]
 
     best = distance(current)
     while best != (0, 0) and builds < _MAX_BUILDS:
+        for old in [k for k in kept if k != tuple(current.items())]:
+            del kept[old]  # only the current values and this step's moves stay built
         moves: list[tuple[bool, tuple[int, int], dict[Slot, int | None]]] = []
         for slot, cands in candidates.items():
             for value in cands:
@@ -321,10 +362,13 @@ def _search(model: nn.Module, config: Any, ours: dict[Key, float],
                 d = distance(trial)
                 if d is not None and (best is None or d < best):
                     moves.append((slot in anchored, d, trial))
+                else:
+                    kept.pop(tuple(trial.items()), None)  # never chosen: free its build
         if not moves:
             break
         _, best, current = min(moves, key=lambda m: (m[0], m[1]))
-    return current
+    key = tuple(current.items())
+    return current, kept[key] if key in kept else _build(model, _with(config, current))
 
 
 def _where(key: Key) -> str:
