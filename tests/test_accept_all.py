@@ -139,6 +139,7 @@ def test_accept_all_equals_the_reference_path(name: str, device: str,
     after = _state(fast)
     assert after == _state(ref)
     assert after["tensors"] != before["tensors"]  # it did cut
+    assert fast.proposals() == [p for p in fast.pruner.pending() if p.key not in fast.decided]
     assert _values(fast.model).keys() == _values(ref.model).keys()
     for n, t in _values(fast.model).items():
         assert torch.equal(t, _values(ref.model)[n]), n

@@ -181,7 +181,7 @@ class Session:
         if self.settings() == old:
             return True
         try:
-            self.proposals()
+            self.pruner.pending()
         except Exception as exc:  # noqa: BLE001 - a criterion may need weights or data
             self.pruner.configure(*old)
             return self._fail(f"cannot use {importance!r} here: {exc}")
@@ -191,6 +191,8 @@ class Session:
 
     def proposals(self) -> list[Proposal]:
         """Proposals for every prunable group not yet accepted or rejected."""
+        if all(g.key in self.decided for g in self.pruner.groups if self.pruner.could_propose(g)):
+            return []  # every group a proposal could be for is decided (after Accept all)
         return [p for p in self.pruner.pending() if p.key not in self.decided]
 
     def current(self) -> Proposal | None:

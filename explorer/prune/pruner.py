@@ -298,6 +298,11 @@ class Pruner:
         return [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles and
                 (a.inner or a.role is AxisRole.HEADS)]
 
+    def could_propose(self, group: Group) -> bool:
+        """Whether `pending` may hold a proposal for ``group``: it is prunable and the head
+        mode leaves it an axis to cut (`candidates` skips the others)."""
+        return group.prunable and bool(self._target_axes(group))
+
     def _group_ratio(self, group: Group, base: float) -> float:
         best = None
         for prefix, r in self.ratios.items():
