@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from explorer.graph.ir import Graph
 from explorer.graph.tracer import trace
 from explorer.graph.walk import tensor_leaves
 from explorer.io.specs import load_model
+from explorer.prune.collector import paused
 from explorer.prune.fixups import hfconfig
 from explorer.prune.joint import merge, solve
 from explorer.prune.preflight import Verdict
@@ -295,3 +297,23 @@ def test_builds_without_initialisers_are_the_same_builds(spec: str) -> None:
     w = torch.empty(4, 4)
     torch.nn.init.constant_(w, 3.0)  # initialisers work again once the build is done
     assert torch.equal(w, torch.full((4, 4), 3.0))
+
+
+def test_collector_pause_restores_the_collector() -> None:
+    assert gc.isenabled()
+    with paused():
+        assert not gc.isenabled()
+        with paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner pause leaves the outer one paused
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()

@@ -14,6 +14,7 @@ from ..graph.ir import Graph
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError, trace
 from ..graph.walk import tensor_leaves, to_device
+from .collector import paused
 from .removal import PruneError, Removal, apply_removal
 
 
@@ -114,9 +115,10 @@ class Preflight:
 
     def check(self, removal: Removal) -> Verdict:
         """Apply ``removal`` to a fresh copy and run the forward; never touches the model."""
-        verdict = self._check(removal)
-        if not verdict.ok and self.device == "meta" and not self._meta_works():
-            verdict = self._check(removal)  # the model needs real values: retry on cpu
+        with paused():  # the copy is garbage after the check (`explorer.prune.collector`)
+            verdict = self._check(removal)
+            if not verdict.ok and self.device == "meta" and not self._meta_works():
+                verdict = self._check(removal)  # the model needs real values: retry on cpu
         return verdict
 
     def _check(self, removal: Removal) -> Verdict:

@@ -18,13 +18,10 @@ module attributes, and rotary frequencies recomputed from it must equal the prun
 from __future__ import annotations
 
 import copy
-import gc
 import inspect
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -32,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from ..collector import paused
 
 __all__ = ["ConfigUpdate", "differing_constants", "update_config"]
 
@@ -72,28 +71,8 @@ def update_config(model: nn.Module) -> ConfigUpdate:
     folder of the model reloads it exactly. The config is left as it was when the widths
     differ between layers or no config can describe the pruned shapes.
     """
-    with _collector_paused():
+    with paused():  # the meta builds are garbage once read: see `explorer.prune.collector`
         return _update_config(model)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused while the meta builds of an update run.
-
-    A build makes some 25,000 containers (modules and their dicts) that live until it has
-    been read and are then freed by reference counting. Collections running meanwhile walk
-    them and promote them to older generations, which soon makes the next collection a full
-    one, over every object of the process: beside a 7B-shape session that is about half of
-    an update's time, for objects that never needed the collector. Enabled again afterwards
-    (when it was enabled).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _update_config(model: nn.Module) -> ConfigUpdate:
