@@ -21,11 +21,11 @@ from torch import nn
 
 from explorer.app.session import Message, Session
 from explorer.demos import dino
+from explorer.graph.collector import paused
 from explorer.graph.ir import Graph
 from explorer.graph.tracer import trace
 from explorer.graph.walk import tensor_leaves
 from explorer.io.specs import load_model
-from explorer.prune.collector import paused
 from explorer.prune.fixups import hfconfig
 from explorer.prune.joint import merge, solve
 from explorer.prune.preflight import Verdict

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
 
+from ..graph.collector import paused
 from ..graph.ir import Graph, Value, ValueKind
 from ..graph.ops import ATTENTION_OPS
 from .context import Ctx, tensor_args
@@ -59,7 +58,7 @@ class Coupling:
                  intervals: bool = True) -> None:
         self.graph = graph
         self.ignored = tuple(ignored)
-        with _gc_paused():
+        with paused():
             self._build(graph, intervals)
 
     def _build(self, graph: Graph, intervals: bool) -> None:
@@ -527,20 +526,6 @@ class FamilyAtoms(Sequence[np.ndarray]):
         """How many atoms family ``fam`` has (without listing them)."""
         units = self._units[fam]
         return len(units) if self._form is None else int(self._form.width[units].sum())
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Python's cycle collector paused: the coupling makes hundreds of thousands of small
-    objects and no cycles, and collections scanning them were a quarter of its time on
-    large models. The caller's setting is restored."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _last_reads(graph: Graph) -> dict[int, list[int]]:

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ..coupling.analyze import Coupling
+from ..graph.collector import paused
 from ..graph.ir import Graph
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError, trace
 from ..graph.walk import tensor_leaves, to_device
-from .collector import paused
 from .removal import PruneError, Removal, apply_removal
 
 

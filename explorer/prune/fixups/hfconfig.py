@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..collector import paused
+from ...graph.collector import paused
 
 __all__ = ["ConfigUpdate", "differing_constants", "update_config"]
 

@@ -6,7 +6,9 @@ builds the architecture on meta a dozen times. Each copy or build is thousands o
 by reference counting. Collections running meanwhile walk them and promote them to the older
 generations, which soon makes a collection a full one, over every object of the process
 (about 0.3 to 0.9 s beside a 7B-shape session, in about every other Accept). Paused, they are
-never promoted; the collector runs as usual on what outlives the pause.
+never promoted; the collector runs as usual on what outlives the pause. The coupling of a
+large model makes hundreds of thousands of small objects and no cycles; collections scanning
+them were a quarter of its time on the 70B shape.
 """
 from __future__ import annotations
 
