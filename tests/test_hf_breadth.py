@@ -11,7 +11,6 @@ Run with ``pytest -m zoo tests/test_hf_breadth.py``.
 """
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -427,22 +426,10 @@ def _shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_checkpoint(model: Any, folder: Path, renamed: bool) -> None:
-    """``save_pretrained``, or (``renamed``) the config with a safetensors file of the
-    module names: transformers 5 saves GPT-NeoX's ``lm_head`` as ``embed_out``, a renaming
-    streaming replay does not follow (it refuses the checkpoint)."""
+def _save_checkpoint(model: Any, folder: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if not renamed:
-            model.save_pretrained(folder)
-            return
-        from safetensors.torch import save_model
-
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]  # as save_pretrained sets them
-        config.dtype = model.dtype
-        config.save_pretrained(folder)
-        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        model.save_pretrained(folder)
 
 
 @pytest.mark.zoo
@@ -457,7 +444,7 @@ def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
     arch = ARCHS[name]
     model: Any = _build(arch)
     x = _inputs(arch)
-    _save_checkpoint(model, tmp_path / "ckpt", renamed=name == "gpt_neox")
+    _save_checkpoint(model, tmp_path / "ckpt")  # GPT-NeoX's lm_head is saved as embed_out
     pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
@@ -471,9 +458,7 @@ def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
     assert any("scaling 0.25 -> 0.353553" in m and "folded into 4 weights" in m
                for m in res.messages), res.messages
     want, got = _shard_tensors(tmp_path / "export" / "hf"), _shard_tensors(tmp_path / "stream")
-    if name == "gpt_neox":  # the export's save_pretrained writes lm_head as embed_out
-        want["lm_head.weight"] = want.pop("embed_out.weight")
-    assert set(got) == set(want)
+    assert set(got) == set(want)  # the checkpoint's own names (embed_out for GPT-NeoX)
     assert [k for k in want if not torch.equal(got[k], want[k])] == []  # bit-identical
     config = json.loads((tmp_path / "stream" / "config.json").read_text())
     assert config == json.loads((tmp_path / "export" / "hf" / "config.json").read_text())
@@ -505,3 +490,25 @@ def test_streamed_replay_cannot_fold_a_buffer_on_meta(tmp_path: Path) -> None:
            "copy does not have: export the pruned model in memory" in res.messages[0]
     again = load_pruned(_build(arch), tmp_path / "stream")
     torch.testing.assert_close(_logits(again, x), _logits(model, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_streamed_replay_refuses_tensors_transformers_converts(tmp_path: Path) -> None:
+    """Mixtral checkpoints store each expert's weights apart, fused into one tensor when
+    transformers loads them: there is no model tensor to cut one checkpoint tensor by, so
+    the streamed replay refuses in one line naming the tensor, and writes nothing."""
+    from explorer.io.stream import StreamError, replay_checkpoint
+
+    arch = ARCHS["mixtral"]
+    model: Any = _build(arch)
+    _save_checkpoint(model, tmp_path / "ckpt")
+    names = _shard_tensors(tmp_path / "ckpt")
+    assert any(".experts.0." in n for n in names)  # saved per expert, as on the Hub
+    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    with pytest.raises(StreamError, match="converted when transformers loads it") as err:
+        replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "stream").exists()

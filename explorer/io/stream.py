@@ -31,6 +31,7 @@ tensors and config an in-memory `explorer.io.export.export` of the pruned model 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -80,9 +81,19 @@ class Checkpoint:
     shards: dict[str, list[str]]  # shard file name -> its tensor names, in file order
     shapes: dict[str, tuple[int, ...]]  # tensor name -> shape
     sharded: bool  # an index file names the shards (else one model.safetensors)
+    # checkpoint name -> the model's name where they differ (see `_model_names`)
+    renamed: dict[str, str] = field(default_factory=dict)
 
     def shard_bytes(self, shard: str) -> int:
         return (self.folder / shard).stat().st_size
+
+    def model_name(self, name: str) -> str:
+        """The model's name of checkpoint tensor ``name``."""
+        return self.renamed.get(name, name)
+
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes under the model's names."""
+        return {self.model_name(n): shape for n, shape in self.shapes.items()}
 
 
 @dataclass
@@ -165,13 +176,52 @@ def _meta_model(folder: Path) -> nn.Module:
     return model
 
 
+def _model_names(meta: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Checkpoint tensor name -> the model's name, where transformers renames the key on
+    load (GPT-NeoX checkpoints store the LM head as ``embed_out.weight``; old ones name norm
+    weights ``gamma``/``beta``), read from transformers' own conversion mapping of the model.
+
+    Raises:
+        StreamError: a tensor transformers *converts* on load (per-expert weights fused
+            into one tensor, say): it has no single model tensor to cut.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+        transforms = get_model_conversion_mapping(meta)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - another transformers version: names are the model's
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = meta.state_dict()
+    prefix = getattr(meta, "base_model_prefix", None)
+    out: dict[str, str] = {}
+    for name in ckpt.shapes:
+        if name in state:
+            continue
+        new, converted = rename_source_key(name, renamings, converters, prefix, state)
+        if converted is not None:
+            raise StreamError(f"the checkpoint's tensor '{name}' is converted when transformers "
+                              f"loads it (into '{new}', with others), so it cannot be cut tensor "
+                              f"by tensor; replay the plan in memory (`replay --model "
+                              f"hf:{ckpt.folder}`), with --device meta for the structure")
+        if new != name:
+            out[name] = new
+    return out
+
+
 def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
     """Shard tensors against the plan's fingerprint; absent ones must be ties or buffers
     that checkpoints do not hold."""
     theirs = {name: tuple(shape) for name, shape in plan.fingerprint.tensors}
     hint = (f"; the plan was made for another model (or this checkpoint is already pruned): "
             f"use a plan made on '{ckpt.folder}'s architecture")
-    for name, shape in ckpt.shapes.items():
+    shapes = ckpt.model_shapes()
+    for name, shape in shapes.items():
         if name not in theirs:
             raise StreamError(f"the checkpoint has tensor '{name}', which the plan's model "
                               f"'{plan.model}' did not{hint}")
@@ -184,9 +234,9 @@ def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
                     *meta.named_buffers(remove_duplicate=False)]:
         first_of.setdefault(id(t), []).append(name)
     stored = {n for names in first_of.values() for n in names
-              if any(a in ckpt.shapes for a in names)}
+              if any(a in shapes for a in names)}
     for name in theirs:
-        if name not in ckpt.shapes and name in persistent and name not in stored:
+        if name not in shapes and name in persistent and name not in stored:
             raise StreamError(f"the checkpoint has no tensor '{name}', which the plan's model "
                               f"'{plan.model}' had{hint}")
 
@@ -258,7 +308,7 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
         for name in ckpt.shards[shard]:
             sl = f.get_slice(name)
             shape = [int(x) for x in sl.get_shape()]
-            for dim, keep in keeps.get(name, {}).items():
+            for dim, keep in keeps.get(ckpt.model_name(name), {}).items():
                 shape[dim] = len(keep)
             dtype = sl.get_dtype()
             if dtype not in _DTYPE_BYTES:
@@ -280,10 +330,11 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
             out.write(header)
             for name in ckpt.shards[shard]:
                 t = f.get_tensor(name)
-                for dim, idx in sorted(keeps.get(name, {}).items()):
+                known = ckpt.model_name(name)  # the output keeps the checkpoint's names
+                for dim, idx in sorted(keeps.get(known, {}).items()):
                     t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
-                if fold is not None and name in fold.scaled:  # as the export folds it
-                    scale_tensor(t, fold.scaled[name], fold.elements.get(name))
+                if fold is not None and known in fold.scaled:  # as the export folds it
+                    scale_tensor(t, fold.scaled[known], fold.elements.get(known))
                 out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
                 del t
     os.replace(tmp, target)
@@ -334,14 +385,15 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
                           f"folder (save_pretrained output)")
     ckpt = read_checkpoint(src)
     meta = _meta_model(src)
+    ckpt = dataclasses.replace(ckpt, renamed=_model_names(meta, ckpt))
     _check_fingerprint(plan, ckpt, meta)
     replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
     keeps = plan.keeps(dict(plan.fingerprint.tensors))
-    fold, update, note = _fold(meta, plan, replay.config, ckpt.shapes)
+    fold, update, note = _fold(meta, plan, replay.config, ckpt.model_shapes())
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
         ckpt.shard_bytes(s) for s in ckpt.shards))
-    result.tensors_cut = sum(1 for name in ckpt.shapes if name in keeps)
+    result.tensors_cut = sum(1 for name in ckpt.shapes if ckpt.model_name(name) in keeps)
     if kind is OutputKind.SAFETENSORS:
         reason = update.reason if update is not None else "the model has no config"
         result.messages.append(f"no config describes the pruned model ({reason}); wrote the "
