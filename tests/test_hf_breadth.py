@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+import explorer
 from explorer import Pruner
 from explorer.io.export import export, load_pruned
 from explorer.io.plan import Plan
@@ -512,3 +513,31 @@ def test_streamed_replay_refuses_tensors_transformers_converts(tmp_path: Path) -
         replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "stream").exists()
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_streamed_replay_of_renamed_checkpoint_keys_loads_back(tmp_path: Path) -> None:
+    """GPT-NeoX checkpoints store the LM head as ``embed_out.weight`` (transformers renames
+    it to ``lm_head.weight`` on load): the streamed replay follows the renaming, cuts it,
+    keeps the checkpoint's name, and ``load_pruned`` reads it back with the plan."""
+    from explorer.io.stream import OutputKind, replay_checkpoint
+
+    arch = ARCHS["gpt_neox"]
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    _save_checkpoint(model, tmp_path / "ckpt")
+    assert "embed_out.weight" in _shard_tensors(tmp_path / "ckpt")
+    pruner = Pruner(model, (x,), ratio=0.3, heads="whole", ignored=list(arch.ignored))
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    after = _logits(model, x)
+    res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    assert res.tensors_cut > 0
+    got = _shard_tensors(tmp_path / "stream")
+    assert "embed_out.weight" in got and "lm_head.weight" not in got
+    assert got["embed_out.weight"].shape == model.lm_head.weight.shape  # cut like the model
+    assert res.kind is OutputKind.SAFETENSORS, res.messages  # hidden widths differ
+    again: Any = explorer.load_pruned(f"hf:{tmp_path / 'stream'}/original_config.json",
+                                      tmp_path / "stream").eval()
+    torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)

@@ -35,6 +35,7 @@ from ..io.export import (
     snapshot,
 )
 from ..io.plan import Plan
+from ..io.quiet import quiet_transformers
 from ..io.specs import (
     LoadedModel,
     SpecError,
@@ -335,8 +336,9 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
         work = Path(args.offload_folder) if args.offload_folder else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="pe-offload-")))
         try:
-            off = load_offloaded(folder, max_memory={"cpu": args.max_memory},
-                                 offload_folder=work / "weights")
+            with quiet_transformers():
+                off = load_offloaded(folder, max_memory={"cpu": args.max_memory},
+                                     offload_folder=work / "weights")
         except (ValueError, OSError) as e:
             raise CliError(f"--max-memory: cannot place '{folder}' ({e})") from e
         theirs = {n for n, _ in off.model.named_parameters()}

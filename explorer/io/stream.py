@@ -48,6 +48,7 @@ from torch import nn
 from ..graph.tracer import TraceError, trace
 from ..prune.fixups.fold import Fold, plan_fold, scale_tensor
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
+from .names import checkpoint_names
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
@@ -177,41 +178,19 @@ def _meta_model(folder: Path) -> nn.Module:
 
 
 def _model_names(meta: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
-    """Checkpoint tensor name -> the model's name, where transformers renames the key on
-    load (GPT-NeoX checkpoints store the LM head as ``embed_out.weight``; old ones name norm
-    weights ``gamma``/``beta``), read from transformers' own conversion mapping of the model.
+    """Checkpoint tensor name -> the model's name where transformers renames it on load.
 
     Raises:
         StreamError: a tensor transformers *converts* on load (per-expert weights fused
             into one tensor, say): it has no single model tensor to cut.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-        transforms = get_model_conversion_mapping(meta)  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001 - another transformers version: names are the model's
-        return {}
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    state = meta.state_dict()
-    prefix = getattr(meta, "base_model_prefix", None)
-    out: dict[str, str] = {}
-    for name in ckpt.shapes:
-        if name in state:
-            continue
-        new, converted = rename_source_key(name, renamings, converters, prefix, state)
-        if converted is not None:
-            raise StreamError(f"the checkpoint's tensor '{name}' is converted when transformers "
-                              f"loads it (into '{new}', with others), so it cannot be cut tensor "
-                              f"by tensor; replay the plan in memory (`replay --model "
-                              f"hf:{ckpt.folder}`), with --device meta for the structure")
-        if new != name:
-            out[name] = new
-    return out
+    names = checkpoint_names(meta, ckpt.shapes)
+    for name, target in names.converted.items():
+        raise StreamError(f"the checkpoint's tensor '{name}' is converted when transformers "
+                          f"loads it (into '{target}', with others), so it cannot be cut "
+                          f"tensor by tensor; replay the plan in memory (`replay --model "
+                          f"hf:{ckpt.folder}`), with --device meta for the structure")
+    return names.renamed
 
 
 def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:

@@ -2,10 +2,11 @@
 
 The sequential calibration of SparseGPT and Wanda, on accelerate's big-model machinery:
 
-1. `load_offloaded` builds the model on ``meta`` (``init_empty_weights``) and places it with
-   ``load_checkpoint_and_dispatch``: a ``device_map`` from ``max_memory`` puts what fits on
-   the GPUs or CPU and offloads the rest to CPU or disk. The same code serves one GPU,
-   several GPUs, or a CPU with a memory cap.
+1. `load_offloaded` builds the model on ``meta`` (``init_empty_weights``), makes a
+   ``device_map`` from ``max_memory`` (what fits on the GPUs or CPU, the rest offloaded to
+   CPU or disk) and loads it with transformers' ``from_pretrained(device_map=...)``
+   (accelerate's dispatch; checkpoint keys renamed or fused on load are followed). The same
+   code serves one GPU, several GPUs, or a CPU with a memory cap.
 2. `sequential_criterion` runs the calibration batches up to the first decoder layer and
    keeps the activations that enter it. Then, for each decoder layer in turn, it loads the
    layer's weights once (offloaded weights come back for the whole layer, not per batch),
@@ -127,7 +128,7 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
         SequentialError: the config names no transformers class.
     """
     import transformers
-    from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+    from accelerate import infer_auto_device_map, init_empty_weights
 
     folder = Path(checkpoint)
     config = transformers.AutoConfig.from_pretrained(str(folder))
@@ -146,10 +147,11 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     if any(d == "disk" for d in device_map.values()) and offload_folder is None:
         raise SequentialError(f"the model does not fit in max_memory={dict(max_memory or {})}"
                               f"; pass offload_folder= for the weights that go to disk")
-    model = load_checkpoint_and_dispatch(model, str(folder), device_map=device_map,
-                                         offload_folder=None if offload_folder is None
-                                         else str(offload_folder), dtype=dtype,
-                                         no_split_module_classes=no_split)
+    # transformers' own loader places the weights by that map (accelerate's dispatch) and
+    # follows the checkpoint's names: renamed keys, expert weights fused on load
+    model = cls.from_pretrained(str(folder), config=config, device_map=device_map,
+                                offload_folder=None if offload_folder is None
+                                else str(offload_folder), dtype=dtype or "auto")
     return Offloaded(model.eval(), dict(device_map))
 
 
