@@ -541,3 +541,37 @@ def test_streamed_replay_of_renamed_checkpoint_keys_loads_back(tmp_path: Path) -
     again: Any = explorer.load_pruned(f"hf:{tmp_path / 'stream'}/original_config.json",
                                       tmp_path / "stream").eval()
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_moe_on_meta_traces_in_bf16_and_keeps_its_dtypes(tmp_path: Path) -> None:
+    """Mixtral's experts run through grouped_mm, whose meta kernel takes bf16 only: a
+    weightless model is traced again in bf16 (its tensors put back to float32 after), so
+    planning on meta works; the pre-flight then names the kernel's own rule (rows of a
+    multiple of 16 bytes: cut experts to 67 of 96 and it fails), which round_to=8 meets."""
+    from explorer.graph.tracer import trace as raw_trace
+    from explorer.io.specs import load_model
+
+    arch = ARCHS["mixtral"]
+    _save_checkpoint(_build(arch), tmp_path / "ckpt")
+    lm = load_model(f"hf:{tmp_path / 'ckpt'}", device="meta")
+    before = {n: t.dtype for n, t in lm.model.state_dict().items()}
+    tensors = {n: t for n, t in lm.model.named_parameters()}
+    graph = raw_trace(lm.model, lm.example_inputs)
+    assert any("grouped_mm" in node.name for node in graph.ops)
+    assert {n: t.dtype for n, t in lm.model.state_dict().items()} == before
+    assert all(t is tensors[n] for n, t in lm.model.named_parameters())  # same objects
+    experts = [p for p in Pruner(lm.model, lm.example_inputs, ratio=0.3,
+                                 heads="whole").proposals() if "experts" in p.group.title]
+    assert experts
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole")
+    verdict = pruner.preflight().check(experts[0].removal())
+    assert not verdict.ok and "multiple of 16 bytes" in verdict.error
+    report = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", round_to=8).step()
+    assert not report.unsafe and report.forward_ok
+    cut = [c for c in report.changes if c.removed and "experts" in c.title]
+    assert cut and all(c.width_after % 8 == 0 for c in cut)
+    assert lm.model.model.layers[0].mlp.experts.down_proj.shape[-1] == cut[0].width_after
+    assert {n: t.dtype for n, t in lm.model.state_dict().items()} == \
+        {n: before[n] for n in lm.model.state_dict()}  # float32 still, after the cut

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import sys
 import time
 import weakref
@@ -258,12 +259,69 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     Raises:
         TraceError: the forward raised; the message names the module and model-code line.
     """
+    try:
+        return _trace_once(model, example_inputs, example_kwargs)
+    except TraceError as error:
+        # Some kernels have meta implementations for low precision only (grouped_mm of MoE
+        # experts wants bf16): a weightless model is traced again in bf16, the same ops;
+        # its tensors are put back to their dtypes (nothing to lose on meta).
+        with _meta_low_precision(model, example_inputs, example_kwargs) as low:
+            if low is None:
+                raise
+            try:
+                return _trace_once(model, *low)
+            except TraceError as again:
+                # the first failure was a dtype complaint: this one is the model's own
+                # (a grouped_mm of pruned experts needs rows of a multiple of 16 bytes)
+                if _DTYPE_WORDS.search(str(error.__cause__ or error)):
+                    raise again from again.__cause__
+                raise error from error.__cause__
+
+
+def _trace_once(model: torch.nn.Module, example_inputs: Any,
+                example_kwargs: Mapping[str, Any] | None) -> Graph:
     graph = _trace(model, example_inputs, example_kwargs, index_lists=False)
     if graph.device == "meta" and _unread_index(graph):
         # on meta, ``x[..., [-2], :]`` reaches the dispatcher as an index tensor with no
         # values: trace again keeping the lists of the indexing expressions (slower)
         graph = _trace(model, example_inputs, example_kwargs, index_lists=True)
     return graph
+
+
+_LOW = torch.bfloat16
+_DTYPE_WORDS = re.compile(r"BFloat16|Float16|Half|dtype", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _meta_low_precision(model: torch.nn.Module, example_inputs: Any,
+                        example_kwargs: Mapping[str, Any] | None) -> Any:
+    """For a model whose tensors are all on meta with floating ones not in bf16: the model
+    cast to bf16 in place (tensor objects kept) and the inputs cast likewise; yields None
+    for any other model. The dtypes are put back on exit."""
+    tensors = list({id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    floats = [t for t in tensors if t.is_floating_point() and t.dtype != _LOW]
+    if not tensors or not floats or any(not t.is_meta for t in tensors):
+        yield None
+        return
+    dtypes = [t.dtype for t in floats]
+
+    def low(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.to(_LOW)
+        if type(x) in (list, tuple):
+            return type(x)(low(v) for v in x)
+        return x
+
+    try:
+        with torch.no_grad():
+            for t in floats:
+                t.data = t.data.to(_LOW)
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        yield low(inputs), {k: low(v) for k, v in (example_kwargs or {}).items()}
+    finally:
+        with torch.no_grad():
+            for t, dtype in zip(floats, dtypes, strict=True):
+                t.data = t.data.to(dtype)
 
 
 def _unread_index(graph: Graph) -> bool:
