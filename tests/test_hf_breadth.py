@@ -557,7 +557,7 @@ def test_moe_on_meta_traces_in_bf16_and_keeps_its_dtypes(tmp_path: Path) -> None
     _save_checkpoint(_build(arch), tmp_path / "ckpt")
     lm = load_model(f"hf:{tmp_path / 'ckpt'}", device="meta")
     before = {n: t.dtype for n, t in lm.model.state_dict().items()}
-    tensors = {n: t for n, t in lm.model.named_parameters()}
+    tensors = dict(lm.model.named_parameters())
     graph = raw_trace(lm.model, lm.example_inputs)
     assert any("grouped_mm" in node.name for node in graph.ops)
     assert {n: t.dtype for n, t in lm.model.state_dict().items()} == before

@@ -352,13 +352,17 @@ def _first_order(model: nn.Module, calib: Calibration) -> dict[tuple[str, int], 
 def per_sample_terms(columns: dict[tuple[str, int], list[torch.Tensor]], samples: int,
                      ) -> dict[tuple[str, int], np.ndarray]:
     """(weight, dim) -> (channels, samples) from each batch's (samples, channels) terms, in
-    batch order; keys whose rows are not samples are left out. Empties ``columns`` (each
-    key's batches are released once converted)."""
+    batch order, float32 (or float64 when computed so); keys whose rows are not samples are
+    left out. Empties ``columns`` (each key's batches are released once converted)."""
     out: dict[tuple[str, int], np.ndarray] = {}
     for key in list(columns):
-        terms = torch.cat(columns.pop(key), dim=0).T.double().cpu().numpy()
+        terms = torch.cat(columns.pop(key), dim=0).T
+        # kept in float32 (half the memory: a 70B at 128 samples holds 13 M channels x 128);
+        # read back as float64 (`_FirstOrder.element`), the exact values of float64 now
+        if terms.dtype != torch.float64:
+            terms = terms.float()
         if terms.shape[1] == samples:  # else its rows are not samples
-            out[key] = terms
+            out[key] = terms.cpu().numpy()
     return out
 
 
@@ -450,7 +454,8 @@ class _FirstOrder(Criterion):
         return calib
 
     def element(self, name: str, dim: int) -> np.ndarray | None:
-        return self.per_sample.get((name, dim))
+        terms = self.per_sample.get((name, dim))
+        return None if terms is None else terms.astype(np.float64)  # exact from float32
 
 
 @register("taylor")

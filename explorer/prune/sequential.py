@@ -50,7 +50,7 @@ of one layer when ``activations_folder`` keeps them on disk; the LM head's pass 
 batch's logits and their graph, as in memory. For a 70B Llama (80 layers, hidden 8192) and
 128 samples of 2048 tokens in bf16, the kept hidden states are 344 GB (use
 ``activations_folder``: then 4.3 GB per layer), and the per-sample terms 13 M channels x 128
-samples, 6.6 GB in float32 while collected and 13 GB as the float64 arrays scored.
+samples, 6.6 GB in float32 (kept so; each is read as float64 when a group is scored).
 (On glibc, run with ``MALLOC_MMAP_THRESHOLD_=1048576``: otherwise the allocator keeps freed
 layer buffers in its heap and the resident set grows layer after layer without a leak.)
 The scores equal the in-memory ones: the same modules see the same inputs in the same
