@@ -77,3 +77,26 @@ def test_sequential_errors(ckpt: Path, calib: Calibration) -> None:
         load_offloaded(ckpt, max_memory=CAP)
     with pytest.raises(SequentialError, match=r"has no list of repeated layers"):
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    """transformers fills a weight the checkpoint lacks with random values; scores of those
+    would be scores of nothing, so loading refuses in one line naming the weight."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "holed"
+    shutil.copytree(ckpt, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = folder / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    for cap in ({"cpu": "10GB"}, CAP):  # all in memory, and offloaded
+        with pytest.raises(SequentialError, match=rf"missing {name}") as err:
+            load_offloaded(folder, max_memory=cap, offload_folder=tmp_path / "offload")
+        assert "\n" not in str(err.value)

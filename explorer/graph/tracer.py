@@ -263,19 +263,19 @@ def trace(model: torch.nn.Module, example_inputs: Any,
         return _trace_once(model, example_inputs, example_kwargs)
     except TraceError as error:
         # Some kernels have meta implementations for low precision only (grouped_mm of MoE
-        # experts wants bf16): a weightless model is traced again in bf16, the same ops;
-        # its tensors are put back to their dtypes (nothing to lose on meta).
+        # experts wants bf16): a weightless model whose forward failed on a dtype complaint
+        # is traced again in bf16, the same ops; its tensors are put back to their dtypes
+        # (nothing to lose on meta). Any other failure (a deadline, a shape) is final.
+        cause = error.__cause__
+        if not isinstance(cause, (RuntimeError, NotImplementedError)) or \
+                not _DTYPE_WORDS.search(str(cause)):
+            raise
         with _meta_low_precision(model, example_inputs, example_kwargs) as low:
             if low is None:
                 raise
-            try:
-                return _trace_once(model, *low)
-            except TraceError as again:
-                # the first failure was a dtype complaint: this one is the model's own
-                # (a grouped_mm of pruned experts needs rows of a multiple of 16 bytes)
-                if _DTYPE_WORDS.search(str(error.__cause__ or error)):
-                    raise again from again.__cause__
-                raise error from error.__cause__
+            # failing again, the error is the model's own (a grouped_mm of pruned experts
+            # needs rows of a multiple of 16 bytes)
+            return _trace_once(model, *low)
 
 
 def _trace_once(model: torch.nn.Module, example_inputs: Any,
@@ -289,7 +289,7 @@ def _trace_once(model: torch.nn.Module, example_inputs: Any,
 
 
 _LOW = torch.bfloat16
-_DTYPE_WORDS = re.compile(r"BFloat16|Float16|Half|dtype", re.IGNORECASE)
+_DTYPE_WORDS = re.compile(r"BFloat16|Float16|\bHalf\b|\bdtype\b")
 
 
 @contextlib.contextmanager

@@ -149,9 +149,20 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
                               f"; pass offload_folder= for the weights that go to disk")
     # transformers' own loader places the weights by that map (accelerate's dispatch) and
     # follows the checkpoint's names: renamed keys, expert weights fused on load
-    model = cls.from_pretrained(str(folder), config=config, device_map=device_map,
-                                offload_folder=None if offload_folder is None
-                                else str(offload_folder), dtype=dtype or "auto")
+    # (``dtype=`` is ``torch_dtype=`` before transformers 4.56); nothing is downloaded
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    model, info = cls.from_pretrained(
+        str(folder), config=config, device_map=device_map, local_files_only=True,
+        offload_folder=None if offload_folder is None else str(offload_folder),
+        output_loading_info=True, **{key: dtype or "auto"})
+    gaps = [f"{what} {', '.join(map(str, names[:3]))}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", list(info.get("missing_keys") or [])),
+                                ("mismatched", list(info.get("mismatched_keys") or [])))
+            if names]
+    if gaps:  # from_pretrained would fill them with random values: scores of nothing
+        raise SequentialError(f"the checkpoint '{folder}' does not hold the model's weights "
+                              f"({'; '.join(gaps)}): scores need every weight")
     return Offloaded(model.eval(), dict(device_map))
 
 
