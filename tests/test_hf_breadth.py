@@ -575,3 +575,39 @@ def test_moe_on_meta_traces_in_bf16_and_keeps_its_dtypes(tmp_path: Path) -> None
     assert lm.model.model.layers[0].mlp.experts.down_proj.shape[-1] == cut[0].width_after
     assert {n: t.dtype for n, t in lm.model.state_dict().items()} == \
         {n: before[n] for n in lm.model.state_dict()}  # float32 still, after the cut
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_streamed_replay_copies_tensors_transformers_drops_on_load(tmp_path: Path) -> None:
+    """Old GPT-2 checkpoints hold each block's causal mask as ``attn.bias``, which
+    transformers drops on load (``_keys_to_ignore_on_load_unexpected``): the streamed
+    replay copies them through uncut instead of calling the plan one for another model."""
+    from safetensors.torch import load_file, save_file
+
+    from explorer.io.stream import replay_checkpoint
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=256,
+                                     n_positions=32)
+    torch.manual_seed(0)
+    model: Any = transformers.GPT2LMHeadModel(config).eval()
+    _save_checkpoint(model, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(str(shard))
+    mask = torch.tril(torch.ones(32, 32, dtype=torch.bool)).view(1, 1, 32, 32)
+    for i in range(2):
+        tensors[f"transformer.h.{i}.attn.bias"] = mask.clone()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole")
+    assert not pruner.step().unsafe
+    plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
+    res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
+    got = _shard_tensors(tmp_path / "stream")
+    assert torch.equal(got["transformer.h.0.attn.bias"], mask)  # copied through
+    if res.kind.value == "hf":
+        again: Any = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "stream").eval()
+    else:
+        again = explorer.load_pruned(f"hf:{tmp_path / 'stream'}/original_config.json",
+                                     tmp_path / "stream").eval()
+    torch.testing.assert_close(_logits(again, x), _logits(model, x), rtol=0, atol=1e-5)

@@ -38,7 +38,7 @@ from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_co
 from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
 from ..quality.evaluate import Quality
-from .names import checkpoint_names
+from .names import checkpoint_names, dropped_on_load
 from .plan import Plan
 from .quiet import quiet_transformers
 
@@ -398,7 +398,8 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     with transaction(model):
         plan.apply(model, example_inputs=inputs)
         renamed = checkpoint_names(model, state).renamed  # a streamed replay keeps
-        state = {renamed.get(n, n): t for n, t in state.items()}  # the checkpoint's names
+        dropped = dropped_on_load(model, state)  # the checkpoint's names and extra buffers
+        state = {renamed.get(n, n): t for n, t in state.items() if n not in dropped}
         _load_checked(model, state, weights)
     return model.eval()
 

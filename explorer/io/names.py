@@ -8,12 +8,13 @@ checkpoint's names back. Whatever reads or writes tensors by name outside transf
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["CheckpointNames", "checkpoint_names"]
+__all__ = ["CheckpointNames", "checkpoint_names", "dropped_on_load"]
 
 
 @dataclass
@@ -51,3 +52,13 @@ def checkpoint_names(model: nn.Module, names: Iterable[str]) -> CheckpointNames:
         elif new != name:
             out.renamed[name] = new
     return out
+
+
+def dropped_on_load(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Which of ``names`` are no tensor of the model but ones transformers drops on load
+    (``_keys_to_ignore_on_load_unexpected``, e.g. GPT-2's causal-mask ``attn.bias`` buffers
+    that old checkpoints hold)."""
+    state = model.state_dict()
+    patterns = [re.compile(p) for p in
+                getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    return {n for n in names if n not in state and any(p.search(n) for p in patterns)}

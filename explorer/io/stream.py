@@ -48,7 +48,7 @@ from torch import nn
 from ..graph.tracer import TraceError, trace
 from ..prune.fixups.fold import Fold, plan_fold, scale_tensor
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
-from .names import checkpoint_names
+from .names import checkpoint_names, dropped_on_load
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
@@ -200,7 +200,10 @@ def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
     hint = (f"; the plan was made for another model (or this checkpoint is already pruned): "
             f"use a plan made on '{ckpt.folder}'s architecture")
     shapes = ckpt.model_shapes()
+    dropped = dropped_on_load(meta, shapes)  # not the model's: copied through uncut
     for name, shape in shapes.items():
+        if name in dropped:
+            continue
         if name not in theirs:
             raise StreamError(f"the checkpoint has tensor '{name}', which the plan's model "
                               f"'{plan.model}' did not{hint}")
