@@ -247,10 +247,9 @@ class IntervalForm:
     base: np.ndarray  # super class -> element class of its offset 0
     width: np.ndarray  # super class -> channels per interval
 
-    def pieces(self, ids: IdArray | Runs) -> tuple[np.ndarray, np.ndarray] | None:
-        """Super classes of the whole intervals ``ids`` reads, in order, with their
-        lengths; ``None`` when ``ids`` does not read whole intervals."""
-        runs = ids if isinstance(ids, Runs) else Runs.of(ids)
+    def pieces(self, runs: Runs) -> tuple[np.ndarray, np.ndarray] | None:
+        """Super classes of the whole intervals ``runs`` reads, in order, with their
+        lengths; ``None`` when ``runs`` does not read whole intervals."""
         brk = np.unique(np.concatenate([runs.start, runs.interior(self.cuts)]))
         first = runs.at(brk)
         sid = np.searchsorted(self.cuts, first, side="right") - 1

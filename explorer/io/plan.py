@@ -742,44 +742,23 @@ def _coupling(work: nn.Module, candidates: list[tuple[Any, ...]], step: int
     """The coupling of ``work`` as it is now, from the first inputs that trace (the
     coupling of an unpruned model comes from a small cache when it was traced before)."""
     error: Exception | None = None
-    for low in (False, True):
-        if low:  # some kernels have meta implementations for low precision only (MoE
-            # grouped_mm wants bf16): the same ops on bf16, the cuts are compared anyway
-            if not _to_low_precision(work):
-                break
-            candidates = [tuple(a.to(_LOW) if isinstance(a, torch.Tensor) and
-                                a.is_floating_point() else a for a in inputs)
-                          for inputs in candidates]
-        for k, inputs in enumerate(candidates):
-            key = _structure_key(work, inputs) if step == 0 else None
-            if key is not None and key in _COUPLINGS:
-                _COUPLINGS.move_to_end(key)
-                return _COUPLINGS[key], candidates[k:k + 1]
-            try:
-                coupling = Coupling(trace(work, inputs))
-            except TraceError as e:
-                error = e
-                continue
-            if key is not None:
-                _COUPLINGS[key] = coupling
-                while len(_COUPLINGS) > _CACHE_SIZE:
-                    _COUPLINGS.popitem(last=False)
-            return coupling, candidates[k:k + 1]
+    for k, inputs in enumerate(candidates):  # (a weightless MoE is traced in bf16 by trace)
+        key = _structure_key(work, inputs) if step == 0 else None
+        if key is not None and key in _COUPLINGS:
+            _COUPLINGS.move_to_end(key)
+            return _COUPLINGS[key], candidates[k:k + 1]
+        try:
+            coupling = Coupling(trace(work, inputs))
+        except TraceError as e:
+            error = e
+            continue
+        if key is not None:
+            _COUPLINGS[key] = coupling
+            while len(_COUPLINGS) > _CACHE_SIZE:
+                _COUPLINGS.popitem(last=False)
+        return coupling, candidates[k:k + 1]
     raise PlanError(f"step {step}: cannot trace the model to check the plan against its "
                     f"coupling ({str(error).splitlines()[0]}); pass example_inputs=")
-
-
-_LOW = torch.bfloat16  # the dtype a meta trace is retried in
-
-
-def _to_low_precision(work: nn.Module) -> bool:
-    """Cast the floating tensors of the meta copy ``work`` to `_LOW` in place; False when
-    it holds none in another floating dtype (a retry would trace the same thing)."""
-    floats = [t for t in _tensors(work).values() if t.is_floating_point() and t.dtype != _LOW]
-    if not floats:
-        return False
-    work.to(_LOW)
-    return True
 
 
 def _removal_of(step: PlanStep, coupling: Coupling, i: int) -> Removal:
