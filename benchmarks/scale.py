@@ -115,6 +115,9 @@ def child_forward(shape: str) -> dict[str, Any]:
 def child_trace(shape: str) -> dict[str, Any]:
     """``explorer.trace`` + groups in a process that did nothing else: time, the resident
     set before it started (imports and the meta model) and the peak."""
+    import torch  # noqa: F401 - measured: what importing it holds resident
+
+    torch_mb = _status_mb("VmRSS")
     import explorer
     from explorer.io.specs import load_model
 
@@ -130,7 +133,7 @@ def child_trace(shape: str) -> dict[str, Any]:
             "channel_ids": int(form.cuts[-1]) if form is not None else len(res.label),
             "intervals": len(form.cuts) - 1 if form is not None else None,
             "prunable": sum(g.prunable for g in groups), "trace_groups_s": total,
-            "trace_groups_cpu_s": total_cpu, "rss_before_mb": before,
+            "trace_groups_cpu_s": total_cpu, "rss_torch_mb": torch_mb, "rss_before_mb": before,
             "peak_rss_mb": _rss_mb(), "rss_anon_mb": _status_mb("RssAnon")}
 
 
@@ -153,8 +156,8 @@ def trace_table(runs: int) -> list[dict[str, Any]]:
             forwards.append(_run("forward", shape))
             traces.append(_run("trace", shape))
         row = dict(traces[0])
-        for key in ("trace_groups_s", "trace_groups_cpu_s", "rss_before_mb", "peak_rss_mb",
-                    "rss_anon_mb"):
+        for key in ("trace_groups_s", "trace_groups_cpu_s", "rss_torch_mb", "rss_before_mb",
+                    "peak_rss_mb", "rss_anon_mb"):
             row[key] = round(statistics.median(t[key] for t in traces), 2)
         for key in ("forward_s", "forward_cpu_s"):
             row[key] = round(statistics.median(f[key] for f in forwards), 2)

@@ -113,7 +113,6 @@ def inside(cuts: np.ndarray, first: np.ndarray, length: np.ndarray
     return run, cuts[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(total)]
 
 
-
 Dim = IdArray | Runs  # a dim's ids while a rule may still read them, then as runs
 
 

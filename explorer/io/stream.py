@@ -185,7 +185,8 @@ def _model_names(meta: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
             into one tensor, say): it has no single model tensor to cut.
     """
     names = checkpoint_names(meta, ckpt.shapes)
-    for name, target in names.converted.items():
+    if names.converted:
+        name, target = next(iter(names.converted.items()))
         raise StreamError(f"the checkpoint's tensor '{name}' is converted when transformers "
                           f"loads it (into '{target}', with others), so it cannot be cut "
                           f"tensor by tensor; replay the plan in memory (`replay --model "
