@@ -202,35 +202,42 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
     return result
 
 
-def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = None,
-                 original: nn.Module | None = None, example_inputs: Any = None
-                 ) -> tuple[dict[str, bytes], list[str]]:
-    """`export` into memory: file name -> bytes, and the exporter's messages.
+def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
+                     plan: Plan | None = None, original: nn.Module | None = None,
+                     example_inputs: Any = None) -> tuple[dict[str, Path], list[str]]:
+    """`export` into files for downloads (the app's Export page): file name -> path under
+    ``dest``, and the exporter's messages.
 
     ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
-    files) as one ``pruned_<format>.zip``. For downloads (the app's Export page).
+    files) as one ``pruned_<format>.zip``. The files stay on disk (a download streams them
+    from there), so a server holds no export in memory. ``dest`` must be an empty or new
+    folder of the caller's (for example a session's temporary folder).
     """
-    import io
+    import shutil
     import tempfile
     import zipfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
                         example_inputs=example_inputs)
-        out: dict[str, bytes] = {}
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
-                for name in paths:
-                    out[Path(name).name] = Path(name).read_bytes()
+                for name in map(Path, paths):
+                    target = dest / name.name
+                    shutil.move(name, target)
+                    out[name.name] = target
                 continue
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            target = dest / f"pruned_{fmt}.zip"
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
                 for folder in map(Path, paths):
                     files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
                     for f in files:
                         if f.is_file():
                             zf.write(f, f.relative_to(Path(tmp)))
-            out[f"pruned_{fmt}.zip"] = buf.getvalue()
+            out[target.name] = target
     return out, list(result.messages)
 
 
