@@ -1,8 +1,11 @@
 """``hf:<local folder>``: a transformers checkpoint on disk, weights and tokenizer included.
 
-Everything goes through ``from_pretrained(folder, local_files_only=True)``, so nothing is ever
-downloaded; ``pytorch_model.bin`` checkpoints load with ``weights_only=True`` (no pickled code
-runs). The auto class comes from ``?task=`` or else the config's ``architectures``.
+Everything goes through ``from_pretrained(folder, local_files_only=True,
+trust_remote_code=False)``, so nothing is ever downloaded and no code of the folder is imported
+(`explorer.io.own_code` refuses folders that ask for it before); ``pytorch_model.bin``
+checkpoints load with ``weights_only=True`` (no pickled code runs), and the shards an index
+names must be files inside the folder (`explorer.io.paths.shard_files`). The auto class comes
+from ``?task=`` or else the config's ``architectures``.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from ...quality.task import Task, task_of_architecture
+from ..paths import shard_files
 from ..quiet import quiet_transformers
 from ._types import Built, SpecError
 
@@ -75,17 +79,23 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
     auto_cls = getattr(transformers, _AUTO_CLASS[task])
     on_meta = torch.device(device).type == "meta"
     notes: list[str] = []
+    if not on_meta:
+        for index in WEIGHT_FILES:
+            if index.endswith(".index.json") and (folder / index).is_file():
+                shard_files(folder / index, SpecError)  # shards inside the folder, or refused
     try:
         if has_weights(folder) and not on_meta:
             with quiet_transformers():  # no "Loading weights" bar on the caller's stderr
                 model, info = auto_cls.from_pretrained(
                     str(folder), config=config, local_files_only=True, weights_only=True,
-                    attn_implementation=attn, output_loading_info=True)
+                    attn_implementation=attn, output_loading_info=True,
+                    trust_remote_code=False)
             model.to(device)
             notes += _loading_notes(info, folder)
         else:
             with torch.device(device):
-                model = auto_cls.from_config(config, attn_implementation=attn)
+                model = auto_cls.from_config(config, attn_implementation=attn,
+                                             trust_remote_code=False)
             if not on_meta:
                 notes.append(f"{folder} holds no weights file ({', '.join(WEIGHT_FILES)}): "
                              "the model has random weights")
@@ -112,7 +122,8 @@ def load_tokenizer(folder: Path) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                             trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise SpecError(f"cannot load the tokenizer in {str(folder)!r}: {e}".splitlines()[0]) \
             from e
