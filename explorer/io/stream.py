@@ -52,6 +52,7 @@ from .names import checkpoint_names, dropped_on_load
 from .own_code import refuse_own_code
 from .paths import check_out_apart, inside, shard_files
 from .plan import Plan
+from .specs._types import one_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -165,17 +166,23 @@ def _meta_model(folder: Path) -> nn.Module:
     refuse_own_code(folder, StreamError)  # and transformers is told never to run any
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - config classes validate with many error types
         raise StreamError(f"transformers cannot read '{folder / 'config.json'}': "
-                          f"{str(e).splitlines()[0]}") from e
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None:
+                          f"{type(e).__name__}: {one_line(e)}") from e
+    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if not is_model:
         raise StreamError(f"config '{folder / 'config.json'}' names architecture {arch!r}, "
                           f"which transformers {transformers.__version__} does not have; "
                           f"set 'architectures' to a transformers model class")
-    with torch.device("meta"):
-        model: nn.Module = cls(config)
+    try:
+        with torch.device("meta"):
+            model: nn.Module = cls(config)
+    except Exception as e:  # noqa: BLE001 - model constructors reject odd configs in any type
+        raise StreamError(f"transformers cannot build {arch} from '{folder / 'config.json'}': "
+                          f"{type(e).__name__}: {one_line(e)}") from e
     return model
 
 

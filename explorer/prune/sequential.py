@@ -133,9 +133,11 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     folder = Path(checkpoint)
     # never the folder's own code (``auto_map``): transformers neither imports nor asks
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None:
+    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if not is_model:
         raise SequentialError(f"config of '{folder}' names architecture {arch!r}, which "
                               f"transformers does not have")
     config.use_cache = False  # calibration keeps no key/value cache

@@ -179,9 +179,9 @@ def _hf_kind(config: Any) -> str:
     """"lm" for causal LMs, else "encoder", from ``architectures`` or the model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    architectures = getattr(config, "architectures", None)  # a list, unless hand-edited
+    if isinstance(architectures, list) and architectures:
+        causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
         return "lm" if causal else "encoder"
     if config.model_type in HF_FAMILIES:
         return HF_FAMILIES[config.model_type].kind

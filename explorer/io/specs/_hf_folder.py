@@ -20,7 +20,7 @@ from torch import nn
 from ...quality.task import Task, task_of_architecture
 from ..paths import shard_files
 from ..quiet import quiet_transformers
-from ._types import Built, SpecError
+from ._types import Built, SpecError, one_line
 
 # weight files of a transformers checkpoint folder, in the order from_pretrained prefers them
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -57,7 +57,8 @@ def choose_task(config: Any, requested: Any, where: str) -> Task:
             names = ", ".join(t.value for t in _AUTO_CLASS)
             raise SpecError(f"unknown task {requested!r} in {where}; use one of {names}") \
                 from None
-    for arch in getattr(config, "architectures", None) or []:
+    archs = getattr(config, "architectures", None)
+    for arch in archs if isinstance(archs, list) else []:  # a list, unless hand-edited
         task = task_of_architecture(str(arch))
         if task is not None:
             return task
@@ -103,7 +104,11 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
         raise SpecError(f"cannot load the transformers checkpoint {str(folder)!r} as "
                         f"{auto_cls.__name__}: {type(e).__name__}: {e}".splitlines()[0]) from e
     tokenizer = load_tokenizer(folder)
-    inputs = _example_inputs(model, config, task, tokenizer)
+    try:
+        inputs = _example_inputs(model, config, task, tokenizer)
+    except Exception as e:  # noqa: BLE001 - a hand-edited tokenizer config fails in any type
+        raise SpecError(f"the tokenizer in {str(folder)!r} cannot encode text: "
+                        f"{type(e).__name__}: {one_line(e)}") from e
     vocab = getattr(config, "vocab_size", None)
     return Built(model, inputs, "hf", KIND.get(task, "encoder"), hf_config=config,
                  vocab_size=int(vocab) if vocab else None, task=task, tokenizer=tokenizer,
@@ -124,9 +129,9 @@ def load_tokenizer(folder: Path) -> Any | None:
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                              trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise SpecError(f"cannot load the tokenizer in {str(folder)!r}: {e}".splitlines()[0]) \
-            from e
+    except Exception as e:  # noqa: BLE001 - a hand-edited tokenizer config fails in any type
+        raise SpecError(f"cannot load the tokenizer in {str(folder)!r}: {type(e).__name__}: "
+                        f"{e}".splitlines()[0]) from e
 
 
 def _loading_notes(info: Mapping[str, Any], folder: Path) -> list[str]:
