@@ -138,6 +138,9 @@ def test_folders_asking_for_their_code_are_refused_everywhere(
         load_model(f"hf:{folder}")
     with pytest.raises(SpecError, match=match):
         load_model(f"hf:{folder}", device="meta")
+    if hook == "config":  # the config file alone, as hf:path/config.json
+        with pytest.raises(SpecError, match=rf"folder '{folder}' asks to run its own code"):
+            load_model(f"hf:{folder}/config.json")
     # an export folder whose plan names such a folder
     exported = tmp_path / "export"
     lm = load_model(f"hf:{ckpt}")
