@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hostile import add_code, add_tokenizer, edit_json, hostile_copy, plan_for, tree
 
 from explorer import load_model, load_pruned
@@ -299,13 +298,30 @@ def test_session_log_that_links_out_is_not_read(tmp_path: Path) -> None:
     assert loaded is not None and loaded.request == {"spec": "demo:mlp"}
 
 
-def test_streamed_and_loaded_weights_still_equal(ckpt: Path, tmp_path: Path) -> None:
-    """The checks change nothing for a normal folder: the streamed output loads back."""
-    out = tmp_path / "out"
-    replay_checkpoint(ckpt, plan_for(ckpt), out)
-    lm = load_model(f"hf:{ckpt}")
-    plan_for(ckpt).apply(lm.model)
-    again = load_model(f"hf:{out}")
-    ids = torch.arange(12).reshape(1, 12)
-    with torch.no_grad():
-        assert torch.equal(again.model(ids).logits, lm.model(ids).logits)
+# -- hand-edited configs the fuzz test found ---------------------------------------------------
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("architectures", 7, r"names architecture 7, which transformers"),
+    ("architectures", ["__class__"], r"names architecture '__class__', which transformers"),
+    ("use_cache", "yes", r"transformers cannot read .*config.json.*use_cache"),
+    ("__class__", "x", r"transformers cannot read .*config.json': TypeError"),
+])
+def test_streamed_replay_of_a_hand_edited_config_is_one_line(
+        ckpt: Path, tmp_path: Path, key: str, value: object, match: str) -> None:
+    src = _copy(ckpt, tmp_path)
+    edit_json(src / "config.json", lambda d: d.__setitem__(key, value))
+    with pytest.raises(StreamError, match=match):
+        replay_checkpoint(src, plan_for(ckpt), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("tokenizer_class", 7, r"cannot load the tokenizer in .*: AttributeError"),
+    ("model_max_length", "x", r"the tokenizer in .* cannot encode text: TypeError"),
+])
+def test_hand_edited_tokenizer_config_is_one_line(ckpt: Path, tmp_path: Path, key: str,
+                                                  value: object, match: str) -> None:
+    src = _copy(ckpt, tmp_path)
+    add_tokenizer(src)
+    edit_json(src / "tokenizer_config.json", lambda d: d.__setitem__(key, value))
+    with pytest.raises(SpecError, match=match):
+        load_model(f"hf:{src}")
