@@ -325,3 +325,11 @@ def test_hand_edited_tokenizer_config_is_one_line(ckpt: Path, tmp_path: Path, ke
     edit_json(src / "tokenizer_config.json", lambda d: d.__setitem__(key, value))
     with pytest.raises(SpecError, match=match):
         load_model(f"hf:{src}")
+
+
+def test_streamed_replay_of_an_index_with_odd_metadata(ckpt: Path, tmp_path: Path) -> None:
+    src = _copy(ckpt, tmp_path)
+    edit_json(src / INDEX, lambda d: d.__setitem__("metadata", [1]))
+    replay_checkpoint(src, plan_for(ckpt), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert set(written["metadata"]) == {"total_size"}

@@ -459,7 +459,9 @@ def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total
     """Index, config (or plan + original config), the checkpoint's other files, README."""
     if ckpt.sharded:
         index = _read_json(ckpt.folder / INDEX)
-        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        metadata = index.get("metadata")  # an object, unless hand-edited
+        index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                             "total_size": total}
         _write_atomic(dst / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     config = _read_json(ckpt.folder / "config.json")
     if result.kind is OutputKind.HF:
