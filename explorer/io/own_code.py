@@ -67,4 +67,5 @@ def refuse_own_code(path: Path, error: type[Exception]) -> None:
             where = path if path.is_dir() else path.parent
             raise error(f"the folder '{where}' asks to run its own code ('{key}' in "
                         f"{file.name}), and the explorer never runs code from a model folder; "
-                        f"use a checkpoint whose architecture transformers has built in")
+                        f"if its model_type is one transformers has built in, remove '{key}' "
+                        f"from {file.name} to load it with transformers' own code")
