@@ -3,8 +3,8 @@
 The app puts a session id in the page URL (``?sid=...``) and writes, after every decision,
 the model request and the session's action log to ``<dir>/<sid>.json``. On a fresh page
 with that id the model is loaded again and the log replayed (`Session.replay`). The id
-comes from a URL, so it is data: only 32 lowercase hex characters are accepted, and the
-file is read as JSON, never executed.
+comes from a URL, so it is data: only 32 lowercase hex characters are accepted, a log that is
+a link out of the session folder is not read, and the file is read as JSON, never executed.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..io.paths import PathError, inside
 
 _SID = re.compile(r"[0-9a-f]{32}")
 
@@ -57,7 +59,11 @@ def load(sid: str, directory: Path | None = None) -> SavedSession | None:
     """The saved session ``sid``, or None when there is none (or it is not readable)."""
     if not valid_sid(sid):
         return None
-    path = (directory or session_dir()) / f"{sid}.json"
+    folder = directory or session_dir()
+    try:
+        path = inside(folder, f"{sid}.json", folder, "session log")
+    except PathError:
+        return None  # a link out of the session folder is never read
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -39,6 +39,7 @@ from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
 from ..quality.evaluate import Quality
 from .names import checkpoint_names, dropped_on_load
+from .paths import check_out_apart, shard_files
 from .plan import Plan
 from .quiet import quiet_transformers
 
@@ -79,7 +80,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
            quality: Quality | None = None, tokenizer: Any | None = None,
-           force: bool = False) -> ExportResult:
+           force: bool = False, sources: Sequence[str | os.PathLike[str]] = ()
+           ) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -96,16 +98,21 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         quality: `explorer.evaluate` on held-out data, for the report's quality section.
         tokenizer: saved into the ``hf`` folder, so it is a complete checkpoint again.
         force: replace a non-empty ``out_dir`` (its old content is removed).
+        sources: files and folders the caller read (weights, data, the plan file);
+            ``out_dir`` must keep clear of them, and of the model's own checkpoint folder
+            and the plan's spec paths, which are added here.
 
     Raises:
-        ExportError: an unknown format, ``safetensors`` without a plan, or ``out_dir`` is
-            not empty (and ``force`` is False) or not a folder.
+        ExportError: an unknown format, ``safetensors`` without a plan, ``out_dir`` is not
+            empty (and ``force`` is False) or not a folder, or it is, lies inside or holds
+            a source (`explorer.io.paths.check_out_apart`).
     """
     wanted = list(parse_formats(formats))
     if "safetensors" in wanted and plan is None:
         raise ExportError("the safetensors format needs the plan that pruned the model (to "
                           "rebuild its architecture on load); pass plan=, or use 'pt'")
     target = Path(out_dir)
+    check_out_apart(target, [*sources, *read_from(model, plan)], ExportError)
     check_out_dir(target, force)
     with _staging(target, force) as out:
         result = _write(model, out, wanted, plan, original, example_inputs, attention,
@@ -114,6 +121,19 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
                     for f, paths in result.files.items()}
     return result
+
+
+def read_from(model: nn.Module | None, plan: Plan | None) -> list[str]:
+    """What a pruned model came from: its transformers checkpoint folder (the config's
+    ``_name_or_path``, when it is a local folder) and the local paths of the plan's spec."""
+    found = []
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name and os.path.isdir(name):
+        found.append(name)
+    if plan is not None:
+        from .specs import spec_paths
+        found += [str(p) for p in spec_paths(plan.model)]
+    return found
 
 
 def check_out_dir(target: Path, force: bool) -> None:
@@ -422,15 +442,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_shards(index: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the shards an index names (the model is being built in memory)."""
-    import json
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"'{index}' is not a readable safetensors index ({e})") from e
+    """Every tensor of the shards an index names (the model is being built in memory); only
+    shards inside the index's folder (`explorer.io.paths.shard_files`)."""
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted({str(v) for v in weight_map.values()}):
-        state.update(_read_safetensors(index.parent / shard))
+    for part in shard_files(index, ExportError).values():
+        state.update(_read_safetensors(part))
     return state
 
 
