@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from ..io.quiet import quiet_transformers
 from ..io.specs import (
     LoadedModel,
     SpecError,
+    check_checkpoint_files,
     checkpoint_folder,
     load_model,
     parse_input_shape,
@@ -95,6 +97,23 @@ _count = _number(int, 0, False, "an integer >= 0")
 _positive_float = _number(float, 0.0, True, "a positive number")
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_MAX_MEMORY = 2**50  # 1 PiB: more than any one machine holds
+
+
+def _memory_size(text: str) -> int:
+    """``--max-memory``: a size such as ``8GB``, ``512MiB`` or ``300KB``, in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.I)
+    size = 0.0
+    if match:
+        size = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if not 0 < size <= _MAX_MEMORY:
+        raise argparse.ArgumentTypeError(f"must be a size like 8GB, 512MiB or 300KB, above 0 "
+                                          f"and at most 1 PiB, got {text!r}")
+    return int(size)
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -127,7 +146,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples of each data file (default: all)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
+    p.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
                    help="with --device meta and hf:FOLDER: compute a data-aware criterion "
                         "one decoder layer at a time from the folder's weights, holding at "
                         "most SIZE (e.g. 8GB) in CPU memory; the rest is offloaded to disk")
@@ -335,11 +354,14 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
     with contextlib.ExitStack() as stack:
         work = Path(args.offload_folder) if args.offload_folder else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="pe-offload-")))
+        check_checkpoint_files(folder)  # a truncated shard: named, not deep in the loader
         try:
             with quiet_transformers():
                 off = load_offloaded(folder, max_memory={"cpu": args.max_memory},
                                      offload_folder=work / "weights")
-        except (ValueError, OSError) as e:
+        except SequentialError as e:
+            raise CliError(f"--max-memory: {e}") from e
+        except (ValueError, OSError, RuntimeError) as e:
             raise CliError(f"--max-memory: cannot place '{folder}' ({e})") from e
         theirs = {n for n, _ in off.model.named_parameters()}
         ours = {n for n, _ in lm.model.named_parameters()}

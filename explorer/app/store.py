@@ -60,7 +60,7 @@ def load(sid: str, directory: Path | None = None) -> SavedSession | None:
     path = (directory or session_dir()) / f"{sid}.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     req = data.get("request") if isinstance(data, dict) else None
     acts = data.get("actions") if isinstance(data, dict) else None

@@ -419,7 +419,7 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     import json
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ExportError(f"'{index}' is not a readable safetensors index ({e})") from e
     state: dict[str, torch.Tensor] = {}
     for shard in sorted({str(v) for v in weight_map.values()}):

@@ -33,6 +33,7 @@ import torch
 from ...graph.walk import to_device
 from ...quality.task import Task, infer_task
 from ._factory import build_factory
+from ._files import check_folder as check_checkpoint_files
 from ._hf import HF_FAMILIES, build_hf
 from ._hf_folder import has_weights
 from ._inputs import check_input_shape, resized_inputs, seeded
@@ -48,6 +49,7 @@ from ._weights import load_weights
 __all__ = [
     "LoadedModel",
     "SpecError",
+    "check_checkpoint_files",
     "checkpoint_folder",
     "hf_families",
     "is_code_spec",

@@ -7,6 +7,7 @@ runs). The auto class comes from ``?task=`` or else the config's ``architectures
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from torch import nn
 
 from ...quality.task import Task, task_of_architecture
 from ..quiet import quiet_transformers
+from ._files import (
+    check_folder,
+    mismatch_error,
+    pickle_files,
+    pickle_refusal,
+    quiet_unpickler,
+)
 from ._types import Built, SpecError
 
 # weight files of a transformers checkpoint folder, in the order from_pretrained prefers them
@@ -77,10 +85,16 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
     notes: list[str] = []
     try:
         if has_weights(folder) and not on_meta:
-            with quiet_transformers():  # no "Loading weights" bar on the caller's stderr
+            check_folder(folder)  # a truncated shard: named here, not deep in the loader
+            # no "Loading weights" bar or torch unpickler warnings on the caller's stderr
+            with quiet_transformers(), quiet_unpickler():
                 model, info = auto_cls.from_pretrained(
                     str(folder), config=config, local_files_only=True, weights_only=True,
-                    attn_implementation=attn, output_loading_info=True)
+                    attn_implementation=attn, output_loading_info=True,
+                    ignore_mismatched_sizes=True)  # refused below, by name
+            mismatch = mismatch_error(folder, info.get("mismatched_keys") or ())
+            if mismatch is not None:
+                raise mismatch
             model.to(device)
             notes += _loading_notes(info, folder)
         else:
@@ -89,7 +103,12 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
             if not on_meta:
                 notes.append(f"{folder} holds no weights file ({', '.join(WEIGHT_FILES)}): "
                              "the model has random weights")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except SpecError:
+        raise
+    except pickle.UnpicklingError as e:  # a weights-only load refused a pickled file
+        culprit = next(iter(pickle_files(folder)), folder)
+        raise SpecError(pickle_refusal(culprit, e)) from e
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
         raise SpecError(f"cannot load the transformers checkpoint {str(folder)!r} as "
                         f"{auto_cls.__name__}: {type(e).__name__}: {e}".splitlines()[0]) from e
     tokenizer = load_tokenizer(folder)
@@ -113,7 +132,7 @@ def load_tokenizer(folder: Path) -> Any | None:
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, RecursionError) as e:
         raise SpecError(f"cannot load the tokenizer in {str(folder)!r}: {e}".splitlines()[0]) \
             from e
 
@@ -155,7 +174,7 @@ def read_config_json(file: Path) -> dict[str, Any]:
         raise SpecError(f"transformers config file {str(file)!r} does not exist")
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise SpecError(f"cannot read transformers config {str(file)!r}: {e}") from e
     if not isinstance(data, dict) or "model_type" not in data:
         raise SpecError(

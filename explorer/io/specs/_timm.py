@@ -84,7 +84,7 @@ def _build_timm_folder(folder: Path, kwargs: dict[str, Any], device: str) -> Bui
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise SpecError(f"cannot read the timm config {str(config_file)!r}: {e}") from e
     arch = config.get("architecture") if isinstance(config, dict) else None
     if not isinstance(arch, str):

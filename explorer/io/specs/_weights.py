@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._files import load_pickle
 from ._types import SpecError
 
 
@@ -97,11 +98,7 @@ def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
                 f"weights {str(path)!r} are not a readable safetensors file "
                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it complete?"
             ) from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... per cause
-        hint = "" if trust else "; if you trust this file, pass trust_weights=True"
-        raise SpecError(f"cannot load weights {str(path)!r}: {type(e).__name__}: {e}{hint}") from e
+    obj = load_pickle(path, trust)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, Mapping):
@@ -125,7 +122,7 @@ def _read_sharded(index: Path, trust: bool) -> dict[str, torch.Tensor]:
     """
     try:
         data = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise SpecError(f"cannot read the checkpoint index {str(index)!r}: {e}") from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
