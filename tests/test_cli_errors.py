@@ -153,7 +153,31 @@ def _deep_jsonl(folder: Path) -> Setup:
     return setup
 
 
+def _nan_weights(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from explorer import load_model
+    state = {k: v.clone() for k, v in load_model("demo:mlp").model.state_dict().items()}
+    state["fc1.weight"][0, :3] = float("nan")
+    state["fc1.weight"][1, 0] = float("inf")
+    save_file(state, tmp / "nan.safetensors")
+    return tmp / "nan.safetensors"
+
+
+def _prune_nan(tmp: Path) -> list[str]:
+    return ["prune", "--model", "demo:mlp", "--weights", str(_nan_weights(tmp))]
+
+
 CASES.update({
+    "timm-num-classes-negative": (_args("trace", "--model", "timm:resnet18?num_classes=-1"),
+                                  r"timm spec option 'num_classes' must be an integer >= 0, "
+                                  r"got -1"),
+    "timm-depth-float": (_args("trace", "--model", "timm:vit_tiny_patch16_224?depth=2.5"),
+                         r"timm spec option 'depth' must be a positive integer, got 2\.5"),
+    "timeout-negative": (_args("trace", "--model", "demo:mlp", "--timeout", "-1"),
+                         r"--timeout: must be a number of seconds >= 0"),
+    "prune-nan-weights": (_prune_nan, r"the model's weights are not finite: 'fc1\.weight' holds "
+                                      r"4 NaN/Inf value\(s\); .*nothing is pruned"),
     "image-bomb": (_bomb_folder, r"image '.*bomb\.png' is refused as a possible decompression "
                                  r"bomb"),
     "max-memory-1e400": (_args("prune", "--model", "demo:mlp", "--max-memory", "1e400GB"),
@@ -382,3 +406,37 @@ def test_deep_json_line_is_one_error_line(smollm2: Path, tmp_path: Path,
     code, _out, err = _run(_deep_jsonl(smollm2)(tmp_path), capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "deep.jsonl:2 nests JSON deeper than Python reads" in err
+
+
+def test_timeout_has_a_default(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A factory that never returns ends without --timeout (issue 22: it hung)."""
+    from explorer.app import cli
+    monkeypatch.setattr(cli, "DEFAULT_TIMEOUT", 1.0)
+    (tmp_path / "pe_hangs_default.py").write_text("def make():\n    while True:\n        pass\n")
+    code, _out, err = _run(["trace", "--model", f"{tmp_path / 'pe_hangs_default.py'}:make"],
+                           capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "building the model took longer than --timeout 1 s (the default): a factory that " \
+           "never returns? If it is only slow, raise it (--timeout 600, or 0 for no limit)" in err
+
+
+def test_nan_weights_trace_with_a_note(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(["trace", "--model", "demo:mlp", "--weights",
+                           str(_nan_weights(tmp_path)), "--no-preflight"], capsys)
+    assert code == 0 and not err
+    assert "note: the weights of " in out and "nan.safetensors are not finite: 'fc1.weight' " \
+           "holds 4 NaN/Inf value(s); tracing works, pruning refuses them" in out
+
+
+def test_raw_pickle_weights_are_one_line_in_a_real_process(tmp_path: Path) -> None:
+    """torch's unpickler warned three lines on stderr before the refusal (issue 22)."""
+    (tmp_path / "w.pkl").write_bytes(pickle.dumps({"fc1.weight": _RunsCode(tmp_path / _MARK)},
+                                                  protocol=4))
+    done = subprocess.run([sys.executable, "-m", "explorer", "trace", "--model", "demo:mlp",
+                           "--weights", str(tmp_path / "w.pkl")], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "w.pkl' is a pickle that a tensors-only load refuses" in done.stderr
+    assert not (tmp_path / _MARK).exists()

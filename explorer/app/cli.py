@@ -64,6 +64,11 @@ class CliError(Exception):
     """A user error: printed as one line on stderr, exit code 2."""
 
 
+# seconds building or tracing a model may take without --timeout: minutes for a large local
+# checkpoint on CPU; a factory that never returns ends here instead of hanging
+DEFAULT_TIMEOUT = 300.0
+
+
 def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required,
                    help="timm:NAME, timm:FOLDER, hf:FAMILY, hf:FOLDER, demo:NAME or file.py:fn")
@@ -73,8 +78,9 @@ def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--ignore", action="append", default=[], help="module to leave unpruned")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="give up building and tracing the model after this many seconds")
+    p.add_argument("--timeout", type=_count_float, default=None, metavar="SECONDS",
+                   help=f"give up building and tracing the model after this many seconds "
+                        f"(default {DEFAULT_TIMEOUT:g}; 0: no limit)")
 
 
 def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: str
@@ -94,7 +100,7 @@ def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: st
 
 _positive_int = _number(int, 0, True, "a positive integer")
 _count = _number(int, 0, False, "an integer >= 0")
-_positive_float = _number(float, 0.0, True, "a positive number")
+_count_float = _number(float, 0.0, False, "a number of seconds >= 0")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -221,17 +227,20 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 @contextmanager
-def _deadline(seconds: float | None, what: str) -> Iterator[None]:
-    """Raise `CliError` when the body runs longer than ``seconds`` (main thread only:
-    SIGALRM; a long C call ends first)."""
-    if seconds is None or threading.current_thread() is not threading.main_thread() \
+def _deadline(given: float | None, what: str) -> Iterator[None]:
+    """Raise `CliError` when the body runs longer than ``given`` seconds (None:
+    `DEFAULT_TIMEOUT`; 0: no limit). Main thread only (SIGALRM); a long C call ends first."""
+    seconds = DEFAULT_TIMEOUT if given is None else given
+    if not seconds or threading.current_thread() is not threading.main_thread() \
             or not hasattr(signal, "SIGALRM"):
         yield
         return
+    which = " (the default)" if given is None else ""
 
     def expire(_signum: int, _frame: object) -> None:
-        raise CliError(f"{what} took longer than --timeout {seconds:g} s; a factory that "
-                       f"never returns, or raise --timeout")
+        raise CliError(f"{what} took longer than --timeout {seconds:g} s{which}: a factory "
+                       f"that never returns? If it is only slow, raise it (--timeout "
+                       f"{max(4 * seconds, 600):g}, or 0 for no limit)")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -281,6 +290,7 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     out["preflight"] = {str(k): v for k, v in verdicts.items()}
     out["model"] = args.model
     out["device"] = args.device
+    out["notes"] = list(lm.notes)
     if not args.json:
         lines = [f"{args.model}: {mg.num_ops} ops, {len(mg.groups())} groups "
                  f"({out['num_prunable']} prunable) in {out['seconds']:.2f}s"]
@@ -289,6 +299,7 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
             if g.id in verdicts:
                 state += f"; pre-flight at 0.5: {verdicts[g.id]}"
             lines.append(f"  [{g.id}] {g.title} ({len(g.members)} members) - {state}")
+        lines += [f"  note: {n}" for n in lm.notes]
         out["_text"] = "\n".join(lines)
     return out
 
