@@ -104,13 +104,15 @@ def load_pickle(path: Path, trust: bool) -> Any:
 
 
 def pickle_refusal(path: Path | str, error: BaseException) -> str:
-    """Why a weights-only load refused ``path``, in one line (nothing in it was run)."""
+    """Why a weights-only load refused ``path`` (a file, or a description of one such as
+    ``"a shard of 'DIR'"``), in one line (nothing in it was run)."""
     text = str(error)
     named = _GLOBAL.search(text)
     detail = _UNPICKLER.search(text)
     why = (f"it names {named.group(1)}, which is not a tensor type" if named else
            f"{one_line(Exception(detail.group(1)), 120)}" if detail else one_line(error, 120))
-    return (f"{str(path)!r} is a pickle that a tensors-only load refuses ({why}); nothing in "
+    name = repr(str(path)) if isinstance(path, Path) else path
+    return (f"{name} is a pickle that a tensors-only load refuses ({why}); nothing in "
             "it was run. Save the weights as safetensors (or a torch.save-d state dict of "
             "tensors); load a pickle you trust with trust_weights=True")
 

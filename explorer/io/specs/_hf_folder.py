@@ -106,7 +106,8 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
     except SpecError:
         raise
     except pickle.UnpicklingError as e:  # a weights-only load refused a pickled file
-        culprit = next(iter(pickle_files(folder)), folder)
+        files = pickle_files(folder)
+        culprit = files[0] if len(files) == 1 else f"a pickled weights file of '{folder}'"
         raise SpecError(pickle_refusal(culprit, e)) from e
     except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
         raise SpecError(f"cannot load the transformers checkpoint {str(folder)!r} as "
@@ -141,8 +142,7 @@ def _loading_notes(info: Mapping[str, Any], folder: Path) -> list[str]:
     """One note per kind of key that did not load cleanly (e.g. a new classifier head)."""
     notes = []
     for label, key in (("newly initialised (not in the checkpoint)", "missing_keys"),
-                       ("in the checkpoint but unused", "unexpected_keys"),
-                       ("skipped for a shape mismatch", "mismatched_keys")):
+                       ("in the checkpoint but unused", "unexpected_keys")):
         keys = sorted(str(k) for k in info.get(key) or [])
         if keys:
             notes.append(f"{len(keys)} weight(s) {label} in {folder}: {', '.join(keys[:3])}"
