@@ -421,6 +421,21 @@ def test_timeout_has_a_default(tmp_path: Path, capsys: pytest.CaptureFixture[str
            "never returns? If it is only slow, raise it (--timeout 600, or 0 for no limit)" in err
 
 
+def test_timeout_keeps_an_outer_alarm(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default deadline must not cancel an alarm already set (pytest-timeout's)."""
+    import signal
+    fired: list[int] = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, _frame: fired.append(signum))
+    outer = signal.setitimer(signal.ITIMER_REAL, 100.0)
+    try:
+        assert _run(["trace", "--model", "demo:mlp", "--no-preflight"], capsys)[0] == 0
+        left, _interval = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < left < 100 and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *outer)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_nan_weights_trace_with_a_note(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["trace", "--model", "demo:mlp", "--weights",

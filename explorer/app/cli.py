@@ -229,26 +229,43 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 @contextmanager
 def _deadline(given: float | None, what: str) -> Iterator[None]:
     """Raise `CliError` when the body runs longer than ``given`` seconds (None:
-    `DEFAULT_TIMEOUT`; 0: no limit). Main thread only (SIGALRM); a long C call ends first."""
+    `DEFAULT_TIMEOUT`; 0: no limit). Main thread only (SIGALRM); a long C call ends first.
+
+    An alarm already set (a caller's own deadline, pytest-timeout's) keeps its time: when it
+    comes first its handler runs, and it is set again for the time it has left after.
+    """
     seconds = DEFAULT_TIMEOUT if given is None else given
     if not seconds or threading.current_thread() is not threading.main_thread() \
             or not hasattr(signal, "SIGALRM"):
         yield
         return
     which = " (the default)" if given is None else ""
+    outer, interval = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+    pending = [outer]  # the outer alarm's delay, until it has run
 
-    def expire(_signum: int, _frame: object) -> None:
+    def expire(signum: int, frame: Any) -> None:
+        left = seconds - (time.monotonic() - start)
+        if pending[0] and left > 0:  # the outer alarm, due first: its handler, then ours
+            pending[0] = 0.0
+            signal.setitimer(signal.ITIMER_REAL, left)
+            if callable(previous):
+                previous(signum, frame)
+            return
         raise CliError(f"{what} took longer than --timeout {seconds:g} s{which}: a factory "
                        f"that never returns? If it is only slow, raise it (--timeout "
                        f"{max(4 * seconds, 600):g}, or 0 for no limit)")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending[0]:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3),
+                             interval)
 
 
 def _check_new_file(path: str, force: bool) -> None:
