@@ -136,13 +136,16 @@ CASES: dict[str, tuple[Setup, str]] = {  # name -> (setup, a regex the error lin
 }
 
 
-def _bomb_folder(tmp: Path) -> list[str]:
-    """An image PIL only warns about (between 1x and 2x ``MAX_IMAGE_PIXELS``): refused too."""
-    from PIL import Image
-    (tmp / "images").mkdir()
-    Image.new("1", (10_000, 10_000)).save(tmp / "images" / "bomb.png")
-    return ["prune", "--model", "demo:resnet", "--importance", "taylor", "--calibration",
-            str(tmp / "images")]
+def _bomb_folder(side: int) -> Setup:
+    """A PNG of ``side`` x ``side`` pixels: PIL raises above 2x ``MAX_IMAGE_PIXELS`` and only
+    warns between 1x and 2x; refused either way."""
+    def setup(tmp: Path) -> list[str]:
+        from PIL import Image
+        (tmp / "images").mkdir()
+        Image.new("1", (side, side)).save(tmp / "images" / "bomb.png")
+        return ["prune", "--model", "demo:resnet", "--importance", "taylor", "--calibration",
+                str(tmp / "images")]
+    return setup
 
 
 def _deep_jsonl(folder: Path) -> Setup:
@@ -178,8 +181,10 @@ CASES.update({
                          r"--timeout: must be a number of seconds >= 0"),
     "prune-nan-weights": (_prune_nan, r"the model's weights are not finite: 'fc1\.weight' holds "
                                       r"4 NaN/Inf value\(s\); .*nothing is pruned"),
-    "image-bomb": (_bomb_folder, r"image '.*bomb\.png' is refused as a possible decompression "
-                                 r"bomb"),
+    "image-bomb": (_bomb_folder(14_000), r"image '.*bomb\.png' is refused as a possible "
+                                         r"decompression bomb"),
+    "image-bomb-warning": (_bomb_folder(10_000), r"image '.*bomb\.png' is refused as a "
+                                                 r"possible decompression bomb"),
     "max-memory-1e400": (_args("prune", "--model", "demo:mlp", "--max-memory", "1e400GB"),
                          r"--max-memory: must be a size like 8GB"),
     "max-memory-nan": (_args("prune", "--model", "demo:mlp", "--max-memory", "nanGB"),
