@@ -559,7 +559,8 @@ def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_graph(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
-    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
+    with _deadline(args.timeout, "tracing the model"):
+        mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
     view = build_view(mg, depth=args.depth, group=args.group, fold=not args.no_fold).visible()
     out: dict[str, Any] = dict(view.to_dict())
     if not args.json:
