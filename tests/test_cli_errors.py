@@ -338,6 +338,18 @@ def _wrong_shape(ckpt: Path, tmp: Path, argv: list[str]) -> list[str]:
     return [a.replace("DIR", str(folder)) for a in argv]
 
 
+def _max_memory_nan(ckpt: Path, tmp: Path) -> list[str]:
+    from safetensors.torch import load_file, save_file
+    folder = _copy(ckpt, tmp)
+    for shard in _shards(folder):
+        state = load_file(shard)
+        if "model.layers.1.mlp.down_proj.weight" in state:
+            state["model.layers.1.mlp.down_proj.weight"][0, :2] = float("nan")
+            save_file(state, shard, metadata={"format": "pt"})
+    return ["prune", "--model", f"hf:{folder}", "--device", "meta", "--importance", "wanda",
+            "--max-memory", "300KB", "--offload-folder", str(tmp / "off")]
+
+
 def _max_memory_wrong_shape(ckpt: Path, tmp: Path) -> list[str]:
     return _wrong_shape(ckpt, tmp, ["prune", "--model", "hf:DIR", "--device", "meta",
                                     "--importance", "wanda", "--max-memory", "300KB",
@@ -382,6 +394,8 @@ CKPT_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
                                r"--max-memory: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' "
                                r"of '.*safetensors' has shape \(100, 64\), the model's config "
                                r"gives \(128, 64\)"),
+    "max-memory-nan": (_max_memory_nan, r"--max-memory: the checkpoint's weights are not "
+                                        r"finite: '.*down_proj\.weight' holds 2 NaN/Inf"),
     "replay-garbage-shard": (lambda c, t: _replay_shard(c, t, None),
                              r"shard '.*model-00001-of-\d+\.safetensors' is not a readable "
                              r"safetensors file"),

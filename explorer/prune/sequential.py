@@ -83,6 +83,7 @@ from .importance import (
     make,
     per_sample_terms,
 )
+from .validate import nonfinite_text, nonfinite_weights
 
 __all__ = ["SequentialError", "Offloaded", "load_offloaded", "decoder_layers",
            "sequential_criterion"]
@@ -282,7 +283,8 @@ def _with_hidden(inputs: Inputs, output: Any) -> Inputs:
 
 @contextlib.contextmanager
 def _resident(module: nn.Module) -> Iterator[None]:
-    """Keep ``module``'s offloaded weights loaded for the whole block.
+    """Keep ``module``'s offloaded weights loaded for the whole block (refused when they
+    hold NaN/Inf values).
 
     accelerate's hooks load an offloaded module's weights before each forward and drop them
     after; here they are loaded once, kept while every batch runs through the layer and its
@@ -299,6 +301,11 @@ def _resident(module: nn.Module) -> Iterator[None]:
         h.pre_forward(m)
         h.offload = False
     try:
+        found = nonfinite_weights(module)  # the Pruner sees only meta weights on this path
+        if found:
+            raise SequentialError(f"the checkpoint's weights are not finite: "
+                                  f"{nonfinite_text(found)}; scores on them mean nothing, so "
+                                  "nothing is pruned")
         yield
     finally:
         for m, h in hooks:
