@@ -401,7 +401,7 @@ CKPT_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
                              r"safetensors file"),
     # refused as a path outside the folder once issue 22 item 1 lands; a shard either way
     "replay-system-file": (lambda c, t: _replay_shard(c, t, "/etc/passwd"),
-                           r"'/etc/passwd'"),
+                           r"/etc/passwd"),
 }
 
 
