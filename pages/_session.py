@@ -73,7 +73,10 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             pe.on_action = _save
             st.session_state.pe = pe
             st.session_state.pe_loaded = _summary(lm)
-            st.session_state.pe_error = ""
+            # a log that did not replay whole: which decision and why, on the Model page
+            failed = actions and pe.message is not None and pe.message.kind is MessageKind.ERROR
+            st.session_state.pe_error = f"session log: {pe.message.text}" \
+                if failed and pe.message is not None else ""
             _save(pe)
             status.update(label=f"Traced `{request.spec}`", state="complete")
             return True
@@ -109,8 +112,9 @@ def restore_or_start() -> None:
     request = _request(saved.request) if saved is not None else None
     if saved is not None and request is not None:
         load(request, saved.actions)
-    else:
-        load(DEFAULT_REQUEST)  # a failure is shown on the Model page
+    elif load(DEFAULT_REQUEST) and saved is not None:  # a failure is shown on the Model page
+        st.session_state.pe_error = ("session log: its model request is not one the app "
+                                     "writes; the default model was loaded instead")
 
 
 def reset() -> None:

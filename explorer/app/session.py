@@ -39,6 +39,26 @@ from ..quality.evaluate import Quality
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
 
+# what each recorded action holds (``_record``): its ``do`` -> field -> JSON type
+_ACTIONS: dict[str, dict[str, type]] = {
+    "configure": {"settings": list}, "accept": {"key": list}, "accept_all": {},
+    "reject": {"keys": list}, "undo": {}, "block": {"name": str}, "plan": {"text": str},
+}
+
+
+def action_problem(act: object) -> str | None:
+    """Why ``act`` (an entry of a session log, maybe hand-edited) is not an action the
+    session records, or None when it is one."""
+    if not isinstance(act, dict):
+        return f"{type(act).__name__} {str(act)[:40]!r} is not an action object"
+    do = act.get("do")
+    if do not in _ACTIONS:
+        return f"unknown action {str(do)[:40]!r}"
+    for name, kind in _ACTIONS[str(do)].items():
+        if not isinstance(act.get(name), kind):
+            return f"action {do!r} without a {kind.__name__} field {name!r}"
+    return None
+
 
 class MessageKind(str, enum.Enum):
     """How the app shows a `Message`."""
@@ -479,25 +499,42 @@ class Session:
                              if v == Decision.REJECTED.value]}
 
     # ------------------------------------------------------------------ replay
-    def replay(self, actions: list[dict[str, Any]], progress: Progress | None = None) -> int:
+    def replay(self, actions: list[Any], progress: Progress | None = None) -> int:
         """Redo recorded ``actions`` (from `actions` of an earlier session on the same model).
 
-        Stops at the first action that no longer applies (the model or code changed) and
-        says so in `message`. Returns how many actions were replayed.
+        An entry that is not an action the session records (a hand-edited log) is skipped
+        and named in `message`. Replay stops at the first action that no longer applies
+        (the model or code changed) and says so in `message`. Returns how many actions were
+        replayed.
         """
+        skipped: list[str] = []
+        done = 0
         for i, act in enumerate(actions):
             if progress:
                 progress(i / max(len(actions), 1), f"replaying decision {i + 1} of "
                                                    f"{len(actions)}")
-            if not self._replay_one(act):
-                self.message = Message.error(f"replayed {i} of {len(actions)} decisions; "
-                                                f"decision {i + 1} ({act.get('do')}) no "
-                                                f"longer applies: "
-                                                f"{self.message.text if self.message else ''}")
-                return i
-        if actions:
+            problem = action_problem(act)
+            if problem is None:
+                try:
+                    ok = self._replay_one(act)
+                except (KeyError, TypeError, ValueError, IndexError) as exc:  # bad field values
+                    problem = f"action {act['do']!r} with a malformed field: {exc}"
+            if problem is not None:
+                skipped.append(f"skipped decision {i + 1} ({problem})")
+                continue
+            if not ok:
+                self.message = Message.error("; ".join([
+                    f"replayed {done} of {len(actions)} decisions", *skipped,
+                    f"decision {i + 1} ({act.get('do')}) no longer applies: "
+                    f"{self.message.text if self.message else ''}"]))
+                return done
+            done += 1
+        if skipped:
+            self.message = Message.error("; ".join([f"restored {done} of {len(actions)} "
+                                                    "decisions", *skipped]))
+        elif actions:
             self.message = Message.info(f"restored {len(actions)} decisions")
-        return len(actions)
+        return done
 
     def _replay_one(self, act: dict[str, Any]) -> bool:
         do = act.get("do")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..prune.fixups.fold import folded
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
+from ..prune.validate import nonfinite_text, nonfinite_weights
 from ..quality.evaluate import Quality
 from .names import checkpoint_names, dropped_on_load
 from .paths import check_out_apart, shard_files
@@ -428,6 +430,10 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
         dropped = dropped_on_load(model, state)  # the checkpoint's names and extra buffers
         state = {renamed.get(n, n): t for n, t in state.items() if n not in dropped}
         _load_checked(model, state, weights)
+    found = nonfinite_weights(model)
+    if found:
+        warnings.warn(f"the weights in '{folder}' are not finite: {nonfinite_text(found)}; "
+                      "pruning refuses them", RuntimeWarning, stacklevel=2)
     return model.eval()
 
 

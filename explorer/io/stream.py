@@ -120,7 +120,7 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     Raises:
         StreamError: no safetensors weights, or an index naming missing shards.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     root = Path(folder)
     if (root / INDEX).is_file():
@@ -140,10 +140,14 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
         path = inside(root, name, root, "weights file", StreamError)
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                shapes[key] = tuple(int(s) for s in f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                for key in keys:
+                    shapes[key] = tuple(int(s) for s in f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise StreamError(f"shard '{path}' is not a readable safetensors file "
+                              f"({' '.join(str(e).split())[:200]}); is it complete?") from e
         shards[name] = keys
     return Checkpoint(root, shards, shapes, sharded)
 
@@ -151,7 +155,7 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise StreamError(f"cannot read '{path}': {e}") from e
     if not isinstance(data, dict):
         raise StreamError(f"'{path}' must hold a JSON object")

@@ -24,9 +24,9 @@ from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Proposal, lowest
-from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms, undo
 from .transaction import ModelState, transaction
-from .validate import check_module_names
+from .validate import check_module_names, nonfinite_text, nonfinite_weights
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
 
@@ -194,11 +194,25 @@ class Pruner:
         # id(Applied) -> the model's settings and config before it (for an exact undo)
         self._settings: dict[int, ModelState] = {}
         self._pending: tuple[int, tuple[Any, ...], list[Proposal]] | None = None
+        # NaN/Inf weights: tracing and proposals still work, `step` and `apply` refuse
+        self.nonfinite = nonfinite_weights(model)
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
         self.params_original = count_params(model)
         self.macs_original = count_macs(self.graph)
+
+    def _check_finite(self) -> None:
+        """Refuse to prune on weights with NaN/Inf values (their scores and cuts mean nothing).
+
+        Raises:
+            PruneError: naming the first such tensor; nothing is changed.
+        """
+        if self.nonfinite:
+            raise PruneError(f"the model's weights are not finite: "
+                             f"{nonfinite_text(self.nonfinite)}; scores on them mean nothing, "
+                             "so nothing is pruned. Load weights without NaN/Inf (tracing and "
+                             "inspecting still work)")
 
     # -- analysis -------------------------------------------------------------------------
     def _analyse(self, graph: Graph | None = None) -> None:
@@ -548,6 +562,7 @@ class Pruner:
         Raises:
             PruneError: the removal does not fit the model; nothing is changed.
         """
+        self._check_finite()
         before = (self.graph, self.coupling, self.version, self._pending)
         with transaction(self.model) as state:  # the config update and re-analysis too
             applied = self._apply(removal)
@@ -569,6 +584,7 @@ class Pruner:
             warnings.warn("Pruner.step(interactive=True) is deprecated; use "
                           "Pruner.proposals()", DeprecationWarning, stacklevel=2)
             return self.proposals()  # type: ignore[return-value]
+        self._check_finite()
         report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
         if self.current_step >= self.steps:

@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 
 from ...graph.walk import to_device
+from ...prune.validate import nonfinite_text, nonfinite_weights
 from ...quality.task import Task, infer_task
 from ._factory import build_factory
+from ._files import check_folder as check_checkpoint_files
 from ._hf import HF_FAMILIES, build_hf
 from ._hf_folder import has_weights
 from ._inputs import check_input_shape, resized_inputs, seeded
@@ -48,6 +50,7 @@ from ._weights import load_weights
 __all__ = [
     "LoadedModel",
     "SpecError",
+    "check_checkpoint_files",
     "checkpoint_folder",
     "hf_families",
     "is_code_spec",
@@ -126,8 +129,15 @@ def load_model(
         if shape is not None:
             inputs = resized_inputs(inputs, shape, built, spec)
     model = built.model
+    notes = built.notes
     if weights is not None:
         load_weights(model, Path(weights), trust_weights)
+    if weights is not None or built.pretrained:
+        found = nonfinite_weights(model)
+        if found:
+            source = os.fspath(weights) if weights is not None else built.source or spec
+            notes += (f"the weights of {source} are not finite: {nonfinite_text(found)}; "
+                      "tracing works, pruning refuses them",)
     model.eval()
     return LoadedModel(
         model=model,
@@ -139,7 +149,7 @@ def load_model(
         task=built.task if built.task is not Task.OTHER else infer_task(model),
         tokenizer=built.tokenizer,
         pretrained=built.pretrained or weights is not None,
-        notes=built.notes,
+        notes=notes,
     )
 
 

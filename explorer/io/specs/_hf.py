@@ -19,7 +19,7 @@ import torch
 from ...quality.task import Task
 from ..own_code import refuse_own_code
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
-from ._query import split_query
+from ._query import is_count, split_query
 from ._types import Built, SpecError, one_line
 
 DEFAULT_SEQ_LEN = 16  # token ids per example input
@@ -151,18 +151,13 @@ def _hf_config(model_type: str, base: Mapping[str, Any], overrides: Mapping[str,
         raise SpecError(f"{model_type} config rejected its fields: {one_line(e)}") from e
 
 
-_COUNT_PREFIXES = ("num_", "n_")
-_COUNT_SUFFIXES = ("_size", "_dim", "_heads", "_layers", "_embeddings", "_embd", "_positions")
-
-
 def _check_field(model_type: str, key: str, value: Any, reference: Any) -> None:
     """Sizes and counts are positive integers; a field that is an int stays an int."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(reference, int) and not isinstance(reference, bool) and value is not None \
             and not is_int:
         raise SpecError(f"{model_type} config field {key!r} must be an integer, got {value!r}")
-    count = key.startswith(_COUNT_PREFIXES) or key.endswith(_COUNT_SUFFIXES)
-    if count and is_int and value < 1:
+    if is_count(key) and is_int and value < 1:
         raise SpecError(f"{model_type} config field {key!r} must be at least 1, got {value}")
 
 

@@ -10,6 +10,7 @@ from ``?task=`` or else the config's ``architectures``.
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,13 @@ from torch import nn
 from ...quality.task import Task, task_of_architecture
 from ..paths import shard_files
 from ..quiet import quiet_transformers
+from ._files import (
+    check_folder,
+    mismatch_error,
+    pickle_files,
+    pickle_refusal,
+    quiet_unpickler,
+)
 from ._types import Built, SpecError, one_line
 
 # weight files of a transformers checkpoint folder, in the order from_pretrained prefers them
@@ -86,11 +94,17 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
                 shard_files(folder / index, SpecError)  # shards inside the folder, or refused
     try:
         if has_weights(folder) and not on_meta:
-            with quiet_transformers():  # no "Loading weights" bar on the caller's stderr
+            check_folder(folder)  # a truncated shard: named here, not deep in the loader
+            # no "Loading weights" bar or torch unpickler warnings on the caller's stderr
+            with quiet_transformers(), quiet_unpickler():
                 model, info = auto_cls.from_pretrained(
                     str(folder), config=config, local_files_only=True, weights_only=True,
                     attn_implementation=attn, output_loading_info=True,
+                    ignore_mismatched_sizes=True,  # refused below, by name
                     trust_remote_code=False)
+            mismatch = mismatch_error(folder, info.get("mismatched_keys") or ())
+            if mismatch is not None:
+                raise mismatch
             model.to(device)
             notes += _loading_notes(info, folder)
         else:
@@ -100,7 +114,13 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
             if not on_meta:
                 notes.append(f"{folder} holds no weights file ({', '.join(WEIGHT_FILES)}): "
                              "the model has random weights")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except SpecError:
+        raise
+    except pickle.UnpicklingError as e:  # a weights-only load refused a pickled file
+        files = pickle_files(folder)
+        culprit = files[0] if len(files) == 1 else f"a pickled weights file of '{folder}'"
+        raise SpecError(pickle_refusal(culprit, e)) from e
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
         raise SpecError(f"cannot load the transformers checkpoint {str(folder)!r} as "
                         f"{auto_cls.__name__}: {type(e).__name__}: {e}".splitlines()[0]) from e
     tokenizer = load_tokenizer(folder)
@@ -138,8 +158,7 @@ def _loading_notes(info: Mapping[str, Any], folder: Path) -> list[str]:
     """One note per kind of key that did not load cleanly (e.g. a new classifier head)."""
     notes = []
     for label, key in (("newly initialised (not in the checkpoint)", "missing_keys"),
-                       ("in the checkpoint but unused", "unexpected_keys"),
-                       ("skipped for a shape mismatch", "mismatched_keys")):
+                       ("in the checkpoint but unused", "unexpected_keys")):
         keys = sorted(str(k) for k in info.get(key) or [])
         if keys:
             notes.append(f"{len(keys)} weight(s) {label} in {folder}: {', '.join(keys[:3])}"
@@ -171,7 +190,7 @@ def read_config_json(file: Path) -> dict[str, Any]:
         raise SpecError(f"transformers config file {str(file)!r} does not exist")
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise SpecError(f"cannot read transformers config {str(file)!r}: {e}") from e
     if not isinstance(data, dict) or "model_type" not in data:
         raise SpecError(

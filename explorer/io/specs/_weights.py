@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..paths import shard_files
+from ._files import load_pickle
 from ._types import SpecError
 
 
@@ -98,11 +99,7 @@ def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
                 f"weights {str(path)!r} are not a readable safetensors file "
                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it complete?"
             ) from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... per cause
-        hint = "" if trust else "; if you trust this file, pass trust_weights=True"
-        raise SpecError(f"cannot load weights {str(path)!r}: {type(e).__name__}: {e}{hint}") from e
+    obj = load_pickle(path, trust)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, Mapping):
