@@ -488,7 +488,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
                  original=original, example_inputs=lm.example_inputs,
                  attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
-                 force=args.force)
+                 force=args.force, sentence=lm.sentence)
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
