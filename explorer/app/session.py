@@ -419,7 +419,8 @@ class Session:
 
         def revert() -> None:
             restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
-            undo(self.model, Applied({}, replay.attributes, {}, dict(previous)))
+            undo(self.model, Applied({}, replay.attributes, {}, dict(previous),
+                                     constants=replay.constants))
             self.pruner.retrace()
 
         self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
