@@ -190,6 +190,9 @@ def test_builtin_family_rebuilds_from_its_config(name: str) -> None:
     report = pruner.step()
     assert report.forward_ok
     assert_config_rebuilds(lm.model, report, lm.example_inputs[0], name in BUILTIN_DESCRIBED)
+    assert bool(pruner.config_note) == (name not in BUILTIN_DESCRIBED)  # the app shows it
+    pruner.undo()
+    assert pruner.config_note == ""  # the unpruned model: its config describes it
 
 
 @pytest.mark.zoo

@@ -435,6 +435,13 @@ class Session:
         return True
 
     # ------------------------------------------------------------------ export
+    @property
+    def config_note(self) -> str:
+        """Why no transformers config describes the pruned model ('' when one does): a
+        ``save_pretrained`` of it would not reload it, and an ``hf`` export falls back to
+        safetensors + plan."""
+        return self.pruner.config_note if self.pruner.applied else ""
+
     def forward_check(self) -> Message:
         """Run the current model and compare its output shapes with the original's."""
         verdict = forward_check(self.model, self.example_inputs, self.output_shapes)

@@ -194,6 +194,7 @@ class Pruner:
         self._before: dict[int, tuple[Graph, Coupling, int, Any]] = {}
         # id(Applied) -> the model's settings and config before it (for an exact undo)
         self._settings: dict[int, ModelState] = {}
+        self._notes: dict[int, str] = {}  # id(Applied) -> config_note before it (for undo)
         self._pending: tuple[int, tuple[Any, ...], list[Proposal]] | None = None
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
@@ -217,6 +218,7 @@ class Pruner:
         self._update_config(StepReport(self.current_step))
         self._before.clear()  # the model changed outside the pruner: old analyses are stale
         self._settings.clear()  # and so are the settings recorded before each application
+        self._notes.clear()
         self._analyse()
 
     def configure(self, importance: str | None = None, ratio: float | None = None,
@@ -550,6 +552,7 @@ class Pruner:
             PruneError: the removal does not fit the model; nothing is changed.
         """
         before = (self.graph, self.coupling, self.version, self._pending)
+        note = self.config_note
         with transaction(self.model) as state:  # the config update and re-analysis too
             applied = self._apply(removal)
             self._update_config(StepReport(self.current_step), applied)
@@ -557,6 +560,7 @@ class Pruner:
         self.applied.append(applied)
         self._before[id(applied)] = before
         self._settings[id(applied)] = state
+        self._notes[id(applied)] = note
         return applied
 
     # -- steps ----------------------------------------------------------------------------
@@ -587,12 +591,14 @@ class Pruner:
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
         if removal:
+            note = self.config_note
             with transaction(self.model) as state:  # the config update too: all or nothing
                 applied = self._apply(removal)
                 self._update_config(report, applied)
             self.applied.append(applied)
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             self._settings[id(applied)] = state
+            self._notes[id(applied)] = note
             report.attributes = dict(applied.attributes)
         self.current_step += 1
         report.notes += [n for n in [*self.notes, *flight.notes] if n not in report.notes]
@@ -686,6 +692,7 @@ class Pruner:
         settings = self._settings.pop(id(last), None)
         if settings is not None:  # the config and module settings exactly as before it
             settings.restore_settings()
+            self.config_note = self._notes.pop(id(last), self.config_note)
         else:
             self._update_config(StepReport(self.current_step))  # widths are back: so is config
         before = self._before.pop(id(last), None)
