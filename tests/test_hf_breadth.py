@@ -412,9 +412,10 @@ def test_fold_fused_qkv(tmp_path: Path) -> None:
 
 @pytest.mark.zoo
 @pytest.mark.timeout(120)
-def test_two_folds_replay_bit_for_bit() -> None:
+def test_two_folds_replay_bit_for_bit(tmp_path: Path) -> None:
     """Two head-dim steps fold twice (16 -> 12 -> 8 dims); the plan's replay multiplies the
-    same elements by the same factors in the same order: the same state, bit for bit."""
+    same elements by the same factors in the same order: the same state, bit for bit, and
+    `load_pruned` of a safetensors export (folded weights, plan) gives the same logits."""
     arch = ARCHS["bert"]
     model: Any = _build(arch)
     x = _inputs(arch)
@@ -423,9 +424,13 @@ def test_two_folds_replay_bit_for_bit() -> None:
     assert pruner.step() and pruner.step()
     assert [len(a.constants) for a in pruner.applied] == [2, 2]
     fresh = _build(arch)
-    Plan.from_pruner(pruner, "hf:bert").apply(fresh)
+    plan = Plan.from_pruner(pruner, "hf:bert")
+    plan.apply(fresh)
     assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in model.state_dict().items())
     assert torch.equal(_logits(fresh, x), _logits(model, x))
+    export(model, tmp_path, "safetensors", plan=plan)
+    torch.testing.assert_close(_logits(load_pruned(_build(arch), tmp_path), x),
+                               _logits(model, x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.zoo
