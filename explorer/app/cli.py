@@ -465,7 +465,8 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     before = count_params(lm.model)
     replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
-                 example_inputs=lm.example_inputs, force=args.force)
+                 example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
+                 sentence=lm.sentence)
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
