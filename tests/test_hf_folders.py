@@ -155,3 +155,19 @@ def test_an_export_keeps_the_sentence_transformers_pipeline(st_folder: Path,
         got = st.encode(["pruning keeps the embedding"], convert_to_tensor=True)
         assert got.shape[-1] == config["hidden_size"]
         assert torch.allclose(got.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_the_apps_export_keeps_the_pipeline(st_folder: Path) -> None:
+    import io
+    import zipfile
+
+    from explorer.app.session import Session
+
+    lm = load_model(f"hf:{st_folder}")
+    pe = Session(lm.model, lm.example_inputs, spec=f"hf:{st_folder}", task=lm.task,
+                 tokenizer=lm.tokenizer, sentence=lm.sentence)
+    files, notes = pe.export_files(("hf",))
+    names = zipfile.ZipFile(io.BytesIO(files["pruned_hf.zip"])).namelist()
+    assert {"hf/modules.json", "hf/1_Pooling/config.json", "hf/tokenizer.json",
+            "hf/config.json"} <= set(names), names
+    assert any("sentence-transformers pipeline" in n for n in notes), notes

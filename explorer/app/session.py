@@ -26,6 +26,7 @@ from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration, random_like
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
@@ -108,6 +109,8 @@ class Session:
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
+    tokenizer: Any | None = None  # the checkpoint's tokenizer, saved with an hf export
+    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, ditto
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -465,7 +468,8 @@ class Session:
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
         return export_bytes(clone_model(self.model), formats, plan=plan,
-                            original=self.original, example_inputs=self.example_inputs)
+                            original=self.original, example_inputs=self.example_inputs,
+                            tokenizer=self.tokenizer, sentence=self.sentence)
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""

@@ -211,7 +211,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
 
 
 def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = None,
-                 original: nn.Module | None = None, example_inputs: Any = None
+                 original: nn.Module | None = None, example_inputs: Any = None,
+                 tokenizer: Any | None = None, sentence: SentenceFolder | None = None
                  ) -> tuple[dict[str, bytes], list[str]]:
     """`export` into memory: file name -> bytes, and the exporter's messages.
 
@@ -224,7 +225,7 @@ def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = N
 
     with tempfile.TemporaryDirectory() as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
-                        example_inputs=example_inputs)
+                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence)
         out: dict[str, bytes] = {}
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
