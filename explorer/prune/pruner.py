@@ -662,6 +662,13 @@ class Pruner:
         constants = differing_constants(self.model)
         if not constants:
             return update
+        trial = ModelState.capture(self.model)  # would the constants alone do? (no trace)
+        for (mod, attr), value in constants.items():
+            setattr(self.model.get_submodule(mod), attr, value)
+        enough = update_config(self.model)
+        trial.restore_settings()
+        if not enough.ok:
+            return update
         fold, previous = fold_into(self.model, constants, self.inputs)
         if fold.reason:
             update.reason += f"; its constants were not folded into the weights: {fold.reason}"
