@@ -659,6 +659,8 @@ class Pruner:
         """Fold the constants that alone keep the config from describing the model."""
         from .fixups.fold import fold_into, unfold
         from .fixups.hfconfig import differing_constants, update_config
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            return update  # no values to fold: its export or streamed replay folds them
         constants = differing_constants(self.model)
         if not constants:
             return update

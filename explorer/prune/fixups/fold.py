@@ -367,24 +367,22 @@ def fold_into(model: nn.Module, constants: dict[tuple[str, str], float],
     the weights, for good, when a forward on ``inputs`` gives the same outputs.
 
     The scaled tensors are replaced by new objects, never written in place, so a transaction
-    or an undo that puts the old objects back restores the model bit for bit. On a weightless
-    (``meta``) model there is no forward to compare: the fold is made as planned on the trace
-    (what a replay on the real weights repeats), unless a constant is read by no traced op.
+    or an undo that puts the old objects back restores the model bit for bit. A weightless
+    (``meta``) model has no values to fold or compare: its export or streamed replay folds
+    (`plan_fold`).
 
     Returns:
         The fold (``Fold.reason`` says why nothing was changed) and the tensors it replaced,
         by name, with `Fold.constants` holding the old values of the constants.
     """
+    if any(t.device.type == "meta" for t in model.parameters()):
+        return Fold(reason="a weightless (meta) model has no values to fold; its export or "
+                           "streamed replay folds them"), {}
     try:
         graph = trace(model, tuple(inputs))
     except TraceError as e:
         return Fold(reason=f"cannot trace the model to fold constants ({e})"), {}
     fold = plan_fold(graph, model, constants)
-    weightless = any(t.device.type == "meta" for t in model.parameters())
-    if not fold.reason and weightless and fold.unread:
-        fold.reason = (f"{', '.join(fold.unread)} is read by no op of the weightless trace; "
-                       f"only a forward with weights could confirm that it just follows the "
-                       f"config")
     if fold.reason:
         return fold, {}
     tensors = _tensors(model)
@@ -395,8 +393,6 @@ def fold_into(model: nn.Module, constants: dict[tuple[str, str], float],
             scale_tensor(new[name], factor, fold.elements.get(name))
         for name, value in fold.buffers.items():
             new[name] = torch.full_like(tensors[name], value)
-    if weightless:
-        return fold, _swap(model, new, constants)
     modes = {m: m.training for m in model.modules()}
     # the check compares two eval forwards (dropout would make any two differ), and leaves
     # the caller's random state and train/eval modes as they were
