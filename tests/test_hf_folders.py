@@ -32,7 +32,7 @@ def _minilm() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def _folder(root: Path, sentence: bool) -> Path:
+def _folder(root: Path, sentence: bool, pooling: str = "mean") -> Path:
     """The encoder's files linked into ``root``, its config naming a masked-LM head."""
     src = _minilm()
     root.mkdir()
@@ -51,8 +51,8 @@ def _folder(root: Path, sentence: bool) -> Path:
              "type": "sentence_transformers.models.Normalize"}]))
         (root / "1_Pooling").mkdir()
         (root / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": 384, "pooling_mode_cls_token": False,
-             "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
+            {"word_embedding_dimension": 384, "pooling_mode_cls_token": pooling == "cls",
+             "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False}))
         (root / "2_Normalize").mkdir()
         (root / "sentence_bert_config.json").write_text('{"max_seq_length": 256}')
     return root
@@ -171,3 +171,26 @@ def test_the_apps_export_keeps_the_pipeline(st_folder: Path) -> None:
     assert {"hf/modules.json", "hf/1_Pooling/config.json", "hf/tokenizer.json",
             "hf/config.json"} <= set(names), names
     assert any("sentence-transformers pipeline" in n for n in notes), notes
+
+
+def test_a_cls_pooled_folder_is_measured_on_its_first_token(tmp_path: Path) -> None:
+    from explorer.quality.evaluate import evaluate
+
+    folder = _folder(tmp_path / "cls", sentence=True, pooling="cls")
+    lm = load_model(f"hf:{folder}")
+    assert lm.task is Task.ENCODER_CLS and "cls-pooled, normalised embedding" in lm.notes[0]
+
+    class Hidden(torch.nn.Module):  # hidden states whose first token is all that agrees
+        def __init__(self, rest: float) -> None:
+            super().__init__()
+            self.rest = rest
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.ones(x.shape[0], 5, 4)
+            out[:, 1:] = self.rest * torch.arange(4.0)
+            return out
+
+    data = [(torch.zeros(2, 5),)]
+    same_cls = evaluate(Hidden(-1.0), Hidden(1.0), data, task=Task.ENCODER_CLS)
+    mean = evaluate(Hidden(-1.0), Hidden(1.0), data, task=Task.ENCODER)
+    assert same_cls.after == pytest.approx(1.0) and mean.after < 0.9

@@ -37,6 +37,7 @@ _AUTO_CLASS = {
     Task.CAUSAL_LM: "AutoModelForCausalLM",
     Task.MASKED_LM: "AutoModelForMaskedLM",
     Task.ENCODER: "AutoModel",
+    Task.ENCODER_CLS: "AutoModel",
     Task.SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification",
     Task.IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
 }
@@ -88,7 +89,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str,
     notes: list[str] = []
     if sentence is not None:
         if not requested:
-            task = Task.ENCODER
+            task = Task.ENCODER_CLS if sentence.pooling_mode == "cls" else Task.ENCODER
         notes.append(sentence.summary())
     model, loaded = _load(folder, config, task, attn, device, notes)
     head = _missing_head(model, loaded)
@@ -96,7 +97,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str,
         raise SpecError(f"{folder} holds no weights for the {task.value} head that ?task="
                         f"{task.value} asks for ({_keys(head)}); a random head makes its "
                         f"quality noise: use ?task=encoder to prune the encoder it holds")
-    if head and not requested and task is not Task.ENCODER:
+    if head and not requested and task not in (Task.ENCODER, Task.ENCODER_CLS):
         names = ", ".join(map(str, getattr(config, "architectures", None) or [task.value]))
         model, loaded = _load(folder, config, Task.ENCODER, attn, device, [])
         notes.append(f"{folder} holds no weights for the head of {names} ({_keys(head)}): "

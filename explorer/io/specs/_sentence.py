@@ -7,7 +7,7 @@ folder's root), ``Pooling`` (``1_Pooling/config.json``: which pooling) and often
 (``MPNetForMaskedLM``) whose head the folder does not hold: the model to prune is the
 encoder, and its quality is the cosine of the pooled, normalised embedding (normalising
 changes no cosine; mean pooling over real tokens is `explorer.quality.evaluate`'s encoder
-measure).
+measure, the first token's state its ``encoder-cls`` one).
 
 The files are read as data, structurally: ``modules.json`` must be a list of modules of
 ``sentence_transformers.models`` with relative paths inside the folder; nothing is imported
@@ -59,7 +59,7 @@ class SentenceFolder:
                 f"{' -> '.join(kind for _n, _p, kind in self.modules)}): the encoder is "
                 f"pruned, its quality is the cosine of the {self.pooling_mode}-pooled"
                 f"{', normalised' if self.normalized else ''} embedding")
-        if self.pooling_mode != "mean":
+        if self.pooling_mode not in ("mean", "cls"):
             text += (f" (measured on mean-pooled hidden states: {self.pooling_mode} pooling "
                      f"is not measured apart)")
         return text
