@@ -7,8 +7,8 @@ Accepted forms:
   fields override config fields, e.g. ``hf:llama?hidden_size=4096&num_hidden_layers=32``.
 * ``hf:<local folder>[?task=...&k=v]``: a transformers checkpoint folder (config, single or
   sharded weights, tokenizer) via ``from_pretrained(..., local_files_only=True)``; ``task`` is
-  causal-lm, masked-lm, encoder, encoder-cls, sequence-classification or image-classification (default: the
-  config's ``architectures``; a sentence-transformers folder is its encoder).
+  causal-lm, masked-lm, encoder, encoder-cls, sequence-classification or image-classification
+  (default: the config's ``architectures``; a sentence-transformers folder is its encoder).
 * ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``),
   random weights.
 * ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
