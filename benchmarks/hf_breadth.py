@@ -3,9 +3,10 @@
 Usage: ``python benchmarks/hf_breadth.py [--only vit bert ...]``. For every architecture of
 ``tests/test_hf_breadth.py`` (tiny random configs) and both head modes: parameters kept at
 ratio 0.5, unsafe groups, whether ``type(model)(model.config)`` with the pruned state dict
-computes the pruned model's logits in memory (``rebuild``: constants the config derives are
-folded at cut time), and the export the config allows (``hf``: a ``save_pretrained`` folder
-whose config holds the pruned widths; ``safetensors``: the fall-back, with its reason).
+computes the pruned model's logits and real-valued attributes in memory (``rebuild``:
+constants the config derives are folded at cut time), and the export the config allows
+(``hf``: a ``save_pretrained`` folder whose config holds the pruned widths;
+``safetensors``: the fall-back, with its reason).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from rebuild import output  # noqa: E402
+from rebuild import assert_config_rebuilds  # noqa: E402
 from test_hf_breadth import ARCHS, _build, _inputs  # noqa: E402
 
 from explorer import Pruner  # noqa: E402
@@ -40,14 +41,11 @@ def _row(name: str, heads: str) -> str:
     report = pruner.step()
     seconds = time.perf_counter() - start
     kept = sum(p.numel() for p in model.parameters()) / before
-    rebuild = "no"
-    try:
-        fresh = type(model)(model.config).eval()
-        fresh.load_state_dict(model.state_dict())
-        if torch.allclose(output(fresh, x), output(model, x), rtol=1e-4, atol=1e-5):
-            rebuild = "same"
-    except (RuntimeError, ValueError):
-        pass  # shapes the config cannot build: the step's report says why
+    rebuild = "same"
+    try:  # logits and real-valued attributes (scalings) of the config's build
+        assert_config_rebuilds(model, report, x, True)
+    except (AssertionError, RuntimeError, ValueError):
+        rebuild = "no"  # the step's report says why
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, folder, "hf", plan=Plan.from_pruner(pruner, f"hf:{name}"))
