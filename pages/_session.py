@@ -33,11 +33,17 @@ def _cached(spec: str, *, device: str, input_shape: tuple[int, ...] | None,
 
 
 def _sid() -> str:
-    """This browser session's id, kept in the URL (``?sid=``) so a refresh finds it."""
+    """This browser session's id, kept in the URL (``?sid=``) so a refresh finds it.
+
+    Streamlit's page links drop the query string, so the id also lives in the session state
+    and is written back into the URL on every run: a refresh after changing page finds it."""
     sid = st.query_params.get("sid")
     if not store.valid_sid(sid):
-        sid = store.new_sid()
+        sid = st.session_state.get("pe_sid")
+        if not store.valid_sid(sid):
+            sid = store.new_sid()
         st.query_params["sid"] = sid
+    st.session_state.pe_sid = sid
     return str(sid)
 
 
@@ -100,6 +106,7 @@ def _request(fields: dict[str, Any]) -> LoadRequest | None:
 def restore_or_start() -> None:
     """On a fresh page: replay the session named in the URL, or load the default model."""
     if "pe_request" in st.session_state:
+        _sid()  # put the id back into the URL after a page link dropped it
         return
     saved = store.load(_sid())
     request = _request(saved.request) if saved is not None else None

@@ -111,7 +111,7 @@ def test_depth_removal_round_trips_through_a_plan(tmp_path: Path) -> None:
     x = lm.example_inputs
     assert sum(p.numel() for p in fresh.parameters()) == s.params
     assert torch.equal(fresh(*x), s.model(*x))
-    files, _notes = s.export_files(("safetensors", "report"))  # every export works
+    files, _notes = s.export_files(("safetensors", "report"), tmp_path / "dl")  # every export works
     assert "pruned_safetensors.zip" in files and "report.md" in files
     assert s.undo() and s.undo() and s.undo() and s.params == s.params_start
 

@@ -35,6 +35,7 @@ from ..io.export import (
     parse_formats,
     snapshot,
 )
+from ..io.paths import check_out_apart
 from ..io.plan import Plan
 from ..io.quiet import quiet_transformers
 from ..io.specs import (
@@ -44,6 +45,7 @@ from ..io.specs import (
     checkpoint_folder,
     load_model,
     parse_input_shape,
+    spec_paths,
 )
 from ..prune.calibration import Calibration, load_calibration
 from ..prune.importance import Criterion
@@ -193,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--formats", default="pt,safetensors",
                    help="comma-separated: pt, safetensors, hf, report")
-    r.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    r.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out folder (with --checkpoint: write into it)")
     e = sub.add_parser("export", help="prune a model and export it")
     _add_model_args(e)
     _add_prune_args(e)
@@ -266,6 +269,30 @@ def _deadline(given: float | None, what: str) -> Iterator[None]:
         if pending[0]:
             signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3),
                              interval)
+
+
+def _sources(args: argparse.Namespace) -> list[str]:
+    """Every local path the command reads: the model spec's files, weights, plan, data,
+    checkpoint. What it writes must keep clear of them (`_check_writes`)."""
+    model = getattr(args, "model", None)
+    found = [str(p) for p in spec_paths(model)] if model else []
+    for key in ("weights", "calibration", "eval_data", "checkpoint"):
+        value = getattr(args, key, None)
+        if value:
+            found.append(value)
+    if args.command == "replay":
+        found.append(args.plan)
+    return found
+
+
+def _check_writes(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse before any work when a written path (``--out``, ``--plan``, ``--offload-folder``)
+    is a source, lies inside a source folder or holds a source."""
+    sources = _sources(args)
+    for flag in flags:
+        path = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if path:
+            check_out_apart(path, sources, CliError, flag)
 
 
 def _check_new_file(path: str, force: bool) -> None:
@@ -449,6 +476,7 @@ def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--plan", "--out", "--offload-folder")
     for path in (args.plan, args.out):  # refuse before any work
         if path:
             _check_new_file(path, args.force)
@@ -500,9 +528,10 @@ def _forward_ok(lm: LoadedModel) -> bool:
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--out")
     if args.checkpoint:
         from ..io.stream import replay_command
-        return replay_command(args.checkpoint, args.plan, args.out)
+        return replay_command(args.checkpoint, args.plan, args.out, args.force)
     if not args.model:
         raise CliError("replay needs --model SPEC, or --checkpoint DIR for a transformers "
                        "checkpoint folder")
@@ -515,7 +544,7 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     before = count_params(lm.model)
     replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
-                 example_inputs=lm.example_inputs, force=args.force)
+                 example_inputs=lm.example_inputs, force=args.force, sources=_sources(args))
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
@@ -528,6 +557,7 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--out", "--offload-folder")
     _check_cpu(args)
     formats = parse_formats(args.formats)
     check_out_dir(Path(args.out), args.force)
@@ -538,7 +568,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
                  original=original, example_inputs=lm.example_inputs,
                  attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
-                 force=args.force)
+                 force=args.force, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "

@@ -16,6 +16,7 @@ import enum
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -465,19 +466,21 @@ class Session:
                                     f"{verdict.error}")
         return Message.error(verdict.error)
 
-    def export_files(self, formats: tuple[str, ...]) -> tuple[dict[str, bytes], list[str]]:
-        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`): file name -> bytes.
+    def export_files(self, formats: tuple[str, ...], dest: str | Path
+                     ) -> tuple[dict[str, Path], list[str]]:
+        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`), written under
+        ``dest``: file name -> path.
 
         ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
         after). Returns the files and the exporter's notes (skips, fall-backs).
         """
-        from ..io.export import export_bytes
+        from ..io.export import export_downloads
         replayed = self.blocks_removed > len(self._depth)
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
-        return export_bytes(clone_model(self.model), formats, plan=plan,
-                            original=self.original, example_inputs=self.example_inputs)
+        return export_downloads(clone_model(self.model), formats, dest, plan=plan,
+                                original=self.original, example_inputs=self.example_inputs)
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""

@@ -41,6 +41,7 @@ from ..prune.transaction import left_as_found, transaction
 from ..prune.validate import nonfinite_text, nonfinite_weights
 from ..quality.evaluate import Quality
 from .names import checkpoint_names, dropped_on_load
+from .paths import check_out_apart, shard_files
 from .plan import Plan
 from .quiet import quiet_transformers
 
@@ -81,7 +82,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
            quality: Quality | None = None, tokenizer: Any | None = None,
-           force: bool = False) -> ExportResult:
+           force: bool = False, sources: Sequence[str | os.PathLike[str]] = ()
+           ) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -98,16 +100,21 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         quality: `explorer.evaluate` on held-out data, for the report's quality section.
         tokenizer: saved into the ``hf`` folder, so it is a complete checkpoint again.
         force: replace a non-empty ``out_dir`` (its old content is removed).
+        sources: files and folders the caller read (weights, data, the plan file);
+            ``out_dir`` must keep clear of them, and of the model's own checkpoint folder
+            and the plan's spec paths, which are added here.
 
     Raises:
-        ExportError: an unknown format, ``safetensors`` without a plan, or ``out_dir`` is
-            not empty (and ``force`` is False) or not a folder.
+        ExportError: an unknown format, ``safetensors`` without a plan, ``out_dir`` is not
+            empty (and ``force`` is False) or not a folder, or it is, lies inside or holds
+            a source (`explorer.io.paths.check_out_apart`).
     """
     wanted = list(parse_formats(formats))
     if "safetensors" in wanted and plan is None:
         raise ExportError("the safetensors format needs the plan that pruned the model (to "
                           "rebuild its architecture on load); pass plan=, or use 'pt'")
     target = Path(out_dir)
+    check_out_apart(target, [*sources, *read_from(model, plan)], ExportError)
     check_out_dir(target, force)
     with _staging(target, force) as out:
         result = _write(model, out, wanted, plan, original, example_inputs, attention,
@@ -116,6 +123,19 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
                     for f, paths in result.files.items()}
     return result
+
+
+def read_from(model: nn.Module | None, plan: Plan | None) -> list[str]:
+    """What a pruned model came from: its transformers checkpoint folder (the config's
+    ``_name_or_path``, when it is a local folder) and the local paths of the plan's spec."""
+    found = []
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name and os.path.isdir(name):
+        found.append(name)
+    if plan is not None:
+        from .specs import spec_paths
+        found += [str(p) for p in spec_paths(plan.model)]
+    return found
 
 
 def check_out_dir(target: Path, force: bool) -> None:
@@ -204,35 +224,42 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
     return result
 
 
-def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = None,
-                 original: nn.Module | None = None, example_inputs: Any = None
-                 ) -> tuple[dict[str, bytes], list[str]]:
-    """`export` into memory: file name -> bytes, and the exporter's messages.
+def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
+                     plan: Plan | None = None, original: nn.Module | None = None,
+                     example_inputs: Any = None) -> tuple[dict[str, Path], list[str]]:
+    """`export` into files for downloads (the app's Export page): file name -> path under
+    ``dest``, and the exporter's messages.
 
     ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
-    files) as one ``pruned_<format>.zip``. For downloads (the app's Export page).
+    files) as one ``pruned_<format>.zip``. The files stay on disk (a download streams them
+    from there), so a server holds no export in memory. ``dest`` must be an empty or new
+    folder of the caller's (for example a session's temporary folder).
     """
-    import io
+    import shutil
     import tempfile
     import zipfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
                         example_inputs=example_inputs)
-        out: dict[str, bytes] = {}
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
-                for name in paths:
-                    out[Path(name).name] = Path(name).read_bytes()
+                for name in map(Path, paths):
+                    target = dest / name.name
+                    shutil.move(name, target)
+                    out[name.name] = target
                 continue
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            target = dest / f"pruned_{fmt}.zip"
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
                 for folder in map(Path, paths):
                     files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
                     for f in files:
                         if f.is_file():
                             zf.write(f, f.relative_to(Path(tmp)))
-            out[f"pruned_{fmt}.zip"] = buf.getvalue()
+            out[target.name] = target
     return out, list(result.messages)
 
 
@@ -421,15 +448,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_shards(index: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the shards an index names (the model is being built in memory)."""
-    import json
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise ExportError(f"'{index}' is not a readable safetensors index ({e})") from e
+    """Every tensor of the shards an index names (the model is being built in memory); only
+    shards inside the index's folder (`explorer.io.paths.shard_files`)."""
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted({str(v) for v in weight_map.values()}):
-        state.update(_read_safetensors(index.parent / shard))
+    for part in shard_files(index, ExportError).values():
+        state.update(_read_safetensors(part))
     return state
 
 

@@ -132,10 +132,13 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     from accelerate import infer_auto_device_map, init_empty_weights
 
     folder = Path(checkpoint)
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None:
+    # never the folder's own code (``auto_map``): transformers neither imports nor asks
+    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if not is_model:
         raise SequentialError(f"config of '{folder}' names architecture {arch!r}, which "
                               f"transformers does not have")
     config.use_cache = False  # calibration keeps no key/value cache
@@ -157,7 +160,8 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     model, info = cls.from_pretrained(
         str(folder), config=config, device_map=device_map, local_files_only=True,
         offload_folder=None if offload_folder is None else str(offload_folder),
-        output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, by name
+        output_loading_info=True, trust_remote_code=False,
+        ignore_mismatched_sizes=True,  # refused below, by name
         **{key: dtype or "auto"})
     gaps = [f"{what} {', '.join(map(_key_text, names[:3]))}{' ...' if len(names) > 3 else ''}"
             for what, names in (("missing", sorted(info.get("missing_keys") or [], key=str)),

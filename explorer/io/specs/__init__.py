@@ -57,6 +57,7 @@ __all__ = [
     "list_demos",
     "load_model",
     "parse_input_shape",
+    "spec_paths",
 ]
 
 SPEC_FORMS = (
@@ -202,3 +203,16 @@ def checkpoint_folder(spec: str) -> Path | None:
     name, _options = split_query(spec[3:], "hf")
     folder = Path(name)
     return folder if folder.is_dir() and has_weights(folder) else None
+
+
+def spec_paths(spec: str) -> list[Path]:
+    """The local files and folders building ``spec`` reads (a checkpoint folder, a config
+    file, a factory's file); none for built-in names. Writers keep clear of them
+    (`explorer.io.paths.check_out_apart`)."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in ("hf", "timm"):
+        name = rest.partition("?")[0]
+        return [Path(name)] if name and Path(name).exists() else []
+    if is_code_spec(spec):
+        return [Path(spec.rpartition(":")[0])]
+    return []

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ...quality.task import Task
+from ..own_code import refuse_own_code
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
 from ._query import is_count, split_query
 from ._types import Built, SpecError, one_line
@@ -86,6 +87,7 @@ def build_hf(text: str, device: str) -> Built:
     requested_task = overrides.pop("task", None)
     if Path(name).is_dir():
         folder = Path(name)
+        refuse_own_code(folder, SpecError)  # before transformers reads any of it
         data = read_config_json(folder / "config.json")
         config = _hf_config(data.pop("model_type"), {**data, "use_cache": False}, overrides)
         task = choose_task(config, requested_task, f"'hf:{text}'")
@@ -110,7 +112,7 @@ def build_hf(text: str, device: str) -> Built:
         with torch.device(device):
             # transformers leaves from_config unannotated
             model = auto_cls.from_config(  # type: ignore[no-untyped-call]
-                config, attn_implementation=attn)
+                config, attn_implementation=attn, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types on bad configs
         raise SpecError(
             f"transformers could not build 'hf:{text}': {type(e).__name__}: {one_line(e)}; "
@@ -161,6 +163,7 @@ def _check_field(model_type: str, key: str, value: Any, reference: Any) -> None:
 
 def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any, str]:
     """Config and kind ("lm" or "encoder") from a local config.json (random weights)."""
+    refuse_own_code(path, SpecError)
     data = read_config_json(path)
     model_type = data.pop("model_type")
     config = _hf_config(model_type, {**data, "use_cache": False}, overrides)
@@ -171,9 +174,9 @@ def _hf_kind(config: Any) -> str:
     """"lm" for causal LMs, else "encoder", from ``architectures`` or the model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    architectures = getattr(config, "architectures", None)  # a list, unless hand-edited
+    if isinstance(architectures, list) and architectures:
+        causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
         return "lm" if causal else "encoder"
     if config.model_type in HF_FAMILIES:
         return HF_FAMILIES[config.model_type].kind

@@ -1,8 +1,11 @@
 """``hf:<local folder>``: a transformers checkpoint on disk, weights and tokenizer included.
 
-Everything goes through ``from_pretrained(folder, local_files_only=True)``, so nothing is ever
-downloaded; ``pytorch_model.bin`` checkpoints load with ``weights_only=True`` (no pickled code
-runs). The auto class comes from ``?task=`` or else the config's ``architectures``.
+Everything goes through ``from_pretrained(folder, local_files_only=True,
+trust_remote_code=False)``, so nothing is ever downloaded and no code of the folder is imported
+(`explorer.io.own_code` refuses folders that ask for it before); ``pytorch_model.bin``
+checkpoints load with ``weights_only=True`` (no pickled code runs), and the shards an index
+names must be files inside the folder (`explorer.io.paths.shard_files`). The auto class comes
+from ``?task=`` or else the config's ``architectures``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ...quality.task import Task, task_of_architecture
+from ..paths import shard_files
 from ..quiet import quiet_transformers
 from ._files import (
     check_folder,
@@ -24,7 +28,7 @@ from ._files import (
     pickle_refusal,
     quiet_unpickler,
 )
-from ._types import Built, SpecError
+from ._types import Built, SpecError, one_line
 
 # weight files of a transformers checkpoint folder, in the order from_pretrained prefers them
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -61,7 +65,8 @@ def choose_task(config: Any, requested: Any, where: str) -> Task:
             names = ", ".join(t.value for t in _AUTO_CLASS)
             raise SpecError(f"unknown task {requested!r} in {where}; use one of {names}") \
                 from None
-    for arch in getattr(config, "architectures", None) or []:
+    archs = getattr(config, "architectures", None)
+    for arch in archs if isinstance(archs, list) else []:  # a list, unless hand-edited
         task = task_of_architecture(str(arch))
         if task is not None:
             return task
@@ -83,6 +88,10 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
     auto_cls = getattr(transformers, _AUTO_CLASS[task])
     on_meta = torch.device(device).type == "meta"
     notes: list[str] = []
+    if not on_meta:
+        for index in WEIGHT_FILES:
+            if index.endswith(".index.json") and (folder / index).is_file():
+                shard_files(folder / index, SpecError)  # shards inside the folder, or refused
     try:
         if has_weights(folder) and not on_meta:
             check_folder(folder)  # a truncated shard: named here, not deep in the loader
@@ -91,6 +100,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
                 model, info = auto_cls.from_pretrained(
                     str(folder), config=config, local_files_only=True, weights_only=True,
                     attn_implementation=attn, output_loading_info=True,
+                    trust_remote_code=False,
                     ignore_mismatched_sizes=True)  # refused below, by name
             mismatch = mismatch_error(folder, info.get("mismatched_keys") or ())
             if mismatch is not None:
@@ -99,7 +109,8 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
             notes += _loading_notes(info, folder)
         else:
             with torch.device(device):
-                model = auto_cls.from_config(config, attn_implementation=attn)
+                model = auto_cls.from_config(config, attn_implementation=attn,
+                                             trust_remote_code=False)
             if not on_meta:
                 notes.append(f"{folder} holds no weights file ({', '.join(WEIGHT_FILES)}): "
                              "the model has random weights")
@@ -113,7 +124,11 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
         raise SpecError(f"cannot load the transformers checkpoint {str(folder)!r} as "
                         f"{auto_cls.__name__}: {type(e).__name__}: {e}".splitlines()[0]) from e
     tokenizer = load_tokenizer(folder)
-    inputs = _example_inputs(model, config, task, tokenizer)
+    try:
+        inputs = _example_inputs(model, config, task, tokenizer)
+    except Exception as e:  # noqa: BLE001 - a hand-edited tokenizer config fails in any type
+        raise SpecError(f"the tokenizer in {str(folder)!r} cannot encode text: "
+                        f"{type(e).__name__}: {one_line(e)}") from e
     vocab = getattr(config, "vocab_size", None)
     return Built(model, inputs, "hf", KIND.get(task, "encoder"), hf_config=config,
                  vocab_size=int(vocab) if vocab else None, task=task, tokenizer=tokenizer,
@@ -132,10 +147,11 @@ def load_tokenizer(folder: Path) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError, RecursionError) as e:
-        raise SpecError(f"cannot load the tokenizer in {str(folder)!r}: {e}".splitlines()[0]) \
-            from e
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                             trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - a hand-edited tokenizer config fails in any type
+        raise SpecError(f"cannot load the tokenizer in {str(folder)!r}: {type(e).__name__}: "
+                        f"{e}".splitlines()[0]) from e
 
 
 def _loading_notes(info: Mapping[str, Any], folder: Path) -> list[str]:
