@@ -34,6 +34,10 @@ c3.download_button("Download JSON session log", lambda: json.dumps(pe.report(), 
                    file_name="pruning_session.json", mime="application/json",
                    key="export_report", on_click="ignore")
 
+if pe.config_note:
+    st.info(f"No transformers config describes the pruned model, so `save_pretrained` would "
+            f"not reload it and the hf format falls back to safetensors + plan: "
+            f"{pe.config_note}")
 st.subheader("All formats")
 default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
 formats = st.multiselect("Formats", FORMATS, default=default, key="export_formats",

@@ -544,7 +544,8 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     before = count_params(lm.model)
     replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
-                 example_inputs=lm.example_inputs, force=args.force, sources=_sources(args))
+                 example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
+                 sentence=lm.sentence, sources=_sources(args))
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
@@ -568,7 +569,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
                  original=original, example_inputs=lm.example_inputs,
                  attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
-                 force=args.force, sources=_sources(args))
+                 force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "

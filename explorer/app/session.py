@@ -27,6 +27,7 @@ from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration, random_like
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
@@ -129,6 +130,8 @@ class Session:
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
+    tokenizer: Any | None = None  # the checkpoint's tokenizer, saved with an hf export
+    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, ditto
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -440,7 +443,8 @@ class Session:
 
         def revert() -> None:
             restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
-            undo(self.model, Applied({}, replay.attributes, {}, dict(previous)))
+            undo(self.model, Applied({}, replay.attributes, {}, dict(previous),
+                                     constants=replay.constants))
             self.pruner.retrace()
 
         self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
@@ -455,6 +459,13 @@ class Session:
         return True
 
     # ------------------------------------------------------------------ export
+    @property
+    def config_note(self) -> str:
+        """Why no transformers config describes the pruned model ('' when one does): a
+        ``save_pretrained`` of it would not reload it, and an ``hf`` export falls back to
+        safetensors + plan."""
+        return self.pruner.config_note if self.pruner.applied else ""
+
     def forward_check(self) -> Message:
         """Run the current model and compare its output shapes with the original's."""
         verdict = forward_check(self.model, self.example_inputs, self.output_shapes)
@@ -480,7 +491,8 @@ class Session:
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
         return export_downloads(clone_model(self.model), formats, dest, plan=plan,
-                                original=self.original, example_inputs=self.example_inputs)
+                                original=self.original, example_inputs=self.example_inputs,
+                                tokenizer=self.tokenizer, sentence=self.sentence)
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""

@@ -3,12 +3,12 @@
 The app puts a session id in the page URL (``?sid=...``) and writes, after every decision,
 the model request and the session's action log to ``<dir>/<sid>.json``. On a fresh page
 with that id the model is loaded again and the log replayed (`Session.replay`). The id
-comes from a URL, so it is data: only 32 lowercase hex characters are accepted, a log that is
-a link out of the session folder is not read, and the file is read as JSON, never executed.
+comes from a URL, so it is data: only 32 lowercase hex characters are accepted, and the
+file is read as JSON, never executed.
 
 Logs name local paths and data, so they are private: the folder is made (or put back to)
-0700 and every log in it 0600, and a log is written through a new 0600 file, never
-through a link. What a hand-edited log holds is checked when it is replayed
+0700 and every log in it 0600. A log is only read and written inside its folder (a link out
+of it is never followed). What a hand-edited log holds is checked when it is replayed
 (`explorer.app.session.Session.replay` reports and skips actions it does not know).
 """
 from __future__ import annotations

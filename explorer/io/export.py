@@ -44,6 +44,7 @@ from .names import checkpoint_names, dropped_on_load
 from .paths import check_out_apart, shard_files
 from .plan import Plan
 from .quiet import quiet_transformers
+from .specs import SentenceFolder, write_sentence_files
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
@@ -82,8 +83,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
            quality: Quality | None = None, tokenizer: Any | None = None,
-           force: bool = False, sources: Sequence[str | os.PathLike[str]] = ()
-           ) -> ExportResult:
+           force: bool = False, sources: Sequence[str | os.PathLike[str]] = (),
+           sentence: SentenceFolder | None = None) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -103,6 +104,9 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         sources: files and folders the caller read (weights, data, the plan file);
             ``out_dir`` must keep clear of them, and of the model's own checkpoint folder
             and the plan's spec paths, which are added here.
+        sentence: the sentence-transformers pipeline the model came with
+            (`explorer.LoadedModel.sentence`): its files go into the ``hf`` folder, so
+            ``SentenceTransformer`` loads it.
 
     Raises:
         ExportError: an unknown format, ``safetensors`` without a plan, ``out_dir`` is not
@@ -118,7 +122,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     check_out_dir(target, force)
     with _staging(target, force) as out:
         result = _write(model, out, wanted, plan, original, example_inputs, attention,
-                        quality, tokenizer)
+                        quality, tokenizer, sentence)
     result.directory = str(target)
     result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
                     for f, paths in result.files.items()}
@@ -200,14 +204,18 @@ def _swap_in(tmp: Path, target: Path, force: bool) -> None:
 def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
            original: nn.Module | None, example_inputs: Sequence[Any] | None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
-           quality: Quality | None, tokenizer: Any | None) -> ExportResult:
+           quality: Quality | None, tokenizer: Any | None,
+           sentence: SentenceFolder | None = None) -> ExportResult:
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
         with left_as_found(model):  # config updates and save_pretrained's own writes
             _export_hf(model, out, result, _fold_inputs(plan, example_inputs))
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if "hf" in result.files and tokenizer is not None:
             tokenizer.save_pretrained(result.files["hf"][0])
+        if sentence is not None:
+            _export_sentence(sentence, result, hidden)
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
             wanted.append("safetensors")
             result.messages.append("wrote model.safetensors + plan.json instead (load with "
@@ -226,7 +234,9 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
 
 def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                      plan: Plan | None = None, original: nn.Module | None = None,
-                     example_inputs: Any = None) -> tuple[dict[str, Path], list[str]]:
+                     example_inputs: Any = None, tokenizer: Any | None = None,
+                     sentence: SentenceFolder | None = None
+                     ) -> tuple[dict[str, Path], list[str]]:
     """`export` into files for downloads (the app's Export page): file name -> path under
     ``dest``, and the exporter's messages.
 
@@ -244,7 +254,7 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     out: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
-                        example_inputs=example_inputs)
+                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence)
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
                 for name in map(Path, paths):
@@ -303,6 +313,21 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult,
         result.messages.append(f"hf: no transformers folder: {update.reason}")
         return
     _save_hf(model, out, result)
+
+
+def _export_sentence(sentence: SentenceFolder, result: ExportResult, hidden: Any) -> None:
+    """The sentence-transformers files next to the exported encoder (or why not)."""
+    if "hf" not in result.files:
+        result.messages.append("sentence-transformers: no files written: they need the "
+                               "transformers folder (hf format), which was not written")
+    elif sentence.supported:
+        result.messages.append(f"sentence-transformers: no files written: {sentence.supported}")
+    else:
+        folder = Path(result.files["hf"][0])
+        write_sentence_files(sentence, folder,
+                             hidden if isinstance(hidden, int) else None)
+        result.messages.append(f"hf: with the sentence-transformers pipeline of "
+                               f"{sentence.folder} (SentenceTransformer loads the folder)")
 
 
 def _fold_inputs(plan: Plan | None, example_inputs: Sequence[Any] | None

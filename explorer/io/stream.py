@@ -51,7 +51,7 @@ from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_co
 from .names import checkpoint_names, dropped_on_load
 from .own_code import refuse_own_code
 from .paths import check_out_apart, inside, shard_files
-from .plan import Plan
+from .plan import Plan, Replay
 from .specs._types import one_line
 
 INDEX = "model.safetensors.index.json"
@@ -238,7 +238,8 @@ def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
 
 
 def _stamp(plan: Plan, ckpt: Checkpoint, shard: str, fold: Fold | None) -> str:
-    """What a done marker holds: this plan, this source shard (name and size), the fold."""
+    """What a done marker holds: this plan (its recorded folds too), this source shard (name
+    and size), the export's fold."""
     folds = None if fold is None else [fold.scaled, fold.elements]
     text = json.dumps([plan.to_dict(), shard, ckpt.shard_bytes(shard), folds], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -288,7 +289,7 @@ def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None, names: Colle
 
 
 def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch.Tensor]],
-               target: Path, fold: Fold | None = None) -> int:
+               target: Path, fold: Fold | None = None, replay: Replay | None = None) -> int:
     """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors.
 
     The output's safetensors header is known before any weight is read (shapes from the
@@ -330,6 +331,11 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
                 known = ckpt.model_name(name)  # the output keeps the checkpoint's names
                 for dim, idx in sorted(keeps.get(known, {}).items()):
                     t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
+                for scaled, factor, part in replay.folds if replay is not None else ():
+                    if scaled == known:  # the plan's folds, in order, as Plan.apply makes them
+                        scale_tensor(t, factor, part)
+                if replay is not None and known in replay.fills:
+                    t = torch.full_like(t, replay.fills[known])
                 if fold is not None and known in fold.scaled:  # as the export folds it
                     scale_tensor(t, fold.scaled[known], fold.elements.get(known))
                 out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
@@ -390,6 +396,11 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
     _check_fingerprint(plan, ckpt, meta)
     replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
     keeps = plan.keeps(dict(plan.fingerprint.tensors))
+    absent = [n for n, _f, _p in replay.folds if n not in ckpt.model_shapes()]
+    if absent:
+        raise StreamError(f"the plan folds a constant into '{absent[0]}', which is not a tensor "
+                          f"of the checkpoint (tied or saved under another name); replay it "
+                          f"in memory (explorer replay --model hf:{src})")
     fold, update, note = _fold(meta, plan, replay.config, ckpt.model_shapes())
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
@@ -404,6 +415,12 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
         result.config_changed = dict(update.changed)
         if note:
             result.messages.append(note)
+    if replay.constants:
+        result.messages.append(
+            ", ".join(f"{m}.{a} {v[0]:.6g} -> {v[1]:.6g}" for (m, a), v in
+                      replay.constants.items())
+            + f" as the plan folded them after its cuts; the ratios are folded into "
+              f"{len({n for n, _f, _p in replay.folds})} weights")
 
     (dst / _MARKERS).mkdir(parents=True, exist_ok=True)
     total = 0
@@ -415,7 +432,7 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
             total += _output_bytes(ckpt, shard, dst)
             continue
         marker.unlink(missing_ok=True)
-        total += _cut_shard(ckpt, shard, keeps, target, fold)
+        total += _cut_shard(ckpt, shard, keeps, target, fold, replay)
         marker.write_text(stamp)
         result.written.append(shard)
     _finish(ckpt, plan, dst, result, total, extras)

@@ -7,8 +7,8 @@ Accepted forms:
   fields override config fields, e.g. ``hf:llama?hidden_size=4096&num_hidden_layers=32``.
 * ``hf:<local folder>[?task=...&k=v]``: a transformers checkpoint folder (config, single or
   sharded weights, tokenizer) via ``from_pretrained(..., local_files_only=True)``; ``task`` is
-  causal-lm, masked-lm, encoder, sequence-classification or image-classification (default: the
-  config's ``architectures``).
+  causal-lm, masked-lm, encoder, encoder-cls, sequence-classification or image-classification
+  (default: the config's ``architectures``; a sentence-transformers folder is its encoder).
 * ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``),
   random weights.
 * ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
@@ -41,6 +41,8 @@ from ._inputs import check_input_shape, resized_inputs, seeded
 from ._inputs import parse_input_shape as parse_input_shape
 from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
 from ._query import split_query
+from ._sentence import SentenceFolder as SentenceFolder
+from ._sentence import write_sentence_files as write_sentence_files
 from ._timm import build_timm
 from ._types import Built
 from ._types import LoadedModel as LoadedModel
@@ -49,6 +51,7 @@ from ._weights import load_weights
 
 __all__ = [
     "LoadedModel",
+    "SentenceFolder",
     "SpecError",
     "check_checkpoint_files",
     "checkpoint_folder",
@@ -58,6 +61,7 @@ __all__ = [
     "load_model",
     "parse_input_shape",
     "spec_paths",
+    "write_sentence_files",
 ]
 
 SPEC_FORMS = (
@@ -150,6 +154,7 @@ def load_model(
         tokenizer=built.tokenizer,
         pretrained=built.pretrained or weights is not None,
         notes=notes,
+        sentence=built.sentence,
     )
 
 

@@ -91,7 +91,7 @@ def build_hf(text: str, device: str) -> Built:
         data = read_config_json(folder / "config.json")
         config = _hf_config(data.pop("model_type"), {**data, "use_cache": False}, overrides)
         task = choose_task(config, requested_task, f"'hf:{text}'")
-        return build_folder(folder, config, task, attn, device)
+        return build_folder(folder, config, task, attn, device, requested_task is not None)
     if name in HF_FAMILIES:
         family = HF_FAMILIES[name]
         config = _hf_config(family.model_type, {**family.defaults, "use_cache": False}, overrides)
