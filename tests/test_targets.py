@@ -281,3 +281,13 @@ def test_ignoring_the_embedding_pins_the_residual_stream(smol_meta: LoadedModel)
     residual = next(g for g in pruner.groups if target_of(g) is Target.RESIDUAL)
     assert not residual.prunable
     assert residual.reason == "outputs of ignored module 'model.embed_tokens'"
+
+
+def test_trace_names_each_groups_target(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "--model", "hf:llama", "--no-preflight", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["default_targets"] == ["mlp", "heads", "channels"]
+    kinds = {g["target"] for g in out["groups"] if g["prunable"]}
+    assert kinds == {"mlp", "heads", "residual"}
+    assert main(["trace", "--model", "hf:llama", "--no-preflight"]) == 0
+    assert "residual stream (64 ch): model.layers (residual, " in capsys.readouterr().out

@@ -23,7 +23,7 @@ import torch
 
 from ..api import trace
 from ..coupling.heads import AttentionInfo, attention_modules, head_changes
-from ..coupling.targets import TARGET_NAMES, parse_targets
+from ..coupling.targets import TARGET_NAMES, parse_targets, target_of
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io.data import DataOptions, check_apart, load_data
@@ -286,7 +286,8 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
             state = "prunable" if g.prunable else f"fixed: {g.reason}"
             if g.id in verdicts:
                 state += f"; pre-flight at 0.5: {verdicts[g.id]}"
-            lines.append(f"  [{g.id}] {g.title} ({len(g.members)} members) - {state}")
+            lines.append(f"  [{g.id}] {g.title} ({target_of(g)}, {len(g.members)} members) - "
+                         f"{state}")
         out["_text"] = "\n".join(lines)
     return out
 

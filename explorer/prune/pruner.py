@@ -354,8 +354,8 @@ class Pruner:
         if keep and Target.RESIDUAL in asked:
             raise ValueError("heads 'keep' leaves attention unchanged, but the residual "
                              "stream is read and written by every attention projection; "
-                             "drop 'residual' from the targets or choose heads 'dims' or "
-                             "'whole'")
+                             "drop 'residual' from the targets or choose another head mode "
+                             "than 'keep'")
         return asked
 
     def untargeted(self, target: Target) -> str:
