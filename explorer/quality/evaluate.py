@@ -161,6 +161,9 @@ def _accumulate(s: _Sums, kind: Task, ref: tuple[torch.Tensor, bool],
         pooled_o = (o * weights).sum(1) / weights.sum(1).clamp(min=1)
         s.cosine += float(F.cosine_similarity(pooled_r, pooled_o, dim=-1).sum())
         s.cosine_n += int(r.shape[0])
+    elif kind is Task.ENCODER_CLS and r.dim() == 3:  # the embedding is the first token's
+        s.cosine += float(F.cosine_similarity(r[:, 0], o[:, 0], dim=-1).sum())
+        s.cosine_n += int(r.shape[0])
     elif r.dim() >= 2:
         rows_r, rows_o = _rows(r, valid), _rows(o, valid)
         s.cosine += float(F.cosine_similarity(rows_r, rows_o, dim=-1).sum())
