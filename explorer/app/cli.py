@@ -24,6 +24,7 @@ import torch
 
 from ..api import trace
 from ..coupling.heads import AttentionInfo, attention_modules, head_changes
+from ..coupling.targets import TARGET_NAMES, parse_targets, target_of
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io.data import DataOptions, check_apart, load_data
@@ -57,6 +58,7 @@ from ..prune.sequential import (
     load_offloaded,
     sequential_criterion,
 )
+from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality, evaluate
 from ..render.dot import view_to_dot
 from ..render.view import build_view
@@ -132,10 +134,25 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _targets(text: str) -> str:
+    try:
+        parse_targets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, default=0.5)
     p.add_argument("--importance", default="magnitude")
-    p.add_argument("--heads", default="dims", choices=HEAD_MODES)
+    p.add_argument("--heads", default="dims", choices=HEAD_MODES,
+                   help="dims: the same dims in every head; whole: whole heads (whole "
+                        "key/value groups with their query heads under GQA); query: query "
+                        "heads inside every key/value group; keep: no attention change")
+    p.add_argument("--targets", default=None, type=_targets, metavar="LIST",
+                   help=f"what may be cut, comma-separated: {', '.join(TARGET_NAMES)} "
+                        f"(or all). Default: all but residual on models with attention "
+                        f"heads (the hidden size, embeddings and norms stay), all otherwise")
     p.add_argument("--round-to", type=_positive_int, default=1)
     p.add_argument("--steps", type=_positive_int, default=1)
     p.add_argument("--global", dest="global_pruning", action="store_true")
@@ -342,7 +359,8 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
             state = "prunable" if g.prunable else f"fixed: {g.reason}"
             if g.id in verdicts:
                 state += f"; pre-flight at 0.5: {verdicts[g.id]}"
-            lines.append(f"  [{g.id}] {g.title} ({len(g.members)} members) - {state}")
+            lines.append(f"  [{g.id}] {g.title} ({target_of(g)}, {len(g.members)} members) - "
+                         f"{state}")
         lines += [f"  note: {n}" for n in lm.notes]
         out["_text"] = "\n".join(lines)
     return out
@@ -367,6 +385,7 @@ class _Pruned:
     summary: dict[str, Any]  # the ``prune --json`` object
     attention: tuple[list[AttentionInfo], list[AttentionInfo]]  # before, after
     quality: Quality | None  # on the --eval data; None without it
+    said: Statement  # what each target would lose, stated before cutting
 
 
 def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None,
@@ -445,7 +464,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
                         target_params=args.target_params, target_macs=args.target_macs,
                         calibration=calib,
                         compensate=None if args.compensate == "none" else args.compensate,
-                        scores=scores)
+                        scores=scores, targets=args.targets)
+    said = statement(pruner)  # what each target will lose, before anything is cut
     heads_before = attention_modules(lm.model, pruner.coupling)
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]
@@ -464,11 +484,12 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
         "steps": [r.to_dict() for r in reports],
         "notes": list(dict.fromkeys([*lm.notes, *(n for r in reports for n in r.notes)])),
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
+        "targets": said.to_dict(),
     }
     quality = (evaluate(lm.model, original, held, task=lm.task)
                if held is not None and original is not None else None)
     out["quality"] = quality.to_dict() if quality is not None else None
-    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality)
+    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality, said)
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
@@ -490,11 +511,13 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         _save_new(args.out, args.force, lambda tmp: torch.save(lm.model, tmp))
     if not args.json:
-        out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
+        out["_text"] = (run.said.text() + "\n" +
+                        f"{args.model}: params {out['params_before']:,} -> "
                         f"{out['params_after']:,}, MACs {out['macs_before']:,} -> "
                         f"{out['macs_after']:,}; {out['groups_pruned']}/{groups_total} groups "
                         f"pruned; forward {'ok' if out['forward_ok'] else 'FAILED'}; "
                         f"{len(out['unsafe'])} unsafe group(s) skipped")
+        out["_text"] += "".join(f"\n  {line}" for line in _cut_lines(run.reports))
         for u in out["unsafe"]:
             out["_text"] += f"\n  unsafe group {u['group']}: {u['module']} {u['location']}: " \
                             f"{u['error']}"
@@ -503,6 +526,14 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         for note in out["notes"]:
             out["_text"] += f"\n  note: {note}"
     return out
+
+
+def _cut_lines(reports: list[StepReport]) -> list[str]:
+    """What each step cut, one line per layer (``where``), in order."""
+    many = len(reports) > 1
+    return [("" if not many else f"step {r.step}: ") +
+            f"cut {c.where or c.title}: {c.axis} {c.width_before} -> {c.width_after}"
+            for r in reports for c in r.changes if c.removed]
 
 
 def _quality_line(q: dict[str, Any]) -> str:
@@ -572,7 +603,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                  force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
-    out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
+    out["_text"] = (run.said.text() + "\n" + f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
                     f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages)
                     + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"])))
