@@ -38,6 +38,7 @@ from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_co
 from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
 from ..quality.evaluate import Quality
+from ..quality.generate import Continuation
 from .names import checkpoint_names, dropped_on_load
 from .plan import Plan
 from .quiet import quiet_transformers
@@ -79,7 +80,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
            quality: Quality | None = None, tokenizer: Any | None = None,
-           force: bool = False) -> ExportResult:
+           force: bool = False, generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -96,6 +97,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         quality: `explorer.evaluate` on held-out data, for the report's quality section.
         tokenizer: saved into the ``hf`` folder, so it is a complete checkpoint again.
         force: replace a non-empty ``out_dir`` (its old content is removed).
+        generations: prompts continued before and after (`explorer.quality.generate`),
+            for the report.
 
     Raises:
         ExportError: an unknown format, ``safetensors`` without a plan, or ``out_dir`` is
@@ -109,7 +112,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     check_out_dir(target, force)
     with _staging(target, force) as out:
         result = _write(model, out, wanted, plan, original, example_inputs, attention,
-                        quality, tokenizer)
+                        quality, tokenizer, generations)
     result.directory = str(target)
     result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
                     for f, paths in result.files.items()}
@@ -178,7 +181,8 @@ def _swap_in(tmp: Path, target: Path, force: bool) -> None:
 def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
            original: nn.Module | None, example_inputs: Sequence[Any] | None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
-           quality: Quality | None, tokenizer: Any | None) -> ExportResult:
+           quality: Quality | None, tokenizer: Any | None,
+           generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
@@ -197,7 +201,7 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
         result.files["safetensors"] = _export_safetensors(model, plan, out)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
-                                                attention, quality)
+                                                attention, quality, generations)
     _write_readme(out, result, plan)
     return result
 
@@ -307,7 +311,8 @@ def _save_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
 def _export_report(model: nn.Module, out: Path, plan: Plan | None,
                    original: nn.Module | None, example_inputs: Sequence[Any] | None,
                    attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
-                   quality: Quality | None = None) -> list[str]:
+                   quality: Quality | None = None,
+                   generations: Sequence[Continuation] = ()) -> list[str]:
     from .report import build_report, write_report
     if original is None or example_inputs is None:
         if plan is None:
@@ -319,7 +324,7 @@ def _export_report(model: nn.Module, out: Path, plan: Plan | None,
         example_inputs = example_inputs if example_inputs is not None else lm.example_inputs
     report = build_report(original, model, example_inputs, plan, attention,
                           title=f"Pruning report: {plan.model}" if plan else "Pruning report",
-                          quality=quality)
+                          quality=quality, generations=generations)
     return [str(p) for p in write_report(report, out)]
 
 

@@ -25,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "toke
                    "vocab.json")
 EXAMPLE_TEXT = "Structural pruning removes whole channels, heads and units from a network."
 
-_AUTO_CLASS = {
+AUTO_CLASS = {
     Task.CAUSAL_LM: "AutoModelForCausalLM",
     Task.MASKED_LM: "AutoModelForMaskedLM",
     Task.ENCODER: "AutoModel",
@@ -50,7 +50,7 @@ def choose_task(config: Any, requested: Any, where: str) -> Task:
         try:
             return Task(str(requested))
         except ValueError:
-            names = ", ".join(t.value for t in _AUTO_CLASS)
+            names = ", ".join(t.value for t in AUTO_CLASS)
             raise SpecError(f"unknown task {requested!r} in {where}; use one of {names}") \
                 from None
     for arch in getattr(config, "architectures", None) or []:
@@ -72,7 +72,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
     """
     import transformers
 
-    auto_cls = getattr(transformers, _AUTO_CLASS[task])
+    auto_cls = getattr(transformers, AUTO_CLASS[task])
     on_meta = torch.device(device).type == "meta"
     notes: list[str] = []
     try:
@@ -93,7 +93,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str) 
         raise SpecError(f"cannot load the transformers checkpoint {str(folder)!r} as "
                         f"{auto_cls.__name__}: {type(e).__name__}: {e}".splitlines()[0]) from e
     tokenizer = load_tokenizer(folder)
-    inputs = _example_inputs(model, config, task, tokenizer)
+    inputs = example_inputs(model, config, task, tokenizer)
     vocab = getattr(config, "vocab_size", None)
     return Built(model, inputs, "hf", KIND.get(task, "encoder"), hf_config=config,
                  vocab_size=int(vocab) if vocab else None, task=task, tokenizer=tokenizer,
@@ -131,7 +131,7 @@ def _loading_notes(info: Mapping[str, Any], folder: Path) -> list[str]:
     return notes
 
 
-def _example_inputs(model: nn.Module, config: Any, task: Task,
+def example_inputs(model: nn.Module, config: Any, task: Task,
                     tokenizer: Any | None) -> tuple[Any, ...]:
     """Token ids of `EXAMPLE_TEXT` (random ids without a tokenizer), or random pixels."""
     if task is Task.IMAGE_CLASSIFICATION:
