@@ -59,7 +59,8 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             lm = loaded.model
             status.write("tracing the model and finding its groups")
             pe = Session(lm.model, lm.example_inputs, spec=request.spec,
-                         calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task)
+                         calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task,
+                         tokenizer=lm.tokenizer)
             if actions:
                 bar = st.progress(0.0, text="replaying your decisions")
                 pe.replay(list(actions), lambda f, text: bar.progress(f, text=text))

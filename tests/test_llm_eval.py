@@ -227,3 +227,29 @@ def test_gguf_spec_errors(tmp_path: Path) -> None:
         load_model(f"hf:{tmp_path}?gguf_file=missing.gguf")
     with pytest.raises(SpecError, match="must name a file inside the folder"):
         load_model(f"hf:{tmp_path}?gguf_file=../junk.gguf")
+
+
+def test_app_shows_the_continuations_beside_quality(tiny: tuple[Path, Path, Path]) -> None:
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.app.session import Session
+
+    lm = load_model(f"hf:{tiny[0]}")
+    pe = Session(lm.model, lm.example_inputs, tokenizer=lm.tokenizer)
+    [c] = pe.continuations(["the cat"], new_tokens=3)
+    assert c.before == c.after and pe.continuations(["the cat"], new_tokens=3)[0] is c
+    pe.accept(pe.proposals()[0])
+    assert pe.continuations(["the cat"], new_tokens=3)[0].before == c.before  # the original
+    with pytest.raises(GenerateError, match="has none"):
+        Session(lm.model, lm.example_inputs).continuations(["the cat"])
+    app = str(Path(__file__).resolve().parents[1] / "app.py")
+    at = AppTest.from_file(app, default_timeout=120).run()
+    at.text_input(key="model_path").set_value(str(tiny[0]))
+    at.text_input(key="model_heldout").set_value(str(tiny[2]))
+    at.button(key="model_load").click().run()
+    at.text_area(key="model_prompts").set_value("the cat\nwe read").run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    [table] = [d.value for d in at.dataframe if "pruned continues" in d.value.columns]
+    assert list(table["prompt"]) == ["the cat", "we read"]
+    assert list(table.columns) == ["prompt", "original continues", "pruned continues"]

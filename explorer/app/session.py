@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from ..prune.pruner import Pruner
 from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..quality.evaluate import Quality
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
 
@@ -108,6 +109,7 @@ class Session:
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
+    tokenizer: Any | None = None  # the model's tokenizer, for greedy continuations
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,7 @@ class Session:
                              global_pruning=self.global_pruning, round_to=self.round_to,
                              calibration=self.calibration)
         self._history: list[_Undo] = []
+        self._texts: dict[tuple[Any, ...], list[Continuation]] = {}
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
         self.actions: list[dict[str, Any]] = []  # what the user did, replayable (`replay`)
@@ -355,6 +358,22 @@ class Session:
                tuple(sorted(counts.items())))
         return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
                           key)
+
+    def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
+                      ) -> list[Continuation]:
+        """Greedy continuations of ``prompts`` by the original and the current model (cached
+        per model version); [] on meta, which has no weights.
+
+        Raises:
+            GenerateError: if the model has no tokenizer or cannot generate text.
+        """
+        if self.on_meta or not prompts:
+            return []
+        key = (self.version, tuple(prompts), new_tokens)
+        if key not in self._texts:
+            self._texts[key] = continuations(self.model, self.original, self.tokenizer,
+                                             list(prompts), new_tokens)
+        return self._texts[key]
 
     @property
     def quality_source(self) -> str:
