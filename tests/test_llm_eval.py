@@ -188,6 +188,9 @@ def test_cli_generate_and_evaluate_errors(tiny: tuple[Path, Path, Path],
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", "--model", "hf:llama", "--generate", "hi"]) == 2
     assert "has none; give a transformers folder" in capsys.readouterr().err
+    assert main(["prune", "--model", f"hf:{tiny[0]}", "--device", "meta", "--generate",
+                 "hi"]) == 2
+    assert "--generate measures quality, which needs weights" in capsys.readouterr().err
     assert main(["evaluate", "--model", f"hf:{tiny[0]}", "--reference", f"hf:{tiny[0]}"]) == 2
     assert "evaluate needs --eval FILE" in capsys.readouterr().err
     assert main(["evaluate", "--model", f"hf:{tiny[0]}", "--reference", "hf:bert",

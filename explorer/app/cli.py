@@ -330,8 +330,9 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
     """Calibration and held-out data from ``--calibration`` / ``--eval`` (checked apart in
     `_load`)."""
     opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
-    if args.eval_data and args.device == "meta":
-        raise CliError("--eval measures quality, which needs weights; use --device cpu")
+    if (args.eval_data or args.generate) and args.device == "meta":
+        raise CliError(f"{'--eval' if args.eval_data else '--generate'} measures quality, "
+                       f"which needs weights; use --device cpu")
     calib = load_data(args.calibration, lm, opts) if args.calibration else None
     held = load_data(args.eval_data, lm, opts) if args.eval_data else None
     return calib, held
