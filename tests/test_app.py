@@ -271,9 +271,11 @@ def test_export_plan_and_replay(app: AppTest) -> None:
     app.multiselect(key="export_formats").set_value(["pt", "safetensors", "report"])
     app.button(key="export_build").click().run()
     assert not app.exception and not app.error
-    _, files, _ = app.session_state.export_files
+    _, files, _, folder = app.session_state.export_files
     assert {"model.pt", "pruned_safetensors.zip", "report.md", "report.html"} <= set(files)
-    assert "latency" in files["report.md"].decode().lower()
+    # built files are on disk in the session's own folder, not held in memory
+    assert all(p.parent == Path(folder.name) and p.stat().st_size for p in files.values())
+    assert "latency" in files["report.md"].read_text().lower()
     import json
     app.switch_page("pages/1_model.py").run()
     app.button(key="model_load").click().run()  # a fresh, unpruned session

@@ -109,9 +109,10 @@ def test_other_checkpoints_plan_is_refused_before_writing(ckpt: Ckpt, tmp_path: 
                                           r"shape \(64, 96\) in the checkpoint but \(64, 128\)"):
         replay_checkpoint(other.folder, plan, out)
     assert not out.exists()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(StreamError, match=r"has no config.json"):
-        replay_checkpoint(tmp_path, plan, out)
-    with pytest.raises(StreamError, match=r"is the checkpoint folder"):
+        replay_checkpoint(tmp_path / "empty", plan, out)
+    with pytest.raises(StreamError, match=r"--out '.*ckpt' is '.*ckpt', which this run reads"):
         replay_checkpoint(ckpt.folder, plan, ckpt.folder)
     assert not out.exists()
 
@@ -156,7 +157,8 @@ def test_cli_replay_checkpoint(ckpt: Ckpt, tmp_path: Path,
     assert main(["replay", "--checkpoint", str(tmp_path / "broken"), "--plan", str(plan_file),
                  "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the index names shard 'model-00002-of-00005.safetensors'")
+    assert err.startswith(f"error: '{tmp_path / 'broken' / 'model.safetensors.index.json'}' "
+                          f"names shard 'model-00002-of-00005.safetensors', which is not a file")
     assert main(["replay", "--plan", str(plan_file), "--out", str(out)]) == 2
     assert "replay needs --model SPEC, or --checkpoint DIR" in capsys.readouterr().err
 

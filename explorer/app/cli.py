@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -34,14 +35,17 @@ from ..io.export import (
     parse_formats,
     snapshot,
 )
+from ..io.paths import check_out_apart
 from ..io.plan import Plan
 from ..io.quiet import quiet_transformers
 from ..io.specs import (
     LoadedModel,
     SpecError,
+    check_checkpoint_files,
     checkpoint_folder,
     load_model,
     parse_input_shape,
+    spec_paths,
 )
 from ..prune.calibration import Calibration, load_calibration
 from ..prune.importance import Criterion
@@ -64,6 +68,11 @@ class CliError(Exception):
     """A user error: printed as one line on stderr, exit code 2."""
 
 
+# seconds building or tracing a model may take without --timeout: minutes for a large local
+# checkpoint on CPU; a factory that never returns ends here instead of hanging
+DEFAULT_TIMEOUT = 300.0
+
+
 def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required,
                    help="timm:NAME, timm:FOLDER, hf:FAMILY, hf:FOLDER, demo:NAME or file.py:fn")
@@ -73,8 +82,9 @@ def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--ignore", action="append", default=[], help="module to leave unpruned")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="give up building and tracing the model after this many seconds")
+    p.add_argument("--timeout", type=_count_float, default=None, metavar="SECONDS",
+                   help=f"give up building and tracing the model after this many seconds "
+                        f"(default {DEFAULT_TIMEOUT:g}; 0: no limit)")
 
 
 def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: str
@@ -94,7 +104,24 @@ def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: st
 
 _positive_int = _number(int, 0, True, "a positive integer")
 _count = _number(int, 0, False, "an integer >= 0")
-_positive_float = _number(float, 0.0, True, "a positive number")
+_count_float = _number(float, 0.0, False, "a number of seconds >= 0")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_MAX_MEMORY = 2**50  # 1 PiB: more than any one machine holds
+
+
+def _memory_size(text: str) -> int:
+    """``--max-memory``: a size such as ``8GB``, ``512MiB`` or ``300KB``, in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.I)
+    size = 0.0
+    if match:
+        size = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if not 0 < size <= _MAX_MEMORY:
+        raise argparse.ArgumentTypeError(f"must be a size like 8GB, 512MiB or 300KB, above 0 "
+                                          f"and at most 1 PiB, got {text!r}")
+    return int(size)
 
 
 def _ratio(text: str) -> float:
@@ -129,7 +156,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples of each data file (default: all)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
+    p.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
                    help="with --device meta and hf:FOLDER: compute a data-aware criterion "
                         "one decoder layer at a time from the folder's weights, holding at "
                         "most SIZE (e.g. 8GB) in CPU memory; the rest is offloaded to disk")
@@ -179,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--formats", default="pt,safetensors",
                    help="comma-separated: pt, safetensors, hf, report")
-    r.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    r.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out folder (with --checkpoint: write into it)")
     e = sub.add_parser("export", help="prune a model and export it")
     _add_model_args(e)
     _add_prune_args(e)
@@ -202,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--debug", action="store_true", help="show full tracebacks")
-    ev.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                    help="give up loading a model after this many seconds")
+    ev.add_argument("--timeout", type=_count_float, default=None, metavar="SECONDS",
+                    help=f"give up loading the models after this many seconds (default "
+                         f"{DEFAULT_TIMEOUT:g}; 0: no limit)")
     gv = sub.add_parser("graph", help="print the graph view model (nodes and edges)")
     _add_model_args(gv)
     gv.add_argument("--depth", type=_count, default=2, help="modules above this depth open")
@@ -230,25 +259,69 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 @contextmanager
-def _deadline(seconds: float | None, what: str) -> Iterator[None]:
-    """Raise `CliError` when the body runs longer than ``seconds`` (main thread only:
-    SIGALRM; a long C call ends first)."""
-    if seconds is None or threading.current_thread() is not threading.main_thread() \
+def _deadline(given: float | None, what: str) -> Iterator[None]:
+    """Raise `CliError` when the body runs longer than ``given`` seconds (None:
+    `DEFAULT_TIMEOUT`; 0: no limit). Main thread only (SIGALRM); a long C call ends first.
+
+    An alarm already set (a caller's own deadline, pytest-timeout's) keeps its time: when it
+    comes first its handler runs, and it is set again for the time it has left after.
+    """
+    seconds = DEFAULT_TIMEOUT if given is None else given
+    if not seconds or threading.current_thread() is not threading.main_thread() \
             or not hasattr(signal, "SIGALRM"):
         yield
         return
+    which = " (the default)" if given is None else ""
+    outer, interval = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+    pending = [outer]  # the outer alarm's delay, until it has run
 
-    def expire(_signum: int, _frame: object) -> None:
-        raise CliError(f"{what} took longer than --timeout {seconds:g} s; a factory that "
-                       f"never returns, or raise --timeout")
+    def expire(signum: int, frame: Any) -> None:
+        left = seconds - (time.monotonic() - start)
+        if pending[0] and left > 0:  # the outer alarm, due first: its handler, then ours
+            pending[0] = 0.0
+            signal.setitimer(signal.ITIMER_REAL, left)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        raise CliError(f"{what} took longer than --timeout {seconds:g} s{which}: a factory "
+                       f"that never returns? If it is only slow, raise it (--timeout "
+                       f"{max(4 * seconds, 600):g}, or 0 for no limit)")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending[0]:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3),
+                             interval)
+
+
+def _sources(args: argparse.Namespace) -> list[str]:
+    """Every local path the command reads: the model spec's files, weights, plan, data,
+    checkpoint. What it writes must keep clear of them (`_check_writes`)."""
+    model = getattr(args, "model", None)
+    found = [str(p) for p in spec_paths(model)] if model else []
+    for key in ("weights", "calibration", "eval_data", "checkpoint"):
+        value = getattr(args, key, None)
+        if value:
+            found.append(value)
+    if args.command == "replay":
+        found.append(args.plan)
+    return found
+
+
+def _check_writes(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse before any work when a written path (``--out``, ``--plan``, ``--offload-folder``)
+    is a source, lies inside a source folder or holds a source."""
+    sources = _sources(args)
+    for flag in flags:
+        path = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if path:
+            check_out_apart(path, sources, CliError, flag)
 
 
 def _check_new_file(path: str, force: bool) -> None:
@@ -290,6 +363,7 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     out["preflight"] = {str(k): v for k, v in verdicts.items()}
     out["model"] = args.model
     out["device"] = args.device
+    out["notes"] = list(lm.notes)
     if not args.json:
         lines = [f"{args.model}: {mg.num_ops} ops, {len(mg.groups())} groups "
                  f"({out['num_prunable']} prunable) in {out['seconds']:.2f}s"]
@@ -298,6 +372,7 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
             if g.id in verdicts:
                 state += f"; pre-flight at 0.5: {verdicts[g.id]}"
             lines.append(f"  [{g.id}] {g.title} ({len(g.members)} members) - {state}")
+        lines += [f"  note: {n}" for n in lm.notes]
         out["_text"] = "\n".join(lines)
     return out
 
@@ -366,11 +441,14 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
     with contextlib.ExitStack() as stack:
         work = Path(args.offload_folder) if args.offload_folder else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="pe-offload-")))
+        check_checkpoint_files(folder)  # a truncated shard: named, not deep in the loader
         try:
             with quiet_transformers():
                 off = load_offloaded(folder, max_memory={"cpu": args.max_memory},
                                      offload_folder=work / "weights")
-        except (ValueError, OSError) as e:
+        except SequentialError as e:
+            raise CliError(f"--max-memory: {e}") from e
+        except (ValueError, OSError, RuntimeError) as e:
             raise CliError(f"--max-memory: cannot place '{folder}' ({e})") from e
         theirs = {n for n, _ in off.model.named_parameters()}
         ours = {n for n, _ in lm.model.named_parameters()}
@@ -438,6 +516,7 @@ def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--plan", "--out", "--offload-folder")
     for path in (args.plan, args.out):  # refuse before any work
         if path:
             _check_new_file(path, args.force)
@@ -525,9 +604,10 @@ def _forward_ok(lm: LoadedModel) -> bool:
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--out")
     if args.checkpoint:
         from ..io.stream import replay_command
-        return replay_command(args.checkpoint, args.plan, args.out)
+        return replay_command(args.checkpoint, args.plan, args.out, args.force)
     if not args.model:
         raise CliError("replay needs --model SPEC, or --checkpoint DIR for a transformers "
                        "checkpoint folder")
@@ -540,7 +620,8 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     before = count_params(lm.model)
     replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
-                 example_inputs=lm.example_inputs, force=args.force)
+                 example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
+                 sentence=lm.sentence, sources=_sources(args))
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
@@ -553,6 +634,7 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--out", "--offload-folder")
     _check_cpu(args)
     formats = parse_formats(args.formats)
     check_out_dir(Path(args.out), args.force)
@@ -563,7 +645,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                  original=run.original, example_inputs=lm.example_inputs,
                  attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
                  generations=run.generations,
-                 force=args.force)
+                 force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
@@ -585,7 +667,8 @@ def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_graph(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
-    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
+    with _deadline(args.timeout, "tracing the model"):
+        mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
     view = build_view(mg, depth=args.depth, group=args.group, fold=not args.no_fold).visible()
     out: dict[str, Any] = dict(view.to_dict())
     if not args.json:

@@ -16,6 +16,7 @@ import enum
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration, random_like
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
@@ -38,6 +40,26 @@ from ..quality.evaluate import Quality
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
+
+# what each recorded action holds (``_record``): its ``do`` -> field -> JSON type
+_ACTIONS: dict[str, dict[str, type]] = {
+    "configure": {"settings": list}, "accept": {"key": list}, "accept_all": {},
+    "reject": {"keys": list}, "undo": {}, "block": {"name": str}, "plan": {"text": str},
+}
+
+
+def action_problem(act: object) -> str | None:
+    """Why ``act`` (an entry of a session log, maybe hand-edited) is not an action the
+    session records, or None when it is one."""
+    if not isinstance(act, dict):
+        return f"{type(act).__name__} {str(act)[:40]!r} is not an action object"
+    do = act.get("do")
+    if do not in _ACTIONS:
+        return f"unknown action {str(do)[:40]!r}"
+    for name, kind in _ACTIONS[str(do)].items():
+        if not isinstance(act.get(name), kind):
+            return f"action {do!r} without a {kind.__name__} field {name!r}"
+    return None
 
 
 class MessageKind(str, enum.Enum):
@@ -109,7 +131,8 @@ class Session:
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
-    tokenizer: Any | None = None  # the model's tokenizer, for greedy continuations
+    tokenizer: Any | None = None  # the checkpoint's tokenizer: an hf export, continuations
+    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, saved likewise
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -438,7 +461,8 @@ class Session:
 
         def revert() -> None:
             restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
-            undo(self.model, Applied({}, replay.attributes, {}, dict(previous)))
+            undo(self.model, Applied({}, replay.attributes, {}, dict(previous),
+                                     constants=replay.constants))
             self.pruner.retrace()
 
         self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
@@ -453,6 +477,13 @@ class Session:
         return True
 
     # ------------------------------------------------------------------ export
+    @property
+    def config_note(self) -> str:
+        """Why no transformers config describes the pruned model ('' when one does): a
+        ``save_pretrained`` of it would not reload it, and an ``hf`` export falls back to
+        safetensors + plan."""
+        return self.pruner.config_note if self.pruner.applied else ""
+
     def forward_check(self) -> Message:
         """Run the current model and compare its output shapes with the original's."""
         verdict = forward_check(self.model, self.example_inputs, self.output_shapes)
@@ -464,19 +495,22 @@ class Session:
                                     f"{verdict.error}")
         return Message.error(verdict.error)
 
-    def export_files(self, formats: tuple[str, ...]) -> tuple[dict[str, bytes], list[str]]:
-        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`): file name -> bytes.
+    def export_files(self, formats: tuple[str, ...], dest: str | Path
+                     ) -> tuple[dict[str, Path], list[str]]:
+        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`), written under
+        ``dest``: file name -> path.
 
         ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
         after). Returns the files and the exporter's notes (skips, fall-backs).
         """
-        from ..io.export import export_bytes
+        from ..io.export import export_downloads
         replayed = self.blocks_removed > len(self._depth)
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
-        return export_bytes(clone_model(self.model), formats, plan=plan,
-                            original=self.original, example_inputs=self.example_inputs)
+        return export_downloads(clone_model(self.model), formats, dest, plan=plan,
+                                original=self.original, example_inputs=self.example_inputs,
+                                tokenizer=self.tokenizer, sentence=self.sentence)
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""
@@ -495,25 +529,42 @@ class Session:
                              if v == Decision.REJECTED.value]}
 
     # ------------------------------------------------------------------ replay
-    def replay(self, actions: list[dict[str, Any]], progress: Progress | None = None) -> int:
+    def replay(self, actions: list[Any], progress: Progress | None = None) -> int:
         """Redo recorded ``actions`` (from `actions` of an earlier session on the same model).
 
-        Stops at the first action that no longer applies (the model or code changed) and
-        says so in `message`. Returns how many actions were replayed.
+        An entry that is not an action the session records (a hand-edited log) is skipped
+        and named in `message`. Replay stops at the first action that no longer applies
+        (the model or code changed) and says so in `message`. Returns how many actions were
+        replayed.
         """
+        skipped: list[str] = []
+        done = 0
         for i, act in enumerate(actions):
             if progress:
                 progress(i / max(len(actions), 1), f"replaying decision {i + 1} of "
                                                    f"{len(actions)}")
-            if not self._replay_one(act):
-                self.message = Message.error(f"replayed {i} of {len(actions)} decisions; "
-                                                f"decision {i + 1} ({act.get('do')}) no "
-                                                f"longer applies: "
-                                                f"{self.message.text if self.message else ''}")
-                return i
-        if actions:
+            problem = action_problem(act)
+            if problem is None:
+                try:
+                    ok = self._replay_one(act)
+                except (KeyError, TypeError, ValueError, IndexError) as exc:  # bad field values
+                    problem = f"action {act['do']!r} with a malformed field: {exc}"
+            if problem is not None:
+                skipped.append(f"skipped decision {i + 1} ({problem})")
+                continue
+            if not ok:
+                self.message = Message.error("; ".join([
+                    f"replayed {done} of {len(actions)} decisions", *skipped,
+                    f"decision {i + 1} ({act.get('do')}) no longer applies: "
+                    f"{self.message.text if self.message else ''}"]))
+                return done
+            done += 1
+        if skipped:
+            self.message = Message.error("; ".join([f"restored {done} of {len(actions)} "
+                                                    "decisions", *skipped]))
+        elif actions:
             self.message = Message.info(f"restored {len(actions)} decisions")
-        return len(actions)
+        return done
 
     def _replay_one(self, act: dict[str, Any]) -> bool:
         do = act.get("do")

@@ -20,13 +20,14 @@ from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import trace
 from .calibration import Calibration, load_calibration
 from .compensate import compensation, prune_and_compensate
+from .fixups.hfconfig import ConfigUpdate
 from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Proposal, lowest
-from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms, undo
 from .transaction import ModelState, transaction
-from .validate import check_module_names
+from .validate import check_module_names, nonfinite_text, nonfinite_weights
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
 
@@ -193,12 +194,27 @@ class Pruner:
         self._before: dict[int, tuple[Graph, Coupling, int, Any]] = {}
         # id(Applied) -> the model's settings and config before it (for an exact undo)
         self._settings: dict[int, ModelState] = {}
+        self._notes: dict[int, str] = {}  # id(Applied) -> config_note before it (for undo)
         self._pending: tuple[int, tuple[Any, ...], list[Proposal]] | None = None
+        # NaN/Inf weights: tracing and proposals still work, `step` and `apply` refuse
+        self.nonfinite = nonfinite_weights(model)
         self._analyse()
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
         self.params_original = count_params(model)
         self.macs_original = count_macs(self.graph)
+
+    def _check_finite(self) -> None:
+        """Refuse to prune on weights with NaN/Inf values (their scores and cuts mean nothing).
+
+        Raises:
+            PruneError: naming the first such tensor; nothing is changed.
+        """
+        if self.nonfinite:
+            raise PruneError(f"the model's weights are not finite: "
+                             f"{nonfinite_text(self.nonfinite)}; scores on them mean nothing, "
+                             "so nothing is pruned. Load weights without NaN/Inf (tracing and "
+                             "inspecting still work)")
 
     # -- analysis -------------------------------------------------------------------------
     def _analyse(self, graph: Graph | None = None) -> None:
@@ -216,6 +232,7 @@ class Pruner:
         self._update_config(StepReport(self.current_step))
         self._before.clear()  # the model changed outside the pruner: old analyses are stale
         self._settings.clear()  # and so are the settings recorded before each application
+        self._notes.clear()
         self._analyse()
 
     def configure(self, importance: str | None = None, ratio: float | None = None,
@@ -548,14 +565,17 @@ class Pruner:
         Raises:
             PruneError: the removal does not fit the model; nothing is changed.
         """
+        self._check_finite()
         before = (self.graph, self.coupling, self.version, self._pending)
+        note = self.config_note
         with transaction(self.model) as state:  # the config update and re-analysis too
             applied = self._apply(removal)
-            self._update_config(StepReport(self.current_step))
-            self._analyse(graph)
+            self._update_config(StepReport(self.current_step), applied)
+            self._analyse(graph if not applied.constants else None)
         self.applied.append(applied)
         self._before[id(applied)] = before
         self._settings[id(applied)] = state
+        self._notes[id(applied)] = note
         return applied
 
     # -- steps ----------------------------------------------------------------------------
@@ -569,6 +589,7 @@ class Pruner:
             warnings.warn("Pruner.step(interactive=True) is deprecated; use "
                           "Pruner.proposals()", DeprecationWarning, stacklevel=2)
             return self.proposals()  # type: ignore[return-value]
+        self._check_finite()
         report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
         if self.current_step >= self.steps:
@@ -586,12 +607,14 @@ class Pruner:
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
         if removal:
+            note = self.config_note
             with transaction(self.model) as state:  # the config update too: all or nothing
                 applied = self._apply(removal)
-                self._update_config(report)
+                self._update_config(report, applied)
             self.applied.append(applied)
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             self._settings[id(applied)] = state
+            self._notes[id(applied)] = note
             report.attributes = dict(applied.attributes)
         self.current_step += 1
         report.notes += [n for n in [*self.notes, *flight.notes] if n not in report.notes]
@@ -618,20 +641,72 @@ class Pruner:
         report.params_after = count_params(self.model)
         report.macs_after = count_macs(self.graph)
 
-    def _update_config(self, report: StepReport) -> None:
-        """Keep a transformers ``config`` in line with uniform pruned widths."""
+    def _update_config(self, report: StepReport, applied: Applied | None = None) -> None:
+        """Keep a transformers ``config`` in line with uniform pruned widths.
+
+        After a cut (``applied``), constants the config derives (the attention ``scaling``
+        after a head-dim cut, an embedding scale after a residual cut) are set to the
+        config's values and their ratios folded into the weights (`fixups.fold.fold_into`,
+        checked by a forward, recorded in ``applied`` for undo and plans), so a model
+        rebuilt from its config computes the same function. Where no config can describe
+        the pruned model the report says so, and ``config_note`` keeps why.
+        """
         if not hasattr(getattr(self.model, "config", None), "to_dict"):
             return
         from .fixups.hfconfig import update_config
         state = ModelState.capture(self.model)
         update = update_config(self.model)
+        if not update.ok and applied is not None:
+            update = self._fold_constants(update, applied, report)
         if state.settings_changed() and not forward_check(self.model, self.inputs, None).ok:
             state.restore_settings()  # module settings it followed broke the forward: undo
             self.config_note = ("the config was left as it was: the module settings it "
                                 "would bring in line break the forward")
             return
         self.config_note = update.reason
+        if update.reason:
+            note = f"the transformers config cannot describe the pruned model: {update.reason}"
+            if note not in report.notes:
+                report.notes.append(note)
         report.config = {k: list(v) for k, v in update.changed.items()}
+
+    def _fold_constants(self, update: ConfigUpdate, applied: Applied, report: StepReport
+                        ) -> ConfigUpdate:
+        """Fold the constants that alone keep the config from describing the model."""
+        from .fixups.fold import fold_into, unfold
+        from .fixups.hfconfig import differing_constants, update_config
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            return update  # no values to fold: its export or streamed replay folds them
+        constants = differing_constants(self.model)
+        if not constants:
+            return update
+        trial = ModelState.capture(self.model)  # would the constants alone do? (no trace)
+        for (mod, attr), value in constants.items():
+            setattr(self.model.get_submodule(mod), attr, value)
+        enough = update_config(self.model)
+        trial.restore_settings()
+        if not enough.ok:
+            return update
+        fold, previous = fold_into(self.model, constants, self.inputs)
+        if fold.reason:
+            update.reason += f"; its constants were not folded into the weights: {fold.reason}"
+            return update
+        again = update_config(self.model)
+        if not again.ok:
+            unfold(self.model, fold, previous)
+            update.reason = (f"{again.reason} (even with {', '.join(fold.constants)} folded "
+                             f"into the weights)")
+            return update
+        for name, tensor in previous.items():
+            applied.previous.setdefault(name, tensor)
+        for key, pair in fold.constants.items():
+            mod, _, attr = key.rpartition(".")
+            applied.constants[(mod, attr)] = list(pair)
+        report.notes.append(", ".join(f"{k} {v[0]:.6g} -> {v[1]:.6g}"
+                                      for k, v in fold.constants.items())
+                            + f" as the config derives them; the ratios are folded into "
+                              f"{len(fold.scaled)} weights (same outputs)")
+        return ConfigUpdate({**update.changed, **again.changed}, ok=True)
 
     def undo(self) -> Applied | None:
         """Revert the last application exactly (same tensors, same attributes)."""
@@ -642,6 +717,7 @@ class Pruner:
         settings = self._settings.pop(id(last), None)
         if settings is not None:  # the config and module settings exactly as before it
             settings.restore_settings()
+            self.config_note = self._notes.pop(id(last), self.config_note)
         else:
             self._update_config(StepReport(self.current_step))  # widths are back: so is config
         before = self._before.pop(id(last), None)

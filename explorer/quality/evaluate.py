@@ -217,6 +217,10 @@ def _accumulate(s: _Sums, kind: Task, ref: tuple[torch.Tensor, bool],
         s.cosine += float(F.cosine_similarity(pooled_r, pooled_o, dim=-1).sum())
         s.cosine_n += int(r.shape[0])
         return
+    if kind is Task.ENCODER_CLS and r.dim() == 3:  # the embedding is the first token's
+        s.cosine += float(F.cosine_similarity(r[:, 0].double(), o[:, 0].double(), dim=-1).sum())
+        s.cosine_n += int(r.shape[0])
+        return
     if r.dim() < 2:
         s.cosine += float(F.cosine_similarity(r.double().flatten(), o.double().flatten(), dim=0))
         s.cosine_n += 1

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...quality.task import Task
+from ..own_code import refuse_own_code
 from ..quiet import quiet_transformers
 from ._hf_folder import AUTO_CLASS, KIND, choose_task, example_inputs
 from ._types import Built, SpecError, one_line
@@ -61,6 +62,7 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
     import transformers
 
     where = f"GGUF file {str(folder / name)!r}"
+    refuse_own_code(folder, SpecError)  # its tokenizer configs are read too
     # llama.cpp files hold decoders and name no architecture class: causal LM unless asked
     task = choose_task(None, requested_task, where) if requested_task is not None \
         else Task.CAUSAL_LM
@@ -71,10 +73,12 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
         with quiet_transformers():
             if on_meta:
                 config = transformers.AutoConfig.from_pretrained(
-                    str(folder), gguf_file=name, local_files_only=True)
+                    str(folder), gguf_file=name, local_files_only=True,
+                    trust_remote_code=False)
             else:
                 loaded = auto_cls.from_pretrained(str(folder), gguf_file=name,
-                                                  local_files_only=True)
+                                                  local_files_only=True,
+                                                  trust_remote_code=False)
                 config = copy.deepcopy(loaded.config)
     except Exception as e:  # noqa: BLE001 - the gguf reader raises many types on bad files
         raise SpecError(f"cannot read the {where} as {auto_cls.__name__}: "
@@ -86,7 +90,8 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
         setattr(config, key, value)
     try:
         with torch.device("meta"):
-            model = auto_cls.from_config(config, attn_implementation=attn)
+            model = auto_cls.from_config(config, attn_implementation=attn,
+                                         trust_remote_code=False)
         if loaded is not None:
             model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
             _take_buffers(model, loaded)
@@ -129,7 +134,8 @@ def _tokenizer(folder: Path, name: str) -> Any | None:
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(folder), gguf_file=name,
-                                                 local_files_only=True)
+                                                 local_files_only=True,
+                                                 trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - as above
         raise SpecError(f"cannot read the tokenizer of GGUF file {str(folder / name)!r}: "
                         f"{type(e).__name__}: {one_line(e)}") from e
