@@ -149,7 +149,13 @@ def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
     assert "residual stream (64 ch): model.layers" in list(groups["group"])
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
+    # a language model's residual stream is a target only when chosen
+    assert app.subheader[0].value == "Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj"
+    assert "residual is not a target" in app.expander[0].markdown[0].value
+    app.multiselect(key="groups_targets").select("residual").run()
+    assert not app.exception, app.exception
     assert app.subheader[0].value == "Group 1: residual stream (64 ch): model.layers"
+    assert "**residual**: 50% of the hidden size" in app.expander[0].markdown[0].value
 
 
 def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:

@@ -146,7 +146,7 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
     before = _logits(model, x)
     params = sum(p.numel() for p in model.parameters())
     tables = {n: p.shape[-1] for n, p in model.named_parameters() if n.endswith(_TABLES)}
-    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert report.forward_ok and report.output_shape_ok
     after = _logits(model, x)
@@ -186,7 +186,8 @@ BUILTIN_DESCRIBED = {"llama", "qwen2", "mistral", "gpt2"}
 def test_builtin_family_rebuilds_from_its_config(name: str) -> None:
     lm = load_model(f"hf:{name}")
     ignored = ["lm_head"] if hasattr(lm.model, "lm_head") else []
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, heads="whole", ignored=ignored)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, heads="whole", ignored=ignored,
+                    targets="all")
     report = pruner.step()
     assert report.forward_ok
     assert_config_rebuilds(lm.model, report, lm.example_inputs[0], name in BUILTIN_DESCRIBED)
@@ -209,7 +210,7 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     config: Any = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     rotary = int(head_dim * config.rope_parameters["partial_rotary_factor"])
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert not report.unsafe and report.forward_ok
     (inv_freq,) = [b for n, b in model.named_buffers() if n.rpartition(".")[2] == "inv_freq"]
@@ -258,7 +259,7 @@ def test_falcon_multi_query(heads: str, tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
-    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert not report.unsafe and report.forward_ok
     attn = model.transformer.h[0].self_attention
@@ -307,7 +308,8 @@ def test_derived_constant_fallback_reason(tmp_path: Path) -> None:
     arch = ARCHS["gemma2"]
     model: Any = _build(arch)
     x = _inputs(arch)
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     report = pruner.step()
     assert not report.unsafe
     after = _logits(model, x)
@@ -350,7 +352,7 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
     x = _inputs(arch)
     query = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert not report.unsafe
     assert any("bert.encoder.layer.0.attention.self.scaling 0.25 -> 0.353553" in n and
@@ -390,7 +392,7 @@ def test_fold_fused_qkv(tmp_path: Path) -> None:
     x = _inputs(arch)
     attn = model.gpt_neox.layers[0].attention
     qkv = {n: p.detach().clone() for n, p in attn.query_key_value.named_parameters()}
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     assert not pruner.step().unsafe
     after = _logits(model, x)
     assert attn.head_size == 8 and attn.scaling == pytest.approx(8 ** -0.5)
@@ -420,7 +422,7 @@ def test_two_folds_replay_bit_for_bit(tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     pruner = Pruner(model, (x,), ratio=0.5, iterative_steps=2, heads="dims",
-                    ignored=list(arch.ignored))
+                    ignored=list(arch.ignored), targets="all")
     assert pruner.step() and pruner.step()
     assert [len(a.constants) for a in pruner.applied] == [2, 2]
     fresh = _build(arch)
@@ -444,7 +446,8 @@ def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     embed = model.model.embed_tokens.weight.detach().clone()
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     report = pruner.step()
     assert not report.unsafe
     assert_config_rebuilds(model, report, x, True)
@@ -472,7 +475,8 @@ def test_falcon_grouped_kv_whole_heads(tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     group = next(g for g in pruner.coupling.groups if g.heads is not None)
     assert (group.heads.num_heads, group.heads.kv_heads) == (4, 2)
     report = pruner.step()
@@ -524,7 +528,7 @@ def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     _save_checkpoint(model, tmp_path / "ckpt")  # GPT-NeoX's lm_head is saved as embed_out
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     after = _logits(model, x)
@@ -561,7 +565,8 @@ def test_streamed_replay_repeats_a_buffer_fold(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path / "ckpt")
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
@@ -585,7 +590,7 @@ def test_streamed_replay_refuses_tensors_transformers_converts(tmp_path: Path) -
     _save_checkpoint(model, tmp_path / "ckpt")
     names = _shard_tensors(tmp_path / "ckpt")
     assert any(".experts.0." in n for n in names)  # saved per expert, as on the Hub
-    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, ignored=list(arch.ignored))
+    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, ignored=list(arch.ignored), targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     with pytest.raises(StreamError, match="converted when transformers loads it") as err:
@@ -607,7 +612,8 @@ def test_streamed_replay_of_renamed_checkpoint_keys_loads_back(tmp_path: Path) -
     x = _inputs(arch)
     _save_checkpoint(model, tmp_path / "ckpt")
     assert "embed_out.weight" in _shard_tensors(tmp_path / "ckpt")
-    pruner = Pruner(model, (x,), ratio=0.3, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.3, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     after = _logits(model, x)
@@ -642,12 +648,14 @@ def test_moe_on_meta_traces_in_bf16_and_keeps_its_dtypes(tmp_path: Path) -> None
     assert {n: t.dtype for n, t in lm.model.state_dict().items()} == before
     assert all(t is tensors[n] for n, t in lm.model.named_parameters())  # same objects
     experts = [p for p in Pruner(lm.model, lm.example_inputs, ratio=0.3,
-                                 heads="whole").proposals() if "experts" in p.group.title]
+                                 heads="whole",
+                                 targets="all").proposals() if "experts" in p.group.title]
     assert experts
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole")
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", targets="all")
     verdict = pruner.preflight().check(experts[0].removal())
     assert not verdict.ok and "multiple of 16 bytes" in verdict.error
-    report = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", round_to=8).step()
+    report = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", round_to=8,
+                    targets="all").step()
     assert not report.unsafe and report.forward_ok
     cut = [c for c in report.changes if c.removed and "experts" in c.title]
     assert cut and all(c.width_after % 8 == 0 for c in cut)
@@ -678,7 +686,7 @@ def test_streamed_replay_copies_tensors_transformers_drops_on_load(tmp_path: Pat
         tensors[f"transformer.h.{i}.attn.bias"] = mask.clone()
     save_file(tensors, str(shard), metadata={"format": "pt"})
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")

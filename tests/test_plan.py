@@ -26,7 +26,7 @@ class Pruned:
 
 def _prune(spec: str, device: str = "cpu", **kw: object) -> Pruned:
     lm = load_model(spec, device=device)
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw, targets="all")
     reports = [pruner.step() for _ in range(pruner.steps)]
     return Pruned(spec, lm.model, lm.example_inputs,
                   Plan.from_pruner(pruner, spec, reports=reports))
@@ -249,7 +249,7 @@ def test_applying_twice_is_refused(mlp2: Pruned) -> None:
 
 def test_from_applied_matches_from_pruner(mlp2: Pruned) -> None:
     lm = load_model("demo:mlp")
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, iterative_steps=2)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, iterative_steps=2, targets="all")
     pruner.step()
     pruner.step()
     plan = Plan.from_applied(pruner.applied, lm.model, "demo:mlp",

@@ -41,7 +41,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Ckpt:
 def _plan(ckpt: Ckpt, **kw: object) -> Plan:
     """A plan made on a weightless (meta) copy of the checkpoint's architecture."""
     lm = load_model(ckpt.spec, device="meta")
-    pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.25, **kw)
+    pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.25, **kw,
+                    targets="all")
     reports = [pruner.step()]
     return Plan.from_pruner(pruner, ckpt.spec, reports=reports)
 
@@ -89,7 +90,7 @@ def test_streaming_equals_in_memory_replay(ckpt: Ckpt, tmp_path: Path) -> None:
 def test_non_uniform_widths_write_plan_and_shards(ckpt: Ckpt, tmp_path: Path) -> None:
     lm = load_model(ckpt.spec, device="meta")
     pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.0,
-                    ratios={"model.layers.0.mlp": 0.5})
+                    ratios={"model.layers.0.mlp": 0.5}, targets="all")
     plan = Plan.from_pruner(pruner, ckpt.spec, reports=[pruner.step()])
     out = tmp_path / "out"
     res = replay_checkpoint(ckpt.folder, plan, out)

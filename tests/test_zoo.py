@@ -58,7 +58,7 @@ def test_zoo_prunes(entry: ZooEntry, zoo_table: list[tuple[str, str, str, str, s
     with torch.no_grad():
         before = entry.comparable(main_output_shape(lm.model(*lm.example_inputs)))
     pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, importance="magnitude",
-                    heads="dims", ignored=list(entry.ignored))
+                    heads="dims", ignored=list(entry.ignored), targets="all")
     report = pruner.step()
     if entry.spec.startswith("hf:"):
         assert_config_rebuilds(lm.model, report, lm.example_inputs[0],

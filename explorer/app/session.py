@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
 from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
+from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
 
@@ -113,7 +115,8 @@ class Session:
         model: the model to prune; the session deep-copies it.
         example_inputs: positional inputs for one forward.
         spec: the spec string the model came from (for the report).
-        importance, ratio, heads, global_pruning, round_to: the `Pruner` settings.
+        importance, ratio, heads, global_pruning, round_to, targets: the `Pruner` settings
+            (targets None: the pruner's default, see `explorer.coupling.targets`).
     """
 
     model: nn.Module
@@ -124,14 +127,15 @@ class Session:
     heads: str = "dims"
     global_pruning: bool = False
     round_to: int = 1
+    targets: tuple[str, ...] | None = None
     decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> a `Decision` value
     log: list[dict[str, Any]] = field(default_factory=list)  # accepted changes, for the report
     message: Message | None = None
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
-    tokenizer: Any | None = None  # the checkpoint's tokenizer, saved with an hf export
-    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, ditto
+    tokenizer: Any | None = None  # the checkpoint's tokenizer: an hf export, continuations
+    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, saved likewise
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -141,10 +145,13 @@ class Session:
         self.pruner = Pruner(self.model, self.example_inputs, importance=self.importance,
                              ratio=self.ratio, heads=self.heads,
                              global_pruning=self.global_pruning, round_to=self.round_to,
-                             calibration=self.calibration)
+                             calibration=self.calibration, targets=self.targets)
+        self.targets = self.pruner.settings()[5]
         self._history: list[_Undo] = []
+        self._texts: dict[tuple[Any, ...], list[Continuation]] = {}
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
+        self._statement: tuple[tuple[Any, ...], Statement] | None = None
         self.actions: list[dict[str, Any]] = []  # what the user did, replayable (`replay`)
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
         self.blocks_removed = 0
@@ -187,11 +194,12 @@ class Session:
     def on_meta(self) -> bool:
         return any(p.device.type == "meta" for p in self.model.parameters())
 
-    def settings(self) -> tuple[str, float, str, bool, int]:
+    def settings(self) -> tuple[str, float, str, bool, int, tuple[str, ...]]:
         return self.pruner.settings()
 
     def configure(self, importance: str, ratio: float, heads: str,
-                  global_pruning: bool | None = None, round_to: int | None = None) -> bool:
+                  global_pruning: bool | None = None, round_to: int | None = None,
+                  targets: tuple[str, ...] | list[str] | None = None) -> bool:
         """Change the pruning settings and recompute the proposals.
 
         On a bad setting (or a criterion that cannot run on this model) the previous
@@ -199,7 +207,8 @@ class Session:
         """
         old = self.settings()
         try:
-            self.pruner.configure(importance, ratio, heads, global_pruning, round_to)
+            self.pruner.configure(importance, ratio, heads, global_pruning, round_to,
+                                  None if targets is None else tuple(targets))
         except ValueError as exc:
             return self._fail(str(exc))
         if self.settings() == old:
@@ -210,8 +219,17 @@ class Session:
             self.pruner.configure(*old)
             return self._fail(f"cannot use {importance!r} here: {exc}")
         self._sync_settings()
-        self._record({"do": "configure", "settings": list(self.settings())})
+        *rest, targets_now = self.settings()
+        self._record({"do": "configure", "settings": [*rest, list(targets_now)]})
         return True
+
+    def statement(self) -> Statement:
+        """What the current settings would cut, per target (cached until the model or the
+        settings change)."""
+        key = (self.version, self.settings())
+        if self._statement is None or self._statement[0] != key:
+            self._statement = (key, statement(self.pruner))
+        return self._statement[1]
 
     def proposals(self) -> list[Proposal]:
         """Proposals for every prunable group not yet accepted or rejected."""
@@ -380,6 +398,22 @@ class Session:
         return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
                           key)
 
+    def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
+                      ) -> list[Continuation]:
+        """Greedy continuations of ``prompts`` by the original and the current model (cached
+        per model version); [] on meta, which has no weights.
+
+        Raises:
+            GenerateError: if the model has no tokenizer or cannot generate text.
+        """
+        if self.on_meta or not prompts:
+            return []
+        key = (self.version, tuple(prompts), new_tokens)
+        if key not in self._texts:
+            self._texts[key] = continuations(self.model, self.original, self.tokenizer,
+                                             list(prompts), new_tokens)
+        return self._texts[key]
+
     @property
     def quality_source(self) -> str:
         """What the quality is measured on, in words."""
@@ -504,7 +538,8 @@ class Session:
         """A JSON-ready record of the session: spec, settings, accepted changes, totals."""
         return {"spec": self.spec, "importance": self.importance, "ratio": self.ratio,
                 "heads": self.heads, "global_pruning": self.global_pruning,
-                "round_to": self.round_to, "params_before": self.params_start,
+                "round_to": self.round_to, "targets": list(self.targets or ()),
+                "params_before": self.params_start,
                 "params_after": self.params, "macs_before": self.macs_start,
                 "macs_after": self.macs, "accepted": self.log,
                 "rejected": [list(k) for k, v in self.decided.items()
@@ -592,7 +627,7 @@ class Session:
 
     def _sync_settings(self) -> None:
         (self.importance, self.ratio, self.heads, self.global_pruning,
-         self.round_to) = self.pruner.settings()
+         self.round_to, self.targets) = self.pruner.settings()
 
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""

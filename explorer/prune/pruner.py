@@ -14,7 +14,15 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, GroupKey
-from ..coupling.vocab import AxisRole, HeadMode
+from ..coupling.places import axis_layers
+from ..coupling.targets import (
+    default_targets,
+    is_transformer,
+    parse_targets,
+    target_list,
+    target_of,
+)
+from ..coupling.vocab import AxisRole, HeadMode, Target
 from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import trace
@@ -44,6 +52,9 @@ class GroupChange:
     width_after: int
     # why this axis and not the innermost one, when the pruner fell back to an outer axis
     fallback: str = ""
+    # the layer this axis lives in (`coupling.places.axis_layers`): a group spanning layers
+    # (attention tied by shared rotary frequencies) has one change per layer
+    where: str = ""
 
 
 @dataclass
@@ -132,9 +143,17 @@ class Pruner:
         global_pruning: rank channels of all groups together (scores normalised per axis)
             instead of cutting every group by ``ratio``.
         heads: "dims" (same dims removed in every head), "whole" (remove whole heads; with
-            GQA, whole key/value groups, so query heads stay divisible by kv heads), or "keep".
+            GQA, whole key/value groups with their query heads), "query" (with GQA, the same
+            number of query heads inside every key/value group, keys and values kept;
+            without GQA, whole heads), or "keep" (no attention parameter changes).
         round_to: keep every remaining width a multiple of this.
         ignored: module names whose outputs are never pruned.
+        targets: what may be cut (names of `explorer.coupling.vocab.Target`: "mlp",
+            "heads", "residual", "channels", or "all"); None: every target but the residual
+            stream on a language model (token ids index an embedding), every target otherwise
+            (`explorer.coupling.targets.default_targets`).
+            With ``heads="keep"`` a transformer's residual stream cannot be a target (it
+            feeds every attention projection).
         calibration: data for data-aware criteria (see `explorer.calibration`).
         ratios: per-module ratios (module name prefix -> ratio) overriding ``ratio``.
         max_ratio: the most any axis may lose, also under global pruning.
@@ -155,7 +174,8 @@ class Pruner:
                  calibration: Calibration | str | None = None,
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
                  target_params: float | None = None, target_macs: float | None = None,
-                 compensate: str | None = None, scores: Criterion | None = None) -> None:
+                 compensate: str | None = None, scores: Criterion | None = None,
+                 targets: str | Sequence[str] | None = None) -> None:
         for name, value in (("iterative_steps", iterative_steps), ("round_to", round_to)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -164,6 +184,7 @@ class Pruner:
             raise ValueError("scores given for the original weights rank one cut only; use "
                              "iterative_steps=1")
         _validate(importance, ratio, heads, round_to, target_params, target_macs)
+        chosen = None if targets is None else parse_targets(targets)
         self.compensate = compensation(compensate)
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -199,6 +220,8 @@ class Pruner:
         # NaN/Inf weights: tracing and proposals still work, `step` and `apply` refuse
         self.nonfinite = nonfinite_weights(model)
         self._analyse()
+        self._asked_targets = chosen  # None: the default decides (`_resolve_targets`)
+        self.targets = self._resolve_targets(chosen, heads)
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
         self.params_original = count_params(model)
@@ -237,7 +260,8 @@ class Pruner:
 
     def configure(self, importance: str | None = None, ratio: float | None = None,
                   heads: str | None = None, global_pruning: bool | None = None,
-                  round_to: int | None = None) -> None:
+                  round_to: int | None = None,
+                  targets: str | Sequence[str] | None = None) -> None:
         """Change settings on the same traced model (None keeps a setting as it is).
 
         Raises:
@@ -248,6 +272,11 @@ class Pruner:
         new_heads = self.heads if heads is None else heads
         new_round = self.round_to if round_to is None else int(round_to)
         _validate(new_importance, new_ratio, new_heads, new_round)
+        asked = self._asked_targets if targets is None else parse_targets(targets)
+        if asked == self.targets and self._asked_targets is None:
+            asked = None  # the targets as they are (a page passes them back): still default
+        new_targets = self._resolve_targets(asked, new_heads)
+        self._asked_targets, self.targets = asked, new_targets
         if new_importance != self.importance or (self._given_scores and importance):
             self._given_scores = False
             self.criterion, self.importance, self._prepared = make(new_importance), \
@@ -257,9 +286,10 @@ class Pruner:
             self.global_pruning = bool(global_pruning)
         self._pending = None
 
-    def settings(self) -> tuple[str, float, str, bool, int]:
-        """(importance, ratio, heads, global_pruning, round_to)."""
-        return (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to)
+    def settings(self) -> tuple[str, float, str, bool, int, tuple[str, ...]]:
+        """(importance, ratio, heads, global_pruning, round_to, targets)."""
+        return (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to,
+                tuple(target_list(self.targets)))
 
     def preflight(self) -> Preflight:
         """The pre-flight runner for the model as it is now (kept until the next cut)."""
@@ -303,22 +333,63 @@ class Pruner:
     def _key(group: Group, axis: int) -> tuple[str, int, int, int, str]:
         return (*group.key, axis, group.axes[axis].role)
 
-    def _target_axes(self, group: Group) -> list[int]:
+    def target_axes(self, group: Group) -> list[int]:
+        """The axes of ``group`` the targets and head mode let the pruner cut."""
+        if target_of(group) not in self.targets:
+            return []
         roles = {AxisRole.CHANNELS, AxisRole.GROUPS}
         mode = HeadMode(self.heads)
         if mode is HeadMode.DIMS:
             roles.add(AxisRole.HEAD_DIM)
         elif mode is HeadMode.WHOLE:
             roles.add(AxisRole.HEADS)
+        elif mode is HeadMode.QUERY:  # query heads per kv group; without GQA, whole heads
+            gqa = any(a.role is AxisRole.HEAD_REPEAT for a in group.axes)
+            roles.add(AxisRole.HEAD_REPEAT if gqa else AxisRole.HEADS)
         # Inside an (outer x inner) layout only inner axes are cut, so widths shrink by the
         # ratio once (cutting a conv's groups and its channels per group would compound).
         return [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles and
-                (a.inner or a.role is AxisRole.HEADS)]
+                (a.inner or a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT))]
+
+    @property
+    def targets_default(self) -> bool:
+        """Whether the targets are the model's default (none were asked for)."""
+        return self._asked_targets is None
+
+    def _resolve_targets(self, asked: frozenset[Target] | None, heads: str
+                         ) -> frozenset[Target]:
+        """The targets asked, or the default; with ``heads="keep"`` on a transformer the
+        default leaves the residual stream too, and asking for it is an error.
+
+        Raises:
+            ValueError: the residual stream asked for with heads "keep" on a transformer.
+        """
+        keep = HeadMode(heads) is HeadMode.KEEP and is_transformer(self.groups)
+        if asked is None:
+            chosen = default_targets(self.graph)
+            return chosen - {Target.RESIDUAL} if keep else chosen
+        if keep and Target.RESIDUAL in asked:
+            raise ValueError("heads 'keep' leaves attention unchanged, but the residual "
+                             "stream is read and written by every attention projection; "
+                             "drop 'residual' from the targets or choose another head mode "
+                             "than 'keep'")
+        return asked
+
+    def untargeted(self, target: Target) -> str:
+        """Why groups of ``target`` are left alone (it is not among the targets)."""
+        chosen = ", ".join(target_list(self.targets)) or "none"
+        why = ""
+        if self.targets_default and target is Target.RESIDUAL:
+            why = (" (heads 'keep': the residual stream feeds every attention projection)"
+                   if HeadMode(self.heads) is HeadMode.KEEP and Target.RESIDUAL in
+                   default_targets(self.graph) else
+                   " (the default on a language model leaves the residual stream alone)")
+        return f"{target} is not a target (targets: {chosen}){why}"
 
     def could_propose(self, group: Group) -> bool:
         """Whether `pending` may hold a proposal for ``group``: it is prunable and the head
         mode leaves it an axis to cut (`candidates` skips the others)."""
-        return group.prunable and bool(self._target_axes(group))
+        return group.prunable and bool(self.target_axes(group))
 
     def _group_ratio(self, group: Group, base: float) -> float:
         best = None
@@ -337,7 +408,10 @@ class Pruner:
             if not g.prunable:
                 skipped.append(Skip(g.id, g.title, g.reason))
                 continue
-            axes = self._target_axes(g)
+            axes = self.target_axes(g)
+            if target_of(g) not in self.targets:
+                skipped.append(Skip(g.id, g.title, self.untargeted(target_of(g))))
+                continue
             if not axes:
                 skipped.append(Skip(g.id, g.title, f"no axis prunable in head mode "
                                                    f"'{self.heads}'"))
@@ -362,6 +436,7 @@ class Pruner:
         counts = (self._global_counts(cands, ratio) if self.global_pruning
                   else self._local_counts(cands, ratio))
         removal, changes = Removal(), []
+        places: dict[int, dict[int, str]] = {}
         for c, n in zip(cands, counts, strict=False):
             ax = c.group.axes[c.axis]
             if n <= 0:
@@ -370,8 +445,10 @@ class Pruner:
                 continue
             idx = sorted(int(x) for x in np.argsort(c.scores, kind="stable")[:n])
             removal.add(c.group.id, c.axis, idx)
+            if c.group.id not in places:
+                places[c.group.id] = axis_layers(self.coupling, c.group)
             changes.append(GroupChange(c.group.id, c.group.title, ax.role, idx, ax.size,
-                                       ax.size - n))
+                                       ax.size - n, where=places[c.group.id][c.axis]))
         return removal, changes, skipped
 
     def _step_ratio(self) -> float:
@@ -411,6 +488,17 @@ class Pruner:
                 keep = min(size, int(math.ceil(keep / self.round_to) * self.round_to))
                 counts[k] = size - keep
         return counts
+
+    def plan_ratio(self) -> float:
+        """The ratio a full prune uses: ``ratio``, or the one searched to meet
+        ``target_params`` / ``target_macs``."""
+        if self.target_params is not None or self.target_macs is not None:
+            return self._ratio_for_target()
+        return self.ratio
+
+    def params_now(self) -> int:
+        """The model's parameter count as it is now."""
+        return count_params(self.model)
 
     def _ratio_for_target(self) -> float:
         """Smallest uniform ratio whose predicted params (or MACs) meet the target."""
@@ -813,7 +901,7 @@ class Pruner:
                    f"{block} channels")
             idx = part.picks[(group.id, i)]
             return part, GroupChange(group.id, group.title, ax.role, idx, ax.size,
-                                     ax.size - n, why)
+                                     ax.size - n, why, axis_layers(self.coupling, group)[i])
         return None
 
 
