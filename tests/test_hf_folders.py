@@ -157,8 +157,7 @@ def test_an_export_keeps_the_sentence_transformers_pipeline(st_folder: Path,
         assert torch.allclose(got.norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
-def test_the_apps_export_keeps_the_pipeline(st_folder: Path) -> None:
-    import io
+def test_the_apps_export_keeps_the_pipeline(st_folder: Path, tmp_path: Path) -> None:
     import zipfile
 
     from explorer.app.session import Session
@@ -166,8 +165,8 @@ def test_the_apps_export_keeps_the_pipeline(st_folder: Path) -> None:
     lm = load_model(f"hf:{st_folder}")
     pe = Session(lm.model, lm.example_inputs, spec=f"hf:{st_folder}", task=lm.task,
                  tokenizer=lm.tokenizer, sentence=lm.sentence)
-    files, notes = pe.export_files(("hf",))
-    names = zipfile.ZipFile(io.BytesIO(files["pruned_hf.zip"])).namelist()
+    files, notes = pe.export_files(("hf",), tmp_path / "downloads")
+    names = zipfile.ZipFile(files["pruned_hf.zip"]).namelist()
     assert {"hf/modules.json", "hf/1_Pooling/config.json", "hf/tokenizer.json",
             "hf/config.json"} <= set(names), names
     assert any("sentence-transformers pipeline" in n for n in notes), notes

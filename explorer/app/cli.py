@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|prune|replay|export|graph|learn ...``.
+"""Command line: ``python -m explorer trace|prune|replay|export|evaluate|graph|learn ...``.
 
 Also installed as the ``pruning-explorer`` console script.
 """
@@ -50,7 +50,7 @@ from ..io.specs import (
 )
 from ..prune.calibration import Calibration, load_calibration
 from ..prune.importance import Criterion
-from ..prune.preflight import clone_model, forward_check
+from ..prune.preflight import forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..prune.sequential import (
     SEQUENTIAL_CRITERIA,
@@ -60,6 +60,8 @@ from ..prune.sequential import (
 )
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality, evaluate
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates, continuations
+from ..quality.original import Original
 from ..render.dot import view_to_dot
 from ..render.view import build_view
 
@@ -178,9 +180,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-folder", default=None,
                    help="where --max-memory offloads weights and keeps activations "
                         "(default: a temporary folder, removed afterwards)")
+    _add_generate_args(p)
     p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
                    help="refit the layers that read removed channels on the calibration data "
                         "(random inputs without --calibration: check quality on held-out data)")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generate", action="append", default=[], metavar="PROMPT",
+                   help="continue PROMPT greedily with the original and the pruned model "
+                        "(repeatable; needs a tokenizer): the text shows the damage")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_NEW_TOKENS,
+                   help="tokens each --generate continuation adds")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -221,6 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated: pt (a pickle), safetensors (+ plan.json), hf, report")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    ev = sub.add_parser("evaluate", help="measure a pruned model against the original on "
+                                         "held-out data, one batch at a time")
+    ev.add_argument("--model", required=True, help="the pruned model: hf:FOLDER (an export "
+                                                    "with --formats hf, or replay --checkpoint)")
+    ev.add_argument("--reference", required=True, help="the original model: hf:FOLDER")
+    ev.add_argument("--eval", dest="eval_data", default=None,
+                    help="held-out data: .txt (one sample a line), .jsonl, an image folder or "
+                         "a tensor file")
+    ev.add_argument("--num-samples", type=int, default=None,
+                    help="use the first N held-out samples (default: all)")
+    ev.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
+    ev.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    _add_generate_args(ev)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--debug", action="store_true", help="show full tracebacks")
+    ev.add_argument("--timeout", type=_count_float, default=None, metavar="SECONDS",
+                    help=f"give up loading the models after this many seconds (default "
+                         f"{DEFAULT_TIMEOUT:g}; 0: no limit)")
     gv = sub.add_parser("graph", help="print the graph view model (nodes and edges)")
     _add_model_args(gv)
     gv.add_argument("--depth", type=_count, default=2, help="modules above this depth open")
@@ -386,6 +415,8 @@ class _Pruned:
     attention: tuple[list[AttentionInfo], list[AttentionInfo]]  # before, after
     quality: Quality | None  # on the --eval data; None without it
     said: Statement  # what each target would lose, stated before cutting
+    original: torch.nn.Module | None  # the model before pruning, when measured or reported
+    generations: list[Continuation]  # --generate prompts continued before and after
 
 
 def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None,
@@ -393,8 +424,9 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
     """Calibration and held-out data from ``--calibration`` / ``--eval`` (checked apart in
     `_load`)."""
     opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
-    if args.eval_data and args.device == "meta":
-        raise CliError("--eval measures quality, which needs weights; use --device cpu")
+    if (args.eval_data or args.generate) and args.device == "meta":
+        raise CliError(f"{'--eval' if args.eval_data else '--generate'} measures quality, "
+                       f"which needs weights; use --device cpu")
     calib = load_data(args.calibration, lm, opts) if args.calibration else None
     held = load_data(args.eval_data, lm, opts) if args.eval_data else None
     return calib, held
@@ -451,10 +483,13 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
             raise CliError(f"--max-memory: {' '.join(str(e).split())[:300]}") from e
 
 
-def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
-    """Run the pruner's steps (and measure quality on ``--eval`` data)."""
+def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _Pruned:
+    """Run the pruner's steps (and measure quality on ``--eval`` data); keep the original
+    for that and for a ``report``."""
     calib, held = _data(args, lm)
-    original = clone_model(lm.model) if held is not None else None
+    if args.generate:
+        check_generates(lm.model, lm.tokenizer, args.model)
+    keep = Original(lm.model) if held is not None or report or args.generate else None
     scores = _sequential_scores(args, lm, calib) if args.max_memory else None
     with _deadline(args.timeout, "tracing the model"):
         pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance,
@@ -486,10 +521,16 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
         "targets": said.to_dict(),
     }
+    original = keep.get() if keep is not None else None
     quality = (evaluate(lm.model, original, held, task=lm.task)
                if held is not None and original is not None else None)
     out["quality"] = quality.to_dict() if quality is not None else None
-    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality, said)
+    texts = (continuations(lm.model, original, lm.tokenizer, args.generate,
+                           args.max_new_tokens) if args.generate and original is not None
+             else [])
+    out["generations"] = [c.to_dict() for c in texts]
+    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality, said, original,
+                   texts)
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
@@ -523,6 +564,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                             f"{u['error']}"
         if out["quality"] is not None:
             out["_text"] += "\n  " + _quality_line(out["quality"])
+        out["_text"] += _generation_lines(run.generations)
         for note in out["notes"]:
             out["_text"] += f"\n  note: {note}"
     return out
@@ -540,6 +582,41 @@ def _quality_line(q: dict[str, Any]) -> str:
     """``quality (cosine) on 20 held-out samples: 1.0000 -> 0.9123``."""
     return (f"quality ({q['metric']}) on {q['samples']} held-out samples: {q['before']:.4f} -> "
             f"{q['after']:.4f}")
+
+
+def _generation_lines(texts: Sequence[Continuation]) -> str:
+    """Each prompt and its two greedy continuations, one per line."""
+    return "".join(f"\n  {c.prompt!r}\n    before: {c.before!r}\n    after:  {c.after!r}"
+                   for c in texts)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.eval_data and not args.generate:
+        raise CliError("evaluate needs --eval FILE (held-out data) or --generate PROMPT")
+    with _deadline(args.timeout, "loading the models"):
+        pruned = load_model(args.model)
+        if args.generate:
+            check_generates(pruned.model, pruned.tokenizer, args.model)
+        reference = load_model(args.reference)
+    if pruned.task is not reference.task:
+        raise CliError(f"{args.model} is a {pruned.task.value} model and {args.reference} a "
+                       f"{reference.task.value} model; compare a pruned model with its original")
+    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    held = load_data(args.eval_data, reference, opts) if args.eval_data else None
+    quality = evaluate(pruned.model, reference.model, held, task=reference.task) \
+        if held is not None else None
+    texts = continuations(pruned.model, reference.model, pruned.tokenizer, args.generate,
+                          args.max_new_tokens) if args.generate else []
+    out: dict[str, Any] = {
+        "model": args.model, "reference": args.reference,
+        "params": count_params(pruned.model), "params_reference": count_params(reference.model),
+        "quality": quality.to_dict() if quality is not None else None,
+        "generations": [c.to_dict() for c in texts]}
+    out["_text"] = (f"{args.model} against {args.reference}: params "
+                    f"{out['params_reference']:,} -> {out['params']:,}"
+                    + ("" if quality is None else "\n  " + _quality_line(out["quality"]))
+                    + _generation_lines(texts))
+    return out
 
 
 def _check_cpu(args: argparse.Namespace) -> None:
@@ -594,19 +671,20 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     formats = parse_formats(args.formats)
     check_out_dir(Path(args.out), args.force)
     lm = _load(args)
-    original = snapshot(lm.model) if "report" in formats else None
-    run = _prune(args, lm)
+    run = _prune(args, lm, report="report" in formats)
     out = run.summary
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
-                 original=original, example_inputs=lm.example_inputs,
+                 original=run.original, example_inputs=lm.example_inputs,
                  attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
+                 generations=run.generations,
                  force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
     out["_text"] = (run.said.text() + "\n" + f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
                     f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages)
-                    + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"])))
+                    + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"]))
+                    + _generation_lines(run.generations))
     return out
 
 
@@ -638,7 +716,8 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
-                "export": cmd_export, "learn": cmd_learn, "graph": cmd_graph}
+                "export": cmd_export, "evaluate": cmd_evaluate, "learn": cmd_learn,
+                "graph": cmd_graph}
     try:
         out = handlers[args.command](args)
     except (SpecError, TraceError, CliError, ValueError, OSError) as exc:

@@ -15,6 +15,7 @@ from ..prune.preflight import Verdict
 from ..prune.proposal import Proposal
 from ..prune.statement import Statement
 from ..quality.evaluate import Quality
+from ..quality.generate import Continuation
 from ..render.proposal_view import AxisRow, part_label, short_location
 from .sources import quality_text
 
@@ -150,3 +151,13 @@ def cost_text(now: Quality, after: Quality, source: str) -> str:
     label, before = quality_text(now)
     return (f"Accepting it: {label} {before} → {quality_text(after)[1]} "
             f"(measured on a copy with weights, {source})")
+
+
+PROMPT_EXAMPLE = "The capital of France is"  # the prompt a damaged LLM gets wrong first
+
+
+def continuation_rows(texts: Sequence[Continuation]) -> list[dict[str, str]]:
+    """One table row per prompt: its greedy continuation by the original and the pruned
+    model."""
+    return [{"prompt": c.prompt, "original continues": c.before, "pruned continues": c.after}
+            for c in texts]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
 
@@ -133,8 +134,8 @@ class Session:
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
-    tokenizer: Any | None = None  # the checkpoint's tokenizer, saved with an hf export
-    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, ditto
+    tokenizer: Any | None = None  # the checkpoint's tokenizer: an hf export, continuations
+    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, saved likewise
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +148,7 @@ class Session:
                              calibration=self.calibration, targets=self.targets)
         self.targets = self.pruner.settings()[5]
         self._history: list[_Undo] = []
+        self._texts: dict[tuple[Any, ...], list[Continuation]] = {}
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
         self._statement: tuple[tuple[Any, ...], Statement] | None = None
@@ -395,6 +397,22 @@ class Session:
                tuple(sorted(counts.items())))
         return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
                           key)
+
+    def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
+                      ) -> list[Continuation]:
+        """Greedy continuations of ``prompts`` by the original and the current model (cached
+        per model version); [] on meta, which has no weights.
+
+        Raises:
+            GenerateError: if the model has no tokenizer or cannot generate text.
+        """
+        if self.on_meta or not prompts:
+            return []
+        key = (self.version, tuple(prompts), new_tokens)
+        if key not in self._texts:
+            self._texts[key] = continuations(self.model, self.original, self.tokenizer,
+                                             list(prompts), new_tokens)
+        return self._texts[key]
 
     @property
     def quality_source(self) -> str:

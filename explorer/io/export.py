@@ -40,6 +40,7 @@ from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
 from ..prune.validate import nonfinite_text, nonfinite_weights
 from ..quality.evaluate import Quality
+from ..quality.generate import Continuation
 from .names import checkpoint_names, dropped_on_load
 from .paths import check_out_apart, shard_files
 from .plan import Plan
@@ -84,7 +85,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
            quality: Quality | None = None, tokenizer: Any | None = None,
            force: bool = False, sources: Sequence[str | os.PathLike[str]] = (),
-           sentence: SentenceFolder | None = None) -> ExportResult:
+           sentence: SentenceFolder | None = None,
+           generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -107,6 +109,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         sentence: the sentence-transformers pipeline the model came with
             (`explorer.LoadedModel.sentence`): its files go into the ``hf`` folder, so
             ``SentenceTransformer`` loads it.
+        generations: prompts continued before and after (`explorer.quality.generate`),
+            for the report.
 
     Raises:
         ExportError: an unknown format, ``safetensors`` without a plan, ``out_dir`` is not
@@ -122,7 +126,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
     check_out_dir(target, force)
     with _staging(target, force) as out:
         result = _write(model, out, wanted, plan, original, example_inputs, attention,
-                        quality, tokenizer, sentence)
+                        quality, tokenizer, sentence, generations)
     result.directory = str(target)
     result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
                     for f, paths in result.files.items()}
@@ -205,7 +209,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
            original: nn.Module | None, example_inputs: Sequence[Any] | None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
            quality: Quality | None, tokenizer: Any | None,
-           sentence: SentenceFolder | None = None) -> ExportResult:
+           sentence: SentenceFolder | None = None,
+           generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
@@ -227,7 +232,7 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
         result.files["safetensors"] = _export_safetensors(model, plan, out)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
-                                                attention, quality)
+                                                attention, quality, generations)
     _write_readme(out, result, plan)
     return result
 
@@ -361,7 +366,8 @@ def _save_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
 def _export_report(model: nn.Module, out: Path, plan: Plan | None,
                    original: nn.Module | None, example_inputs: Sequence[Any] | None,
                    attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
-                   quality: Quality | None = None) -> list[str]:
+                   quality: Quality | None = None,
+                   generations: Sequence[Continuation] = ()) -> list[str]:
     from .report import build_report, write_report
     if original is None or example_inputs is None:
         if plan is None:
@@ -373,7 +379,7 @@ def _export_report(model: nn.Module, out: Path, plan: Plan | None,
         example_inputs = example_inputs if example_inputs is not None else lm.example_inputs
     report = build_report(original, model, example_inputs, plan, attention,
                           title=f"Pruning report: {plan.model}" if plan else "Pruning report",
-                          quality=quality)
+                          quality=quality, generations=generations)
     return [str(p) for p in write_report(report, out)]
 
 

@@ -9,6 +9,9 @@ Accepted forms:
   sharded weights, tokenizer) via ``from_pretrained(..., local_files_only=True)``; ``task`` is
   causal-lm, masked-lm, encoder, encoder-cls, sequence-classification or image-classification
   (default: the config's ``architectures``; a sentence-transformers folder is its encoder).
+* ``hf:<file.gguf>[?task=...]`` or ``hf:<folder>?gguf_file=NAME``: a llama.cpp GGUF checkpoint
+  (weights, config and tokenizer in one file), dequantized by transformers to a plain float
+  model that exports as safetensors.
 * ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``),
   random weights.
 * ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
@@ -68,6 +71,7 @@ SPEC_FORMS = (
     "timm:<name>[?k=v&...]",
     "hf:<family>[?k=v&...]",
     "hf:<local checkpoint folder>[?task=...]",
+    "hf:<file.gguf>",
     "hf:<path/to/config.json>",
     "demo:<name>",
     "<path/to/file.py>:<callable>",
@@ -205,7 +209,9 @@ def checkpoint_folder(spec: str) -> Path | None:
     else None."""
     if not spec.startswith("hf:"):
         return None
-    name, _options = split_query(spec[3:], "hf")
+    name, options = split_query(spec[3:], "hf")
+    if "gguf_file" in options or name.lower().endswith(".gguf"):
+        return None  # one GGUF file, not a folder of safetensors shards
     folder = Path(name)
     return folder if folder.is_dir() and has_weights(folder) else None
 

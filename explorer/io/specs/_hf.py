@@ -18,6 +18,7 @@ import torch
 
 from ...quality.task import Task
 from ..own_code import refuse_own_code
+from ._gguf import build_gguf, gguf_target
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
 from ._query import is_count, split_query
 from ._types import Built, SpecError, one_line
@@ -85,6 +86,9 @@ def build_hf(text: str, device: str) -> Built:
     name, overrides = split_query(text, "hf")
     attn = overrides.pop("attn_implementation", "eager")
     requested_task = overrides.pop("task", None)
+    gguf = gguf_target(name, overrides)
+    if gguf is not None:
+        return build_gguf(*gguf, overrides, requested_task, attn, device)
     if Path(name).is_dir():
         folder = Path(name)
         refuse_own_code(folder, SpecError)  # before transformers reads any of it

@@ -45,7 +45,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "toke
                    "vocab.json")
 EXAMPLE_TEXT = "Structural pruning removes whole channels, heads and units from a network."
 
-_AUTO_CLASS = {
+AUTO_CLASS = {
     Task.CAUSAL_LM: "AutoModelForCausalLM",
     Task.MASKED_LM: "AutoModelForMaskedLM",
     Task.ENCODER: "AutoModel",
@@ -72,7 +72,7 @@ def choose_task(config: Any, requested: Any, where: str) -> Task:
         try:
             return Task(str(requested))
         except ValueError:
-            names = ", ".join(t.value for t in _AUTO_CLASS)
+            names = ", ".join(t.value for t in AUTO_CLASS)
             raise SpecError(f"unknown task {requested!r} in {where}; use one of {names}") \
                 from None
     archs = getattr(config, "architectures", None)
@@ -125,7 +125,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str,
     notes += _loading_notes(loaded, folder, set(head))
     tokenizer = load_tokenizer(folder)
     try:
-        inputs = _example_inputs(model, config, task, tokenizer)
+        inputs = example_inputs(model, config, task, tokenizer)
     except Exception as e:  # noqa: BLE001 - a hand-edited tokenizer config fails in any type
         raise SpecError(f"the tokenizer in {str(folder)!r} cannot encode text: "
                         f"{type(e).__name__}: {one_line(e)}") from e
@@ -142,7 +142,7 @@ def _load(folder: Path, config: Any, task: Task, attn: str, device: str, notes: 
     without weight files), and transformers' loading info (empty when nothing was loaded)."""
     import transformers
 
-    auto_cls = getattr(transformers, _AUTO_CLASS[task])
+    auto_cls = getattr(transformers, AUTO_CLASS[task])
     on_meta = torch.device(device).type == "meta"
     info: Mapping[str, Any] = {}
     if not on_meta:
@@ -226,7 +226,7 @@ def _loading_notes(info: Mapping[str, Any], folder: Path, said: set[str]) -> lis
     return notes
 
 
-def _example_inputs(model: nn.Module, config: Any, task: Task,
+def example_inputs(model: nn.Module, config: Any, task: Task,
                     tokenizer: Any | None) -> tuple[Any, ...]:
     """Token ids of `EXAMPLE_TEXT` (random ids without a tokenizer), or random pixels."""
     if task is Task.IMAGE_CLASSIFICATION:
