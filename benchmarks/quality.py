@@ -85,8 +85,10 @@ def load() -> tuple[nn.Module, object]:
     """The model (eval mode) and its tokenizer, from the local folder only."""
     from transformers import AutoModel, AutoTokenizer
     folder = model_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                              trust_remote_code=False)
+    model = AutoModel.from_pretrained(folder, local_files_only=True,
+                                      trust_remote_code=False).eval()
     return model, tokenizer
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from .coupling.analyze import Coupling
 from .coupling.groups import Group
 from .coupling.heads import AttentionInfo, attention_modules
+from .coupling.targets import default_targets, target_list, target_of
 from .graph.ir import Graph
 from .graph.metrics import count_macs
 from .graph.tracer import trace as _trace
@@ -41,7 +42,8 @@ class ModelGraph:
             "macs": count_macs(self.graph),
             "unknown_ops": {k: sorted(set(v))[:5] for k, v in self.coupling.unknown_ops.items()},
             "conflicts": self.coupling.conflicts,
-            "groups": [g.to_dict() for g in self.groups()],
+            "groups": [{**g.to_dict(), "target": target_of(g).value} for g in self.groups()],
+            "default_targets": target_list(default_targets(self.graph)),
             "attention": [a.to_dict() for a in self.attention()],
             "blocks": [{"module": b.module, "params": b.params, "shape": list(b.shape)}
                        for b in self.blocks()],

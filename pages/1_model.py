@@ -2,6 +2,8 @@
 import streamlit as st
 
 from explorer.app.display import (
+    PROMPT_EXAMPLE,
+    continuation_rows,
     group_rows,
     heading,
     input_placeholder,
@@ -107,6 +109,14 @@ m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(m
 quality = pe.quality()
 if quality is not None:
     m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
+if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
+        and not pe.on_meta:
+    prompts = st.text_area("Prompts to continue, one a line (greedy, before and after "
+                           "pruning)", key="model_prompts", placeholder=PROMPT_EXAMPLE)
+    lines = [p for p in prompts.splitlines() if p.strip()]
+    if lines:
+        st.dataframe(continuation_rows(pe.continuations(lines)), key="model_continuations",
+                     hide_index=True, width="stretch")
 AUTO_PREFLIGHT = 16  # up to this many pending groups the verdicts are computed on load
 pending = pe.proposals()
 verdicts: dict[int, str] = {}

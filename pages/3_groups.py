@@ -16,11 +16,13 @@ from explorer.app.display import (
     layer_table,
     pending_rows,
     short_reason,
+    statement_lines,
     table_counts,
     verdict_text,
 )
 from explorer.app.session import Session
 from explorer.app.sources import quality_text
+from explorer.coupling.targets import TARGET_NAMES
 from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
 from explorer.prune.proposal import Proposal
@@ -38,12 +40,13 @@ from explorer.render.proposal_view import (
 from explorer.render.view import build_view
 from pages._session import reset, show
 
-KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round")
+KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
+        "groups_targets")
 
 
 def settings(pe: Session) -> None:
     for k, v in zip(KEYS, pe.settings(), strict=True):  # the session is the source of truth
-        st.session_state[k] = v
+        st.session_state[k] = list(v) if isinstance(v, tuple) else v
 
     def configure() -> None:
         pe.configure(*(st.session_state[k] for k in KEYS))
@@ -52,10 +55,24 @@ def settings(pe: Session) -> None:
     c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=configure)
     c[1].slider("Ratio", 0.0, 0.9, step=0.05, key=KEYS[1], on_change=configure)
     c[2].selectbox("Heads", HEAD_MODES, key=KEYS[2], on_change=configure,
-                   help="dims: same dims in every head; whole: remove heads; keep: none")
+                   help="dims: same dims in every head; whole: whole heads (whole key/value "
+                        "groups under GQA); query: query heads inside every key/value group; "
+                        "keep: no attention change")
     c[3].toggle("Global ranking", key=KEYS[3], on_change=configure,
                 help="rank channels of all groups together instead of the ratio per group")
     c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=configure)
+    st.multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
+                   help="what may be cut: mlp (feed-forward hidden units), heads (attention), "
+                        "residual (the hidden size: embeddings, norms, every projection), "
+                        "channels (convolutions, other layers)")
+    try:
+        said = pe.statement()
+    except Exception:  # noqa: BLE001 - main() reports the same failure of the proposals
+        said = None
+    if said is not None:
+        with st.expander(f"What these settings cut: params {said.params_before:,} -> "
+                         f"{said.params_after:,}", expanded=False):
+            st.markdown("\n".join(statement_lines(said)))
     if pe.on_meta:
         st.caption("The weights are on the meta device: there are no scores to rank, so the "
                    "lowest indices are proposed (load on cpu for importance charts).")

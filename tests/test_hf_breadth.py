@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 import torch
+from rebuild import CANNOT, assert_config_rebuilds  # tests/ is on sys.path (no package)
 from torch import nn
 
 import explorer
 from explorer import Pruner
 from explorer.io.export import export, load_pruned
-from explorer.io.plan import Plan
+from explorer.io.plan import FOLD_SCHEMA, Plan
+from explorer.io.specs import hf_families, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,9 +91,9 @@ ARCHS: dict[str, Arch] = {
                      "num_experts_per_tok": 2}),
 }
 
-# Runs whose pruned model a transformers config describes exactly (measured). Head-dim runs
-# keep the original attention scaling; where it multiplies a separate query projection the
-# export folds the ratio into that projection (`explorer.prune.fixups.fold`). Still no
+# Runs whose pruned model a transformers config describes exactly (measured). After a
+# head-dim cut the attention scaling is set to the config's value and its ratio folded into
+# the query projection at cut time (`explorer.prune.fixups.fold`). Still no
 # config: rotary models with head dims (the kept frequencies are a subset no config
 # recomputes), Gemma2 (embedding scale, tied embedding). GPT-NeoX's fused query_key_value
 # absorbs the ratio in its q rows, and its one kept rotary pair has the frequency a config
@@ -144,11 +146,12 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
     before = _logits(model, x)
     params = sum(p.numel() for p in model.parameters())
     tables = {n: p.shape[-1] for n, p in model.named_parameters() if n.endswith(_TABLES)}
-    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert report.forward_ok and report.output_shape_ok
     after = _logits(model, x)
     assert after.shape == before.shape
+    assert_config_rebuilds(model, report, x, (name, heads) in HF_FOLDER)
     assert sum(p.numel() for p in model.parameters()) < 0.75 * params, report.unsafe
     if heads == "whole":  # relative-position bias tables lose the pruned heads' columns
         cut = {n: p.shape[-1] for n, p in model.named_parameters() if n in tables}
@@ -170,6 +173,29 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
 
 
+# Built-in families (``hf:<family>``) whose config describes them after whole heads are cut
+# at 0.5 (measured); the zoo checks the same after head-dim cuts (tests/test_zoo.py).
+# Gemma's tied embedding cannot absorb its embedding scale; Phi3's and bert's (AutoModel,
+# whose output pins the residual) widths differ between layers.
+BUILTIN_DESCRIBED = {"llama", "qwen2", "mistral", "gpt2"}
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", hf_families())
+def test_builtin_family_rebuilds_from_its_config(name: str) -> None:
+    lm = load_model(f"hf:{name}")
+    ignored = ["lm_head"] if hasattr(lm.model, "lm_head") else []
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, heads="whole", ignored=ignored,
+                    targets="all")
+    report = pruner.step()
+    assert report.forward_ok
+    assert_config_rebuilds(lm.model, report, lm.example_inputs[0], name in BUILTIN_DESCRIBED)
+    assert bool(pruner.config_note) == (name not in BUILTIN_DESCRIBED)  # the app shows it
+    pruner.undo()
+    assert pruner.config_note == ""  # the unpruned model: its config describes it
+
+
 @pytest.mark.zoo
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["stablelm", "phi", "gpt_neox"])
@@ -184,7 +210,7 @@ def test_partial_rotary_head_dims(name: str, tmp_path: Path) -> None:
     config: Any = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     rotary = int(head_dim * config.rope_parameters["partial_rotary_factor"])
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert not report.unsafe and report.forward_ok
     (inv_freq,) = [b for n, b in model.named_buffers() if n.rpartition(".")[2] == "inv_freq"]
@@ -233,7 +259,7 @@ def test_falcon_multi_query(heads: str, tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
-    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads=heads, ignored=list(arch.ignored), targets="all")
     report = pruner.step()
     assert not report.unsafe and report.forward_ok
     attn = model.transformer.h[0].self_attention
@@ -282,10 +308,14 @@ def test_derived_constant_fallback_reason(tmp_path: Path) -> None:
     arch = ARCHS["gemma2"]
     model: Any = _build(arch)
     x = _inputs(arch)
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
-    assert not pruner.step().unsafe
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
+    report = pruner.step()
+    assert not report.unsafe
     after = _logits(model, x)
     assert model.model.embed_tokens.scalar_embed_scale == 8.0  # the function is kept
+    (said,) = [n for n in report.notes if n.startswith(CANNOT)]  # and the cut says why
+    assert "'model.embed_tokens.weight' is tied to 'lm_head.weight'" in said
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gemma2"))
@@ -298,31 +328,56 @@ def test_derived_constant_fallback_reason(tmp_path: Path) -> None:
                                rtol=0, atol=1e-5)
 
 
+def _cut(original: torch.Tensor, pruner: Pruner, name: str) -> torch.Tensor:
+    """``original`` (tensor ``name`` before pruning) with the pruner's cuts, unfolded."""
+    out = original
+    for applied in pruner.applied:
+        for dim in range(out.dim()):
+            keep = applied.keeps.get((name, dim))
+            if keep is not None:
+                out = out.index_select(dim, torch.tensor(keep))
+    return out
+
+
 @pytest.mark.zoo
 @pytest.mark.timeout(120)
 def test_fold_attention_scaling(tmp_path: Path) -> None:
-    """Head dims cut 16 -> 8 keep the scaling 1/4 the model was built with; a config with
-    8 dims builds 1/sqrt(8). The export sets the config's value and multiplies the query
-    projection by the ratio (same outputs), and leaves the in-memory model as it was."""
+    """Head dims cut 16 -> 8 would keep the scaling 1/4 the model was built with, where a
+    config with 8 dims builds 1/sqrt(8). At cut time the scaling becomes the config's value
+    and the query projection absorbs the ratio (same outputs, said in the report); an undo
+    puts back the exact tensors and scaling; the plan records the fold and replays it bit
+    for bit, and the export writes the model as it is."""
     arch = ARCHS["bert"]
     model: Any = _build(arch)
     x = _inputs(arch)
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
-    assert not pruner.step().unsafe
+    query = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
+    report = pruner.step()
+    assert not report.unsafe
+    assert any("bert.encoder.layer.0.attention.self.scaling 0.25 -> 0.353553" in n and
+               "folded into 4 weights (same outputs)" in n for n in report.notes), report.notes
     after = _logits(model, x)
     attn = model.bert.encoder.layer[0].attention.self
-    query = attn.query.weight.detach().clone()
-    assert attn.attention_head_size == 8 and attn.scaling == 0.25
+    assert attn.attention_head_size == 8 and attn.scaling == pytest.approx(8 ** -0.5)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(attn.query.weight, _cut(query, pruner, name) * 0.25 / 8 ** -0.5)
+    plan = Plan.from_pruner(pruner, "hf:bert")
+    assert plan.to_dict()["schema"] == FOLD_SCHEMA
+    assert plan.steps[0].constants["bert.encoder.layer.0.attention.self"] == {
+        "scaling": [0.25, 8 ** -0.5]}
+    fresh = _build(arch)
+    Plan.loads(json.dumps(plan.to_dict())).apply(fresh)
+    assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in model.state_dict().items())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:bert"))
-    assert any("bert.encoder.layer.0.attention.self.scaling 0.25 -> 0.353553" in m and
-               "folded into 4 weights" in m for m in result.messages), result.messages
-    assert attn.scaling == 0.25 and torch.equal(attn.query.weight, query)  # untouched
+        result = export(model, tmp_path, "hf", plan=plan)
+    assert "hf" in result.files and not any("folded" in m for m in result.messages)
     again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
-    folded_q = again.bert.encoder.layer[0].attention.self.query.weight
-    torch.testing.assert_close(folded_q, query * 0.25 / 8 ** -0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+    pruner.undo()
+    assert attn.scaling == 0.25
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
 
 
 @pytest.mark.zoo
@@ -330,55 +385,81 @@ def test_fold_attention_scaling(tmp_path: Path) -> None:
 def test_fold_fused_qkv(tmp_path: Path) -> None:
     """GPT-NeoX fuses q, k and v in one projection, viewed as (heads, 3 x head_dim) and split
     into q, k and v: the scaling is folded into the rows of ``query_key_value`` (weight and
-    bias) that produce q, and the k and v rows are left as they were."""
+    bias) that produce q, and the k and v rows are left as they were. Two steps fold twice;
+    the plan's replay multiplies the same elements by the same factors (bit-identical)."""
     arch = ARCHS["gpt_neox"]
     model: Any = _build(arch)
     x = _inputs(arch)
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    attn = model.gpt_neox.layers[0].attention
+    qkv = {n: p.detach().clone() for n, p in attn.query_key_value.named_parameters()}
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     assert not pruner.step().unsafe
     after = _logits(model, x)
-    attn = model.gpt_neox.layers[0].attention
-    assert attn.head_size == 8 and attn.scaling == 0.25
-    qkv = {n: p.detach().clone() for n, p in attn.query_key_value.named_parameters()}
+    assert attn.head_size == 8 and attn.scaling == pytest.approx(8 ** -0.5)
+    q_rows = torch.tensor([24 * h + d for h in range(4) for d in range(8)])  # (h, q|k|v, d)
+    kv_rows = torch.tensor([r for r in range(96) if r not in set(q_rows.tolist())])
+    factor = 0.25 / 8 ** -0.5
+    prefix = "gpt_neox.layers.0.attention.query_key_value."
+    for n, p in attn.query_key_value.named_parameters():
+        cut = _cut(qkv[n], pruner, prefix + n)
+        torch.testing.assert_close(p[q_rows], cut[q_rows] * factor)
+        assert torch.equal(p[kv_rows], cut[kv_rows])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gpt_neox"))
     assert "hf" in result.files, result.messages
-    assert any("gpt_neox.layers.0.attention.scaling 0.25 -> 0.353553" in m for m in
-               result.messages), result.messages
-    assert all(torch.equal(p, qkv[n]) for n, p in attn.query_key_value.named_parameters())
     again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
-    assert again.gpt_neox.layers[0].attention.scaling == pytest.approx(8 ** -0.5)
-    q_rows = torch.tensor([24 * h + d for h in range(4) for d in range(8)])  # (h, q|k|v, d)
-    kv_rows = torch.tensor([r for r in range(96) if r not in set(q_rows.tolist())])
-    factor = 0.25 / 8 ** -0.5
-    for n, p in again.gpt_neox.layers[0].attention.query_key_value.named_parameters():
-        torch.testing.assert_close(p[q_rows], qkv[n][q_rows] * factor)
-        assert torch.equal(p[kv_rows], qkv[n][kv_rows])
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.zoo
+@pytest.mark.timeout(120)
+def test_two_folds_replay_bit_for_bit(tmp_path: Path) -> None:
+    """Two head-dim steps fold twice (16 -> 12 -> 8 dims); the plan's replay multiplies the
+    same elements by the same factors in the same order: the same state, bit for bit, and
+    `load_pruned` of a safetensors export (folded weights, plan) gives the same logits."""
+    arch = ARCHS["bert"]
+    model: Any = _build(arch)
+    x = _inputs(arch)
+    pruner = Pruner(model, (x,), ratio=0.5, iterative_steps=2, heads="dims",
+                    ignored=list(arch.ignored), targets="all")
+    assert pruner.step() and pruner.step()
+    assert [len(a.constants) for a in pruner.applied] == [2, 2]
+    fresh = _build(arch)
+    plan = Plan.from_pruner(pruner, "hf:bert")
+    plan.apply(fresh)
+    assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in model.state_dict().items())
+    assert torch.equal(_logits(fresh, x), _logits(model, x))
+    export(model, tmp_path, "safetensors", plan=plan)
+    torch.testing.assert_close(_logits(load_pruned(_build(arch), tmp_path), x),
+                               _logits(model, x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.zoo
 @pytest.mark.timeout(120)
 def test_fold_embedding_scale_untied(tmp_path: Path) -> None:
     """With untied embeddings, Gemma2's embedding scale (attribute and buffer) is set to
-    sqrt(32) and the ratio folded into the embedding weight: a config describes the model."""
+    sqrt(32) at cut time and the ratio folded into the embedding weight: a config describes
+    the model."""
     arch = ARCHS["gemma2"]
     arch = Arch(arch.cls, arch.model_type, {**arch.config, "tie_word_embeddings": False})
     model: Any = _build(arch)
     x = _inputs(arch)
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
-    assert not pruner.step().unsafe
-    after = _logits(model, x)
     embed = model.model.embed_tokens.weight.detach().clone()
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
+    report = pruner.step()
+    assert not report.unsafe
+    assert_config_rebuilds(model, report, x, True)
+    after = _logits(model, x)
+    assert model.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
+    torch.testing.assert_close(model.model.embed_tokens.weight,
+                               _cut(embed, pruner, "model.embed_tokens.weight") * 8.0 / 32 ** 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = export(model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:gemma2"))
     assert "hf" in result.files, result.messages
-    assert model.model.embed_tokens.scalar_embed_scale == 8.0  # the model is as it was
     again: Any = type(model).from_pretrained(result.files["hf"][0]).eval()
-    assert again.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
-    torch.testing.assert_close(again.model.embed_tokens.weight, embed * 8.0 / 32 ** 0.5)
     torch.testing.assert_close(_logits(again, x), after, rtol=0, atol=1e-5)
 
 
@@ -394,7 +475,8 @@ def test_falcon_grouped_kv_whole_heads(tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     qkv = model.transformer.h[0].self_attention.query_key_value.weight.detach().clone()
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     group = next(g for g in pruner.coupling.groups if g.heads is not None)
     assert (group.heads.num_heads, group.heads.kv_heads) == (4, 2)
     report = pruner.step()
@@ -446,7 +528,7 @@ def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
     model: Any = _build(arch)
     x = _inputs(arch)
     _save_checkpoint(model, tmp_path / "ckpt")  # GPT-NeoX's lm_head is saved as embed_out
-    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="dims", ignored=list(arch.ignored), targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     after = _logits(model, x)
@@ -469,10 +551,11 @@ def test_streamed_replay_folds_like_export(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.zoo
 @pytest.mark.timeout(120)
-def test_streamed_replay_cannot_fold_a_buffer_on_meta(tmp_path: Path) -> None:
-    """Gemma2 (untied) keeps its embedding scale in a buffer the constructor computes; the
-    export folds it, but the weightless copy of a streamed replay has no buffer values: it
-    writes shards + plan.json and says why, and `load_pruned` rebuilds the pruned model."""
+def test_streamed_replay_repeats_a_buffer_fold(tmp_path: Path) -> None:
+    """Gemma2 (untied) keeps its embedding scale in a buffer the constructor computes. The
+    weightless copy of a streamed replay has no buffer values to fold it on its own, but the
+    pruner folded it at cut time, with weights and a forward check, and the plan records it:
+    the streamed replay repeats it and writes a transformers folder that loads the model."""
     from explorer.io.stream import OutputKind, replay_checkpoint
 
     arch = ARCHS["gemma2"]
@@ -482,14 +565,15 @@ def test_streamed_replay_cannot_fold_a_buffer_on_meta(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path / "ckpt")
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")
-    assert res.kind is OutputKind.SAFETENSORS
-    assert "holds buffers a load recomputes (embed_scale) whose values a weightless (meta) " \
-           "copy does not have: export the pruned model in memory" in res.messages[0]
-    again = load_pruned(_build(arch), tmp_path / "stream")
+    assert res.kind is OutputKind.HF, res.messages
+    assert any("model.embed_tokens.scalar_embed_scale 8 -> 5.65685 as the plan folded them"
+               in m for m in res.messages), res.messages
+    again: Any = type(model).from_pretrained(tmp_path / "stream").eval()
     torch.testing.assert_close(_logits(again, x), _logits(model, x), rtol=0, atol=1e-5)
 
 
@@ -506,7 +590,7 @@ def test_streamed_replay_refuses_tensors_transformers_converts(tmp_path: Path) -
     _save_checkpoint(model, tmp_path / "ckpt")
     names = _shard_tensors(tmp_path / "ckpt")
     assert any(".experts.0." in n for n in names)  # saved per expert, as on the Hub
-    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, ignored=list(arch.ignored))
+    pruner = Pruner(model, (_inputs(arch),), ratio=0.5, ignored=list(arch.ignored), targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     with pytest.raises(StreamError, match="converted when transformers loads it") as err:
@@ -528,7 +612,8 @@ def test_streamed_replay_of_renamed_checkpoint_keys_loads_back(tmp_path: Path) -
     x = _inputs(arch)
     _save_checkpoint(model, tmp_path / "ckpt")
     assert "embed_out.weight" in _shard_tensors(tmp_path / "ckpt")
-    pruner = Pruner(model, (x,), ratio=0.3, heads="whole", ignored=list(arch.ignored))
+    pruner = Pruner(model, (x,), ratio=0.3, heads="whole", ignored=list(arch.ignored),
+                    targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     after = _logits(model, x)
@@ -563,12 +648,14 @@ def test_moe_on_meta_traces_in_bf16_and_keeps_its_dtypes(tmp_path: Path) -> None
     assert {n: t.dtype for n, t in lm.model.state_dict().items()} == before
     assert all(t is tensors[n] for n, t in lm.model.named_parameters())  # same objects
     experts = [p for p in Pruner(lm.model, lm.example_inputs, ratio=0.3,
-                                 heads="whole").proposals() if "experts" in p.group.title]
+                                 heads="whole",
+                                 targets="all").proposals() if "experts" in p.group.title]
     assert experts
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole")
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", targets="all")
     verdict = pruner.preflight().check(experts[0].removal())
     assert not verdict.ok and "multiple of 16 bytes" in verdict.error
-    report = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", round_to=8).step()
+    report = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", round_to=8,
+                    targets="all").step()
     assert not report.unsafe and report.forward_ok
     cut = [c for c in report.changes if c.removed and "experts" in c.title]
     assert cut and all(c.width_after % 8 == 0 for c in cut)
@@ -599,7 +686,7 @@ def test_streamed_replay_copies_tensors_transformers_drops_on_load(tmp_path: Pat
         tensors[f"transformer.h.{i}.attn.bias"] = mask.clone()
     save_file(tensors, str(shard), metadata={"format": "pt"})
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    pruner = Pruner(model, (x,), ratio=0.5, heads="whole")
+    pruner = Pruner(model, (x,), ratio=0.5, heads="whole", targets="all")
     assert not pruner.step().unsafe
     plan = Plan.from_pruner(pruner, f"hf:{tmp_path / 'ckpt'}/config.json")
     res = replay_checkpoint(tmp_path / "ckpt", plan, tmp_path / "stream")

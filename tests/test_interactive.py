@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from explorer.app import store
-from explorer.app.session import Session
+from explorer.app.session import MessageKind, Session
 from explorer.io.plan import SCHEMA, Plan, checksum
 from explorer.io.specs import load_model
 from explorer.prune.proposal import Proposal
@@ -111,7 +111,7 @@ def test_depth_removal_round_trips_through_a_plan(tmp_path: Path) -> None:
     x = lm.example_inputs
     assert sum(p.numel() for p in fresh.parameters()) == s.params
     assert torch.equal(fresh(*x), s.model(*x))
-    files, _notes = s.export_files(("safetensors", "report"))  # every export works
+    files, _notes = s.export_files(("safetensors", "report"), tmp_path / "dl")  # every export works
     assert "pruned_safetensors.zip" in files and "report.md" in files
     assert s.undo() and s.undo() and s.undo() and s.params == s.params_start
 
@@ -224,9 +224,8 @@ def test_7b_head_group_is_one_layer_table(tmp_path: Path,
     assert at.text_input(key="model_shape").placeholder == ",".join(map(str, tokens))
     assert [h.value for h in at.subheader] == ["hf:llama"]
     at.switch_page("pages/3_groups.py").run()
-    assert "residual stream (4096 ch): model.layers" in at.subheader[0].value
-    at.button(key="groups_reject").click().run()  # the residual stream
     assert not at.exception and not at.error, (at.exception, at.error)
+    # a language model's residual stream is not a target by default: heads come first
     assert "32 heads x 128" in at.subheader[0].value
     assert len(at.number_input) <= 1  # round-to only: no input per axis
     table = at.dataframe[0].value  # the layer table: one row per layer (and the shared dims)
@@ -282,3 +281,75 @@ def test_dino_global_ranking_cuts_tied_groups_by_one_fraction(heads: str) -> Non
     per_head = 16 if heads == "whole" else heads_kept.pop()
     n_heads = heads_kept.pop() if heads == "whole" else 6
     assert residual.width_after == n_heads * per_head  # C // num_heads still holds
+
+
+def test_session_logs_are_private_and_stay_in_their_folder(tmp_path: Path) -> None:
+    """Logs name local paths and data: folder 0700, logs 0600, looser modes tightened; a log
+    is never read or written through a link (issue 22)."""
+    import os
+    import stat
+    folder = tmp_path / "sessions"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    old = folder / f"{store.new_sid()}.json"
+    old.write_text('{"request": {"spec": "demo:mlp"}, "actions": []}')
+    old.chmod(0o644)
+    sid = store.new_sid()
+    store.save(sid, store.SavedSession({"spec": "demo:mlp"}, []), folder)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731 - a one-line helper
+    assert mode(folder) == 0o700 and mode(folder / f"{sid}.json") == 0o600
+    assert mode(old) == 0o600
+    assert sorted(p.name for p in folder.iterdir()) == sorted([old.name, f"{sid}.json"])
+    fresh = tmp_path / "new" / "sessions"
+    store.save(sid, store.SavedSession({"spec": "demo:mlp"}, []), fresh)
+    assert mode(fresh) == 0o700 and mode(fresh / f"{sid}.json") == 0o600
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text('{"request": {"spec": "demo:mlp"}, "actions": []}')
+    linked = store.new_sid()
+    os.symlink(outside, folder / f"{linked}.json")
+    assert store.load(linked, folder) is None  # not read through the link
+    store.save(linked, store.SavedSession({"spec": "demo:resnet"}, []), folder)
+    assert "demo:mlp" in outside.read_text()  # not written through it either
+    assert not (folder / f"{linked}.json").is_symlink()
+
+
+def test_hand_edited_log_reports_what_it_skips(tmp_path: Path) -> None:
+    lm = load_model("demo:mlp")
+    s = Session(lm.model, lm.example_inputs)
+    assert s.accept(s.current())
+    sid = store.new_sid()
+    edited = [{"do": "frobnicate"}, "accept everything", {"do": "accept", "key": ["x"]},
+              {"do": "block"}, *s.actions]
+    store.save(sid, store.SavedSession({"spec": "demo:mlp"}, edited), tmp_path)
+    saved = store.load(sid, tmp_path)
+    assert saved is not None and saved.actions == edited  # kept: each is judged on replay
+    again = Session(load_model("demo:mlp").model, lm.example_inputs)
+    assert again.replay(saved.actions) == 1 and again.params == s.params
+    assert again.message is not None and again.message.kind is MessageKind.ERROR
+    text = again.message.text
+    assert text.startswith("restored 1 of 5 decisions; skipped decision 1 (unknown action "
+                           "'frobnicate'); skipped decision 2 (str 'accept everything' is not "
+                           "an action object); skipped decision 3 (action 'accept' with a "
+                           "malformed field"), text
+    assert "skipped decision 4 (action 'block' without a str field 'name')" in text
+
+
+def test_app_says_which_decision_of_a_log_it_skipped(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("streamlit")
+    import dataclasses
+
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.app.sources import LoadRequest
+    monkeypatch.setenv("PE_SESSION_DIR", str(tmp_path))
+    sid = store.new_sid()
+    store.save(sid, store.SavedSession(dataclasses.asdict(LoadRequest("demo:mlp")),
+                                       [{"do": "frobnicate"}]), tmp_path)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"),
+                           default_timeout=120)
+    at.query_params["sid"] = sid
+    at.run()
+    assert not at.exception, at.exception
+    assert any("skipped decision 1 (unknown action 'frobnicate')" in e.value for e in at.error), \
+        [e.value for e in at.error]

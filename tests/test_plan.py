@@ -26,7 +26,7 @@ class Pruned:
 
 def _prune(spec: str, device: str = "cpu", **kw: object) -> Pruned:
     lm = load_model(spec, device=device)
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, **kw, targets="all")
     reports = [pruner.step() for _ in range(pruner.steps)]
     return Pruned(spec, lm.model, lm.example_inputs,
                   Plan.from_pruner(pruner, spec, reports=reports))
@@ -157,7 +157,21 @@ def _missing_tensor(data: dict) -> None:
 
 
 def _wrong_schema(data: dict) -> None:
+    data["schema"] = 4
+
+
+def _fold_in_schema_2(data: dict) -> None:
+    data["steps"][0]["constants"] = {"net.0": {"scaling": [0.25, 0.5]}}
+
+
+def _fold_unknown(data: dict) -> None:
     data["schema"] = 3
+    data["steps"][0]["constants"] = {"net.0": {"scaling": [0.25, 0.5]}}
+
+
+def _bad_constants(data: dict) -> None:
+    data["schema"] = 3
+    data["steps"][0]["constants"] = {"net.0": {"_parameters": [0.25, -1.0]}}
 
 
 def _edited_fingerprint(data: dict) -> None:
@@ -184,7 +198,12 @@ def _bad_attribute(data: dict) -> None:
 @pytest.mark.parametrize("edit,match", [
     (_bad_second_step, r"step 1: index \d+ is out of range for tensor '.*' dim \d of size"),
     (_missing_tensor, r"the model has no parameter or buffer 'no.such.weight'"),
-    (_wrong_schema, r"schema version 3 is not supported; this Pruning Explorer reads schema 2"),
+    (_wrong_schema, r"schema version 4 is not supported; this Pruning Explorer reads schema 2 "
+                    r"\(and 3, with folded constants\)"),
+    (_fold_in_schema_2, r"steps fold constants, which needs schema 3"),
+    (_fold_unknown, r"the plan folds constants into weights, but the model has no constant "
+                    r"net\.0\.scaling to fold; re-create the plan"),
+    (_bad_constants, r"'constants' must map module -> attribute -> \[old, new\] positive reals"),
     (_edited_fingerprint, r"sha256 does not match its tensor list"),
     (_wrong_size, r"step 0: tensor '.*' dim \d has size \d+ at this step, the plan expects"),
     (_all_removed, r"removes all \d+ indices"),
@@ -230,7 +249,7 @@ def test_applying_twice_is_refused(mlp2: Pruned) -> None:
 
 def test_from_applied_matches_from_pruner(mlp2: Pruned) -> None:
     lm = load_model("demo:mlp")
-    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, iterative_steps=2)
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, iterative_steps=2, targets="all")
     pruner.step()
     pruner.step()
     plan = Plan.from_applied(pruner.applied, lm.model, "demo:mlp",

@@ -37,7 +37,7 @@ class Case:
 CASES = {  # spec, pruner options, mutations per case
     "cnn": ("demo:resnet", {}, 120),
     "vit": ("demo:dino_vit_safe", {"heads": "whole"}, 80),
-    "llama": ("hf:llama", {"heads": "whole", "iterative_steps": 2}, 100),
+    "llama": ("hf:llama", {"heads": "whole", "iterative_steps": 2, "targets": "all"}, 100),
 }
 
 

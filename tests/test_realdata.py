@@ -381,3 +381,75 @@ def test_app_form_errors_and_uploads(llama_dir: Path, tmp_path: Path) -> None:
         request_from_form("demo:mlp", path=str(tmp_path / "nope"))
     with pytest.raises(SpecError, match="has no config.json"):
         request_from_form("demo:mlp", path=str(tmp_path))
+
+
+# ------------------------------------------------------------- issue 22: bounded data work
+
+
+class _Seen:
+    """A tokenizer wrapper that records the longest text it was given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.longest = 0
+
+    def __call__(self, texts: Any, **kwargs: Any) -> Any:
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        self.longest = max([self.longest, *(len(t) for t in batch)])
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+class _TakesMask(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return input_ids * attention_mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_long_lines_tokenize_only_what_is_kept(smollm2: Path, prose: tuple[Path, Path],
+                                               side: str) -> None:
+    """Same ids as tokenizing whole lines, while the tokenizer never sees a 280k-character
+    line whole (it did: a 20 MB line took 108 s and 3.5 GB)."""
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2, local_files_only=True)
+    tok.truncation_side = side
+    lines = read_texts(prose[0])[:40]
+    long = " ".join(lines) * 20
+    spaces = " " * 5000 + "x" * 3000 + long  # few tokens in the first characters
+    texts = [*lines, long, spaces, "word" * 2000]
+    seen = _Seen(tok)
+    opts = DataOptions(seq_len=64, batch_size=4)
+    got = text_data(texts, seen, _TakesMask(), opts)
+    want = tok(texts, truncation=True, max_length=64)["input_ids"]
+    rows = [row[mask.bool()].tolist() for ids, mask in got.batches for row, mask in
+            zip(ids, mask, strict=True)]
+    assert rows == [list(r) for r in want]
+    assert len(long) > 200_000 and seen.longest < 50_000
+
+
+def test_text_files_and_uploads_are_capped(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from explorer.app.sources import request_from_form
+    from explorer.io import data
+
+    (tmp_path / "ints.jsonl").write_text('{"text": ' + "1" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"ints\.jsonl:1 is not valid JSON"):
+        read_texts(tmp_path / "ints.jsonl")  # int() of 5000 digits: ValueError, not JSON's
+    monkeypatch.setattr(data, "MAX_LINE_CHARS", 100)
+    (tmp_path / "long.txt").write_text("short\n" + "x" * 150 + "\n")
+    with pytest.raises(DataError, match=r"long\.txt:2 is 150 characters long, over the limit "
+                                        r"of 100 for one sample; split it"):
+        read_texts(tmp_path / "long.txt")
+    monkeypatch.setattr(data, "MAX_TEXT_BYTES", 1000)
+    (tmp_path / "big.jsonl").write_text('{"text": "a b c"}\n' * 100)
+    with pytest.raises(DataError, match=r"big\.jsonl' is 1,800 bytes, over the limit of 1,000"):
+        read_texts(tmp_path / "big.jsonl")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(DataError, match=r"mine\.txt:3 is 150 characters long"):
+        request_from_form("demo:mlp", calibration_upload=("mine.txt", b"a\nb\n" + b"y" * 150))
+    with pytest.raises(DataError, match=r"'held\.jsonl' is 1,800 bytes"):
+        request_from_form("demo:mlp", heldout_upload=("held.jsonl", b'{"text": "a b c"}\n' * 100))
+    assert not (tmp_path / "tmp").exists()  # nothing was saved

@@ -330,3 +330,35 @@ def test_factory_model_pt_loads_in_another_process(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "pe_safety_pickled"
+
+
+def test_nan_weights_are_named_and_never_pruned(tmp_path: Path) -> None:
+    """Issue 22: NaN/Inf weights loaded without a word and were pruned on."""
+    lm = load_model("hf:llama?num_hidden_layers=1")
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.up_proj.weight[0, :5] = float("nan")
+    lm.model.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(f"hf:{tmp_path / 'ckpt'}")
+    assert any("are not finite: 'model.layers.0.mlp.up_proj.weight' holds 5 NaN/Inf value(s)"
+               in n for n in loaded.notes), loaded.notes
+    pruner = Pruner(loaded.model, loaded.example_inputs, ratio=0.25)
+    assert pruner.groups and pruner.proposals()  # inspecting still works
+    shapes = {k: v.shape for k, v in loaded.model.state_dict().items()}
+    for prune in (pruner.step, lambda: pruner.apply(pruner.propose()[0])):
+        with pytest.raises(ValueError, match=r"weights are not finite: 'model\.layers\.0\.mlp"
+                                             r"\.up_proj\.weight' holds 5 NaN/Inf .*nothing "
+                                             r"is pruned"):
+            prune()
+    assert {k: v.shape for k, v in loaded.model.state_dict().items()} == shapes
+    s = Session(loaded.model, loaded.example_inputs)
+    assert not s.accept(s.current()) and s.message is not None
+    assert "weights are not finite" in s.message.text
+    mlp = load_model("demo:mlp")
+    export(mlp.model, tmp_path / "out", ("safetensors",), plan=Plan.from_pruner(
+        Pruner(mlp.model, mlp.example_inputs), "demo:mlp"))
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    state["fc2.bias"][0] = float("inf")
+    save_file(state, tmp_path / "out" / "model.safetensors")
+    with pytest.warns(RuntimeWarning, match=r"are not finite: 'fc2\.bias' holds 1 NaN/Inf"):
+        load_pruned("demo:mlp", tmp_path / "out")

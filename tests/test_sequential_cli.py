@@ -32,6 +32,7 @@ def _removed(plan: Path) -> list[tuple[str, int, list[int]]]:
 
 def _prune(ckpt: Path, plan: Path, *extra: str) -> int:
     return main(["prune", "--model", f"hf:{ckpt}", "--ratio", "0.3", "--heads", "whole",
+                 "--targets", "all",
                  "--calibration", str(ckpt.parent / "calib.pt"), "--batch-size", "2",
                  "--plan", str(plan), "--json", *extra])
 

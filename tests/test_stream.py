@@ -41,7 +41,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Ckpt:
 def _plan(ckpt: Ckpt, **kw: object) -> Plan:
     """A plan made on a weightless (meta) copy of the checkpoint's architecture."""
     lm = load_model(ckpt.spec, device="meta")
-    pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.25, **kw)
+    pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.25, **kw,
+                    targets="all")
     reports = [pruner.step()]
     return Plan.from_pruner(pruner, ckpt.spec, reports=reports)
 
@@ -89,7 +90,7 @@ def test_streaming_equals_in_memory_replay(ckpt: Ckpt, tmp_path: Path) -> None:
 def test_non_uniform_widths_write_plan_and_shards(ckpt: Ckpt, tmp_path: Path) -> None:
     lm = load_model(ckpt.spec, device="meta")
     pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.0,
-                    ratios={"model.layers.0.mlp": 0.5})
+                    ratios={"model.layers.0.mlp": 0.5}, targets="all")
     plan = Plan.from_pruner(pruner, ckpt.spec, reports=[pruner.step()])
     out = tmp_path / "out"
     res = replay_checkpoint(ckpt.folder, plan, out)
@@ -109,9 +110,10 @@ def test_other_checkpoints_plan_is_refused_before_writing(ckpt: Ckpt, tmp_path: 
                                           r"shape \(64, 96\) in the checkpoint but \(64, 128\)"):
         replay_checkpoint(other.folder, plan, out)
     assert not out.exists()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(StreamError, match=r"has no config.json"):
-        replay_checkpoint(tmp_path, plan, out)
-    with pytest.raises(StreamError, match=r"is the checkpoint folder"):
+        replay_checkpoint(tmp_path / "empty", plan, out)
+    with pytest.raises(StreamError, match=r"--out '.*ckpt' is '.*ckpt', which this run reads"):
         replay_checkpoint(ckpt.folder, plan, ckpt.folder)
     assert not out.exists()
 
@@ -156,7 +158,8 @@ def test_cli_replay_checkpoint(ckpt: Ckpt, tmp_path: Path,
     assert main(["replay", "--checkpoint", str(tmp_path / "broken"), "--plan", str(plan_file),
                  "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the index names shard 'model-00002-of-00005.safetensors'")
+    assert err.startswith(f"error: '{tmp_path / 'broken' / 'model.safetensors.index.json'}' "
+                          f"names shard 'model-00002-of-00005.safetensors', which is not a file")
     assert main(["replay", "--plan", str(plan_file), "--out", str(out)]) == 2
     assert "replay needs --model SPEC, or --checkpoint DIR" in capsys.readouterr().err
 

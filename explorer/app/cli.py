@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|prune|replay|export|graph|learn ...``.
+"""Command line: ``python -m explorer trace|prune|replay|export|evaluate|graph|learn ...``.
 
 Also installed as the ``pruning-explorer`` console script.
 """
@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import torch
 
 from ..api import trace
 from ..coupling.heads import AttentionInfo, attention_modules, head_changes
+from ..coupling.targets import TARGET_NAMES, parse_targets, target_of
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io.data import DataOptions, check_apart, load_data
@@ -34,18 +36,21 @@ from ..io.export import (
     parse_formats,
     snapshot,
 )
+from ..io.paths import check_out_apart
 from ..io.plan import Plan
 from ..io.quiet import quiet_transformers
 from ..io.specs import (
     LoadedModel,
     SpecError,
+    check_checkpoint_files,
     checkpoint_folder,
     load_model,
     parse_input_shape,
+    spec_paths,
 )
 from ..prune.calibration import Calibration, load_calibration
 from ..prune.importance import Criterion
-from ..prune.preflight import clone_model, forward_check
+from ..prune.preflight import forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..prune.sequential import (
     SEQUENTIAL_CRITERIA,
@@ -53,13 +58,21 @@ from ..prune.sequential import (
     load_offloaded,
     sequential_criterion,
 )
+from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality, evaluate
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates, continuations
+from ..quality.original import Original
 from ..render.dot import view_to_dot
 from ..render.view import build_view
 
 
 class CliError(Exception):
     """A user error: printed as one line on stderr, exit code 2."""
+
+
+# seconds building or tracing a model may take without --timeout: minutes for a large local
+# checkpoint on CPU; a factory that never returns ends here instead of hanging
+DEFAULT_TIMEOUT = 300.0
 
 
 def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -71,8 +84,9 @@ def _add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--ignore", action="append", default=[], help="module to leave unpruned")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="give up building and tracing the model after this many seconds")
+    p.add_argument("--timeout", type=_count_float, default=None, metavar="SECONDS",
+                   help=f"give up building and tracing the model after this many seconds "
+                        f"(default {DEFAULT_TIMEOUT:g}; 0: no limit)")
 
 
 def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: str
@@ -92,7 +106,24 @@ def _number(kind: type[int] | type[float], lowest: float, strict: bool, what: st
 
 _positive_int = _number(int, 0, True, "a positive integer")
 _count = _number(int, 0, False, "an integer >= 0")
-_positive_float = _number(float, 0.0, True, "a positive number")
+_count_float = _number(float, 0.0, False, "a number of seconds >= 0")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_MAX_MEMORY = 2**50  # 1 PiB: more than any one machine holds
+
+
+def _memory_size(text: str) -> int:
+    """``--max-memory``: a size such as ``8GB``, ``512MiB`` or ``300KB``, in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.I)
+    size = 0.0
+    if match:
+        size = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if not 0 < size <= _MAX_MEMORY:
+        raise argparse.ArgumentTypeError(f"must be a size like 8GB, 512MiB or 300KB, above 0 "
+                                          f"and at most 1 PiB, got {text!r}")
+    return int(size)
 
 
 def _ratio(text: str) -> float:
@@ -105,10 +136,25 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _targets(text: str) -> str:
+    try:
+        parse_targets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, default=0.5)
     p.add_argument("--importance", default="magnitude")
-    p.add_argument("--heads", default="dims", choices=HEAD_MODES)
+    p.add_argument("--heads", default="dims", choices=HEAD_MODES,
+                   help="dims: the same dims in every head; whole: whole heads (whole "
+                        "key/value groups with their query heads under GQA); query: query "
+                        "heads inside every key/value group; keep: no attention change")
+    p.add_argument("--targets", default=None, type=_targets, metavar="LIST",
+                   help=f"what may be cut, comma-separated: {', '.join(TARGET_NAMES)} "
+                        f"(or all). Default: all but residual on models with attention "
+                        f"heads (the hidden size, embeddings and norms stay), all otherwise")
     p.add_argument("--round-to", type=_positive_int, default=1)
     p.add_argument("--steps", type=_positive_int, default=1)
     p.add_argument("--global", dest="global_pruning", action="store_true")
@@ -127,19 +173,28 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="use the first N samples of each data file (default: all)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
+    p.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
                    help="with --device meta and hf:FOLDER: compute a data-aware criterion "
                         "one decoder layer at a time from the folder's weights, holding at "
                         "most SIZE (e.g. 8GB) in CPU memory; the rest is offloaded to disk")
     p.add_argument("--offload-folder", default=None,
                    help="where --max-memory offloads weights and keeps activations "
                         "(default: a temporary folder, removed afterwards)")
+    _add_generate_args(p)
     p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
                    help="refit the layers that read removed channels on the calibration data: "
                         "bias (the mean of what was removed, FLAP) or lstsq (ridge least "
                         "squares, layer by layer on the pruned model's own inputs, kept per "
                         "layer only where it helps on held-out calibration samples); random "
                         "inputs without --calibration: check quality on held-out data")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generate", action="append", default=[], metavar="PROMPT",
+                   help="continue PROMPT greedily with the original and the pruned model "
+                        "(repeatable; needs a tokenizer): the text shows the damage")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_NEW_TOKENS,
+                   help="tokens each --generate continuation adds")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--formats", default="pt,safetensors",
                    help="comma-separated: pt, safetensors, hf, report")
-    r.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    r.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out folder (with --checkpoint: write into it)")
     e = sub.add_parser("export", help="prune a model and export it")
     _add_model_args(e)
     _add_prune_args(e)
@@ -179,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                    help="comma-separated: pt (a pickle), safetensors (+ plan.json), hf, report")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    ev = sub.add_parser("evaluate", help="measure a pruned model against the original on "
+                                         "held-out data, one batch at a time")
+    ev.add_argument("--model", required=True, help="the pruned model: hf:FOLDER (an export "
+                                                    "with --formats hf, or replay --checkpoint)")
+    ev.add_argument("--reference", required=True, help="the original model: hf:FOLDER")
+    ev.add_argument("--eval", dest="eval_data", default=None,
+                    help="held-out data: .txt (one sample a line), .jsonl, an image folder or "
+                         "a tensor file")
+    ev.add_argument("--num-samples", type=int, default=None,
+                    help="use the first N held-out samples (default: all)")
+    ev.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
+    ev.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    _add_generate_args(ev)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--debug", action="store_true", help="show full tracebacks")
+    ev.add_argument("--timeout", type=_count_float, default=None, metavar="SECONDS",
+                    help=f"give up loading the models after this many seconds (default "
+                         f"{DEFAULT_TIMEOUT:g}; 0: no limit)")
     gv = sub.add_parser("graph", help="print the graph view model (nodes and edges)")
     _add_model_args(gv)
     gv.add_argument("--depth", type=_count, default=2, help="modules above this depth open")
@@ -205,25 +279,69 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 @contextmanager
-def _deadline(seconds: float | None, what: str) -> Iterator[None]:
-    """Raise `CliError` when the body runs longer than ``seconds`` (main thread only:
-    SIGALRM; a long C call ends first)."""
-    if seconds is None or threading.current_thread() is not threading.main_thread() \
+def _deadline(given: float | None, what: str) -> Iterator[None]:
+    """Raise `CliError` when the body runs longer than ``given`` seconds (None:
+    `DEFAULT_TIMEOUT`; 0: no limit). Main thread only (SIGALRM); a long C call ends first.
+
+    An alarm already set (a caller's own deadline, pytest-timeout's) keeps its time: when it
+    comes first its handler runs, and it is set again for the time it has left after.
+    """
+    seconds = DEFAULT_TIMEOUT if given is None else given
+    if not seconds or threading.current_thread() is not threading.main_thread() \
             or not hasattr(signal, "SIGALRM"):
         yield
         return
+    which = " (the default)" if given is None else ""
+    outer, interval = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+    pending = [outer]  # the outer alarm's delay, until it has run
 
-    def expire(_signum: int, _frame: object) -> None:
-        raise CliError(f"{what} took longer than --timeout {seconds:g} s; a factory that "
-                       f"never returns, or raise --timeout")
+    def expire(signum: int, frame: Any) -> None:
+        left = seconds - (time.monotonic() - start)
+        if pending[0] and left > 0:  # the outer alarm, due first: its handler, then ours
+            pending[0] = 0.0
+            signal.setitimer(signal.ITIMER_REAL, left)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        raise CliError(f"{what} took longer than --timeout {seconds:g} s{which}: a factory "
+                       f"that never returns? If it is only slow, raise it (--timeout "
+                       f"{max(4 * seconds, 600):g}, or 0 for no limit)")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending[0]:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3),
+                             interval)
+
+
+def _sources(args: argparse.Namespace) -> list[str]:
+    """Every local path the command reads: the model spec's files, weights, plan, data,
+    checkpoint. What it writes must keep clear of them (`_check_writes`)."""
+    model = getattr(args, "model", None)
+    found = [str(p) for p in spec_paths(model)] if model else []
+    for key in ("weights", "calibration", "eval_data", "checkpoint"):
+        value = getattr(args, key, None)
+        if value:
+            found.append(value)
+    if args.command == "replay":
+        found.append(args.plan)
+    return found
+
+
+def _check_writes(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse before any work when a written path (``--out``, ``--plan``, ``--offload-folder``)
+    is a source, lies inside a source folder or holds a source."""
+    sources = _sources(args)
+    for flag in flags:
+        path = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if path:
+            check_out_apart(path, sources, CliError, flag)
 
 
 def _check_new_file(path: str, force: bool) -> None:
@@ -265,6 +383,7 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
     out["preflight"] = {str(k): v for k, v in verdicts.items()}
     out["model"] = args.model
     out["device"] = args.device
+    out["notes"] = list(lm.notes)
     if not args.json:
         lines = [f"{args.model}: {mg.num_ops} ops, {len(mg.groups())} groups "
                  f"({out['num_prunable']} prunable) in {out['seconds']:.2f}s"]
@@ -272,7 +391,9 @@ def cmd_trace(args: argparse.Namespace) -> dict[str, Any]:
             state = "prunable" if g.prunable else f"fixed: {g.reason}"
             if g.id in verdicts:
                 state += f"; pre-flight at 0.5: {verdicts[g.id]}"
-            lines.append(f"  [{g.id}] {g.title} ({len(g.members)} members) - {state}")
+            lines.append(f"  [{g.id}] {g.title} ({target_of(g)}, {len(g.members)} members) - "
+                         f"{state}")
+        lines += [f"  note: {n}" for n in lm.notes]
         out["_text"] = "\n".join(lines)
     return out
 
@@ -296,6 +417,9 @@ class _Pruned:
     summary: dict[str, Any]  # the ``prune --json`` object
     attention: tuple[list[AttentionInfo], list[AttentionInfo]]  # before, after
     quality: Quality | None  # on the --eval data; None without it
+    said: Statement  # what each target would lose, stated before cutting
+    original: torch.nn.Module | None  # the model before pruning, when measured or reported
+    generations: list[Continuation]  # --generate prompts continued before and after
 
 
 def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None,
@@ -303,8 +427,9 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
     """Calibration and held-out data from ``--calibration`` / ``--eval`` (checked apart in
     `_load`)."""
     opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
-    if args.eval_data and args.device == "meta":
-        raise CliError("--eval measures quality, which needs weights; use --device cpu")
+    if (args.eval_data or args.generate) and args.device == "meta":
+        raise CliError(f"{'--eval' if args.eval_data else '--generate'} measures quality, "
+                       f"which needs weights; use --device cpu")
     calib = load_data(args.calibration, lm, opts) if args.calibration else None
     held = load_data(args.eval_data, lm, opts) if args.eval_data else None
     return calib, held
@@ -338,11 +463,14 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
     with contextlib.ExitStack() as stack:
         work = Path(args.offload_folder) if args.offload_folder else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="pe-offload-")))
+        check_checkpoint_files(folder)  # a truncated shard: named, not deep in the loader
         try:
             with quiet_transformers():
                 off = load_offloaded(folder, max_memory={"cpu": args.max_memory},
                                      offload_folder=work / "weights")
-        except (ValueError, OSError) as e:
+        except SequentialError as e:
+            raise CliError(f"--max-memory: {e}") from e
+        except (ValueError, OSError, RuntimeError) as e:
             raise CliError(f"--max-memory: cannot place '{folder}' ({e})") from e
         theirs = {n for n, _ in off.model.named_parameters()}
         ours = {n for n, _ in lm.model.named_parameters()}
@@ -358,10 +486,13 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
             raise CliError(f"--max-memory: {' '.join(str(e).split())[:300]}") from e
 
 
-def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
-    """Run the pruner's steps (and measure quality on ``--eval`` data)."""
+def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _Pruned:
+    """Run the pruner's steps (and measure quality on ``--eval`` data); keep the original
+    for that and for a ``report``."""
     calib, held = _data(args, lm)
-    original = clone_model(lm.model) if held is not None else None
+    if args.generate:
+        check_generates(lm.model, lm.tokenizer, args.model)
+    keep = Original(lm.model) if held is not None or report or args.generate else None
     scores = _sequential_scores(args, lm, calib) if args.max_memory else None
     with _deadline(args.timeout, "tracing the model"):
         pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance,
@@ -371,7 +502,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
                         target_params=args.target_params, target_macs=args.target_macs,
                         calibration=calib,
                         compensate=None if args.compensate == "none" else args.compensate,
-                        scores=scores)
+                        scores=scores, targets=args.targets)
+    said = statement(pruner)  # what each target will lose, before anything is cut
     heads_before = attention_modules(lm.model, pruner.coupling)
     groups_total = sum(g.prunable for g in pruner.groups)
     reports = [pruner.step() for _ in range(pruner.steps)]
@@ -390,11 +522,18 @@ def _prune(args: argparse.Namespace, lm: LoadedModel) -> _Pruned:
         "steps": [r.to_dict() for r in reports],
         "notes": list(dict.fromkeys([*lm.notes, *(n for r in reports for n in r.notes)])),
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
+        "targets": said.to_dict(),
     }
+    original = keep.get() if keep is not None else None
     quality = (evaluate(lm.model, original, held, task=lm.task)
                if held is not None and original is not None else None)
     out["quality"] = quality.to_dict() if quality is not None else None
-    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality)
+    texts = (continuations(lm.model, original, lm.tokenizer, args.generate,
+                           args.max_new_tokens) if args.generate and original is not None
+             else [])
+    out["generations"] = [c.to_dict() for c in texts]
+    return _Pruned(pruner, reports, out, (heads_before, heads_after), quality, said, original,
+                   texts)
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
@@ -402,6 +541,7 @@ def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--plan", "--out", "--offload-folder")
     for path in (args.plan, args.out):  # refuse before any work
         if path:
             _check_new_file(path, args.force)
@@ -415,25 +555,71 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         _save_new(args.out, args.force, lambda tmp: torch.save(lm.model, tmp))
     if not args.json:
-        out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
+        out["_text"] = (run.said.text() + "\n" +
+                        f"{args.model}: params {out['params_before']:,} -> "
                         f"{out['params_after']:,}, MACs {out['macs_before']:,} -> "
                         f"{out['macs_after']:,}; {out['groups_pruned']}/{groups_total} groups "
                         f"pruned; forward {'ok' if out['forward_ok'] else 'FAILED'}; "
                         f"{len(out['unsafe'])} unsafe group(s) skipped")
+        out["_text"] += "".join(f"\n  {line}" for line in _cut_lines(run.reports))
         for u in out["unsafe"]:
             out["_text"] += f"\n  unsafe group {u['group']}: {u['module']} {u['location']}: " \
                             f"{u['error']}"
         if out["quality"] is not None:
             out["_text"] += "\n  " + _quality_line(out["quality"])
+        out["_text"] += _generation_lines(run.generations)
         for note in out["notes"]:
             out["_text"] += f"\n  note: {note}"
     return out
+
+
+def _cut_lines(reports: list[StepReport]) -> list[str]:
+    """What each step cut, one line per layer (``where``), in order."""
+    many = len(reports) > 1
+    return [("" if not many else f"step {r.step}: ") +
+            f"cut {c.where or c.title}: {c.axis} {c.width_before} -> {c.width_after}"
+            for r in reports for c in r.changes if c.removed]
 
 
 def _quality_line(q: dict[str, Any]) -> str:
     """``quality (cosine) on 20 held-out samples: 1.0000 -> 0.9123``."""
     return (f"quality ({q['metric']}) on {q['samples']} held-out samples: {q['before']:.4f} -> "
             f"{q['after']:.4f}")
+
+
+def _generation_lines(texts: Sequence[Continuation]) -> str:
+    """Each prompt and its two greedy continuations, one per line."""
+    return "".join(f"\n  {c.prompt!r}\n    before: {c.before!r}\n    after:  {c.after!r}"
+                   for c in texts)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.eval_data and not args.generate:
+        raise CliError("evaluate needs --eval FILE (held-out data) or --generate PROMPT")
+    with _deadline(args.timeout, "loading the models"):
+        pruned = load_model(args.model)
+        if args.generate:
+            check_generates(pruned.model, pruned.tokenizer, args.model)
+        reference = load_model(args.reference)
+    if pruned.task is not reference.task:
+        raise CliError(f"{args.model} is a {pruned.task.value} model and {args.reference} a "
+                       f"{reference.task.value} model; compare a pruned model with its original")
+    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    held = load_data(args.eval_data, reference, opts) if args.eval_data else None
+    quality = evaluate(pruned.model, reference.model, held, task=reference.task) \
+        if held is not None else None
+    texts = continuations(pruned.model, reference.model, pruned.tokenizer, args.generate,
+                          args.max_new_tokens) if args.generate else []
+    out: dict[str, Any] = {
+        "model": args.model, "reference": args.reference,
+        "params": count_params(pruned.model), "params_reference": count_params(reference.model),
+        "quality": quality.to_dict() if quality is not None else None,
+        "generations": [c.to_dict() for c in texts]}
+    out["_text"] = (f"{args.model} against {args.reference}: params "
+                    f"{out['params_reference']:,} -> {out['params']:,}"
+                    + ("" if quality is None else "\n  " + _quality_line(out["quality"]))
+                    + _generation_lines(texts))
+    return out
 
 
 def _check_cpu(args: argparse.Namespace) -> None:
@@ -453,9 +639,10 @@ def _forward_ok(lm: LoadedModel) -> bool:
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--out")
     if args.checkpoint:
         from ..io.stream import replay_command
-        return replay_command(args.checkpoint, args.plan, args.out)
+        return replay_command(args.checkpoint, args.plan, args.out, args.force)
     if not args.model:
         raise CliError("replay needs --model SPEC, or --checkpoint DIR for a transformers "
                        "checkpoint folder")
@@ -468,7 +655,8 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     before = count_params(lm.model)
     replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
-                 example_inputs=lm.example_inputs, force=args.force)
+                 example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
+                 sentence=lm.sentence, sources=_sources(args))
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
@@ -481,23 +669,25 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    _check_writes(args, "--out", "--offload-folder")
     _check_cpu(args)
     formats = parse_formats(args.formats)
     check_out_dir(Path(args.out), args.force)
     lm = _load(args)
-    original = snapshot(lm.model) if "report" in formats else None
-    run = _prune(args, lm)
+    run = _prune(args, lm, report="report" in formats)
     out = run.summary
     res = export(lm.model, args.out, formats, plan=_plan(run.pruner, lm, run.reports),
-                 original=original, example_inputs=lm.example_inputs,
+                 original=run.original, example_inputs=lm.example_inputs,
                  attention=run.attention, quality=run.quality, tokenizer=lm.tokenizer,
-                 force=args.force)
+                 generations=run.generations,
+                 force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
-    out["_text"] = (f"{args.model}: params {out['params_before']:,} -> "
+    out["_text"] = (run.said.text() + "\n" + f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
                     f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages)
-                    + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"])))
+                    + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"]))
+                    + _generation_lines(run.generations))
     return out
 
 
@@ -512,7 +702,8 @@ def cmd_learn(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_graph(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
-    mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
+    with _deadline(args.timeout, "tracing the model"):
+        mg = trace(lm.model, lm.example_inputs, ignored=list(args.ignore))
     view = build_view(mg, depth=args.depth, group=args.group, fold=not args.no_fold).visible()
     out: dict[str, Any] = dict(view.to_dict())
     if not args.json:
@@ -528,7 +719,8 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
-                "export": cmd_export, "learn": cmd_learn, "graph": cmd_graph}
+                "export": cmd_export, "evaluate": cmd_evaluate, "learn": cmd_learn,
+                "graph": cmd_graph}
     try:
         out = handlers[args.command](args)
     except (SpecError, TraceError, CliError, ValueError, OSError) as exc:

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..coupling.groups import Group
+from ..coupling.targets import target_of
 from ..graph.metrics import count_macs
 from ..prune.preflight import Verdict
 from ..prune.proposal import Proposal
+from ..prune.statement import Statement
 from ..quality.evaluate import Quality
+from ..quality.generate import Continuation
 from ..render.proposal_view import AxisRow, part_label, short_location
 from .sources import quality_text
 
@@ -61,13 +64,19 @@ def loaded_caption(info: Mapping[str, Any], calibrated: bool) -> str:
 
 def group_rows(groups: Sequence[Group], verdicts: Mapping[int, str]) -> list[dict[str, Any]]:
     """One row per group for the Model page's table (pre-flight verdict when computed)."""
-    return [{"id": g.id, "group": g.title, "prunable": g.prunable, "reason": g.reason,
+    return [{"id": g.id, "group": g.title, "target": target_of(g).value,
+             "prunable": g.prunable, "reason": g.reason,
              "pre-flight": verdicts.get(g.id, "") if g.prunable else "",
              "axes": ", ".join(f"{part_label(a.role, a.size)} {a.size}"
                                for a in g.axes[:MAX_AXES_SHOWN])
              + (f" (+{len(g.axes) - MAX_AXES_SHOWN} more)" if len(g.axes) > MAX_AXES_SHOWN
                 else ""),
              "members": len(g.members)} for g in groups]
+
+
+def statement_lines(said: Statement) -> list[str]:
+    """The statement of what the settings cut, as Markdown list items (one per target)."""
+    return [f"- **{loss.target}**: {loss.details()}" for loss in said.losses]
 
 
 def unsafe_alone(verdicts: Mapping[int, str]) -> bool:
@@ -142,3 +151,13 @@ def cost_text(now: Quality, after: Quality, source: str) -> str:
     label, before = quality_text(now)
     return (f"Accepting it: {label} {before} → {quality_text(after)[1]} "
             f"(measured on a copy with weights, {source})")
+
+
+PROMPT_EXAMPLE = "The capital of France is"  # the prompt a damaged LLM gets wrong first
+
+
+def continuation_rows(texts: Sequence[Continuation]) -> list[dict[str, str]]:
+    """One table row per prompt: its greedy continuation by the original and the pruned
+    model."""
+    return [{"prompt": c.prompt, "original continues": c.before, "pruned continues": c.after}
+            for c in texts]

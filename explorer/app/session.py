@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from ..coupling.groups import GroupKey
 from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration, random_like
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
@@ -34,9 +36,31 @@ from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
 from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
+from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
+
+# what each recorded action holds (``_record``): its ``do`` -> field -> JSON type
+_ACTIONS: dict[str, dict[str, type]] = {
+    "configure": {"settings": list}, "accept": {"key": list}, "accept_all": {},
+    "reject": {"keys": list}, "undo": {}, "block": {"name": str}, "plan": {"text": str},
+}
+
+
+def action_problem(act: object) -> str | None:
+    """Why ``act`` (an entry of a session log, maybe hand-edited) is not an action the
+    session records, or None when it is one."""
+    if not isinstance(act, dict):
+        return f"{type(act).__name__} {str(act)[:40]!r} is not an action object"
+    do = act.get("do")
+    if do not in _ACTIONS:
+        return f"unknown action {str(do)[:40]!r}"
+    for name, kind in _ACTIONS[str(do)].items():
+        if not isinstance(act.get(name), kind):
+            return f"action {do!r} without a {kind.__name__} field {name!r}"
+    return None
 
 
 class MessageKind(str, enum.Enum):
@@ -91,7 +115,8 @@ class Session:
         model: the model to prune; the session deep-copies it.
         example_inputs: positional inputs for one forward.
         spec: the spec string the model came from (for the report).
-        importance, ratio, heads, global_pruning, round_to: the `Pruner` settings.
+        importance, ratio, heads, global_pruning, round_to, targets: the `Pruner` settings
+            (targets None: the pruner's default, see `explorer.coupling.targets`).
     """
 
     model: nn.Module
@@ -102,12 +127,15 @@ class Session:
     heads: str = "dims"
     global_pruning: bool = False
     round_to: int = 1
+    targets: tuple[str, ...] | None = None
     decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> a `Decision` value
     log: list[dict[str, Any]] = field(default_factory=list)  # accepted changes, for the report
     message: Message | None = None
     calibration: Calibration | None = None  # data for data-aware criteria (random if None)
     heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
     task: Task | None = None  # what the model does (inferred when None)
+    tokenizer: Any | None = None  # the checkpoint's tokenizer: an hf export, continuations
+    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, saved likewise
     _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,10 +145,13 @@ class Session:
         self.pruner = Pruner(self.model, self.example_inputs, importance=self.importance,
                              ratio=self.ratio, heads=self.heads,
                              global_pruning=self.global_pruning, round_to=self.round_to,
-                             calibration=self.calibration)
+                             calibration=self.calibration, targets=self.targets)
+        self.targets = self.pruner.settings()[5]
         self._history: list[_Undo] = []
+        self._texts: dict[tuple[Any, ...], list[Continuation]] = {}
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
+        self._statement: tuple[tuple[Any, ...], Statement] | None = None
         self.actions: list[dict[str, Any]] = []  # what the user did, replayable (`replay`)
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
         self.blocks_removed = 0
@@ -163,11 +194,12 @@ class Session:
     def on_meta(self) -> bool:
         return any(p.device.type == "meta" for p in self.model.parameters())
 
-    def settings(self) -> tuple[str, float, str, bool, int]:
+    def settings(self) -> tuple[str, float, str, bool, int, tuple[str, ...]]:
         return self.pruner.settings()
 
     def configure(self, importance: str, ratio: float, heads: str,
-                  global_pruning: bool | None = None, round_to: int | None = None) -> bool:
+                  global_pruning: bool | None = None, round_to: int | None = None,
+                  targets: tuple[str, ...] | list[str] | None = None) -> bool:
         """Change the pruning settings and recompute the proposals.
 
         On a bad setting (or a criterion that cannot run on this model) the previous
@@ -175,7 +207,8 @@ class Session:
         """
         old = self.settings()
         try:
-            self.pruner.configure(importance, ratio, heads, global_pruning, round_to)
+            self.pruner.configure(importance, ratio, heads, global_pruning, round_to,
+                                  None if targets is None else tuple(targets))
         except ValueError as exc:
             return self._fail(str(exc))
         if self.settings() == old:
@@ -186,8 +219,17 @@ class Session:
             self.pruner.configure(*old)
             return self._fail(f"cannot use {importance!r} here: {exc}")
         self._sync_settings()
-        self._record({"do": "configure", "settings": list(self.settings())})
+        *rest, targets_now = self.settings()
+        self._record({"do": "configure", "settings": [*rest, list(targets_now)]})
         return True
+
+    def statement(self) -> Statement:
+        """What the current settings would cut, per target (cached until the model or the
+        settings change)."""
+        key = (self.version, self.settings())
+        if self._statement is None or self._statement[0] != key:
+            self._statement = (key, statement(self.pruner))
+        return self._statement[1]
 
     def proposals(self) -> list[Proposal]:
         """Proposals for every prunable group not yet accepted or rejected."""
@@ -356,6 +398,22 @@ class Session:
         return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
                           key)
 
+    def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
+                      ) -> list[Continuation]:
+        """Greedy continuations of ``prompts`` by the original and the current model (cached
+        per model version); [] on meta, which has no weights.
+
+        Raises:
+            GenerateError: if the model has no tokenizer or cannot generate text.
+        """
+        if self.on_meta or not prompts:
+            return []
+        key = (self.version, tuple(prompts), new_tokens)
+        if key not in self._texts:
+            self._texts[key] = continuations(self.model, self.original, self.tokenizer,
+                                             list(prompts), new_tokens)
+        return self._texts[key]
+
     @property
     def quality_source(self) -> str:
         """What the quality is measured on, in words."""
@@ -419,7 +477,8 @@ class Session:
 
         def revert() -> None:
             restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
-            undo(self.model, Applied({}, replay.attributes, {}, dict(previous)))
+            undo(self.model, Applied({}, replay.attributes, {}, dict(previous),
+                                     constants=replay.constants))
             self.pruner.retrace()
 
         self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
@@ -434,6 +493,13 @@ class Session:
         return True
 
     # ------------------------------------------------------------------ export
+    @property
+    def config_note(self) -> str:
+        """Why no transformers config describes the pruned model ('' when one does): a
+        ``save_pretrained`` of it would not reload it, and an ``hf`` export falls back to
+        safetensors + plan."""
+        return self.pruner.config_note if self.pruner.applied else ""
+
     def forward_check(self) -> Message:
         """Run the current model and compare its output shapes with the original's."""
         verdict = forward_check(self.model, self.example_inputs, self.output_shapes)
@@ -445,19 +511,22 @@ class Session:
                                     f"{verdict.error}")
         return Message.error(verdict.error)
 
-    def export_files(self, formats: tuple[str, ...]) -> tuple[dict[str, bytes], list[str]]:
-        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`): file name -> bytes.
+    def export_files(self, formats: tuple[str, ...], dest: str | Path
+                     ) -> tuple[dict[str, Path], list[str]]:
+        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`), written under
+        ``dest``: file name -> path.
 
         ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
         after). Returns the files and the exporter's notes (skips, fall-backs).
         """
-        from ..io.export import export_bytes
+        from ..io.export import export_downloads
         replayed = self.blocks_removed > len(self._depth)
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
-        return export_bytes(clone_model(self.model), formats, plan=plan,
-                            original=self.original, example_inputs=self.example_inputs)
+        return export_downloads(clone_model(self.model), formats, dest, plan=plan,
+                                original=self.original, example_inputs=self.example_inputs,
+                                tokenizer=self.tokenizer, sentence=self.sentence)
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""
@@ -469,32 +538,50 @@ class Session:
         """A JSON-ready record of the session: spec, settings, accepted changes, totals."""
         return {"spec": self.spec, "importance": self.importance, "ratio": self.ratio,
                 "heads": self.heads, "global_pruning": self.global_pruning,
-                "round_to": self.round_to, "params_before": self.params_start,
+                "round_to": self.round_to, "targets": list(self.targets or ()),
+                "params_before": self.params_start,
                 "params_after": self.params, "macs_before": self.macs_start,
                 "macs_after": self.macs, "accepted": self.log,
                 "rejected": [list(k) for k, v in self.decided.items()
                              if v == Decision.REJECTED.value]}
 
     # ------------------------------------------------------------------ replay
-    def replay(self, actions: list[dict[str, Any]], progress: Progress | None = None) -> int:
+    def replay(self, actions: list[Any], progress: Progress | None = None) -> int:
         """Redo recorded ``actions`` (from `actions` of an earlier session on the same model).
 
-        Stops at the first action that no longer applies (the model or code changed) and
-        says so in `message`. Returns how many actions were replayed.
+        An entry that is not an action the session records (a hand-edited log) is skipped
+        and named in `message`. Replay stops at the first action that no longer applies
+        (the model or code changed) and says so in `message`. Returns how many actions were
+        replayed.
         """
+        skipped: list[str] = []
+        done = 0
         for i, act in enumerate(actions):
             if progress:
                 progress(i / max(len(actions), 1), f"replaying decision {i + 1} of "
                                                    f"{len(actions)}")
-            if not self._replay_one(act):
-                self.message = Message.error(f"replayed {i} of {len(actions)} decisions; "
-                                                f"decision {i + 1} ({act.get('do')}) no "
-                                                f"longer applies: "
-                                                f"{self.message.text if self.message else ''}")
-                return i
-        if actions:
+            problem = action_problem(act)
+            if problem is None:
+                try:
+                    ok = self._replay_one(act)
+                except (KeyError, TypeError, ValueError, IndexError) as exc:  # bad field values
+                    problem = f"action {act['do']!r} with a malformed field: {exc}"
+            if problem is not None:
+                skipped.append(f"skipped decision {i + 1} ({problem})")
+                continue
+            if not ok:
+                self.message = Message.error("; ".join([
+                    f"replayed {done} of {len(actions)} decisions", *skipped,
+                    f"decision {i + 1} ({act.get('do')}) no longer applies: "
+                    f"{self.message.text if self.message else ''}"]))
+                return done
+            done += 1
+        if skipped:
+            self.message = Message.error("; ".join([f"restored {done} of {len(actions)} "
+                                                    "decisions", *skipped]))
+        elif actions:
             self.message = Message.info(f"restored {len(actions)} decisions")
-        return len(actions)
+        return done
 
     def _replay_one(self, act: dict[str, Any]) -> bool:
         do = act.get("do")
@@ -540,7 +627,7 @@ class Session:
 
     def _sync_settings(self) -> None:
         (self.importance, self.ratio, self.heads, self.global_pruning,
-         self.round_to) = self.pruner.settings()
+         self.round_to, self.targets) = self.pruner.settings()
 
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..io.data import DataOptions, check_apart, load_data
+from ..io.data import DataOptions, check_apart, check_text_upload, load_data
 from ..io.specs import (
     LoadedModel,
     SpecError,
@@ -73,7 +73,7 @@ def spec_for_path(path: str) -> tuple[str, str]:
                         "checkpoint folder, or a weights file")
     try:
         data = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise SpecError(f"cannot read {str(config)!r}: {e}") from e
     timm_style = isinstance(data, dict) and "architecture" in data and "model_type" not in data
     return (f"timm:{p}" if timm_style else f"hf:{p}"), ""
@@ -147,6 +147,7 @@ def request_from_form(spec: str, device: str = "cpu", shape: str = "", *, path: 
 
     Raises:
         SpecError: if ``path`` does not exist or is a folder with no checkpoint config.
+        DataError: if an uploaded text file is over the data file caps (`explorer.io.data`).
     """
     weights = ""
     if path.strip():
@@ -154,6 +155,9 @@ def request_from_form(spec: str, device: str = "cpu", shape: str = "", *, path: 
         spec = folder_spec or spec
     if weights_upload is not None:
         weights = str(save_upload(*weights_upload))
+    for upload in (calibration_upload, heldout_upload):
+        if upload is not None:
+            check_text_upload(*upload)  # the caps of a data file, before anything is saved
     if calibration_upload is not None:
         calibration = str(save_upload(*calibration_upload))
     if heldout_upload is not None:

@@ -9,8 +9,8 @@ from typing import Any, overload
 import numpy as np
 
 from ..graph.collector import paused
-from ..graph.ir import Graph, Value, ValueKind
-from ..graph.ops import ATTENTION_OPS
+from ..graph.ir import Graph, Value, ValueKind, value_refs
+from ..graph.ops import ATTENTION_OPS, TOKEN_EMBEDDING_OPS
 from .context import Ctx, tensor_args
 from .groups import Axis, Group, HeadInfo, Member, number_parts
 from .intervals import IntervalForm
@@ -302,13 +302,16 @@ class Coupling:
 
     def _ignored_reason(self, fam: int) -> str:
         """Why ``fam`` is not pruned: the first ignored module whose outputs (dim 0 of a
-        parameter) share an atom with it."""
+        parameter; dim 1 of an embedding table, whose rows are looked up) share an atom
+        with it."""
         if not self.ignored:
             return ""
         if self._ignored_by_family is None:
             found: dict[int, str] = {}
+            tables = _embedding_tables(self.graph)
             for m, md in enumerate(self._members):
-                if md.member.dim != 0 or md.member.buffer:
+                out_dim = 1 if md.member.param in tables else 0
+                if md.member.dim != out_dim or md.member.buffer:
                     continue
                 if not any(md.member.module == i or md.member.module.startswith(i + ".")
                            for i in self.ignored):
@@ -664,3 +667,15 @@ def _head_info(axes: list[Axis], members: list[tuple[Member, set[int]]],
     if counts is None:
         return None
     return HeadInfo(counts[0], counts[1], counts[2])
+
+
+def _embedding_tables(graph: Graph) -> set[str]:
+    """Names of the parameters the trace looks rows up in (embedding tables)."""
+    out: set[str] = set()
+    for node in graph.ops:
+        if node.op.overloadpacket in TOKEN_EMBEDDING_OPS:
+            for ref in value_refs(node.args[:1]):
+                name = graph.values[ref.vid].name
+                if name:
+                    out.add(name)
+    return out

@@ -26,8 +26,21 @@ class HeadMode(str, enum.Enum):
     """How the pruner treats attention heads."""
 
     DIMS = "dims"  # remove the same dims from every head
-    WHOLE = "whole"  # remove whole heads (whole key/value groups under GQA)
-    KEEP = "keep"  # leave attention alone
+    WHOLE = "whole"  # remove whole heads (whole key/value groups with their query heads, GQA)
+    QUERY = "query"  # query heads inside every key/value group, keys/values kept (no GQA: whole)
+    KEEP = "keep"  # leave attention alone: no attention parameter changes
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Target(str, enum.Enum):
+    """What a group is, for choosing what to cut (`explorer.coupling.targets.target_of`)."""
+
+    MLP = "mlp"  # hidden units of a feed-forward block (between linear layers)
+    HEADS = "heads"  # attention heads and the dims inside them
+    RESIDUAL = "residual"  # a residual stream: the hidden size, with embeddings and norms
+    CHANNELS = "channels"  # any other channels: convolutions, plain layers
 
     def __str__(self) -> str:
         return self.value

@@ -21,3 +21,6 @@ ATTENTION_OPS = SDPA_OPS | {aten.bmm}
 
 #: Element-wise sums: two activations added (``x + f(x)``) make a residual connection.
 ADD_OPS = frozenset({aten.add, aten.add_})
+
+#: Table lookups by index (``weight[ids]``): token embeddings when the ids are a model input.
+TOKEN_EMBEDDING_OPS = frozenset({aten.embedding, aten._embedding_bag, aten.embedding_bag})

@@ -11,12 +11,20 @@
 
 Calibration and evaluation data must be different samples: `split_samples` cuts one set in
 two, and `check_apart` refuses two sources that share a sample.
+
+Data files are untrusted input, so the work they cause is bounded: a text file of more than
+`MAX_TEXT_BYTES` or a line of more than `MAX_LINE_CHARS` is refused (file, line, limit), only
+the first ``seq_len * CHARS_PER_TOKEN`` characters of a sample reach the tokenizer (grown
+where that many characters give fewer tokens than the sample keeps, so the kept tokens are
+those of the whole line), JSON nested deeper than Python reads is one error, and an image
+PIL calls a decompression bomb (even in the range where it only warns) is refused.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,10 @@ from .specs import LoadedModel
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_TEXT_BYTES = 1 << 30  # a text or JSON-lines file: 1 GiB (it is read whole)
+MAX_LINE_CHARS = 1_000_000  # one sample: far more than any seq_len keeps (~4 chars a token)
+CHARS_PER_TOKEN = 32  # characters of a sample tokenized per token kept, at first
+_CUT_MARGIN = 16  # tokens past seq_len a cut sample must still give (the cut moves only those)
 
 
 class DataError(ValueError):
@@ -104,9 +116,11 @@ def read_texts(path: str | Path) -> list[str]:
     """
     file = Path(path)
     try:
+        _check_size(file.stat().st_size, str(file))
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {str(file)!r}: {e}") from e
+    _check_lines(lines, str(file))
     if file.suffix == ".jsonl":
         texts = [_jsonl_text(line, file, i) for i, line in enumerate(lines, 1) if line.strip()]
     else:
@@ -116,10 +130,41 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def check_text_upload(name: str, data: bytes) -> None:
+    """Apply the text file caps to uploaded bytes before they are saved (named as uploaded).
+
+    Raises:
+        DataError: if ``name`` is a text file over `MAX_TEXT_BYTES` or with a line over
+            `MAX_LINE_CHARS`.
+    """
+    if Path(name).suffix not in TEXT_SUFFIXES:
+        return
+    _check_size(len(data), name)
+    _check_lines(data.decode("utf-8", errors="replace").splitlines(), name)
+
+
+def _check_size(size: int, name: str) -> None:
+    if size > MAX_TEXT_BYTES:
+        raise DataError(f"{name!r} is {size:,} bytes, over the limit of {MAX_TEXT_BYTES:,} "
+                        "for a text data file; use a sample of it (calibration needs a few "
+                        "hundred lines)")
+
+
+def _check_lines(lines: Sequence[str], name: str) -> None:
+    for number, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{name}:{number} is {len(line):,} characters long, over the "
+                            f"limit of {MAX_LINE_CHARS:,} for one sample; split it into "
+                            "samples of a paragraph or so, one per line")
+
+
 def _jsonl_text(line: str, file: Path, number: int) -> str:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as e:
+    except RecursionError as e:
+        raise DataError(f"{file}:{number} nests JSON deeper than Python reads; give each "
+                        'line as an object like {"text": "..."}') from e
+    except ValueError as e:  # JSONDecodeError, and integers of more digits than int() takes
         raise DataError(f"{file}:{number} is not valid JSON: {e}") from e
     text = record.get("text") if isinstance(record, dict) else None
     if not isinstance(text, str) or not text.strip():
@@ -140,7 +185,8 @@ def text_data(texts: Sequence[str], tokenizer: Any, model: nn.Module,
     opts = options or DataOptions()
     if not texts:
         raise DataError("no text samples to tokenize")
-    encoded = tokenizer(list(texts), truncation=True, max_length=opts.seq_len)["input_ids"]
+    encoded = tokenizer([_head(t, tokenizer, opts.seq_len) for t in texts], truncation=True,
+                        max_length=opts.seq_len)["input_ids"]
     pad_id = _pad_id(tokenizer)
     slot = _mask_slot(model)
     batches: list[tuple[Any, ...]] = []
@@ -159,6 +205,26 @@ def text_data(texts: Sequence[str], tokenizer: Any, model: nn.Module,
         else:
             batches.append((ids, *([None] * (slot - 1)), mask))
     return Calibration(batches, mask_index=slot)
+
+
+def _head(text: str, tokenizer: Any, seq_len: int) -> str:
+    """The start of ``text`` that gives the same first ``seq_len`` tokens as all of it (the
+    end, for a tokenizer that truncates on the left).
+
+    Tokenizing a whole long line to keep ``seq_len`` tokens of it costs time and memory in
+    its length (a 20 MB line: minutes and gigabytes). A cut changes at most the few tokens
+    next to it, so a start of ``seq_len * CHARS_PER_TOKEN`` characters is enough when it
+    still gives `_CUT_MARGIN` tokens more than are kept; where it does not (very long
+    tokens), four times as many characters are tried, up to the whole text.
+    """
+    left = getattr(tokenizer, "truncation_side", "right") == "left"  # keeps the last tokens
+    budget = seq_len * CHARS_PER_TOKEN
+    while len(text) > budget:
+        part = text[-budget:] if left else text[:budget]
+        if len(tokenizer(part, add_special_tokens=False)["input_ids"]) >= seq_len + _CUT_MARGIN:
+            return part
+        budget *= 4
+    return text
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -220,9 +286,14 @@ def image_data(paths: Sequence[Path], model: nn.Module, batch_size: int = 8,
     tensors = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as e:
+            with warnings.catch_warnings():  # PIL only warns between 1x and 2x its limit
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    tensors.append(transform(image.convert("RGB")))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(f"image {str(path)!r} is refused as a possible decompression bomb "
+                            f"({e}); resize it below {Image.MAX_IMAGE_PIXELS:,} pixels") from e
+        except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DataError(f"cannot read image {str(path)!r}: {e}") from e
     batches: list[tuple[Any, ...]] = [(torch.stack(tensors[i:i + batch_size]),)
                                       for i in range(0, len(tensors), batch_size)]

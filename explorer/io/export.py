@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,10 +38,14 @@ from ..prune.fixups.fold import folded
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found, transaction
+from ..prune.validate import nonfinite_text, nonfinite_weights
 from ..quality.evaluate import Quality
+from ..quality.generate import Continuation
 from .names import checkpoint_names, dropped_on_load
+from .paths import check_out_apart, shard_files
 from .plan import Plan
 from .quiet import quiet_transformers
+from .specs import SentenceFolder, write_sentence_files
 
 FORMATS = ("pt", "safetensors", "hf", "report")
 DEFAULT_FORMATS = ("pt", "safetensors", "report")
@@ -79,7 +84,9 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
            original: nn.Module | None = None, example_inputs: Sequence[Any] | None = None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
            quality: Quality | None = None, tokenizer: Any | None = None,
-           force: bool = False) -> ExportResult:
+           force: bool = False, sources: Sequence[str | os.PathLike[str]] = (),
+           sentence: SentenceFolder | None = None,
+           generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write the pruned ``model`` to ``out_dir`` in each of ``formats``.
 
     Args:
@@ -96,24 +103,47 @@ def export(model: nn.Module, out_dir: str | os.PathLike[str],
         quality: `explorer.evaluate` on held-out data, for the report's quality section.
         tokenizer: saved into the ``hf`` folder, so it is a complete checkpoint again.
         force: replace a non-empty ``out_dir`` (its old content is removed).
+        sources: files and folders the caller read (weights, data, the plan file);
+            ``out_dir`` must keep clear of them, and of the model's own checkpoint folder
+            and the plan's spec paths, which are added here.
+        sentence: the sentence-transformers pipeline the model came with
+            (`explorer.LoadedModel.sentence`): its files go into the ``hf`` folder, so
+            ``SentenceTransformer`` loads it.
+        generations: prompts continued before and after (`explorer.quality.generate`),
+            for the report.
 
     Raises:
-        ExportError: an unknown format, ``safetensors`` without a plan, or ``out_dir`` is
-            not empty (and ``force`` is False) or not a folder.
+        ExportError: an unknown format, ``safetensors`` without a plan, ``out_dir`` is not
+            empty (and ``force`` is False) or not a folder, or it is, lies inside or holds
+            a source (`explorer.io.paths.check_out_apart`).
     """
     wanted = list(parse_formats(formats))
     if "safetensors" in wanted and plan is None:
         raise ExportError("the safetensors format needs the plan that pruned the model (to "
                           "rebuild its architecture on load); pass plan=, or use 'pt'")
     target = Path(out_dir)
+    check_out_apart(target, [*sources, *read_from(model, plan)], ExportError)
     check_out_dir(target, force)
     with _staging(target, force) as out:
         result = _write(model, out, wanted, plan, original, example_inputs, attention,
-                        quality, tokenizer)
+                        quality, tokenizer, sentence, generations)
     result.directory = str(target)
     result.files = {f: [str(target / Path(p).relative_to(out)) for p in paths]
                     for f, paths in result.files.items()}
     return result
+
+
+def read_from(model: nn.Module | None, plan: Plan | None) -> list[str]:
+    """What a pruned model came from: its transformers checkpoint folder (the config's
+    ``_name_or_path``, when it is a local folder) and the local paths of the plan's spec."""
+    found = []
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name and os.path.isdir(name):
+        found.append(name)
+    if plan is not None:
+        from .specs import spec_paths
+        found += [str(p) for p in spec_paths(plan.model)]
+    return found
 
 
 def check_out_dir(target: Path, force: bool) -> None:
@@ -178,14 +208,19 @@ def _swap_in(tmp: Path, target: Path, force: bool) -> None:
 def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
            original: nn.Module | None, example_inputs: Sequence[Any] | None,
            attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
-           quality: Quality | None, tokenizer: Any | None) -> ExportResult:
+           quality: Quality | None, tokenizer: Any | None,
+           sentence: SentenceFolder | None = None,
+           generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
     if "hf" in wanted:
         with left_as_found(model):  # config updates and save_pretrained's own writes
             _export_hf(model, out, result, _fold_inputs(plan, example_inputs))
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if "hf" in result.files and tokenizer is not None:
             tokenizer.save_pretrained(result.files["hf"][0])
+        if sentence is not None:
+            _export_sentence(sentence, result, hidden)
         if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
             wanted.append("safetensors")
             result.messages.append("wrote model.safetensors + plan.json instead (load with "
@@ -197,40 +232,49 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
         result.files["safetensors"] = _export_safetensors(model, plan, out)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
-                                                attention, quality)
+                                                attention, quality, generations)
     _write_readme(out, result, plan)
     return result
 
 
-def export_bytes(model: nn.Module, formats: Sequence[str], plan: Plan | None = None,
-                 original: nn.Module | None = None, example_inputs: Any = None
-                 ) -> tuple[dict[str, bytes], list[str]]:
-    """`export` into memory: file name -> bytes, and the exporter's messages.
+def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
+                     plan: Plan | None = None, original: nn.Module | None = None,
+                     example_inputs: Any = None, tokenizer: Any | None = None,
+                     sentence: SentenceFolder | None = None
+                     ) -> tuple[dict[str, Path], list[str]]:
+    """`export` into files for downloads (the app's Export page): file name -> path under
+    ``dest``, and the exporter's messages.
 
     ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
-    files) as one ``pruned_<format>.zip``. For downloads (the app's Export page).
+    files) as one ``pruned_<format>.zip``. The files stay on disk (a download streams them
+    from there), so a server holds no export in memory. ``dest`` must be an empty or new
+    folder of the caller's (for example a session's temporary folder).
     """
-    import io
+    import shutil
     import tempfile
     import zipfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
-                        example_inputs=example_inputs)
-        out: dict[str, bytes] = {}
+                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence)
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
-                for name in paths:
-                    out[Path(name).name] = Path(name).read_bytes()
+                for name in map(Path, paths):
+                    target = dest / name.name
+                    shutil.move(name, target)
+                    out[name.name] = target
                 continue
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            target = dest / f"pruned_{fmt}.zip"
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
                 for folder in map(Path, paths):
                     files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
                     for f in files:
                         if f.is_file():
                             zf.write(f, f.relative_to(Path(tmp)))
-            out[f"pruned_{fmt}.zip"] = buf.getvalue()
+            out[target.name] = target
     return out, list(result.messages)
 
 
@@ -276,6 +320,21 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult,
     _save_hf(model, out, result)
 
 
+def _export_sentence(sentence: SentenceFolder, result: ExportResult, hidden: Any) -> None:
+    """The sentence-transformers files next to the exported encoder (or why not)."""
+    if "hf" not in result.files:
+        result.messages.append("sentence-transformers: no files written: they need the "
+                               "transformers folder (hf format), which was not written")
+    elif sentence.supported:
+        result.messages.append(f"sentence-transformers: no files written: {sentence.supported}")
+    else:
+        folder = Path(result.files["hf"][0])
+        write_sentence_files(sentence, folder,
+                             hidden if isinstance(hidden, int) else None)
+        result.messages.append(f"hf: with the sentence-transformers pipeline of "
+                               f"{sentence.folder} (SentenceTransformer loads the folder)")
+
+
 def _fold_inputs(plan: Plan | None, example_inputs: Sequence[Any] | None
                  ) -> list[tuple[Any, ...]]:
     """Inputs to check a fold with: the caller's, or random ones of the plan's shapes
@@ -307,7 +366,8 @@ def _save_hf(model: nn.Module, out: Path, result: ExportResult) -> None:
 def _export_report(model: nn.Module, out: Path, plan: Plan | None,
                    original: nn.Module | None, example_inputs: Sequence[Any] | None,
                    attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None,
-                   quality: Quality | None = None) -> list[str]:
+                   quality: Quality | None = None,
+                   generations: Sequence[Continuation] = ()) -> list[str]:
     from .report import build_report, write_report
     if original is None or example_inputs is None:
         if plan is None:
@@ -319,7 +379,7 @@ def _export_report(model: nn.Module, out: Path, plan: Plan | None,
         example_inputs = example_inputs if example_inputs is not None else lm.example_inputs
     report = build_report(original, model, example_inputs, plan, attention,
                           title=f"Pruning report: {plan.model}" if plan else "Pruning report",
-                          quality=quality)
+                          quality=quality, generations=generations)
     return [str(p) for p in write_report(report, out)]
 
 
@@ -401,6 +461,10 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
         dropped = dropped_on_load(model, state)  # the checkpoint's names and extra buffers
         state = {renamed.get(n, n): t for n, t in state.items() if n not in dropped}
         _load_checked(model, state, weights)
+    found = nonfinite_weights(model)
+    if found:
+        warnings.warn(f"the weights in '{folder}' are not finite: {nonfinite_text(found)}; "
+                      "pruning refuses them", RuntimeWarning, stacklevel=2)
     return model.eval()
 
 
@@ -415,15 +479,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_shards(index: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the shards an index names (the model is being built in memory)."""
-    import json
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"'{index}' is not a readable safetensors index ({e})") from e
+    """Every tensor of the shards an index names (the model is being built in memory); only
+    shards inside the index's folder (`explorer.io.paths.shard_files`)."""
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted({str(v) for v in weight_map.values()}):
-        state.update(_read_safetensors(index.parent / shard))
+    for part in shard_files(index, ExportError).values():
+        state.update(_read_safetensors(part))
     return state
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..coupling.analyze import Coupling
 from ..graph.tracer import TraceError, trace
 from ..prune.depth import BlockRemoval, remove_blocks
+from ..prune.fixups.fold import Product, refold, scale_tensor
 from ..prune.fixups.patch import resize_tensor
 from ..prune.preflight import meta_copy
 from ..prune.removal import Applied, PruneError, Removal, apply_removal, removed_atoms, set_tensor
@@ -43,9 +44,12 @@ from .plan_rules import check_attribute
 
 SCHEMA = 2  # bump when the JSON layout changes (and migrate the old one in `_migrate`)
 # 2: steps may remove residual blocks (``blocks``); schema-1 files are read as schema 2.
+# 3: steps may fold constants into weights (``constants``); a plan is written as schema 3
+#    only when one does, so readers of schema 2 refuse exactly the plans they cannot replay.
+FOLD_SCHEMA = 3
 
-__all__ = ["SCHEMA", "BlockCut", "Plan", "PlanError", "PlanStep", "Replay", "TensorCut", "checksum",
-           "fingerprint"]
+__all__ = ["FOLD_SCHEMA", "SCHEMA", "BlockCut", "Plan", "PlanError", "PlanStep", "Replay",
+           "TensorCut", "checksum", "fingerprint"]
 
 MAX_PLAN_BYTES = 256 * 2**20  # far above any real plan; a bigger file is refused unread
 _MAX_DEPTH = 16  # a plan nests 6 levels deep
@@ -84,6 +88,9 @@ class PlanStep:
     title: str | None = None
     head_mode: str | None = None
     blocks: list[BlockCut] = field(default_factory=list)  # schema 2
+    # constants the config derives, folded into the weights after this step's cut so the
+    # config describes the model (`explorer.prune.fixups.fold`): module -> attr -> [old, new]
+    constants: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # schema 3
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,11 @@ class Replay:
     attributes: dict[str, dict[str, list[Any]]]  # module -> attr -> [value before, after]
     config: Any | None = None  # `explorer.hfconfig.ConfigUpdate` for transformers models
     blocks: dict[str, nn.Module] = field(default_factory=dict)  # removed blocks (for undo)
+    # the recorded folds, in order: (tensor, factor, part or None) and one-element buffers
+    # set (`explorer.prune.fixups.fold.refold`): a streamed replay multiplies its tensors so
+    folds: list[Product] = field(default_factory=list)
+    fills: dict[str, float] = field(default_factory=dict)
+    constants: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # [old, new]
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,7 +169,11 @@ def _step_from_applied(app: Applied | BlockRemoval, head_mode: str | None,
                             f"removals only (kept indices must stay in order)")
         if removed:
             cuts.append(TensorCut(name, int(dim), int(size), removed))
-    return PlanStep(cuts, _jsonable(app.attributes), group, title, head_mode)
+    constants: dict[str, dict[str, list[float]]] = {}
+    for (module, attr), (old, new) in app.constants.items():
+        constants.setdefault(module, {})[attr] = [float(old), float(new)]
+    return PlanStep(cuts, _jsonable(app.attributes), group, title, head_mode,
+                    constants=constants)
 
 
 def _jsonable(attributes: Mapping[str, Mapping[str, Sequence[Any]]]
@@ -239,6 +255,11 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data, sealed with its ``sha256`` checksum."""
         data = asdict(self)
+        for step in data["steps"]:
+            if not step["constants"]:
+                del step["constants"]  # a plan without folds reads as schema 2
+            else:
+                data["schema"] = max(data["schema"], FOLD_SCHEMA)
         out = {"schema": data.pop("schema"), **data}
         out["sha256"] = checksum(out)
         return out
@@ -297,6 +318,9 @@ class Plan:
             replay = _commit(model, staged)
             if cuts:
                 replay.blocks = remove_blocks(model, list(cuts), cuts)
+            if any(step.constants for step in self.steps):
+                replay.folds, replay.fills, replay.constants = _refold(self, model,
+                                                                       example_inputs)
             if update_config and hasattr(model, "config"):
                 from ..prune.fixups.hfconfig import update_config as _update
                 replay.config = _update(model)
@@ -435,9 +459,10 @@ def _parse(data: Any, where: str) -> Plan:
     _check_depth(data, where)
     _need(isinstance(data, dict), where, "the top level must be a JSON object")
     version = data.get("schema")
-    if not _is_int(version) or version not in (1, SCHEMA):
+    if not _is_int(version) or version not in (1, SCHEMA, FOLD_SCHEMA):
         raise PlanError(f"{where}: plan schema version {version!r} is not supported; this "
-                        f"Pruning Explorer reads schema {SCHEMA}. Re-create the plan with "
+                        f"Pruning Explorer reads schema {SCHEMA} (and {FOLD_SCHEMA}, with "
+                        f"folded constants). Re-create the plan with "
                         f"this version (python -m explorer prune ... --plan FILE)")
     for key in ("model", "input_shapes", "fingerprint", "steps", "sha256"):
         _need(key in data, where, f"missing field '{key}'")
@@ -462,7 +487,10 @@ def _parse(data: Any, where: str) -> Plan:
           "the fingerprint's sha256 does not match its tensor list (was the file edited?)")
     _need(isinstance(data["steps"], list), where, "'steps' must be a list")
     steps = [_parse_step(s, f"{where}: steps[{i}]") for i, s in enumerate(data["steps"])]
-    return Plan(data["model"], shapes, Fingerprint(fp["tensors"], fp["sha256"]), steps)
+    _need(version == FOLD_SCHEMA or not any(s.constants for s in steps), where,
+          f"steps fold constants, which needs schema {FOLD_SCHEMA}")
+    return Plan(data["model"], shapes, Fingerprint(fp["tensors"], fp["sha256"]), steps,
+                schema=SCHEMA)
 
 
 def _parse_step(s: Any, where: str) -> PlanStep:
@@ -497,8 +525,17 @@ def _parse_step(s: Any, where: str) -> PlanStep:
         isinstance(b, dict) and isinstance(b.get("module"), str) and b["module"]
         and isinstance(b.get("tuple_output", False), bool) for b in blocks), where,
         "'blocks' must be a list of {module, tuple_output}")
+    constants = s.get("constants", {})
+    _need(isinstance(constants, dict) and all(
+        isinstance(attrs, dict) and all(
+            isinstance(a, str) and a.isidentifier() and not a.startswith("_") and
+            isinstance(pair, list) and len(pair) == 2 and
+            all(isinstance(v, float) and 0 < v < 1e6 for v in pair)
+            for a, pair in attrs.items()) for attrs in constants.values()), where,
+        "'constants' must map module -> attribute -> [old, new] positive reals")
     return PlanStep(cuts, attrs, group, s.get("title"), s.get("head_mode"),
-                    [BlockCut(b["module"], b.get("tuple_output", False)) for b in blocks])
+                    [BlockCut(b["module"], b.get("tuple_output", False)) for b in blocks],
+                    constants)
 
 
 # -- replay mechanics: check everything, then commit --------------------------------------
@@ -678,6 +715,56 @@ def _commit(model: nn.Module, staged: _Staged) -> Replay:
         setattr(module, attr, attr_value)
         attributes.setdefault(mod_name, {})[attr] = [cur, attr_value]
     return Replay(shapes, attributes)
+
+
+def _refold(plan: Plan, model: nn.Module, example_inputs: Sequence[Any] | None
+            ) -> tuple[list[Product], dict[str, float], dict[tuple[str, str], list[float]]]:
+    """Fold the plan's recorded constants into ``model`` (all cuts applied), as the pruner
+    folded them after each step (`explorer.prune.fixups.fold.refold`). Each constant must
+    scale a value linear in weights, which absorb its ratio: the function is kept whatever
+    the values."""
+    steps = [{(m, a): (pair[0], pair[1]) for m, attrs in step.constants.items()
+              for a, pair in attrs.items()} for step in plan.steps]
+    work = meta_copy(model)
+    graph, error = None, None
+    for inputs in _meta_inputs(plan, example_inputs):
+        try:
+            graph = trace(work, inputs)
+            break
+        except TraceError as e:
+            error = e
+    if graph is None:
+        raise PlanError(f"cannot trace the pruned model to fold the plan's constants "
+                        f"({str(error).splitlines()[0]}); pass example_inputs=")
+    found = refold(work, graph, [s for s in steps if s])
+    if isinstance(found, str):
+        raise PlanError(f"the plan folds constants into weights, but {found}; re-create the "
+                        f"plan")
+    products, fills = found
+    tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters(remove_duplicate=False)),
+                                        **dict(model.named_buffers(remove_duplicate=False))}
+    new: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, factor, part in products:
+            if name not in new:
+                new[name] = tensors[name].detach().clone()
+            scale_tensor(new[name], factor, part)
+        for name, value in fills.items():
+            new[name] = torch.full_like(tensors[name], value)
+    for name, tensor in new.items():
+        old = tensors[name]
+        swapped: torch.Tensor = nn.Parameter(tensor, requires_grad=old.requires_grad) \
+            if isinstance(old, nn.Parameter) else tensor
+        for alias, t in tensors.items():
+            if t is old:
+                set_tensor(model, alias, swapped)
+    changed: dict[tuple[str, str], list[float]] = {}
+    for step in steps:
+        for key, (first, last) in step.items():
+            changed.setdefault(key, [first, last])[1] = last
+    for (mod, attr), (_first, last) in changed.items():
+        setattr(model.get_submodule(mod), attr, last)
+    return products, fills, changed
 
 
 # -- every step against the coupling: the engine re-derives it on a weightless copy ------

@@ -23,6 +23,7 @@ from ..coupling.heads import AttentionInfo, HeadChange, head_changes
 from ..graph.metrics import count_params
 from ..graph.rng import kept_rng
 from ..quality.evaluate import Quality
+from ..quality.generate import Continuation
 from ..quality.task import Metric
 from .plan import Plan
 
@@ -55,6 +56,7 @@ class Report:
     plan: dict[str, Any] = field(default_factory=dict)  # summary of the plan
     notes: list[str] = field(default_factory=list)
     quality: Quality | None = None  # measured on held-out data; None when none was given
+    generations: list[Continuation] = field(default_factory=list)  # greedy text, before/after
 
     def to_markdown(self) -> str:
         return _markdown(self)
@@ -134,7 +136,8 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
                  plan: Plan | None = None,
                  attention: tuple[Sequence[AttentionInfo], Sequence[AttentionInfo]] | None = None,
                  runs: int = 10,
-                 title: str = "Pruning report", quality: Quality | None = None) -> Report:
+                 title: str = "Pruning report", quality: Quality | None = None,
+                 generations: Sequence[Continuation] = ()) -> Report:
     """Compare ``original`` and ``pruned`` (neither is changed).
 
     Args:
@@ -145,6 +148,7 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
         attention: attention modules (before, after); traced here when not given.
         runs: forwards timed per model.
         quality: `explorer.evaluate` of ``pruned`` against ``original`` on held-out data.
+        generations: greedy continuations of prompts by both (`explorer.quality.generate`).
     """
     notes: list[str] = []
     inputs = tuple(example_inputs)
@@ -155,7 +159,8 @@ def build_report(original: nn.Module, pruned: nn.Module, example_inputs: Sequenc
         notes.append("latency not measured: the model is on the meta device")
     return Report(title, count_params(original), count_params(pruned), layer_rows(original, pruned),
                   head_changes(*attention), lat[0], lat[1],
-                  plan_summary(plan) if plan is not None else {}, notes, quality)
+                  plan_summary(plan) if plan is not None else {}, notes, quality,
+                  list(generations))
 
 
 def _trace_attention(original: nn.Module, pruned: nn.Module, inputs: tuple[Any, ...],
@@ -217,6 +222,22 @@ def _quality_text(r: Report) -> str:
             "for calibration")
 
 
+def _generation_table(r: Report) -> tuple[list[str], list[list[str]]]:
+    """Each prompt with the original's and the pruned model's greedy continuation."""
+    rows = [[c.prompt, c.before, c.after] for c in r.generations]
+    return ["prompt", "original continues", "pruned continues"], rows
+
+
+def _generation_text(r: Report) -> str:
+    n = r.generations[0].new_tokens if r.generations else 0
+    return f"Greedy continuations (no sampling, at most {n} new tokens each):"
+
+
+def _md_text(text: str) -> str:
+    """A continuation on one Markdown table line (line breaks shown as ``⏎``)."""
+    return " ".join(text.replace("\n", " ⏎ ").split()) if text.strip() else "(nothing)"
+
+
 def _layer_table(r: Report) -> tuple[list[str], list[list[str]]]:
     head = ["module", "shape before", "shape after", "params before", "params after"]
     rows = [[x.module, "x".join(map(str, x.shape_before)), "x".join(map(str, x.shape_after)),
@@ -249,6 +270,10 @@ def _markdown(r: Report) -> str:
              "", "## Quality", "", _quality_text(r), ""]
     if r.quality is not None:
         parts += [_md_table(*_quality_table(r.quality))]
+    if r.generations:
+        head, rows = _generation_table(r)
+        parts += ["", _generation_text(r), "",
+                  _md_table(head, [[_md_text(c) for c in row] for row in rows])]
     parts += ["", "## Plan", ""]
     if r.plan:
         parts += [f"- {k.replace('_', ' ')}: {v}" for k, v in r.plan.items() if k != "step_titles"]
@@ -313,6 +338,8 @@ def _html(r: Report) -> str:
             + _html_table(["", "before", "after", "change"], _summary_rows(r))
             + f"<h2>Quality</h2><p>{html.escape(_quality_text(r))}</p>"
             + (_html_table(*_quality_table(r.quality)) if r.quality is not None else "")
+            + (f"<p>{html.escape(_generation_text(r))}</p>"
+               + _html_table(*_generation_table(r)) if r.generations else "")
             + f"<h2>Plan</h2>{plan}<h2>Attention heads</h2>{heads}<h2>Layers</h2>"
             + _figures(r) + _html_table(*_layer_table(r))
             + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "") + "</body></html>\n")

@@ -49,7 +49,10 @@ from ..graph.tracer import TraceError, trace
 from ..prune.fixups.fold import Fold, plan_fold, scale_tensor
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from .names import checkpoint_names, dropped_on_load
-from .plan import Plan
+from .own_code import refuse_own_code
+from .paths import check_out_apart, inside, shard_files
+from .plan import Plan, Replay
+from .specs._types import one_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -117,14 +120,15 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     Raises:
         StreamError: no safetensors weights, or an index naming missing shards.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     root = Path(folder)
     if (root / INDEX).is_file():
-        weight_map = _read_json(root / INDEX).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise StreamError(f"'{root / INDEX}' has no 'weight_map' object")
-        files = sorted({str(v) for v in weight_map.values()})
+        files = sorted(shard_files(root / INDEX, StreamError))  # inside the folder, or refused
+        odd = [name for name in files if not name.endswith(".safetensors")]
+        if odd:
+            raise StreamError(f"'{root / INDEX}' names shard '{odd[0]}', which is not a "
+                              f".safetensors file; streaming replay reads safetensors shards")
         sharded = True
     elif (root / SINGLE).is_file():
         files, sharded = [SINGLE], False
@@ -135,13 +139,15 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     shards: dict[str, list[str]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
-        path = root / name
-        if not path.is_file():
-            raise StreamError(f"the index names shard '{name}', which is not in '{root}'")
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                shapes[key] = tuple(int(s) for s in f.get_slice(key).get_shape())
+        path = inside(root, name, root, "weights file", StreamError)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                for key in keys:
+                    shapes[key] = tuple(int(s) for s in f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise StreamError(f"shard '{path}' is not a readable safetensors file "
+                              f"({' '.join(str(e).split())[:200]}); is it complete?") from e
         shards[name] = keys
     return Checkpoint(root, shards, shapes, sharded)
 
@@ -149,7 +155,7 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise StreamError(f"cannot read '{path}': {e}") from e
     if not isinstance(data, dict):
         raise StreamError(f"'{path}' must hold a JSON object")
@@ -161,19 +167,26 @@ def _meta_model(folder: Path) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
+    refuse_own_code(folder, StreamError)  # and transformers is told never to run any
     try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as e:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - config classes validate with many error types
         raise StreamError(f"transformers cannot read '{folder / 'config.json'}': "
-                          f"{str(e).splitlines()[0]}") from e
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None:
+                          f"{type(e).__name__}: {one_line(e)}") from e
+    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if not is_model:
         raise StreamError(f"config '{folder / 'config.json'}' names architecture {arch!r}, "
                           f"which transformers {transformers.__version__} does not have; "
                           f"set 'architectures' to a transformers model class")
-    with torch.device("meta"):
-        model: nn.Module = cls(config)
+    try:
+        with torch.device("meta"):
+            model: nn.Module = cls(config)
+    except Exception as e:  # noqa: BLE001 - model constructors reject odd configs in any type
+        raise StreamError(f"transformers cannot build {arch} from '{folder / 'config.json'}': "
+                          f"{type(e).__name__}: {one_line(e)}") from e
     return model
 
 
@@ -225,7 +238,8 @@ def _check_fingerprint(plan: Plan, ckpt: Checkpoint, meta: nn.Module) -> None:
 
 
 def _stamp(plan: Plan, ckpt: Checkpoint, shard: str, fold: Fold | None) -> str:
-    """What a done marker holds: this plan, this source shard (name and size), the fold."""
+    """What a done marker holds: this plan (its recorded folds too), this source shard (name
+    and size), the export's fold."""
     folds = None if fold is None else [fold.scaled, fold.elements]
     text = json.dumps([plan.to_dict(), shard, ckpt.shard_bytes(shard), folds], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -275,7 +289,7 @@ def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None, names: Colle
 
 
 def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch.Tensor]],
-               target: Path, fold: Fold | None = None) -> int:
+               target: Path, fold: Fold | None = None, replay: Replay | None = None) -> int:
     """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors.
 
     The output's safetensors header is known before any weight is read (shapes from the
@@ -285,6 +299,7 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
     from safetensors import safe_open
 
     tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a half-written one (or a link planted there): never followed
     with safe_open(str(ckpt.folder / shard), framework="pt") as f:
         entries: dict[str, Any] = {}
         offset = 0
@@ -308,7 +323,7 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
             entries = {"__metadata__": metadata, **entries}
         header = json.dumps(entries, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # tensors start 8-byte aligned
-        with open(tmp, "wb") as out:
+        with open(tmp, "xb") as out:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
             for name in ckpt.shards[shard]:
@@ -316,6 +331,11 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
                 known = ckpt.model_name(name)  # the output keeps the checkpoint's names
                 for dim, idx in sorted(keeps.get(known, {}).items()):
                     t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
+                for scaled, factor, part in replay.folds if replay is not None else ():
+                    if scaled == known:  # the plan's folds, in order, as Plan.apply makes them
+                        scale_tensor(t, factor, part)
+                if replay is not None and known in replay.fills:
+                    t = torch.full_like(t, replay.fills[known])
                 if fold is not None and known in fold.scaled:  # as the export folds it
                     scale_tensor(t, fold.scaled[known], fold.elements.get(known))
                 out.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
@@ -344,14 +364,17 @@ def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
 
 
 def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
-                      out: str | os.PathLike[str]) -> StreamResult:
+                      out: str | os.PathLike[str], force: bool = False) -> StreamResult:
     """Prune a safetensors checkpoint folder as ``plan`` says, shard by shard.
 
     Args:
         checkpoint: a transformers folder (config + safetensors, sharded or not).
         plan: a plan made on this architecture (e.g. on a ``meta`` copy).
-        out: the output folder; created if missing. Shards finished by an earlier run with
-            the same plan are kept.
+        out: the output folder; created if missing. It may not be the checkpoint folder, lie
+            inside it or hold it. A folder that holds an earlier streamed replay is resumed:
+            shards it finished with the same plan are kept.
+        force: write into a non-empty ``out`` that holds no earlier streamed replay (files
+            of the same names are replaced); otherwise such a folder is refused.
 
     Returns:
         What was written and skipped, and the output kind.
@@ -361,17 +384,23 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
         explorer.PlanError: a step that does not fit; nothing written.
     """
     src, dst = Path(checkpoint), Path(out)
-    if dst.resolve() == src.resolve():
-        raise StreamError(f"--out '{dst}' is the checkpoint folder; write to a new folder")
+    check_out_apart(dst, [src], StreamError)
+    _check_out(dst, force)
     if not (src / "config.json").is_file():
         raise StreamError(f"'{src}' has no config.json; pass a transformers checkpoint "
                           f"folder (save_pretrained output)")
     ckpt = read_checkpoint(src)
+    extras = _other_files(src)
     meta = _meta_model(src)
     ckpt = dataclasses.replace(ckpt, renamed=_model_names(meta, ckpt))
     _check_fingerprint(plan, ckpt, meta)
     replay = plan.apply(meta)  # validates every step and attribute on the weightless copy
     keeps = plan.keeps(dict(plan.fingerprint.tensors))
+    absent = [n for n, _f, _p in replay.folds if n not in ckpt.model_shapes()]
+    if absent:
+        raise StreamError(f"the plan folds a constant into '{absent[0]}', which is not a tensor "
+                          f"of the checkpoint (tied or saved under another name); replay it "
+                          f"in memory (explorer replay --model hf:{src})")
     fold, update, note = _fold(meta, plan, replay.config, ckpt.model_shapes())
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
@@ -386,6 +415,12 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
         result.config_changed = dict(update.changed)
         if note:
             result.messages.append(note)
+    if replay.constants:
+        result.messages.append(
+            ", ".join(f"{m}.{a} {v[0]:.6g} -> {v[1]:.6g}" for (m, a), v in
+                      replay.constants.items())
+            + f" as the plan folded them after its cuts; the ratios are folded into "
+              f"{len({n for n, _f, _p in replay.folds})} weights")
 
     (dst / _MARKERS).mkdir(parents=True, exist_ok=True)
     total = 0
@@ -397,24 +432,57 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
             total += _output_bytes(ckpt, shard, dst)
             continue
         marker.unlink(missing_ok=True)
-        total += _cut_shard(ckpt, shard, keeps, target, fold)
+        total += _cut_shard(ckpt, shard, keeps, target, fold, replay)
         marker.write_text(stamp)
         result.written.append(shard)
-    _finish(ckpt, plan, dst, result, total)
+    _finish(ckpt, plan, dst, result, total, extras)
     return result
+
+
+def _check_out(dst: Path, force: bool) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder that holds no earlier
+    streamed replay (to resume) unless ``force``."""
+    if dst.exists() and not dst.is_dir():
+        raise StreamError(f"--out '{dst}' exists and is not a folder; choose a folder")
+    if (dst / _MARKERS).is_symlink():
+        raise StreamError(f"'{dst / _MARKERS}' is a link; the done markers of a streamed "
+                          f"replay are written there: remove it")
+    if force or not dst.is_dir() or (dst / _MARKERS).is_dir():
+        return
+    if any(dst.iterdir()):
+        raise StreamError(f"--out '{dst}' is not empty and holds no earlier streamed replay to "
+                          f"resume; choose a new folder, or pass --force (force=True) to write "
+                          f"into it")
+
+
+def _other_files(folder: Path) -> list[Path]:
+    """The checkpoint's files that are copied as they are (tokenizer, generation config ...),
+    each checked to stay inside the folder (a link out is refused: its target would be
+    copied into the output)."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        inside(folder, path.name, folder, "file", StreamError)
+        if path.is_file() and not _is_weights_or_config(path.name):
+            files.append(path)
+    return files
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.unlink(missing_ok=True)  # never write through a link left there
+    with open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
-def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total: int) -> None:
+def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total: int,
+            extras: list[Path]) -> None:
     """Index, config (or plan + original config), the checkpoint's other files, README."""
     if ckpt.sharded:
         index = _read_json(ckpt.folder / INDEX)
-        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        metadata = index.get("metadata")  # an object, unless hand-edited
+        index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                             "total_size": total}
         _write_atomic(dst / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     config = _read_json(ckpt.folder / "config.json")
     if result.kind is OutputKind.HF:
@@ -424,10 +492,11 @@ def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total
     else:
         (dst / "config.json").unlink(missing_ok=True)  # from an earlier run with another plan
         _write_atomic(dst / ORIGINAL_CONFIG, json.dumps(config, indent=2) + "\n")
+        (dst / "plan.json").unlink(missing_ok=True)  # never write through a link
         plan.save(dst / "plan.json")
-    for path in sorted(ckpt.folder.iterdir()):
-        if path.is_file() and not _is_weights_or_config(path.name):
-            shutil.copyfile(path, dst / path.name)
+    for path in extras:
+        (dst / path.name).unlink(missing_ok=True)  # copyfile would write through a link
+        shutil.copyfile(path, dst / path.name)
     _write_atomic(dst / "README.md", _readme(plan, result))
 
 
@@ -450,10 +519,11 @@ def _readme(plan: Plan, result: StreamResult) -> str:
             f"replay ({len(plan.steps)} plan step(s)). {how}{notes}\n")
 
 
-def replay_command(checkpoint: str, plan_file: str, out: str) -> dict[str, Any]:
-    """``python -m explorer replay --checkpoint DIR --plan FILE --out OUT``: the JSON
-    summary (``_text`` for people)."""
-    res = replay_checkpoint(checkpoint, Plan.load(plan_file), out)
+def replay_command(checkpoint: str, plan_file: str, out: str, force: bool = False
+                   ) -> dict[str, Any]:
+    """``python -m explorer replay --checkpoint DIR --plan FILE --out OUT [--force]``: the
+    JSON summary (``_text`` for people)."""
+    res = replay_checkpoint(checkpoint, Plan.load(plan_file), out, force)
     summary: dict[str, Any] = {
         "checkpoint": checkpoint, "plan": plan_file, "out": res.out, "kind": res.kind.value,
         "written": res.written, "skipped": res.skipped, "tensors_cut": res.tensors_cut,

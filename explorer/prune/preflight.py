@@ -58,6 +58,22 @@ def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def shared_clone(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules and attributes whose parameters and buffers share the
+    model's tensors (no weight memory): it stays the model as it was as long as tensors are
+    replaced, never written in place, which is how every cut, refit and undo here changes a
+    model (`explorer.quality.original.Original` checks it)."""
+    memo: dict[int, Any] = {}
+    for t in _attribute_tensors(model):
+        if t.grad_fn is not None:
+            memo[id(t)] = t.detach().clone()
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach()
+    return copy.deepcopy(model, memo)
+
+
 def _attribute_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Tensors held in module attributes (also inside dicts and lists), not params/buffers."""
     found: list[torch.Tensor] = []

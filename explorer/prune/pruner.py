@@ -14,19 +14,28 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, GroupKey
-from ..coupling.vocab import AxisRole, HeadMode
+from ..coupling.places import axis_layers
+from ..coupling.targets import (
+    default_targets,
+    is_transformer,
+    parse_targets,
+    target_list,
+    target_of,
+)
+from ..coupling.vocab import AxisRole, HeadMode, Target
 from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from ..graph.tracer import trace
 from .calibration import Calibration, load_calibration
 from .compensate import compensation, prune_and_compensate
+from .fixups.hfconfig import ConfigUpdate
 from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Proposal, lowest
-from .removal import Applied, Removal, apply_removal, removed_atoms, undo
+from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms, undo
 from .transaction import ModelState, transaction
-from .validate import check_module_names
+from .validate import check_module_names, nonfinite_text, nonfinite_weights
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
 
@@ -43,6 +52,9 @@ class GroupChange:
     width_after: int
     # why this axis and not the innermost one, when the pruner fell back to an outer axis
     fallback: str = ""
+    # the layer this axis lives in (`coupling.places.axis_layers`): a group spanning layers
+    # (attention tied by shared rotary frequencies) has one change per layer
+    where: str = ""
 
 
 @dataclass
@@ -131,9 +143,17 @@ class Pruner:
         global_pruning: rank channels of all groups together (scores normalised per axis)
             instead of cutting every group by ``ratio``.
         heads: "dims" (same dims removed in every head), "whole" (remove whole heads; with
-            GQA, whole key/value groups, so query heads stay divisible by kv heads), or "keep".
+            GQA, whole key/value groups with their query heads), "query" (with GQA, the same
+            number of query heads inside every key/value group, keys and values kept;
+            without GQA, whole heads), or "keep" (no attention parameter changes).
         round_to: keep every remaining width a multiple of this.
         ignored: module names whose outputs are never pruned.
+        targets: what may be cut (names of `explorer.coupling.vocab.Target`: "mlp",
+            "heads", "residual", "channels", or "all"); None: every target but the residual
+            stream on a language model (token ids index an embedding), every target otherwise
+            (`explorer.coupling.targets.default_targets`).
+            With ``heads="keep"`` a transformer's residual stream cannot be a target (it
+            feeds every attention projection).
         calibration: data for data-aware criteria (see `explorer.calibration`).
         ratios: per-module ratios (module name prefix -> ratio) overriding ``ratio``.
         max_ratio: the most any axis may lose, also under global pruning.
@@ -154,7 +174,8 @@ class Pruner:
                  calibration: Calibration | str | None = None,
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
                  target_params: float | None = None, target_macs: float | None = None,
-                 compensate: str | None = None, scores: Criterion | None = None) -> None:
+                 compensate: str | None = None, scores: Criterion | None = None,
+                 targets: str | Sequence[str] | None = None) -> None:
         for name, value in (("iterative_steps", iterative_steps), ("round_to", round_to)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -163,6 +184,7 @@ class Pruner:
             raise ValueError("scores given for the original weights rank one cut only; use "
                              "iterative_steps=1")
         _validate(importance, ratio, heads, round_to, target_params, target_macs)
+        chosen = None if targets is None else parse_targets(targets)
         self.compensate = compensation(compensate)
         self.model = model
         self.inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -193,12 +215,29 @@ class Pruner:
         self._before: dict[int, tuple[Graph, Coupling, int, Any]] = {}
         # id(Applied) -> the model's settings and config before it (for an exact undo)
         self._settings: dict[int, ModelState] = {}
+        self._notes: dict[int, str] = {}  # id(Applied) -> config_note before it (for undo)
         self._pending: tuple[int, tuple[Any, ...], list[Proposal]] | None = None
+        # NaN/Inf weights: tracing and proposals still work, `step` and `apply` refuse
+        self.nonfinite = nonfinite_weights(model)
         self._analyse()
+        self._asked_targets = chosen  # None: the default decides (`_resolve_targets`)
+        self.targets = self._resolve_targets(chosen, heads)
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
         self.params_original = count_params(model)
         self.macs_original = count_macs(self.graph)
+
+    def _check_finite(self) -> None:
+        """Refuse to prune on weights with NaN/Inf values (their scores and cuts mean nothing).
+
+        Raises:
+            PruneError: naming the first such tensor; nothing is changed.
+        """
+        if self.nonfinite:
+            raise PruneError(f"the model's weights are not finite: "
+                             f"{nonfinite_text(self.nonfinite)}; scores on them mean nothing, "
+                             "so nothing is pruned. Load weights without NaN/Inf (tracing and "
+                             "inspecting still work)")
 
     # -- analysis -------------------------------------------------------------------------
     def _analyse(self, graph: Graph | None = None) -> None:
@@ -216,11 +255,13 @@ class Pruner:
         self._update_config(StepReport(self.current_step))
         self._before.clear()  # the model changed outside the pruner: old analyses are stale
         self._settings.clear()  # and so are the settings recorded before each application
+        self._notes.clear()
         self._analyse()
 
     def configure(self, importance: str | None = None, ratio: float | None = None,
                   heads: str | None = None, global_pruning: bool | None = None,
-                  round_to: int | None = None) -> None:
+                  round_to: int | None = None,
+                  targets: str | Sequence[str] | None = None) -> None:
         """Change settings on the same traced model (None keeps a setting as it is).
 
         Raises:
@@ -231,6 +272,11 @@ class Pruner:
         new_heads = self.heads if heads is None else heads
         new_round = self.round_to if round_to is None else int(round_to)
         _validate(new_importance, new_ratio, new_heads, new_round)
+        asked = self._asked_targets if targets is None else parse_targets(targets)
+        if asked == self.targets and self._asked_targets is None:
+            asked = None  # the targets as they are (a page passes them back): still default
+        new_targets = self._resolve_targets(asked, new_heads)
+        self._asked_targets, self.targets = asked, new_targets
         if new_importance != self.importance or (self._given_scores and importance):
             self._given_scores = False
             self.criterion, self.importance, self._prepared = make(new_importance), \
@@ -240,9 +286,10 @@ class Pruner:
             self.global_pruning = bool(global_pruning)
         self._pending = None
 
-    def settings(self) -> tuple[str, float, str, bool, int]:
-        """(importance, ratio, heads, global_pruning, round_to)."""
-        return (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to)
+    def settings(self) -> tuple[str, float, str, bool, int, tuple[str, ...]]:
+        """(importance, ratio, heads, global_pruning, round_to, targets)."""
+        return (self.importance, self.ratio, self.heads, self.global_pruning, self.round_to,
+                tuple(target_list(self.targets)))
 
     def preflight(self) -> Preflight:
         """The pre-flight runner for the model as it is now (kept until the next cut)."""
@@ -286,22 +333,63 @@ class Pruner:
     def _key(group: Group, axis: int) -> tuple[str, int, int, int, str]:
         return (*group.key, axis, group.axes[axis].role)
 
-    def _target_axes(self, group: Group) -> list[int]:
+    def target_axes(self, group: Group) -> list[int]:
+        """The axes of ``group`` the targets and head mode let the pruner cut."""
+        if target_of(group) not in self.targets:
+            return []
         roles = {AxisRole.CHANNELS, AxisRole.GROUPS}
         mode = HeadMode(self.heads)
         if mode is HeadMode.DIMS:
             roles.add(AxisRole.HEAD_DIM)
         elif mode is HeadMode.WHOLE:
             roles.add(AxisRole.HEADS)
+        elif mode is HeadMode.QUERY:  # query heads per kv group; without GQA, whole heads
+            gqa = any(a.role is AxisRole.HEAD_REPEAT for a in group.axes)
+            roles.add(AxisRole.HEAD_REPEAT if gqa else AxisRole.HEADS)
         # Inside an (outer x inner) layout only inner axes are cut, so widths shrink by the
         # ratio once (cutting a conv's groups and its channels per group would compound).
         return [i for i, a in enumerate(group.axes) if a.prunable and a.role in roles and
-                (a.inner or a.role is AxisRole.HEADS)]
+                (a.inner or a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT))]
+
+    @property
+    def targets_default(self) -> bool:
+        """Whether the targets are the model's default (none were asked for)."""
+        return self._asked_targets is None
+
+    def _resolve_targets(self, asked: frozenset[Target] | None, heads: str
+                         ) -> frozenset[Target]:
+        """The targets asked, or the default; with ``heads="keep"`` on a transformer the
+        default leaves the residual stream too, and asking for it is an error.
+
+        Raises:
+            ValueError: the residual stream asked for with heads "keep" on a transformer.
+        """
+        keep = HeadMode(heads) is HeadMode.KEEP and is_transformer(self.groups)
+        if asked is None:
+            chosen = default_targets(self.graph)
+            return chosen - {Target.RESIDUAL} if keep else chosen
+        if keep and Target.RESIDUAL in asked:
+            raise ValueError("heads 'keep' leaves attention unchanged, but the residual "
+                             "stream is read and written by every attention projection; "
+                             "drop 'residual' from the targets or choose another head mode "
+                             "than 'keep'")
+        return asked
+
+    def untargeted(self, target: Target) -> str:
+        """Why groups of ``target`` are left alone (it is not among the targets)."""
+        chosen = ", ".join(target_list(self.targets)) or "none"
+        why = ""
+        if self.targets_default and target is Target.RESIDUAL:
+            why = (" (heads 'keep': the residual stream feeds every attention projection)"
+                   if HeadMode(self.heads) is HeadMode.KEEP and Target.RESIDUAL in
+                   default_targets(self.graph) else
+                   " (the default on a language model leaves the residual stream alone)")
+        return f"{target} is not a target (targets: {chosen}){why}"
 
     def could_propose(self, group: Group) -> bool:
         """Whether `pending` may hold a proposal for ``group``: it is prunable and the head
         mode leaves it an axis to cut (`candidates` skips the others)."""
-        return group.prunable and bool(self._target_axes(group))
+        return group.prunable and bool(self.target_axes(group))
 
     def _group_ratio(self, group: Group, base: float) -> float:
         best = None
@@ -320,7 +408,10 @@ class Pruner:
             if not g.prunable:
                 skipped.append(Skip(g.id, g.title, g.reason))
                 continue
-            axes = self._target_axes(g)
+            axes = self.target_axes(g)
+            if target_of(g) not in self.targets:
+                skipped.append(Skip(g.id, g.title, self.untargeted(target_of(g))))
+                continue
             if not axes:
                 skipped.append(Skip(g.id, g.title, f"no axis prunable in head mode "
                                                    f"'{self.heads}'"))
@@ -345,6 +436,7 @@ class Pruner:
         counts = (self._global_counts(cands, ratio) if self.global_pruning
                   else self._local_counts(cands, ratio))
         removal, changes = Removal(), []
+        places: dict[int, dict[int, str]] = {}
         for c, n in zip(cands, counts, strict=False):
             ax = c.group.axes[c.axis]
             if n <= 0:
@@ -353,8 +445,10 @@ class Pruner:
                 continue
             idx = sorted(int(x) for x in np.argsort(c.scores, kind="stable")[:n])
             removal.add(c.group.id, c.axis, idx)
+            if c.group.id not in places:
+                places[c.group.id] = axis_layers(self.coupling, c.group)
             changes.append(GroupChange(c.group.id, c.group.title, ax.role, idx, ax.size,
-                                       ax.size - n))
+                                       ax.size - n, where=places[c.group.id][c.axis]))
         return removal, changes, skipped
 
     def _step_ratio(self) -> float:
@@ -394,6 +488,17 @@ class Pruner:
                 keep = min(size, int(math.ceil(keep / self.round_to) * self.round_to))
                 counts[k] = size - keep
         return counts
+
+    def plan_ratio(self) -> float:
+        """The ratio a full prune uses: ``ratio``, or the one searched to meet
+        ``target_params`` / ``target_macs``."""
+        if self.target_params is not None or self.target_macs is not None:
+            return self._ratio_for_target()
+        return self.ratio
+
+    def params_now(self) -> int:
+        """The model's parameter count as it is now."""
+        return count_params(self.model)
 
     def _ratio_for_target(self) -> float:
         """Smallest uniform ratio whose predicted params (or MACs) meet the target."""
@@ -548,14 +653,17 @@ class Pruner:
         Raises:
             PruneError: the removal does not fit the model; nothing is changed.
         """
+        self._check_finite()
         before = (self.graph, self.coupling, self.version, self._pending)
+        note = self.config_note
         with transaction(self.model) as state:  # the config update and re-analysis too
             applied = self._apply(removal)
-            self._update_config(StepReport(self.current_step))
-            self._analyse(graph)
+            self._update_config(StepReport(self.current_step), applied)
+            self._analyse(graph if not applied.constants else None)
         self.applied.append(applied)
         self._before[id(applied)] = before
         self._settings[id(applied)] = state
+        self._notes[id(applied)] = note
         return applied
 
     # -- steps ----------------------------------------------------------------------------
@@ -569,6 +677,7 @@ class Pruner:
             warnings.warn("Pruner.step(interactive=True) is deprecated; use "
                           "Pruner.proposals()", DeprecationWarning, stacklevel=2)
             return self.proposals()  # type: ignore[return-value]
+        self._check_finite()
         report = StepReport(self.current_step + 1, params_before=count_params(self.model),
                             macs_before=count_macs(self.graph))
         if self.current_step >= self.steps:
@@ -588,12 +697,14 @@ class Pruner:
         if self.global_pruning and changes:
             report.notes.append(_allocation_note(changes))
         if removal:
+            note = self.config_note
             with transaction(self.model) as state:  # the config update too: all or nothing
                 applied = self._apply(removal)
-                self._update_config(report)
+                self._update_config(report, applied)
             self.applied.append(applied)
             self._before[id(applied)] = (self.graph, self.coupling, self.version, self._pending)
             self._settings[id(applied)] = state
+            self._notes[id(applied)] = note
             report.attributes = dict(applied.attributes)
         self.current_step += 1
         report.notes += [n for n in [*self.notes, *flight.notes] if n not in report.notes]
@@ -620,20 +731,72 @@ class Pruner:
         report.params_after = count_params(self.model)
         report.macs_after = count_macs(self.graph)
 
-    def _update_config(self, report: StepReport) -> None:
-        """Keep a transformers ``config`` in line with uniform pruned widths."""
+    def _update_config(self, report: StepReport, applied: Applied | None = None) -> None:
+        """Keep a transformers ``config`` in line with uniform pruned widths.
+
+        After a cut (``applied``), constants the config derives (the attention ``scaling``
+        after a head-dim cut, an embedding scale after a residual cut) are set to the
+        config's values and their ratios folded into the weights (`fixups.fold.fold_into`,
+        checked by a forward, recorded in ``applied`` for undo and plans), so a model
+        rebuilt from its config computes the same function. Where no config can describe
+        the pruned model the report says so, and ``config_note`` keeps why.
+        """
         if not hasattr(getattr(self.model, "config", None), "to_dict"):
             return
         from .fixups.hfconfig import update_config
         state = ModelState.capture(self.model)
         update = update_config(self.model)
+        if not update.ok and applied is not None:
+            update = self._fold_constants(update, applied, report)
         if state.settings_changed() and not forward_check(self.model, self.inputs, None).ok:
             state.restore_settings()  # module settings it followed broke the forward: undo
             self.config_note = ("the config was left as it was: the module settings it "
                                 "would bring in line break the forward")
             return
         self.config_note = update.reason
+        if update.reason:
+            note = f"the transformers config cannot describe the pruned model: {update.reason}"
+            if note not in report.notes:
+                report.notes.append(note)
         report.config = {k: list(v) for k, v in update.changed.items()}
+
+    def _fold_constants(self, update: ConfigUpdate, applied: Applied, report: StepReport
+                        ) -> ConfigUpdate:
+        """Fold the constants that alone keep the config from describing the model."""
+        from .fixups.fold import fold_into, unfold
+        from .fixups.hfconfig import differing_constants, update_config
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            return update  # no values to fold: its export or streamed replay folds them
+        constants = differing_constants(self.model)
+        if not constants:
+            return update
+        trial = ModelState.capture(self.model)  # would the constants alone do? (no trace)
+        for (mod, attr), value in constants.items():
+            setattr(self.model.get_submodule(mod), attr, value)
+        enough = update_config(self.model)
+        trial.restore_settings()
+        if not enough.ok:
+            return update
+        fold, previous = fold_into(self.model, constants, self.inputs)
+        if fold.reason:
+            update.reason += f"; its constants were not folded into the weights: {fold.reason}"
+            return update
+        again = update_config(self.model)
+        if not again.ok:
+            unfold(self.model, fold, previous)
+            update.reason = (f"{again.reason} (even with {', '.join(fold.constants)} folded "
+                             f"into the weights)")
+            return update
+        for name, tensor in previous.items():
+            applied.previous.setdefault(name, tensor)
+        for key, pair in fold.constants.items():
+            mod, _, attr = key.rpartition(".")
+            applied.constants[(mod, attr)] = list(pair)
+        report.notes.append(", ".join(f"{k} {v[0]:.6g} -> {v[1]:.6g}"
+                                      for k, v in fold.constants.items())
+                            + f" as the config derives them; the ratios are folded into "
+                              f"{len(fold.scaled)} weights (same outputs)")
+        return ConfigUpdate({**update.changed, **again.changed}, ok=True)
 
     def undo(self) -> Applied | None:
         """Revert the last application exactly (same tensors, same attributes)."""
@@ -644,6 +807,7 @@ class Pruner:
         settings = self._settings.pop(id(last), None)
         if settings is not None:  # the config and module settings exactly as before it
             settings.restore_settings()
+            self.config_note = self._notes.pop(id(last), self.config_note)
         else:
             self._update_config(StepReport(self.current_step))  # widths are back: so is config
         before = self._before.pop(id(last), None)
@@ -739,7 +903,7 @@ class Pruner:
                    f"{block} channels")
             idx = part.picks[(group.id, i)]
             return part, GroupChange(group.id, group.title, ax.role, idx, ax.size,
-                                     ax.size - n, why)
+                                     ax.size - n, why, axis_layers(self.coupling, group)[i])
         return None
 
 

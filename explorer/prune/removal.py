@@ -72,6 +72,10 @@ class Applied:
     # that did not exist (a bias created by compensation)
     previous: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False,
                                                      compare=False)
+    # constants the config derives, folded into the weights after the cut so that
+    # ``type(model)(model.config)`` computes the same function (`fixups.fold.fold_into`):
+    # (module, attr) -> [old, new]; the scaled tensors' old objects are in ``previous``
+    constants: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
 def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> Applied:
@@ -162,6 +166,8 @@ def undo(model: nn.Module, applied: Applied) -> None:
         module = model.get_submodule(mod_name)
         for attr, (old, _new) in attrs.items():
             setattr(module, attr, old)
+    for (mod_name, attr), (old, _new) in applied.constants.items():
+        setattr(model.get_submodule(mod_name), attr, old)
 
 
 def _shadow_buffers(model: nn.Module, keeps: dict[tuple[str, int], np.ndarray],

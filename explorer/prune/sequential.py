@@ -83,6 +83,7 @@ from .importance import (
     make,
     per_sample_terms,
 )
+from .validate import nonfinite_text, nonfinite_weights
 
 __all__ = ["SequentialError", "Offloaded", "load_offloaded", "decoder_layers",
            "sequential_criterion"]
@@ -131,15 +132,19 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     from accelerate import infer_auto_device_map, init_empty_weights
 
     folder = Path(checkpoint)
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if cls is None:
+    # never the folder's own code (``auto_map``): transformers neither imports nor asks
+    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if not is_model:
         raise SequentialError(f"config of '{folder}' names architecture {arch!r}, which "
                               f"transformers does not have")
     config.use_cache = False  # calibration keeps no key/value cache
     with init_empty_weights():
         model = cls(config)
+    _check_shapes(folder, model)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     device_map = infer_auto_device_map(model, max_memory=dict(max_memory) if max_memory
                                        else None, no_split_module_classes=no_split,
@@ -155,15 +160,56 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     model, info = cls.from_pretrained(
         str(folder), config=config, device_map=device_map, local_files_only=True,
         offload_folder=None if offload_folder is None else str(offload_folder),
-        output_loading_info=True, **{key: dtype or "auto"})
-    gaps = [f"{what} {', '.join(map(str, names[:3]))}{' ...' if len(names) > 3 else ''}"
-            for what, names in (("missing", list(info.get("missing_keys") or [])),
-                                ("mismatched", list(info.get("mismatched_keys") or [])))
+        output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, by name
+        trust_remote_code=False,
+        **{key: dtype or "auto"})
+    gaps = [f"{what} {', '.join(map(_key_text, names[:3]))}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", sorted(info.get("missing_keys") or [], key=str)),
+                                ("mismatched", sorted(info.get("mismatched_keys") or [],
+                                                      key=str)))
             if names]
     if gaps:  # from_pretrained would fill them with random values: scores of nothing
         raise SequentialError(f"the checkpoint '{folder}' does not hold the model's weights "
                               f"({'; '.join(gaps)}): scores need every weight")
     return Offloaded(model.eval(), dict(device_map))
+
+
+def _check_shapes(folder: Path, model: nn.Module) -> None:
+    """Every checkpoint tensor the model has under the same name has the model's shape (from
+    the safetensors headers; offloaded weights would otherwise fail only when a layer runs).
+
+    Raises:
+        SequentialError: naming the first tensor whose shape differs, and its file.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = (sorted({str(v) for v in json.loads(index.read_text())["weight_map"].values()})
+                 if index.is_file() else ["model.safetensors"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return  # an unreadable index: the loader says what is wrong with it
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name in names:
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            continue  # a shard outside the folder or missing: refused by the loaders
+        with safe_open(str(path), framework="pt") as f:
+            for key in list(f.keys()):  # safe_open handles are not iterable
+                shape = tuple(int(n) for n in f.get_slice(key).get_shape())
+                if key in ours and shape != ours[key]:
+                    raise SequentialError(f"tensor '{key}' of '{path}' has shape {shape}, the "
+                                          f"model's config gives {ours[key]}; check that "
+                                          f"config.json is the one saved with these weights")
+
+
+def _key_text(key: Any) -> str:
+    """A loading-info key: a name, or transformers' ``(name, checkpoint shape, model shape)``."""
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"{key[0]} (checkpoint {tuple(key[1])}, model {tuple(key[2])})"
+    return str(key)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -241,7 +287,8 @@ def _with_hidden(inputs: Inputs, output: Any) -> Inputs:
 
 @contextlib.contextmanager
 def _resident(module: nn.Module) -> Iterator[None]:
-    """Keep ``module``'s offloaded weights loaded for the whole block.
+    """Keep ``module``'s offloaded weights loaded for the whole block (refused when they
+    hold NaN/Inf values).
 
     accelerate's hooks load an offloaded module's weights before each forward and drop them
     after; here they are loaded once, kept while every batch runs through the layer and its
@@ -258,6 +305,11 @@ def _resident(module: nn.Module) -> Iterator[None]:
         h.pre_forward(m)
         h.offload = False
     try:
+        found = nonfinite_weights(module)  # the Pruner sees only meta weights on this path
+        if found:
+            raise SequentialError(f"the checkpoint's weights are not finite: "
+                                  f"{nonfinite_text(found)}; scores on them mean nothing, so "
+                                  "nothing is pruned")
         yield
     finally:
         for m, h in hooks:

@@ -71,6 +71,10 @@ def evaluate(model: nn.Module, reference: nn.Module,
              task: Task | str | None = None) -> Quality:
     """Measure how far ``model`` has moved from ``reference`` on held-out ``data``.
 
+    Both models run on each batch in lockstep and only running sums are kept, so memory
+    follows one batch, not the data: a batch whose outputs are large (a language model's
+    vocabulary logits) runs a few rows at a time (`OUTPUT_BUDGET`).
+
     Args:
         model: the pruned model.
         reference: the original model (same inputs, same output structure).
@@ -87,10 +91,33 @@ def evaluate(model: nn.Module, reference: nn.Module,
     """
     calib = as_data(data)
     kind = Task(task) if task is not None else infer_task(reference)
-    return compare(model, reference_outputs(reference, calib), calib, kind)
+    sums = _Sums()
+    rows: int | None = None  # rows per forward, from the first output's size
+    with _eval_mode(model), _eval_mode(reference), torch.no_grad():
+        for batch in calib.batches:
+            n = _splittable_rows(batch)
+            start = 0
+            while start < (n or 1):
+                stop = 1 if n is None else min(n, start + (rows or 1))
+                part = batch if n is None else _slice(batch, start, stop)
+                ref = _primary(reference(*_to(part, reference), **calib.kwargs))
+                out = _primary(model(*_to(part, model), **calib.kwargs))
+                _check_shapes(ref[0], out[0])
+                _accumulate(sums, kind, ref, out, part, calib.mask(part))
+                if rows is None:
+                    rows = _rows_per_forward(ref[0])
+                del ref, out
+                start = stop
+    return _result(kind, sums)
 
 
 Output = tuple[torch.Tensor, bool]  # the compared output of one batch, and "is it logits"
+
+# Bytes of one model output a forward of `evaluate` may produce: batches run this much at a
+# time (at least one row), so a 49k-token vocabulary costs a few rows of logits, not a batch.
+OUTPUT_BUDGET = 32 * 2**20
+# Elements of one float64 block of rows the metrics work on at a time.
+_BLOCK_ELEMENTS = 2**20
 
 
 def as_data(data: Calibration | Sequence[tuple[Any, ...]]) -> Calibration:
@@ -106,7 +133,10 @@ def as_data(data: Calibration | Sequence[tuple[Any, ...]]) -> Calibration:
 
 
 def reference_outputs(reference: nn.Module, data: Calibration) -> list[Output]:
-    """The reference model's compared output on every batch (on CPU, to be reused)."""
+    """The reference model's compared output on every batch (on CPU, to be reused).
+
+    This keeps every output: for a small probe batch (`QualityProbe`), not for a data set
+    (`evaluate` streams)."""
     with _eval_mode(reference), torch.no_grad():
         outs = [_primary(reference(*_to(b, reference), **data.kwargs)) for b in data.batches]
     return [(t.detach().cpu(), flag) for t, flag in outs]
@@ -123,11 +153,35 @@ def compare(model: nn.Module, references: Sequence[Output], data: Calibration,
     with _eval_mode(model), torch.no_grad():
         for batch, ref in zip(data.batches, references, strict=True):
             out = _primary(model(*_to(batch, model), **data.kwargs))
-            if ref[0].shape != out[0].shape:
-                raise ValueError(f"the pruned model's output {tuple(out[0].shape)} differs from "
-                                 f"the original's {tuple(ref[0].shape)}; cannot compare them")
+            _check_shapes(ref[0], out[0])
             _accumulate(sums, task, ref, out, batch, data.mask(batch))
     return _result(task, sums)
+
+
+def _check_shapes(ref: torch.Tensor, out: torch.Tensor) -> None:
+    if ref.shape != out.shape:
+        raise ValueError(f"the pruned model's output {tuple(out.shape)} differs from "
+                         f"the original's {tuple(ref.shape)}; cannot compare them")
+
+
+def _rows_per_forward(output: torch.Tensor) -> int:
+    """Rows one forward may take so that its output stays within `OUTPUT_BUDGET` (measured
+    on the first forward, which took one row when the batch could be split)."""
+    rows = max(1, int(output.shape[0]) if output.dim() else 1)
+    per_row = output.numel() * output.element_size() / rows
+    return max(1, int(OUTPUT_BUDGET // max(per_row, 1.0)))
+
+
+def _splittable_rows(batch: tuple[Any, ...]) -> int | None:
+    """The batch's number of samples when every tensor in it has that leading size (it can
+    run a few rows at a time), else None."""
+    tensors = [a for a in batch if isinstance(a, torch.Tensor)]
+    sizes = {int(a.shape[0]) if a.dim() else -1 for a in tensors}
+    return sizes.pop() if len(sizes) == 1 and -1 not in sizes else None
+
+
+def _slice(batch: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
+    return tuple(a[start:stop] if isinstance(a, torch.Tensor) else a for a in batch)
 
 
 def _result(kind: Task, s: _Sums) -> Quality:
@@ -150,37 +204,62 @@ def _result(kind: Task, s: _Sums) -> Quality:
 def _accumulate(s: _Sums, kind: Task, ref: tuple[torch.Tensor, bool],
                 out: tuple[torch.Tensor, bool], batch: tuple[Any, ...],
                 mask: torch.Tensor | None) -> None:
-    """Add one batch's cosine, KL, top-1 and NLL sums to ``s``."""
-    r, is_logits = ref[0].double().cpu(), ref[1] or kind in _LOGIT_TASKS
-    o = out[0].double().cpu()
+    """Add one batch's cosine, KL, top-1 and NLL sums to ``s`` (in float64, a block of rows
+    at a time: no full-vocabulary copy of the batch)."""
+    r, is_logits = ref[0].detach().cpu(), ref[1] or kind in _LOGIT_TASKS
+    o = out[0].detach().cpu()
     s.samples += int(r.shape[0]) if r.dim() else 1
     valid = _valid(r, mask)
     if kind is Task.ENCODER and r.dim() == 3:
-        weights = valid.unsqueeze(-1).float()
-        pooled_r = (r * weights).sum(1) / weights.sum(1).clamp(min=1)
-        pooled_o = (o * weights).sum(1) / weights.sum(1).clamp(min=1)
+        weights = valid.unsqueeze(-1).double()
+        pooled_r = (r.double() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        pooled_o = (o.double() * weights).sum(1) / weights.sum(1).clamp(min=1)
         s.cosine += float(F.cosine_similarity(pooled_r, pooled_o, dim=-1).sum())
         s.cosine_n += int(r.shape[0])
-    elif r.dim() >= 2:
-        rows_r, rows_o = _rows(r, valid), _rows(o, valid)
-        s.cosine += float(F.cosine_similarity(rows_r, rows_o, dim=-1).sum())
-        s.cosine_n += int(rows_r.shape[0])
-    else:
-        s.cosine += float(F.cosine_similarity(r.flatten(), o.flatten(), dim=0))
+        return
+    if kind is Task.ENCODER_CLS and r.dim() == 3:  # the embedding is the first token's
+        s.cosine += float(F.cosine_similarity(r[:, 0].double(), o[:, 0].double(), dim=-1).sum())
+        s.cosine_n += int(r.shape[0])
+        return
+    if r.dim() < 2:
+        s.cosine += float(F.cosine_similarity(r.double().flatten(), o.double().flatten(), dim=0))
         s.cosine_n += 1
-    if is_logits and r.dim() >= 2:
-        rows_r, rows_o = _rows(r, valid), _rows(o, valid)
-        log_r, log_o = rows_r.log_softmax(-1), rows_o.log_softmax(-1)
+        return
+    rows_r, rows_o = _rows(r, valid), _rows(o, valid)
+    targets = _next_tokens(batch, valid) if kind is Task.CAUSAL_LM and is_logits \
+        and r.dim() == 3 else None
+    step = max(1, _BLOCK_ELEMENTS // max(1, int(rows_r[0].numel()) if len(rows_r) else 1))
+    for start in range(0, int(rows_r.shape[0]), step):
+        br, bo = rows_r[start:start + step].double(), rows_o[start:start + step].double()
+        s.cosine += float(F.cosine_similarity(br, bo, dim=-1).sum())
+        s.cosine_n += int(br.shape[0])
+        if not is_logits:
+            continue
+        log_r, log_o = br.log_softmax(-1), bo.log_softmax(-1)
         s.kl += float((log_r.exp() * (log_r - log_o)).sum())
-        s.top1 += float((rows_r.argmax(-1) == rows_o.argmax(-1)).sum())
-        s.logit_n += int(rows_r.shape[0])
-    if kind is Task.CAUSAL_LM and is_logits and r.dim() == 3:
-        ids = batch[0]
-        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
-            nll_r, n = _next_token_nll(r, ids.cpu(), valid)
-            nll_o, _ = _next_token_nll(o, ids.cpu(), valid)
-            s.nll_before, s.nll_after, s.tokens = s.nll_before + nll_r, s.nll_after + nll_o, \
-                s.tokens + n
+        s.top1 += float((br.argmax(-1) == bo.argmax(-1)).sum())
+        s.logit_n += int(br.shape[0])
+        if targets is not None:
+            t = targets[start:start + step]
+            real = t >= 0
+            picked = t[real].unsqueeze(-1)
+            s.nll_before -= float(log_r[real].gather(-1, picked).sum())
+            s.nll_after -= float(log_o[real].gather(-1, picked).sum())
+            s.tokens += int(real.sum())
+
+
+def _next_tokens(batch: tuple[Any, ...], valid: torch.Tensor) -> torch.Tensor | None:
+    """For each valid (sample, position), in `_rows` order, the id of the next token when
+    both are real tokens, else -1; None when the first input is not token ids."""
+    ids = batch[0] if batch else None
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or \
+            tuple(ids.shape) != tuple(valid.shape):
+        return None
+    ids = ids.cpu().long()
+    nxt = torch.full_like(ids, -1)
+    pairs = valid[:, :-1] & valid[:, 1:]
+    nxt[:, :-1] = torch.where(pairs, ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    return nxt[valid]
 
 
 def _valid(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -195,17 +274,8 @@ def _valid(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def _rows(output: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The output as (rows, features): one row per valid token (3-D) or per sample."""
     if output.dim() == 3:
-        return output[valid]
+        return output.flatten(0, 1) if bool(valid.all()) else output[valid]
     return output.reshape(output.shape[0], -1)[valid]
-
-
-def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over pairs of real tokens, and their count."""
-    pairs = valid[:, :-1] & valid[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                          reduction="none").reshape(pairs.shape)
-    return float(nll[pairs].sum()), int(pairs.sum())
 
 
 def _primary(out: Any) -> tuple[torch.Tensor, bool]:

@@ -12,6 +12,7 @@ class Task(enum.Enum):
     CAUSAL_LM = "causal-lm"  # next-token logits: perplexity
     MASKED_LM = "masked-lm"  # per-token vocabulary logits: agreement with the original
     ENCODER = "encoder"  # hidden states: cosine of the mask-pooled embedding
+    ENCODER_CLS = "encoder-cls"  # hidden states: cosine of the first ([CLS]) token's state
     SEQUENCE_CLASSIFICATION = "sequence-classification"  # class logits per text: top-1 agreement
     IMAGE_CLASSIFICATION = "image-classification"  # class logits per image: top-1 agreement
     OTHER = "other"  # any output: cosine similarity
@@ -29,6 +30,7 @@ HEADLINE: dict[Task, Metric] = {
     Task.CAUSAL_LM: Metric.PERPLEXITY,
     Task.MASKED_LM: Metric.TOP1,
     Task.ENCODER: Metric.COSINE,
+    Task.ENCODER_CLS: Metric.COSINE,
     Task.SEQUENCE_CLASSIFICATION: Metric.TOP1,
     Task.IMAGE_CLASSIFICATION: Metric.TOP1,
     Task.OTHER: Metric.COSINE,

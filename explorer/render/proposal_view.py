@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..coupling.analyze import Coupling
-from ..coupling.groups import Group, GroupKey
+from ..coupling.groups import GroupKey
+from ..coupling.places import axis_layers
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -49,39 +50,6 @@ class AxisRow:
     @property
     def keep(self) -> int:
         return self.width - self.remove
-
-
-def _common_prefix(names: Sequence[str]) -> str:
-    parts = [n.split(".") for n in names if n]
-    if not parts:
-        return ""
-    out: list[str] = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) > 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
-
-
-def axis_layers(coupling: Coupling, group: Group) -> dict[int, str]:
-    """Axis index -> the layer (module prefix) its members share."""
-    members = coupling.members_of(group)
-    out: dict[int, str] = {}
-    for i, ax in enumerate(group.axes):
-        mods = sorted({m.module for m, fams in members if ax.family in fams})
-        layer = _common_prefix(mods)
-        many = len({_layer_index(m) for m in mods}) > 1
-        out[i] = "all layers (shared)" if many else (layer or "model")
-    return out
-
-
-def _layer_index(module: str) -> str:
-    """The first numbered part of a module path (``layers.3``), or the path."""
-    parts = module.split(".")
-    for k, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[:k + 1])
-    return module
 
 
 def axis_rows(coupling: Coupling, proposal: Proposal,

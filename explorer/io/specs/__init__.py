@@ -7,8 +7,11 @@ Accepted forms:
   fields override config fields, e.g. ``hf:llama?hidden_size=4096&num_hidden_layers=32``.
 * ``hf:<local folder>[?task=...&k=v]``: a transformers checkpoint folder (config, single or
   sharded weights, tokenizer) via ``from_pretrained(..., local_files_only=True)``; ``task`` is
-  causal-lm, masked-lm, encoder, sequence-classification or image-classification (default: the
-  config's ``architectures``).
+  causal-lm, masked-lm, encoder, encoder-cls, sequence-classification or image-classification
+  (default: the config's ``architectures``; a sentence-transformers folder is its encoder).
+* ``hf:<file.gguf>[?task=...]`` or ``hf:<folder>?gguf_file=NAME``: a llama.cpp GGUF checkpoint
+  (weights, config and tokenizer in one file), dequantized by transformers to a plain float
+  model that exports as safetensors.
 * ``hf:<path/to/config.json>[?k=v&...]``: a local transformers config file (with ``model_type``),
   random weights.
 * ``demo:<name>``: a built-in demo from ``explorer.demos`` (see ``list_demos()``).
@@ -31,14 +34,18 @@ from pathlib import Path
 import torch
 
 from ...graph.walk import to_device
+from ...prune.validate import nonfinite_text, nonfinite_weights
 from ...quality.task import Task, infer_task
 from ._factory import build_factory
+from ._files import check_folder as check_checkpoint_files
 from ._hf import HF_FAMILIES, build_hf
 from ._hf_folder import has_weights
 from ._inputs import check_input_shape, resized_inputs, seeded
 from ._inputs import parse_input_shape as parse_input_shape
 from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
 from ._query import split_query
+from ._sentence import SentenceFolder as SentenceFolder
+from ._sentence import write_sentence_files as write_sentence_files
 from ._timm import build_timm
 from ._types import Built
 from ._types import LoadedModel as LoadedModel
@@ -47,19 +54,24 @@ from ._weights import load_weights
 
 __all__ = [
     "LoadedModel",
+    "SentenceFolder",
     "SpecError",
+    "check_checkpoint_files",
     "checkpoint_folder",
     "hf_families",
     "is_code_spec",
     "list_demos",
     "load_model",
     "parse_input_shape",
+    "spec_paths",
+    "write_sentence_files",
 ]
 
 SPEC_FORMS = (
     "timm:<name>[?k=v&...]",
     "hf:<family>[?k=v&...]",
     "hf:<local checkpoint folder>[?task=...]",
+    "hf:<file.gguf>",
     "hf:<path/to/config.json>",
     "demo:<name>",
     "<path/to/file.py>:<callable>",
@@ -125,8 +137,15 @@ def load_model(
         if shape is not None:
             inputs = resized_inputs(inputs, shape, built, spec)
     model = built.model
+    notes = built.notes
     if weights is not None:
         load_weights(model, Path(weights), trust_weights)
+    if weights is not None or built.pretrained:
+        found = nonfinite_weights(model)
+        if found:
+            source = os.fspath(weights) if weights is not None else built.source or spec
+            notes += (f"the weights of {source} are not finite: {nonfinite_text(found)}; "
+                      "tracing works, pruning refuses them",)
     model.eval()
     return LoadedModel(
         model=model,
@@ -138,7 +157,8 @@ def load_model(
         task=built.task if built.task is not Task.OTHER else infer_task(model),
         tokenizer=built.tokenizer,
         pretrained=built.pretrained or weights is not None,
-        notes=built.notes,
+        notes=notes,
+        sentence=built.sentence,
     )
 
 
@@ -189,6 +209,21 @@ def checkpoint_folder(spec: str) -> Path | None:
     else None."""
     if not spec.startswith("hf:"):
         return None
-    name, _options = split_query(spec[3:], "hf")
+    name, options = split_query(spec[3:], "hf")
+    if "gguf_file" in options or name.lower().endswith(".gguf"):
+        return None  # one GGUF file, not a folder of safetensors shards
     folder = Path(name)
     return folder if folder.is_dir() and has_weights(folder) else None
+
+
+def spec_paths(spec: str) -> list[Path]:
+    """The local files and folders building ``spec`` reads (a checkpoint folder, a config
+    file, a factory's file); none for built-in names. Writers keep clear of them
+    (`explorer.io.paths.check_out_apart`)."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in ("hf", "timm"):
+        name = rest.partition("?")[0]
+        return [Path(name)] if name and Path(name).exists() else []
+    if is_code_spec(spec):
+        return [Path(spec.rpartition(":")[0])]
+    return []

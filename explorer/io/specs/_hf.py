@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from ...quality.task import Task
+from ..own_code import refuse_own_code
+from ._gguf import build_gguf, gguf_target
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
-from ._query import split_query
+from ._query import is_count, split_query
 from ._types import Built, SpecError, one_line
 
 DEFAULT_SEQ_LEN = 16  # token ids per example input
@@ -84,12 +86,16 @@ def build_hf(text: str, device: str) -> Built:
     name, overrides = split_query(text, "hf")
     attn = overrides.pop("attn_implementation", "eager")
     requested_task = overrides.pop("task", None)
+    gguf = gguf_target(name, overrides)
+    if gguf is not None:
+        return build_gguf(*gguf, overrides, requested_task, attn, device)
     if Path(name).is_dir():
         folder = Path(name)
+        refuse_own_code(folder, SpecError)  # before transformers reads any of it
         data = read_config_json(folder / "config.json")
         config = _hf_config(data.pop("model_type"), {**data, "use_cache": False}, overrides)
         task = choose_task(config, requested_task, f"'hf:{text}'")
-        return build_folder(folder, config, task, attn, device)
+        return build_folder(folder, config, task, attn, device, requested_task is not None)
     if name in HF_FAMILIES:
         family = HF_FAMILIES[name]
         config = _hf_config(family.model_type, {**family.defaults, "use_cache": False}, overrides)
@@ -110,7 +116,7 @@ def build_hf(text: str, device: str) -> Built:
         with torch.device(device):
             # transformers leaves from_config unannotated
             model = auto_cls.from_config(  # type: ignore[no-untyped-call]
-                config, attn_implementation=attn)
+                config, attn_implementation=attn, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types on bad configs
         raise SpecError(
             f"transformers could not build 'hf:{text}': {type(e).__name__}: {one_line(e)}; "
@@ -149,23 +155,19 @@ def _hf_config(model_type: str, base: Mapping[str, Any], overrides: Mapping[str,
         raise SpecError(f"{model_type} config rejected its fields: {one_line(e)}") from e
 
 
-_COUNT_PREFIXES = ("num_", "n_")
-_COUNT_SUFFIXES = ("_size", "_dim", "_heads", "_layers", "_embeddings", "_embd", "_positions")
-
-
 def _check_field(model_type: str, key: str, value: Any, reference: Any) -> None:
     """Sizes and counts are positive integers; a field that is an int stays an int."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(reference, int) and not isinstance(reference, bool) and value is not None \
             and not is_int:
         raise SpecError(f"{model_type} config field {key!r} must be an integer, got {value!r}")
-    count = key.startswith(_COUNT_PREFIXES) or key.endswith(_COUNT_SUFFIXES)
-    if count and is_int and value < 1:
+    if is_count(key) and is_int and value < 1:
         raise SpecError(f"{model_type} config field {key!r} must be at least 1, got {value}")
 
 
 def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any, str]:
     """Config and kind ("lm" or "encoder") from a local config.json (random weights)."""
+    refuse_own_code(path, SpecError)
     data = read_config_json(path)
     model_type = data.pop("model_type")
     config = _hf_config(model_type, {**data, "use_cache": False}, overrides)
@@ -176,9 +178,9 @@ def _hf_kind(config: Any) -> str:
     """"lm" for causal LMs, else "encoder", from ``architectures`` or the model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    architectures = getattr(config, "architectures", None)  # a list, unless hand-edited
+    if isinstance(architectures, list) and architectures:
+        causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
         return "lm" if causal else "encoder"
     if config.model_type in HF_FAMILIES:
         return HF_FAMILIES[config.model_type].kind

@@ -49,3 +49,33 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+_COUNT_PREFIXES = ("num_", "n_")
+_COUNT_SUFFIXES = ("_size", "_dim", "_heads", "_layers", "_embeddings", "_embd", "_positions",
+                   "_chans", "_classes", "_features", "depth", "depths")
+_ZERO_OK = frozenset({"num_classes"})  # timm: 0 builds the model without a classifier
+
+
+def is_count(key: str) -> bool:
+    """Whether an option named ``key`` is a size or a count (``num_classes``, ``hidden_size``,
+    ``depths``...): its value must be a positive integer (or a tuple of them)."""
+    return key.startswith(_COUNT_PREFIXES) or key.endswith(_COUNT_SUFFIXES)
+
+
+def check_counts(spec_kind: str, options: dict[str, Any]) -> None:
+    """Sizes and counts among ``options`` are positive integers (``num_classes`` may be 0).
+
+    Raises:
+        SpecError: naming the first option that is not.
+    """
+    for key, value in options.items():
+        if not is_count(key) or value is None:
+            continue
+        lowest = 0 if key in _ZERO_OK else 1
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, bool) or not isinstance(item, int) or item < lowest:
+                raise SpecError(f"{spec_kind} spec option {key!r} must be "
+                                f"{'an integer >= 0' if lowest == 0 else 'a positive integer'}"
+                                f"{' (or a tuple of them)' if isinstance(value, tuple) else ''}"
+                                f", got {value!r}")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...quality.task import Task
-from ._query import split_query
+from ._query import check_counts, split_query
 from ._types import Built, SpecError
 from ._weights import load_weights
 
@@ -39,6 +39,7 @@ def build_timm(text: str, device: str) -> Built:
             f"timm spec option {files[0]!r} would download or read a file; specs build "
             "random weights only: load local weights with weights= (--weights FILE)"
         )
+    check_counts("timm", kwargs)
     if Path(name).is_dir():
         return _build_timm_folder(Path(name), kwargs, device)
     if not timm.is_model(name):
@@ -70,6 +71,8 @@ def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, 
     img_size = kwargs.get("img_size")
     if isinstance(img_size, int):
         height = width = img_size
+    elif isinstance(img_size, tuple) and len(img_size) == 2:
+        height, width = img_size
     chans = kwargs.get("in_chans", chans)
     return (int(chans), int(height), int(width))
 
@@ -84,7 +87,7 @@ def _build_timm_folder(folder: Path, kwargs: dict[str, Any], device: str) -> Bui
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise SpecError(f"cannot read the timm config {str(config_file)!r}: {e}") from e
     arch = config.get("architecture") if isinstance(config, dict) else None
     if not isinstance(arch, str):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ...quality.task import Task
+
+if TYPE_CHECKING:
+    from ._sentence import SentenceFolder
 
 
 class SpecError(ValueError):
@@ -37,6 +40,7 @@ class LoadedModel:
     tokenizer: Any | None = None  # the checkpoint's tokenizer (hf:<folder>), for text data
     pretrained: bool = False  # True when real weights were loaded (folder or weights file)
     notes: tuple[str, ...] = ()  # loading caveats to show the user (e.g. a new head)
+    sentence: SentenceFolder | None = None  # the sentence-transformers pipeline, if any
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,4 @@ class Built:
     source: str = ""  # the checkpoint folder the weights came from, if any
     pretrained: bool = False
     notes: tuple[str, ...] = ()
+    sentence: SentenceFolder | None = None

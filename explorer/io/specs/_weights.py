@@ -1,20 +1,22 @@
 """Local weights: a ``.safetensors`` file, a sharded checkpoint's ``*.index.json`` or a
 ``torch.save``-d state dict, fit to the model.
 
-Pickles load with ``weights_only=True`` unless the caller trusts the file. Keys the model does
+Pickles load with ``weights_only=True`` unless the caller trusts the file; an index reads only
+shards inside its own folder. Keys the model does
 not save (non-persistent buffers such as ``position_ids``) and keys that only repeat a tied
 parameter are tolerated; any other mismatch is one error naming the first bad key.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..paths import shard_files
+from ._files import load_pickle
 from ._types import SpecError
 
 
@@ -97,11 +99,7 @@ def _read_state_dict(path: Path, trust: bool) -> Mapping[str, torch.Tensor]:
                 f"weights {str(path)!r} are not a readable safetensors file "
                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); is it complete?"
             ) from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... per cause
-        hint = "" if trust else "; if you trust this file, pass trust_weights=True"
-        raise SpecError(f"cannot load weights {str(path)!r}: {type(e).__name__}: {e}{hint}") from e
+    obj = load_pickle(path, trust)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, Mapping):
@@ -121,20 +119,11 @@ def _read_sharded(index: Path, trust: bool) -> dict[str, torch.Tensor]:
     """Every shard listed in a sharded checkpoint's ``weight_map``, merged.
 
     Raises:
-        SpecError: if the index is unreadable, has no ``weight_map`` or names a missing shard.
+        SpecError: if the index is unreadable, has no ``weight_map``, or names a shard that
+            is missing or not a weights file inside the index's folder (absolute, ``..``, a
+            link out: `explorer.io.paths.shard_files`).
     """
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpecError(f"cannot read the checkpoint index {str(index)!r}: {e}") from e
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise SpecError(f"checkpoint index {str(index)!r} has no 'weight_map'; give the "
-                        "index.json written by save_pretrained next to its shards")
     state: dict[str, torch.Tensor] = {}
-    for shard in dict.fromkeys(str(v) for v in weight_map.values()):
-        part = index.parent / shard
-        if not part.is_file():
-            raise SpecError(f"shard {shard!r} named by {str(index)!r} does not exist")
+    for part in shard_files(index, SpecError).values():
         state.update(_read_state_dict(part, trust))
     return state

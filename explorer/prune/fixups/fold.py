@@ -40,7 +40,7 @@ from ...graph.tracer import TraceError, trace
 from ...graph.walk import flat_floats
 from .fused import MATMUL, REARRANGE, SELECT, projection_parts
 
-__all__ = ["Fold", "folded", "plan_fold", "scale_tensor"]
+__all__ = ["Fold", "fold_into", "folded", "plan_fold", "refold", "scale_tensor", "unfold"]
 
 aten = torch.ops.aten
 _SUM = {aten.add, aten.sub, aten.cat, aten.stack}  # linear when every input is in the cone
@@ -249,13 +249,16 @@ def _reaches_matmul(graph: Graph, node: OpNode, consumers: dict[int, list[OpNode
 
 
 def _buffer_uses(graph: Graph, module: nn.Module, mod: str, old: float,
-                 consumers: dict[int, list[OpNode]]) -> tuple[list[str], list[tuple[OpNode, int]]]:
+                 consumers: dict[int, list[OpNode]], recorded: bool = False
+                 ) -> tuple[list[str], list[tuple[OpNode, int]]]:
     """One-element buffers of ``module`` holding ``old`` (Gemma2 keeps its embedding scale
     as ``scalar_embed_scale`` and as the buffer ``embed_scale`` its forward multiplies by),
-    and the ``x * buffer`` ops that use them, with ``x``."""
+    and the ``x * buffer`` ops that use them, with ``x``. A weightless buffer holds no value:
+    it counts only when the fold is ``recorded`` (made with weights at cut time, replayed)."""
     names = [f"{mod}.{b}" if mod else b for b, t in module.named_buffers(recurse=False)
-             if t.is_floating_point() and t.numel() == 1 and t.device.type != "meta"
-             and math.isclose(float(t), old, rel_tol=1e-6)]
+             if t.is_floating_point() and t.numel() == 1 and (
+                 recorded if t.device.type == "meta" else
+                 math.isclose(float(t), old, rel_tol=1e-6))]
     uses: list[tuple[OpNode, int]] = []
     stack = [vid for vid, v in graph.values.items()
              if v.kind is ValueKind.BUFFER and v.name in names]
@@ -270,9 +273,10 @@ def _buffer_uses(graph: Graph, module: nn.Module, mod: str, old: float,
     return names, uses
 
 
-def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], float]
-              ) -> Fold:
-    """Which weights absorb each differing constant (``(module, attr) -> new value``)."""
+def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], float],
+              recorded: bool = False) -> Fold:
+    """Which weights absorb each differing constant (``(module, attr) -> new value``);
+    ``recorded``: a fold made with weights before, replayed on a weightless copy."""
     fold = Fold()
     consumers = _consumers(graph)
     for (mod, attr), new in constants.items():
@@ -281,7 +285,7 @@ def plan_fold(graph: Graph, model: nn.Module, constants: dict[tuple[str, str], f
                 for vid in _uses(node, float(old))]
         uses += _halved_uses(graph, mod, float(old), consumers)
         buffers, more = _buffer_uses(graph, model.get_submodule(mod), mod, float(old),
-                                     consumers)
+                                     consumers, recorded)
         uses += more
         fold.buffers.update(dict.fromkeys(buffers, new))
         if not uses:  # read by no traced op (a branch not taken): it just follows the
@@ -353,62 +357,168 @@ def scale_tensor(t: torch.Tensor, factor: float, part: tuple[int, Sequence[int]]
     if part is None:
         t.mul_(factor)
         return
-    index = torch.as_tensor(part[1], dtype=torch.long)
+    index = torch.as_tensor(part[1], dtype=torch.long, device=t.device)
     t.index_copy_(part[0], index, t.index_select(part[0], index) * factor)
+
+
+def fold_into(model: nn.Module, constants: dict[tuple[str, str], float],
+              inputs: Sequence[Any]) -> tuple[Fold, dict[str, torch.Tensor]]:
+    """Set ``constants`` (``(module, attr) -> the config's value``) and fold their ratios into
+    the weights, for good, when a forward on ``inputs`` gives the same outputs.
+
+    The scaled tensors are replaced by new objects, never written in place, so a transaction
+    or an undo that puts the old objects back restores the model bit for bit. A weightless
+    (``meta``) model has no values to fold or compare: its export or streamed replay folds
+    (`plan_fold`).
+
+    Returns:
+        The fold (``Fold.reason`` says why nothing was changed) and the tensors it replaced,
+        by name, with `Fold.constants` holding the old values of the constants.
+    """
+    if any(t.device.type == "meta" for t in model.parameters()):
+        return Fold(reason="a weightless (meta) model has no values to fold; its export or "
+                           "streamed replay folds them"), {}
+    try:
+        graph = trace(model, tuple(inputs))
+    except TraceError as e:
+        return Fold(reason=f"cannot trace the model to fold constants ({e})"), {}
+    fold = plan_fold(graph, model, constants)
+    if fold.reason:
+        return fold, {}
+    tensors = _tensors(model)
+    new: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, factor in fold.scaled.items():
+            new[name] = tensors[name].detach().clone()
+            scale_tensor(new[name], factor, fold.elements.get(name))
+        for name, value in fold.buffers.items():
+            new[name] = torch.full_like(tensors[name], value)
+    modes = {m: m.training for m in model.modules()}
+    # the check compares two eval forwards (dropout would make any two differ), and leaves
+    # the caller's random state and train/eval modes as they were
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model.eval()
+        try:
+            before = flat_floats(model(*inputs))
+            previous = _swap(model, new, constants)
+            after = flat_floats(model(*inputs))
+        finally:
+            for m, training in modes.items():
+                m.training = training
+    if before.shape != after.shape or not torch.allclose(before, after, rtol=1e-4, atol=1e-5):
+        unfold(model, fold, previous)
+        return Fold(reason="the model computes something else after folding the constants "
+                           "into its weights"), {}
+    return fold, previous
+
+
+def unfold(model: nn.Module, fold: Fold, previous: dict[str, torch.Tensor]) -> None:
+    """Take back `fold_into`: the replaced tensors and the constants' old values."""
+    _swap(model, previous, {})
+    for key, (old, _new) in fold.constants.items():
+        mod, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(mod), attr, old)
 
 
 @contextmanager
 def folded(model: nn.Module, constants: dict[tuple[str, str], float],
            inputs: Sequence[Any]) -> Iterator[Fold]:
-    """Inside the block, ``model`` has ``constants`` set and their ratios folded into its
-    weights, when a forward on ``inputs`` shows the same outputs; the model is restored
-    exactly on leaving. ``Fold.reason`` says why nothing was folded."""
+    """Inside the block, ``model`` is as `fold_into` leaves it; it is restored exactly on
+    leaving. ``Fold.reason`` says why nothing was folded."""
+    fold, previous = fold_into(model, constants, inputs)
     try:
-        graph = trace(model, tuple(inputs))
-    except TraceError as e:
-        yield Fold(reason=f"cannot trace the model to fold constants ({e})")
-        return
-    fold = plan_fold(graph, model, constants)
-    if fold.reason:
-        yield fold
-        return
-    params: dict[str, torch.Tensor] = dict(model.named_parameters())
-    params.update(model.named_buffers())
-    saved = {name: params[name].detach().clone() for name in [*fold.scaled, *fold.buffers]}
-    attrs = {key: getattr(model.get_submodule(key[0]), key[1]) for key in constants}
-    modes = {m: m.training for m in model.modules()}
-    try:
-        # the check compares two eval forwards (dropout would make any two differ), and
-        # leaves the caller's random state and train/eval modes as they were
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model.eval()
-            try:
-                before = flat_floats(model(*inputs))
-                for name, factor in fold.scaled.items():
-                    scale_tensor(params[name], factor, fold.elements.get(name))
-                for name, value in fold.buffers.items():
-                    params[name].fill_(value)
-                for (mod, attr), new in constants.items():
-                    setattr(model.get_submodule(mod), attr, new)
-                after = flat_floats(model(*inputs))
-            finally:
-                for m, training in modes.items():
-                    m.training = training
-        same = before.shape == after.shape and \
-            torch.allclose(before, after, rtol=1e-4, atol=1e-5)
-        if not same:
-            fold = Fold(reason="the model computes something else after folding the "
-                               "constants into its weights")
-            _restore(model, params, saved, attrs)
         yield fold
     finally:
-        _restore(model, params, saved, attrs)
+        if not fold.reason:
+            unfold(model, fold, previous)
 
 
-def _restore(model: nn.Module, params: dict[str, torch.Tensor],
-             saved: dict[str, torch.Tensor], attrs: dict[tuple[str, str], Any]) -> None:
-    with torch.no_grad():
-        for name, t in saved.items():
-            params[name].copy_(t)
-    for (mod, attr), value in attrs.items():
-        setattr(model.get_submodule(mod), attr, value)
+Part = tuple[int, list[int]]  # a dim and the indices along it a factor applies to
+Product = tuple[str, float, Part | None]  # tensor, factor, part (None: all of it)
+StepConstants = dict[tuple[str, str], tuple[float, float]]  # (module, attr) -> (old, new)
+
+
+def refold(model: nn.Module, graph: Graph, steps: Sequence[StepConstants]
+           ) -> tuple[list[Product], dict[str, float]] | str:
+    """Repeat recorded folds on a model whose cuts are all applied (a plan replay).
+
+    ``steps`` holds, per pruning step, the constants folded then: ``(module, attr) -> (old,
+    new)``. Each constant's weights are found on ``graph`` (a trace of ``model`` now, its
+    constants still at their first values), and each step's ratio ``old / new`` multiplies
+    them in step order: the same products, element by element, as folding after each cut
+    (a cut only selects elements), so the replay is bit-identical to the pruning.
+
+    Returns:
+        The multiplications in order (tensor, factor, part or None) and the one-element
+        buffers set (name -> value), to apply to the model or to checkpoint tensors; or why
+        the recorded folds do not fit the model.
+    """
+    final: dict[tuple[str, str], float] = {}
+    for step in steps:
+        for key, (old, new) in step.items():
+            try:
+                current = final.get(key, getattr(model.get_submodule(key[0]), key[1]))
+            except AttributeError:
+                return f"the model has no constant {key[0]}.{key[1]} to fold"
+            if not isinstance(current, float) or not math.isclose(current, old, rel_tol=1e-12):
+                return (f"{key[0]}.{key[1]} is {current!r} where the plan folds it from "
+                        f"{old!r}")
+            final[key] = new
+    per_key: dict[tuple[str, str], Fold] = {}
+    for key, new in final.items():
+        fold = plan_fold(graph, model, {key: new}, recorded=True)
+        if fold.reason:
+            return fold.reason
+        per_key[key] = fold
+    products: list[Product] = []
+    fills: dict[str, float] = {}
+    for step in steps:
+        factors: dict[str, float] = {}  # one product per tensor and step, as `plan_fold`
+        for key, (old, new) in step.items():
+            fold = per_key[key]
+            for name in fold.scaled:
+                factors.setdefault(name, float(old) / new)
+            fills.update(dict.fromkeys(fold.buffers, new))
+        products += [(name, factor, _part(per_key, name))
+                     for name, factor in factors.items()]
+    return products, fills
+
+
+def _part(per_key: dict[tuple[str, str], Fold], name: str) -> Part | None:
+    """The part of tensor ``name`` a fold scales (None: all of it)."""
+    for fold in per_key.values():
+        if name in fold.elements:
+            return fold.elements[name]
+    return None
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _swap(model: nn.Module, new: dict[str, torch.Tensor],
+          constants: dict[tuple[str, str], float]) -> dict[str, torch.Tensor]:
+    """Put ``new`` tensors in place (every tied name of each: ties stay) and set
+    ``constants``; returns the tensors replaced, by name."""
+    names: dict[int, list[str]] = {}
+    for name, t in _tensors(model).items():
+        names.setdefault(id(t), []).append(name)
+    current = _tensors(model)
+    previous: dict[str, torch.Tensor] = {}
+    for name, tensor in new.items():
+        old = current[name]
+        value: torch.Tensor = nn.Parameter(tensor, requires_grad=old.requires_grad) \
+            if isinstance(old, nn.Parameter) and not isinstance(tensor, nn.Parameter) \
+            else tensor
+        for alias in names[id(old)]:
+            owner, _, attr = alias.rpartition(".")
+            module = model.get_submodule(owner)
+            previous[alias] = getattr(module, attr)
+            if attr in module._parameters and isinstance(value, nn.Parameter):
+                module._parameters[attr] = value
+            else:
+                module._buffers[attr] = value
+    for (mod, attr), value_ in constants.items():
+        setattr(model.get_submodule(mod), attr, value_)
+    return previous

@@ -1,0 +1,47 @@
+"""Where each axis of a group lives: the layer its members share.
+
+A group can span many layers (the head group of a Llama couples every layer's attention
+through the shared rotary frequencies); each of its axes still belongs to one layer or is
+shared by all. Reports list cuts by these places, not under the group's first module.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .analyze import Coupling
+from .groups import Group
+
+SHARED = "all layers (shared)"  # an axis whose members sit in several numbered layers
+
+
+def common_prefix(names: Sequence[str]) -> str:
+    """The dotted module path every name starts with ("" when none)."""
+    parts = [n.split(".") for n in names if n]
+    if not parts:
+        return ""
+    out: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def axis_layers(coupling: Coupling, group: Group) -> dict[int, str]:
+    """Axis index -> the layer (module prefix) its members share, `SHARED` when several."""
+    members = coupling.members_of(group)
+    out: dict[int, str] = {}
+    for i, ax in enumerate(group.axes):
+        mods = sorted({m.module for m, fams in members if ax.family in fams})
+        many = len({_layer_index(m) for m in mods}) > 1
+        out[i] = SHARED if many else (common_prefix(mods) or "model")
+    return out
+
+
+def _layer_index(module: str) -> str:
+    """The first numbered part of a module path (``layers.3``), or the path."""
+    parts = module.split(".")
+    for k, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:k + 1])
+    return module

@@ -1,0 +1,236 @@
+"""What a prune will cut, per target, said before anything is cut.
+
+`statement` runs the pruner's own proposal (`Pruner.propose`, the same picks a step makes
+before pre-flight) and sums it per target (`explorer.coupling.targets`): the widths each
+target goes from and to, the attention heads, the parameters it removes, and in words how
+the ratio is read. Where whole units round the ratio (three key/value groups a layer cannot
+lose 25 %), it says what is really removed and why.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..coupling.groups import Group
+from ..coupling.targets import target_list, target_of
+from ..coupling.vocab import AxisRole, HeadMode, Target
+from .pruner import GroupChange, Pruner
+from .removal import Removal
+
+TOLERANCE = 0.005  # a removed fraction this close to the ratio asked is not called rounded
+
+
+@dataclass(frozen=True)
+class Width:
+    """Axes of one role that go from one width to another (``count`` of them)."""
+
+    role: str
+    before: int
+    after: int
+    count: int
+
+
+@dataclass
+class TargetLoss:
+    """What one target will lose."""
+
+    target: str
+    selected: bool
+    groups: int  # prunable groups of this kind
+    cut: int  # groups the plan cuts
+    params_removed: int
+    reading: str  # how the ratio is read for this target, or why it is left alone
+    widths: list[Width] = field(default_factory=list)
+    removed_fraction: float | None = None  # of the widths cut (heads: of the heads)
+    heads: dict[str, int] | None = None  # query / key-value heads before and after
+    note: str = ""  # the ratio asked vs the fraction removed, and why they differ
+
+    def line(self) -> str:
+        """One line for the command line's text output: ``"mlp: 20% of ..."``."""
+        return f"{self.target}: {self.details()}"
+
+    def details(self) -> str:
+        """How the ratio is read, the widths, heads and parameters it removes, the note."""
+        parts = [self.reading]
+        if self.cut:
+            gqa = self.heads is not None and self.heads["kv_before"] != self.heads["query_before"]
+            parts.append(", ".join(_width_words(w, gqa) for w in self.widths))
+        if self.heads and self.cut:
+            h = self.heads
+            words = f"query heads {h['query_before']} -> {h['query_after']}"
+            if h["kv_before"] != h["query_before"]:
+                words += f", key/value heads {h['kv_before']} -> {h['kv_after']}"
+            parts.append(words)
+        if self.cut:
+            parts.append(f"-{self.params_removed:,} params")
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+
+@dataclass
+class Statement:
+    """The whole statement: the ratio used, and each target's loss."""
+
+    ratio: float  # the ratio the plan uses (searched when a parameter/MAC target is set)
+    targets: list[str]  # the targets selected
+    default: bool  # the targets are the model's default
+    params_before: int
+    params_after: int  # predicted, before pre-flight drops unsafe groups
+    losses: list[TargetLoss]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        """Lines for the command line: a heading, then one line per target."""
+        which = ", ".join(self.targets) + (" (default)" if self.default else "")
+        head = (f"what will be cut (ratio {self.ratio:.3g}, targets {which}): params "
+                f"{self.params_before:,} -> {self.params_after:,}")
+        return "\n".join([head, *(f"  {loss.line()}" for loss in self.losses)])
+
+
+def statement(pruner: Pruner) -> Statement:
+    """What ``pruner``'s full prune will cut, per target, before cutting (scores are
+    computed, as the first step would; nothing is changed)."""
+    ratio = pruner.plan_ratio()
+    removal, changes, _skipped = pruner.propose(ratio)
+    params = pruner.params_now()
+    losses = []
+    for target in Target:
+        groups = [g for g in pruner.groups if g.prunable and target_of(g) is target]
+        if not groups:
+            continue
+        ids = {g.id for g in groups}
+        mine = [c for c in changes if c.group in ids]
+        part = Removal({k: v for k, v in removal.picks.items() if k[0] in ids})
+        loss = TargetLoss(target.value, target in pruner.targets, len(groups),
+                          len({c.group for c in mine}),
+                          params - pruner.predict_params(part) if part else 0,
+                          _reading(pruner, target, ratio), _widths(mine))
+        if target is Target.HEADS:
+            loss.heads = _head_counts(pruner, groups, part)
+        loss.removed_fraction = _fraction(mine, loss.heads)
+        loss.note = _rounding(pruner, target, ratio, loss, mine, groups)
+        losses.append(loss)
+    return Statement(ratio, target_list(pruner.targets), pruner.targets_default, params,
+                     pruner.predict_params(removal), losses)
+
+
+def _reading(pruner: Pruner, target: Target, ratio: float) -> str:
+    """How the ratio is read for ``target`` (or why the target is left alone)."""
+    if target not in pruner.targets:
+        return f"kept: {pruner.untargeted(target)}"
+    mode = HeadMode(pruner.heads)
+    if target is Target.HEADS and mode is HeadMode.KEEP:
+        return "kept: heads 'keep' leaves every attention parameter unchanged"
+    pct = f"{ratio:.0%}"
+    gqa = any(g.heads is not None and g.heads.kv_heads for g in pruner.groups)
+    if pruner.global_pruning:
+        return (f"{pct} of all selected channels ranked together across groups (scores "
+                f"normalised per axis), each keeping at least {1 - pruner.max_ratio:.0%}: "
+                f"widths differ per layer")
+    words = {
+        Target.MLP: f"{pct} of each MLP's hidden units, in every layer",
+        Target.RESIDUAL: f"{pct} of the hidden size: one width shared by the embeddings, "
+                         f"every norm and every projection reading or writing the residual "
+                         f"stream",
+        Target.CHANNELS: f"{pct} of each group's channels",
+        Target.HEADS: {
+            HeadMode.DIMS: f"{pct} of the dims inside every head (the same dims in each "
+                           f"head), in every layer",
+            HeadMode.WHOLE: f"{pct} of each layer's heads, as whole key/value groups with "
+                            f"their query heads" if gqa else f"{pct} of each layer's heads, "
+                                                             f"as whole heads",
+            HeadMode.QUERY: f"{pct} of the query heads inside every key/value group, keys "
+                            f"and values kept" if gqa else f"{pct} of each layer's heads, as "
+                                                           f"whole heads (no key/value groups)",
+        }.get(mode, ""),
+    }[target]
+    if pruner.target_params is not None or pruner.target_macs is not None:
+        goal = ("parameters" if pruner.target_params is not None else "MACs")
+        frac = pruner.target_params if pruner.target_params is not None else pruner.target_macs
+        words = f"ratio {ratio:.3g} searched to keep {frac:.0%} of the {goal}: {words}"
+    if pruner.ratios:
+        words += " (per-module ratios: " + ", ".join(
+            f"{k} {v:.0%}" for k, v in sorted(pruner.ratios.items())) + ")"
+    return words
+
+
+def _widths(changes: list[GroupChange]) -> list[Width]:
+    counts = Counter((c.axis, c.width_before, c.width_after) for c in changes)
+    return [Width(str(r), b, a, n) for (r, b, a), n in sorted(counts.items())]
+
+
+def _width_words(w: Width, gqa: bool) -> str:
+    words = {"channels": "channels", "heads": "key/value groups" if gqa else "heads",
+             "head-repeat":
+             "query heads per key/value group", "head-dim": "dims per head",
+             "groups": "groups"}.get(w.role, w.role)
+    where = f" (x{w.count})" if w.count > 1 else ""
+    return f"{words} {w.before} -> {w.after}{where}"
+
+
+def _head_counts(pruner: Pruner, groups: list[Group], part: Removal) -> dict[str, int] | None:
+    """Query and key/value heads before and after ``part``, summed over every layer."""
+    out = {"query_before": 0, "query_after": 0, "kv_before": 0, "kv_after": 0}
+    found = False
+    for g in groups:
+        cut = {a: len(idx) for (gid, a), idx in part.picks.items() if gid == g.id}
+        repeat = {a.family: i for i, a in enumerate(g.axes) if a.role is AxisRole.HEAD_REPEAT}
+        families = [f for _m, f in pruner.coupling.members_of(g)]
+        for i, ax in enumerate(g.axes):
+            if ax.role is not AxisRole.HEADS:
+                continue
+            found = True
+            r = next((repeat[f] for fams in families if ax.family in fams for f in fams
+                      if f in repeat), None)
+            per_b = g.axes[r].size if r is not None else 1
+            per_a = per_b - cut.get(r, 0) if r is not None else 1
+            kv_b, kv_a = ax.size, ax.size - cut.get(i, 0)
+            out["kv_before"] += kv_b
+            out["kv_after"] += kv_a
+            out["query_before"] += kv_b * per_b
+            out["query_after"] += kv_a * per_a
+    return out if found else None
+
+
+def _fraction(changes: list[GroupChange], heads: dict[str, int] | None) -> float | None:
+    """The fraction removed: of the heads when whole heads go, else of the widths cut."""
+    whole = {str(AxisRole.HEADS), str(AxisRole.HEAD_REPEAT)}
+    if heads and any(c.axis in whole for c in changes) and heads["query_before"]:
+        return 1 - heads["query_after"] / heads["query_before"]
+    before = sum(c.width_before for c in changes)
+    return None if not before else sum(c.width_before - c.width_after
+                                       for c in changes) / before
+
+
+def _rounding(pruner: Pruner, target: Target, ratio: float, loss: TargetLoss,
+              changes: list[GroupChange], groups: list[Group]) -> str:
+    """Why the fraction removed differs from the ratio asked, when it does."""
+    got = loss.removed_fraction
+    if pruner.global_pruning or pruner.ratios or ratio <= 0 or not loss.selected:
+        return ""
+    if got is None:  # nothing of this target is cut: every width rounds back to itself
+        sizes = [g.axes[a].size for g in groups for a in pruner.target_axes(g)]
+        if not sizes:
+            return ""
+        return (f"removes nothing at {ratio:.0%}: the narrowest width to cut is "
+                f"{min(sizes)}, and {ratio:.0%} of it rounds to none")
+    if abs(got - ratio) <= TOLERANCE:
+        return ""
+    smallest = min(c.width_before for c in changes)
+    if target is Target.HEADS and any(c.axis in (str(AxisRole.HEADS),
+                                                 str(AxisRole.HEAD_REPEAT)) for c in changes):
+        unit = ("key/value groups" if any(c.axis == str(AxisRole.HEADS) for c in changes)
+                and loss.heads and loss.heads["kv_before"] != loss.heads["query_before"]
+                else "query heads per key/value group" if any(
+                    c.axis == str(AxisRole.HEAD_REPEAT) for c in changes) else "heads")
+        why = (f"heads go whole, {smallest} {unit} a layer, so the fraction moves in steps "
+               f"of 1/{smallest}")
+    else:
+        why = f"widths are whole channels (the narrowest is {smallest})"
+        if pruner.round_to > 1:
+            why += f", rounded to multiples of {pruner.round_to}"
+    return f"removes {got:.1%}, not the {ratio:.0%} asked: {why}"
