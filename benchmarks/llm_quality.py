@@ -64,13 +64,6 @@ from explorer.prune.removal import Removal  # noqa: E402
 METHODS = ("dense", "random", "magnitude", "wanda-sp", "flap", "ours", "ours-global")
 
 
-def mlp_only(model: nn.Module) -> list[str]:
-    """Modules to ignore so that only MLP channels are cut: every norm (which holds the
-    residual stream's group); attention stays whole through ``heads="keep"``."""
-    return [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")
-            or isinstance(m, nn.LayerNorm)]
-
-
 class Fluctuation(Criterion):
     """FLAP's fluctuation metric: Var(X_j) * ||W[:, j]||^2 over each consumer's inputs."""
 
@@ -169,7 +162,7 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
     if method != "dense":
         importance = {"random": "random", "magnitude": "magnitude"}.get(method, "activation")
         pruner = Pruner(lm.model, lm.example_inputs, importance=importance, ratio=ratio,
-                        heads="keep", ignored=mlp_only(lm.model), calibration=cal,
+                        heads="keep", targets="mlp", calibration=cal,
                         global_pruning=method == "ours-global",
                         compensate="lstsq" if method.startswith("ours") else None,
                         scores=Fluctuation() if method == "flap" else None)

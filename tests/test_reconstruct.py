@@ -22,11 +22,6 @@ from explorer.prune.calibration import Calibration
 LAYERS = 4
 
 
-def mlp_only(model: nn.Module) -> list[str]:
-    """Ignore the norms (the residual stream's group): only MLP channels are cut."""
-    return [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
-
-
 @pytest.fixture(scope="module")
 def small(smollm2: Path, prose: tuple[Path, Path]) -> tuple[LoadedModel, Calibration,
                                                              Calibration]:
@@ -55,7 +50,7 @@ def _loss(model: nn.Module, held: Calibration) -> float:
 
 def _pruner(lm: LoadedModel, cal: Calibration, ratio: float, **kw: Any) -> Pruner:
     return Pruner(lm.model, lm.example_inputs, importance="activation", ratio=ratio,
-                  heads="keep", ignored=mlp_only(lm.model), calibration=cal, **kw)
+                  heads="keep", targets="mlp", calibration=cal, **kw)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
