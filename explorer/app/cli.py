@@ -182,8 +182,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "(default: a temporary folder, removed afterwards)")
     _add_generate_args(p)
     p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
-                   help="refit the layers that read removed channels on the calibration data "
-                        "(random inputs without --calibration: check quality on held-out data)")
+                   help="refit the layers that read removed channels on the calibration data: "
+                        "bias (the mean of what was removed, FLAP) or lstsq (ridge least "
+                        "squares, layer by layer on the pruned model's own inputs, kept per "
+                        "layer only where it helps on held-out calibration samples); random "
+                        "inputs without --calibration: check quality on held-out data")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:

@@ -1,18 +1,24 @@
 """Compensation: refit what removed channels fed into, from calibration activations.
 
 Removing input channels ``R`` of a layer ``y = W x + b`` drops ``W[:, R] x_R`` from its
-output. Two refits, both computed from the unpruned model's inputs to each consumer layer
-on the calibration data (padded tokens left out):
+output. Two refits, from each consumer layer's inputs on the calibration data (padded tokens
+left out):
 
-* ``bias``: ``b += W[:, R] @ mean(x_R)``, the mean of what was dropped. Exact when the removed
-  channels are constant on the data (dead or saturated units); a layer without a bias gets
-  one where its forward reads ``self.bias`` (Linear, Conv).
-* ``lstsq``: ridge least squares of the consumer's kept columns and bias on the kept inputs
-  against its unpruned output: ``[W' b'] = ([W b] G[:, K] + lam P) (G[K, K] + lam I)^-1``
-  with ``G`` the second moment of ``[x; 1]``, ``lam = ridge * mean(diag G[K, K])`` and ``P``
-  the ``bias`` solution, so the ridge pulls towards bias compensation rather than towards
-  zero. Linear layers only (others get ``bias``). With few calibration tokens per input it
-  overfits: evaluate it on held-out data.
+* ``bias``: ``b += W[:, R] @ mean(x_R)``, the mean of what was dropped (in the unpruned
+  model). Exact when the removed channels are constant on the data (dead or saturated
+  units); a layer without a bias gets one where its forward reads ``self.bias`` (Linear,
+  Conv).
+* ``lstsq``: ridge least squares of the consumer's kept columns and bias. Consumers inside
+  the model's repeated blocks (decoder or encoder layers; Linear) are refit **sequentially**
+  (`explorer.prune.reconstruct`): block by block on the inputs the already cut and refit
+  blocks below produce, against the original model's output, each choosing between the plain
+  cut, ``bias`` and ridge fits by its error on calibration samples held out from the fit.
+  Other consumers are refit one-shot on the unpruned model's inputs:
+  ``[W' b'] = ([W b] G[:, K] + lam P) (G[K, K] + lam I)^-1`` with ``G`` the second moment
+  of ``[x; 1]``, ``lam = ridge * mean(diag G[K, K])`` and ``P`` the ``bias`` solution, so the
+  ridge pulls towards bias compensation rather than towards zero (others than Linear layers
+  get ``bias``); the one-shot refits are kept only when they bring the model's outputs on the
+  calibration data closer to the unpruned ones.
 
 Before a head-dim cut, both first re-base the heads it cuts (`explorer.prune.rebase`): a
 change of basis inside each head that keeps the function and moves the least energetic
@@ -37,7 +43,9 @@ from ..graph.walk import flat_floats
 from .calibration import Calibration
 from .importance import calibrating, calibration_pass, input_dim
 from .rebase import head_axes, rebase
+from .reconstruct import Consumer, Reconstruction, inside_blocks, reconstruct
 from .removal import Applied, Removal, apply_removal, removed_atoms, set_tensor, undo
+from .sequential import SequentialError
 
 GUARD_BATCHES = 2  # calibration batches the end-to-end check compares outputs on
 
@@ -179,20 +187,35 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
                          f"the meta device; prune without it (--compensate none)")
     todo = targets(model, coupling, removal)
     gram = kind is Compensation.LSTSQ
-    reference = _outputs(model, calib)
+    cache: list[list[torch.Tensor]] = []  # the unpruned outputs, measured when first needed
+
+    def reference() -> list[torch.Tensor]:
+        if not cache:
+            cache.append(_outputs(model, calib))
+        return cache[0]
+
     stats, rebased = _rebase_heads(model, coupling, removal, calib, reference, stats or {},
                                    notes)
     try:
+        rec = _sequential(model, todo, calib, notes) if gram else Reconstruction()
+        done = {f.module for f in rec.fits}
+        todo = [t for t in todo if t.module not in done]  # the rest: one-shot, as before
         known = {k: v for k, v in stats.items() if not gram or v.gram is not None}
         missing = [t.module for t in todo if t.module not in known]
         stats = {**known, **(input_stats(model, missing, calib, gram) if missing else {})}
         original = {t.module: _dense(model.get_submodule(t.module)) for t in todo}
+        if todo:
+            reference()
         applied = apply_removal(model, coupling, removal)
     except BaseException:
         _put_back(model, rebased)  # the re-basing too: nothing of this call stays
         raise
     applied.previous.update(rebased)  # undo restores the weights from before the re-basing
     try:
+        for name, tensor in sorted(rec.tensors.items()):
+            rows = applied.keeps.get((name.rpartition(".")[0] + ".weight", 0))
+            _install(model, name, tensor if rows is None else tensor[torch.as_tensor(rows)],
+                     applied)
         new: dict[str, torch.Tensor] = {}
         for t in todo:
             if t.module not in stats:  # not run on the calibration data: nothing to fit
@@ -203,18 +226,37 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
                               name.rpartition(".")[2]) for name in new}
         for name, tensor in new.items():
             _install(model, name, tensor, applied)
-        _keep_if_better(model, calib, reference, new, plain, kind, notes)
+        if new:
+            _keep_if_better(model, calib, reference(), new, plain, kind, notes)
     except Exception:
         undo(model, applied)
         raise
     return applied
 
 
+def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
+                notes: list[str] | None) -> Reconstruction:
+    """`reconstruct` of the Linear consumers inside the model's repeated blocks (none when
+    it has no such blocks); its summary goes into ``notes``."""
+    inside = inside_blocks(model, [t.module for t in todo])
+    consumers = [Consumer(t.module, t.weight, t.kept) for t in todo
+                 if t.module in inside and t.in_dim == 1]
+    if not consumers:
+        return Reconstruction()
+    try:
+        rec = reconstruct(model, consumers, calib)
+    except SequentialError:  # the forward does not reach the blocks: refit one-shot
+        return Reconstruction()
+    if notes is not None and rec.fits:
+        notes.append(rec.summary())
+    return rec
+
+
 REBASE_TOLERANCE = 1e-8  # relative squared output change a re-basing may cause (rounding)
 
 
 def _rebase_heads(model: nn.Module, coupling: Coupling, removal: Removal, calib: Calibration,
-                  reference: list[torch.Tensor], stats: Mapping[str, InputStats],
+                  reference: Callable[[], list[torch.Tensor]], stats: Mapping[str, InputStats],
                   notes: list[str] | None) -> tuple[dict[str, InputStats],
                                                     dict[str, torch.Tensor]]:
     """Re-base the heads whose dims ``removal`` cuts (see `explorer.prune.rebase`).
@@ -242,7 +284,7 @@ def _rebase_heads(model: nn.Module, coupling: Coupling, removal: Removal, calib:
         done = rebase(model, axes, grams)
     except (RuntimeError, KeyError, ValueError):  # e.g. a singular moment even with the ridge
         return out, {}
-    moved = _deviation(_outputs(model, calib), reference)
+    moved = _deviation(_outputs(model, calib), reference())
     if moved > REBASE_TOLERANCE:
         _put_back(model, done.previous)
         if notes is not None:

@@ -694,6 +694,8 @@ class Pruner:
         flight = Preflight(self.model, self.inputs, self.coupling)
         removal, changes = self._drop_unsafe(flight, removal, changes, report)
         report.changes = changes
+        if self.global_pruning and changes:
+            report.notes.append(_allocation_note(changes))
         if removal:
             note = self.config_note
             with transaction(self.model) as state:  # the config update too: all or nothing
@@ -903,6 +905,23 @@ class Pruner:
             return part, GroupChange(group.id, group.title, ax.role, idx, ax.size,
                                      ax.size - n, why, axis_layers(self.coupling, group)[i])
         return None
+
+
+def _allocation_note(changes: list[GroupChange]) -> str:
+    """What the global ranking gave each width: the spread of kept widths per original width
+    (uniform widths are what a transformers config can describe)."""
+    spans: dict[int, tuple[int, int, int]] = {}
+    for c in changes:
+        lo, hi, n = spans.get(c.width_before, (c.width_after, c.width_after, 0))
+        spans[c.width_before] = (min(lo, c.width_after), max(hi, c.width_after), n + 1)
+    parts = [f"{lo}-{hi} of {w} kept across {n} groups" if lo != hi else
+             f"{lo} of {w} kept in all {n} groups" for w, (lo, hi, n) in sorted(spans.items())]
+    uneven = any(lo != hi for lo, hi, _n in spans.values())
+    return (f"global allocation: per-layer widths from scores normalised per group ("
+            f"{'; '.join(parts)})" + ("; layers of one kind now differ in width, which a "
+                                      "transformers config cannot describe (export pt or "
+                                      "safetensors + plan; without --global every layer "
+                                      "keeps the same width)" if uneven else ""))
 
 
 def _joint_reason(location: str, props: dict[GroupKey, Proposal], keys: list[GroupKey]

@@ -1,0 +1,426 @@
+"""Sequential reconstruction: refit the layers that read removed channels, one block at a time.
+
+The closed-form reconstruction of FLAP and SlimGPT, for models made of a list of repeated
+blocks (decoder layers, encoder layers; `explorer.prune.sequential.decoder_layers`). A
+consumer ``y = W x + b`` of removed input channels ``R`` (an MLP down projection, an
+attention output projection) keeps columns ``K`` and gets a new weight and bias
+``A = [W' b']`` by ridge least squares over calibration tokens:
+
+    A = argmin sum_t ||A [x_t[K]; 1] - [W b] [z_t; 1]||^2 + lam ||A - P||^2
+
+* ``x_t``: the consumer's input in the **pruned** model, whose blocks below were already cut
+  and refit (sequential: each block is fit on the inputs the blocks below really produce);
+* ``z_t``: the target input, either ``x_t`` itself (``local``: the refit only makes up for
+  the columns it loses) or the consumer's input in the **original** model (``original``:
+  the refit also corrects the error accumulated below);
+* ``P``: FLAP's bias compensation ``[W[:, K], b + W[:, R] mean(x[R])]``; the ridge pulls
+  towards it, so a strong ridge gives bias compensation back.
+
+The calibration samples are split: every `HOLDOUT_EVERY`-th sample is held out. Per
+consumer, the plain cut, bias compensation and ridge fits over `RIDGES` for both targets are
+compared on the held-out tokens (relative squared error of the consumer's output against
+the original model's) and the best one is kept, so a refit stays only where it helps.
+
+The pruned model is simulated on the unpruned one, without copying it: each consumer reads
+only its kept inputs (a forward hook replaces its output), which is exactly the cut model
+for cuts of MLP channels and heads (the producers' removed rows feed only these columns).
+Nothing of the model changes here: the result is the new tensors, installed by
+`explorer.prune.compensate.prune_and_compensate` with the cut, all or nothing.
+
+Memory: the two streams' hidden states entering the current block (per batch), the current
+block's consumer inputs in the original model, and (n+1)^2 second moments per consumer of n
+inputs; never a second copy of the model.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibration import Calibration, batch_size
+from .importance import calibrating
+from .sequential import (
+    Inputs,
+    SequentialError,
+    _first_inputs,
+    _hidden_in,
+    _with_hidden,
+    decoder_layers,
+)
+
+HOLDOUT_EVERY = 5  # every 5th calibration sample judges the refits (20 %)
+# ridge strengths tried, relative to the mean input energy (on SmolLM2 at 20-40 % of the MLP
+# channels 0.1 won in 27 of 30 layers of a grid from 0.001 to 0.1)
+RIDGES = (0.03, 0.1, 0.3, 1.0)
+STREAMS = ("local", "original")  # the targets there are (module docstring)
+# the targets tried by default: ``original`` won 28 of 30 layers against ``local`` on SmolLM2
+# at 40 % of the MLP channels (held-out perplexity 39.9 with both tried, the same 28 layers)
+DEFAULT_STREAMS = ("original",)
+
+
+@dataclass
+class Consumer:
+    """One layer to refit: it loses input columns."""
+
+    module: str
+    weight: str  # qualified weight name
+    kept: np.ndarray  # kept input indices (of the unpruned layer)
+
+
+@dataclass
+class Fit:
+    """What was chosen for one consumer, with its held-out errors."""
+
+    module: str
+    kept: np.ndarray  # kept input indices
+    choice: str  # "plain", "bias", or "ridge <lam> <stream>"
+    error_plain: float  # relative squared output error of the plain cut (held-out tokens)
+    error: float  # the same for the choice
+
+
+@dataclass
+class Reconstruction:
+    """New tensors (unpruned output rows, kept input columns) and the per-layer choices."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    fits: list[Fit] = field(default_factory=list)
+    heldout: bool = True  # False: too few samples to hold any out; judged on the fit tokens
+
+    def summary(self) -> str:
+        """One line for the report: where the refit was kept and what it bought."""
+        if not self.fits:
+            return ""
+        kept = [f for f in self.fits if f.choice != "plain"]
+        before = float(np.mean([f.error_plain for f in self.fits]))
+        after = float(np.mean([f.error for f in self.fits]))
+        where = "held-out calibration tokens" if self.heldout else \
+            "the calibration tokens (too few samples to hold some out)"
+        kinds = sorted({f.choice.split()[0] + (" " + f.choice.split()[-1]
+                                               if f.choice.startswith("ridge") else "")
+                        for f in kept})
+        return (f"reconstruction (sequential least squares) kept in {len(kept)}/"
+                f"{len(self.fits)} layers ({', '.join(kinds) or 'none'}): mean relative "
+                f"output error of the cut layers on {where} {before:.4g} -> {after:.4g}")
+
+
+def split(calib: Calibration, every: int = HOLDOUT_EVERY) -> tuple[Calibration, Calibration | None]:
+    """(fit, held-out): every ``every``-th sample held out; None when there are too few."""
+    total = sum(batch_size(b) for b in calib.batches)
+    if total < every:
+        return calib, None
+    fit: list[tuple[Any, ...]] = []
+    held: list[tuple[Any, ...]] = []
+    start = 0
+    for batch in calib.batches:
+        n = batch_size(batch)
+        hold = torch.tensor([(start + j) % every == every - 1 for j in range(n)])
+        start += n
+        for out, rows in ((fit, ~hold), (held, hold)):
+            if bool(rows.any()):
+                out.append(tuple(a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0
+                                 and a.shape[0] == n else a for a in batch))
+    return (Calibration(fit, calib.loss, None, dict(calib.kwargs), calib.mask_index),
+            Calibration(held, calib.loss, None, dict(calib.kwargs), calib.mask_index))
+
+
+def inside_blocks(model: nn.Module, modules: Sequence[str]) -> dict[str, int]:
+    """Module -> index of the repeated block holding it (modules outside are left out)."""
+    try:
+        prefix, layers = decoder_layers(model)
+    except SequentialError:
+        return {}
+    out = {}
+    for m in modules:
+        head = f"{prefix}." if prefix else ""
+        if m.startswith(head):
+            first = m[len(head):].split(".", 1)[0]
+            if first.isdigit() and int(first) < len(layers) and \
+                    isinstance(model.get_submodule(m), nn.Linear):
+                out[m] = int(first)
+    return out
+
+
+def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibration,
+                ridges: Sequence[float] = RIDGES, streams: Sequence[str] = DEFAULT_STREAMS
+                ) -> Reconstruction:
+    """Refit ``consumers`` (Linear layers inside the repeated blocks) block by block.
+
+    Args:
+        model: the unpruned model (left unchanged: hooks only, removed on leaving).
+        consumers: the layers that lose input columns, with their kept columns.
+        calib: calibration batches (split into fit and held-out samples, `split`).
+        ridges: ridge strengths to try, relative to the mean energy of the kept inputs.
+        streams: targets to try: ``local`` and/or ``original`` (module docstring).
+
+    Returns:
+        The new tensors of the refit layers and the choice for every consumer.
+
+    Raises:
+        SequentialError: the model has no repeated blocks, or its forward does not reach them.
+    """
+    for s in streams:
+        if s not in STREAMS:
+            raise ValueError(f"unknown reconstruction target {s!r}; choose from {STREAMS}")
+    _prefix, layers = decoder_layers(model)
+    where = inside_blocks(model, [c.module for c in consumers])
+    by_layer: dict[int, list[Consumer]] = {}
+    for c in consumers:
+        if c.module in where:
+            by_layer.setdefault(where[c.module], []).append(c)
+    fit_data, held_data = split(calib)
+    out = Reconstruction(heldout=held_data is not None)
+    if not by_layer:
+        return out
+    data = [fit_data] + ([held_data] if held_data is not None else [])
+    with torch.no_grad(), calibrating(model):
+        first = [_first_inputs(model, layers[0], d) for d in data]
+        orig = [list(s) for s in first]
+        pruned = [list(s) for s in first]
+        for i, layer in enumerate(layers[:max(by_layer) + 1]):
+            todo = by_layer.get(i, [])
+            # the original stream: the consumers' inputs and the next block's inputs
+            runs = [_run(layer, orig[d], data[d], [c.module for c in todo], model)
+                    for d in range(len(data))]
+            xo = [r.rows for r in runs]
+            orig = [r.next for r in runs]
+            names = {id(model.get_submodule(c.module)): c for c in todo}
+            order = _in_order(layer, todo, names, pruned[0][0]) if todo else []
+            after: list[list[Inputs]] | None = None
+            for j, c in enumerate(order):
+                last = j == len(order) - 1
+                with _replaced(model, out):
+                    runs = [_run(layer, pruned[d], data[d], [c.module], model,
+                                 full=c.module if last else None) for d in range(len(data))]
+                _fit(model, c, [r.rows[c.module] for r in runs], xo, out, ridges, streams)
+                if last:
+                    after = _additive(model, layer, out, runs, pruned)
+            if after is None:  # no consumer here, or its output does not simply add up
+                with _replaced(model, out):
+                    after = [_run(layer, pruned[d], data[d], [], model).next
+                             for d in range(len(data))]
+            pruned = after
+    return out
+
+
+def _in_order(layer: nn.Module, todo: list[Consumer], names: dict[int, Consumer],
+              first: Inputs) -> list[Consumer]:
+    """``todo`` in the order the block's forward runs them (on one batch)."""
+    seen: list[Consumer] = []
+    handles = [m.register_forward_pre_hook(
+        lambda mod, _a: seen.append(names[id(mod)]) if names[id(mod)] not in seen else None)
+        for m in layer.modules() if id(m) in names]
+    try:
+        args, kwargs = first
+        layer(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [c for c in todo if c not in seen]
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(tokens, channels) of a channels-last input, real tokens only."""
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask].reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _masks(inputs: list[Inputs], data: Calibration) -> list[torch.Tensor | None]:
+    """The token mask of every batch, or None where the batch has none."""
+    out: list[torch.Tensor | None] = []
+    for batch, inp in zip(data.batches, inputs, strict=True):
+        mask = data.token_mask(batch)
+        hidden = _hidden_in(inp)
+        out.append(mask if mask is not None and tuple(hidden.shape[:2]) == tuple(mask.shape)
+                   else None)
+    return out
+
+
+@dataclass
+class _Run:
+    """One stream through one block: what the hooks saw, and the next block's inputs."""
+
+    rows: dict[str, list[torch.Tensor]]  # module -> its inputs per batch (real tokens)
+    next: list[Inputs]
+    full: list[tuple[torch.Tensor, torch.Tensor]]  # the ``full`` module's (input, output)
+
+
+def _run(layer: nn.Module, inputs: list[Inputs], data: Calibration, modules: list[str],
+         model: nn.Module, full: str | None = None) -> _Run:
+    """Run every batch of one stream through ``layer``, keeping the inputs of ``modules``
+    (real-token rows, float32) and, for ``full``, its whole input and output."""
+    run = _Run({m: [] for m in modules}, [], [])
+    masks = _masks(inputs, data)
+    current: list[torch.Tensor | None] = [None]
+    handles = [model.get_submodule(m).register_forward_pre_hook(_keeper(run.rows[m], current))
+               for m in modules]
+    if full is not None:
+        handles.append(model.get_submodule(full).register_forward_hook(
+            lambda _m, args, output: run.full.append((args[0].detach(), output.detach()))))
+    try:
+        for inp, mask in zip(inputs, masks, strict=True):
+            current[0] = mask
+            run.next.append(_with_hidden(inp, layer(*inp[0], **inp[1])))
+    finally:
+        for h in handles:
+            h.remove()
+    return run
+
+
+def _additive(model: nn.Module, layer: nn.Module, rec: Reconstruction, runs: list[_Run],
+              pruned: list[list[Inputs]]) -> list[list[Inputs]] | None:
+    """The next block's inputs of the pruned stream without running the block again, when
+    the last consumer's output is added to the block's output as it is (a residual
+    connection): ``out + new - old``. Checked on the first batch against a real run; None
+    when it does not hold (the caller runs the block again)."""
+    f = rec.fits[-1]
+    module = model.get_submodule(f.module)
+    assert isinstance(module, nn.Linear)
+    reader = _reader(module, f, rec)
+    nxt: list[list[Inputs]] = []
+    for d, run in enumerate(runs):
+        if len(run.full) != len(run.next):  # called more than once per forward
+            return None
+        stream = []
+        for b, (x, old) in enumerate(run.full):
+            shift = reader(module, (x,), old) - old
+            out = _hidden_in(run.next[b])
+            if out.shape != shift.shape:
+                return None
+            stream.append(_with_hidden(pruned[d][b], out + shift))
+        nxt.append(stream)
+    with _replaced(model, rec):
+        args, kwargs = pruned[0][0]
+        real = _hidden_in(_with_hidden(pruned[0][0], layer(*args, **kwargs)))
+    guess = _hidden_in(nxt[0][0])
+    if float((real - guess).abs().max()) > 1e-4 * (float(real.abs().max()) + 1e-12):
+        return None
+    return nxt
+
+
+def _keeper(into: list[torch.Tensor], current: list[torch.Tensor | None]
+            ) -> Callable[..., None]:
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        into.append(_rows(args[0].detach(), current[0]).float())
+    return hook
+
+
+def _aug(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
+         xo: list[dict[str, list[torch.Tensor]]], out: Reconstruction,
+         ridges: Sequence[float], streams: Sequence[str]) -> None:
+    """Fit ``c`` on its pruned-stream inputs ``xp`` (per split, per batch) and choose on the
+    held-out split."""
+    module = model.get_submodule(c.module)
+    assert isinstance(module, nn.Linear)
+    n = module.in_features
+    cols = torch.as_tensor(c.kept)
+    gram, cross = _moments(xp[0], xo[0][c.module] if "original" in streams else None, cols)
+    w = module.weight.detach().double()
+    b = module.bias.detach().double() if module.bias is not None else \
+        torch.zeros(w.shape[0], dtype=torch.float64)
+    full = torch.cat([w, b.unsqueeze(1)], dim=1)  # (out, n + 1)
+    kept = torch.as_tensor(np.append(c.kept, n))
+    removed = torch.as_tensor(np.setdiff1d(np.arange(n), c.kept))
+    count = max(float(gram[n, -1]), 1.0)
+    plain = full[:, kept].clone()
+    prior = plain.clone()
+    prior[:, -1] += w[:, removed] @ (gram[removed, -1] / count)  # FLAP: the mean dropped
+    cands: dict[str, torch.Tensor] = {"plain": plain, "bias": prior}
+    g_kk = gram[kept]
+    scale = float(torch.diagonal(g_kk).mean())
+    rhs = {"local": full @ gram}
+    if cross is not None:
+        rhs["original"] = full @ cross
+    for r in ridges:
+        lam = r * scale
+        try:
+            chol = torch.linalg.cholesky(g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype))
+        except RuntimeError:  # not positive definite even with the ridge: skip this strength
+            continue
+        for s in streams:
+            cands[f"ridge {r:g} {s}"] = torch.cholesky_solve((rhs[s] + lam * prior).T, chol).T
+    judge = 1 if len(xp) > 1 else 0
+    errors = _errors(cands, xp[judge], xo[judge][c.module], full, kept)
+    choice = min(errors, key=lambda k: (errors[k], k != "plain"))
+    out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
+    if choice != "plain":
+        dtype = module.weight.dtype
+        out.tensors[c.weight] = cands[choice][:, :-1].to(dtype)
+        out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
+
+
+def _moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Second moments of ``[x; 1]`` against the kept inputs ``[x[cols]; 1]``: the columns of
+    the (n+1)^2 moment matrices a refit reads, (n+1, |cols|+1) each, for the pruned-stream
+    inputs ``xp`` and (``cross``) the original-stream inputs ``xo`` against them."""
+    n = xp[0].shape[1]
+    gram = torch.zeros(n + 1, len(cols) + 1, dtype=torch.float64)
+    cross = None if xo is None else torch.zeros_like(gram)
+    for b, p in enumerate(xp):
+        pk = p[:, cols]
+        sums = pk.sum(0).double()
+        for into, z in ((gram, p), (cross, None if xo is None else xo[b])):
+            if into is None or z is None:
+                continue
+            into[:n, :-1] += (z.T @ pk).double()
+            into[:n, -1] += z.sum(0).double()
+            into[n, :-1] += sums
+            into[n, -1] += p.shape[0]
+    return gram, cross
+
+
+def _errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor], xo: list[torch.Tensor],
+            full: torch.Tensor, kept: torch.Tensor) -> dict[str, float]:
+    """Relative squared error of each candidate's output against the original output."""
+    num = dict.fromkeys(cands, 0.0)
+    den = 0.0
+    small = {k: a.float() for k, a in cands.items()}
+    for p, o in zip(xp, xo, strict=True):
+        target = _aug(o) @ full.float().T
+        den += float((target ** 2).sum())
+        pk = _aug(p)[:, kept]
+        for k, a in small.items():
+            num[k] += float(((pk @ a.T - target) ** 2).sum())
+    return {k: v / max(den, 1e-30) for k, v in num.items()}
+
+
+@contextlib.contextmanager
+def _replaced(model: nn.Module, rec: Reconstruction) -> Iterator[None]:
+    """Every consumer fit so far reads only its kept inputs, with its chosen weights."""
+    handles = []
+    for f in rec.fits:
+        module = model.get_submodule(f.module)
+        assert isinstance(module, nn.Linear)  # `inside_blocks` keeps Linear layers only
+        handles.append(module.register_forward_hook(_reader(module, f, rec)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _reader(module: nn.Linear, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
+    kept = torch.as_tensor(f.kept)
+    weight = rec.tensors.get(f"{f.module}.weight")
+    bias = rec.tensors.get(f"{f.module}.bias")
+    if weight is None:  # the plain cut
+        weight = module.weight.detach()[:, kept]
+        bias = None if module.bias is None else module.bias.detach()
+    w: torch.Tensor = weight
+    b: torch.Tensor | None = bias
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor:
+        x = args[0]
+        return nn.functional.linear(x.index_select(-1, kept.to(x.device)), w.to(x.dtype),
+                                    None if b is None else b.to(x.dtype))
+    return hook
