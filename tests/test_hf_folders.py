@@ -126,6 +126,22 @@ def test_a_module_list_that_is_not_one_is_refused(tmp_path: Path) -> None:
         read_sentence_folder(tmp_path)
 
 
+def test_a_pooling_folder_that_links_out_is_not_read(tmp_path: Path) -> None:
+    """The pooling config is read only inside the folder (`explorer.io.paths.inside`)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    root = tmp_path / "st"
+    root.mkdir()
+    (root / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    os.symlink(outside, root / "1_Pooling")
+    with pytest.raises(SpecError, match="outside its folder|links out|outside"):
+        read_sentence_folder(root)
+
+
 def test_an_export_keeps_the_sentence_transformers_pipeline(st_folder: Path,
                                                             tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..paths import inside
 from ._types import SpecError
 
 __all__ = ["SentenceFolder", "read_sentence_folder", "write_sentence_files"]
@@ -111,7 +112,9 @@ def read_sentence_folder(folder: Path) -> SentenceFolder | None:
     pooling: dict[str, Any] = {}
     pool = next((m for m in modules if m[2] == "Pooling"), None)
     if pool is not None and (folder / pool[1] / "config.json").is_file():
-        found = _read_json(folder / pool[1] / "config.json", "pooling config")
+        # read only inside the folder: a pooling folder that links out is refused
+        config = inside(folder, f"{pool[1]}/config.json", file, "pooling config", SpecError)
+        found = _read_json(config, "pooling config")
         pooling = found if isinstance(found, dict) else {}
     unknown = [kind for _n, _p, kind in modules if kind not in _KNOWN]
     supported = "" if not unknown else (
