@@ -248,7 +248,9 @@ def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: 
             assert "hf:llama" in [h.strip() for h in headings]
             assert not any(SMALL_LLAMA in h for h in headings)
             page.get_by_role("link", name="Groups").click()
-            page.get_by_text("Group 1: residual stream (64 ch): model.layers").wait_for(
+            # a language model's residual stream is not a default target: the first
+            # proposal is the first layer's heads, named after their projection
+            page.get_by_text("Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj").wait_for(
                 timeout=60_000)
             page.screenshot(path=str(tmp_path / "llama_groups.png"), full_page=True)
         finally:
