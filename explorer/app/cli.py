@@ -153,8 +153,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "heads inside every key/value group; keep: no attention change")
     p.add_argument("--targets", default=None, type=_targets, metavar="LIST",
                    help=f"what may be cut, comma-separated: {', '.join(TARGET_NAMES)} "
-                        f"(or all). Default: all but residual on models with attention "
-                        f"heads (the hidden size, embeddings and norms stay), all otherwise")
+                        f"(or all). Default: all but residual on language models (token ids "
+                        f"into an embedding: the hidden size, embeddings and norms stay), all "
+                        f"otherwise")
     p.add_argument("--round-to", type=_positive_int, default=1)
     p.add_argument("--steps", type=_positive_int, default=1)
     p.add_argument("--global", dest="global_pruning", action="store_true")

@@ -39,8 +39,8 @@ def target_of(group: Group) -> Target:
 
 
 def is_transformer(groups: Sequence[Group]) -> bool:
-    """Whether the model has attention heads (then its residual stream is left alone by
-    default)."""
+    """Whether the model has attention heads (then ``heads="keep"`` leaves its residual
+    stream alone too: every attention projection reads and writes it)."""
     return any(g.heads is not None for g in groups)
 
 
