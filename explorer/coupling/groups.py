@@ -1,6 +1,7 @@
 """Groups of coupled channels: the records the pruner, the reports and the app read."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .vocab import AxisRole
@@ -88,7 +89,7 @@ class Group:
         if self.heads:
             return f"{self.heads.num_heads} heads x {self.heads.head_dim}: {where}"
         if self.residual or not where:  # summed across blocks, or owned by the root module
-            blocks = _common_prefix(self.residual)
+            blocks = common_prefix(self.residual)
             return f"residual stream ({self.channels} ch)" + (f": {blocks}" if blocks else "")
         return f"{self.channels} ch: {where}"
 
@@ -101,7 +102,7 @@ class Group:
 GroupKey = tuple[str, int, int]
 
 
-def _common_prefix(modules: list[str]) -> str:
+def common_prefix(modules: Sequence[str]) -> str:
     """The dotted module path every name in ``modules`` starts with ("" when none)."""
     if not modules:
         return ""

@@ -6,25 +6,10 @@ shared by all. Reports list cuts by these places, not under the group's first mo
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from .analyze import Coupling
-from .groups import Group
+from .groups import Group, common_prefix
 
 SHARED = "all layers (shared)"  # an axis whose members sit in several numbered layers
-
-
-def common_prefix(names: Sequence[str]) -> str:
-    """The dotted module path every name starts with ("" when none)."""
-    parts = [n.split(".") for n in names if n]
-    if not parts:
-        return ""
-    out: list[str] = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) > 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
 
 
 def axis_layers(coupling: Coupling, group: Group) -> dict[int, str]:
@@ -34,7 +19,7 @@ def axis_layers(coupling: Coupling, group: Group) -> dict[int, str]:
     for i, ax in enumerate(group.axes):
         mods = sorted({m.module for m, fams in members if ax.family in fams})
         many = len({_layer_index(m) for m in mods}) > 1
-        out[i] = SHARED if many else (common_prefix(mods) or "model")
+        out[i] = SHARED if many else (common_prefix([m for m in mods if m]) or "model")
     return out
 
 
