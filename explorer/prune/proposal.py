@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..coupling.groups import Group, GroupKey
+from .importance import lowest
 from .joint import merge
 from .preflight import Verdict
 from .removal import Applied, Removal
@@ -22,11 +23,6 @@ if TYPE_CHECKING:
     from .pruner import GroupChange, Pruner
 
 Counts = Mapping[int, int]  # axis index -> how many indices to remove
-
-
-def lowest(scores: np.ndarray, n: int) -> list[int]:
-    """The ``n`` indices with the lowest scores, ascending (ties: lower index first)."""
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:n])
 
 
 @dataclass

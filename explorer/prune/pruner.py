@@ -29,10 +29,10 @@ from ..graph.tracer import trace
 from .calibration import Calibration, load_calibration
 from .compensate import compensation, prune_and_compensate
 from .fixups.hfconfig import ConfigUpdate
-from .importance import CRITERIA, Criterion, make
+from .importance import CRITERIA, Criterion, lowest, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, Verdict, forward_check
-from .proposal import Proposal, lowest
+from .proposal import Proposal
 from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms, undo
 from .transaction import ModelState, transaction
 from .validate import check_module_names, nonfinite_text, nonfinite_weights
@@ -46,7 +46,7 @@ class GroupChange:
 
     group: int
     title: str
-    axis: str  # role of the pruned axis
+    axis: AxisRole  # role of the pruned axis
     removed: list[int]
     width_before: int
     width_after: int
@@ -443,7 +443,7 @@ class Pruner:
                 why = "at its minimum width" if ax.size <= 1 else "already at the target width"
                 skipped.append(Skip(c.group.id, c.group.title, f"{ax.role}: {why}"))
                 continue
-            idx = sorted(int(x) for x in np.argsort(c.scores, kind="stable")[:n])
+            idx = lowest(c.scores, n)
             removal.add(c.group.id, c.axis, idx)
             if c.group.id not in places:
                 places[c.group.id] = axis_layers(self.coupling, c.group)
