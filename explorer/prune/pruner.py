@@ -28,11 +28,11 @@ from .compensate import Compensation, compensation, prune_and_compensate
 from .counts import allocation_note, global_counts, kept, local_counts
 from .decisions import Decisions
 from .history import Edit, History
-from .importance import Criterion, make
+from .importance import Criterion, lowest, make
 from .joint import Solution, merge, solve
 from .outer import joint_reason, outer_cut
 from .preflight import Preflight, Verdict, forward_check
-from .proposal import Counts, Proposal, lowest
+from .proposal import Counts, Proposal
 from .records import Candidate, GroupChange, Skip, StepReport, Unsafe
 from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms
 from .settings import (
