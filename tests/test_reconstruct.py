@@ -18,6 +18,7 @@ from explorer.io.data import DataOptions, load_data
 from explorer.io.specs import LoadedModel
 from explorer.prune import compensate, reconstruct
 from explorer.prune.calibration import Calibration
+from explorer.prune.statement import statement
 
 LAYERS = 4
 
@@ -134,11 +135,14 @@ def test_same_width_in_every_layer_unless_global(small: tuple[LoadedModel, Calib
 
     full = widths()[0]
     pruner = _pruner(lm, cal, 0.4)
+    assert statement(pruner).allocation == "uniform"
     pruner.step()
     uniform = widths()
     pruner.undo()
     pruner.configure(global_pruning=True)
     pruner.current_step = 0
+    said = statement(pruner)
+    assert said.allocation == "global" and "global widths" in said.text()
     report = pruner.step()
     spread = widths()
     pruner.undo()
@@ -154,3 +158,27 @@ def test_unknown_reconstruction_target_is_one_clear_error(
     with pytest.raises(ValueError, match="unknown reconstruction target 'both'"):
         reconstruct.reconstruct(lm.model, [], cal, streams=["both"])
 
+
+def test_whole_head_cuts_refit_the_output_projection(
+        small: tuple[LoadedModel, Calibration, Calibration]) -> None:
+    """Whole kv groups: the output projections lose their columns and are refit layer by
+    layer, which lowers the held-out loss of the plain cut; they stay bias-less like
+    Llama's."""
+    lm, cal, held = small
+    pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.25,
+                    heads="whole", targets="heads", calibration=cal)
+    pruner.step()
+    plain = _loss(lm.model, held)
+    cut = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "o_proj" in n}
+    pruner.undo()
+    pruner.compensate = compensate.compensation("lstsq")
+    pruner.current_step = 0
+    report = pruner.step()
+    rebuilt = _loss(lm.model, held)
+    refit = [n for n, p in lm.model.named_parameters()
+             if "o_proj" in n and not torch.equal(p, cut[n])]
+    biases = [layer.self_attn.o_proj.bias for layer in lm.model.model.layers]  # type: ignore
+    pruner.undo()
+    assert refit and all(b is None for b in biases), refit
+    assert rebuilt < plain, (rebuilt, plain)
+    assert any("reconstruction (sequential least squares) kept in" in n for n in report.notes)

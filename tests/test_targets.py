@@ -207,7 +207,7 @@ def test_cli_states_each_target_before_cutting(smollm2: Path,
     out = json.loads(capsys.readouterr().out)
     said = {t["target"]: t for t in out["targets"]["losses"]}
     assert out["targets"]["targets"] == ["mlp", "heads", "channels"]
-    assert out["targets"]["default"] is True
+    assert out["targets"]["default"] is True and out["targets"]["allocation"] == "uniform"
     assert said["heads"]["heads"]["query_after"] == 12 and "33.3%" in said["heads"]["note"]
     assert said["mlp"]["params_removed"] > 0 and not said["residual"]["selected"]
     wheres = [c["where"] for s in out["steps"] for c in s["changes"] if c["axis"] == "heads"]
@@ -215,7 +215,7 @@ def test_cli_states_each_target_before_cutting(smollm2: Path,
     assert main(["prune", "--model", spec, "--device", "meta", "--importance", "random",
                  "--ratio", "0.25", "--heads", "keep", "--targets", "mlp"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("what will be cut (ratio 0.25, targets mlp): ")
+    assert text.startswith("what will be cut (ratio 0.25, targets mlp, uniform widths): ")
     assert "mlp: 25% of each MLP's hidden units, in every layer; channels 1536 -> 1152 (x2)" \
         in text
     assert "heads: kept: heads is not a target" in text

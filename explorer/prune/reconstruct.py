@@ -16,6 +16,14 @@ attention output projection) keeps columns ``K`` and gets a new weight and bias
 * ``P``: FLAP's bias compensation ``[W[:, K], b + W[:, R] mean(x[R])]``; the ridge pulls
   towards it, so a strong ridge gives bias compensation back.
 
+A consumer without a bias (Llama's ``down_proj`` and ``o_proj``) is refit without one:
+``A = W'`` over ``x_t[K]`` alone and ``P = W[:, K]``, so the refit model has the original's
+architecture (its config describes it; a plan replays onto a fresh copy).
+
+The math of one layer is in plain functions of its statistics (`moments`, `refits`,
+`heldout_errors`), so a layer-by-layer path that gathers the statistics itself (one decoder
+layer in memory at a time) computes the same refits.
+
 The calibration samples are split: every `HOLDOUT_EVERY`-th sample is held out. Per
 consumer, the plain cut, bias compensation and ridge fits over `RIDGES` for both targets are
 compared on the held-out tokens (relative squared error of the consumer's output against
@@ -211,7 +219,8 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
     xo = [r.rows for r in runs]
     orig = [r.next for r in runs]
     names = {id(model.get_submodule(c.module)): c for c in todo}
-    order = _in_order(layer, todo, names, pruned[0][0]) if todo else []
+    # the forward's order matters only between several consumers (one run finds it)
+    order = _in_order(layer, todo, names, pruned[0][0]) if len(todo) > 1 else todo
     after: list[list[Inputs]] | None = None
     for j, c in enumerate(order):
         last = j == len(order) - 1
@@ -348,9 +357,10 @@ def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
     module = model.get_submodule(c.module)
     assert isinstance(module, nn.Linear)
     cols = torch.as_tensor(c.kept)
-    gram, cross = moments(xp[0], xo[0][c.module] if "original" in streams else None, cols)
+    gram, cross = moments(xp[0], xo[0][c.module] if "original" in streams else None, cols,
+                          all_rows="local" in streams)
     bias = module.bias.detach() if module.bias is not None else None
-    cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges)
+    cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges, streams)
     judge = 1 if len(xp) > 1 else 0
     full = _augmented(module.weight.detach(), bias)
     errors = heldout_errors(cands, xp[judge], xo[judge][c.module], full, c.kept)
@@ -372,7 +382,8 @@ def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
            gram: torch.Tensor, cross: torch.Tensor | None = None,
-           ridges: Sequence[float] = RIDGES) -> dict[str, torch.Tensor]:
+           ridges: Sequence[float] = RIDGES, streams: Sequence[str] = STREAMS
+           ) -> dict[str, torch.Tensor]:
     """The candidate refits of one consumer ``y = W x + b`` from its input statistics.
 
     The math of one layer only (no model, no hooks): `reconstruct` calls it block by
@@ -388,6 +399,8 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
         cross: the same with the original-stream inputs ``z`` as the left factor (the
             ``original`` target), or None.
         ridges: ridge strengths, relative to the mean energy of the kept inputs.
+        streams: the targets to fit: ``local`` (needs ``gram`` only) and ``original``
+            (needs ``cross``; skipped without it).
 
     Returns:
         Candidate ``[W' b']`` (out, |K| + 1), float64: ``plain`` (the cut), ``bias``
@@ -410,8 +423,10 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
     size = len(kept_aug) if has_bias else len(kept_aug) - 1
     g_kk = gram[kept_aug][:size, :size]
     scale = float(torch.diagonal(g_kk).mean())
-    rhs = {"local": full @ gram[:, :size]}
-    if cross is not None:
+    rhs = {}
+    if "local" in streams:
+        rhs["local"] = full @ gram[:, :size]
+    if cross is not None and "original" in streams:
         rhs["original"] = full @ cross[:, :size]
     eye = torch.eye(size, dtype=g_kk.dtype)
     for r in ridges:
@@ -428,12 +443,16 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
     return cands
 
 
-def moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.Tensor,
+            all_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Second moments of ``[x; 1]`` against the kept inputs ``[x[cols]; 1]``: the columns of
     the (n+1)^2 moment matrices a refit reads, (n+1, |cols|+1) each, for the pruned-stream
     inputs ``xp`` and (``cross``) the original-stream inputs ``xo`` against them (per batch,
-    (tokens, n) each). Sums, not means: add the moments of more batches to them."""
+    (tokens, n) each). Sums, not means: add the moments of more batches to them.
+
+    ``all_rows=False`` leaves out the products of ``gram``'s removed rows (they keep only
+    their sums, the last column): all that `refits` reads except for the ``local`` target,
+    at |cols| / n of the cost."""
     n = xp[0].shape[1]
     gram = torch.zeros(n + 1, len(cols) + 1, dtype=torch.float64)
     cross = None if xo is None else torch.zeros_like(gram)
@@ -443,7 +462,10 @@ def moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.T
         for into, z in ((gram, p), (cross, None if xo is None else xo[b])):
             if into is None or z is None:
                 continue
-            into[:n, :-1] += (z.T @ pk).double()
+            if into is gram and not all_rows:
+                into[cols, :-1] += (pk.T @ pk).double()
+            else:
+                into[:n, :-1] += (z.T @ pk).double()
             into[:n, -1] += z.sum(0).double()
             into[n, :-1] += sums
             into[n, -1] += p.shape[0]
@@ -456,16 +478,16 @@ def heldout_errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor],
     """Relative squared error of each candidate's output on inputs ``xp`` (pruned stream)
     against the original layer ``full = [W b]`` on ``xo`` (original stream), per batch."""
     cols = torch.as_tensor(np.append(kept, full.shape[1] - 1))
-    num = dict.fromkeys(cands, 0.0)
+    names = list(cands)
+    stacked = torch.cat([cands[k].float() for k in names])  # one product for all candidates
+    num = torch.zeros(len(names), dtype=torch.float64)
     den = 0.0
-    small = {k: a.float() for k, a in cands.items()}
     for p, o in zip(xp, xo, strict=True):
         target = _aug(o) @ full.float().T
         den += float((target ** 2).sum())
-        pk = _aug(p)[:, cols]
-        for k, a in small.items():
-            num[k] += float(((pk @ a.T - target) ** 2).sum())
-    return {k: v / max(den, 1e-30) for k, v in num.items()}
+        outs = (_aug(p)[:, cols] @ stacked.T).reshape(p.shape[0], len(names), -1)
+        num += ((outs - target.unsqueeze(1)) ** 2).sum(dim=(0, 2)).double()
+    return {k: float(v) / max(den, 1e-30) for k, v in zip(names, num, strict=True)}
 
 
 @contextlib.contextmanager

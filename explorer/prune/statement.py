@@ -81,6 +81,9 @@ class Statement:
     params_before: int
     params_after: int  # predicted, before pre-flight drops unsafe groups
     losses: list[TargetLoss]
+    # "uniform": every layer of a kind keeps the same width (a transformers config describes
+    # it); "global": widths ranked across layers (`--global`); "per-group": ``ratios`` given
+    allocation: str = "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,8 +91,8 @@ class Statement:
     def text(self) -> str:
         """Lines for the command line: a heading, then one line per target."""
         which = ", ".join(self.targets) + (" (default)" if self.default else "")
-        head = (f"what will be cut (ratio {self.ratio:.3g}, targets {which}): params "
-                f"{self.params_before:,} -> {self.params_after:,}")
+        head = (f"what will be cut (ratio {self.ratio:.3g}, targets {which}, {self.allocation}"
+                f" widths): params {self.params_before:,} -> {self.params_after:,}")
         return "\n".join([head, *(f"  {loss.line()}" for loss in self.losses)])
 
 
@@ -116,8 +119,10 @@ def statement(pruner: Pruner) -> Statement:
         loss.removed_fraction = _fraction(mine, loss.heads)
         loss.note = _rounding(pruner, target, ratio, loss, mine, groups)
         losses.append(loss)
+    allocation = "global" if pruner.global_pruning else "per-group" if pruner.ratios else \
+        "uniform"
     return Statement(ratio, target_list(pruner.targets), pruner.targets_default, params,
-                     pruner.predict_params(removal), losses)
+                     pruner.predict_params(removal), losses, allocation)
 
 
 def _reading(pruner: Pruner, target: Target, ratio: float) -> str:
