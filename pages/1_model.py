@@ -2,7 +2,6 @@
 import streamlit as st
 
 from explorer.app.display import (
-    PROMPT_EXAMPLE,
     continuation_rows,
     group_rows,
     heading,
@@ -14,7 +13,7 @@ from explorer.app.session import Message
 from explorer.app.sources import example_specs, plan_text, quality_text, request_from_fields
 from explorer.graph.metrics import count_params
 from explorer.render.figures import compact
-from pages._session import load, show
+from pages._session import load, prompts_box, show
 
 
 def _pick() -> None:
@@ -111,9 +110,7 @@ if quality is not None:
     m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
 if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
         and not pe.on_meta:
-    prompts = st.text_area("Prompts to continue, one a line (greedy, before and after "
-                           "pruning)", key="model_prompts", placeholder=PROMPT_EXAMPLE)
-    lines = [p for p in prompts.splitlines() if p.strip()]
+    lines = prompts_box("model_prompts")
     if lines:
         st.dataframe(continuation_rows(pe.continuations(lines)), key="model_continuations",
                      hide_index=True, width="stretch")

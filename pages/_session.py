@@ -129,3 +129,27 @@ _SHOW = {MessageKind.SUCCESS: st.success, MessageKind.ERROR: st.error, MessageKi
 def show(message: Message) -> None:
     """Draw a session message with the Streamlit element for its kind."""
     _SHOW[message.kind](message.text)
+
+
+def remembered(key: str, default: Any) -> Any:
+    """A value that outlives the page it is edited on (Streamlit drops a widget's state when
+    its page is left): kept under ``pe_<key>``, written back into the widget's key."""
+    value = st.session_state.setdefault(f"pe_{key}", default)
+    st.session_state[key] = value
+    return value
+
+
+def remember(key: str) -> None:
+    """``on_change`` of a `remembered` widget: keep its new value."""
+    st.session_state[f"pe_{key}"] = st.session_state[key]
+
+
+def prompts_box(key: str) -> list[str]:
+    """The prompts to continue greedily (shared by the Model and Groups pages), one a line."""
+    from explorer.app.display import PROMPT_EXAMPLE
+    st.session_state[key] = st.session_state.get("pe_prompts", "")
+    text = st.text_area("Prompts to continue, one a line (greedy, before and after pruning)",
+                        key=key, placeholder=PROMPT_EXAMPLE,
+                        on_change=lambda: st.session_state.update(
+                            pe_prompts=st.session_state[key]))
+    return [p for p in str(text).splitlines() if p.strip()]

@@ -86,13 +86,16 @@ def test_graph_page_draws_view_explains_group_and_searches(app: AppTest) -> None
 def test_groups_preflight_accept_reject_undo(app: AppTest) -> None:
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
-    assert len(app.get("plotly_chart")) == 1
+    charts = [c.key for c in app.get("plotly_chart")]
+    assert charts == ["groups_tradeoff", "groups_importance_0"]
     assert app.success and app.success[0].value.startswith("Pre-flight: the pruned copy runs")
     start = _params(app)
     app.button(key="groups_accept").click().run()  # the residual stream: safe in this model
     assert not app.exception and not app.error
     after = _params(app)
     assert after < start
+    trail = next(iter(app.session_state.pe_trail.values()))  # the trade-off curve's points
+    assert [p[0] for p in trail.points.values()] == [start, after]
     app.button(key="groups_reject").click().run()
     assert _params(app) == after
     app.button(key="groups_undo").click().run()  # the reject

@@ -8,16 +8,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..coupling.groups import Group
+from ..coupling.groups import Group, GroupKey
 from ..coupling.targets import target_of
 from ..graph.metrics import count_macs
 from ..prune.preflight import Verdict
 from ..prune.proposal import Proposal
 from ..prune.statement import Statement
-from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
 from ..render.proposal_view import AxisRow, part_label, short_location
-from .sources import quality_text
 
 MAX_AXES_SHOWN = 6  # axes listed per group in the Model page's table
 MAX_CHANGES_SHOWN = 3  # changes listed per proposal in the pending table
@@ -84,9 +82,11 @@ def unsafe_alone(verdicts: Mapping[int, str]) -> bool:
     return any(v.startswith("unsafe alone") for v in verdicts.values())
 
 
-def pending_rows(pending: Sequence[Proposal]) -> list[dict[str, str]]:
-    """One row per pending proposal: its group and the widths it would change."""
-    return [{"group": q.group.title,
+def pending_rows(pending: Sequence[Proposal], costs: Mapping[GroupKey, str] | None = None
+                 ) -> list[dict[str, str]]:
+    """One row per pending proposal: its group, the widths it would change and (``costs``:
+    group key -> a cell, see `explorer.app.cost.cost_label`) what accepting it costs."""
+    return [{"group": q.group.title, **({"cost": costs.get(q.key, "")} if costs else {}),
              "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
                                  f"{ch.width_before}→{ch.width_after}"
                                  for ch in q.changes[:MAX_CHANGES_SHOWN])
@@ -144,13 +144,6 @@ def after_accept(verdict: Verdict | None, macs_now: int) -> tuple[int, int] | No
     if verdict is None or not verdict.ok or verdict.graph is None:
         return None
     return verdict.params, count_macs(verdict.graph) - macs_now
-
-
-def cost_text(now: Quality, after: Quality, source: str) -> str:
-    """What accepting costs in quality, e.g. ``cosine to original 0.99 → 0.97 (...)``."""
-    label, before = quality_text(now)
-    return (f"Accepting it: {label} {before} → {quality_text(after)[1]} "
-            f"(measured on a copy with weights, {source})")
 
 
 PROMPT_EXAMPLE = "The capital of France is"  # the prompt a damaged LLM gets wrong first

@@ -393,10 +393,21 @@ class Session:
         if probe is None:
             return None
         counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
-        key = (self.version, tuple(proposal.keys), self.settings(),
-               tuple(sorted(counts.items())))
         return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
-                          key)
+                          self._cost_key(proposal, counts))
+
+    def cost_if_measured(self, proposal: Proposal, count: int | Counts | None = None
+                         ) -> Quality | None:
+        """`proposal_cost` when it is already measured, else None (measures nothing)."""
+        probe = None if self.on_meta else self._probe
+        if probe is None:
+            return None
+        counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
+        return probe.cached_cost(self._cost_key(proposal, counts))
+
+    def _cost_key(self, proposal: Proposal, counts: Counts) -> tuple[Any, ...]:
+        return (self.version, tuple(proposal.keys), self.settings(),
+                tuple(sorted(counts.items())))
 
     def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
                       ) -> list[Continuation]:
@@ -664,7 +675,8 @@ class Session:
         for p in accepted:
             self._log_accept(p, removal, count, applied)
         self.graph = self._model_graph()
-        self.message = Message.success(f"accepted {len(accepted)} group(s): params "
+        groups = sum(len(p.keys) for p in accepted)  # a joint proposal covers its partners
+        self.message = Message.success(f"accepted {groups} group(s): params "
                                           f"{before:,} -> {self.params:,}")
         return True
 
