@@ -37,15 +37,18 @@ from explorer.app.display import (
 from explorer.app.session import Session
 from explorer.app.sources import quality_text
 from explorer.coupling.targets import TARGET_NAMES
+from explorer.prune.compensate import Compensation
 from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
 from explorer.prune.proposal import Proposal
 from explorer.prune.pruner import HEAD_MODES
+from explorer.prune.uniform import breaks_uniform, same_cut_everywhere
 from explorer.quality.evaluate import Quality
 from explorer.render.figures import compact, member_rows
 from explorer.render.proposal_view import (
     axis_figure,
     axis_rows,
+    equal_counts,
     heatmap_figure,
     layered,
     part_label,
@@ -55,6 +58,7 @@ from explorer.render.proposal_view import (
 from explorer.render.view import build_view
 from pages._session import prompts_box, remember, remembered, reset, show
 
+COMPENSATIONS = ["none", *(c.value for c in Compensation)]
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
         "groups_targets")
 
@@ -76,7 +80,16 @@ def settings(pe: Session) -> None:
     c[3].toggle("Global ranking", key=KEYS[3], on_change=configure,
                 help="rank channels of all groups together instead of the ratio per group")
     c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=configure)
-    st.multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
+    st.session_state.groups_compensate = pe.compensation
+    row = st.columns([1, 3])
+    row[0].selectbox("Compensation", COMPENSATIONS, key="groups_compensate",
+                 on_change=lambda: pe.set_compensation(st.session_state.groups_compensate),
+                 help="after each accept, refit the layers that read removed channels on the "
+                      "calibration data: bias (the mean of what was removed, FLAP) or lstsq "
+                      "(ridge least squares, layer by layer, kept only where it helps on "
+                      "held-out calibration samples); the cost shown before Accept is "
+                      "measured without it")
+    row[1].multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
                    help="what may be cut: mlp (feed-forward hidden units), heads (attention), "
                         "residual (the hidden size: embeddings, norms, every projection), "
                         "channels (convolutions, other layers)")
@@ -263,6 +276,42 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
                    model_key=f"{pe.version}:{p.group.id}")
 
 
+def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
+                 pending: list[Proposal]) -> None:
+    """Before Accept: whether the cut keeps a `from_pretrained` folder, and one click for the
+    same cut in every layer; unequal per-layer cuts of a group whose layers share tensors."""
+    on_screen = edited(p, counts)
+    if layered(p) and not verdict.ok:
+        equal = equal_counts(axis_rows(pe.graph.coupling, p, counts))
+        if equal is not None:
+            st.warning("The layers of this group share tensors (on Llama-style models the "
+                       "one rotary cos/sin row every layer reads), so each part must be cut "
+                       "by the same count in every layer: unequal counts break the forward.")
+            st.button("Accept with equal cuts in every layer", key="groups_accept_equal",
+                      type="primary", on_click=lambda: pe.accept(p, equal))
+        return
+    if not verdict.ok or not callable(getattr(pe.model, "save_pretrained", None)):
+        return
+    cache = st.session_state.setdefault("pe_uniform", {})
+    key = (id(pe), pe.version, tuple(p.keys), tuple(sorted((on_screen or {}).items())))
+    if key not in cache:
+        try:
+            cache[key] = breaks_uniform(pe.model, pe.graph.coupling, p.removal(on_screen))
+        except Exception:  # noqa: BLE001 - the pre-flight already said the cut fits
+            cache[key] = []
+    if not cache[key]:
+        return
+    same = same_cut_everywhere(p, pending)
+    st.warning("Accepting this makes widths differ between layers, so no transformers config "
+               "describes the result and the hf export will not be a `from_pretrained` "
+               "folder (it falls back to safetensors + plan.json): "
+               + "; ".join(cache[key][:3]) + (" ..." if len(cache[key]) > 3 else "")
+               + (" Cut the same in every layer to keep one." if same is not None else ""))
+    if same is not None:
+        st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",
+                  type="primary", on_click=lambda: pe.accept(same, on_screen))
+
+
 def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
             joint: Proposal | None) -> None:
     b = st.columns(6)
@@ -363,6 +412,7 @@ def main() -> None:
         show(pe.message)
     verdict_box(pe, p, verdict, joint)
     after = cost(pe, p, counts, verdict, t)
+    export_aware(pe, p, counts, verdict, pending)
     actions(pe, p, counts, verdict, joint)
     tradeoff(pe, verdict, after, t)
     chart(pe, p, counts)

@@ -3,6 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer.app.session import layer_widths
+from explorer.coupling.places import natural_key
 from explorer.graph.metrics import macs_by_module
 from explorer.prune.sensitivity import as_table
 from explorer.render.figures import (
@@ -21,17 +22,13 @@ if "pe" not in st.session_state:
 pe = st.session_state.pe
 AUTO_PREFLIGHT = 16  # pending groups up to which the verdicts are computed on render
 
-
-def _natural(text: str) -> tuple[object, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in text.replace(".", " ").split())
-
 if (msg := st.session_state.pop("dims_message", None)) is not None:
     show(msg)
 st.plotly_chart(widths_figure(pe.widths_start, layer_widths(pe.model)), key="dims_widths",
                 width="stretch")
 
 st.subheader("Attention heads")
-rows = sorted(attention_rows(pe.graph.attention()), key=lambda r: _natural(str(r["module"])))
+rows = sorted(attention_rows(pe.graph.attention()), key=lambda r: natural_key(str(r["module"])))
 verdicts = pe.verdict_labels() if len(pe.proposals()) <= AUTO_PREFLIGHT else {}
 for r in rows:  # the pre-flight of each head group, alone and jointly, up front
     r["pre-flight"] = verdicts.get(int(str(r["group"])), "")

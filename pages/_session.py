@@ -152,4 +152,9 @@ def prompts_box(key: str) -> list[str]:
                         key=key, placeholder=PROMPT_EXAMPLE,
                         on_change=lambda: st.session_state.update(
                             pe_prompts=st.session_state[key]))
-    return [p for p in str(text).splitlines() if p.strip()]
+    return prompt_lines({"pe_prompts": text})
+
+
+def prompt_lines(state: Any) -> list[str]:
+    """The prompts typed on the Model or Groups page (the report continues them too)."""
+    return [p for p in str(state.get("pe_prompts", "")).splitlines() if p.strip()]

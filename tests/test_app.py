@@ -175,6 +175,7 @@ def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:
     assert _params(app) < start
     pe = app.session_state.pe
     assert len(pe.log) == 4  # the residual stream and the heads of the three blocks
+    assert pe.message.text.startswith("accepted 4 group(s)")  # was "accepted 1 group(s)"
     assert pe.forward_check().kind == "success"
 
 

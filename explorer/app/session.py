@@ -12,6 +12,7 @@ log for the report, and one `Message` after each action.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import io
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
 from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration, random_like
+from ..prune.compensate import compensation
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
 from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
@@ -37,6 +39,7 @@ from ..prune.pruner import Pruner
 from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..prune.statement import Statement, statement
+from ..prune.uniform import SAME_CUT
 from ..quality.evaluate import Quality
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
@@ -46,6 +49,7 @@ from ..quality.task import Task
 _ACTIONS: dict[str, dict[str, type]] = {
     "configure": {"settings": list}, "accept": {"key": list}, "accept_all": {},
     "reject": {"keys": list}, "undo": {}, "block": {"name": str}, "plan": {"text": str},
+    "compensate": {"name": str},
 }
 
 
@@ -223,6 +227,26 @@ class Session:
         self._record({"do": "configure", "settings": [*rest, list(targets_now)]})
         return True
 
+    @property
+    def compensation(self) -> str:
+        """How accepts refit the consumers of removed channels: "none", "bias" or "lstsq"."""
+        mode = self.pruner.compensate
+        return "none" if mode is None else mode.value
+
+    def set_compensation(self, name: str) -> bool:
+        """Refit the consumers of removed channels after each accept (``--compensate``'s
+        choices: "none", "bias", "lstsq"); False and an error message for another name."""
+        try:
+            mode = compensation(None if name == "none" else name)
+        except ValueError as exc:
+            return self._fail(str(exc))
+        if mode != self.pruner.compensate:
+            self.pruner.compensate = mode
+            self.message = Message.info(f"accepts now refit with {name}" if mode else
+                                        "accepts no longer refit the consumers")
+            self._record({"do": "compensate", "name": name})
+        return True
+
     def statement(self) -> Statement:
         """What the current settings would cut, per target (cached until the model or the
         settings change)."""
@@ -286,8 +310,11 @@ class Session:
         ok = self._apply(removal, [proposal], count, verdict)
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
+            same = proposal.reason == SAME_CUT  # partners named: replay rebuilds the set
             self._record({"do": "accept", "key": list(proposal.key),
-                          "joint": proposal.joint or proposal.fallback,
+                          "joint": (proposal.joint or proposal.fallback) and not same,
+                          **({"same_cut": [list(k) for k in proposal.keys[1:]]} if same
+                             else {}),
                           "counts": None if counts is None else
                           [[int(a), int(n)] for a, n in counts.items()]})
         return ok
@@ -522,22 +549,27 @@ class Session:
                                     f"{verdict.error}")
         return Message.error(verdict.error)
 
-    def export_files(self, formats: tuple[str, ...], dest: str | Path
-                     ) -> tuple[dict[str, Path], list[str]]:
+    def export_files(self, formats: tuple[str, ...], dest: str | Path,
+                     prompts: Sequence[str] = ()) -> tuple[dict[str, Path], list[str]]:
         """Downloads for ``formats`` (see `explorer.io.export.FORMATS`), written under
         ``dest``: file name -> path.
 
         ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
-        after). Returns the files and the exporter's notes (skips, fall-backs).
+        after, the quality measured here, and greedy continuations of ``prompts``). Returns
+        the files and the exporter's notes (skips, fall-backs).
         """
         from ..io.export import export_downloads
         replayed = self.blocks_removed > len(self._depth)
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
+        report = "report" in formats
         return export_downloads(clone_model(self.model), formats, dest, plan=plan,
                                 original=self.original, example_inputs=self.example_inputs,
-                                tokenizer=self.tokenizer, sentence=self.sentence)
+                                tokenizer=self.tokenizer, sentence=self.sentence,
+                                quality=self.quality() if report else None,
+                                generations=self.continuations(prompts) if report and
+                                self.tokenizer is not None else ())
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""
@@ -550,6 +582,7 @@ class Session:
         return {"spec": self.spec, "importance": self.importance, "ratio": self.ratio,
                 "heads": self.heads, "global_pruning": self.global_pruning,
                 "round_to": self.round_to, "targets": list(self.targets or ()),
+                "compensate": self.compensation,
                 "params_before": self.params_start,
                 "params_after": self.params, "macs_before": self.macs_start,
                 "macs_after": self.macs, "accepted": self.log,
@@ -602,6 +635,11 @@ class Session:
             p = self._pending_by_key(tuple(act["key"]))
             if p is not None and act.get("joint"):
                 p = self.joint(p)
+            if p is not None and isinstance(act.get("same_cut"), list):
+                found = [self._pending_by_key(tuple(k)) for k in act["same_cut"]]
+                partners = [q for q in found if q is not None]
+                p = dataclasses.replace(p, partners=partners, reason=SAME_CUT) \
+                    if len(partners) == len(found) else None
             if p is None:
                 return self._fail("its group is not pending")
             counts = act.get("counts")
@@ -617,6 +655,8 @@ class Session:
             return True
         if do == "undo":
             return self.undo()
+        if do == "compensate":
+            return self.set_compensation(str(act["name"]))
         if do == "block":
             return self.remove_block(str(act["name"]))
         if do == "plan":

@@ -240,7 +240,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
 def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                      plan: Plan | None = None, original: nn.Module | None = None,
                      example_inputs: Any = None, tokenizer: Any | None = None,
-                     sentence: SentenceFolder | None = None
+                     sentence: SentenceFolder | None = None, quality: Quality | None = None,
+                     generations: Sequence[Continuation] = ()
                      ) -> tuple[dict[str, Path], list[str]]:
     """`export` into files for downloads (the app's Export page): file name -> path under
     ``dest``, and the exporter's messages.
@@ -248,7 +249,8 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
     files) as one ``pruned_<format>.zip``. The files stay on disk (a download streams them
     from there), so a server holds no export in memory. ``dest`` must be an empty or new
-    folder of the caller's (for example a session's temporary folder).
+    folder of the caller's (for example a session's temporary folder). ``quality`` and
+    ``generations`` go into the report, as in `export`.
     """
     import shutil
     import tempfile
@@ -259,7 +261,8 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     out: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
-                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence)
+                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence,
+                        quality=quality, generations=generations)
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
                 for name in map(Path, paths):

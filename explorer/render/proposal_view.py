@@ -16,7 +16,7 @@ import numpy as np
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import GroupKey
-from ..coupling.places import axis_layers
+from ..coupling.places import axis_layers, natural_key
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -60,12 +60,7 @@ def axis_rows(coupling: Coupling, proposal: Proposal,
     rows = [AxisRow(a, layers[a], part_label(proposal.group.axes[a].role, c.width_before),
                     c.width_before, int((counts or {}).get(a, proposed[a])))
             for a, c in zip(proposal.axes, proposal.changes, strict=True)]
-    return sorted(rows, key=lambda r: (_natural(r.layer), r.part))
-
-
-def _natural(text: str) -> tuple[object, ...]:
-    """Sort key that orders ``layers.10`` after ``layers.9``."""
-    return tuple(int(t) if t.isdigit() else t for t in text.replace(".", " ").split())
+    return sorted(rows, key=lambda r: (natural_key(r.layer), r.part))
 
 
 def layered(proposal: Proposal) -> bool:
@@ -151,3 +146,14 @@ def verdict_labels(solution: Solution[GroupKey], titles: Mapping[GroupKey, str]
         where = short_location(v.location) if v.location else (v.module or "the model")
         out[k] = f"unsafe ({where})"
     return out
+
+
+def equal_counts(rows: Sequence[AxisRow]) -> dict[int, int] | None:
+    """Axis -> count with every layer of a part cut alike (the largest count asked of that
+    part), or None when the rows already cut each part alike."""
+    most: dict[str, int] = {}
+    for r in rows:
+        most[r.part] = max(most.get(r.part, 0), r.remove)
+    if all(r.remove == most[r.part] for r in rows):
+        return None
+    return {r.axis: most[r.part] for r in rows}

@@ -1,0 +1,120 @@
+"""What the Groups page offers around a decision, on the session (no browser): the same cut
+in every layer so the export stays a `from_pretrained` folder, the compensation choice, and
+the report carrying the quality measured in the app."""
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from explorer.app.session import Session
+from explorer.coupling.places import natural_key
+from explorer.io.report import build_report
+from explorer.io.specs import LoadedModel, load_model
+from explorer.prune.uniform import (
+    SAME_CUT,
+    breaks_uniform,
+    differing,
+    kind_of,
+    same_cut_everywhere,
+)
+from explorer.render.proposal_view import AxisRow, equal_counts
+
+SMALL_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=3&num_attention_heads=4"
+               "&num_key_value_heads=2&intermediate_size=128&vocab_size=100")
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    return load_model(SMALL_LLAMA)
+
+
+def _session(lm: LoadedModel) -> Session:
+    return Session(lm.model, lm.example_inputs, spec=SMALL_LLAMA)
+
+
+def test_kinds_of_parameters_by_layer() -> None:
+    assert kind_of("model.layers.12.mlp.up_proj.weight") == ("model.layers.*.mlp.up_proj.weight",
+                                                             "model.layers.12")
+    assert kind_of("lm_head.weight") == ("lm_head.weight", "")
+    shapes = {"a.*.w": {"a.0": (2, 3), "a.1": (4, 3), "a.2": (4, 3)},
+              "b.*.w": {"b.0": (1,), "b.1": (1,)}}
+    assert differing(shapes) == ["a.*.w: 2x3 in a.0, 4x3 in 2 layers"]
+
+
+def test_one_layer_cut_is_flagged_and_the_same_cut_everywhere_keeps_the_folder(
+        llama: LoadedModel, tmp_path: Path) -> None:
+    """Seen on SmolLM2: two single-layer MLP accepts made widths differ between layers and the
+    Export page refused the transformers folder in a grey caption afterwards. The Groups page
+    now says so before Accept and offers the same cut in every layer as one decision."""
+    pe = _session(llama)
+    pending = pe.proposals()
+    mlp = next(p for p in pending if "layers.0.mlp" in p.group.title)
+    lines = breaks_uniform(pe.model, pe.graph.coupling, mlp.removal())
+    assert lines[0] == ("model.layers.*.mlp.gate_proj.weight: 64x64 in model.layers.0, "
+                        "128x64 in 2 layers")
+    same = same_cut_everywhere(mlp, pending)
+    assert same is not None and same.reason == SAME_CUT
+    assert [k[0] for k in same.keys] == [f"model.layers.{i}.mlp.gate_proj.weight"
+                                         for i in range(3)]
+    assert breaks_uniform(pe.model, pe.graph.coupling, same.removal()) == []
+    assert same_cut_everywhere(pending[0], pending) is None  # the heads: one group already
+    assert pe.accept(same, {same.axes[0]: 32})
+    assert pe.message is not None and pe.message.text.startswith("accepted 3 group(s)")
+    assert pe.config_note == ""  # a transformers config describes the result
+    files, notes = pe.export_files(("hf",), tmp_path / "dl")
+    assert "pruned_hf.zip" in files, notes
+    with zipfile.ZipFile(files["pruned_hf.zip"]) as zf:
+        assert '"intermediate_size": 96' in zf.read("hf/config.json").decode()
+    again = _session(llama)  # a refresh replays the log: the same set, the same model
+    assert again.replay(pe.actions) == len(pe.actions)
+    assert again.params == pe.params and again.config_note == ""
+
+
+def test_compensation_is_chosen_recorded_and_replayed(llama: LoadedModel) -> None:
+    pe = _session(llama)
+    assert pe.compensation == "none"
+    assert not pe.set_compensation("ridge")
+    assert pe.message is not None and "unknown compensation 'ridge'" in pe.message.text
+    assert pe.set_compensation("bias") and pe.compensation == "bias"
+    assert pe.report()["compensate"] == "bias"
+    assert pe.accept(next(p for p in pe.proposals() if "mlp" in p.group.title))
+    again = _session(llama)
+    assert again.replay(pe.actions) == 2 and again.compensation == "bias"
+    assert again.params == pe.params
+
+
+def test_the_apps_report_carries_the_quality_it_measured(llama: LoadedModel,
+                                                         tmp_path: Path) -> None:
+    """The report said "not measured" with CLI advice although the app had measured it."""
+    pe = _session(llama)
+    assert pe.accept(pe.current())
+    files, _ = pe.export_files(("report",), tmp_path / "dl")
+    report = files["report.md"].read_text()
+    assert "not measured" not in report
+    assert f"| perplexity (headline) | {pe.quality().before:.4f}" in report  # type: ignore[union-attr]
+
+
+def test_report_lists_heads_in_layer_order(llama: LoadedModel) -> None:
+    """The report sorted heads 0, 1, 10, 2, ..."""
+    base = build_report(llama.model, llama.model, llama.example_inputs, runs=1)
+    row = base.heads[0]
+    names = [f"model.layers.{i}.self_attn" for i in (10, 2, 1, 0)]
+    report = dataclasses.replace(base, heads=[dataclasses.replace(row, module=n) for n in names])
+    md = report.to_markdown()
+    assert [md.index(f"| model.layers.{i}.self_attn |") for i in (0, 1, 2, 10)] == sorted(
+        md.index(f"| model.layers.{i}.self_attn |") for i in (0, 1, 2, 10))
+    assert sorted(names, key=natural_key)[-1] == "model.layers.10.self_attn"
+
+
+def test_equal_counts_cut_every_layer_alike() -> None:
+    """The 7B shape: head dims 0 in layer 0 and 32 in layer 1 broke the pre-flight (one
+    rotary row is shared); the page offers the same count in every layer."""
+    rows = [AxisRow(0, "layers.0", "dims per head", 128, 0),
+            AxisRow(1, "layers.1", "dims per head", 128, 32),
+            AxisRow(2, "layers.0", "heads", 32, 0), AxisRow(3, "layers.1", "heads", 32, 0)]
+    assert equal_counts(rows) == {0: 32, 1: 32, 2: 0, 3: 0}
+    assert equal_counts([dataclasses.replace(r, remove=32) if r.part == "dims per head" else r
+                         for r in rows]) is None
