@@ -4,6 +4,7 @@ the report carrying the quality measured in the app."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from pathlib import Path
 
@@ -118,3 +119,22 @@ def test_equal_counts_cut_every_layer_alike() -> None:
     assert equal_counts(rows) == {0: 32, 1: 32, 2: 0, 3: 0}
     assert equal_counts([dataclasses.replace(r, remove=32) if r.part == "dims per head" else r
                          for r in rows]) is None
+
+
+def test_fallback_export_writes_the_config_it_can_and_says_the_rest(llama: LoadedModel,
+                                                                    tmp_path: Path) -> None:
+    """The fallback (safetensors + plan) of a per-layer cut had no word on its widths; it
+    now carries the config with what one config can say, and a README line for the rest."""
+    pe = _session(llama)
+    assert pe.accept(next(p for p in pe.proposals() if "layers.1.mlp" in p.group.title), 32)
+    assert "intermediate_size differs between layers" in pe.config_note
+    files, notes = pe.export_files(("hf",), tmp_path / "dl")
+    assert list(files) == ["pruned_safetensors.zip"]
+    with zipfile.ZipFile(files["pruned_safetensors.zip"]) as zf:
+        names = set(zf.namelist())
+        config = json.loads(zf.read("config.json"))
+        readme = zf.read("README.md").decode()
+    assert {"model.safetensors", "plan.json", "config.json"} <= names
+    assert config["intermediate_size"] == 128  # kept: layers 0 and 2 are still 128 wide
+    assert any(n.startswith("config.json: the transformers config") for n in notes)
+    assert "intermediate_size differs between layers" in readme and "plan.json holds" in readme

@@ -230,6 +230,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
         result.files["pt"] = [str(out / "model.pt")]
     if "safetensors" in wanted and plan is not None:
         result.files["safetensors"] = _export_safetensors(model, plan, out)
+        if "hf" in wanted and "hf" not in result.files:
+            result.files["safetensors"] += _fallback_config(model, out, result)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
                                                 attention, quality, generations)
@@ -277,6 +279,9 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                     for f in files:
                         if f.is_file():
                             zf.write(f, f.relative_to(Path(tmp)))
+                readme = Path(tmp) / "README.md"  # how to load it, and the exporter's notes
+                if readme.is_file():
+                    zf.write(readme, readme.name)
             out[target.name] = target
     return out, list(result.messages)
 
@@ -286,6 +291,27 @@ def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     save_model(model, str(out / "model.safetensors"), force_contiguous=True)
     plan.save(out / "plan.json")
     return [str(out / "model.safetensors"), str(out / "plan.json")]
+
+
+def _fallback_config(model: nn.Module, out: Path, result: ExportResult) -> list[str]:
+    """Beside the safetensors + plan that stand in for an ``hf`` folder: the model's
+    transformers config as far as one describes the pruned model (the fields the cuts left
+    uniform are updated, the rest keep their original values), and a README line saying
+    which differ and that ``plan.json`` holds every cut."""
+    config: Any = getattr(model, "config", None)
+    if not hasattr(config, "to_json_file"):
+        return []
+    reason = result.config.reason if result.config is not None else ""
+    with left_as_found(model):
+        update = update_config(model)  # brings what one config can say in line
+        config.to_json_file(str(out / "config.json"))
+    changed = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in update.changed.items())
+    result.messages.append(
+        "config.json: the transformers config with the fields every layer shares brought in "
+        f"line with the cuts ({changed or 'none changed'}); the rest keep "
+        f"their original values: {reason or update.reason}. plan.json holds every cut per "
+        "layer; load the folder with explorer.load_pruned, not from_pretrained")
+    return [str(out / "config.json")]
 
 
 def _export_hf(model: nn.Module, out: Path, result: ExportResult,
