@@ -21,8 +21,10 @@ def _pick() -> None:
 
 
 st.title("Model")
-if "model_spec" not in st.session_state:
-    st.session_state.model_spec = st.session_state.pe_request.spec
+if "model_spec" not in st.session_state or "model_spec_next" in st.session_state:
+    # the loaded spec (a local folder's hf:<folder> too), not what the box held before
+    st.session_state.model_spec = st.session_state.pop("model_spec_next",
+                                                       st.session_state.pe_request.spec)
 st.selectbox("Examples", example_specs(), index=None, key="model_example", on_change=_pick,
              placeholder="pick a demo, transformers family or timm model")
 st.caption("`demo:dino_vit` is DINO's exact attention code: it shows the `qkv[0]` indexing "
@@ -37,7 +39,13 @@ c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
 current = st.session_state.get("pe")
 c2.text_input("Input shape (blank = default)", key="model_shape",
               placeholder=input_placeholder(current.example_inputs) if current else "default")
-with st.expander("Local checkpoint and data (real weights, real text or images)"):
+DATA_DEFAULTS = {"model_path": "", "model_upload": None, "model_calib": "",
+                 "model_calib_up": None, "model_heldout": "", "model_heldout_up": None,
+                 "model_samples": 0, "model_seq_len": 128, "model_batch": 8}
+# open while any of its fields is set: an edit reruns the page, which must not close it
+with st.expander("Local checkpoint and data (real weights, real text or images)",
+                 expanded=any(st.session_state.get(k, v) != v
+                              for k, v in DATA_DEFAULTS.items())):
     st.text_input("Local folder or weights file", key="model_path",
                   placeholder="/models/all-MiniLM-L6-v2  (config.json + weights + tokenizer)",
                   help="a transformers folder (single or sharded safetensors, tokenizer) loads "
@@ -65,6 +73,7 @@ if st.button("Load and trace", key="model_load", type="primary"):
         st.session_state.pe_error = str(exc)
     else:
         if load(request):
+            st.session_state.model_spec_next = request.spec  # a folder's hf:<folder> too
             st.rerun()  # draw the fields above (input-shape placeholder) for the new model
 if st.session_state.get("pe_error"):
     st.error(st.session_state.pe_error)

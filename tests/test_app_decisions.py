@@ -138,3 +138,31 @@ def test_fallback_export_writes_the_config_it_can_and_says_the_rest(llama: Loade
     assert config["intermediate_size"] == 128  # kept: layers 0 and 2 are still 128 wide
     assert any(n.startswith("config.json: the transformers config") for n in notes)
     assert "intermediate_size differs between layers" in readme and "plan.json holds" in readme
+
+
+def test_joint_reason_quotes_the_model_line_not_a_comment() -> None:
+    """Seen on DINO: the joint proposal quoted ``# noqa: E501`` as the model line (the
+    shortening of locations cut the code at its ``//`` and ``:``)."""
+    from explorer.app.display import short_reason
+
+    class Joint:
+        reason = "`/a/b/dino.py:58` (`q = x.reshape(B, C // h)[0]`) fails when cut alone"
+    assert short_reason(Joint()) == "`dino.py:58` (`q = x.reshape(B, C // h)[0]`) fails " \
+                                    "when cut alone"  # type: ignore[arg-type]
+    lm = load_model("demo:dino_vit")
+    pe = Session(lm.model, lm.example_inputs, spec="demo:dino_vit")
+    joint = pe.joint(pe.current())  # type: ignore[arg-type]
+    assert joint is not None and "C // self.num_heads).permute(2, 0, 3, 1, 4)`)" in joint.reason
+    assert "noqa" not in joint.reason
+
+
+def test_overlapping_uploads_are_named_as_uploaded() -> None:
+    """The overlap error showed the server-side path of the saved upload."""
+    from explorer.app.sources import request_from_form
+    from explorer.io.data import DataError
+
+    calib = ("calib.txt", b"the first sample\nthe second sample\n")
+    held = ("held.txt", b"the first sample\nanother one\n")
+    with pytest.raises(DataError, match=r"^1 sample\(s\) of the uploaded 'held.txt' are also "
+                                        r"calibration samples in the uploaded 'calib.txt'"):
+        request_from_form("demo:mlp", calibration_upload=calib, heldout_upload=held)

@@ -4,6 +4,7 @@ Streamlit-free, so the wording is tested without a browser and the pages stay dr
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ..render.proposal_view import AxisRow, part_label, short_location
 MAX_AXES_SHOWN = 6  # axes listed per group in the Model page's table
 MAX_CHANGES_SHOWN = 3  # changes listed per proposal in the pending table
 NAME_CHARS = 48  # a spec name longer than this is shortened in the heading
+_LOCATION = re.compile(r"\S*/\S+:\d+")  # /path/to/file.py:58
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def short_reason(joint: Proposal) -> str:
     """The joint proposal's reason with every location shortened to ``file:line``."""
     text = joint.reason
     for word in text.split("`"):
-        if ":" in word and "/" in word:
+        if _LOCATION.fullmatch(word):  # not the quoted code line, whatever it holds
             text = text.replace(word, short_location(word))
     return text
 

@@ -939,4 +939,5 @@ def _source_line(location: str) -> str:
     path, _, line = location.rpartition(":")
     if not path or not line.isdigit():
         return ""
-    return linecache.getline(path, int(line)).strip()
+    code = linecache.getline(path, int(line)).strip()
+    return code.split("  #", 1)[0].rstrip()  # an inline comment (`# noqa: E501`) is not code
