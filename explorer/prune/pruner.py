@@ -940,4 +940,4 @@ def _source_line(location: str) -> str:
     if not path or not line.isdigit():
         return ""
     code = linecache.getline(path, int(line)).strip()
-    return code.split("  #", 1)[0].rstrip()  # an inline comment (`# noqa: E501`) is not code
+    return code.split("  #", 1)[0].rstrip()  # an inline comment (a lint directive) is not code
