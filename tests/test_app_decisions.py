@@ -166,3 +166,18 @@ def test_overlapping_uploads_are_named_as_uploaded() -> None:
     with pytest.raises(DataError, match=r"^1 sample\(s\) of the uploaded 'held.txt' are also "
                                         r"calibration samples in the uploaded 'calib.txt'"):
         request_from_form("demo:mlp", calibration_upload=calib, heldout_upload=held)
+
+
+def test_the_head_dim_statement_says_what_it_means() -> None:
+    """The 7B shape's Groups page read "dims per head 64->32, 128->64" and "query heads
+    1024->1024": it now names the rotary halves and says the heads are all kept, per layer."""
+    from explorer.prune.pruner import Pruner
+    from explorer.prune.statement import statement
+
+    lm = load_model(SMALL_LLAMA, device="meta")
+    said = statement(Pruner(lm.model, lm.example_inputs, ratio=0.5, heads="dims"))
+    words = next(t for t in said.losses if t.target == "heads").details()
+    assert "dims per head 16 -> 8 in each of 3 layers (query and key: both rotary halves " \
+           "8 -> 4, the same dims in every layer" in words
+    assert "query heads all kept (4 in each of 3 layers)" in words
+    assert "16 -> 8 (x3)" not in words and "12 -> 12" not in words
