@@ -183,8 +183,16 @@ def test_dimensions_sensitivity_and_blocks(app: AppTest) -> None:
     app.switch_page("pages/4_dimensions.py").run()
     assert not app.exception, app.exception
     assert len(app.get("plotly_chart")) == 2
-    heads = app.dataframe[0].value
+    widths = json.loads(app.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert widths["type"] == "heatmap" and widths["y"] == ["0", "1", "2"]  # layers x kinds
+    assert "attn.qkv" in widths["x"] and "mlp.fc1" in widths["x"]
+    outside = app.dataframe[0].value  # embeddings and the model's head, apart
+    assert "head" in set(outside["module"]) and "blocks.0.attn.qkv" not in set(outside["module"])
+    heads = app.dataframe[1].value
     assert len(heads) == 3 and heads["ok"].all() and set(heads["heads"]) == {6}
+    assert list(heads.columns)[:7] == ["module", "heads", "head_dim", "kv_heads", "ok",
+                                       "pre-flight", "violations"]  # the verdict on screen
+    assert heads["projections"][0] == "qkv proj"
     app.multiselect(key="dims_sens_ratios").set_value([0.5])
     app.button(key="dims_sens").click().run()
     assert not app.exception and not app.error
@@ -195,7 +203,7 @@ def test_dimensions_sensitivity_and_blocks(app: AppTest) -> None:
     assert not app.exception and not app.error
     assert "removed block blocks.1" in app.success[0].value
     assert app.session_state.pe.params < start
-    assert len(app.dataframe[1].value) == 2
+    assert len(app.dataframe[2].value) == 2
     app.button(key="dims_undo").click().run()
     assert app.session_state.pe.params == start
 

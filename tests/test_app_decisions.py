@@ -181,3 +181,22 @@ def test_the_head_dim_statement_says_what_it_means() -> None:
            "8 -> 4, the same dims in every layer" in words
     assert "query heads all kept (4 in each of 3 layers)" in words
     assert "16 -> 8 (x3)" not in words and "12 -> 12" not in words
+
+
+def test_widths_at_many_layers_are_a_grid_with_embeddings_apart() -> None:
+    """At 30 layers Dimensions & heads drew ~200 bars, embedding and lm_head widths flattening
+    the layers; it draws layers x kinds now, in numeric order, the rest apart."""
+    from explorer.render.figures import layer_grid, widths_figure
+
+    before = {"model.embed_tokens": 49152, "lm_head": 49152}
+    for i in range(30):
+        before |= {f"model.layers.{i}.self_attn.q_proj": 576,
+                   f"model.layers.{i}.mlp.gate_proj": 1536}
+    after = {**before, "model.layers.10.mlp.gate_proj": 768}
+    grid = layer_grid(before, after)
+    assert grid.layers[9:12] == ["model.layers.9", "model.layers.10", "model.layers.11"]
+    assert grid.kinds == ["self_attn.q_proj", "mlp.gate_proj"]
+    assert grid.outside == {"model.embed_tokens": (49152, 49152), "lm_head": (49152, 49152)}
+    heat = widths_figure(before, after).data[0]
+    assert heat.type == "heatmap" and len(heat.y) == 30
+    assert list(heat.z[10]) == [1.0, 0.5] and heat.text[10][1] == "1536→768"
