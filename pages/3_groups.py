@@ -206,8 +206,11 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
         if order:
             pending = by_cost(pending, costs)
     keys = [p.key for p in pending]
-    if st.session_state.get("groups_pick") not in keys:
-        st.session_state.groups_pick = keys[0]
+    state = (id(pe), pe.version, pe.settings(), order)
+    if st.session_state.get("groups_pick") not in keys or \
+            st.session_state.get("groups_pick_for") != state:
+        st.session_state.groups_pick = keys[0]  # a new model state or settings: the first
+    st.session_state.groups_pick_for = state
     by_key = {p.key: p for p in pending}
     chosen = c[0].selectbox(
         "Proposal", keys, key="groups_pick",
@@ -255,7 +258,7 @@ def tradeoff(pe: Session, verdict: Verdict | None, after: Quality | None,
         return
     trail: Trail = st.session_state.setdefault("pe_trail", {}).setdefault(id(pe), Trail())
     label = pe.history[-1] if pe.history else "the original"
-    trail.record(len(pe.applied) + pe.blocks_removed, pe.params, quality, label)
+    trail.record(len(pe.pruner.history.edits), pe.params, quality, label)  # model changes
     would_be = (verdict.params, after) if verdict is not None and verdict.ok and \
         verdict.params and after is not None else None
     st.plotly_chart(trail.figure(quality, would_be=would_be, thresholds=t),

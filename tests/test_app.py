@@ -314,3 +314,30 @@ def test_graph_page_marks_an_unsafe_group_with_its_location(app: AppTest) -> Non
     assert any("breaks the forward in blocks.0.attn" in w.value for w in app.warning)
     marked = {n["id"]: n["unsafe"] for n in _graph_view(app)["nodes"] if n["unsafe"]}
     assert marked["m:blocks.0.attn"] == "blocks.0.attn dino.py:58"
+
+
+def test_proposals_are_picked_and_ordered_by_their_measured_cost(app: AppTest) -> None:
+    """The cost of a proposal was shown but not weighed: now every pending cost can be
+    measured, the proposals ordered cheapest first, and any one decided on."""
+    app.switch_page("pages/3_groups.py").run()
+    pe = app.session_state.pe
+    assert any("**Accepting it" in m.value for m in app.markdown)  # coloured by severity
+    app.button(key="groups_measure_all").click().run()
+    assert not app.exception, app.exception
+    app.toggle(key="groups_by_cost").set_value(True).run()
+    keys = app.selectbox(key="groups_pick").options
+    by_key = {p.key: p for p in pe.proposals()}
+    costs = [pe.cost_if_measured(by_key[k]) for k in
+             (next(k for k in by_key if str(k) == o or f"{by_key[k].group.title} ·" in o)
+              for o in keys)]
+    assert all(c is not None for c in costs)
+    values = [c.after for c in costs]  # cosine to the original: cheapest (highest) first
+    assert values == sorted(values, reverse=True)
+    last = app.selectbox(key="groups_pick").options[-1]
+    app.selectbox(key="groups_pick").set_value(
+        next(k for k in by_key if f"{by_key[k].group.title} ·" in last)).run()
+    assert app.subheader[0].value.endswith(last.split(" · ")[0])
+    before = len(pe.proposals())
+    app.button(key="groups_accept").click().run()
+    assert not app.exception and not app.error
+    assert len(app.session_state.pe.proposals()) < before
