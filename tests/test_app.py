@@ -341,3 +341,27 @@ def test_proposals_are_picked_and_ordered_by_their_measured_cost(app: AppTest) -
     app.button(key="groups_accept").click().run()
     assert not app.exception and not app.error
     assert len(app.session_state.pe.proposals()) < before
+
+
+def test_graph_click_selects_the_group_of_the_channels_a_node_writes(app: AppTest) -> None:
+    """Clicking ``qkv`` selected the residual stream (its input), not the head group whose
+    channels it writes; a node in several groups now offers them."""
+    app.switch_page("pages/2_graph.py").run()
+    app.slider(key="graph_depth").set_value(4)
+    app.checkbox(key="graph_fold").uncheck().run()
+    nodes = {n["id"]: n for n in _graph_view(app)["nodes"]}
+    groups = app.session_state.pe.graph.groups()
+    qkv, proj = nodes["m:blocks.0.attn.qkv"], nodes["m:blocks.0.attn.proj"]
+    assert groups[qkv["primary_group"]].heads is not None  # the head group
+    assert groups[proj["primary_group"]].residual  # proj writes the residual stream
+    app.session_state["graph_view"] = {"node": "m:blocks.0.attn.qkv",
+                                       "group": qkv["primary_group"], "n": 7}
+    app.run()
+    assert app.selectbox(key="graph_group").value == qkv["primary_group"]
+    offer = app.radio(key="graph_node_pick")
+    assert sorted(offer.options) == sorted(str(i) + ": " + groups[i].title
+                                           for i in qkv["group_ids"])
+    residual = next(i for i in qkv["group_ids"] if groups[i].residual)
+    offer.set_value(residual).run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="graph_group").value == residual
