@@ -5,6 +5,7 @@ view of the current proposal is one more function and one call at the bottom.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import streamlit as st
@@ -212,6 +213,11 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
         st.session_state.groups_pick = keys[0]  # a new model state or settings: the first
     st.session_state.groups_pick_for = state
     by_key = {p.key: p for p in pending}
+    if costs.get(st.session_state.groups_pick) is None and pe.quality() is not None:
+        # the proposal on screen: its cost is shown below anyway (and says why it fails)
+        with contextlib.suppress(Exception):
+            costs[st.session_state.groups_pick] = pe.proposal_cost(
+                by_key[st.session_state.groups_pick])
     chosen = c[0].selectbox(
         "Proposal", keys, key="groups_pick",
         format_func=lambda k: f"{by_key[k].group.title} · {cost_label(costs.get(k), t)}")
@@ -308,7 +314,8 @@ def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verd
     st.warning("Accepting this makes widths differ between layers, so no transformers config "
                "describes the result and the hf export will not be a `from_pretrained` "
                "folder (it falls back to safetensors + plan.json): "
-               + "; ".join(cache[key][:3]) + (" ..." if len(cache[key]) > 3 else "")
+               + "; ".join(f"`{line}`" for line in cache[key][:3])
+               + (" ..." if len(cache[key]) > 3 else "") + "."
                + (" Cut the same in every layer to keep one." if same is not None else ""))
     if same is not None:
         st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",

@@ -36,7 +36,7 @@ def test_a_broken_model_looks_alarming() -> None:
     broken = _lm(25.0, 181_010.0, top1=0.03)
     assert severity(broken, t) is Severity.ALARM
     text = cost_sentence(_lm(25.0, 25.0), broken, t, "8 held-out samples")
-    assert text.startswith("🔴 **Accepting it breaks the model**")
+    assert text.startswith("✖ **Accepting it breaks the model**")
     assert "perplexity 25.00 → 181,010 (×7,240)" in text and "top-1 agreement 0.030" in text
     assert severity(_lm(25.0, 26.0), t) is Severity.OK
     assert severity(_lm(25.0, 30.0), t) is Severity.WARN  # x1.2: over 1.10, under 1.50
@@ -80,9 +80,9 @@ def test_proposals_order_by_cost_cheapest_first_unmeasured_last() -> None:
     costs = {a.key: _lm(25, 900), b.key: _lm(25, 27), d.key: _lm(25, 40)}
     ordered = by_cost([a, b, c, d], costs)  # type: ignore[list-item]
     assert [p.key[1] for p in ordered] == [1, 3, 0, 2]
-    assert cost_label(costs[a.key], Thresholds()) == "🔴 perplexity 900.0"
+    assert cost_label(costs[a.key], Thresholds()) == "✖ perplexity 900.0"
     assert cost_label(None, Thresholds()) == "not measured"
-    assert cost_label(_encoder(0.99), Thresholds()) == "🟢 cosine 0.990"
+    assert cost_label(_encoder(0.99), Thresholds()) == "✓ cosine 0.990"
 
 
 def test_trail_keeps_the_chain_of_decisions_across_undo() -> None:

@@ -35,7 +35,8 @@ class Severity(str, enum.Enum):
     ALARM = "alarm"
 
 
-ICON = {Severity.OK: "🟢", Severity.WARN: "🟡", Severity.ALARM: "🔴"}
+# glyphs every font has (emoji are boxes in a browser without an emoji font)
+ICON = {Severity.OK: "✓", Severity.WARN: "▲", Severity.ALARM: "✖"}
 COLOUR = {Severity.OK: "#2CA02C", Severity.WARN: "#FF7F0E", Severity.ALARM: "#D62728"}
 _LEAD = {Severity.OK: "Accepting it costs little",
          Severity.WARN: "Accepting it costs noticeable quality",
@@ -143,7 +144,7 @@ def by_cost(pending: Sequence[Proposal], costs: Mapping[GroupKey, Quality | None
 
 
 def cost_label(q: Quality | None, t: Thresholds) -> str:
-    """A short cell for a table or a picker: ``🔴 perplexity 157,507``."""
+    """A short cell for a table or a picker: ``✖ perplexity 157,507``."""
     if q is None:
         return "not measured"
     if q.perplexity_after is not None:
