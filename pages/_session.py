@@ -106,9 +106,11 @@ def _request(fields: dict[str, Any]) -> LoadRequest | None:
 
 def restore_or_start() -> None:
     """On a fresh page: replay the session named in the URL, or load the default model."""
-    if "pe_request" in st.session_state:
+    if st.session_state.get("pe_restored"):
         _sid()  # put the id back into the URL after a page link dropped it
         return
+    # Marked done only when the load returns: a click on a page link while it runs stops
+    # this run (the sidebar is drawn first), and the next run must load again.
     saved = store.load(_sid())
     request = _request(saved.request) if saved is not None else None
     if saved is not None and request is not None:
@@ -116,6 +118,7 @@ def restore_or_start() -> None:
     elif load(DEFAULT_REQUEST) and saved is not None:  # a failure is shown on the Model page
         st.session_state.pe_error = ("session log: its model request is not one the app "
                                      "writes; the default model was loaded instead")
+    st.session_state.pe_restored = True
 
 
 def reset() -> None:
