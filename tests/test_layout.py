@@ -74,3 +74,60 @@ def test_imports_flow_downstream(path: Path) -> None:
 def test_every_package_has_a_rule() -> None:
     packages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages <= set(ALLOWED), sorted(packages - set(ALLOWED))
+
+
+# Layers inside explorer/prune (ARCHITECTURE.md): mechanism -> history -> policy. A module
+# imports modules of its own layer or of the layers before it, never of a later one.
+PRUNE_LAYERS: dict[str, int] = {
+    **dict.fromkeys(["removal", "transaction", "validate", "fixups", "preflight", "depth",
+                     "calibration", "importance", "compensate", "reconstruct", "rebase",
+                     "sequential", "joint", "records"], 0),  # mechanism: how a model changes
+    **dict.fromkeys(["history", "decisions"], 1),  # the timeline of edits and decisions
+    **dict.fromkeys(["settings", "counts", "outer", "proposal", "choose", "pruner",
+                     "statement", "sensitivity"], 2),  # policy: what to cut
+}
+PRUNE = ROOT / "prune"
+
+
+def _prune_module(name: str) -> str | None:
+    """``explorer.prune.x[.y]`` -> ``x`` (the layer key), else None."""
+    parts = name.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["explorer", "prune"] else None
+
+
+def test_every_prune_module_has_a_layer() -> None:
+    found = {p.relative_to(PRUNE).parts[0].removesuffix(".py") for p in PRUNE.rglob("*.py")}
+    assert found - {"__init__"} == set(PRUNE_LAYERS), sorted(found ^ set(PRUNE_LAYERS))
+
+
+@pytest.mark.parametrize("path", sorted(PRUNE.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(PRUNE)))
+def test_prune_layers_flow_upward(path: Path) -> None:
+    here = path.relative_to(PRUNE).parts[0].removesuffix(".py")
+    if here == "__init__":
+        return
+    later = sorted(m for m in filter(None, map(_prune_module, _imports(path)))
+                   if PRUNE_LAYERS[m] > PRUNE_LAYERS[here])
+    assert not later, f"prune/{path.relative_to(PRUNE)} (layer {PRUNE_LAYERS[here]}) may not " \
+                      f"import {later}"
+
+
+def test_prune_modules_import_no_cycle() -> None:
+    """No two modules of explorer/prune import each other, directly or around a loop (type-only
+    imports count: a protocol stands in where a module needs another's type)."""
+    graph = {p.relative_to(ROOT.parent).with_suffix("").as_posix().replace("/", "."):
+             {m for m in _imports(p) if m.startswith("explorer.prune.")}
+             for p in PRUNE.rglob("*.py") if p.name != "__init__.py"}
+    done: set[str] = set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(node):], node]))
+        if node in done or node not in graph:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*stack, node])
+        done.add(node)
+
+    for start in sorted(graph):
+        visit(start, [])
