@@ -27,10 +27,9 @@ from .calibration import Calibration, load_calibration
 from .compensate import Compensation
 from .counts import global_counts, kept, local_counts
 from .history import History
-from .importance import Criterion, make
+from .importance import Criterion, lowest, make
 from .outer import outer_cut
 from .preflight import Preflight, Verdict
-from .proposal import lowest
 from .records import Candidate, GroupChange, Skip
 from .removal import Removal, removed_atoms
 from .settings import Settings, SettingsKey, resolve_targets, target_axes, untargeted

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..coupling.groups import Group, GroupKey
 from .decisions import Decisions
+from .importance import lowest
 from .joint import merge
 from .preflight import Verdict
 from .records import GroupChange
@@ -25,21 +26,16 @@ Counts = Mapping[int, int]  # axis index -> how many indices to remove
 
 
 class Decider(Protocol):
-    """What a proposal is bound to (`explorer.prune.pruner.Pruner`; a protocol, so this
-    module does not import the pruner): the one accept path and the decisions."""
+    """What a proposal needs of the pruner that made it (`Pruner` is one): its decisions,
+    and the one accept / reject path. A protocol, so this module never imports the pruner."""
 
     @property
     def decisions(self) -> Decisions: ...
 
-    def accept(self, proposal: Proposal, indices: dict[int, list[int]] | list[int] | None,
-               count: int | Counts | None) -> Verdict: ...
+    def accept(self, proposal: Proposal, indices: dict[int, list[int]] | list[int] | None = None,
+               count: int | Counts | None = None) -> Verdict: ...
 
     def reject(self, proposal: Proposal) -> None: ...
-
-
-def lowest(scores: np.ndarray, n: int) -> list[int]:
-    """The ``n`` indices with the lowest scores, ascending (ties: lower index first)."""
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:n])
 
 
 @dataclass(frozen=True)
