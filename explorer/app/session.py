@@ -28,7 +28,7 @@ from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
 from ..io.specs import SentenceFolder
-from ..prune.calibration import Calibration, random_like
+from ..prune.calibration import Calibration
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
 from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
@@ -38,29 +38,22 @@ from ..prune.removal import Applied, PruneError, Removal, undo
 from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality
-from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
-from ..quality.probe import QualityProbe
+from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation
 from ..quality.task import Task
-
-# what each recorded action holds (``_record``): its ``do`` -> field -> JSON type
-_ACTIONS: dict[str, dict[str, type]] = {
-    "configure": {"settings": list}, "accept": {"key": list}, "accept_all": {},
-    "reject": {"keys": list}, "undo": {}, "block": {"name": str}, "plan": {"text": str},
-}
-
-
-def action_problem(act: object) -> str | None:
-    """Why ``act`` (an entry of a session log, maybe hand-edited) is not an action the
-    session records, or None when it is one."""
-    if not isinstance(act, dict):
-        return f"{type(act).__name__} {str(act)[:40]!r} is not an action object"
-    do = act.get("do")
-    if do not in _ACTIONS:
-        return f"unknown action {str(do)[:40]!r}"
-    for name, kind in _ACTIONS[str(do)].items():
-        if not isinstance(act.get(name), kind):
-            return f"action {do!r} without a {kind.__name__} field {name!r}"
-    return None
+from .actions import (
+    Accept,
+    AcceptAll,
+    Action,
+    Block,
+    Configure,
+    PlanReplay,
+    Reject,
+    Undo,
+    to_json,
+)
+from .actions import parse as parse_action
+from .actions import problem as action_problem
+from .measures import Measures
 
 
 class MessageKind(str, enum.Enum):
@@ -136,7 +129,6 @@ class Session:
     task: Task | None = None  # what the model does (inferred when None)
     tokenizer: Any | None = None  # the checkpoint's tokenizer: an hf export, continuations
     sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, saved likewise
-    _probe: QualityProbe | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model = clone_model(self.model)
@@ -148,11 +140,12 @@ class Session:
                              calibration=self.calibration, targets=self.targets)
         self.targets = self.pruner.settings()[5]
         self._history: list[_Undo] = []
-        self._texts: dict[tuple[Any, ...], list[Continuation]] = {}
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
         self._statement: tuple[tuple[Any, ...], Statement] | None = None
-        self.actions: list[dict[str, Any]] = []  # what the user did, replayable (`replay`)
+        self._actions: list[Action] = []  # what the user did, replayable (`replay`)
+        self.measures = Measures(self.original, self.example_inputs, self.heldout, self.task,
+                                 self.tokenizer)
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
         self.blocks_removed = 0
         self._depth: list[tuple[int, BlockRemoval]] = []  # (accepts before it, the removal)
@@ -220,7 +213,7 @@ class Session:
             return self._fail(f"cannot use {importance!r} here: {exc}")
         self._sync_settings()
         *rest, targets_now = self.settings()
-        self._record({"do": "configure", "settings": [*rest, list(targets_now)]})
+        self._record(Configure([*rest, list(targets_now)]))
         return True
 
     def statement(self) -> Statement:
@@ -286,10 +279,9 @@ class Session:
         ok = self._apply(removal, [proposal], count, verdict)
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
-            self._record({"do": "accept", "key": list(proposal.key),
-                          "joint": proposal.joint or proposal.fallback,
-                          "counts": None if counts is None else
-                          [[int(a), int(n)] for a, n in counts.items()]})
+            self._record(Accept(list(proposal.key), proposal.joint or proposal.fallback,
+                                None if counts is None else
+                                [[int(a), int(n)] for a, n in counts.items()]))
         return ok
 
     def accept_all(self, progress: Progress | None = None) -> bool:
@@ -310,7 +302,7 @@ class Session:
         safe = [p for p in pending if p.key in set(sol.safe)]
         ok = self._apply(sol.removal(parts), safe, None, self._traced_here(sol.verdict))
         if ok:
-            self._record({"do": "accept_all"})
+            self._record(AcceptAll())
         if ok and unsafe:
             self.message = Message.info(f"accepted {len(safe)} groups; left unsafe: "
                                            + "; ".join(unsafe))
@@ -322,7 +314,7 @@ class Session:
         for k in proposal.keys:
             self.decided[k] = Decision.REJECTED.value
         self.message = Message.info(f"rejected {proposal.title}")
-        self._record({"do": "reject", "keys": [list(k) for k in proposal.keys]})
+        self._record(Reject([list(k) for k in proposal.keys]))
 
     def undo(self) -> bool:
         """Revert the last accept, reject, block removal or plan replay exactly."""
@@ -337,7 +329,7 @@ class Session:
         del self.log[last.log_len:]
         self.blocks_removed = last.blocks
         self.message = Message.info(f"undone: {last.what}")
-        self._record({"do": "undo"})
+        self._record(Undo())
         return True
 
     def remove_block(self, name: str) -> bool:
@@ -367,7 +359,7 @@ class Session:
         self.graph = self._model_graph()
         self.message = Message.success(f"removed block {name}: params {before:,} -> "
                                           f"{self.params:,}")
-        self._record({"do": "block", "name": name})
+        self._record(Block(name))
         return True
 
     def sensitivity(self, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
@@ -381,22 +373,18 @@ class Session:
     def quality(self) -> Quality | None:
         """Quality of the current model against the original on a small held-out batch
         (cached per model version); None on meta, which has no weights to measure."""
-        probe = self._quality_probe()
-        return None if probe is None else probe.current(self.model, self.version)
+        return self.measures.quality(self.model, self.version)
 
     def proposal_cost(self, proposal: Proposal, count: int | Counts | None = None
                       ) -> Quality | None:
         """Quality after accepting ``proposal`` (with ``count``, the counts on screen),
         measured on a CPU copy with weights (the pre-flight copy is weightless); cached;
         None on meta."""
-        probe = self._quality_probe()
-        if probe is None:
-            return None
         counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
         key = (self.version, tuple(proposal.keys), self.settings(),
                tuple(sorted(counts.items())))
-        return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
-                          key)
+        return self.measures.cost(self.model, self.graph.coupling,
+                                  lambda: proposal.removal(counts), key)
 
     def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
                       ) -> list[Continuation]:
@@ -406,30 +394,12 @@ class Session:
         Raises:
             GenerateError: if the model has no tokenizer or cannot generate text.
         """
-        if self.on_meta or not prompts:
-            return []
-        key = (self.version, tuple(prompts), new_tokens)
-        if key not in self._texts:
-            self._texts[key] = continuations(self.model, self.original, self.tokenizer,
-                                             list(prompts), new_tokens)
-        return self._texts[key]
+        return self.measures.continuations(self.model, self.version, prompts, new_tokens)
 
     @property
     def quality_source(self) -> str:
         """What the quality is measured on, in words."""
-        if self.heldout is None:
-            return "random inputs (no held-out data given)"
-        return f"{_batch_rows(self.heldout.batches[0])} held-out samples"
-
-    def _quality_probe(self) -> QualityProbe | None:
-        if self.on_meta:
-            return None
-        if self._probe is None:
-            data = (Calibration(self.heldout.batches[:1], mask_index=self.heldout.mask_index)
-                    if self.heldout is not None else
-                    Calibration(random_like(self.example_inputs, 1, 4, seed=1)))
-            self._probe = QualityProbe(self.original, data, self.task)
-        return self._probe
+        return self.measures.source
 
     # ------------------------------------------------------------------ plans
     def plan(self) -> Plan:
@@ -489,7 +459,7 @@ class Session:
         self.graph = self._model_graph()
         self.message = Message.success(f"replayed a plan of {len(plan.steps)} step(s): "
                                           f"params {before:,} -> {self.params:,}")
-        self._record({"do": "plan", "text": text if isinstance(text, str) else text.decode()})
+        self._record(PlanReplay(text if isinstance(text, str) else text.decode()))
         return True
 
     # ------------------------------------------------------------------ export
@@ -563,7 +533,7 @@ class Session:
             problem = action_problem(act)
             if problem is None:
                 try:
-                    ok = self._replay_one(act)
+                    ok = parse_action(act).redo(self)
                 except (KeyError, TypeError, ValueError, IndexError) as exc:  # bad field values
                     problem = f"action {act['do']!r} with a malformed field: {exc}"
             if problem is not None:
@@ -583,41 +553,36 @@ class Session:
             self.message = Message.info(f"restored {len(actions)} decisions")
         return done
 
-    def _replay_one(self, act: dict[str, Any]) -> bool:
-        do = act.get("do")
-        if do == "configure":
-            return self.configure(*act["settings"])
-        if do == "accept":
-            p = self._pending_by_key(tuple(act["key"]))
-            if p is not None and act.get("joint"):
-                p = self.joint(p)
-            if p is None:
-                return self._fail("its group is not pending")
-            counts = act.get("counts")
-            return self.accept(p, None if counts is None else {int(a): int(n)
-                                                               for a, n in counts})
-        if do == "accept_all":
-            return self.accept_all()
-        if do == "reject":
-            p = self._pending_by_key(tuple(act["keys"][0]))
-            if p is None:
-                return self._fail("its group is not pending")
-            self.reject(p)
-            return True
-        if do == "undo":
-            return self.undo()
-        if do == "block":
-            return self.remove_block(str(act["name"]))
-        if do == "plan":
-            return self.apply_plan(str(act["text"]))
-        return self._fail(f"unknown action {do!r}")
+    def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None
+                    ) -> bool:
+        """Accept the pending proposal of group ``key`` again (its joint or outer-axis
+        proposal when ``joint``), resized by ``counts`` (a replayed `actions.Accept`)."""
+        p = self._pending_by_key(key)
+        if p is not None and joint:
+            p = self.joint(p)
+        if p is None:
+            return self._fail("its group is not pending")
+        return self.accept(p, counts)
+
+    def redo_reject(self, key: tuple[Any, ...]) -> bool:
+        """Reject the pending proposal of group ``key`` again (a replayed `actions.Reject`)."""
+        p = self._pending_by_key(key)
+        if p is None:
+            return self._fail("its group is not pending")
+        self.reject(p)
+        return True
 
     def _pending_by_key(self, key: tuple[Any, ...]) -> Proposal | None:
         want = (str(key[0]), int(key[1]), int(key[2]) if len(key) > 2 else 0)  # old logs: 2
         return next((p for p in self.proposals() if p.key == want), None)
 
-    def _record(self, action: dict[str, Any]) -> None:
-        self.actions.append(action)
+    @property
+    def actions(self) -> list[dict[str, Any]]:
+        """What the user did, oldest first, as JSON log entries (`replay` redoes them)."""
+        return [to_json(a) for a in self._actions]
+
+    def _record(self, action: Action | dict[str, Any]) -> None:
+        self._actions.append(parse_action(action) if isinstance(action, dict) else action)
         if self.on_action is not None:
             self.on_action(self)
 
@@ -701,11 +666,6 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return out
 
 
-def _batch_rows(batch: tuple[Any, ...]) -> int:
-    first = next((a for a in batch if isinstance(a, torch.Tensor) and a.dim()), None)
-    return int(first.shape[0]) if first is not None else 1
-
-
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width (dim 0 of the weight) of every module that has a weight of rank >= 2."""
     out: dict[str, int] = {}
@@ -716,4 +676,5 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["Decision", "Message", "MessageKind", "Proposal", "Session", "layer_widths"]
+__all__ = ["Decision", "Message", "MessageKind", "Proposal", "Session", "action_problem",
+           "layer_widths"]

@@ -16,10 +16,11 @@ import numpy as np
 from ..coupling.groups import Group, GroupKey
 from .joint import merge
 from .preflight import Verdict
+from .records import GroupChange
 from .removal import Applied, Removal
 
 if TYPE_CHECKING:
-    from .pruner import GroupChange, Pruner
+    from .pruner import Pruner
 
 Counts = Mapping[int, int]  # axis index -> how many indices to remove
 

@@ -6,7 +6,7 @@ import linecache
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,79 +33,12 @@ from .importance import CRITERIA, Criterion, make
 from .joint import Solution, merge, solve
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Proposal, lowest
+from .records import Candidate, GroupChange, Skip, StepReport, Unsafe
 from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms, undo
 from .transaction import ModelState, transaction
 from .validate import check_module_names, nonfinite_text, nonfinite_weights
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
-
-
-@dataclass
-class GroupChange:
-    """One group's share of a step."""
-
-    group: int
-    title: str
-    axis: str  # role of the pruned axis
-    removed: list[int]
-    width_before: int
-    width_after: int
-    # why this axis and not the innermost one, when the pruner fell back to an outer axis
-    fallback: str = ""
-    # the layer this axis lives in (`coupling.places.axis_layers`): a group spanning layers
-    # (attention tied by shared rotary frequencies) has one change per layer
-    where: str = ""
-
-
-@dataclass
-class Skip:
-    group: int
-    title: str
-    reason: str
-
-
-@dataclass
-class Unsafe:
-    group: int
-    module: str
-    location: str
-    error: str
-
-
-@dataclass
-class StepReport:
-    """What a step really removed; truthy iff it removed anything."""
-
-    step: int
-    changes: list[GroupChange] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    unsafe: list[Unsafe] = field(default_factory=list)
-    params_before: int = 0
-    params_after: int = 0
-    macs_before: int = 0
-    macs_after: int = 0
-    forward_ok: bool = True
-    output_shape_ok: bool = True
-    attributes: dict[str, dict[str, list[object]]] = field(default_factory=dict)
-    config: dict[str, list[object]] = field(default_factory=dict)  # transformers config changes
-    notes: list[str] = field(default_factory=list)  # caveats the user should read
-
-    def __bool__(self) -> bool:
-        return any(c.removed for c in self.changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Candidate:
-    """One axis of one group the pruner may cut, with its scores."""
-
-    group: Group
-    axis: int
-    scores: np.ndarray
-    original: int  # width of this axis in the unpruned model
-    limit: float  # ratio of ``original`` this axis may lose at this step
 
 
 def _validate(importance: str, ratio: float, heads: str, round_to: int,
@@ -940,3 +873,6 @@ def _source_line(location: str) -> str:
     if not path or not line.isdigit():
         return ""
     return linecache.getline(path, int(line)).strip()
+
+
+__all__ = ["HEAD_MODES", "Candidate", "GroupChange", "Pruner", "Skip", "StepReport", "Unsafe"]
