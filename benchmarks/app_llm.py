@@ -122,6 +122,7 @@ def run(model: str, calibration: str, heldout: str, criterion: str, accepts: int
     bench = Bench(verbose, profile)
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()  # the default demo model
     _check(at, "first page")
+    start_mb = round(_rss_mb())  # the server with the default demo model, before ours
     at.text_input(key="model_spec").set_value(model)
     at.text_input(key="model_calib").set_value(calibration)
     at.text_input(key="model_heldout").set_value(heldout)
@@ -156,11 +157,14 @@ def run(model: str, calibration: str, heldout: str, criterion: str, accepts: int
     at.multiselect(key="export_formats").set_value(["hf"])
     bench("export_hf", lambda: at.button(key="export_build").click().run())
     _check(at, "export")
+    import torch
     return {"model": model, "criterion": criterion, "accepts": accepts,
+            "threads": torch.get_num_threads(),
             "seconds": {k: round(statistics.median(v), 2) for k, v in bench.times.items()},
             "runs": {k: [round(t, 2) for t in v] for k, v in bench.times.items()},
             "cpu_seconds": {k: round(statistics.median(v), 2) for k, v in bench.cpu.items()},
-            "peak_rss_mb": round(_peak_mb()), "rss_after_mb": bench.rss,
+            "peak_rss_mb": round(_peak_mb()), "rss_start_mb": start_mb,
+            "rss_after_mb": bench.rss,
             "params_after": params}
 
 
@@ -174,11 +178,16 @@ def main() -> None:
     ap.add_argument("--accepts", type=int, default=5)
     ap.add_argument("--cold", action="store_true",
                     help="reopen after clearing the process's model cache (a server restart)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); on "
+                    "a machine busy with other work, 1 keeps them from spinning on each other")
     ap.add_argument("--profile", type=Path, help="write a cProfile of each action here "
                     "(<action>-<run>.prof; read with python -m pstats)")
     ap.add_argument("--json", action="store_true",
                     help="the JSON object on one line (progress goes to stderr)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     out = run(args.model, args.calibration, args.eval, args.criterion, args.accepts, args.cold,
               profile=args.profile)
     print(json.dumps(out, indent=None if args.json else 1))

@@ -31,7 +31,7 @@ from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration
 from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
 from ..prune.joint import Solution, solve
-from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
+from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy, shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
 from ..prune.removal import Applied, PruneError, Removal, undo
@@ -39,6 +39,7 @@ from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation
+from ..quality.original import Original
 from ..quality.task import Task
 from .actions import (
     Accept,
@@ -133,7 +134,10 @@ class Session:
     def __post_init__(self) -> None:
         self.model = clone_model(self.model)
         self.example_inputs = tuple(self.example_inputs)
-        self.original = clone_model(self.model)  # unpruned, for reports and plan replays
+        # unpruned, for quality, reports and plan replays: shares the working copy's tensors,
+        # which cuts, undo and replays replace and never write into (digest-checked on export)
+        self._kept = Original(self.model)
+        self.original = self._kept.get()
         self.pruner = Pruner(self.model, self.example_inputs, importance=self.importance,
                              ratio=self.ratio, heads=self.heads,
                              global_pruning=self.global_pruning, round_to=self.round_to,
@@ -494,8 +498,8 @@ class Session:
         replayed = self.blocks_removed > len(self._depth)
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
-        return export_downloads(clone_model(self.model), formats, dest, plan=plan,
-                                original=self.original, example_inputs=self.example_inputs,
+        return export_downloads(shared_clone(self.model), formats, dest, plan=plan,
+                                original=self._kept.get(), example_inputs=self.example_inputs,
                                 tokenizer=self.tokenizer, sentence=self.sentence)
 
     def model_bytes(self) -> bytes:

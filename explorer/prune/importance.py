@@ -222,7 +222,15 @@ class Magnitude(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         self._weights = _weights(model)  # saliency computed per parameter when asked
-        self._reduced = {}
+        # a cut replaces the tensors it changes: the sums of every other one still hold, so
+        # preparing again after a cut scores only the layers it changed
+        params = dict(model.named_parameters(remove_duplicate=False))
+        before = getattr(self, "_sources", {})
+        same = {n for n, (p, version) in before.items()
+                if n in params and params[n] is p and p._version == version}
+        self._reduced = {key: v for key, v in self._reduced.items() if key[0] in same}
+        self._sources: dict[str, tuple[nn.Parameter, int]] = {
+            n: (p, p._version) for n, p in params.items()}
 
     def tensor(self, name: str) -> torch.Tensor | None:
         w = self._weights.get(name)
