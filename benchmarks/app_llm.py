@@ -1,9 +1,10 @@
 """The app on a real language model, driven headless (Streamlit AppTest, no browser).
 
 Loads ``--model`` with calibration and held-out text on the Model page, then on the Groups page
-accepts 5 proposals, rejects 1, undoes 1 and switches the criterion; opens the saved session
-again in a fresh browser session (the URL's ``?sid=``: a refresh, or a server restart with
-``--cold``) and builds an ``hf`` export on the Export page. Prints one JSON object: the median
+accepts 5 proposals, rejects 1, undoes 1 and switches the criterion; opens the session again
+by the URL's ``?sid=`` in a fresh browser session, live (a refresh or a second tab) and after a
+server restart (the model cache and live sessions cleared: the saved log replays), and builds
+an ``hf`` export on the Export page of the reopened session. Prints one JSON object: the median
 seconds of each action (with every run), the process's peak RSS in MB (AppTest runs the app
 in this process), and the RSS after each action.
 
@@ -117,7 +118,7 @@ def _accept(at: AppTest) -> None:
     button.click().run()
 
 
-def run(model: str, calibration: str, heldout: str, criterion: str, accepts: int, cold: bool,
+def run(model: str, calibration: str, heldout: str, criterion: str, accepts: int,
         verbose: bool = True, profile: Path | None = None) -> dict[str, Any]:
     bench = Bench(verbose, profile)
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()  # the default demo model
@@ -142,16 +143,21 @@ def run(model: str, calibration: str, heldout: str, criterion: str, accepts: int
     _check(at, "criterion switch")
     params = at.session_state["pe"].params
     decisions = len(at.session_state["pe"].actions)
-    if cold:  # a server restart: nothing cached in the process
-        st.cache_resource.clear()
-    again = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    again = AppTest.from_file(APP, default_timeout=TIMEOUT)  # a refresh, or a second tab
     again.query_params["sid"] = sid
-    bench("reopen", lambda: again.run())
+    bench("reopen_live", lambda: again.run())
     _check(again, "reopen")
-    reopened = again.session_state["pe"]
-    if reopened.params != params or len(reopened.actions) != decisions:
-        raise RuntimeError(f"reopen gave {reopened.params:,} params and "
-                           f"{len(reopened.actions)} decisions, not {params:,} and {decisions}")
+    st.cache_resource.clear()  # a server restart: no live session, no cached model
+    saved = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    saved.query_params["sid"] = sid
+    bench("reopen_saved", lambda: saved.run())
+    _check(saved, "reopen from the saved log")
+    for tab in (again, saved):
+        pe = tab.session_state["pe"]
+        if pe.params != params or len(pe.actions) != decisions:
+            raise RuntimeError(f"reopen gave {pe.params:,} params and {len(pe.actions)} "
+                               f"decisions, not {params:,} and {decisions}")
+    at = saved  # the export runs in the reopened session
     at.switch_page("pages/5_export.py").run()
     _check(at, "Export page")
     at.multiselect(key="export_formats").set_value(["hf"])
@@ -176,8 +182,6 @@ def main() -> None:
     ap.add_argument("--eval", required=True, help="held-out text, apart from calibration")
     ap.add_argument("--criterion", default="wanda", help="the criterion switched to")
     ap.add_argument("--accepts", type=int, default=5)
-    ap.add_argument("--cold", action="store_true",
-                    help="reopen after clearing the process's model cache (a server restart)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); on "
                     "a machine busy with other work, 1 keeps them from spinning on each other")
     ap.add_argument("--profile", type=Path, help="write a cProfile of each action here "
@@ -188,7 +192,7 @@ def main() -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    out = run(args.model, args.calibration, args.eval, args.criterion, args.accepts, args.cold,
+    out = run(args.model, args.calibration, args.eval, args.criterion, args.accepts,
               profile=args.profile)
     print(json.dumps(out, indent=None if args.json else 1))
 
