@@ -11,9 +11,9 @@ from explorer.app.display import (
     unsafe_alone,
 )
 from explorer.app.session import Message
-from explorer.app.sources import example_specs, plan_text, quality_text, request_from_fields
+from explorer.app.sources import example_specs, plan_text, request_from_fields
 from explorer.graph.metrics import count_params
-from explorer.render.figures import compact
+from explorer.render.figures import compact, quality_text
 from pages._session import load, show
 
 

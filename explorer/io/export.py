@@ -287,7 +287,7 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
 def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     from safetensors.torch import save_model
     save_model(model, str(out / "model.safetensors"), force_contiguous=True)
-    plan.save(out / "plan.json")
+    plan.refit_in_weights().save(out / "plan.json")  # refit values: in model.safetensors
     return [str(out / "model.safetensors"), str(out / "plan.json")]
 
 

@@ -30,7 +30,7 @@ The replaced tensors go into the `Applied` record, so `undo` restores them too.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,18 @@ class InputStats:
 
 def targets(model: nn.Module, coupling: Coupling, removal: Removal) -> list[Target]:
     """The consumer layers of ``removal`` that compensation can refit."""
-    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
+    return cut_targets(model, coupling.keep_indices(removed_atoms(coupling, removal)))
+
+
+def cut_targets(model: nn.Module, keeps: Mapping[tuple[str, int], Sequence[int] | np.ndarray],
+                sizes: Mapping[str, Sequence[int]] | None = None) -> list[Target]:
+    """The consumer layers that keeping ``keeps`` ((tensor, dim) -> kept indices) cuts.
+
+    Args:
+        model: the model (its module types and ties; its weights may be cut already).
+        keeps: kept indices per tensor dimension (`Applied.keeps`, say).
+        sizes: the tensors' shapes before the cut, when ``model`` is cut already.
+    """
     shared = _shared_weights(model)
     out: list[Target] = []
     for (name, dim), kept in sorted(keeps.items()):
@@ -103,7 +114,7 @@ def targets(model: nn.Module, coupling: Coupling, removal: Removal) -> list[Targ
         module = model.get_submodule(module_name)
         if not isinstance(module, _BIAS_LAYERS) or input_dim(module) != dim:
             continue
-        size = _weight(module).shape[dim]
+        size = sizes[name][dim] if sizes is not None else _weight(module).shape[dim]
         kept_arr = np.asarray(kept, dtype=np.int64)
         removed = np.setdiff1d(np.arange(size), kept_arr)
         if len(removed):
@@ -238,9 +249,7 @@ def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
                 notes: list[str] | None) -> Reconstruction:
     """`reconstruct` of the Linear consumers inside the model's repeated blocks (none when
     it has no such blocks); its summary goes into ``notes``."""
-    inside = inside_blocks(model, [t.module for t in todo])
-    consumers = [Consumer(t.module, t.weight, t.kept) for t in todo
-                 if t.module in inside and t.in_dim == 1]
+    consumers = block_consumers(model, todo)
     if not consumers:
         return Reconstruction()
     try:
@@ -250,6 +259,13 @@ def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
     if notes is not None and rec.fits:
         notes.append(rec.summary())
     return rec
+
+
+def block_consumers(model: nn.Module, todo: Sequence[Target]) -> list[Consumer]:
+    """The targets `reconstruct` refits: Linear layers inside the repeated blocks."""
+    inside = inside_blocks(model, [t.module for t in todo])
+    return [Consumer(t.module, t.weight, t.kept) for t in todo
+            if t.module in inside and t.in_dim == 1]
 
 
 REBASE_TOLERANCE = 1e-8  # relative squared output change a re-basing may cause (rounding)

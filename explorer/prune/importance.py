@@ -67,6 +67,8 @@ class Criterion:
     needs_data = False
     signed = False  # sum signed saliencies, then take |.| per index (first-order Taylor)
     removal_side = False
+    layerwise = False  # has a layer-by-layer form (`explorer.prune.sequential`)
+    general = True  # scores any model (``bn-scale`` needs BatchNorm layers)
 
     def __init__(self) -> None:
         self.saliency: dict[str, torch.Tensor] = {}
@@ -109,15 +111,37 @@ class Criterion:
         return np.abs(summed) if self.signed else summed
 
 
-CRITERIA: dict[str, type[Criterion]] = {}
+CRITERIA: dict[str, type[Criterion]] = {}  # every name, aliases included, in registration order
+_PRIMARY: list[str] = []  # the first name each criterion was registered under
 
 
 def register(*names: str) -> Callable[[type[Criterion]], type[Criterion]]:
     def deco(cls: type[Criterion]) -> type[Criterion]:
+        _PRIMARY.append(names[0])
         for n in names:
             CRITERIA[n] = cls
         return cls
     return deco
+
+
+def criterion_names(*, aliases: bool = True, layerwise: bool = False, general: bool = False
+                    ) -> tuple[str, ...]:
+    """Registered criterion names, in registration order: the one list every caller reads.
+
+    Args:
+        aliases: also the other names of a criterion (``l2`` beside ``magnitude``).
+        layerwise: only criteria with a layer-by-layer form (`explorer.prune.sequential`).
+        general: only criteria that score any model (the teaching path's choice).
+    """
+    return tuple(n for n, cls in CRITERIA.items()
+                 if (aliases or n in _PRIMARY) and (cls.layerwise or not layerwise)
+                 and (cls.general or not general))
+
+
+def lowest(scores: np.ndarray, n: int) -> list[int]:
+    """The ``n`` indices with the lowest scores, ascending (ties: lower index first): the
+    one ranking every proposal, step, sensitivity trial and chart of a cut reads."""
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:n])
 
 
 def aggregate(coupling: Coupling, group: Group, element: Element,
@@ -244,20 +268,11 @@ class L1(Magnitude):
     power = 1.0
 
 
-@register("random")
-class Random(Criterion):
-    """Uniform random scores, seeded by group id (and `seed`): the baseline to beat."""
-
-    seed = 0  # set on an instance to draw another baseline
-
-    def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-        rng = np.random.default_rng(group.id if self.seed == 0 else (self.seed, group.id))
-        return [rng.random(a.size) for a in group.axes]
-
-
 @register("bn-scale")
 class BNScale(Criterion):
     """|gamma| of BatchNorm members (zero for groups without one)."""
+
+    general = False
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         self.saliency, self._reduced = {}, {}
@@ -451,6 +466,7 @@ class _FirstOrder(Criterion):
 
     needs_data = True
     removal_side = True
+    layerwise = True
     per_sample: dict[tuple[str, int], np.ndarray]
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
@@ -466,35 +482,13 @@ class _FirstOrder(Criterion):
         return None if terms is None else terms.astype(np.float64)  # exact from float32
 
 
-@register("taylor")
-class Taylor(_FirstOrder):
-    """First-order Taylor: sum over samples of |sum over consumer columns of w * dL_s/dw|."""
-
-    def finish(self, summed: np.ndarray) -> np.ndarray:
-        out: np.ndarray = np.abs(summed).sum(axis=-1)
-        return out
-
-
-@register("fisher", "obd", "hessian")
-class Fisher(_FirstOrder):
-    """Group Fisher: 0.5 * sum over samples of (sum over consumer columns of w * dL_s/dw)^2."""
-
-    def loss_for(self, model: nn.Module, calib: Calibration) -> Calibration:
-        if calib.loss == "auto" and not model_loss_applies(model, calib.batches[0]):
-            return replace(calib, loss="output-probe")  # the curvature of the output itself
-        return calib
-
-    def finish(self, summed: np.ndarray) -> np.ndarray:
-        out: np.ndarray = 0.5 * np.square(summed).sum(axis=-1)
-        return out
-
-
 @register("activation", "wanda")
 class Activation(Criterion):
     """Structured Wanda: ||X_j|| * ||W[:, j]|| over the consumers of every channel."""
 
     needs_data = True
     removal_side = True
+    layerwise = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         norms = activation_norms(model, _need(calib))
@@ -530,6 +524,40 @@ class Activation(Criterion):
 
     def element(self, name: str, dim: int) -> np.ndarray | None:
         return self._reduced.get((name, dim))
+
+
+@register("taylor")
+class Taylor(_FirstOrder):
+    """First-order Taylor: sum over samples of |sum over consumer columns of w * dL_s/dw|."""
+
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.abs(summed).sum(axis=-1)
+        return out
+
+
+@register("fisher", "obd", "hessian")
+class Fisher(_FirstOrder):
+    """Group Fisher: 0.5 * sum over samples of (sum over consumer columns of w * dL_s/dw)^2."""
+
+    def loss_for(self, model: nn.Module, calib: Calibration) -> Calibration:
+        if calib.loss == "auto" and not model_loss_applies(model, calib.batches[0]):
+            return replace(calib, loss="output-probe")  # the curvature of the output itself
+        return calib
+
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        out: np.ndarray = 0.5 * np.square(summed).sum(axis=-1)
+        return out
+
+
+@register("random")
+class Random(Criterion):
+    """Uniform random scores, seeded by group id (and `seed`): the baseline to beat."""
+
+    seed = 0  # set on an instance to draw another baseline
+
+    def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
+        rng = np.random.default_rng(group.id if self.seed == 0 else (self.seed, group.id))
+        return [rng.random(a.size) for a in group.axes]
 
 
 CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose inputs are recorded

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +147,9 @@ def inside_blocks(model: nn.Module, modules: Sequence[str]) -> dict[str, int]:
 
 
 def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibration,
-                ridges: Sequence[float] = RIDGES, streams: Sequence[str] = DEFAULT_STREAMS
+                ridges: Sequence[float] = RIDGES, streams: Sequence[str] = DEFAULT_STREAMS,
+                resident: Callable[[nn.Module], AbstractContextManager[Any]] | None = None,
+                block_done: Callable[[int, Reconstruction], None] | None = None,
                 ) -> Reconstruction:
     """Refit ``consumers`` (Linear layers inside the repeated blocks) block by block.
 
@@ -156,9 +159,15 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         calib: calibration batches (split into fit and held-out samples, `split`).
         ridges: ridge strengths to try, relative to the mean energy of the kept inputs.
         streams: targets to try: ``local`` and/or ``original`` (module docstring).
+        resident: a context each block's work runs in (a model larger than memory keeps an
+            offloaded block's weights loaded there, `explorer.prune.sequential`).
+        block_done: called with a block's index and the reconstruction so far once that
+            block is fit; it may take the block's tensors out of ``tensors`` (to disk): later
+            blocks read only their own.
 
     Returns:
-        The new tensors of the refit layers and the choice for every consumer.
+        The new tensors of the refit layers (less those ``block_done`` took) and the
+        choice for every consumer.
 
     Raises:
         SequentialError: the model has no repeated blocks, or its forward does not reach them.
@@ -182,29 +191,46 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         orig = [list(s) for s in first]
         pruned = [list(s) for s in first]
         for i, layer in enumerate(layers[:max(by_layer) + 1]):
-            todo = by_layer.get(i, [])
-            # the original stream: the consumers' inputs and the next block's inputs
-            runs = [_run(layer, orig[d], data[d], [c.module for c in todo], model)
-                    for d in range(len(data))]
-            xo = [r.rows for r in runs]
-            orig = [r.next for r in runs]
-            names = {id(model.get_submodule(c.module)): c for c in todo}
-            order = _in_order(layer, todo, names, pruned[0][0]) if todo else []
-            after: list[list[Inputs]] | None = None
-            for j, c in enumerate(order):
-                last = j == len(order) - 1
-                with _replaced(model, out):
-                    runs = [_run(layer, pruned[d], data[d], [c.module], model,
-                                 full=c.module if last else None) for d in range(len(data))]
-                _fit(model, c, [r.rows[c.module] for r in runs], xo, out, ridges, streams)
-                if last:
-                    after = _additive(model, layer, out, runs, pruned)
-            if after is None:  # no consumer here, or its output does not simply add up
-                with _replaced(model, out):
-                    after = [_run(layer, pruned[d], data[d], [], model).next
-                             for d in range(len(data))]
-            pruned = after
+            with (resident or _as_is)(layer):
+                orig, pruned = _block(model, layer, by_layer.get(i, []), data, orig, pruned,
+                                      out, ridges, streams)
+            if block_done is not None and i in by_layer:
+                block_done(i, out)
     return out
+
+
+def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[Calibration],
+           orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
+           ridges: Sequence[float], streams: Sequence[str]
+           ) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
+    """Fit one block's consumers; the next block's inputs of both streams."""
+    start = len(out.fits)  # the fits of this block: the only ones its forward reads
+    # the original stream: the consumers' inputs and the next block's inputs
+    runs = [_run(layer, orig[d], data[d], [c.module for c in todo], model)
+            for d in range(len(data))]
+    xo = [r.rows for r in runs]
+    orig = [r.next for r in runs]
+    names = {id(model.get_submodule(c.module)): c for c in todo}
+    order = _in_order(layer, todo, names, pruned[0][0]) if todo else []
+    after: list[list[Inputs]] | None = None
+    for j, c in enumerate(order):
+        last = j == len(order) - 1
+        with _replaced(model, out, start):
+            runs = [_run(layer, pruned[d], data[d], [c.module], model,
+                         full=c.module if last else None) for d in range(len(data))]
+        _fit(model, c, [r.rows[c.module] for r in runs], xo, out, ridges, streams)
+        if last:
+            after = _additive(model, layer, out, runs, pruned, start)
+    if after is None:  # no consumer here, or its output does not simply add up
+        with _replaced(model, out, start):
+            after = [_run(layer, pruned[d], data[d], [], model).next
+                     for d in range(len(data))]
+    return orig, after
+
+
+@contextlib.contextmanager
+def _as_is(_module: nn.Module) -> Iterator[None]:
+    yield
 
 
 def _in_order(layer: nn.Module, todo: list[Consumer], names: dict[int, Consumer],
@@ -273,7 +299,7 @@ def _run(layer: nn.Module, inputs: list[Inputs], data: Calibration, modules: lis
 
 
 def _additive(model: nn.Module, layer: nn.Module, rec: Reconstruction, runs: list[_Run],
-              pruned: list[list[Inputs]]) -> list[list[Inputs]] | None:
+              pruned: list[list[Inputs]], start: int) -> list[list[Inputs]] | None:
     """The next block's inputs of the pruned stream without running the block again, when
     the last consumer's output is added to the block's output as it is (a residual
     connection): ``out + new - old``. Checked on the first batch against a real run; None
@@ -294,7 +320,7 @@ def _additive(model: nn.Module, layer: nn.Module, rec: Reconstruction, runs: lis
                 return None
             stream.append(_with_hidden(pruned[d][b], out + shift))
         nxt.append(stream)
-    with _replaced(model, rec):
+    with _replaced(model, rec, start):
         args, kwargs = pruned[0][0]
         real = _hidden_in(_with_hidden(pruned[0][0], layer(*args, **kwargs)))
     guess = _hidden_in(nxt[0][0])
@@ -395,10 +421,11 @@ def _errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor], xo: list[tor
 
 
 @contextlib.contextmanager
-def _replaced(model: nn.Module, rec: Reconstruction) -> Iterator[None]:
-    """Every consumer fit so far reads only its kept inputs, with its chosen weights."""
+def _replaced(model: nn.Module, rec: Reconstruction, start: int = 0) -> Iterator[None]:
+    """Every consumer fit so far (from ``rec.fits[start]`` on) reads only its kept inputs,
+    with its chosen weights."""
     handles = []
-    for f in rec.fits:
+    for f in rec.fits[start:]:
         module = model.get_submodule(f.module)
         assert isinstance(module, nn.Linear)  # `inside_blocks` keeps Linear layers only
         handles.append(module.register_forward_hook(_reader(module, f, rec)))

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..coupling.groups import Group
 from ..prune.calibration import Calibration
-from ..prune.importance import CRITERIA
+from ..prune.importance import CRITERIA, criterion_names
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..prune.sensitivity import scan
 from .models import (
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 Progress = Callable[[float, str], None]
-TAUGHT_CRITERIA = ("magnitude", "l1", "taylor", "fisher", "activation", "random")
+TAUGHT_CRITERIA = criterion_names(aliases=False, general=True)  # the registry's own
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 CACHE_ENV = "PRUNING_EXPLORER_CACHE"
 _FORMAT = 1  # bump when the result layout or the experiment changes, to miss old caches
