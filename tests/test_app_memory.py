@@ -172,3 +172,17 @@ def test_tensor_bytes_counts_each_storage_once_and_skips_shared() -> None:
     assert tensor_bytes([a, b]) == 120 * 4
     assert tensor_bytes([b], shared=[a]) == 10 * 4
     assert tensor_bytes([None, nn.Linear(2, 2, device="meta")]) == 0
+
+
+def test_a_criterion_switch_reports_its_calibration_batches(
+        llama: tuple[nn.Module, tuple[torch.Tensor, ...]]) -> None:
+    model, inputs = llama
+    calib = Calibration([(torch.randint(0, 100, (2, 6)),) for _ in range(3)])
+    pe = Session(model, inputs, calibration=calib)
+    seen: list[tuple[float, str]] = []
+    assert pe.configure("wanda", 0.5, "dims", progress=lambda f, text: seen.append((f, text)))
+    assert seen == [(0.0, "calibration batch 1 of 3"), (1 / 3, "calibration batch 2 of 3"),
+                    (2 / 3, "calibration batch 3 of 3")]
+    assert pe.pruner.criterion.progress is None  # told only while it scores
+    assert not pe.configure("nonsense", 0.5, "dims", progress=lambda f, t: seen.append((f, t)))
+    assert pe.message is not None and "unknown importance 'nonsense'" in pe.message.text
