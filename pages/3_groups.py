@@ -44,11 +44,16 @@ KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "gr
 
 
 def settings(pe: Session) -> None:
+    if st.session_state.pop("groups_configure", False):  # a setting changed: score with a bar
+        bar = st.progress(0.0, text="scoring the groups with the new settings")
+        pe.configure(*(st.session_state[k] for k in KEYS),
+                     progress=lambda f, text: bar.progress(f, text=f"scoring: {text}"))
+        bar.empty()
     for k, v in zip(KEYS, pe.settings(), strict=True):  # the session is the source of truth
         st.session_state[k] = list(v) if isinstance(v, tuple) else v
 
     def configure() -> None:
-        pe.configure(*(st.session_state[k] for k in KEYS))
+        st.session_state.groups_configure = True  # done above, where a bar can be drawn
 
     c = st.columns(5)
     c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=configure)
@@ -107,8 +112,10 @@ def verdict_box(pe: Session, p: Proposal, verdict: Verdict, joint: Proposal | No
 
 
 def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
+    with st.spinner(f"measuring quality on {pe.quality_source}"):
+        quality = pe.quality()  # cached per model version: a spinner only after a change
     cards = metric_cards((pe.params, pe.params_start), (pe.macs, pe.macs_start), pending,
-                         verdict, pe.quality(), pe.quality_source)
+                         verdict, quality, pe.quality_source)
     for column, card in zip(st.columns(len(cards)), cards, strict=True):
         if card is not None:
             column.metric(card.label, card.value, card.delta, help=card.help,
@@ -121,7 +128,8 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict) -> 
     if not verdict.ok or quality is None:
         return
     try:
-        after = pe.proposal_cost(p, edited(p, counts))
+        with st.spinner("measuring what accepting costs (the cut on a copy with weights)"):
+            after = pe.proposal_cost(p, edited(p, counts))
     except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
         st.warning(f"could not measure what accepting costs: {exc}")
         return

@@ -56,8 +56,10 @@ class Session(Workspace):
 
     def configure(self, importance: str, ratio: float, heads: str,
                   global_pruning: bool | None = None, round_to: int | None = None,
-                  targets: tuple[str, ...] | list[str] | None = None) -> bool:
-        """Change the pruning settings and recompute the proposals.
+                  targets: tuple[str, ...] | list[str] | None = None,
+                  progress: Progress | None = None) -> bool:
+        """Change the pruning settings and recompute the proposals (``progress`` is told how
+        far a data-aware criterion's calibration passes are).
 
         On a bad setting (or a criterion that cannot run on this model) the previous
         settings are kept, an error message is set and False is returned.
@@ -70,11 +72,14 @@ class Session(Workspace):
             return self._fail(str(exc))
         if self.settings() == old:
             return True
+        self.pruner.criterion.progress = progress
         try:
             self.pruner.pending()
         except Exception as exc:  # noqa: BLE001 - a criterion may need weights or data
             self.pruner.configure(*old)
             return self._fail(f"cannot use {importance!r} here: {exc}")
+        finally:
+            self.pruner.criterion.progress = None
         *rest, targets_now = self.settings()
         self._record(Configure([*rest, list(targets_now)]))
         return True

@@ -20,7 +20,7 @@ from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration
 from ..prune.decisions import Decision
 from ..prune.joint import Solution
-from ..prune.preflight import Verdict, clone_model, forward_check
+from ..prune.preflight import Verdict, clone_model, forward_check, shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
 from ..prune.removal import Applied
@@ -28,6 +28,7 @@ from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation
+from ..quality.original import Original
 from ..quality.task import Task
 from .measures import Measures
 from .messages import Message, failure
@@ -61,7 +62,10 @@ class Workspace:
         self.task = task  # what the model does (inferred when None)
         self.tokenizer = tokenizer  # the checkpoint's tokenizer: an hf export, continuations
         self.sentence = sentence  # a sentence-transformers pipeline, saved likewise
-        self.original = clone_model(self.model)  # unpruned, for reports and plan replays
+        # unpruned, for quality, reports and plan replays: shares the working copy's tensors,
+        # which cuts, undo and replays replace and never write into (digest-checked on export)
+        self._kept = Original(self.model)
+        self.original = self._kept.get()
         self.pruner = Pruner(self.model, self.example_inputs, importance=importance,
                              ratio=ratio, heads=heads, global_pruning=global_pruning,
                              round_to=round_to, calibration=calibration, targets=targets)
@@ -274,8 +278,8 @@ class Workspace:
         replayed = self.pruner.history.replayed
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
-        return export_downloads(clone_model(self.model), formats, dest, plan=plan,
-                                original=self.original, example_inputs=self.example_inputs,
+        return export_downloads(shared_clone(self.model), formats, dest, plan=plan,
+                                original=self._kept.get(), example_inputs=self.example_inputs,
                                 tokenizer=self.tokenizer, sentence=self.sentence)
 
     def model_bytes(self) -> bytes:
