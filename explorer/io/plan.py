@@ -37,6 +37,7 @@ from ..graph.tracer import TraceError, trace
 from ..prune.depth import BlockRemoval, remove_blocks
 from ..prune.fixups.fold import Product, refold, scale_tensor
 from ..prune.fixups.patch import resize_tensor
+from ..prune.history import EditKind, History
 from ..prune.preflight import meta_copy
 from ..prune.removal import Applied, PruneError, Removal, apply_removal, removed_atoms, set_tensor
 from ..prune.transaction import transaction
@@ -227,6 +228,29 @@ class Plan:
                  for i, a in enumerate(applied)]
         shapes = [None if s is None else [int(x) for x in s] for s in input_shapes]
         return cls(spec, shapes, fp, steps)
+
+    @classmethod
+    def from_history(cls, history: History, spec: str,
+                     input_shapes: Sequence[Sequence[int] | None] = (),
+                     head_mode: str | None = None) -> Plan:
+        """A plan from a timeline's edits, in order: its cuts and block removals (each cut
+        titled by its group when every cut accepted one group).
+
+        Raises:
+            ValueError: the timeline replayed a plan (that plan is its record; reload the
+                model to make a new one).
+        """
+        if history.replayed:
+            raise ValueError("this session replayed a plan: that plan is its record; reload "
+                             "the model to export a new one")
+        steps: list[Applied | BlockRemoval] = [
+            e.applied if e.kind is EditKind.CUT else e.blocks for e in history.edits]
+        cuts = [e for e in history.edits if e.kind is EditKind.CUT]
+        named = bool(cuts) and all(len(e.titles) == 1 for e in cuts)
+        titles: list[str | None] = [e.titles[0] if named and e.kind is EditKind.CUT else None
+                                    for e in history.edits]
+        return cls.from_applied(steps, history.model, spec, input_shapes,
+                                head_mode=head_mode, titles=titles)
 
     @classmethod
     def from_pruner(cls, pruner: Any, spec: str,

@@ -16,7 +16,8 @@ from ..coupling.groups import Group
 from ..coupling.heads import query_kv_heads
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
-from .pruner import GroupChange, Pruner
+from .pruner import Pruner
+from .records import GroupChange
 from .removal import Removal
 
 TOLERANCE = 0.005  # a removed fraction this close to the ratio asked is not called rounded
