@@ -160,7 +160,8 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> Fingerprint:
 
 def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
                      ) -> dict[str, tuple[int, ...]]:
-    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor."""
+    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor. A
+    tensor a step created (a bias added by compensation) was not in the original model."""
     tensors = _tensors(model)
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
     aliases: dict[int, list[str]] = {}
@@ -170,6 +171,10 @@ def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
         if isinstance(app, BlockRemoval):  # its tensors left the model with the block
             shapes.update(app.shapes)
             continue
+        for name, old in app.previous.items():
+            if old is None and name not in app.shapes:
+                for alias in aliases.get(id(tensors.get(name)), [name]):
+                    shapes.pop(alias, None)
         for name, (before, _after) in app.shapes.items():
             for alias in aliases.get(id(tensors.get(name)), [name]):
                 shapes[alias] = tuple(before)
