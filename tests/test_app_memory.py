@@ -186,3 +186,16 @@ def test_a_criterion_switch_reports_its_calibration_batches(
     assert pe.pruner.criterion.progress is None  # told only while it scores
     assert not pe.configure("nonsense", 0.5, "dims", progress=lambda f, t: seen.append((f, t)))
     assert pe.message is not None and "unknown importance 'nonsense'" in pe.message.text
+
+
+def test_export_zips_store_weights_and_deflate_text(
+        llama: tuple[nn.Module, tuple[torch.Tensor, ...]], tmp_path: Path) -> None:
+    import zipfile
+
+    model, inputs = llama
+    pe = Session(model, inputs)
+    files, _notes = pe.export_files(("safetensors",), tmp_path)
+    with zipfile.ZipFile(files["pruned_safetensors.zip"]) as zf:
+        kinds = {Path(i.filename).name: i.compress_type for i in zf.infolist()}
+    assert kinds == {"model.safetensors": zipfile.ZIP_STORED,
+                     "plan.json": zipfile.ZIP_DEFLATED}
