@@ -143,7 +143,7 @@ def test_fallback_export_writes_the_config_it_can_and_says_the_rest(llama: Loade
 def test_joint_reason_quotes_the_model_line_not_a_comment() -> None:
     """Seen on DINO: the joint proposal quoted ``# noqa: E501`` as the model line (the
     shortening of locations cut the code at its ``//`` and ``:``)."""
-    from explorer.app.display import short_reason
+    from explorer.render.proposal_view import short_reason
 
     class Joint:
         reason = "`/a/b/dino.py:58` (`q = x.reshape(B, C // h)[0]`) fails when cut alone"

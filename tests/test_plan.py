@@ -157,7 +157,7 @@ def _missing_tensor(data: dict) -> None:
 
 
 def _wrong_schema(data: dict) -> None:
-    data["schema"] = 4
+    data["schema"] = 5
 
 
 def _fold_in_schema_2(data: dict) -> None:
@@ -198,8 +198,8 @@ def _bad_attribute(data: dict) -> None:
 @pytest.mark.parametrize("edit,match", [
     (_bad_second_step, r"step 1: index \d+ is out of range for tensor '.*' dim \d of size"),
     (_missing_tensor, r"the model has no parameter or buffer 'no.such.weight'"),
-    (_wrong_schema, r"schema version 4 is not supported; this Pruning Explorer reads schema 2 "
-                    r"\(and 3, with folded constants\)"),
+    (_wrong_schema, r"schema version 5 is not supported; this Pruning Explorer reads schema 2 "
+                    r"\(and 3, with folded constants, 4, with refit tensors\)"),
     (_fold_in_schema_2, r"steps fold constants, which needs schema 3"),
     (_fold_unknown, r"the plan folds constants into weights, but the model has no constant "
                     r"net\.0\.scaling to fold; re-create the plan"),

@@ -368,7 +368,7 @@ def test_app_loads_a_folder_with_data_and_prices_the_proposal(llama_dir: Path,
     at.switch_page("pages/3_groups.py").run()
     assert not at.exception, at.exception
     price = [m.value for m in at.markdown if "**Accepting it" in m.value]
-    assert len(price) == 1 and f"{len(HELDOUT)} held-out samples" in price[0]
+    assert len(price) == 1 and pe.quality_source in price[0]  # "2 held-out samples"
     assert "perplexity " in price[0] and "top-1 agreement" in price[0]
     predicted = pe.proposal_cost(pe.current())  # cached: what the page showed
     assert f"→ {number(predicted.perplexity_after)} (×" in price[0]

@@ -36,26 +36,29 @@ from ..io.export import (
     parse_formats,
     snapshot,
 )
+from ..io.large import LargeRefit, refit_to_file
 from ..io.paths import check_out_apart
-from ..io.plan import Plan
+from ..io.plan import Plan, Refit
 from ..io.quiet import quiet_transformers
+from ..io.refit import read_refit, refit_file
 from ..io.specs import (
     LoadedModel,
     SpecError,
     check_checkpoint_files,
     checkpoint_folder,
     load_model,
+    load_offloaded,
     parse_input_shape,
     spec_paths,
 )
 from ..prune.calibration import Calibration, load_calibration
 from ..prune.importance import Criterion
+from ..prune.offloaded import rebased_heads
 from ..prune.preflight import forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..prune.sequential import (
     SEQUENTIAL_CRITERIA,
     SequentialError,
-    load_offloaded,
     sequential_criterion,
 )
 from ..prune.statement import Statement, statement
@@ -421,6 +424,7 @@ class _Pruned:
     said: Statement  # what each target would lose, stated before cutting
     original: torch.nn.Module | None  # the model before pruning, when measured or reported
     generations: list[Continuation]  # --generate prompts continued before and after
+    refit: Refit | None = None  # the large-model path's refit file, for the plan
 
 
 def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None,
@@ -449,16 +453,33 @@ def _checkpoint_folder(args: argparse.Namespace, lm: LoadedModel) -> Path:
     if args.importance not in SEQUENTIAL_CRITERIA:
         raise CliError(f"--max-memory: importance '{args.importance}' has no layer-by-layer "
                        f"form; use one of {', '.join(SEQUENTIAL_CRITERIA)}")
-    if args.steps != 1 or args.compensate != "none":
-        raise CliError("--max-memory scores the original weights once: use --steps 1 and "
-                       "--compensate none")
+    if args.steps != 1:
+        raise CliError("--max-memory scores the original weights once: use --steps 1")
+    if args.compensate == "bias":
+        raise CliError("--max-memory refits layer by layer with --compensate lstsq (bias "
+                       "compensation is its strongest ridge); use lstsq or none")
+    if args.compensate == "lstsq" and not args.plan:
+        raise CliError("--max-memory with --compensate lstsq writes the refit weights beside "
+                       "the plan; give --plan FILE (then replay --checkpoint)")
     return folder
 
 
-def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
-                       calib: Calibration | None) -> Criterion:
+@dataclass
+class _Large:
+    """The large-model path's checkpoint, placed by accelerate within ``--max-memory``."""
+
+    model: torch.nn.Module  # the unpruned checkpoint (weights offloaded)
+    data: Calibration
+    work: Path  # --offload-folder or a temporary folder
+    scores: Criterion  # --importance, computed one decoder layer at a time
+
+
+@contextmanager
+def _offloaded(args: argparse.Namespace, lm: LoadedModel,
+               calib: Calibration | None) -> Iterator[_Large]:
     """``--importance`` computed from the checkpoint one decoder layer at a time, within
-    ``--max-memory`` (`explorer.prune.sequential`)."""
+    ``--max-memory`` (`explorer.prune.sequential`); the placed checkpoint stays for the
+    refit of ``--compensate lstsq`` until the body ends."""
     folder = _checkpoint_folder(args, lm)
     data = load_calibration(calib, lm.example_inputs)
     with contextlib.ExitStack() as stack:
@@ -481,10 +502,34 @@ def _sequential_scores(args: argparse.Namespace, lm: LoadedModel,
                            f"than the model spec's (e.g. {missing}); give the spec the "
                            f"checkpoint's task (hf:FOLDER?task=...)")
         try:
-            return sequential_criterion(off.model, data, args.importance,
-                                        activations_folder=work / "activations")
+            scores = sequential_criterion(off.model, data, args.importance,
+                                          activations_folder=work / "activations")
         except (SequentialError, RuntimeError) as e:
             raise CliError(f"--max-memory: {' '.join(str(e).split())[:300]}") from e
+        yield _Large(off.model, data, work, scores)
+
+
+def _large_refit(args: argparse.Namespace, big: _Large, pruner: Pruner) -> LargeRefit:
+    """``--compensate lstsq`` on the large-model path: the refit file beside ``--plan``."""
+    if not pruner.applied:
+        return LargeRefit(None)
+    try:
+        return refit_to_file(big.model, pruner.model, pruner.applied[0], big.data,
+                             refit_file(args.plan), big.work / "refit")
+    except (SequentialError, RuntimeError) as e:
+        raise CliError(f"--max-memory --compensate lstsq: "
+                       f"{' '.join(str(e).split())[:300]}") from e
+
+
+def _check_rebase(pruner: Pruner) -> None:
+    """Refuse a cut the in-memory path would re-base heads for (the large-model path
+    does not), before anything is cut."""
+    removal, _changes, _skipped = pruner.propose()
+    modules = rebased_heads(pruner.model, pruner.coupling, removal)
+    if modules:
+        raise CliError(f"--max-memory --compensate lstsq: this head-dim cut re-bases the heads "
+                       f"of {modules[0]} in memory, which the layer-by-layer refit does not; "
+                       f"use --heads whole, query or keep, or prune in memory")
 
 
 def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _Pruned:
@@ -494,20 +539,28 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
     if args.generate:
         check_generates(lm.model, lm.tokenizer, args.model)
     keep = Original(lm.model) if held is not None or report or args.generate else None
-    scores = _sequential_scores(args, lm, calib) if args.max_memory else None
-    with _deadline(args.timeout, "tracing the model"):
-        pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance,
-                        ratio=args.ratio, iterative_steps=args.steps,
-                        global_pruning=args.global_pruning, heads=args.heads,
-                        round_to=args.round_to, ignored=list(args.ignore),
-                        target_params=args.target_params, target_macs=args.target_macs,
-                        calibration=calib,
-                        compensate=None if args.compensate == "none" else args.compensate,
-                        scores=scores, targets=args.targets)
-    said = statement(pruner)  # what each target will lose, before anything is cut
-    heads_before = attention_modules(lm.model, pruner.coupling)
-    groups_total = sum(g.prunable for g in pruner.groups)
-    reports = [pruner.step() for _ in range(pruner.steps)]
+    with contextlib.ExitStack() as stack:
+        big = stack.enter_context(_offloaded(args, lm, calib)) if args.max_memory else None
+        with _deadline(args.timeout, "tracing the model"):
+            pruner = Pruner(lm.model, lm.example_inputs, importance=args.importance,
+                            ratio=args.ratio, iterative_steps=args.steps,
+                            global_pruning=args.global_pruning, heads=args.heads,
+                            round_to=args.round_to, ignored=list(args.ignore),
+                            target_params=args.target_params, target_macs=args.target_macs,
+                            calibration=calib,
+                            compensate=None if args.compensate == "none" or big is not None
+                            else args.compensate,
+                            scores=None if big is None else big.scores, targets=args.targets)
+        said = statement(pruner)  # what each target will lose, before anything is cut
+        heads_before = attention_modules(lm.model, pruner.coupling)
+        groups_total = sum(g.prunable for g in pruner.groups)
+        refit = big is not None and args.compensate == "lstsq"
+        if refit:
+            _check_rebase(pruner)
+        reports = [pruner.step() for _ in range(pruner.steps)]
+        large = _large_refit(args, big, pruner) if big is not None and refit else None
+    if large is not None:
+        reports[-1].notes += [n for n in large.notes if n not in reports[-1].notes]
     first, last = reports[0], reports[-1]
     pruned_groups = {c.group for c in first.changes if c.removed}
     heads_after = attention_modules(lm.model, pruner.coupling)
@@ -534,7 +587,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
              else [])
     out["generations"] = [c.to_dict() for c in texts]
     return _Pruned(pruner, reports, out, (heads_before, heads_after), quality, said, original,
-                   texts)
+                   texts, None if large is None else large.refit)
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
@@ -546,11 +599,18 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     for path in (args.plan, args.out):  # refuse before any work
         if path:
             _check_new_file(path, args.force)
+    if args.plan and args.max_memory and args.compensate == "lstsq":
+        _check_new_file(str(refit_file(args.plan)), args.force)
     lm = _load(args)
     run = _prune(args, lm)
     out, groups_total = run.summary, run.summary["groups_total"]
     if args.plan:
         plan = _plan(run.pruner, lm, run.reports)
+        if run.refit is not None:
+            plan.refit = run.refit
+            out["refit"] = {"file": str(refit_file(args.plan)),
+                            "tensors": len(run.refit.tensors),
+                            "created": len(run.refit.created)}
         _save_new(args.plan, args.force, plan.save)
         out["plan"] = args.plan
     if args.out:
@@ -654,7 +714,9 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     lm = _load(args)
     original = snapshot(lm.model) if "report" in formats else None
     before = count_params(lm.model)
-    replay = plan.apply(lm.model, example_inputs=lm.example_inputs)
+    values = read_refit(plan, args.plan) if plan.refit is not None and plan.refit.file \
+        else None
+    replay = plan.apply(lm.model, example_inputs=lm.example_inputs, refit=values)
     res = export(lm.model, args.out, formats, plan=plan, original=original,
                  example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
                  sentence=lm.sentence, sources=_sources(args))

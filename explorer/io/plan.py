@@ -48,9 +48,13 @@ SCHEMA = 2  # bump when the JSON layout changes (and migrate the old one in `_mi
 # 3: steps may fold constants into weights (``constants``); a plan is written as schema 3
 #    only when one does, so readers of schema 2 refuse exactly the plans they cannot replay.
 FOLD_SCHEMA = 3
+# 4: the plan records tensors a reconstruction refit after the cuts (``refit``); written so
+#    only when it does (`--compensate`), so older readers refuse exactly those plans.
+REFIT_SCHEMA = 4
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
-__all__ = ["FOLD_SCHEMA", "SCHEMA", "BlockCut", "Plan", "PlanError", "PlanStep", "Replay",
-           "TensorCut", "checksum", "fingerprint"]
+__all__ = ["FOLD_SCHEMA", "REFIT_SCHEMA", "SCHEMA", "BlockCut", "Plan", "PlanError",
+           "PlanStep", "Refit", "Replay", "TensorCut", "checksum", "fingerprint"]
 
 MAX_PLAN_BYTES = 256 * 2**20  # far above any real plan; a bigger file is refused unread
 _MAX_DEPTH = 16  # a plan nests 6 levels deep
@@ -95,6 +99,26 @@ class PlanStep:
 
 
 @dataclass(frozen=True)
+class Refit:
+    """Tensors a reconstruction refit after the cuts (`explorer.prune.compensate`).
+
+    The plan holds their names and shapes after the cuts, never their values: those are in a
+    safetensors file beside the plan (``file``, checked by its ``sha256``;
+    `explorer.io.refit`), or in the weights saved with the plan (an export folder, a streamed
+    replay's shards: ``file`` None). `Plan.apply` creates the biases the refit added (Linear
+    layers that had none), so those weights load.
+    """
+
+    tensors: list[list[Any]]  # sorted [name, [shape...]] of every refit tensor, after cuts
+    created: list[str] = field(default_factory=list)  # biases the refit added, sorted
+    file: str | None = None  # safetensors file name in the plan's folder
+    sha256: str | None = None  # of that file
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(shape) for name, shape in self.tensors}
+
+
+@dataclass(frozen=True)
 class Fingerprint:
     """Names and shapes of the original model's tensors; the hash makes a quick check."""
 
@@ -136,7 +160,8 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> Fingerprint:
 
 def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
                      ) -> dict[str, tuple[int, ...]]:
-    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor."""
+    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor. A
+    tensor a step created (a bias added by compensation) was not in the original model."""
     tensors = _tensors(model)
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
     aliases: dict[int, list[str]] = {}
@@ -146,10 +171,23 @@ def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
         if isinstance(app, BlockRemoval):  # its tensors left the model with the block
             shapes.update(app.shapes)
             continue
+        for name, old in app.previous.items():
+            if old is None and name not in app.shapes:
+                for alias in aliases.get(id(tensors.get(name)), [name]):
+                    shapes.pop(alias, None)
         for name, (before, _after) in app.shapes.items():
             for alias in aliases.get(id(tensors.get(name)), [name]):
                 shapes[alias] = tuple(before)
     return shapes
+
+
+def _created(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
+             ) -> dict[str, tuple[int, ...]]:
+    """Tensors the applications added (biases a compensation created) that the model still
+    has, with their shapes: not the original model's, so not in the fingerprint."""
+    tensors = _tensors(model)
+    return {name: tuple(tensors[name].shape) for app in applied if isinstance(app, Applied)
+            for name, old in app.previous.items() if old is None and name in tensors}
 
 
 def _step_from_applied(app: Applied | BlockRemoval, head_mode: str | None,
@@ -202,6 +240,7 @@ class Plan:
     fingerprint: Fingerprint
     steps: list[PlanStep] = field(default_factory=list)
     schema: int = SCHEMA
+    refit: Refit | None = None  # schema 4: tensors refit after the cuts
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -222,12 +261,16 @@ class Plan:
             head_mode: the pruner's head mode, recorded for readers.
             groups, titles: optional per-step metadata (same length as ``applied``).
         """
-        fp = fingerprint(_original_shapes(model, applied))
+        created = _created(model, applied)
+        fp = fingerprint({n: s for n, s in _original_shapes(model, applied).items()
+                          if n not in created})
         steps = [_step_from_applied(a, head_mode, groups[i] if groups else None,
                                     titles[i] if titles else None)
                  for i, a in enumerate(applied)]
         shapes = [None if s is None else [int(x) for x in s] for s in input_shapes]
-        return cls(spec, shapes, fp, steps)
+        refit = Refit([[n, list(s)] for n, s in sorted(created.items())], sorted(created)) \
+            if created else None
+        return cls(spec, shapes, fp, steps, refit=refit)
 
     @classmethod
     def from_history(cls, history: History, spec: str,
@@ -279,6 +322,10 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data, sealed with its ``sha256`` checksum."""
         data = asdict(self)
+        if data["refit"] is None:
+            del data["refit"]
+        else:
+            data["schema"] = REFIT_SCHEMA
         for step in data["steps"]:
             if not step["constants"]:
                 del step["constants"]  # a plan without folds reads as schema 2
@@ -317,7 +364,8 @@ class Plan:
 
     # -- replay ---------------------------------------------------------------------------
     def apply(self, model: nn.Module, update_config: bool = True,
-              example_inputs: Sequence[Any] | None = None) -> Replay:
+              example_inputs: Sequence[Any] | None = None,
+              refit: Mapping[str, torch.Tensor] | None = None) -> Replay:
         """Prune ``model`` in place as recorded; all or nothing.
 
         Everything is checked before the first change: the model's tensors against the
@@ -331,15 +379,23 @@ class Plan:
                 (see `explorer.hfconfig`).
             example_inputs: inputs to trace ``model`` with; by default zeros of the plan's
                 input shapes (float, or token ids when the model does not take floats).
+            refit: the values of the plan's refit tensors (`Refit`; `explorer.io.refit`
+                reads them from the plan's file), set after the cuts. Without them the biases
+                the refit added are created as zeros (weights loaded next fill them, as
+                `explorer.load_pruned` does); a plan whose refit values are in a file needs
+                them, except on a ``meta`` model.
 
         Raises:
             PlanError: the plan does not fit ``model``; the model is unchanged.
         """
         staged = _check(self, model)
         _check_coupling(self, model, example_inputs)
+        _check_refit_given(self, model, refit)
         cuts = {b.module: b.tuple_output for step in self.steps for b in step.blocks}
         with transaction(model):
             replay = _commit(model, staged)
+            if self.refit is not None:
+                _install_refit(self.refit, model, refit)
             if cuts:
                 replay.blocks = remove_blocks(model, list(cuts), cuts)
             if any(step.constants for step in self.steps):
@@ -380,6 +436,15 @@ class Plan:
                 dims[cut.dim] = keep if cut.dim not in dims else dims[cut.dim][keep]
                 current[cut.tensor][cut.dim] = len(keep)
         return out
+
+    def refit_in_weights(self) -> Plan:
+        """This plan as saved beside weights that hold its refit values (an export folder, a
+        streamed replay's shards): its `Refit` names no file."""
+        if self.refit is None or self.refit.file is None:
+            return self
+        import dataclasses
+        return dataclasses.replace(self, refit=dataclasses.replace(self.refit, file=None,
+                                                                   sha256=None))
 
     @property
     def removed_count(self) -> int:
@@ -483,15 +548,16 @@ def _parse(data: Any, where: str) -> Plan:
     _check_depth(data, where)
     _need(isinstance(data, dict), where, "the top level must be a JSON object")
     version = data.get("schema")
-    if not _is_int(version) or version not in (1, SCHEMA, FOLD_SCHEMA):
+    if not _is_int(version) or version not in (1, SCHEMA, FOLD_SCHEMA, REFIT_SCHEMA):
         raise PlanError(f"{where}: plan schema version {version!r} is not supported; this "
                         f"Pruning Explorer reads schema {SCHEMA} (and {FOLD_SCHEMA}, with "
-                        f"folded constants). Re-create the plan with "
+                        f"folded constants, {REFIT_SCHEMA}, with refit tensors). Re-create the "
+                        f"plan with "
                         f"this version (python -m explorer prune ... --plan FILE)")
     for key in ("model", "input_shapes", "fingerprint", "steps", "sha256"):
         _need(key in data, where, f"missing field '{key}'")
     unknown = sorted(set(data) - {"schema", "model", "input_shapes", "fingerprint", "steps",
-                                  "sha256"})
+                                  "sha256", "refit"})
     _need(not unknown, where, f"unknown field '{unknown[0]}'" if unknown else "")
     _need(data["sha256"] == checksum(data), where,
           "the plan's sha256 does not match its content (was the file edited or cut short?)")
@@ -511,10 +577,98 @@ def _parse(data: Any, where: str) -> Plan:
           "the fingerprint's sha256 does not match its tensor list (was the file edited?)")
     _need(isinstance(data["steps"], list), where, "'steps' must be a list")
     steps = [_parse_step(s, f"{where}: steps[{i}]") for i, s in enumerate(data["steps"])]
-    _need(version == FOLD_SCHEMA or not any(s.constants for s in steps), where,
+    _need(version >= FOLD_SCHEMA or not any(s.constants for s in steps), where,
           f"steps fold constants, which needs schema {FOLD_SCHEMA}")
+    refit = _parse_refit(data["refit"], f"{where}: refit") if "refit" in data else None
+    _need(version == REFIT_SCHEMA or refit is None, where,
+          f"'refit' needs schema {REFIT_SCHEMA}")
     return Plan(data["model"], shapes, Fingerprint(fp["tensors"], fp["sha256"]), steps,
-                schema=SCHEMA)
+                schema=SCHEMA, refit=refit)
+
+
+def _parse_refit(r: Any, where: str) -> Refit:
+    _need(isinstance(r, dict), where, "must be an object")
+    unknown = sorted(set(r) - {"tensors", "created", "file", "sha256"})
+    _need(not unknown, where, f"unknown field '{unknown[0]}'" if unknown else "")
+    tensors = r.get("tensors")
+    _need(isinstance(tensors, list) and bool(tensors) and all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and e[0]
+        and _int_list(e[1]) and all(x > 0 for x in e[1]) for e in tensors), where,
+        "'tensors' must be a non-empty list of [name, shape]")
+    names = [e[0] for e in tensors]
+    _need(names == sorted(set(names)), where, "'tensors' must name each tensor once, sorted")
+    created = r.get("created", [])
+    _need(isinstance(created, list) and all(isinstance(n, str) and n in names
+                                            and n.endswith(".bias") for n in created)
+          and created == sorted(set(created)), where,
+          "'created' must list biases named in 'tensors', sorted")
+    file, digest = r.get("file"), r.get("sha256")
+    _need(file is None or (isinstance(file, str) and file.endswith(".safetensors")), where,
+          "'file' must name a .safetensors file")
+    _need((file is None) == (digest is None) and (digest is None or (
+        isinstance(digest, str) and _HEX64.fullmatch(digest) is not None)), where,
+          "'sha256' must be the 64 hex digits of 'file' (both or neither)")
+    return Refit([[n, list(s)] for n, s in tensors], list(created), file, digest)
+
+
+def _check_refit_given(plan: Plan, model: nn.Module,
+                       values: Mapping[str, torch.Tensor] | None) -> None:
+    """The refit values are there when the plan needs them, with the recorded shapes."""
+    r = plan.refit
+    if r is None:
+        if values:
+            raise PlanError("refit values were given, but the plan records no refit tensors")
+        return
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if values is None:
+        if r.file is not None and not on_meta:
+            raise PlanError(f"the plan's {len(r.tensors)} refit tensor(s) are in '{r.file}' "
+                            f"beside it; read them with explorer.io.refit.read_refit(plan "
+                            f"file) and pass refit= (the CLI's replay does)")
+        return
+    for name, shape in r.shapes().items():
+        got = values.get(name)
+        if got is None:
+            raise PlanError(f"the refit values lack '{name}', which the plan refits")
+        if tuple(got.shape) != shape:
+            raise PlanError(f"refit tensor '{name}' has shape {tuple(got.shape)}, the plan "
+                            f"records {shape}")
+    extra = sorted(set(values) - set(r.shapes()))
+    if extra:
+        raise PlanError(f"refit tensor '{extra[0]}' is not one the plan refits")
+
+
+def _install_refit(r: Refit, model: nn.Module,
+                   values: Mapping[str, torch.Tensor] | None) -> None:
+    """Create the biases the refit added and set the refit values (inside the caller's
+    transaction: a failure puts the model back)."""
+    tensors = _tensors(model)
+    for name, shape in r.shapes().items():
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            raise PlanError(f"the plan refits '{name}', but the model has no module "
+                            f"'{owner_name}'") from None
+        if name in r.created:
+            weight = getattr(owner, "weight", None)
+            if not isinstance(owner, nn.Linear) or owner.bias is not None or \
+                    not isinstance(weight, torch.Tensor) or shape != (weight.shape[0],):
+                raise PlanError(f"the plan adds bias '{name}' of shape {shape}, which fits no "
+                                f"Linear layer without a bias there")
+            owner.bias = nn.Parameter(torch.zeros(shape, dtype=weight.dtype,
+                                                  device=weight.device),
+                                      requires_grad=weight.requires_grad)
+            tensors[name] = owner.bias
+        current = tensors.get(name)
+        if current is None or tuple(current.shape) != shape:
+            found = "none" if current is None else f"shape {tuple(current.shape)}"
+            raise PlanError(f"the plan refits '{name}' with shape {shape}; after the cuts the "
+                            f"model has {found}")
+        if values is not None:  # a new tensor: never written into one the caller shares
+            value = values[name].detach().to(current.dtype, copy=True).to(current.device)
+            set_tensor(model, name, nn.Parameter(value, requires_grad=current.requires_grad)
+                       if isinstance(current, nn.Parameter) else value)
 
 
 def _parse_step(s: Any, where: str) -> PlanStep:

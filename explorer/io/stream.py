@@ -31,6 +31,7 @@ tensors and config an in-memory `explorer.io.export.export` of the pruned model 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -60,6 +61,8 @@ ORIGINAL_CONFIG = "original_config.json"  # the unpruned config, when no config 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16}  # the dtypes a refit value may be written as
 _MARKERS = ".stream"  # folder in the output: one done marker per finished shard
 
 __all__ = ["Checkpoint", "OutputKind", "StreamError", "StreamResult", "read_checkpoint",
@@ -288,8 +291,59 @@ def _fold(meta: nn.Module, plan: Plan, update: ConfigUpdate | None, names: Colle
     return fold, ConfigUpdate({**update.changed, **again.changed}, ok=True), note
 
 
+@dataclass
+class _Refits:
+    """The plan's refit tensors (`explorer.io.refit`): each replaces its cut tensor, and the
+    biases the refit added go into the shard of their layer's weight."""
+
+    path: Path | None = None  # the checked refit file
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # model name -> shape
+    added: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # shard -> [(name
+    # in the output, the weight whose dtype it takes)]
+
+    def names(self, shard: str, ckpt: Checkpoint) -> list[str]:
+        return [*ckpt.shards[shard], *(n for n, _w in self.added.get(shard, []))]
+
+
+def _refits(plan: Plan, ckpt: Checkpoint, refit: Path | None,
+            keeps: Mapping[str, dict[int, torch.Tensor]]) -> _Refits:
+    """Where the plan's refit tensors go, checked against the cut checkpoint's shapes."""
+    if plan.refit is None:
+        return _Refits()
+    if refit is None:
+        raise StreamError(f"the plan refits {len(plan.refit.tensors)} tensor(s) whose values "
+                          f"are not in a file beside it (a plan exported with its model keeps "
+                          f"them in the export's weights): load that export, or make the plan "
+                          f"with prune --device meta --max-memory ... --compensate lstsq")
+    shapes = plan.refit.shapes()
+    checkpoint_of = {ckpt.model_name(n): n for n in ckpt.shapes}
+    shard_of = {n: s for s, names in ckpt.shards.items() for n in names}
+    out = _Refits(refit, shapes)
+    for name, shape in shapes.items():
+        if name in plan.refit.created:
+            weight = name.rpartition(".")[0] + ".weight"
+            if weight not in checkpoint_of:
+                raise StreamError(f"the plan adds bias '{name}', but the checkpoint has no "
+                                  f"weight '{weight}' to put it beside")
+            stored = checkpoint_of[weight]
+            out.added.setdefault(shard_of[stored], []).append(
+                (stored.rpartition(".")[0] + ".bias", stored))
+            continue
+        if name not in checkpoint_of:
+            raise StreamError(f"the plan refits '{name}', which is not a tensor of the "
+                              f"checkpoint")
+        cut = list(ckpt.shapes[checkpoint_of[name]])
+        for dim, keep in keeps.get(name, {}).items():
+            cut[dim] = len(keep)
+        if tuple(cut) != shape:
+            raise StreamError(f"the plan refits '{name}' with shape {shape}, but its cut is "
+                              f"{tuple(cut)}; the refit file belongs to another plan")
+    return out
+
+
 def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch.Tensor]],
-               target: Path, fold: Fold | None = None, replay: Replay | None = None) -> int:
+               target: Path, fold: Fold | None = None, replay: Replay | None = None,
+               refits: _Refits | None = None) -> int:
     """Write ``shard`` with the plan's cuts to ``target`` (atomically); bytes of tensors.
 
     The output's safetensors header is known before any weight is read (shapes from the
@@ -298,16 +352,23 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
     """
     from safetensors import safe_open
 
+    refits = refits or _Refits()
+    added = dict(refits.added.get(shard, []))  # output name -> the weight it sits beside
     tmp = target.with_name(target.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a half-written one (or a link planted there): never followed
-    with safe_open(str(ckpt.folder / shard), framework="pt") as f:
+    with safe_open(str(ckpt.folder / shard), framework="pt") as f, \
+            (safe_open(str(refits.path), framework="pt") if refits.path is not None
+             else contextlib.nullcontext()) as new:
         entries: dict[str, Any] = {}
         offset = 0
-        for name in ckpt.shards[shard]:
-            sl = f.get_slice(name)
+        for name in refits.names(shard, ckpt):
+            sl = f.get_slice(added.get(name, name))
             shape = [int(x) for x in sl.get_shape()]
             for dim, keep in keeps.get(ckpt.model_name(name), {}).items():
                 shape[dim] = len(keep)
+            if name in added:
+                shape = list(refits.shapes[ckpt.model_name(added[name]).rpartition(".")[0]
+                                           + ".bias"])
             dtype = sl.get_dtype()
             if dtype not in _DTYPE_BYTES:
                 raise StreamError(f"tensor '{name}' of '{shard}' has dtype {dtype}, which "
@@ -326,11 +387,18 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
         with open(tmp, "xb") as out:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
-            for name in ckpt.shards[shard]:
-                t = f.get_tensor(name)
-                known = ckpt.model_name(name)  # the output keeps the checkpoint's names
-                for dim, idx in sorted(keeps.get(known, {}).items()):
-                    t = t.index_select(dim, idx)  # as resize_tensor, without its extra copy
+            for name in refits.names(shard, ckpt):
+                if name in added:  # a bias the refit added: the model's name of it
+                    known = ckpt.model_name(added[name]).rpartition(".")[0] + ".bias"
+                else:
+                    known = ckpt.model_name(name)  # the output keeps the checkpoint's names
+                if known in refits.shapes and new is not None:  # refit: replaces the cut
+                    dtype = f.get_slice(added.get(name, name)).get_dtype()
+                    t = new.get_tensor(known).to(_TORCH_DTYPES[dtype])
+                else:
+                    t = f.get_tensor(name)
+                    for dim, idx in sorted(keeps.get(known, {}).items()):
+                        t = t.index_select(dim, idx)  # as resize_tensor, without a copy
                 for scaled, factor, part in replay.folds if replay is not None else ():
                     if scaled == known:  # the plan's folds, in order, as Plan.apply makes them
                         scale_tensor(t, factor, part)
@@ -364,7 +432,8 @@ def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
 
 
 def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
-                      out: str | os.PathLike[str], force: bool = False) -> StreamResult:
+                      out: str | os.PathLike[str], force: bool = False,
+                      refit: str | os.PathLike[str] | None = None) -> StreamResult:
     """Prune a safetensors checkpoint folder as ``plan`` says, shard by shard.
 
     Args:
@@ -375,6 +444,8 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
             shards it finished with the same plan are kept.
         force: write into a non-empty ``out`` that holds no earlier streamed replay (files
             of the same names are replaced); otherwise such a folder is refused.
+        refit: the plan's refit file, checked (`explorer.io.refit.check_refit`): its
+            tensors replace the cut ones, and the biases it adds join their layers' shards.
 
     Returns:
         What was written and skipped, and the output kind.
@@ -401,11 +472,20 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
         raise StreamError(f"the plan folds a constant into '{absent[0]}', which is not a tensor "
                           f"of the checkpoint (tied or saved under another name); replay it "
                           f"in memory (explorer replay --model hf:{src})")
+    refits = _refits(plan, ckpt, None if refit is None else Path(refit), keeps)
     fold, update, note = _fold(meta, plan, replay.config, ckpt.model_shapes())
+    if plan.refit is not None and plan.refit.created and update is not None:
+        update = ConfigUpdate(update.changed, ok=False, reason=(
+            f"the refit added biases to {len(plan.refit.created)} layer(s), which the config's "
+            f"bias switches (one per kind of projection) cannot describe"))
+        fold = None
     kind = OutputKind.HF if update is not None and update.ok else OutputKind.SAFETENSORS
     result = StreamResult(str(dst), kind, largest_shard_bytes=max(
         ckpt.shard_bytes(s) for s in ckpt.shards))
     result.tensors_cut = sum(1 for name in ckpt.shapes if ckpt.model_name(name) in keeps)
+    if plan.refit is not None:
+        result.messages.append(f"{len(plan.refit.tensors)} refit tensor(s) written from "
+                               f"'{refit}' ({len(plan.refit.created)} bias(es) added)")
     if kind is OutputKind.SAFETENSORS:
         reason = update.reason if update is not None else "the model has no config"
         result.messages.append(f"no config describes the pruned model ({reason}); wrote the "
@@ -432,10 +512,10 @@ def replay_checkpoint(checkpoint: str | os.PathLike[str], plan: Plan,
             total += _output_bytes(ckpt, shard, dst)
             continue
         marker.unlink(missing_ok=True)
-        total += _cut_shard(ckpt, shard, keeps, target, fold, replay)
+        total += _cut_shard(ckpt, shard, keeps, target, fold, replay, refits)
         marker.write_text(stamp)
         result.written.append(shard)
-    _finish(ckpt, plan, dst, result, total, extras)
+    _finish(ckpt, plan, dst, result, total, extras, refits)
     return result
 
 
@@ -476,13 +556,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total: int,
-            extras: list[Path]) -> None:
+            extras: list[Path], refits: _Refits) -> None:
     """Index, config (or plan + original config), the checkpoint's other files, README."""
     if ckpt.sharded:
         index = _read_json(ckpt.folder / INDEX)
         metadata = index.get("metadata")  # an object, unless hand-edited
         index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
                              "total_size": total}
+        if refits.added and isinstance(index.get("weight_map"), dict):
+            index["weight_map"] = {**index["weight_map"], **{
+                name: shard for shard, names in refits.added.items() for name, _w in names}}
         _write_atomic(dst / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     config = _read_json(ckpt.folder / "config.json")
     if result.kind is OutputKind.HF:
@@ -493,7 +576,7 @@ def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, result: StreamResult, total
         (dst / "config.json").unlink(missing_ok=True)  # from an earlier run with another plan
         _write_atomic(dst / ORIGINAL_CONFIG, json.dumps(config, indent=2) + "\n")
         (dst / "plan.json").unlink(missing_ok=True)  # never write through a link
-        plan.save(dst / "plan.json")
+        plan.refit_in_weights().save(dst / "plan.json")  # refit values: in the shards
     for path in extras:
         (dst / path.name).unlink(missing_ok=True)  # copyfile would write through a link
         shutil.copyfile(path, dst / path.name)
@@ -523,7 +606,12 @@ def replay_command(checkpoint: str, plan_file: str, out: str, force: bool = Fals
                    ) -> dict[str, Any]:
     """``python -m explorer replay --checkpoint DIR --plan FILE --out OUT [--force]``: the
     JSON summary (``_text`` for people)."""
-    res = replay_checkpoint(checkpoint, Plan.load(plan_file), out, force)
+    from .refit import check_refit
+
+    plan = Plan.load(plan_file)
+    refit = check_refit(plan, plan_file) if plan.refit is not None and plan.refit.file \
+        else None
+    res = replay_checkpoint(checkpoint, plan, out, force, refit)
     summary: dict[str, Any] = {
         "checkpoint": checkpoint, "plan": plan_file, "out": res.out, "kind": res.kind.value,
         "written": res.written, "skipped": res.skipped, "tensors_cut": res.tensors_cut,

@@ -8,7 +8,9 @@ left out):
   model). Exact when the removed channels are constant on the data (dead or saturated
   units); a layer without a bias gets one where its forward reads ``self.bias`` (Linear,
   Conv).
-* ``lstsq``: ridge least squares of the consumer's kept columns and bias. Consumers inside
+* ``lstsq``: ridge least squares of the consumer's kept columns and bias (a layer without a
+  bias is refit without one, so the refit model keeps its architecture: the same config
+  describes it and a plan replays onto it). Consumers inside
   the model's repeated blocks (decoder or encoder layers; Linear) are refit **sequentially**
   (`explorer.prune.reconstruct`): block by block on the inputs the already cut and refit
   blocks below produce, against the original model's output, each choosing between the plain
@@ -30,7 +32,7 @@ The replaced tensors go into the `Applied` record, so `undo` restores them too.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +95,18 @@ class InputStats:
 
 def targets(model: nn.Module, coupling: Coupling, removal: Removal) -> list[Target]:
     """The consumer layers of ``removal`` that compensation can refit."""
-    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
+    return cut_targets(model, coupling.keep_indices(removed_atoms(coupling, removal)))
+
+
+def cut_targets(model: nn.Module, keeps: Mapping[tuple[str, int], Sequence[int] | np.ndarray],
+                sizes: Mapping[str, Sequence[int]] | None = None) -> list[Target]:
+    """The consumer layers that keeping ``keeps`` ((tensor, dim) -> kept indices) cuts.
+
+    Args:
+        model: the model (its module types and ties; its weights may be cut already).
+        keeps: kept indices per tensor dimension (`Applied.keeps`, say).
+        sizes: the tensors' shapes before the cut, when ``model`` is cut already.
+    """
     shared = _shared_weights(model)
     out: list[Target] = []
     for (name, dim), kept in sorted(keeps.items()):
@@ -103,7 +116,7 @@ def targets(model: nn.Module, coupling: Coupling, removal: Removal) -> list[Targ
         module = model.get_submodule(module_name)
         if not isinstance(module, _BIAS_LAYERS) or input_dim(module) != dim:
             continue
-        size = _weight(module).shape[dim]
+        size = sizes[name][dim] if sizes is not None else _weight(module).shape[dim]
         kept_arr = np.asarray(kept, dtype=np.int64)
         removed = np.setdiff1d(np.arange(size), kept_arr)
         if len(removed):
@@ -238,9 +251,7 @@ def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
                 notes: list[str] | None) -> Reconstruction:
     """`reconstruct` of the Linear consumers inside the model's repeated blocks (none when
     it has no such blocks); its summary goes into ``notes``."""
-    inside = inside_blocks(model, [t.module for t in todo])
-    consumers = [Consumer(t.module, t.weight, t.kept) for t in todo
-                 if t.module in inside and t.in_dim == 1]
+    consumers = block_consumers(model, todo)
     if not consumers:
         return Reconstruction()
     try:
@@ -250,6 +261,13 @@ def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
     if notes is not None and rec.fits:
         notes.append(rec.summary())
     return rec
+
+
+def block_consumers(model: nn.Module, todo: Sequence[Target]) -> list[Consumer]:
+    """The targets `reconstruct` refits: Linear layers inside the repeated blocks."""
+    inside = inside_blocks(model, [t.module for t in todo])
+    return [Consumer(t.module, t.weight, t.kept) for t in todo
+            if t.module in inside and t.in_dim == 1]
 
 
 REBASE_TOLERANCE = 1e-8  # relative squared output change a re-basing may cause (rounding)
@@ -374,6 +392,8 @@ def _refit(model: nn.Module, t: Target, stats: InputStats,
         w, b = _lstsq(weight.double(), bias, stats, t.kept, ridge)
         rows = torch.as_tensor(out_rows if out_rows is not None else range(w.shape[0]))
         dtype = _weight(module).dtype
+        if bias is None:  # refit without a bias: the result keeps the layer's architecture
+            return {t.weight: w[rows].to(dtype)}
         return {t.weight: w[rows].to(dtype), bias_name: b[rows].to(dtype)}
     mean = stats.total / max(stats.count, 1)
     removed = torch.as_tensor(t.removed)
@@ -391,23 +411,27 @@ def _lstsq(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats,
     """Ridge refit of [W b] on the kept inputs: returns (W' (out, |K|), b' (out,)).
 
     The ridge pulls towards the bias-compensated layer (not towards zero), so a strong
-    ridge gives ``bias`` compensation back and a weak one the plain least squares.
+    ridge gives ``bias`` compensation back and a weak one the plain least squares. A layer
+    without a bias (``bias`` None) is fit without one (b' is zero), towards the plain cut.
     """
     if stats.gram is None:
         raise ValueError("least squares needs the second moments of the inputs")
     n = weight.shape[1]
     b = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias.double()
     aug = torch.cat([weight, b.unsqueeze(1)], dim=1)
-    cols = torch.as_tensor(np.append(kept, n))
+    cols = torch.as_tensor(np.append(kept, n) if bias is not None else kept)
     g = stats.gram / max(stats.count, 1)
     removed = torch.as_tensor(np.setdiff1d(np.arange(n), kept))
     prior = aug[:, cols].clone()
-    prior[:, -1] += weight[:, removed] @ g[removed, n]  # g[:, n] is the mean input
+    if bias is not None:
+        prior[:, -1] += weight[:, removed] @ g[removed, n]  # g[:, n] is the mean input
     g_kk = g[cols][:, cols]
     lam = ridge * float(torch.diagonal(g_kk).mean())
     reg = g_kk + lam * torch.eye(len(cols), dtype=g.dtype)
     rhs = aug @ g[:, cols] + lam * prior  # (out, |K| + 1)
     sol = torch.linalg.solve(reg, rhs.T).T  # reg is symmetric
+    if bias is None:
+        return sol, torch.zeros(sol.shape[0], dtype=sol.dtype)
     return sol[:, :-1], sol[:, -1]
 
 

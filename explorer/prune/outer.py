@@ -12,9 +12,10 @@ from ..coupling.groups import Group, GroupKey
 from ..coupling.places import axis_layers
 from ..coupling.vocab import AxisRole
 from .counts import kept
+from .importance import lowest
 from .joint import merge
 from .preflight import Preflight, Verdict
-from .proposal import Proposal, lowest
+from .proposal import Proposal
 from .records import GroupChange
 from .removal import Removal
 

@@ -10,25 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..coupling.groups import Group, GroupKey
+from .decisions import Decisions
+from .importance import lowest
 from .joint import merge
 from .preflight import Verdict
 from .records import GroupChange
 from .removal import Applied, Removal
 
-if TYPE_CHECKING:
-    from .pruner import Pruner
-
 Counts = Mapping[int, int]  # axis index -> how many indices to remove
 
 
-def lowest(scores: np.ndarray, n: int) -> list[int]:
-    """The ``n`` indices with the lowest scores, ascending (ties: lower index first)."""
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:n])
+class Decider(Protocol):
+    """What a proposal needs of the pruner that made it (`Pruner` is one): its decisions,
+    and the one accept / reject path. A protocol, so this module never imports the pruner."""
+
+    @property
+    def decisions(self) -> Decisions: ...
+
+    def accept(self, proposal: Proposal, indices: dict[int, list[int]] | list[int] | None = None,
+               count: int | Counts | None = None) -> Verdict: ...
+
+    def reject(self, proposal: Proposal) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class Proposal:
     scores: dict[int, np.ndarray]
     partners: list[Proposal] = field(default_factory=list)
     reason: str = ""
-    pruner: Pruner | None = field(default=None, repr=False, compare=False)
+    pruner: Decider | None = field(default=None, repr=False, compare=False)
     version: int = field(default=0, compare=False)
 
     # ------------------------------------------------------------------ reading
@@ -153,7 +160,7 @@ class Proposal:
                 for q in [self, *self.partners]]
 
     # ------------------------------------------------------------------ deciding (bound)
-    def _bound(self) -> Pruner:
+    def _bound(self) -> Decider:
         if self.pruner is None:
             raise RuntimeError("this proposal is not bound to a pruner; accept it through "
                                "the session or build it with Pruner.proposals()")

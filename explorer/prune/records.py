@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..coupling.groups import Group
+from ..coupling.vocab import AxisRole
 
 
 @dataclass
@@ -20,7 +21,7 @@ class GroupChange:
 
     group: int
     title: str
-    axis: str  # role of the pruned axis
+    axis: AxisRole  # role of the pruned axis
     removed: list[int]
     width_before: int
     width_after: int
