@@ -100,6 +100,12 @@ def test_large_path_refit_replays_to_the_in_memory_model(
         torch.testing.assert_close(streamed(ids).logits, lm.model(ids).logits,
                                    rtol=1e-4, atol=1e-5)
 
+    # evaluate reads the pruned folder (plan.json + original_config.json) as hf:FOLDER
+    assert main(["evaluate", "--model", f"hf:{tmp_path / 'pruned'}", "--reference",
+                 f"hf:{ckpt}", "--eval", str(calib), "--json"]) == 0
+    quality = json.loads(capsys.readouterr().out)["quality"]
+    assert quality["metric"] == "perplexity" and quality["after"] != quality["before"]
+
     # the same plan and refit file replayed in memory give the same model
     assert main(["replay", "--model", f"hf:{ckpt}", "--plan", str(plan), "--out",
                  str(tmp_path / "memory"), "--formats", "safetensors", "--json"]) == 0

@@ -19,6 +19,8 @@ from torch import nn
 
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
+from ..io.specs import SentenceFolder
+from ..prune.calibration import Calibration
 from ..prune.decisions import Decision
 from ..prune.depth import remove_blocks
 from ..prune.joint import solve
@@ -26,6 +28,7 @@ from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
 from ..prune.proposal import Counts, Proposal
 from ..prune.removal import PruneError, Removal
 from ..prune.sensitivity import Progress
+from ..quality.task import Task
 from .actions import (
     Accept,
     AcceptAll,
@@ -48,8 +51,14 @@ class Session(Workspace):
     over a `Workspace` (see there for the arguments)."""
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], spec: str = "",
-                 **settings: Any) -> None:
-        super().__init__(model, example_inputs, spec, **settings)
+                 importance: str = "magnitude", ratio: float = 0.5, heads: str = "dims",
+                 global_pruning: bool = False, round_to: int = 1,
+                 targets: tuple[str, ...] | None = None,
+                 calibration: Calibration | None = None, heldout: Calibration | None = None,
+                 task: Task | None = None, tokenizer: Any | None = None,
+                 sentence: SentenceFolder | None = None) -> None:
+        super().__init__(model, example_inputs, spec, importance, ratio, heads, global_pruning,
+                         round_to, targets, calibration, heldout, task, tokenizer, sentence)
         self.message: Message | None = None
         self._actions: list[Action] = []  # what the user did, replayable (`replay`)
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..prune.joint import Solution
     from ..prune.preflight import Verdict
     from ..prune.proposal import Proposal
-    from ..prune.pruner import GroupChange
+    from ..prune.records import GroupChange
     from ..prune.statement import Statement
     from ..quality.evaluate import Quality
 
