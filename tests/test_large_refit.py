@@ -90,6 +90,7 @@ def test_large_path_refit_replays_to_the_in_memory_model(
     pruner.step()
     assert main(["replay", "--checkpoint", str(ckpt), "--plan", str(plan), "--out",
                  str(tmp_path / "pruned"), "--json"]) == 0
+    capsys.readouterr()
     streamed = explorer.load_pruned(f"hf:{ckpt}", tmp_path / "pruned")
     ours, theirs = streamed.state_dict(), lm.model.state_dict()
     assert set(ours) == set(theirs) and "model.layers.0.mlp.down_proj.bias" in ours
@@ -136,7 +137,8 @@ def test_bf16_shards_refit_matches_the_in_memory_prune(
     assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 rounding, not a different refit
 
 
-def test_in_memory_refit_export_loads_back(ckpt: Path, calib: Path, tmp_path: Path) -> None:
+def test_in_memory_refit_export_loads_back(ckpt: Path, calib: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The biases a refit adds are not the original model's: the plan records them apart
     from its fingerprint, so ``load_pruned`` of the export rebuilds the model (it refused
     the plan before)."""
@@ -157,6 +159,12 @@ def test_in_memory_refit_export_loads_back(ckpt: Path, calib: Path, tmp_path: Pa
     with pytest.raises(StreamError, match="values are not in a file beside it"):
         replay_checkpoint(ckpt, plan, tmp_path / "streamed")
     assert not (tmp_path / "streamed").exists()
+    # and replaying it in memory says that it gives the plain cut
+    plan.save(tmp_path / "plan.json")
+    assert main(["replay", "--model", f"hf:{ckpt}", "--plan", str(tmp_path / "plan.json"),
+                 "--out", str(tmp_path / "again"), "--formats", "safetensors", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["messages"]
+    assert any("this replay has the plain cut" in m for m in said)
 
 
 @pytest.fixture(scope="module")
