@@ -219,9 +219,9 @@ def child_sequential(folder: str, criterion: str = "activation") -> dict[str, An
     import torch
 
     import explorer
-    from explorer.io.specs import load_model
+    from explorer.io.specs import load_model, load_offloaded
     from explorer.prune.calibration import Calibration, random_like
-    from explorer.prune.sequential import load_offloaded, sequential_criterion
+    from explorer.prune.sequential import sequential_criterion
 
     ckpt = Path(folder) / "ckpt"
     ids = torch.full((1, 128), SYNTHETIC["vocab_size"] - 1, dtype=torch.long)

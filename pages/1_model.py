@@ -11,9 +11,9 @@ from explorer.app.display import (
     unsafe_alone,
 )
 from explorer.app.session import Message
-from explorer.app.sources import example_specs, plan_text, quality_text, request_from_fields
+from explorer.app.sources import example_specs, plan_text, request_from_fields
 from explorer.graph.metrics import count_params
-from explorer.render.figures import compact
+from explorer.render.figures import compact, quality_text
 from pages._session import load, show
 
 
@@ -54,7 +54,9 @@ with st.expander("Local checkpoint and data (real weights, real text or images)"
                     placeholder="other samples than calibration")
     d[1].file_uploader("... or upload it", type=["txt", "jsonl", "pt"], key="model_heldout_up")
     o = st.columns(3)
-    o[0].number_input("Samples (0 = all)", 0, 100_000, 0, key="model_samples")
+    o[0].number_input("Samples (0 = all)", 0, 100_000, 16, key="model_samples",
+                      help="the first N samples of each file; data-aware criteria score on "
+                           "them again after every accept, so more samples are slower")
     o[1].number_input("Sequence length", 2, 8192, 128, key="model_seq_len")
     o[2].number_input("Batch size", 1, 1024, 8, key="model_batch")
 

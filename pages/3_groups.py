@@ -8,34 +8,33 @@ from __future__ import annotations
 import streamlit as st
 
 from components.graph_view import graph_view
-from explorer.app.display import (
-    after_accept,
-    cost_text,
-    edited,
-    head_structure,
-    layer_table,
-    pending_rows,
-    short_reason,
-    statement_lines,
-    table_counts,
-    verdict_text,
-)
 from explorer.app.session import Session
-from explorer.app.sources import quality_text
 from explorer.coupling.targets import TARGET_NAMES
 from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
 from explorer.prune.proposal import Proposal
 from explorer.prune.pruner import HEAD_MODES
-from explorer.render.figures import compact, member_rows
 from explorer.render.proposal_view import (
     axis_figure,
     axis_rows,
+    chart_words,
+    cost_text,
+    count_label,
+    edited,
+    head_structure,
     heatmap_figure,
+    joint_text,
+    layer_caption,
+    layer_table,
     layered,
-    part_label,
+    member_table,
+    metric_cards,
+    pending_rows,
     removed_for,
     short_location,
+    statement_lines,
+    table_counts,
+    verdict_text,
 )
 from explorer.render.view import build_view
 from pages._session import reset, show
@@ -45,11 +44,16 @@ KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "gr
 
 
 def settings(pe: Session) -> None:
+    if st.session_state.pop("groups_configure", False):  # a setting changed: score with a bar
+        bar = st.progress(0.0, text="scoring the groups with the new settings")
+        pe.configure(*(st.session_state[k] for k in KEYS),
+                     progress=lambda f, text: bar.progress(f, text=f"scoring: {text}"))
+        bar.empty()
     for k, v in zip(KEYS, pe.settings(), strict=True):  # the session is the source of truth
         st.session_state[k] = list(v) if isinstance(v, tuple) else v
 
     def configure() -> None:
-        pe.configure(*(st.session_state[k] for k in KEYS))
+        st.session_state.groups_configure = True  # done above, where a bar can be drawn
 
     c = st.columns(5)
     c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=configure)
@@ -89,13 +93,11 @@ def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
             st.session_state[f"groups_count_{n}"] = len(ch.removed)
     if not layered(p):
         cols = st.columns(len(p.axes))
-        return {axis: int(cols[n].number_input(
-            f"Remove from {part_label(ch.axis, ch.width_before)} ({ch.width_before} wide)",
-            0, ch.width_before - 1, key=f"groups_count_{n}"))
+        return {axis: int(cols[n].number_input(count_label(ch), 0, ch.width_before - 1,
+                                               key=f"groups_count_{n}"))
             for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True))}
     rows = axis_rows(pe.graph.coupling, p)
-    st.caption(f"{len(rows)} layer rows: edit **remove** per layer (0 keeps that layer as "
-               f"it is); Accept uses the counts in this table.")
+    st.caption(layer_caption(rows))
     table = st.data_editor(layer_table(rows), key="groups_table", hide_index=True,
                            width="stretch", disabled=["layer", "part", "width"],
                            column_config={"remove": st.column_config.NumberColumn(
@@ -106,24 +108,18 @@ def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
 def verdict_box(pe: Session, p: Proposal, verdict: Verdict, joint: Proposal | None) -> None:
     (st.success if verdict.ok else st.warning)(verdict_text(verdict))
     if joint is not None:
-        kind = "Joint proposal" if joint.joint else "Outer-axis proposal"
-        st.info(f"{kind}: {short_reason(joint)}")
+        st.info(joint_text(joint))
 
 
 def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
-    m = st.columns(5)
-    m[0].metric("parameters", compact(pe.params), compact(pe.params - pe.params_start),
-                delta_color="inverse", help=f"{pe.params:,} (start {pe.params_start:,})")
-    m[1].metric("MACs", compact(pe.macs), compact(pe.macs - pe.macs_start),
-                delta_color="inverse", help=f"{pe.macs:,} (start {pe.macs_start:,})")
-    m[2].metric("pending groups", pending)
-    after = after_accept(verdict, pe.macs)
-    if after is not None:
-        m[3].metric("params after Accept", compact(after[0]), f"{compact(after[1])} MACs",
-                    delta_color="inverse", help=f"{after[0]:,} parameters")
-    quality = pe.quality()
-    if quality is not None:
-        m[4].metric(*quality_text(quality), help=f"against the original, on {pe.quality_source}")
+    with st.spinner(f"measuring quality on {pe.quality_source}"):
+        quality = pe.quality()  # cached per model version: a spinner only after a change
+    cards = metric_cards((pe.params, pe.params_start), (pe.macs, pe.macs_start), pending,
+                         verdict, quality, pe.quality_source)
+    for column, card in zip(st.columns(len(cards)), cards, strict=True):
+        if card is not None:
+            column.metric(card.label, card.value, card.delta, help=card.help,
+                          delta_color="inverse" if card.inverse else "normal")
 
 
 def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict) -> None:
@@ -132,7 +128,8 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict) -> 
     if not verdict.ok or quality is None:
         return
     try:
-        after = pe.proposal_cost(p, edited(p, counts))
+        with st.spinner("measuring what accepting costs (the cut on a copy with weights)"):
+            after = pe.proposal_cost(p, edited(p, counts))
     except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
         st.warning(f"could not measure what accepting costs: {exc}")
         return
@@ -193,9 +190,7 @@ def chart(pe: Session, p: Proposal, counts: dict[int, int]) -> None:
     cols = st.columns(len(p.axes))
     for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True)):
         cols[n].plotly_chart(axis_figure(p.scores[axis], removed[axis],
-                                         f"{pe.importance} importance of the "
-                                         f"{part_label(ch.axis, ch.width_before)}",
-                                         "head" if ch.axis == "heads" else "channel"),
+                                         *chart_words(ch, pe.importance)),
                              key=f"groups_importance_{n}", width="stretch")
 
 
@@ -204,7 +199,7 @@ def details(pe: Session, p: Proposal, pending: list[Proposal]) -> None:
         st.markdown(f"**Head structure:** {head_structure(p.group)}")
     with st.expander("Why these channels are coupled", expanded=not layered(p)):
         st.markdown("\n".join(f"- {line}" for line in p.group.explanation) or "- (none)")
-        st.dataframe(member_rows(p.group), key="groups_members", hide_index=True)
+        st.dataframe(member_table(p.group), key="groups_members", hide_index=True)
     with st.expander(f"All pending proposals ({len(pending)})"):
         st.dataframe(pending_rows(pending), key="groups_pending", hide_index=True)
 

@@ -154,6 +154,43 @@ def test_residual_cut_exports_a_transformers_folder(tmp_path: Path) -> None:
     torch.testing.assert_close(_output(again, inputs), _output(model, inputs), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["lstsq", "bias"])
+def test_refit_weights_of_a_bias_less_llama_reload_exactly(tmp_path: Path, mode: str) -> None:
+    """Llama's down projections have no bias. ``lstsq`` refits them without one (a config
+    still describes the model: the transformers folder reloads); ``bias`` creates one, which
+    the plan's fingerprint leaves out (the original had none) and `load_pruned` restores."""
+    from transformers import AutoModelForCausalLM
+
+    from explorer.prune.calibration import Calibration
+
+    spec = "hf:llama?num_hidden_layers=2"
+    lm = load_model(spec)
+    gen = torch.Generator().manual_seed(0)
+    calib = Calibration([(torch.randint(0, 100, (4, 16), generator=gen),) for _ in range(3)])
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.2,
+                    targets="mlp", calibration=calib, compensate=mode)
+    plan = Plan.from_pruner(pruner, spec, reports=[pruner.step()])
+    down = lm.model.model.layers[0].mlp.down_proj
+    assert (down.bias is None) == (mode == "lstsq")
+    changed = [n for n, p in lm.model.named_parameters()
+               if n.endswith("down_proj.weight") and not torch.equal(
+                   p, before[n][:, :p.shape[1]])]
+    assert changed, "nothing was refit"
+    assert not any(name.endswith(".bias") for name, _shape in plan.fingerprint.tensors)
+    res = export(lm.model, tmp_path, "safetensors,hf", plan=plan)
+    expected = _output(lm.model, lm.example_inputs)
+    again = load_pruned(spec, tmp_path)
+    assert torch.equal(_output(again, lm.example_inputs), expected)
+    if mode == "lstsq":
+        assert "hf" in res.files, res.messages
+        folder = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(_output(folder, lm.example_inputs), expected,
+                                   rtol=0, atol=1e-6)
+    else:
+        assert "hf" not in res.files and any("bias" in m for m in res.messages), res.messages
+
+
 def test_config_transformers_refuses_falls_back_with_the_reason(tmp_path: Path) -> None:
     lm = load_model("hf:llama?num_hidden_layers=2")
     pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, heads="whole", targets="all")

@@ -139,8 +139,8 @@ def test_head_counts_reads_no_kv_heads_from_a_piece_without_heads() -> None:
     """A member piece that spans the head dim but no head axis (a positional table tied to
     the head dims of every block, as EVA-02's rope) is not a key with fewer heads: the
     empty set of heads is a subset of every set, and read as one it made kv_heads 1."""
-    from explorer.coupling.analyze import head_counts
     from explorer.coupling.groups import Axis, Member
+    from explorer.coupling.heads import head_counts
     from explorer.coupling.vocab import AxisRole
 
     axes = [Axis(0, 3, AxisRole.HEADS, True, ""), Axis(1, 3, AxisRole.HEADS, True, ""),

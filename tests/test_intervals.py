@@ -8,8 +8,8 @@ import pytest
 
 from explorer import load_model
 from explorer.coupling.analyze import Coupling
-from explorer.coupling.intervals import resolve_intervals
-from explorer.coupling.resolve import Resolution, resolve, resolve_elements
+from explorer.coupling.intervals import resolve, resolve_intervals
+from explorer.coupling.resolve import Resolution, resolve_elements
 from explorer.coupling.spaces import ID_DTYPE, Runs, Spaces
 from explorer.graph.tracer import trace as raw_trace
 

@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 
 import explorer
 from explorer import load_model
+from explorer.io.specs import load_offloaded
 from explorer.prune.calibration import Calibration, random_like
 from explorer.prune.importance import make
 from explorer.prune.sequential import (
     SequentialError,
     decoder_layers,
-    load_offloaded,
     sequential_criterion,
 )
 
@@ -100,3 +100,18 @@ def test_a_checkpoint_missing_a_weight_is_refused(ckpt: Path, tmp_path: Path) ->
         with pytest.raises(SequentialError, match=rf"missing {name}") as err:
             load_offloaded(folder, max_memory=cap, offload_folder=tmp_path / "offload")
         assert "\n" not in str(err.value)
+
+
+def test_layer_by_layer_criteria_come_from_the_one_registry() -> None:
+    """The criteria with a layer-by-layer form and the teaching path's are read from the
+    registry of `explorer.prune.importance`, not listed again by name."""
+    from explorer.prune.importance import CRITERIA, criterion_names
+    from explorer.prune.sequential import SEQUENTIAL_CRITERIA
+    from explorer.teach.learn import TAUGHT_CRITERIA
+
+    assert SEQUENTIAL_CRITERIA == ("activation", "wanda", "taylor", "fisher", "obd", "hessian")
+    assert tuple(n for n, c in CRITERIA.items() if c.layerwise) == SEQUENTIAL_CRITERIA
+    assert set(TAUGHT_CRITERIA) == {"magnitude", "l1", "taylor", "fisher", "activation",
+                                    "random"}
+    assert criterion_names(aliases=False, general=True) == TAUGHT_CRITERIA
+    assert "l2" in criterion_names() and "l2" not in criterion_names(aliases=False)

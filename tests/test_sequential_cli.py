@@ -14,7 +14,7 @@ import explorer
 from explorer import load_model
 from explorer.app.cli import main
 from explorer.graph.metrics import count_params
-from explorer.prune.sequential import load_offloaded
+from explorer.io.specs import load_offloaded
 
 CAP = OFFLOAD_CAP  # the decoder layers go to disk
 

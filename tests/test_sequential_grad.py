@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import explorer
 from explorer import load_model
+from explorer.io.specs import load_offloaded
 from explorer.prune.calibration import Calibration, random_like
 from explorer.prune.importance import Criterion, Fisher, Taylor, make
 from explorer.prune.sequential import (
     SequentialError,
     decoder_layers,
-    load_offloaded,
     sequential_criterion,
 )
 

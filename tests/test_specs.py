@@ -13,12 +13,14 @@ from safetensors.torch import save_file
 from explorer.demos import DEMOS, KIND
 from explorer.io.specs import (
     LoadedModel,
+    ModelFamily,
     SpecError,
     hf_families,
     list_demos,
     load_model,
     parse_input_shape,
 )
+from explorer.quality.task import ModelKind
 
 DEMO_OUTPUT_SHAPES = {
     "dino_vit": (1, 10),
@@ -47,8 +49,8 @@ def test_demo_registry_is_complete() -> None:
 @pytest.mark.parametrize("name", sorted(DEMO_OUTPUT_SHAPES))
 def test_demo_builds_and_runs(name: str) -> None:
     loaded = load_model(f"demo:{name}")
-    assert loaded.family == "demo"
-    assert loaded.kind == KIND[name]
+    assert loaded.family is ModelFamily.DEMO and loaded.family == "demo"  # str enum: JSON same
+    assert loaded.kind is KIND[name] and isinstance(loaded.kind, ModelKind)
     assert not loaded.model.training
     assert tuple(_run(loaded).shape) == DEMO_OUTPUT_SHAPES[name]
 

@@ -14,13 +14,14 @@ from torch import nn
 
 from explorer import load_model
 from explorer.app.cli import main
-from explorer.app.display import group_rows, statement_lines
+from explorer.app.display import group_rows
 from explorer.app.session import Session
 from explorer.coupling.targets import default_targets, parse_targets, target_of
 from explorer.coupling.vocab import Target
 from explorer.io.specs import LoadedModel
 from explorer.prune.pruner import Pruner
 from explorer.prune.statement import statement
+from explorer.render.proposal_view import statement_lines
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

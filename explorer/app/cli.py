@@ -47,6 +47,7 @@ from ..io.specs import (
     check_checkpoint_files,
     checkpoint_folder,
     load_model,
+    load_offloaded,
     parse_input_shape,
     spec_paths,
 )
@@ -58,7 +59,6 @@ from ..prune.pruner import HEAD_MODES, Pruner, StepReport
 from ..prune.sequential import (
     SEQUENTIAL_CRITERIA,
     SequentialError,
-    load_offloaded,
     sequential_criterion,
 )
 from ..prune.statement import Statement, statement

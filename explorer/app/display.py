@@ -1,6 +1,7 @@
-"""What the Model and Groups pages show, as plain data: headings, captions, table rows.
+"""What the Model page shows, as plain data: headings, captions, table rows.
 
 Streamlit-free, so the wording is tested without a browser and the pages stay drawing only.
+The Groups page's words and rows are `explorer.render.proposal_view`'s.
 """
 from __future__ import annotations
 
@@ -10,17 +11,10 @@ from typing import Any
 
 from ..coupling.groups import Group
 from ..coupling.targets import target_of
-from ..graph.metrics import count_macs
-from ..prune.preflight import Verdict
-from ..prune.proposal import Proposal
-from ..prune.statement import Statement
-from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
-from ..render.proposal_view import AxisRow, part_label, short_location
-from .sources import quality_text
+from ..render.proposal_view import part_label
 
 MAX_AXES_SHOWN = 6  # axes listed per group in the Model page's table
-MAX_CHANGES_SHOWN = 3  # changes listed per proposal in the pending table
 NAME_CHARS = 48  # a spec name longer than this is shortened in the heading
 
 
@@ -74,83 +68,9 @@ def group_rows(groups: Sequence[Group], verdicts: Mapping[int, str]) -> list[dic
              "members": len(g.members)} for g in groups]
 
 
-def statement_lines(said: Statement) -> list[str]:
-    """The statement of what the settings cut, as Markdown list items (one per target)."""
-    return [f"- **{loss.target}**: {loss.details()}" for loss in said.losses]
-
-
 def unsafe_alone(verdicts: Mapping[int, str]) -> bool:
     """Whether some group is unsafe to cut alone (the page then points at joint proposals)."""
     return any(v.startswith("unsafe alone") for v in verdicts.values())
-
-
-def pending_rows(pending: Sequence[Proposal]) -> list[dict[str, str]]:
-    """One row per pending proposal: its group and the widths it would change."""
-    return [{"group": q.group.title,
-             "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
-                                 f"{ch.width_before}→{ch.width_after}"
-                                 for ch in q.changes[:MAX_CHANGES_SHOWN])
-             + (f" (+{len(q.changes) - MAX_CHANGES_SHOWN} layers)"
-                if len(q.changes) > MAX_CHANGES_SHOWN else "")}
-            for q in pending]
-
-
-def short_reason(joint: Proposal) -> str:
-    """The joint proposal's reason with every location shortened to ``file:line``."""
-    text = joint.reason
-    for word in text.split("`"):
-        if ":" in word and "/" in word:
-            text = text.replace(word, short_location(word))
-    return text
-
-
-def head_structure(group: Group) -> str:
-    """``6 heads × 16 dims, 2 key/value heads`` ("" for a group without heads)."""
-    h = group.heads
-    if h is None:
-        return ""
-    return f"{h.num_heads} heads × {h.head_dim} dims" + (f", {h.kv_heads} key/value heads"
-                                                        if h.kv_heads else "")
-
-
-def edited(proposal: Proposal, counts: Mapping[int, int]) -> Mapping[int, int] | None:
-    """The counts on screen when they differ from the proposal's, else None (as proposed)."""
-    return counts if dict(counts) != proposal.counts() else None
-
-
-def layer_table(rows: Sequence[AxisRow]) -> list[dict[str, Any]]:
-    """The editable layer table of a proposal spanning layers (one row per axis)."""
-    return [{"layer": r.layer, "part": r.part, "width": r.width, "remove": r.remove}
-            for r in rows]
-
-
-def table_counts(rows: Sequence[AxisRow], table: Sequence[Mapping[str, Any]]
-                 ) -> dict[int, int]:
-    """Axis index -> the count in the (edited) ``table`` made by `layer_table` from ``rows``."""
-    return {r.axis: int(e["remove"]) for r, e in zip(rows, table, strict=True)}
-
-
-def verdict_text(verdict: Verdict) -> str:
-    """The pre-flight verdict in one line: the output shapes, or where the forward breaks."""
-    if verdict.ok:
-        return f"Pre-flight: the pruned copy runs, output shapes {verdict.output_shapes}"
-    where = short_location(verdict.location) if verdict.location else "the model"
-    return (f"Pre-flight: accepting this alone breaks the forward at {where} "
-            f"({verdict.module or 'the model'}): {verdict.error}")
-
-
-def after_accept(verdict: Verdict | None, macs_now: int) -> tuple[int, int] | None:
-    """(parameters after Accept, change in MACs) from a passing pre-flight, else None."""
-    if verdict is None or not verdict.ok or verdict.graph is None:
-        return None
-    return verdict.params, count_macs(verdict.graph) - macs_now
-
-
-def cost_text(now: Quality, after: Quality, source: str) -> str:
-    """What accepting costs in quality, e.g. ``cosine to original 0.99 → 0.97 (...)``."""
-    label, before = quality_text(now)
-    return (f"Accepting it: {label} {before} → {quality_text(after)[1]} "
-            f"(measured on a copy with weights, {source})")
 
 
 PROMPT_EXAMPLE = "The capital of France is"  # the prompt a damaged LLM gets wrong first

@@ -4,203 +4,71 @@ Streamlit-free on purpose (the app's pages only draw it), so every transition is
 without a browser. A session owns a private copy of the model; the pristine model it was
 made from is never touched.
 
-The session is a coordinator: proposals, pre-flight, joint sets, application and exact undo
-are the `Pruner`'s (`explorer.prune`), plans are `explorer.io.plan`'s and exports
-`explorer.io.export`'s. It adds what a person deciding one group at a time needs: which
-groups are decided, an undo stack over accepts, rejects, block removals and plan replays, a
-log for the report, and one `Message` after each action.
+The session is a coordinator: proposals, pre-flight, joint sets, application, the timeline
+of edits and its exact undo are the `Pruner`'s (`explorer.prune`: `history`, `decisions`),
+plans are `explorer.io.plan`'s and exports `explorer.io.export`'s; what the pages read is its
+`Workspace`'s. It adds the transitions a person deciding one group at a time makes, one
+`Message` after each, and the typed action log (`actions`) that replays them.
 """
 from __future__ import annotations
 
-import enum
-import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..api import ModelGraph
-from ..coupling.groups import GroupKey
-from ..graph.metrics import count_macs, count_params
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
 from ..io.specs import SentenceFolder
-from ..prune.calibration import Calibration, random_like
-from ..prune.depth import BlockRemoval, remove_blocks, remove_blocks_recorded, restore_blocks
-from ..prune.joint import Solution, solve
+from ..prune.calibration import Calibration
+from ..prune.decisions import Decision
+from ..prune.depth import remove_blocks
+from ..prune.joint import solve
 from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
 from ..prune.proposal import Counts, Proposal
-from ..prune.pruner import Pruner
-from ..prune.removal import Applied, PruneError, Removal, undo
-from ..prune.sensitivity import Progress, SensitivityRow, scan
-from ..prune.statement import Statement, statement
-from ..quality.evaluate import Quality
-from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
-from ..quality.probe import QualityProbe
+from ..prune.removal import PruneError, Removal
+from ..prune.sensitivity import Progress
 from ..quality.task import Task
-
-# what each recorded action holds (``_record``): its ``do`` -> field -> JSON type
-_ACTIONS: dict[str, dict[str, type]] = {
-    "configure": {"settings": list}, "accept": {"key": list}, "accept_all": {},
-    "reject": {"keys": list}, "undo": {}, "block": {"name": str}, "plan": {"text": str},
-}
-
-
-def action_problem(act: object) -> str | None:
-    """Why ``act`` (an entry of a session log, maybe hand-edited) is not an action the
-    session records, or None when it is one."""
-    if not isinstance(act, dict):
-        return f"{type(act).__name__} {str(act)[:40]!r} is not an action object"
-    do = act.get("do")
-    if do not in _ACTIONS:
-        return f"unknown action {str(do)[:40]!r}"
-    for name, kind in _ACTIONS[str(do)].items():
-        if not isinstance(act.get(name), kind):
-            return f"action {do!r} without a {kind.__name__} field {name!r}"
-    return None
+from .actions import (
+    Accept,
+    AcceptAll,
+    Action,
+    Block,
+    Configure,
+    PlanReplay,
+    Reject,
+    Undo,
+    to_json,
+)
+from .actions import parse as parse_action
+from .actions import problem as action_problem
+from .messages import Message, MessageKind, failure
+from .workspace import Workspace, layer_widths
 
 
-class MessageKind(str, enum.Enum):
-    """How the app shows a `Message`."""
+class Session(Workspace):
+    """One user's interactive pruning of one model copy: the transitions and the action log
+    over a `Workspace` (see there for the arguments)."""
 
-    SUCCESS = "success"
-    ERROR = "error"
-    INFO = "info"
-
-
-@dataclass
-class Message:
-    """Feedback for the user after an action."""
-
-    kind: MessageKind
-    text: str
-
-    @classmethod
-    def success(cls, text: str) -> Message:
-        return cls(MessageKind.SUCCESS, text)
-
-    @classmethod
-    def error(cls, text: str) -> Message:
-        return cls(MessageKind.ERROR, text)
-
-    @classmethod
-    def info(cls, text: str) -> Message:
-        return cls(MessageKind.INFO, text)
-
-
-class Decision(enum.Enum):
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-
-
-@dataclass
-class _Undo:
-    """How to revert one action: the session state before it, and what to do to the model."""
-
-    what: str  # shown in the decision history
-    decided: dict[GroupKey, str]
-    log_len: int
-    revert: Callable[[], None] | None = None  # None: the action did not touch the model
-    blocks: int = 0
-
-
-@dataclass
-class Session:
-    """One user's interactive pruning of one model copy.
-
-    Args:
-        model: the model to prune; the session deep-copies it.
-        example_inputs: positional inputs for one forward.
-        spec: the spec string the model came from (for the report).
-        importance, ratio, heads, global_pruning, round_to, targets: the `Pruner` settings
-            (targets None: the pruner's default, see `explorer.coupling.targets`).
-    """
-
-    model: nn.Module
-    example_inputs: tuple[Any, ...]
-    spec: str = ""
-    importance: str = "magnitude"
-    ratio: float = 0.5
-    heads: str = "dims"
-    global_pruning: bool = False
-    round_to: int = 1
-    targets: tuple[str, ...] | None = None
-    decided: dict[GroupKey, str] = field(default_factory=dict)  # key -> a `Decision` value
-    log: list[dict[str, Any]] = field(default_factory=list)  # accepted changes, for the report
-    message: Message | None = None
-    calibration: Calibration | None = None  # data for data-aware criteria (random if None)
-    heldout: Calibration | None = None  # held-out data for quality (random inputs if None)
-    task: Task | None = None  # what the model does (inferred when None)
-    tokenizer: Any | None = None  # the checkpoint's tokenizer: an hf export, continuations
-    sentence: SentenceFolder | None = None  # a sentence-transformers pipeline, saved likewise
-    _probe: QualityProbe | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.model = clone_model(self.model)
-        self.example_inputs = tuple(self.example_inputs)
-        self.original = clone_model(self.model)  # unpruned, for reports and plan replays
-        self.pruner = Pruner(self.model, self.example_inputs, importance=self.importance,
-                             ratio=self.ratio, heads=self.heads,
-                             global_pruning=self.global_pruning, round_to=self.round_to,
-                             calibration=self.calibration, targets=self.targets)
-        self.targets = self.pruner.settings()[5]
-        self._history: list[_Undo] = []
-        self._texts: dict[tuple[Any, ...], list[Continuation]] = {}
-        self._verdicts: dict[tuple[Any, ...], Verdict] = {}
-        self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
-        self._statement: tuple[tuple[Any, ...], Statement] | None = None
-        self.actions: list[dict[str, Any]] = []  # what the user did, replayable (`replay`)
+    def __init__(self, model: nn.Module, example_inputs: Sequence[Any], spec: str = "",
+                 importance: str = "magnitude", ratio: float = 0.5, heads: str = "dims",
+                 global_pruning: bool = False, round_to: int = 1,
+                 targets: tuple[str, ...] | None = None,
+                 calibration: Calibration | None = None, heldout: Calibration | None = None,
+                 task: Task | None = None, tokenizer: Any | None = None,
+                 sentence: SentenceFolder | None = None) -> None:
+        super().__init__(model, example_inputs, spec, importance, ratio, heads, global_pruning,
+                         round_to, targets, calibration, heldout, task, tokenizer, sentence)
+        self.message: Message | None = None
+        self._actions: list[Action] = []  # what the user did, replayable (`replay`)
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
-        self.blocks_removed = 0
-        self._depth: list[tuple[int, BlockRemoval]] = []  # (accepts before it, the removal)
-        self.graph = self._model_graph()
-        self.params_start = self.params
-        self.macs_start = self.macs
-        self.widths_start = layer_widths(self.model)
-        self.output_shapes = self.pruner.preflight().expected
-
-    # ------------------------------------------------------------------ state read by pages
-    @property
-    def version(self) -> int:
-        """Changes whenever the model changes (pages key their caches on it)."""
-        return self.pruner.version
-
-    @property
-    def applied(self) -> list[Applied]:
-        """Every accepted application, in order (the plan)."""
-        return self.pruner.applied
-
-    @property
-    def params(self) -> int:
-        return count_params(self.model)
-
-    @property
-    def macs(self) -> int:
-        return count_macs(self.pruner.graph)
-
-    @property
-    def can_undo(self) -> bool:
-        return bool(self._history)
-
-    @property
-    def history(self) -> list[str]:
-        """The decisions that undo would revert, oldest first."""
-        return [h.what for h in self._history]
-
-    @property
-    def on_meta(self) -> bool:
-        return any(p.device.type == "meta" for p in self.model.parameters())
-
-    def settings(self) -> tuple[str, float, str, bool, int, tuple[str, ...]]:
-        return self.pruner.settings()
 
     def configure(self, importance: str, ratio: float, heads: str,
                   global_pruning: bool | None = None, round_to: int | None = None,
-                  targets: tuple[str, ...] | list[str] | None = None) -> bool:
-        """Change the pruning settings and recompute the proposals.
+                  targets: tuple[str, ...] | list[str] | None = None,
+                  progress: Progress | None = None) -> bool:
+        """Change the pruning settings and recompute the proposals (``progress`` is told how
+        far a data-aware criterion's calibration passes are).
 
         On a bad setting (or a criterion that cannot run on this model) the previous
         settings are kept, an error message is set and False is returned.
@@ -213,65 +81,17 @@ class Session:
             return self._fail(str(exc))
         if self.settings() == old:
             return True
+        self.pruner.criterion.progress = progress
         try:
             self.pruner.pending()
         except Exception as exc:  # noqa: BLE001 - a criterion may need weights or data
             self.pruner.configure(*old)
             return self._fail(f"cannot use {importance!r} here: {exc}")
-        self._sync_settings()
+        finally:
+            self.pruner.criterion.progress = None
         *rest, targets_now = self.settings()
-        self._record({"do": "configure", "settings": [*rest, list(targets_now)]})
+        self._record(Configure([*rest, list(targets_now)]))
         return True
-
-    def statement(self) -> Statement:
-        """What the current settings would cut, per target (cached until the model or the
-        settings change)."""
-        key = (self.version, self.settings())
-        if self._statement is None or self._statement[0] != key:
-            self._statement = (key, statement(self.pruner))
-        return self._statement[1]
-
-    def proposals(self) -> list[Proposal]:
-        """Proposals for every prunable group not yet accepted or rejected."""
-        if all(g.key in self.decided for g in self.pruner.groups if self.pruner.could_propose(g)):
-            return []  # every group a proposal could be for is decided (after Accept all)
-        return [p for p in self.pruner.pending() if p.key not in self.decided]
-
-    def current(self) -> Proposal | None:
-        """The next proposal to decide on, or None when every group is decided."""
-        pending = self.proposals()
-        return pending[0] if pending else None
-
-    def preflight(self, proposal: Proposal, count: int | Counts | None = None) -> Verdict:
-        """The pre-flight verdict of accepting ``proposal`` (with ``count``; cached)."""
-        counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
-        key = (self.version, tuple(proposal.keys), tuple(proposal.axes), self.settings(),
-               tuple(sorted(counts.items())))
-        if key not in self._verdicts:
-            self._verdicts[key] = self.pruner.preflight().check(proposal.removal(counts))
-        return self._verdicts[key]
-
-    def verdicts(self, progress: Progress | None = None) -> Solution[GroupKey]:
-        """Every pending proposal's pre-flight alone, and the joint sets (cached until the
-        model, the settings or the decisions change)."""
-        pending = self.proposals()
-        key = (self.version, self.settings(), tuple(p.key for p in pending))
-        if self._solution is None or self._solution[0] != key:
-            self._solution = (key, self.pruner.verdicts(pending, progress))
-        return self._solution[1]
-
-    def verdict_labels(self, progress: Progress | None = None) -> dict[int, str]:
-        """Group id -> its one-line pre-flight verdict at the current settings (pending
-        groups only)."""
-        from ..render.proposal_view import verdict_labels
-        pending = self.proposals()
-        labels = verdict_labels(self.verdicts(progress), {p.key: p.group.title for p in pending})
-        return {p.group.id: labels.get(p.key, "") for p in pending}
-
-    def joint(self, proposal: Proposal) -> Proposal | None:
-        """The proposal that makes an unsafe ``proposal`` safe (a joint set, or its outer
-        axis: `Pruner.joint`), or None."""
-        return self.pruner.joint(proposal, self.proposals(), self.verdicts())
 
     # ------------------------------------------------------------------ transitions
     def accept(self, proposal: Proposal, count: int | Counts | None = None) -> bool:
@@ -282,14 +102,12 @@ class Session:
             return self._fail(f"invalid count: {exc}")
         if not removal:
             return self._fail("nothing to remove: the count is 0")
-        verdict = self.preflight(proposal, count)
-        ok = self._apply(removal, [proposal], count, verdict)
+        ok = self._apply(removal, [proposal], count, self.preflight(proposal, count))
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
-            self._record({"do": "accept", "key": list(proposal.key),
-                          "joint": proposal.joint or proposal.fallback,
-                          "counts": None if counts is None else
-                          [[int(a), int(n)] for a, n in counts.items()]})
+            self._record(Accept(list(proposal.key), proposal.joint or proposal.fallback,
+                                None if counts is None else
+                                [[int(a), int(n)] for a, n in counts.items()]))
         return ok
 
     def accept_all(self, progress: Progress | None = None) -> bool:
@@ -310,7 +128,7 @@ class Session:
         safe = [p for p in pending if p.key in set(sol.safe)]
         ok = self._apply(sol.removal(parts), safe, None, self._traced_here(sol.verdict))
         if ok:
-            self._record({"do": "accept_all"})
+            self._record(AcceptAll())
         if ok and unsafe:
             self.message = Message.info(f"accepted {len(safe)} groups; left unsafe: "
                                            + "; ".join(unsafe))
@@ -318,26 +136,21 @@ class Session:
 
     def reject(self, proposal: Proposal) -> None:
         """Keep the group(s) as they are; not proposed again (until undo)."""
-        self._push(f"rejected {proposal.title}")
-        for k in proposal.keys:
-            self.decided[k] = Decision.REJECTED.value
+        self.pruner.reject(proposal)
         self.message = Message.info(f"rejected {proposal.title}")
-        self._record({"do": "reject", "keys": [list(k) for k in proposal.keys]})
+        self._record(Reject([list(k) for k in proposal.keys]))
 
     def undo(self) -> bool:
         """Revert the last accept, reject, block removal or plan replay exactly."""
-        if not self._history:
+        version = self.version
+        what = self.pruner.undo_decision()
+        if what is None:
             self.message = Message.error("nothing to undo")
             return False
-        last = self._history.pop()
-        if last.revert is not None:
-            last.revert()
+        if self.version != version:
             self.graph = self._model_graph()
-        self.decided = last.decided
-        del self.log[last.log_len:]
-        self.blocks_removed = last.blocks
-        self.message = Message.info(f"undone: {last.what}")
-        self._record({"do": "undo"})
+        self.message = Message.info(f"undone: {what}")
+        self._record(Undo())
         return True
 
     def remove_block(self, name: str) -> bool:
@@ -353,113 +166,17 @@ class Session:
         if not verdict.ok:
             return self._fail_preflight(verdict)
         before = self.params
-        record = remove_blocks_recorded(self.model, {name: tuple_output})
-        self._depth.append((len(self.applied), record))
-
-        def revert() -> None:
-            restore_blocks(self.model, self._depth.pop()[1])
-            self.pruner.retrace()
-
-        self._push(f"removed block {name}", revert)
-        self.blocks_removed += 1
-        self.log.append({"block": name, "params": blocks[name].params})
-        self.pruner.retrace()
+        self.pruner.history.remove_blocks({name: tuple_output}, f"removed block {name}",
+                                          [{"block": name, "params": blocks[name].params}])
         self.graph = self._model_graph()
         self.message = Message.success(f"removed block {name}: params {before:,} -> "
                                           f"{self.params:,}")
-        self._record({"do": "block", "name": name})
+        self._record(Block(name))
         return True
-
-    def sensitivity(self, ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
-                    progress: Progress | None = None) -> list[SensitivityRow]:
-        """Output change when each group alone is pruned at each ratio (restored exactly)."""
-        if self.on_meta:
-            raise ValueError("sensitivity needs weights: load the model on cpu, not meta")
-        return scan(self.pruner, ratios, progress=progress)
-
-    # ------------------------------------------------------------------ quality
-    def quality(self) -> Quality | None:
-        """Quality of the current model against the original on a small held-out batch
-        (cached per model version); None on meta, which has no weights to measure."""
-        probe = self._quality_probe()
-        return None if probe is None else probe.current(self.model, self.version)
-
-    def proposal_cost(self, proposal: Proposal, count: int | Counts | None = None
-                      ) -> Quality | None:
-        """Quality after accepting ``proposal`` (with ``count``, the counts on screen),
-        measured on a CPU copy with weights (the pre-flight copy is weightless); cached;
-        None on meta."""
-        probe = self._quality_probe()
-        if probe is None:
-            return None
-        counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
-        key = (self.version, tuple(proposal.keys), self.settings(),
-               tuple(sorted(counts.items())))
-        return probe.cost(self.model, self.graph.coupling, lambda: proposal.removal(counts),
-                          key)
-
-    def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
-                      ) -> list[Continuation]:
-        """Greedy continuations of ``prompts`` by the original and the current model (cached
-        per model version); [] on meta, which has no weights.
-
-        Raises:
-            GenerateError: if the model has no tokenizer or cannot generate text.
-        """
-        if self.on_meta or not prompts:
-            return []
-        key = (self.version, tuple(prompts), new_tokens)
-        if key not in self._texts:
-            self._texts[key] = continuations(self.model, self.original, self.tokenizer,
-                                             list(prompts), new_tokens)
-        return self._texts[key]
-
-    @property
-    def quality_source(self) -> str:
-        """What the quality is measured on, in words."""
-        if self.heldout is None:
-            return "random inputs (no held-out data given)"
-        return f"{_batch_rows(self.heldout.batches[0])} held-out samples"
-
-    def _quality_probe(self) -> QualityProbe | None:
-        if self.on_meta:
-            return None
-        if self._probe is None:
-            data = (Calibration(self.heldout.batches[:1], mask_index=self.heldout.mask_index)
-                    if self.heldout is not None else
-                    Calibration(random_like(self.example_inputs, 1, 4, seed=1)))
-            self._probe = QualityProbe(self.original, data, self.task)
-        return self._probe
-
-    # ------------------------------------------------------------------ plans
-    def plan(self) -> Plan:
-        """The accepted prunings and block removals as a replayable `explorer.Plan`.
-
-        Raises:
-            ValueError: after a plan replay (the replayed plan is the record; export it).
-        """
-        if self.blocks_removed > len(self._depth):
-            raise ValueError("this session replayed a plan: that plan is its record; reload "
-                             "the model to export a new one")
-        shapes = [list(x.shape) if isinstance(x, torch.Tensor) else None
-                  for x in self.example_inputs]
-        steps: list[Applied | BlockRemoval] = []
-        titles: list[str | None] = []
-        accepted = [e.get("group") for e in self.log if "group" in e]
-        depth = list(self._depth)
-        for i, app in enumerate([*self.applied, None]):
-            while depth and depth[0][0] == i:
-                steps.append(depth.pop(0)[1])
-                titles.append(None)
-            if app is not None:
-                steps.append(app)
-                titles.append(accepted[i] if len(accepted) == len(self.applied) else None)
-        return Plan.from_applied(steps, self.model, self.spec, shapes, head_mode=self.heads,
-                                 titles=titles)
 
     def apply_plan(self, text: str | bytes) -> bool:
         """Replay a plan (JSON text) on the loaded, unpruned model; on error nothing changes."""
-        if self.applied or self.blocks_removed:
+        if self.pruner.history.edits:
             return self._fail("a plan replays on the unpruned model: undo every accepted "
                               "change (or reload the model) first")
         try:
@@ -467,83 +184,21 @@ class Session:
         except PlanError as exc:  # the plan is checked completely: this is every user error
             return self._fail(f"cannot apply the plan: {exc}")
         before = self.params
-        previous = _tensors(self.model)
-        try:
-            replay = plan.apply(self.model, example_inputs=self.example_inputs)  # all or nothing
+        what = f"replayed a plan of {len(plan.steps)} step(s)"
+        lines = [{"plan": plan.model, "steps": len(plan.steps), "removed": plan.removed_count}]
+        try:  # all or nothing
+            self.pruner.history.replay(
+                lambda model: plan.apply(model, example_inputs=self.example_inputs), what, lines)
         except PlanError as exc:
             return self._fail(f"cannot apply the plan: {exc}")
         except Exception as exc:  # noqa: BLE001 - never a traceback in the browser
             return self._fail(f"cannot apply the plan: {exc}")
 
-        def revert() -> None:
-            restore_blocks(self.model, BlockRemoval({}, {}, replay.blocks))
-            undo(self.model, Applied({}, replay.attributes, {}, dict(previous),
-                                     constants=replay.constants))
-            self.pruner.retrace()
-
-        self._push(f"replayed a plan of {len(plan.steps)} step(s)", revert)
-        self.log.append({"plan": plan.model, "steps": len(plan.steps),
-                         "removed": plan.removed_count})
-        self.blocks_removed += 1  # the replay is not an `Applied` record: no re-export
-        self.pruner.retrace()
         self.graph = self._model_graph()
         self.message = Message.success(f"replayed a plan of {len(plan.steps)} step(s): "
                                           f"params {before:,} -> {self.params:,}")
-        self._record({"do": "plan", "text": text if isinstance(text, str) else text.decode()})
+        self._record(PlanReplay(text if isinstance(text, str) else text.decode()))
         return True
-
-    # ------------------------------------------------------------------ export
-    @property
-    def config_note(self) -> str:
-        """Why no transformers config describes the pruned model ('' when one does): a
-        ``save_pretrained`` of it would not reload it, and an ``hf`` export falls back to
-        safetensors + plan."""
-        return self.pruner.config_note if self.pruner.applied else ""
-
-    def forward_check(self) -> Message:
-        """Run the current model and compare its output shapes with the original's."""
-        verdict = forward_check(self.model, self.example_inputs, self.output_shapes)
-        if verdict.ok:
-            return Message.success(f"forward ok, output shapes {verdict.output_shapes}")
-        if verdict.graph is None:
-            where = " ".join(x for x in (verdict.module, verdict.location) if x)
-            return Message.error(f"forward failed{' in ' + where if where else ''}: "
-                                    f"{verdict.error}")
-        return Message.error(verdict.error)
-
-    def export_files(self, formats: tuple[str, ...], dest: str | Path
-                     ) -> tuple[dict[str, Path], list[str]]:
-        """Downloads for ``formats`` (see `explorer.io.export.FORMATS`), written under
-        ``dest``: file name -> path.
-
-        ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
-        transformers folder; ``report`` as Markdown and HTML (latency measured before and
-        after). Returns the files and the exporter's notes (skips, fall-backs).
-        """
-        from ..io.export import export_downloads
-        replayed = self.blocks_removed > len(self._depth)
-        plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
-            else self.plan()
-        return export_downloads(clone_model(self.model), formats, dest, plan=plan,
-                                original=self.original, example_inputs=self.example_inputs,
-                                tokenizer=self.tokenizer, sentence=self.sentence)
-
-    def model_bytes(self) -> bytes:
-        """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""
-        buf = io.BytesIO()
-        torch.save(self.model, buf)
-        return buf.getvalue()
-
-    def report(self) -> dict[str, Any]:
-        """A JSON-ready record of the session: spec, settings, accepted changes, totals."""
-        return {"spec": self.spec, "importance": self.importance, "ratio": self.ratio,
-                "heads": self.heads, "global_pruning": self.global_pruning,
-                "round_to": self.round_to, "targets": list(self.targets or ()),
-                "params_before": self.params_start,
-                "params_after": self.params, "macs_before": self.macs_start,
-                "macs_after": self.macs, "accepted": self.log,
-                "rejected": [list(k) for k, v in self.decided.items()
-                             if v == Decision.REJECTED.value]}
 
     # ------------------------------------------------------------------ replay
     def replay(self, actions: list[Any], progress: Progress | None = None) -> int:
@@ -563,7 +218,7 @@ class Session:
             problem = action_problem(act)
             if problem is None:
                 try:
-                    ok = self._replay_one(act)
+                    ok = parse_action(act).redo(self)
                 except (KeyError, TypeError, ValueError, IndexError) as exc:  # bad field values
                     problem = f"action {act['do']!r} with a malformed field: {exc}"
             if problem is not None:
@@ -583,52 +238,40 @@ class Session:
             self.message = Message.info(f"restored {len(actions)} decisions")
         return done
 
-    def _replay_one(self, act: dict[str, Any]) -> bool:
-        do = act.get("do")
-        if do == "configure":
-            return self.configure(*act["settings"])
-        if do == "accept":
-            p = self._pending_by_key(tuple(act["key"]))
-            if p is not None and act.get("joint"):
-                p = self.joint(p)
-            if p is None:
-                return self._fail("its group is not pending")
-            counts = act.get("counts")
-            return self.accept(p, None if counts is None else {int(a): int(n)
-                                                               for a, n in counts})
-        if do == "accept_all":
-            return self.accept_all()
-        if do == "reject":
-            p = self._pending_by_key(tuple(act["keys"][0]))
-            if p is None:
-                return self._fail("its group is not pending")
-            self.reject(p)
-            return True
-        if do == "undo":
-            return self.undo()
-        if do == "block":
-            return self.remove_block(str(act["name"]))
-        if do == "plan":
-            return self.apply_plan(str(act["text"]))
-        return self._fail(f"unknown action {do!r}")
+    def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None
+                    ) -> bool:
+        """Accept the pending proposal of group ``key`` again (its joint or outer-axis
+        proposal when ``joint``), resized by ``counts`` (a replayed `actions.Accept`)."""
+        p = self._pending_by_key(key)
+        if p is not None and joint:
+            p = self.joint(p)
+        if p is None:
+            return self._fail("its group is not pending")
+        return self.accept(p, counts)
+
+    def redo_reject(self, key: tuple[Any, ...]) -> bool:
+        """Reject the pending proposal of group ``key`` again (a replayed `actions.Reject`)."""
+        p = self._pending_by_key(key)
+        if p is None:
+            return self._fail("its group is not pending")
+        self.reject(p)
+        return True
 
     def _pending_by_key(self, key: tuple[Any, ...]) -> Proposal | None:
         want = (str(key[0]), int(key[1]), int(key[2]) if len(key) > 2 else 0)  # old logs: 2
         return next((p for p in self.proposals() if p.key == want), None)
 
-    def _record(self, action: dict[str, Any]) -> None:
-        self.actions.append(action)
+    @property
+    def actions(self) -> list[dict[str, Any]]:
+        """What the user did, oldest first, as JSON log entries (`replay` redoes them)."""
+        return [to_json(a) for a in self._actions]
+
+    def _record(self, action: Action | dict[str, Any]) -> None:
+        self._actions.append(parse_action(action) if isinstance(action, dict) else action)
         if self.on_action is not None:
             self.on_action(self)
 
     # ------------------------------------------------------------------ internals
-    def _model_graph(self) -> ModelGraph:
-        return ModelGraph(self.model, self.pruner.graph, self.pruner.coupling)
-
-    def _sync_settings(self) -> None:
-        (self.importance, self.ratio, self.heads, self.global_pruning,
-         self.round_to, self.targets) = self.pruner.settings()
-
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""
         device = self.pruner.preflight().device
@@ -636,13 +279,8 @@ class Session:
         remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
         return forward_check(trial, to_device(self.example_inputs, device), self.output_shapes)
 
-    def _push(self, what: str, revert: Callable[[], None] | None = None) -> None:
-        self._history.append(_Undo(what, dict(self.decided), len(self.log), revert,
-                                   self.blocks_removed))
-
     def _fail_preflight(self, verdict: Verdict) -> bool:
-        where = " ".join(x for x in (verdict.module, verdict.location) if x)
-        return self._fail(f"pre-flight failed{' in ' + where if where else ''}: {verdict.error}")
+        return self._fail(failure(verdict))
 
     def _fail(self, text: str) -> bool:
         self.message = Message.error(text)
@@ -650,70 +288,19 @@ class Session:
 
     def _apply(self, removal: Removal, accepted: list[Proposal],
                count: int | Counts | None, verdict: Verdict) -> bool:
+        """Apply ``removal`` as the accept of ``accepted`` (`Pruner.apply`: the one path)."""
         if not verdict.ok:
             return self._fail_preflight(verdict)
         before = self.params
-        state = (dict(self.decided), len(self.log), self.blocks_removed)
         try:
-            applied = self.pruner.apply(removal, verdict.graph)
+            self.pruner.apply(removal, verdict.graph, accepted, count)
         except PruneError as exc:
             return self._fail(str(exc))
-        title = "; ".join(p.title for p in accepted)
-        self._history.append(_Undo(f"accepted {title}", *state[:2], self._undo_apply,
-                                   state[2]))
-        for p in accepted:
-            self._log_accept(p, removal, count, applied)
         self.graph = self._model_graph()
         self.message = Message.success(f"accepted {len(accepted)} group(s): params "
-                                          f"{before:,} -> {self.params:,}")
+                                       f"{before:,} -> {self.params:,}")
         return True
 
-    def _traced_here(self, verdict: Verdict | None) -> Verdict:
-        """The solver's passing pre-flight of the removal about to be applied, when its trace
-        of the pruned copy ran where the model runs (a model on meta: the trace applying
-        would make again); else a verdict without a graph, so applying traces the model."""
-        if verdict is None or verdict.graph is None:
-            return Verdict(True)
-        first = next(iter(self.model.parameters()), None)
-        here = str(first.device) if first is not None else "cpu"
-        return verdict if verdict.graph.device == here else Verdict(True)
 
-    def _undo_apply(self) -> None:
-        self.pruner.undo()
-
-    def _log_accept(self, p: Proposal, removal: Removal, count: int | Counts | None,
-                    applied: Applied) -> None:
-        for q in [p, *p.partners]:
-            self.decided[q.key] = Decision.ACCEPTED.value
-            removed = {a: removal.picks.get((q.group.id, a), []) for a in q.axes}
-            self.log.append({"group": q.group.title, "key": list(q.key),
-                             "axes": [{"role": q.group.axes[a].role,
-                                       "size": q.group.axes[a].size, "removed": idx}
-                                      for a, idx in removed.items()],
-                             "count": count if not isinstance(count, dict) else
-                             {str(k): v for k, v in count.items()},
-                             "attributes": applied.attributes})
-
-
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    out: dict[str, torch.Tensor | None] = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return out
-
-
-def _batch_rows(batch: tuple[Any, ...]) -> int:
-    first = next((a for a in batch if isinstance(a, torch.Tensor) and a.dim()), None)
-    return int(first.shape[0]) if first is not None else 1
-
-
-def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width (dim 0 of the weight) of every module that has a weight of rank >= 2."""
-    out: dict[str, int] = {}
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() >= 2:
-            out[name] = int(w.shape[0])
-    return out
-
-
-__all__ = ["Decision", "Message", "MessageKind", "Proposal", "Session", "layer_widths"]
+__all__ = ["Decision", "Message", "MessageKind", "Proposal", "Session", "Workspace",
+           "action_problem", "layer_widths"]

@@ -2,7 +2,7 @@
 
 Streamlit-free: the Model page collects a `LoadRequest`; `load_request` builds the model (in
 stages, reporting each to a callback so the page can show progress) and its calibration and
-held-out data, and `quality_text` words a measured quality for the pages.
+held-out data.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from ..io.specs import (
     parse_input_shape,
 )
 from ..prune.calibration import Calibration
-from ..quality.evaluate import Quality
-from ..quality.task import Metric
 
 
 @dataclass(frozen=True)
@@ -125,14 +123,6 @@ def load_request(request: LoadRequest, build: Callable[..., LoadedModel] = load_
         say(f"reading held-out data {request.heldout}")
         heldout = load_data(request.heldout, lm, options)
     return Loaded(lm, calibration, heldout)
-
-
-def quality_text(quality: Quality) -> tuple[str, str]:
-    """A metric label and value for the pages, e.g. ``("cosine to original", "0.9734")``."""
-    if quality.metric is Metric.PERPLEXITY:
-        return "perplexity", f"{quality.after:.3f}"
-    label = {Metric.COSINE: "cosine to original", Metric.TOP1: "top-1 agreement"}[quality.metric]
-    return label, f"{quality.after:.4f}"
 
 
 Upload = tuple[str, bytes]  # (file name, contents) of an uploaded file

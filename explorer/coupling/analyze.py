@@ -10,13 +10,14 @@ import numpy as np
 
 from ..graph.collector import paused
 from ..graph.ir import Graph, Value, ValueKind, value_refs
-from ..graph.ops import ATTENTION_OPS, TOKEN_EMBEDDING_OPS
+from ..graph.ops import TOKEN_EMBEDDING_OPS
 from .context import Ctx, tensor_args
-from .groups import Axis, Group, HeadInfo, Member, number_parts
-from .intervals import IntervalForm
-from .registry import apply_rule
+from .dispatch import apply_rule
+from .groups import Axis, Group, Member, number_parts
+from .heads import head_info, traced_head_dims
+from .intervals import IntervalForm, resolve
 from .residual import mark_residual
-from .resolve import Resolution, resolve, resolve_elements
+from .resolve import Resolution, resolve_elements
 from .spaces import Pin, Runs
 from .vocab import GROUP_TAGS, HEAD_TAGS, AxisRole, PinKind, Tag
 
@@ -82,7 +83,7 @@ class Coupling:
         ctx.sp.retire(list(ctx.sp.dims))
         ctx.sp.done()
         self.unknown_ops = ctx.unknown
-        self.head_dims = _traced_head_dims(graph)
+        self.head_dims = traced_head_dims(graph)
         self._ctx = ctx
         self.res: Resolution = resolve(ctx.sp, whole=[
             ids for vid, _v in self._member_values() for ids in ctx.sp.runs(vid)]
@@ -101,7 +102,7 @@ class Coupling:
     # -- members --------------------------------------------------------------------------
     def _collect_members(self) -> list[_MemberData]:
         out = []
-        form = self.res.form
+        form = _interval_form(self.res)
         for vid, value in self._member_values():
             for d, ids in enumerate(self._ctx.sp.runs(vid)):
                 if len(ids) < 1:
@@ -130,14 +131,14 @@ class Coupling:
     def _build_families(self) -> None:
         """Atoms with the same members at the same positions form a family."""
         n = self.res.num_classes
-        form = self.res.form
+        form = _interval_form(self.res)
         if self._symbolic and form is not None:
             rows = [md.rows if md.rows is not None else md.atoms for md in self._members]
-            units, sig = self._signatures(rows, len(form.width))
+            units, sig = _signatures(rows, len(form.width))
             fams = _first_numbered(sig)
             width = form.width  # offsets of one super atom are consecutive atoms
         else:
-            units, sig = self._signatures([md.atoms for md in self._members], n)
+            units, sig = _signatures([md.atoms for md in self._members], n)
             fams = _first_numbered(sig)
             width = np.ones(n, dtype=np.int64)
         self.num_families = int(fams.max()) + 1 if len(fams) else 0
@@ -151,62 +152,12 @@ class Coupling:
         of_unit[units] = fams
         self.family_of = FamilyOf(of_unit, symbolic, n)
         self.family_atoms = FamilyAtoms(split, symbolic)
-        self._family_pins = self._pins_per_family()
-        self._family_tags = self._tags_per_family()
-
-    @staticmethod
-    def _signatures(matrices: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The atoms present in the members' atom ``matrices``, in order of first appearance,
-        with a signature each: a sum of one random key per (member, position, arity) it
-        appears at. Over intervals the matrices hold super atoms, whose channels share
-        their signature and appear one after the other."""
-        sig = np.zeros(n, dtype=np.uint64)
-        rng = np.random.default_rng(12345)
-        keys: dict[tuple[int, int, int], np.uint64] = {}
-        flats: list[np.ndarray] = []
-        for m, a in enumerate(matrices):
-            arity = (a >= 0).sum(axis=1)
-            for j in range(a.shape[1]):
-                valid = a[:, j] >= 0
-                here = arity[valid]
-                lo, hi = (int(here.min()), int(here.max())) if len(here) else (0, 0)
-                for r in ([lo] if lo == hi else np.unique(here).tolist()):
-                    sel = valid & (arity == r) if lo != hi else valid
-                    key = keys.setdefault((m, j, int(r)), np.uint64(rng.integers(1, 2**63)))
-                    sig[a[sel, j]] += key  # once per atom: fancy += does not accumulate
-            flats.append(a[a >= 0])
-        if not flats:
-            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-        seen, first = np.unique(np.concatenate(flats), return_index=True)
-        present = seen[np.argsort(first, kind="stable")]
-        return present, sig[present]
+        self._family_pins = _pins_per_family(self)
+        self._family_tags = _tags_per_family(self)
 
     def _expand_ids(self, ids: Runs) -> np.ndarray:
         a = self.res.atoms_matrix(ids.expand())
         return a[a >= 0]
-
-    def _pins_per_family(self) -> dict[int, Pin]:
-        out: dict[int, Pin] = {}
-        for ids, pin in self._ctx.sp.pins:
-            fams = np.unique(self.family_of[self._expand_ids(ids)])
-            for f in fams[fams >= 0]:
-                out.setdefault(int(f), pin)
-        bad = np.fromiter(self.res.conflict_classes, dtype=np.int64)
-        if len(bad):
-            atoms = self.res.atoms_matrix_of_classes(bad)
-            fams = np.unique(self.family_of[atoms[atoms >= 0]])
-            for f in fams[fams >= 0]:
-                out.setdefault(int(f), Pin(PinKind.CONFLICT, "reshapes that factor these "
-                                           "channels in incompatible ways (see conflicts)"))
-        return out
-
-    def _tags_per_family(self) -> dict[int, set[Tag]]:
-        out: dict[int, set[Tag]] = {}
-        for ids, tag in self._ctx.sp.tags:
-            fams = np.unique(self.family_of[self._expand_ids(ids)])
-            for f in fams[fams >= 0]:
-                out.setdefault(int(f), set()).add(tag)
-        return out
 
     # -- groups ---------------------------------------------------------------------------
     def _build_groups(self) -> list[Group]:
@@ -246,7 +197,7 @@ class Coupling:
         for m, fams_m in enumerate(self._member_families()):
             for f in fams_m:
                 fam_members.setdefault(f, []).append(m)
-        explanations = self._explanations()
+        explanations = _explanations(self)
         groups: list[Group] = []
         for root in sorted(by_root, key=lambda r: min(by_root[r])):
             fams = sorted(by_root[root], key=lambda f: (np.mean(position.get(f, [0.0])), f))
@@ -259,17 +210,17 @@ class Coupling:
             if len(fams) > 1:
                 axes = [dataclasses.replace(ax, inner=ax.family in self._inner and
                                             ax.family not in self._outer) for ax in axes]
-            head_info = _head_info(axes, [(self._members[m].member, self.member_families(m))
-                                          for m in mids], self.head_dims,
-                                   {self._members[m].member: self.member_pieces(m)
-                                    for m in mids} if has_heads else {})
+            info = head_info(axes, [(self._members[m].member, self.member_families(m))
+                                    for m in mids], self.head_dims,
+                             {self._members[m].member: self.member_pieces(m)
+                              for m in mids} if has_heads else {})
             channels = int(np.prod([a.size for a in axes if a.role is not AxisRole.FIXED]
                                    or [0]))
             prunable = any(a.prunable for a in axes)
             reason = "" if prunable else "; ".join(dict.fromkeys(a.reason for a in axes))
             modules = list(dict.fromkeys(m.module for m in members))
             expl = list(dict.fromkeys(e for f in fams for e in explanations.get(f, [])))
-            groups.append(Group(len(groups), channels, axes, members, head_info, prunable, reason,
+            groups.append(Group(len(groups), channels, axes, members, info, prunable, reason,
                                 expl[:12], modules))
         number_parts(groups)
         return groups
@@ -321,19 +272,6 @@ class Coupling:
             self._ignored_by_family = found
         return self._ignored_by_family.get(fam, "")
 
-    def _explanations(self) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        records = [(u[0], u[2]) for u in self._ctx.sp.unions]
-        records += [(p[0], p[2]) for p in self._ctx.sp.products]  # (ids, op index)
-        for ids, op_index in sorted(records, key=lambda r: r[1]):
-            node = self.graph.ops[op_index]
-            text = _describe(node, self.graph)
-            first = self.res.atoms_matrix(ids.value[:1])
-            for f in np.unique(self.family_of[first[first >= 0]]):
-                if f >= 0:
-                    out.setdefault(int(f), []).append(text)
-        return out
-
     # -- pruning support ------------------------------------------------------------------
     def keep_indices(self, removed_atoms: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
         """For every member dim that loses elements, the indices it keeps."""
@@ -354,14 +292,14 @@ class Coupling:
     def _member_rows(self, md: _MemberData) -> np.ndarray:
         """A member's atom rows: one per piece, of element atoms at offset 0 (families are
         the same at every offset), or one per index when resolved element by element."""
-        form = self.res.form
+        form = _interval_form(self.res)
         if not self._symbolic or form is None or md.rows is None:
             return md.atoms
         return np.where(md.rows >= 0, form.base[np.maximum(md.rows, 0)], -1)
 
     def _touched(self, dead: np.ndarray) -> np.ndarray | None:
         """Per super class of the interval form: whether one of its channels is dead."""
-        form = self.res.form
+        form = _interval_form(self.res)
         if not self._symbolic or form is None:
             return None
         count = np.concatenate([[0], np.cumsum(dead[:self.res.num_classes])])
@@ -387,7 +325,7 @@ class Coupling:
     def _dim_atoms(self, runs: Runs) -> np.ndarray:
         """Atoms of the elements ``ids`` (each at least once; over intervals, the offset-0
         atom of each super atom stands for all of its offsets, which share a family)."""
-        form = self.res.form
+        form = _interval_form(self.res)
         if self._symbolic and form is not None:
             lo = np.searchsorted(form.cuts, runs.value, side="right") - 1
             hi = np.searchsorted(form.cuts, runs.value + runs.length, side="left")
@@ -472,6 +410,74 @@ class Coupling:
     def member_atoms(self) -> list[tuple[Member, np.ndarray]]:
         """Each member with its ``(size, k)`` atom matrix (for importance scores)."""
         return [(md.member, md.atoms) for md in self._members]
+
+
+def _signatures(matrices: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The atoms present in the members' atom ``matrices``, in order of first appearance,
+    with a signature each: a sum of one random key per (member, position, arity) it
+    appears at. Over intervals the matrices hold super atoms, whose channels share
+    their signature and appear one after the other."""
+    sig = np.zeros(n, dtype=np.uint64)
+    rng = np.random.default_rng(12345)
+    keys: dict[tuple[int, int, int], np.uint64] = {}
+    flats: list[np.ndarray] = []
+    for m, a in enumerate(matrices):
+        arity = (a >= 0).sum(axis=1)
+        for j in range(a.shape[1]):
+            valid = a[:, j] >= 0
+            here = arity[valid]
+            lo, hi = (int(here.min()), int(here.max())) if len(here) else (0, 0)
+            for r in ([lo] if lo == hi else np.unique(here).tolist()):
+                sel = valid & (arity == r) if lo != hi else valid
+                key = keys.setdefault((m, j, int(r)), np.uint64(rng.integers(1, 2**63)))
+                sig[a[sel, j]] += key  # once per atom: fancy += does not accumulate
+        flats.append(a[a >= 0])
+    if not flats:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    seen, first = np.unique(np.concatenate(flats), return_index=True)
+    present = seen[np.argsort(first, kind="stable")]
+    return present, sig[present]
+
+
+def _pins_per_family(c: Coupling) -> dict[int, Pin]:
+    """Family -> the first pin on any of its atoms (reshape conflicts included)."""
+    out: dict[int, Pin] = {}
+    for ids, pin in c._ctx.sp.pins:
+        fams = np.unique(c.family_of[c._expand_ids(ids)])
+        for f in fams[fams >= 0]:
+            out.setdefault(int(f), pin)
+    bad = np.fromiter(c.res.conflict_classes, dtype=np.int64)
+    if len(bad):
+        atoms = c.res.atoms_matrix_of_classes(bad)
+        fams = np.unique(c.family_of[atoms[atoms >= 0]])
+        for f in fams[fams >= 0]:
+            out.setdefault(int(f), Pin(PinKind.CONFLICT, "reshapes that factor these "
+                                       "channels in incompatible ways (see conflicts)"))
+    return out
+
+def _tags_per_family(c: Coupling) -> dict[int, set[Tag]]:
+    """Family -> the tags rules put on its atoms."""
+    out: dict[int, set[Tag]] = {}
+    for ids, tag in c._ctx.sp.tags:
+        fams = np.unique(c.family_of[c._expand_ids(ids)])
+        for f in fams[fams >= 0]:
+            out.setdefault(int(f), set()).add(tag)
+    return out
+
+
+def _explanations(c: Coupling) -> dict[int, list[str]]:
+    """Family -> the ops that coupled it, worded for people, in trace order."""
+    out: dict[int, list[str]] = {}
+    records = [(u[0], u[2]) for u in c._ctx.sp.unions]
+    records += [(p[0], p[2]) for p in c._ctx.sp.products]  # (ids, op index)
+    for ids, op_index in sorted(records, key=lambda r: r[1]):
+        node = c.graph.ops[op_index]
+        text = _describe(node, c.graph)
+        first = c.res.atoms_matrix(ids.value[:1])
+        for f in np.unique(c.family_of[first[first >= 0]]):
+            if f >= 0:
+                out.setdefault(int(f), []).append(text)
+    return out
 
 
 class FamilyOf:
@@ -575,21 +581,6 @@ def _class_atom_table(res: Resolution) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return start, length, flat
 
 
-def _traced_head_dims(graph: Graph) -> dict[str, int]:
-    """Module -> q's last dim at its first attention op (sdpa, or the q @ k^T bmm)."""
-    out: dict[str, int] = {}
-    for node in graph.ops:
-        if node.op.overloadpacket in ATTENTION_OPS and node.module not in out:
-            refs = graph.tensor_ids(node.args[:1])
-            if refs:
-                shape = graph.values[refs[0]].shape
-                if shape:
-                    out[node.module] = shape[-1]
-                    parent = node.module.rpartition(".")[0]
-                    out.setdefault(parent, shape[-1])
-    return out
-
-
 def _noise(fams: list[int], c: Coupling) -> bool:
     """Unit dims and pure spatial/kernel axes are not channel groups worth listing."""
     for f in fams:
@@ -619,56 +610,6 @@ def _describe(node: object, graph: Graph) -> str:
     return text
 
 
-def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
-                kept_axis: dict[int, int] | None = None,
-                head_dims: dict[str, int] | None = None,
-                pieces: dict[Member, list[frozenset[int]]] | None = None
-                ) -> tuple[int, int, int | None] | None:
-    """(heads, head_dim, kv_heads) of one attention module's members, before or after pruning.
-
-    The query-like member is the one spanning the most head axes. ``head_dims`` gives the
-    traced head width of attention modules (q's last dim at the attention op); it scales
-    with the kept share of the q/k head-dim axis (a rotary pair is two dims per atom).
-    Without it, the width of the query member divided by its heads and fixed copies is used.
-    Key/value heads are read per piece of each member (``pieces``, see
-    `Coupling.member_pieces`): in a fused ``query_key_value`` weight the key piece spans the
-    kv head axis but not the query heads per kv head, while the member as a whole spans both.
-    """
-    size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
-    head_fams = {a.family for a in axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
-    spans = [(m, fams & head_fams) for m, fams in members if fams & head_fams]
-    dim_axes = [a for a in axes if a.role is AxisRole.HEAD_DIM]
-    if not spans or not dim_axes:
-        return None
-    q_member, q_heads = max(spans, key=lambda s: len(s[1]))
-    heads = int(np.prod([size[f] for f in q_heads]))
-    q_fams = next(f for m, f in members if m == q_member)
-    qk = next((a for a in dim_axes if a.family in q_fams), dim_axes[0])
-    traced = (head_dims or {}).get(q_member.module.rpartition(".")[0])
-    if traced is not None:
-        head_dim = traced * size[qk.family] // qk.size
-    else:
-        fixed = {a.family for a in axes if a.role is AxisRole.FIXED}
-        copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # the q/k/v split
-        head_dim = q_member.size // max(heads * copies, 1)
-    rows = [(m, set(p)) for m, f in members for p in (pieces or {}).get(m, [frozenset(f)])]
-    kv = [h for _m, r in rows if (h := r & head_fams) and h < q_heads]  # () < any set
-    kv_heads = int(np.prod([size[f] for f in kv[0]])) if kv else None
-    if kv_heads is None and any(qk.family in f and not f & head_fams and m.rank >= 2
-                                and not m.buffer for m, f in rows):
-        kv_heads = 1  # a key projection with a single head (multi-query attention)
-    return heads, head_dim, kv_heads
-
-
-def _head_info(axes: list[Axis], members: list[tuple[Member, set[int]]],
-               head_dims: dict[str, int], pieces: dict[Member, list[frozenset[int]]]
-               ) -> HeadInfo | None:
-    counts = head_counts(axes, members, head_dims=head_dims, pieces=pieces)
-    if counts is None:
-        return None
-    return HeadInfo(counts[0], counts[1], counts[2])
-
-
 def _embedding_tables(graph: Graph) -> set[str]:
     """Names of the parameters the trace looks rows up in (embedding tables)."""
     out: set[str] = set()
@@ -679,3 +620,8 @@ def _embedding_tables(graph: Graph) -> set[str]:
                 if name:
                     out.add(name)
     return out
+
+
+def _interval_form(res: Resolution) -> IntervalForm | None:
+    """The interval form of a resolution computed over intervals (None: element-wise)."""
+    return res.form if isinstance(res.form, IntervalForm) else None

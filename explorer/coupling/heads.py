@@ -1,15 +1,37 @@
-"""Head-divisibility report: per attention module, its projections, heads and legal cuts."""
+"""Attention heads: the one home of reading head structure.
+
+From the trace (`traced_head_dims`) and a group's members (`head_counts`, `head_info`: how
+many heads of which width, and key/value heads), per attention module (`owner_members`,
+`attention_modules`: its projections, heads and legal whole-head cuts), summed over a cut
+(`query_kv_heads`), and before/after tables (`head_changes`). The coupling is read through
+`HeadSource` (what `explorer.coupling.analyze.Coupling` offers), so the analysis can import
+this module without a cycle.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
+import numpy as np
 from torch import nn
 
-from .analyze import Coupling, head_counts
-from .groups import Member
+from ..graph.ir import Graph
+from ..graph.ops import ATTENTION_OPS
+from .groups import Axis, Group, HeadInfo, Member
 from .vocab import AxisRole
+
+
+class HeadSource(Protocol):
+    """What head reading needs of a coupling (`explorer.coupling.analyze.Coupling`)."""
+
+    groups: list[Group]
+    head_dims: dict[str, int]
+
+    def members_of(self, group: Group) -> list[tuple[Member, set[int]]]: ...
+
+    def pieces_of(self, group: Group) -> dict[Member, list[frozenset[int]]]: ...
 
 # attribute names attention code reads its head structure from
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
@@ -19,6 +41,117 @@ HEAD_WIDTH_ATTRS = ("all_head_size", "attn_dim", "inner_dim", "split_size")
 # The rotated slice of each head under partial rotary embeddings (``q[..., :rotary_ndims]``):
 # a width the forward slices with, patched when rotary pairs are cut.
 ROTARY_DIM_ATTRS = ("rotary_ndims", "rotary_dim", "rotary_emb_dim")
+
+
+def traced_head_dims(graph: Graph) -> dict[str, int]:
+    """Module -> q's last dim at its first attention op (sdpa, or the q @ k^T bmm)."""
+    out: dict[str, int] = {}
+    for node in graph.ops:
+        if node.op.overloadpacket in ATTENTION_OPS and node.module not in out:
+            refs = graph.tensor_ids(node.args[:1])
+            if refs:
+                shape = graph.values[refs[0]].shape
+                if shape:
+                    out[node.module] = shape[-1]
+                    parent = node.module.rpartition(".")[0]
+                    out.setdefault(parent, shape[-1])
+    return out
+
+
+def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
+                kept_axis: dict[int, int] | None = None,
+                head_dims: dict[str, int] | None = None,
+                pieces: dict[Member, list[frozenset[int]]] | None = None
+                ) -> tuple[int, int, int | None] | None:
+    """(heads, head_dim, kv_heads) of one attention module's members, before or after pruning.
+
+    The query-like member is the one spanning the most head axes. ``head_dims`` gives the
+    traced head width of attention modules (q's last dim at the attention op); it scales
+    with the kept share of the q/k head-dim axis (a rotary pair is two dims per atom).
+    Without it, the width of the query member divided by its heads and fixed copies is used.
+    Key/value heads are read per piece of each member (``pieces``, see
+    `Coupling.member_pieces`): in a fused ``query_key_value`` weight the key piece spans the
+    kv head axis but not the query heads per kv head, while the member as a whole spans both.
+    """
+    size = {a.family: (kept_axis or {}).get(a.family, a.size) for a in axes}
+    head_fams = {a.family for a in axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
+    spans = [(m, fams & head_fams) for m, fams in members if fams & head_fams]
+    dim_axes = [a for a in axes if a.role is AxisRole.HEAD_DIM]
+    if not spans or not dim_axes:
+        return None
+    q_member, q_heads = max(spans, key=lambda s: len(s[1]))
+    heads = int(np.prod([size[f] for f in q_heads]))
+    q_fams = next(f for m, f in members if m == q_member)
+    qk = next((a for a in dim_axes if a.family in q_fams), dim_axes[0])
+    traced = (head_dims or {}).get(q_member.module.rpartition(".")[0])
+    if traced is not None:
+        head_dim = traced * size[qk.family] // qk.size
+    else:
+        fixed = {a.family for a in axes if a.role is AxisRole.FIXED}
+        copies = int(np.prod([size[f] for f in q_fams & fixed] or [1]))  # the q/k/v split
+        head_dim = q_member.size // max(heads * copies, 1)
+    rows = [(m, set(p)) for m, f in members for p in (pieces or {}).get(m, [frozenset(f)])]
+    kv = [h for _m, r in rows if (h := r & head_fams) and h < q_heads]  # () < any set
+    kv_heads = int(np.prod([size[f] for f in kv[0]])) if kv else None
+    if kv_heads is None and any(qk.family in f and not f & head_fams and m.rank >= 2
+                                and not m.buffer for m, f in rows):
+        kv_heads = 1  # a key projection with a single head (multi-query attention)
+    return heads, head_dim, kv_heads
+
+
+def head_info(axes: list[Axis], members: list[tuple[Member, set[int]]],
+               head_dims: dict[str, int], pieces: dict[Member, list[frozenset[int]]]
+               ) -> HeadInfo | None:
+    """The head structure of a group from its members (None: not attention)."""
+    counts = head_counts(axes, members, head_dims=head_dims, pieces=pieces)
+    if counts is None:
+        return None
+    return HeadInfo(counts[0], counts[1], counts[2])
+
+
+def owner_members(model: nn.Module, coupling: HeadSource, group: Group, *, buffers: bool,
+                  unowned: bool) -> dict[str, list[tuple[Member, set[int]]]]:
+    """A head group's members by the attention module that owns them (`head_owner`).
+
+    Args:
+        buffers: keep buffer members (e.g. rotary tables) too.
+        unowned: a member without a head-owning ancestor counts under its parent module
+            (else it is left out).
+    """
+    out: dict[str, list[tuple[Member, set[int]]]] = {}
+    for member, fams in coupling.members_of(group):
+        if member.buffer and not buffers:
+            continue
+        owner = head_owner(model, member.module)
+        if owner is None and unowned:
+            owner = member.module.rpartition(".")[0]
+        if owner is not None:
+            out.setdefault(owner, []).append((member, fams))
+    return out
+
+
+def query_kv_heads(coupling: HeadSource, group: Group, cut: Mapping[int, int]
+                   ) -> tuple[int, int, int, int] | None:
+    """(query before, query after, kv before, kv after) heads of ``group`` summed over its
+    key/value head axes when ``cut`` (axis -> count) is removed; None without heads."""
+    repeat = {a.family: i for i, a in enumerate(group.axes) if a.role is AxisRole.HEAD_REPEAT}
+    families = [f for _m, f in coupling.members_of(group)]
+    found = False
+    q_b = q_a = kv_b = kv_a = 0
+    for i, ax in enumerate(group.axes):
+        if ax.role is not AxisRole.HEADS:
+            continue
+        found = True
+        r = next((repeat[f] for fams in families if ax.family in fams for f in fams
+                  if f in repeat), None)
+        per_b = group.axes[r].size if r is not None else 1
+        per_a = per_b - cut.get(r, 0) if r is not None else 1
+        kv_before, kv_after = ax.size, ax.size - cut.get(i, 0)
+        kv_b += kv_before
+        kv_a += kv_after
+        q_b += kv_before * per_b
+        q_a += kv_after * per_a
+    return (q_b, q_a, kv_b, kv_a) if found else None
 
 
 def head_owner(model: nn.Module, member_module: str) -> str | None:
@@ -64,18 +197,13 @@ def _is_output_side(model: nn.Module, module: str, param: str, dim: int) -> bool
     return dim == 0
 
 
-def attention_modules(model: nn.Module, coupling: Coupling) -> list[AttentionInfo]:
+def attention_modules(model: nn.Module, coupling: HeadSource) -> list[AttentionInfo]:
     """Every attention module found through head groups, with its divisibility facts."""
     out: list[AttentionInfo] = []
     for g in coupling.groups:
         if g.heads is None:
             continue
-        by_owner: dict[str, list[tuple[Member, set[int]]]] = {}
-        for member, fams in coupling.members_of(g):
-            if member.buffer:
-                continue
-            owner = head_owner(model, member.module) or member.module.rpartition(".")[0]
-            by_owner.setdefault(owner, []).append((member, fams))
+        by_owner = owner_members(model, coupling, g, buffers=False, unowned=True)
         head_fams = {a.family for a in g.axes if a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)}
         qk_dim = next((a.family for a in g.axes if a.role is AxisRole.HEAD_DIM), None)
         pieces = coupling.pieces_of(g)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .resolve import Prods, Resolution, resolve_facts
+from .resolve import Prods, Resolution, resolve_elements, resolve_facts
 from .spaces import IdArray, Runs, Spaces, inside
 
 
@@ -156,6 +156,18 @@ def _refine(n: int, unions: _Unions, prods: list[_Product], whole: list[Runs]
                   - np.searchsorted(new, run_lo, side="right")) > 0
         dirty = np.unique(run_of[inside])
     return cuts
+
+
+def resolve(sp: Spaces, max_rounds: int = 50, whole: Iterable[Runs] = ()) -> Resolution:
+    """Compute classes and atom tuples from the facts in ``sp``.
+
+    The facts are first resolved over intervals of channels (`intervals.resolve_intervals`,
+    whose cost does not grow with channel width); when that cannot give the element-wise
+    answer exactly (reshape conflicts, cyclic definitions), every element is resolved.
+    ``whole``: id arrays (parameter dims) the interval form should read piece by piece.
+    """
+    got = resolve_intervals(sp, max_rounds, whole)
+    return got if got is not None else resolve_elements(sp, max_rounds)
 
 
 def resolve_intervals(sp: Spaces, max_rounds: int = 50, whole: Iterable[Runs] = ()

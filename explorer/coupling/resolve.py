@@ -12,17 +12,26 @@ of atoms it is made of; removing any of those atoms removes the element.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .spaces import Runs, Spaces
+from .spaces import Spaces
 
-if TYPE_CHECKING:
-    from .intervals import IntervalForm
+
+class Form(Protocol):
+    """A resolution kept over intervals (`explorer.coupling.intervals.IntervalForm`): what
+    `Resolution` reads from it (a protocol, so this module imports nothing above it)."""
+
+    def classes(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def atoms_of_classes(self, classes: np.ndarray) -> np.ndarray: ...
+
+    def element_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ...
 
 
 class Resolution:
@@ -47,7 +56,7 @@ class Resolution:
     def __init__(self, label: np.ndarray | None, num_classes: int, table: np.ndarray | None,
                  arity: np.ndarray | None, is_def: np.ndarray | None,
                  conflicts: list[str] | None = None, conflict_classes: set[int] | None = None,
-                 form: IntervalForm | None = None, num_elements: int = 0) -> None:
+                 form: Form | None = None, num_elements: int = 0) -> None:
         self._arrays = None if label is None or table is None or arity is None or \
             is_def is None else (label, table, arity, is_def)
         self.num_classes = num_classes
@@ -112,20 +121,6 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
     _, lab = connected_components(graph, directed=False)
     return np.asarray(lab, dtype=np.int64)
-
-
-def resolve(sp: Spaces, max_rounds: int = 50, whole: Iterable[Runs] = ()) -> Resolution:
-    """Compute classes and atom tuples from the facts in ``sp``.
-
-    The facts are first resolved over intervals of channels (`intervals.resolve_intervals`,
-    whose cost does not grow with channel width); when that cannot give the element-wise
-    answer exactly (reshape conflicts, cyclic definitions), every element is resolved.
-    ``whole``: id arrays (parameter dims) the interval form should read piece by piece.
-    """
-    from .intervals import resolve_intervals  # imports this module: resolved at call time
-
-    got = resolve_intervals(sp, max_rounds, whole)
-    return got if got is not None else resolve_elements(sp, max_rounds)
 
 
 def resolve_elements(sp: Spaces, max_rounds: int = 50) -> Resolution:

@@ -1,7 +1,8 @@
 """Built-in demo models: small, random-init, fast on CPU.
 
 ``DEMOS`` maps a demo name to a factory returning ``(model, example_inputs)``; ``KIND`` says what
-the inputs are ("vision" images, "lm" token ids, "other" plain feature vectors).
+the inputs are (`ModelKind`: images, token ids, plain feature vectors). `hf_configs` holds the
+small built-in transformers configs the ``hf:<family>`` specs and the llama demo build from.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 from torch import nn
 
 from explorer.demos import dino, llama, mlp, resnet
+
+from ..quality.task import ModelKind
 
 DemoFactory = Callable[[], tuple[nn.Module, tuple[Any, ...]]]
 
@@ -24,13 +27,13 @@ DEMOS: dict[str, DemoFactory] = {
     "mlp": mlp.build,
 }
 
-KIND: dict[str, str] = {
-    "dino_vit": "vision",
-    "dino_vit_safe": "vision",
-    "resnet": "vision",
-    "cnn_concat": "vision",
-    "llama": "lm",
-    "mlp": "other",
+KIND: dict[str, ModelKind] = {
+    "dino_vit": ModelKind.VISION,
+    "dino_vit_safe": ModelKind.VISION,
+    "resnet": ModelKind.VISION,
+    "cnn_concat": ModelKind.VISION,
+    "llama": ModelKind.LM,
+    "mlp": ModelKind.OTHER,
 }
 
 __all__ = ["DEMOS", "KIND", "DemoFactory"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explorer.io.specs._hf import DEFAULT_SEQ_LEN, HF_FAMILIES
+from .hf_configs import DEFAULT_SEQ_LEN, HF_FAMILIES
 
 
 def build() -> tuple[nn.Module, tuple[torch.Tensor]]:

@@ -37,6 +37,7 @@ from ..graph.tracer import TraceError, trace
 from ..prune.depth import BlockRemoval, remove_blocks
 from ..prune.fixups.fold import Product, refold, scale_tensor
 from ..prune.fixups.patch import resize_tensor
+from ..prune.history import EditKind, History
 from ..prune.preflight import meta_copy
 from ..prune.removal import Applied, PruneError, Removal, apply_removal, removed_atoms, set_tensor
 from ..prune.transaction import transaction
@@ -159,7 +160,8 @@ def fingerprint(shapes: Mapping[str, Sequence[int]]) -> Fingerprint:
 
 def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
                      ) -> dict[str, tuple[int, ...]]:
-    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor."""
+    """Shapes before ``applied`` (undone in reverse); tied names follow their tensor. A
+    tensor a step created (a bias added by compensation) was not in the original model."""
     tensors = _tensors(model)
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
     aliases: dict[int, list[str]] = {}
@@ -169,6 +171,10 @@ def _original_shapes(model: nn.Module, applied: Sequence[Applied | BlockRemoval]
         if isinstance(app, BlockRemoval):  # its tensors left the model with the block
             shapes.update(app.shapes)
             continue
+        for name, old in app.previous.items():
+            if old is None and name not in app.shapes:
+                for alias in aliases.get(id(tensors.get(name)), [name]):
+                    shapes.pop(alias, None)
         for name, (before, _after) in app.shapes.items():
             for alias in aliases.get(id(tensors.get(name)), [name]):
                 shapes[alias] = tuple(before)
@@ -265,6 +271,29 @@ class Plan:
         refit = Refit([[n, list(s)] for n, s in sorted(created.items())], sorted(created)) \
             if created else None
         return cls(spec, shapes, fp, steps, refit=refit)
+
+    @classmethod
+    def from_history(cls, history: History, spec: str,
+                     input_shapes: Sequence[Sequence[int] | None] = (),
+                     head_mode: str | None = None) -> Plan:
+        """A plan from a timeline's edits, in order: its cuts and block removals (each cut
+        titled by its group when every cut accepted one group).
+
+        Raises:
+            ValueError: the timeline replayed a plan (that plan is its record; reload the
+                model to make a new one).
+        """
+        if history.replayed:
+            raise ValueError("this session replayed a plan: that plan is its record; reload "
+                             "the model to export a new one")
+        steps: list[Applied | BlockRemoval] = [
+            e.applied if e.kind is EditKind.CUT else e.blocks for e in history.edits]
+        cuts = [e for e in history.edits if e.kind is EditKind.CUT]
+        named = bool(cuts) and all(len(e.titles) == 1 for e in cuts)
+        titles: list[str | None] = [e.titles[0] if named and e.kind is EditKind.CUT else None
+                                    for e in history.edits]
+        return cls.from_applied(steps, history.model, spec, input_shapes,
+                                head_mode=head_mode, titles=titles)
 
     @classmethod
     def from_pruner(cls, pruner: Any, spec: str,

@@ -8,7 +8,9 @@ left out):
   model). Exact when the removed channels are constant on the data (dead or saturated
   units); a layer without a bias gets one where its forward reads ``self.bias`` (Linear,
   Conv).
-* ``lstsq``: ridge least squares of the consumer's kept columns and bias. Consumers inside
+* ``lstsq``: ridge least squares of the consumer's kept columns and bias (a layer without a
+  bias is refit without one, so the refit model keeps its architecture: the same config
+  describes it and a plan replays onto it). Consumers inside
   the model's repeated blocks (decoder or encoder layers; Linear) are refit **sequentially**
   (`explorer.prune.reconstruct`): block by block on the inputs the already cut and refit
   blocks below produce, against the original model's output, each choosing between the plain
@@ -390,6 +392,8 @@ def _refit(model: nn.Module, t: Target, stats: InputStats,
         w, b = _lstsq(weight.double(), bias, stats, t.kept, ridge)
         rows = torch.as_tensor(out_rows if out_rows is not None else range(w.shape[0]))
         dtype = _weight(module).dtype
+        if bias is None:  # refit without a bias: the result keeps the layer's architecture
+            return {t.weight: w[rows].to(dtype)}
         return {t.weight: w[rows].to(dtype), bias_name: b[rows].to(dtype)}
     mean = stats.total / max(stats.count, 1)
     removed = torch.as_tensor(t.removed)
@@ -407,23 +411,27 @@ def _lstsq(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats,
     """Ridge refit of [W b] on the kept inputs: returns (W' (out, |K|), b' (out,)).
 
     The ridge pulls towards the bias-compensated layer (not towards zero), so a strong
-    ridge gives ``bias`` compensation back and a weak one the plain least squares.
+    ridge gives ``bias`` compensation back and a weak one the plain least squares. A layer
+    without a bias (``bias`` None) is fit without one (b' is zero), towards the plain cut.
     """
     if stats.gram is None:
         raise ValueError("least squares needs the second moments of the inputs")
     n = weight.shape[1]
     b = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias.double()
     aug = torch.cat([weight, b.unsqueeze(1)], dim=1)
-    cols = torch.as_tensor(np.append(kept, n))
+    cols = torch.as_tensor(np.append(kept, n) if bias is not None else kept)
     g = stats.gram / max(stats.count, 1)
     removed = torch.as_tensor(np.setdiff1d(np.arange(n), kept))
     prior = aug[:, cols].clone()
-    prior[:, -1] += weight[:, removed] @ g[removed, n]  # g[:, n] is the mean input
+    if bias is not None:
+        prior[:, -1] += weight[:, removed] @ g[removed, n]  # g[:, n] is the mean input
     g_kk = g[cols][:, cols]
     lam = ridge * float(torch.diagonal(g_kk).mean())
     reg = g_kk + lam * torch.eye(len(cols), dtype=g.dtype)
     rhs = aug @ g[:, cols] + lam * prior  # (out, |K| + 1)
     sol = torch.linalg.solve(reg, rhs.T).T  # reg is symmetric
+    if bias is None:
+        return sol, torch.zeros(sol.shape[0], dtype=sol.dtype)
     return sol[:, :-1], sol[:, -1]
 
 

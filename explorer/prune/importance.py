@@ -67,8 +67,12 @@ class Criterion:
     needs_data = False
     signed = False  # sum signed saliencies, then take |.| per index (first-order Taylor)
     removal_side = False
+    layerwise = False  # has a layer-by-layer form (`explorer.prune.sequential`)
+    general = True  # scores any model (``bn-scale`` needs BatchNorm layers)
 
     def __init__(self) -> None:
+        # told how far `prepare`'s passes over the calibration batches are (a page's bar)
+        self.progress: Callable[[float, str], None] | None = None
         self.saliency: dict[str, torch.Tensor] = {}
         self._reduced: dict[tuple[str, int], np.ndarray] = {}
         self._consumers: set[tuple[str, int]] = set()
@@ -109,15 +113,37 @@ class Criterion:
         return np.abs(summed) if self.signed else summed
 
 
-CRITERIA: dict[str, type[Criterion]] = {}
+CRITERIA: dict[str, type[Criterion]] = {}  # every name, aliases included, in registration order
+_PRIMARY: list[str] = []  # the first name each criterion was registered under
 
 
 def register(*names: str) -> Callable[[type[Criterion]], type[Criterion]]:
     def deco(cls: type[Criterion]) -> type[Criterion]:
+        _PRIMARY.append(names[0])
         for n in names:
             CRITERIA[n] = cls
         return cls
     return deco
+
+
+def criterion_names(*, aliases: bool = True, layerwise: bool = False, general: bool = False
+                    ) -> tuple[str, ...]:
+    """Registered criterion names, in registration order: the one list every caller reads.
+
+    Args:
+        aliases: also the other names of a criterion (``l2`` beside ``magnitude``).
+        layerwise: only criteria with a layer-by-layer form (`explorer.prune.sequential`).
+        general: only criteria that score any model (the teaching path's choice).
+    """
+    return tuple(n for n, cls in CRITERIA.items()
+                 if (aliases or n in _PRIMARY) and (cls.layerwise or not layerwise)
+                 and (cls.general or not general))
+
+
+def lowest(scores: np.ndarray, n: int) -> list[int]:
+    """The ``n`` indices with the lowest scores, ascending (ties: lower index first): the
+    one ranking every proposal, step, sensitivity trial and chart of a cut reads."""
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:n])
 
 
 def aggregate(coupling: Coupling, group: Group, element: Element,
@@ -222,7 +248,15 @@ class Magnitude(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         self._weights = _weights(model)  # saliency computed per parameter when asked
-        self._reduced = {}
+        # a cut replaces the tensors it changes: the sums of every other one still hold, so
+        # preparing again after a cut scores only the layers it changed
+        params = dict(model.named_parameters(remove_duplicate=False))
+        before = getattr(self, "_sources", {})
+        same = {n for n, (p, version) in before.items()
+                if n in params and params[n] is p and p._version == version}
+        self._reduced = {key: v for key, v in self._reduced.items() if key[0] in same}
+        self._sources: dict[str, tuple[nn.Parameter, int]] = {
+            n: (p, p._version) for n, p in params.items()}
 
     def tensor(self, name: str) -> torch.Tensor | None:
         w = self._weights.get(name)
@@ -236,20 +270,11 @@ class L1(Magnitude):
     power = 1.0
 
 
-@register("random")
-class Random(Criterion):
-    """Uniform random scores, seeded by group id (and `seed`): the baseline to beat."""
-
-    seed = 0  # set on an instance to draw another baseline
-
-    def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
-        rng = np.random.default_rng(group.id if self.seed == 0 else (self.seed, group.id))
-        return [rng.random(a.size) for a in group.axes]
-
-
 @register("bn-scale")
 class BNScale(Criterion):
     """|gamma| of BatchNorm members (zero for groups without one)."""
+
+    general = False
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         self.saliency, self._reduced = {}, {}
@@ -443,6 +468,7 @@ class _FirstOrder(Criterion):
 
     needs_data = True
     removal_side = True
+    layerwise = True
     per_sample: dict[tuple[str, int], np.ndarray]
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
@@ -458,38 +484,16 @@ class _FirstOrder(Criterion):
         return None if terms is None else terms.astype(np.float64)  # exact from float32
 
 
-@register("taylor")
-class Taylor(_FirstOrder):
-    """First-order Taylor: sum over samples of |sum over consumer columns of w * dL_s/dw|."""
-
-    def finish(self, summed: np.ndarray) -> np.ndarray:
-        out: np.ndarray = np.abs(summed).sum(axis=-1)
-        return out
-
-
-@register("fisher", "obd", "hessian")
-class Fisher(_FirstOrder):
-    """Group Fisher: 0.5 * sum over samples of (sum over consumer columns of w * dL_s/dw)^2."""
-
-    def loss_for(self, model: nn.Module, calib: Calibration) -> Calibration:
-        if calib.loss == "auto" and not model_loss_applies(model, calib.batches[0]):
-            return replace(calib, loss="output-probe")  # the curvature of the output itself
-        return calib
-
-    def finish(self, summed: np.ndarray) -> np.ndarray:
-        out: np.ndarray = 0.5 * np.square(summed).sum(axis=-1)
-        return out
-
-
 @register("activation", "wanda")
 class Activation(Criterion):
     """Structured Wanda: ||X_j|| * ||W[:, j]|| over the consumers of every channel."""
 
     needs_data = True
     removal_side = True
+    layerwise = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        norms = activation_norms(model, _need(calib))
+        norms = activation_norms(model, _need(calib), self.progress)
         self.saliency, self._reduced, self._consumers = {}, {}, set()
         self.add_statistics(dict(model.named_modules()), norms)
 
@@ -524,6 +528,40 @@ class Activation(Criterion):
         return self._reduced.get((name, dim))
 
 
+@register("taylor")
+class Taylor(_FirstOrder):
+    """First-order Taylor: sum over samples of |sum over consumer columns of w * dL_s/dw|."""
+
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.abs(summed).sum(axis=-1)
+        return out
+
+
+@register("fisher", "obd", "hessian")
+class Fisher(_FirstOrder):
+    """Group Fisher: 0.5 * sum over samples of (sum over consumer columns of w * dL_s/dw)^2."""
+
+    def loss_for(self, model: nn.Module, calib: Calibration) -> Calibration:
+        if calib.loss == "auto" and not model_loss_applies(model, calib.batches[0]):
+            return replace(calib, loss="output-probe")  # the curvature of the output itself
+        return calib
+
+    def finish(self, summed: np.ndarray) -> np.ndarray:
+        out: np.ndarray = 0.5 * np.square(summed).sum(axis=-1)
+        return out
+
+
+@register("random")
+class Random(Criterion):
+    """Uniform random scores, seeded by group id (and `seed`): the baseline to beat."""
+
+    seed = 0  # set on an instance to draw another baseline
+
+    def scores(self, model: nn.Module, coupling: Coupling, group: Group) -> list[np.ndarray]:
+        rng = np.random.default_rng(group.id if self.seed == 0 else (self.seed, group.id))
+        return [rng.random(a.size) for a in group.axes]
+
+
 CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose inputs are recorded
 
 
@@ -550,22 +588,30 @@ def _act_hook(name: str, norms: dict[str, torch.Tensor],
     return hook
 
 
-def activation_norms(model: nn.Module, calib: Calibration) -> dict[str, torch.Tensor]:
+def activation_norms(model: nn.Module, calib: Calibration,
+                     progress: Callable[[float, str], None] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Layer -> sum of X_j^2 per input channel over the calibration batches (real tokens)."""
     norms: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor | None] = [None]
-    calibration_pass(model, calib, input_norm_hooks(model, norms, mask=current), current)
+    calibration_pass(model, calib, input_norm_hooks(model, norms, mask=current), current,
+                     progress)
     return norms
 
 
 def calibration_pass(model: nn.Module, calib: Calibration,
                      handles: list[torch.utils.hooks.RemovableHandle],
-                     current: list[torch.Tensor | None]) -> None:
+                     current: list[torch.Tensor | None],
+                     progress: Callable[[float, str], None] | None = None) -> None:
     """Run every calibration batch (no grad, eval, modes and buffers restored after), with
-    ``current[0]`` holding the batch's token mask for the hooks; ``handles`` are removed."""
+    ``current[0]`` holding the batch's token mask for the hooks; ``handles`` are removed.
+    ``progress`` is told the fraction done before each batch."""
     try:
         with torch.no_grad(), calibrating(model):
-            for batch in calib.batches:
+            for i, batch in enumerate(calib.batches):
+                if progress is not None:
+                    progress(i / len(calib.batches), f"calibration batch {i + 1} of "
+                                                     f"{len(calib.batches)}")
                 current[0] = calib.token_mask(batch)
                 model(*batch, **calib.kwargs)
     finally:

@@ -1,7 +1,8 @@
 """A proposal: what the pruner suggests removing from one group (or a joint set of groups).
 
-The one `Proposal` of the package: `Pruner.proposals()` yields them bound to the pruner
-(`accept` / `reject` act on it directly), and the app's session lists and decides them.
+The one `Proposal` of the package, immutable: `Pruner.proposals()` yields them bound to the
+pruner, and every accept goes through it (`Pruner.accept`; `accept` / `reject` here are
+shorthands). Whether one is decided lives in the pruner's `decisions`, not on the proposal.
 A *joint* proposal carries ``partners``: groups that are unsafe to cut alone but safe when
 cut together by the same fraction (see `explorer.prune.joint`).
 """
@@ -9,27 +10,35 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..coupling.groups import Group, GroupKey
+from .decisions import Decisions
+from .importance import lowest
 from .joint import merge
 from .preflight import Verdict
+from .records import GroupChange
 from .removal import Applied, Removal
-
-if TYPE_CHECKING:
-    from .pruner import GroupChange, Pruner
 
 Counts = Mapping[int, int]  # axis index -> how many indices to remove
 
 
-def lowest(scores: np.ndarray, n: int) -> list[int]:
-    """The ``n`` indices with the lowest scores, ascending (ties: lower index first)."""
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:n])
+class Decider(Protocol):
+    """What a proposal needs of the pruner that made it (`Pruner` is one): its decisions,
+    and the one accept / reject path. A protocol, so this module never imports the pruner."""
+
+    @property
+    def decisions(self) -> Decisions: ...
+
+    def accept(self, proposal: Proposal, indices: dict[int, list[int]] | list[int] | None = None,
+               count: int | Counts | None = None) -> Verdict: ...
+
+    def reject(self, proposal: Proposal) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Proposal:
     """The pruner's suggestion for one group at this step.
 
@@ -41,6 +50,7 @@ class Proposal:
         partners: other groups' proposals to cut together with this one (a joint proposal).
         reason: why the partners must be cut together (the model line and its code).
         pruner: the pruner that made it, when `accept`/`reject` should act on it.
+        version: the model state it was made for (`explorer.prune.history.History.version`).
     """
 
     group: Group
@@ -49,10 +59,8 @@ class Proposal:
     scores: dict[int, np.ndarray]
     partners: list[Proposal] = field(default_factory=list)
     reason: str = ""
-    pruner: Pruner | None = field(default=None, repr=False, compare=False)
-    decided: bool = False
-    applied: Applied | None = None
-    verdict: Verdict | None = field(default=None, repr=False)
+    pruner: Decider | None = field(default=None, repr=False, compare=False)
+    version: int = field(default=0, compare=False)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -126,34 +134,59 @@ class Proposal:
         return {a: min(int(round(c.width_before * fraction)), c.width_before - 1)
                 for a, c in zip(self.axes, self.changes, strict=True)}
 
-    # ------------------------------------------------------------------ deciding (bound)
-    def accept(self, indices: dict[int, list[int]] | list[int] | None = None,
-               count: int | Counts | None = None) -> Verdict:
-        """Apply as proposed, with other indices, or with other counts (lowest scores).
+    def chosen(self, indices: dict[int, list[int]] | list[int] | None = None,
+               count: int | Counts | None = None) -> Removal:
+        """The removal of an accept: as proposed, with other ``indices`` (a list: of the
+        primary axis), or with other counts (`removal`)."""
+        if isinstance(indices, list):
+            indices = {self.axes[0]: indices}
+        if not isinstance(indices, dict):
+            return self.removal(count)
+        out = Removal()
+        for axis, idx in indices.items():
+            out.add(self.group.id, axis, sorted(int(i) for i in idx))
+        return out
 
-        Needs a bound pruner. Returns the pre-flight verdict; when it is not ok nothing
-        is changed.
-        """
+    def lines(self, removal: Removal, count: int | Counts | None,
+              attributes: dict[str, dict[str, list[object]]]) -> list[dict[str, Any]]:
+        """What accepting it with ``removal`` did, one JSON-ready line per group it covers
+        (for a session's report)."""
+        return [{"group": q.group.title, "key": list(q.key),
+                 "axes": [{"role": q.group.axes[a].role, "size": q.group.axes[a].size,
+                           "removed": removal.picks.get((q.group.id, a), [])} for a in q.axes],
+                 "count": count if not isinstance(count, dict) else
+                 {str(k): v for k, v in count.items()},
+                 "attributes": attributes}
+                for q in [self, *self.partners]]
+
+    # ------------------------------------------------------------------ deciding (bound)
+    def _bound(self) -> Decider:
         if self.pruner is None:
             raise RuntimeError("this proposal is not bound to a pruner; accept it through "
                                "the session or build it with Pruner.proposals()")
-        if self.decided:
-            raise RuntimeError("this proposal was already accepted or rejected")
-        if isinstance(indices, list):
-            indices = {self.axes[0]: indices}
-        if isinstance(indices, dict):
-            removal = Removal()
-            for axis, idx in indices.items():
-                removal.add(self.group.id, axis, sorted(int(i) for i in idx))
-        else:
-            removal = self.removal(count)
-        verdict = self.pruner.preflight().check(removal)
-        self.verdict = verdict
-        if verdict.ok:
-            self.applied = self.pruner.apply(removal)
-            self.decided = True
-        return verdict
+        return self.pruner
+
+    @property
+    def decided(self) -> bool:
+        """Whether it was accepted or rejected (at the model state it was made for)."""
+        return self.pruner is not None and \
+            self.pruner.decisions.of(self.version, self.key) is not None
+
+    @property
+    def applied(self) -> Applied | None:
+        """What accepting it changed, once accepted (and not undone)."""
+        if self.pruner is None:
+            return None
+        edit = self.pruner.decisions.accepted_by(self.version, self.key)
+        return None if edit is None else edit.applied
+
+    def accept(self, indices: dict[int, list[int]] | list[int] | None = None,
+               count: int | Counts | None = None) -> Verdict:
+        """Apply as proposed, with other indices, or with other counts (lowest scores):
+        `Pruner.accept`. Returns the pre-flight verdict; when it is not ok nothing is
+        changed."""
+        return self._bound().accept(self, indices, count)
 
     def reject(self) -> None:
-        """Leave the group as it is."""
-        self.decided = True
+        """Leave the group as it is (`Pruner.reject`)."""
+        self._bound().reject(self)

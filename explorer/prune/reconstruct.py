@@ -347,48 +347,93 @@ def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
     held-out split."""
     module = model.get_submodule(c.module)
     assert isinstance(module, nn.Linear)
-    n = module.in_features
     cols = torch.as_tensor(c.kept)
-    gram, cross = _moments(xp[0], xo[0][c.module] if "original" in streams else None, cols)
-    w = module.weight.detach().double()
-    b = module.bias.detach().double() if module.bias is not None else \
-        torch.zeros(w.shape[0], dtype=torch.float64)
-    full = torch.cat([w, b.unsqueeze(1)], dim=1)  # (out, n + 1)
-    kept = torch.as_tensor(np.append(c.kept, n))
-    removed = torch.as_tensor(np.setdiff1d(np.arange(n), c.kept))
-    count = max(float(gram[n, -1]), 1.0)
-    plain = full[:, kept].clone()
-    prior = plain.clone()
-    prior[:, -1] += w[:, removed] @ (gram[removed, -1] / count)  # FLAP: the mean dropped
-    cands: dict[str, torch.Tensor] = {"plain": plain, "bias": prior}
-    g_kk = gram[kept]
-    scale = float(torch.diagonal(g_kk).mean())
-    rhs = {"local": full @ gram}
-    if cross is not None:
-        rhs["original"] = full @ cross
-    for r in ridges:
-        lam = r * scale
-        try:
-            chol = torch.linalg.cholesky(g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype))
-        except RuntimeError:  # not positive definite even with the ridge: skip this strength
-            continue
-        for s in streams:
-            cands[f"ridge {r:g} {s}"] = torch.cholesky_solve((rhs[s] + lam * prior).T, chol).T
+    gram, cross = moments(xp[0], xo[0][c.module] if "original" in streams else None, cols)
+    bias = module.bias.detach() if module.bias is not None else None
+    cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges)
     judge = 1 if len(xp) > 1 else 0
-    errors = _errors(cands, xp[judge], xo[judge][c.module], full, kept)
+    full = _augmented(module.weight.detach(), bias)
+    errors = heldout_errors(cands, xp[judge], xo[judge][c.module], full, c.kept)
     choice = min(errors, key=lambda k: (errors[k], k != "plain"))
     out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
     if choice != "plain":
         dtype = module.weight.dtype
         out.tensors[c.weight] = cands[choice][:, :-1].to(dtype)
-        out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
+        if module.bias is not None:  # a layer without a bias is refit without one
+            out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
 
 
-def _moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[W b]`` in float64 (a zero column for a layer without a bias)."""
+    w = weight.double()
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return torch.cat([w, b.unsqueeze(1)], dim=1)
+
+
+def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
+           gram: torch.Tensor, cross: torch.Tensor | None = None,
+           ridges: Sequence[float] = RIDGES) -> dict[str, torch.Tensor]:
+    """The candidate refits of one consumer ``y = W x + b`` from its input statistics.
+
+    The math of one layer only (no model, no hooks): `reconstruct` calls it block by
+    block, and a layer-by-layer path can call it on statistics it gathers itself.
+
+    Args:
+        weight: ``W`` (out, n), the unpruned layer's weight.
+        bias: ``b`` (out,), or None: the layer has no bias and is refit without one (every
+            candidate's bias column is zero), so the result fits the same architecture.
+        kept: the kept input indices ``K``.
+        gram: `moments` of the pruned-stream inputs: sums of ``[x; 1] [x_K; 1]^T``,
+            (n + 1, |K| + 1).
+        cross: the same with the original-stream inputs ``z`` as the left factor (the
+            ``original`` target), or None.
+        ridges: ridge strengths, relative to the mean energy of the kept inputs.
+
+    Returns:
+        Candidate ``[W' b']`` (out, |K| + 1), float64: ``plain`` (the cut), ``bias``
+        (FLAP's mean compensation; a layer without a bias has none), and ``ridge <lam>
+        <stream>`` for every strength and target whose system is positive definite.
+    """
+    n = weight.shape[1]
+    has_bias = bias is not None
+    full = _augmented(weight, bias)  # (out, n + 1)
+    kept_aug = torch.as_tensor(np.append(kept, n))
+    removed = torch.as_tensor(np.setdiff1d(np.arange(n), kept))
+    count = max(float(gram[n, -1]), 1.0)
+    plain = full[:, kept_aug].clone()
+    cands: dict[str, torch.Tensor] = {"plain": plain}
+    prior = plain.clone()
+    if has_bias:
+        prior[:, -1] += full[:, removed] @ (gram[removed, -1] / count)  # FLAP: the mean dropped
+        cands["bias"] = prior
+    # a layer without a bias solves for its kept columns only (the last row/column out)
+    size = len(kept_aug) if has_bias else len(kept_aug) - 1
+    g_kk = gram[kept_aug][:size, :size]
+    scale = float(torch.diagonal(g_kk).mean())
+    rhs = {"local": full @ gram[:, :size]}
+    if cross is not None:
+        rhs["original"] = full @ cross[:, :size]
+    eye = torch.eye(size, dtype=g_kk.dtype)
+    for r in ridges:
+        lam = r * scale
+        try:
+            chol = torch.linalg.cholesky(g_kk + lam * eye)
+        except RuntimeError:  # not positive definite even with the ridge: skip this strength
+            continue
+        for s, right in rhs.items():
+            sol = torch.cholesky_solve((right + lam * prior[:, :size]).T, chol).T
+            if not has_bias:
+                sol = torch.cat([sol, torch.zeros(sol.shape[0], 1, dtype=sol.dtype)], dim=1)
+            cands[f"ridge {r:g} {s}"] = sol
+    return cands
+
+
+def moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Second moments of ``[x; 1]`` against the kept inputs ``[x[cols]; 1]``: the columns of
     the (n+1)^2 moment matrices a refit reads, (n+1, |cols|+1) each, for the pruned-stream
-    inputs ``xp`` and (``cross``) the original-stream inputs ``xo`` against them."""
+    inputs ``xp`` and (``cross``) the original-stream inputs ``xo`` against them (per batch,
+    (tokens, n) each). Sums, not means: add the moments of more batches to them."""
     n = xp[0].shape[1]
     gram = torch.zeros(n + 1, len(cols) + 1, dtype=torch.float64)
     cross = None if xo is None else torch.zeros_like(gram)
@@ -405,16 +450,19 @@ def _moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.
     return gram, cross
 
 
-def _errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor], xo: list[torch.Tensor],
-            full: torch.Tensor, kept: torch.Tensor) -> dict[str, float]:
-    """Relative squared error of each candidate's output against the original output."""
+def heldout_errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor],
+                   xo: list[torch.Tensor], full: torch.Tensor, kept: np.ndarray
+                   ) -> dict[str, float]:
+    """Relative squared error of each candidate's output on inputs ``xp`` (pruned stream)
+    against the original layer ``full = [W b]`` on ``xo`` (original stream), per batch."""
+    cols = torch.as_tensor(np.append(kept, full.shape[1] - 1))
     num = dict.fromkeys(cands, 0.0)
     den = 0.0
     small = {k: a.float() for k, a in cands.items()}
     for p, o in zip(xp, xo, strict=True):
         target = _aug(o) @ full.float().T
         den += float((target ** 2).sum())
-        pk = _aug(p)[:, kept]
+        pk = _aug(p)[:, cols]
         for k, a in small.items():
             num[k] += float(((pk @ a.T - target) ** 2).sum())
     return {k: v / max(den, 1e-30) for k, v in num.items()}

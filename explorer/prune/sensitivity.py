@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +18,7 @@ from ..graph.metrics import count_params
 from ..graph.rng import kept_rng
 from ..graph.walk import flat_floats, tensor_leaves
 from .calibration import Calibration, compute_loss
-from .proposal import lowest
+from .importance import lowest
 from .pruner import Pruner
 from .removal import Removal, apply_removal, undo
 
@@ -146,8 +145,7 @@ class Allocation:
         out = Removal()
         for s in self.shares:
             if s.removed:
-                idx = np.argsort(scores[(s.group, s.axis)], kind="stable")[:s.removed]
-                out.add(s.group, s.axis, sorted(int(i) for i in idx))
+                out.add(s.group, s.axis, lowest(scores[(s.group, s.axis)], s.removed))
         return out
 
 
@@ -201,8 +199,12 @@ def allocate(pruner: Pruner, target_params: float, calibration: Calibration,
 
 def _levels(pruner: Pruner, ratios: list[float], calibration: Calibration,
             base: torch.Tensor) -> dict[tuple[int, int], list[Share]]:
-    """(group, axis) -> [no cut, cut at each ratio], each measured alone."""
-    model = pruner.model
+    """(group, axis) -> [no cut, cut at each ratio], each measured alone by `_trial` (the
+    one trial-and-undo of the module); a cut that breaks the forward removes nothing."""
+    def measure(model: nn.Module) -> float:
+        return float((_calibration_outputs(model, calibration) - base).norm()
+                     / (base.norm() + 1e-12))
+
     cands, _ = pruner.candidates()
     out: dict[tuple[int, int], list[Share]] = {}
     for c in cands:
@@ -213,20 +215,9 @@ def _levels(pruner: Pruner, ratios: list[float], calibration: Calibration,
             n = min(int(round(size * r)), size - 1)
             if n <= steps[-1].removed:
                 continue
-            removal = Removal()
-            removal.add(c.group.id, c.axis, sorted(int(i) for i in
-                                                   np.argsort(c.scores, kind="stable")[:n]))
-            before = sum(p.numel() for p in model.parameters())
-            applied = apply_removal(model, pruner.coupling, removal)
-            try:
-                after = sum(p.numel() for p in model.parameters())
-                out_now = _calibration_outputs(model, calibration)
-                change = float((out_now - base).norm() / (base.norm() + 1e-12))
-            except Exception:  # noqa: BLE001 - a cut that breaks the forward is never chosen
-                change, after = float("inf"), before
-            finally:
-                undo(model, applied)
-            steps.append(Share(c.group.id, c.axis, title, n / size, n, before - after, change))
+            row = _trial(pruner, c.group, c.axis, lowest(c.scores, n), r, measure)
+            steps.append(Share(c.group.id, c.axis, title, n / size, n,
+                               0 if row.error else row.params_removed, row.output_change))
         out[(c.group.id, c.axis)] = steps
     return out
 

@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..coupling.groups import Group
+from ..coupling.heads import query_kv_heads
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
-from .pruner import GroupChange, Pruner
+from .pruner import Pruner
+from .records import GroupChange
 from .removal import Removal
 
 TOLERANCE = 0.005  # a removed fraction this close to the ratio asked is not called rounded
@@ -174,31 +176,18 @@ def _width_words(w: Width, gqa: bool) -> str:
 
 def _head_counts(pruner: Pruner, groups: list[Group], part: Removal) -> dict[str, int] | None:
     """Query and key/value heads before and after ``part``, summed over every layer."""
-    out = {"query_before": 0, "query_after": 0, "kv_before": 0, "kv_after": 0}
-    found = False
-    for g in groups:
-        cut = {a: len(idx) for (gid, a), idx in part.picks.items() if gid == g.id}
-        repeat = {a.family: i for i, a in enumerate(g.axes) if a.role is AxisRole.HEAD_REPEAT}
-        families = [f for _m, f in pruner.coupling.members_of(g)]
-        for i, ax in enumerate(g.axes):
-            if ax.role is not AxisRole.HEADS:
-                continue
-            found = True
-            r = next((repeat[f] for fams in families if ax.family in fams for f in fams
-                      if f in repeat), None)
-            per_b = g.axes[r].size if r is not None else 1
-            per_a = per_b - cut.get(r, 0) if r is not None else 1
-            kv_b, kv_a = ax.size, ax.size - cut.get(i, 0)
-            out["kv_before"] += kv_b
-            out["kv_after"] += kv_a
-            out["query_before"] += kv_b * per_b
-            out["query_after"] += kv_a * per_a
-    return out if found else None
+    found = [got for g in groups if (got := query_kv_heads(
+        pruner.coupling, g, {a: len(idx) for (gid, a), idx in part.picks.items()
+                             if gid == g.id})) is not None]
+    if not found:
+        return None
+    q_b, q_a, kv_b, kv_a = (sum(col) for col in zip(*found, strict=True))
+    return {"query_before": q_b, "query_after": q_a, "kv_before": kv_b, "kv_after": kv_a}
 
 
 def _fraction(changes: list[GroupChange], heads: dict[str, int] | None) -> float | None:
     """The fraction removed: of the heads when whole heads go, else of the widths cut."""
-    whole = {str(AxisRole.HEADS), str(AxisRole.HEAD_REPEAT)}
+    whole = {AxisRole.HEADS, AxisRole.HEAD_REPEAT}
     if heads and any(c.axis in whole for c in changes) and heads["query_before"]:
         return 1 - heads["query_after"] / heads["query_before"]
     before = sum(c.width_before for c in changes)
@@ -221,12 +210,12 @@ def _rounding(pruner: Pruner, target: Target, ratio: float, loss: TargetLoss,
     if abs(got - ratio) <= TOLERANCE:
         return ""
     smallest = min(c.width_before for c in changes)
-    if target is Target.HEADS and any(c.axis in (str(AxisRole.HEADS),
-                                                 str(AxisRole.HEAD_REPEAT)) for c in changes):
-        unit = ("key/value groups" if any(c.axis == str(AxisRole.HEADS) for c in changes)
+    if target is Target.HEADS and any(c.axis in (AxisRole.HEADS, AxisRole.HEAD_REPEAT)
+                                        for c in changes):
+        unit = ("key/value groups" if any(c.axis is AxisRole.HEADS for c in changes)
                 and loss.heads and loss.heads["kv_before"] != loss.heads["query_before"]
                 else "query heads per key/value group" if any(
-                    c.axis == str(AxisRole.HEAD_REPEAT) for c in changes) else "heads")
+                    c.axis is AxisRole.HEAD_REPEAT for c in changes) else "heads")
         why = (f"heads go whole, {smallest} {unit} a layer, so the fraction moves in steps "
                f"of 1/{smallest}")
     else:

@@ -18,6 +18,18 @@ class Task(enum.Enum):
     OTHER = "other"  # any output: cosine similarity
 
 
+class ModelKind(str, enum.Enum):
+    """What a model's example inputs are: decides how an input shape is read and resized."""
+
+    VISION = "vision"  # images: (batch, channels, height, width)
+    LM = "lm"  # token ids of a causal language model: (batch, tokens)
+    ENCODER = "encoder"  # token ids of an encoder: (batch, tokens)
+    OTHER = "other"  # anything else (plain feature vectors, a user's own inputs)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Metric(enum.Enum):
     """A quality measure of a pruned model against the original on held-out data."""
 

@@ -11,6 +11,8 @@ import plotly.graph_objects as go
 
 from ..coupling.groups import Group
 from ..coupling.heads import AttentionInfo
+from ..quality.evaluate import Quality
+from ..quality.task import Metric
 
 _KEPT, _REMOVED = "#4C78A8", "#E45756"
 
@@ -156,3 +158,11 @@ def compact(n: int) -> str:
             value = n / scale
             return f"{sign}{value:.3g} {unit}" if value < 100 else f"{sign}{value:.0f} {unit}"
     return f"{sign}{n:,}"
+
+
+def quality_text(quality: Quality) -> tuple[str, str]:
+    """A metric label and value for the pages, e.g. ``("cosine to original", "0.9734")``."""
+    if quality.metric is Metric.PERPLEXITY:
+        return "perplexity", f"{quality.after:.3f}"
+    label = {Metric.COSINE: "cosine to original", Metric.TOP1: "top-1 agreement"}[quality.metric]
+    return label, f"{quality.after:.4f}"

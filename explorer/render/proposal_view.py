@@ -1,4 +1,9 @@
-"""View models of one proposal for the Groups page: a layer x part table and one chart.
+"""The Groups page as plain data: the words, rows and charts of one proposal.
+
+The page (`pages/3_groups.py`) only draws what this module builds: labels of the count
+inputs, the pre-flight verdict, the cost of accepting, the metric cards, the pending table,
+the layer table and the score charts. Streamlit-free, so the wording is tested without a
+browser.
 
 A group whose axes repeat per layer (an attention group tied across layers by a shared
 rotary width has a heads axis and a dims axis per layer) is shown as one row per axis,
@@ -10,31 +15,39 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..coupling.analyze import Coupling
-from ..coupling.groups import GroupKey
+from ..coupling.groups import Group, GroupKey
 from ..coupling.places import axis_layers
+from ..coupling.vocab import AxisRole
+from ..graph.metrics import count_macs
+from ..prune.importance import lowest
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from ..prune.joint import Solution
+    from ..prune.preflight import Verdict
     from ..prune.proposal import Proposal
+    from ..prune.records import GroupChange
+    from ..prune.statement import Statement
+    from ..quality.evaluate import Quality
 
 MANY_AXES = 4  # more axes than this: the proposal is shown as a layer table
-_ROLE_WORDS = {"channels": "channels", "heads": "heads", "kv-heads": "key/value heads",
-               "head-repeat": "query heads per key/value head", "head-dim": "dims per head",
-               "groups": "groups"}
+MAX_CHANGES_SHOWN = 3  # changes listed per proposal in the pending table
+_ROLE_WORDS = {AxisRole.CHANNELS: "channels", AxisRole.HEADS: "heads",
+               AxisRole.HEAD_REPEAT: "query heads per key/value head",
+               AxisRole.HEAD_DIM: "dims per head", AxisRole.GROUPS: "groups"}
 
 
-def part_label(role: str, size: int) -> str:
+def part_label(role: AxisRole, size: int) -> str:
     """A reader's word for an axis role (``q/k/v`` for the fixed axis of width 3)."""
-    if role == "fixed":
+    if role is AxisRole.FIXED:
         return "q/k/v" if size == 3 else "fixed"
-    return _ROLE_WORDS.get(role, role)
+    return _ROLE_WORDS[role]
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,146 @@ def layered(proposal: Proposal) -> bool:
 
 def removed_for(proposal: Proposal, counts: Mapping[int, int]) -> dict[int, list[int]]:
     """Axis -> the indices ``counts`` removes (lowest scores first)."""
-    from ..prune.proposal import lowest
     return {a: lowest(proposal.scores[a], int(counts.get(a, 0))) for a in proposal.axes}
+
+
+def statement_lines(said: Statement) -> list[str]:
+    """The statement of what the settings cut, as Markdown list items (one per target)."""
+    return [f"- **{loss.target}**: {loss.details()}" for loss in said.losses]
+
+
+def pending_rows(pending: Sequence[Proposal]) -> list[dict[str, str]]:
+    """One row per pending proposal: its group and the widths it would change."""
+    return [{"group": q.group.title,
+             "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
+                                 f"{ch.width_before}→{ch.width_after}"
+                                 for ch in q.changes[:MAX_CHANGES_SHOWN])
+             + (f" (+{len(q.changes) - MAX_CHANGES_SHOWN} layers)"
+                if len(q.changes) > MAX_CHANGES_SHOWN else "")}
+            for q in pending]
+
+
+def short_reason(joint: Proposal) -> str:
+    """The joint proposal's reason with every location shortened to ``file:line``."""
+    text = joint.reason
+    for word in text.split("`"):
+        if ":" in word and "/" in word:
+            text = text.replace(word, short_location(word))
+    return text
+
+
+def head_structure(group: Group) -> str:
+    """``6 heads × 16 dims, 2 key/value heads`` ("" for a group without heads)."""
+    h = group.heads
+    if h is None:
+        return ""
+    return f"{h.num_heads} heads × {h.head_dim} dims" + (f", {h.kv_heads} key/value heads"
+                                                        if h.kv_heads else "")
+
+
+def edited(proposal: Proposal, counts: Mapping[int, int]) -> Mapping[int, int] | None:
+    """The counts on screen when they differ from the proposal's, else None (as proposed)."""
+    return counts if dict(counts) != proposal.counts() else None
+
+
+def layer_table(rows: Sequence[AxisRow]) -> list[dict[str, Any]]:
+    """The editable layer table of a proposal spanning layers (one row per axis)."""
+    return [{"layer": r.layer, "part": r.part, "width": r.width, "remove": r.remove}
+            for r in rows]
+
+
+def table_counts(rows: Sequence[AxisRow], table: Sequence[Mapping[str, Any]]
+                 ) -> dict[int, int]:
+    """Axis index -> the count in the (edited) ``table`` made by `layer_table` from ``rows``."""
+    return {r.axis: int(e["remove"]) for r, e in zip(rows, table, strict=True)}
+
+
+def verdict_text(verdict: Verdict) -> str:
+    """The pre-flight verdict in one line: the output shapes, or where the forward breaks."""
+    if verdict.ok:
+        return f"Pre-flight: the pruned copy runs, output shapes {verdict.output_shapes}"
+    where = short_location(verdict.location) if verdict.location else "the model"
+    return (f"Pre-flight: accepting this alone breaks the forward at {where} "
+            f"({verdict.module or 'the model'}): {verdict.error}")
+
+
+def after_accept(verdict: Verdict | None, macs_now: int) -> tuple[int, int] | None:
+    """(parameters after Accept, change in MACs) from a passing pre-flight, else None."""
+    if verdict is None or not verdict.ok or verdict.graph is None:
+        return None
+    return verdict.params, count_macs(verdict.graph) - macs_now
+
+
+def cost_text(now: Quality, after: Quality, source: str) -> str:
+    """What accepting costs in quality, e.g. ``cosine to original 0.99 → 0.97 (...)``."""
+    from .figures import quality_text
+    label, before = quality_text(now)
+    return (f"Accepting it: {label} {before} → {quality_text(after)[1]} "
+            f"(measured on a copy with weights, {source})")
+
+
+def count_label(change: GroupChange) -> str:
+    """The label of one axis' count input, e.g. ``Remove from heads (12 wide)``."""
+    return f"Remove from {part_label(change.axis, change.width_before)} " \
+           f"({change.width_before} wide)"
+
+
+def layer_caption(rows: Sequence[AxisRow]) -> str:
+    """The caption above the editable layer table."""
+    return (f"{len(rows)} layer rows: edit **remove** per layer (0 keeps that layer as it "
+            f"is); Accept uses the counts in this table.")
+
+
+def joint_text(joint: Proposal) -> str:
+    """The joint (or outer-axis) proposal offered beside an unsafe one, in one line."""
+    kind = "Joint proposal" if joint.joint else "Outer-axis proposal"
+    return f"{kind}: {short_reason(joint)}"
+
+
+def chart_words(change: GroupChange, criterion: str) -> tuple[str, str]:
+    """(title, unit) of one axis' importance chart."""
+    return (f"{criterion} importance of the {part_label(change.axis, change.width_before)}",
+            "head" if change.axis is AxisRole.HEADS else "channel")
+
+
+@dataclass(frozen=True)
+class Card:
+    """One metric card of the Groups page (label, value, delta and hover text)."""
+
+    label: str
+    value: str | int
+    delta: str | None = None
+    help: str | None = None
+    inverse: bool = False  # a fall is good (sizes)
+
+
+def metric_cards(params: tuple[int, int], macs: tuple[int, int], pending: int,
+                 verdict: Verdict | None, quality: Quality | None, source: str
+                 ) -> list[Card | None]:
+    """The five metric cards: parameters and MACs (now, start), pending groups, what Accept
+    leaves (None without a passing pre-flight) and the quality (None when not measured)."""
+    from .figures import compact, quality_text
+
+    (p_now, p_start), (m_now, m_start) = params, macs
+    after = after_accept(verdict, m_now)
+    return [
+        Card("parameters", compact(p_now), compact(p_now - p_start),
+             f"{p_now:,} (start {p_start:,})", True),
+        Card("MACs", compact(m_now), compact(m_now - m_start), f"{m_now:,} (start {m_start:,})",
+             True),
+        Card("pending groups", pending),
+        None if after is None else Card("params after Accept", compact(after[0]),
+                                        f"{compact(after[1])} MACs", f"{after[0]:,} parameters",
+                                        True),
+        None if quality is None else Card(*quality_text(quality),
+                                          help=f"against the original, on {source}"),
+    ]
+
+
+def member_table(group: Group) -> list[dict[str, Any]]:
+    """The group's members, one row each (`explorer.render.figures.member_rows`)."""
+    from .figures import member_rows
+    return [dict(r) for r in member_rows(group)]
 
 
 def axis_figure(scores: np.ndarray, removed: Sequence[int], title: str, unit: str) -> go.Figure:

@@ -25,15 +25,16 @@ Depth sets what is expanded at first, not what exists: every module and op is in
 from __future__ import annotations
 
 import enum
-import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..api import ModelGraph
+from ..coupling.groups import Group, common_prefix
 from ..coupling.vocab import AxisRole
 from ..graph.ir import Graph, OpNode, ValueKind
+from .folds import Folds, ancestors_and_self, fold_blocks, within
 
 _OP_WORDS = {
     "view": "reshape", "_unsafe_view": "reshape", "reshape": "reshape", "addmm": "linear",
@@ -231,28 +232,7 @@ class _Builder:
         self.params = {v.name for v in self.g.values.values()
                        if v.name and v.kind is ValueKind.PARAM}
         groups = mg.groups()
-        self.param_groups: dict[str, set[int]] = {}
-        self.dim0_group: dict[str, int] = {}
-        for gr in groups:
-            for m in gr.members:
-                self.param_groups.setdefault(m.param, set()).add(gr.id)
-                if m.dim == 0:
-                    self.dim0_group.setdefault(m.param, gr.id)
-        self.home: dict[int, str] = {}  # group -> innermost module holding all its members
-        for gr in groups:
-            mods = [m.module for m in gr.members]
-            common = mods[0].split(".") if mods else []
-            for name in mods[1:]:
-                parts = name.split(".")
-                n = 0
-                while n < min(len(parts), len(common)) and parts[n] == common[n]:
-                    n += 1
-                common = common[:n]
-            self.home[gr.id] = ".".join(common)
-        self.fam_groups: dict[int, set[int]] = {}
-        for gr in groups:
-            for f in (a.family for a in gr.axes):
-                self.fam_groups.setdefault(f, set()).add(gr.id)
+        self.param_groups, self.dim0_group, self.home, self.fam_groups = _group_index(groups)
         self.group_modules: set[str] = set()
         self.pinned_fams: dict[int, str] = {}
         if group is not None:
@@ -267,7 +247,10 @@ class _Builder:
         hidden, op_params = _parameter_prep(g, self.op_inputs)
         shown = [op for op in g.ops if op.index not in hidden]
         modules = _modules_with_ops(shown)
-        opmap, instance_of, copies, ranges = self._folds(shown, modules)
+        folds = fold_blocks(g, shown, modules, self._marked, self.shapes) if self.fold \
+            else Folds()
+        opmap, instance_of, copies, ranges = folds.opmap, folds.instance_of, folds.copies, \
+            folds.ranges
         kept_ops = [op for op in shown if op.index not in opmap]
         op_groups: dict[int, set[int]] = {}
         for op in shown:
@@ -286,88 +269,8 @@ class _Builder:
                             copies, ranges)
         return ViewModel(nodes, edges, self.group, self.depth)
 
-    # -- folding --------------------------------------------------------------------------
-    def _folds(self, shown: list[OpNode], modules: list[str]
-               ) -> tuple[dict[int, int], dict[int, list[tuple[int, int]]], dict[str, int],
-                          dict[str, str]]:
-        """Op -> representative op, op -> [(run, instance)], rep module -> copies and range."""
-        opmap: dict[int, int] = {}
-        instance_of: dict[int, list[tuple[int, int]]] = {}
-        copies: dict[str, int] = {}
-        ranges: dict[str, str] = {}
-        if not self.fold:
-            return opmap, instance_of, copies, ranges
-        subtree_ops: dict[str, list[OpNode]] = {m: [] for m in modules}
-        for op in self.g.ops:
-            for m in _ancestors_and_self(op.module):
-                if m in subtree_ops:
-                    subtree_ops[m].append(op)
-        siblings: dict[str, list[tuple[int, str]]] = {}
-        for m in modules:
-            container, _, last = m.rpartition(".")
-            if last.isdigit():
-                siblings.setdefault(container, []).append((int(last), m))
-        removed: set[str] = set()
-        run_id = 0
-        for container in sorted(siblings, key=lambda c: (c.count("."), c)):
-            if any(_within(container, r) for r in removed):
-                continue
-            items = sorted(siblings[container])
-            for run in self._runs(items, subtree_ops):
-                rep = run[0]
-                rep_ops = subtree_ops[rep]
-                copies[rep] = len(run)
-                first, last = run[0].rpartition(".")[2], run[-1].rpartition(".")[2]
-                ranges[rep] = f"{container + '.' if container else ''}{first}-{last}"
-                for k, inst in enumerate(run):
-                    for op, rop in zip(subtree_ops[inst], rep_ops, strict=True):
-                        instance_of.setdefault(op.index, []).append((run_id, k))
-                        if k:
-                            opmap[op.index] = rop.index
-                    if k:
-                        removed.add(inst)
-                run_id += 1
-        for i in list(opmap):  # nested folds: follow the map to its end
-            j = opmap[i]
-            while j in opmap:
-                j = opmap[j]
-            opmap[i] = j
-        return opmap, instance_of, copies, ranges
-
-    def _runs(self, items: list[tuple[int, str]], subtree_ops: dict[str, list[OpNode]]
-              ) -> list[list[str]]:
-        """Maximal runs of consecutive, identical, equally marked siblings (2 or more)."""
-        sig = {m: self._signature(m, subtree_ops[m]) for _, m in items}
-        marked = {m: self._marked(m) for _, m in items}
-        if all(marked.values()):
-            marked = dict.fromkeys(marked, False)  # the same in every instance: keep the fold
-        runs: list[list[str]] = []
-        current: list[str] = []
-        prev_index = None
-        for index, m in items:
-            if current and prev_index == index - 1 and not marked[m] and \
-                    not marked[current[0]] and sig[m] == sig[current[0]]:
-                current.append(m)
-            else:
-                if len(current) > 1:
-                    runs.append(current)
-                current = [m]
-            prev_index = index
-        if len(current) > 1:
-            runs.append(current)
-        return runs
-
     def _marked(self, module: str) -> bool:
-        return any(_within(x, module) for x in self.group_modules | self.search)
-
-    def _signature(self, module: str, ops: list[OpNode]) -> tuple[Any, ...]:
-        g, n = self.g, len(module) + 1
-        subs = tuple((k[n:], c) for k, c in g.modules.items() if k.startswith(module + "."))
-        params = tuple((p[n:], self._shape(p)) for p, owner in g.param_owner.items()
-                       if _within(owner, module))
-        seq = tuple((op.name, op.module[n:], tuple(g.values[v].shape for v in op.outputs
-                                                    if v is not None)) for op in ops)
-        return g.modules.get(module, ""), subs, params, seq
+        return any(within(x, module) for x in self.group_modules | self.search)
 
     def _shape(self, name: str) -> tuple[int, ...]:
         return self.shapes.get(name, ())
@@ -434,7 +337,7 @@ class _Builder:
                ranges: dict[str, str]) -> list[ViewNode]:
         g = self.g
         alive = {op.module for op in kept_ops}
-        kept_modules = [m for m in modules if any(_within(a, m) for a in alive)]
+        kept_modules = [m for m in modules if any(within(a, m) for a in alive)]
         out_groups: dict[str, set[int]] = {}
         for e in edges:
             out_groups.setdefault(e.source, set()).update(e.group_ids)
@@ -449,7 +352,7 @@ class _Builder:
         box_chain: set[str] = set()
         box_first: dict[str, int | None] = {}
         for n in op_nodes:
-            for m in _ancestors_and_self(n.module):
+            for m in ancestors_and_self(n.module):
                 if m in box_groups:
                     box_groups[m] |= set(n.group_ids)
                     if n.chain:
@@ -458,12 +361,12 @@ class _Builder:
                         box_first[m] = n.primary_group
         first_op: dict[str, int] = {}
         for op in kept_ops:
-            for m in _ancestors_and_self(op.module):
+            for m in ancestors_and_self(op.module):
                 first_op.setdefault(m, op.index)
         order = sorted(kept_modules, key=lambda m: (first_op.get(m, 0), m.count(".")))
         local: dict[str, int] = {}  # box -> first group whose members all lie inside it
         for gid in sorted(self.home):
-            for m in _ancestors_and_self(self.home[gid]):
+            for m in ancestors_and_self(self.home[gid]):
                 local.setdefault(m, gid)
         self.open_chain = len([n for n in op_nodes if n.chain]) <= _MAX_CHAIN_OPENED
         boxes = {m: self._box(m, box_groups[m], m in box_chain,
@@ -543,28 +446,50 @@ class _Builder:
         if ins or outs:
             detail.append(" , ".join(str(list(g.values[v].shape)) for v in ins[:2]) + " -> "
                           + " , ".join(str(list(g.values[v].shape)) for v in outs[:2]))
-        detail += self._param_lines(m, copies)
+        detail += _param_lines(g, self.params, self.shapes, m, copies)
         depth = m.count(".") + 1
         expanded = depth < self.depth or (chain and self.open_chain)
         tgroup = tuple(sorted(gids))
         return ViewNode(f"m:{m}", label, f"m:{parent}" if parent else None, NodeKind.MODULE,
                         tgroup, m, tuple(detail), expanded, copies, primary, chain,
-                        found=any(_within(s, m) or _within(m, s) for s in self.search),
+                        found=any(within(s, m) or within(m, s) for s in self.search),
                         unsafe=self._unsafe_box(m))
 
-    def _param_lines(self, m: str, copies: int) -> list[str]:
-        names = [p for p, owner in self.g.param_owner.items() if _within(owner, m)
-                 and p in self.params]
-        if not names:
-            return []
-        if len(names) <= _MAX_PARAM_LINES:
-            lines = [f"{p[len(m) + 1:]} {list(self._shape(p))}" for p in names]
-        else:
-            total = sum(math.prod(self._shape(p)) for p in names)
-            lines = [f"{len(names)} parameters, {total:,} weights"]
-        if copies > 1:
-            lines[-1] += f" (each of {copies})"
-        return lines
+
+def _group_index(groups: list[Group]) -> tuple[dict[str, set[int]], dict[str, int],
+                                                dict[int, str], dict[int, set[int]]]:
+    """Parameter -> its groups, parameter -> the first group cutting its dim 0, group -> the
+    innermost module holding all its members, atom family -> its groups."""
+    param_groups: dict[str, set[int]] = {}
+    dim0_group: dict[str, int] = {}
+    for gr in groups:
+        for m in gr.members:
+            param_groups.setdefault(m.param, set()).add(gr.id)
+            if m.dim == 0:
+                dim0_group.setdefault(m.param, gr.id)
+    home = {gr.id: common_prefix([m.module for m in gr.members]) for gr in groups}
+    fam_groups: dict[int, set[int]] = {}
+    for gr in groups:
+        for f in (a.family for a in gr.axes):
+            fam_groups.setdefault(f, set()).add(gr.id)
+    return param_groups, dim0_group, home, fam_groups
+
+
+def _param_lines(g: Graph, params: set[str], shapes: Mapping[str, tuple[int, ...]], m: str,
+                 copies: int) -> list[str]:
+    """A box's parameters: each with its shape, or a count when there are many."""
+    names = [p for p, owner in g.param_owner.items() if within(owner, m)
+             and p in params]
+    if not names:
+        return []
+    if len(names) <= _MAX_PARAM_LINES:
+        lines = [f"{p[len(m) + 1:]} {list(shapes.get(p, ()))}" for p in names]
+    else:
+        total = sum(math.prod(shapes.get(p, ())) for p in names)
+        lines = [f"{len(names)} parameters, {total:,} weights"]
+    if copies > 1:
+        lines[-1] += f" (each of {copies})"
+    return lines
 
 
 def _parameter_prep(g: Graph, op_inputs: list[list[int]]
@@ -593,23 +518,9 @@ def _parameter_prep(g: Graph, op_inputs: list[list[int]]
 def _modules_with_ops(ops: list[OpNode]) -> list[str]:
     seen: dict[str, None] = {}
     for op in ops:
-        for m in _ancestors_and_self(op.module):
+        for m in ancestors_and_self(op.module):
             seen.setdefault(m, None)
     return list(seen)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ancestors_and_self(module: str) -> tuple[str, ...]:
-    """``"a.b.c"`` -> ``("a", "a.b", "a.b.c")`` (the root "" is not a box)."""
-    if not module:
-        return ()
-    parts = module.split(".")
-    return tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-
-
-def _within(name: str, module: str) -> bool:
-    """Whether ``name`` is ``module`` or inside it."""
-    return name == module or name.startswith(module + ".")
 
 
 def _op_args(op: OpNode) -> str:

@@ -5,6 +5,7 @@ give the same weights and the same accuracies.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,19 @@ from torch import nn
 
 from ..demos.dino import Attention, SafeAttention, VisionTransformer
 
-MODEL_KINDS = ("cnn", "vit", "vit-dino")
+
+class TeachModel(str, enum.Enum):
+    """The teaching path's models (str values: settings and cached results keep the text)."""
+
+    CNN = "cnn"  # `DigitsCNN`
+    VIT = "vit"  # a small ViT whose attention keeps its head size in ``self.head_dim``
+    VIT_DINO = "vit-dino"  # the same with DINO's attention (``C // num_heads``)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+MODEL_KINDS = tuple(m.value for m in TeachModel)
 NUM_CLASSES = 10
 
 
@@ -66,11 +79,12 @@ def build_model(kind: str, seed: int = 0) -> nn.Module:
     ``"vit-dino"`` (DINO's attention, head size recomputed as ``C // num_heads``)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind '{kind}'; choose one of {MODEL_KINDS}")
+    model = TeachModel(kind)
     with torch.random.fork_rng(devices=[]):  # seeded, the caller's random state kept
         torch.manual_seed(seed)
-        if kind == "cnn":
+        if model is TeachModel.CNN:
             return DigitsCNN()
-        attn: type[Attention] = SafeAttention if kind == "vit" else Attention
+        attn: type[Attention] = SafeAttention if model is TeachModel.VIT else Attention
         return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=NUM_CLASSES,
                                  embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0,
                                  attn_cls=attn)
@@ -78,7 +92,7 @@ def build_model(kind: str, seed: int = 0) -> nn.Module:
 
 def classifier_name(kind: str) -> str:
     """The module left unpruned: its outputs are the 10 classes."""
-    return "classifier" if kind == "cnn" else "head"
+    return "classifier" if kind == TeachModel.CNN else "head"
 
 
 def train(model: nn.Module, data: Digits, epochs: int, lr: float = 3e-3, batch_size: int = 64,

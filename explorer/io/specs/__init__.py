@@ -33,15 +33,18 @@ from pathlib import Path
 
 import torch
 
+from ...demos.hf_configs import HF_FAMILIES
 from ...graph.walk import to_device
 from ...prune.validate import nonfinite_text, nonfinite_weights
 from ...quality.task import Task, infer_task
 from ._factory import build_factory
 from ._files import check_folder as check_checkpoint_files
-from ._hf import HF_FAMILIES, build_hf
+from ._hf import build_hf
 from ._hf_folder import has_weights
 from ._inputs import check_input_shape, resized_inputs, seeded
 from ._inputs import parse_input_shape as parse_input_shape
+from ._offloaded import Offloaded as Offloaded
+from ._offloaded import load_offloaded as load_offloaded
 from ._query import parse_value as _parse_value  # noqa: F401  (tests import it from here)
 from ._query import split_query
 from ._sentence import SentenceFolder as SentenceFolder
@@ -49,11 +52,14 @@ from ._sentence import write_sentence_files as write_sentence_files
 from ._timm import build_timm
 from ._types import Built
 from ._types import LoadedModel as LoadedModel
+from ._types import ModelFamily as ModelFamily
 from ._types import SpecError as SpecError
 from ._weights import load_weights
 
 __all__ = [
     "LoadedModel",
+    "ModelFamily",
+    "Offloaded",
     "SentenceFolder",
     "SpecError",
     "check_checkpoint_files",
@@ -62,6 +68,7 @@ __all__ = [
     "is_code_spec",
     "list_demos",
     "load_model",
+    "load_offloaded",
     "parse_input_shape",
     "spec_paths",
     "write_sentence_files",
@@ -201,7 +208,7 @@ def _build_demo(name: str, device: str) -> Built:
         model, inputs = DEMOS[name]()
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
-    return Built(model, tuple(inputs), "demo", KIND[name], vocab_size=vocab)
+    return Built(model, tuple(inputs), ModelFamily.DEMO, KIND[name], vocab_size=vocab)
 
 
 def checkpoint_folder(spec: str) -> Path | None:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._types import Built, SpecError
+from ...quality.task import ModelKind
+from ._types import Built, ModelFamily, SpecError
 
 
 def build_factory(path: Path, attr: str, device: str) -> Built:
@@ -41,7 +42,7 @@ def build_factory(path: Path, attr: str, device: str) -> Built:
             f"factory {path}:{attr}() raised {type(e).__name__}: {e} (at {_user_frame(e, path)})"
         ) from e
     model, inputs = _unpack_factory_result(result, path, attr)
-    return Built(model.to(device), inputs, "factory", _guess_kind(inputs))
+    return Built(model.to(device), inputs, ModelFamily.FACTORY, _guess_kind(inputs))
 
 
 _OWNED: set[str] = set()  # module names this loader registered (a rebuild replaces them)
@@ -142,11 +143,11 @@ def _default_input_for(model: nn.Module, path: Path, attr: str) -> torch.Tensor:
     )
 
 
-def _guess_kind(inputs: tuple[Any, ...]) -> str:
+def _guess_kind(inputs: tuple[Any, ...]) -> ModelKind:
     first = inputs[0] if inputs else None
     if isinstance(first, torch.Tensor):
         if first.is_floating_point() and first.dim() == 4:
-            return "vision"
+            return ModelKind.VISION
         if not first.is_floating_point() and first.dim() == 2:
-            return "lm"
-    return "other"
+            return ModelKind.LM
+    return ModelKind.OTHER

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...quality.task import Task
+from ...quality.task import ModelKind, Task
 from ..own_code import refuse_own_code
 from ..quiet import quiet_transformers
 from ._hf_folder import AUTO_CLASS, KIND, choose_task, example_inputs
-from ._types import Built, SpecError, one_line
+from ._types import Built, ModelFamily, SpecError, one_line
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
@@ -105,7 +105,7 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
     tokenizer = _tokenizer(folder, name)
     inputs = example_inputs(model, config, task, tokenizer)
     vocab = getattr(config, "vocab_size", None)
-    return Built(model, inputs, "hf", KIND.get(task, "encoder"), hf_config=config,
+    return Built(model, inputs, ModelFamily.HF, KIND.get(task, ModelKind.ENCODER), hf_config=config,
                  vocab_size=int(vocab) if vocab else None, task=task, tokenizer=tokenizer,
                  source=str(folder / name), pretrained=not on_meta,
                  notes=(f"{name}: GGUF weights dequantized to float32 by transformers; "

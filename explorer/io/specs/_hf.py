@@ -1,7 +1,7 @@
 """``hf:<family>`` and ``hf:<config.json>``: random-init transformers models from small configs.
 
-``HF_FAMILIES`` holds the built-in families and their small default configs (fast on CPU); the
-``llama`` demo builds from the same llama defaults.
+``HF_FAMILIES`` (`explorer.demos.hf_configs`) holds the built-in families and their small
+default configs (fast on CPU); the ``llama`` demo builds from the same llama defaults.
 """
 
 from __future__ import annotations
@@ -9,73 +9,19 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from ...quality.task import Task
+from ...demos.hf_configs import DEFAULT_SEQ_LEN, HF_FAMILIES
+from ...quality.task import ModelKind, Task
 from ..own_code import refuse_own_code
 from ._gguf import build_gguf, gguf_target
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
 from ._pruned_folder import ORIGINAL_CONFIG, build_pruned, is_pruned_folder
 from ._query import is_count, split_query
-from ._types import Built, SpecError, one_line
-
-DEFAULT_SEQ_LEN = 16  # token ids per example input
-
-
-@dataclass(frozen=True)
-class HFFamily:
-    """A built-in transformers family: its config type, model class and small default config."""
-
-    model_type: str  # transformers ``model_type`` passed to ``AutoConfig.for_model``
-    kind: str  # "lm" (AutoModelForCausalLM) or "encoder" (AutoModel)
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # small shape, fast on CPU
-
-
-def _decoder_defaults(**extra: Any) -> Mapping[str, Any]:
-    base = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-        "max_position_embeddings": 128,
-    }
-    return MappingProxyType({**base, **extra})
-
-
-HF_FAMILIES: Mapping[str, HFFamily] = MappingProxyType(
-    {
-        "llama": HFFamily("llama", "lm", _decoder_defaults()),
-        "qwen2": HFFamily("qwen2", "lm", _decoder_defaults()),
-        "mistral": HFFamily("mistral", "lm", _decoder_defaults()),
-        # gemma's default head_dim is 256, independent of hidden_size / heads.
-        "gemma": HFFamily("gemma", "lm", _decoder_defaults(head_dim=8)),
-        # phi3's default bos/eos/pad ids (1/32000/32000) fall outside a 256-token vocab.
-        "phi3": HFFamily("phi3", "lm", _decoder_defaults(pad_token_id=0, eos_token_id=2)),
-        "gpt2": HFFamily(
-            "gpt2",
-            "lm",
-            MappingProxyType(
-                {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128, "vocab_size": 256,
-                     "bos_token_id": 0, "eos_token_id": 0}
-            ),
-        ),
-        "bert": HFFamily(
-            "bert",
-            "encoder",
-            MappingProxyType(
-                {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-                     "intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 128}
-            ),
-        ),
-    }
-)
+from ._types import Built, ModelFamily, SpecError, one_line
 
 
 def build_hf(text: str, device: str) -> Built:
@@ -109,7 +55,8 @@ def build_hf(text: str, device: str) -> Built:
     elif name.endswith(".json") or os.sep in name or "/" in name:
         config, kind = _hf_config_from_file(Path(name), overrides)
         if requested_task is not None:
-            kind = KIND.get(choose_task(config, requested_task, f"'hf:{text}'"), "encoder")
+            kind = KIND.get(choose_task(config, requested_task, f"'hf:{text}'"),
+                            ModelKind.ENCODER)
     else:
         raise SpecError(
             f"unknown transformers family {name!r} in 'hf:{text}'; use one of "
@@ -117,7 +64,7 @@ def build_hf(text: str, device: str) -> Built:
         )
     from transformers import AutoModel, AutoModelForCausalLM
 
-    auto_cls = AutoModelForCausalLM if kind == "lm" else AutoModel
+    auto_cls = AutoModelForCausalLM if kind is ModelKind.LM else AutoModel
     try:
         with torch.device(device):
             # transformers leaves from_config unannotated
@@ -130,8 +77,8 @@ def build_hf(text: str, device: str) -> Built:
         ) from e
     vocab = int(config.vocab_size)
     ids = torch.randint(0, vocab, (1, DEFAULT_SEQ_LEN))
-    task = Task.CAUSAL_LM if kind == "lm" else Task.ENCODER
-    return Built(model, (ids,), "hf", kind, hf_config=config, vocab_size=vocab, task=task)
+    task = Task.CAUSAL_LM if kind is ModelKind.LM else Task.ENCODER
+    return Built(model, (ids,), ModelFamily.HF, kind, hf_config=config, vocab_size=vocab, task=task)
 
 
 def _hf_config(model_type: str, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
@@ -171,8 +118,8 @@ def _check_field(model_type: str, key: str, value: Any, reference: Any) -> None:
         raise SpecError(f"{model_type} config field {key!r} must be at least 1, got {value}")
 
 
-def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any, str]:
-    """Config and kind ("lm" or "encoder") from a local config.json (random weights)."""
+def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any, ModelKind]:
+    """Config and kind (LM or ENCODER) from a local config.json (random weights)."""
     refuse_own_code(path, SpecError)
     data = read_config_json(path)
     model_type = data.pop("model_type")
@@ -180,17 +127,18 @@ def _hf_config_from_file(path: Path, overrides: Mapping[str, Any]) -> tuple[Any,
     return config, _hf_kind(config)
 
 
-def _hf_kind(config: Any) -> str:
-    """"lm" for causal LMs, else "encoder", from ``architectures`` or the model type."""
+def _hf_kind(config: Any) -> ModelKind:
+    """LM for causal LMs, else ENCODER, from ``architectures`` or the model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None)  # a list, unless hand-edited
     if isinstance(architectures, list) and architectures:
         causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-        return "lm" if causal else "encoder"
+        return ModelKind.LM if causal else ModelKind.ENCODER
     if config.model_type in HF_FAMILIES:
         return HF_FAMILIES[config.model_type].kind
-    return "lm" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+    return ModelKind.LM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+        else ModelKind.ENCODER
 
 
 def _transformers_version() -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...quality.task import Task, task_of_architecture
+from ...quality.task import ModelKind, Task, task_of_architecture
 from ..paths import shard_files
 from ..quiet import quiet_transformers
 from ._files import (
@@ -36,7 +36,7 @@ from ._files import (
     quiet_unpickler,
 )
 from ._sentence import read_sentence_folder
-from ._types import Built, SpecError, one_line
+from ._types import Built, ModelFamily, SpecError, one_line
 
 # weight files of a transformers checkpoint folder, in the order from_pretrained prefers them
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -53,7 +53,7 @@ AUTO_CLASS = {
     Task.SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification",
     Task.IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
 }
-KIND = {Task.CAUSAL_LM: "lm", Task.IMAGE_CLASSIFICATION: "vision"}  # else "encoder"
+KIND = {Task.CAUSAL_LM: ModelKind.LM, Task.IMAGE_CLASSIFICATION: ModelKind.VISION}  # else ENCODER
 _NEEDS_HEAD = (Task.CAUSAL_LM, Task.MASKED_LM)  # measured through the head's own weights
 
 
@@ -130,7 +130,7 @@ def build_folder(folder: Path, config: Any, task: Task, attn: str, device: str,
         raise SpecError(f"the tokenizer in {str(folder)!r} cannot encode text: "
                         f"{type(e).__name__}: {one_line(e)}") from e
     vocab = getattr(config, "vocab_size", None)
-    return Built(model, inputs, "hf", KIND.get(task, "encoder"), hf_config=config,
+    return Built(model, inputs, ModelFamily.HF, KIND.get(task, ModelKind.ENCODER), hf_config=config,
                  vocab_size=int(vocab) if vocab else None, task=task, tokenizer=tokenizer,
                  source=str(folder), pretrained=has_weights(folder) and
                  torch.device(device).type != "meta", notes=tuple(notes), sentence=sentence)

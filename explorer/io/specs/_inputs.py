@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ...quality.task import ModelKind
 from ._types import Built, SpecError
 
 MAX_INPUT_ELEMENTS = 2**27  # 512 MiB of float32: far above one example, far below a crash
@@ -67,7 +68,7 @@ def resized_inputs(
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         raise SpecError(f"{spec!r} has no tensor example input for input_shape {shape} to replace")
     first = inputs[0]
-    if built.kind == "vision" and len(shape) != 4:
+    if built.kind is ModelKind.VISION and len(shape) != 4:
         raise SpecError(
             f"input_shape {shape} for {spec!r} must be a full image shape (batch, channels, "
             "height, width), e.g. (1, 3, 224, 224)"
@@ -75,7 +76,7 @@ def resized_inputs(
     if first.is_floating_point():
         new = torch.randn(shape, dtype=first.dtype)
     else:
-        if built.kind in ("lm", "encoder") and len(shape) != 2:
+        if built.kind in (ModelKind.LM, ModelKind.ENCODER) and len(shape) != 2:
             raise SpecError(
                 f"input_shape {shape} for {spec!r} must be (batch, seq_len), e.g. (1, 32)"
             )

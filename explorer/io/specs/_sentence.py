@@ -18,12 +18,11 @@ the pruned weights, with the pooling's embedding width set to the pruned hidden 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..paths import inside
-from ._types import SpecError
+from ._types import SentenceFolder, SpecError
 
 __all__ = ["SentenceFolder", "read_sentence_folder", "write_sentence_files"]
 
@@ -32,38 +31,6 @@ _PACKAGE = "sentence_transformers.models."
 _KNOWN = ("Transformer", "Pooling", "Normalize")  # the pipelines an export can carry over
 _SETTINGS = ("sentence_bert_config.json", "config_sentence_transformers.json")
 _MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes; a bigger one is not one
-
-
-@dataclass(frozen=True)
-class SentenceFolder:
-    """What a sentence-transformers folder adds to its encoder."""
-
-    folder: str  # the checkpoint folder
-    modules: tuple[tuple[str, str, str], ...]  # (name, path, class name) in pipeline order
-    pooling: tuple[tuple[str, Any], ...]  # 1_Pooling/config.json items
-    supported: str = ""  # why an export cannot carry the pipeline over ("" when it can)
-
-    @property
-    def pooling_mode(self) -> str:
-        """The pooling's mode: ``mean``, ``cls``, ``max``... (``mean`` when unstated)."""
-        modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
-                 for k, v in self.pooling if k.startswith("pooling_mode_") and v is True]
-        return "+".join(modes) or "mean"
-
-    @property
-    def normalized(self) -> bool:
-        return any(kind == "Normalize" for _n, _p, kind in self.modules)
-
-    def summary(self) -> str:
-        """One line for people: what the folder is and what quality measures."""
-        text = (f"{self.folder} is a sentence-transformers folder ("
-                f"{' -> '.join(kind for _n, _p, kind in self.modules)}): the encoder is "
-                f"pruned, its quality is the cosine of the {self.pooling_mode}-pooled"
-                f"{', normalised' if self.normalized else ''} embedding")
-        if self.pooling_mode not in ("mean", "cls"):
-            text += (f" (measured on mean-pooled hidden states: {self.pooling_mode} pooling "
-                     f"is not measured apart)")
-        return text
 
 
 def _read_json(file: Path, what: str) -> Any:

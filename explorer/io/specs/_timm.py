@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...quality.task import Task
+from ...quality.task import ModelKind, Task
 from ._query import check_counts, split_query
-from ._types import Built, SpecError
+from ._types import Built, ModelFamily, SpecError
 from ._weights import load_weights
 
 _TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -58,7 +58,8 @@ def build_timm(text: str, device: str) -> Built:
             f"timm model {name!r} rejected options {kwargs}: {type(e).__name__}: "
             f"{detail}; check the option values (e.g. widths divisible by the head count)"
         ) from e
-    return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), "timm", "vision")
+    return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), ModelFamily.TIMM,
+                 ModelKind.VISION)
 
 
 def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, ...]:
@@ -104,7 +105,7 @@ def _build_timm_folder(folder: Path, kwargs: dict[str, Any], device: str) -> Bui
     if files and not on_meta:
         load_weights(built.model, files[0], trust=False)
     notes = () if files or on_meta else (f"{folder} holds no weights file: random weights",)
-    return Built(built.model, built.example_inputs, "timm", "vision",
+    return Built(built.model, built.example_inputs, ModelFamily.TIMM, ModelKind.VISION,
                  task=Task.IMAGE_CLASSIFICATION, source=str(folder),
                  pretrained=bool(files) and not on_meta, notes=notes)
 
@@ -118,4 +119,5 @@ def _create(arch: str, kwargs: dict[str, Any], device: str) -> Built:
             model = timm.create_model(arch, pretrained=False, **kwargs)
     except (TypeError, RuntimeError) as e:
         raise SpecError(f"timm model {arch!r} rejected options {kwargs}: {e}") from e
-    return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), "timm", "vision")
+    return Built(model, (torch.randn(1, *_timm_input_size(model, kwargs)),), ModelFamily.TIMM,
+                 ModelKind.VISION)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from ...coupling.analyze import Coupling, head_counts
-from ...coupling.groups import Member
+from ...coupling.analyze import Coupling
 from ...coupling.heads import (
     HEAD_COUNT_ATTRS,
     HEAD_DIM_ATTRS,
     HEAD_WIDTH_ATTRS,
     KV_HEAD_ATTRS,
-    head_owner,
+    head_counts,
+    owner_members,
 )
 
 
@@ -45,11 +45,7 @@ def patch_attention(model: nn.Module, coupling: Coupling,
         if group.heads is None:
             continue
         kept_axis = {a.family: a.size - removed.get(i, 0) for i, a in enumerate(group.axes)}
-        by_owner: dict[str, list[tuple[Member, set[int]]]] = {}
-        for member, fams in coupling.members_of(group):
-            owner = head_owner(model, member.module)
-            if owner is not None:
-                by_owner.setdefault(owner, []).append((member, fams))
+        by_owner = owner_members(model, coupling, group, buffers=True, unowned=False)
         pieces = coupling.pieces_of(group)
         for name, members in by_owner.items():
             old = head_counts(group.axes, members, head_dims=coupling.head_dims, pieces=pieces)

@@ -416,10 +416,12 @@ def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, st
     ``fresh = type(model)(config)``; ``(False, "")`` when they are the same model."""
     ours = {n: tuple(t.shape) for n, t in _named_tensors(model)}
     theirs = {n: tuple(t.shape) for n, t in _named_tensors(fresh)}
+    for name in ours:  # a tensor no build has first (e.g. a bias compensation created)
+        if name not in theirs:
+            return True, f"'{name}' is {ours[name]} but the config builds nothing there"
     for name in ours:
-        if name not in theirs or theirs[name] != ours[name]:
-            return True, (f"'{name}' is {ours[name]} but the config builds "
-                          f"{theirs.get(name, 'nothing')}")
+        if theirs[name] != ours[name]:
+            return True, f"'{name}' is {ours[name]} but the config builds {theirs[name]}"
     fresh_modules = dict(fresh.named_modules())
     for name, module in model.named_modules():
         other = fresh_modules.get(name)

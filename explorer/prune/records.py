@@ -1,0 +1,86 @@
+"""The records of what the pruner chose and did: one group's change, a skip, an unsafe group,
+a step's report, and a scored candidate axis.
+
+Plain data, imported by the pruner, its proposals and the statement alike (none of them
+imports another for these records).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..coupling.groups import Group
+from ..coupling.vocab import AxisRole
+
+
+@dataclass
+class GroupChange:
+    """One group's share of a step."""
+
+    group: int
+    title: str
+    axis: AxisRole  # role of the pruned axis
+    removed: list[int]
+    width_before: int
+    width_after: int
+    # why this axis and not the innermost one, when the pruner fell back to an outer axis
+    fallback: str = ""
+    # the layer this axis lives in (`coupling.places.axis_layers`): a group spanning layers
+    # (attention tied by shared rotary frequencies) has one change per layer
+    where: str = ""
+
+
+@dataclass
+class Skip:
+    group: int
+    title: str
+    reason: str
+
+
+@dataclass
+class Unsafe:
+    group: int
+    module: str
+    location: str
+    error: str
+
+
+@dataclass
+class StepReport:
+    """What a step really removed; truthy iff it removed anything."""
+
+    step: int
+    changes: list[GroupChange] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    unsafe: list[Unsafe] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    forward_ok: bool = True
+    output_shape_ok: bool = True
+    attributes: dict[str, dict[str, list[object]]] = field(default_factory=dict)
+    config: dict[str, list[object]] = field(default_factory=dict)  # transformers config changes
+    notes: list[str] = field(default_factory=list)  # caveats the user should read
+
+    def __bool__(self) -> bool:
+        return any(c.removed for c in self.changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Candidate:
+    """One axis of one group the pruner may cut, with its scores."""
+
+    group: Group
+    axis: int
+    scores: np.ndarray
+    original: int  # width of this axis in the unpruned model
+    limit: float  # ratio of ``original`` this axis may lose at this step
+
+
+__all__ = ["Candidate", "GroupChange", "Skip", "StepReport", "Unsafe"]
