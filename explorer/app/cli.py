@@ -720,6 +720,11 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     res = export(lm.model, args.out, formats, plan=plan, original=original,
                  example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
                  sentence=lm.sentence, sources=_sources(args))
+    if plan.refit is not None and values is None:
+        res.messages.append(f"the plan records {len(plan.refit.tensors)} refit tensor(s) whose "
+                            f"values were saved with the model it was made on, not beside the "
+                            f"plan: this replay has the plain cut (added biases zero); load "
+                            f"that export with explorer.load_pruned")
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),
