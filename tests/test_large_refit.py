@@ -238,3 +238,15 @@ def test_large_refit_errors_are_one_line(ckpt: Path, calib: Path, tmp_path: Path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and message in err
     assert not list(tmp_path.iterdir())
+
+
+def test_in_memory_plan_says_it_lacks_the_refit(ckpt: Path, calib: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """An in-memory prune with a refit cannot put the refit values in its plan: it says so
+    (replaying that plan gives the plain cut) instead of leaving it to be found later."""
+    assert _prune(ckpt, calib, tmp_path / "plan.json", "--compensate", "lstsq") == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("replaying it gives the plain cut" in n for n in notes), notes
+    assert _prune(ckpt, calib, tmp_path / "plain.json") == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert not any("plain cut" in n for n in notes)
