@@ -21,9 +21,8 @@ from explorer.app.cost import (
     measure_all,
     measured,
     severity,
-    would_be_texts,
+    would_be_rows,
 )
-from explorer.app.display import continuation_rows
 from explorer.app.session import Session
 from explorer.coupling.targets import TARGET_NAMES
 from explorer.prune.compensate import Compensation
@@ -243,13 +242,13 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
             prompts = prompts_box("groups_prompts")
             if prompts:
                 try:
-                    texts = would_be_texts(pe, p, edited(p, counts), prompts,
-                                           st.session_state.setdefault("pe_texts", {}))
+                    rows = would_be_rows(pe, p, edited(p, counts), prompts,
+                                         st.session_state.setdefault("pe_texts", {}))
                 except Exception as exc:  # noqa: BLE001 - shown as one line
                     st.warning(f"could not continue the prompts: {exc}")
                 else:
-                    st.dataframe(continuation_rows(texts), key="groups_continuations",
-                                 hide_index=True, width="stretch")
+                    st.dataframe(rows, key="groups_continuations", hide_index=True,
+                                 width="stretch")
     return after
 
 

@@ -229,6 +229,14 @@ def would_be_texts(pe: Session, proposal: Proposal, counts: Counts | None,
     return cache[key]
 
 
+def would_be_rows(pe: Session, proposal: Proposal, counts: Counts | None,
+                  prompts: Sequence[str], cache: dict[Any, list[Continuation]]
+                  ) -> list[dict[str, str]]:
+    """`would_be_texts` as table rows (prompt, original continues, pruned continues)."""
+    from .display import continuation_rows
+    return continuation_rows(would_be_texts(pe, proposal, counts, prompts, cache))
+
+
 def measure_all(pe: Session, pending: Sequence[Proposal],
                 progress: Callable[[float, str], None] | None = None) -> list[str]:
     """Measure the cost of every proposal in ``pending`` as proposed (cached by the session);
