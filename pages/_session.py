@@ -1,5 +1,7 @@
-"""Shared by app.py and the pages (not a page itself): the model cache, session loading and
-the session log on disk that lets a session survive a browser refresh (`explorer.app.store`)."""
+"""Shared by app.py and the pages (not a page itself): the model cache, session loading, the
+live sessions of this server (`explorer.app.registry`: one per session id, shared by its tabs,
+within a memory budget) and the session log on disk that brings an evicted session, a refresh
+or a server restart back (`explorer.app.store`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +11,7 @@ from typing import Any
 import streamlit as st
 
 from explorer.app import store
+from explorer.app.registry import Registry, memory_short, tensor_bytes
 from explorer.app.session import Message, MessageKind, Session
 from explorer.app.sources import LoadRequest, load_request
 from explorer.io.specs import LoadedModel, load_model
@@ -25,6 +28,27 @@ def pristine(spec: str, device: str, shape: tuple[int, ...] | None,
     """The unpruned model; shared by all sessions, so never mutated (sessions copy it)."""
     return load_model(spec, device=device, input_shape=shape, weights=weights,
                       allow_code=os.environ.get(ALLOW_FACTORY_ENV) == "1")
+
+
+@dataclasses.dataclass
+class Live:
+    """A live session and what the Model page says about it (shared by the session's tabs)."""
+
+    session: Session
+    request: LoadRequest
+    summary: dict[str, Any]
+
+
+def _held(live: Live) -> int:
+    """Bytes one session holds beyond the shared pristine model: its working copy and the
+    tensors its kept original no longer shares with it."""
+    return tensor_bytes([live.session.model, live.session.original])
+
+
+@st.cache_resource(show_spinner=False)
+def sessions() -> Registry[Live]:
+    """This server's live sessions (one registry per process)."""
+    return Registry(_held)
 
 
 def _cached(spec: str, *, device: str, input_shape: tuple[int, ...] | None,
@@ -63,6 +87,13 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
         try:
             loaded = load_request(request, build=_cached, progress=status.write)
             lm = loaded.model
+            short = memory_short(2 * tensor_bytes([lm.model]), f"a session of `{request.spec}`")
+            if short is not None:
+                sessions().drop(_sid())  # this tab's own earlier session goes first
+                short = memory_short(2 * tensor_bytes([lm.model]),
+                                     f"a session of `{request.spec}`")
+            if short is not None:
+                raise MemoryError(short)
             status.write("tracing the model and finding its groups")
             pe = Session(lm.model, lm.example_inputs, spec=request.spec,
                          calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task,
@@ -74,6 +105,7 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             pe.on_action = _save
             st.session_state.pe = pe
             st.session_state.pe_loaded = _summary(lm)
+            sessions().put(_sid(), Live(pe, request, st.session_state.pe_loaded))
             # a log that did not replay whole: which decision and why, on the Model page
             failed = actions and pe.message is not None and pe.message.kind is MessageKind.ERROR
             st.session_state.pe_error = f"session log: {pe.message.text}" \
@@ -81,6 +113,11 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             _save(pe)
             status.update(label=f"Traced `{request.spec}`", state="complete")
             return True
+        except MemoryError as exc:  # the server lives on: say so instead of dying
+            st.session_state.pe_error = str(exc) or (f"not enough memory to load "
+                                                     f"`{request.spec}` on this server")
+            status.update(label=f"Could not load `{request.spec}`", state="error")
+            return False
         except Exception as exc:  # noqa: BLE001 - any user model can fail; shown as one line
             st.session_state.pe_error = (str(exc) or type(exc).__name__).splitlines()[0]
             status.update(label=f"Could not load `{request.spec}`", state="error")
@@ -105,17 +142,36 @@ def _request(fields: dict[str, Any]) -> LoadRequest | None:
 
 
 def restore_or_start() -> None:
-    """On a fresh page: replay the session named in the URL, or load the default model."""
-    if "pe_request" in st.session_state:
-        _sid()  # put the id back into the URL after a page link dropped it
+    """At the start of every run: this tab's session is the live one of the id in the URL
+    (another tab's, after a refresh too); an id with no live session replays its saved log;
+    a fresh page loads the default model."""
+    sid = _sid()  # also puts the id back into the URL after a page link dropped it
+    live = sessions().get(sid)
+    if live is not None:
+        if st.session_state.get("pe") is not live.session:  # a second tab, a refresh
+            st.session_state.pe = live.session
+            st.session_state.pe_request = live.request
+            st.session_state.pe_loaded = live.summary
+            st.session_state.pe_error = ""
+        sessions().touch(sid)
         return
-    saved = store.load(_sid())
+    if "pe" in st.session_state and "pe_request" in st.session_state:
+        # evicted while this tab kept it: it is alive here, so it is live again
+        sessions().put(sid, Live(st.session_state.pe, st.session_state.pe_request,
+                                 st.session_state.get("pe_loaded", {})))
+        return
+    if st.session_state.get("pe_restored"):
+        return  # the load failed: the Model page shows why
+    # Marked done only when the load returns: a click on a page link while it runs stops
+    # this run (the sidebar is drawn first), and the next run must load again.
+    saved = store.load(sid)
     request = _request(saved.request) if saved is not None else None
     if saved is not None and request is not None:
         load(request, saved.actions)
     elif load(DEFAULT_REQUEST) and saved is not None:  # a failure is shown on the Model page
         st.session_state.pe_error = ("session log: its model request is not one the app "
                                      "writes; the default model was loaded instead")
+    st.session_state.pe_restored = True
 
 
 def reset() -> None:
@@ -129,3 +185,32 @@ _SHOW = {MessageKind.SUCCESS: st.success, MessageKind.ERROR: st.error, MessageKi
 def show(message: Message) -> None:
     """Draw a session message with the Streamlit element for its kind."""
     _SHOW[message.kind](message.text)
+
+
+def remembered(key: str, default: Any) -> Any:
+    """A value that outlives the page it is edited on (Streamlit drops a widget's state when
+    its page is left): kept under ``pe_<key>``, written back into the widget's key."""
+    value = st.session_state.setdefault(f"pe_{key}", default)
+    st.session_state[key] = value
+    return value
+
+
+def remember(key: str) -> None:
+    """``on_change`` of a `remembered` widget: keep its new value."""
+    st.session_state[f"pe_{key}"] = st.session_state[key]
+
+
+def prompts_box(key: str) -> list[str]:
+    """The prompts to continue greedily (shared by the Model and Groups pages), one a line."""
+    from explorer.app.display import PROMPT_EXAMPLE
+    st.session_state[key] = st.session_state.get("pe_prompts", "")
+    text = st.text_area("Prompts to continue, one a line (greedy, before and after pruning)",
+                        key=key, placeholder=PROMPT_EXAMPLE,
+                        on_change=lambda: st.session_state.update(
+                            pe_prompts=st.session_state[key]))
+    return prompt_lines({"pe_prompts": text})
+
+
+def prompt_lines(state: Any) -> list[str]:
+    """The prompts typed on the Model or Groups page (the report continues them too)."""
+    return [p for p in str(state.get("pe_prompts", "")).splitlines() if p.strip()]

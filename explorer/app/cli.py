@@ -613,6 +613,13 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                             "created": len(run.refit.created)}
         _save_new(args.plan, args.force, plan.save)
         out["plan"] = args.plan
+        if run.refit is None and args.compensate not in (None, "none") and \
+                (plan.refit is None or plan.refit.file is None):
+            out["notes"].append(
+                f"--compensate {args.compensate} changed weights that {args.plan} does not "
+                f"hold (a plan records the cut): replaying it gives the plain cut; keep the "
+                f"refit model with --out, or export --formats safetensors,hf, or make the "
+                f"plan with --device meta --max-memory SIZE (its refit file goes beside it)")
     if args.out:
         _save_new(args.out, args.force, lambda tmp: torch.save(lm.model, tmp))
     if not args.json:
@@ -720,6 +727,11 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     res = export(lm.model, args.out, formats, plan=plan, original=original,
                  example_inputs=lm.example_inputs, tokenizer=lm.tokenizer, force=args.force,
                  sentence=lm.sentence, sources=_sources(args))
+    if plan.refit is not None and values is None:
+        res.messages.append(f"the plan records {len(plan.refit.tensors)} refit tensor(s) whose "
+                            f"values were saved with the model it was made on, not beside the "
+                            f"plan: this replay has the plain cut (added biases zero); load "
+                            f"that export with explorer.load_pruned")
     out = {"model": args.model, "plan": args.plan, "steps": len(plan.steps),
            "tensors_changed": len(replay.shapes), "params_before": before,
            "params_after": count_params(lm.model),

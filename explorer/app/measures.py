@@ -19,6 +19,11 @@ from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.probe import QualityProbe
 from ..quality.task import Task
 
+# Held-out samples the app measures quality on: a forward of the original and of each
+# would-be cut runs on them (on SmolLM2 at 128 tokens, two samples keep a measurement near a
+# second on two CPU cores; the report and the CLI's --eval measure on every held-out sample).
+PROBE_SAMPLES = 2
+
 
 class Measures:
     """Quality, costs and continuations of one session's model (``None`` / ``[]`` on meta,
@@ -56,6 +61,10 @@ class Measures:
         probe = self._quality_probe(model)
         return None if probe is None else probe.cost(model, coupling, removal, key)
 
+    def cached_cost(self, key: tuple[Any, ...]) -> Quality | None:
+        """The `cost` measured under ``key``, or None when it was not measured yet."""
+        return None if self._probe is None else self._probe.cached_cost(key)
+
     def continuations(self, model: nn.Module, version: int, prompts: Sequence[str],
                       new_tokens: int = DEFAULT_NEW_TOKENS) -> list[Continuation]:
         """Greedy continuations of ``prompts`` by the original and ``model``; [] on meta.
@@ -76,14 +85,13 @@ class Measures:
         """What the quality is measured on, in words."""
         if self.heldout is None:
             return "random inputs (no held-out data given)"
-        return f"{_batch_rows(self.heldout.batches[0])} held-out samples"
+        return f"{_batch_rows(self.heldout.head(PROBE_SAMPLES).batches[0])} held-out samples"
 
     def _quality_probe(self, model: nn.Module) -> QualityProbe | None:
         if _on_meta(model):
             return None
         if self._probe is None:
-            data = (Calibration(self.heldout.batches[:1], mask_index=self.heldout.mask_index)
-                    if self.heldout is not None else
+            data = (self.heldout.head(PROBE_SAMPLES) if self.heldout is not None else
                     Calibration(random_like(self.example_inputs, 1, 4, seed=1)))
             self._probe = QualityProbe(self.original, data, self.task)
         return self._probe

@@ -23,8 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,12 @@ from ..coupling.heads import AttentionInfo
 from ..prune.fixups.fold import folded
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from ..prune.preflight import clone_model
-from ..prune.transaction import left_as_found, transaction
-from ..prune.validate import nonfinite_text, nonfinite_weights
+from ..prune.transaction import left_as_found
 from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
-from .names import checkpoint_names, dropped_on_load
-from .paths import check_out_apart, shard_files
+from .paths import check_out_apart
 from .plan import Plan
+from .pruned import ExportError, load_into, read_weights
 from .quiet import quiet_transformers
 from .specs import SentenceFolder, write_sentence_files
 
@@ -52,10 +50,6 @@ DEFAULT_FORMATS = ("pt", "safetensors", "report")
 
 __all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportError", "ExportResult", "check_out_dir", "export",
            "load_pruned", "parse_formats"]
-
-
-class ExportError(ValueError):
-    """An export or reload that cannot be done as asked."""
 
 
 @dataclass
@@ -230,6 +224,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
         result.files["pt"] = [str(out / "model.pt")]
     if "safetensors" in wanted and plan is not None:
         result.files["safetensors"] = _export_safetensors(model, plan, out)
+        if "hf" in wanted and "hf" not in result.files:
+            result.files["safetensors"] += _fallback_config(model, out, result)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
                                                 attention, quality, generations)
@@ -237,10 +233,16 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
     return result
 
 
+# files zipped as they are (float weights deflate by a few percent at tens of MB/s: minutes
+# for a 135 M model on a busy CPU, for almost nothing)
+_STORED = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npy", ".npz"})
+
+
 def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                      plan: Plan | None = None, original: nn.Module | None = None,
                      example_inputs: Any = None, tokenizer: Any | None = None,
-                     sentence: SentenceFolder | None = None
+                     sentence: SentenceFolder | None = None, quality: Quality | None = None,
+                     generations: Sequence[Continuation] = ()
                      ) -> tuple[dict[str, Path], list[str]]:
     """`export` into files for downloads (the app's Export page): file name -> path under
     ``dest``, and the exporter's messages.
@@ -248,7 +250,8 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
     files) as one ``pruned_<format>.zip``. The files stay on disk (a download streams them
     from there), so a server holds no export in memory. ``dest`` must be an empty or new
-    folder of the caller's (for example a session's temporary folder).
+    folder of the caller's (for example a session's temporary folder). ``quality`` and
+    ``generations`` go into the report, as in `export`.
     """
     import shutil
     import tempfile
@@ -259,7 +262,8 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     out: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
-                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence)
+                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence,
+                        quality=quality, generations=generations)
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
                 for name in map(Path, paths):
@@ -272,8 +276,12 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                 for folder in map(Path, paths):
                     files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
                     for f in files:
-                        if f.is_file():
-                            zf.write(f, f.relative_to(Path(tmp)))
+                        if f.is_file():  # weights barely deflate: stored, not squeezed
+                            zf.write(f, f.relative_to(Path(tmp)), None if f.suffix not in
+                                     _STORED else zipfile.ZIP_STORED)
+                readme = Path(tmp) / "README.md"  # how to load it, and the exporter's notes
+                if readme.is_file():
+                    zf.write(readme, readme.name)
             out[target.name] = target
     return out, list(result.messages)
 
@@ -283,6 +291,27 @@ def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     save_model(model, str(out / "model.safetensors"), force_contiguous=True)
     plan.refit_in_weights().save(out / "plan.json")  # refit values: in model.safetensors
     return [str(out / "model.safetensors"), str(out / "plan.json")]
+
+
+def _fallback_config(model: nn.Module, out: Path, result: ExportResult) -> list[str]:
+    """Beside the safetensors + plan that stand in for an ``hf`` folder: the model's
+    transformers config as far as one describes the pruned model (the fields the cuts left
+    uniform are updated, the rest keep their original values), and a README line saying
+    which differ and that ``plan.json`` holds every cut."""
+    config: Any = getattr(model, "config", None)
+    if not hasattr(config, "to_json_file"):
+        return []
+    reason = result.config.reason if result.config is not None else ""
+    with left_as_found(model):
+        update = update_config(model)  # brings what one config can say in line
+        config.to_json_file(str(out / "config.json"))
+    changed = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in update.changed.items())
+    result.messages.append(
+        "config.json: the transformers config with the fields every layer shares brought in "
+        f"line with the cuts ({changed or 'none changed'}); the rest keep "
+        f"their original values: {reason or update.reason}. plan.json holds every cut per "
+        "layer; load the folder with explorer.load_pruned, not from_pretrained")
+    return [str(out / "config.json")]
 
 
 def _export_hf(model: nn.Module, out: Path, result: ExportResult,
@@ -441,7 +470,7 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     index = folder / "model.safetensors.index.json"  # shards from explorer.io.stream
     if not weights.is_file() and not index.is_file():
         raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
-    state = _read_safetensors(weights) if weights.is_file() else _read_shards(index)
+    state = read_weights(weights, index)
     inputs: Sequence[Any] | None = None
     if isinstance(source, nn.Module):
         model = source
@@ -455,61 +484,7 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
                               f"load_pruned('{spec}', '{folder}'), or pass a fresh model")
         lm = load_model(spec)
         model, inputs = lm.model, lm.example_inputs
-    with transaction(model):
-        plan.apply(model, example_inputs=inputs)
-        renamed = checkpoint_names(model, state).renamed  # a streamed replay keeps
-        dropped = dropped_on_load(model, state)  # the checkpoint's names and extra buffers
-        state = {renamed.get(n, n): t for n, t in state.items() if n not in dropped}
-        _load_checked(model, state, weights)
-    found = nonfinite_weights(model)
-    if found:
-        warnings.warn(f"the weights in '{folder}' are not finite: {nonfinite_text(found)}; "
-                      "pruning refuses them", RuntimeWarning, stacklevel=2)
-    return model.eval()
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ExportError(f"'{path}' is not a readable safetensors file "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-
-
-def _read_shards(index: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the shards an index names (the model is being built in memory); only
-    shards inside the index's folder (`explorer.io.paths.shard_files`)."""
-    state: dict[str, torch.Tensor] = {}
-    for part in shard_files(index, ExportError).values():
-        state.update(_read_safetensors(part))
-    return state
-
-
-def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Copy ``state`` into ``model`` after checking every key, shape and dtype (so no copy
-    can fail half way). Tied tensors need one of their names in the file."""
-    expected = model.state_dict(keep_vars=True)
-    by_tensor: dict[int, list[str]] = {}
-    for name, t in expected.items():
-        by_tensor.setdefault(id(t), []).append(name)
-    unexpected = sorted(set(state) - set(expected))
-    missing = [names[0] for names in by_tensor.values() if not any(n in state for n in names)]
-    bad = [f"{n} {tuple(state[n].shape)}/{state[n].dtype} vs model "
-           f"{tuple(expected[n].shape)}/{expected[n].dtype}" for n in state
-           if n in expected and (state[n].shape != expected[n].shape
-                                 or state[n].dtype != expected[n].dtype)]
-    for label, names in (("unexpected tensors", unexpected), ("missing tensors", missing),
-                         ("mismatched tensors", bad)):
-        if names:
-            raise ExportError(f"weights '{path}' do not fit the replayed model: {label} "
-                              f"({len(names)}): {', '.join(names[:3])}"
-                              f"{' ...' if len(names) > 3 else ''}")
-    with torch.no_grad():
-        for names in by_tensor.values():
-            src = next(state[n] for n in names if n in state)
-            expected[names[0]].copy_(src)
+    return load_into(model, folder, plan, state, weights, inputs)
 
 
 def snapshot(model: nn.Module) -> nn.Module:

@@ -61,6 +61,28 @@ class Calibration:
                              f"attention mask")
         return m.bool()
 
+    def head(self, samples: int) -> Calibration:
+        """The first ``samples`` samples (rows of the batches; the last batch cut short):
+        a smaller set for interactive use, in the same batches, loss and mask."""
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        batches: list[tuple[Any, ...]] = []
+        labels: list[torch.Tensor] = []
+        left = samples
+        for i, batch in enumerate(self.batches):
+            if left <= 0:
+                break
+            n = batch_size(batch)
+            take = min(n, left)
+            batches.append(batch if take == n else
+                           tuple(a[:take] if isinstance(a, torch.Tensor) and a.dim()
+                                 and a.shape[0] == n else a for a in batch))
+            if self.labels is not None:
+                labels.append(self.labels[i][:take])
+            left -= take
+        return Calibration(batches, self.loss, labels if self.labels is not None else None,
+                           dict(self.kwargs), self.mask_index)
+
     def samples(self) -> list[tuple[tuple[Any, ...], torch.Tensor | None]]:
         """Every batch split into single samples (for per-sample gradients)."""
         out: list[tuple[tuple[Any, ...], torch.Tensor | None]] = []

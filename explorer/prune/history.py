@@ -68,7 +68,6 @@ class Edit:
     keys: list[GroupKey] = field(default_factory=list)  # the groups an accept decided
     titles: list[str] = field(default_factory=list)  # their titles (plan metadata)
     report: list[dict[str, Any]] = field(default_factory=list)  # JSON-ready, for a report
-    groups: list[int] = field(default_factory=list)  # group ids of a step (plan metadata)
 
 
 class Replayed(Protocol):
@@ -172,7 +171,6 @@ class History:
             if analyse:
                 self.analyse(graph if not edit.applied.constants else None)
             edit.keys, edit.titles = list(keys), list(titles)
-            edit.groups = sorted({g for g, _a in removal.picks})
         return edit.applied
 
     def remove_blocks(self, tuple_output: dict[str, bool], what: str,

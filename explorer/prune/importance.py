@@ -71,6 +71,8 @@ class Criterion:
     general = True  # scores any model (``bn-scale`` needs BatchNorm layers)
 
     def __init__(self) -> None:
+        # told how far `prepare`'s passes over the calibration batches are (a page's bar)
+        self.progress: Callable[[float, str], None] | None = None
         self.saliency: dict[str, torch.Tensor] = {}
         self._reduced: dict[tuple[str, int], np.ndarray] = {}
         self._consumers: set[tuple[str, int]] = set()
@@ -246,7 +248,15 @@ class Magnitude(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         self._weights = _weights(model)  # saliency computed per parameter when asked
-        self._reduced = {}
+        # a cut replaces the tensors it changes: the sums of every other one still hold, so
+        # preparing again after a cut scores only the layers it changed
+        params = dict(model.named_parameters(remove_duplicate=False))
+        before = getattr(self, "_sources", {})
+        same = {n for n, (p, version) in before.items()
+                if n in params and params[n] is p and p._version == version}
+        self._reduced = {key: v for key, v in self._reduced.items() if key[0] in same}
+        self._sources: dict[str, tuple[nn.Parameter, int]] = {
+            n: (p, p._version) for n, p in params.items()}
 
     def tensor(self, name: str) -> torch.Tensor | None:
         w = self._weights.get(name)
@@ -483,7 +493,7 @@ class Activation(Criterion):
     layerwise = True
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
-        norms = activation_norms(model, _need(calib))
+        norms = activation_norms(model, _need(calib), self.progress)
         self.saliency, self._reduced, self._consumers = {}, {}, set()
         self.add_statistics(dict(model.named_modules()), norms)
 
@@ -578,22 +588,30 @@ def _act_hook(name: str, norms: dict[str, torch.Tensor],
     return hook
 
 
-def activation_norms(model: nn.Module, calib: Calibration) -> dict[str, torch.Tensor]:
+def activation_norms(model: nn.Module, calib: Calibration,
+                     progress: Callable[[float, str], None] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Layer -> sum of X_j^2 per input channel over the calibration batches (real tokens)."""
     norms: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor | None] = [None]
-    calibration_pass(model, calib, input_norm_hooks(model, norms, mask=current), current)
+    calibration_pass(model, calib, input_norm_hooks(model, norms, mask=current), current,
+                     progress)
     return norms
 
 
 def calibration_pass(model: nn.Module, calib: Calibration,
                      handles: list[torch.utils.hooks.RemovableHandle],
-                     current: list[torch.Tensor | None]) -> None:
+                     current: list[torch.Tensor | None],
+                     progress: Callable[[float, str], None] | None = None) -> None:
     """Run every calibration batch (no grad, eval, modes and buffers restored after), with
-    ``current[0]`` holding the batch's token mask for the hooks; ``handles`` are removed."""
+    ``current[0]`` holding the batch's token mask for the hooks; ``handles`` are removed.
+    ``progress`` is told the fraction done before each batch."""
     try:
         with torch.no_grad(), calibrating(model):
-            for batch in calib.batches:
+            for i, batch in enumerate(calib.batches):
+                if progress is not None:
+                    progress(i / len(calib.batches), f"calibration batch {i + 1} of "
+                                                     f"{len(calib.batches)}")
                 current[0] = calib.token_mask(batch)
                 model(*batch, **calib.kwargs)
     finally:

@@ -1,71 +1,43 @@
 """The pruner: choose indices per group, pre-flight them, apply, and report each step.
 
-The policy layer of `explorer.prune`: it chooses what to cut (scores, counts, targets, head
-mode, safety). The model, its analysis and every edit with its undo are the timeline's
-(`history.History`); what was decided is `decisions.Decisions`'; settings are one
-`settings.Settings`.
+The policy layer of `explorer.prune`, on top of the timeline: `choose.Chooser` (its base)
+says what to cut and changes nothing; the pruner adds steps, one-group-at-a-time proposals
+and the one accept path. The model, its analysis and every edit with its undo are the
+timeline's (`history.History`); what was decided is `decisions.Decisions`'; the settings are
+one `settings.Settings`.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any
 
 import numpy as np
 from torch import nn
 
-from ..coupling.analyze import Coupling
-from ..coupling.groups import Group, GroupKey
-from ..coupling.places import axis_layers
-from ..coupling.targets import parse_targets, target_of
-from ..coupling.vocab import Target
+from ..coupling.groups import GroupKey
+from ..coupling.targets import parse_targets
 from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
-from .calibration import Calibration, load_calibration
-from .compensate import Compensation, compensation, prune_and_compensate
-from .counts import allocation_note, global_counts, kept, local_counts
+from .calibration import Calibration
+from .choose import Chooser
+from .compensate import compensation, prune_and_compensate
+from .counts import allocation_note
 from .decisions import Decisions
 from .history import Edit, History
-from .importance import Criterion, lowest, make
+from .importance import Criterion
 from .joint import Solution, merge, solve
-from .outer import joint_reason, outer_cut
+from .outer import joint_reason
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Counts, Proposal
 from .records import Candidate, GroupChange, Skip, StepReport, Unsafe
-from .removal import Applied, PruneError, Removal, apply_removal, removed_atoms
-from .settings import (
-    HEAD_MODES,
-    Settings,
-    SettingsKey,
-    head_mode,
-    resolve_targets,
-    target_axes,
-    untargeted,
-)
+from .removal import Applied, PruneError, Removal, apply_removal
+from .settings import HEAD_MODES, Settings, SettingsKey, head_mode
 from .validate import check_module_names, nonfinite_text, nonfinite_weights
 
-T = TypeVar("T")
 
-
-class _Read(Generic[T]):
-    """An attribute of the pruner read from its timeline or settings (``owner.name``);
-    setting it on a pruner replaces that one setting (validated again)."""
-
-    def __init__(self, owner: str, name: str) -> None:
-        self.owner, self.name = owner, name
-
-    def __get__(self, obj: object, objtype: type | None = None) -> T:
-        return cast(T, getattr(getattr(obj, self.owner), self.name))
-
-    def __set__(self, obj: Any, value: T) -> None:
-        if self.owner != "config":
-            raise AttributeError(f"{self.name} is the timeline's; it changes by edits only")
-        obj.config = obj.config.but(**{self.name: value})
-
-
-class Pruner:
+class Pruner(Chooser):
     """Structural pruner over the exact coupling groups of a traced model.
 
     Args:
@@ -112,7 +84,7 @@ class Pruner:
                  target_params: float | None = None, target_macs: float | None = None,
                  compensate: str | None = None, scores: Criterion | None = None,
                  targets: str | Sequence[str] | None = None) -> None:
-        self.config = Settings(importance, ratio, head_mode(heads), global_pruning, round_to,
+        config = Settings(importance, ratio, head_mode(heads), global_pruning, round_to,
                                None if targets is None else parse_targets(targets),
                                iterative_steps, dict(ratios or {}), max_ratio, target_params,
                                target_macs, compensation(compensate))
@@ -121,66 +93,18 @@ class Pruner:
             raise ValueError("scores given for the original weights rank one cut only; use "
                              "iterative_steps=1")
         self.ignored = list(ignored)
-        self.criterion: Criterion = make(importance) if scores is None else scores
-        self._given_scores = scores is not None
-        self.current_step = 0
-        self.notes: list[str] = []  # caveats found while scoring (copied into step reports)
-        self._calib_source = calibration
-        self._calibration: Calibration | None = None
-        self._prepared_at: int | None = None  # the version the criterion was prepared on
-        self._flight: tuple[int, Preflight] | None = None
-        # version -> (settings, proposals): kept for every state an undo can bring back
-        self._pending: dict[int, tuple[SettingsKey, list[Proposal]]] = {}
         # NaN/Inf weights: tracing and proposals still work, `step` and `apply` refuse
         self.nonfinite = nonfinite_weights(model)
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        self.history = History(model, inputs, ignored)
+        super().__init__(History(model, inputs, ignored), config, scores, calibration)
         self.decisions = Decisions(self.history)
-        self.targets = resolve_targets(self.config.targets, self.config.heads, self.graph,
-                                       self.groups)
-        self._original = {self._key(g, i): a.size for g in self.groups
-                          for i, a in enumerate(g.axes)}
-        self.params_original = count_params(model)
-        self.macs_original = count_macs(self.graph)
-
-    # -- the timeline and the settings, as attributes ----------------------------------------
-    model = _Read[nn.Module]("history", "model")
-    inputs = _Read[tuple[Any, ...]]("history", "inputs")
-    graph = _Read[Graph]("history", "graph")
-    coupling = _Read[Coupling]("history", "coupling")
-    version = _Read[int]("history", "version")
-    config_note = _Read[str]("history", "config_note")
-    importance = _Read[str]("config", "importance")
-    ratio = _Read[float]("config", "ratio")
-    global_pruning = _Read[bool]("config", "global_pruning")
-    round_to = _Read[int]("config", "round_to")
-    steps = _Read[int]("config", "iterative_steps")
-    ratios = _Read[dict[str, float]]("config", "ratios")
-    max_ratio = _Read[float]("config", "max_ratio")
-    target_params = _Read[float | None]("config", "target_params")
-    target_macs = _Read[float | None]("config", "target_macs")
-    compensate = _Read[Compensation | None]("config", "compensate")
-
-    @property
-    def heads(self) -> str:
-        return self.config.heads.value
-
-    @property
-    def groups(self) -> list[Group]:
-        return self.history.coupling.groups
+        # version -> (settings, proposals): kept for every state an undo can bring back
+        self._pending: dict[int, tuple[SettingsKey, list[Proposal]]] = {}
 
     @property
     def applied(self) -> list[Applied]:
         """Every cut, in order (for plans)."""
         return self.history.applied
-
-    @property
-    def _prepared(self) -> bool:
-        return self._prepared_at == self.version
-
-    @_prepared.setter
-    def _prepared(self, value: bool) -> None:
-        self._prepared_at = self.version if value else None
 
     def _check_finite(self) -> None:
         """Refuse to prune on weights with NaN/Inf values (their scores and cuts mean nothing).
@@ -193,198 +117,6 @@ class Pruner:
                              f"{nonfinite_text(self.nonfinite)}; scores on them mean nothing, "
                              "so nothing is pruned. Load weights without NaN/Inf (tracing and "
                              "inspecting still work)")
-
-    def configure(self, importance: str | None = None, ratio: float | None = None,
-                  heads: str | None = None, global_pruning: bool | None = None,
-                  round_to: int | None = None,
-                  targets: str | Sequence[str] | None = None) -> None:
-        """Change settings on the same traced model (None keeps a setting as it is).
-
-        Raises:
-            ValueError: a bad setting; the pruner is unchanged.
-        """
-        new = self.config.but(importance=importance,
-                              ratio=None if ratio is None else float(ratio), heads=heads,
-                              round_to=None if round_to is None else int(round_to),
-                              global_pruning=global_pruning)
-        asked = self.config.targets if targets is None else parse_targets(targets)
-        if asked == self.targets and self.config.targets is None:
-            asked = None  # the targets as they are (a page passes them back): still default
-        self.targets = resolve_targets(asked, new.heads, self.graph, self.groups)
-        if new.importance != self.importance or (self._given_scores and importance):
-            self._given_scores = False
-            self.criterion, self._prepared = make(new.importance), False
-        self.config = replace(new, targets=asked)
-
-    def settings(self) -> SettingsKey:
-        """(importance, ratio, heads, global_pruning, round_to, targets)."""
-        return self.config.key(self.targets)
-
-    def preflight(self) -> Preflight:
-        """The pre-flight runner for the model as it is now (kept until the next cut)."""
-        if self._flight is None or self._flight[0] != self.version:
-            self._flight = (self.version, Preflight(self.model, self.inputs, self.coupling))
-        return self._flight[1]
-
-    def _prepare(self) -> None:
-        if self._prepared:
-            return
-        if self._given_scores:
-            if self.applied:
-                raise ValueError("the given scores rank the original channels and this model "
-                                 "was cut since; prune in one step (iterative_steps=1) or "
-                                 "compute the scores again on the pruned weights")
-            self._prepared = True
-            return
-        calib = None
-        on_meta = any(p.device.type == "meta" for p in self.model.parameters())
-        if on_meta and self.importance != "random":
-            if self.criterion.needs_data:
-                raise ValueError(f"importance '{self.importance}' needs real weights and data, "
-                                 f"but the model is on the meta device; use 'random' (or "
-                                 f"plan structure only) and replay the plan on real weights")
-            self.notes.append(f"the weights are on the meta device, so '{self.importance}' "
-                              f"has no values: the lowest indices of each group are chosen")
-        if self.criterion.needs_data:
-            calib = self._calib()
-        try:
-            self.criterion.prepare(self.model, self.coupling, calib)
-        except (RuntimeError, IndexError, TypeError) as e:  # a batch the forward rejects
-            detail = " ".join(str(e).split())[:200]
-            raise ValueError(f"importance '{self.importance}': the model failed on the "
-                             f"calibration data ({type(e).__name__}: {detail}); give batches "
-                             f"shaped like the example inputs") from e
-        self._prepared = True
-
-    def _calib(self) -> Calibration:
-        if self._calibration is None:
-            self._calibration = load_calibration(self._calib_source, self.inputs)
-        return self._calibration
-
-    @staticmethod
-    def _key(group: Group, axis: int) -> tuple[str, int, int, int, str]:
-        return (*group.key, axis, group.axes[axis].role)
-
-    # -- targets -------------------------------------------------------------------------
-    def target_axes(self, group: Group) -> list[int]:
-        """The axes of ``group`` the targets and head mode let the pruner cut."""
-        return target_axes(group, self.targets, self.config.heads)
-
-    @property
-    def targets_default(self) -> bool:
-        """Whether the targets are the model's default (none were asked for)."""
-        return self.config.targets is None
-
-    def untargeted(self, target: Target) -> str:
-        """Why groups of ``target`` are left alone (it is not among the targets)."""
-        return untargeted(target, self.targets, self.targets_default, self.config.heads,
-                          self.graph)
-
-    def could_propose(self, group: Group) -> bool:
-        """Whether `pending` may hold a proposal for ``group``: it is prunable and the head
-        mode leaves it an axis to cut (`candidates` skips the others)."""
-        return group.prunable and bool(self.target_axes(group))
-
-    def candidates(self) -> tuple[list[Candidate], list[Skip]]:
-        """Every prunable axis with its scores, and why the other groups are skipped."""
-        self._prepare()
-        cands: list[Candidate] = []
-        skipped: list[Skip] = []
-        for g in self.groups:
-            if not g.prunable:
-                skipped.append(Skip(g.id, g.title, g.reason))
-                continue
-            axes = self.target_axes(g)
-            if target_of(g) not in self.targets:
-                skipped.append(Skip(g.id, g.title, self.untargeted(target_of(g))))
-                continue
-            if not axes:
-                skipped.append(Skip(g.id, g.title, f"no axis prunable in head mode "
-                                                   f"'{self.heads}'"))
-                continue
-            s = self.criterion.scores(self.model, self.coupling, g)
-            for i in axes:
-                original = self._original.get(self._key(g, i), g.axes[i].size)
-                cands.append(Candidate(g, i, s[i], original, 0.0))
-        return cands, skipped
-
-    # -- proposals ------------------------------------------------------------------------
-    def propose(self, ratio: float | None = None) -> tuple[Removal, list[GroupChange], list[Skip]]:
-        """Indices the next step would remove (lowest importance first)."""
-        if ratio is None:
-            ratio = self._step_ratio()
-        cands, skipped = self.candidates()
-        return self._propose(cands, skipped, ratio)
-
-    def _propose(self, cands: list[Candidate], skipped: list[Skip], ratio: float
-                 ) -> tuple[Removal, list[GroupChange], list[Skip]]:
-        """`propose` over candidates already scored (``skipped`` is extended)."""
-        c = self.config
-        counts = (global_counts(cands, ratio, c.max_ratio, c.round_to) if c.global_pruning
-                  else local_counts(cands, ratio, c.ratios, c.max_ratio, c.round_to))
-        removal, changes = Removal(), []
-        places: dict[int, dict[int, str]] = {}
-        for cand, n in zip(cands, counts, strict=False):
-            ax = cand.group.axes[cand.axis]
-            if n <= 0:
-                why = "at its minimum width" if ax.size <= 1 else "already at the target width"
-                skipped.append(Skip(cand.group.id, cand.group.title, f"{ax.role}: {why}"))
-                continue
-            idx = lowest(cand.scores, n)
-            removal.add(cand.group.id, cand.axis, idx)
-            if cand.group.id not in places:
-                places[cand.group.id] = axis_layers(self.coupling, cand.group)
-            changes.append(GroupChange(cand.group.id, cand.group.title, ax.role, idx, ax.size,
-                                       ax.size - n, where=places[cand.group.id][cand.axis]))
-        return removal, changes, skipped
-
-    def _step_ratio(self) -> float:
-        return self.ratio * min(self.current_step + 1, self.steps) / self.steps
-
-    def plan_ratio(self) -> float:
-        """The ratio a full prune uses: ``ratio``, or the one searched to meet
-        ``target_params`` / ``target_macs``."""
-        return self._ratio_for_target() if self.config.targeted else self.ratio
-
-    def params_now(self) -> int:
-        """The model's parameter count as it is now."""
-        return count_params(self.model)
-
-    def _ratio_for_target(self) -> float:
-        """Smallest uniform ratio whose predicted params (or MACs) meet the target."""
-        lo, hi = 0.0, self.max_ratio
-        flight = Preflight(self.model, self.inputs, self.coupling) if self.target_macs else None
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            removal, _c, _s = self.propose(mid)
-            if self._meets_target(removal, flight):
-                hi = mid
-            else:
-                lo = mid
-        return hi
-
-    def _meets_target(self, removal: Removal, flight: Preflight | None) -> bool:
-        if self.target_params is not None and \
-                self.predict_params(removal) > self.target_params * self.params_original:
-            return False
-        if self.target_macs is not None and flight is not None:
-            verdict = flight.check(removal)
-            if verdict.graph is None or count_macs(verdict.graph) > \
-                    self.target_macs * self.macs_original:
-                return False
-        return True
-
-    def predict_params(self, removal: Removal) -> int:
-        """Parameter count after applying ``removal`` (computed from kept indices)."""
-        keeps = self.coupling.keep_indices(removed_atoms(self.coupling, removal))
-        total = 0
-        for name, p in self.model.named_parameters():
-            shape = list(p.shape)
-            for d in range(len(shape)):
-                if (name, d) in keeps:
-                    shape[d] = len(keeps[(name, d)])
-            total += math.prod(shape)
-        return total
 
     # -- proposals, one group at a time ---------------------------------------------------
     def pending(self) -> list[Proposal]:
@@ -424,29 +156,6 @@ class Pruner:
         props = self.pending() if pending is None else pending
         return solve(self.preflight(), {p.key: p.removal() for p in props}, alone=True,
                      progress=progress, rescale=self.common_fraction)
-
-    def common_fraction(self, parts: list[Removal]) -> list[Removal]:
-        """``parts`` re-cut so every axis loses the same fraction (their mean), lowest
-        scores first: what groups tied by ``C // num_heads`` need to shrink together."""
-        picks = [(g, a, len(idx)) for r in parts for (g, a), idx in r.picks.items() if idx]
-        if not picks:
-            return parts
-        fraction = float(np.mean([n / self.groups[g].axes[a].size for g, a, n in picks]))
-        smallest = min(self.groups[g].axes[a].size for g, a, _n in picks)
-        # a multiple of 1/smallest: then every wider axis (usually a multiple of the smallest,
-        # such as C = num_heads * head_dim) keeps a width that rounds the same way
-        fraction = max(1, round(fraction * smallest)) / smallest
-        cands, _ = self.candidates()
-        scores = {(c.group.id, c.axis): c.scores for c in cands}
-        out = []
-        for r in parts:
-            new = Removal()
-            for (g, a), idx in r.picks.items():
-                size = self.groups[g].axes[a].size
-                n = size - kept(size, fraction, self.round_to)
-                new.add(g, a, lowest(scores[(g, a)], n) if (g, a) in scores and n > 0 else idx)
-            out.append(new)
-        return out
 
     def joint(self, proposal: Proposal, pending: list[Proposal] | None = None,
               solution: Solution[GroupKey] | None = None) -> Proposal | None:
@@ -652,13 +361,6 @@ class Pruner:
                 c.removed = sol.rescaled[c.group].picks.get((c.group, axis), c.removed)
                 c.width_after = c.width_before - len(c.removed)
         return merge(sol.rescaled.get(g, parts[g]) for g in sorted(safe)), kept_changes
-
-    def _outer_cut(self, flight: Preflight, group: Group, picked: dict[int, list[int]],
-                   verdict: Verdict, base: Removal) -> tuple[Removal, GroupChange] | None:
-        """`outer.outer_cut` with this pruner's scores and rounding."""
-        return outer_cut(flight, self.coupling, group,
-                         lambda: self.criterion.scores(self.model, self.coupling, group),
-                         picked, verdict, base, self.round_to)
 
 
 __all__ = ["HEAD_MODES", "Candidate", "GroupChange", "Pruner", "Skip", "StepReport", "Unsafe"]

@@ -40,9 +40,14 @@ def nonfinite_weights(model: nn.Module) -> dict[str, int]:
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         if tensor.device.type == "meta" or not tensor.is_floating_point():
             continue
-        finite = torch.isfinite(tensor.detach())
-        if not bool(finite.all()):
-            found[name] = int(finite.numel() - int(finite.sum()))
+        t = tensor.detach()
+        if not t.numel():
+            continue
+        low, high = torch.aminmax(t)  # NaN propagates, Inf is an extreme: no full-size mask
+        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+            continue
+        finite = torch.isfinite(t)
+        found[name] = int(finite.numel() - int(finite.sum()))
     return found
 
 

@@ -136,26 +136,62 @@ def reference_outputs(reference: nn.Module, data: Calibration) -> list[Output]:
     """The reference model's compared output on every batch (on CPU, to be reused).
 
     This keeps every output: for a small probe batch (`QualityProbe`), not for a data set
-    (`evaluate` streams)."""
+    (`evaluate` streams). Batches run a few rows at a time (`OUTPUT_BUDGET`)."""
+    out: list[Output] = []
     with _eval_mode(reference), torch.no_grad():
-        outs = [_primary(reference(*_to(b, reference), **data.kwargs)) for b in data.batches]
-    return [(t.detach().cpu(), flag) for t, flag in outs]
+        for batch in data.batches:
+            parts = [(t.detach().cpu(), flag) for _start, _stop, t, flag
+                     in _row_forwards(reference, batch, data, None)]
+            out.append((torch.cat([t for t, _f in parts]) if len(parts) > 1 else parts[0][0],
+                        parts[0][1]))
+    return out
 
 
-def compare(model: nn.Module, references: Sequence[Output], data: Calibration,
+def compare(model: nn.Module | None, references: Sequence[Output], data: Calibration,
             task: Task) -> Quality:
-    """`Quality` of ``model`` against precomputed `reference_outputs` on the same ``data``.
+    """`Quality` of ``model`` against precomputed `reference_outputs` on the same ``data``
+    (``model`` None: the reference against itself, with no forward). Batches run a few rows
+    at a time (`OUTPUT_BUDGET`), each compared with the reference's rows and let go.
 
     Raises:
         ValueError: if an output's shape differs from the reference's.
     """
     sums = _Sums()
+    if model is None:
+        for batch, ref in zip(data.batches, references, strict=True):
+            _accumulate(sums, task, ref, ref, batch, data.mask(batch))
+        return _result(task, sums)
     with _eval_mode(model), torch.no_grad():
         for batch, ref in zip(data.batches, references, strict=True):
-            out = _primary(model(*_to(batch, model), **data.kwargs))
-            _check_shapes(ref[0], out[0])
-            _accumulate(sums, task, ref, out, batch, data.mask(batch))
+            for start, stop, out, flag in _row_forwards(model, batch, data, ref[0]):
+                part = batch if stop is None else _slice(batch, start, stop)
+                rows = ref if stop is None else (ref[0][start:stop], ref[1])
+                _check_shapes(rows[0], out)
+                _accumulate(sums, task, rows, (out, flag), part, data.mask(part))
+                del out
     return _result(task, sums)
+
+
+def _row_forwards(model: nn.Module, batch: tuple[Any, ...], data: Calibration,
+                  reference: torch.Tensor | None
+                  ) -> Iterator[tuple[int, int | None, torch.Tensor, bool]]:
+    """``(start, stop, output, is_logits)`` of ``model`` on ``batch``, a few rows at a time
+    (how many: from ``reference``'s size per row, else from the first one-row output); stop
+    is None when the batch cannot be split and ran whole."""
+    n = _splittable_rows(batch)
+    if n is None:
+        out, flag = _primary(model(*_to(batch, model), **data.kwargs))
+        yield 0, None, out, flag
+        return
+    rows = None if reference is None else _rows_per_forward(reference)
+    start = 0
+    while start < n:
+        stop = min(n, start + (rows or 1))
+        out, flag = _primary(model(*_to(_slice(batch, start, stop), model), **data.kwargs))
+        if rows is None:
+            rows = _rows_per_forward(out)
+        yield start, stop, out, flag
+        start = stop
 
 
 def _check_shapes(ref: torch.Tensor, out: torch.Tensor) -> None:

@@ -25,8 +25,9 @@ from torch import nn
 from ..coupling.groups import Group
 from ..prune.calibration import Calibration
 from ..prune.importance import CRITERIA, criterion_names
-from ..prune.pruner import HEAD_MODES, Pruner, StepReport
+from ..prune.pruner import Pruner, StepReport
 from ..prune.sensitivity import scan
+from ..prune.settings import head_mode
 from .models import (
     MODEL_KINDS,
     Digits,
@@ -72,8 +73,7 @@ class LearnSettings:
             raise ValueError(f"unknown model kind(s) {bad}; choose from {MODEL_KINDS}")
         if any(not 0.0 < r < 1.0 for r in (*self.ratios, *self.sensitivity_ratios)):
             raise ValueError("every ratio must be in (0, 1)")
-        if self.heads not in HEAD_MODES:
-            raise ValueError(f"heads must be one of {HEAD_MODES}, got {self.heads!r}")
+        head_mode(self.heads)  # the pruner's own check: one of `HEAD_MODES`
         unknown = [c for c in (*self.criteria, self.sensitivity_criterion) if c not in CRITERIA]
         if unknown:
             raise ValueError(f"unknown criteria {unknown}; choose from {sorted(CRITERIA)}")

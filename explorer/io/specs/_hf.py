@@ -19,6 +19,7 @@ from ...quality.task import ModelKind, Task
 from ..own_code import refuse_own_code
 from ._gguf import build_gguf, gguf_target
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
+from ._pruned_folder import ORIGINAL_CONFIG, build_pruned, is_pruned_folder
 from ._query import is_count, split_query
 from ._types import Built, ModelFamily, SpecError, one_line
 
@@ -38,6 +39,11 @@ def build_hf(text: str, device: str) -> Built:
     if Path(name).is_dir():
         folder = Path(name)
         refuse_own_code(folder, SpecError)  # before transformers reads any of it
+        if is_pruned_folder(folder):  # a streamed replay's plan + original config
+            data = read_config_json(folder / ORIGINAL_CONFIG)
+            config = _hf_config(data.pop("model_type"), {**data, "use_cache": False}, overrides)
+            task = choose_task(config, requested_task, f"'hf:{text}'")
+            return build_pruned(folder, config, task, attn, device)
         data = read_config_json(folder / "config.json")
         config = _hf_config(data.pop("model_type"), {**data, "use_cache": False}, overrides)
         task = choose_task(config, requested_task, f"'hf:{text}'")

@@ -1,0 +1,201 @@
+"""What one app session holds in memory and how long it lives: the kept original shares the
+working copy's tensors, the quality probe keeps no more than its few held-out samples, the
+registry shares one session between tabs and evicts idle ones to their saved log, and a
+short memory is one line, not a dead server."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from explorer import trace
+from explorer.app.registry import Registry, available_bytes, memory_short, tensor_bytes
+from explorer.app.session import Session
+from explorer.io.specs import load_model
+from explorer.prune.calibration import Calibration
+from explorer.prune.importance import make
+from explorer.prune.preflight import clone_model, shared_clone
+from explorer.prune.validate import nonfinite_weights
+from explorer.quality.evaluate import evaluate
+from explorer.quality.original import OriginalChanged
+from explorer.quality.probe import QualityProbe, shares_all
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    lm = load_model("hf:llama?num_hidden_layers=2")
+    return lm.model, lm.example_inputs
+
+
+def _heldout(n: int = 4, seq: int = 6) -> Calibration:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 100, (n, seq))
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[1, 4:] = 0
+    return Calibration([(ids, mask)], mask_index=1)
+
+
+def test_head_takes_the_first_samples_across_batches() -> None:
+    a, b = torch.arange(12).reshape(4, 3), torch.arange(12, 24).reshape(4, 3)
+    calib = Calibration([(a, "keep"), (b, "keep")], loss="ce",
+                        labels=[torch.arange(4), torch.arange(4, 8)], mask_index=None)
+    head = calib.head(6)
+    assert [x[0].tolist() for x in head.batches] == [a.tolist(), b[:2].tolist()]
+    assert head.batches[1][1] == "keep" and head.loss == "ce"
+    assert head.labels is not None and head.labels[1].tolist() == [4, 5]
+    assert len(calib.head(100).batches) == 2 and calib.batches[1][0] is b  # not changed
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        calib.head(0)
+
+
+def test_nonfinite_weights_counts_without_a_full_mask() -> None:
+    m = nn.Linear(3, 3)
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+        m.weight[1, 2] = float("inf")
+        m.bias[0] = float("-inf")
+    assert nonfinite_weights(m) == {"weight": 2, "bias": 1}
+    assert nonfinite_weights(nn.Linear(3, 3)) == {}
+
+
+def test_probe_runs_rows_within_the_output_budget_and_matches_evaluate(
+        llama: tuple[nn.Module, tuple[torch.Tensor, ...]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's measurement equals `evaluate`'s on the same data, while each forward
+    takes only the rows the output budget allows (one here) and no forward at all for a
+    model that is still the original tensor for tensor."""
+    model, _inputs = llama
+    data = _heldout()
+    pruned = clone_model(model)
+    with torch.no_grad():
+        pruned.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    rows: list[int] = []
+    hook = pruned.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(
+        int(args[0].shape[0]) if args else int(kwargs["input_ids"].shape[0])),
+        with_kwargs=True)
+    monkeypatch.setattr(sys.modules["explorer.quality.evaluate"], "OUTPUT_BUDGET", 1)  # 1 row
+    probe = QualityProbe(model, data)
+    got = probe.current(pruned, "v1")
+    hook.remove()
+    want = evaluate(pruned, model, data)
+    assert rows == [1, 1, 1, 1]
+    assert got.perplexity_after == pytest.approx(want.perplexity_after, rel=1e-9)
+    assert got.kl == pytest.approx(want.kl, rel=1e-6)
+    assert got.top1 == want.top1 and got.samples == want.samples == 4
+
+    twin = shared_clone(model)
+    calls: list[int] = []
+    handle = twin.register_forward_pre_hook(lambda *_a: calls.append(1))
+    same = probe.current(twin, "v0")
+    handle.remove()
+    assert shares_all(twin, model) and not shares_all(pruned, model)
+    assert calls == [] and same.kl == pytest.approx(0.0, abs=1e-12) and same.top1 == 1.0
+    assert same.perplexity_after == same.perplexity_before == got.perplexity_before
+
+
+def test_session_keeps_the_original_once_and_checks_it_on_export(
+        llama: tuple[nn.Module, tuple[torch.Tensor, ...]], tmp_path: Path) -> None:
+    model, inputs = llama
+    pe = Session(model, inputs, heldout=_heldout())
+    own = tensor_bytes([pe.model])
+    assert tensor_bytes([pe.model, pe.original]) == own  # the original costs nothing
+    assert pe.quality() is not None and pe.quality().kl == pytest.approx(0.0, abs=1e-12)
+    p = pe.current()
+    assert p is not None and pe.accept(p), pe.message
+    # the cut tensors are new; the original still holds the old ones, and only those
+    assert 0 < tensor_bytes([pe.original], shared=[pe.model]) < own
+    assert pe.undo()
+    assert tensor_bytes([pe.model, pe.original]) == own  # undo puts the very tensors back
+    with torch.no_grad():
+        next(pe.model.parameters()).add_(1.0)  # a write in place: the original would lie
+    with pytest.raises(OriginalChanged, match="written in place"):
+        pe.export_files(("pt",), tmp_path)
+
+
+def test_magnitude_scores_again_only_the_tensors_a_cut_replaced() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    crit = make("magnitude")
+    coupling = trace(model, (torch.randn(2, 4),)).coupling
+    crit.prepare(model, coupling, None)
+    first = crit.element("0.weight", 0)
+    kept = crit.element("2.weight", 1)
+    assert first is not None and kept is not None
+    model[0].weight = nn.Parameter(model[0].weight.detach() * 2)  # what a cut does
+    crit.prepare(model, coupling, None)
+    assert crit.element("2.weight", 1) is kept  # unchanged tensor: the sum is reused
+    again = crit.element("0.weight", 0)
+    assert again is not first and again == pytest.approx(first * 4)
+
+
+def test_registry_shares_by_id_and_evicts_the_least_recently_used() -> None:
+    sizes = {"a": 40, "b": 40, "c": 40}
+    reg: Registry[str] = Registry(lambda item: sizes[item], budget=100)
+    assert reg.put("s1", "a") == [] and reg.put("s2", "b") == []
+    assert reg.get("s1") == "a"  # s1 is now the most recently used
+    assert reg.put("s3", "c") == ["s2"]  # over 100: the idle one goes
+    assert "s2" not in reg and reg.get("s2") is None and len(reg) == 2 and reg.held == 80
+    sizes["a"] = 90
+    assert reg.touch("s1") == ["s3"]  # it grew: others make room, never itself
+    assert reg.touch("nobody") == []
+    sizes["a"] = 500
+    assert reg.touch("s1") == [] and reg.get("s1") == "a"  # alone over budget: kept
+    reg.drop("s1")
+    assert len(reg) == 0
+    unlimited: Registry[str] = Registry(lambda item: 10**12, budget=None)
+    unlimited.budget = None
+    assert unlimited.put("x", "a") == [] and unlimited.put("y", "b") == []
+
+
+def test_memory_is_read_from_meminfo_and_short_memory_is_one_line(tmp_path: Path) -> None:
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       16000000 kB\nMemAvailable:    1048576 kB\n")
+    assert available_bytes(info) == 2**30
+    assert memory_short(2**29, "a session", info) is None
+    line = memory_short(3 * 2**30, "a session of `hf:x`", info)
+    assert line is not None and "\n" not in line
+    assert line.startswith("not enough memory for a session of `hf:x`: it needs about 3.0 GB "
+                           "and 1.0 GB is free")
+    assert available_bytes(tmp_path / "missing") is None
+    assert memory_short(10**15, "x", tmp_path / "missing") is None  # unknown: no verdict
+    (tmp_path / "odd").write_text("MemAvailable: lots\n")
+    assert available_bytes(tmp_path / "odd") is None
+
+
+def test_tensor_bytes_counts_each_storage_once_and_skips_shared() -> None:
+    a = nn.Linear(10, 10)  # 100 + 10 floats
+    b = nn.Linear(10, 10)
+    b.weight = a.weight  # tied
+    assert tensor_bytes([a]) == 110 * 4
+    assert tensor_bytes([a, b]) == 120 * 4
+    assert tensor_bytes([b], shared=[a]) == 10 * 4
+    assert tensor_bytes([None, nn.Linear(2, 2, device="meta")]) == 0
+
+
+def test_a_criterion_switch_reports_its_calibration_batches(
+        llama: tuple[nn.Module, tuple[torch.Tensor, ...]]) -> None:
+    model, inputs = llama
+    calib = Calibration([(torch.randint(0, 100, (2, 6)),) for _ in range(3)])
+    pe = Session(model, inputs, calibration=calib)
+    seen: list[tuple[float, str]] = []
+    assert pe.configure("wanda", 0.5, "dims", progress=lambda f, text: seen.append((f, text)))
+    assert seen == [(0.0, "calibration batch 1 of 3"), (1 / 3, "calibration batch 2 of 3"),
+                    (2 / 3, "calibration batch 3 of 3")]
+    assert pe.pruner.criterion.progress is None  # told only while it scores
+    assert not pe.configure("nonsense", 0.5, "dims", progress=lambda f, t: seen.append((f, t)))
+    assert pe.message is not None and "unknown importance 'nonsense'" in pe.message.text
+
+
+def test_export_zips_store_weights_and_deflate_text(
+        llama: tuple[nn.Module, tuple[torch.Tensor, ...]], tmp_path: Path) -> None:
+    import zipfile
+
+    model, inputs = llama
+    pe = Session(model, inputs)
+    files, _notes = pe.export_files(("safetensors",), tmp_path)
+    with zipfile.ZipFile(files["pruned_safetensors.zip"]) as zf:
+        kinds = {Path(i.filename).name: i.compress_type for i in zf.infolist()}
+    assert kinds == {"model.safetensors": zipfile.ZIP_STORED,
+                     "plan.json": zipfile.ZIP_DEFLATED}

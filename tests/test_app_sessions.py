@@ -1,0 +1,101 @@
+"""A session's lifetime in the app (AppTest, no browser): the id in the URL survives page
+changes; a refresh or a second tab gets the live session itself; an evicted session and a
+server restart reopen from the saved log; short memory is one line, not a dead server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+import streamlit as st  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from explorer.app import registry  # noqa: E402
+
+TIMEOUT = 120
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PE_SESSION_DIR", str(tmp_path / "sessions"))
+    _sessions().clear()  # no live session of another test
+
+
+def _sessions() -> registry.Registry:  # type: ignore[type-arg]
+    from pages._session import sessions
+    return sessions()
+
+
+def _open(sid: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if sid is not None:
+        at.query_params["sid"] = sid
+    at.run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    return at
+
+
+def _accept_one(at: AppTest) -> int:
+    at.switch_page("pages/3_groups.py").run()
+    at.button(key="groups_accept").click().run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    return int(at.session_state["pe"].params)
+
+
+def test_a_refresh_and_a_second_tab_share_the_live_session() -> None:
+    first = _open()
+    sid = first.session_state["pe_sid"]
+    params = _accept_one(first)
+    first.switch_page("pages/4_dimensions.py").run()
+    assert first.query_params["sid"] == sid  # a page change keeps the id in the URL
+    second = _open(sid)  # a refresh, or the same link in another tab: no replay
+    assert second.session_state["pe"] is first.session_state["pe"]
+    assert second.session_state["pe"].params == params
+    assert len(_sessions()) == 1
+    second.switch_page("pages/3_groups.py").run()
+    second.button(key="groups_reject").click().run()  # decided in one tab ...
+    first.switch_page("pages/3_groups.py").run()
+    assert "rejected" in first.session_state["pe"].history[-1]  # ... seen in the other
+
+
+def test_a_server_restart_replays_the_saved_log() -> None:
+    first = _open()
+    sid = first.session_state["pe_sid"]
+    params = _accept_one(first)
+    st.cache_resource.clear()  # what a restart loses: the models and the live sessions
+    again = _open(sid)
+    pe = again.session_state["pe"]
+    assert pe is not first.session_state["pe"] and pe.params == params
+    assert pe.message is not None and pe.message.text == "restored 1 decisions"
+
+
+def test_an_evicted_session_reopens_from_its_log_and_frees_its_place() -> None:
+    first = _open()
+    sid = first.session_state["pe_sid"]
+    params = _accept_one(first)
+    _sessions().budget = 1  # bytes: every new session evicts the others
+    other = _open()  # another user loads a model: the idle session goes
+    assert sid not in _sessions() and other.session_state["pe_sid"] in _sessions()
+    reopened = _open(sid)  # its link, in a new tab: the log replays
+    pe = reopened.session_state["pe"]
+    assert pe is not first.session_state["pe"] and pe.params == params
+    assert sid in _sessions() and other.session_state["pe_sid"] not in _sessions()
+
+
+def test_short_memory_is_one_line_and_keeps_the_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _open()
+    before = at.session_state["pe"]
+    info = tmp_path / "meminfo"
+    info.write_text("MemAvailable:          0 kB\n")
+    monkeypatch.setattr(registry, "MEMINFO", info)
+    at.text_input(key="model_spec").set_value("demo:resnet")
+    at.button(key="model_load").click().run()
+    assert not at.exception
+    assert len(at.error) == 1, at.error
+    assert at.error[0].value.startswith("not enough memory for a session of `demo:resnet`")
+    assert "\n" not in at.error[0].value and "0 MB is free; close other sessions" \
+        in at.error[0].value
+    assert at.session_state["pe"] is before  # the loaded session is still there
