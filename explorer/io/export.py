@@ -23,8 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,13 @@ from ..coupling.heads import AttentionInfo
 from ..prune.fixups.fold import folded
 from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
 from ..prune.preflight import clone_model
-from ..prune.transaction import left_as_found, transaction
-from ..prune.validate import nonfinite_text, nonfinite_weights
+from ..prune.transaction import left_as_found
 from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
-from .names import checkpoint_names, dropped_on_load
-from .paths import check_out_apart, shard_files
+from .paths import check_out_apart
 from .plan import Plan
+from .pruned import ExportError as ExportError
+from .pruned import load_into
 from .quiet import quiet_transformers
 from .specs import SentenceFolder, write_sentence_files
 
@@ -54,8 +53,6 @@ __all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportError", "ExportResult", "check_o
            "load_pruned", "parse_formats"]
 
 
-class ExportError(ValueError):
-    """An export or reload that cannot be done as asked."""
 
 
 @dataclass
@@ -443,11 +440,6 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     """
     folder = Path(directory)
     plan = Plan.load(folder / "plan.json")
-    weights = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"  # shards from explorer.io.stream
-    if not weights.is_file() and not index.is_file():
-        raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
-    state = _read_safetensors(weights) if weights.is_file() else _read_shards(index)
     inputs: Sequence[Any] | None = None
     if isinstance(source, nn.Module):
         model = source
@@ -461,83 +453,7 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
                               f"load_pruned('{spec}', '{folder}'), or pass a fresh model")
         lm = load_model(spec)
         model, inputs = lm.model, lm.example_inputs
-    with transaction(model):
-        plan.apply(model, example_inputs=inputs)
-        renamed = checkpoint_names(model, state).renamed  # a streamed replay keeps
-        dropped = dropped_on_load(model, state)  # the checkpoint's names and extra buffers
-        state = {renamed.get(n, n): t for n, t in state.items() if n not in dropped}
-        _add_created_biases(model, state)
-        _load_checked(model, state, weights)
-    found = nonfinite_weights(model)
-    if found:
-        warnings.warn(f"the weights in '{folder}' are not finite: {nonfinite_text(found)}; "
-                      "pruning refuses them", RuntimeWarning, stacklevel=2)
-    return model.eval()
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ExportError(f"'{path}' is not a readable safetensors file "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-
-
-def _read_shards(index: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the shards an index names (the model is being built in memory); only
-    shards inside the index's folder (`explorer.io.paths.shard_files`)."""
-    state: dict[str, torch.Tensor] = {}
-    for part in shard_files(index, ExportError).values():
-        state.update(_read_safetensors(part))
-    return state
-
-
-_BIASED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose forward reads .bias
-
-
-def _add_created_biases(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Give a bias-less layer the bias the weights file holds for it: `bias` compensation
-    creates one where the original layer had none (a plan records cuts, not new tensors)."""
-    for name, tensor in state.items():
-        owner, _, attr = name.rpartition(".")
-        if attr != "bias" or not owner:
-            continue
-        try:
-            module = model.get_submodule(owner)
-        except AttributeError:
-            continue  # not a module of this model: `_load_checked` names it
-        if isinstance(module, _BIASED) and module.bias is None and tensor.dim() == 1 and \
-                tensor.shape[0] == module.weight.shape[0]:
-            module.bias = nn.Parameter(torch.zeros_like(tensor, dtype=module.weight.dtype,
-                                                        device=module.weight.device),
-                                       requires_grad=module.weight.requires_grad)
-
-
-def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Copy ``state`` into ``model`` after checking every key, shape and dtype (so no copy
-    can fail half way). Tied tensors need one of their names in the file."""
-    expected = model.state_dict(keep_vars=True)
-    by_tensor: dict[int, list[str]] = {}
-    for name, t in expected.items():
-        by_tensor.setdefault(id(t), []).append(name)
-    unexpected = sorted(set(state) - set(expected))
-    missing = [names[0] for names in by_tensor.values() if not any(n in state for n in names)]
-    bad = [f"{n} {tuple(state[n].shape)}/{state[n].dtype} vs model "
-           f"{tuple(expected[n].shape)}/{expected[n].dtype}" for n in state
-           if n in expected and (state[n].shape != expected[n].shape
-                                 or state[n].dtype != expected[n].dtype)]
-    for label, names in (("unexpected tensors", unexpected), ("missing tensors", missing),
-                         ("mismatched tensors", bad)):
-        if names:
-            raise ExportError(f"weights '{path}' do not fit the replayed model: {label} "
-                              f"({len(names)}): {', '.join(names[:3])}"
-                              f"{' ...' if len(names) > 3 else ''}")
-    with torch.no_grad():
-        for names in by_tensor.values():
-            src = next(state[n] for n in names if n in state)
-            expected[names[0]].copy_(src)
+    return load_into(model, folder, plan, inputs)
 
 
 def snapshot(model: nn.Module) -> nn.Module:

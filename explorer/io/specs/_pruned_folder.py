@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ...quality.task import Task
+from ...quality.task import ModelKind, Task
 from ._hf_folder import AUTO_CLASS, KIND, example_inputs, load_tokenizer
-from ._types import Built, SpecError, one_line
+from ._types import Built, ModelFamily, SpecError, one_line
 
 PLAN = "plan.json"
 ORIGINAL_CONFIG = "original_config.json"
@@ -37,8 +37,8 @@ def build_pruned(folder: Path, config: Any, task: Task, attn: str, device: str) 
     """
     import transformers
 
-    from ..export import load_pruned
     from ..plan import Plan
+    from ..pruned import load_into
 
     auto_cls = getattr(transformers, AUTO_CLASS[task])
     try:
@@ -48,14 +48,14 @@ def build_pruned(folder: Path, config: Any, task: Task, attn: str, device: str) 
         if torch.device(device).type == "meta":
             Plan.load(folder / PLAN).apply(model)
         else:
-            model = load_pruned(model, folder)
+            model = load_into(model, folder)
     except (ValueError, OSError, RuntimeError) as e:
         raise SpecError(f"cannot rebuild the pruned model in '{folder}' from "
                         f"{ORIGINAL_CONFIG} and {PLAN}: {one_line(e)}") from e
     tokenizer = load_tokenizer(folder)
     vocab = getattr(config, "vocab_size", None)
-    return Built(model, example_inputs(model, config, task, tokenizer), "hf",
-                 KIND.get(task, "encoder"), hf_config=model.config,
+    return Built(model, example_inputs(model, config, task, tokenizer), ModelFamily.HF,
+                 KIND.get(task, ModelKind.ENCODER), hf_config=model.config,
                  vocab_size=int(vocab) if vocab else None, task=task, tokenizer=tokenizer,
                  source=str(folder), pretrained=torch.device(device).type != "meta",
                  notes=(f"{folder}: the pruned model rebuilt from {ORIGINAL_CONFIG} and "
