@@ -15,11 +15,9 @@ ROOT = str(Path(__file__).resolve().parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pages._session import restore_or_start  # noqa: E402
-
 st.set_page_config(page_title="Pruning Explorer", layout="wide")
-restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh
-
+# The navigation comes before the heavy imports and the model load: until it is drawn the
+# sidebar lists Streamlit's guess from the pages/ folder (with the `_session` helper).
 page = st.navigation([
     st.Page("pages/1_model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/2_graph.py", title="Graph", icon=":material/account_tree:"),
@@ -28,4 +26,8 @@ page = st.navigation([
     st.Page("pages/5_export.py", title="Export", icon=":material/download:"),
     st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ])
+
+from pages._session import restore_or_start  # noqa: E402 - torch: after the navigation
+
+restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh
 page.run()

@@ -2,7 +2,6 @@
 import streamlit as st
 
 from explorer.app.display import (
-    PROMPT_EXAMPLE,
     continuation_rows,
     group_rows,
     heading,
@@ -14,7 +13,7 @@ from explorer.app.session import Message
 from explorer.app.sources import example_specs, plan_text, request_from_fields
 from explorer.graph.metrics import count_params
 from explorer.render.figures import compact, quality_text
-from pages._session import load, show
+from pages._session import load, prompts_box, show
 
 
 def _pick() -> None:
@@ -22,8 +21,10 @@ def _pick() -> None:
 
 
 st.title("Model")
-if "model_spec" not in st.session_state:
-    st.session_state.model_spec = st.session_state.pe_request.spec
+if "model_spec" not in st.session_state or "model_spec_next" in st.session_state:
+    # the loaded spec (a local folder's hf:<folder> too), not what the box held before
+    st.session_state.model_spec = st.session_state.pop("model_spec_next",
+                                                       st.session_state.pe_request.spec)
 st.selectbox("Examples", example_specs(), index=None, key="model_example", on_change=_pick,
              placeholder="pick a demo, transformers family or timm model")
 st.caption("`demo:dino_vit` is DINO's exact attention code: it shows the `qkv[0]` indexing "
@@ -38,7 +39,13 @@ c1.radio("Device", ["cpu", "meta"], key="model_device", horizontal=True,
 current = st.session_state.get("pe")
 c2.text_input("Input shape (blank = default)", key="model_shape",
               placeholder=input_placeholder(current.example_inputs) if current else "default")
-with st.expander("Local checkpoint and data (real weights, real text or images)"):
+DATA_DEFAULTS = {"model_path": "", "model_upload": None, "model_calib": "",
+                 "model_calib_up": None, "model_heldout": "", "model_heldout_up": None,
+                 "model_samples": 0, "model_seq_len": 128, "model_batch": 8}
+# open while any of its fields is set: an edit reruns the page, which must not close it
+with st.expander("Local checkpoint and data (real weights, real text or images)",
+                 expanded=any(st.session_state.get(k, v) != v
+                              for k, v in DATA_DEFAULTS.items())):
     st.text_input("Local folder or weights file", key="model_path",
                   placeholder="/models/all-MiniLM-L6-v2  (config.json + weights + tokenizer)",
                   help="a transformers folder (single or sharded safetensors, tokenizer) loads "
@@ -68,6 +75,7 @@ if st.button("Load and trace", key="model_load", type="primary"):
         st.session_state.pe_error = str(exc)
     else:
         if load(request):
+            st.session_state.model_spec_next = request.spec  # a folder's hf:<folder> too
             st.rerun()  # draw the fields above (input-shape placeholder) for the new model
 if st.session_state.get("pe_error"):
     st.error(st.session_state.pe_error)
@@ -113,9 +121,7 @@ if quality is not None:
     m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
 if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
         and not pe.on_meta:
-    prompts = st.text_area("Prompts to continue, one a line (greedy, before and after "
-                           "pruning)", key="model_prompts", placeholder=PROMPT_EXAMPLE)
-    lines = [p for p in prompts.splitlines() if p.strip()]
+    lines = prompts_box("model_prompts")
     if lines:
         st.dataframe(continuation_rows(pe.continuations(lines)), key="model_continuations",
                      hide_index=True, width="stretch")

@@ -48,6 +48,19 @@ view = build_view(mg, depth=depth, group=gid, fold=fold, search=found, unsafe=un
 model_key = f"{st.session_state.pe.spec}:{mg.num_ops}:{len(groups)}:{depth}:{fold}"
 graph_view(view.to_component(), key="graph_view", model_key=model_key,
            selected=st.session_state.get("graph_node"))
+clicked = next((n for n in view.nodes if n.id == st.session_state.get("graph_node")), None)
+if clicked is not None and 1 < len(clicked.group_ids) <= 6:  # a node in several groups
+    if st.session_state.get("graph_node_pick") not in clicked.group_ids or \
+            st.session_state.get("graph_node_for") != clicked.id:
+        st.session_state.graph_node_pick = gid if gid in clicked.group_ids else \
+            clicked.group_ids[0]
+    st.session_state.graph_node_for = clicked.id
+    st.radio(f"`{clicked.module or clicked.label}` carries the channels of "
+             f"{len(clicked.group_ids)} groups; select one", clicked.group_ids,
+             key="graph_node_pick", horizontal=True,
+             format_func=lambda i: f"{i}: {groups[i].title}",
+             on_change=lambda: st.session_state.update(
+                 graph_group=st.session_state.graph_node_pick))
 if gid is not None:
     g = groups[gid]
     st.markdown(f"**Selected group {gid}: {g.title}** — members filled orange, the coupling "

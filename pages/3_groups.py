@@ -5,22 +5,40 @@ view of the current proposal is one more function and one call at the bottom.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import streamlit as st
 
 from components.graph_view import graph_view
+from explorer.app.cost import (
+    Severity,
+    Thresholds,
+    Trail,
+    by_cost,
+    cost_label,
+    cost_sentence,
+    measure_all,
+    measured,
+    severity,
+    would_be_rows,
+)
 from explorer.app.session import Session
 from explorer.coupling.targets import TARGET_NAMES
+from explorer.prune.compensate import Compensation
 from explorer.prune.importance import CRITERIA
 from explorer.prune.preflight import Verdict
 from explorer.prune.proposal import Proposal
 from explorer.prune.pruner import HEAD_MODES
+from explorer.prune.uniform import breaks_uniform, same_cut_everywhere
+from explorer.quality.evaluate import Quality
 from explorer.render.proposal_view import (
     axis_figure,
     axis_rows,
     chart_words,
-    cost_text,
     count_label,
     edited,
+    equal_counts,
     head_structure,
     heatmap_figure,
     joint_text,
@@ -37,8 +55,9 @@ from explorer.render.proposal_view import (
     verdict_text,
 )
 from explorer.render.view import build_view
-from pages._session import reset, show
+from pages._session import prompts_box, remember, remembered, reset, show
 
+COMPENSATIONS = ["none", *(c.value for c in Compensation)]
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
         "groups_targets")
 
@@ -65,7 +84,16 @@ def settings(pe: Session) -> None:
     c[3].toggle("Global ranking", key=KEYS[3], on_change=configure,
                 help="rank channels of all groups together instead of the ratio per group")
     c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=configure)
-    st.multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
+    st.session_state.groups_compensate = pe.compensation
+    row = st.columns([1, 3])
+    row[0].selectbox("Compensation", COMPENSATIONS, key="groups_compensate",
+                 on_change=lambda: pe.set_compensation(st.session_state.groups_compensate),
+                 help="after each accept, refit the layers that read removed channels on the "
+                      "calibration data: bias (the mean of what was removed, FLAP) or lstsq "
+                      "(ridge least squares, layer by layer, kept only where it helps on "
+                      "held-out calibration samples); the cost shown before Accept is "
+                      "measured without it")
+    row[1].multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
                    help="what may be cut: mlp (feed-forward hidden units), heads (attention), "
                         "residual (the hidden size: embeddings, norms, every projection), "
                         "channels (convolutions, other layers)")
@@ -122,19 +150,121 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
                           delta_color="inverse" if card.inverse else "normal")
 
 
-def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict) -> None:
-    """What accepting the counts on screen costs in quality (on a copy with weights)."""
+def thresholds() -> Thresholds:
+    """The cost thresholds (sidebar); they outlive the page."""
+    names = [f.name for f in dataclasses.fields(Thresholds)]
+    saved: Thresholds = st.session_state.setdefault("pe_thresholds", Thresholds())
+
+    def changed() -> None:
+        try:
+            st.session_state.pe_thresholds = Thresholds(
+                **{n: float(st.session_state[f"cost_{n}"]) for n in names})
+        except ValueError as exc:
+            st.session_state.cost_error = str(exc)
+
+    with st.sidebar.expander("Cost thresholds (yellow, red)"):
+        for n in names:
+            st.session_state[f"cost_{n}"] = getattr(saved, n)
+        st.number_input("perplexity ×original: yellow above", 1.0, 1e6, step=0.05,
+                        key="cost_perplexity_warn", on_change=changed)
+        st.number_input("perplexity ×original: red above", 1.0, 1e6, step=0.1,
+                        key="cost_perplexity_alarm", on_change=changed)
+        st.number_input("agreement with the original: yellow below", 0.0, 1.0, step=0.01,
+                        key="cost_agreement_warn", on_change=changed,
+                        help="top-1 agreement where the model outputs logits, else cosine")
+        st.number_input("agreement with the original: red below", 0.0, 1.0, step=0.01,
+                        key="cost_agreement_alarm", on_change=changed)
+        if (error := st.session_state.pop("cost_error", None)) is not None:
+            st.error(error)
+    return st.session_state.pe_thresholds  # type: ignore[no-any-return]
+
+
+def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
+    """The proposal to decide on: the first pending one, or one the user picks (ordered by
+    measured cost when asked)."""
+    costs = measured(pe, pending)
+    c = st.columns([5, 2, 2])
+    order = remembered("groups_by_cost", False)
+    c[1].toggle("Cheapest first", key="groups_by_cost", on_change=remember,
+                args=("groups_by_cost",), help="order the proposals by their measured cost")
+    if order:
+        pending = by_cost(pending, costs)
+    missing = [p for p in pending if costs.get(p.key) is None]
+    if missing and pe.quality() is not None and c[2].button(
+            f"Measure all costs ({len(missing)})", key="groups_measure_all",
+            help="apply each proposal to a copy with weights and measure its quality"):
+        bar = st.progress(0.0, text="measuring costs")
+        failed = measure_all(pe, missing, lambda f, text: bar.progress(f, text=text))
+        bar.empty()
+        for line in failed:
+            st.warning(f"could not measure {line}")
+        costs = measured(pe, pending)
+        if order:
+            pending = by_cost(pending, costs)
+    keys = [p.key for p in pending]
+    state = (id(pe), pe.version, pe.settings(), order)
+    if st.session_state.get("groups_pick") not in keys or \
+            st.session_state.get("groups_pick_for") != state:
+        st.session_state.groups_pick = keys[0]  # a new model state or settings: the first
+    st.session_state.groups_pick_for = state
+    by_key = {p.key: p for p in pending}
+    if costs.get(st.session_state.groups_pick) is None and pe.quality() is not None:
+        # the proposal on screen: its cost is shown below anyway (and says why it fails)
+        with contextlib.suppress(Exception):
+            costs[st.session_state.groups_pick] = pe.proposal_cost(
+                by_key[st.session_state.groups_pick])
+    chosen = c[0].selectbox(
+        "Proposal", keys, key="groups_pick",
+        format_func=lambda k: f"{by_key[k].group.title} · {cost_label(costs.get(k), t)}")
+    return by_key[chosen]
+
+
+def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
+         t: Thresholds) -> Quality | None:
+    """What accepting the counts on screen costs in quality (on a copy with weights), in the
+    colour of its severity; with greedy continuations of the user's prompts for LLMs."""
     quality = pe.quality()
     if not verdict.ok or quality is None:
-        return
+        return None
     try:
         with st.spinner("measuring what accepting costs (the cut on a copy with weights)"):
             after = pe.proposal_cost(p, edited(p, counts))
     except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
         st.warning(f"could not measure what accepting costs: {exc}")
+        return None
+    if after is None:
+        return None
+    colour = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
+    st.markdown(f":{colour[severity(after, t)]}-background["
+                f"{cost_sentence(quality, after, t, pe.quality_source)}]")
+    if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)):
+        with st.expander("Greedy continuations if accepted", expanded=True):
+            prompts = prompts_box("groups_prompts")
+            if prompts:
+                try:
+                    rows = would_be_rows(pe, p, edited(p, counts), prompts,
+                                         st.session_state.setdefault("pe_texts", {}))
+                except Exception as exc:  # noqa: BLE001 - shown as one line
+                    st.warning(f"could not continue the prompts: {exc}")
+                else:
+                    st.dataframe(rows, key="groups_continuations", hide_index=True,
+                                 width="stretch")
+    return after
+
+
+def tradeoff(pe: Session, verdict: Verdict | None, after: Quality | None,
+             t: Thresholds) -> None:
+    """Quality against parameters as decisions accumulate, and the proposal on screen."""
+    quality = pe.quality()
+    if quality is None:
         return
-    if after is not None:
-        st.info(cost_text(quality, after, pe.quality_source))
+    trail: Trail = st.session_state.setdefault("pe_trail", {}).setdefault(id(pe), Trail())
+    label = pe.history[-1] if pe.history else "the original"
+    trail.record(len(pe.pruner.history.edits), pe.params, quality, label)  # model changes
+    would_be = (verdict.params, after) if verdict is not None and verdict.ok and \
+        verdict.params and after is not None else None
+    st.plotly_chart(trail.figure(quality, would_be=would_be, thresholds=t),
+                    key="groups_tradeoff", width="stretch")
 
 
 def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
@@ -149,6 +279,43 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
         sub = build_view(pe.graph, group=p.group.id, unsafe=where).subgraph()
         graph_view(sub.to_component(), key="groups_graph", height=460,
                    model_key=f"{pe.version}:{p.group.id}")
+
+
+def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
+                 pending: list[Proposal]) -> None:
+    """Before Accept: whether the cut keeps a `from_pretrained` folder, and one click for the
+    same cut in every layer; unequal per-layer cuts of a group whose layers share tensors."""
+    on_screen = edited(p, counts)
+    if layered(p) and not verdict.ok:
+        equal = equal_counts(axis_rows(pe.graph.coupling, p, counts))
+        if equal is not None:
+            st.warning("The layers of this group share tensors (on Llama-style models the "
+                       "one rotary cos/sin row every layer reads), so each part must be cut "
+                       "by the same count in every layer: unequal counts break the forward.")
+            st.button("Accept with equal cuts in every layer", key="groups_accept_equal",
+                      type="primary", on_click=lambda: pe.accept(p, equal))
+        return
+    if not verdict.ok or not callable(getattr(pe.model, "save_pretrained", None)):
+        return
+    cache = st.session_state.setdefault("pe_uniform", {})
+    key = (id(pe), pe.version, tuple(p.keys), tuple(sorted((on_screen or {}).items())))
+    if key not in cache:
+        try:
+            cache[key] = breaks_uniform(pe.model, pe.graph.coupling, p.removal(on_screen))
+        except Exception:  # noqa: BLE001 - the pre-flight already said the cut fits
+            cache[key] = []
+    if not cache[key]:
+        return
+    same = same_cut_everywhere(p, pending)
+    st.warning("Accepting this makes widths differ between layers, so no transformers config "
+               "describes the result and the hf export will not be a `from_pretrained` "
+               "folder (it falls back to safetensors + plan.json): "
+               + "; ".join(f"`{line}`" for line in cache[key][:3])
+               + (" ..." if len(cache[key]) > 3 else "") + "."
+               + (" Cut the same in every layer to keep one." if same is not None else ""))
+    if same is not None:
+        st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",
+                  type="primary", on_click=lambda: pe.accept(same, on_screen))
 
 
 def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
@@ -194,14 +361,16 @@ def chart(pe: Session, p: Proposal, counts: dict[int, int]) -> None:
                              key=f"groups_importance_{n}", width="stretch")
 
 
-def details(pe: Session, p: Proposal, pending: list[Proposal]) -> None:
+def details(pe: Session, p: Proposal, pending: list[Proposal], t: Thresholds) -> None:
     if p.group.heads is not None:
         st.markdown(f"**Head structure:** {head_structure(p.group)}")
     with st.expander("Why these channels are coupled", expanded=not layered(p)):
         st.markdown("\n".join(f"- {line}" for line in p.group.explanation) or "- (none)")
         st.dataframe(member_table(p.group), key="groups_members", hide_index=True)
     with st.expander(f"All pending proposals ({len(pending)})"):
-        st.dataframe(pending_rows(pending), key="groups_pending", hide_index=True)
+        costs = measured(pe, pending)
+        st.dataframe(pending_rows(pending, {k: cost_label(q, t) for k, q in costs.items()}),
+                     key="groups_pending", hide_index=True)
 
 
 def history(pe: Session) -> None:
@@ -216,14 +385,14 @@ def main() -> None:
         st.info("Load a model on the Model page first.")
         st.stop()
     pe: Session = st.session_state.pe
+    t = thresholds()
     settings(pe)
     try:
         pending = pe.proposals()
     except Exception as exc:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
         st.error(f"cannot compute proposals: {exc}")
         st.stop()
-    p = pe.current()
-    if p is None:
+    if not pending:
         metrics(pe, None, 0)
         if pe.message is not None:
             show(pe.message)
@@ -231,8 +400,10 @@ def main() -> None:
         c = st.columns(2)
         c[0].button("Undo", key="groups_undo_done", on_click=pe.undo, disabled=not pe.can_undo)
         c[1].button("Reset", key="groups_reset_done", on_click=reset)
+        tradeoff(pe, None, None, t)
         history(pe)
         st.stop()
+    p = pick(pe, pending, t)
     st.subheader(f"Group {p.group.id}: {p.group.title}")
     counts = counts_editor(pe, p)
     try:
@@ -244,11 +415,13 @@ def main() -> None:
     if pe.message is not None:
         show(pe.message)
     verdict_box(pe, p, verdict, joint)
-    cost(pe, p, counts, verdict)
+    after = cost(pe, p, counts, verdict, t)
+    export_aware(pe, p, counts, verdict, pending)
     actions(pe, p, counts, verdict, joint)
+    tradeoff(pe, verdict, after, t)
     chart(pe, p, counts)
     subgraph(pe, p, verdict)
-    details(pe, p, pending)
+    details(pe, p, pending, t)
     history(pe)
 
 

@@ -3,11 +3,13 @@ import pandas as pd
 import streamlit as st
 
 from explorer.app.session import layer_widths
+from explorer.coupling.places import natural_key
 from explorer.graph.metrics import macs_by_module
 from explorer.prune.sensitivity import as_table
 from explorer.render.figures import (
     attention_rows,
     cost_figure,
+    layer_grid,
     params_by_module,
     sensitivity_figure,
     widths_figure,
@@ -21,24 +23,32 @@ if "pe" not in st.session_state:
 pe = st.session_state.pe
 AUTO_PREFLIGHT = 16  # pending groups up to which the verdicts are computed on render
 
-
-def _natural(text: str) -> tuple[object, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in text.replace(".", " ").split())
-
 if (msg := st.session_state.pop("dims_message", None)) is not None:
     show(msg)
-st.plotly_chart(widths_figure(pe.widths_start, layer_widths(pe.model)), key="dims_widths",
+widths_now = layer_widths(pe.model)
+st.plotly_chart(widths_figure(pe.widths_start, widths_now), key="dims_widths",
                 width="stretch")
+grid = layer_grid(pe.widths_start, widths_now)
+if len(grid.layers) >= 2 and grid.outside:
+    st.caption("Outside the numbered layers (embeddings, heads of the model: drawn apart, "
+               "their widths would flatten the layers')")
+    st.dataframe(grid.outside_rows(), key="dims_outside", hide_index=True)
 
 st.subheader("Attention heads")
-rows = sorted(attention_rows(pe.graph.attention()), key=lambda r: _natural(str(r["module"])))
+rows = sorted(attention_rows(pe.graph.attention()), key=lambda r: natural_key(str(r["module"])))
 verdicts = pe.verdict_labels() if len(pe.proposals()) <= AUTO_PREFLIGHT else {}
 for r in rows:  # the pre-flight of each head group, alone and jointly, up front
     r["pre-flight"] = verdicts.get(int(str(r["group"])), "")
 if rows:
     table = pd.DataFrame(rows)
+    first = ["module", "heads", "head_dim", "kv_heads", "ok", "pre-flight", "violations"]
+    table = table[[*first, *(c for c in table.columns if c not in first)]]
     st.dataframe(table.style.apply(lambda r: ["" if r["ok"] else "background-color: #F8D7DA"]
-                                   * len(r), axis=1), key="dims_heads", hide_index=True)
+                                   * len(r), axis=1), key="dims_heads", hide_index=True,
+                 width="stretch", column_config={
+                     "module": st.column_config.TextColumn(width="medium"),
+                     "projections": st.column_config.TextColumn(width="small"),
+                     "widths": st.column_config.TextColumn(width="small")})
     unsafe = [r for r in rows if str(r["pre-flight"]).startswith("unsafe")]
     if unsafe:
         st.warning(f"{len(unsafe)} head group(s) are unsafe to cut alone: "

@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from explorer.io.export import FORMATS
-from pages._session import show
+from pages._session import prompt_lines, show
 
 st.title("Export")
 if "pe" not in st.session_state:
@@ -53,7 +53,8 @@ if st.button("Build export files", key="export_build", type="primary", disabled=
         for i, fmt in enumerate(formats):  # one format at a time, so the bar is real progress
             bar.progress(i / len(formats), text=f"exporting {fmt}"
                          + (" (measuring latency before and after)" if fmt == "report" else ""))
-            got, notes = pe.export_files((fmt,), folder.name)
+            got, notes = pe.export_files((fmt,), folder.name,
+                                         prompts=prompt_lines(st.session_state))
             built.update(got)
             messages += [n for n in notes if n not in messages]
         st.session_state.export_files = (pe.version, built, messages, folder)

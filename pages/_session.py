@@ -160,8 +160,10 @@ def restore_or_start() -> None:
         sessions().put(sid, Live(st.session_state.pe, st.session_state.pe_request,
                                  st.session_state.get("pe_loaded", {})))
         return
-    if "pe_request" in st.session_state:
+    if st.session_state.get("pe_restored"):
         return  # the load failed: the Model page shows why
+    # Marked done only when the load returns: a click on a page link while it runs stops
+    # this run (the sidebar is drawn first), and the next run must load again.
     saved = store.load(sid)
     request = _request(saved.request) if saved is not None else None
     if saved is not None and request is not None:
@@ -169,6 +171,7 @@ def restore_or_start() -> None:
     elif load(DEFAULT_REQUEST) and saved is not None:  # a failure is shown on the Model page
         st.session_state.pe_error = ("session log: its model request is not one the app "
                                      "writes; the default model was loaded instead")
+    st.session_state.pe_restored = True
 
 
 def reset() -> None:
@@ -182,3 +185,32 @@ _SHOW = {MessageKind.SUCCESS: st.success, MessageKind.ERROR: st.error, MessageKi
 def show(message: Message) -> None:
     """Draw a session message with the Streamlit element for its kind."""
     _SHOW[message.kind](message.text)
+
+
+def remembered(key: str, default: Any) -> Any:
+    """A value that outlives the page it is edited on (Streamlit drops a widget's state when
+    its page is left): kept under ``pe_<key>``, written back into the widget's key."""
+    value = st.session_state.setdefault(f"pe_{key}", default)
+    st.session_state[key] = value
+    return value
+
+
+def remember(key: str) -> None:
+    """``on_change`` of a `remembered` widget: keep its new value."""
+    st.session_state[f"pe_{key}"] = st.session_state[key]
+
+
+def prompts_box(key: str) -> list[str]:
+    """The prompts to continue greedily (shared by the Model and Groups pages), one a line."""
+    from explorer.app.display import PROMPT_EXAMPLE
+    st.session_state[key] = st.session_state.get("pe_prompts", "")
+    text = st.text_area("Prompts to continue, one a line (greedy, before and after pruning)",
+                        key=key, placeholder=PROMPT_EXAMPLE,
+                        on_change=lambda: st.session_state.update(
+                            pe_prompts=st.session_state[key]))
+    return prompt_lines({"pe_prompts": text})
+
+
+def prompt_lines(state: Any) -> list[str]:
+    """The prompts typed on the Model or Groups page (the report continues them too)."""
+    return [p for p in str(state.get("pe_prompts", "")).splitlines() if p.strip()]

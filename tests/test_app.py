@@ -86,13 +86,16 @@ def test_graph_page_draws_view_explains_group_and_searches(app: AppTest) -> None
 def test_groups_preflight_accept_reject_undo(app: AppTest) -> None:
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
-    assert len(app.get("plotly_chart")) == 1
+    charts = [c.key for c in app.get("plotly_chart")]
+    assert charts == ["groups_tradeoff", "groups_importance_0"]
     assert app.success and app.success[0].value.startswith("Pre-flight: the pruned copy runs")
     start = _params(app)
     app.button(key="groups_accept").click().run()  # the residual stream: safe in this model
     assert not app.exception and not app.error
     after = _params(app)
     assert after < start
+    trail = next(iter(app.session_state.pe_trail.values()))  # the trade-off curve's points
+    assert [p[0] for p in trail.points.values()] == [start, after]
     app.button(key="groups_reject").click().run()
     assert _params(app) == after
     app.button(key="groups_undo").click().run()  # the reject
@@ -172,6 +175,7 @@ def test_dino_unsafe_groups_name_the_line(app: AppTest) -> None:
     assert _params(app) < start
     pe = app.session_state.pe
     assert len(pe.log) == 4  # the residual stream and the heads of the three blocks
+    assert pe.message.text.startswith("accepted 4 group(s)")  # was "accepted 1 group(s)"
     assert pe.forward_check().kind == "success"
 
 
@@ -179,8 +183,16 @@ def test_dimensions_sensitivity_and_blocks(app: AppTest) -> None:
     app.switch_page("pages/4_dimensions.py").run()
     assert not app.exception, app.exception
     assert len(app.get("plotly_chart")) == 2
-    heads = app.dataframe[0].value
+    widths = json.loads(app.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert widths["type"] == "heatmap" and widths["y"] == ["0", "1", "2"]  # layers x kinds
+    assert "attn.qkv" in widths["x"] and "mlp.fc1" in widths["x"]
+    outside = app.dataframe[0].value  # embeddings and the model's head, apart
+    assert "head" in set(outside["module"]) and "blocks.0.attn.qkv" not in set(outside["module"])
+    heads = app.dataframe[1].value
     assert len(heads) == 3 and heads["ok"].all() and set(heads["heads"]) == {6}
+    assert list(heads.columns)[:7] == ["module", "heads", "head_dim", "kv_heads", "ok",
+                                       "pre-flight", "violations"]  # the verdict on screen
+    assert heads["projections"][0] == "qkv proj"
     app.multiselect(key="dims_sens_ratios").set_value([0.5])
     app.button(key="dims_sens").click().run()
     assert not app.exception and not app.error
@@ -191,7 +203,7 @@ def test_dimensions_sensitivity_and_blocks(app: AppTest) -> None:
     assert not app.exception and not app.error
     assert "removed block blocks.1" in app.success[0].value
     assert app.session_state.pe.params < start
-    assert len(app.dataframe[1].value) == 2
+    assert len(app.dataframe[2].value) == 2
     app.button(key="dims_undo").click().run()
     assert app.session_state.pe.params == start
 
@@ -302,3 +314,54 @@ def test_graph_page_marks_an_unsafe_group_with_its_location(app: AppTest) -> Non
     assert any("breaks the forward in blocks.0.attn" in w.value for w in app.warning)
     marked = {n["id"]: n["unsafe"] for n in _graph_view(app)["nodes"] if n["unsafe"]}
     assert marked["m:blocks.0.attn"] == "blocks.0.attn dino.py:58"
+
+
+def test_proposals_are_picked_and_ordered_by_their_measured_cost(app: AppTest) -> None:
+    """The cost of a proposal was shown but not weighed: now every pending cost can be
+    measured, the proposals ordered cheapest first, and any one decided on."""
+    app.switch_page("pages/3_groups.py").run()
+    pe = app.session_state.pe
+    assert any("**Accepting it" in m.value for m in app.markdown)  # coloured by severity
+    app.button(key="groups_measure_all").click().run()
+    assert not app.exception, app.exception
+    app.toggle(key="groups_by_cost").set_value(True).run()
+    keys = app.selectbox(key="groups_pick").options
+    by_key = {p.key: p for p in pe.proposals()}
+    costs = [pe.cost_if_measured(by_key[k]) for k in
+             (next(k for k in by_key if str(k) == o or f"{by_key[k].group.title} ·" in o)
+              for o in keys)]
+    assert all(c is not None for c in costs)
+    values = [c.after for c in costs]  # cosine to the original: cheapest (highest) first
+    assert values == sorted(values, reverse=True)
+    last = app.selectbox(key="groups_pick").options[-1]
+    app.selectbox(key="groups_pick").set_value(
+        next(k for k in by_key if f"{by_key[k].group.title} ·" in last)).run()
+    assert app.subheader[0].value.endswith(last.split(" · ")[0])
+    before = len(pe.proposals())
+    app.button(key="groups_accept").click().run()
+    assert not app.exception and not app.error
+    assert len(app.session_state.pe.proposals()) < before
+
+
+def test_graph_click_selects_the_group_of_the_channels_a_node_writes(app: AppTest) -> None:
+    """Clicking ``qkv`` selected the residual stream (its input), not the head group whose
+    channels it writes; a node in several groups now offers them."""
+    app.switch_page("pages/2_graph.py").run()
+    app.slider(key="graph_depth").set_value(4)
+    app.checkbox(key="graph_fold").uncheck().run()
+    nodes = {n["id"]: n for n in _graph_view(app)["nodes"]}
+    groups = app.session_state.pe.graph.groups()
+    qkv, proj = nodes["m:blocks.0.attn.qkv"], nodes["m:blocks.0.attn.proj"]
+    assert groups[qkv["primary_group"]].heads is not None  # the head group
+    assert groups[proj["primary_group"]].residual  # proj writes the residual stream
+    app.session_state["graph_view"] = {"node": "m:blocks.0.attn.qkv",
+                                       "group": qkv["primary_group"], "n": 7}
+    app.run()
+    assert app.selectbox(key="graph_group").value == qkv["primary_group"]
+    offer = app.radio(key="graph_node_pick")
+    assert sorted(offer.options) == sorted(str(i) + ": " + groups[i].title
+                                           for i in qkv["group_ids"])
+    residual = next(i for i in qkv["group_ids"] if groups[i].residual)
+    offer.set_value(residual).run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="graph_group").value == residual

@@ -255,3 +255,93 @@ def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: 
             page.screenshot(path=str(tmp_path / "llama_groups.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_path: Path,
+                                                             smollm2: Path,
+                                                             prose: tuple[Path, Path]) -> None:
+    """A real decoder (SmolLM2-135M-Instruct) with real calibration and held-out text: the
+    proposal's cost is on screen in the colour of its severity before Accept, a one-layer MLP
+    cut says it would end the `from_pretrained` folder and offers the same cut in every
+    layer, and the export after that is a transformers folder."""
+    import re
+    import zipfile
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SHOTS = ROOT / _SHOTS_ENV if _SHOTS_ENV else tmp_path  # noqa: N806 - a path constant
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+            page.get_by_role("link", name="Groups").wait_for(timeout=90_000)
+            # the sidebar is the app's navigation from the start, never the pages folder
+            assert page.get_by_role("link", name="session").count() == 0
+            page.get_by_text("prunable groups").wait_for(timeout=90_000)
+            page.get_by_text("Local checkpoint and data").click()
+            fields = {"Local folder or weights file": str(smollm2),
+                      "Calibration data": str(prose[0]),
+                      "Held-out data (quality)": str(prose[1])}
+            for name, value in fields.items():
+                box = page.get_by_role("textbox", name=name)
+                box.fill(value)
+                box.press("Enter")
+                page.wait_for_timeout(300)
+            for name, value in (("Samples (0 = all)", "8"), ("Sequence length", "32"),
+                                ("Batch size", "4")):
+                box = page.get_by_label(name)
+                box.fill(value)
+                box.press("Enter")
+                page.wait_for_timeout(300)
+            page.wait_for_timeout(500)
+            page.get_by_role("button", name="Load and trace").click()
+            page.get_by_test_id("stMetricLabel").filter(has_text="perplexity").first.wait_for(
+                timeout=300_000)
+            page.screenshot(path=str(SHOTS / "smollm2_model.png"), full_page=True)
+
+            page.get_by_role("link", name="Groups").click()
+            page.get_by_role("button", name="Reject").wait_for(timeout=300_000)
+            page.get_by_test_id("stSelectbox").filter(has_text="Proposal").click()
+            page.get_by_role("option", name=re.compile(r"model\.layers\.3\.mlp")).click()
+            page.get_by_text("Group").filter(has_text="model.layers.3.mlp").first.wait_for(
+                timeout=120_000)
+            cost = page.get_by_test_id("stMarkdownContainer").filter(
+                has_text=re.compile(r"Accepting it (costs|breaks)")).first
+            cost.wait_for(timeout=300_000)
+            assert re.search(r"perplexity [\d.,]+ → [\d.,]+ \(×", cost.inner_text())
+            same = page.get_by_role("button", name="Accept the same cut in all 30 layers")
+            same.wait_for(timeout=300_000)
+            page.get_by_text("makes widths differ between layers").wait_for(timeout=60_000)
+            page.screenshot(path=str(SHOTS / "smollm2_groups.png"), full_page=True)
+            page.wait_for_timeout(500)
+            same.click()
+            page.get_by_text("accepted 30 group(s)").wait_for(timeout=600_000)
+            # the rerun is over when the next proposal (the heads) is drawn
+            page.get_by_text(re.compile(r"Group \d+: 9 heads x 64")).wait_for(timeout=300_000)
+            page.get_by_text("trade-off: quality against parameters").first.wait_for(
+                timeout=300_000)
+            page.wait_for_function("!document.querySelector(\"[data-stale='true']\")",
+                                   timeout=300_000)
+            page.screenshot(path=str(SHOTS / "smollm2_accepted.png"), full_page=True)
+
+            page.get_by_role("link", name="Export").click()
+            page.get_by_text("All formats").wait_for(timeout=120_000)
+            assert page.get_by_text("No transformers config describes").count() == 0
+            formats = page.get_by_test_id("stMultiSelect")
+            for gone in ("pt", "safetensors", "report"):  # hf only: a short export
+                formats.get_by_role("button", name=f"Remove {gone}").first.click()
+                page.wait_for_timeout(300)
+            page.get_by_role("button", name="Build export files").click()
+            button = page.get_by_role("button", name="Download pruned_hf.zip")
+            button.wait_for(timeout=600_000)
+            with page.expect_download(timeout=300_000) as download:
+                button.click()
+            with zipfile.ZipFile(download.value.path()) as zf:
+                config = json.loads(zf.read("hf/config.json"))
+            assert config["intermediate_size"] < 1536  # one width for every layer, said
+        finally:
+            browser.close()
+    for name in ("smollm2_model.png", "smollm2_groups.png", "smollm2_accepted.png"):
+        assert (SHOTS / name).stat().st_size > 10_000

@@ -200,7 +200,7 @@ def test_model_page_and_heads_table_show_verdicts_up_front(
     first = table[table["id"] == 0]["pre-flight"].iloc[0]
     assert first.startswith("unsafe alone (dino.py:") and at.warning
     at.switch_page("pages/4_dimensions.py").run()
-    heads = at.dataframe[0].value
+    heads = next(d.value for d in at.dataframe if "pre-flight" in d.value.columns)
     assert heads["pre-flight"].str.startswith("unsafe alone").all()
 
 
@@ -227,7 +227,8 @@ def test_7b_head_group_is_one_layer_table(tmp_path: Path,
     assert not at.exception and not at.error, (at.exception, at.error)
     # a language model's residual stream is not a target by default: heads come first
     assert "32 heads x 128" in at.subheader[0].value
-    assert len(at.number_input) <= 1  # round-to only: no input per axis
+    # round-to and the sidebar's cost thresholds only: no input per axis
+    assert not [n for n in at.number_input if n.key.startswith("groups_count")]
     table = at.dataframe[0].value  # the layer table: one row per layer (and the shared dims)
     layers = [x for x in table["layer"] if x.startswith("model.layers.")]
     assert len(layers) == 32 and len(set(layers)) == 32

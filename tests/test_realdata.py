@@ -346,6 +346,8 @@ def test_app_loads_a_folder_with_data_and_prices_the_proposal(llama_dir: Path,
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
 
+    from explorer.app.cost import number
+
     app = str(Path(__file__).resolve().parents[1] / "app.py")
     at = AppTest.from_file(app, default_timeout=120).run()
     at.text_input(key="model_path").set_value(str(llama_dir))
@@ -355,19 +357,25 @@ def test_app_loads_a_folder_with_data_and_prices_the_proposal(llama_dir: Path,
     assert not at.exception and not at.error, (at.exception, at.error)
     pe = at.session_state.pe
     assert pe.spec == f"hf:{llama_dir}" and pe.calibration is not None
+    # the spec box says what was loaded (it kept the default demo's spec)
+    assert at.text_input(key="model_spec").value == f"hf:{llama_dir}"
+    # the section stays open while its fields are set (it closed after every edit)
+    assert next(e for e in at.expander if e.label.startswith("Local checkpoint")).proto.expanded
     assert pe.heldout is not None and pe.heldout.mask_index == 1
     labels = {m.label: m.value for m in at.metric}
     assert float(labels["perplexity"]) > 1.0
     assert any("weights: loaded from disk" in c.value for c in at.caption)
     at.switch_page("pages/3_groups.py").run()
     assert not at.exception, at.exception
-    price = [i.value for i in at.info if i.value.startswith("Accepting it: perplexity")]
-    assert len(price) == 1 and f"{len(HELDOUT)} held-out samples" in price[0]
-    predicted = price[0].split("→ ")[1].split(" ")[0]
+    price = [m.value for m in at.markdown if "**Accepting it" in m.value]
+    assert len(price) == 1 and pe.quality_source in price[0]  # "2 held-out samples"
+    assert "perplexity " in price[0] and "top-1 agreement" in price[0]
+    predicted = pe.proposal_cost(pe.current())  # cached: what the page showed
+    assert f"→ {number(predicted.perplexity_after)} (×" in price[0]
     at.button(key="groups_accept").click().run()
     assert not at.exception, at.exception
     labels = {m.label: m.value for m in at.metric}
-    assert labels["perplexity"] == predicted  # the price shown is what accepting cost
+    assert labels["perplexity"] == f"{predicted.after:.3f}"  # the price is what it cost
 
 
 def test_app_form_errors_and_uploads(llama_dir: Path, tmp_path: Path) -> None:

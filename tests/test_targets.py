@@ -164,7 +164,9 @@ def test_whole_heads_rounding_is_stated(
     said = statement(pruner)
     heads = next(t for t in said.losses if t.target == "heads")
     assert heads.heads == {"query_before": 18, "query_after": 12, "kv_before": 6,
-                           "kv_after": 4}
+                           "kv_after": 4, "layers": 2}
+    # said per layer too (on the 7B shape "query heads 1024 -> 1024" read as a count)
+    assert "query heads 18 -> 12 (9 -> 6 in each of 2 layers)" in heads.details()
     assert heads.removed_fraction == pytest.approx(1 / 3)
     assert "removes 33.3%, not the 25% asked" in heads.note and "1/3" in heads.note
     mlp = next(t for t in said.losses if t.target == "mlp")

@@ -23,6 +23,7 @@ class ActionKind(str, enum.Enum):
     UNDO = "undo"
     BLOCK = "block"
     PLAN = "plan"
+    COMPENSATE = "compensate"
 
 
 class Redoer(Protocol):
@@ -33,8 +34,8 @@ class Redoer(Protocol):
                   global_pruning: bool | None = None, round_to: int | None = None,
                   targets: tuple[str, ...] | list[str] | None = None) -> bool: ...
 
-    def redo_accept(self, key: tuple[Any, ...], joint: bool,
-                    counts: dict[int, int] | None) -> bool: ...
+    def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None,
+                    same_cut: list[list[Any]] | None = None) -> bool: ...
 
     def accept_all(self) -> bool: ...
 
@@ -45,6 +46,8 @@ class Redoer(Protocol):
     def remove_block(self, name: str) -> bool: ...
 
     def apply_plan(self, text: str | bytes) -> bool: ...
+
+    def set_compensation(self, name: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,16 @@ class Accept:
     key: list[Any]
     joint: bool = False
     counts: list[list[int]] | None = None  # [[axis, count], ...]; None: as proposed
+    same_cut: list[list[Any]] | None = None  # the same cut in these groups' layers too
     kind = ActionKind.ACCEPT
 
     def fields(self) -> dict[str, Any]:
-        return {"key": list(self.key), "joint": self.joint, "counts": self.counts}
+        return {"key": list(self.key), "joint": self.joint, "counts": self.counts,
+                **({"same_cut": self.same_cut} if self.same_cut is not None else {})}
 
     def redo(self, session: Redoer) -> bool:
         counts = None if self.counts is None else {int(a): int(n) for a, n in self.counts}
-        return session.redo_accept(tuple(self.key), bool(self.joint), counts)
+        return session.redo_accept(tuple(self.key), bool(self.joint), counts, self.same_cut)
 
 
 @dataclass(frozen=True)
@@ -146,13 +151,28 @@ class PlanReplay:
         return session.apply_plan(str(self.text))
 
 
-Action = Configure | Accept | AcceptAll | Reject | Undo | Block | PlanReplay
+@dataclass(frozen=True)
+class Compensate:
+    """How accepts refit the consumers of removed channels ("none", "bias", "lstsq")."""
+
+    name: str
+    kind = ActionKind.COMPENSATE
+
+    def fields(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def redo(self, session: Redoer) -> bool:
+        return session.set_compensation(str(self.name))
+
+
+Action = Configure | Accept | AcceptAll | Reject | Undo | Block | PlanReplay | Compensate
 
 # kind -> the fields its log entry must have, and their JSON types
 _REQUIRED: dict[ActionKind, dict[str, type]] = {
     ActionKind.CONFIGURE: {"settings": list}, ActionKind.ACCEPT: {"key": list},
     ActionKind.ACCEPT_ALL: {}, ActionKind.REJECT: {"keys": list}, ActionKind.UNDO: {},
     ActionKind.BLOCK: {"name": str}, ActionKind.PLAN: {"text": str},
+    ActionKind.COMPENSATE: {"name": str},
 }
 
 
@@ -183,15 +203,20 @@ def parse(act: Mapping[str, Any]) -> Action:
     if kind is ActionKind.CONFIGURE:
         return Configure(list(act["settings"]))
     if kind is ActionKind.ACCEPT:
-        return Accept(list(act["key"]), bool(act.get("joint")), act.get("counts"))
+        same = act.get("same_cut")
+        return Accept(list(act["key"]), bool(act.get("joint")), act.get("counts"),
+                      same if isinstance(same, list) else None)
     if kind is ActionKind.REJECT:
         return Reject(list(act["keys"]))
     if kind is ActionKind.BLOCK:
         return Block(str(act["name"]))
     if kind is ActionKind.PLAN:
         return PlanReplay(str(act["text"]))
+    if kind is ActionKind.COMPENSATE:
+        return Compensate(str(act["name"]))
     return AcceptAll() if kind is ActionKind.ACCEPT_ALL else Undo()
 
 
-__all__ = ["Accept", "AcceptAll", "Action", "ActionKind", "Block", "Configure", "PlanReplay",
+__all__ = ["Accept", "AcceptAll", "Action", "ActionKind", "Block", "Compensate", "Configure",
+           "PlanReplay",
            "Redoer", "Reject", "Undo", "parse", "problem", "to_json"]

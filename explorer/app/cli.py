@@ -613,6 +613,13 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                             "created": len(run.refit.created)}
         _save_new(args.plan, args.force, plan.save)
         out["plan"] = args.plan
+        if run.refit is None and args.compensate not in (None, "none") and \
+                (plan.refit is None or plan.refit.file is None):
+            out["notes"].append(
+                f"--compensate {args.compensate} changed weights that {args.plan} does not "
+                f"hold (a plan records the cut): replaying it gives the plain cut; keep the "
+                f"refit model with --out, or export --formats safetensors,hf, or make the "
+                f"plan with --device meta --max-memory SIZE (its refit file goes beside it)")
     if args.out:
         _save_new(args.out, args.force, lambda tmp: torch.save(lm.model, tmp))
     if not args.json:

@@ -61,6 +61,10 @@ class Measures:
         probe = self._quality_probe(model)
         return None if probe is None else probe.cost(model, coupling, removal, key)
 
+    def cached_cost(self, key: tuple[Any, ...]) -> Quality | None:
+        """The `cost` measured under ``key``, or None when it was not measured yet."""
+        return None if self._probe is None else self._probe.cached_cost(key)
+
     def continuations(self, model: nn.Module, version: int, prompts: Sequence[str],
                       new_tokens: int = DEFAULT_NEW_TOKENS) -> list[Continuation]:
         """Greedy continuations of ``prompts`` by the original and ``model``; [] on meta.

@@ -12,6 +12,7 @@ plans are `explorer.io.plan`'s and exports `explorer.io.export`'s; what the page
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError
 from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration
+from ..prune.compensate import compensation
 from ..prune.decisions import Decision
 from ..prune.depth import remove_blocks
 from ..prune.joint import solve
@@ -28,12 +30,14 @@ from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
 from ..prune.proposal import Counts, Proposal
 from ..prune.removal import PruneError, Removal
 from ..prune.sensitivity import Progress
+from ..prune.uniform import SAME_CUT
 from ..quality.task import Task
 from .actions import (
     Accept,
     AcceptAll,
     Action,
     Block,
+    Compensate,
     Configure,
     PlanReplay,
     Reject,
@@ -94,6 +98,20 @@ class Session(Workspace):
         return True
 
     # ------------------------------------------------------------------ transitions
+    def set_compensation(self, name: str) -> bool:
+        """Refit the consumers of removed channels after each accept (``--compensate``'s
+        choices: "none", "bias", "lstsq"); False and an error message for another name."""
+        try:
+            mode = compensation(None if name == "none" else name)
+        except ValueError as exc:
+            return self._fail(str(exc))
+        if mode != self.pruner.compensate:
+            self.pruner.compensate = mode
+            self.message = Message.info(f"accepts now refit with {name}" if mode else
+                                        "accepts no longer refit the consumers")
+            self._record(Compensate(name))
+        return True
+
     def accept(self, proposal: Proposal, count: int | Counts | None = None) -> bool:
         """Pre-flight and apply one proposal (``count`` resizes its axes, see `removal`)."""
         try:
@@ -105,9 +123,12 @@ class Session(Workspace):
         ok = self._apply(removal, [proposal], count, self.preflight(proposal, count))
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
-            self._record(Accept(list(proposal.key), proposal.joint or proposal.fallback,
+            same = proposal.reason == SAME_CUT  # partners named: replay rebuilds the set
+            self._record(Accept(list(proposal.key),
+                                (proposal.joint or proposal.fallback) and not same,
                                 None if counts is None else
-                                [[int(a), int(n)] for a, n in counts.items()]))
+                                [[int(a), int(n)] for a, n in counts.items()],
+                                [list(k) for k in proposal.keys[1:]] if same else None))
         return ok
 
     def accept_all(self, progress: Progress | None = None) -> bool:
@@ -238,13 +259,19 @@ class Session(Workspace):
             self.message = Message.info(f"restored {len(actions)} decisions")
         return done
 
-    def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None
-                    ) -> bool:
+    def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None,
+                    same_cut: list[list[Any]] | None = None) -> bool:
         """Accept the pending proposal of group ``key`` again (its joint or outer-axis
-        proposal when ``joint``), resized by ``counts`` (a replayed `actions.Accept`)."""
+        proposal when ``joint``; with the groups ``same_cut`` names as the same cut in other
+        layers, `explorer.prune.uniform`), resized by ``counts`` (a replayed `actions.Accept`)."""
         p = self._pending_by_key(key)
         if p is not None and joint:
             p = self.joint(p)
+        if p is not None and same_cut is not None:
+            found = [self._pending_by_key(tuple(k)) for k in same_cut]
+            partners = [q for q in found if q is not None]
+            p = dataclasses.replace(p, partners=partners, reason=SAME_CUT) \
+                if len(partners) == len(found) else None
         if p is None:
             return self._fail("its group is not pending")
         return self.accept(p, counts)
@@ -297,7 +324,8 @@ class Session(Workspace):
         except PruneError as exc:
             return self._fail(str(exc))
         self.graph = self._model_graph()
-        self.message = Message.success(f"accepted {len(accepted)} group(s): params "
+        groups = sum(len(p.keys) for p in accepted)  # a joint proposal covers its partners
+        self.message = Message.success(f"accepted {groups} group(s): params "
                                        f"{before:,} -> {self.params:,}")
         return True
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..io.data import DataOptions, check_apart, check_text_upload, load_data
+from ..io.data import DataError, DataOptions, check_apart, check_text_upload, load_data
 from ..io.specs import (
     LoadedModel,
     SpecError,
@@ -137,7 +137,8 @@ def request_from_form(spec: str, device: str = "cpu", shape: str = "", *, path: 
 
     Raises:
         SpecError: if ``path`` does not exist or is a folder with no checkpoint config.
-        DataError: if an uploaded text file is over the data file caps (`explorer.io.data`).
+        DataError: if an uploaded text file is over the data file caps (`explorer.io.data`),
+            or uploaded data overlap (named by their upload names, not server paths).
     """
     weights = ""
     if path.strip():
@@ -148,10 +149,22 @@ def request_from_form(spec: str, device: str = "cpu", shape: str = "", *, path: 
     for upload in (calibration_upload, heldout_upload):
         if upload is not None:
             check_text_upload(*upload)  # the caps of a data file, before anything is saved
+    uploaded: dict[str, str] = {}  # a saved upload's server path -> the user's file name
     if calibration_upload is not None:
         calibration = str(save_upload(*calibration_upload))
+        uploaded[calibration] = calibration_upload[0]
     if heldout_upload is not None:
         heldout = str(save_upload(*heldout_upload))
+        uploaded[heldout] = heldout_upload[0]
+    if uploaded and calibration.strip() and heldout.strip():
+        try:
+            check_apart(calibration.strip(), heldout.strip())
+        except DataError as exc:  # said with the names the user chose, not server paths
+            text = str(exc)
+            for path, name in uploaded.items():
+                text = text.replace(repr(path), f"the uploaded {name!r}").replace(
+                    path, f"the uploaded {name!r}")
+            raise DataError(text) from None
     return LoadRequest(spec.strip(), device, shape, weights, calibration.strip(),
                        heldout.strip(), int(num_samples), int(seq_len), int(batch_size))
 

@@ -219,10 +219,25 @@ class Workspace:
         measured on a CPU copy with weights (the pre-flight copy is weightless); cached;
         None on meta."""
         counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
-        key = (self.version, tuple(proposal.keys), self.settings(),
-               tuple(sorted(counts.items())))
         return self.measures.cost(self.model, self.graph.coupling,
-                                  lambda: proposal.removal(counts), key)
+                                  lambda: proposal.removal(counts), self._cost_key(proposal,
+                                                                                   counts))
+
+    def cost_if_measured(self, proposal: Proposal, count: int | Counts | None = None
+                         ) -> Quality | None:
+        """`proposal_cost` when it is already measured, else None (measures nothing)."""
+        counts = {proposal.axes[0]: count} if isinstance(count, int) else dict(count or {})
+        return self.measures.cached_cost(self._cost_key(proposal, counts))
+
+    def _cost_key(self, proposal: Proposal, counts: Counts) -> tuple[Any, ...]:
+        return (self.version, tuple(proposal.keys), self.settings(),
+                tuple(sorted(counts.items())))
+
+    @property
+    def compensation(self) -> str:
+        """How accepts refit the consumers of removed channels: "none", "bias" or "lstsq"."""
+        mode = self.pruner.compensate
+        return "none" if mode is None else mode.value
 
     def continuations(self, prompts: Sequence[str], new_tokens: int = DEFAULT_NEW_TOKENS
                       ) -> list[Continuation]:
@@ -265,22 +280,27 @@ class Workspace:
         return Message.error(failure(verdict, "forward failed") if verdict.graph is None
                              else verdict.error)
 
-    def export_files(self, formats: tuple[str, ...], dest: str | Path
-                     ) -> tuple[dict[str, Path], list[str]]:
+    def export_files(self, formats: tuple[str, ...], dest: str | Path,
+                     prompts: Sequence[str] = ()) -> tuple[dict[str, Path], list[str]]:
         """Downloads for ``formats`` (see `explorer.io.export.FORMATS`), written under
         ``dest``: file name -> path.
 
         ``safetensors`` comes as a zip with ``plan.json``; ``hf`` as a zip of the
         transformers folder; ``report`` as Markdown and HTML (latency measured before and
-        after). Returns the files and the exporter's notes (skips, fall-backs).
+        after, the quality measured here, and greedy continuations of ``prompts``). Returns
+        the files and the exporter's notes (skips, fall-backs).
         """
         from ..io.export import export_downloads
         replayed = self.pruner.history.replayed
         plan = None if replayed and not ("safetensors" in formats or "hf" in formats) \
             else self.plan()
+        report = "report" in formats
         return export_downloads(shared_clone(self.model), formats, dest, plan=plan,
                                 original=self._kept.get(), example_inputs=self.example_inputs,
-                                tokenizer=self.tokenizer, sentence=self.sentence)
+                                tokenizer=self.tokenizer, sentence=self.sentence,
+                                quality=self.quality() if report else None,
+                                generations=self.continuations(prompts) if report and
+                                self.tokenizer is not None else ())
 
     def model_bytes(self) -> bytes:
         """The pruned module, ``torch.save``-d (load with ``torch.load(weights_only=False)``)."""
@@ -293,6 +313,7 @@ class Workspace:
         return {"spec": self.spec, "importance": self.importance, "ratio": self.ratio,
                 "heads": self.heads, "global_pruning": self.global_pruning,
                 "round_to": self.round_to, "targets": list(self.targets or ()),
+                "compensate": self.compensation,
                 "params_before": self.params_start,
                 "params_after": self.params, "macs_before": self.macs_start,
                 "macs_after": self.macs, "accepted": self.log,

@@ -30,3 +30,8 @@ def _layer_index(module: str) -> str:
         if p.isdigit():
             return ".".join(parts[:k + 1])
     return module
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders module names as people count: ``layers.2`` before ``layers.10``."""
+    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in name.replace(".", " ").split())

@@ -41,8 +41,7 @@ from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
 from .paths import check_out_apart
 from .plan import Plan
-from .pruned import ExportError as ExportError
-from .pruned import load_into
+from .pruned import ExportError, load_into, read_weights
 from .quiet import quiet_transformers
 from .specs import SentenceFolder, write_sentence_files
 
@@ -51,8 +50,6 @@ DEFAULT_FORMATS = ("pt", "safetensors", "report")
 
 __all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportError", "ExportResult", "check_out_dir", "export",
            "load_pruned", "parse_formats"]
-
-
 
 
 @dataclass
@@ -227,6 +224,8 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
         result.files["pt"] = [str(out / "model.pt")]
     if "safetensors" in wanted and plan is not None:
         result.files["safetensors"] = _export_safetensors(model, plan, out)
+        if "hf" in wanted and "hf" not in result.files:
+            result.files["safetensors"] += _fallback_config(model, out, result)
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
                                                 attention, quality, generations)
@@ -242,7 +241,8 @@ _STORED = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npy", ".n
 def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                      plan: Plan | None = None, original: nn.Module | None = None,
                      example_inputs: Any = None, tokenizer: Any | None = None,
-                     sentence: SentenceFolder | None = None
+                     sentence: SentenceFolder | None = None, quality: Quality | None = None,
+                     generations: Sequence[Continuation] = ()
                      ) -> tuple[dict[str, Path], list[str]]:
     """`export` into files for downloads (the app's Export page): file name -> path under
     ``dest``, and the exporter's messages.
@@ -250,7 +250,8 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     ``pt`` and ``report`` files come as they are; every other format (a folder or a set of
     files) as one ``pruned_<format>.zip``. The files stay on disk (a download streams them
     from there), so a server holds no export in memory. ``dest`` must be an empty or new
-    folder of the caller's (for example a session's temporary folder).
+    folder of the caller's (for example a session's temporary folder). ``quality`` and
+    ``generations`` go into the report, as in `export`.
     """
     import shutil
     import tempfile
@@ -261,7 +262,8 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
     out: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         result = export(model, tmp, formats=formats, plan=plan, original=original,
-                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence)
+                        example_inputs=example_inputs, tokenizer=tokenizer, sentence=sentence,
+                        quality=quality, generations=generations)
         for fmt, paths in result.files.items():
             if fmt in ("pt", "report"):
                 for name in map(Path, paths):
@@ -277,6 +279,9 @@ def export_downloads(model: nn.Module, formats: Sequence[str], dest: str | Path,
                         if f.is_file():  # weights barely deflate: stored, not squeezed
                             zf.write(f, f.relative_to(Path(tmp)), None if f.suffix not in
                                      _STORED else zipfile.ZIP_STORED)
+                readme = Path(tmp) / "README.md"  # how to load it, and the exporter's notes
+                if readme.is_file():
+                    zf.write(readme, readme.name)
             out[target.name] = target
     return out, list(result.messages)
 
@@ -286,6 +291,27 @@ def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     save_model(model, str(out / "model.safetensors"), force_contiguous=True)
     plan.refit_in_weights().save(out / "plan.json")  # refit values: in model.safetensors
     return [str(out / "model.safetensors"), str(out / "plan.json")]
+
+
+def _fallback_config(model: nn.Module, out: Path, result: ExportResult) -> list[str]:
+    """Beside the safetensors + plan that stand in for an ``hf`` folder: the model's
+    transformers config as far as one describes the pruned model (the fields the cuts left
+    uniform are updated, the rest keep their original values), and a README line saying
+    which differ and that ``plan.json`` holds every cut."""
+    config: Any = getattr(model, "config", None)
+    if not hasattr(config, "to_json_file"):
+        return []
+    reason = result.config.reason if result.config is not None else ""
+    with left_as_found(model):
+        update = update_config(model)  # brings what one config can say in line
+        config.to_json_file(str(out / "config.json"))
+    changed = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in update.changed.items())
+    result.messages.append(
+        "config.json: the transformers config with the fields every layer shares brought in "
+        f"line with the cuts ({changed or 'none changed'}); the rest keep "
+        f"their original values: {reason or update.reason}. plan.json holds every cut per "
+        "layer; load the folder with explorer.load_pruned, not from_pretrained")
+    return [str(out / "config.json")]
 
 
 def _export_hf(model: nn.Module, out: Path, result: ExportResult,
@@ -440,6 +466,11 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     """
     folder = Path(directory)
     plan = Plan.load(folder / "plan.json")
+    weights = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"  # shards from explorer.io.stream
+    if not weights.is_file() and not index.is_file():
+        raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
+    state = read_weights(weights, index)
     inputs: Sequence[Any] | None = None
     if isinstance(source, nn.Module):
         model = source
@@ -453,7 +484,7 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
                               f"load_pruned('{spec}', '{folder}'), or pass a fresh model")
         lm = load_model(spec)
         model, inputs = lm.model, lm.example_inputs
-    return load_into(model, folder, plan, inputs)
+    return load_into(model, folder, plan, state, weights, inputs)
 
 
 def snapshot(model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..coupling.heads import AttentionInfo, HeadChange, head_changes
+from ..coupling.places import natural_key
 from ..graph.metrics import count_params
 from ..graph.rng import kept_rng
 from ..quality.evaluate import Quality
@@ -250,7 +251,8 @@ def _head_table(r: Report) -> tuple[list[str], list[list[str]]]:
             "head dim after", "kv heads after"]
     rows = [[h.module, str(h.group), str(h.heads_before), str(h.head_dim_before),
              str(h.kv_heads_before or h.heads_before), _opt(h.heads_after),
-             _opt(h.head_dim_after), _opt(h.kv_heads_after or h.heads_after)] for h in r.heads]
+             _opt(h.head_dim_after), _opt(h.kv_heads_after or h.heads_after)]
+            for h in sorted(r.heads, key=lambda h: natural_key(h.module))]
     return head, rows
 
 

@@ -75,7 +75,8 @@ def source_line(location: str) -> str:
     path, _, line = location.rpartition(":")
     if not path or not line.isdigit():
         return ""
-    return linecache.getline(path, int(line)).strip()
+    code = linecache.getline(path, int(line)).strip()
+    return code.split("  #", 1)[0].rstrip()  # an inline comment (a lint directive) is not code
 
 
 __all__ = ["joint_reason", "outer_cut", "source_line"]

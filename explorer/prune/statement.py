@@ -57,12 +57,14 @@ class TargetLoss:
         parts = [self.reading]
         if self.cut:
             gqa = self.heads is not None and self.heads["kv_before"] != self.heads["query_before"]
-            parts.append(", ".join(_width_words(w, gqa) for w in self.widths))
+            parts.append(", ".join(_widths_words(self.widths, gqa)))
         if self.heads and self.cut:
             h = self.heads
-            words = f"query heads {h['query_before']} -> {h['query_after']}"
+            words = _heads_words("query heads", h["query_before"], h["query_after"],
+                                 h.get("layers", 0))
             if h["kv_before"] != h["query_before"]:
-                words += f", key/value heads {h['kv_before']} -> {h['kv_after']}"
+                words += ", " + _heads_words("key/value heads", h["kv_before"], h["kv_after"],
+                                             h.get("layers", 0))
             parts.append(words)
         if self.cut:
             parts.append(f"-{self.params_removed:,} params")
@@ -174,6 +176,30 @@ def _width_words(w: Width, gqa: bool) -> str:
     return f"{words} {w.before} -> {w.after}{where}"
 
 
+def _widths_words(widths: list[Width], gqa: bool) -> list[str]:
+    """The widths in words; a rotary model's two head-dim widths said as what they are."""
+    dims = sorted((w for w in widths if w.role == str(AxisRole.HEAD_DIM)), key=lambda w: w.before)
+    if len(dims) == 2 and dims[0].count == 1 and dims[1].before == 2 * dims[0].before \
+            and dims[1].after == 2 * dims[0].after:
+        half, full = dims
+        where = f" in each of {full.count} layers" if full.count > 1 else ""
+        return [*(_width_words(w, gqa) for w in widths if w.role != str(AxisRole.HEAD_DIM)),
+                f"dims per head {full.before} -> {full.after}{where} (query and key: both "
+                f"rotary halves {half.before} -> {half.after}, the same dims in every layer, "
+                f"which read one rotary table; value and output: in each layer)"]
+    return [_width_words(w, gqa) for w in widths]
+
+
+def _heads_words(name: str, before: int, after: int, layers: int) -> str:
+    """``query heads 1024 -> 768 (32 -> 24 in each of 32 layers)``, or all kept."""
+    even = layers > 1 and before % layers == 0 and after % layers == 0
+    if before == after:
+        return f"{name} all kept ({before // layers} in each of {layers} layers)" if even \
+            else f"{name} all kept ({before})"
+    return f"{name} {before} -> {after}" + (
+        f" ({before // layers} -> {after // layers} in each of {layers} layers)" if even else "")
+
+
 def _head_counts(pruner: Pruner, groups: list[Group], part: Removal) -> dict[str, int] | None:
     """Query and key/value heads before and after ``part``, summed over every layer."""
     found = [got for g in groups if (got := query_kv_heads(
@@ -182,7 +208,9 @@ def _head_counts(pruner: Pruner, groups: list[Group], part: Removal) -> dict[str
     if not found:
         return None
     q_b, q_a, kv_b, kv_a = (sum(col) for col in zip(*found, strict=True))
-    return {"query_before": q_b, "query_after": q_a, "kv_before": kv_b, "kv_after": kv_a}
+    layers = sum(a.role is AxisRole.HEADS for g in groups for a in g.axes)  # one per layer
+    return {"query_before": q_b, "query_after": q_a, "kv_before": kv_b, "kv_after": kv_a,
+            "layers": layers}
 
 
 def _fraction(changes: list[GroupChange], heads: dict[str, int] | None) -> float | None:

@@ -63,6 +63,10 @@ class QualityProbe:
             del trial
         return self._cache["cost", key]
 
+    def cached_cost(self, key: Hashable) -> Quality | None:
+        """The `cost` measured under ``key``, or None when it was not measured yet."""
+        return self._cache.get(("cost", key))
+
     def _measure(self, model: nn.Module | None) -> Quality:
         if self.task is None:
             self.task = infer_task(self.original)

@@ -5,12 +5,15 @@ Every function takes plain data (arrays, dicts, groups) and returns a new figure
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
 
 from ..coupling.groups import Group
 from ..coupling.heads import AttentionInfo
+from ..coupling.places import natural_key
+from ..prune.uniform import kind_of
 from ..quality.evaluate import Quality
 from ..quality.task import Metric
 
@@ -39,8 +42,45 @@ def importance_figure(scores: np.ndarray, removed: Sequence[int], title: str = "
     return fig
 
 
+@dataclass(frozen=True)
+class LayerGrid:
+    """Widths of a model with numbered layers as layers x kinds, and the modules outside."""
+
+    layers: list[str]  # ``model.layers.0`` ... in numeric order
+    kinds: list[str]  # ``self_attn.q_proj``, ``mlp.gate_proj`` ... in model order
+    cells: dict[tuple[str, str], tuple[int, int]]  # (layer, kind) -> (before, after)
+    outside: dict[str, tuple[int, int]]  # module -> (before, after): embeddings, lm_head
+
+    def outside_rows(self) -> list[dict[str, object]]:
+        """Rows for the modules outside the layers (their widths dwarf the layers')."""
+        return [{"module": m, "width before": b, "width after": a}
+                for m, (b, a) in self.outside.items()]
+
+
+def layer_grid(before: Mapping[str, int], after: Mapping[str, int]) -> LayerGrid:
+    """Per-module widths sorted into numbered layers x module kinds."""
+    cells: dict[tuple[str, str], tuple[int, int]] = {}
+    outside: dict[str, tuple[int, int]] = {}
+    kinds: dict[str, None] = {}
+    for name, b in before.items():
+        kind, layer = kind_of(name + ".")
+        short = kind.split(".*.", 1)[1].rstrip(".") if layer and ".*." in kind else ""
+        if short:
+            kinds.setdefault(short)
+            cells[layer, short] = (b, after.get(name, 0))
+        else:  # outside numbered layers, or a layer module itself
+            outside[name] = (b, after.get(name, 0))
+    layers = sorted({lay for lay, _k in cells}, key=natural_key)
+    return LayerGrid(layers, list(kinds), cells, outside)
+
+
 def widths_figure(before: Mapping[str, int], after: Mapping[str, int]) -> go.Figure:
-    """Output width of each layer before and after pruning, as grouped bars."""
+    """Output width of each module before and after pruning: a layers x kinds heatmap of the
+    fraction kept when the model has numbered layers (readable at 30+ layers; embeddings and
+    heads apart, see `layer_grid`), else grouped bars."""
+    grid = layer_grid(before, after)
+    if len(grid.layers) >= 2:
+        return _grid_figure(grid)
     names = list(before)
     fig = go.Figure([
         go.Bar(name="before", x=names, y=[before[n] for n in names], marker_color="#BAB0AC"),
@@ -48,6 +88,34 @@ def widths_figure(before: Mapping[str, int], after: Mapping[str, int]) -> go.Fig
     ])
     fig.update_layout(title="per-layer output width", barmode="group", height=380,
                       xaxis_tickangle=-45, margin={"l": 40, "r": 10, "t": 40, "b": 120})
+    return fig
+
+
+def _grid_figure(grid: LayerGrid) -> go.Figure:
+    z: list[list[float | None]] = []
+    text: list[list[str]] = []
+    for layer in grid.layers:
+        row_z: list[float | None] = []
+        row_t: list[str] = []
+        for kind in grid.kinds:
+            b, a = grid.cells.get((layer, kind), (0, 0))
+            row_z.append(a / b if b else None)
+            row_t.append(f"{a}" if a == b else f"{b}→{a}" if b else "")
+        z.append(row_z)
+        text.append(row_t)
+    prefixes = {lay.rsplit(".", 1)[0] for lay in grid.layers}
+    labels = [lay.rsplit(".", 1)[-1] if len(prefixes) == 1 else lay for lay in grid.layers]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=grid.kinds, y=labels, text=text, texttemplate="%{text}", zmin=0, zmax=1,
+        colorscale=[[0, "#E45756"], [0.5, "#F2CF5B"], [1, "#BAB0AC"]],
+        colorbar={"title": "kept"},
+        hovertemplate="layer %{y} · %{x}<br>width %{text}<br>kept %{z:.0%}<extra></extra>"))
+    prefix = next(iter(prefixes)) if len(prefixes) == 1 else "layer"
+    fig.update_layout(title="output width per layer and kind (grey: unchanged; text: before→after)",
+                      xaxis={"side": "top"},
+                      yaxis={"title": prefix, "autorange": "reversed", "type": "category"},
+                      height=max(300, 22 * len(grid.layers) + 120),
+                      margin={"l": 60, "r": 10, "t": 90, "b": 20})
     return fig
 
 
@@ -89,16 +157,24 @@ def attention_rows(infos: Sequence[AttentionInfo]) -> list[dict[str, object]]:
         problems = [f"{m} width {a.widths.get(m)} not divisible by heads" for m in bad]
         if a.num_heads % max(kv, 1):
             problems.append(f"{a.num_heads} heads not divisible by {kv} kv heads")
+        # the verdict first; projections by their names inside the module (the full paths
+        # pushed the verdict off screen at 30+ layers)
         rows.append({
-            "module": a.module, "group": a.group, "heads": a.num_heads, "head_dim": a.head_dim,
-            "kv_heads": kv,
-            "q / k / v / out": " / ".join(dict.fromkeys(x for x in (a.q, a.k, a.v, a.out) if x)),
-            "widths": ", ".join(f"{m.rpartition('.')[2]} {w}" for m, w in a.widths.items()),
+            "module": a.module, "heads": a.num_heads, "head_dim": a.head_dim, "kv_heads": kv,
             "ok": not problems,
             "violations": "; ".join(problems),
             "whole-head ratios": ", ".join(r for r in a.legal_head_ratios if r != "0"),
+            "projections": " ".join(dict.fromkeys(_inside(a.module, x)
+                                                  for x in (a.q, a.k, a.v, a.out) if x)),
+            "widths": ", ".join(f"{m.rpartition('.')[2]} {w}" for m, w in a.widths.items()),
+            "group": a.group,
         })
     return rows
+
+
+def _inside(module: str, name: str) -> str:
+    """``qkv`` for ``blocks.0.attn.qkv`` inside ``blocks.0.attn``."""
+    return name[len(module) + 1:] if name.startswith(module + ".") else name
 
 
 def axes_rows(group: Group) -> list[dict[str, object]]:

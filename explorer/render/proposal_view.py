@@ -13,6 +13,7 @@ heatmap of the scores (layer x index), not one widget and one chart per axis.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, GroupKey
-from ..coupling.places import axis_layers
+from ..coupling.places import axis_layers, natural_key
 from ..coupling.vocab import AxisRole
 from ..graph.metrics import count_macs
 from ..prune.importance import lowest
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ..prune.statement import Statement
     from ..quality.evaluate import Quality
 
+_LOCATION = re.compile(r"\S*/\S+:\d+")  # /path/to/file.py:58
 MANY_AXES = 4  # more axes than this: the proposal is shown as a layer table
 MAX_CHANGES_SHOWN = 3  # changes listed per proposal in the pending table
 _ROLE_WORDS = {AxisRole.CHANNELS: "channels", AxisRole.HEADS: "heads",
@@ -73,12 +75,7 @@ def axis_rows(coupling: Coupling, proposal: Proposal,
     rows = [AxisRow(a, layers[a], part_label(proposal.group.axes[a].role, c.width_before),
                     c.width_before, int((counts or {}).get(a, proposed[a])))
             for a, c in zip(proposal.axes, proposal.changes, strict=True)]
-    return sorted(rows, key=lambda r: (_natural(r.layer), r.part))
-
-
-def _natural(text: str) -> tuple[object, ...]:
-    """Sort key that orders ``layers.10`` after ``layers.9``."""
-    return tuple(int(t) if t.isdigit() else t for t in text.replace(".", " ").split())
+    return sorted(rows, key=lambda r: (natural_key(r.layer), r.part))
 
 
 def layered(proposal: Proposal) -> bool:
@@ -96,9 +93,11 @@ def statement_lines(said: Statement) -> list[str]:
     return [f"- **{loss.target}**: {loss.details()}" for loss in said.losses]
 
 
-def pending_rows(pending: Sequence[Proposal]) -> list[dict[str, str]]:
-    """One row per pending proposal: its group and the widths it would change."""
-    return [{"group": q.group.title,
+def pending_rows(pending: Sequence[Proposal], costs: Mapping[GroupKey, str] | None = None
+                 ) -> list[dict[str, str]]:
+    """One row per pending proposal: its group, the widths it would change and (``costs``:
+    group key -> a cell, see `explorer.app.cost.cost_label`) what accepting it costs."""
+    return [{"group": q.group.title, **({"cost": costs.get(q.key, "")} if costs else {}),
              "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
                                  f"{ch.width_before}→{ch.width_after}"
                                  for ch in q.changes[:MAX_CHANGES_SHOWN])
@@ -111,7 +110,7 @@ def short_reason(joint: Proposal) -> str:
     """The joint proposal's reason with every location shortened to ``file:line``."""
     text = joint.reason
     for word in text.split("`"):
-        if ":" in word and "/" in word:
+        if _LOCATION.fullmatch(word):  # not the quoted code line, whatever it holds
             text = text.replace(word, short_location(word))
     return text
 
@@ -302,3 +301,14 @@ def verdict_labels(solution: Solution[GroupKey], titles: Mapping[GroupKey, str]
         where = short_location(v.location) if v.location else (v.module or "the model")
         out[k] = f"unsafe ({where})"
     return out
+
+
+def equal_counts(rows: Sequence[AxisRow]) -> dict[int, int] | None:
+    """Axis -> count with every layer of a part cut alike (the largest count asked of that
+    part), or None when the rows already cut each part alike."""
+    most: dict[str, int] = {}
+    for r in rows:
+        most[r.part] = max(most.get(r.part, 0), r.remove)
+    if all(r.remove == most[r.part] for r in rows):
+        return None
+    return {r.axis: most[r.part] for r in rows}

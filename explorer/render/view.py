@@ -234,6 +234,7 @@ class _Builder:
         groups = mg.groups()
         self.param_groups, self.dim0_group, self.home, self.fam_groups = _group_index(groups)
         self.group_modules: set[str] = set()
+        self.param_primary: set[str] = set()  # ops whose click group is a parameter's
         self.pinned_fams: dict[int, str] = {}
         if group is not None:
             gr = groups[group]
@@ -351,14 +352,19 @@ class _Builder:
         box_groups: dict[str, set[int]] = {m: set() for m in kept_modules}
         box_chain: set[str] = set()
         box_first: dict[str, int | None] = {}
+        box_param: set[str] = set()  # boxes whose click group comes from a parameter
         for n in op_nodes:
             for m in ancestors_and_self(n.module):
                 if m in box_groups:
                     box_groups[m] |= set(n.group_ids)
                     if n.chain:
                         box_chain.add(m)
-                    if box_first.get(m) is None and n.primary_group is not None:
-                        box_first[m] = n.primary_group
+                    if n.primary_group is not None and (
+                            box_first.get(m) is None or (n.id in self.param_primary and
+                                                         m not in box_param)):
+                        box_first[m] = n.primary_group  # a parameter's output channels win
+                        if n.id in self.param_primary:
+                            box_param.add(m)
         first_op: dict[str, int] = {}
         for op in kept_ops:
             for m in ancestors_and_self(op.module):
@@ -401,7 +407,9 @@ class _Builder:
                         and len(self._shape(p)) >= 2), None)
         if primary is None:
             primary = next((self.dim0_group[p] for p in params if p in self.dim0_group), None)
-        if primary is None:
+        if primary is not None:  # the group of the channels its parameter writes
+            self.param_primary.add(nid)
+        else:
             cands = out_groups.get(nid, set())
             primary = min(cands, key=lambda i: (len(self.mg.groups()[i].members), i),
                           default=None)

@@ -161,8 +161,10 @@ const STYLE = [
     "overlay-padding": 4 } },
   { selector: "edge", style: {
     "curve-style": "bezier", "target-arrow-shape": "triangle", "width": 1.2,
-    "line-color": "#999", "target-arrow-color": "#999", "label": "data(label)",
-    "font-size": 8, "color": "#555", "text-background-color": "#fff", "text-margin-x": 24,
+    "line-color": "#999", "target-arrow-color": "#999",
+    // at the producing end, so a label stays clear of the title of the box it enters
+    "source-label": "data(label)", "source-text-offset": 26,
+    "font-size": 8, "color": "#555", "text-background-color": "#fff",
     "text-background-opacity": 0.8, "text-background-padding": 1 } },
   { selector: "edge.hot", style: { "line-color": CHAIN, "target-arrow-color": CHAIN,
     "width": 3, "color": CHAIN, "font-weight": "bold" } },
