@@ -77,8 +77,8 @@ def test_large_path_refit_replays_to_the_in_memory_model(
     assert _large(ckpt, calib, plan, tmp_path / "off", "--heads", "whole",
                   "--compensate", "lstsq") == 0
     out = json.loads(capsys.readouterr().out)
-    # bias-less layers stay bias-less (the refit solves without a bias column)
     assert out["refit"]["file"] == str(refit_file(plan)) and out["refit"]["created"] == 0
+    # bias-less layers stay bias-less (so a config still describes the result)
     assert any("reconstruction (sequential least squares) kept in" in n for n in out["notes"])
     data = json.loads(plan.read_text())
     assert data["schema"] == REFIT_SCHEMA and data["refit"]["file"] == "plan.refit.safetensors"
@@ -92,9 +92,11 @@ def test_large_path_refit_replays_to_the_in_memory_model(
     assert main(["replay", "--checkpoint", str(ckpt), "--plan", str(plan), "--out",
                  str(tmp_path / "pruned"), "--json"]) == 0
     capsys.readouterr()
-    streamed = load_model(f"hf:{tmp_path / 'pruned'}").model  # from_pretrained or plan.json
+    # no bias was created and every layer keeps one width: a config describes the result
+    assert (tmp_path / "pruned" / "config.json").is_file()
+    streamed = load_model(f"hf:{tmp_path / 'pruned'}").model
     ours, theirs = streamed.state_dict(), lm.model.state_dict()
-    assert set(ours) == set(theirs)
+    assert set(ours) == set(theirs) and "model.layers.0.mlp.down_proj.bias" not in ours
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -113,7 +115,6 @@ def test_large_path_refit_replays_to_the_in_memory_model(
                  str(tmp_path / "memory"), "--formats", "safetensors", "--json"]) == 0
     capsys.readouterr()
     again = explorer.load_pruned(f"hf:{ckpt}", tmp_path / "memory")
-    assert set(again.state_dict()) == set(ours)
     for name, tensor in ours.items():
         assert torch.equal(again.state_dict()[name], tensor), name
 
@@ -127,7 +128,7 @@ def test_bf16_shards_refit_matches_the_in_memory_prune(
     result = replay_checkpoint(bf16, Plan.load(plan), tmp_path / "pruned",
                                refit=check_refit(Plan.load(plan), plan))
     assert len(result.written) > 1
-    streamed = load_model(f"hf:{tmp_path / 'pruned'}").model
+    streamed = load_model(f"hf:{tmp_path / 'pruned'}").model  # bias-less stays bias-less
     lm = load_model(f"hf:{bf16}")
     cal = load_data(calib, lm, DataOptions(None, 128, BATCH))
     Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.3, calibration=cal,
@@ -139,13 +140,12 @@ def test_bf16_shards_refit_matches_the_in_memory_prune(
     assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 rounding, not a different refit
 
 
-def test_in_memory_refit_export_loads_back(ckpt: Path, calib: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """The biases a compensation adds are not the original model's: the plan records them
-    apart from its fingerprint, so ``load_pruned`` of the export rebuilds the model."""
+def test_in_memory_refit_export_loads_back(ckpt: Path, calib: Path, tmp_path: Path) -> None:
+    """A refit export loads back exactly with ``load_pruned`` (it refused the plan before);
+    the refit adds no bias to bias-less layers, so the fingerprint is the original's."""
     lm = load_model(f"hf:{ckpt}")
     pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.3,
-                    heads="whole", calibration=str(calib), compensate="bias")
+                    heads="whole", calibration=str(calib), compensate="lstsq")
     report = pruner.step()
     plan = Plan.from_pruner(pruner, f"hf:{ckpt}", reports=[report])
     # no bias created: the plan's fingerprint is the original model's, and the values

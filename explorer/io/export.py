@@ -41,8 +41,7 @@ from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
 from .paths import check_out_apart
 from .plan import Plan
-from .pruned import ExportError as ExportError
-from .pruned import load_into
+from .pruned import ExportError, load_into, read_weights
 from .quiet import quiet_transformers
 from .specs import SentenceFolder, write_sentence_files
 
@@ -51,8 +50,6 @@ DEFAULT_FORMATS = ("pt", "safetensors", "report")
 
 __all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportError", "ExportResult", "check_out_dir", "export",
            "load_pruned", "parse_formats"]
-
-
 
 
 @dataclass
@@ -469,6 +466,11 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
     """
     folder = Path(directory)
     plan = Plan.load(folder / "plan.json")
+    weights = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"  # shards from explorer.io.stream
+    if not weights.is_file() and not index.is_file():
+        raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
+    state = read_weights(weights, index)
     inputs: Sequence[Any] | None = None
     if isinstance(source, nn.Module):
         model = source
@@ -482,7 +484,7 @@ def load_pruned(source: str | nn.Module | None, directory: str | os.PathLike[str
                               f"load_pruned('{spec}', '{folder}'), or pass a fresh model")
         lm = load_model(spec)
         model, inputs = lm.model, lm.example_inputs
-    return load_into(model, folder, plan, inputs)
+    return load_into(model, folder, plan, state, weights, inputs)
 
 
 def snapshot(model: nn.Module) -> nn.Module:

@@ -1,10 +1,9 @@
-"""A pruned model rebuilt from a folder of weights and its plan: no pickle, no code.
+"""Weights of a pruned export loaded into a model: the plan replayed, then every tensor
+checked (keys, shapes, dtypes) before any is copied. No pickle is read.
 
-`load_into` replays the folder's ``plan.json`` on a fresh, unpruned model and loads the
-folder's weights (``model.safetensors``, or the shards and index a streamed replay writes,
-each shard inside the folder) after checking every name, shape and dtype. `explorer.load_pruned`
-(which also builds the model from a spec) and ``hf:FOLDER`` of a pruned folder
-(`explorer.io.specs`) both use it.
+The one home of reading a pruned folder's weights, for `explorer.io.export.load_pruned` and
+for ``hf:<folder>`` of a pruned checkpoint (`explorer.io.specs._pruned_folder`); it imports no
+model loader, so the loaders can use it.
 """
 from __future__ import annotations
 
@@ -22,27 +21,28 @@ from .names import checkpoint_names, dropped_on_load
 from .paths import shard_files
 from .plan import Plan
 
-__all__ = ["ExportError", "load_into"]
+__all__ = ["ExportError", "load_into", "read_weights"]
 
 
 class ExportError(ValueError):
     """An export or reload that cannot be done as asked."""
 
 
-def load_into(model: nn.Module, folder: Path, plan: Plan | None = None,
-              inputs: Sequence[Any] | None = None) -> nn.Module:
-    """``model`` (fresh, unpruned) pruned by ``folder``'s plan, with ``folder``'s weights.
+def read_weights(weights: Path, index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights`` (one file) or, when it is absent, of the shards ``index``
+    names (only shards inside its folder)."""
+    return _read_safetensors(weights) if weights.is_file() else _read_shards(index)
+
+
+def load_into(model: nn.Module, folder: Path, plan: Plan, state: dict[str, torch.Tensor],
+              weights: Path, inputs: Sequence[Any] | None = None) -> nn.Module:
+    """``plan`` replayed on the unpruned ``model`` and ``state`` loaded into it, all or
+    nothing; a warning when the weights are not finite. Returns the model in eval mode.
 
     Raises:
-        explorer.PlanError: the plan is unreadable or does not fit the model.
-        ExportError: the weights file is missing or does not fit the replayed model.
+        explorer.PlanError: the plan does not fit the model.
+        ExportError: the weights do not fit the replayed model.
     """
-    plan = plan if plan is not None else Plan.load(folder / "plan.json")
-    weights = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"  # shards from explorer.io.stream
-    if not weights.is_file() and not index.is_file():
-        raise ExportError(f"'{weights}' does not exist; export with the safetensors format")
-    state = _read_safetensors(weights) if weights.is_file() else _read_shards(index)
     with transaction(model):
         plan.apply(model, example_inputs=inputs)
         renamed = checkpoint_names(model, state).renamed  # a streamed replay keeps

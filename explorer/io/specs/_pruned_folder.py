@@ -38,7 +38,7 @@ def build_pruned(folder: Path, config: Any, task: Task, attn: str, device: str) 
     import transformers
 
     from ..plan import Plan
-    from ..pruned import load_into
+    from ..pruned import load_into, read_weights
 
     auto_cls = getattr(transformers, AUTO_CLASS[task])
     try:
@@ -48,7 +48,10 @@ def build_pruned(folder: Path, config: Any, task: Task, attn: str, device: str) 
         if torch.device(device).type == "meta":
             Plan.load(folder / PLAN).apply(model)
         else:
-            model = load_into(model, folder)
+            plan = Plan.load(folder / PLAN)
+            weights = folder / "model.safetensors"
+            state = read_weights(weights, folder / "model.safetensors.index.json")
+            model = load_into(model, folder, plan, state, weights)
     except (ValueError, OSError, RuntimeError) as e:
         raise SpecError(f"cannot rebuild the pruned model in '{folder}' from "
                         f"{ORIGINAL_CONFIG} and {PLAN}: {one_line(e)}") from e
