@@ -198,4 +198,4 @@ def test_export_zips_store_weights_and_deflate_text(
     with zipfile.ZipFile(files["pruned_safetensors.zip"]) as zf:
         kinds = {Path(i.filename).name: i.compress_type for i in zf.infolist()}
     assert kinds == {"model.safetensors": zipfile.ZIP_STORED,
-                     "plan.json": zipfile.ZIP_DEFLATED}
+                     "plan.json": zipfile.ZIP_DEFLATED, "README.md": zipfile.ZIP_DEFLATED}

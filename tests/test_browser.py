@@ -291,7 +291,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
                 page.wait_for_timeout(300)
             for name, value in (("Samples (0 = all)", "8"), ("Sequence length", "32"),
                                 ("Batch size", "4")):
-                box = page.get_by_label(name)
+                box = page.get_by_role("spinbutton", name=name)  # not its help button
                 box.fill(value)
                 box.press("Enter")
                 page.wait_for_timeout(300)
