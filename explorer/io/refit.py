@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,16 @@ from .paths import inside
 from .plan import Plan, PlanError
 
 SUFFIX = ".refit.safetensors"
-_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # bytes per element
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # the dtypes a refit value may have
+
+
+def header_entry(dtype: str, shape: list[int], offset: int) -> tuple[dict[str, object], int]:
+    """A safetensors header entry for a tensor whose data starts ``offset`` bytes after the
+    header, and the offset where the next one starts."""
+    end = offset + DTYPE_BYTES[dtype] * math.prod(shape)
+    return {"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}, end
 _CHUNK = 2**20
 
 __all__ = ["SUFFIX", "RefitWriter", "check_refit", "read_refit", "refit_file"]
@@ -97,12 +107,7 @@ class RefitWriter:
             with safe_open(str(where[name]), framework="pt") as f:
                 sl = f.get_slice(name)
                 dtype, shape = sl.get_dtype(), [int(x) for x in sl.get_shape()]
-            size = _FLOAT_DTYPES[dtype]
-            for x in shape:
-                size *= x
-            entries[name] = {"dtype": dtype, "shape": shape,
-                             "data_offsets": [offset, offset + size]}
-            offset += size
+            entries[name], offset = header_entry(dtype, shape, offset)
         header = json.dumps(entries, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
         out = Path(target)

@@ -36,6 +36,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Collection, Mapping
@@ -53,14 +54,13 @@ from .names import checkpoint_names, dropped_on_load
 from .own_code import refuse_own_code
 from .paths import check_out_apart, inside, shard_files
 from .plan import Plan, Replay
+from .refit import DTYPE_BYTES, check_refit, header_entry
 from .specs._types import one_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 ORIGINAL_CONFIG = "original_config.json"  # the unpruned config, when no config fits
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                  "BF16": torch.bfloat16}  # the dtypes a refit value may be written as
 _MARKERS = ".stream"  # folder in the output: one done marker per finished shard
@@ -370,15 +370,10 @@ def _cut_shard(ckpt: Checkpoint, shard: str, keeps: Mapping[str, dict[int, torch
                 shape = list(refits.shapes[ckpt.model_name(added[name]).rpartition(".")[0]
                                            + ".bias"])
             dtype = sl.get_dtype()
-            if dtype not in _DTYPE_BYTES:
+            if dtype not in DTYPE_BYTES:
                 raise StreamError(f"tensor '{name}' of '{shard}' has dtype {dtype}, which "
                                   f"streaming replay does not handle")
-            size = _DTYPE_BYTES[dtype]
-            for x in shape:
-                size *= x
-            entries[name] = {"dtype": dtype, "shape": shape,
-                             "data_offsets": [offset, offset + size]}
-            offset += size
+            entries[name], offset = header_entry(dtype, shape, offset)
         metadata = f.metadata()
         if metadata:
             entries = {"__metadata__": metadata, **entries}
@@ -421,11 +416,7 @@ def _output_bytes(ckpt: Checkpoint, shard: str, out: Path) -> int:
         names = f.keys()
         for name in names:
             sl = f.get_slice(name)
-            shape = sl.get_shape()
-            size = _DTYPE_BYTES[sl.get_dtype()]
-            for s in shape:
-                size *= int(s)
-            total += size
+            total += DTYPE_BYTES[sl.get_dtype()] * math.prod(int(x) for x in sl.get_shape())
     return total
 
 
@@ -606,7 +597,6 @@ def replay_command(checkpoint: str, plan_file: str, out: str, force: bool = Fals
                    ) -> dict[str, Any]:
     """``python -m explorer replay --checkpoint DIR --plan FILE --out OUT [--force]``: the
     JSON summary (``_text`` for people)."""
-    from .refit import check_refit
 
     plan = Plan.load(plan_file)
     refit = check_refit(plan, plan_file) if plan.refit is not None and plan.refit.file \
