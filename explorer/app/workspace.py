@@ -73,13 +73,20 @@ class Workspace:
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
         self._statement: tuple[tuple[Any, ...], Statement] | None = None
         self.measures = Measures(self.original, self.example_inputs, heldout, task, tokenizer)
-        self.graph = self._model_graph()
+        self._graph: tuple[int, ModelGraph] | None = None
         self.params_start = self.params
         self.macs_start = self.macs
         self.widths_start = layer_widths(self.model)
         self.output_shapes = self.pruner.preflight().expected
 
     # ------------------------------------------------------------------ state read by pages
+    @property
+    def graph(self) -> ModelGraph:
+        """The model's graph, groups and views as it is now (made once per version)."""
+        if self._graph is None or self._graph[0] != self.version:
+            self._graph = (self.version, self._model_graph())
+        return self._graph[1]
+
     @property
     def version(self) -> int:
         """Changes whenever the model changes (pages key their caches on it)."""
