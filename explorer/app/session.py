@@ -125,7 +125,11 @@ class Session(Workspace):
             return self._fail(f"invalid count: {exc}")
         if not removal:
             return self._fail("nothing to remove: the count is 0")
+        cost_key = self._cost_key(proposal, {proposal.axes[0]: count} if isinstance(count, int)
+                                  else dict(count or {}))
         ok = self._apply(removal, [proposal], count, self.preflight(proposal, count))
+        if ok and self.pruner.compensate is None and not self.applied[-1].constants:
+            self.measures.adopt(cost_key, self.version)  # the cost measured is its quality
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
             same = proposal.reason == SAME_CUT  # partners named: replay rebuilds the set

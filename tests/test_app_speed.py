@@ -1,4 +1,5 @@
-"""Reopening a saved session redoes its recorded cuts exactly, without choosing them again.
+"""The app's session, fast: a reopened session redoes its recorded cuts exactly, without
+choosing them again; the quality after an accept is the cost measured before it.
 
 Each accept's log entry carries what it cut (`explorer.io.plan.step_record`: tensors, dims,
 removed indices, attributes), so a replay (`Session.replay`) redoes the cuts as recorded: no
@@ -21,6 +22,7 @@ from explorer.io.specs import load_model
 from explorer.prune import importance
 from explorer.prune.preflight import Preflight
 from explorer.prune.pruner import Pruner
+from explorer.quality import probe
 
 LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=4&num_attention_heads=4"
          "&num_key_value_heads=2&intermediate_size=96&vocab_size=128")
@@ -147,6 +149,30 @@ def test_a_replayed_criterion_switch_scores_once_when_asked(
     assert [p.key for p in again.proposals()] == expected
     assert passes == [1]
     _same_values(again.model, live.model)
+
+
+@pytest.mark.parametrize("refit", ["none", "bias"])
+def test_the_quality_after_an_accept_is_the_cost_measured_before_it(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]], refit: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No forward measures the model an accept made when its cost was measured on the same
+    cut (a refit changes the weights: then it is measured)."""
+    model, inputs = llama
+    pe = Session(model, inputs, spec=LLAMA)
+    assert pe.set_compensation(refit)
+    p = pe.proposals()[0]
+    cost = pe.proposal_cost(p, {})  # what the Groups page shows (the counts on screen)
+    assert cost is not None and pe.quality() is not None
+    forwards: list[int] = []
+    compare = probe.compare
+    monkeypatch.setattr(probe, "compare", lambda *a, **k: forwards.append(1) or compare(*a, **k))
+    assert pe.accept(p, {})
+    after = pe.quality()
+    assert forwards == ([] if refit == "none" else [1])
+    assert (after is cost) == (refit == "none")
+    measured = probe.QualityProbe(pe.original, pe.measures._probe.data).current(  # type: ignore[union-attr]
+        pe.model, "again")
+    assert measured == after
 
 
 def test_replayed_cuts_equal_the_live_session(
