@@ -171,6 +171,13 @@ class Workspace:
             return []  # every group a proposal could be for is decided (after Accept all)
         return [p for p in self.pruner.pending() if p.key not in decided]
 
+    def undecided(self) -> int:
+        """How many groups a proposal could be for and are not decided, without scoring (a
+        data-aware criterion's calibration pass waits until proposals are asked for)."""
+        decided = self.decided
+        return sum(1 for g in self.pruner.groups
+                   if self.pruner.could_propose(g) and g.key not in decided)
+
     def current(self) -> Proposal | None:
         """The next proposal to decide on, or None when every group is decided."""
         pending = self.proposals()

@@ -153,11 +153,13 @@ class History:
 
     # ------------------------------------------------------------------ edits
     @contextmanager
-    def _commit(self, kind: EditKind, what: str) -> Iterator[Edit]:
+    def _commit(self, kind: EditKind, what: str, settle: bool = True) -> Iterator[Edit]:
         """The one path every edit takes: the body changes the model (filling the yielded
         `Edit`) inside a transaction; on success the edit is recorded, on failure the
-        model, its analysis and the config note are as they were."""
-        self.settle()  # the state an undo puts back has its config in line
+        model, its analysis and the config note are as they were (``settle``: the config
+        follows redone cuts first, so the state an undo puts back has it in line)."""
+        if settle:
+            self.settle()
         edit = Edit(kind, what, self.now, None, self.config_note, Applied({}, {}, {}))
         try:
             with transaction(self.model) as captured:
@@ -200,7 +202,7 @@ class History:
         Raises:
             Whatever ``apply`` raises (it changes nothing then); nothing is changed.
         """
-        with self._commit(EditKind.CUT, what) as edit:
+        with self._commit(EditKind.CUT, what, settle=False) as edit:
             edit.applied = apply(self.model)
             edit.keys, edit.titles, edit.report = list(keys), list(titles), list(lines)
             self.now = Analysis(None, None, next(self._versions))
