@@ -48,6 +48,7 @@ from explorer.render.proposal_view import (
     member_table,
     metric_cards,
     pending_rows,
+    quality_note,
     removed_for,
     short_location,
     statement_lines,
@@ -55,7 +56,7 @@ from explorer.render.proposal_view import (
     verdict_text,
 )
 from explorer.render.view import build_view
-from pages._session import prompts_box, remember, remembered, reset, show
+from pages._session import heldout_path, prompts_box, remember, remembered, reset, show
 
 COMPENSATIONS = ["none", *(c.value for c in Compensation)]
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
@@ -121,8 +122,8 @@ def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
             st.session_state[f"groups_count_{n}"] = len(ch.removed)
     if not layered(p):
         cols = st.columns(len(p.axes))
-        return {axis: int(cols[n].number_input(count_label(ch), 0, ch.width_before - 1,
-                                               key=f"groups_count_{n}"))
+        return {axis: int(cols[n].number_input(count_label(pe.graph.coupling, p, n), 0,
+                                               ch.width_before - 1, key=f"groups_count_{n}"))
             for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True))}
     rows = axis_rows(pe.graph.coupling, p)
     st.caption(layer_caption(rows))
@@ -148,6 +149,9 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
         if card is not None:
             column.metric(card.label, card.value, card.delta, help=card.help,
                           delta_color="inverse" if card.inverse else "normal")
+    if quality is not None:
+        st.caption(quality_note(quality, pe.quality_source, pe.spec,
+                                heldout_path()))
 
 
 def thresholds() -> Thresholds:
@@ -203,9 +207,12 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
             pending = by_cost(pending, costs)
     keys = [p.key for p in pending]
     state = (id(pe), pe.version, pe.settings(), order)
-    if st.session_state.get("groups_pick") not in keys or \
-            st.session_state.get("groups_pick_for") != state:
-        st.session_state.groups_pick = keys[0]  # a new model state or settings: the first
+    picked = st.session_state.get("groups_pick")
+    if picked not in keys or st.session_state.get("groups_pick_for") != state:
+        picked = keys[0]  # a new model state or settings: the first
+    # Set on every run: the browser holds the pick by its label, which changes once its cost
+    # is measured; without this it kept showing "not measured" above the measured cost.
+    st.session_state.groups_pick = picked
     st.session_state.groups_pick_for = state
     by_key = {p.key: p for p in pending}
     if costs.get(st.session_state.groups_pick) is None and pe.quality() is not None:
@@ -236,7 +243,7 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
         return None
     colour = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
     st.markdown(f":{colour[severity(after, t)]}-background["
-                f"{cost_sentence(quality, after, t, pe.quality_source)}]")
+                f"{cost_sentence(quality, after, t, pe.quality_source, pe.compensation)}]")
     if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)):
         with st.expander("Greedy continuations if accepted", expanded=True):
             prompts = prompts_box("groups_prompts")
@@ -355,9 +362,9 @@ def chart(pe: Session, p: Proposal, counts: dict[int, int]) -> None:
         return
     removed = removed_for(p, counts)
     cols = st.columns(len(p.axes))
-    for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True)):
+    for n, axis in enumerate(p.axes):
         cols[n].plotly_chart(axis_figure(p.scores[axis], removed[axis],
-                                         *chart_words(ch, pe.importance)),
+                                         *chart_words(p, n, pe.importance)),
                              key=f"groups_importance_{n}", width="stretch")
 
 

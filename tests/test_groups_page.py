@@ -1,0 +1,150 @@
+"""What a newcomer reads on the Groups page of a real LLM (issue 21's review of the SmolLM2
+screenshots): metric deltas with units, the count inputs in a reader's words, what the
+quality was measured on, the cost's compensation, the picker's label after a measurement."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from explorer.app.cost import Thresholds, cost_sentence
+from explorer.app.session import Session
+from explorer.app.sources import save_upload, typed_path
+from explorer.coupling.vocab import AxisRole
+from explorer.io.specs import LoadedModel, load_model
+from explorer.prune.calibration import Calibration
+from explorer.prune.preflight import Verdict
+from explorer.quality.evaluate import Quality
+from explorer.quality.task import Metric, Task
+from explorer.render.proposal_view import (
+    chart_words,
+    count_label,
+    layer_words,
+    metric_cards,
+    pending_rows,
+    quality_note,
+    signed,
+)
+
+GQA_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=2&num_attention_heads=4"
+             "&num_key_value_heads=2&intermediate_size=128&vocab_size=100")
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    return load_model(GQA_LLAMA)
+
+
+def _lm(before: float, after: float) -> Quality:
+    return Quality(Task.CAUSAL_LM, Metric.PERPLEXITY, before, after, 0.9, 0.1, 0.8, before,
+                   after, 8)
+
+
+def test_metric_deltas_carry_units_and_none_when_unchanged() -> None:
+    """The screenshot showed a bare "0" under parameters and MACs, and "-18.6 M MACs" under
+    "params after Accept"."""
+    cards = metric_cards((134_515_008, 134_515_008), (1_890_000_000, 1_890_000_000), 31,
+                         Verdict(True), None, "2 held-out samples")
+    assert [c.delta for c in cards[:2] if c is not None] == [None, None]
+    assert cards[3] is None  # a verdict without a graph: nothing to say after Accept
+    assert signed(-18_600_000, "params", 134_515_008) == "-18.6 M params (-13.8%)"
+    assert signed(2_000, "MACs", 0) == "+2,000 MACs"
+    assert signed(0, "params", 10) is None
+
+
+def test_params_after_accept_is_a_parameter_change(llama: LoadedModel) -> None:
+    pe = Session(llama.model, llama.example_inputs, spec=GQA_LLAMA)
+    p = next(q for q in pe.proposals() if "mlp" in q.group.title)
+    verdict = pe.preflight(p)
+    cards = metric_cards((pe.params, pe.params_start), (pe.macs, pe.macs_start), 3, verdict,
+                         pe.quality(), pe.quality_source)
+    after = cards[3]
+    assert after is not None and after.label == "params after Accept"
+    assert after.delta == signed(verdict.params - pe.params, "params", pe.params)
+    assert after.delta is not None and after.delta.endswith("%)") and "MACs" not in after.delta
+    assert after.help is not None and "MACs -" in after.help  # the MACs go to the hover text
+
+
+def test_count_inputs_say_what_a_user_reads(llama: LoadedModel) -> None:
+    """ "Remove from channels (1536 wide)" was internal wording."""
+    pe = Session(llama.model, llama.example_inputs, spec=GQA_LLAMA)
+    coupling = pe.graph.coupling
+    pending = pe.proposals()
+    mlp = next(p for p in pending if "layers.1.mlp" in p.group.title)
+    assert count_label(coupling, mlp, 0) == "Remove MLP hidden units of layer 1 (of 128)"
+    assert chart_words(mlp, 0, "magnitude") == ("magnitude importance of the MLP hidden units",
+                                                "channel")
+    assert pending_rows([mlp])[0]["change"].startswith("MLP hidden units 128→")
+    assert pe.configure("magnitude", 0.5, "whole")  # whole key/value groups under GQA
+    heads = next(p for p in pe.proposals() if p.group.heads is not None)
+    labels = [count_label(coupling, heads, n) for n in range(len(heads.axes))]
+    assert "Remove key/value groups of layer 0 (of 2)" in labels
+    assert AxisRole.HEAD_REPEAT.words() == "query heads per key/value group"
+    assert AxisRole.FIXED.words(3) == "q/k/v"
+
+
+@pytest.mark.parametrize(("layer", "words"), [
+    ("model.layers.3.mlp", "layer 3"), ("blocks.0", "block 0"),
+    ("transformer.h.11", "transformer.h.11"),
+    ("all layers (shared)", "every layer"), ("encoder", "encoder")])
+def test_layers_are_named_as_people_count_them(layer: str, words: str) -> None:
+    assert layer_words(layer) == words
+
+
+def test_the_page_says_what_perplexity_was_measured_on(llama: LoadedModel) -> None:
+    """61.8 in the app against 25.5 from the CLI, with the reason only in a tooltip."""
+    ids = torch.randint(0, 100, (4, 12))
+    pe = Session(llama.model, llama.example_inputs, spec=GQA_LLAMA,
+                 heldout=Calibration([(ids,)]))
+    assert pe.quality_source == "2 held-out samples × 12 tokens"
+    quality = pe.quality()
+    assert quality is not None
+    line = quality_note(quality, pe.quality_source, GQA_LLAMA, "/data/heldout.txt")
+    assert line.startswith("Perplexity here is measured on 2 held-out samples × 12 tokens")
+    assert f"--reference {GQA_LLAMA} --eval /data/heldout.txt" in line and "\n" not in line
+    random = Quality(Task.ENCODER, Metric.COSINE, 1.0, 0.9, 0.9, None, None, None, None, 4)
+    assert "give held-out data" in quality_note(random, "random inputs (no held-out data "
+                                                        "given)", "demo:mlp")
+
+
+def test_an_uploaded_file_is_not_named_by_its_server_path(tmp_path: Path) -> None:
+    saved = save_upload("held.txt", b"one\ntwo\n", str(tmp_path))
+    assert typed_path(str(saved)) == ""
+    assert typed_path("/data/held.txt") == "/data/held.txt"
+
+
+def test_the_cost_says_when_accept_refits_what_it_does_not_measure() -> None:
+    """The session may refit with lstsq at Accept; the cost shown before is measured
+    without it (too slow per proposal), and now says so next to the number."""
+    text = cost_sentence(_lm(25, 25), _lm(25, 27), Thresholds(), "2 held-out samples", "lstsq")
+    assert text.endswith("Measured without the lstsq refit that Accept applies (too slow to "
+                         "run for every proposal): after Accept the cost is usually lower")
+    assert "refit" not in cost_sentence(_lm(25, 25), _lm(25, 27), Thresholds(), "2 samples")
+
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture()
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("PE_SESSION_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_the_picker_label_shows_the_cost_measured_for_it(app: AppTest) -> None:
+    """The browser held the pick by its label "... · not measured" and kept showing it
+    above the measured cost: the page now sends the measured label with the value."""
+    app.switch_page("pages/3_groups.py").run()
+    second = app.session_state.pe.proposals()[1]
+    app.selectbox(key="groups_pick").set_value(second.key).run()
+    assert not app.exception, app.exception
+    picker = app.selectbox(key="groups_pick").proto
+    label = picker.options[1]
+    assert label.startswith(second.group.title) and "not measured" not in label
+    assert picker.set_value and picker.raw_value == label  # what the browser shows
+    assert any(c.value.startswith("Cosine to original on random inputs") for c in app.caption)
+    assert [n.label for n in app.number_input][1] == "Remove dims per head of block 0 (of 16)"
