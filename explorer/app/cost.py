@@ -20,6 +20,7 @@ from ..prune.removal import apply_removal
 from ..quality.evaluate import Quality
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.task import Metric
+from .display import continuation_rows
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -238,7 +239,6 @@ def would_be_rows(pe: Session, proposal: Proposal, counts: Counts | None,
                   prompts: Sequence[str], cache: dict[Any, list[Continuation]]
                   ) -> list[dict[str, str]]:
     """`would_be_texts` as table rows (prompt, original continues, pruned continues)."""
-    from .display import continuation_rows
     return continuation_rows(would_be_texts(pe, proposal, counts, prompts, cache))
 
 
