@@ -220,9 +220,11 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
         with contextlib.suppress(Exception):
             costs[st.session_state.groups_pick] = pe.proposal_cost(
                 by_key[st.session_state.groups_pick])
+    measurable = pe.quality() is not None  # not on meta: no weights, no cost to show
     chosen = c[0].selectbox(
         "Proposal", keys, key="groups_pick",
-        format_func=lambda k: f"{by_key[k].group.title} · {cost_label(costs.get(k), t)}")
+        format_func=lambda k: by_key[k].group.title + (
+            f" · {cost_label(costs.get(k), t)}" if measurable else ""))
     return by_key[chosen]
 
 
@@ -289,12 +291,12 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
 
 
 def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
-                 pending: list[Proposal]) -> None:
+                 pending: list[Proposal], equal: dict[int, int] | None) -> None:
     """Before Accept: whether the cut keeps a `from_pretrained` folder, and one click for the
-    same cut in every layer; unequal per-layer cuts of a group whose layers share tensors."""
+    same cut in every layer; ``equal``: the counts that cut every layer of a group whose
+    layers share tensors alike (the counts on screen do not)."""
     on_screen = edited(p, counts)
     if layered(p) and not verdict.ok:
-        equal = equal_counts(axis_rows(pe.graph.coupling, p, counts))
         if equal is not None:
             st.warning("The layers of this group share tensors (on Llama-style models the "
                        "one rotary cos/sin row every layer reads), so each part must be cut "
@@ -417,13 +419,17 @@ def main() -> None:
         verdict = pe.preflight(p, edited(p, counts))
     except ValueError as exc:  # a count out of range
         verdict = Verdict(False, error=str(exc))
-    joint = pe.joint(p) if not verdict.ok else None
+    # unequal per-layer counts of a group whose layers share tensors: the answer is equal
+    # cuts (offered below), not a joint set with other groups (a pre-flight of every group)
+    equal = equal_counts(axis_rows(pe.graph.coupling, p, counts)) \
+        if layered(p) and not verdict.ok else None
+    joint = pe.joint(p) if not verdict.ok and equal is None else None
     metrics(pe, verdict, len(pending))
     if pe.message is not None:
         show(pe.message)
     verdict_box(pe, p, verdict, joint)
     after = cost(pe, p, counts, verdict, t)
-    export_aware(pe, p, counts, verdict, pending)
+    export_aware(pe, p, counts, verdict, pending, equal)
     actions(pe, p, counts, verdict, joint)
     tradeoff(pe, verdict, after, t)
     chart(pe, p, counts)

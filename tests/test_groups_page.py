@@ -3,6 +3,7 @@ screenshots): metric deltas with units, the count inputs in a reader's words, wh
 quality was measured on, the cost's compensation, the picker's label after a measurement."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from explorer.prune.preflight import Verdict
 from explorer.quality.evaluate import Quality
 from explorer.quality.task import Metric, Task
 from explorer.render.proposal_view import (
+    axis_rows,
     chart_words,
     count_label,
     layer_words,
@@ -115,6 +117,16 @@ def test_an_uploaded_file_is_not_named_by_its_server_path(tmp_path: Path) -> Non
     assert typed_path("/data/held.txt") == "/data/held.txt"
 
 
+def test_equal_cuts_keep_a_shared_rotary_half_apart() -> None:
+    """On the 7B shape the largest count of 'dims per head' (64 of 128 per layer) was asked of
+    the shared rotary half too (64 wide): "count for 'head-dim' must be in [0, 63]"."""
+    from explorer.render.proposal_view import AxisRow, equal_counts
+    rows = [AxisRow(0, "all layers (shared)", "dims per head", 64, 32),
+            AxisRow(1, "layers.0", "dims per head", 128, 0),
+            AxisRow(2, "layers.1", "dims per head", 128, 64)]
+    assert equal_counts(rows) == {0: 32, 1: 64, 2: 64}
+
+
 def test_the_cost_says_when_accept_refits_what_it_does_not_measure() -> None:
     """The session may refit with lstsq at Accept; the cost shown before is measured
     without it (too slow per proposal), and now says so next to the number."""
@@ -148,3 +160,46 @@ def test_the_picker_label_shows_the_cost_measured_for_it(app: AppTest) -> None:
     assert picker.set_value and picker.raw_value == label  # what the browser shows
     assert any(c.value.startswith("Cosine to original on random inputs") for c in app.caption)
     assert [n.label for n in app.number_input][1] == "Remove dims per head of block 0 (of 16)"
+
+
+LLAMA_7B = ("hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
+            "&num_key_value_heads=32&intermediate_size=11008&vocab_size=32000")  # on meta
+
+
+def test_the_7b_shape_offers_equal_cuts_and_refuses_unequal_ones_in_one_line(
+        app: AppTest) -> None:
+    """Per-layer head-dim edits on the 7B shape broke the pre-flight (one rotary row is read by
+    every layer) with nothing saying why; the page says why, disables Accept, offers equal
+    cuts (without a pre-flight of every other group: 48 s -> 0.8 s here), and an accept of
+    the unequal counts is refused in one line."""
+    app.text_input(key="model_spec").set_value(LLAMA_7B)
+    app.radio(key="model_device").set_value("meta")
+    app.button(key="model_load").click().run()
+    app.switch_page("pages/3_groups.py").run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    pe = app.session_state.pe
+    picker = app.selectbox(key="groups_pick").proto.options[0]
+    assert picker == "32 heads x 128: model.layers.0.self_attn.q_proj"  # no cost on meta
+    heads = pe.proposals()[0]
+    rows = app.dataframe[0].value  # the layer table: the shared rotary half, then each layer
+    assert list(rows["layer"][:3]) == ["all layers (shared)", "model.layers.0.self_attn",
+                                       "model.layers.1.self_attn"]
+    app.session_state["groups_table"] = {"edited_rows": {1: {"remove": 0}, 2: {"remove": 32}},
+                                         "added_rows": [], "deleted_rows": []}
+    app.run()
+    assert not app.exception, app.exception
+    assert any(w.value.startswith("The layers of this group share tensors (on Llama-style "
+                                  "models the one rotary cos/sin row every layer reads)")
+               for w in app.warning)
+    assert app.button(key="groups_accept").proto.disabled
+    assert not app.info  # no joint proposal: it is not the answer to unequal counts
+    unequal = {r.axis: r.remove for r in axis_rows(pe.graph.coupling, heads)}
+    first, second = sorted(unequal, key=lambda a: a)[1:3]
+    assert not pe.accept(heads, {**unequal, first: 0, second: 32})
+    assert pe.message.kind == "error" and re.fullmatch(
+        r"pre-flight failed in model\.layers\.0\.self_attn modeling_llama\.py:\d+: The size "
+        r"of tensor a \(32\) must match the size of tensor b \(64\) at non-singleton "
+        r"dimension 1", pe.message.text), pe.message.text  # one line, no server path
+    app.button(key="groups_accept_equal").click().run()
+    assert not app.exception, app.exception
+    assert pe.applied and pe.message.text.startswith("accepted 1 group(s)"), pe.message

@@ -350,10 +350,11 @@ def verdict_labels(solution: Solution[GroupKey], titles: Mapping[GroupKey, str]
 
 def equal_counts(rows: Sequence[AxisRow]) -> dict[int, int] | None:
     """Axis -> count with every layer of a part cut alike (the largest count asked of that
-    part), or None when the rows already cut each part alike."""
-    most: dict[str, int] = {}
+    part and width: a rotary half shared by every layer is a part of its own width), or None
+    when the rows already cut each part alike."""
+    most: dict[tuple[str, int], int] = {}
     for r in rows:
-        most[r.part] = max(most.get(r.part, 0), r.remove)
-    if all(r.remove == most[r.part] for r in rows):
+        most[r.part, r.width] = max(most.get((r.part, r.width), 0), r.remove)
+    if all(r.remove == most[r.part, r.width] for r in rows):
         return None
-    return {r.axis: most[r.part] for r in rows}
+    return {r.axis: most[r.part, r.width] for r in rows}
