@@ -203,3 +203,36 @@ def test_the_7b_shape_offers_equal_cuts_and_refuses_unequal_ones_in_one_line(
     app.button(key="groups_accept_equal").click().run()
     assert not app.exception, app.exception
     assert pe.applied and pe.message.text.startswith("accepted 1 group(s)"), pe.message
+
+
+def test_the_smaller_trips_of_the_first_llm_session(app: AppTest, llama: LoadedModel,
+                                                     tmp_path: Path) -> None:
+    """Issue 21's smaller trips, each in the app: the local section stays open after a field
+    edit; the spec box shows the loaded folder; a joint accept counts every group it cut; the
+    joint proposal quotes the model line, never a ``# noqa`` fragment."""
+    folder = tmp_path / "tiny-llama"
+    llama.model.save_pretrained(folder)
+    local = next(e for e in app.expander if e.label.startswith("Local checkpoint and data"))
+    assert not local.proto.expanded
+    app.text_input(key="model_path").set_value(str(folder)).run()  # an edit reruns the page
+    local = next(e for e in app.expander if e.label.startswith("Local checkpoint and data"))
+    assert local.proto.expanded
+    app.button(key="model_load").click().run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    assert app.text_input(key="model_spec").value == f"hf:{folder}"  # not the default demo
+    assert app.session_state.pe.spec == f"hf:{folder}"
+
+    app.text_input(key="model_path").set_value("").run()
+    app.text_input(key="model_spec").set_value("demo:dino_vit").run()
+    app.button(key="model_load").click().run()
+    app.switch_page("pages/3_groups.py").run()  # the residual stream: unsafe alone
+    assert not app.exception, app.exception
+    joint = app.session_state.pe.joint(app.session_state.pe.proposals()[0])
+    assert joint is not None and joint.joint
+    offer = app.info[0].value
+    assert offer.startswith("Joint proposal: ") and "dino.py:58" in offer
+    assert "C // self.num_heads).permute(2, 0, 3, 1, 4)`" in offer and "noqa" not in offer
+    app.button(key="groups_accept_joint").click().run()
+    assert not app.exception, app.exception
+    assert app.success[0].value.startswith(f"accepted {len(joint.keys)} group(s)")
+    assert len(joint.keys) > 1
