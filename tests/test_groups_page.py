@@ -236,3 +236,39 @@ def test_the_smaller_trips_of_the_first_llm_session(app: AppTest, llama: LoadedM
     assert not app.exception, app.exception
     assert app.success[0].value.startswith(f"accepted {len(joint.keys)} group(s)")
     assert len(joint.keys) > 1
+
+
+def test_the_apps_report_carries_its_quality_continuations_and_layers_in_order(
+        tmp_path: Path) -> None:
+    """The report of the app (item 8): the quality and the continuations measured in the app,
+    per-layer rows and heads in layer order (2 before 10)."""
+    import transformers
+    from test_realdata import HELDOUT, _tokenizer
+
+    from explorer.io.data import DataOptions, load_data
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=11, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64,
+                                      max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path / "llama11"
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    (tmp_path / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
+    lm = load_model(f"hf:{folder}")
+    heldout = load_data(str(tmp_path / "heldout.txt"), lm, DataOptions(None, 16, 4))
+    pe = Session(lm.model, lm.example_inputs, spec=f"hf:{folder}", heldout=heldout,
+                 tokenizer=lm.tokenizer)
+    assert pe.accept(next(p for p in pe.proposals() if p.group.heads is not None))
+    files, _ = pe.export_files(("report",), tmp_path / "dl", prompts=["the cat"])
+    report = files["report.md"].read_text()
+    quality = pe.quality()
+    assert quality is not None and quality.perplexity_after is not None
+    assert f"| perplexity | {quality.perplexity_before:.3f} | " \
+           f"{quality.perplexity_after:.3f} |" in report
+    [c] = pe.continuations(["the cat"])
+    assert f"| the cat | {c.before.strip()}" in report
+    for name in ("self_attn.q_proj", "self_attn"):  # the layer table, then the head table
+        at = [report.index(f"| model.layers.{i}.{name} |") for i in (0, 1, 2, 10)]
+        assert at == sorted(at), name
