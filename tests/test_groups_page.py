@@ -136,6 +136,14 @@ def test_the_cost_says_when_accept_refits_what_it_does_not_measure() -> None:
     assert "refit" not in cost_sentence(_lm(25, 25), _lm(25, 27), Thresholds(), "2 samples")
 
 
+def test_the_first_step_is_not_said_twice() -> None:
+    """Before any decision "this step alone: 61.76 → 67.52" repeated the figures before it."""
+    first = cost_sentence(_lm(25, 25), _lm(25, 27), Thresholds(), "2 samples")
+    assert "this step alone" not in first and "perplexity 25.00 → 27.00" in first
+    later = cost_sentence(_lm(25, 26), _lm(25, 27), Thresholds(), "2 samples")
+    assert later.endswith("this step alone: perplexity 26.00 → 27.00)")
+
+
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 

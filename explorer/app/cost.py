@@ -123,7 +123,8 @@ def cost_sentence(now: Quality | None, after: Quality, t: Thresholds, source: st
     level = severity(after, t)
     step = ""
     if now is not None and now.metric is Metric.PERPLEXITY and after.perplexity_after \
-            is not None and now.perplexity_after is not None:
+            is not None and now.perplexity_after is not None and \
+            number(now.perplexity_after) != number(after.perplexity_before):  # not the first
         step = f"; this step alone: perplexity {number(now.perplexity_after)} → " \
                f"{number(after.perplexity_after)}"
     without = "" if refit == "none" else (
