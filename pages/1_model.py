@@ -13,7 +13,8 @@ from explorer.app.session import Message
 from explorer.app.sources import example_specs, plan_text, request_from_fields
 from explorer.graph.metrics import count_params
 from explorer.render.figures import compact, quality_text
-from pages._session import load, prompts_box, show
+from explorer.render.proposal_view import quality_note
+from pages._session import heldout_path, load, prompts_box, show
 
 
 def _pick() -> None:
@@ -119,6 +120,8 @@ m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(m
 quality = pe.quality()
 if quality is not None:
     m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
+    st.caption(quality_note(quality, pe.quality_source, pe.spec,
+                            heldout_path()))
 if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
         and not pe.on_meta:
     lines = prompts_box("model_prompts")

@@ -101,6 +101,48 @@ def test_short_memory_is_one_line_and_keeps_the_session(
     assert at.session_state["pe"] is before  # the loaded session is still there
 
 
+def test_two_tabs_clicking_at_once_do_not_interleave() -> None:
+    """Two tabs share one live session: two clicks at once each hold the session's lock, and
+    a proposal drawn before the other tab changed the model is refused in one line."""
+    import threading
+    import time
+
+    from explorer.app.session import Session
+    from explorer.io.specs import load_model
+
+    lm = load_model("demo:dino_vit_safe")
+    pe = Session(lm.model, lm.example_inputs, spec="demo:dino_vit_safe")
+    first, second = pe.proposals()[:2]  # both drawn on the pages before either click
+    inside, most = [0], [0]
+    apply = pe.pruner.apply
+
+    def slow_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.3)  # a long accept: the other click arrives meanwhile
+        try:
+            return apply(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    pe.pruner.apply = slow_apply  # type: ignore[method-assign]
+    done: dict[str, bool] = {}
+    tabs = [threading.Thread(target=lambda p=p, n=n: done.__setitem__(n, pe.accept(p)))
+            for n, p in (("first", first), ("second", second))]
+    for t in tabs:
+        t.start()
+        time.sleep(0.05)
+    for t in tabs:
+        t.join()
+    assert most[0] == 1  # one change to the model at a time
+    assert done == {"first": True, "second": False}
+    assert pe.message is not None and pe.message.text.startswith(
+        f"not applied: {second.title} was proposed for an earlier state of the model")
+    assert len(pe.applied) == 1 and pe.forward_check().kind == "success"
+    pe.reject(second)  # a stale reject is refused too
+    assert "earlier state" in pe.message.text and len(pe.history) == 1
+
+
 DEEP_LLAMA = ("hf:llama?hidden_size=32&num_hidden_layers=20&num_attention_heads=2"
               "&num_key_value_heads=1&intermediate_size=48&vocab_size=64")
 

@@ -13,15 +13,13 @@ plans are `explorer.io.plan`'s and exports `explorer.io.export`'s; what the page
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
-
-from torch import nn
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ..graph.walk import to_device
 from ..io.plan import Plan, PlanError, redo_step, step_record
-from ..io.specs import SentenceFolder
-from ..prune.calibration import Calibration
 from ..prune.compensate import compensation
 from ..prune.decisions import Decision
 from ..prune.depth import remove_blocks
@@ -31,7 +29,6 @@ from ..prune.proposal import Counts, Proposal
 from ..prune.removal import PruneError, Removal
 from ..prune.sensitivity import Progress
 from ..prune.uniform import SAME_CUT
-from ..quality.task import Task
 from .actions import (
     Accept,
     AcceptAll,
@@ -49,25 +46,33 @@ from .actions import problem as action_problem
 from .messages import Message, MessageKind, failure
 from .workspace import Workspace, layer_widths
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def transition(method: Callable[Concatenate[Session, _P], _R]
+               ) -> Callable[Concatenate[Session, _P], _R]:
+    """Run ``method`` holding the session's lock: two tabs share one live session (the
+    registry), so two clicks at once must not interleave their changes to the model."""
+    @functools.wraps(method)
+    def locked(self: Session, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
 
 class Session(Workspace):
     """One user's interactive pruning of one model copy: the transitions and the action log
     over a `Workspace` (see there for the arguments)."""
 
-    def __init__(self, model: nn.Module, example_inputs: Sequence[Any], spec: str = "",
-                 importance: str = "magnitude", ratio: float = 0.5, heads: str = "dims",
-                 global_pruning: bool = False, round_to: int = 1,
-                 targets: tuple[str, ...] | None = None,
-                 calibration: Calibration | None = None, heldout: Calibration | None = None,
-                 task: Task | None = None, tokenizer: Any | None = None,
-                 sentence: SentenceFolder | None = None) -> None:
-        super().__init__(model, example_inputs, spec, importance, ratio, heads, global_pruning,
-                         round_to, targets, calibration, heldout, task, tokenizer, sentence)
+    def _started(self) -> None:
         self.message: Message | None = None
         self._actions: list[Action] = []  # what the user did, replayable (`replay`)
         self._replaying = False  # settings change without scoring while a log replays
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
+        self.lock = threading.RLock()  # held by every transition (`transition`)
 
+    @transition
     def configure(self, importance: str, ratio: float, heads: str,
                   global_pruning: bool | None = None, round_to: int | None = None,
                   targets: tuple[str, ...] | list[str] | None = None,
@@ -103,6 +108,7 @@ class Session(Workspace):
         return True
 
     # ------------------------------------------------------------------ transitions
+    @transition
     def set_compensation(self, name: str) -> bool:
         """Refit the consumers of removed channels after each accept (``--compensate``'s
         choices: "none", "bias", "lstsq"); False and an error message for another name."""
@@ -117,8 +123,11 @@ class Session(Workspace):
             self._record(Compensate(name))
         return True
 
+    @transition
     def accept(self, proposal: Proposal, count: int | Counts | None = None) -> bool:
         """Pre-flight and apply one proposal (``count`` resizes its axes, see `removal`)."""
+        if self._stale(proposal):
+            return False
         try:
             removal = proposal.removal(count)
         except (TypeError, ValueError) as exc:
@@ -151,6 +160,7 @@ class Session(Workspace):
         return {"step": step, "what": edit.what, "keys": [list(k) for k in edit.keys],
                 "titles": list(edit.titles), "report": list(edit.report)}
 
+    @transition
     def accept_all(self, progress: Progress | None = None) -> bool:
         """Accept every pending proposal at once (joint sets included, as `Pruner.step`
         does); the ones that stay unsafe are left pending and reported."""
@@ -175,12 +185,16 @@ class Session(Workspace):
                                            + "; ".join(unsafe))
         return ok
 
+    @transition
     def reject(self, proposal: Proposal) -> None:
         """Keep the group(s) as they are; not proposed again (until undo)."""
+        if self._stale(proposal):
+            return
         self.pruner.reject(proposal)
         self.message = Message.info(f"rejected {proposal.title}")
         self._record(Reject([list(k) for k in proposal.keys], f"rejected {proposal.title}"))
 
+    @transition
     def undo(self) -> bool:
         """Revert the last accept, reject, block removal or plan replay exactly."""
         what = self.pruner.undo_decision()
@@ -191,6 +205,7 @@ class Session(Workspace):
         self._record(Undo())
         return True
 
+    @transition
     def remove_block(self, name: str) -> bool:
         """Replace residual block ``name`` by identity, after a pre-flight on a copy."""
         blocks = {b.module: b for b in self.graph.blocks()}
@@ -211,6 +226,7 @@ class Session(Workspace):
         self._record(Block(name))
         return True
 
+    @transition
     def apply_plan(self, text: str | bytes) -> bool:
         """Replay a plan (JSON text) on the loaded, unpruned model; on error nothing changes."""
         if self.pruner.history.edits:
@@ -237,6 +253,7 @@ class Session(Workspace):
         return True
 
     # ------------------------------------------------------------------ replay
+    @transition
     def replay(self, actions: list[Any], progress: Progress | None = None) -> int:
         """Redo recorded ``actions`` (from `actions` of an earlier session on the same model).
 
@@ -310,6 +327,7 @@ class Session(Workspace):
             done += 1
         return done
 
+    @transition
     def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None,
                     same_cut: list[list[Any]] | None = None,
                     cut: dict[str, Any] | None = None) -> bool:
@@ -336,6 +354,7 @@ class Session(Workspace):
             return self._fail("its group is not pending")
         return self.accept(p, counts)
 
+    @transition
     def redo_reject(self, key: tuple[Any, ...], keys: list[list[Any]] | None = None,
                     what: str | None = None) -> bool:
         """Reject the pending proposal of group ``key`` again (a replayed `actions.Reject`);
@@ -395,6 +414,16 @@ class Session(Workspace):
         trial = meta_copy(self.model) if device == "meta" else clone_model(self.model)
         remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
         return forward_check(trial, to_device(self.example_inputs, device), self.output_shapes)
+
+    def _stale(self, proposal: Proposal) -> bool:
+        """Whether ``proposal`` was made for another state of the model (another tab of this
+        session changed it since this page was drawn); says so in `message`."""
+        if proposal.pruner is None or proposal.version == self.version:
+            return False
+        self.message = Message.error(f"not applied: {proposal.title} was proposed for an "
+                                     "earlier state of the model (changed in another tab); "
+                                     "the page now shows the current proposals")
+        return True
 
     def _fail_preflight(self, verdict: Verdict) -> bool:
         return self._fail(failure(verdict))

@@ -78,6 +78,11 @@ class Workspace:
         self.macs_start = self.macs
         self.widths_start = layer_widths(self.model)
         self.output_shapes = self.pruner.preflight().expected
+        self._started()
+
+    def _started(self) -> None:
+        """Called at the end of ``__init__``: a subclass sets up its own state here (so it
+        does not repeat the constructor's arguments)."""
 
     # ------------------------------------------------------------------ state read by pages
     @property
