@@ -20,8 +20,10 @@ import torch
 from explorer.app.session import Session
 from explorer.io.specs import load_model
 from explorer.prune import importance
-from explorer.prune.preflight import Preflight
+from explorer.prune.preflight import Preflight, meta_copy
 from explorer.prune.pruner import Pruner
+from explorer.prune.removal import PruneError, Removal, apply_removal
+from explorer.prune.uniform import breaks_uniform, differing, same_cut_everywhere, shapes_by_kind
 from explorer.quality import probe
 
 LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=4&num_attention_heads=4"
@@ -149,6 +151,26 @@ def test_a_replayed_criterion_switch_scores_once_when_asked(
     assert [p.key for p in again.proposals()] == expected
     assert passes == [1]
     _same_values(again.model, live.model)
+
+
+def test_breaks_uniform_reads_the_shapes_a_cut_would_make(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]]) -> None:
+    """`breaks_uniform` predicts the shapes from the kept indices (no copy is cut): the same
+    lines as cutting a weightless copy, for every proposal and the same cut in all layers."""
+    model, inputs = llama
+    pe = Session(model, inputs, spec=LLAMA, heads="whole")
+    pending = pe.proposals()
+    same = same_cut_everywhere(pending[1], pending)
+    assert same is not None
+    for p in [*pending, same]:
+        trial = meta_copy(pe.model)
+        apply_removal(trial, pe.graph.coupling, p.removal())
+        cut = differing(shapes_by_kind(trial))
+        assert breaks_uniform(pe.model, pe.graph.coupling, p.removal()) == cut
+    assert breaks_uniform(pe.model, pe.graph.coupling, same.removal()) == []
+    assert breaks_uniform(pe.model, pe.graph.coupling, pending[1].removal()) != []
+    with pytest.raises(PruneError, match="group 999 does not exist"):
+        breaks_uniform(pe.model, pe.graph.coupling, Removal({(999, 0): [0]}))
 
 
 @pytest.mark.parametrize("refit", ["none", "bias"])
