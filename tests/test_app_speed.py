@@ -153,6 +153,31 @@ def test_a_replayed_criterion_switch_scores_once_when_asked(
     _same_values(again.model, live.model)
 
 
+def test_groups_are_scored_once_per_model_state_and_settings(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proposals and the statement of what the settings cut read the same scores; an
+    accept or a settings change scores again."""
+    model, inputs = llama
+    pe = Session(model, inputs, spec=LLAMA)
+    scored: list[str] = []
+    original = importance.Magnitude.scores
+    monkeypatch.setattr(importance.Magnitude, "scores", lambda self, m, c, g: scored.append(
+        g.title) or original(self, m, c, g))
+    pending = pe.proposals()
+    groups = len(scored)
+    assert groups == len(pending) > 1
+    assert pe.statement().params_after < pe.params
+    pe.pruner.common_fraction([pending[0].removal()])
+    assert len(scored) == groups  # nothing scored again
+    assert pe.accept(pending[0])
+    pe.proposals()
+    assert len(scored) == 2 * groups  # the new state: every group scored once
+    pe.statement()
+    assert pe.configure("magnitude", 0.25, pe.heads)
+    assert len(scored) == 3 * groups
+
+
 def test_breaks_uniform_reads_the_shapes_a_cut_would_make(
         llama: tuple[torch.nn.Module, tuple[Any, ...]]) -> None:
     """`breaks_uniform` predicts the shapes from the kept indices (no copy is cut): the same
