@@ -130,6 +130,24 @@ def test_a_recorded_cut_that_breaks_the_forward_restores_nothing(
     assert _state(again) == fresh and again.actions == []
 
 
+def test_a_replay_stopped_by_a_stale_decision_settles_the_cuts_before_it(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        live: tuple[Session, dict[str, Any]]) -> None:
+    model, inputs = llama
+    accepts = [a for a in live[0].actions if a["do"] == "accept"][:2]
+    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    assert again.replay([*accepts, {"do": "reject", "keys": [["nowhere", 0, 0]]}]) == 2
+    assert again.message is not None and again.message.text == (
+        "replayed 2 of 3 decisions; decision 3 (reject) no longer applies: its group is not "
+        "pending")
+    history = again.pruner.history
+    assert not history._unsettled and history.now.graph is not None  # config and analysis
+    twice = Session(model, inputs, spec=LLAMA, heads="whole")
+    assert twice.replay(accepts) == 2
+    assert again.model.config.to_dict() == twice.model.config.to_dict()
+    assert again.history == twice.history
+
+
 def test_a_replayed_criterion_switch_scores_once_when_asked(
         llama: tuple[torch.nn.Module, tuple[Any, ...]],
         monkeypatch: pytest.MonkeyPatch) -> None:
