@@ -10,6 +10,7 @@ import pytest
 
 from explorer import load_model
 from explorer.app.cli import main
+from explorer.app.sources import LoadRequest, load_request
 from explorer.io import defaults
 from explorer.io.data import (
     BUILTIN_SAMPLES,
@@ -104,3 +105,23 @@ def test_cli_default_on_a_real_decoder_is_data_aware_and_keeps_it_usable(
             assert not any("the default for a language model" in n for n in out["notes"])
     # measured: perplexity x1.85 vs x6.4 of the two-layer model's; KL to it likewise
     assert ppl["default"] * 2 < ppl["magnitude"] and kl["default"] * 1.5 < kl["magnitude"]
+
+
+def test_the_app_starts_a_language_model_on_activation_and_the_builtin_text(
+        smollm2: Path, prose: tuple[Path, Path]) -> None:
+    """The Model page's loader (`load_request`) picks what the CLI picks, keeps the built-in
+    text apart from the held-out file, and leaves a named calibration file and other models
+    alone."""
+    spec = f"hf:{smollm2}?num_hidden_layers=2"
+    said: list[str] = []
+    loaded = load_request(LoadRequest(spec, heldout=str(prose[1]), num_samples=4, seq_len=16),
+                          progress=said.append)
+    assert loaded.importance == "activation" and loaded.calibration is not None
+    assert sum(b[0].shape[0] for b in loaded.calibration.batches) == 4
+    assert loaded.note is not None and "4 paragraphs of Python's reference manual" in loaded.note
+    assert any("built-in calibration text" in line for line in said)
+    own = load_request(LoadRequest(spec, calibration=str(prose[0]), num_samples=2, seq_len=16))
+    assert own.importance == "activation" and own.note is not None \
+        and "reference manual" not in own.note
+    demo = load_request(LoadRequest("demo:dino_vit_safe"))
+    assert (demo.importance, demo.calibration, demo.note) == ("magnitude", None, None)
