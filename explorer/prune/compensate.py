@@ -199,6 +199,10 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
         raise ValueError(f"compensation '{kind.value}' needs real weights, but the model is on "
                          f"the meta device; prune without it (--compensate none)")
     todo = targets(model, coupling, removal)
+    if not todo and notes is not None:
+        notes.append(f"compensation '{kind.value}' refit nothing: no layer that reads the "
+                     f"removed channels is one it refits (Linear or convolution layers, "
+                     f"weights not shared); the plain cut")
     gram = kind is Compensation.LSTSQ
     cache: list[list[torch.Tensor]] = []  # the unpruned outputs, measured when first needed
 
