@@ -23,6 +23,7 @@ from explorer.io.data import DataOptions, load_data
 from explorer.io.export import export, load_pruned
 from explorer.io.plan import Plan
 from explorer.io.specs import SpecError
+from explorer.prune.calibration import Calibration
 from explorer.prune.statement import statement
 
 transformers = pytest.importorskip("transformers")
@@ -205,6 +206,22 @@ def test_whole_heads_go_by_key_value_group(root: Path, name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(_ids()).logits, lm.model(_ids()).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_refit_survives_heldout_batches_of_padding_only(root: Path) -> None:
+    """A held-out calibration batch whose samples are all padding (a line the tokenizer
+    maps to nothing) has no token to judge on: it is skipped, and when no held-out token is
+    left the fit tokens judge (the summary says so) instead of the refit failing."""
+    lm = load_model(f"hf:{_folder(root, 'llama')}")
+    ids = torch.randint(3, 40, (10, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[4::5] = 0  # every 5th sample is held out: 4 and 9, padding only
+    ids[mask == 0] = 0
+    calib = Calibration([(ids[i:i + 1], mask[i:i + 1]) for i in range(10)], mask_index=1)
+    report = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=RATIO,
+                    heads="keep", calibration=calib, compensate="lstsq").step()
+    [summary] = [n for n in report.notes if "reconstruction" in n]
+    assert "on the calibration tokens (too few samples to hold some out)" in summary
 
 
 def _removed(plan: Path) -> list[tuple[str, int, list[int]]]:
