@@ -150,8 +150,9 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
             column.metric(card.label, card.value, card.delta, help=card.help,
                           delta_color="inverse" if card.inverse else "normal")
     if quality is not None:
-        st.caption(quality_note(quality, pe.quality_source, pe.spec,
-                                heldout_path()))
+        note, command = quality_note(quality, pe.quality_source, pe.spec,
+                                     heldout_path())
+        st.caption(note, help=command)
 
 
 def thresholds() -> Thresholds:
@@ -228,6 +229,15 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
     return by_key[chosen]
 
 
+COLOUR = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
+
+
+def cost_box(pe: Session, now: Quality, after: Quality, t: Thresholds) -> None:
+    """A measured cost in the colour of its severity."""
+    st.markdown(f":{COLOUR[severity(after, t)]}-background["
+                f"{cost_sentence(now, after, t, pe.quality_source, pe.compensation)}]")
+
+
 def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
          t: Thresholds) -> Quality | None:
     """What accepting the counts on screen costs in quality (on a copy with weights), in the
@@ -243,9 +253,7 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
         return None
     if after is None:
         return None
-    colour = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
-    st.markdown(f":{colour[severity(after, t)]}-background["
-                f"{cost_sentence(quality, after, t, pe.quality_source, pe.compensation)}]")
+    cost_box(pe, quality, after, t)
     if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)):
         with st.expander("Greedy continuations if accepted", expanded=True):
             prompts = prompts_box("groups_prompts")
@@ -291,10 +299,10 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
 
 
 def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
-                 pending: list[Proposal], equal: dict[int, int] | None) -> None:
+                 pending: list[Proposal], equal: dict[int, int] | None, t: Thresholds) -> None:
     """Before Accept: whether the cut keeps a `from_pretrained` folder, and one click for the
-    same cut in every layer; ``equal``: the counts that cut every layer of a group whose
-    layers share tensors alike (the counts on screen do not)."""
+    same cut in every layer (and, asked, its cost); ``equal``: the counts that cut every
+    layer of a group whose layers share tensors alike (the counts on screen do not)."""
     on_screen = edited(p, counts)
     if layered(p) and not verdict.ok:
         if equal is not None:
@@ -322,9 +330,24 @@ def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verd
                + "; ".join(f"`{line}`" for line in cache[key][:3])
                + (" ..." if len(cache[key]) > 3 else "") + "."
                + (" Cut the same in every layer to keep one." if same is not None else ""))
-    if same is not None:
-        st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",
-                  type="primary", on_click=lambda: pe.accept(same, on_screen))
+    if same is None:
+        return
+    # its cost is not the one above (one layer): a newcomer accepted 30 layers' worth unseen
+    quality = pe.quality()
+    after = pe.cost_if_measured(same, on_screen)
+    if after is None and quality is not None and st.button(
+            f"What does the same cut in all {len(same.keys)} layers cost?",
+            key="groups_same_cost", help="apply it to a copy with weights and measure"):
+        try:
+            with st.spinner(f"measuring the same cut in all {len(same.keys)} layers"):
+                after = pe.proposal_cost(same, on_screen)
+        except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
+            st.warning(f"could not measure what it costs: {exc}")
+    if after is not None and quality is not None:
+        st.markdown(f"The same cut in all {len(same.keys)} layers:")
+        cost_box(pe, quality, after, t)
+    st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",
+              type="primary", on_click=lambda: pe.accept(same, on_screen))
 
 
 def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
@@ -429,7 +452,7 @@ def main() -> None:
         show(pe.message)
     verdict_box(pe, p, verdict, joint)
     after = cost(pe, p, counts, verdict, t)
-    export_aware(pe, p, counts, verdict, pending, equal)
+    export_aware(pe, p, counts, verdict, pending, equal, t)
     actions(pe, p, counts, verdict, joint)
     tradeoff(pe, verdict, after, t)
     chart(pe, p, counts)

@@ -30,6 +30,9 @@ pytestmark = [
 ]
 
 
+STALE_GONE = "!document.querySelector(\"[data-stale='true']\")"  # a rerun is fully drawn
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,12 +292,14 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
                 box.fill(value)
                 box.press("Enter")
                 page.wait_for_timeout(300)
+                page.wait_for_function(STALE_GONE, timeout=120_000)  # the rerun is drawn
             for name, value in (("Samples (0 = all)", "8"), ("Sequence length", "32"),
                                 ("Batch size", "4")):
                 box = page.get_by_role("spinbutton", name=name)  # not its help button
                 box.fill(value)
                 box.press("Enter")
                 page.wait_for_timeout(300)
+                page.wait_for_function(STALE_GONE, timeout=120_000)  # the rerun is drawn
             page.wait_for_timeout(500)
             page.get_by_role("button", name="Load and trace").click()
             page.get_by_test_id("stMetricLabel").filter(has_text="perplexity").first.wait_for(
@@ -322,8 +327,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
             page.get_by_text(re.compile(r"Group \d+: 9 heads x 64")).wait_for(timeout=300_000)
             page.get_by_text("trade-off: quality against parameters").first.wait_for(
                 timeout=300_000)
-            page.wait_for_function("!document.querySelector(\"[data-stale='true']\")",
-                                   timeout=300_000)
+            page.wait_for_function(STALE_GONE, timeout=300_000)
             page.screenshot(path=str(SHOTS / "smollm2_accepted.png"), full_page=True)
 
             page.get_by_role("link", name="Export").click()
