@@ -61,6 +61,11 @@ class Measures:
         probe = self._quality_probe(model)
         return None if probe is None else probe.cost(model, coupling, removal, key)
 
+    def adopt(self, cost_key: tuple[Any, ...], version: int) -> bool:
+        """The model at ``version`` is the cut whose cost was measured under ``cost_key`` (an
+        accept with no refit): its quality is that cost (`QualityProbe.adopt`)."""
+        return self._probe is not None and self._probe.adopt(cost_key, version)
+
     def cached_cost(self, key: tuple[Any, ...]) -> Quality | None:
         """The `cost` measured under ``key``, or None when it was not measured yet."""
         return None if self._probe is None else self._probe.cached_cost(key)
