@@ -280,7 +280,8 @@ def tradeoff(pe: Session, verdict: Verdict | None, after: Quality | None,
     trail.record(len(pe.pruner.history.edits), pe.params, quality, label)  # model changes
     would_be = (verdict.params, after) if verdict is not None and verdict.ok and \
         verdict.params and after is not None else None
-    st.plotly_chart(trail.figure(quality, would_be=would_be, thresholds=t),
+    st.plotly_chart(trail.figure(quality, would_be=would_be, thresholds=t,
+                                 source=pe.quality_source),
                     key="groups_tradeoff", width="stretch")
 
 
