@@ -189,13 +189,15 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
     measured cost when asked)."""
     costs = measured(pe, pending)
     c = st.columns([5, 2, 2])
-    order = remembered("groups_by_cost", False)
-    c[1].toggle("Cheapest first", key="groups_by_cost", on_change=remember,
-                args=("groups_by_cost",), help="order the proposals by their measured cost")
+    measurable = pe.quality() is not None  # not on meta: no weights, no cost to show
+    order = remembered("groups_by_cost", False) and measurable
+    if measurable:
+        c[1].toggle("Cheapest first", key="groups_by_cost", on_change=remember,
+                    args=("groups_by_cost",), help="order the proposals by their measured cost")
     if order:
         pending = by_cost(pending, costs)
     missing = [p for p in pending if costs.get(p.key) is None]
-    if missing and pe.quality() is not None and c[2].button(
+    if missing and measurable and c[2].button(
             f"Measure all costs ({len(missing)})", key="groups_measure_all",
             help="apply each proposal to a copy with weights and measure its quality"):
         bar = st.progress(0.0, text="measuring costs")
@@ -216,12 +218,11 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
     st.session_state.groups_pick = picked
     st.session_state.groups_pick_for = state
     by_key = {p.key: p for p in pending}
-    if costs.get(st.session_state.groups_pick) is None and pe.quality() is not None:
+    if costs.get(st.session_state.groups_pick) is None and measurable:
         # the proposal on screen: its cost is shown below anyway (and says why it fails)
         with contextlib.suppress(Exception):
             costs[st.session_state.groups_pick] = pe.proposal_cost(
                 by_key[st.session_state.groups_pick])
-    measurable = pe.quality() is not None  # not on meta: no weights, no cost to show
     chosen = c[0].selectbox(
         "Proposal", keys, key="groups_pick",
         format_func=lambda k: by_key[k].group.title + (

@@ -194,6 +194,7 @@ def test_the_7b_shape_offers_equal_cuts_and_refuses_unequal_ones_in_one_line(
     pe = app.session_state.pe
     picker = app.selectbox(key="groups_pick").proto.options[0]
     assert picker == "32 heads x 128: model.layers.0.self_attn.q_proj"  # no cost on meta
+    assert not [t for t in app.toggle if t.key == "groups_by_cost"]  # nothing to order by
     heads = pe.proposals()[0]
     rows = app.dataframe[0].value  # the layer table: the shared rotary half, then each layer
     assert list(rows["layer"][:3]) == ["all layers (shared)", "model.layers.0.self_attn",
