@@ -307,3 +307,12 @@ def test_the_same_cut_in_every_layer_shows_its_cost_before_its_accept(app: AppTe
     box = said[said.index("The same cut in all 2 layers:") + 1]
     assert "**Accepting it" in box and "perplexity" in box
     assert pe.cost_if_measured(same_cut_everywhere(mlp, pe.proposals()), None) is not None
+
+
+def test_the_pages_folder_holds_only_pages() -> None:
+    """The first run of a fresh server lists pages/*.py in the sidebar (Streamlit's multipage
+    v1) until app.py's navigation replaces it: the shared helper is a package, never listed
+    (it showed as a `session` page)."""
+    root = Path(APP).parent / "pages"
+    assert all(p.name[0].isdigit() for p in root.glob("*.py")), sorted(root.glob("*.py"))
+    assert (root / "_session" / "__init__.py").is_file()
