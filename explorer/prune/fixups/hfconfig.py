@@ -90,6 +90,12 @@ def _update_config(model: nn.Module) -> ConfigUpdate:
     doubled = _doublings(model, config, _observe(base))
     readings, candidates = _readings(model, config, base, ours)
     values, fresh = _search(model, config, ours, readings, candidates)
+    stated = _stated_first(config, readings, candidates)
+    if stated != candidates and (isinstance(fresh, str) or _distance(ours, fresh) != (0, 0)):
+        again = _search(model, config, ours, readings, stated)
+        if not isinstance(again[1], str) and (isinstance(fresh, str) or
+                                              _distance(ours, again[1]) < _distance(ours, fresh)):
+            values, fresh = again
     candidate = _with(config, values)
     if not isinstance(fresh, str):
         _explain_constants(model, candidate, fresh, doubled)
@@ -99,9 +105,9 @@ def _update_config(model: nn.Module) -> ConfigUpdate:
             return ConfigUpdate(reason=refused)  # the config is left as it was
         if not shape_problem:
             found = _follow_descriptive(model, candidate, fresh, found, base)
-            changed = {f: [getattr(config, f), getattr(candidate, f)]
+            changed = {f: [getattr(config, f, None), getattr(candidate, f, None)]
                        for f in dict.fromkeys(n for n, _ in values)
-                       if getattr(config, f) != getattr(candidate, f)}
+                       if getattr(config, f, None) != getattr(candidate, f, None)}
             for f, (_, new) in changed.items():
                 setattr(config, f, new)
             return ConfigUpdate(changed, ok=not found, reason=found)
@@ -201,35 +207,67 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _slots(config: Any) -> list[Slot]:
+def _slots(model: nn.Module, config: Any) -> list[Slot]:
     """Integer config fields (and integers in list fields) that may describe a width; a
-    field left None (GPT-2's ``n_inner``: derived from another) is one too."""
+    field left None (GPT-2's ``n_inner``: derived from another) is one too, and so is a
+    field the architecture asks for that the config does not declare (`_asked`)."""
     out: list[Slot] = []
-    for k, v in config.to_dict().items():
+    fields = config.to_dict()
+    for k, v in fields.items():
         if any(n in k for n in _NOT_WIDTHS) or not hasattr(config, k):
             continue
         if _is_int(v) or v is None:
             out.append((k, -1))
         elif isinstance(v, list) and v and all(_is_int(x) for x in v):
             out.extend((k, i) for i in range(len(v)))
+    out.extend((k, -1) for k in _asked(model, config)
+               if k not in fields and not any(n in k for n in _NOT_WIDTHS))
     return out
 
 
+def _asked(model: nn.Module, config: Any) -> list[str]:
+    """Config attributes a build of ``model`` looks up that ``config`` lacks.
+
+    Modules read some widths with a fallback (Qwen2's attention: ``getattr(config,
+    "head_dim", hidden_size // num_attention_heads)``): the config class declares no such
+    field, yet setting one is the only way a config describes whole heads cut while the
+    hidden size stays. A build with a config that records every failed lookup finds them.
+    """
+    asked: list[str] = []
+
+    def missed(_self: Any, name: str) -> Any:  # only names the normal lookup misses
+        if not name.startswith("_") and name not in asked:
+            asked.append(name)
+        raise AttributeError(name)
+
+    recording = type(f"Recording{type(config).__name__}", (type(config),),
+                     {"__getattr__": missed})
+    probe = copy.deepcopy(config)
+    try:
+        probe.__class__ = recording
+    except TypeError:  # a class whose instances cannot change type: no optional fields found
+        return []
+    _build(model, probe)
+    return asked
+
+
 def _get(config: Any, slot: Slot) -> int | None:
-    value = getattr(config, slot[0])
-    if slot[1] >= 0:
+    value = getattr(config, slot[0], None)  # None also for a field the config lacks
+    if slot[1] >= 0 and value is not None:
         value = value[slot[1]]
     return None if value is None else int(value)
 
 
 def _with(config: Any, values: dict[Slot, int | None]) -> Any:
     """A copy of ``config`` with the slots set, or None when the config refuses a value
-    (validated fields)."""
+    (validated fields). None for a field the config lacks leaves it out (a module reading
+    it with a fallback gets the fallback, not None)."""
     out = copy.deepcopy(config)
     try:
         for (name, index), value in values.items():
             if index < 0:
-                setattr(out, name, value)
+                if value is not None or hasattr(out, name):
+                    setattr(out, name, value)
             else:
                 items = list(getattr(out, name))
                 items[index] = value
@@ -297,7 +335,7 @@ def _doublings(model: nn.Module, config: Any, before: dict[Key, float]
     if cached is not None:
         return cached
     out: dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None] = {}
-    for slot in _slots(config):
+    for slot in _slots(model, config):
         out[slot] = None
         unset = _get(config, slot)
         old, seen = (unset, before) if unset is not None else (_PROBE, None)
@@ -315,6 +353,27 @@ def _doublings(model: nn.Module, config: Any, before: dict[Key, float]
     if len(_DOUBLINGS) >= _DOUBLINGS_MAX:
         _DOUBLINGS.pop(next(iter(_DOUBLINGS)))
     _DOUBLINGS[key] = out
+    return out
+
+
+def _stated_first(config: Any, readings: dict[Slot, list[_Reading]],
+                  candidates: dict[Slot, list[int | None]]) -> dict[Slot, list[int | None]]:
+    """``candidates`` with every unset field that a module attribute states outright
+    (Qwen2's ``self_attn.head_dim``) starting at that value instead of unset.
+
+    The search moves one field at a time, so from "unset" (derived: ``hidden_size //
+    num_attention_heads``) it cannot reach whole heads cut with the hidden size kept: that
+    takes the head count and an explicit head dim together, and either alone fits no
+    better than the start.
+    """
+    out = dict(candidates)
+    for slot, cands in candidates.items():
+        if _get(config, slot) is not None:
+            continue
+        stated = [r.value for r in readings.get(slot, []) if r.weight > 1]
+        if stated:
+            top = Counter(stated).most_common(1)[0][0]
+            out[slot] = [top, *(c for c in cands if c != top)]
     return out
 
 
