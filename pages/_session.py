@@ -13,7 +13,7 @@ import streamlit as st
 from explorer.app import store
 from explorer.app.registry import Registry, memory_short, tensor_bytes
 from explorer.app.session import Message, MessageKind, Session
-from explorer.app.sources import LoadRequest, load_request
+from explorer.app.sources import LoadRequest, load_request, typed_path
 from explorer.io.specs import LoadedModel, load_model
 
 DEFAULT_REQUEST = LoadRequest("demo:dino_vit_safe")
@@ -97,14 +97,15 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             status.write("tracing the model and finding its groups")
             pe = Session(lm.model, lm.example_inputs, spec=request.spec,
                          calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task,
-                         tokenizer=lm.tokenizer, sentence=lm.sentence)
+                         tokenizer=lm.tokenizer, sentence=lm.sentence,
+                         importance=loaded.importance)
             if actions:
                 bar = st.progress(0.0, text="replaying your decisions")
                 pe.replay(list(actions), lambda f, text: bar.progress(f, text=text))
                 bar.empty()
             pe.on_action = _save
             st.session_state.pe = pe
-            st.session_state.pe_loaded = _summary(lm)
+            st.session_state.pe_loaded = _summary(lm, loaded.note)
             sessions().put(_sid(), Live(pe, request, st.session_state.pe_loaded))
             # a log that did not replay whole: which decision and why, on the Model page
             failed = actions and pe.message is not None and pe.message.kind is MessageKind.ERROR
@@ -124,9 +125,11 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             return False
 
 
-def _summary(lm: LoadedModel) -> dict[str, Any]:
-    """What the Model page says about where the weights came from."""
-    return {"pretrained": lm.pretrained, "task": lm.task.value, "notes": list(lm.notes),
+def _summary(lm: LoadedModel, chosen: str | None = None) -> dict[str, Any]:
+    """What the Model page says about where the weights came from (and ``chosen``: the
+    criterion and data picked for the user, `explorer.io.defaults`)."""
+    return {"pretrained": lm.pretrained, "task": lm.task.value,
+            "notes": [*([chosen] if chosen else []), *lm.notes],
             "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
 
 
@@ -209,6 +212,12 @@ def prompts_box(key: str) -> list[str]:
                         on_change=lambda: st.session_state.update(
                             pe_prompts=st.session_state[key]))
     return prompt_lines({"pe_prompts": text})
+
+
+def heldout_path() -> str:
+    """The held-out file of the loaded model as the user typed it ("" for an upload or none),
+    for the line that says how to measure on all of it."""
+    return typed_path(st.session_state.get("pe_request", DEFAULT_REQUEST).heldout)
 
 
 def prompt_lines(state: Any) -> list[str]:

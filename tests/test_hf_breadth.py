@@ -176,8 +176,8 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
 # Built-in families (``hf:<family>``) whose config describes them after whole heads are cut
 # at 0.5 (measured); the zoo checks the same after head-dim cuts (tests/test_zoo.py).
 # Gemma's tied embedding cannot absorb its embedding scale; bert's (AutoModel, whose output
-# pins the residual) widths differ between layers. Phi3 (its config class has no
-# ``head_dim``; its attention reads one with a fallback) is described by an explicit one.
+# pins the residual) widths differ between layers. Phi3 reads ``head_dim`` its config does
+# not define: the config gets it (`explorer.prune.fixups.hfconfig._IMPLICIT`).
 BUILTIN_DESCRIBED = {"llama", "qwen2", "mistral", "gpt2", "phi3"}
 
 

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..io.data import DataError, DataOptions, check_apart, check_text_upload, load_data
+from ..io import defaults
+from ..io.data import (
+    BUILTIN_TEXT,
+    TEXT_SUFFIXES,
+    DataError,
+    DataOptions,
+    check_apart,
+    check_text_upload,
+    load_data,
+    read_texts,
+)
 from ..io.specs import (
     LoadedModel,
     SpecError,
@@ -48,6 +58,8 @@ class Loaded:
     model: LoadedModel
     calibration: Calibration | None
     heldout: Calibration | None
+    importance: str = "magnitude"  # the criterion to start with (`explorer.io.defaults`)
+    note: str | None = None  # what was chosen for the user, when they did not say
 
 
 def spec_for_path(path: str) -> tuple[str, str]:
@@ -77,6 +89,15 @@ def spec_for_path(path: str) -> tuple[str, str]:
     return (f"timm:{p}" if timm_style else f"hf:{p}"), ""
 
 
+UPLOADS = "pruning-explorer-uploads"  # the folder uploads are saved in, on the server
+
+
+def typed_path(path: str) -> str:
+    """``path`` as the user typed it, or "" for a saved upload (its server path means nothing
+    to the user and is not theirs to see)."""
+    return "" if UPLOADS in Path(path).parts else path
+
+
 def save_upload(name: str, data: bytes, directory: str | None = None) -> Path:
     """Write uploaded bytes to a file named by their hash (same upload, same path).
 
@@ -85,7 +106,7 @@ def save_upload(name: str, data: bytes, directory: str | None = None) -> Path:
         data: the bytes.
         directory: where to write; a folder under the system temp dir by default.
     """
-    folder = Path(directory or tempfile.gettempdir()) / "pruning-explorer-uploads"
+    folder = Path(directory or tempfile.gettempdir()) / UPLOADS
     folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data).hexdigest()[:16]
     path = folder / f"{digest}{''.join(Path(name).suffixes[-2:])}"
@@ -122,7 +143,14 @@ def load_request(request: LoadRequest, build: Callable[..., LoadedModel] = load_
     if request.heldout:
         say(f"reading held-out data {request.heldout}")
         heldout = load_data(request.heldout, lm, options)
-    return Loaded(lm, calibration, heldout)
+    chosen = defaults.choose(lm, None, request.calibration or None, request.num_samples or None,
+                             weights=request.device != "meta")
+    if chosen.calibration == BUILTIN_TEXT:
+        say("reading built-in calibration text (paragraphs of Python's reference manual)")
+        apart = read_texts(request.heldout) if request.heldout and \
+            Path(request.heldout).suffix in TEXT_SUFFIXES else []
+        calibration = load_data(BUILTIN_TEXT, lm, options, apart_from=apart)
+    return Loaded(lm, calibration, heldout, chosen.importance, chosen.note)
 
 
 Upload = tuple[str, bytes]  # (file name, contents) of an uploaded file

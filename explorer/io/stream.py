@@ -49,7 +49,12 @@ from torch import nn
 
 from ..graph.tracer import TraceError, trace
 from ..prune.fixups.fold import Fold, plan_fold, scale_tensor
-from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
+from ..prune.fixups.hfconfig import (
+    ConfigUpdate,
+    differing_constants,
+    real_rotary,
+    update_config,
+)
 from .names import checkpoint_names, dropped_on_load
 from .own_code import refuse_own_code
 from .paths import check_out_apart, inside, shard_files
@@ -186,6 +191,7 @@ def _meta_model(folder: Path) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - model constructors reject odd configs in any type
         raise StreamError(f"transformers cannot build {arch} from '{folder / 'config.json'}': "
                           f"{type(e).__name__}: {one_line(e)}") from e
+    real_rotary(model)  # so a head-dim cut's frequencies are checked against the config's
     return model
 
 

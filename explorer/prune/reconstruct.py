@@ -361,7 +361,10 @@ def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
                           all_rows="local" in streams)
     bias = module.bias.detach() if module.bias is not None else None
     cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges, streams)
-    judge = 1 if len(xp) > 1 else 0
+    # the held-out split judges, unless none of its tokens reached this layer (samples that
+    # are all padding): then the fit tokens do, and the summary says so
+    judge = 1 if len(xp) > 1 and any(x.shape[0] for x in xp[1]) else 0
+    out.heldout = out.heldout and judge == 1
     full = _augmented(module.weight.detach(), bias)
     errors = heldout_errors(cands, xp[judge], xo[judge][c.module], full, c.kept)
     choice = min(errors, key=lambda k: (errors[k], k != "plain"))
@@ -483,6 +486,8 @@ def heldout_errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor],
     num = torch.zeros(len(names), dtype=torch.float64)
     den = 0.0
     for p, o in zip(xp, xo, strict=True):
+        if not p.shape[0]:  # a batch of padding only: no token to judge on
+            continue
         target = _aug(o) @ full.float().T
         den += float((target ** 2).sum())
         outs = (_aug(p)[:, cols] @ stacked.T).reshape(p.shape[0], len(names), -1)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...prune.sequential import SequentialError
 from ._files import architecture_class, safetensors_shapes
+from ._types import ATTENTION
 
 
 @dataclass
@@ -84,7 +85,7 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
         str(folder), config=config, device_map=device_map, local_files_only=True,
         offload_folder=None if offload_folder is None else str(offload_folder),
         output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, by name
-        trust_remote_code=False,
+        trust_remote_code=False, attn_implementation=ATTENTION,  # as in memory
         **{key: dtype or "auto"})
     gaps = [f"{what} {', '.join(map(_key_text, names[:3]))}{' ...' if len(names) > 3 else ''}"
             for what, names in (("missing", sorted(info.get("missing_keys") or [], key=str)),
