@@ -220,7 +220,8 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
     by_key = {p.key: p for p in pending}
     if costs.get(st.session_state.groups_pick) is None and measurable:
         # the proposal on screen: its cost is shown below anyway (and says why it fails)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), st.spinner(
+                "measuring what accepting the proposal on screen costs (a forward)"):
             costs[st.session_state.groups_pick] = pe.proposal_cost(
                 by_key[st.session_state.groups_pick])
     chosen = c[0].selectbox(
@@ -441,7 +442,8 @@ def main() -> None:
     st.subheader(f"Group {p.group.id}: {p.group.title}")
     counts = counts_editor(pe, p)
     try:
-        verdict = pe.preflight(p, edited(p, counts))
+        with st.spinner("pre-flight: the cut on a weightless copy"):  # cached: shown once
+            verdict = pe.preflight(p, edited(p, counts))
     except ValueError as exc:  # a count out of range
         verdict = Verdict(False, error=str(exc))
     # unequal per-layer counts of a group whose layers share tensors: the answer is equal

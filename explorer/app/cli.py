@@ -68,6 +68,7 @@ from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates
 from ..quality.original import Original
 from ..render.dot import view_to_dot
 from ..render.view import build_view
+from .allocator import return_freed_memory
 
 
 class CliError(Exception):
@@ -804,6 +805,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return_freed_memory()  # the peak follows what is held (see explorer.app.allocator)
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
                 "export": cmd_export, "evaluate": cmd_evaluate, "learn": cmd_learn,
                 "graph": cmd_graph}
