@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import explorer
 from explorer import load_model
-from explorer.io.specs import load_offloaded
-from explorer.io.specs._types import ATTENTION
+from explorer.io.specs import ATTENTION, load_offloaded
 from explorer.prune.calibration import Calibration, random_like
 from explorer.prune.importance import make
 from explorer.prune.sequential import (

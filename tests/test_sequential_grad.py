@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import explorer
 from explorer import load_model
-from explorer.io.specs import load_offloaded
+from explorer.io.specs import ATTENTION, load_offloaded
 from explorer.prune.calibration import Calibration, random_like
 from explorer.prune.importance import Criterion, Fisher, Taylor, make
 from explorer.prune.sequential import (
@@ -51,7 +51,9 @@ def _assert_same_terms(ours: Criterion, reference: Criterion) -> None:
 def test_offloaded_gradient_scores_equal_in_memory(ckpt: Path, tmp_path: Path,
                                                    name: str) -> None:
     calib = _padded()
-    model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False).eval()
+    # the attention kernel the library builds models with (`load_model`, `load_offloaded`)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False,
+                                                 attn_implementation=ATTENTION).eval()
     lm = load_model(f"hf:{ckpt}/config.json", device="meta")
     mg = explorer.trace(lm.model, lm.example_inputs)
     reference = make(name)

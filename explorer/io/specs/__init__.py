@@ -50,6 +50,7 @@ from ._query import split_query
 from ._sentence import SentenceFolder as SentenceFolder
 from ._sentence import write_sentence_files as write_sentence_files
 from ._timm import build_timm
+from ._types import ATTENTION as ATTENTION
 from ._types import Built
 from ._types import LoadedModel as LoadedModel
 from ._types import ModelFamily as ModelFamily
@@ -57,6 +58,7 @@ from ._types import SpecError as SpecError
 from ._weights import load_weights
 
 __all__ = [
+    "ATTENTION",
     "LoadedModel",
     "ModelFamily",
     "Offloaded",
