@@ -13,7 +13,8 @@ from explorer.app.session import Message
 from explorer.app.sources import example_specs, plan_text, request_from_fields
 from explorer.graph.metrics import count_params
 from explorer.render.figures import compact, quality_text
-from pages._session import load, prompts_box, show
+from explorer.render.proposal_view import quality_note
+from pages._session import heldout_path, load, prompts_box, show
 
 
 def _pick() -> None:
@@ -119,6 +120,8 @@ m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(m
 quality = pe.quality()
 if quality is not None:
     m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
+    st.caption(quality_note(quality, pe.quality_source, pe.spec,
+                            heldout_path()))
 if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
         and not pe.on_meta:
     lines = prompts_box("model_prompts")
@@ -126,17 +129,18 @@ if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
         st.dataframe(continuation_rows(pe.continuations(lines)), key="model_continuations",
                      hide_index=True, width="stretch")
 AUTO_PREFLIGHT = 16  # up to this many pending groups the verdicts are computed on load
-pending = pe.proposals()
+undecided = pe.undecided()  # counted without scoring: scores are computed when needed
 verdicts: dict[int, str] = {}
-if pending and (len(pending) <= AUTO_PREFLIGHT or st.session_state.get("model_verdicts_for")
-                == pe.version):
-    bar = st.progress(0.0, text="pre-flight of every group") if len(pending) > 4 else None
+if undecided and (undecided <= AUTO_PREFLIGHT or st.session_state.get("model_verdicts_for")
+                  == pe.version):
+    bar = st.progress(0.0, text="pre-flight of every group") \
+        if len(pe.proposals()) > 4 else None
     verdicts = pe.verdict_labels(None if bar is None else
                                  lambda f, text: bar.progress(f, text=text))
     if bar is not None:
         bar.empty()
-elif pending and st.button(f"Pre-flight every group ({len(pending)}, about "
-                           f"{len(pending)} forward passes)", key="model_verdicts"):
+elif undecided and st.button(f"Pre-flight every group ({undecided}, about "
+                             f"{undecided} forward passes)", key="model_verdicts"):
     st.session_state.model_verdicts_for = pe.version
     st.rerun()
 st.dataframe(group_rows(mg.groups(), verdicts), key="model_groups", hide_index=True,

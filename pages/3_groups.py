@@ -48,6 +48,7 @@ from explorer.render.proposal_view import (
     member_table,
     metric_cards,
     pending_rows,
+    quality_note,
     removed_for,
     short_location,
     statement_lines,
@@ -55,7 +56,7 @@ from explorer.render.proposal_view import (
     verdict_text,
 )
 from explorer.render.view import build_view
-from pages._session import prompts_box, remember, remembered, reset, show
+from pages._session import heldout_path, prompts_box, remember, remembered, reset, show
 
 COMPENSATIONS = ["none", *(c.value for c in Compensation)]
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
@@ -121,8 +122,8 @@ def counts_editor(pe: Session, p: Proposal) -> dict[int, int]:
             st.session_state[f"groups_count_{n}"] = len(ch.removed)
     if not layered(p):
         cols = st.columns(len(p.axes))
-        return {axis: int(cols[n].number_input(count_label(ch), 0, ch.width_before - 1,
-                                               key=f"groups_count_{n}"))
+        return {axis: int(cols[n].number_input(count_label(pe.graph.coupling, p, n), 0,
+                                               ch.width_before - 1, key=f"groups_count_{n}"))
             for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True))}
     rows = axis_rows(pe.graph.coupling, p)
     st.caption(layer_caption(rows))
@@ -148,6 +149,9 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
         if card is not None:
             column.metric(card.label, card.value, card.delta, help=card.help,
                           delta_color="inverse" if card.inverse else "normal")
+    if quality is not None:
+        st.caption(quality_note(quality, pe.quality_source, pe.spec,
+                                heldout_path()))
 
 
 def thresholds() -> Thresholds:
@@ -203,9 +207,12 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
             pending = by_cost(pending, costs)
     keys = [p.key for p in pending]
     state = (id(pe), pe.version, pe.settings(), order)
-    if st.session_state.get("groups_pick") not in keys or \
-            st.session_state.get("groups_pick_for") != state:
-        st.session_state.groups_pick = keys[0]  # a new model state or settings: the first
+    picked = st.session_state.get("groups_pick")
+    if picked not in keys or st.session_state.get("groups_pick_for") != state:
+        picked = keys[0]  # a new model state or settings: the first
+    # Set on every run: the browser holds the pick by its label, which changes once its cost
+    # is measured; without this it kept showing "not measured" above the measured cost.
+    st.session_state.groups_pick = picked
     st.session_state.groups_pick_for = state
     by_key = {p.key: p for p in pending}
     if costs.get(st.session_state.groups_pick) is None and pe.quality() is not None:
@@ -213,9 +220,11 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
         with contextlib.suppress(Exception):
             costs[st.session_state.groups_pick] = pe.proposal_cost(
                 by_key[st.session_state.groups_pick])
+    measurable = pe.quality() is not None  # not on meta: no weights, no cost to show
     chosen = c[0].selectbox(
         "Proposal", keys, key="groups_pick",
-        format_func=lambda k: f"{by_key[k].group.title} · {cost_label(costs.get(k), t)}")
+        format_func=lambda k: by_key[k].group.title + (
+            f" · {cost_label(costs.get(k), t)}" if measurable else ""))
     return by_key[chosen]
 
 
@@ -236,7 +245,7 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
         return None
     colour = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
     st.markdown(f":{colour[severity(after, t)]}-background["
-                f"{cost_sentence(quality, after, t, pe.quality_source)}]")
+                f"{cost_sentence(quality, after, t, pe.quality_source, pe.compensation)}]")
     if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)):
         with st.expander("Greedy continuations if accepted", expanded=True):
             prompts = prompts_box("groups_prompts")
@@ -282,12 +291,12 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
 
 
 def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
-                 pending: list[Proposal]) -> None:
+                 pending: list[Proposal], equal: dict[int, int] | None) -> None:
     """Before Accept: whether the cut keeps a `from_pretrained` folder, and one click for the
-    same cut in every layer; unequal per-layer cuts of a group whose layers share tensors."""
+    same cut in every layer; ``equal``: the counts that cut every layer of a group whose
+    layers share tensors alike (the counts on screen do not)."""
     on_screen = edited(p, counts)
     if layered(p) and not verdict.ok:
-        equal = equal_counts(axis_rows(pe.graph.coupling, p, counts))
         if equal is not None:
             st.warning("The layers of this group share tensors (on Llama-style models the "
                        "one rotary cos/sin row every layer reads), so each part must be cut "
@@ -355,9 +364,9 @@ def chart(pe: Session, p: Proposal, counts: dict[int, int]) -> None:
         return
     removed = removed_for(p, counts)
     cols = st.columns(len(p.axes))
-    for n, (axis, ch) in enumerate(zip(p.axes, p.changes, strict=True)):
+    for n, axis in enumerate(p.axes):
         cols[n].plotly_chart(axis_figure(p.scores[axis], removed[axis],
-                                         *chart_words(ch, pe.importance)),
+                                         *chart_words(p, n, pe.importance)),
                              key=f"groups_importance_{n}", width="stretch")
 
 
@@ -410,13 +419,17 @@ def main() -> None:
         verdict = pe.preflight(p, edited(p, counts))
     except ValueError as exc:  # a count out of range
         verdict = Verdict(False, error=str(exc))
-    joint = pe.joint(p) if not verdict.ok else None
+    # unequal per-layer counts of a group whose layers share tensors: the answer is equal
+    # cuts (offered below), not a joint set with other groups (a pre-flight of every group)
+    equal = equal_counts(axis_rows(pe.graph.coupling, p, counts)) \
+        if layered(p) and not verdict.ok else None
+    joint = pe.joint(p) if not verdict.ok and equal is None else None
     metrics(pe, verdict, len(pending))
     if pe.message is not None:
         show(pe.message)
     verdict_box(pe, p, verdict, joint)
     after = cost(pe, p, counts, verdict, t)
-    export_aware(pe, p, counts, verdict, pending)
+    export_aware(pe, p, counts, verdict, pending, equal)
     actions(pe, p, counts, verdict, joint)
     tradeoff(pe, verdict, after, t)
     chart(pe, p, counts)

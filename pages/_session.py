@@ -13,7 +13,7 @@ import streamlit as st
 from explorer.app import store
 from explorer.app.registry import Registry, memory_short, tensor_bytes
 from explorer.app.session import Message, MessageKind, Session
-from explorer.app.sources import LoadRequest, load_request
+from explorer.app.sources import LoadRequest, load_request, typed_path
 from explorer.io.specs import LoadedModel, load_model
 
 DEFAULT_REQUEST = LoadRequest("demo:dino_vit_safe")
@@ -209,6 +209,12 @@ def prompts_box(key: str) -> list[str]:
                         on_change=lambda: st.session_state.update(
                             pe_prompts=st.session_state[key]))
     return prompt_lines({"pe_prompts": text})
+
+
+def heldout_path() -> str:
+    """The held-out file of the loaded model as the user typed it ("" for an upload or none),
+    for the line that says how to measure on all of it."""
+    return typed_path(st.session_state.get("pe_request", DEFAULT_REQUEST).heldout)
 
 
 def prompt_lines(state: Any) -> list[str]:

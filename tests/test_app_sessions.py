@@ -99,3 +99,83 @@ def test_short_memory_is_one_line_and_keeps_the_session(
     assert "\n" not in at.error[0].value and "0 MB is free; close other sessions" \
         in at.error[0].value
     assert at.session_state["pe"] is before  # the loaded session is still there
+
+
+def test_two_tabs_clicking_at_once_do_not_interleave() -> None:
+    """Two tabs share one live session: two clicks at once each hold the session's lock, and
+    a proposal drawn before the other tab changed the model is refused in one line."""
+    import threading
+    import time
+
+    from explorer.app.session import Session
+    from explorer.io.specs import load_model
+
+    lm = load_model("demo:dino_vit_safe")
+    pe = Session(lm.model, lm.example_inputs, spec="demo:dino_vit_safe")
+    first, second = pe.proposals()[:2]  # both drawn on the pages before either click
+    inside, most = [0], [0]
+    apply = pe.pruner.apply
+
+    def slow_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.3)  # a long accept: the other click arrives meanwhile
+        try:
+            return apply(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    pe.pruner.apply = slow_apply  # type: ignore[method-assign]
+    done: dict[str, bool] = {}
+    tabs = [threading.Thread(target=lambda p=p, n=n: done.__setitem__(n, pe.accept(p)))
+            for n, p in (("first", first), ("second", second))]
+    for t in tabs:
+        t.start()
+        time.sleep(0.05)
+    for t in tabs:
+        t.join()
+    assert most[0] == 1  # one change to the model at a time
+    assert done == {"first": True, "second": False}
+    assert pe.message is not None and pe.message.text.startswith(
+        f"not applied: {second.title} was proposed for an earlier state of the model")
+    assert len(pe.applied) == 1 and pe.forward_check().kind == "success"
+    pe.reject(second)  # a stale reject is refused too
+    assert "earlier state" in pe.message.text and len(pe.history) == 1
+
+
+DEEP_LLAMA = ("hf:llama?hidden_size=32&num_hidden_layers=20&num_attention_heads=2"
+              "&num_key_value_heads=1&intermediate_size=48&vocab_size=64")
+
+
+def test_a_restart_replays_recorded_cuts_and_scores_only_when_the_groups_page_asks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart reopens on the Model page with the recorded cuts redone and the logged
+    switch to a data-aware criterion not yet scored (more groups than the page pre-flights
+    on load: it counts them without scoring); the Groups page scores once."""
+    from explorer.prune import importance
+    first = _open()
+    sid = first.session_state["pe_sid"]
+    first.text_input(key="model_spec").set_value(DEEP_LLAMA)
+    first.button(key="model_load").click().run()
+    params = _accept_one(first)
+    first.selectbox(key="groups_criterion").set_value("wanda").run()
+    first.button(key="groups_accept").click().run()
+    assert not first.exception and not first.error, (first.exception, first.error)
+    pe = first.session_state["pe"]
+    assert pe.params < params and pe.importance == "wanda"
+    assert all("cut" in a for a in pe.actions if a["do"] == "accept")
+    passes: list[int] = []
+    norms = importance.activation_norms
+    monkeypatch.setattr(importance, "activation_norms",
+                        lambda *a, **k: passes.append(1) or norms(*a, **k))
+    st.cache_resource.clear()  # a restart
+    again = _open(sid)
+    reopened = again.session_state["pe"]
+    assert reopened is not pe and reopened.params == pe.params
+    assert reopened.actions == pe.actions and reopened.history == pe.history
+    assert passes == []  # nothing scored for the Model page
+    assert f"Pre-flight every group ({reopened.undecided()}," in again.button(
+        key="model_verdicts").label
+    again.switch_page("pages/3_groups.py").run()
+    assert not again.exception and not again.error, (again.exception, again.error)
+    assert passes == [1]

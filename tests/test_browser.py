@@ -280,7 +280,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
             # the sidebar is the app's navigation from the start, never the pages folder
             assert page.get_by_role("link", name="session").count() == 0
             page.get_by_text("prunable groups").wait_for(timeout=90_000)
-            page.get_by_text("Local checkpoint and data").click()
+            page.get_by_text("Local checkpoint and data (real weights").click()
             fields = {"Local folder or weights file": str(smollm2),
                       "Calibration data": str(prose[0]),
                       "Held-out data (quality)": str(prose[1])}

@@ -35,11 +35,13 @@ class Redoer(Protocol):
                   targets: tuple[str, ...] | list[str] | None = None) -> bool: ...
 
     def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None,
-                    same_cut: list[list[Any]] | None = None) -> bool: ...
+                    same_cut: list[list[Any]] | None = None,
+                    cut: dict[str, Any] | None = None) -> bool: ...
 
     def accept_all(self) -> bool: ...
 
-    def redo_reject(self, key: tuple[Any, ...]) -> bool: ...
+    def redo_reject(self, key: tuple[Any, ...], keys: list[list[Any]] | None = None,
+                    what: str | None = None) -> bool: ...
 
     def undo(self) -> bool: ...
 
@@ -66,21 +68,27 @@ class Configure:
 
 @dataclass(frozen=True)
 class Accept:
-    """One proposal accepted (its group key; a joint or outer-axis one; resized counts)."""
+    """One proposal accepted (its group key; a joint or outer-axis one; resized counts; what
+    it cut, exactly, when that can be said: replayed as recorded, without choosing again)."""
 
     key: list[Any]
     joint: bool = False
     counts: list[list[int]] | None = None  # [[axis, count], ...]; None: as proposed
     same_cut: list[list[Any]] | None = None  # the same cut in these groups' layers too
+    # {"step": a plan step's JSON (`explorer.io.plan.step_record`), "what", "keys",
+    # "titles", "report"}: the cut as made; None (older logs, refits): chosen again
+    cut: dict[str, Any] | None = None
     kind = ActionKind.ACCEPT
 
     def fields(self) -> dict[str, Any]:
         return {"key": list(self.key), "joint": self.joint, "counts": self.counts,
-                **({"same_cut": self.same_cut} if self.same_cut is not None else {})}
+                **({"same_cut": self.same_cut} if self.same_cut is not None else {}),
+                **({"cut": self.cut} if self.cut is not None else {})}
 
     def redo(self, session: Redoer) -> bool:
         counts = None if self.counts is None else {int(a): int(n) for a, n in self.counts}
-        return session.redo_accept(tuple(self.key), bool(self.joint), counts, self.same_cut)
+        return session.redo_accept(tuple(self.key), bool(self.joint), counts, self.same_cut,
+                                   self.cut)
 
 
 @dataclass(frozen=True)
@@ -98,16 +106,20 @@ class AcceptAll:
 
 @dataclass(frozen=True)
 class Reject:
-    """A proposal rejected (the keys of every group it covers, its own first)."""
+    """A proposal rejected (the keys of every group it covers, its own first; what it was,
+    in words: with it a replay rejects the keys without proposing again)."""
 
     keys: list[Any]
+    what: str | None = None  # None in older logs
     kind = ActionKind.REJECT
 
     def fields(self) -> dict[str, Any]:
-        return {"keys": [list(k) for k in self.keys]}
+        return {"keys": [list(k) for k in self.keys],
+                **({"what": self.what} if self.what is not None else {})}
 
     def redo(self, session: Redoer) -> bool:
-        return session.redo_reject(tuple(self.keys[0]))
+        return session.redo_reject(tuple(self.keys[0]), [list(k) for k in self.keys],
+                                   self.what)
 
 
 @dataclass(frozen=True)
@@ -203,11 +215,13 @@ def parse(act: Mapping[str, Any]) -> Action:
     if kind is ActionKind.CONFIGURE:
         return Configure(list(act["settings"]))
     if kind is ActionKind.ACCEPT:
-        same = act.get("same_cut")
+        same, cut = act.get("same_cut"), act.get("cut")
         return Accept(list(act["key"]), bool(act.get("joint")), act.get("counts"),
-                      same if isinstance(same, list) else None)
+                      same if isinstance(same, list) else None,
+                      cut if isinstance(cut, dict) else None)
     if kind is ActionKind.REJECT:
-        return Reject(list(act["keys"]))
+        what = act.get("what")
+        return Reject(list(act["keys"]), what if isinstance(what, str) else None)
     if kind is ActionKind.BLOCK:
         return Block(str(act["name"]))
     if kind is ActionKind.PLAN:

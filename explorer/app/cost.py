@@ -20,6 +20,7 @@ from ..prune.removal import apply_removal
 from ..quality.evaluate import Quality
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, continuations
 from ..quality.task import Metric
+from .display import continuation_rows
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -115,16 +116,22 @@ def cost_words(after: Quality) -> str:
     return " · ".join(parts)
 
 
-def cost_sentence(now: Quality | None, after: Quality, t: Thresholds, source: str) -> str:
-    """The cost box of the Groups page: a lead by severity, the measures, the step's share."""
+def cost_sentence(now: Quality | None, after: Quality, t: Thresholds, source: str,
+                  refit: str = "none") -> str:
+    """The cost box of the Groups page: a lead by severity, the measures, the step's share;
+    with a ``refit`` (the session's compensation), that the cost is measured without it."""
     level = severity(after, t)
     step = ""
     if now is not None and now.metric is Metric.PERPLEXITY and after.perplexity_after \
-            is not None and now.perplexity_after is not None:
+            is not None and now.perplexity_after is not None and \
+            number(now.perplexity_after) != number(after.perplexity_before):  # not the first
         step = f"; this step alone: perplexity {number(now.perplexity_after)} → " \
                f"{number(after.perplexity_after)}"
+    without = "" if refit == "none" else (
+        f". Measured without the {refit} refit that Accept applies (too slow to run for every "
+        f"proposal): after Accept the cost is usually lower")
     return (f"{ICON[level]} **{_LEAD[level]}**: {cost_words(after)} (against the original, "
-            f"measured on a copy with weights, {source}{step})")
+            f"measured on a copy with weights, {source}{step}){without}")
 
 
 def cost_key(q: Quality | None) -> tuple[int, float]:
@@ -233,7 +240,6 @@ def would_be_rows(pe: Session, proposal: Proposal, counts: Counts | None,
                   prompts: Sequence[str], cache: dict[Any, list[Continuation]]
                   ) -> list[dict[str, str]]:
     """`would_be_texts` as table rows (prompt, original continues, pruned continues)."""
-    from .display import continuation_rows
     return continuation_rows(would_be_texts(pe, proposal, counts, prompts, cache))
 
 

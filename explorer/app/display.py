@@ -61,8 +61,8 @@ def group_rows(groups: Sequence[Group], verdicts: Mapping[int, str]) -> list[dic
     return [{"id": g.id, "group": g.title, "target": target_of(g).value,
              "prunable": g.prunable, "reason": g.reason,
              "pre-flight": verdicts.get(g.id, "") if g.prunable else "",
-             "axes": ", ".join(f"{part_label(a.role, a.size)} {a.size}"
-                               for a in g.axes[:MAX_AXES_SHOWN])
+             "axes": ", ".join(f"{part_label(g, i)} {a.size}"
+                               for i, a in enumerate(g.axes[:MAX_AXES_SHOWN]))
              + (f" (+{len(g.axes) - MAX_AXES_SHOWN} more)" if len(g.axes) > MAX_AXES_SHOWN
                 else ""),
              "members": len(g.members)} for g in groups]

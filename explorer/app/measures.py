@@ -61,6 +61,11 @@ class Measures:
         probe = self._quality_probe(model)
         return None if probe is None else probe.cost(model, coupling, removal, key)
 
+    def adopt(self, cost_key: tuple[Any, ...], version: int) -> bool:
+        """The model at ``version`` is the cut whose cost was measured under ``cost_key`` (an
+        accept with no refit): its quality is that cost (`QualityProbe.adopt`)."""
+        return self._probe is not None and self._probe.adopt(cost_key, version)
+
     def cached_cost(self, key: tuple[Any, ...]) -> Quality | None:
         """The `cost` measured under ``key``, or None when it was not measured yet."""
         return None if self._probe is None else self._probe.cached_cost(key)
@@ -85,7 +90,7 @@ class Measures:
         """What the quality is measured on, in words."""
         if self.heldout is None:
             return "random inputs (no held-out data given)"
-        return f"{_batch_rows(self.heldout.head(PROBE_SAMPLES).batches[0])} held-out samples"
+        return _batch_words(self.heldout.head(PROBE_SAMPLES).batches[0])
 
     def _quality_probe(self, model: nn.Module) -> QualityProbe | None:
         if _on_meta(model):
@@ -101,6 +106,10 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def _batch_rows(batch: tuple[Any, ...]) -> int:
+def _batch_words(batch: tuple[Any, ...]) -> str:
+    """``2 held-out samples × 128 tokens`` (tokens for token ids)."""
     first = next((a for a in batch if isinstance(a, torch.Tensor) and a.dim()), None)
-    return int(first.shape[0]) if first is not None else 1
+    rows = int(first.shape[0]) if first is not None else 1
+    tokens = first is not None and first.dim() == 2 and not first.is_floating_point()
+    return f"{rows} held-out samples" + (f" × {first.shape[1]} tokens" if tokens and
+                                         first is not None else "")

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass
 
 from ..prune.preflight import Verdict
+from ..render.proposal_view import short_location
 
 
 class MessageKind(str, enum.Enum):
@@ -36,8 +37,9 @@ class Message:
 
 
 def failure(verdict: Verdict, what: str = "pre-flight failed") -> str:
-    """``verdict``'s failure in words: what, where (module and line), the error."""
-    where = " ".join(x for x in (verdict.module, verdict.location) if x)
+    """``verdict``'s failure in words: what, where (module and ``file.py:line``), the error."""
+    location = short_location(verdict.location) if verdict.location else ""
+    where = " ".join(x for x in (verdict.module, location) if x)
     return f"{what}{' in ' + where if where else ''}: {verdict.error}"
 
 

@@ -13,15 +13,13 @@ plans are `explorer.io.plan`'s and exports `explorer.io.export`'s; what the page
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
-
-from torch import nn
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ..graph.walk import to_device
-from ..io.plan import Plan, PlanError
-from ..io.specs import SentenceFolder
-from ..prune.calibration import Calibration
+from ..io.plan import Plan, PlanError, redo_step, step_record
 from ..prune.compensate import compensation
 from ..prune.decisions import Decision
 from ..prune.depth import remove_blocks
@@ -31,7 +29,6 @@ from ..prune.proposal import Counts, Proposal
 from ..prune.removal import PruneError, Removal
 from ..prune.sensitivity import Progress
 from ..prune.uniform import SAME_CUT
-from ..quality.task import Task
 from .actions import (
     Accept,
     AcceptAll,
@@ -49,24 +46,33 @@ from .actions import problem as action_problem
 from .messages import Message, MessageKind, failure
 from .workspace import Workspace, layer_widths
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def transition(method: Callable[Concatenate[Session, _P], _R]
+               ) -> Callable[Concatenate[Session, _P], _R]:
+    """Run ``method`` holding the session's lock: two tabs share one live session (the
+    registry), so two clicks at once must not interleave their changes to the model."""
+    @functools.wraps(method)
+    def locked(self: Session, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
 
 class Session(Workspace):
     """One user's interactive pruning of one model copy: the transitions and the action log
     over a `Workspace` (see there for the arguments)."""
 
-    def __init__(self, model: nn.Module, example_inputs: Sequence[Any], spec: str = "",
-                 importance: str = "magnitude", ratio: float = 0.5, heads: str = "dims",
-                 global_pruning: bool = False, round_to: int = 1,
-                 targets: tuple[str, ...] | None = None,
-                 calibration: Calibration | None = None, heldout: Calibration | None = None,
-                 task: Task | None = None, tokenizer: Any | None = None,
-                 sentence: SentenceFolder | None = None) -> None:
-        super().__init__(model, example_inputs, spec, importance, ratio, heads, global_pruning,
-                         round_to, targets, calibration, heldout, task, tokenizer, sentence)
+    def _started(self) -> None:
         self.message: Message | None = None
         self._actions: list[Action] = []  # what the user did, replayable (`replay`)
+        self._replaying = False  # settings change without scoring while a log replays
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
+        self.lock = threading.RLock()  # held by every transition (`transition`)
 
+    @transition
     def configure(self, importance: str, ratio: float, heads: str,
                   global_pruning: bool | None = None, round_to: int | None = None,
                   targets: tuple[str, ...] | list[str] | None = None,
@@ -85,6 +91,10 @@ class Session(Workspace):
             return self._fail(str(exc))
         if self.settings() == old:
             return True
+        if self._replaying:  # scored when a page first asks for proposals, at the end state
+            *rest, targets_now = self.settings()
+            self._record(Configure([*rest, list(targets_now)]))
+            return True
         self.pruner.criterion.progress = progress
         try:
             self.pruner.pending()
@@ -98,6 +108,7 @@ class Session(Workspace):
         return True
 
     # ------------------------------------------------------------------ transitions
+    @transition
     def set_compensation(self, name: str) -> bool:
         """Refit the consumers of removed channels after each accept (``--compensate``'s
         choices: "none", "bias", "lstsq"); False and an error message for another name."""
@@ -112,15 +123,22 @@ class Session(Workspace):
             self._record(Compensate(name))
         return True
 
+    @transition
     def accept(self, proposal: Proposal, count: int | Counts | None = None) -> bool:
         """Pre-flight and apply one proposal (``count`` resizes its axes, see `removal`)."""
+        if self._stale(proposal):
+            return False
         try:
             removal = proposal.removal(count)
         except (TypeError, ValueError) as exc:
             return self._fail(f"invalid count: {exc}")
         if not removal:
             return self._fail("nothing to remove: the count is 0")
+        cost_key = self._cost_key(proposal, {proposal.axes[0]: count} if isinstance(count, int)
+                                  else dict(count or {}))
         ok = self._apply(removal, [proposal], count, self.preflight(proposal, count))
+        if ok and self.pruner.compensate is None and not self.applied[-1].constants:
+            self.measures.adopt(cost_key, self.version)  # the cost measured is its quality
         if ok:
             counts = {proposal.axes[0]: count} if isinstance(count, int) else count
             same = proposal.reason == SAME_CUT  # partners named: replay rebuilds the set
@@ -128,9 +146,21 @@ class Session(Workspace):
                                 (proposal.joint or proposal.fallback) and not same,
                                 None if counts is None else
                                 [[int(a), int(n)] for a, n in counts.items()],
-                                [list(k) for k in proposal.keys[1:]] if same else None))
+                                [list(k) for k in proposal.keys[1:]] if same else None,
+                                self._cut_record()))
         return ok
 
+    def _cut_record(self) -> dict[str, Any] | None:
+        """The last edit (an accept's cut) as a replay redoes it exactly (`actions.Accept`'s
+        ``cut``); None after a refit, whose new values no record holds."""
+        edit = self.pruner.history.edits[-1]
+        step = None if self.pruner.compensate is not None else step_record(edit.applied)
+        if step is None:
+            return None
+        return {"step": step, "what": edit.what, "keys": [list(k) for k in edit.keys],
+                "titles": list(edit.titles), "report": list(edit.report)}
+
+    @transition
     def accept_all(self, progress: Progress | None = None) -> bool:
         """Accept every pending proposal at once (joint sets included, as `Pruner.step`
         does); the ones that stay unsafe are left pending and reported."""
@@ -155,25 +185,27 @@ class Session(Workspace):
                                            + "; ".join(unsafe))
         return ok
 
+    @transition
     def reject(self, proposal: Proposal) -> None:
         """Keep the group(s) as they are; not proposed again (until undo)."""
+        if self._stale(proposal):
+            return
         self.pruner.reject(proposal)
         self.message = Message.info(f"rejected {proposal.title}")
-        self._record(Reject([list(k) for k in proposal.keys]))
+        self._record(Reject([list(k) for k in proposal.keys], f"rejected {proposal.title}"))
 
+    @transition
     def undo(self) -> bool:
         """Revert the last accept, reject, block removal or plan replay exactly."""
-        version = self.version
         what = self.pruner.undo_decision()
         if what is None:
             self.message = Message.error("nothing to undo")
             return False
-        if self.version != version:
-            self.graph = self._model_graph()
         self.message = Message.info(f"undone: {what}")
         self._record(Undo())
         return True
 
+    @transition
     def remove_block(self, name: str) -> bool:
         """Replace residual block ``name`` by identity, after a pre-flight on a copy."""
         blocks = {b.module: b for b in self.graph.blocks()}
@@ -189,12 +221,12 @@ class Session(Workspace):
         before = self.params
         self.pruner.history.remove_blocks({name: tuple_output}, f"removed block {name}",
                                           [{"block": name, "params": blocks[name].params}])
-        self.graph = self._model_graph()
         self.message = Message.success(f"removed block {name}: params {before:,} -> "
                                           f"{self.params:,}")
         self._record(Block(name))
         return True
 
+    @transition
     def apply_plan(self, text: str | bytes) -> bool:
         """Replay a plan (JSON text) on the loaded, unpruned model; on error nothing changes."""
         if self.pruner.history.edits:
@@ -215,13 +247,13 @@ class Session(Workspace):
         except Exception as exc:  # noqa: BLE001 - never a traceback in the browser
             return self._fail(f"cannot apply the plan: {exc}")
 
-        self.graph = self._model_graph()
         self.message = Message.success(f"replayed a plan of {len(plan.steps)} step(s): "
                                           f"params {before:,} -> {self.params:,}")
         self._record(PlanReplay(text if isinstance(text, str) else text.decode()))
         return True
 
     # ------------------------------------------------------------------ replay
+    @transition
     def replay(self, actions: list[Any], progress: Progress | None = None) -> int:
         """Redo recorded ``actions`` (from `actions` of an earlier session on the same model).
 
@@ -231,6 +263,47 @@ class Session(Workspace):
         replayed.
         """
         skipped: list[str] = []
+        done = 0
+        start = (len(self.pruner.history.edits), len(self.pruner.decisions.rejected),
+                 len(self._actions))
+        self._replaying = True
+        try:
+            done = self._replay(actions, skipped, progress)
+        finally:
+            self._replaying = False
+        if done < 0:
+            return -done - 1
+        problem = self._settle(start)
+        if problem is not None:
+            self.message = Message.error(f"restored no decisions: {problem}")
+            return 0
+        if skipped:
+            self.message = Message.error("; ".join([f"restored {done} of {len(actions)} "
+                                                    "decisions", *skipped]))
+        elif actions:
+            self.message = Message.info(f"restored {len(actions)} decisions")
+        return done
+
+    def _settle(self, start: tuple[int, int, int]) -> str | None:
+        """After a replay: the config follows the redone cuts and the model is analysed (a
+        recorded cut that breaks the forward is found here); on a failure every edit the
+        replay made is undone and why is returned."""
+        history = self.pruner.history
+        try:
+            history.settle()
+            history.graph  # noqa: B018 - traced now, once, for the state the replay ends in
+            return None
+        except Exception as exc:  # noqa: BLE001 - a log's cuts that no longer run
+            while len(history.edits) > start[0]:
+                self.pruner.undo()
+            del self.pruner.decisions.rejected[start[1]:]
+            del self._actions[start[2]:]
+            return f"the recorded cuts do not run on this model ({exc})"
+
+    def _replay(self, actions: list[Any], skipped: list[str], progress: Progress | None
+                ) -> int:
+        """`replay`'s loop: how many were replayed, or -(done + 1) when one no longer
+        applies (`message` says which)."""
         done = 0
         for i, act in enumerate(actions):
             if progress:
@@ -250,20 +323,25 @@ class Session(Workspace):
                     f"replayed {done} of {len(actions)} decisions", *skipped,
                     f"decision {i + 1} ({act.get('do')}) no longer applies: "
                     f"{self.message.text if self.message else ''}"]))
-                return done
+                return -done - 1
             done += 1
-        if skipped:
-            self.message = Message.error("; ".join([f"restored {done} of {len(actions)} "
-                                                    "decisions", *skipped]))
-        elif actions:
-            self.message = Message.info(f"restored {len(actions)} decisions")
         return done
 
+    @transition
     def redo_accept(self, key: tuple[Any, ...], joint: bool, counts: dict[int, int] | None,
-                    same_cut: list[list[Any]] | None = None) -> bool:
+                    same_cut: list[list[Any]] | None = None,
+                    cut: dict[str, Any] | None = None) -> bool:
         """Accept the pending proposal of group ``key`` again (its joint or outer-axis
         proposal when ``joint``; with the groups ``same_cut`` names as the same cut in other
-        layers, `explorer.prune.uniform`), resized by ``counts`` (a replayed `actions.Accept`)."""
+        layers, `explorer.prune.uniform`), resized by ``counts`` (a replayed `actions.Accept`).
+
+        With ``cut`` (what the accept cut, recorded) the cut is redone exactly as recorded:
+        no scoring, no pre-flight, no analysis until the replay ends (`replay`); a record that
+        does not fit the model falls back to choosing again."""
+        if cut is not None and self._recut(cut):
+            self._record(Accept(list(key), joint, None if counts is None else
+                                [[int(a), int(n)] for a, n in counts.items()], same_cut, cut))
+            return True
         p = self._pending_by_key(key)
         if p is not None and joint:
             p = self.joint(p)
@@ -276,13 +354,44 @@ class Session(Workspace):
             return self._fail("its group is not pending")
         return self.accept(p, counts)
 
-    def redo_reject(self, key: tuple[Any, ...]) -> bool:
-        """Reject the pending proposal of group ``key`` again (a replayed `actions.Reject`)."""
+    @transition
+    def redo_reject(self, key: tuple[Any, ...], keys: list[list[Any]] | None = None,
+                    what: str | None = None) -> bool:
+        """Reject the pending proposal of group ``key`` again (a replayed `actions.Reject`);
+        with its ``keys`` and ``what`` recorded, those groups without proposing again."""
+        if keys is not None and what is not None:
+            decided = [(str(k[0]), int(k[1]), int(k[2])) for k in keys]
+            self.pruner.decisions.reject(self.version, decided, what)
+            self.message = Message.info(what)
+            self._record(Reject([list(k) for k in decided], what))
+            return True
         p = self._pending_by_key(key)
         if p is None:
             return self._fail("its group is not pending")
         self.reject(p)
         return True
+
+    def _recut(self, cut: dict[str, Any]) -> bool:
+        """Redo a recorded accept (`actions.Accept`'s ``cut``); False, changing nothing, when
+        the record does not fit the model as it is."""
+        before = self.params
+        try:
+            keys = [(str(k[0]), int(k[1]), int(k[2])) for k in cut["keys"]]
+            what, titles = str(cut["what"]), [str(t) for t in cut["titles"]]
+            lines = [dict(line) for line in cut["report"]]
+        except (KeyError, TypeError, ValueError, IndexError):
+            return False
+        for settle in (False, True):  # recorded after the config followed the cuts before
+            if settle:
+                self.pruner.history.settle()
+            try:
+                self.pruner.recut(lambda model: redo_step(model, cut["step"]), what, keys,
+                                  titles, lines)
+            except (KeyError, TypeError, ValueError, IndexError):  # PlanError, PruneError
+                continue
+            self.message = Message.success(f"{what}: params {before:,} -> {self.params:,}")
+            return True
+        return False
 
     def _pending_by_key(self, key: tuple[Any, ...]) -> Proposal | None:
         want = (str(key[0]), int(key[1]), int(key[2]) if len(key) > 2 else 0)  # old logs: 2
@@ -306,6 +415,16 @@ class Session(Workspace):
         remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
         return forward_check(trial, to_device(self.example_inputs, device), self.output_shapes)
 
+    def _stale(self, proposal: Proposal) -> bool:
+        """Whether ``proposal`` was made for another state of the model (another tab of this
+        session changed it since this page was drawn); says so in `message`."""
+        if proposal.pruner is None or proposal.version == self.version:
+            return False
+        self.message = Message.error(f"not applied: {proposal.title} was proposed for an "
+                                     "earlier state of the model (changed in another tab); "
+                                     "the page now shows the current proposals")
+        return True
+
     def _fail_preflight(self, verdict: Verdict) -> bool:
         return self._fail(failure(verdict))
 
@@ -323,7 +442,6 @@ class Session(Workspace):
             self.pruner.apply(removal, verdict.graph, accepted, count)
         except PruneError as exc:
             return self._fail(str(exc))
-        self.graph = self._model_graph()
         groups = sum(len(p.keys) for p in accepted)  # a joint proposal covers its partners
         self.message = Message.success(f"accepted {groups} group(s): params "
                                        f"{before:,} -> {self.params:,}")

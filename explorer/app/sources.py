@@ -77,6 +77,15 @@ def spec_for_path(path: str) -> tuple[str, str]:
     return (f"timm:{p}" if timm_style else f"hf:{p}"), ""
 
 
+UPLOADS = "pruning-explorer-uploads"  # the folder uploads are saved in, on the server
+
+
+def typed_path(path: str) -> str:
+    """``path`` as the user typed it, or "" for a saved upload (its server path means nothing
+    to the user and is not theirs to see)."""
+    return "" if UPLOADS in Path(path).parts else path
+
+
 def save_upload(name: str, data: bytes, directory: str | None = None) -> Path:
     """Write uploaded bytes to a file named by their hash (same upload, same path).
 
@@ -85,7 +94,7 @@ def save_upload(name: str, data: bytes, directory: str | None = None) -> Path:
         data: the bytes.
         directory: where to write; a folder under the system temp dir by default.
     """
-    folder = Path(directory or tempfile.gettempdir()) / "pruning-explorer-uploads"
+    folder = Path(directory or tempfile.gettempdir()) / UPLOADS
     folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data).hexdigest()[:16]
     path = folder / f"{digest}{''.join(Path(name).suffixes[-2:])}"

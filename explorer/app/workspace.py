@@ -73,13 +73,25 @@ class Workspace:
         self._solution: tuple[tuple[Any, ...], Solution[GroupKey]] | None = None
         self._statement: tuple[tuple[Any, ...], Statement] | None = None
         self.measures = Measures(self.original, self.example_inputs, heldout, task, tokenizer)
-        self.graph = self._model_graph()
+        self._graph: tuple[int, ModelGraph] | None = None
         self.params_start = self.params
         self.macs_start = self.macs
         self.widths_start = layer_widths(self.model)
         self.output_shapes = self.pruner.preflight().expected
+        self._started()
+
+    def _started(self) -> None:
+        """Called at the end of ``__init__``: a subclass sets up its own state here (so it
+        does not repeat the constructor's arguments)."""
 
     # ------------------------------------------------------------------ state read by pages
+    @property
+    def graph(self) -> ModelGraph:
+        """The model's graph, groups and views as it is now (made once per version)."""
+        if self._graph is None or self._graph[0] != self.version:
+            self._graph = (self.version, self._model_graph())
+        return self._graph[1]
+
     @property
     def version(self) -> int:
         """Changes whenever the model changes (pages key their caches on it)."""
@@ -163,6 +175,13 @@ class Workspace:
         if all(g.key in decided for g in self.pruner.groups if self.pruner.could_propose(g)):
             return []  # every group a proposal could be for is decided (after Accept all)
         return [p for p in self.pruner.pending() if p.key not in decided]
+
+    def undecided(self) -> int:
+        """How many groups a proposal could be for and are not decided, without scoring (a
+        data-aware criterion's calibration pass waits until proposals are asked for)."""
+        decided = self.decided
+        return sum(1 for g in self.pruner.groups
+                   if self.pruner.could_propose(g) and g.key not in decided)
 
     def current(self) -> Proposal | None:
         """The next proposal to decide on, or None when every group is decided."""

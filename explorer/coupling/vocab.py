@@ -21,6 +21,21 @@ class AxisRole(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def words(self, size: int = 0, gqa: bool = False) -> str:
+        """What a person calls this axis (the one home of these words: the statement, the
+        Groups page, the Model page's table): ``dims per head``, ``key/value groups`` for the
+        heads axis under GQA (``gqa``), ``q/k/v`` for a fixed axis of ``size`` 3."""
+        if self is AxisRole.FIXED:
+            return "q/k/v" if size == 3 else "fixed"
+        if self is AxisRole.HEADS and gqa:
+            return "key/value groups"
+        return _ROLE_WORDS[self]
+
+
+_ROLE_WORDS = {AxisRole.CHANNELS: "channels", AxisRole.HEADS: "heads",
+               AxisRole.HEAD_REPEAT: "query heads per key/value group",
+               AxisRole.HEAD_DIM: "dims per head", AxisRole.GROUPS: "groups"}
+
 
 class HeadMode(str, enum.Enum):
     """How the pruner treats attention heads."""

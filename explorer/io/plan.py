@@ -54,7 +54,8 @@ REFIT_SCHEMA = 4
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 __all__ = ["FOLD_SCHEMA", "REFIT_SCHEMA", "SCHEMA", "BlockCut", "Plan", "PlanError",
-           "PlanStep", "Refit", "Replay", "TensorCut", "checksum", "fingerprint"]
+           "PlanStep", "Refit", "Replay", "TensorCut", "checksum", "fingerprint", "redo_step",
+           "step_record"]
 
 MAX_PLAN_BYTES = 256 * 2**20  # far above any real plan; a bigger file is refused unread
 _MAX_DEPTH = 16  # a plan nests 6 levels deep
@@ -444,6 +445,51 @@ class Plan:
     @property
     def removed_count(self) -> int:
         return sum(len(c.removed) for s in self.steps for c in s.tensors)
+
+
+def step_record(applied: Applied, title: str | None = None) -> dict[str, Any] | None:
+    """One cut (``applied``) as a plan step's JSON, which `redo_step` cuts again exactly: what
+    a saved session keeps per accept, so reopening it replays indices instead of choosing them
+    again. None when a step cannot say the cut (it folded constants into weights or created
+    tensors; a refit's new values are not in it either, so the caller leaves those out)."""
+    if applied.constants or any(t is None for t in applied.previous.values()):
+        return None
+    try:
+        step = _step_from_applied(applied, None, None, title)
+    except PlanError:
+        return None
+    data = asdict(step)
+    del data["constants"], data["blocks"]
+    return data
+
+
+def redo_step(model: nn.Module, data: Any, where: str = "recorded cut") -> Applied:
+    """Cut ``model`` in place as the step JSON ``data`` (`step_record`) says, all or nothing.
+
+    The step is checked as untrusted data like a plan's (its JSON, every tensor, dim, index
+    and attribute against the model as it is) but not re-derived from the model's coupling:
+    the caller analyses the result (a saved session's replay traces the model it ends with,
+    and a recorded cut that breaks the forward fails there). Returns what changed, as
+    `explorer.prune.removal.apply_removal` does, for an exact undo and for plans.
+
+    Raises:
+        PlanError: the step is malformed or does not fit the model; nothing is changed.
+    """
+    step = _parse_step(data, where)
+    _need(not step.blocks and not step.constants, where,
+          "a recorded cut removes no block and folds no constant")
+    tensors = _tensors(model)
+    plan = Plan("", [], fingerprint({n: t.shape for n, t in tensors.items()}), [step])
+    staged = _check(plan, model)
+    previous: dict[str, torch.Tensor | None] = {
+        alias: tensors[alias] for name in staged.new for alias in staged.aliases[name]}
+    with transaction(model):
+        replay = _commit(model, staged)
+    keeps: dict[tuple[str, int], list[int]] = {}
+    for c in step.tensors:
+        dead = set(c.removed)
+        keeps[(c.tensor, c.dim)] = [i for i in range(c.size_before) if i not in dead]
+    return Applied(replay.shapes, replay.attributes, keeps, previous)
 
 
 def _dumps(data: dict[str, Any]) -> str:

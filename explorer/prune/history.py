@@ -44,12 +44,16 @@ class EditKind(enum.Enum):
     PLAN = "plan"  # a saved plan replayed (its record is the plan itself)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Analysis:
-    """The model's analysis at one state: what a cut is chosen and checked against."""
+    """The model's analysis at one state: what a cut is chosen and checked against.
 
-    graph: Graph
-    coupling: Coupling
+    A cut redone from a record (`History.recut`) leaves graph and coupling None: the timeline
+    traces that state when it is first read as the current one (a saved session's replay
+    analyses only the state it ends in)."""
+
+    graph: Graph | None
+    coupling: Coupling | None
     version: int  # names the model state; caches of proposals and verdicts key on it
 
 
@@ -100,16 +104,25 @@ class History:
         self.edits: list[Edit] = []
         self.config_note = ""  # why a transformers config could not follow, if it could not
         self._versions = itertools.count(1)
+        self._unsettled = False  # cuts were redone without the config following (`settle`)
         self.now = self._analysis()
 
     # ------------------------------------------------------------------ reading
     @property
     def graph(self) -> Graph:
-        return self.now.graph
+        return self._analysed()[0]
 
     @property
     def coupling(self) -> Coupling:
-        return self.now.coupling
+        return self._analysed()[1]
+
+    def _analysed(self) -> tuple[Graph, Coupling]:
+        """The current analysis, traced now if a redone cut left it for later."""
+        now = self.now
+        if now.graph is None or now.coupling is None:
+            graph = trace(self.model, self.inputs)
+            now.graph, now.coupling = graph, Coupling(graph, ignored=self.ignored)
+        return now.graph, now.coupling
 
     @property
     def version(self) -> int:
@@ -140,10 +153,13 @@ class History:
 
     # ------------------------------------------------------------------ edits
     @contextmanager
-    def _commit(self, kind: EditKind, what: str) -> Iterator[Edit]:
+    def _commit(self, kind: EditKind, what: str, settle: bool = True) -> Iterator[Edit]:
         """The one path every edit takes: the body changes the model (filling the yielded
         `Edit`) inside a transaction; on success the edit is recorded, on failure the
-        model, its analysis and the config note are as they were."""
+        model, its analysis and the config note are as they were (``settle``: the config
+        follows redone cuts first, so the state an undo puts back has it in line)."""
+        if settle:
+            self.settle()
         edit = Edit(kind, what, self.now, None, self.config_note, Applied({}, {}, {}))
         try:
             with transaction(self.model) as captured:
@@ -172,6 +188,33 @@ class History:
                 self.analyse(graph if not edit.applied.constants else None)
             edit.keys, edit.titles = list(keys), list(titles)
         return edit.applied
+
+    def recut(self, apply: Callable[[nn.Module], Applied], what: str,
+              keys: Sequence[GroupKey] = (), titles: Sequence[str] = (),
+              lines: Sequence[dict[str, Any]] = ()) -> Applied:
+        """Redo a cut recorded earlier with ``apply`` (exact indices and attributes, e.g. a
+        saved session's accept: `explorer.io.plan.redo_step`), as one edit.
+
+        Nothing is analysed and the config does not follow yet: the model is traced when its
+        analysis is next read, and the config follows at the next edit or `settle`, so a
+        replay of many recorded cuts costs one analysis. Its undo re-derives the config.
+
+        Raises:
+            Whatever ``apply`` raises (it changes nothing then); nothing is changed.
+        """
+        with self._commit(EditKind.CUT, what, settle=False) as edit:
+            edit.applied = apply(self.model)
+            edit.keys, edit.titles, edit.report = list(keys), list(titles), list(lines)
+            self.now = Analysis(None, None, next(self._versions))
+        edit.state = None  # the config was not in line with this cut: undo re-derives it
+        self._unsettled = True
+        return edit.applied
+
+    def settle(self) -> None:
+        """Bring the config in line after cuts redone by `recut` (a no-op otherwise)."""
+        if self._unsettled:
+            self._unsettled = False
+            self.follow_config(StepReport(0))
 
     def remove_blocks(self, tuple_output: dict[str, bool], what: str,
                       lines: Sequence[dict[str, Any]] = ()) -> BlockRemoval:
@@ -202,6 +245,7 @@ class History:
         """Take back the last edit exactly (tensors, blocks, settings, config, analysis)."""
         if not self.edits:
             return None
+        self._unsettled = False  # the undone state's config is put back or re-derived below
         last = self.edits.pop()
         restore_blocks(self.model, last.blocks)
         undo(self.model, last.applied)

@@ -258,6 +258,20 @@ class Pruner(Chooser):
         self._forget()
         return applied
 
+    def recut(self, apply: Callable[[nn.Module], Applied], what: str,
+              keys: Sequence[GroupKey] = (), titles: Sequence[str] = (),
+              lines: Sequence[dict[str, Any]] = ()) -> Applied:
+        """Redo a recorded cut exactly (`history.History.recut`: no scoring, no pre-flight,
+        the analysis when next read), deciding the groups ``keys`` as an accept does.
+
+        Raises:
+            PruneError: the weights are not finite. What ``apply`` raises: nothing changed.
+        """
+        self._check_finite()
+        applied = self.history.recut(apply, what, keys, titles, lines)
+        self._forget()
+        return applied
+
     def _cut(self, removal: Removal) -> Applied:
         if self.compensate is None:
             return apply_removal(self.model, self.coupling, removal)

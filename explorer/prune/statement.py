@@ -173,10 +173,7 @@ def _widths(changes: list[GroupChange]) -> list[Width]:
 
 
 def _width_words(w: Width, gqa: bool) -> str:
-    words = {"channels": "channels", "heads": "key/value groups" if gqa else "heads",
-             "head-repeat":
-             "query heads per key/value group", "head-dim": "dims per head",
-             "groups": "groups"}.get(w.role, w.role)
+    words = AxisRole(w.role).words(w.before, gqa)
     where = f" (x{w.count})" if w.count > 1 else ""
     return f"{words} {w.before} -> {w.after}{where}"
 

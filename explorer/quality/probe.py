@@ -63,6 +63,14 @@ class QualityProbe:
             del trial
         return self._cache["cost", key]
 
+    def adopt(self, cost_key: Hashable, key: Hashable) -> bool:
+        """The model at ``key`` (a `current` key) is the cut measured under ``cost_key``:
+        its quality is that cost, with no forward. False when that cost was not measured."""
+        if ("cost", cost_key) not in self._cache:
+            return False
+        self._cache["current", key] = self._cache["cost", cost_key]
+        return True
+
     def cached_cost(self, key: Hashable) -> Quality | None:
         """The `cost` measured under ``key``, or None when it was not measured yet."""
         return self._cache.get(("cost", key))

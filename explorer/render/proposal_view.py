@@ -22,8 +22,9 @@ import numpy as np
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, GroupKey
-from ..coupling.places import axis_layers, natural_key
-from ..coupling.vocab import AxisRole
+from ..coupling.places import SHARED, axis_layers, natural_key
+from ..coupling.targets import target_of
+from ..coupling.vocab import AxisRole, Target
 from ..graph.metrics import count_macs
 from ..prune.importance import lowest
 
@@ -33,23 +34,44 @@ if TYPE_CHECKING:
     from ..prune.joint import Solution
     from ..prune.preflight import Verdict
     from ..prune.proposal import Proposal
-    from ..prune.records import GroupChange
     from ..prune.statement import Statement
     from ..quality.evaluate import Quality
 
 _LOCATION = re.compile(r"\S*/\S+:\d+")  # /path/to/file.py:58
 MANY_AXES = 4  # more axes than this: the proposal is shown as a layer table
 MAX_CHANGES_SHOWN = 3  # changes listed per proposal in the pending table
-_ROLE_WORDS = {AxisRole.CHANNELS: "channels", AxisRole.HEADS: "heads",
-               AxisRole.HEAD_REPEAT: "query heads per key/value head",
-               AxisRole.HEAD_DIM: "dims per head", AxisRole.GROUPS: "groups"}
+_TARGET_WORDS = {Target.MLP: "MLP hidden units",
+                 Target.RESIDUAL: "hidden-size channels (residual stream)"}
 
 
-def part_label(role: AxisRole, size: int) -> str:
-    """A reader's word for an axis role (``q/k/v`` for the fixed axis of width 3)."""
-    if role is AxisRole.FIXED:
-        return "q/k/v" if size == 3 else "fixed"
-    return _ROLE_WORDS[role]
+def gqa(group: Group) -> bool:
+    """Whether ``group``'s heads are grouped query attention (its heads axis holds key/value
+    groups, each with its query heads)."""
+    h = group.heads
+    return h is not None and h.kv_heads is not None and h.kv_heads != h.num_heads
+
+
+def part_label(group: Group, axis: int) -> str:
+    """A reader's word for axis ``axis`` of ``group``: ``MLP hidden units`` for a feed-forward
+    group's channels, ``key/value groups`` for GQA heads, ``dims per head``, ..."""
+    ax = group.axes[axis]
+    if ax.role is AxisRole.CHANNELS and target_of(group) in _TARGET_WORDS:
+        return _TARGET_WORDS[target_of(group)]
+    return ax.role.words(ax.size, gqa(group))
+
+
+def layer_words(layer: str) -> str:
+    """A layer as people count it: ``layer 3`` for ``model.layers.3.mlp``, ``block 0`` for
+    ``blocks.0``; ``every layer`` for an axis shared by layers; else the module path."""
+    if layer == SHARED:
+        return "every layer"
+    parts = layer.split(".")
+    k = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+    if k is None or k == 0:
+        return layer
+    word = parts[k - 1]
+    return f"{word[:-1]} {parts[k]}" if len(word) > 2 and word.endswith("s") else \
+        ".".join(parts[:k + 1])
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,8 @@ def axis_rows(coupling: Coupling, proposal: Proposal,
     """One row per pruned axis, in layer order; ``counts`` overrides the proposed ones."""
     layers = axis_layers(coupling, proposal.group)
     proposed = proposal.counts()
-    rows = [AxisRow(a, layers[a], part_label(proposal.group.axes[a].role, c.width_before),
-                    c.width_before, int((counts or {}).get(a, proposed[a])))
+    rows = [AxisRow(a, layers[a], part_label(proposal.group, a), c.width_before,
+                    int((counts or {}).get(a, proposed[a])))
             for a, c in zip(proposal.axes, proposal.changes, strict=True)]
     return sorted(rows, key=lambda r: (natural_key(r.layer), r.part))
 
@@ -98,9 +120,10 @@ def pending_rows(pending: Sequence[Proposal], costs: Mapping[GroupKey, str] | No
     """One row per pending proposal: its group, the widths it would change and (``costs``:
     group key -> a cell, see `explorer.app.cost.cost_label`) what accepting it costs."""
     return [{"group": q.group.title, **({"cost": costs.get(q.key, "")} if costs else {}),
-             "change": "; ".join(f"{part_label(ch.axis, ch.width_before)} "
-                                 f"{ch.width_before}→{ch.width_after}"
-                                 for ch in q.changes[:MAX_CHANGES_SHOWN])
+             "change": "; ".join(f"{part_label(q.group, a)} {ch.width_before}→"
+                                 f"{ch.width_after}"
+                                 for a, ch in zip(q.axes[:MAX_CHANGES_SHOWN],
+                                                  q.changes[:MAX_CHANGES_SHOWN], strict=True))
              + (f" (+{len(q.changes) - MAX_CHANGES_SHOWN} layers)"
                 if len(q.changes) > MAX_CHANGES_SHOWN else "")}
             for q in pending]
@@ -157,18 +180,12 @@ def after_accept(verdict: Verdict | None, macs_now: int) -> tuple[int, int] | No
     return verdict.params, count_macs(verdict.graph) - macs_now
 
 
-def cost_text(now: Quality, after: Quality, source: str) -> str:
-    """What accepting costs in quality, e.g. ``cosine to original 0.99 → 0.97 (...)``."""
-    from .figures import quality_text
-    label, before = quality_text(now)
-    return (f"Accepting it: {label} {before} → {quality_text(after)[1]} "
-            f"(measured on a copy with weights, {source})")
-
-
-def count_label(change: GroupChange) -> str:
-    """The label of one axis' count input, e.g. ``Remove from heads (12 wide)``."""
-    return f"Remove from {part_label(change.axis, change.width_before)} " \
-           f"({change.width_before} wide)"
+def count_label(coupling: Coupling, proposal: Proposal, n: int) -> str:
+    """The label of the count input of the proposal's ``n``-th axis, in a reader's words,
+    e.g. ``Remove MLP hidden units of layer 3 (of 1536)``."""
+    axis, change = proposal.axes[n], proposal.changes[n]
+    where = layer_words(axis_layers(coupling, proposal.group)[axis])
+    return f"Remove {part_label(proposal.group, axis)} of {where} (of {change.width_before})"
 
 
 def layer_caption(rows: Sequence[AxisRow]) -> str:
@@ -183,10 +200,11 @@ def joint_text(joint: Proposal) -> str:
     return f"{kind}: {short_reason(joint)}"
 
 
-def chart_words(change: GroupChange, criterion: str) -> tuple[str, str]:
-    """(title, unit) of one axis' importance chart."""
-    return (f"{criterion} importance of the {part_label(change.axis, change.width_before)}",
-            "head" if change.axis is AxisRole.HEADS else "channel")
+def chart_words(proposal: Proposal, n: int, criterion: str) -> tuple[str, str]:
+    """(title, unit) of the importance chart of the proposal's ``n``-th axis."""
+    axis = proposal.axes[n]
+    return (f"{criterion} importance of the {part_label(proposal.group, axis)}",
+            "head" if proposal.group.axes[axis].role is AxisRole.HEADS else "channel")
 
 
 @dataclass(frozen=True)
@@ -200,27 +218,54 @@ class Card:
     inverse: bool = False  # a fall is good (sizes)
 
 
+def signed(n: int, unit: str, start: int) -> str | None:
+    """A metric card's delta: ``-18.6 M params (-13.8 %)``; None when nothing changed (a bare
+    ``0`` under a count reads as a fault)."""
+    from .figures import compact
+    if n == 0:
+        return None
+    share = f" ({n / start:+.1%})" if start else ""
+    return f"{'+' if n > 0 else ''}{compact(n)} {unit}{share}"
+
+
 def metric_cards(params: tuple[int, int], macs: tuple[int, int], pending: int,
                  verdict: Verdict | None, quality: Quality | None, source: str
                  ) -> list[Card | None]:
-    """The five metric cards: parameters and MACs (now, start), pending groups, what Accept
-    leaves (None without a passing pre-flight) and the quality (None when not measured)."""
+    """The five metric cards: parameters and MACs (now, and the change since the start), pending
+    groups, the parameters Accept leaves (None without a passing pre-flight; the change in
+    MACs in its hover text) and the quality (None when not measured)."""
     from .figures import compact, quality_text
 
     (p_now, p_start), (m_now, m_start) = params, macs
     after = after_accept(verdict, m_now)
     return [
-        Card("parameters", compact(p_now), compact(p_now - p_start),
+        Card("parameters", compact(p_now), signed(p_now - p_start, "params", p_start),
              f"{p_now:,} (start {p_start:,})", True),
-        Card("MACs", compact(m_now), compact(m_now - m_start), f"{m_now:,} (start {m_start:,})",
-             True),
+        Card("MACs", compact(m_now), signed(m_now - m_start, "MACs", m_start),
+             f"{m_now:,} (start {m_start:,})", True),
         Card("pending groups", pending),
-        None if after is None else Card("params after Accept", compact(after[0]),
-                                        f"{compact(after[1])} MACs", f"{after[0]:,} parameters",
-                                        True),
+        None if after is None else Card(
+            "params after Accept", compact(after[0]), signed(after[0] - p_now, "params", p_now),
+            f"{after[0]:,} parameters; MACs {signed(after[1], 'MACs', m_now) or 'unchanged'}",
+            True),
         None if quality is None else Card(*quality_text(quality),
                                           help=f"against the original, on {source}"),
     ]
+
+
+def quality_note(quality: Quality, source: str, spec: str, heldout: str = "") -> str:
+    """One line under a quality figure: what it was measured on and how to get the figure on
+    the whole held-out file (the app measures a few samples, so its perplexity differs)."""
+    from .figures import quality_text
+    label = quality_text(quality)[0]
+    if source.startswith("random"):
+        return (f"{label.capitalize()} on {source}: give held-out data on the Model page "
+                f"(Local checkpoint and data) for a figure on real samples.")
+    data = heldout or "HELDOUT"
+    return (f"{label.capitalize()} here is measured on {source}, quick enough to compare "
+            f"decisions; it differs from a figure on the whole held-out file. For that: export "
+            f"`hf`, then `python -m explorer evaluate --model hf:EXPORT --reference {spec} "
+            f"--eval {data}`.")
 
 
 def member_table(group: Group) -> list[dict[str, Any]]:
@@ -305,10 +350,11 @@ def verdict_labels(solution: Solution[GroupKey], titles: Mapping[GroupKey, str]
 
 def equal_counts(rows: Sequence[AxisRow]) -> dict[int, int] | None:
     """Axis -> count with every layer of a part cut alike (the largest count asked of that
-    part), or None when the rows already cut each part alike."""
-    most: dict[str, int] = {}
+    part and width: a rotary half shared by every layer is a part of its own width), or None
+    when the rows already cut each part alike."""
+    most: dict[tuple[str, int], int] = {}
     for r in rows:
-        most[r.part] = max(most.get(r.part, 0), r.remove)
-    if all(r.remove == most[r.part] for r in rows):
+        most[r.part, r.width] = max(most.get((r.part, r.width), 0), r.remove)
+    if all(r.remove == most[r.part, r.width] for r in rows):
         return None
-    return {r.axis: most[r.part] for r in rows}
+    return {r.axis: most[r.part, r.width] for r in rows}

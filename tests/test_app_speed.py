@@ -1,0 +1,206 @@
+"""The app's session, fast: a reopened session redoes its recorded cuts exactly, without
+choosing them again; the quality after an accept is the cost measured before it.
+
+Each accept's log entry carries what it cut (`explorer.io.plan.step_record`: tensors, dims,
+removed indices, attributes), so a replay (`Session.replay`) redoes the cuts as recorded: no
+scoring, no pre-flight, no analysis between them (`History.recut`), one trace at the end.
+The replayed session must equal the live one (tensors, config, analysis, history, log,
+undo); a log of an older version (no recorded cuts) still replays by choosing again; a
+recorded cut that does not fit falls back to choosing again, one that breaks the forward
+restores nothing and says so.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from explorer.app.session import Session
+from explorer.io.specs import load_model
+from explorer.prune import importance
+from explorer.prune.preflight import Preflight
+from explorer.prune.pruner import Pruner
+from explorer.quality import probe
+
+LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=4&num_attention_heads=4"
+         "&num_key_value_heads=2&intermediate_size=96&vocab_size=128")
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    torch.manual_seed(0)
+    lm = load_model(LLAMA, device="cpu")
+    return lm.model, tuple(lm.example_inputs)
+
+
+def _state(pe: Session) -> dict[str, Any]:
+    model = pe.model
+    return {
+        "tensors": {n: (tuple(t.shape), t.dtype) for n, t in model.state_dict().items()},
+        "settings": {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
+                     if not k.startswith("_") and isinstance(v, (int, float, str, tuple, list))},
+        "config": model.config.to_dict(),
+        # the live accept keeps its pre-flight's trace (on meta), a replay traces on cpu (a
+        # few device ops differ): the same named shapes, and the same groups below
+        "graph": [(v.name, v.shape) for v in pe.pruner.graph.values.values() if v.name],
+        "groups": [(g.key, g.title, [(a.role, a.size) for a in g.axes])
+                   for g in pe.pruner.coupling.groups],
+        "pending": [(p.key, [(c.axis, c.removed) for c in p.changes]) for p in pe.proposals()],
+        "log": copy.deepcopy(pe.log), "decided": dict(pe.decided), "history": pe.history,
+        "params": pe.params, "macs": pe.macs, "version": pe.version,
+        "plan": pe.plan().to_dict(), "note": pe.config_note,
+    }
+
+
+@pytest.fixture(scope="module")
+def live(llama: tuple[torch.nn.Module, tuple[Any, ...]]) -> tuple[Session, dict[str, Any]]:
+    """The live session of `_live` and its state (the test that undoes on it runs last)."""
+    pe = _live(*llama)
+    return pe, _state(pe)
+
+
+def _same_values(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    ours, theirs = a.state_dict(), b.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name]), name
+
+
+def _live(model: torch.nn.Module, inputs: tuple[Any, ...]) -> Session:
+    """A session with accepts (one resized, one of a layered group's layer), a reject and an
+    undo of a later accept."""
+    pe = Session(model, inputs, spec=LLAMA, heads="whole")
+    first = pe.proposals()
+    assert pe.accept(first[0])
+    assert pe.accept(pe.proposals()[0], 2)
+    pe.reject(pe.proposals()[0])
+    assert pe.accept(pe.proposals()[0])
+    assert pe.undo()
+    assert pe.accept(pe.proposals()[-1])
+    return pe
+
+
+def test_an_old_log_without_recorded_cuts_replays_by_choosing_again(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        live: tuple[Session, dict[str, Any]]) -> None:
+    model, inputs = llama
+    pe, state = live
+    old = [{k: v for k, v in a.items() if k not in ("cut", "what")} for a in pe.actions]
+    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    assert again.replay(old) == len(old)
+    ours, theirs = _state(again), dict(state)
+    # choosing again resizes by the logged {axis: count}, where the live accept had the int
+    assert [{**line, "count": None} for line in ours.pop("log")] == \
+        [{**line, "count": None} for line in theirs.pop("log")]
+    assert ours == theirs
+    _same_values(again.model, pe.model)
+
+
+def test_a_recorded_cut_that_does_not_fit_is_chosen_again(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        live: tuple[Session, dict[str, Any]]) -> None:
+    model, inputs = llama
+    bad = copy.deepcopy(live[0].actions)
+    first = next(a for a in bad if a["do"] == "accept")
+    first["cut"]["step"]["tensors"][0]["size_before"] += 1  # as if the model had changed
+    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    assert again.replay(bad) == len(bad)
+    assert _state(again) == live[1]
+
+
+def test_a_recorded_cut_that_breaks_the_forward_restores_nothing(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        live: tuple[Session, dict[str, Any]]) -> None:
+    model, inputs = llama
+    bad = copy.deepcopy(live[0].actions)
+    first = next(a for a in bad if a["do"] == "accept")
+    step = first["cut"]["step"]
+    step["tensors"] = step["tensors"][:1]  # one member of a coupled group cut alone
+    step["attributes"] = {}
+    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    fresh = _state(again)
+    assert again.replay(bad) == 0
+    assert again.message is not None
+    assert again.message.text.startswith("restored no decisions: the recorded cuts do not run "
+                                          "on this model (")
+    assert _state(again) == fresh and again.actions == []
+
+
+def test_a_replayed_criterion_switch_scores_once_when_asked(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logged switch to a data-aware criterion runs no calibration pass while the log
+    replays: the proposals of the state it ends in are scored when first asked for."""
+    model, inputs = llama
+    live = Session(model, inputs, spec=LLAMA)
+    assert live.accept(live.proposals()[0])
+    assert live.configure("wanda", live.ratio, live.heads)
+    assert live.accept(live.proposals()[0])
+    expected = [p.key for p in live.proposals()]
+    passes: list[int] = []
+    original = importance.activation_norms
+    monkeypatch.setattr(importance, "activation_norms",
+                        lambda *a, **k: passes.append(1) or original(*a, **k))
+    again = Session(model, inputs, spec=LLAMA)
+    assert again.replay(live.actions) == len(live.actions)
+    assert passes == [] and again.importance == "wanda"
+    assert [p.key for p in again.proposals()] == expected
+    assert passes == [1]
+    _same_values(again.model, live.model)
+
+
+@pytest.mark.parametrize("refit", ["none", "bias"])
+def test_the_quality_after_an_accept_is_the_cost_measured_before_it(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]], refit: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No forward measures the model an accept made when its cost was measured on the same
+    cut (a refit changes the weights: then it is measured)."""
+    model, inputs = llama
+    pe = Session(model, inputs, spec=LLAMA)
+    assert pe.set_compensation(refit)
+    p = pe.proposals()[0]
+    cost = pe.proposal_cost(p, {})  # what the Groups page shows (the counts on screen)
+    assert cost is not None and pe.quality() is not None
+    forwards: list[int] = []
+    compare = probe.compare
+    monkeypatch.setattr(probe, "compare", lambda *a, **k: forwards.append(1) or compare(*a, **k))
+    assert pe.accept(p, {})
+    after = pe.quality()
+    assert forwards == ([] if refit == "none" else [1])
+    assert (after is cost) == (refit == "none")
+    measured = probe.QualityProbe(pe.original, pe.measures._probe.data).current(  # type: ignore[union-attr]
+        pe.model, "again")
+    assert measured == after
+
+
+def test_replayed_cuts_equal_the_live_session(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]], live: tuple[Session, dict[str, Any]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Last: it undoes on the shared live session.)"""
+    model, inputs = llama
+    live_pe, state = live
+    accepts = [a for a in live_pe.actions if a["do"] == "accept"]
+    assert len(accepts) == 4 and all("step" in a["cut"] for a in accepts)
+    assert [a for a in live_pe.actions if a["do"] == "reject"][0]["what"].startswith("rejected ")
+    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    calls: list[str] = []
+    for cls, name in ((Pruner, "pending"), (Preflight, "check")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, _f=original, _n=name, **k:
+                            calls.append(_n) or _f(*a, **k))
+    assert again.replay(live_pe.actions) == len(live_pe.actions)
+    assert calls == []  # nothing scored, nothing pre-flown: the cuts as recorded
+    assert again.message is not None and again.message.text == \
+        f"restored {len(live_pe.actions)} decisions"
+    assert _state(again) == state == _state(live_pe)
+    _same_values(again.model, live_pe.model)
+    assert again.actions == live_pe.actions  # the reopened session saves the same log
+    # undo takes back a replayed cut exactly, the config included
+    assert again.undo() and live_pe.undo()
+    assert _state(again) == _state(live_pe)
+    _same_values(again.model, live_pe.model)
+    monkeypatch.undo()
+    assert again.undo() and live_pe.undo()
+    assert _state(again) == _state(live_pe)
