@@ -348,7 +348,10 @@ def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction,
     assert isinstance(module, nn.Linear)
     cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
     x, old = runs[0].full[0]
-    guess = _hidden_in(runs[0].next[0]) + (cut(module, (x,), old) - old)
+    out = _hidden_in(runs[0].next[0])
+    if out.shape != old.shape:  # e.g. a layer on flattened tokens: no plain sum
+        return False
+    guess = out + (cut(module, (x,), old) - old)
     handle = module.register_forward_hook(cut)
     try:
         with _replaced(model, rec, start):
