@@ -153,3 +153,49 @@ def test_measured_allocation_cuts_the_insensitive_block_and_restores_the_model()
     assert share["a1"].ratio == 0.75 and share["b1"].ratio < 0.75, alloc.shares
     assert alloc.params_predicted <= alloc.params_target
     assert pruner.predict_params(alloc.removal(pruner)) == alloc.params_predicted
+
+
+def test_calibration_passes_stop_before_the_vocabulary_logits() -> None:
+    """A pass only reads layer inputs: the output layer's input is recorded, its output
+    (a language model's logits, the largest tensor of the forward) is never computed, and
+    the statistics equal a full forward's."""
+    from explorer.io.specs import load_model
+    from explorer.prune.importance import activation_norms, input_norm_hooks
+
+    lm = load_model("hf:llama")
+    model = lm.model
+    gen = torch.Generator().manual_seed(0)
+    calib = Calibration([(torch.randint(0, 256, (2, 12), generator=gen),) for _ in range(3)])
+    head = model.get_output_embeddings()
+    ran: list[int] = []
+    handle = head.register_forward_hook(lambda _m, _a, _o: ran.append(1))
+    try:
+        norms = activation_norms(model, calib)
+    finally:
+        handle.remove()
+    assert not ran and "lm_head" in norms
+    full: dict[str, torch.Tensor] = {}
+    hooks = input_norm_hooks(model, full)
+    try:
+        with torch.no_grad():
+            for (ids,) in calib.batches:
+                model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert full.keys() == norms.keys()
+    for name, value in full.items():
+        torch.testing.assert_close(norms[name], value, rtol=0, atol=0)
+    assert not head._forward_pre_hooks  # the stop is removed with the statistics hooks
+
+
+def test_the_command_line_returns_freed_memory() -> None:
+    """glibc's mmap threshold is fixed (no dynamic rise): a freed block of a few MiB leaves
+    the process instead of staying in the heap."""
+    import sys
+
+    from explorer.app.allocator import return_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert return_freed_memory() is True

@@ -175,9 +175,10 @@ def test_prune_and_reload(name: str, heads: str, tmp_path: Path) -> None:
 
 # Built-in families (``hf:<family>``) whose config describes them after whole heads are cut
 # at 0.5 (measured); the zoo checks the same after head-dim cuts (tests/test_zoo.py).
-# Gemma's tied embedding cannot absorb its embedding scale; Phi3's and bert's (AutoModel,
-# whose output pins the residual) widths differ between layers.
-BUILTIN_DESCRIBED = {"llama", "qwen2", "mistral", "gpt2"}
+# Gemma's tied embedding cannot absorb its embedding scale; bert's (AutoModel, whose output
+# pins the residual) widths differ between layers. Phi3 reads ``head_dim`` its config does
+# not define: the config gets it (`explorer.prune.fixups.hfconfig._IMPLICIT`).
+BUILTIN_DESCRIBED = {"llama", "qwen2", "mistral", "gpt2", "phi3"}
 
 
 @pytest.mark.zoo
@@ -698,3 +699,28 @@ def test_streamed_replay_copies_tensors_transformers_drops_on_load(tmp_path: Pat
         again = explorer.load_pruned(f"hf:{tmp_path / 'stream'}/original_config.json",
                                      tmp_path / "stream").eval()
     torch.testing.assert_close(_logits(again, x), _logits(model, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_whole_heads_with_the_hidden_size_kept_export_a_config_the_class_lacks(
+        tmp_path: Path) -> None:
+    """Qwen2's config class has no ``head_dim`` (its attention reads ``getattr(config,
+    "head_dim", hidden_size // num_attention_heads)``): whole heads cut with the hidden size
+    kept need the head count and an explicit head dim together. The config update finds the
+    field by the build's own lookups and moves both; the folder reloads exactly."""
+    lm = load_model("hf:qwen2")
+    assert not hasattr(lm.model.config, "head_dim")
+    x = lm.example_inputs[0]
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.5, heads="whole", targets="heads")
+    report = pruner.step()
+    assert report.forward_ok
+    assert lm.model.config.hidden_size == 64  # the residual stream is not a target
+    assert (lm.model.config.num_attention_heads, lm.model.config.head_dim) == (4, 8)
+    assert pruner.config_note == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(lm.model, tmp_path, "hf", plan=Plan.from_pruner(pruner, "hf:qwen2"))
+    assert result.config is not None and result.config.ok, result.messages
+    again = transformers.AutoModelForCausalLM.from_pretrained(result.files["hf"][0]).eval()
+    assert again.config.head_dim == 8 and again.config.num_attention_heads == 4
+    torch.testing.assert_close(_logits(again, x), _logits(lm.model, x), rtol=0, atol=1e-5)

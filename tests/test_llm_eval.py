@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from explorer import Pruner, evaluate
 from explorer.app.cli import main
 from explorer.io.data import DataOptions, load_data
+from explorer.io.export import export
 from explorer.io.specs import LoadedModel, SpecError, load_model
+from explorer.io.specs._gguf import gguf_target
 from explorer.quality.generate import GenerateError, continuations, greedy
 from explorer.quality.original import Original, OriginalChanged
 
@@ -201,7 +203,7 @@ def test_cli_generate_and_evaluate_errors(tiny: tuple[Path, Path, Path],
 # ----------------------------------------------------------------------------- GGUF
 
 
-def test_gguf_spec_matches_the_converted_folder(smol: LoadedModel) -> None:
+def test_gguf_spec_matches_the_converted_folder(smol: LoadedModel, tmp_path: Path) -> None:
     from smollm2 import gguf_file
 
     path = gguf_file()
@@ -215,6 +217,19 @@ def test_gguf_spec_matches_the_converted_folder(smol: LoadedModel) -> None:
     with torch.no_grad():
         assert torch.equal(lm.model(*lm.example_inputs).logits,
                            smol.model(*smol.example_inputs).logits)
+    # the folder form names the same file; the model prunes and exports plain safetensors
+    assert gguf_target(str(path.parent), {"gguf_file": path.name}) == \
+        gguf_target(str(path), {}) == (path.parent, path.name)
+    Pruner(lm.model, lm.example_inputs, ratio=0.1, heads="keep", targets="mlp").step()
+    out = export(lm.model, tmp_path / "out", ["hf"], tokenizer=lm.tokenizer)
+    hf = Path(out.files["hf"][0])
+    assert list(hf.glob("*.safetensors")) and not list(hf.glob("*.gguf"))
+    config = json.loads((hf / "config.json").read_text())
+    assert "quantization_config" not in config and config["hidden_size"] == 576
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(hf, attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(reloaded(*lm.example_inputs).logits,
+                           lm.model(*lm.example_inputs).logits)
 
 
 def test_gguf_spec_errors(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import explorer
 from explorer import load_model
 from explorer.io.specs import load_offloaded
+from explorer.io.specs._types import ATTENTION
 from explorer.prune.calibration import Calibration, random_like
 from explorer.prune.importance import make
 from explorer.prune.sequential import (
@@ -30,7 +31,9 @@ def calib() -> Calibration:
 
 
 def _in_memory(ckpt: Path, calib: Calibration) -> tuple:
-    model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False).eval()
+    # the attention kernel the library builds models with (`load_model`, `load_offloaded`)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, use_cache=False,
+                                                 attn_implementation=ATTENTION).eval()
     lm = load_model(f"hf:{ckpt}/config.json", device="meta")
     mg = explorer.trace(lm.model, lm.example_inputs)
     crit = make("activation")

@@ -27,7 +27,8 @@ from ..coupling.heads import AttentionInfo, attention_modules, head_changes
 from ..coupling.targets import TARGET_NAMES, parse_targets, target_of
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
-from ..io.data import DataOptions, check_apart, load_data
+from ..io import defaults
+from ..io.data import BUILTIN_TEXT, TEXT_SUFFIXES, DataOptions, check_apart, load_data, read_texts
 from ..io.export import (
     DEFAULT_FORMATS,
     ExportResult,
@@ -67,6 +68,7 @@ from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates
 from ..quality.original import Original
 from ..render.dot import view_to_dot
 from ..render.view import build_view
+from .allocator import return_freed_memory
 
 
 class CliError(Exception):
@@ -149,7 +151,10 @@ def _targets(text: str) -> str:
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, default=0.5)
-    p.add_argument("--importance", default="magnitude")
+    p.add_argument("--importance", default=None,
+                   help="how channels are scored (default: activation on a language model "
+                        "with a tokenizer, reading --calibration or built-in text; magnitude "
+                        "otherwise)")
     p.add_argument("--heads", default="dims", choices=HEAD_MODES,
                    help="dims: the same dims in every head; whole: whole heads (whole "
                         "key/value groups with their query heads under GQA); query: query "
@@ -435,7 +440,10 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
     if (args.eval_data or args.generate) and args.device == "meta":
         raise CliError(f"{'--eval' if args.eval_data else '--generate'} measures quality, "
                        f"which needs weights; use --device cpu")
-    calib = load_data(args.calibration, lm, opts) if args.calibration else None
+    apart = read_texts(args.eval_data) if args.calibration == BUILTIN_TEXT and args.eval_data \
+        and Path(args.eval_data).suffix in TEXT_SUFFIXES else []
+    calib = load_data(args.calibration, lm, opts, apart_from=apart) if args.calibration \
+        else None
     held = load_data(args.eval_data, lm, opts) if args.eval_data else None
     return calib, held
 
@@ -535,6 +543,9 @@ def _check_rebase(pruner: Pruner) -> None:
 def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _Pruned:
     """Run the pruner's steps (and measure quality on ``--eval`` data); keep the original
     for that and for a ``report``."""
+    chosen = defaults.choose(lm, args.importance, args.calibration, args.num_samples,
+                             weights=args.device != "meta" or bool(args.max_memory))
+    args.importance, args.calibration = chosen.importance, chosen.calibration
     calib, held = _data(args, lm)
     if args.generate:
         check_generates(lm.model, lm.tokenizer, args.model)
@@ -574,7 +585,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
                     "error": u.error} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
-        "notes": list(dict.fromkeys([*lm.notes, *(n for r in reports for n in r.notes)])),
+        "notes": list(dict.fromkeys([*([chosen.note] if chosen.note else []), *lm.notes,
+                                     *(n for r in reports for n in r.notes)])),
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
         "targets": said.to_dict(),
     }
@@ -793,6 +805,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return_freed_memory()  # the peak follows what is held (see explorer.app.allocator)
     handlers = {"trace": cmd_trace, "prune": cmd_prune, "replay": cmd_replay,
                 "export": cmd_export, "evaluate": cmd_evaluate, "learn": cmd_learn,
                 "graph": cmd_graph}

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..io.data import DataError, DataOptions, check_apart, check_text_upload, load_data
+from ..io import defaults
+from ..io.data import (
+    BUILTIN_TEXT,
+    TEXT_SUFFIXES,
+    DataError,
+    DataOptions,
+    check_apart,
+    check_text_upload,
+    load_data,
+    read_texts,
+)
 from ..io.specs import (
     LoadedModel,
     SpecError,
@@ -48,6 +58,8 @@ class Loaded:
     model: LoadedModel
     calibration: Calibration | None
     heldout: Calibration | None
+    importance: str = "magnitude"  # the criterion to start with (`explorer.io.defaults`)
+    note: str | None = None  # what was chosen for the user, when they did not say
 
 
 def spec_for_path(path: str) -> tuple[str, str]:
@@ -131,7 +143,14 @@ def load_request(request: LoadRequest, build: Callable[..., LoadedModel] = load_
     if request.heldout:
         say(f"reading held-out data {request.heldout}")
         heldout = load_data(request.heldout, lm, options)
-    return Loaded(lm, calibration, heldout)
+    chosen = defaults.choose(lm, None, request.calibration or None, request.num_samples or None,
+                             weights=request.device != "meta")
+    if chosen.calibration == BUILTIN_TEXT:
+        say("reading built-in calibration text (paragraphs of Python's reference manual)")
+        apart = read_texts(request.heldout) if request.heldout and \
+            Path(request.heldout).suffix in TEXT_SUFFIXES else []
+        calibration = load_data(BUILTIN_TEXT, lm, options, apart_from=apart)
+    return Loaded(lm, calibration, heldout, chosen.importance, chosen.note)
 
 
 Upload = tuple[str, bytes]  # (file name, contents) of an uploaded file

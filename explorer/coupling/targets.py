@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..graph.ir import Graph, ValueKind, value_refs
-from ..graph.ops import TOKEN_EMBEDDING_OPS
+from ..graph.ops import SAME_VALUES_OPS, TOKEN_EMBEDDING_OPS
 from .groups import Group
 from .vocab import AxisRole, Target
 
@@ -46,12 +46,32 @@ def is_transformer(groups: Sequence[Group]) -> bool:
 
 def reads_tokens(graph: Graph) -> bool:
     """Whether the model is a language model: an embedding table is indexed by a model
-    input (token ids)."""
+    input (token ids), as given or reshaped / copied on the way (`SAME_VALUES_OPS`)."""
     for node in graph.ops:
         if node.op.overloadpacket in TOKEN_EMBEDDING_OPS:
             refs = value_refs(node.args[1:2])
-            if any(graph.values[r.vid].kind is ValueKind.INPUT for r in refs):
+            if any(_from_input(graph, r.vid) for r in refs):
                 return True
+    return False
+
+
+def _from_input(graph: Graph, vid: int) -> bool:
+    """Whether value ``vid`` holds a model input's values (through same-values ops)."""
+    seen: set[int] = set()
+    while vid not in seen:
+        seen.add(vid)
+        value = graph.values[vid]
+        if value.kind is ValueKind.INPUT:
+            return True
+        if value.producer is None:
+            return False
+        producer = graph.ops[value.producer]
+        if producer.op.overloadpacket not in SAME_VALUES_OPS:
+            return False
+        source = value_refs(producer.args[:1])
+        if not source:
+            return False
+        vid = source[0].vid
     return False
 
 

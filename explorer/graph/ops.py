@@ -24,3 +24,11 @@ ADD_OPS = frozenset({aten.add, aten.add_})
 
 #: Table lookups by index (``weight[ids]``): token embeddings when the ids are a model input.
 TOKEN_EMBEDDING_OPS = frozenset({aten.embedding, aten._embedding_bag, aten.embedding_bag})
+
+#: Ops that hand their first argument's values on unchanged (a new shape, a copy): token ids
+#: stay token ids through them (GPT-2 does ``input_ids.view(-1, seq)`` before its lookup).
+SAME_VALUES_OPS = frozenset({
+    aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unsqueeze, aten.squeeze,
+    aten.expand, aten.clone, aten.contiguous, aten._to_copy, aten.alias, aten.detach,
+    aten.lift_fresh, aten.lift_fresh_copy,
+})

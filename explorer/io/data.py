@@ -12,6 +12,11 @@
 Calibration and evaluation data must be different samples: `split_samples` cuts one set in
 two, and `check_apart` refuses two sources that share a sample.
 
+``builtin:python-manual`` (`BUILTIN_TEXT`) is real English prose every Python install ships:
+the paragraphs of Python's reference manual (``pydoc_data.topics``), in a fixed order. It is
+what a data-aware criterion reads on a language model when no calibration file is given
+(`builtin_texts`); paragraphs sharing a run of words with the evaluation text are left out.
+
 Data files are untrusted input, so the work they cause is bounded: a text file of more than
 `MAX_TEXT_BYTES` or a line of more than `MAX_LINE_CHARS` is refused (file, line, limit), only
 the first ``seq_len * CHARS_PER_TOKEN`` characters of a sample reach the tokenizer (grown
@@ -44,6 +49,12 @@ CHARS_PER_TOKEN = 32  # characters of a sample tokenized per token kept, at firs
 _CUT_MARGIN = 16  # tokens past seq_len a cut sample must still give (the cut moves only those)
 
 
+BUILTIN_TEXT = "builtin:python-manual"  # Python's reference manual, shipped with Python
+BUILTIN_SAMPLES = 64  # paragraphs of it read when no sample count is given
+_MIN_PARAGRAPH = 200  # characters: shorter blocks are headings and grammar lines
+_SHINGLE = 8  # words: a paragraph sharing a run this long with held-out text is left out
+
+
 class DataError(ValueError):
     """A data file or folder the user gave cannot be used; the message says why and where."""
 
@@ -66,14 +77,16 @@ class DataOptions:
 
 
 def load_data(source: str | Path, lm: LoadedModel, options: DataOptions | None = None, *,
-              tokenizer: Any | None = None) -> Calibration:
+              tokenizer: Any | None = None, apart_from: Sequence[str] = ()) -> Calibration:
     """Batches for ``lm`` from a text, JSON-lines, image-folder or tensor source.
 
     Args:
-        source: a ``.txt`` / ``.jsonl`` file, an image folder or a ``.pt`` tensor file.
+        source: a ``.txt`` / ``.jsonl`` file, an image folder, a ``.pt`` tensor file or
+            `BUILTIN_TEXT` (`BUILTIN_SAMPLES` paragraphs unless ``options`` say how many).
         lm: the loaded model (its tokenizer, model and example inputs are used).
         options: sample count, sequence length and batch size (defaults: `DataOptions()`).
         tokenizer: a tokenizer to use instead of ``lm.tokenizer``.
+        apart_from: held-out texts the built-in text must share no run of words with.
 
     Returns:
         A `Calibration` (usable for calibration and for `explorer.evaluate`).
@@ -82,6 +95,13 @@ def load_data(source: str | Path, lm: LoadedModel, options: DataOptions | None =
         DataError: if the source is missing, empty, malformed or does not suit the model.
     """
     opts = options or DataOptions()
+    if str(source) == BUILTIN_TEXT:
+        tok = tokenizer if tokenizer is not None else lm.tokenizer
+        if tok is None:
+            raise DataError(f"{BUILTIN_TEXT} is text, but {lm.spec!r} has no tokenizer; give "
+                            f"token ids as a .pt tensor file")
+        texts = builtin_texts(apart_from)[: opts.num_samples or BUILTIN_SAMPLES]
+        return text_data(texts, tok, lm.model, opts)
     path = Path(source)
     if path.is_dir():
         images = read_image_paths(path)[: opts.num_samples]
@@ -128,6 +148,37 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise DataError(f"{str(file)!r} holds no samples (one per line)")
     return texts
+
+
+def builtin_texts(apart_from: Sequence[str] = ()) -> list[str]:
+    """The paragraphs of Python's reference manual (`BUILTIN_TEXT`), one sample each, in a
+    fixed shuffled order (topics mixed); none shares a run of `_SHINGLE` words with any text
+    of ``apart_from`` (held-out data drawn from the same manual stays held out).
+
+    Raises:
+        DataError: if this Python ships without ``pydoc_data``, or nothing is left.
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DataError(f"{BUILTIN_TEXT}: this Python has no pydoc_data (its reference "
+                        f"manual); give --calibration FILE") from e
+    paragraphs = list(dict.fromkeys(
+        text for name in sorted(topics) for block in topics[name].split("\n\n")
+        if len(text := " ".join(block.split())) >= _MIN_PARAGRAPH))
+    random.Random(0).shuffle(paragraphs)
+    held = {run for text in apart_from for run in _runs(text)}
+    kept = [p for p in paragraphs if held.isdisjoint(_runs(p))]
+    if not kept:
+        raise DataError(f"every paragraph of {BUILTIN_TEXT} is in the evaluation data; give "
+                        f"--calibration FILE")
+    return kept
+
+
+def _runs(text: str) -> set[tuple[str, ...]]:
+    """Every run of `_SHINGLE` consecutive words of ``text`` (the whole text if shorter)."""
+    words = text.split()
+    return {tuple(words[i:i + _SHINGLE]) for i in range(max(1, len(words) - _SHINGLE + 1))}
 
 
 def check_text_upload(name: str, data: bytes) -> None:
@@ -326,6 +377,8 @@ def check_apart(calibration: str | Path, evaluation: str | Path) -> None:
     Raises:
         DataError: if both are the same file or folder, or share a text sample or an image.
     """
+    if BUILTIN_TEXT in (str(calibration), str(evaluation)):
+        return  # the built-in text leaves out what it shares with the other (`builtin_texts`)
     a, b = Path(calibration), Path(evaluation)
     if a.resolve() == b.resolve():
         raise DataError(f"calibration and evaluation data are the same ({str(a)!r}); hold "

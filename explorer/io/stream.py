@@ -49,17 +49,23 @@ from torch import nn
 
 from ..graph.tracer import TraceError, trace
 from ..prune.fixups.fold import Fold, plan_fold, scale_tensor
-from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
+from ..prune.fixups.hfconfig import (
+    ConfigUpdate,
+    differing_constants,
+    real_rotary,
+    update_config,
+)
 from .names import checkpoint_names, dropped_on_load
 from .own_code import refuse_own_code
 from .paths import check_out_apart, inside, shard_files
 from .plan import Plan, Replay
 from .refit import DTYPE_BYTES, check_refit, header_entry
+from .specs._files import architecture_class, safetensors_shapes
+from .specs._pruned_folder import ORIGINAL_CONFIG
 from .specs._types import one_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-ORIGINAL_CONFIG = "original_config.json"  # the unpruned config, when no config fits
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                  "BF16": torch.bfloat16}  # the dtypes a refit value may be written as
@@ -123,7 +129,7 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     Raises:
         StreamError: no safetensors weights, or an index naming missing shards.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     root = Path(folder)
     if (root / INDEX).is_file():
@@ -144,14 +150,12 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     for name in files:
         path = inside(root, name, root, "weights file", StreamError)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-                for key in keys:
-                    shapes[key] = tuple(int(s) for s in f.get_slice(key).get_shape())
+            found = safetensors_shapes(path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise StreamError(f"shard '{path}' is not a readable safetensors file "
                               f"({' '.join(str(e).split())[:200]}); is it complete?") from e
-        shards[name] = keys
+        shards[name] = list(found)
+        shapes.update(found)
     return Checkpoint(root, shards, shapes, sharded)
 
 
@@ -176,11 +180,8 @@ def _meta_model(folder: Path) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - config classes validate with many error types
         raise StreamError(f"transformers cannot read '{folder / 'config.json'}': "
                           f"{type(e).__name__}: {one_line(e)}") from e
-    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
-    arch = archs[0] if isinstance(archs, list) and archs else archs
-    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
-    if not is_model:
+    arch, cls = architecture_class(config)
+    if cls is None:
         raise StreamError(f"config '{folder / 'config.json'}' names architecture {arch!r}, "
                           f"which transformers {transformers.__version__} does not have; "
                           f"set 'architectures' to a transformers model class")
@@ -190,6 +191,7 @@ def _meta_model(folder: Path) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - model constructors reject odd configs in any type
         raise StreamError(f"transformers cannot build {arch} from '{folder / 'config.json'}': "
                           f"{type(e).__name__}: {one_line(e)}") from e
+    real_rotary(model)  # so a head-dim cut's frequencies are checked against the config's
     return model
 
 

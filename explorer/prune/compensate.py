@@ -199,6 +199,10 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
         raise ValueError(f"compensation '{kind.value}' needs real weights, but the model is on "
                          f"the meta device; prune without it (--compensate none)")
     todo = targets(model, coupling, removal)
+    if not todo and notes is not None:
+        notes.append(f"compensation '{kind.value}' refit nothing: no layer that reads the "
+                     f"removed channels is one it refits (Linear or convolution layers, "
+                     f"weights not shared); the plain cut")
     gram = kind is Compensation.LSTSQ
     cache: list[list[torch.Tensor]] = []  # the unpruned outputs, measured when first needed
 
@@ -352,6 +356,11 @@ def _keep_if_better(model: nn.Module, calib: Calibration, reference: list[torch.
         for name, tensor in new.items():
             set_tensor(model, name, nn.Parameter(tensor.contiguous(),
                                                  requires_grad=_requires_grad(model, name)))
+        if notes is not None:
+            layers = len({n.rpartition(".")[0] for n in new})
+            notes.append(f"compensation '{kind.value}' (one refit of {layers} layer(s) at "
+                         f"once) kept: relative output error on the calibration data "
+                         f"{without:.3g} without it, {with_refit:.3g} with it")
     elif notes is not None:
         notes.append(f"compensation '{kind.value}' was not kept: on the calibration data it "
                      f"moved the outputs further from the unpruned model's (relative error "

@@ -41,7 +41,7 @@ Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -606,17 +606,41 @@ def calibration_pass(model: nn.Module, calib: Calibration,
     """Run every calibration batch (no grad, eval, modes and buffers restored after), with
     ``current[0]`` holding the batch's token mask for the hooks; ``handles`` are removed.
     ``progress`` is told the fraction done before each batch."""
+    handles = list(handles)
     try:
+        handles += _stop_at_output(model)  # after the caller's hooks: theirs run first
         with torch.no_grad(), calibrating(model):
             for i, batch in enumerate(calib.batches):
                 if progress is not None:
                     progress(i / len(calib.batches), f"calibration batch {i + 1} of "
                                                      f"{len(calib.batches)}")
                 current[0] = calib.token_mask(batch)
-                model(*batch, **calib.kwargs)
+                with suppress(_Stopped):
+                    model(*batch, **calib.kwargs)
     finally:
         for h in handles:
             h.remove()
+
+
+class _Stopped(Exception):  # noqa: N818 - control flow, never escapes `calibration_pass`
+    pass
+
+
+def _stop_at_output(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """A hook ending a calibration forward once the output layer has its input (its hooks
+    ran): nobody reads what a pass returns, and a language model's vocabulary logits are the
+    largest tensor of the forward (a batch of 8 x 128 tokens x 49k ids: 200 MB in float32).
+    The output layer is the one transformers names (``get_output_embeddings``); none for
+    other models, whose forward runs to the end."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        return []
+
+    def stop(_m: nn.Module, _args: tuple[Any, ...]) -> None:
+        raise _Stopped
+
+    return [head.register_forward_pre_hook(stop)]
 
 
 def _channel_energy(t: torch.Tensor, channels_last: bool,

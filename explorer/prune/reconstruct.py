@@ -401,7 +401,10 @@ def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
     gram, cross = moments(xp[0], fit, cols, all_rows="local" in streams)
     bias = module.bias.detach() if module.bias is not None else None
     cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges, streams)
-    judge = 1 if len(xp) > 1 else 0
+    # the held-out split judges, unless none of its tokens reached this layer (samples that
+    # are all padding): then the fit tokens do, and the summary says so
+    judge = 1 if len(xp) > 1 and any(x.shape[0] for x in xp[1]) else 0
+    out.heldout = out.heldout and judge == 1
     goal = targets[judge]["stream" if "stream" in targets[judge] else "original"]
     errors = heldout_errors(cands, xp[judge], goal, c.kept)
     choice = min(errors, key=lambda k: (errors[k], k != "plain"))
@@ -529,6 +532,8 @@ def heldout_errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor],
     num = torch.zeros(len(names), dtype=torch.float64)
     den = 0.0
     for p, target in zip(xp, goal, strict=True):
+        if not p.shape[0]:  # a batch of padding only: no token to judge on
+            continue
         den += float((target ** 2).sum())
         outs = (_aug(p)[:, cols] @ stacked.T).reshape(p.shape[0], len(names), -1)
         num += ((outs - target.unsqueeze(1)) ** 2).sum(dim=(0, 2)).double()

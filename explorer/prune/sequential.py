@@ -117,8 +117,10 @@ class _Stop(Exception):  # noqa: N818 - control flow, never escapes `_first_inpu
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]  # positional and keyword inputs of a layer
 
 
-def _first_inputs(model: nn.Module, first: nn.Module, calib: Calibration) -> list[Inputs]:
-    """The inputs of ``first`` for every calibration batch (the model stops there)."""
+def _first_inputs(model: nn.Module, first: nn.Module, calib: Calibration,
+                  current: list[torch.Tensor | None] | None = None) -> list[Inputs]:
+    """The inputs of ``first`` for every calibration batch (the model stops there);
+    ``current[0]``, when given, holds each batch's token mask while it runs."""
     kept: list[Inputs] = []
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -128,6 +130,8 @@ def _first_inputs(model: nn.Module, first: nn.Module, calib: Calibration) -> lis
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in calib.batches:
+            if current is not None:
+                current[0] = calib.token_mask(batch)
             with contextlib.suppress(_Stop):
                 model(*batch, **calib.kwargs)
     finally:
@@ -222,16 +226,19 @@ def _run_outside(model: nn.Module, layers: nn.ModuleList, calib: Calibration,
                  outputs: list[Any], norms: dict[str, torch.Tensor],
                  skip: set[str]) -> dict[str, nn.Module]:
     """Forward the model with the decoder layers replaced by their recorded outputs,
-    recording the inputs of the consumers outside the layers (not those in ``skip``)."""
+    recording the inputs of the consumers outside the layers (not those in ``skip``; real
+    tokens only, as in memory)."""
     inside = {id(m) for m in layers.modules()}
     outside = {n: m for n, m in model.named_modules() if id(m) not in inside and n not in skip}
+    current: list[torch.Tensor | None] = [None]
     with _recorded(layers, outputs) as cursor:
         handles = [h for n, m in outside.items() if not list(m.children())  # hooked once
-                   for h in input_norm_hooks(m, norms, n)]
+                   for h in input_norm_hooks(m, norms, n, current)]
         try:
             with torch.no_grad():
                 for b, batch in enumerate(calib.batches):
                     cursor[0] = b
+                    current[0] = calib.token_mask(batch)
                     model(*batch, **calib.kwargs)
         finally:
             for h in handles:
@@ -300,11 +307,13 @@ def _prepare(model: nn.Module, calib: Calibration, criterion: str,
     with torch.no_grad():
         head: dict[str, torch.Tensor] = {}
         inside = {id(m) for m in layers.modules()}
+        # each batch's token mask while it runs: padding is left out, as in memory
+        current: list[torch.Tensor | None] = [None]
         handles = [h for n, m in model.named_modules()
                    if id(m) not in inside and not list(m.children())
-                   for h in input_norm_hooks(m, head, n)]
+                   for h in input_norm_hooks(m, head, n, current)]
         try:
-            kept = _first_inputs(model, layers[0], calib)
+            kept = _first_inputs(model, layers[0], calib, current)
         finally:
             for h in handles:
                 h.remove()
@@ -320,9 +329,12 @@ def _prepare(model: nn.Module, calib: Calibration, criterion: str,
             norms: dict[str, torch.Tensor] = {}
             base = f"{prefix}.{i}"
             with _resident(layer):
-                handles = input_norm_hooks(layer, norms, base)
+                handles = input_norm_hooks(layer, norms, base, current)
                 try:
-                    outputs = [layer(*args, **kwargs) for args, kwargs in kept]
+                    outputs = []
+                    for (args, kwargs), batch in zip(kept, calib.batches, strict=True):
+                        current[0] = calib.token_mask(batch)
+                        outputs.append(layer(*args, **kwargs))
                 finally:
                     for h in handles:
                         h.remove()

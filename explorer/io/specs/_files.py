@@ -45,6 +45,34 @@ def check_safetensors(path: Path) -> None:
                         "is it complete? Copy or convert it again") from e
 
 
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a safetensors file, from its header (no weights are
+    read). The one reader of headers for the large-model path and the streamed replay.
+
+    Raises:
+        safetensors.SafetensorError, OSError: the file is missing or not safetensors (the
+            callers say what it means for them).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(int(n) for n in f.get_slice(key).get_shape())
+                for key in list(f.keys())}  # safe_open handles are not iterable
+
+
+def architecture_class(config: Any) -> tuple[Any, Any]:
+    """(the architecture a transformers config names, its transformers model class or None
+    when transformers has no such ``PreTrainedModel``). Only the name is read: no code of
+    the folder is imported."""
+    import transformers
+
+    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    return arch, cls if is_model else None
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files a transformers folder's index (or single file) names, inside it."""
     for index in INDEX_FILES:

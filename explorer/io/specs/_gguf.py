@@ -82,7 +82,7 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
                 config = copy.deepcopy(loaded.config)
     except Exception as e:  # noqa: BLE001 - the gguf reader raises many types on bad files
         raise SpecError(f"cannot read the {where} as {auto_cls.__name__}: "
-                        f"{type(e).__name__}: {one_line(e)}") from e
+                        f"{type(e).__name__}: {one_line(e)}{_what_to_do(e)}") from e
     _plain(config)
     for key, value in {**overrides, "use_cache": False}.items():
         if not hasattr(config, key):
@@ -110,6 +110,22 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
                  source=str(folder / name), pretrained=not on_meta,
                  notes=(f"{name}: GGUF weights dequantized to float32 by transformers; "
                         "exports are plain safetensors",))
+
+
+def _what_to_do(error: Exception) -> str:
+    """For an architecture transformers does not read from GGUF: which it reads, and the
+    way around (a transformers folder of the same model)."""
+    if "not supported" not in str(error):
+        return ""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # moved in another transformers version: no list, same advice
+        readable = ""
+    else:
+        names = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general",
+                                                                            "tokenizer"))
+        readable = f" (transformers reads GGUF files of {', '.join(names)})"
+    return f"{readable}; give this model as a transformers folder instead (hf:FOLDER)"
 
 
 def _take_buffers(model: nn.Module, loaded: nn.Module) -> None:

@@ -21,7 +21,7 @@ from ._gguf import build_gguf, gguf_target
 from ._hf_folder import KIND, build_folder, choose_task, read_config_json
 from ._pruned_folder import ORIGINAL_CONFIG, build_pruned, is_pruned_folder
 from ._query import is_count, split_query
-from ._types import Built, ModelFamily, SpecError, one_line
+from ._types import ATTENTION, Built, ModelFamily, SpecError, one_line
 
 
 def build_hf(text: str, device: str) -> Built:
@@ -31,7 +31,7 @@ def build_hf(text: str, device: str) -> Built:
         SpecError: for an unknown family, a missing or unreadable config, or an unknown field.
     """
     name, overrides = split_query(text, "hf")
-    attn = overrides.pop("attn_implementation", "eager")
+    attn = overrides.pop("attn_implementation", ATTENTION)
     requested_task = overrides.pop("task", None)
     gguf = gguf_target(name, overrides)
     if gguf is not None:

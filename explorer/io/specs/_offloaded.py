@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ...prune.sequential import SequentialError
+from ._files import architecture_class, safetensors_shapes
+from ._types import ATTENTION
 
 
 @dataclass
@@ -59,11 +61,8 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     folder = Path(checkpoint)
     # never the folder's own code (``auto_map``): transformers neither imports nor asks
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    archs = getattr(config, "architectures", None)  # a list, unless hand-edited
-    arch = archs[0] if isinstance(archs, list) and archs else archs
-    cls: Any = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
-    if not is_model:
+    arch, cls = architecture_class(config)
+    if cls is None:
         raise SequentialError(f"config of '{folder}' names architecture {arch!r}, which "
                               f"transformers does not have")
     config.use_cache = False  # calibration keeps no key/value cache
@@ -86,7 +85,7 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
         str(folder), config=config, device_map=device_map, local_files_only=True,
         offload_folder=None if offload_folder is None else str(offload_folder),
         output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, by name
-        trust_remote_code=False,
+        trust_remote_code=False, attn_implementation=ATTENTION,  # as in memory
         **{key: dtype or "auto"})
     gaps = [f"{what} {', '.join(map(_key_text, names[:3]))}{' ...' if len(names) > 3 else ''}"
             for what, names in (("missing", sorted(info.get("missing_keys") or [], key=str)),
@@ -108,8 +107,6 @@ def _check_shapes(folder: Path, model: nn.Module) -> None:
     """
     import json
 
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     try:
         names = (sorted({str(v) for v in json.loads(index.read_text())["weight_map"].values()})
@@ -121,13 +118,11 @@ def _check_shapes(folder: Path, model: nn.Module) -> None:
         path = folder / name
         if Path(name).name != name or not path.is_file():
             continue  # a shard outside the folder or missing: refused by the loaders
-        with safe_open(str(path), framework="pt") as f:
-            for key in list(f.keys()):  # safe_open handles are not iterable
-                shape = tuple(int(n) for n in f.get_slice(key).get_shape())
-                if key in ours and shape != ours[key]:
-                    raise SequentialError(f"tensor '{key}' of '{path}' has shape {shape}, the "
-                                          f"model's config gives {ours[key]}; check that "
-                                          f"config.json is the one saved with these weights")
+        for key, shape in safetensors_shapes(path).items():
+            if key in ours and shape != ours[key]:
+                raise SequentialError(f"tensor '{key}' of '{path}' has shape {shape}, the "
+                                      f"model's config gives {ours[key]}; check that "
+                                      f"config.json is the one saved with these weights")
 
 
 def _key_text(key: Any) -> str:

@@ -11,6 +11,11 @@ from torch import nn
 
 from ...quality.task import ModelKind, Task
 
+# The attention kernel transformers models are built with, unless a spec asks for another
+# (``?attn_implementation=``): the in-memory models and the large-model path's offloaded one
+# run the same arithmetic, so their scores (and the cuts chosen from them) agree in bf16 too.
+ATTENTION = "eager"
+
 
 class SpecError(ValueError):
     """A model spec, input shape or weights file the user gave is wrong.

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...graph.collector import paused
 
-__all__ = ["ConfigUpdate", "differing_constants", "update_config"]
+__all__ = ["ConfigUpdate", "differing_constants", "real_rotary", "update_config"]
 
 Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
 Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
@@ -44,6 +44,12 @@ _NOT_WIDTHS = ("vocab", "token_id", "position", "layers", "n_layer", "num_labels
                "image_size", "patch_size", "num_channels", "bucket", "max_", "window",
                "n_positions", "n_ctx", "experts_per_tok", "num_local_experts", "depths",
                "stride", "kernel", "out_indices")
+
+# Fields many transformers models read as ``getattr(config, "head_dim", hidden // heads)``
+# although their config class does not define them (Qwen2, Granite, OLMo, Cohere): probed
+# like a field left None, so a cut of whole heads that keeps the head width (which the
+# default would recompute from the kept heads) is still described by a config.
+_IMPLICIT = ("head_dim",)
 
 
 @dataclass
@@ -90,6 +96,10 @@ def _update_config(model: nn.Module) -> ConfigUpdate:
     doubled = _doublings(model, config, _observe(base))
     readings, candidates = _readings(model, config, base, ours)
     values, fresh = _search(model, config, ours, readings, candidates)
+    if isinstance(fresh, str) or _mismatch(model, _with(config, values), fresh)[0]:
+        again = _implicit_search(model, config, base, ours)
+        if again is not None:
+            values, fresh, readings, doubled = again
     candidate = _with(config, values)
     if not isinstance(fresh, str):
         _explain_constants(model, candidate, fresh, doubled)
@@ -99,9 +109,9 @@ def _update_config(model: nn.Module) -> ConfigUpdate:
             return ConfigUpdate(reason=refused)  # the config is left as it was
         if not shape_problem:
             found = _follow_descriptive(model, candidate, fresh, found, base)
-            changed = {f: [getattr(config, f), getattr(candidate, f)]
+            changed = {f: [getattr(config, f, None), getattr(candidate, f, None)]
                        for f in dict.fromkeys(n for n, _ in values)
-                       if getattr(config, f) != getattr(candidate, f)}
+                       if getattr(config, f, None) != getattr(candidate, f, None)}
             for f, (_, new) in changed.items():
                 setattr(config, f, new)
             return ConfigUpdate(changed, ok=not found, reason=found)
@@ -197,13 +207,37 @@ def _observe(model: nn.Module) -> dict[Key, float]:
     return obs
 
 
+def _implicit_search(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, float]
+                     ) -> tuple[dict[Slot, int | None], nn.Module,
+                                dict[Slot, list[_Reading]], dict[Slot, Any]] | None:
+    """When no config of the config's own fields describes the pruned model: the search
+    again with the absent `_IMPLICIT` fields as slots, starting from their values made
+    explicit (heads and the head width move together, which one slot at a time cannot
+    cross). Its values, build, readings and doublings when its build has the pruned model's
+    shapes, else None."""
+    if all(hasattr(config, k) for k in _IMPLICIT):
+        return None
+    readings, candidates = _readings(model, config, base, ours, implicit=True)
+    explicit = dict(candidates)
+    for slot, cands in candidates.items():
+        if slot[0] in _IMPLICIT and not hasattr(config, slot[0]) and len(cands) > 1:
+            explicit[slot] = [*cands[1:], None]
+    if explicit == candidates:
+        return None
+    values, fresh = _search(model, config, ours, readings, explicit)
+    if isinstance(fresh, str) or _mismatch(model, _with(config, values), fresh)[0]:
+        return None
+    return values, fresh, readings, _doublings(model, config, _observe(base), implicit=True)
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _slots(config: Any) -> list[Slot]:
+def _slots(config: Any, implicit: bool = False) -> list[Slot]:
     """Integer config fields (and integers in list fields) that may describe a width; a
-    field left None (GPT-2's ``n_inner``: derived from another) is one too."""
+    field left None (GPT-2's ``n_inner``: derived from another) is one too, and with
+    ``implicit`` the absent `_IMPLICIT` fields."""
     out: list[Slot] = []
     for k, v in config.to_dict().items():
         if any(n in k for n in _NOT_WIDTHS) or not hasattr(config, k):
@@ -212,11 +246,13 @@ def _slots(config: Any) -> list[Slot]:
             out.append((k, -1))
         elif isinstance(v, list) and v and all(_is_int(x) for x in v):
             out.extend((k, i) for i in range(len(v)))
+    if implicit:
+        out.extend((k, -1) for k in _IMPLICIT if not hasattr(config, k))
     return out
 
 
 def _get(config: Any, slot: Slot) -> int | None:
-    value = getattr(config, slot[0])
+    value: Any = getattr(config, slot[0], None)  # an `_IMPLICIT` field may be absent
     if slot[1] >= 0:
         value = value[slot[1]]
     return None if value is None else int(value)
@@ -228,6 +264,8 @@ def _with(config: Any, values: dict[Slot, int | None]) -> Any:
     out = copy.deepcopy(config)
     try:
         for (name, index), value in values.items():
+            if value is None and not hasattr(out, name):
+                continue  # an absent `_IMPLICIT` field stays absent (derived)
             if index < 0:
                 setattr(out, name, value)
             else:
@@ -239,7 +277,8 @@ def _with(config: Any, values: dict[Slot, int | None]) -> Any:
     return out
 
 
-def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, float]
+def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, float],
+              implicit: bool = False
               ) -> tuple[dict[Slot, list[_Reading]], dict[Slot, list[int | None]]]:
     """Per config slot: the values the pruned model's observables give for it, and the
     candidate values to try (readings by votes, then the old value scaled by the ratios
@@ -251,13 +290,14 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
                      ours[k] != v)
     readings: dict[Slot, list[_Reading]] = {}
     candidates: dict[Slot, list[int | None]] = {}
-    for slot, probe in _doublings(model, config, before).items():
+    for slot, probe in _doublings(model, config, before, implicit).items():
         if probe is None:
             continue  # the field cannot be doubled, or doubling it changes nothing we see
         unset = _get(config, slot)
         old = unset if unset is not None else _PROBE
         seen, after = probe
         found: list[_Reading] = []
+        derived: Counter[int] = Counter()  # an absent field: the value the original had
         for key, o0 in seen.items():
             o1 = after.get(key)
             if not o0 or o1 is None or o1 != 2 * o0 or key not in ours:
@@ -268,13 +308,20 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
                 # an attribute holding the field itself is the module saying what it is
                 weight = 100 if key[0] == "a" and o0 == old else 1
                 found.append(_Reading(int(value), _where(key), weight))
+            was = Fraction(before.get(key, 0)).limit_denominator(1 << 20) * old / \
+                Fraction(o0).limit_denominator(1 << 20)
+            if slot[0] in _IMPLICIT and was.denominator == 1 and was > 0:
+                derived[int(was)] += 1
         readings[slot] = found
         tally: Counter[int] = Counter()
         for r in found:
             tally[r.value] += r.weight
         votes: list[int | None] = [v for v, _ in tally.most_common()]
-        if unset is None:  # keep it derived unless an explicit value fits better
-            candidates[slot] = [None, *votes]
+        if unset is None:  # keep it derived unless an explicit value fits better (for an
+            # absent field also the original's made explicit: a head width kept while whole
+            # heads go, which the default would recompute from the kept heads)
+            candidates[slot] = list(dict.fromkeys(
+                [None, *votes, *(v for v, _ in derived.most_common(2))]))
             continue
         scaled = [int(old * r) for r, _ in ratios.most_common(3) if (old * r).denominator == 1]
         candidates[slot] = list(dict.fromkeys([*votes, old, *scaled]))
@@ -284,20 +331,23 @@ def _readings(model: nn.Module, config: Any, base: nn.Module, ours: dict[Key, fl
 # (model class, config JSON) -> per slot, the observables before and after doubling it.
 # Depends only on the config, so repeated updates of one model (accept, undo, the next
 # accept at the same widths) reuse the meta builds instead of repeating them.
-_DOUBLINGS: dict[tuple[type, str], dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]]
+_DOUBLINGS: dict[tuple[type, str, bool],
+                 dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]]
 _DOUBLINGS = {}
 _DOUBLINGS_MAX = 8
 
 
-def _doublings(model: nn.Module, config: Any, before: dict[Key, float]
+def _doublings(model: nn.Module, config: Any, before: dict[Key, float],
+               implicit: bool = False
                ) -> dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]:
-    """Per config slot: observables of a meta build before and after doubling the slot."""
-    key = (type(model), config.to_json_string())
+    """Per config slot (`_slots`): observables of a meta build before and after doubling
+    the slot."""
+    key = (type(model), config.to_json_string(), implicit)
     cached = _DOUBLINGS.get(key)
     if cached is not None:
         return cached
     out: dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None] = {}
-    for slot in _slots(config):
+    for slot in _slots(config, implicit):
         out[slot] = None
         unset = _get(config, slot)
         old, seen = (unset, before) if unset is not None else (_PROBE, None)
@@ -585,6 +635,30 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """What a checkpoint holds: parameters and persistent buffers (rotary frequencies and
     other non-persistent buffers are recomputed on load; `_rotary_mismatch` checks them)."""
     return list(model.state_dict(keep_vars=True).items())
+
+
+def real_rotary(model: nn.Module) -> None:
+    """Give a model built on ``meta`` its rotary frequencies (``inv_freq`` and the buffers
+    beside it), computed on the CPU from its config as its constructor does: they are
+    derived, never loaded, so a weightless copy can hold the real values, and a plan's cut
+    of them, then the check below, see what a pruned model computes."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for _name, module in model.named_modules():
+        inv = module._buffers.get("inv_freq")
+        if not isinstance(inv, torch.Tensor) or inv.device.type != "meta":
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config=config)
+        except Exception:  # noqa: BLE001 - a rotary class we cannot rebuild stays on meta
+            continue  # (`_rotary_mismatch` then says it cannot check it)
+        for attr, buf in fresh._buffers.items():
+            mine = module._buffers.get(attr)
+            if isinstance(buf, torch.Tensor) and isinstance(mine, torch.Tensor) and \
+                    mine.device.type == "meta" and mine.shape == buf.shape:
+                module._buffers[attr] = buf
 
 
 def _rotary_mismatch(model: nn.Module, config: Any) -> str:

@@ -1,4 +1,6 @@
-"""Shared by app.py and the pages (not a page itself): the model cache, session loading, the
+"""Shared by app.py and the pages (not a page itself, so a package: the first run of a fresh
+server lists pages/*.py in the sidebar, Streamlit's multipage v1, until app.py's st.navigation
+replaces it; a package is not listed): the model cache, session loading, the
 live sessions of this server (`explorer.app.registry`: one per session id, shared by its tabs,
 within a memory budget) and the session log on disk that brings an evicted session, a refresh
 or a server restart back (`explorer.app.store`)."""
@@ -97,14 +99,15 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             status.write("tracing the model and finding its groups")
             pe = Session(lm.model, lm.example_inputs, spec=request.spec,
                          calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task,
-                         tokenizer=lm.tokenizer, sentence=lm.sentence)
+                         tokenizer=lm.tokenizer, sentence=lm.sentence,
+                         importance=loaded.importance)
             if actions:
                 bar = st.progress(0.0, text="replaying your decisions")
                 pe.replay(list(actions), lambda f, text: bar.progress(f, text=text))
                 bar.empty()
             pe.on_action = _save
             st.session_state.pe = pe
-            st.session_state.pe_loaded = _summary(lm)
+            st.session_state.pe_loaded = _summary(lm, loaded.note)
             sessions().put(_sid(), Live(pe, request, st.session_state.pe_loaded))
             # a log that did not replay whole: which decision and why, on the Model page
             failed = actions and pe.message is not None and pe.message.kind is MessageKind.ERROR
@@ -124,9 +127,11 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             return False
 
 
-def _summary(lm: LoadedModel) -> dict[str, Any]:
-    """What the Model page says about where the weights came from."""
-    return {"pretrained": lm.pretrained, "task": lm.task.value, "notes": list(lm.notes),
+def _summary(lm: LoadedModel, chosen: str | None = None) -> dict[str, Any]:
+    """What the Model page says about where the weights came from (and ``chosen``: the
+    criterion and data picked for the user, `explorer.io.defaults`)."""
+    return {"pretrained": lm.pretrained, "task": lm.task.value,
+            "notes": [*([chosen] if chosen else []), *lm.notes],
             "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
 
 
