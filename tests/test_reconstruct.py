@@ -1,10 +1,16 @@
 """Sequential reconstruction (`--compensate lstsq`) and width allocation on real SmolLM2 weights.
 
-The model is cut to its first layers and the data kept short so the file runs in about a
-minute; the prose is real and the held-out text is disjoint from the calibration text.
+Most tests cut the model to its first layers and keep the data short so the file runs in
+about a minute; the prose is real and the held-out text is disjoint from the calibration
+text. A truncated model's language-model loss says nothing of quality (its dense loss is
+worse than a uniform guess's, and a cut can "improve" it), so those tests measure what a
+reconstruction is for: the KL divergence of the pruned model's next-token distribution from
+the dense model's on held-out text. One test runs the whole 30-layer model and compares the
+held-out loss of the recipes.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,31 @@ def small(smollm2: Path, prose: tuple[Path, Path]) -> tuple[LoadedModel, Calibra
     lm.model.config.num_hidden_layers = LAYERS  # type: ignore[union-attr]
     cal = load_data(prose[0], lm, DataOptions(40, 48, 8))
     held = load_data(prose[1], lm, DataOptions(16, 48, 8))
+    DENSE[id(lm.model)] = _logits(lm.model, held)
     return lm, cal, held
+
+
+DENSE: dict[int, list[torch.Tensor]] = {}  # model -> its dense held-out log-probabilities
+
+
+def _logits(model: nn.Module, held: Calibration) -> list[torch.Tensor]:
+    """Log-probabilities of the next token at the real tokens, per batch."""
+    out = []
+    with torch.no_grad():
+        for batch in held.batches:
+            mask = held.token_mask(batch)
+            assert mask is not None
+            out.append(torch.log_softmax(model(*batch).logits[mask].float(), -1))
+    return out
+
+
+def _kl(model: nn.Module, held: Calibration) -> float:
+    """Mean KL(dense || model) of the next-token distributions on the held-out tokens."""
+    total, count = 0.0, 0
+    for now, dense in zip(_logits(model, held), DENSE[id(model)], strict=True):
+        total += float((dense.exp() * (dense - now)).sum())
+        count += now.shape[0]
+    return total / count
 
 
 def _loss(model: nn.Module, held: Calibration) -> float:
@@ -67,22 +97,20 @@ def _same(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
-def test_reconstruction_lowers_heldout_loss(small: tuple[LoadedModel, Calibration, Calibration],
-                                            ratio: float) -> None:
+def test_reconstruction_brings_the_cut_model_back_to_the_dense_one(
+        small: tuple[LoadedModel, Calibration, Calibration], ratio: float) -> None:
     lm, cal, held = small
-    dense = _loss(lm.model, held)
     pruner = _pruner(lm, cal, ratio)
     pruner.step()
-    plain = _loss(lm.model, held)
+    plain = _kl(lm.model, held)
     pruner.undo()
     pruner.compensate = compensate.compensation("lstsq")
     pruner.current_step = 0
     report = pruner.step()
-    rebuilt = _loss(lm.model, held)
+    rebuilt = _kl(lm.model, held)
     pruner.undo()
-    assert dense < rebuilt < plain, (dense, rebuilt, plain)
-    # a real gain: at least a tenth of what the cut lost comes back
-    assert plain - rebuilt > 0.1 * (plain - dense), (dense, rebuilt, plain)
+    # a real gain: at least a third of the cut's divergence from the dense model goes
+    assert 0 < rebuilt < 0.67 * plain, (rebuilt, plain)
     assert any(n.startswith("reconstruction (sequential least squares) kept in") and
                f"/{LAYERS} layers" in n for n in report.notes), report.notes
     assert math.isfinite(rebuilt)
@@ -168,13 +196,13 @@ def test_whole_head_cuts_refit_the_output_projection(
     pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.25,
                     heads="whole", targets="heads", calibration=cal)
     pruner.step()
-    plain = _loss(lm.model, held)
+    plain = _kl(lm.model, held)
     cut = {n: p.detach().clone() for n, p in lm.model.named_parameters() if "o_proj" in n}
     pruner.undo()
     pruner.compensate = compensate.compensation("lstsq")
     pruner.current_step = 0
     report = pruner.step()
-    rebuilt = _loss(lm.model, held)
+    rebuilt = _kl(lm.model, held)
     refit = [n for n, p in lm.model.named_parameters()
              if "o_proj" in n and not torch.equal(p, cut[n])]
     biases = [layer.self_attn.o_proj.bias for layer in lm.model.model.layers]  # type: ignore
@@ -182,3 +210,53 @@ def test_whole_head_cuts_refit_the_output_projection(
     assert refit and all(b is None for b in biases), refit
     assert rebuilt < plain, (rebuilt, plain)
     assert any("reconstruction (sequential least squares) kept in" in n for n in report.notes)
+
+
+def test_query_head_cuts_with_refit_come_back_to_the_dense_model(
+        small: tuple[LoadedModel, Calibration, Calibration]) -> None:
+    """Query heads inside the kv groups (3 -> 2 per group): the refit of the output
+    projections must bring the model back towards the dense one. (On this truncated model
+    the held-out LM loss reads 17.82 dense, 17.10 cut, 17.79 refit: the refit restores the
+    dense model, whose loss here is no quality measure; KL 0.69 -> 0.08.)"""
+    lm, cal, held = small
+    kl = {}
+    for comp in (None, "lstsq"):
+        pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.34,
+                        heads="query", targets="heads", calibration=cal, compensate=comp)
+        report = pruner.step()
+        assert {(c.width_before, c.width_after) for c in report.changes} == {(3, 2)}
+        kl[comp] = _kl(lm.model, held)
+        pruner.undo()
+    assert kl["lstsq"] < 0.5 * kl[None], kl
+
+
+@pytest.fixture(scope="module")
+def full(smollm2: Path, prose: tuple[Path, Path]) -> tuple[LoadedModel, Calibration,
+                                                            Calibration]:
+    lm = load_model(f"hf:{smollm2}")
+    return (lm, load_data(prose[0], lm, DataOptions(24, 64, 8)),
+            load_data(prose[1], lm, DataOptions(16, 64, 8)))
+
+
+def test_recipe_beats_wanda_sp_and_the_layer_target_on_the_whole_model(
+        full: tuple[LoadedModel, Calibration, Calibration],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """All 30 layers at 40 % of the MLP channels, held-out loss: the default refit (the
+    block's output put back on the dense model's residual stream) < the refit of each
+    layer's own output (``original`` only, the previous default) < Wanda-sp (the same
+    channels, no refit) < the cut's worst case."""
+    lm, cal, held = full
+    dense = _loss(lm.model, held)
+    losses = {}
+    for name, streams in (("wanda-sp", None), ("original", ("original",)),
+                          ("default", reconstruct.DEFAULT_STREAMS)):
+        if streams is not None:
+            monkeypatch.setattr(compensate, "reconstruct", functools.partial(
+                reconstruct.reconstruct, streams=streams))
+        pruner = _pruner(lm, cal, 0.4, compensate=None if streams is None else "lstsq")
+        report = pruner.step()
+        losses[name] = _loss(lm.model, held)
+        pruner.undo()
+        if name == "default":
+            assert any("ridge" in n and "stream" in n for n in report.notes), report.notes
+    assert dense < losses["default"] < losses["original"] < losses["wanda-sp"], (dense, losses)

@@ -6,13 +6,20 @@ consumer ``y = W x + b`` of removed input channels ``R`` (an MLP down projection
 attention output projection) keeps columns ``K`` and gets a new weight and bias
 ``A = [W' b']`` by ridge least squares over calibration tokens:
 
-    A = argmin sum_t ||A [x_t[K]; 1] - [W b] [z_t; 1]||^2 + lam ||A - P||^2
+    A = argmin sum_t ||A [x_t[K]; 1] - y*_t||^2 + lam ||A - P||^2
 
 * ``x_t``: the consumer's input in the **pruned** model, whose blocks below were already cut
   and refit (sequential: each block is fit on the inputs the blocks below really produce);
-* ``z_t``: the target input, either ``x_t`` itself (``local``: the refit only makes up for
-  the columns it loses) or the consumer's input in the **original** model (``original``:
-  the refit also corrects the error accumulated below);
+* ``y*_t``: the target output, one of
+  * ``local``: the unpruned layer on the same input, ``[W b] [x_t; 1]`` (the refit only
+    makes up for the columns it loses);
+  * ``original``: the unpruned layer on its input in the **original** model, ``[W b]
+    [z_t; 1]`` (the refit also corrects the error of the layer's input);
+  * ``stream``: what puts the residual stream back on the original model's trajectory: the
+    original block's output minus the rest of the pruned block's output (``h_orig_out -
+    (h_pruned_out - y_t)``), so the refit also absorbs the error the pruned stream carries
+    in from below. Only for the last consumer of a block whose output adds to the block's
+    output as it is (a residual connection, checked on one batch: pre-norm decoders' MLP);
 * ``P``: FLAP's bias compensation ``[W[:, K], b + W[:, R] mean(x[R])]``; the ridge pulls
   towards it, so a strong ridge gives bias compensation back.
 
@@ -22,12 +29,15 @@ architecture (its config describes it; a plan replays onto a fresh copy).
 
 The math of one layer is in plain functions of its statistics (`moments`, `refits`,
 `heldout_errors`), so a layer-by-layer path that gathers the statistics itself (one decoder
-layer in memory at a time) computes the same refits.
+layer in memory at a time) computes the same refits. The targets enter only through output
+products ``sum y*_t [x_t[K]; 1]^T`` (out x |K|+1), never the original inputs.
 
 The calibration samples are split: every `HOLDOUT_EVERY`-th sample is held out. Per
-consumer, the plain cut, bias compensation and ridge fits over `RIDGES` for both targets are
-compared on the held-out tokens (relative squared error of the consumer's output against
-the original model's) and the best one is kept, so a refit stays only where it helps.
+consumer, the plain cut, bias compensation and ridge fits over `RIDGES` for every target are
+compared on the held-out tokens and the best one is kept, so a refit stays only where it
+helps. The judge is the farthest-reaching target there is: the distance of the block's
+output to the original model's (``stream``), else of the layer's output to the original
+layer's output (``original``); relative squared error.
 
 The pruned model is simulated on the unpruned one, without copying it: each consumer reads
 only its kept inputs (a forward hook replaces its output), which is exactly the cut model
@@ -36,13 +46,13 @@ Nothing of the model changes here: the result is the new tensors, installed by
 `explorer.prune.compensate.prune_and_compensate` with the cut, all or nothing.
 
 Memory: the two streams' hidden states entering the current block (per batch), the current
-block's consumer inputs in the original model, and (n+1)^2 second moments per consumer of n
-inputs; never a second copy of the model.
+block's consumer outputs in the original model (and its block outputs, for ``stream``), and
+(n+1) x (|K|+1) second moments per consumer of n inputs; never a second copy of the model.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,13 +73,11 @@ from .sequential import (
 )
 
 HOLDOUT_EVERY = 5  # every 5th calibration sample judges the refits (20 %)
-# ridge strengths tried, relative to the mean input energy (on SmolLM2 at 20-40 % of the MLP
-# channels 0.1 won in 27 of 30 layers of a grid from 0.001 to 0.1)
+# ridge strengths tried, relative to the mean input energy (chosen per layer on held-out tokens)
 RIDGES = (0.03, 0.1, 0.3, 1.0)
-STREAMS = ("local", "original")  # the targets there are (module docstring)
-# the targets tried by default: ``original`` won 28 of 30 layers against ``local`` on SmolLM2
-# at 40 % of the MLP channels (held-out perplexity 39.9 with both tried, the same 28 layers)
-DEFAULT_STREAMS = ("original",)
+STREAMS = ("local", "original", "stream")  # the targets there are (module docstring)
+# the targets tried by default: ``stream`` where the block allows it, else ``original``
+DEFAULT_STREAMS = ("original", "stream")
 
 
 @dataclass
@@ -213,10 +221,12 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
            ) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
     """Fit one block's consumers; the next block's inputs of both streams."""
     start = len(out.fits)  # the fits of this block: the only ones its forward reads
-    # the original stream: the consumers' inputs and the next block's inputs
-    runs = [_run(layer, orig[d], data[d], [c.module for c in todo], model)
-            for d in range(len(data))]
-    xo = [r.rows for r in runs]
+    # the original stream: the consumers' outputs, the block's output and the next inputs
+    want = "stream" in streams
+    runs = [_run(layer, orig[d], data[d], [], model, outputs=[c.module for c in todo],
+                 hidden=want) for d in range(len(data))]
+    yo = [r.outs for r in runs]
+    ho = [r.hidden for r in runs]
     orig = [r.next for r in runs]
     names = {id(model.get_submodule(c.module)): c for c in todo}
     # the forward's order matters only between several consumers (one run finds it)
@@ -226,10 +236,19 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
         last = j == len(order) - 1
         with _replaced(model, out, start):
             runs = [_run(layer, pruned[d], data[d], [c.module], model,
-                         full=c.module if last else None) for d in range(len(data))]
-        _fit(model, c, [r.rows[c.module] for r in runs], xo, out, ridges, streams)
-        if last:
-            after = _additive(model, layer, out, runs, pruned, start)
+                         full=c.module if last else None, hidden=last and want)
+                    for d in range(len(data))]
+        adds = last and _adds(model, layer, c, out, runs, pruned, start)
+        targets: list[dict[str, list[torch.Tensor]]] = []
+        for d, run in enumerate(runs):
+            t = {"original": yo[d][c.module]}
+            if adds and want:  # the block's output back onto the original stream
+                t["stream"] = [h - (hp - _rows(old, m).float()) for h, hp, (_x, old), m
+                               in zip(ho[d], run.hidden, run.full, run.masks, strict=True)]
+            targets.append(t)
+        _fit(model, c, [r.rows[c.module] for r in runs], targets, out, ridges, streams)
+        if adds:
+            after = _shifted(model, out, runs, pruned)
     if after is None:  # no consumer here, or its output does not simply add up
         with _replaced(model, out, start):
             after = [_run(layer, pruned[d], data[d], [], model).next
@@ -281,19 +300,27 @@ class _Run:
     """One stream through one block: what the hooks saw, and the next block's inputs."""
 
     rows: dict[str, list[torch.Tensor]]  # module -> its inputs per batch (real tokens)
+    outs: dict[str, list[torch.Tensor]]  # module -> its outputs per batch (real tokens)
     next: list[Inputs]
     full: list[tuple[torch.Tensor, torch.Tensor]]  # the ``full`` module's (input, output)
+    hidden: list[torch.Tensor]  # the block's output per batch (real tokens), when asked
+    masks: list[torch.Tensor | None]
 
 
 def _run(layer: nn.Module, inputs: list[Inputs], data: Calibration, modules: list[str],
-         model: nn.Module, full: str | None = None) -> _Run:
+         model: nn.Module, full: str | None = None, outputs: Sequence[str] = (),
+         hidden: bool = False) -> _Run:
     """Run every batch of one stream through ``layer``, keeping the inputs of ``modules``
-    (real-token rows, float32) and, for ``full``, its whole input and output."""
-    run = _Run({m: [] for m in modules}, [], [])
+    and the outputs of ``outputs`` (real-token rows, float32), for ``full`` its whole input
+    and output, and with ``hidden`` the block's output rows."""
     masks = _masks(inputs, data)
+    run = _Run({m: [] for m in modules}, {m: [] for m in outputs}, [], [], [], masks)
     current: list[torch.Tensor | None] = [None]
     handles = [model.get_submodule(m).register_forward_pre_hook(_keeper(run.rows[m], current))
                for m in modules]
+    handles += [model.get_submodule(m).register_forward_hook(
+        lambda _m, _a, output, into=run.outs[m]: into.append(
+            _rows(output.detach(), current[0]).float())) for m in outputs]
     if full is not None:
         handles.append(model.get_submodule(full).register_forward_hook(
             lambda _m, args, output: run.full.append((args[0].detach(), output.detach()))))
@@ -301,41 +328,53 @@ def _run(layer: nn.Module, inputs: list[Inputs], data: Calibration, modules: lis
         for inp, mask in zip(inputs, masks, strict=True):
             current[0] = mask
             run.next.append(_with_hidden(inp, layer(*inp[0], **inp[1])))
+            if hidden:
+                run.hidden.append(_rows(_hidden_in(run.next[-1]), mask).float())
     finally:
         for h in handles:
             h.remove()
     return run
 
 
-def _additive(model: nn.Module, layer: nn.Module, rec: Reconstruction, runs: list[_Run],
-              pruned: list[list[Inputs]], start: int) -> list[list[Inputs]] | None:
-    """The next block's inputs of the pruned stream without running the block again, when
-    the last consumer's output is added to the block's output as it is (a residual
-    connection): ``out + new - old``. Checked on the first batch against a real run; None
-    when it does not hold (the caller runs the block again)."""
+def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction,
+          runs: list[_Run], pruned: list[list[Inputs]], start: int) -> bool:
+    """Whether ``c``'s output is added to the block's output as it is (a residual
+    connection): the block with ``c`` cut gives ``out + cut - old``, checked on the first
+    batch. Then the block's next inputs need no second run (`_shifted`), and the ``stream``
+    target is defined."""
+    if any(len(r.full) != len(r.next) for r in runs):  # called more than once per forward
+        return False
+    module = model.get_submodule(c.module)
+    assert isinstance(module, nn.Linear)
+    cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
+    x, old = runs[0].full[0]
+    out = _hidden_in(runs[0].next[0])
+    if out.shape != old.shape:  # e.g. a layer on flattened tokens: no plain sum
+        return False
+    guess = out + (cut(module, (x,), old) - old)
+    handle = module.register_forward_hook(cut)
+    try:
+        with _replaced(model, rec, start):
+            args, kwargs = pruned[0][0]
+            real = _hidden_in(_with_hidden(pruned[0][0], layer(*args, **kwargs)))
+    finally:
+        handle.remove()
+    if real.shape != guess.shape:
+        return False
+    return float((real - guess).abs().max()) <= 1e-4 * (float(real.abs().max()) + 1e-12)
+
+
+def _shifted(model: nn.Module, rec: Reconstruction, runs: list[_Run],
+             pruned: list[list[Inputs]]) -> list[list[Inputs]]:
+    """The next block's inputs of the pruned stream, ``out + new - old``, for the last fit
+    consumer (whose output adds to the block's output, `_adds`)."""
     f = rec.fits[-1]
     module = model.get_submodule(f.module)
     assert isinstance(module, nn.Linear)
     reader = _reader(module, f, rec)
-    nxt: list[list[Inputs]] = []
-    for d, run in enumerate(runs):
-        if len(run.full) != len(run.next):  # called more than once per forward
-            return None
-        stream = []
-        for b, (x, old) in enumerate(run.full):
-            shift = reader(module, (x,), old) - old
-            out = _hidden_in(run.next[b])
-            if out.shape != shift.shape:
-                return None
-            stream.append(_with_hidden(pruned[d][b], out + shift))
-        nxt.append(stream)
-    with _replaced(model, rec, start):
-        args, kwargs = pruned[0][0]
-        real = _hidden_in(_with_hidden(pruned[0][0], layer(*args, **kwargs)))
-    guess = _hidden_in(nxt[0][0])
-    if float((real - guess).abs().max()) > 1e-4 * (float(real.abs().max()) + 1e-12):
-        return None
-    return nxt
+    return [[_with_hidden(pruned[d][b], _hidden_in(run.next[b]) + (reader(module, (x,), old)
+                                                                   - old))
+             for b, (x, old) in enumerate(run.full)] for d, run in enumerate(runs)]
 
 
 def _keeper(into: list[torch.Tensor], current: list[torch.Tensor | None]
@@ -350,23 +389,24 @@ def _aug(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
-         xo: list[dict[str, list[torch.Tensor]]], out: Reconstruction,
+         targets: list[dict[str, list[torch.Tensor]]], out: Reconstruction,
          ridges: Sequence[float], streams: Sequence[str]) -> None:
-    """Fit ``c`` on its pruned-stream inputs ``xp`` (per split, per batch) and choose on the
-    held-out split."""
+    """Fit ``c`` on its pruned-stream inputs ``xp`` (per split, per batch) towards the
+    ``targets`` outputs (per split: target name -> per batch) and choose on the held-out
+    split."""
     module = model.get_submodule(c.module)
     assert isinstance(module, nn.Linear)
     cols = torch.as_tensor(c.kept)
-    gram, cross = moments(xp[0], xo[0][c.module] if "original" in streams else None, cols,
-                          all_rows="local" in streams)
+    fit = {k: v for k, v in targets[0].items() if k in streams}
+    gram, cross = moments(xp[0], fit, cols, all_rows="local" in streams)
     bias = module.bias.detach() if module.bias is not None else None
     cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges, streams)
     # the held-out split judges, unless none of its tokens reached this layer (samples that
     # are all padding): then the fit tokens do, and the summary says so
     judge = 1 if len(xp) > 1 and any(x.shape[0] for x in xp[1]) else 0
     out.heldout = out.heldout and judge == 1
-    full = _augmented(module.weight.detach(), bias)
-    errors = heldout_errors(cands, xp[judge], xo[judge][c.module], full, c.kept)
+    goal = targets[judge]["stream" if "stream" in targets[judge] else "original"]
+    errors = heldout_errors(cands, xp[judge], goal, c.kept)
     choice = min(errors, key=lambda k: (errors[k], k != "plain"))
     out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
     if choice != "plain":
@@ -384,7 +424,7 @@ def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
-           gram: torch.Tensor, cross: torch.Tensor | None = None,
+           gram: torch.Tensor, cross: Mapping[str, torch.Tensor] | None = None,
            ridges: Sequence[float] = RIDGES, streams: Sequence[str] = STREAMS
            ) -> dict[str, torch.Tensor]:
     """The candidate refits of one consumer ``y = W x + b`` from its input statistics.
@@ -399,11 +439,11 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
         kept: the kept input indices ``K``.
         gram: `moments` of the pruned-stream inputs: sums of ``[x; 1] [x_K; 1]^T``,
             (n + 1, |K| + 1).
-        cross: the same with the original-stream inputs ``z`` as the left factor (the
-            ``original`` target), or None.
+        cross: per target output (``original``, ``stream``): sums of ``y* [x_K; 1]^T``,
+            (out, |K| + 1) (`moments`), or None.
         ridges: ridge strengths, relative to the mean energy of the kept inputs.
-        streams: the targets to fit: ``local`` (needs ``gram`` only) and ``original``
-            (needs ``cross``; skipped without it).
+        streams: the targets to fit: ``local`` (needs ``gram`` only) and those in
+            ``cross`` (others are skipped).
 
     Returns:
         Candidate ``[W' b']`` (out, |K| + 1), float64: ``plain`` (the cut), ``bias``
@@ -429,8 +469,9 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
     rhs = {}
     if "local" in streams:
         rhs["local"] = full @ gram[:, :size]
-    if cross is not None and "original" in streams:
-        rhs["original"] = full @ cross[:, :size]
+    for name, products in (cross or {}).items():
+        if name in streams:
+            rhs[name] = products[:, :size]
     eye = torch.eye(size, dtype=g_kk.dtype)
     for r in ridges:
         lam = r * scale
@@ -446,49 +487,53 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
     return cands
 
 
-def moments(xp: list[torch.Tensor], xo: list[torch.Tensor] | None, cols: torch.Tensor,
-            all_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Second moments of ``[x; 1]`` against the kept inputs ``[x[cols]; 1]``: the columns of
-    the (n+1)^2 moment matrices a refit reads, (n+1, |cols|+1) each, for the pruned-stream
-    inputs ``xp`` and (``cross``) the original-stream inputs ``xo`` against them (per batch,
-    (tokens, n) each). Sums, not means: add the moments of more batches to them.
+def moments(xp: list[torch.Tensor], ys: Mapping[str, list[torch.Tensor]] | None,
+            cols: torch.Tensor, all_rows: bool = True
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Second moments of the pruned-stream inputs ``xp`` and the target outputs ``ys``
+    against the kept inputs ``[x[cols]; 1]`` (per batch, (tokens, n) and (tokens, out)
+    each). Sums, not means: add the moments of more batches to them.
 
-    ``all_rows=False`` leaves out the products of ``gram``'s removed rows (they keep only
-    their sums, the last column): all that `refits` reads except for the ``local`` target,
-    at |cols| / n of the cost."""
+    Returns:
+        ``gram``: the columns of the (n+1)^2 moment matrix of ``[x; 1]`` a refit reads,
+        (n+1, |cols|+1); ``cross``: per target, ``sum y [x[cols]; 1]^T``, (out, |cols|+1).
+        ``all_rows=False`` leaves out the products of ``gram``'s removed rows (they keep
+        only their sums, the last column): all that `refits` reads except for the ``local``
+        target, at |cols| / n of the cost.
+    """
     n = xp[0].shape[1]
     gram = torch.zeros(n + 1, len(cols) + 1, dtype=torch.float64)
-    cross = None if xo is None else torch.zeros_like(gram)
+    cross = {k: torch.zeros(v[0].shape[1], len(cols) + 1, dtype=torch.float64)
+             for k, v in (ys or {}).items()}
     for b, p in enumerate(xp):
         pk = p[:, cols]
         sums = pk.sum(0).double()
-        for into, z in ((gram, p), (cross, None if xo is None else xo[b])):
-            if into is None or z is None:
-                continue
-            if into is gram and not all_rows:
-                into[cols, :-1] += (pk.T @ pk).double()
-            else:
-                into[:n, :-1] += (z.T @ pk).double()
-            into[:n, -1] += z.sum(0).double()
-            into[n, :-1] += sums
-            into[n, -1] += p.shape[0]
+        if all_rows:
+            gram[:n, :-1] += (p.T @ pk).double()
+        else:
+            gram[cols, :-1] += (pk.T @ pk).double()
+        gram[:n, -1] += p.sum(0).double()
+        gram[n, :-1] += sums
+        gram[n, -1] += p.shape[0]
+        for k, into in cross.items():
+            y = (ys or {})[k][b]
+            into[:, :-1] += (y.T @ pk).double()
+            into[:, -1] += y.sum(0).double()
     return gram, cross
 
 
 def heldout_errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor],
-                   xo: list[torch.Tensor], full: torch.Tensor, kept: np.ndarray
-                   ) -> dict[str, float]:
+                   goal: list[torch.Tensor], kept: np.ndarray) -> dict[str, float]:
     """Relative squared error of each candidate's output on inputs ``xp`` (pruned stream)
-    against the original layer ``full = [W b]`` on ``xo`` (original stream), per batch."""
-    cols = torch.as_tensor(np.append(kept, full.shape[1] - 1))
+    against the target outputs ``goal`` (per batch, (tokens, out) each)."""
+    cols = torch.as_tensor(np.append(kept, xp[0].shape[1]))
     names = list(cands)
     stacked = torch.cat([cands[k].float() for k in names])  # one product for all candidates
     num = torch.zeros(len(names), dtype=torch.float64)
     den = 0.0
-    for p, o in zip(xp, xo, strict=True):
+    for p, target in zip(xp, goal, strict=True):
         if not p.shape[0]:  # a batch of padding only: no token to judge on
             continue
-        target = _aug(o) @ full.float().T
         den += float((target ** 2).sum())
         outs = (_aug(p)[:, cols] @ stacked.T).reshape(p.shape[0], len(names), -1)
         num += ((outs - target.unsqueeze(1)) ** 2).sum(dim=(0, 2)).double()
