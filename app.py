@@ -27,7 +27,11 @@ page = st.navigation([
     st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ])
 
+from explorer.app.registry import trim_heap  # noqa: E402
 from pages._session import restore_or_start  # noqa: E402 - torch: after the navigation
 
 restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh
-page.run()
+try:
+    page.run()
+finally:  # a page's forwards and copies are garbage now: give their heap pages back
+    trim_heap()

@@ -43,10 +43,11 @@ c2.text_input("Input shape (blank = default)", key="model_shape",
 DATA_DEFAULTS = {"model_path": "", "model_upload": None, "model_calib": "",
                  "model_calib_up": None, "model_heldout": "", "model_heldout_up": None,
                  "model_samples": 0, "model_seq_len": 128, "model_batch": 8}
-# open while any of its fields is set: an edit reruns the page, which must not close it
+# open while any of its fields is set: an edit reruns the page, which must not close it; the
+# key keeps it one element (the browser remounted it, fields and all, when `expanded` changed)
 with st.expander("Local checkpoint and data (real weights, real text or images)",
-                 expanded=any(st.session_state.get(k, v) != v
-                              for k, v in DATA_DEFAULTS.items())):
+                 key="model_local", expanded=any(st.session_state.get(k, v) != v
+                                                 for k, v in DATA_DEFAULTS.items())):
     st.text_input("Local folder or weights file", key="model_path",
                   placeholder="/models/all-MiniLM-L6-v2  (config.json + weights + tokenizer)",
                   help="a transformers folder (single or sharded safetensors, tokenizer) loads "
@@ -120,8 +121,9 @@ m[3].metric("prunable groups", f"{sum(g.prunable for g in mg.groups())} / {len(m
 quality = pe.quality()
 if quality is not None:
     m[4].metric(*quality_text(quality), help=f"measured on {pe.quality_source}")
-    st.caption(quality_note(quality, pe.quality_source, pe.spec,
-                            heldout_path()))
+    note, command = quality_note(quality, pe.quality_source, pe.spec,
+                                 heldout_path())
+    st.caption(note, help=command)
 if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)) \
         and not pe.on_meta:
     lines = prompts_box("model_prompts")

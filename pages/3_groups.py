@@ -150,8 +150,9 @@ def metrics(pe: Session, verdict: Verdict | None, pending: int) -> None:
             column.metric(card.label, card.value, card.delta, help=card.help,
                           delta_color="inverse" if card.inverse else "normal")
     if quality is not None:
-        st.caption(quality_note(quality, pe.quality_source, pe.spec,
-                                heldout_path()))
+        note, command = quality_note(quality, pe.quality_source, pe.spec,
+                                     heldout_path())
+        st.caption(note, help=command)
 
 
 def thresholds() -> Thresholds:
@@ -188,13 +189,15 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
     measured cost when asked)."""
     costs = measured(pe, pending)
     c = st.columns([5, 2, 2])
-    order = remembered("groups_by_cost", False)
-    c[1].toggle("Cheapest first", key="groups_by_cost", on_change=remember,
-                args=("groups_by_cost",), help="order the proposals by their measured cost")
+    measurable = pe.quality() is not None  # not on meta: no weights, no cost to show
+    order = remembered("groups_by_cost", False) and measurable
+    if measurable:
+        c[1].toggle("Cheapest first", key="groups_by_cost", on_change=remember,
+                    args=("groups_by_cost",), help="order the proposals by their measured cost")
     if order:
         pending = by_cost(pending, costs)
     missing = [p for p in pending if costs.get(p.key) is None]
-    if missing and pe.quality() is not None and c[2].button(
+    if missing and measurable and c[2].button(
             f"Measure all costs ({len(missing)})", key="groups_measure_all",
             help="apply each proposal to a copy with weights and measure its quality"):
         bar = st.progress(0.0, text="measuring costs")
@@ -215,17 +218,26 @@ def pick(pe: Session, pending: list[Proposal], t: Thresholds) -> Proposal:
     st.session_state.groups_pick = picked
     st.session_state.groups_pick_for = state
     by_key = {p.key: p for p in pending}
-    if costs.get(st.session_state.groups_pick) is None and pe.quality() is not None:
+    if costs.get(st.session_state.groups_pick) is None and measurable:
         # the proposal on screen: its cost is shown below anyway (and says why it fails)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), st.spinner(
+                "measuring what accepting the proposal on screen costs (a forward)"):
             costs[st.session_state.groups_pick] = pe.proposal_cost(
                 by_key[st.session_state.groups_pick])
-    measurable = pe.quality() is not None  # not on meta: no weights, no cost to show
     chosen = c[0].selectbox(
         "Proposal", keys, key="groups_pick",
         format_func=lambda k: by_key[k].group.title + (
             f" · {cost_label(costs.get(k), t)}" if measurable else ""))
     return by_key[chosen]
+
+
+COLOUR = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
+
+
+def cost_box(pe: Session, now: Quality, after: Quality, t: Thresholds) -> None:
+    """A measured cost in the colour of its severity."""
+    st.markdown(f":{COLOUR[severity(after, t)]}-background["
+                f"{cost_sentence(now, after, t, pe.quality_source, pe.compensation)}]")
 
 
 def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
@@ -243,9 +255,7 @@ def cost(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
         return None
     if after is None:
         return None
-    colour = {Severity.OK: "green", Severity.WARN: "orange", Severity.ALARM: "red"}
-    st.markdown(f":{colour[severity(after, t)]}-background["
-                f"{cost_sentence(quality, after, t, pe.quality_source, pe.compensation)}]")
+    cost_box(pe, quality, after, t)
     if pe.tokenizer is not None and callable(getattr(pe.model, "generate", None)):
         with st.expander("Greedy continuations if accepted", expanded=True):
             prompts = prompts_box("groups_prompts")
@@ -272,7 +282,8 @@ def tradeoff(pe: Session, verdict: Verdict | None, after: Quality | None,
     trail.record(len(pe.pruner.history.edits), pe.params, quality, label)  # model changes
     would_be = (verdict.params, after) if verdict is not None and verdict.ok and \
         verdict.params and after is not None else None
-    st.plotly_chart(trail.figure(quality, would_be=would_be, thresholds=t),
+    st.plotly_chart(trail.figure(quality, would_be=would_be, thresholds=t,
+                                 source=pe.quality_source),
                     key="groups_tradeoff", width="stretch")
 
 
@@ -291,10 +302,10 @@ def subgraph(pe: Session, p: Proposal, verdict: Verdict) -> None:
 
 
 def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
-                 pending: list[Proposal], equal: dict[int, int] | None) -> None:
+                 pending: list[Proposal], equal: dict[int, int] | None, t: Thresholds) -> None:
     """Before Accept: whether the cut keeps a `from_pretrained` folder, and one click for the
-    same cut in every layer; ``equal``: the counts that cut every layer of a group whose
-    layers share tensors alike (the counts on screen do not)."""
+    same cut in every layer (and, asked, its cost); ``equal``: the counts that cut every
+    layer of a group whose layers share tensors alike (the counts on screen do not)."""
     on_screen = edited(p, counts)
     if layered(p) and not verdict.ok:
         if equal is not None:
@@ -322,9 +333,24 @@ def export_aware(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verd
                + "; ".join(f"`{line}`" for line in cache[key][:3])
                + (" ..." if len(cache[key]) > 3 else "") + "."
                + (" Cut the same in every layer to keep one." if same is not None else ""))
-    if same is not None:
-        st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",
-                  type="primary", on_click=lambda: pe.accept(same, on_screen))
+    if same is None:
+        return
+    # its cost is not the one above (one layer): a newcomer accepted 30 layers' worth unseen
+    quality = pe.quality()
+    after = pe.cost_if_measured(same, on_screen)
+    if after is None and quality is not None and st.button(
+            f"What does the same cut in all {len(same.keys)} layers cost?",
+            key="groups_same_cost", help="apply it to a copy with weights and measure"):
+        try:
+            with st.spinner(f"measuring the same cut in all {len(same.keys)} layers"):
+                after = pe.proposal_cost(same, on_screen)
+        except Exception as exc:  # noqa: BLE001 - shown as one line, the page still works
+            st.warning(f"could not measure what it costs: {exc}")
+    if after is not None and quality is not None:
+        st.markdown(f"The same cut in all {len(same.keys)} layers:")
+        cost_box(pe, quality, after, t)
+    st.button(f"Accept the same cut in all {len(same.keys)} layers", key="groups_same_cut",
+              type="primary", on_click=lambda: pe.accept(same, on_screen))
 
 
 def actions(pe: Session, p: Proposal, counts: dict[int, int], verdict: Verdict,
@@ -416,7 +442,8 @@ def main() -> None:
     st.subheader(f"Group {p.group.id}: {p.group.title}")
     counts = counts_editor(pe, p)
     try:
-        verdict = pe.preflight(p, edited(p, counts))
+        with st.spinner("pre-flight: the cut on a weightless copy"):  # cached: shown once
+            verdict = pe.preflight(p, edited(p, counts))
     except ValueError as exc:  # a count out of range
         verdict = Verdict(False, error=str(exc))
     # unequal per-layer counts of a group whose layers share tensors: the answer is equal
@@ -429,7 +456,7 @@ def main() -> None:
         show(pe.message)
     verdict_box(pe, p, verdict, joint)
     after = cost(pe, p, counts, verdict, t)
-    export_aware(pe, p, counts, verdict, pending, equal)
+    export_aware(pe, p, counts, verdict, pending, equal, t)
     actions(pe, p, counts, verdict, joint)
     tradeoff(pe, verdict, after, t)
     chart(pe, p, counts)

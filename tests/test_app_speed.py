@@ -20,8 +20,10 @@ import torch
 from explorer.app.session import Session
 from explorer.io.specs import load_model
 from explorer.prune import importance
-from explorer.prune.preflight import Preflight
+from explorer.prune.preflight import Preflight, meta_copy
 from explorer.prune.pruner import Pruner
+from explorer.prune.removal import PruneError, Removal, apply_removal
+from explorer.prune.uniform import breaks_uniform, differing, same_cut_everywhere, shapes_by_kind
 from explorer.quality import probe
 
 LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=4&num_attention_heads=4"
@@ -128,6 +130,24 @@ def test_a_recorded_cut_that_breaks_the_forward_restores_nothing(
     assert _state(again) == fresh and again.actions == []
 
 
+def test_a_replay_stopped_by_a_stale_decision_settles_the_cuts_before_it(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        live: tuple[Session, dict[str, Any]]) -> None:
+    model, inputs = llama
+    accepts = [a for a in live[0].actions if a["do"] == "accept"][:2]
+    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    assert again.replay([*accepts, {"do": "reject", "keys": [["nowhere", 0, 0]]}]) == 2
+    assert again.message is not None and again.message.text == (
+        "replayed 2 of 3 decisions; decision 3 (reject) no longer applies: its group is not "
+        "pending")
+    history = again.pruner.history
+    assert not history._unsettled and history.now.graph is not None  # config and analysis
+    twice = Session(model, inputs, spec=LLAMA, heads="whole")
+    assert twice.replay(accepts) == 2
+    assert again.model.config.to_dict() == twice.model.config.to_dict()
+    assert again.history == twice.history
+
+
 def test_a_replayed_criterion_switch_scores_once_when_asked(
         llama: tuple[torch.nn.Module, tuple[Any, ...]],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,6 +169,51 @@ def test_a_replayed_criterion_switch_scores_once_when_asked(
     assert [p.key for p in again.proposals()] == expected
     assert passes == [1]
     _same_values(again.model, live.model)
+
+
+def test_groups_are_scored_once_per_model_state_and_settings(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proposals and the statement of what the settings cut read the same scores; an
+    accept or a settings change scores again."""
+    model, inputs = llama
+    pe = Session(model, inputs, spec=LLAMA)
+    scored: list[str] = []
+    original = importance.Magnitude.scores
+    monkeypatch.setattr(importance.Magnitude, "scores", lambda self, m, c, g: scored.append(
+        g.title) or original(self, m, c, g))
+    pending = pe.proposals()
+    groups = len(scored)
+    assert groups == len(pending) > 1
+    assert pe.statement().params_after < pe.params
+    pe.pruner.common_fraction([pending[0].removal()])
+    assert len(scored) == groups  # nothing scored again
+    assert pe.accept(pending[0])
+    pe.proposals()
+    assert len(scored) == 2 * groups  # the new state: every group scored once
+    pe.statement()
+    assert pe.configure("magnitude", 0.25, pe.heads)
+    assert len(scored) == 3 * groups
+
+
+def test_breaks_uniform_reads_the_shapes_a_cut_would_make(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]]) -> None:
+    """`breaks_uniform` predicts the shapes from the kept indices (no copy is cut): the same
+    lines as cutting a weightless copy, for every proposal and the same cut in all layers."""
+    model, inputs = llama
+    pe = Session(model, inputs, spec=LLAMA, heads="whole")
+    pending = pe.proposals()
+    same = same_cut_everywhere(pending[1], pending)
+    assert same is not None
+    for p in [*pending, same]:
+        trial = meta_copy(pe.model)
+        apply_removal(trial, pe.graph.coupling, p.removal())
+        cut = differing(shapes_by_kind(trial))
+        assert breaks_uniform(pe.model, pe.graph.coupling, p.removal()) == cut
+    assert breaks_uniform(pe.model, pe.graph.coupling, same.removal()) == []
+    assert breaks_uniform(pe.model, pe.graph.coupling, pending[1].removal()) != []
+    with pytest.raises(PruneError, match="group 999 does not exist"):
+        breaks_uniform(pe.model, pe.graph.coupling, Removal({(999, 0): [0]}))
 
 
 @pytest.mark.parametrize("refit", ["none", "bias"])

@@ -30,6 +30,9 @@ pytestmark = [
 ]
 
 
+STALE_GONE = "!document.querySelector(\"[data-stale='true']\")"  # a rerun is fully drawn
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -276,8 +279,10 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server)
-            page.get_by_role("link", name="Groups").wait_for(timeout=90_000)
-            # the sidebar is the app's navigation from the start, never the pages folder
+            # The sidebar is the app's navigation, never the pages folder. (Only the first run
+            # of a fresh server lists that folder, Streamlit's multipage v1, until app.py's
+            # st.navigation replaces it in the same run: waited for, not raced.)
+            page.get_by_role("link", name="Dimensions & heads").wait_for(timeout=90_000)
             assert page.get_by_role("link", name="session").count() == 0
             page.get_by_text("prunable groups").wait_for(timeout=90_000)
             page.get_by_text("Local checkpoint and data (real weights").click()
@@ -289,12 +294,14 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
                 box.fill(value)
                 box.press("Enter")
                 page.wait_for_timeout(300)
+                page.wait_for_function(STALE_GONE, timeout=120_000)  # the rerun is drawn
             for name, value in (("Samples (0 = all)", "8"), ("Sequence length", "32"),
                                 ("Batch size", "4")):
                 box = page.get_by_role("spinbutton", name=name)  # not its help button
                 box.fill(value)
                 box.press("Enter")
                 page.wait_for_timeout(300)
+                page.wait_for_function(STALE_GONE, timeout=120_000)  # the rerun is drawn
             page.wait_for_timeout(500)
             page.get_by_role("button", name="Load and trace").click()
             page.get_by_test_id("stMetricLabel").filter(has_text="perplexity").first.wait_for(
@@ -315,6 +322,12 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
             same.wait_for(timeout=300_000)
             page.get_by_text("makes widths differ between layers").wait_for(timeout=60_000)
             page.screenshot(path=str(SHOTS / "smollm2_groups.png"), full_page=True)
+            # the same cut in every layer costs far more than one layer: seen before Accept
+            page.get_by_role("button", name="What does the same cut in all 30 layers cost?"
+                             ).click()
+            page.get_by_text("The same cut in all 30 layers:").wait_for(timeout=600_000)
+            page.wait_for_function(STALE_GONE, timeout=300_000)
+            same = page.get_by_role("button", name="Accept the same cut in all 30 layers")
             page.wait_for_timeout(500)
             same.click()
             page.get_by_text("accepted 30 group(s)").wait_for(timeout=600_000)
@@ -322,8 +335,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
             page.get_by_text(re.compile(r"Group \d+: 9 heads x 64")).wait_for(timeout=300_000)
             page.get_by_text("trade-off: quality against parameters").first.wait_for(
                 timeout=300_000)
-            page.wait_for_function("!document.querySelector(\"[data-stale='true']\")",
-                                   timeout=300_000)
+            page.wait_for_function(STALE_GONE, timeout=300_000)
             page.screenshot(path=str(SHOTS / "smollm2_accepted.png"), full_page=True)
 
             page.get_by_role("link", name="Export").click()

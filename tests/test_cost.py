@@ -96,5 +96,8 @@ def test_trail_keeps_the_chain_of_decisions_across_undo() -> None:
     assert [(p[0], p[1]) for p in trail.points.values()] == [(100, 25), (80, 27), (70, 30)]
     fig = trail.figure(_lm(25, 30), would_be=(50, _lm(25, 9000)))
     assert fig.layout.yaxis.type == "log"  # perplexity spans orders of magnitude
+    assert fig.layout.yaxis.title.text == "perplexity (held-out)"
+    said = trail.figure(_lm(25, 30), source="2 held-out samples × 32 tokens").layout.yaxis
+    assert said.title.text == "perplexity (2 held-out samples × 32 tokens)"
     assert [tr.name for tr in fig.data] == ["decisions so far", "if accepted"]
     assert fig.data[1].line.color == "#D62728"  # the red of an alarming cost

@@ -168,9 +168,10 @@ def headline(q: Quality) -> float:
     return q.top1 if q.top1 is not None else q.cosine
 
 
-def headline_name(q: Quality) -> str:
+def headline_name(q: Quality, source: str = "held-out") -> str:
+    """The trade-off curve's axis title, with what it was measured on (``source``)."""
     if q.perplexity_after is not None:
-        return "perplexity (held-out)"
+        return f"perplexity ({source})"
     return "top-1 agreement with the original" if q.top1 is not None else \
         "cosine to the original"
 
@@ -191,8 +192,9 @@ class Trail:
             self.points[changes] = (params, headline(q), label)
 
     def figure(self, q: Quality, *, would_be: tuple[int, Quality] | None = None,
-               thresholds: Thresholds | None = None) -> go.Figure:
-        """The curve so far; ``would_be`` (params, cost) adds the proposal on screen."""
+               thresholds: Thresholds | None = None, source: str = "held-out") -> go.Figure:
+        """The curve so far; ``would_be`` (params, cost) adds the proposal on screen;
+        ``source``: what the quality is measured on."""
         import plotly.graph_objects as go
 
         keys = sorted(self.points)
@@ -210,7 +212,8 @@ class Trail:
         log = q.perplexity_after is not None
         fig.update_layout(title="trade-off: quality against parameters",
                           xaxis={"title": "parameters", "autorange": "reversed"},
-                          yaxis={"title": headline_name(q), "type": "log" if log else "linear"},
+                          yaxis={"title": headline_name(q, source),
+                                 "type": "log" if log else "linear"},
                           height=320, margin={"l": 50, "r": 10, "t": 40, "b": 40})
         return fig
 

@@ -271,12 +271,12 @@ class Session(Workspace):
             done = self._replay(actions, skipped, progress)
         finally:
             self._replaying = False
-        if done < 0:
-            return -done - 1
-        problem = self._settle(start)
+        problem = self._settle(start)  # also after a decision that no longer applies
         if problem is not None:
             self.message = Message.error(f"restored no decisions: {problem}")
             return 0
+        if done < 0:  # `message` says which decision stopped it
+            return -done - 1
         if skipped:
             self.message = Message.error("; ".join([f"restored {done} of {len(actions)} "
                                                     "decisions", *skipped]))

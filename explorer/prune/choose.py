@@ -76,6 +76,7 @@ class Chooser:
         self._calibration: Calibration | None = None
         self._prepared_at: int | None = None  # the version the criterion was prepared on
         self._flight: tuple[int, Preflight] | None = None
+        self._scored: tuple[tuple[Any, ...], list[Candidate], list[Skip]] | None = None
         self.targets = resolve_targets(config.targets, config.heads, self.graph, self.groups)
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -208,7 +209,15 @@ class Chooser:
         return group.prunable and bool(self.target_axes(group))
 
     def candidates(self) -> tuple[list[Candidate], list[Skip]]:
-        """Every prunable axis with its scores, and why the other groups are skipped."""
+        """Every prunable axis with its scores, and why the other groups are skipped (scored
+        once per model version, settings and criterion: proposals, the statement of what the
+        settings cut and a joint set's common fraction read the same scores)."""
+        key = (self.version, self.settings(), id(self.criterion))
+        if self._scored is None or self._scored[0] != key:
+            self._scored = (key, *self._score())
+        return list(self._scored[1]), list(self._scored[2])
+
+    def _score(self) -> tuple[list[Candidate], list[Skip]]:
         self._prepare()
         cands: list[Candidate] = []
         skipped: list[Skip] = []

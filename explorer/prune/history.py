@@ -153,13 +153,13 @@ class History:
 
     # ------------------------------------------------------------------ edits
     @contextmanager
-    def _commit(self, kind: EditKind, what: str, settle: bool = True) -> Iterator[Edit]:
+    def _commit(self, kind: EditKind, what: str) -> Iterator[Edit]:
         """The one path every edit takes: the body changes the model (filling the yielded
         `Edit`) inside a transaction; on success the edit is recorded, on failure the
-        model, its analysis and the config note are as they were (``settle``: the config
-        follows redone cuts first, so the state an undo puts back has it in line)."""
-        if settle:
-            self.settle()
+        model, its analysis and the config note are as they were. A cut redone before it
+        is settled first (its config follows), so every state an undo puts back, and every
+        record, is the one the live edits made."""
+        self.settle()
         edit = Edit(kind, what, self.now, None, self.config_note, Applied({}, {}, {}))
         try:
             with transaction(self.model) as captured:
@@ -195,14 +195,15 @@ class History:
         """Redo a cut recorded earlier with ``apply`` (exact indices and attributes, e.g. a
         saved session's accept: `explorer.io.plan.redo_step`), as one edit.
 
-        Nothing is analysed and the config does not follow yet: the model is traced when its
-        analysis is next read, and the config follows at the next edit or `settle`, so a
-        replay of many recorded cuts costs one analysis. Its undo re-derives the config.
+        Nothing is analysed: the model is traced when its analysis is next read, so a replay
+        of many recorded cuts costs one analysis. The config follows at the next edit or
+        `settle` (as after each live cut: where it follows depends on the states before).
+        Its undo re-derives the config.
 
         Raises:
             Whatever ``apply`` raises (it changes nothing then); nothing is changed.
         """
-        with self._commit(EditKind.CUT, what, settle=False) as edit:
+        with self._commit(EditKind.CUT, what) as edit:
             edit.applied = apply(self.model)
             edit.keys, edit.titles, edit.report = list(keys), list(titles), list(lines)
             self.now = Analysis(None, None, next(self._versions))

@@ -3,7 +3,7 @@
 A transformers config holds one ``intermediate_size`` (one head count, one head size) for
 every layer, so a ``from_pretrained`` folder can describe a pruned model only while every
 layer of a kind keeps the same shapes. `breaks_uniform` says, before a cut is applied, which
-kinds it would make differ (on a weightless copy); `same_cut_everywhere` offers the same cut
+kinds it would make differ (from the indices it keeps); `same_cut_everywhere` offers the same cut
 in the other layers as one joint proposal.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.targets import target_of
-from .preflight import meta_copy
 from .proposal import Proposal
-from .removal import Removal, apply_removal
+from .removal import Removal, removed_atoms
 
 SAME_CUT = ("the same cut in every layer, so every layer of a kind keeps one width and the "
             "export stays a from_pretrained folder")  # the reason of `same_cut_everywhere`
@@ -64,17 +63,22 @@ def differing(shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> list[str]:
 
 def breaks_uniform(model: nn.Module, coupling: Coupling, removal: Removal) -> list[str]:
     """The kinds whose layers ``removal`` would make differ in shape (kinds that differ
-    already are left out), measured on a weightless copy; ``model`` is untouched.
+    already are left out), from the indices it keeps (no copy is cut); ``model`` is
+    untouched.
 
     Raises:
         PruneError: if the removal does not fit the model.
     """
     before = set(differing(shapes_by_kind(model)))
-    trial = meta_copy(model)
-    apply_removal(trial, coupling, removal)
+    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
+    after: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, p in model.named_parameters():
+        kind, layer = kind_of(name)
+        if layer:
+            after.setdefault(kind, {})[layer] = tuple(
+                len(keeps[(name, d)]) if (name, d) in keeps else n for d, n in enumerate(p.shape))
     kinds_before = {line.split(":", 1)[0] for line in before}
-    return [line for line in differing(shapes_by_kind(trial))
-            if line.split(":", 1)[0] not in kinds_before]
+    return [line for line in differing(after) if line.split(":", 1)[0] not in kinds_before]
 
 
 def _signature(p: Proposal) -> tuple[object, ...]:

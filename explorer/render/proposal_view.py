@@ -218,14 +218,17 @@ class Card:
     inverse: bool = False  # a fall is good (sizes)
 
 
-def signed(n: int, unit: str, start: int) -> str | None:
-    """A metric card's delta: ``-18.6 M params (-13.8 %)``; None when nothing changed (a bare
-    ``0`` under a count reads as a fault)."""
+def signed(n: int, unit: str) -> str | None:
+    """A metric card's delta: ``-18.6 M params``; None when nothing changed (a bare ``0``
+    under a count reads as a fault). Short: a longer chip is cut off in its column."""
     from .figures import compact
     if n == 0:
         return None
-    share = f" ({n / start:+.1%})" if start else ""
-    return f"{'+' if n > 0 else ''}{compact(n)} {unit}{share}"
+    return f"{'+' if n > 0 else ''}{compact(n)} {unit}"
+
+
+def _share(n: int, start: int) -> str:
+    return f" ({n / start:+.1%})" if start and n else ""
 
 
 def metric_cards(params: tuple[int, int], macs: tuple[int, int], pending: int,
@@ -239,33 +242,34 @@ def metric_cards(params: tuple[int, int], macs: tuple[int, int], pending: int,
     (p_now, p_start), (m_now, m_start) = params, macs
     after = after_accept(verdict, m_now)
     return [
-        Card("parameters", compact(p_now), signed(p_now - p_start, "params", p_start),
-             f"{p_now:,} (start {p_start:,})", True),
-        Card("MACs", compact(m_now), signed(m_now - m_start, "MACs", m_start),
-             f"{m_now:,} (start {m_start:,})", True),
+        Card("parameters", compact(p_now), signed(p_now - p_start, "params"),
+             f"{p_now:,} (start {p_start:,}{_share(p_now - p_start, p_start)})", True),
+        Card("MACs", compact(m_now), signed(m_now - m_start, "MACs"),
+             f"{m_now:,} (start {m_start:,}{_share(m_now - m_start, m_start)})", True),
         Card("pending groups", pending),
         None if after is None else Card(
-            "params after Accept", compact(after[0]), signed(after[0] - p_now, "params", p_now),
-            f"{after[0]:,} parameters; MACs {signed(after[1], 'MACs', m_now) or 'unchanged'}",
-            True),
+            "params after Accept", compact(after[0]), signed(after[0] - p_now, "params"),
+            f"{after[0]:,} parameters{_share(after[0] - p_now, p_now)}; MACs "
+            f"{signed(after[1], 'MACs') or 'unchanged'}", True),
         None if quality is None else Card(*quality_text(quality),
                                           help=f"against the original, on {source}"),
     ]
 
 
-def quality_note(quality: Quality, source: str, spec: str, heldout: str = "") -> str:
-    """One line under a quality figure: what it was measured on and how to get the figure on
-    the whole held-out file (the app measures a few samples, so its perplexity differs)."""
+def quality_note(quality: Quality, source: str, spec: str, heldout: str = ""
+                 ) -> tuple[str, str]:
+    """One line under a quality figure (and its hover text): what it was measured on and how
+    to get the figure on the whole held-out file (the app measures a few samples, so its
+    perplexity differs from the CLI's)."""
     from .figures import quality_text
-    label = quality_text(quality)[0]
+    label = quality_text(quality)[0].capitalize()
     if source.startswith("random"):
-        return (f"{label.capitalize()} on {source}: give held-out data on the Model page "
-                f"(Local checkpoint and data) for a figure on real samples.")
-    data = heldout or "HELDOUT"
-    return (f"{label.capitalize()} here is measured on {source}, quick enough to compare "
-            f"decisions; it differs from a figure on the whole held-out file. For that: export "
-            f"`hf`, then `python -m explorer evaluate --model hf:EXPORT --reference {spec} "
-            f"--eval {data}`.")
+        return (f"{label} on {source}: give held-out data on the Model page for a figure on "
+                f"real samples.", "under Local checkpoint and data")
+    return (f"{label} on {source}: quick, to compare decisions; on the whole held-out file it "
+            f"reads differently. For that figure export `hf`, then run `explorer evaluate`.",
+            f"`python -m explorer evaluate --model hf:EXPORT --reference {spec} --eval "
+            f"{heldout or 'HELDOUT'}`")
 
 
 def member_table(group: Group) -> list[dict[str, Any]]:

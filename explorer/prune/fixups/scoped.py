@@ -18,6 +18,7 @@ source line the trace recorded names the attribute at each position.
 from __future__ import annotations
 
 import ast
+import functools
 import linecache
 import re
 from collections.abc import Callable, Iterator
@@ -156,9 +157,15 @@ def _slice_bounds(coupling: Coupling, node: OpNode, own: dict[str, int | tuple[i
 def _named_bounds(location: str, attrs: dict[str, int | tuple[int, ...]]
                   ) -> list[tuple[str, str]]:
     """``(attr, "lower"|"upper")`` for every ``self.<attr>`` slice bound in the statement."""
+    return [(attr, bound) for attr, bound in _slice_bounds_of(location) if attr in attrs]
+
+
+@functools.lru_cache(maxsize=4096)  # a statement is parsed once, not at every cut
+def _slice_bounds_of(location: str) -> tuple[tuple[str, str], ...]:
+    """``(attr, "lower"|"upper")`` for every ``self.<attr>`` slice bound in the statement."""
     path, _, line = location.rpartition(":")
     if not line.isdigit():
-        return []
+        return ()
     first = int(line)
     text = " ".join(linecache.getline(path, n).strip() for n in range(first, first + 4))
     found: list[tuple[str, str]] = []
@@ -177,9 +184,9 @@ def _named_bounds(location: str, attrs: dict[str, int | tuple[int, ...]]
                 continue
             for bound, e in (("lower", part.lower), ("upper", part.upper)):
                 if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and \
-                        e.value.id == "self" and e.attr in attrs:
+                        e.value.id == "self":
                     found.append((e.attr, bound))
-    return list(dict.fromkeys(found))
+    return tuple(dict.fromkeys(found))
 
 
 def _positional(coupling: Coupling, node: OpNode, count: Callable[[np.ndarray], int]
@@ -210,25 +217,32 @@ def _named_positions(location: str, values: list[int],
                      attrs: dict[str, int | tuple[int, ...]]) -> list[str | None] | None:
     """The ``self.<attr>`` at each position of the list or call arguments in the source
     statement that match ``values`` (None where the element is not such an attribute)."""
+    for names in _positions_of(location):
+        if len(names) == len(values) and any(names) and all(
+                n is None or attrs.get(n) == v for n, v in zip(names, values, strict=True)):
+            return list(names)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)  # a statement is parsed once, not at every cut
+def _positions_of(location: str) -> tuple[tuple[str | None, ...], ...]:
+    """Per list or call arguments of the source statement at ``location``: the
+    ``self.<attr>`` at each position (None where it is another expression)."""
     path, _, line = location.rpartition(":")
     if not line.isdigit():
-        return None
+        return ()
     first = int(line)  # a statement's first line; its arguments may follow on the next
     text = " ".join(linecache.getline(path, n).strip() for n in range(first, first + 4))
+    out: list[tuple[str | None, ...]] = []
     for segment in _bracketed(text):
         try:
             tree = ast.parse(segment, mode="eval").body
         except SyntaxError:
             continue
         elts = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
-        if len(elts) != len(values):
-            continue
-        names = [e.attr if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name)
-                 and e.value.id == "self" else None for e in elts]
-        if any(names) and all(n is None or attrs.get(n) == v
-                              for n, v in zip(names, values, strict=True)):
-            return names
-    return None
+        out.append(tuple(e.attr if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name)
+                         and e.value.id == "self" else None for e in elts))
+    return tuple(out)
 
 
 def _bracketed(text: str) -> Iterator[str]:

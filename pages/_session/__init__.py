@@ -1,4 +1,6 @@
-"""Shared by app.py and the pages (not a page itself): the model cache, session loading, the
+"""Shared by app.py and the pages (not a page itself, so a package: the first run of a fresh
+server lists pages/*.py in the sidebar, Streamlit's multipage v1, until app.py's st.navigation
+replaces it; a package is not listed): the model cache, session loading, the
 live sessions of this server (`explorer.app.registry`: one per session id, shared by its tabs,
 within a memory budget) and the session log on disk that brings an evicted session, a refresh
 or a server restart back (`explorer.app.store`)."""
