@@ -27,7 +27,7 @@ page = st.navigation([
     st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ])
 
-from explorer.app.registry import trim_heap  # noqa: E402
+from explorer.app.allocator import trim_heap  # noqa: E402
 from pages._session import restore_or_start  # noqa: E402 - torch: after the navigation
 
 restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh

@@ -212,7 +212,7 @@ def _rss_mb() -> float:
 def test_trim_heap_gives_freed_heap_pages_back() -> None:
     """Freed blocks between live ones stay in the process (glibc's arenas) until trimmed:
     what the app does after every page run (`app.py`)."""
-    from explorer.app.registry import trim_heap
+    from explorer.app.allocator import trim_heap
     blocks = [bytearray(4000) for _ in range(50_000)]  # 200 MB of heap, not mmap
     for i in range(len(blocks)):
         blocks[i][0] = 1  # touched: resident

@@ -12,18 +12,17 @@ elsewhere no budget applies and `memory_short` says nothing.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar, cast
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
+
+from .allocator import trim_heap
 
 T = TypeVar("T")
 
@@ -189,27 +188,4 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def trim_heap() -> bool:
-    """Give heap pages freed since (a forward's activations, a pre-flight's or a cost's
-    copies) back to the system; whether it could (glibc's ``malloc_trim``; elsewhere a no-op).
-
-    glibc keeps freed memory in its arenas: without this the server's RSS grows by a few
-    hundred MB on a 135 M model that no object holds (measured on SmolLM2: after three
-    accepts 215 MB came back, docs/app.md)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return cast(Callable[[int], int], libc.malloc_trim)
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
-        return None
-
-
-__all__ = ["Registry", "available_bytes", "memory_short", "tensor_bytes", "trim_heap"]
+__all__ = ["Registry", "available_bytes", "memory_short", "tensor_bytes"]
