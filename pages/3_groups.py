@@ -423,7 +423,9 @@ def main() -> None:
     t = thresholds()
     settings(pe)
     try:
-        pending = pe.proposals()
+        with st.spinner("scoring the groups (a data-aware criterion: a pass over the "
+                        "calibration data after every change)"):
+            pending = pe.proposals()  # cached per model state: instant after the first
     except Exception as exc:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
         st.error(f"cannot compute proposals: {exc}")
         st.stop()

@@ -269,3 +269,52 @@ def test_replayed_cuts_equal_the_live_session(
     monkeypatch.undo()
     assert again.undo() and live_pe.undo()
     assert _state(again) == _state(live_pe)
+
+
+def _scores(pruner: Pruner) -> dict[tuple[Any, ...], Any]:
+    return {(c.group.key, c.axis): c.scores for c in pruner.candidates()[0]}
+
+
+def test_activation_scores_follow_a_cut_and_its_undo_without_a_calibration_pass(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a session (``remeasure`` off) an accept carries the activation norms through the
+    cut: kept channels keep their scores, no calibration pass runs, an undo finds the scores
+    of before; the CLI's steps (``remeasure`` on) measure again."""
+    model, inputs = copy.deepcopy(llama[0]), llama[1]
+    gen = torch.Generator().manual_seed(1)
+    calib = [(torch.randint(0, 128, (4, 12), generator=gen),) for _ in range(2)]
+    from explorer.prune.calibration import Calibration
+    data = Calibration(calib)
+    passes = [0]
+    norms = importance.activation_norms
+
+    def counted(*a: Any, **k: Any) -> Any:
+        passes[0] += 1
+        return norms(*a, **k)
+
+    monkeypatch.setattr(importance, "activation_norms", counted)
+    pruner = Pruner(model, inputs, importance="activation", ratio=0.25, calibration=data)
+    pruner.remeasure = False
+    before = _scores(pruner)
+    assert passes[0] == 1
+    mlp = next(p for p in pruner.pending() if "mlp" in p.group.title)
+    axis, removed = mlp.axes[0], set(mlp.changes[0].removed)
+    assert pruner.accept(mlp).ok
+    after = _scores(pruner)
+    assert passes[0] == 1  # carried, not measured again
+    key = (mlp.group.key, axis)
+    kept = [i for i in range(len(before[key])) if i not in removed]
+    assert after[key].tolist() == pytest.approx(before[key][kept].tolist(), rel=1e-6)
+    for k, v in before.items():  # groups the cut did not touch score as before
+        if k != key and k in after and len(after[k]) == len(v) and "mlp" in k[0][0]:
+            assert after[k].tolist() == pytest.approx(v.tolist(), rel=1e-6)
+    pruner.undo()
+    undone = _scores(pruner)
+    assert undone.keys() == before.keys()
+    for k, v in before.items():
+        assert undone[k].tolist() == pytest.approx(v.tolist(), rel=1e-6)
+    assert passes[0] == 1
+    pruner.remeasure = True  # the CLI's iterative steps measure on the pruned model
+    assert pruner.accept(next(p for p in pruner.pending() if "mlp" in p.group.title)).ok
+    _scores(pruner)
+    assert passes[0] == 2

@@ -97,6 +97,8 @@ def test_trail_keeps_the_chain_of_decisions_across_undo() -> None:
     fig = trail.figure(_lm(25, 30), would_be=(50, _lm(25, 9000)))
     assert fig.layout.yaxis.type == "log"  # perplexity spans orders of magnitude
     assert fig.layout.yaxis.title.text == "perplexity (held-out)"
+    near = trail.figure(_lm(25, 30), would_be=(50, _lm(25, 700)))  # x28: a linear axis
+    assert near.layout.yaxis.type == "linear"  # (a log one labelled 200, 300 as "2", "3")
     said = trail.figure(_lm(25, 30), source="2 held-out samples × 32 tokens").layout.yaxis
     assert said.title.text == "perplexity (2 held-out samples × 32 tokens)"
     assert [tr.name for tr in fig.data] == ["decisions so far", "if accepted"]

@@ -10,8 +10,7 @@ at 128 KiB (blocks above it are mapped on their own and unmapped when freed). To
 allocator has no cache of its own; it calls ``malloc``.
 
 The threshold is a process setting, so the entry points set it (the command line), never
-the library: a program embedding ``explorer`` keeps its own. A long-lived server gives the
-freed pages of its heap back after each page run instead (`trim_heap`, ``app.py``).
+the library: a program embedding ``explorer`` keeps its own.
 """
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ def trim_heap() -> bool:
 
     glibc keeps freed memory in its arenas: without this the server's RSS grows by a few
     hundred MB on a 135 M model that no object holds (measured on SmolLM2: after three
-    accepts 215 MB came back, docs/app.md)."""
+    accepts 215 MB came back, docs/app.md); the app calls it after every page run (`app.py`)."""
     trim = _malloc_trim()
     if trim is None:
         return False

@@ -176,6 +176,9 @@ def headline_name(q: Quality, source: str = "held-out") -> str:
         "cosine to the original"
 
 
+LOG_SPREAD = 100  # a trade-off curve spanning more than this factor gets a log axis
+
+
 @dataclass
 class Trail:
     """Quality against parameters after each model change of a session, for the trade-off
@@ -209,7 +212,12 @@ class Trail:
                             mode="lines+markers", name="if accepted",
                             line={"dash": "dash", "color": COLOUR[level]},
                             marker={"color": COLOUR[level], "size": [6, 12]})
-        log = q.perplexity_after is not None
+        # log only across orders of magnitude: over 60 -> 700 plotly labels the log axis
+        # 100, 2, 3 (for 200, 300), which reads as perplexities of 2 and 3
+        shown = [y for y in ys + ([headline(would_be[1])] if would_be else [])
+                 if math.isfinite(y) and y > 0]
+        log = q.perplexity_after is not None and bool(shown) and \
+            max(shown) > LOG_SPREAD * min(shown)
         fig.update_layout(title="trade-off: quality against parameters",
                           xaxis={"title": "parameters", "autorange": "reversed"},
                           yaxis={"title": headline_name(q, source),

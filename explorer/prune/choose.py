@@ -75,6 +75,9 @@ class Chooser:
         self._calib_source = calibration
         self._calibration: Calibration | None = None
         self._prepared_at: int | None = None  # the version the criterion was prepared on
+        # False: after a cut, a criterion that can carries its statistics through it
+        # (`Criterion.follow`: no calibration pass); the app's sessions set it
+        self.remeasure = True
         self._flight: tuple[int, Preflight] | None = None
         self._scored: tuple[tuple[Any, ...], list[Candidate], list[Skip]] | None = None
         self.targets = resolve_targets(config.targets, config.heads, self.graph, self.groups)
@@ -168,6 +171,10 @@ class Chooser:
                                  f"plan structure only) and replay the plan on real weights")
             self.notes.append(f"the weights are on the meta device, so '{self.importance}' "
                               f"has no values: the lowest indices of each group are chosen")
+        if self.criterion.needs_data and not self.remeasure and self._prepared_at is not None \
+                and self.criterion.follow(self.model, self.history.applied):
+            self._prepared = True
+            return
         if self.criterion.needs_data:
             calib = self._calib()
         try:

@@ -40,7 +40,8 @@ Add one by subclassing `Criterion` and decorating it with ``@register("name")``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from typing import Any
@@ -53,6 +54,7 @@ from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, Member
 from ..graph.rng import kept_rng
 from .calibration import Calibration, batch_size, compute_loss, model_loss_applies
+from .removal import Applied
 
 Element = Callable[[str, int], "np.ndarray | None"]
 
@@ -79,6 +81,12 @@ class Criterion:
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         """Compute per-weight saliency tensors for the whole model."""
+
+    def follow(self, model: nn.Module, applied: Sequence[Applied]) -> bool:
+        """Score ``model`` after cuts from the statistics of an earlier `prepare`, without
+        data: ``applied`` is every cut on the model's timeline, oldest first. False (the
+        default) when a new `prepare` is needed."""
+        return False
 
     def tensor(self, name: str) -> torch.Tensor | None:
         """The saliency of every weight of parameter ``name`` (None: not scored)."""
@@ -494,8 +502,60 @@ class Activation(Criterion):
 
     def prepare(self, model: nn.Module, coupling: Coupling, calib: Calibration | None) -> None:
         norms = activation_norms(model, _need(calib), self.progress)
+        self._layers = list(norms)
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+        self._score(dict(model.named_modules()), norms)
+
+    def follow(self, model: nn.Module, applied: Sequence[Applied]) -> bool:
+        """The input norms measured by `prepare`, carried through the cuts: a layer's kept
+        input channels keep their norms (the one-shot reading of structured Wanda: the
+        statistics of the model before the cuts), so an accept in the app scores without a
+        calibration pass. False when a layer's norms cannot be traced to a measurement."""
+        modules = dict(model.named_modules())
+        norms: dict[str, torch.Tensor] = {}
+        for name in getattr(self, "_layers", []):
+            module = modules.get(name)
+            weight = getattr(module, "weight", None)
+            dim = input_dim(module) if module is not None else None
+            if not isinstance(weight, torch.Tensor) or dim is None:
+                return False
+            sq = self._known(weight)
+            if sq is None:
+                sq = self._carried(_qualified(name, "weight"), dim, applied)
+            if sq is None or sq.numel() != weight.shape[dim]:
+                return False
+            norms[name] = sq
+        if not norms:
+            return False
+        self._score(modules, norms)
+        return True
+
+    def _score(self, modules: dict[str, nn.Module], norms: dict[str, torch.Tensor]) -> None:
+        for name, sq in norms.items():  # remembered by weight tensor: an undo finds them
+            weight = getattr(modules.get(name), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                self._seen[id(weight)] = (weakref.ref(weight), sq)
         self.saliency, self._reduced, self._consumers = {}, {}, set()
-        self.add_statistics(dict(model.named_modules()), norms)
+        self.add_statistics(modules, norms)
+
+    def _known(self, weight: torch.Tensor) -> torch.Tensor | None:
+        hit = self._seen.get(id(weight))
+        return hit[1] if hit is not None and hit[0]() is weight else None
+
+    def _carried(self, key: str, dim: int, applied: Sequence[Applied]) -> torch.Tensor | None:
+        """The input norms of parameter ``key`` after the cuts: from the last tensor it
+        replaced whose norms are known, the kept indices of each later cut taken."""
+        sq: torch.Tensor | None = None
+        for cut in applied:
+            if key not in cut.previous:
+                continue
+            old = cut.previous[key]
+            known = self._known(old) if old is not None else None
+            sq = known if known is not None else sq
+            kept = cut.keeps.get((key, dim))
+            if sq is not None and kept is not None:
+                sq = sq[torch.as_tensor(kept, dtype=torch.long)]
+        return sq
 
     def add_statistics(self, modules: dict[str, nn.Module], norms: dict[str, torch.Tensor]
                        ) -> None:
