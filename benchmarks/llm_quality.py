@@ -200,9 +200,19 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
             "heads_removed": round(1 - q_heads / q_before, 4),
             "perplexity": round(ppl, 3), "top1": None if agree is None else round(agree, 4),
             "cpu_s": round(seconds, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_rss_gb": round(_peak_kb() / 2**20, 2),
             "params": sum(p.numel() for p in lm.model.parameters()) / params_before,
             "mlp_widths": [widths[0], widths[-1]], "notes": notes}
+
+
+def _peak_kb() -> int:
+    """This row's own peak RSS: VmHWM (``ru_maxrss`` also counts the parent's RSS at the
+    fork, which Linux carries over exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _query_heads(model: nn.Module, head_dim: int) -> int:
