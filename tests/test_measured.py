@@ -86,6 +86,19 @@ def test_a_cheap_deep_segment_behind_a_dear_one_is_not_taken_first() -> None:
     assert choose([kinked, steady], 150) == [5, 10]
 
 
+def test_a_coarse_index_waits_while_fine_ones_fill_the_budget() -> None:
+    """A whole kv group (one index of 500 parameters) is cheaper per parameter than the MLP
+    channels (100 each), but taking it would pass the budget by 300: the channels fill it."""
+    group = Curve("kv", (0, 1), (0, 500), (0.0, 0.5))
+    channels = Curve("mlp", (0, 10), (0, 1000), (0.0, 2.0))
+    assert choose([group, channels], 200) == [0, 2]
+    assert choose([group, channels], 650) == [1, 2]  # it fits now: first, then two channels
+    assert choose([Curve("kv", (0, 1), (0, 500), (0.0, 0.5))], 200) == [1]  # only it meets it
+    dear = Curve("kv", (0, 1), (0, 500), (0.0, 1.0))
+    short = Curve("mlp", (0, 3), (0, 300), (0.0, 0.3))  # too few channels to meet 450 alone
+    assert choose([dear, short], 450) == [1, 0]  # the group meets it: the channels go back
+
+
 # -- the setting ----------------------------------------------------------------------------
 def test_allocation_setting_and_global_pruning_stay_one_choice() -> None:
     assert Settings().allocation == "uniform" and not Settings().global_pruning

@@ -165,7 +165,10 @@ def _trial(model: nn.Module, coupling: Coupling, cand: Candidate, n: int, measur
 
 def choose(found: Sequence[Curve], budget: int) -> list[int]:
     """Counts per curve removing at least ``budget`` parameters (or all the curves allow)
-    with the least summed change: one index at a time, cheapest change per parameter first."""
+    with the least summed change: one index at a time, cheapest change per parameter first,
+    skipping an index that would pass the budget while smaller ones still fit (a whole kv
+    group beside MLP channels); then the cheapest indices left until the budget is met, and
+    last the dearest indices taken given back while the budget stays met."""
     slopes: list[list[tuple[float, float]]] = []  # per curve: (cost per param, params) per index
     for c in found:
         steps: list[tuple[float, float]] = []
@@ -178,16 +181,27 @@ def choose(found: Sequence[Curve], budget: int) -> list[int]:
             steps += [(worst, per_index)] * n
         slopes.append(steps)
     counts = [0] * len(found)
-    heap = [(s[0][0], i) for i, s in enumerate(slopes) if s]
-    heapq.heapify(heap)
     removed = 0.0
-    while removed < budget and heap:
-        _cost, i = heapq.heappop(heap)
-        removed += slopes[i][counts[i]][1]
-        counts[i] += 1
-        if counts[i] < len(slopes[i]):
-            heapq.heappush(heap, (slopes[i][counts[i]][0], i))
-    return counts
+    for fit in (True, False):  # first what fits in the budget, then what meets it
+        heap = [(s[counts[i]][0], i) for i, s in enumerate(slopes) if counts[i] < len(s)]
+        heapq.heapify(heap)
+        while removed < budget and heap:
+            _cost, i = heapq.heappop(heap)
+            size = slopes[i][counts[i]][1]
+            if fit and removed + size > budget:
+                continue  # this curve's next index passes the budget: leave it for now
+            removed += size
+            counts[i] += 1
+            if counts[i] < len(slopes[i]):
+                heapq.heappush(heap, (slopes[i][counts[i]][0], i))
+    while True:  # past the budget: give back the dearest indices that keep it met
+        back = [(slopes[i][n - 1][0], i) for i, n in enumerate(counts)
+                if n and removed - slopes[i][n - 1][1] >= budget]
+        if not back:
+            return counts
+        i = max(back)[1]
+        removed -= slopes[i][counts[i] - 1][1]
+        counts[i] -= 1
 
 
 def measured(model: nn.Module, coupling: Coupling, cands: Sequence[Candidate],
