@@ -156,10 +156,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="how channels are scored (default: activation on a language model "
                         "with a tokenizer, reading --calibration or built-in text; magnitude "
                         "otherwise)")
-    p.add_argument("--heads", default="dims", choices=HEAD_MODES,
+    p.add_argument("--heads", default=None, choices=HEAD_MODES,
                    help="dims: the same dims in every head; whole: whole heads (whole "
                         "key/value groups with their query heads under GQA); query: query "
-                        "heads inside every key/value group; keep: no attention change")
+                        "heads inside every key/value group; keep: no attention change "
+                        "(default: keep for a language model with real weights unless "
+                        "--targets names heads or residual, else dims)")
     p.add_argument("--targets", default=None, type=_targets, metavar="LIST",
                    help=f"what may be cut, comma-separated: {', '.join(TARGET_NAMES)} "
                         f"(or all). Default: all but residual on language models (token ids "
@@ -554,8 +556,10 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
     """Run the pruner's steps (and measure quality on ``--eval`` data); keep the original
     for that and for a ``report``."""
     chosen = defaults.choose(lm, args.importance, args.calibration, args.num_samples,
-                             weights=args.device != "meta" or bool(args.max_memory))
-    args.importance, args.calibration = chosen.importance, chosen.calibration
+                             weights=args.device != "meta" or bool(args.max_memory),
+                             heads=args.heads, targets=args.targets)
+    args.importance, args.calibration, args.heads = (chosen.importance, chosen.calibration,
+                                                     chosen.heads)
     calib, held = _data(args, lm)
     if args.generate:
         check_generates(lm.model, lm.tokenizer, args.model)
