@@ -583,7 +583,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         "forward_ok": all(r.forward_ok for r in reports),
         "output_shape_ok": all(r.output_shape_ok for r in reports),
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
-                    "error": u.error} for r in reports for u in r.unsafe],
+                    "error": u.error, "advice": u.advice} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
         "notes": list(dict.fromkeys([*([chosen.note] if chosen.note else []), *lm.notes,
                                      *(n for r in reports for n in r.notes)])),
@@ -644,7 +644,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         out["_text"] += "".join(f"\n  {line}" for line in _cut_lines(run.reports))
         for u in out["unsafe"]:
             out["_text"] += f"\n  unsafe group {u['group']}: {u['module']} {u['location']}: " \
-                            f"{u['error']}"
+                            f"{u['error']}" + (f"; {u['advice']}" if u["advice"] else "")
         if out["quality"] is not None:
             out["_text"] += "\n  " + _quality_line(out["quality"])
         out["_text"] += _generation_lines(run.generations)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group
+from ..coupling.heads import head_dim_ties
 from ..coupling.places import axis_layers
 from ..coupling.targets import parse_targets, target_of
 from ..coupling.vocab import Target
@@ -25,7 +26,7 @@ from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from .calibration import Calibration, load_calibration
 from .compensate import Compensation
-from .counts import global_counts, kept, local_counts
+from .counts import global_counts, kept, local_counts, tie_head_dims
 from .history import History
 from .importance import Criterion, lowest, make
 from .outer import outer_cut
@@ -80,6 +81,7 @@ class Chooser:
         self.remeasure = True
         self._flight: tuple[int, Preflight] | None = None
         self._scored: tuple[tuple[Any, ...], list[Candidate], list[Skip]] | None = None
+        self._ties: tuple[int, dict[int, dict[int, dict[int, int]]]] | None = None
         self.targets = resolve_targets(config.targets, config.heads, self.graph, self.groups)
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -260,6 +262,7 @@ class Chooser:
         c = self.config
         counts = (global_counts(cands, ratio, c.max_ratio, c.round_to) if c.global_pruning
                   else local_counts(cands, ratio, c.ratios, c.max_ratio, c.round_to))
+        counts = tie_head_dims(cands, counts, self._head_dim_ties())
         removal, changes = Removal(), []
         places: dict[int, dict[int, str]] = {}
         for cand, n in zip(cands, counts, strict=False):
@@ -275,6 +278,13 @@ class Chooser:
             changes.append(GroupChange(cand.group.id, cand.group.title, ax.role, idx, ax.size,
                                        ax.size - n, where=places[cand.group.id][cand.axis]))
         return removal, changes, skipped
+
+    def _head_dim_ties(self) -> dict[int, dict[int, dict[int, int]]]:
+        """Group id -> `head_dim_ties` of its head groups (read once per model version)."""
+        if self._ties is None or self._ties[0] != self.version:
+            self._ties = (self.version, {g.id: t for g in self.groups if g.heads is not None
+                                         and (t := head_dim_ties(self.coupling, g))})
+        return self._ties[1]
 
     def _step_ratio(self) -> float:
         return self.ratio * min(self.current_step + 1, self.steps) / self.steps

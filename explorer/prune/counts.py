@@ -1,5 +1,6 @@
 """How many channels each candidate axis loses at a ratio: per group (local) or ranked across
-groups (global), rounded to multiples, with a floor. Pure functions of scored candidates."""
+groups (global), rounded to multiples, with a floor, and value head dims tied to the query/key
+dims of a rotary model. Pure functions of scored candidates."""
 from __future__ import annotations
 
 import math
@@ -71,6 +72,25 @@ def global_counts(cands: list[Candidate], ratio: float, max_ratio: float, round_
     return counts
 
 
+def tie_head_dims(cands: list[Candidate], counts: list[int],
+                  ties: Mapping[int, Mapping[int, Mapping[int, int]]]) -> list[int]:
+    """``counts`` with every tied value head-dim axis cut to the width its query/key axes
+    keep (``ties``: group id -> `coupling.heads.head_dim_ties`): a rotary half keeping 26 of
+    32 pairs makes the value dims keep 52 of 64, never their own rounding of 20 %."""
+    at = {(c.group.id, c.axis): k for k, c in enumerate(cands)}
+    out = list(counts)
+    for k, c in enumerate(cands):
+        parts = ties.get(c.group.id, {}).get(c.axis)
+        if parts is None:
+            continue
+        keep = 0
+        for a, channels in parts.items():
+            j = at.get((c.group.id, a))
+            keep += channels * (c.group.axes[a].size - (out[j] if j is not None else 0))
+        out[k] = max(c.group.axes[c.axis].size - keep, 0)
+    return out
+
+
 def allocation_note(changes: list[GroupChange]) -> str:
     """What the global ranking gave each width: the spread of kept widths per original width
     (uniform widths are what a transformers config can describe)."""
@@ -88,4 +108,5 @@ def allocation_note(changes: list[GroupChange]) -> str:
                                       "keeps the same width)" if uneven else ""))
 
 
-__all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts"]
+__all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts",
+           "tie_head_dims"]

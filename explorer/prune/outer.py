@@ -1,5 +1,6 @@
-"""When a cut fails: the outer axis of a group that still runs, and why groups must shrink
-together (the model line that fails, quoted). Used by `Pruner.step` and its proposals."""
+"""When a cut fails: the outer axis of a group that still runs, why groups must shrink
+together (the model line that fails, quoted), and what to do about a refused cut. Used by
+`Pruner.step` and its proposals."""
 from __future__ import annotations
 
 import linecache
@@ -58,6 +59,21 @@ def outer_cut(flight: Preflight, coupling: Coupling, group: Group,
         return part, GroupChange(group.id, group.title, ax.role, idx, ax.size,
                                  ax.size - n, why, axis_layers(coupling, group)[i])
     return None
+
+
+def advice(group: Group, picked: Mapping[int, object]) -> str:
+    """What to do about a cut of ``group`` (axis -> picks) the pre-flight refuses."""
+    roles = {group.axes[a].role for a in picked}
+    if AxisRole.HEAD_DIM in roles:
+        return ("left uncut; the model's code splits heads by a width this cut does not keep: "
+                "cut whole or query heads (heads 'whole' or 'query') or keep attention as it "
+                "is (heads 'keep')")
+    if roles & {AxisRole.HEADS, AxisRole.HEAD_REPEAT}:
+        return ("left uncut; the model's code reads a head count this cut does not keep: "
+                "cut dims inside the heads (heads 'dims') or keep attention as it is "
+                "(heads 'keep')")
+    return ("left uncut; the model's code at that line needs this width: leave its module "
+            "out of the cut (ignore it) or choose another ratio")
 
 
 def joint_reason(location: str, props: Mapping[GroupKey, Proposal], keys: list[GroupKey]

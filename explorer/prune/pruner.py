@@ -8,6 +8,7 @@ one `settings.Settings`.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -28,7 +29,7 @@ from .decisions import Decisions
 from .history import Edit, History
 from .importance import Criterion
 from .joint import Solution, merge, solve
-from .outer import joint_reason
+from .outer import advice, joint_reason
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Counts, Proposal
 from .records import Candidate, GroupChange, Skip, StepReport, Unsafe
@@ -100,6 +101,7 @@ class Pruner(Chooser):
         self.decisions = Decisions(self.history)
         # version -> (settings, proposals): kept for every state an undo can bring back
         self._pending: dict[int, tuple[SettingsKey, list[Proposal]]] = {}
+        self._checked: tuple[tuple[Any, ...], Removal, StepReport] | None = None  # `checked`
 
     @property
     def applied(self) -> list[Applied]:
@@ -320,14 +322,13 @@ class Pruner(Chooser):
             report.params_after, report.macs_after = report.params_before, report.macs_before
             return report
         ratio = self._ratio_for_target() if self.config.targeted else None
-        removal, changes, skipped = self.propose(ratio)
-        report.skipped = skipped
-        report.notes = list(dict.fromkeys(self.notes))
-        flight = Preflight(self.model, self.inputs, self.coupling)
-        removal, changes = self._drop_unsafe(flight, removal, changes, report)
-        report.changes = changes
-        if self.global_pruning and changes:
-            report.notes.append(allocation_note(changes))
+        flight = self.preflight()
+        removal, checked = self.checked(ratio)
+        report.skipped, report.changes, report.unsafe = (checked.skipped, checked.changes,
+                                                         checked.unsafe)
+        report.notes = list(dict.fromkeys([*self.notes, *checked.notes]))
+        if self.global_pruning and report.changes:
+            report.notes.append(allocation_note(report.changes))
         if removal:
             applied = self.history.cut(removal, self._cut, report, analyse=False,
                                        what=f"step {report.step}")
@@ -344,6 +345,23 @@ class Pruner(Chooser):
         self._forget()
         return report
 
+    def checked(self, ratio: float | None = None) -> tuple[Removal, StepReport]:
+        """What a step at ``ratio`` (None: the next step's) really cuts, nothing changed: the
+        proposal once the pre-flight ran it on a weightless copy, without the groups that
+        break the forward (the report's ``unsafe``, with module and line), joint sets at
+        their common fraction, fallbacks to an outer axis (``notes``). Kept per model
+        version, settings and ratio, so the statement said before a step and the step agree
+        and the copies run once."""
+        ratio = self._step_ratio() if ratio is None else ratio
+        key = (self.version, self.settings(), id(self.criterion), ratio)
+        if self._checked is None or self._checked[0] != key:
+            removal, changes, skipped = self.propose(ratio)
+            report = StepReport(self.current_step + 1, skipped=skipped)
+            removal, report.changes = self._drop_unsafe(self.preflight(), removal, changes,
+                                                        report)
+            self._checked = (key, removal, report)
+        return copy.deepcopy(self._checked[1]), copy.deepcopy(self._checked[2])
+
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:
         """Keep the groups whose pruning runs (alone or as a joint set, `joint.solve`);
@@ -359,7 +377,8 @@ class Pruner(Chooser):
             cut = self._outer_cut(flight, self.groups[gid], picked, verdict, base)
             if cut is not None:
                 outer[gid] = cut
-        report.unsafe += [Unsafe(g, v.module, v.location, v.error)
+        report.unsafe += [Unsafe(g, v.module, v.location, v.error, advice(self.groups[g], {
+            a: idx for (_g, a), idx in parts[g].picks.items()}))
                           for g, v in sol.unsafe.items() if g not in outer]
         safe = set(sol.safe)
         kept_changes = [c for c in changes if c.group in safe]

@@ -45,9 +45,14 @@ for cuts of MLP channels and heads (the producers' removed rows feed only these 
 Nothing of the model changes here: the result is the new tensors, installed by
 `explorer.prune.compensate.prune_and_compensate` with the cut, all or nothing.
 
-Memory: the two streams' hidden states entering the current block (per batch), the current
-block's consumer outputs in the original model (and its block outputs, for ``stream``), and
-(n+1) x (|K|+1) second moments per consumer of n inputs; never a second copy of the model.
+Memory: every statistic is a sum over tokens, taken batch by batch (`Moments` for the fit,
+`Judge` for the held-out errors): a batch runs through the original and the pruned block in
+lockstep and leaves nothing behind but its sums. Across batches only the two streams' hidden
+states entering the current block are kept (each batch's replaced by the next block's as it
+is done), plus up to `KEEP_BYTES` of what moves the pruned stream on without running the
+block again (batches past it run again with the fit), and (n+1) x (|K|+1) moments of the
+consumer being fit (n inputs); never a consumer's inputs or targets over all samples, never
+a second copy of the model.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ import torch
 from torch import nn
 
 from .calibration import Calibration, batch_size
-from .importance import calibrating
+from .importance import calibrating, input_dim
 from .sequential import (
     Inputs,
     SequentialError,
@@ -80,6 +85,47 @@ STREAMS = ("local", "original", "stream")  # the targets there are (module docst
 DEFAULT_STREAMS = ("original", "stream")
 # what a block keeps of its batches to move the pruned stream on without a second run
 KEEP_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A consumer read as ``y = W x + b`` with ``W`` (out, in), whatever layout its module
+    stores (`affine`, the one reader of the layers `reconstruct` refits)."""
+
+    weight: torch.Tensor  # W (out, in): the module's weight, transposed where it stores W^T
+    bias: torch.Tensor | None
+    out_dim: int  # the dim of the stored weight its outputs index (Linear 0, Conv1D 1)
+
+    def oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` between the (out, in) form and the module's layout, either way (the
+        transpose of transformers' ``Conv1D``, which stores (in, out), is its own inverse)."""
+        return w if self.out_dim == 0 else w.T.contiguous()
+
+
+def affine(module: nn.Module) -> Affine | None:
+    """``module`` as a consumer to refit: a layer whose 2-D weight multiplies its input
+    channels (`nn.Linear`; transformers' GPT-2 ``Conv1D``, weight (in, out)), else None."""
+    dim = input_dim(module)
+    weight = getattr(module, "weight", None)
+    if dim is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    bias = getattr(module, "bias", None)
+    w = weight.detach()
+    return Affine(w if dim == 1 else w.T, bias.detach() if isinstance(bias, torch.Tensor)
+                  else None, 1 - dim)
+
+
+def kept_rows(model: nn.Module, name: str, tensor: torch.Tensor,
+              keeps: Mapping[tuple[str, int], Sequence[int]]) -> torch.Tensor:
+    """A refit tensor (``name``: a consumer's weight or bias, in its module's layout, at the
+    unpruned output width) cut to the output rows ``keeps`` leaves its module."""
+    owner, _, attr = name.rpartition(".")
+    form = affine(model.get_submodule(owner))
+    out_dim = 0 if form is None else form.out_dim
+    rows = keeps.get((f"{owner}.weight", out_dim))
+    if rows is None:
+        return tensor
+    return tensor.index_select(out_dim if attr == "weight" else 0, torch.as_tensor(rows))
 
 
 @dataclass
@@ -159,7 +205,7 @@ def inside_blocks(model: nn.Module, modules: Sequence[str]) -> dict[str, int]:
         if m.startswith(head):
             first = m[len(head):].split(".", 1)[0]
             if first.isdigit() and int(first) < len(layers) and \
-                    isinstance(model.get_submodule(m), nn.Linear):
+                    affine(model.get_submodule(m)) is not None:
                 out[m] = int(first)
     return out
 
@@ -169,7 +215,8 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
                 resident: Callable[[nn.Module], AbstractContextManager[Any]] | None = None,
                 block_done: Callable[[int, Reconstruction], None] | None = None,
                 keep_bytes: int = KEEP_BYTES) -> Reconstruction:
-    """Refit ``consumers`` (Linear layers inside the repeated blocks) block by block.
+    """Refit ``consumers`` (layers `affine` reads, inside the repeated blocks) block by
+    block.
 
     Args:
         model: the unpruned model (left unchanged: hooks only, removed on leaving).
@@ -282,8 +329,8 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
     judged on the held-out split; the choice goes into ``out``. With ``shift`` (the block's
     last consumer) the original stream moves on to the next block's inputs, and what the
     pruned stream's next inputs need is kept there."""
-    module = model.get_submodule(c.module)
-    assert isinstance(module, nn.Linear)
+    form = affine(model.get_submodule(c.module))
+    assert form is not None  # `inside_blocks` keeps these only
     cols = torch.as_tensor(c.kept)
     want = "stream" in streams and shift is not None
     acc: Moments | None = None
@@ -291,7 +338,8 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
     adds: bool | None = None if shift is not None else False
     for d in range(len(orig)):
         if d == 1 and acc is not None:  # the fit split is summed: its candidates
-            judge = Judge(_candidates(module, c, acc, ridges, streams), c.kept)
+            judge = Judge(refits(form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges,
+                                 streams), c.kept)
         for b in range(len(orig[d])):
             mask = masks[d][b]
             o = _run(layer, orig[d][b], mask, model, outputs=[c.module], hidden=want)
@@ -325,24 +373,18 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
         # no held-out split, or none of its tokens reached this layer (samples that are all
         # padding): the fit tokens judge, from their moments, and the summary says so
         out.heldout = False
-        cands = judge.cands if judge is not None else _candidates(module, c, acc, ridges,
-                                                                  streams)
+        cands = judge.cands if judge is not None else refits(
+            form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges, streams)
         errors = acc.errors(cands)
     else:
         cands, errors = judge.cands, judge.errors()
     choice = min(errors, key=lambda k: (errors[k], k != "plain"))
     out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
     if choice != "plain":
-        dtype = module.weight.dtype
-        out.tensors[c.weight] = cands[choice][:, :-1].to(dtype)
-        if module.bias is not None:  # a layer without a bias is refit without one
+        dtype = form.weight.dtype
+        out.tensors[c.weight] = form.oriented(cands[choice][:, :-1]).to(dtype)
+        if form.bias is not None:  # a layer without a bias is refit without one
             out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
-
-
-def _candidates(module: nn.Linear, c: Consumer, acc: Moments, ridges: Sequence[float],
-                streams: Sequence[str]) -> dict[str, torch.Tensor]:
-    bias = module.bias.detach() if module.bias is not None else None
-    return refits(module.weight.detach(), bias, c.kept, acc.gram, acc.cross, ridges, streams)
 
 
 @contextlib.contextmanager
@@ -432,7 +474,6 @@ def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction, 
     if len(run.full) != 1:  # called more than once per forward
         return False
     module = model.get_submodule(c.module)
-    assert isinstance(module, nn.Linear)
     cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
     x, old = run.full[0]
     out = _hidden_in(run.next)
@@ -644,7 +685,6 @@ def _replaced(model: nn.Module, rec: Reconstruction, start: int = 0) -> Iterator
     handles = []
     for f in rec.fits[start:]:
         module = model.get_submodule(f.module)
-        assert isinstance(module, nn.Linear)  # `inside_blocks` keeps Linear layers only
         handles.append(module.register_forward_hook(_reader(module, f, rec)))
     try:
         yield
@@ -653,28 +693,31 @@ def _replaced(model: nn.Module, rec: Reconstruction, start: int = 0) -> Iterator
             h.remove()
 
 
-def _chosen(module: nn.Linear, f: Fit, rec: Reconstruction
+def _chosen(module: nn.Module, f: Fit, rec: Reconstruction
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Kept input indices, weight and bias of ``f``'s choice (the plain cut's, or a refit)."""
+    """Kept input indices, weight (out, in) and bias of ``f``'s choice (the plain cut's, or
+    a refit)."""
+    form = affine(module)
+    assert form is not None  # `inside_blocks` keeps these only
     kept = torch.as_tensor(f.kept)
     weight = rec.tensors.get(f"{f.module}.weight")
     bias = rec.tensors.get(f"{f.module}.bias")
     if weight is None:  # the plain cut
-        weight = module.weight.detach()[:, kept]
-        bias = None if module.bias is None else module.bias.detach()
+        weight, bias = form.weight[:, kept], form.bias
+    else:
+        weight = form.oriented(weight)
     return kept, weight, bias
 
 
 def _refit_output(model: nn.Module, f: Fit, rec: Reconstruction, x: torch.Tensor
                   ) -> torch.Tensor:
     """``f``'s chosen layer on its kept inputs ``x`` (what `_reader` computes)."""
-    module = model.get_submodule(f.module)
-    assert isinstance(module, nn.Linear)
-    _kept, w, b = _chosen(module, f, rec)
+    _kept, w, b = _chosen(model.get_submodule(f.module), f, rec)
     return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
-def _reader(module: nn.Linear, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
+def _reader(module: nn.Module, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
+    """A forward hook: ``module``'s output from its kept inputs, with its chosen weights."""
     kept, w, b = _chosen(module, f, rec)
 
     def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor:
