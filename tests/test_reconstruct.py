@@ -366,7 +366,7 @@ def test_reconstruction_memory_does_not_grow_with_every_sample_kept(
     """128 calibration samples of 128 tokens through two layers: the reconstruction holds
     the two streams' hidden states and a bounded part of the batches
     (`reconstruct.KEEP_BYTES`), not every sample's consumer inputs and targets (the old
-    way: 587 MB here, 329 MB batch by batch; 2026-12-05)."""
+    way: 587 MB here, 305 MB batch by batch; 2026-12-05)."""
     import os
     import subprocess
     import sys

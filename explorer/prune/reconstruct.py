@@ -83,8 +83,9 @@ RIDGES = (0.03, 0.1, 0.3, 1.0)
 STREAMS = ("local", "original", "stream")  # the targets there are (module docstring)
 # the targets tried by default: ``stream`` where the block allows it, else ``original``
 DEFAULT_STREAMS = ("original", "stream")
-# what a block keeps of its batches to move the pruned stream on without a second run
-KEEP_BYTES = 128 << 20
+# what a block keeps of its last consumer's inputs to move the pruned stream on without a
+# second run of the block (`_Shift`)
+KEEP_BYTES = 96 << 20
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,9 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         block_done: called with a block's index and the reconstruction so far once that
             block is fit; it may take the block's tensors out of ``tensors`` (to disk): later
             blocks read only their own.
-        keep_bytes: what a block may keep of its batches to give the pruned stream's next
-            inputs without running the block again (`_Shift`); batches past it run again.
+        keep_bytes: what a block may keep of its last consumer's kept inputs to give the
+            pruned stream's next inputs without running the block again (`_Shift`); batches
+            past it run the block again.
 
     Returns:
         The new tensors of the refit layers (less those ``block_done`` took) and the
@@ -295,10 +297,10 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
                 batches[b] = _run(layer, inp, masks[d][b], model).next
     for d, batches in enumerate(pruned):
         for b, inp in enumerate(batches):
-            kept = shift.kept.pop((d, b), None)
-            if kept is not None:  # out + new - old, with the last consumer's chosen fit
-                rest, x = kept
-                batches[b] = _with_hidden(inp, rest + _refit_output(model, out.fits[-1], out, x))
+            x = shift.kept.pop((d, b), None)
+            if x is not None:  # (out - old) in place of the input, + new: the chosen fit
+                batches[b] = _with_hidden(inp, _hidden_in(inp) + _refit_output(
+                    model, out.fits[-1], out, x))
                 continue
             with _replaced(model, out, start):
                 batches[b] = _run(layer, inp, masks[d][b], model).next
@@ -306,19 +308,23 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
 
 
 class _Shift:
-    """What gives the pruned stream's next inputs without running the block again, per
-    batch, up to a byte budget: the block's output less the last consumer's output, and that
-    consumer's kept inputs (its output adds to the block's output as it is, `_adds`)."""
+    """The last consumer's kept inputs per batch, up to a byte budget: with the block's
+    output less that consumer's output (which takes the place of the batch's pruned-stream
+    input, read no more) they give the next inputs without running the block again (the
+    consumer's output adds to the block's output as it is, `_adds`)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}
 
-    def keep(self, at: tuple[int, int], rest: torch.Tensor, x: torch.Tensor) -> None:
-        size = rest.numel() * rest.element_size() + x.numel() * x.element_size()
-        if size <= self.budget:
-            self.kept[at] = (rest, x)
-            self.budget -= size
+    def keep(self, at: tuple[int, int], x: torch.Tensor) -> bool:
+        """Keep ``x`` for batch ``at`` if it fits the budget; whether it was kept."""
+        size = x.numel() * x.element_size()
+        if size > self.budget:
+            return False
+        self.kept[at] = x
+        self.budget -= size
+        return True
 
 
 def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch.Tensor | None]],
@@ -367,7 +373,8 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
                 judge.add(x, targets[goal])
             if adds and shift is not None:
                 x_full, old = p.full[0]
-                shift.keep((d, b), _hidden_in(p.next) - old, x_full.index_select(-1, cols))
+                if shift.keep((d, b), x_full.index_select(-1, cols)):
+                    pruned[d][b] = _with_hidden(pruned[d][b], _hidden_in(p.next) - old)
     assert acc is not None  # every split has a batch
     if judge is None or not judge.tokens:
         # no held-out split, or none of its tokens reached this layer (samples that are all
