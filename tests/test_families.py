@@ -67,7 +67,8 @@ WHOLE_HF = {"llama", "qwen2", "qwen2_tied", "mistral", "gemma", "gemma2", "phi3"
             "granite", "olmo", "olmo2", "cohere", "starcoder2"}
 # Phi3's attention reads ``self.config.num_attention_heads`` in its forward (the query slice
 # of the fused qkv_proj): a per-layer head cut cannot follow a config shared by all layers,
-# so the pre-flight refuses whole and query-head cuts (head dims are cut)
+# so whole and query-head cuts are stated as refused before cutting, naming that read and
+# what to do (head dims are cut)
 HEADS_REFUSED = {"phi3"}
 # bfloat16 shards through the large-model path: tied embeddings with q/k/v biases (a
 # Qwen2.5-like checkpoint), fused projections, Conv1D, and a family whose activation scores
@@ -172,6 +173,29 @@ def _check_reload(pruner: Pruner, report: Any, root: Path, name: str, lm: Any) -
     with torch.no_grad():
         torch.testing.assert_close(loaded(_ids()).logits, lm.model(_ids()).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["whole", "query"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_whole_and_query_heads_cut_or_are_refused_before_cutting(root: Path, name: str,
+                                                                   mode: str) -> None:
+    """Every family either cuts heads (fewer query heads, the forward runs, what the
+    statement said is what the step did) or, where its forward cannot take the cut, the
+    statement says so before cutting in one line with the reason and what to do."""
+    lm = load_model(f"hf:{_folder(root, name)}")
+    pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.5, heads=mode,
+                    targets="heads")
+    said = statement(pruner)
+    [loss] = [x for x in said.losses if x.target == "heads"]
+    report = pruner.step()
+    assert report.params_after == said.params_after and report.forward_ok
+    if name in HEADS_REFUSED:
+        assert loss.cut == 0 and len(said.refused) == 1 and report.unsafe
+        assert "forward reads the head count from self.config.num_attention_heads" in \
+            said.refused[0] and "heads 'dims'" in said.refused[0]
+        return
+    assert not said.refused and not report.unsafe
+    assert loss.heads is not None and loss.heads["query_after"] < loss.heads["query_before"]
 
 
 @pytest.mark.parametrize("name", GQA)

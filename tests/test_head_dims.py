@@ -19,6 +19,7 @@ from explorer.coupling.heads import head_dim_ties
 from explorer.coupling.vocab import AxisRole
 from explorer.io.specs import LoadedModel
 from explorer.prune.statement import statement
+from explorer.render.proposal_view import statement_lines
 
 _SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
@@ -129,3 +130,7 @@ def test_refused_cut_is_stated_as_refused_with_what_to_do(
     text = capsys.readouterr().out
     assert "\n  refused by the pre-flight: group " in text
     assert "; left uncut; the model's code splits heads by a width" in text
+    lm = load_model(spec)  # the app's lines: the same statement
+    lines = statement_lines(statement(Pruner(lm.model, lm.example_inputs, ratio=0.2,
+                                             importance="random")))
+    assert lines[-1].startswith("- **refused by the pre-flight**: group ")

@@ -91,9 +91,10 @@ def tie_head_dims(cands: list[Candidate], counts: list[int],
     return out
 
 
-def allocation_note(changes: list[GroupChange]) -> str:
-    """What the global ranking gave each width: the spread of kept widths per original width
-    (uniform widths are what a transformers config can describe)."""
+def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
+    """What the global ranking (or, with ``measured``, the measured allocation that note
+    describes) gave each width: the spread of kept widths per original width (uniform widths
+    are what a transformers config can describe)."""
     spans: dict[int, tuple[int, int, int]] = {}
     for c in changes:
         lo, hi, n = spans.get(c.width_before, (c.width_after, c.width_after, 0))
@@ -101,11 +102,11 @@ def allocation_note(changes: list[GroupChange]) -> str:
     parts = [f"{lo}-{hi} of {w} kept across {n} groups" if lo != hi else
              f"{lo} of {w} kept in all {n} groups" for w, (lo, hi, n) in sorted(spans.items())]
     uneven = any(lo != hi for lo, hi, _n in spans.values())
-    return (f"global allocation: per-layer widths from scores normalised per group ("
-            f"{'; '.join(parts)})" + ("; layers of one kind now differ in width, which a "
-                                      "transformers config cannot describe (export pt or "
-                                      "safetensors + plan; without --global every layer "
-                                      "keeps the same width)" if uneven else ""))
+    how = measured or "global allocation: per-layer widths from scores normalised per group"
+    return (f"{how} ({'; '.join(parts)})" +
+            ("; layers of one kind now differ in width, which a transformers config cannot "
+             "describe (export pt or safetensors + plan; with --allocation uniform every "
+             "layer keeps the same width)" if uneven else ""))
 
 
 __all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts",

@@ -17,6 +17,7 @@ from ..coupling.groups import Group
 from ..coupling.heads import query_kv_heads
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
+from .measured import LEVELS
 from .pruner import Pruner
 from .records import GroupChange
 from .removal import Removal
@@ -85,7 +86,8 @@ class Statement:
     params_after: int  # predicted for the cut the pre-flight lets through
     losses: list[TargetLoss]
     # "uniform": every layer of a kind keeps the same width (a transformers config describes
-    # it); "global": widths ranked across layers (`--global`); "per-group": ``ratios`` given
+    # it); "global": widths ranked across layers (`--global`); "measured": widths from the
+    # change each layer's cut causes alone (`--allocation measured`); "per-group": ``ratios``
     allocation: str = "uniform"
     # groups the settings would cut but the pre-flight refuses (left uncut, not counted above)
     refused: list[str] = field(default_factory=list)
@@ -129,8 +131,8 @@ def statement(pruner: Pruner) -> Statement:
                      if stopped and not mine else
                      _rounding(pruner, target, ratio, loss, mine, groups))
         losses.append(loss)
-    allocation = "global" if pruner.global_pruning else "per-group" if pruner.ratios else \
-        "uniform"
+    allocation = pruner.allocation if pruner.allocation != "uniform" else \
+        "per-group" if pruner.ratios else "uniform"
     refused = [f"group {u.group} ({u.module}) fails at {u.location}: {u.error}; {u.advice}"
                for u in checked.unsafe]
     return Statement(ratio, target_list(pruner.targets), pruner.targets_default, params,
@@ -150,6 +152,10 @@ def _reading(pruner: Pruner, target: Target, ratio: float) -> str:
         return (f"{pct} of all selected channels ranked together across groups (scores "
                 f"normalised per axis), each keeping at least {1 - pruner.max_ratio:.0%}: "
                 f"widths differ per layer")
+    if pruner.allocation == "measured":
+        return (f"as many parameters as {pct} of each group's channels, shared out by the "
+                f"change each layer's cut causes alone on calibration data (each cut alone at "
+                f"{len(LEVELS)} depths and measured): widths differ per layer")
     words = {
         Target.MLP: f"{pct} of each MLP's hidden units, in every layer",
         Target.RESIDUAL: f"{pct} of the hidden size: one width shared by the embeddings, "
@@ -239,7 +245,7 @@ def _rounding(pruner: Pruner, target: Target, ratio: float, loss: TargetLoss,
               changes: list[GroupChange], groups: list[Group]) -> str:
     """Why the fraction removed differs from the ratio asked, when it does."""
     got = loss.removed_fraction
-    if pruner.global_pruning or pruner.ratios or ratio <= 0 or not loss.selected:
+    if pruner.allocation != "uniform" or pruner.ratios or ratio <= 0 or not loss.selected:
         return ""
     if got is None:  # nothing of this target is cut: every width rounds back to itself
         sizes = [g.axes[a].size for g in groups for a in pruner.target_axes(g)]
