@@ -27,11 +27,13 @@ page = st.navigation([
     st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ])
 
-from explorer.app.allocator import trim_heap  # noqa: E402
-from pages._session import restore_or_start  # noqa: E402 - torch: after the navigation
+from explorer.app.allocator import one_heap, trim_heap  # noqa: E402
+from pages._session import held_still, restore_or_start  # noqa: E402 - torch: after the nav
 
+one_heap()  # every page run's thread reuses one heap (explorer.app.allocator); idempotent
 restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh
 try:
-    page.run()
+    with held_still():  # another tab's Accept waits until this page is drawn from one state
+        page.run()
 finally:  # a page's forwards and copies are garbage now: give their heap pages back
     trim_heap()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -24,7 +23,7 @@ from ..prune.compensate import compensation
 from ..prune.decisions import Decision
 from ..prune.depth import remove_blocks
 from ..prune.joint import solve
-from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
+from ..prune.preflight import Verdict, forward_check, meta_copy, shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.removal import PruneError, Removal
 from ..prune.sensitivity import Progress
@@ -70,7 +69,6 @@ class Session(Workspace):
         self._actions: list[Action] = []  # what the user did, replayable (`replay`)
         self._replaying = False  # settings change without scoring while a log replays
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
-        self.lock = threading.RLock()  # held by every transition (`transition`)
 
     @transition
     def configure(self, importance: str, ratio: float, heads: str,
@@ -411,7 +409,7 @@ class Session(Workspace):
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""
         device = self.pruner.preflight().device
-        trial = meta_copy(self.model) if device == "meta" else clone_model(self.model)
+        trial = meta_copy(self.model) if device == "meta" else shared_clone(self.model)
         remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
         return forward_check(trial, to_device(self.example_inputs, device), self.output_shapes)
 

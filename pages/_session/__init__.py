@@ -6,8 +6,10 @@ within a memory budget) and the session log on disk that brings an evicted sessi
 or a server restart back (`explorer.app.store`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import streamlit as st
@@ -42,9 +44,9 @@ class Live:
 
 
 def _held(live: Live) -> int:
-    """Bytes one session holds beyond the shared pristine model: its working copy and the
-    tensors its kept original no longer shares with it."""
-    return tensor_bytes([live.session.model, live.session.original])
+    """Bytes one session holds beyond the shared pristine model: the tensors its cuts made
+    (its working copy and its kept original share the pristine model's other tensors)."""
+    return tensor_bytes([live.session.model], shared=[live.session.original])
 
 
 @st.cache_resource(show_spinner=False)
@@ -177,6 +179,20 @@ def restore_or_start() -> None:
         st.session_state.pe_error = ("session log: its model request is not one the app "
                                      "writes; the default model was loaded instead")
     st.session_state.pe_restored = True
+
+
+@contextlib.contextmanager
+def held_still() -> Iterator[None]:
+    """A page's run with this tab's session held still (`Workspace.reading`): another tab's
+    Accept waits until the page is drawn. After it, the session is measured again (its cuts
+    changed what it holds) and idle sessions are dropped to fit the memory budget."""
+    pe = st.session_state.get("pe")
+    try:
+        with pe.reading() if isinstance(pe, Session) else contextlib.nullcontext():
+            yield
+    finally:  # also after st.stop() or st.rerun() in the page
+        if isinstance(st.session_state.get("pe"), Session):
+            sessions().touch(_sid())
 
 
 def reset() -> None:
