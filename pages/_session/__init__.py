@@ -91,11 +91,13 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
         try:
             loaded = load_request(request, build=_cached, progress=status.write)
             lm = loaded.model
-            short = memory_short(2 * tensor_bytes([lm.model]), f"a session of `{request.spec}`")
+            # the session shares the (loaded) pristine weights; its cuts, a forward's
+            # activations and the heap they pass through: about the weights again on SmolLM2
+            need = tensor_bytes([lm.model])
+            short = memory_short(need, f"a session of `{request.spec}`")
             if short is not None:
                 sessions().drop(_sid())  # this tab's own earlier session goes first
-                short = memory_short(2 * tensor_bytes([lm.model]),
-                                     f"a session of `{request.spec}`")
+                short = memory_short(need, f"a session of `{request.spec}`")
             if short is not None:
                 raise MemoryError(short)
             status.write("tracing the model and finding its groups")
