@@ -19,6 +19,9 @@ from the calibration's; `tests/smollm2.py`):
   `explorer.prune.reconstruct`), the same width in every layer (a ``from_pretrained``
   folder);
 * ``ours-global``: the same with ``--global`` (per-layer widths from normalised scores);
+* ``ours-measured``: the same with ``--allocation measured`` (per-layer widths from the KL
+  each layer's cut causes alone on 8 calibration samples, the uniform cut's parameter count;
+  `explorer.prune.measured`; its trial cuts are in the CPU seconds);
 * ``heads``, ``ours-heads``: whole kv groups with their query heads (``--heads whole
   --targets heads``, ``--heads-ratio`` of the heads asked, rounded to whole kv groups),
   ``activation`` scores, without and with ``--compensate lstsq`` (the output projections
@@ -70,8 +73,8 @@ from explorer.prune.compensate import prune_and_compensate  # noqa: E402
 from explorer.prune.importance import Criterion, calibration_pass  # noqa: E402
 from explorer.prune.removal import Removal  # noqa: E402
 
-METHODS = ("dense", "random", "magnitude", "wanda-sp", "flap", "ours", "ours-global", "heads",
-           "ours-heads")
+METHODS = ("dense", "random", "magnitude", "wanda-sp", "flap", "ours", "ours-global",
+           "ours-measured", "heads", "ours-heads")
 HEAD_METHODS = ("heads", "ours-heads")
 
 
@@ -178,6 +181,7 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
         pruner = Pruner(lm.model, lm.example_inputs, importance=importance, ratio=ratio,
                         heads="whole" if heads else "keep", targets="heads" if heads else "mlp",
                         calibration=cal, global_pruning=method == "ours-global",
+                        allocation="measured" if method == "ours-measured" else "uniform",
                         compensate="lstsq" if method.startswith("ours") else None,
                         scores=Fluctuation() if method == "flap" else None)
         start = time.process_time()

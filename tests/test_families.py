@@ -67,14 +67,13 @@ WHOLE_HF = {"llama", "qwen2", "qwen2_tied", "mistral", "gemma", "gemma2", "phi3"
             "granite", "olmo", "olmo2", "cohere", "starcoder2"}
 # Phi3's attention reads ``self.config.num_attention_heads`` in its forward (the query slice
 # of the fused qkv_proj): a per-layer head cut cannot follow a config shared by all layers,
-# so the pre-flight refuses whole and query-head cuts (head dims are cut)
+# so whole and query-head cuts are stated as refused before cutting, naming that read and
+# what to do (head dims are cut)
 HEADS_REFUSED = {"phi3"}
 # bfloat16 shards through the large-model path: tied embeddings with q/k/v biases (a
 # Qwen2.5-like checkpoint), fused projections, Conv1D, and a family whose activation scores
 # tie closely in bf16
 LARGE = ["qwen2_tied", "phi3", "gpt2", "olmo"]
-# the refit reads Linear consumers: GPT-2's Conv1D MLP keeps the plain cut (not supported)
-NO_REFIT = {"gpt2"}
 RATIO = 0.3
 _SUMMARY = re.compile(r"kept in (\d+)/(\d+) layers .* ([0-9.e-]+) -> ([0-9.e-]+)$")
 
@@ -155,11 +154,8 @@ def test_mlp_refit_keeps_residual_and_attention_and_reloads(root: Path, name: st
     assert changed and not changed & attention  # MLP units only: no attention tensor
     assert _hidden_widths(model) == hidden  # the residual stream keeps its width
     # the refit says where it was kept, with its numbers: layer by layer on held-out
-    # calibration tokens (Linear layers), or one refit judged end to end (GPT-2's Conv1D)
+    # calibration tokens (Linear layers and GPT-2's Conv1D), or one refit judged end to end
     notes = [n for n in report.notes if "reconstruction" in n or "compensation" in n]
-    if name in NO_REFIT:  # the plain cut, and the notes say so
-        assert [n for n in notes if "refit nothing" in n and "the plain cut" in n], notes
-        return _check_reload(pruner, report, root, name, lm)
     [summary] = notes
     found = _SUMMARY.search(summary)
     if found:  # kept only where the held-out error did not grow
@@ -179,6 +175,29 @@ def _check_reload(pruner: Pruner, report: Any, root: Path, name: str, lm: Any) -
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["whole", "query"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_whole_and_query_heads_cut_or_are_refused_before_cutting(root: Path, name: str,
+                                                                   mode: str) -> None:
+    """Every family either cuts heads (fewer query heads, the forward runs, what the
+    statement said is what the step did) or, where its forward cannot take the cut, the
+    statement says so before cutting in one line with the reason and what to do."""
+    lm = load_model(f"hf:{_folder(root, name)}")
+    pruner = Pruner(lm.model, lm.example_inputs, importance="random", ratio=0.5, heads=mode,
+                    targets="heads")
+    said = statement(pruner)
+    [loss] = [x for x in said.losses if x.target == "heads"]
+    report = pruner.step()
+    assert report.params_after == said.params_after and report.forward_ok
+    if name in HEADS_REFUSED:
+        assert loss.cut == 0 and len(said.refused) == 1 and report.unsafe
+        assert "forward reads the head count from self.config.num_attention_heads" in \
+            said.refused[0] and "heads 'dims'" in said.refused[0]
+        return
+    assert not said.refused and not report.unsafe
+    assert loss.heads is not None and loss.heads["query_after"] < loss.heads["query_before"]
+
+
 @pytest.mark.parametrize("name", GQA)
 def test_whole_heads_go_by_key_value_group(root: Path, name: str) -> None:
     """(c): whole heads under GQA remove whole key/value groups, the statement says the
@@ -187,17 +206,26 @@ def test_whole_heads_go_by_key_value_group(root: Path, name: str) -> None:
     pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=RATIO,
                     heads="whole", targets="heads", calibration=_calibration(root, lm),
                     compensate="lstsq")
-    [loss] = [x for x in statement(pruner).losses if x.target == "heads"]
+    said = statement(pruner)
+    [loss] = [x for x in said.losses if x.target == "heads"]
     assert loss.heads is not None
-    assert (loss.heads["kv_before"], loss.heads["kv_after"]) == (4, 2)  # 2 layers x 2 -> 1
-    assert (loss.heads["query_before"], loss.heads["query_after"]) == (16, 8)
-    assert loss.removed_fraction == pytest.approx(0.5)
-    assert "removes 50.0%, not the 30% asked" in loss.note
+    if name in HEADS_REFUSED:  # stated before the cut as refused, with what to do instead
+        assert loss.cut == 0 and said.params_after == said.params_before
+        assert (loss.heads["kv_before"], loss.heads["kv_after"]) == (4, 4)
+        assert "the pre-flight refuses the cut of 1 group(s)" in loss.note
+        [refused] = said.refused
+        assert "modeling_phi3.py" in refused and "cut dims inside the heads (heads 'dims')" \
+            in refused
+    else:
+        assert (loss.heads["kv_before"], loss.heads["kv_after"]) == (4, 2)  # 2 x 2 -> 1
+        assert (loss.heads["query_before"], loss.heads["query_after"]) == (16, 8)
+        assert loss.removed_fraction == pytest.approx(0.5)
+        assert "removes 50.0%, not the 30% asked" in loss.note
     report = pruner.step()
     if name in HEADS_REFUSED:  # the pre-flight refuses the cut, naming the module and line
         assert report.params_after == report.params_before and report.unsafe
         assert all(u.module.endswith("self_attn") and "modeling_" in u.location
-                   for u in report.unsafe)
+                   and u.advice for u in report.unsafe)
     else:
         assert report.params_after < report.params_before and not report.unsafe
     plan = Plan.from_pruner(pruner, f"hf:{_folder(root, name)}", reports=[report])

@@ -213,7 +213,7 @@ PRUNE_LAYERS: list[set[str]] = [
     {"importance", "calibration", "sequential"},
     {"history", "decisions"},
     {"joint", "proposal", "pruner", "statement", "sensitivity", "compensate", "reconstruct",
-     "rebase", "offloaded", "settings", "counts", "outer", "choose", "uniform"},
+     "rebase", "offloaded", "settings", "counts", "outer", "choose", "uniform", "measured"},
 ]
 
 

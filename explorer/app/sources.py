@@ -60,6 +60,7 @@ class Loaded:
     heldout: Calibration | None
     importance: str = "magnitude"  # the criterion to start with (`explorer.io.defaults`)
     note: str | None = None  # what was chosen for the user, when they did not say
+    heads: str = "dims"  # the head mode to start with (`explorer.io.defaults`)
 
 
 def spec_for_path(path: str) -> tuple[str, str]:
@@ -150,7 +151,7 @@ def load_request(request: LoadRequest, build: Callable[..., LoadedModel] = load_
         apart = read_texts(request.heldout) if request.heldout and \
             Path(request.heldout).suffix in TEXT_SUFFIXES else []
         calibration = load_data(BUILTIN_TEXT, lm, options, apart_from=apart)
-    return Loaded(lm, calibration, heldout, chosen.importance, chosen.note)
+    return Loaded(lm, calibration, heldout, chosen.importance, chosen.note, chosen.heads)
 
 
 Upload = tuple[str, bytes]  # (file name, contents) of an uploaded file

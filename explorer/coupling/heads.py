@@ -3,7 +3,8 @@
 From the trace (`traced_head_dims`) and a group's members (`head_counts`, `head_info`: how
 many heads of which width, and key/value heads), per attention module (`owner_members`,
 `attention_modules`: its projections, heads and legal whole-head cuts), summed over a cut
-(`query_kv_heads`), and before/after tables (`head_changes`). The coupling is read through
+(`query_kv_heads`), the head widths a cut must keep equal (`head_dim_ties`), and before/after
+tables (`head_changes`). The coupling is read through
 `HeadSource` (what `explorer.coupling.analyze.Coupling` offers), so the analysis can import
 this module without a cycle.
 """
@@ -97,6 +98,44 @@ def head_counts(axes: list[Axis], members: list[tuple[Member, set[int]]],
                                 and not m.buffer for m, f in rows):
         kv_heads = 1  # a key projection with a single head (multi-query attention)
     return heads, head_dim, kv_heads
+
+
+def head_dim_ties(source: HeadSource, group: Group) -> dict[int, dict[int, int]]:
+    """Value/output head-dim axis -> the query/key head-dim axes it must match, each with
+    the channels one of its atoms holds (empty where no rotary table is in ``group``).
+
+    A rotary model's forward splits q, k and v into heads by one ``head_dim``, so every
+    layer's kept value width must equal its kept query/key width. Under ``rotate_half``
+    dims ``i`` and ``i + r/2`` of q and k move together: the q/k axis read by the rotary
+    table counts *pairs* (2 channels an atom), and a partial rotary model adds the q/k dims
+    it passes through unrotated (1 an atom). Value dims are those a projection without any
+    rotary dim holds (``v_proj``, ``o_proj``); a value axis is tied only where the q/k widths
+    add up to its own before the cut (GPT-NeoX's fused weight, whose v dims share the q/k
+    atoms, has nothing to tie).
+    """
+    dims = {a.family: i for i, a in enumerate(group.axes) if a.role is AxisRole.HEAD_DIM}
+    members = [(m, fams & dims.keys()) for m, fams in source.members_of(group)]
+    rotary = {f for m, fams in members if m.buffer for f in fams}
+    if not rotary:
+        return {}
+    held: dict[str, set[int]] = {}  # attention module -> the head-dim families of its members
+    value: dict[str, set[int]] = {}  # ... of its members that hold no rotary dim
+    for m, fams in members:
+        if not m.buffer:
+            owner = m.module.rpartition(".")[0]
+            held.setdefault(owner, set()).update(fams)
+            if not fams & rotary:
+                value.setdefault(owner, set()).update(fams)
+    out: dict[int, dict[int, int]] = {}
+    for owner, values in value.items():
+        qk = held[owner] - values
+        if not qk & rotary:
+            continue
+        ties = {dims[f]: 2 if f in rotary else 1 for f in sorted(qk)}
+        width = sum(n * group.axes[a].size for a, n in ties.items())
+        out.update({dims[f]: ties for f in sorted(values)
+                    if group.axes[dims[f]].size == width})
+    return out
 
 
 def head_info(axes: list[Axis], members: list[tuple[Member, set[int]]],

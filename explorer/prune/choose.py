@@ -18,6 +18,7 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group
+from ..coupling.heads import head_dim_ties
 from ..coupling.places import axis_layers
 from ..coupling.targets import parse_targets, target_of
 from ..coupling.vocab import Target
@@ -25,9 +26,10 @@ from ..graph.ir import Graph
 from ..graph.metrics import count_macs, count_params
 from .calibration import Calibration, load_calibration
 from .compensate import Compensation
-from .counts import global_counts, kept, local_counts
+from .counts import global_counts, kept, local_counts, tie_head_dims
 from .history import History
 from .importance import Criterion, lowest, make
+from .measured import Measured, measured
 from .outer import outer_cut
 from .preflight import Preflight, Verdict
 from .records import Candidate, GroupChange, Skip
@@ -80,6 +82,8 @@ class Chooser:
         self.remeasure = True
         self._flight: tuple[int, Preflight] | None = None
         self._scored: tuple[tuple[Any, ...], list[Candidate], list[Skip]] | None = None
+        self._ties: tuple[int, dict[int, dict[int, dict[int, int]]]] | None = None
+        self._measured: tuple[tuple[Any, ...], Measured] | None = None
         self.targets = resolve_targets(config.targets, config.heads, self.graph, self.groups)
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -96,6 +100,7 @@ class Chooser:
     importance = _Read[str]("config", "importance")
     ratio = _Read[float]("config", "ratio")
     global_pruning = _Read[bool]("config", "global_pruning")
+    allocation = _Read[str]("config", "allocation")
     round_to = _Read[int]("config", "round_to")
     steps = _Read[int]("config", "iterative_steps")
     ratios = _Read[dict[str, float]]("config", "ratios")
@@ -247,19 +252,25 @@ class Chooser:
         return cands, skipped
 
     # -- proposals ------------------------------------------------------------------------
-    def propose(self, ratio: float | None = None) -> tuple[Removal, list[GroupChange], list[Skip]]:
-        """Indices the next step would remove (lowest importance first)."""
+    def propose(self, ratio: float | None = None, measure: bool = True
+                ) -> tuple[Removal, list[GroupChange], list[Skip]]:
+        """Indices the next step would remove (lowest importance first); ``measure=False``:
+        the uniform counts where the allocation is measured (no trial cuts)."""
         if ratio is None:
             ratio = self._step_ratio()
         cands, skipped = self.candidates()
-        return self._propose(cands, skipped, ratio)
+        return self._propose(cands, skipped, ratio, measure)
 
-    def _propose(self, cands: list[Candidate], skipped: list[Skip], ratio: float
-                 ) -> tuple[Removal, list[GroupChange], list[Skip]]:
+    def _propose(self, cands: list[Candidate], skipped: list[Skip], ratio: float,
+                 measure: bool = True) -> tuple[Removal, list[GroupChange], list[Skip]]:
         """`propose` over candidates already scored (``skipped`` is extended)."""
         c = self.config
         counts = (global_counts(cands, ratio, c.max_ratio, c.round_to) if c.global_pruning
                   else local_counts(cands, ratio, c.ratios, c.max_ratio, c.round_to))
+        counts = tie_head_dims(cands, counts, self._head_dim_ties())
+        if c.allocation == "measured" and measure and any(counts):
+            counts = self._measured_counts(cands, counts, ratio)
+            counts = tie_head_dims(cands, counts, self._head_dim_ties())
         removal, changes = Removal(), []
         places: dict[int, dict[int, str]] = {}
         for cand, n in zip(cands, counts, strict=False):
@@ -275,6 +286,39 @@ class Chooser:
             changes.append(GroupChange(cand.group.id, cand.group.title, ax.role, idx, ax.size,
                                        ax.size - n, where=places[cand.group.id][cand.axis]))
         return removal, changes, skipped
+
+    def _head_dim_ties(self) -> dict[int, dict[int, dict[int, int]]]:
+        """Group id -> `head_dim_ties` of its head groups (read once per model version)."""
+        if self._ties is None or self._ties[0] != self.version:
+            self._ties = (self.version, {g.id: t for g in self.groups if g.heads is not None
+                                         and (t := head_dim_ties(self.coupling, g))})
+        return self._ties[1]
+
+    def _measured_counts(self, cands: list[Candidate], uniform: list[int], ratio: float
+                         ) -> list[int]:
+        """The measured allocation's counts (`explorer.prune.measured`), once per model
+        version, settings, criterion and ratio: trial cuts, each undone exactly."""
+        key = (self.version, self.settings(), id(self.criterion), ratio)
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            raise ValueError("allocation 'measured' cuts each layer and measures the outputs, "
+                             "but the model is on the meta device (no weights); load the "
+                             "model on cpu, or choose allocation 'uniform' or 'global'")
+        if self._measured is None or self._measured[0] != key:
+            found = measured(self.model, self.coupling, cands, uniform, self._calib(),
+                             self.max_ratio)
+            self._measured = (key, found)
+        counts = list(self._measured[1].counts)
+        if self.round_to > 1:  # each kept width rounded up to a multiple
+            for k, cand in enumerate(cands):
+                size = cand.group.axes[cand.axis].size
+                counts[k] = size - min(size, int(math.ceil((size - counts[k]) / self.round_to)
+                                                 * self.round_to))
+        return counts
+
+    def measured_note(self) -> str:
+        """What the last measured allocation chose and what uniform widths would cost ("" if
+        none was measured)."""
+        return self._measured[1].note() if self._measured is not None else ""
 
     def _step_ratio(self) -> float:
         return self.ratio * min(self.current_step + 1, self.steps) / self.steps
@@ -294,7 +338,7 @@ class Chooser:
         flight = Preflight(self.model, self.inputs, self.coupling) if self.target_macs else None
         for _ in range(14):
             mid = (lo + hi) / 2
-            removal, _c, _s = self.propose(mid)
+            removal, _c, _s = self.propose(mid, measure=False)  # a measured cut: same params
             if self._meets_target(removal, flight):
                 hi = mid
             else:

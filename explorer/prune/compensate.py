@@ -10,8 +10,8 @@ left out):
   Conv).
 * ``lstsq``: ridge least squares of the consumer's kept columns and bias (a layer without a
   bias is refit without one, so the refit model keeps its architecture: the same config
-  describes it and a plan replays onto it). Consumers inside
-  the model's repeated blocks (decoder or encoder layers; Linear) are refit **sequentially**
+  describes it and a plan replays onto it). Consumers inside the model's repeated blocks
+  (decoder or encoder layers; Linear, GPT-2's Conv1D) are refit **sequentially**
   (`explorer.prune.reconstruct`): block by block on the inputs the already cut and refit
   blocks below produce, against the original model's output, each choosing between the plain
   cut, ``bias`` and ridge fits by its error on calibration samples held out from the fit.
@@ -45,7 +45,14 @@ from ..graph.walk import flat_floats
 from .calibration import Calibration
 from .importance import calibrating, calibration_pass, input_dim
 from .rebase import head_axes, rebase
-from .reconstruct import Consumer, Reconstruction, inside_blocks, reconstruct
+from .reconstruct import (
+    Consumer,
+    Reconstruction,
+    affine,
+    inside_blocks,
+    kept_rows,
+    reconstruct,
+)
 from .removal import Applied, Removal, apply_removal, removed_atoms, set_tensor, undo
 from .sequential import SequentialError
 
@@ -114,7 +121,8 @@ def cut_targets(model: nn.Module, keeps: Mapping[tuple[str, int], Sequence[int] 
         if attr != "weight" or name in shared:
             continue
         module = model.get_submodule(module_name)
-        if not isinstance(module, _BIAS_LAYERS) or input_dim(module) != dim:
+        refits = isinstance(module, _BIAS_LAYERS) or affine(module) is not None
+        if not refits or input_dim(module) != dim:
             continue
         size = sizes[name][dim] if sizes is not None else _weight(module).shape[dim]
         kept_arr = np.asarray(kept, dtype=np.int64)
@@ -161,7 +169,7 @@ def _input_hook(name: str, stats: dict[str, InputStats], current: list[torch.Ten
 
 def _rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(positions, channels): one row per token (real ones) or spatial position."""
-    if isinstance(module, nn.Linear):
+    if affine(module) is not None:  # channels last (Linear, transformers' Conv1D)
         if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             return x[mask].reshape(-1, x.shape[-1])
         return x.reshape(-1, x.shape[-1])
@@ -230,9 +238,7 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
     applied.previous.update(rebased)  # undo restores the weights from before the re-basing
     try:
         for name, tensor in sorted(rec.tensors.items()):
-            rows = applied.keeps.get((name.rpartition(".")[0] + ".weight", 0))
-            _install(model, name, tensor if rows is None else tensor[torch.as_tensor(rows)],
-                     applied)
+            _install(model, name, kept_rows(model, name, tensor, applied.keeps), applied)
         new: dict[str, torch.Tensor] = {}
         for t in todo:
             if t.module not in stats:  # not run on the calibration data: nothing to fit
@@ -253,7 +259,7 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
 
 def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
                 notes: list[str] | None) -> Reconstruction:
-    """`reconstruct` of the Linear consumers inside the model's repeated blocks (none when
+    """`reconstruct` of the consumers inside the model's repeated blocks (none when
     it has no such blocks); its summary goes into ``notes``."""
     consumers = block_consumers(model, todo)
     if not consumers:
@@ -268,10 +274,10 @@ def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
 
 
 def block_consumers(model: nn.Module, todo: Sequence[Target]) -> list[Consumer]:
-    """The targets `reconstruct` refits: Linear layers inside the repeated blocks."""
+    """The targets `reconstruct` refits: layers `reconstruct.affine` reads (Linear,
+    transformers' Conv1D) inside the repeated blocks."""
     inside = inside_blocks(model, [t.module for t in todo])
-    return [Consumer(t.module, t.weight, t.kept) for t in todo
-            if t.module in inside and t.in_dim == 1]
+    return [Consumer(t.module, t.weight, t.kept) for t in todo if t.module in inside]
 
 
 REBASE_TOLERANCE = 1e-8  # relative squared output change a re-basing may cause (rounding)

@@ -1,5 +1,6 @@
 """How many channels each candidate axis loses at a ratio: per group (local) or ranked across
-groups (global), rounded to multiples, with a floor. Pure functions of scored candidates."""
+groups (global), rounded to multiples, with a floor, and value head dims tied to the query/key
+dims of a rotary model. Pure functions of scored candidates."""
 from __future__ import annotations
 
 import math
@@ -71,9 +72,29 @@ def global_counts(cands: list[Candidate], ratio: float, max_ratio: float, round_
     return counts
 
 
-def allocation_note(changes: list[GroupChange]) -> str:
-    """What the global ranking gave each width: the spread of kept widths per original width
-    (uniform widths are what a transformers config can describe)."""
+def tie_head_dims(cands: list[Candidate], counts: list[int],
+                  ties: Mapping[int, Mapping[int, Mapping[int, int]]]) -> list[int]:
+    """``counts`` with every tied value head-dim axis cut to the width its query/key axes
+    keep (``ties``: group id -> `coupling.heads.head_dim_ties`): a rotary half keeping 26 of
+    32 pairs makes the value dims keep 52 of 64, never their own rounding of 20 %."""
+    at = {(c.group.id, c.axis): k for k, c in enumerate(cands)}
+    out = list(counts)
+    for k, c in enumerate(cands):
+        parts = ties.get(c.group.id, {}).get(c.axis)
+        if parts is None:
+            continue
+        keep = 0
+        for a, channels in parts.items():
+            j = at.get((c.group.id, a))
+            keep += channels * (c.group.axes[a].size - (out[j] if j is not None else 0))
+        out[k] = max(c.group.axes[c.axis].size - keep, 0)
+    return out
+
+
+def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
+    """What the global ranking (or, with ``measured``, the measured allocation that note
+    describes) gave each width: the spread of kept widths per original width (uniform widths
+    are what a transformers config can describe)."""
     spans: dict[int, tuple[int, int, int]] = {}
     for c in changes:
         lo, hi, n = spans.get(c.width_before, (c.width_after, c.width_after, 0))
@@ -81,11 +102,12 @@ def allocation_note(changes: list[GroupChange]) -> str:
     parts = [f"{lo}-{hi} of {w} kept across {n} groups" if lo != hi else
              f"{lo} of {w} kept in all {n} groups" for w, (lo, hi, n) in sorted(spans.items())]
     uneven = any(lo != hi for lo, hi, _n in spans.values())
-    return (f"global allocation: per-layer widths from scores normalised per group ("
-            f"{'; '.join(parts)})" + ("; layers of one kind now differ in width, which a "
-                                      "transformers config cannot describe (export pt or "
-                                      "safetensors + plan; without --global every layer "
-                                      "keeps the same width)" if uneven else ""))
+    how = measured or "global allocation: per-layer widths from scores normalised per group"
+    return (f"{how} ({'; '.join(parts)})" +
+            ("; layers of one kind now differ in width, which a transformers config cannot "
+             "describe (export pt or safetensors + plan; with --allocation uniform every "
+             "layer keeps the same width)" if uneven else ""))
 
 
-__all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts"]
+__all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts",
+           "tie_head_dims"]

@@ -29,7 +29,7 @@ from ..graph.rng import kept_rng
 from .calibration import Calibration
 from .compensate import block_consumers, cut_targets
 from .rebase import head_axes
-from .reconstruct import Reconstruction, reconstruct
+from .reconstruct import Reconstruction, kept_rows, reconstruct
 from .removal import Applied, Removal
 from .sequential import _resident
 
@@ -70,9 +70,7 @@ def refit_offloaded(model: nn.Module, layout: nn.Module, applied: Applied, calib
     def done(_block: int, rec: Reconstruction) -> None:
         tensors = {}
         for name in sorted(rec.tensors):
-            t = rec.tensors.pop(name)
-            rows = applied.keeps.get((name.rpartition(".")[0] + ".weight", 0))
-            tensors[name] = t if rows is None else t[torch.as_tensor(rows)]
+            tensors[name] = kept_rows(model, name, rec.tensors.pop(name), applied.keeps)
         sink(tensors)
 
     with kept_rng(model):

@@ -8,6 +8,7 @@ one `settings.Settings`.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -28,7 +29,7 @@ from .decisions import Decisions
 from .history import Edit, History
 from .importance import Criterion
 from .joint import Solution, merge, solve
-from .outer import joint_reason
+from .outer import advice, joint_reason
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Counts, Proposal
 from .records import Candidate, GroupChange, Skip, StepReport, Unsafe
@@ -47,7 +48,7 @@ class Pruner(Chooser):
         ratio: fraction of each group's channels to remove by the last step.
         iterative_steps: number of `step()` calls to reach ``ratio``.
         global_pruning: rank channels of all groups together (scores normalised per axis)
-            instead of cutting every group by ``ratio``.
+            instead of cutting every group by ``ratio`` (``allocation="global"``).
         heads: "dims" (same dims removed in every head), "whole" (remove whole heads; with
             GQA, whole key/value groups with their query heads), "query" (with GQA, the same
             number of query heads inside every key/value group, keys and values kept;
@@ -68,6 +69,12 @@ class Pruner(Chooser):
         target_macs: the same for multiply-accumulates.
         compensate: refit the consumers of removed channels on the calibration data after
             each step: "bias", "lstsq" or None (see `explorer.prune.compensate`).
+        allocation: how widths are shared out across layers (`settings.ALLOCATIONS`):
+            "uniform" (every axis loses ``ratio``: a transformers config describes the
+            result), "global" (``global_pruning``), or "measured": per-axis depths from the
+            change each axis' cut causes alone on the calibration data, with the parameter
+            count of the uniform cut (`explorer.prune.measured`; about 3 forwards of 8
+            samples per axis more).
         scores: a criterion prepared elsewhere on this model's original weights, used instead
             of preparing ``importance`` here; e.g. `explorer.prune.sequential.
             sequential_criterion` on the checkpoint that a ``meta`` model describes. Its
@@ -83,11 +90,12 @@ class Pruner(Chooser):
                  ratios: Mapping[str, float] | None = None, max_ratio: float = 0.9,
                  target_params: float | None = None, target_macs: float | None = None,
                  compensate: str | None = None, scores: Criterion | None = None,
-                 targets: str | Sequence[str] | None = None) -> None:
+                 targets: str | Sequence[str] | None = None, allocation: str = "uniform"
+                 ) -> None:
         config = Settings(importance, ratio, head_mode(heads), global_pruning, round_to,
-                               None if targets is None else parse_targets(targets),
-                               iterative_steps, dict(ratios or {}), max_ratio, target_params,
-                               target_macs, compensation(compensate))
+                          None if targets is None else parse_targets(targets),
+                          iterative_steps, dict(ratios or {}), max_ratio, target_params,
+                          target_macs, compensation(compensate), allocation)
         check_module_names(model, ignored, "ignored")
         if scores is not None and iterative_steps != 1:
             raise ValueError("scores given for the original weights rank one cut only; use "
@@ -100,6 +108,7 @@ class Pruner(Chooser):
         self.decisions = Decisions(self.history)
         # version -> (settings, proposals): kept for every state an undo can bring back
         self._pending: dict[int, tuple[SettingsKey, list[Proposal]]] = {}
+        self._checked: tuple[tuple[Any, ...], Removal, StepReport] | None = None  # `checked`
 
     @property
     def applied(self) -> list[Applied]:
@@ -320,14 +329,13 @@ class Pruner(Chooser):
             report.params_after, report.macs_after = report.params_before, report.macs_before
             return report
         ratio = self._ratio_for_target() if self.config.targeted else None
-        removal, changes, skipped = self.propose(ratio)
-        report.skipped = skipped
-        report.notes = list(dict.fromkeys(self.notes))
-        flight = Preflight(self.model, self.inputs, self.coupling)
-        removal, changes = self._drop_unsafe(flight, removal, changes, report)
-        report.changes = changes
-        if self.global_pruning and changes:
-            report.notes.append(allocation_note(changes))
+        flight = self.preflight()
+        removal, checked = self.checked(ratio)
+        report.skipped, report.changes, report.unsafe = (checked.skipped, checked.changes,
+                                                         checked.unsafe)
+        report.notes = list(dict.fromkeys([*self.notes, *checked.notes]))
+        if self.allocation != "uniform" and report.changes:
+            report.notes.append(allocation_note(report.changes, self.measured_note()))
         if removal:
             applied = self.history.cut(removal, self._cut, report, analyse=False,
                                        what=f"step {report.step}")
@@ -344,6 +352,30 @@ class Pruner(Chooser):
         self._forget()
         return report
 
+    def checked(self, ratio: float | None = None) -> tuple[Removal, StepReport]:
+        """What a step at ``ratio`` (None: the next step's) really cuts, nothing changed: the
+        proposal once the pre-flight ran it on a weightless copy, without the groups that
+        break the forward (the report's ``unsafe``, with module and line), joint sets at
+        their common fraction, fallbacks to an outer axis (``notes``). Kept per model
+        version, settings and ratio, so the statement said before a step and the step agree
+        and the copies run once."""
+        ratio = self._step_ratio() if ratio is None else ratio
+        key = (self.version, self.settings(), self.allocation, id(self.criterion), ratio)
+        if self._checked is None or self._checked[0] != key:
+            removal, changes, skipped = self.propose(ratio)
+            report = StepReport(self.current_step + 1, skipped=skipped)
+            removal, report.changes = self._drop_unsafe(self.preflight(), removal, changes,
+                                                        report)
+            self._checked = (key, removal, report)
+        return copy.deepcopy(self._checked[1]), copy.deepcopy(self._checked[2])
+
+    def _module(self, name: str) -> nn.Module | None:
+        """The module called ``name`` (a verdict's failing module), or None."""
+        try:
+            return self.model.get_submodule(name) if name else None
+        except AttributeError:
+            return None
+
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:
         """Keep the groups whose pruning runs (alone or as a joint set, `joint.solve`);
@@ -359,8 +391,9 @@ class Pruner(Chooser):
             cut = self._outer_cut(flight, self.groups[gid], picked, verdict, base)
             if cut is not None:
                 outer[gid] = cut
-        report.unsafe += [Unsafe(g, v.module, v.location, v.error)
-                          for g, v in sol.unsafe.items() if g not in outer]
+        report.unsafe += [Unsafe(g, v.module, v.location, v.error, advice(
+            self.groups[g], {a: idx for (_g, a), idx in parts[g].picks.items()},
+            self._module(v.module))) for g, v in sol.unsafe.items() if g not in outer]
         safe = set(sol.safe)
         kept_changes = [c for c in changes if c.group in safe]
         for g, (part, change) in sorted(outer.items()):

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from .calibration import Calibration, batch_size
-from .importance import calibrating
+from .importance import calibrating, input_dim
 from .sequential import (
     Inputs,
     SequentialError,
@@ -78,6 +78,47 @@ RIDGES = (0.03, 0.1, 0.3, 1.0)
 STREAMS = ("local", "original", "stream")  # the targets there are (module docstring)
 # the targets tried by default: ``stream`` where the block allows it, else ``original``
 DEFAULT_STREAMS = ("original", "stream")
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A consumer read as ``y = W x + b`` with ``W`` (out, in), whatever layout its module
+    stores (`affine`, the one reader of the layers `reconstruct` refits)."""
+
+    weight: torch.Tensor  # W (out, in): the module's weight, transposed where it stores W^T
+    bias: torch.Tensor | None
+    out_dim: int  # the dim of the stored weight its outputs index (Linear 0, Conv1D 1)
+
+    def oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` between the (out, in) form and the module's layout, either way (the
+        transpose of transformers' ``Conv1D``, which stores (in, out), is its own inverse)."""
+        return w if self.out_dim == 0 else w.T.contiguous()
+
+
+def affine(module: nn.Module) -> Affine | None:
+    """``module`` as a consumer to refit: a layer whose 2-D weight multiplies its input
+    channels (`nn.Linear`; transformers' GPT-2 ``Conv1D``, weight (in, out)), else None."""
+    dim = input_dim(module)
+    weight = getattr(module, "weight", None)
+    if dim is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    bias = getattr(module, "bias", None)
+    w = weight.detach()
+    return Affine(w if dim == 1 else w.T, bias.detach() if isinstance(bias, torch.Tensor)
+                  else None, 1 - dim)
+
+
+def kept_rows(model: nn.Module, name: str, tensor: torch.Tensor,
+              keeps: Mapping[tuple[str, int], Sequence[int]]) -> torch.Tensor:
+    """A refit tensor (``name``: a consumer's weight or bias, in its module's layout, at the
+    unpruned output width) cut to the output rows ``keeps`` leaves its module."""
+    owner, _, attr = name.rpartition(".")
+    form = affine(model.get_submodule(owner))
+    out_dim = 0 if form is None else form.out_dim
+    rows = keeps.get((f"{owner}.weight", out_dim))
+    if rows is None:
+        return tensor
+    return tensor.index_select(out_dim if attr == "weight" else 0, torch.as_tensor(rows))
 
 
 @dataclass
@@ -157,7 +198,7 @@ def inside_blocks(model: nn.Module, modules: Sequence[str]) -> dict[str, int]:
         if m.startswith(head):
             first = m[len(head):].split(".", 1)[0]
             if first.isdigit() and int(first) < len(layers) and \
-                    isinstance(model.get_submodule(m), nn.Linear):
+                    affine(model.get_submodule(m)) is not None:
                 out[m] = int(first)
     return out
 
@@ -167,7 +208,8 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
                 resident: Callable[[nn.Module], AbstractContextManager[Any]] | None = None,
                 block_done: Callable[[int, Reconstruction], None] | None = None,
                 ) -> Reconstruction:
-    """Refit ``consumers`` (Linear layers inside the repeated blocks) block by block.
+    """Refit ``consumers`` (layers `affine` reads, inside the repeated blocks) block by
+    block.
 
     Args:
         model: the unpruned model (left unchanged: hooks only, removed on leaving).
@@ -345,7 +387,6 @@ def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction,
     if any(len(r.full) != len(r.next) for r in runs):  # called more than once per forward
         return False
     module = model.get_submodule(c.module)
-    assert isinstance(module, nn.Linear)
     cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
     x, old = runs[0].full[0]
     out = _hidden_in(runs[0].next[0])
@@ -370,7 +411,6 @@ def _shifted(model: nn.Module, rec: Reconstruction, runs: list[_Run],
     consumer (whose output adds to the block's output, `_adds`)."""
     f = rec.fits[-1]
     module = model.get_submodule(f.module)
-    assert isinstance(module, nn.Linear)
     reader = _reader(module, f, rec)
     return [[_with_hidden(pruned[d][b], _hidden_in(run.next[b]) + (reader(module, (x,), old)
                                                                    - old))
@@ -395,12 +435,12 @@ def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
     ``targets`` outputs (per split: target name -> per batch) and choose on the held-out
     split."""
     module = model.get_submodule(c.module)
-    assert isinstance(module, nn.Linear)
+    form = affine(module)
+    assert form is not None  # `inside_blocks` keeps these only
     cols = torch.as_tensor(c.kept)
     fit = {k: v for k, v in targets[0].items() if k in streams}
     gram, cross = moments(xp[0], fit, cols, all_rows="local" in streams)
-    bias = module.bias.detach() if module.bias is not None else None
-    cands = refits(module.weight.detach(), bias, c.kept, gram, cross, ridges, streams)
+    cands = refits(form.weight, form.bias, c.kept, gram, cross, ridges, streams)
     # the held-out split judges, unless none of its tokens reached this layer (samples that
     # are all padding): then the fit tokens do, and the summary says so
     judge = 1 if len(xp) > 1 and any(x.shape[0] for x in xp[1]) else 0
@@ -410,9 +450,9 @@ def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
     choice = min(errors, key=lambda k: (errors[k], k != "plain"))
     out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
     if choice != "plain":
-        dtype = module.weight.dtype
-        out.tensors[c.weight] = cands[choice][:, :-1].to(dtype)
-        if module.bias is not None:  # a layer without a bias is refit without one
+        dtype = form.weight.dtype
+        out.tensors[c.weight] = form.oriented(cands[choice][:, :-1]).to(dtype)
+        if form.bias is not None:  # a layer without a bias is refit without one
             out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
 
 
@@ -547,7 +587,6 @@ def _replaced(model: nn.Module, rec: Reconstruction, start: int = 0) -> Iterator
     handles = []
     for f in rec.fits[start:]:
         module = model.get_submodule(f.module)
-        assert isinstance(module, nn.Linear)  # `inside_blocks` keeps Linear layers only
         handles.append(module.register_forward_hook(_reader(module, f, rec)))
     try:
         yield
@@ -556,13 +595,17 @@ def _replaced(model: nn.Module, rec: Reconstruction, start: int = 0) -> Iterator
             h.remove()
 
 
-def _reader(module: nn.Linear, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
+def _reader(module: nn.Module, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
+    """A forward hook: ``module``'s output from its kept inputs, with its chosen weights."""
+    form = affine(module)
+    assert form is not None  # `inside_blocks` keeps these only
     kept = torch.as_tensor(f.kept)
     weight = rec.tensors.get(f"{f.module}.weight")
     bias = rec.tensors.get(f"{f.module}.bias")
     if weight is None:  # the plain cut
-        weight = module.weight.detach()[:, kept]
-        bias = None if module.bias is None else module.bias.detach()
+        weight, bias = form.weight[:, kept], form.bias
+    else:
+        weight = form.oriented(weight)
     w: torch.Tensor = weight
     b: torch.Tensor | None = bias
 

@@ -45,6 +45,7 @@ class Unsafe:
     module: str
     location: str
     error: str
+    advice: str = ""  # what to do about it (`outer.advice`)
 
 
 @dataclass

@@ -20,6 +20,10 @@ from .compensate import Compensation, compensation
 from .importance import CRITERIA
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
+# how widths are shared out across layers: the same fraction of every axis; ranked across
+# axes by scores normalised per axis (`counts.global_counts`); or from the change each
+# layer's cut causes alone, measured on calibration data (`explorer.prune.measured`)
+ALLOCATIONS = ("uniform", "global", "measured")
 
 # (importance, ratio, heads, global_pruning, round_to, targets): what the app keys on
 SettingsKey = tuple[str, float, str, bool, int, tuple[str, ...]]
@@ -64,6 +68,8 @@ class Settings:
     target_params: float | None = None
     target_macs: float | None = None
     compensate: Compensation | None = None
+    # one of ALLOCATIONS; ``global_pruning`` is the same choice for "global" (kept in step)
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         _positive_int("iterative_steps", self.iterative_steps)
@@ -80,11 +86,25 @@ class Settings:
                 raise ValueError(f"{name} is a fraction of the original in (0, 1], got {value}")
         object.__setattr__(self, "compensate", compensation(self.compensate))
         object.__setattr__(self, "ratios", dict(self.ratios))
-        object.__setattr__(self, "global_pruning", bool(self.global_pruning))
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got "
+                             f"{self.allocation!r}")
+        if self.global_pruning and self.allocation == "measured":
+            raise ValueError("global_pruning and allocation 'measured' are two allocations; "
+                             "choose one (allocation='global' is global_pruning)")
+        if self.global_pruning:
+            object.__setattr__(self, "allocation", "global")
+        object.__setattr__(self, "global_pruning", self.allocation == "global")
 
     def but(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (None values keep a setting), validated again."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "global_pruning" in changes and "allocation" not in changes:  # the bool's switch
+            changes["allocation"] = "global" if changes["global_pruning"] else \
+                "uniform" if self.allocation == "global" else self.allocation
+        elif "allocation" in changes and "global_pruning" not in changes:
+            changes["global_pruning"] = False
+        return replace(self, **changes)
 
     @property
     def targeted(self) -> bool:
@@ -150,5 +170,5 @@ def target_axes(group: Group, targets: frozenset[Target], heads: HeadMode) -> li
             (a.inner or a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT))]
 
 
-__all__ = ["HEAD_MODES", "Settings", "SettingsKey", "head_mode", "resolve_targets", "target_axes",
-           "untargeted"]
+__all__ = ["ALLOCATIONS", "HEAD_MODES", "Settings", "SettingsKey", "head_mode",
+           "resolve_targets", "target_axes", "untargeted"]

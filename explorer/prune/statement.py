@@ -1,10 +1,11 @@
 """What a prune will cut, per target, said before anything is cut.
 
-`statement` runs the pruner's own proposal (`Pruner.propose`, the same picks a step makes
-before pre-flight) and sums it per target (`explorer.coupling.targets`): the widths each
-target goes from and to, the attention heads, the parameters it removes, and in words how
-the ratio is read. Where whole units round the ratio (three key/value groups a layer cannot
-lose 25 %), it says what is really removed and why.
+`statement` runs the pruner's own checked proposal (`Pruner.checked`, the picks a step makes
+once the pre-flight has dropped what breaks the forward) and sums it per target
+(`explorer.coupling.targets`): the widths each target goes from and to, the attention heads,
+the parameters it removes, and in words how the ratio is read. Where whole units round the
+ratio (three key/value groups a layer cannot lose 25 %), it says what is really removed and
+why; what the pre-flight refuses is said apart and counted nowhere.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..coupling.groups import Group
 from ..coupling.heads import query_kv_heads
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
+from .measured import LEVELS
 from .pruner import Pruner
 from .records import GroupChange
 from .removal import Removal
@@ -81,11 +83,14 @@ class Statement:
     targets: list[str]  # the targets selected
     default: bool  # the targets are the model's default
     params_before: int
-    params_after: int  # predicted, before pre-flight drops unsafe groups
+    params_after: int  # predicted for the cut the pre-flight lets through
     losses: list[TargetLoss]
     # "uniform": every layer of a kind keeps the same width (a transformers config describes
-    # it); "global": widths ranked across layers (`--global`); "per-group": ``ratios`` given
+    # it); "global": widths ranked across layers (`--global`); "measured": widths from the
+    # change each layer's cut causes alone (`--allocation measured`); "per-group": ``ratios``
     allocation: str = "uniform"
+    # groups the settings would cut but the pre-flight refuses (left uncut, not counted above)
+    refused: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,14 +100,16 @@ class Statement:
         which = ", ".join(self.targets) + (" (default)" if self.default else "")
         head = (f"what will be cut (ratio {self.ratio:.3g}, targets {which}, {self.allocation}"
                 f" widths): params {self.params_before:,} -> {self.params_after:,}")
-        return "\n".join([head, *(f"  {loss.line()}" for loss in self.losses)])
+        return "\n".join([head, *(f"  {loss.line()}" for loss in self.losses),
+                          *(f"  refused by the pre-flight: {r}" for r in self.refused)])
 
 
 def statement(pruner: Pruner) -> Statement:
     """What ``pruner``'s full prune will cut, per target, before cutting (scores are
     computed, as the first step would; nothing is changed)."""
     ratio = pruner.plan_ratio()
-    removal, changes, _skipped = pruner.propose(ratio)
+    removal, checked = pruner.checked(ratio)
+    changes = checked.changes
     params = pruner.params_now()
     losses = []
     for target in Target:
@@ -119,12 +126,17 @@ def statement(pruner: Pruner) -> Statement:
         if target is Target.HEADS:
             loss.heads = _head_counts(pruner, groups, part)
         loss.removed_fraction = _fraction(mine, loss.heads)
-        loss.note = _rounding(pruner, target, ratio, loss, mine, groups)
+        stopped = [u.group for u in checked.unsafe if u.group in ids]
+        loss.note = (f"the pre-flight refuses the cut of {len(stopped)} group(s) (below)"
+                     if stopped and not mine else
+                     _rounding(pruner, target, ratio, loss, mine, groups))
         losses.append(loss)
-    allocation = "global" if pruner.global_pruning else "per-group" if pruner.ratios else \
-        "uniform"
+    allocation = pruner.allocation if pruner.allocation != "uniform" else \
+        "per-group" if pruner.ratios else "uniform"
+    refused = [f"group {u.group} ({u.module}) fails at {u.location}: {u.error}; {u.advice}"
+               for u in checked.unsafe]
     return Statement(ratio, target_list(pruner.targets), pruner.targets_default, params,
-                     pruner.predict_params(removal), losses, allocation)
+                     pruner.predict_params(removal), losses, allocation, refused)
 
 
 def _reading(pruner: Pruner, target: Target, ratio: float) -> str:
@@ -140,6 +152,10 @@ def _reading(pruner: Pruner, target: Target, ratio: float) -> str:
         return (f"{pct} of all selected channels ranked together across groups (scores "
                 f"normalised per axis), each keeping at least {1 - pruner.max_ratio:.0%}: "
                 f"widths differ per layer")
+    if pruner.allocation == "measured":
+        return (f"as many parameters as {pct} of each group's channels, shared out by the "
+                f"change each layer's cut causes alone on calibration data (each cut alone at "
+                f"{len(LEVELS)} depths and measured): widths differ per layer")
     words = {
         Target.MLP: f"{pct} of each MLP's hidden units, in every layer",
         Target.RESIDUAL: f"{pct} of the hidden size: one width shared by the embeddings, "
@@ -229,7 +245,7 @@ def _rounding(pruner: Pruner, target: Target, ratio: float, loss: TargetLoss,
               changes: list[GroupChange], groups: list[Group]) -> str:
     """Why the fraction removed differs from the ratio asked, when it does."""
     got = loss.removed_fraction
-    if pruner.global_pruning or pruner.ratios or ratio <= 0 or not loss.selected:
+    if pruner.allocation != "uniform" or pruner.ratios or ratio <= 0 or not loss.selected:
         return ""
     if got is None:  # nothing of this target is cut: every width rounds back to itself
         sizes = [g.axes[a].size for g in groups for a in pruner.target_axes(g)]

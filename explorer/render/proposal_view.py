@@ -111,8 +111,10 @@ def removed_for(proposal: Proposal, counts: Mapping[int, int]) -> dict[int, list
 
 
 def statement_lines(said: Statement) -> list[str]:
-    """The statement of what the settings cut, as Markdown list items (one per target)."""
-    return [f"- **{loss.target}**: {loss.details()}" for loss in said.losses]
+    """The statement of what the settings cut, as Markdown list items (one per target, then
+    one per group the pre-flight refuses)."""
+    return [*(f"- **{loss.target}**: {loss.details()}" for loss in said.losses),
+            *(f"- **refused by the pre-flight**: {r}" for r in said.refused)]
 
 
 def pending_rows(pending: Sequence[Proposal], costs: Mapping[GroupKey, str] | None = None

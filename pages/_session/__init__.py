@@ -104,7 +104,7 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
             pe = Session(lm.model, lm.example_inputs, spec=request.spec,
                          calibration=loaded.calibration, heldout=loaded.heldout, task=lm.task,
                          tokenizer=lm.tokenizer, sentence=lm.sentence,
-                         importance=loaded.importance)
+                         importance=loaded.importance, heads=loaded.heads)
             if actions:
                 bar = st.progress(0.0, text="replaying your decisions")
                 pe.replay(list(actions), lambda f, text: bar.progress(f, text=text))
