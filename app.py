@@ -1,7 +1,8 @@
 """Pruning Explorer: the Streamlit entry point (run with ``streamlit run app.py``).
 
 Loads the default model on first visit (cached once per spec for all sessions) and gives
-each browser session its own deep copy to prune (`explorer.app.session.Session`). The
+each browser session its own copy to prune, sharing the cached weights
+(`explorer.app.session.Session`). The
 session id in the URL and the session log on disk bring the decisions back after a refresh.
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The interactive pruning session behind the app: propose, accept, reject, undo.
 
 Streamlit-free on purpose (the app's pages only draw it), so every transition is unit-tested
-without a browser. A session owns a private copy of the model; the pristine model it was
-made from is never touched.
+without a browser. A session owns a private copy of the model's modules that shares its
+weights (`workspace.working_copy`: cuts replace tensors, never write into them); the pristine
+model it was made from is never touched.
 
 The session is a coordinator: proposals, pre-flight, joint sets, application, the timeline
 of edits and its exact undo are the `Pruner`'s (`explorer.prune`: `history`, `decisions`),

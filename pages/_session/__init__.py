@@ -29,7 +29,8 @@ ALLOW_FACTORY_ENV = "PRUNING_EXPLORER_ALLOW_FACTORY"
 @st.cache_resource(show_spinner=False, max_entries=4)
 def pristine(spec: str, device: str, shape: tuple[int, ...] | None,
              weights: str | None) -> LoadedModel:
-    """The unpruned model; shared by all sessions, so never mutated (sessions copy it)."""
+    """The unpruned model; shared by all sessions, so never mutated (each session prunes a
+    copy of its modules that shares its weights, `explorer.app.workspace.working_copy`)."""
     return load_model(spec, device=device, input_shape=shape, weights=weights,
                       allow_code=os.environ.get(ALLOW_FACTORY_ENV) == "1")
 
