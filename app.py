@@ -1,7 +1,8 @@
 """Pruning Explorer: the Streamlit entry point (run with ``streamlit run app.py``).
 
 Loads the default model on first visit (cached once per spec for all sessions) and gives
-each browser session its own deep copy to prune (`explorer.app.session.Session`). The
+each browser session its own copy to prune, sharing the cached weights
+(`explorer.app.session.Session`). The
 session id in the URL and the session log on disk bring the decisions back after a refresh.
 """
 from __future__ import annotations
@@ -27,11 +28,13 @@ page = st.navigation([
     st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ])
 
-from explorer.app.allocator import trim_heap  # noqa: E402
-from pages._session import restore_or_start  # noqa: E402 - torch: after the navigation
+from explorer.app.allocator import one_heap, trim_heap  # noqa: E402
+from pages._session import held_still, restore_or_start  # noqa: E402 - torch: after the nav
 
+one_heap()  # every page run's thread reuses one heap (explorer.app.allocator); idempotent
 restore_or_start()  # a session in the URL (?sid=) is replayed after a refresh
 try:
-    page.run()
+    with held_still():  # another tab's Accept waits until this page is drawn from one state
+        page.run()
 finally:  # a page's forwards and copies are garbage now: give their heap pages back
     trim_heap()

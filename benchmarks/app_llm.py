@@ -6,7 +6,8 @@ by the URL's ``?sid=`` in a fresh browser session, live (a refresh or a second t
 server restart (the model cache and live sessions cleared: the saved log replays), and builds
 an ``hf`` export on the Export page of the reopened session. Prints one JSON object: the median
 seconds of each action (with every run), the process's peak RSS in MB (AppTest runs the app
-in this process), and the RSS after each action.
+in this process), the RSS after each action, and ``session_mb``: the RSS after the last accept
+over the server's before the load (the session, with the pristine model it shares).
 
 Usage::
 
@@ -171,6 +172,9 @@ def run(model: str, calibration: str, heldout: str, criterion: str, accepts: int
             "cpu_seconds": {k: round(statistics.median(v), 2) for k, v in bench.cpu.items()},
             "peak_rss_mb": round(_peak_mb()), "rss_start_mb": start_mb,
             "rss_after_mb": bench.rss,
+            # the session after its accepts, over the server before the load (the pristine
+            # model, cached once per server, included)
+            "session_mb": round(bench.rss.get("accept", start_mb) - start_mb),
             "params_after": params}
 
 

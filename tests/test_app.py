@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("streamlit")
+from llamas import MHA_LLAMA
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from explorer.app.session import Session  # noqa: E402
@@ -133,8 +134,6 @@ def test_settings_and_accept_all(app: AppTest) -> None:
     assert "Every prunable group is decided" in app.info[0].value
 
 
-SMALL_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=3&num_attention_heads=4"
-               "&num_key_value_heads=4&intermediate_size=128&vocab_size=100")
 
 
 def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
@@ -143,7 +142,7 @@ def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
     the long spec was a large heading, and the first proposal was titled by the embedding
     table instead of the residual stream it is."""
     assert app.text_input(key="model_shape").placeholder == "1,3,32,32"  # DINO's image
-    _load(app, SMALL_LLAMA, device="meta")
+    _load(app, MHA_LLAMA, device="meta")
     tokens = app.session_state.pe.example_inputs[0].shape
     assert app.text_input(key="model_shape").placeholder == ",".join(map(str, tokens))
     assert [h.value for h in app.subheader] == ["hf:llama"]  # the options go to a caption

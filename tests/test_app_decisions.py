@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from llamas import GQA_LLAMA
 
 from explorer.app.session import Session
 from explorer.coupling.places import natural_key
@@ -23,17 +24,14 @@ from explorer.prune.uniform import (
 )
 from explorer.render.proposal_view import AxisRow, equal_counts
 
-SMALL_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=3&num_attention_heads=4"
-               "&num_key_value_heads=2&intermediate_size=128&vocab_size=100")
-
 
 @pytest.fixture(scope="module")
 def llama() -> LoadedModel:
-    return load_model(SMALL_LLAMA)
+    return load_model(GQA_LLAMA)
 
 
 def _session(lm: LoadedModel) -> Session:
-    return Session(lm.model, lm.example_inputs, spec=SMALL_LLAMA)
+    return Session(lm.model, lm.example_inputs, spec=GQA_LLAMA)
 
 
 def test_kinds_of_parameters_by_layer() -> None:
@@ -174,7 +172,7 @@ def test_the_head_dim_statement_says_what_it_means() -> None:
     from explorer.prune.pruner import Pruner
     from explorer.prune.statement import statement
 
-    lm = load_model(SMALL_LLAMA, device="meta")
+    lm = load_model(GQA_LLAMA, device="meta")
     said = statement(Pruner(lm.model, lm.example_inputs, ratio=0.5, heads="dims"))
     words = next(t for t in said.losses if t.target == "heads").details()
     assert "dims per head 16 -> 8 in each of 3 layers (query and key: both rotary halves " \

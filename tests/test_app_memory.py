@@ -14,6 +14,7 @@ from torch import nn
 from explorer import trace
 from explorer.app.registry import Registry, available_bytes, memory_short, tensor_bytes
 from explorer.app.session import Session
+from explorer.app.workspace import working_copy
 from explorer.io.specs import load_model
 from explorer.prune.calibration import Calibration
 from explorer.prune.importance import make
@@ -98,10 +99,13 @@ def test_probe_runs_rows_within_the_output_budget_and_matches_evaluate(
 
 def test_session_keeps_the_original_once_and_checks_it_on_export(
         llama: tuple[nn.Module, tuple[torch.Tensor, ...]], tmp_path: Path) -> None:
-    model, inputs = llama
+    model, inputs = clone_model(llama[0]), llama[1]  # written in place below
     pe = Session(model, inputs, heldout=_heldout())
     own = tensor_bytes([pe.model])
     assert tensor_bytes([pe.model, pe.original]) == own  # the original costs nothing
+    # the working copy shares the given (pristine) model's parameters: only buffers are new
+    buffers = sum(b.untyped_storage().nbytes() for b in pe.model.buffers())
+    assert tensor_bytes([pe.model], shared=[model]) == buffers < own // 100
     assert pe.quality() is not None and pe.quality().kl == pytest.approx(0.0, abs=1e-12)
     p = pe.current()
     assert p is not None and pe.accept(p), pe.message
@@ -223,3 +227,84 @@ def test_trim_heap_gives_freed_heap_pages_back() -> None:
         pytest.skip("no malloc_trim (not glibc)")
     assert before - _rss_mb() > 100, (before, _rss_mb())
     assert len(kept) == 3125
+
+
+def test_working_copy_shares_parameters_and_copies_buffers() -> None:
+    """A session's copy reads the pristine model's weights (no second model in memory) and
+    has buffers of its own: a forward in training mode updates its batch-norm statistics,
+    never the model every session shares."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    copy = working_copy(model)
+    assert copy[0].weight is not model[0].weight
+    assert copy[0].weight.data_ptr() == model[0].weight.data_ptr()
+    assert copy[1].running_mean.data_ptr() != model[1].running_mean.data_ptr()
+    copy.train()
+    copy(torch.randn(8, 4))
+    assert torch.equal(model[1].running_mean, torch.zeros(6))
+    assert not torch.equal(copy[1].running_mean, torch.zeros(6))
+
+
+# A session on SmolLM2 (weights 540 MB float32) over the server with the pristine model
+# loaded, after 5 accepts with each proposal's cost measured first (what the Groups page
+# does), its freed heap given back as the app does after every page run: 713 MB when the
+# working copy deep-copied the weights, 200 MB sharing them (its cuts, the probe's logits).
+# The peak inside the run (freed blocks the heap keeps until trimmed) was 846-950 MB both
+# ways: bounded loosely, it would catch a second copy of the weights on top.
+SESSION_HELD_MB = 400
+SESSION_PEAK_MB = 1300
+
+_GROWTH = """
+import gc, json, sys
+import torch
+torch.set_num_threads(1)
+from explorer.app.allocator import one_heap, trim_heap
+from explorer.app.session import Session
+from explorer.io.data import DataOptions, load_data
+from explorer.io.specs import load_model
+
+def status(key):
+    return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status")
+                if line.startswith(key))
+
+one_heap()  # as app.py does
+lm = load_model(sys.argv[1])  # the server's pristine model (cached for every session)
+heldout = load_data(sys.argv[2], lm, DataOptions(2, 128, 8))
+gc.collect()
+trim_heap()
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM from here on
+pe = Session(lm.model, lm.example_inputs, heldout=heldout, importance="magnitude",
+             tokenizer=lm.tokenizer)
+pe.quality()
+for _ in range(5):
+    p = pe.current()
+    pe.proposal_cost(p)
+    assert pe.accept(p), pe.message
+    pe.quality()
+trim_heap()
+print(json.dumps({"base": base, "peak": status("VmHWM"), "now": status("VmRSS"),
+                  "params": [pe.params_start, pe.params]}))
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc")
+def test_smollm2_session_holds_its_cuts_not_a_copy_of_the_weights(
+        smollm2: Path, prose: tuple[Path, Path], tmp_path: Path) -> None:
+    """One app session on a real 135 M decoder holds its cuts and the probe's logits, not a
+    copy of the weights (`explorer.app.workspace.working_copy`)."""
+    import json
+    import os
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _GROWTH, f"hf:{smollm2}", str(prose[1])],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=580)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["params"][1] < got["params"][0]  # five cuts happened
+    assert got["now"] - got["base"] <= SESSION_HELD_MB, got
+    assert got["peak"] - got["base"] <= SESSION_PEAK_MB, got

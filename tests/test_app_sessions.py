@@ -75,6 +75,10 @@ def test_an_evicted_session_reopens_from_its_log_and_frees_its_place() -> None:
     first = _open()
     sid = first.session_state["pe_sid"]
     params = _accept_one(first)
+    # a session holds what its cuts made (the rest is the pristine model's): measured after
+    # every run of app.py (AppTest's switch_page runs the page alone), here its refresh
+    assert _sessions().held == 0 and _open(sid).session_state["pe_sid"] == sid
+    assert _sessions().held > 0
     _sessions().budget = 1  # bytes: every new session evicts the others
     other = _open()  # another user loads a model: the idle session goes
     assert sid not in _sessions() and other.session_state["pe_sid"] in _sessions()
@@ -179,3 +183,50 @@ def test_a_restart_replays_recorded_cuts_and_scores_only_when_the_groups_page_as
     again.switch_page("pages/3_groups.py").run()
     assert not again.exception and not again.error, (again.exception, again.error)
     assert passes == [1]
+
+
+def test_a_page_reads_one_state_while_another_tab_accepts() -> None:
+    """A page's reads hold the session still (`Workspace.reading`, what app.py wraps every
+    page run in): another tab's Accept waits until the page is drawn, then goes through."""
+    import threading
+
+    from explorer.app.session import Session
+    from explorer.io.specs import load_model
+
+    lm = load_model("demo:mlp")
+    pe = Session(lm.model, lm.example_inputs, spec="demo:mlp")
+    p = pe.current()
+    assert p is not None
+    drawing, applying = threading.Event(), threading.Event()
+    apply = pe.pruner.apply
+
+    def watched_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+        applying.set()
+        return apply(*args, **kwargs)
+
+    pe.pruner.apply = watched_apply  # type: ignore[method-assign]
+    seen: list[tuple[int, int, int]] = []
+    started: list[bool] = []
+    done: list[bool] = []
+
+    def page() -> None:
+        with pe.reading():
+            seen.append((pe.version, pe.params, len(pe.history)))
+            drawing.set()
+            started.append(applying.wait(timeout=1.0))  # the other tab clicked meanwhile
+            seen.append((pe.version, pe.params, len(pe.history)))
+
+    def other_tab() -> None:
+        drawing.wait()
+        done.append(pe.accept(p))
+
+    threads = [threading.Thread(target=page), threading.Thread(target=other_tab)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert started == [False]  # the accept did not start while the page read
+    assert seen[0] == seen[1] and seen[0][2] == 0
+    assert done == [True] and len(pe.history) == 1 and pe.params < seen[0][1]
+    with pe.reading(), pe.reading():  # re-entrant: a page's own clicks run inside it
+        assert pe.undo()

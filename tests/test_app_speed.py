@@ -100,14 +100,22 @@ def test_an_old_log_without_recorded_cuts_replays_by_choosing_again(
     _same_values(again.model, pe.model)
 
 
-def test_a_recorded_cut_that_does_not_fit_is_chosen_again(
-        llama: tuple[torch.nn.Module, tuple[Any, ...]],
-        live: tuple[Session, dict[str, Any]]) -> None:
+def _bad_log(llama: tuple[torch.nn.Module, tuple[Any, ...]],
+             live: tuple[Session, dict[str, Any]]
+             ) -> tuple[list[dict[str, Any]], dict[str, Any], Session]:
+    """A copy of the live session's log, its first accept's recorded cut (to spoil), and a
+    fresh session on the model to replay it into."""
     model, inputs = llama
     bad = copy.deepcopy(live[0].actions)
     first = next(a for a in bad if a["do"] == "accept")
-    first["cut"]["step"]["tensors"][0]["size_before"] += 1  # as if the model had changed
-    again = Session(model, inputs, spec=LLAMA, heads="whole")
+    return bad, first["cut"]["step"], Session(model, inputs, spec=LLAMA, heads="whole")
+
+
+def test_a_recorded_cut_that_does_not_fit_is_chosen_again(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]],
+        live: tuple[Session, dict[str, Any]]) -> None:
+    bad, step, again = _bad_log(llama, live)
+    step["tensors"][0]["size_before"] += 1  # as if the model had changed
     assert again.replay(bad) == len(bad)
     assert _state(again) == live[1]
 
@@ -115,13 +123,9 @@ def test_a_recorded_cut_that_does_not_fit_is_chosen_again(
 def test_a_recorded_cut_that_breaks_the_forward_restores_nothing(
         llama: tuple[torch.nn.Module, tuple[Any, ...]],
         live: tuple[Session, dict[str, Any]]) -> None:
-    model, inputs = llama
-    bad = copy.deepcopy(live[0].actions)
-    first = next(a for a in bad if a["do"] == "accept")
-    step = first["cut"]["step"]
+    bad, step, again = _bad_log(llama, live)
     step["tensors"] = step["tensors"][:1]  # one member of a coupled group cut alone
     step["attributes"] = {}
-    again = Session(model, inputs, spec=LLAMA, heads="whole")
     fresh = _state(again)
     assert again.replay(bad) == 0
     assert again.message is not None

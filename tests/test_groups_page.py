@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llamas import small_llama
 from streamlit.testing.v1 import AppTest
 
 from explorer.app.cost import Thresholds, cost_sentence
@@ -31,8 +32,7 @@ from explorer.render.proposal_view import (
     signed,
 )
 
-GQA_LLAMA = ("hf:llama?hidden_size=64&num_hidden_layers=2&num_attention_heads=4"
-             "&num_key_value_heads=2&intermediate_size=128&vocab_size=100")
+GQA_LLAMA = small_llama(2, 2)  # two layers: the joint searches stay short
 
 
 @pytest.fixture(scope="module")

@@ -261,13 +261,14 @@ def test_prune_loads_no_checkpoint() -> None:
     assert not loaders
 
 
-GROUPS_PAGE = ROOT.parent / "pages" / "3_groups.py"
+GROUPS_PAGE = [ROOT.parent / "pages" / "3_groups.py",
+               *sorted((ROOT.parent / "pages" / "_groups").glob("*.py"))]
 
 
 def test_groups_page_takes_its_words_and_rows_from_one_module() -> None:
     """`explorer.render.proposal_view` builds the Groups page's words, rows and charts; the
-    page imports no other wording module."""
-    used = {m for m in _imports(GROUPS_PAGE) if m.startswith("explorer.")}
+    page (with its sections, `pages/_groups/`) imports no other wording module."""
+    used = {m for page in GROUPS_PAGE for m in _imports(page) if m.startswith("explorer.")}
     wording = {"explorer.app.display", "explorer.app.sources", "explorer.render.figures"}
     assert "explorer.render.proposal_view" in used
     assert not used & wording, sorted(used & wording)

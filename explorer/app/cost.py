@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..coupling.groups import GroupKey
-from ..prune.preflight import clone_model
+from ..prune.preflight import shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.removal import apply_removal
 from ..quality.evaluate import Quality
@@ -241,7 +241,7 @@ def would_be_texts(pe: Session, proposal: Proposal, counts: Counts | None,
     key = (id(pe), pe.version, tuple(proposal.keys), pe.settings(),
            tuple(sorted((counts or {}).items())), tuple(prompts), new_tokens)
     if key not in cache:
-        trial = clone_model(pe.model)
+        trial = shared_clone(pe.model)  # the cut replaces tensors: no copy of the weights
         apply_removal(trial, pe.graph.coupling, proposal.removal(counts))
         cache[key] = continuations(trial, pe.original, pe.tokenizer, list(prompts), new_tokens)
     return cache[key]

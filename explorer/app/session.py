@@ -1,8 +1,9 @@
 """The interactive pruning session behind the app: propose, accept, reject, undo.
 
 Streamlit-free on purpose (the app's pages only draw it), so every transition is unit-tested
-without a browser. A session owns a private copy of the model; the pristine model it was
-made from is never touched.
+without a browser. A session owns a private copy of the model's modules that shares its
+weights (`workspace.working_copy`: cuts replace tensors, never write into them); the pristine
+model it was made from is never touched.
 
 The session is a coordinator: proposals, pre-flight, joint sets, application, the timeline
 of edits and its exact undo are the `Pruner`'s (`explorer.prune`: `history`, `decisions`),
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -24,7 +24,7 @@ from ..prune.compensate import compensation
 from ..prune.decisions import Decision
 from ..prune.depth import remove_blocks
 from ..prune.joint import solve
-from ..prune.preflight import Verdict, clone_model, forward_check, meta_copy
+from ..prune.preflight import Verdict, forward_check, meta_copy, shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.removal import PruneError, Removal
 from ..prune.sensitivity import Progress
@@ -70,7 +70,6 @@ class Session(Workspace):
         self._actions: list[Action] = []  # what the user did, replayable (`replay`)
         self._replaying = False  # settings change without scoring while a log replays
         self.on_action: Callable[[Session], None] | None = None  # e.g. save the log to disk
-        self.lock = threading.RLock()  # held by every transition (`transition`)
 
     @transition
     def configure(self, importance: str, ratio: float, heads: str,
@@ -411,7 +410,7 @@ class Session(Workspace):
     def _check_blocks(self, names: list[str], tuple_output: bool) -> Verdict:
         """Run a copy with ``names`` skipped (on meta when the model runs there)."""
         device = self.pruner.preflight().device
-        trial = meta_copy(self.model) if device == "meta" else clone_model(self.model)
+        trial = meta_copy(self.model) if device == "meta" else shared_clone(self.model)
         remove_blocks(trial, names, dict.fromkeys(names, tuple_output))
         return forward_check(trial, to_device(self.example_inputs, device), self.output_shapes)
 

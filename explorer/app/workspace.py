@@ -4,8 +4,10 @@ transitions (accept, reject, undo, ...) and the action log on top.
 """
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration
 from ..prune.decisions import Decision
 from ..prune.joint import Solution
-from ..prune.preflight import Verdict, clone_model, forward_check, shared_clone
+from ..prune.preflight import Verdict, forward_check, shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
 from ..prune.removal import Applied
@@ -38,7 +40,9 @@ class Workspace:
     """One model copy under pruning, its pruner and what the pages read of it.
 
     Args:
-        model: the model to prune; it is deep-copied (the pristine one is never touched).
+        model: the model to prune; never changed: the session works on a copy of its modules
+            that shares its parameters (`working_copy`), so a session costs the tensors its
+            cuts make, not a second model.
         example_inputs: positional inputs for one forward.
         spec: the spec string the model came from (for the report).
         importance, ratio, heads, global_pruning, round_to, targets: the `Pruner` settings
@@ -54,7 +58,7 @@ class Workspace:
                  calibration: Calibration | None = None, heldout: Calibration | None = None,
                  task: Task | None = None, tokenizer: Any | None = None,
                  sentence: SentenceFolder | None = None) -> None:
-        self.model = clone_model(model)
+        self.model = working_copy(model)
         self.example_inputs = tuple(example_inputs)
         self.spec = spec
         self.calibration = calibration  # data for data-aware criteria (random if None)
@@ -62,8 +66,9 @@ class Workspace:
         self.task = task  # what the model does (inferred when None)
         self.tokenizer = tokenizer  # the checkpoint's tokenizer: an hf export, continuations
         self.sentence = sentence  # a sentence-transformers pipeline, saved likewise
-        # unpruned, for quality, reports and plan replays: shares the working copy's tensors,
-        # which cuts, undo and replays replace and never write into (digest-checked on export)
+        # unpruned, for quality, reports and plan replays: shares the working copy's tensors
+        # (and so ``model``'s), which cuts, undo and replays replace and never write into
+        # (digest-checked on export)
         self._kept = Original(self.model)
         self.original = self._kept.get()
         self.pruner = Pruner(self.model, self.example_inputs, importance=importance,
@@ -81,6 +86,9 @@ class Workspace:
         self.macs_start = self.macs
         self.widths_start = layer_widths(self.model)
         self.output_shapes = self.pruner.preflight().expected
+        # two tabs share one live session (the registry): every change holds this lock
+        # (`session.transition`), and so does a page for all it reads (`reading`)
+        self.lock = threading.RLock()
         self._started()
 
     def _started(self) -> None:
@@ -88,6 +96,15 @@ class Workspace:
         does not repeat the constructor's arguments)."""
 
     # ------------------------------------------------------------------ state read by pages
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the model still while a page reads it: a transition another tab starts
+        meanwhile waits until the page is drawn, so every value the page shows (params,
+        proposals, quality, history) comes from one state of the model, never half of an
+        accept. Re-entrant: the page's own clicks run their transitions inside it."""
+        with self.lock:
+            yield
+
     @property
     def graph(self) -> ModelGraph:
         """The model's graph, groups and views as it is now (made once per version)."""
@@ -355,6 +372,28 @@ class Workspace:
         first = next(iter(self.model.parameters()), None)
         here = str(first.device) if first is not None else "cpu"
         return verdict if verdict.graph.device == here else Verdict(True)
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """The copy of ``model`` a session prunes: its own modules and buffers, ``model``'s
+    parameter tensors.
+
+    Every change the library makes to a model replaces parameters (cuts, refits, undo,
+    replays), never writes into them (`explorer.quality.original` checks this before an
+    export), so the app's pristine model, cached once for every session of a server, is the
+    weights of each session's copy too: a session on SmolLM2 holds what its cuts made, not
+    another 540 MB. Buffers are copied (small): a forward may update one in place (batch-norm
+    statistics in training mode), which must not reach the model other sessions share.
+    """
+    copy = shared_clone(model)
+    fresh: dict[int, torch.Tensor] = {}
+    for module in copy.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                if id(buf) not in fresh:  # a buffer two modules hold stays one
+                    fresh[id(buf)] = buf.clone()
+                module._buffers[name] = fresh[id(buf)]
+    return copy
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:

@@ -45,9 +45,14 @@ for cuts of MLP channels and heads (the producers' removed rows feed only these 
 Nothing of the model changes here: the result is the new tensors, installed by
 `explorer.prune.compensate.prune_and_compensate` with the cut, all or nothing.
 
-Memory: the two streams' hidden states entering the current block (per batch), the current
-block's consumer outputs in the original model (and its block outputs, for ``stream``), and
-(n+1) x (|K|+1) second moments per consumer of n inputs; never a second copy of the model.
+Memory: every statistic is a sum over tokens, taken batch by batch (`Moments` for the fit,
+`Judge` for the held-out errors): a batch runs through the original and the pruned block in
+lockstep and leaves nothing behind but its sums. Across batches only the two streams' hidden
+states entering the current block are kept (each batch's replaced by the next block's as it
+is done), plus up to `KEEP_BYTES` of what moves the pruned stream on without running the
+block again (batches past it run again with the fit), and (n+1) x (|K|+1) moments of the
+consumer being fit (n inputs); never a consumer's inputs or targets over all samples, never
+a second copy of the model.
 """
 from __future__ import annotations
 
@@ -78,6 +83,9 @@ RIDGES = (0.03, 0.1, 0.3, 1.0)
 STREAMS = ("local", "original", "stream")  # the targets there are (module docstring)
 # the targets tried by default: ``stream`` where the block allows it, else ``original``
 DEFAULT_STREAMS = ("original", "stream")
+# what a block keeps of its last consumer's inputs to move the pruned stream on without a
+# second run of the block (`_Shift`)
+KEEP_BYTES = 96 << 20
 
 
 @dataclass(frozen=True)
@@ -207,7 +215,7 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
                 ridges: Sequence[float] = RIDGES, streams: Sequence[str] = DEFAULT_STREAMS,
                 resident: Callable[[nn.Module], AbstractContextManager[Any]] | None = None,
                 block_done: Callable[[int, Reconstruction], None] | None = None,
-                ) -> Reconstruction:
+                keep_bytes: int = KEEP_BYTES) -> Reconstruction:
     """Refit ``consumers`` (layers `affine` reads, inside the repeated blocks) block by
     block.
 
@@ -222,6 +230,9 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         block_done: called with a block's index and the reconstruction so far once that
             block is fit; it may take the block's tensors out of ``tensors`` (to disk): later
             blocks read only their own.
+        keep_bytes: what a block may keep of its last consumer's kept inputs to give the
+            pruned stream's next inputs without running the block again (`_Shift`); batches
+            past it run the block again.
 
     Returns:
         The new tensors of the refit layers (less those ``block_done`` took) and the
@@ -245,13 +256,12 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         return out
     data = [fit_data] + ([held_data] if held_data is not None else [])
     with torch.no_grad(), calibrating(model):
-        first = [_first_inputs(model, layers[0], d) for d in data]
-        orig = [list(s) for s in first]
-        pruned = [list(s) for s in first]
+        orig = [_first_inputs(model, layers[0], d) for d in data]
+        pruned = [list(s) for s in orig]
         for i, layer in enumerate(layers[:max(by_layer) + 1]):
             with (resident or _as_is)(layer):
                 orig, pruned = _block(model, layer, by_layer.get(i, []), data, orig, pruned,
-                                      out, ridges, streams)
+                                      out, ridges, streams, keep_bytes)
             if block_done is not None and i in by_layer:
                 block_done(i, out)
     return out
@@ -259,43 +269,129 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
 
 def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[Calibration],
            orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
-           ridges: Sequence[float], streams: Sequence[str]
+           ridges: Sequence[float], streams: Sequence[str], keep_bytes: int
            ) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
-    """Fit one block's consumers; the next block's inputs of both streams."""
+    """Fit one block's consumers; the next block's inputs of both streams (the lists are
+    replaced batch by batch, in place).
+
+    One consumer at a time, in the order the forward runs them, and for each one batch at a
+    time: the batch through the original block gives the targets, through the pruned block
+    (this block's consumers fit so far read their kept inputs) the consumer's inputs. The fit
+    split's batches are summed into the moments (`Moments`), then the held-out split's judge
+    the refits (`Judge`): nothing of a batch outlives its turn but the streams and, where the
+    last consumer's output adds to the block's output, up to ``keep_bytes`` of what gives
+    the next pruned inputs without running the block again (`_Shift`).
+    """
     start = len(out.fits)  # the fits of this block: the only ones its forward reads
-    # the original stream: the consumers' outputs, the block's output and the next inputs
-    want = "stream" in streams
-    runs = [_run(layer, orig[d], data[d], [], model, outputs=[c.module for c in todo],
-                 hidden=want) for d in range(len(data))]
-    yo = [r.outs for r in runs]
-    ho = [r.hidden for r in runs]
-    orig = [r.next for r in runs]
     names = {id(model.get_submodule(c.module)): c for c in todo}
     # the forward's order matters only between several consumers (one run finds it)
     order = _in_order(layer, todo, names, pruned[0][0]) if len(todo) > 1 else todo
-    after: list[list[Inputs]] | None = None
+    masks = [_masks(orig[d], data[d]) for d in range(len(data))]
+    shift = _Shift(keep_bytes)
     for j, c in enumerate(order):
-        last = j == len(order) - 1
-        with _replaced(model, out, start):
-            runs = [_run(layer, pruned[d], data[d], [c.module], model,
-                         full=c.module if last else None, hidden=last and want)
-                    for d in range(len(data))]
-        adds = last and _adds(model, layer, c, out, runs, pruned, start)
-        targets: list[dict[str, list[torch.Tensor]]] = []
-        for d, run in enumerate(runs):
-            t = {"original": yo[d][c.module]}
+        _fit(model, layer, c, masks, orig, pruned, out, ridges, streams, start,
+             shift if j == len(order) - 1 else None)
+    if not order:  # nothing to fit here: the original stream through the block as it is
+        for d, batches in enumerate(orig):
+            for b, inp in enumerate(batches):
+                batches[b] = _run(layer, inp, masks[d][b], model).next
+    for d, batches in enumerate(pruned):
+        for b, inp in enumerate(batches):
+            x = shift.kept.pop((d, b), None)
+            if x is not None:  # (out - old) in place of the input, + new: the chosen fit
+                batches[b] = _with_hidden(inp, _hidden_in(inp) + _refit_output(
+                    model, out.fits[-1], out, x))
+                continue
+            with _replaced(model, out, start):
+                batches[b] = _run(layer, inp, masks[d][b], model).next
+    return orig, pruned
+
+
+class _Shift:
+    """The last consumer's kept inputs per batch, up to a byte budget: with the block's
+    output less that consumer's output (which takes the place of the batch's pruned-stream
+    input, read no more) they give the next inputs without running the block again (the
+    consumer's output adds to the block's output as it is, `_adds`)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}
+
+    def keep(self, at: tuple[int, int], x: torch.Tensor) -> bool:
+        """Keep ``x`` for batch ``at`` if it fits the budget; whether it was kept."""
+        size = x.numel() * x.element_size()
+        if size > self.budget:
+            return False
+        self.kept[at] = x
+        self.budget -= size
+        return True
+
+
+def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch.Tensor | None]],
+         orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
+         ridges: Sequence[float], streams: Sequence[str], start: int,
+         shift: _Shift | None) -> None:
+    """Fit ``c`` batch by batch (`_block`): moments over the fit split, then the candidates
+    judged on the held-out split; the choice goes into ``out``. With ``shift`` (the block's
+    last consumer) the original stream moves on to the next block's inputs, and what the
+    pruned stream's next inputs need is kept there."""
+    form = affine(model.get_submodule(c.module))
+    assert form is not None  # `inside_blocks` keeps these only
+    cols = torch.as_tensor(c.kept)
+    want = "stream" in streams and shift is not None
+    acc: Moments | None = None
+    judge: Judge | None = None
+    adds: bool | None = None if shift is not None else False
+    for d in range(len(orig)):
+        if d == 1 and acc is not None:  # the fit split is summed: its candidates
+            judge = Judge(refits(form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges,
+                                 streams), c.kept)
+        for b in range(len(orig[d])):
+            mask = masks[d][b]
+            o = _run(layer, orig[d][b], mask, model, outputs=[c.module], hidden=want)
+            if shift is not None:
+                orig[d][b] = o.next
+            with _replaced(model, out, start):
+                p = _run(layer, pruned[d][b], mask, model, inputs=[c.module],
+                         full=c.module if shift is not None else None, hidden=want)
+            if adds is None:
+                adds = _adds(model, layer, c, out, p, pruned[d][b], start)
+            targets = {"original": o.outs[c.module]}
             if adds and want:  # the block's output back onto the original stream
-                t["stream"] = [h - (hp - _rows(old, m).float()) for h, hp, (_x, old), m
-                               in zip(ho[d], run.hidden, run.full, run.masks, strict=True)]
-            targets.append(t)
-        _fit(model, c, [r.rows[c.module] for r in runs], targets, out, ridges, streams)
-        if adds:
-            after = _shifted(model, out, runs, pruned)
-    if after is None:  # no consumer here, or its output does not simply add up
-        with _replaced(model, out, start):
-            after = [_run(layer, pruned[d], data[d], [], model).next
-                     for d in range(len(data))]
-    return orig, after
+                assert o.hidden is not None and p.hidden is not None
+                targets["stream"] = o.hidden - (p.hidden - _rows(p.full[0][1], mask).float())
+            goal = "stream" if "stream" in targets else "original"
+            x = p.rows[c.module]
+            if d == 0:
+                if acc is None:
+                    acc = Moments.empty(x.shape[1], cols, {k: targets[k].shape[1]
+                                                           for k in {*streams, goal}
+                                                           if k in targets},
+                                        all_rows="local" in streams, goal=goal)
+                acc.add(x, targets)
+            elif judge is not None:
+                judge.add(x, targets[goal])
+            if adds and shift is not None:
+                x_full, old = p.full[0]
+                if shift.keep((d, b), x_full.index_select(-1, cols)):
+                    pruned[d][b] = _with_hidden(pruned[d][b], _hidden_in(p.next) - old)
+    assert acc is not None  # every split has a batch
+    if judge is None or not judge.tokens:
+        # no held-out split, or none of its tokens reached this layer (samples that are all
+        # padding): the fit tokens judge, from their moments, and the summary says so
+        out.heldout = False
+        cands = judge.cands if judge is not None else refits(
+            form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges, streams)
+        errors = acc.errors(cands)
+    else:
+        cands, errors = judge.cands, judge.errors()
+    choice = min(errors, key=lambda k: (errors[k], k != "plain"))
+    out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
+    if choice != "plain":
+        dtype = form.weight.dtype
+        out.tensors[c.weight] = form.oriented(cands[choice][:, :-1]).to(dtype)
+        if form.bias is not None:  # a layer without a bias is refit without one
+            out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
 
 
 @contextlib.contextmanager
@@ -339,65 +435,63 @@ def _masks(inputs: list[Inputs], data: Calibration) -> list[torch.Tensor | None]
 
 @dataclass
 class _Run:
-    """One stream through one block: what the hooks saw, and the next block's inputs."""
+    """One batch of one stream through one block: what the hooks saw, the next inputs."""
 
-    rows: dict[str, list[torch.Tensor]]  # module -> its inputs per batch (real tokens)
-    outs: dict[str, list[torch.Tensor]]  # module -> its outputs per batch (real tokens)
-    next: list[Inputs]
+    rows: dict[str, torch.Tensor]  # module -> its inputs (real tokens, float32)
+    outs: dict[str, torch.Tensor]  # module -> its outputs (real tokens, float32)
+    next: Inputs
     full: list[tuple[torch.Tensor, torch.Tensor]]  # the ``full`` module's (input, output)
-    hidden: list[torch.Tensor]  # the block's output per batch (real tokens), when asked
-    masks: list[torch.Tensor | None]
+    hidden: torch.Tensor | None  # the block's output (real tokens, float32), when asked
 
 
-def _run(layer: nn.Module, inputs: list[Inputs], data: Calibration, modules: list[str],
-         model: nn.Module, full: str | None = None, outputs: Sequence[str] = (),
+def _run(layer: nn.Module, inp: Inputs, mask: torch.Tensor | None, model: nn.Module,
+         inputs: Sequence[str] = (), full: str | None = None, outputs: Sequence[str] = (),
          hidden: bool = False) -> _Run:
-    """Run every batch of one stream through ``layer``, keeping the inputs of ``modules``
-    and the outputs of ``outputs`` (real-token rows, float32), for ``full`` its whole input
-    and output, and with ``hidden`` the block's output rows."""
-    masks = _masks(inputs, data)
-    run = _Run({m: [] for m in modules}, {m: [] for m in outputs}, [], [], [], masks)
-    current: list[torch.Tensor | None] = [None]
-    handles = [model.get_submodule(m).register_forward_pre_hook(_keeper(run.rows[m], current))
-               for m in modules]
+    """Run one batch through ``layer``, keeping the inputs of ``inputs`` and the outputs of
+    ``outputs`` (real-token rows, float32; several calls of a module in one forward are
+    stacked), for ``full`` its whole input and output, and with ``hidden`` the block's
+    output rows."""
+    seen: dict[str, list[torch.Tensor]] = {m: [] for m in [*inputs, *outputs]}
+    full_io: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [model.get_submodule(m).register_forward_pre_hook(
+        lambda _m, args, into=seen[m]: into.append(_rows(args[0].detach(), mask).float()))
+        for m in inputs]
     handles += [model.get_submodule(m).register_forward_hook(
-        lambda _m, _a, output, into=run.outs[m]: into.append(
-            _rows(output.detach(), current[0]).float())) for m in outputs]
+        lambda _m, _a, output, into=seen[m]: into.append(_rows(output.detach(), mask).float()))
+        for m in outputs if m not in inputs]
     if full is not None:
         handles.append(model.get_submodule(full).register_forward_hook(
-            lambda _m, args, output: run.full.append((args[0].detach(), output.detach()))))
+            lambda _m, args, output: full_io.append((args[0].detach(), output.detach()))))
     try:
-        for inp, mask in zip(inputs, masks, strict=True):
-            current[0] = mask
-            run.next.append(_with_hidden(inp, layer(*inp[0], **inp[1])))
-            if hidden:
-                run.hidden.append(_rows(_hidden_in(run.next[-1]), mask).float())
+        nxt = _with_hidden(inp, layer(*inp[0], **inp[1]))
     finally:
         for h in handles:
             h.remove()
-    return run
+    stacked = {m: v[0] if len(v) == 1 else torch.cat(v) for m, v in seen.items()}
+    return _Run({m: stacked[m] for m in inputs}, {m: stacked[m] for m in outputs}, nxt,
+                full_io, _rows(_hidden_in(nxt), mask).float() if hidden else None)
 
 
-def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction,
-          runs: list[_Run], pruned: list[list[Inputs]], start: int) -> bool:
+def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction, run: _Run,
+          inp: Inputs, start: int) -> bool:
     """Whether ``c``'s output is added to the block's output as it is (a residual
-    connection): the block with ``c`` cut gives ``out + cut - old``, checked on the first
-    batch. Then the block's next inputs need no second run (`_shifted`), and the ``stream``
-    target is defined."""
-    if any(len(r.full) != len(r.next) for r in runs):  # called more than once per forward
+    connection): the block with ``c`` cut gives ``out + cut - old``, checked on one batch
+    (``run``, of the pruned stream ``inp``). Then the block's next inputs need no second run
+    (`_Shift`), and the ``stream`` target is defined."""
+    if len(run.full) != 1:  # called more than once per forward
         return False
     module = model.get_submodule(c.module)
     cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
-    x, old = runs[0].full[0]
-    out = _hidden_in(runs[0].next[0])
+    x, old = run.full[0]
+    out = _hidden_in(run.next)
     if out.shape != old.shape:  # e.g. a layer on flattened tokens: no plain sum
         return False
     guess = out + (cut(module, (x,), old) - old)
     handle = module.register_forward_hook(cut)
     try:
         with _replaced(model, rec, start):
-            args, kwargs = pruned[0][0]
-            real = _hidden_in(_with_hidden(pruned[0][0], layer(*args, **kwargs)))
+            args, kwargs = inp
+            real = _hidden_in(_with_hidden(inp, layer(*args, **kwargs)))
     finally:
         handle.remove()
     if real.shape != guess.shape:
@@ -405,55 +499,8 @@ def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction,
     return float((real - guess).abs().max()) <= 1e-4 * (float(real.abs().max()) + 1e-12)
 
 
-def _shifted(model: nn.Module, rec: Reconstruction, runs: list[_Run],
-             pruned: list[list[Inputs]]) -> list[list[Inputs]]:
-    """The next block's inputs of the pruned stream, ``out + new - old``, for the last fit
-    consumer (whose output adds to the block's output, `_adds`)."""
-    f = rec.fits[-1]
-    module = model.get_submodule(f.module)
-    reader = _reader(module, f, rec)
-    return [[_with_hidden(pruned[d][b], _hidden_in(run.next[b]) + (reader(module, (x,), old)
-                                                                   - old))
-             for b, (x, old) in enumerate(run.full)] for d, run in enumerate(runs)]
-
-
-def _keeper(into: list[torch.Tensor], current: list[torch.Tensor | None]
-            ) -> Callable[..., None]:
-    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        into.append(_rows(args[0].detach(), current[0]).float())
-    return hook
-
-
 def _aug(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-
-
-def _fit(model: nn.Module, c: Consumer, xp: list[list[torch.Tensor]],
-         targets: list[dict[str, list[torch.Tensor]]], out: Reconstruction,
-         ridges: Sequence[float], streams: Sequence[str]) -> None:
-    """Fit ``c`` on its pruned-stream inputs ``xp`` (per split, per batch) towards the
-    ``targets`` outputs (per split: target name -> per batch) and choose on the held-out
-    split."""
-    module = model.get_submodule(c.module)
-    form = affine(module)
-    assert form is not None  # `inside_blocks` keeps these only
-    cols = torch.as_tensor(c.kept)
-    fit = {k: v for k, v in targets[0].items() if k in streams}
-    gram, cross = moments(xp[0], fit, cols, all_rows="local" in streams)
-    cands = refits(form.weight, form.bias, c.kept, gram, cross, ridges, streams)
-    # the held-out split judges, unless none of its tokens reached this layer (samples that
-    # are all padding): then the fit tokens do, and the summary says so
-    judge = 1 if len(xp) > 1 and any(x.shape[0] for x in xp[1]) else 0
-    out.heldout = out.heldout and judge == 1
-    goal = targets[judge]["stream" if "stream" in targets[judge] else "original"]
-    errors = heldout_errors(cands, xp[judge], goal, c.kept)
-    choice = min(errors, key=lambda k: (errors[k], k != "plain"))
-    out.fits.append(Fit(c.module, c.kept, choice, errors["plain"], errors[choice]))
-    if choice != "plain":
-        dtype = form.weight.dtype
-        out.tensors[c.weight] = form.oriented(cands[choice][:, :-1]).to(dtype)
-        if form.bias is not None:  # a layer without a bias is refit without one
-            out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
 
 
 def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -527,57 +574,115 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
     return cands
 
 
-def moments(xp: list[torch.Tensor], ys: Mapping[str, list[torch.Tensor]] | None,
-            cols: torch.Tensor, all_rows: bool = True
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Second moments of the pruned-stream inputs ``xp`` and the target outputs ``ys``
-    against the kept inputs ``[x[cols]; 1]`` (per batch, (tokens, n) and (tokens, out)
-    each). Sums, not means: add the moments of more batches to them.
+class Moments:
+    """The sums over tokens a refit reads (`refits`), added batch by batch (`moments`).
 
-    Returns:
-        ``gram``: the columns of the (n+1)^2 moment matrix of ``[x; 1]`` a refit reads,
-        (n+1, |cols|+1); ``cross``: per target, ``sum y [x[cols]; 1]^T``, (out, |cols|+1).
-        ``all_rows=False`` leaves out the products of ``gram``'s removed rows (they keep
-        only their sums, the last column): all that `refits` reads except for the ``local``
-        target, at |cols| / n of the cost.
+    ``gram``: the columns of the (n+1)^2 moment matrix of ``[x; 1]`` a refit reads,
+    (n+1, |cols|+1); ``cross``: per target, ``sum y [x[cols]; 1]^T``, (out, |cols|+1);
+    ``energy``: ``sum ||y||^2`` of the ``goal`` target (`errors`). ``all_rows=False`` leaves
+    out the products of ``gram``'s removed rows (they keep only their sums, the last
+    column): all that `refits` reads except for the ``local`` target, at |cols| / n of the
+    cost.
     """
-    n = xp[0].shape[1]
-    gram = torch.zeros(n + 1, len(cols) + 1, dtype=torch.float64)
-    cross = {k: torch.zeros(v[0].shape[1], len(cols) + 1, dtype=torch.float64)
-             for k, v in (ys or {}).items()}
-    for b, p in enumerate(xp):
+
+    def __init__(self, gram: torch.Tensor, cross: dict[str, torch.Tensor], cols: torch.Tensor,
+                 all_rows: bool = True, goal: str | None = None) -> None:
+        self.gram, self.cross, self.cols = gram, cross, cols
+        self.all_rows, self.goal, self.energy = all_rows, goal, 0.0
+
+    @classmethod
+    def empty(cls, n: int, cols: torch.Tensor, outs: Mapping[str, int], all_rows: bool = True,
+              goal: str | None = None) -> Moments:
+        """Zero sums for inputs of ``n`` channels and targets of ``outs`` channels."""
+        return cls(torch.zeros(n + 1, len(cols) + 1, dtype=torch.float64),
+                   {k: torch.zeros(v, len(cols) + 1, dtype=torch.float64)
+                    for k, v in outs.items()}, cols, all_rows, goal)
+
+    def add(self, p: torch.Tensor, ys: Mapping[str, torch.Tensor]) -> None:
+        """Add one batch: inputs ``p`` (tokens, n) and target outputs (tokens, out)."""
+        gram, cols = self.gram, self.cols
+        n = gram.shape[0] - 1
         pk = p[:, cols]
         sums = pk.sum(0).double()
-        if all_rows:
+        if self.all_rows:
             gram[:n, :-1] += (p.T @ pk).double()
         else:
             gram[cols, :-1] += (pk.T @ pk).double()
         gram[:n, -1] += p.sum(0).double()
         gram[n, :-1] += sums
         gram[n, -1] += p.shape[0]
-        for k, into in cross.items():
-            y = (ys or {})[k][b]
+        for k, into in self.cross.items():
+            y = ys[k]
             into[:, :-1] += (y.T @ pk).double()
             into[:, -1] += y.sum(0).double()
-    return gram, cross
+        if self.goal is not None:
+            self.energy += float((ys[self.goal].double() ** 2).sum())
+
+    def errors(self, cands: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Relative squared error of each candidate ``[W' b']`` against the ``goal`` target
+        on the summed tokens, from the sums alone: ``tr(A G A^T) - 2 tr(A C^T) + sum y^2``."""
+        assert self.goal is not None
+        n = self.gram.shape[0] - 1
+        g = self.gram[torch.cat([self.cols, torch.tensor([n])])]
+        c = self.cross[self.goal]
+        den = max(self.energy, 1e-30)
+        return {k: max(float(((a @ g) * a).sum() - 2 * (a * c).sum()) + self.energy, 0.0) / den
+                for k, a in cands.items()}
+
+
+def moments(xp: list[torch.Tensor], ys: Mapping[str, list[torch.Tensor]] | None,
+            cols: torch.Tensor, all_rows: bool = True
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Second moments of the pruned-stream inputs ``xp`` and the target outputs ``ys``
+    against the kept inputs ``[x[cols]; 1]`` (per batch, (tokens, n) and (tokens, out)
+    each), summed batch by batch (`Moments`). Sums, not means: add the moments of more
+    batches to them.
+
+    Returns:
+        ``gram`` and ``cross`` of `Moments`.
+    """
+    acc = Moments.empty(xp[0].shape[1], cols, {k: v[0].shape[1] for k, v in (ys or {}).items()},
+                        all_rows)
+    for b, p in enumerate(xp):
+        acc.add(p, {k: v[b] for k, v in (ys or {}).items()})
+    return acc.gram, acc.cross
+
+
+class Judge:
+    """Held-out errors of candidate refits (`refits`), summed batch by batch: relative
+    squared error of each candidate's output on pruned-stream inputs against the target
+    outputs."""
+
+    def __init__(self, cands: dict[str, torch.Tensor], kept: np.ndarray) -> None:
+        self.cands, self.kept = cands, torch.as_tensor(kept)
+        self.names = list(cands)
+        self.stacked = torch.cat([cands[k].float() for k in self.names])  # one product for all
+        self.num = torch.zeros(len(self.names), dtype=torch.float64)
+        self.den = 0.0
+        self.tokens = 0
+
+    def add(self, p: torch.Tensor, target: torch.Tensor) -> None:
+        """One batch: inputs ``p`` (tokens, n), target outputs (tokens, out)."""
+        if not p.shape[0]:  # a batch of padding only: no token to judge on
+            return
+        self.den += float((target ** 2).sum())
+        outs = (_aug(p[:, self.kept]) @ self.stacked.T).reshape(p.shape[0], len(self.names), -1)
+        self.num += ((outs - target.unsqueeze(1)) ** 2).sum(dim=(0, 2)).double()
+        self.tokens += p.shape[0]
+
+    def errors(self) -> dict[str, float]:
+        return {k: float(v) / max(self.den, 1e-30)
+                for k, v in zip(self.names, self.num, strict=True)}
 
 
 def heldout_errors(cands: dict[str, torch.Tensor], xp: list[torch.Tensor],
                    goal: list[torch.Tensor], kept: np.ndarray) -> dict[str, float]:
     """Relative squared error of each candidate's output on inputs ``xp`` (pruned stream)
-    against the target outputs ``goal`` (per batch, (tokens, out) each)."""
-    cols = torch.as_tensor(np.append(kept, xp[0].shape[1]))
-    names = list(cands)
-    stacked = torch.cat([cands[k].float() for k in names])  # one product for all candidates
-    num = torch.zeros(len(names), dtype=torch.float64)
-    den = 0.0
+    against the target outputs ``goal`` (per batch, (tokens, out) each; `Judge`)."""
+    judge = Judge(cands, kept)
     for p, target in zip(xp, goal, strict=True):
-        if not p.shape[0]:  # a batch of padding only: no token to judge on
-            continue
-        den += float((target ** 2).sum())
-        outs = (_aug(p)[:, cols] @ stacked.T).reshape(p.shape[0], len(names), -1)
-        num += ((outs - target.unsqueeze(1)) ** 2).sum(dim=(0, 2)).double()
-    return {k: float(v) / max(den, 1e-30) for k, v in zip(names, num, strict=True)}
+        judge.add(p, target)
+    return judge.errors()
 
 
 @contextlib.contextmanager
@@ -595,8 +700,10 @@ def _replaced(model: nn.Module, rec: Reconstruction, start: int = 0) -> Iterator
             h.remove()
 
 
-def _reader(module: nn.Module, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
-    """A forward hook: ``module``'s output from its kept inputs, with its chosen weights."""
+def _chosen(module: nn.Module, f: Fit, rec: Reconstruction
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Kept input indices, weight (out, in) and bias of ``f``'s choice (the plain cut's, or
+    a refit)."""
     form = affine(module)
     assert form is not None  # `inside_blocks` keeps these only
     kept = torch.as_tensor(f.kept)
@@ -606,8 +713,19 @@ def _reader(module: nn.Module, f: Fit, rec: Reconstruction) -> Callable[..., tor
         weight, bias = form.weight[:, kept], form.bias
     else:
         weight = form.oriented(weight)
-    w: torch.Tensor = weight
-    b: torch.Tensor | None = bias
+    return kept, weight, bias
+
+
+def _refit_output(model: nn.Module, f: Fit, rec: Reconstruction, x: torch.Tensor
+                  ) -> torch.Tensor:
+    """``f``'s chosen layer on its kept inputs ``x`` (what `_reader` computes)."""
+    _kept, w, b = _chosen(model.get_submodule(f.module), f, rec)
+    return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def _reader(module: nn.Module, f: Fit, rec: Reconstruction) -> Callable[..., torch.Tensor]:
+    """A forward hook: ``module``'s output from its kept inputs, with its chosen weights."""
+    kept, w, b = _chosen(module, f, rec)
 
     def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor:
         x = args[0]

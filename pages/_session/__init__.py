@@ -6,8 +6,10 @@ within a memory budget) and the session log on disk that brings an evicted sessi
 or a server restart back (`explorer.app.store`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import streamlit as st
@@ -27,7 +29,8 @@ ALLOW_FACTORY_ENV = "PRUNING_EXPLORER_ALLOW_FACTORY"
 @st.cache_resource(show_spinner=False, max_entries=4)
 def pristine(spec: str, device: str, shape: tuple[int, ...] | None,
              weights: str | None) -> LoadedModel:
-    """The unpruned model; shared by all sessions, so never mutated (sessions copy it)."""
+    """The unpruned model; shared by all sessions, so never mutated (each session prunes a
+    copy of its modules that shares its weights, `explorer.app.workspace.working_copy`)."""
     return load_model(spec, device=device, input_shape=shape, weights=weights,
                       allow_code=os.environ.get(ALLOW_FACTORY_ENV) == "1")
 
@@ -42,9 +45,9 @@ class Live:
 
 
 def _held(live: Live) -> int:
-    """Bytes one session holds beyond the shared pristine model: its working copy and the
-    tensors its kept original no longer shares with it."""
-    return tensor_bytes([live.session.model, live.session.original])
+    """Bytes one session holds beyond the shared pristine model: the tensors its cuts made
+    (its working copy and its kept original share the pristine model's other tensors)."""
+    return tensor_bytes([live.session.model], shared=[live.session.original])
 
 
 @st.cache_resource(show_spinner=False)
@@ -89,11 +92,13 @@ def load(request: LoadRequest, actions: list[dict[str, Any]] | None = None) -> b
         try:
             loaded = load_request(request, build=_cached, progress=status.write)
             lm = loaded.model
-            short = memory_short(2 * tensor_bytes([lm.model]), f"a session of `{request.spec}`")
+            # the session shares the (loaded) pristine weights; its cuts, a forward's
+            # activations and the heap they pass through: about the weights again on SmolLM2
+            need = tensor_bytes([lm.model])
+            short = memory_short(need, f"a session of `{request.spec}`")
             if short is not None:
                 sessions().drop(_sid())  # this tab's own earlier session goes first
-                short = memory_short(2 * tensor_bytes([lm.model]),
-                                     f"a session of `{request.spec}`")
+                short = memory_short(need, f"a session of `{request.spec}`")
             if short is not None:
                 raise MemoryError(short)
             status.write("tracing the model and finding its groups")
@@ -177,6 +182,20 @@ def restore_or_start() -> None:
         st.session_state.pe_error = ("session log: its model request is not one the app "
                                      "writes; the default model was loaded instead")
     st.session_state.pe_restored = True
+
+
+@contextlib.contextmanager
+def held_still() -> Iterator[None]:
+    """A page's run with this tab's session held still (`Workspace.reading`): another tab's
+    Accept waits until the page is drawn. After it, the session is measured again (its cuts
+    changed what it holds) and idle sessions are dropped to fit the memory budget."""
+    pe = st.session_state.get("pe")
+    try:
+        with pe.reading() if isinstance(pe, Session) else contextlib.nullcontext():
+            yield
+    finally:  # also after st.stop() or st.rerun() in the page
+        if isinstance(st.session_state.get("pe"), Session):
+            sessions().touch(_sid())
 
 
 def reset() -> None:

@@ -1,0 +1,95 @@
+"""The Groups page's settings row and the sidebar's cost thresholds."""
+from __future__ import annotations
+
+import dataclasses
+
+import streamlit as st
+
+from explorer.app.cost import Thresholds
+from explorer.app.session import Session
+from explorer.coupling.targets import TARGET_NAMES
+from explorer.prune.compensate import Compensation
+from explorer.prune.importance import CRITERIA
+from explorer.prune.pruner import HEAD_MODES
+from explorer.render.proposal_view import statement_lines
+
+COMPENSATIONS = ["none", *(c.value for c in Compensation)]
+KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
+        "groups_targets")
+
+
+def settings(pe: Session) -> None:
+    if st.session_state.pop("groups_configure", False):  # a setting changed: score with a bar
+        bar = st.progress(0.0, text="scoring the groups with the new settings")
+        pe.configure(*(st.session_state[k] for k in KEYS),
+                     progress=lambda f, text: bar.progress(f, text=f"scoring: {text}"))
+        bar.empty()
+    for k, v in zip(KEYS, pe.settings(), strict=True):  # the session is the source of truth
+        st.session_state[k] = list(v) if isinstance(v, tuple) else v
+
+    def configure() -> None:
+        st.session_state.groups_configure = True  # done above, where a bar can be drawn
+
+    c = st.columns(5)
+    c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=configure)
+    c[1].slider("Ratio", 0.0, 0.9, step=0.05, key=KEYS[1], on_change=configure)
+    c[2].selectbox("Heads", HEAD_MODES, key=KEYS[2], on_change=configure,
+                   help="dims: same dims in every head; whole: whole heads (whole key/value "
+                        "groups under GQA); query: query heads inside every key/value group; "
+                        "keep: no attention change")
+    c[3].toggle("Global ranking", key=KEYS[3], on_change=configure,
+                help="rank channels of all groups together instead of the ratio per group")
+    c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=configure)
+    st.session_state.groups_compensate = pe.compensation
+    row = st.columns([1, 3])
+    row[0].selectbox("Compensation", COMPENSATIONS, key="groups_compensate",
+                 on_change=lambda: pe.set_compensation(st.session_state.groups_compensate),
+                 help="after each accept, refit the layers that read removed channels on the "
+                      "calibration data: bias (the mean of what was removed, FLAP) or lstsq "
+                      "(ridge least squares, layer by layer, kept only where it helps on "
+                      "held-out calibration samples); the cost shown before Accept is "
+                      "measured without it")
+    row[1].multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
+                   help="what may be cut: mlp (feed-forward hidden units), heads (attention), "
+                        "residual (the hidden size: embeddings, norms, every projection), "
+                        "channels (convolutions, other layers)")
+    try:
+        said = pe.statement()
+    except Exception:  # noqa: BLE001 - main() reports the same failure of the proposals
+        said = None
+    if said is not None:
+        with st.expander(f"What these settings cut: params {said.params_before:,} -> "
+                         f"{said.params_after:,}", expanded=False):
+            st.markdown("\n".join(statement_lines(said)))
+    if pe.on_meta:
+        st.caption("The weights are on the meta device: there are no scores to rank, so the "
+                   "lowest indices are proposed (load on cpu for importance charts).")
+
+
+def thresholds() -> Thresholds:
+    """The cost thresholds (sidebar); they outlive the page."""
+    names = [f.name for f in dataclasses.fields(Thresholds)]
+    saved: Thresholds = st.session_state.setdefault("pe_thresholds", Thresholds())
+
+    def changed() -> None:
+        try:
+            st.session_state.pe_thresholds = Thresholds(
+                **{n: float(st.session_state[f"cost_{n}"]) for n in names})
+        except ValueError as exc:
+            st.session_state.cost_error = str(exc)
+
+    with st.sidebar.expander("Cost thresholds (yellow, red)"):
+        for n in names:
+            st.session_state[f"cost_{n}"] = getattr(saved, n)
+        st.number_input("perplexity ×original: yellow above", 1.0, 1e6, step=0.05,
+                        key="cost_perplexity_warn", on_change=changed)
+        st.number_input("perplexity ×original: red above", 1.0, 1e6, step=0.1,
+                        key="cost_perplexity_alarm", on_change=changed)
+        st.number_input("agreement with the original: yellow below", 0.0, 1.0, step=0.01,
+                        key="cost_agreement_warn", on_change=changed,
+                        help="top-1 agreement where the model outputs logits, else cosine")
+        st.number_input("agreement with the original: red below", 0.0, 1.0, step=0.01,
+                        key="cost_agreement_alarm", on_change=changed)
+        if (error := st.session_state.pop("cost_error", None)) is not None:
+            st.error(error)
+    return st.session_state.pe_thresholds  # type: ignore[no-any-return]
