@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("PE_MODEL_CACHE", Path.home() / ".cache" / "pruning-explorer"))
@@ -80,3 +81,34 @@ def text_files(dest: Path) -> tuple[Path, Path]:
     ev.write_text("\n".join(t for t in dict.fromkeys(t for n, t in pairs if n in held)
                              if t not in seen) + "\n")
     return cal, ev
+
+
+def truncated(folder: Path, layers: int) -> Any:
+    """SmolLM2 from ``folder`` (a `LoadedModel`) cut to its first ``layers`` decoder layers:
+    the real weights at a test's cost."""
+    from explorer import load_model
+    lm = load_model(f"hf:{folder}")
+    del lm.model.model.layers[layers:]
+    lm.model.config.num_hidden_layers = layers
+    return lm
+
+
+def logprobs(model: Any, held: Any) -> list[Any]:
+    """Log-probabilities of the next token at the real tokens of ``held``, per batch."""
+    import torch
+    out = []
+    with torch.no_grad():
+        for batch in held.batches:
+            mask = held.token_mask(batch)
+            assert mask is not None
+            out.append(torch.log_softmax(model(*batch).logits[mask].float(), -1))
+    return out
+
+
+def mean_kl(model: Any, held: Any, dense: list[Any]) -> float:
+    """Mean KL(dense || model) of the next-token distributions on ``held``'s real tokens."""
+    total, count = 0.0, 0
+    for now, ref in zip(logprobs(model, held), dense, strict=True):
+        total += float((ref.exp() * (ref - now)).sum())
+        count += now.shape[0]
+    return total / count

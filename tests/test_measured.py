@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from smollm2 import logprobs, mean_kl, truncated
 from torch import nn
 
-from explorer import Plan, Pruner, load_model, load_pruned
+from explorer import Plan, Pruner, load_pruned
 from explorer.app.cli import main
 from explorer.io.data import DataOptions, load_data
 from explorer.io.export import export
@@ -29,38 +30,13 @@ LAYERS = 4
 CHANNEL = 3 * 576  # parameters of one SmolLM2 MLP channel (gate, up and down)
 
 
-def _truncated(folder: Path) -> LoadedModel:
-    lm = load_model(f"hf:{folder}")
-    del lm.model.model.layers[LAYERS:]  # type: ignore[union-attr]
-    lm.model.config.num_hidden_layers = LAYERS  # type: ignore[union-attr]
-    return lm
-
-
 @pytest.fixture(scope="module")
 def small(smollm2: Path, prose: tuple[Path, Path]) -> tuple[LoadedModel, Calibration,
                                                              Calibration, list[torch.Tensor]]:
-    lm = _truncated(smollm2)
+    lm = truncated(smollm2, LAYERS)
     cal = load_data(prose[0], lm, DataOptions(40, 48, 8))
     held = load_data(prose[1], lm, DataOptions(16, 48, 8))
-    return lm, cal, held, _logprobs(lm.model, held)
-
-
-def _logprobs(model: nn.Module, held: Calibration) -> list[torch.Tensor]:
-    out = []
-    with torch.no_grad():
-        for batch in held.batches:
-            mask = held.token_mask(batch)
-            assert mask is not None
-            out.append(torch.log_softmax(model(*batch).logits[mask].float(), -1))
-    return out
-
-
-def _kl(model: nn.Module, held: Calibration, dense: list[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    for now, ref in zip(_logprobs(model, held), dense, strict=True):
-        total += float((ref.exp() * (ref - now)).sum())
-        count += now.shape[0]
-    return total / count
+    return lm, cal, held, logprobs(lm.model, held)
 
 
 def _widths(model: nn.Module) -> list[int]:
@@ -127,7 +103,7 @@ def test_measured_widths_keep_the_parameter_budget_lose_less_and_export(
     uniform = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.4,
                      heads="keep", targets="mlp", calibration=cal)
     report = uniform.step()
-    kl_uniform, params_uniform = _kl(lm.model, held, dense), report.params_after
+    kl_uniform, params_uniform = mean_kl(lm.model, held, dense), report.params_after
     assert set(_widths(lm.model)) == {full - round(0.4 * full)}
     uniform.undo()
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -140,8 +116,8 @@ def test_measured_widths_keep_the_parameter_budget_lose_less_and_export(
     report = pruner.step()
     try:
         widths = _widths(lm.model)
-        kl_measured = _kl(lm.model, held, dense)
-        after = _logprobs(lm.model, held)
+        kl_measured = mean_kl(lm.model, held, dense)
+        after = logprobs(lm.model, held)
         result = export(lm.model, tmp_path, "hf", plan=Plan.from_pruner(pruner, lm.spec))
     finally:
         pruner.undo()
@@ -154,8 +130,8 @@ def test_measured_widths_keep_the_parameter_budget_lose_less_and_export(
     assert "hf" not in result.files and "safetensors" in result.files
     assert any(m.startswith("hf: no transformers folder: ") and "intermediate_size" in m
                for m in result.messages), result.messages
-    again = load_pruned(_truncated(smollm2).model, tmp_path)
-    for a, b in zip(_logprobs(again, held), after, strict=True):
+    again = load_pruned(truncated(smollm2, LAYERS).model, tmp_path)
+    for a, b in zip(logprobs(again, held), after, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 

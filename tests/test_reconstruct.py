@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from smollm2 import logprobs, mean_kl, truncated
 from torch import nn
 
 from explorer import Pruner, load_model
@@ -33,37 +34,19 @@ LAYERS = 4
 @pytest.fixture(scope="module")
 def small(smollm2: Path, prose: tuple[Path, Path]) -> tuple[LoadedModel, Calibration,
                                                              Calibration]:
-    lm = load_model(f"hf:{smollm2}")
-    layers = lm.model.model.layers  # type: ignore[union-attr]
-    del layers[LAYERS:]
-    lm.model.config.num_hidden_layers = LAYERS  # type: ignore[union-attr]
+    lm = truncated(smollm2, LAYERS)
     cal = load_data(prose[0], lm, DataOptions(40, 48, 8))
     held = load_data(prose[1], lm, DataOptions(16, 48, 8))
-    DENSE[id(lm.model)] = _logits(lm.model, held)
+    DENSE[id(lm.model)] = logprobs(lm.model, held)
     return lm, cal, held
 
 
 DENSE: dict[int, list[torch.Tensor]] = {}  # model -> its dense held-out log-probabilities
 
 
-def _logits(model: nn.Module, held: Calibration) -> list[torch.Tensor]:
-    """Log-probabilities of the next token at the real tokens, per batch."""
-    out = []
-    with torch.no_grad():
-        for batch in held.batches:
-            mask = held.token_mask(batch)
-            assert mask is not None
-            out.append(torch.log_softmax(model(*batch).logits[mask].float(), -1))
-    return out
-
-
 def _kl(model: nn.Module, held: Calibration) -> float:
     """Mean KL(dense || model) of the next-token distributions on the held-out tokens."""
-    total, count = 0.0, 0
-    for now, dense in zip(_logits(model, held), DENSE[id(model)], strict=True):
-        total += float((dense.exp() * (dense - now)).sum())
-        count += now.shape[0]
-    return total / count
+    return mean_kl(model, held, DENSE[id(model)])
 
 
 def _loss(model: nn.Module, held: Calibration) -> float:
