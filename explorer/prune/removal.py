@@ -143,7 +143,8 @@ def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.nda
         if idx:
             removed_counts.setdefault(gid, {})[axis] = len(set(idx))
     configs: dict[str, Any] = {}
-    for name, log in patch_attention(model, coupling, removed_counts, keeps, configs).items():
+    for name, log in patch_attention(model, coupling, removed_counts, keeps, configs,
+                                     dead).items():
         attributes.setdefault(name, {}).update(log)
     for name, log in patch_widths(model, shapes, attributes).items():
         attributes.setdefault(name, {}).update(log)

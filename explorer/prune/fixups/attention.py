@@ -10,6 +10,8 @@ it was, which keeps logits on kept dims unchanged.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from torch import nn
 
@@ -21,6 +23,7 @@ from ...coupling.heads import (
     KV_HEAD_ATTRS,
     head_counts,
     owner_members,
+    traced_queries,
 )
 from .configs import CONFIG, config_reads, own
 
@@ -52,18 +55,38 @@ def _config_counts(module: nn.Module, name: str, pairs: list[tuple[tuple[str, ..
         own(module, name, values, configs)
 
 
+def _head_widths(coupling: Coupling, dead: np.ndarray | None
+                 ) -> Callable[[str], tuple[int, int] | None]:
+    """Module -> (head width, head width after removing ``dead``) of q at its attention op,
+    None where not traced (or no atoms are given)."""
+    if dead is None:
+        return lambda _name: None
+    queries = traced_queries(coupling.graph)
+    count = coupling.survivors(dead)
+
+    def widths(name: str) -> tuple[int, int] | None:
+        vid = queries.get(name)
+        dims = coupling.value_dims(vid) if vid is not None else []
+        return (len(dims[-1]), count(dims[-1])) if dims else None
+    return widths
+
+
 def patch_attention(model: nn.Module, coupling: Coupling,
                     removed_per_axis: dict[int, dict[int, int]],
                     keeps: dict[tuple[str, int], np.ndarray],
-                    configs: dict[str, object] | None = None
-                    ) -> dict[str, dict[str, list[object]]]:
+                    configs: dict[str, object] | None = None,
+                    dead: np.ndarray | None = None) -> dict[str, dict[str, list[object]]]:
     """Update head attributes for every pruned head group; returns module -> changes.
 
     Head counts are computed per attention module (a group can span several layers when
-    they share a rotary embedding), from that module's own members. A module given its own
-    config copy has the object it held recorded in ``configs`` (module -> config).
+    they share a rotary embedding), from that module's own members. With the removed atoms
+    (``dead``) the new head width is counted on q as the attention op reads it, channel by
+    channel: a head made of several head-dim axes (GPT-NeoX's rotated pairs and unrotated
+    dims in one fused weight) loses what each of them loses. A module given its own config
+    copy has the object it held recorded in ``configs`` (module -> config).
     """
     configs = {} if configs is None else configs
+    widths = _head_widths(coupling, dead)
     changes: dict[str, dict[str, list[object]]] = {}
     for gid, removed in removed_per_axis.items():
         group = coupling.groups[gid]
@@ -78,6 +101,9 @@ def patch_attention(model: nn.Module, coupling: Coupling,
                               pieces=pieces)
             if old is None or new is None:
                 continue
+            exact = widths(name)
+            if exact is not None and exact[0] == old[1]:
+                new = (new[0], exact[1], new[2])
             module = model.get_submodule(name)
             log = changes.setdefault(name, {})
             _set(module, HEAD_COUNT_ATTRS, old[0], new[0], log)
