@@ -239,7 +239,8 @@ def _cli(*args: str) -> None:
 
 @pytest.mark.parametrize(("name", "compensate", "heads"),
                          [(n, "none", "keep") for n in LARGE]
-                         + [("qwen2_tied", "lstsq", "keep"), ("qwen2_tied", "none", "dims")])
+                         + [("qwen2_tied", "lstsq", "keep"), ("qwen2_tied", "none", "dims"),
+                            ("phi3", "none", "whole")])  # its own config copies, streamed
 def test_large_path_on_bf16_shards_matches_in_memory(
         root: Path, name: str, compensate: str, heads: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ from explorer.prune import removal as removal_module
 from explorer.prune.fixups.configs import config_reads
 from explorer.prune.preflight import Preflight
 from explorer.prune.removal import Removal
+from explorer.prune.uniform import breaks_uniform
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,6 +89,10 @@ def test_phi3_head_cut_equals_masked_original_and_exports_hf(tmp_path: Path,
     assert reloaded.config.num_attention_heads == 4
     torch.testing.assert_close(_logits(reloaded, inputs), _logits(model, inputs),
                                atol=1e-5, rtol=1e-4)
+    fresh = load_model(SPEC).model  # the plan replayed: the same, its config read again
+    replay = Plan.from_pruner(pruner, SPEC).apply(fresh)
+    assert fresh.config.num_attention_heads == 4 and replay.config.ok
+    assert all(a.config is fresh.config for a in _attention(fresh))
     pruner.undo()
     assert model.config is shared and vars(shared) == fields
     assert all(a.config is shared for a in _attention(model))
@@ -104,6 +109,9 @@ def test_phi3_one_layer_cut_gets_its_own_config_and_exports_a_plan(tmp_path: Pat
     shared = model.config
     pruner = Pruner(model, inputs, heads="whole", targets="heads")
     removal = _removal(pruner, AxisRole.HEADS, layers=1)
+    # what the app's Groups page says before such a cut (`app.decide.widths_differ`)
+    assert "model.layers.*.self_attn.qkv_proj.weight: 48x64 in model.layers.0, 96x64 in " \
+        "model.layers.1" in breaks_uniform(model, pruner.coupling, removal)
     masked = _zeroed(model, pruner.coupling, removal)
     pruner.apply(removal)
     first, second = _attention(model)

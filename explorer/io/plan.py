@@ -35,7 +35,7 @@ from torch import nn
 from ..coupling.analyze import Coupling
 from ..graph.tracer import TraceError, trace
 from ..prune.depth import BlockRemoval, remove_blocks
-from ..prune.fixups.configs import config_field, own, read
+from ..prune.fixups.configs import config_field, own, read, rejoin
 from ..prune.fixups.fold import Product, refold, scale_tensor
 from ..prune.fixups.patch import resize_tensor
 from ..prune.history import EditKind, History
@@ -376,7 +376,8 @@ class Plan:
         Args:
             model: a fresh, unpruned copy of the plan's model (cpu or meta).
             update_config: bring a transformers ``model.config`` in line with the new widths
-                (see `explorer.hfconfig`).
+                (see `explorer.hfconfig`); modules the plan gave their own config copy read
+                it again where it now says the same (`explorer.prune.fixups.configs.rejoin`).
             example_inputs: inputs to trace ``model`` with; by default zeros of the plan's
                 input shapes (float, or token ids when the model does not take floats).
             refit: the values of the plan's refit tensors (`Refit`; `explorer.io.refit`
@@ -404,6 +405,8 @@ class Plan:
             if update_config and hasattr(model, "config"):
                 from ..prune.fixups.hfconfig import update_config as _update
                 replay.config = _update(model)
+                for name, held in rejoin(model).items():  # the config says it for every layer
+                    replay.configs.setdefault(name, held)
         return replay
 
     def keeps(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[int, torch.Tensor]]:

@@ -102,6 +102,16 @@ def own(module: nn.Module, name: str, values: dict[str, Any], previous: dict[str
 _ABSENT = object()
 
 
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` as one bool (False where equality is not one: arrays, tensors)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (ValueError, RuntimeError, TypeError):
+        return False
+
+
 def rejoin(model: nn.Module) -> dict[str, Any]:
     """Point every module whose config is a copy of ``model.config``'s class back at
     ``model.config`` where its forward would read the same from it: every field equal, but
@@ -116,7 +126,7 @@ def rejoin(model: nn.Module) -> dict[str, Any]:
         if held is None or held is shared or type(held) is not type(shared):
             continue
         free = HEAD_FIELDS - set(config_reads(module))
-        if all(key in free or vars(held).get(key, _ABSENT) == vars(shared).get(key, _ABSENT)
+        if all(key in free or _same(vars(held).get(key, _ABSENT), vars(shared).get(key, _ABSENT))
                for key in set(vars(held)) | set(vars(shared))):
             out[name] = held
             setattr(module, "config", shared)  # noqa: B010 - nn.Module types setattr narrowly
