@@ -189,3 +189,39 @@ def test_plan_config_fields_are_checked_before_any_change(edit: Any, match: str)
     with pytest.raises(PlanError, match=match):
         Plan.from_dict(_resealed(data)).apply(fresh)
     assert_same(before, fresh)
+
+
+def test_groups_page_says_a_one_layer_head_cut_leaves_no_from_pretrained_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app on Phi3 with whole heads: the proposal cuts a key/value group in each layer;
+    with layer 1's count set to 0 the page says, before Accept, that widths would differ and
+    the export falls back to safetensors + plan; the accept gives layer 0 its own config,
+    and undo puts the shared one back."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PE_SESSION_DIR", str(tmp_path / "sessions"))
+    app = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"),
+                            default_timeout=120).run()
+    app.text_input(key="model_spec").set_value(SPEC)
+    app.radio(key="model_device").set_value("cpu")
+    app.button(key="model_load").click().run()
+    app.switch_page("pages/3_groups.py").run()
+    app.selectbox(key="groups_heads").set_value("whole").run()
+    app.multiselect(key="groups_targets").set_value(["heads"]).run()
+    assert [n.label for n in app.number_input if n.key.startswith("groups_count_")] == [
+        "Remove key/value groups of layer 0 (of 2)", "Remove key/value groups of layer 1 (of 2)"]
+    app.number_input(key="groups_count_1").set_value(0).run()
+    assert not app.exception, app.exception
+    [warning] = [w.value for w in app.warning]
+    assert warning.startswith("Accepting this makes widths differ between layers, so no "
+                              "transformers config describes the result")
+    assert "falls back to safetensors + plan.json" in warning and \
+        "qkv_proj.weight: 48x64 in model.layers.0, 96x64 in model.layers.1" in warning
+    app.button(key="groups_accept").click().run()
+    pe = app.session_state.pe
+    assert not app.exception and pe.message.kind == "success", pe.message
+    model = pe.model
+    first, second = _attention(model)
+    assert first.config is not model.config and first.config.num_attention_heads == 4
+    assert second.config is model.config and model.config.num_attention_heads == 8
+    assert pe.undo() and all(a.config is model.config for a in _attention(model))
