@@ -7,14 +7,12 @@ import linecache
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, GroupKey
 from ..coupling.places import axis_layers
 from ..coupling.vocab import AxisRole
 from .counts import kept
-from .fixups.configs import HEAD_FIELDS, config_reads
 from .importance import lowest
 from .joint import merge
 from .preflight import Preflight, Verdict
@@ -63,24 +61,14 @@ def outer_cut(flight: Preflight, coupling: Coupling, group: Group,
     return None
 
 
-def advice(group: Group, picked: Mapping[int, object], module: nn.Module | None = None
-           ) -> str:
-    """What to do about a cut of ``group`` (axis -> picks) the pre-flight refuses in
-    ``module`` (the failing module, when known)."""
+def advice(group: Group, picked: Mapping[int, object]) -> str:
+    """What to do about a cut of ``group`` (axis -> picks) the pre-flight refuses."""
     roles = {group.axes[a].role for a in picked}
     if AxisRole.HEAD_DIM in roles:
         return ("left uncut; the model's code splits heads by a width this cut does not keep: "
                 "cut whole or query heads (heads 'whole' or 'query') or keep attention as it "
                 "is (heads 'keep')")
     if roles & {AxisRole.HEADS, AxisRole.HEAD_REPEAT}:
-        shared = [(f, w) for f, w in config_reads(module).items() if f in HEAD_FIELDS] \
-            if module is not None else []
-        if shared:  # a config copy could not take the cut (it holds another count)
-            attr, where = shared[0]
-            return (f"left uncut; {type(module).__name__}.forward reads the head count from "
-                    f"self.config.{attr} (`{where}`), one config object shared by every "
-                    f"layer, so no layer can have its own head count: cut dims inside the "
-                    f"heads (heads 'dims') or keep attention as it is (heads 'keep')")
         return ("left uncut; the model's code reads a head count this cut does not keep: "
                 "cut dims inside the heads (heads 'dims') or keep attention as it is "
                 "(heads 'keep')")
