@@ -5,6 +5,7 @@ model equals the masked original, undo puts the shared object itself back, a fai
 leaves every config as it was, and exports say what a config can describe."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,25 @@ def test_groups_page_says_a_one_layer_head_cut_leaves_no_from_pretrained_folder(
     assert first.config is not model.config and first.config.num_attention_heads == 4
     assert second.config is model.config and model.config.num_attention_heads == 8
     assert pe.undo() and all(a.config is model.config for a in _attention(model))
+
+
+def test_a_recorded_cut_redoes_the_config_copy_and_undoes_it() -> None:
+    """A saved session's accept is redone from its step record (`io.plan.redo_step`): layer
+    0 gets its own config with the recorded count again, the logits are the live cut's, and
+    the undo puts the shared object back."""
+    from explorer.io.plan import redo_step, step_record
+    from explorer.prune.removal import undo
+
+    lm = load_model(SPEC)
+    model = copy.deepcopy(lm.model)  # the same weights, its own config object
+    pruner = Pruner(lm.model, lm.example_inputs, heads="whole", targets="heads")
+    record = step_record(pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1)))
+    assert record is not None
+    applied = redo_step(model, json.loads(json.dumps(record)))
+    first, second = _attention(model)
+    assert first.config is not model.config and first.config.num_attention_heads == 4
+    assert second.config is model.config and model.config.num_attention_heads == 8
+    torch.testing.assert_close(_logits(model, lm.example_inputs),
+                               _logits(lm.model, lm.example_inputs), atol=0, rtol=0)
+    undo(model, applied)
+    assert all(a.config is model.config for a in _attention(model))
