@@ -150,8 +150,10 @@ def test_failure_midway_leaves_every_config_as_it_was(monkeypatch: pytest.Monkey
     done.apply(_removal(done, AxisRole.HEADS, layers=1))
     plan = Plan.from_pruner(done, SPEC)
     before = capture(model)
+    copied: list[bool] = []
 
-    def boom(*_args: object) -> None:
+    def boom(*_args: object) -> None:  # after the copies: the layers read their own
+        copied.append(all(a.config is not model.config for a in _attention(model)[:1]))
         raise RuntimeError("fix-up failed")
 
     with monkeypatch.context() as m:
@@ -165,6 +167,7 @@ def test_failure_midway_leaves_every_config_as_it_was(monkeypatch: pytest.Monkey
         with pytest.raises(RuntimeError, match="fix-up failed"):
             plan.apply(model)
     assert_same(before, model)
+    assert copied == [True, True]
 
 
 def _resealed(data: dict[str, Any]) -> dict[str, Any]:
