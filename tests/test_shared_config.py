@@ -273,6 +273,31 @@ def test_one_layer_head_cut_names_the_head_counts_that_differ(spec: str) -> None
     assert "hidden_size" not in pruner.config_note
 
 
+class _Block(nn.Module):
+    """Keeps two widths of its hidden layer: one its forward reads, one it only keeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.hidden_dim = self.kept_width = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)).reshape(-1, self.hidden_dim))
+
+
+def test_the_width_fix_up_sets_only_widths_the_code_reads() -> None:
+    """Half the hidden channels go: the width the forward reads follows (16 -> 8), the one no
+    code reads is left as it was, and neither is a width a plan then needs."""
+    torch.manual_seed(0)
+    block = _Block()
+    pruner = Pruner(block, (torch.randn(4, 8),), ratio=0.5)
+    pruner.step()
+    applied = pruner.applied[-1]
+    assert block.fc1.out_features == 8 and block.hidden_dim == 8 and block.kept_width == 16
+    assert applied.attributes[""]["hidden_dim"] == [16, 8]
+    assert "kept_width" not in applied.attributes[""]
+
+
 def _recorded_as_before(pruner: Pruner, spec: str) -> dict[str, Any]:
     """The plan as the engine recorded it before the decoder layer's unread ``hidden_size``
     was left alone: the head cut of layer 0 also sets it 64 -> 32."""

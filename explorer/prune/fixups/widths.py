@@ -18,6 +18,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...coupling.heads import (
+    HEAD_COUNT_ATTRS,
+    HEAD_DIM_ATTRS,
+    HEAD_WIDTH_ATTRS,
+    KV_HEAD_ATTRS,
+    ROTARY_DIM_ATTRS,
+)
 from .patch import WRITES, has_patcher
 from .reads import reads_attribute
 
@@ -25,6 +32,8 @@ _NAMES = {"hidden_dim", "hidden_size", "dim", "embed_dim", "width", "out_chs", "
           "out_channels", "in_channels", "num_features", "channels", "inner_dim",
           "intermediate_size", "d_model", "mid_chs", "split_size", "intermediate_dim"}
 _SUFFIXES = ("_dim", "_chs", "_channels", "_features", "_width")
+_HEADS = frozenset(HEAD_COUNT_ATTRS + HEAD_DIM_ATTRS + HEAD_WIDTH_ATTRS + KV_HEAD_ATTRS
+                   + ROTARY_DIM_ATTRS)  # what `fixups.attention` sets, read or not
 _NEVER = ("kernel", "patch", "img", "window", "pool", "stride", "vocab", "position", "head",
           "rotary", "rope", "num_")
 
@@ -38,11 +47,12 @@ def width_name(name: str) -> bool:
 
 def describes_only(module: nn.Module, attr: str) -> bool:
     """Whether ``module.<attr>`` is a width `patch_widths` leaves alone because no code of
-    the module's own class reads it (torch's classes are read as before: their attributes
-    are patched)."""
+    the module's own class reads it. Attributes another fix-up owns (a module type's
+    handler, the head fields `fixups.attention` sets) and torch's classes are patched as
+    before."""
     cls = type(module)
-    return width_name(attr) and not cls.__module__.startswith("torch.") and \
-        not (has_patcher(module) and attr in WRITES) and not reads_attribute(cls, attr)
+    return width_name(attr) and attr not in _HEADS and not cls.__module__.startswith("torch.") \
+        and not (has_patcher(module) and attr in WRITES) and not reads_attribute(cls, attr)
 
 
 def patch_widths(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
