@@ -511,11 +511,10 @@ def _disagreement(model: nn.Module, readings: dict[Slot, list[_Reading]]) -> str
             fields[name] = by_value
     if not fields:
         return ""
-    parts = [f"{name} ({_detail(by_value)})" for name, by_value in list(fields.items())[:3]]
-    head, rest = parts[0].split(" (", 1), parts[1:]
-    text = f"{head[0]} differs between layers ({head[1]}"
+    (name, by_value), *rest = list(fields.items())[:3]
+    text = f"{name} differs between layers ({_detail(by_value)})"
     if rest:
-        text += f", and {' and '.join(rest)}"
+        text += ", and " + " and ".join(f"{n} ({_detail(v)})" for n, v in rest)
     return f"{text}; a transformers config holds one value per field"
 
 
