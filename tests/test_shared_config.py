@@ -286,8 +286,8 @@ class _Block(nn.Module):
 
 
 def test_the_width_fix_up_sets_only_widths_the_code_reads() -> None:
-    """Half the hidden channels go: the width the forward reads follows (16 -> 8), the one no
-    code reads is left as it was, and neither is a width a plan then needs."""
+    """Half the hidden channels go: the width the forward reads follows (16 -> 8) and is
+    recorded for plans; the one no code reads is left as it was and not recorded."""
     torch.manual_seed(0)
     block = _Block()
     pruner = Pruner(block, (torch.randn(4, 8),), ratio=0.5)
