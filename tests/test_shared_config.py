@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,25 @@ def test_one_layer_head_cut_names_the_head_counts_that_differ(spec: str) -> None
         "num_attention_heads differs between layers (4 in model.layers.0.self_attn; 8 in "
         "model.layers.1.self_attn), and num_key_value_heads (1 in model.layers.0.self_attn; "
         "2 in model.layers.1.self_attn)"), pruner.config_note
+    assert "hidden_size" not in pruner.config_note
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "falcon", "olmo2"])
+def test_the_reason_names_the_key_value_heads_per_layer_in_other_families(family: str) -> None:
+    """The same rule on families that name or derive their head fields differently (Qwen2
+    derives the head width, Gemma sets 16 != 64 / 8, Falcon calls the field num_kv_heads)."""
+    from test_families import FAMILIES
+
+    model_type, config = FAMILIES[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **config)).eval()
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(2))
+    pruner = Pruner(model, (ids,), heads="whole", targets="heads")
+    pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
+    assert re.search(r"(num_key_value_heads|num_kv_heads)( differs between layers)? \(1 in "
+                     r"[\w.]+\.0\.self_att\w*; 2 in [\w.]+\.1\.self_att\w*\)",
+                     pruner.config_note), pruner.config_note
     assert "hidden_size" not in pruner.config_note
 
 
