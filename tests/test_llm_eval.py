@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import weakref
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,38 @@ def test_cli_generate_and_evaluate_errors(tiny: tuple[Path, Path, Path],
     assert main(["evaluate", "--model", f"hf:{tiny[0]}", "--reference", "hf:bert",
                  "--eval", str(tiny[2])]) == 2
     assert "compare a pruned model with its original" in capsys.readouterr().err
+
+
+
+def test_an_empty_prompt_or_held_out_text_too_short_to_score_is_one_line(
+        tiny: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty --generate prompt (it used to end in 'unexpected RuntimeError: cannot reshape
+    tensor of 0 elements', a bug line) and held-out text with no two tokens in a row (its
+    quality silently fell back from perplexity to the output cosine) are refused before any
+    work, in one line."""
+    folder = f"hf:{tiny[0]}"
+    for argv in (["prune", "--model", folder, "--ratio", "0.2", "--generate", ""],
+                 ["evaluate", "--model", folder, "--reference", folder, "--generate", "hi",
+                  "--generate", ""]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: the prompt '' gives no token with the model's "
+                              "tokenizer, so there is nothing to continue") and \
+            err.count("\n") == 1
+    lm = load_model(folder)
+    with pytest.raises(GenerateError, match="prompt '' gives no token"):
+        greedy(lm.model, lm.tokenizer, "")
+    short = tmp_path / "short.txt"
+    short.write_text("cat\ndog\n")  # one word-level token a line
+    for argv in (["prune", "--model", folder, "--ratio", "0.2", "--eval", str(short)],
+                 ["evaluate", "--model", folder, "--reference", folder, "--eval", str(short)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(r"error: --eval '.*short.txt': no sample is two tokens or more, so "
+                            r"perplexity has no next token to score; give held-out text of a "
+                            r"sentence or more a line\n", err), err
+    assert evaluate_module.scored_tokens(load_data(short, lm)) == 0
+    assert evaluate_module.scored_tokens(load_data(tiny[2], lm)) > 0
 
 
 # ----------------------------------------------------------------------------- GGUF

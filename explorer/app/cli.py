@@ -64,9 +64,10 @@ from ..prune.sequential import (
 )
 from ..prune.settings import ALLOCATIONS
 from ..prune.statement import Statement, statement
-from ..quality.evaluate import Quality, evaluate
+from ..quality.evaluate import Quality, evaluate, scored_tokens
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates, continuations
 from ..quality.original import Original
+from ..quality.task import Task
 from ..render.dot import view_to_dot
 from ..render.view import build_view
 from .allocator import return_freed_memory
@@ -457,7 +458,18 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
     calib = load_data(args.calibration, lm, opts, apart_from=apart) if args.calibration \
         else None
     held = load_data(args.eval_data, lm, opts) if args.eval_data else None
+    if held is not None:
+        _check_scorable(held, lm.task, args.eval_data)
     return calib, held
+
+
+def _check_scorable(held: Calibration, task: Task, path: str) -> None:
+    """Refuse held-out text too short for a causal LM's perplexity, before any work (its
+    quality would silently fall back to the output cosine)."""
+    if task is Task.CAUSAL_LM and scored_tokens(held) == 0:
+        raise CliError(f"--eval {path!r}: no sample is two tokens or more, so perplexity has "
+                       f"no next token to score; give held-out text of a sentence or more a "
+                       f"line")
 
 
 def _checkpoint_folder(args: argparse.Namespace, lm: LoadedModel) -> Path:
@@ -562,7 +574,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
                                                      chosen.heads)
     calib, held = _data(args, lm)
     if args.generate:
-        check_generates(lm.model, lm.tokenizer, args.model)
+        check_generates(lm.model, lm.tokenizer, args.model, args.generate)
     keep = Original(lm.model) if held is not None or report or args.generate else None
     with contextlib.ExitStack() as stack:
         big = stack.enter_context(_offloaded(args, lm, calib)) if args.max_memory else None
@@ -693,13 +705,15 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     with _deadline(args.timeout, "loading the models"):
         pruned = load_model(args.model)
         if args.generate:
-            check_generates(pruned.model, pruned.tokenizer, args.model)
+            check_generates(pruned.model, pruned.tokenizer, args.model, args.generate)
         reference = load_model(args.reference)
     if pruned.task is not reference.task:
         raise CliError(f"{args.model} is a {pruned.task.value} model and {args.reference} a "
                        f"{reference.task.value} model; compare a pruned model with its original")
     opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
     held = load_data(args.eval_data, reference, opts) if args.eval_data else None
+    if held is not None:
+        _check_scorable(held, reference.task, args.eval_data)
     quality = evaluate(pruned.model, reference.model, held, task=reference.task) \
         if held is not None else None
     texts = continuations(pruned.model, reference.model, pruned.tokenizer, args.generate,

@@ -284,6 +284,21 @@ def _accumulate(s: _Sums, kind: Task, ref: tuple[torch.Tensor, bool],
             s.tokens += int(real.sum())
 
 
+def scored_tokens(data: Calibration) -> int | None:
+    """How many next tokens held-out ``data`` gives perplexity to score (two real tokens in a
+    row, padding left out); None when its first input is not token ids."""
+    total = 0
+    for batch in data.batches:
+        ids = batch[0] if batch else None
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
+            return None
+        mask = data.mask(batch)
+        real = mask.cpu() != 0 if mask is not None and mask.shape == ids.shape else \
+            torch.ones(ids.shape, dtype=torch.bool)
+        total += int((real[:, :-1] & real[:, 1:]).sum())
+    return total
+
+
 def _next_tokens(batch: tuple[Any, ...], valid: torch.Tensor) -> torch.Tensor | None:
     """For each valid (sample, position), in `_rows` order, the id of the next token when
     both are real tokens, else -1; None when the first input is not token ids."""

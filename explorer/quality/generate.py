@@ -20,7 +20,8 @@ DEFAULT_NEW_TOKENS = 16  # tokens each continuation adds
 
 
 class GenerateError(ValueError):
-    """The model cannot continue text (no tokenizer, or no ``generate``)."""
+    """The model cannot continue text (no tokenizer, or no ``generate``), or a prompt gives
+    it nothing to continue."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,14 @@ class Continuation:
         return asdict(self)
 
 
-def check_generates(model: nn.Module, tokenizer: Any | None, where: str) -> None:
-    """Refuse a model that cannot continue text, before any work.
+def check_generates(model: nn.Module, tokenizer: Any | None, where: str,
+                    prompts: Sequence[str] = ()) -> None:
+    """Refuse a model that cannot continue text, or a prompt that gives it no token to start
+    from, before any work.
 
     Raises:
-        GenerateError: if ``tokenizer`` is None or ``model`` has no ``generate``.
+        GenerateError: if ``tokenizer`` is None, ``model`` has no ``generate``, or one of
+            ``prompts`` tokenizes to nothing.
     """
     if tokenizer is None:
         raise GenerateError(f"--generate continues prompts with the model's tokenizer, and "
@@ -49,6 +53,17 @@ def check_generates(model: nn.Module, tokenizer: Any | None, where: str) -> None
     if not callable(getattr(model, "generate", None)):
         raise GenerateError(f"--generate needs a causal language model; {where} is a "
                             f"{type(model).__name__}, which cannot generate text")
+    for prompt in prompts:
+        _check_prompt(tokenizer, prompt)
+
+
+def _check_prompt(tokenizer: Any, prompt: str) -> None:
+    """Refuse a prompt the tokenizer turns into no token (an empty one, unless the tokenizer
+    adds a start token): generation needs at least one token to continue."""
+    if not len(tokenizer(prompt)["input_ids"]):
+        raise GenerateError(f"the prompt {prompt!r} gives no token with the model's tokenizer, "
+                            f"so there is nothing to continue; give some text to continue "
+                            f"(say 'The capital of France is')")
 
 
 def greedy(model: nn.Module, tokenizer: Any, prompt: str,
@@ -57,7 +72,7 @@ def greedy(model: nn.Module, tokenizer: Any, prompt: str,
 
     The model's train/eval modes and the caller's random state are left as found.
     """
-    check_generates(model, tokenizer, "the model")
+    check_generates(model, tokenizer, "the model", [prompt])
     param = next(model.parameters(), None)
     enc = tokenizer(prompt, return_tensors="pt")
     if param is not None:
@@ -82,7 +97,7 @@ def continuations(model: nn.Module, reference: nn.Module, tokenizer: Any,
     Raises:
         GenerateError: if either model cannot generate or there is no tokenizer.
     """
-    check_generates(reference, tokenizer, "the original model")
+    check_generates(reference, tokenizer, "the original model", prompts)
     check_generates(model, tokenizer, "the pruned model")
     return [Continuation(p, greedy(reference, tokenizer, p, new_tokens),
                          greedy(model, tokenizer, p, new_tokens), new_tokens) for p in prompts]
