@@ -171,6 +171,13 @@ def test_cli_prune_export_and_evaluate_show_the_continuations(
     assert main(["export", *common, "--out", str(out), "--formats", "hf,report", "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["generations"] == pruned["generations"]
+    # export's text lists each layer's cut and the prune's notes as prune's does (it gave
+    # neither: the default criterion and the refit's result were only in --json)
+    assert main(["export", *common, "--out", str(tmp_path / "text"), "--formats", "hf",
+                 "--compensate", "lstsq"]) == 0
+    text = capsys.readouterr().out
+    assert "\n  cut model.layers.0.mlp: channels " in text
+    assert "\n  note: reconstruction (sequential least squares) " in text
     report = (out / "report.md").read_text()
     first = pruned["generations"][0]
     assert "Greedy continuations (no sampling, at most 4 new tokens each)" in report

@@ -225,6 +225,28 @@ def test_cli_states_each_target_before_cutting(smollm2: Path,
     assert "cut model.layers.1.mlp: channels 1536 -> 1152" in text
 
 
+
+def test_cli_cut_lines_name_the_heads_as_the_config_will(
+        smollm2: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each layer's cut line says what went in a person's words, with the query and key/value
+    heads before and after (it said ``heads 3 -> 2`` for key/value groups while the saved
+    config says 9 -> 6 query heads, and ``head-repeat`` / ``head-dim``)."""
+    spec = f"hf:{smollm2}?num_hidden_layers=2"
+    expected = {
+        "whole": "cut model.layers.1.self_attn: key/value groups 3 -> 2 "
+                 "(query heads 9 -> 6, key/value heads 3 -> 2)",
+        "query": "cut model.layers.1.self_attn: query heads per key/value group 3 -> 2 "
+                 "(query heads 9 -> 6)",
+        "dims": "cut model.layers.1.self_attn: dims per head 64 -> 32",
+    }
+    for mode, line in expected.items():
+        assert main(["prune", "--model", spec, "--device", "meta", "--importance", "random",
+                     "--ratio", "0.5" if mode == "dims" else "0.25", "--heads", mode,
+                     "--targets", "heads"]) == 0
+        text = capsys.readouterr().out
+        assert f"\n  {line}\n" in text + "\n", text
+        assert "head-repeat" not in text and "head-dim " not in text
+
 def test_cli_rejects_unknown_targets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match="2"):
         main(["prune", "--model", "hf:llama", "--targets", "mlp,ffn"])

@@ -667,7 +667,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                         f"{out['macs_after']:,}; {out['groups_pruned']}/{groups_total} groups "
                         f"pruned; forward {'ok' if out['forward_ok'] else 'FAILED'}; "
                         f"{len(out['unsafe'])} unsafe group(s) skipped")
-        out["_text"] += "".join(f"\n  {line}" for line in _cut_lines(run.reports))
+        out["_text"] += "".join(f"\n  {line}"
+                                for line in _cut_lines(run.reports, run.attention))
         for u in out["unsafe"]:
             out["_text"] += f"\n  unsafe group {u['group']}: {u['module']} {u['location']}: " \
                             f"{u['error']}" + (f"; {u['advice']}" if u["advice"] else "")
@@ -679,12 +680,38 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _cut_lines(reports: list[StepReport]) -> list[str]:
-    """What each step cut, one line per layer (``where``), in order."""
+def _cut_lines(reports: list[StepReport],
+               attention: tuple[list[AttentionInfo], list[AttentionInfo]] = ([], [])
+               ) -> list[str]:
+    """What each step cut, one line per layer (``where``), in order, in the words a person
+    uses for the axis (``key/value groups`` under GQA, ``dims per head``); a one-step cut of
+    an attention module also says its query and key/value heads before and after, as its
+    config will."""
     many = len(reports) > 1
-    return [("" if not many else f"step {r.step}: ") +
-            f"cut {c.where or c.title}: {c.axis} {c.width_before} -> {c.width_after}"
-            for r in reports for c in r.changes if c.removed]
+    before = {a.module: a for a in attention[0]}
+    after = {a.module: a for a in attention[1]}
+    lines = []
+    for r in reports:
+        for c in r.changes:
+            if not c.removed:
+                continue
+            was, now = before.get(c.where), after.get(c.where)
+            gqa = was is not None and was.kv_heads is not None and was.kv_heads < was.num_heads
+            line = (("" if not many else f"step {r.step}: ") +
+                    f"cut {c.where or c.title}: {c.axis.words(c.width_before, gqa)} "
+                    f"{c.width_before} -> {c.width_after}")
+            if not many and was is not None and now is not None:
+                line += _head_counts(was, now)
+            lines.append(line)
+    return lines
+
+
+def _head_counts(was: AttentionInfo, now: AttentionInfo) -> str:
+    """`` (query heads 8 -> 4, key/value heads 2 -> 1)``: the counts that changed."""
+    parts = [f"{name} {a} -> {b}" for name, a, b in
+             (("query heads", was.num_heads, now.num_heads),
+              ("key/value heads", was.kv_heads, now.kv_heads)) if a != b and a and b]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _quality_line(q: dict[str, Any]) -> str:
@@ -800,9 +827,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     out.pop("steps")
     out["_text"] = (run.said.text() + "\n" + f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
-                    f"{args.out}" + "".join(f"\n  note: {m}" for m in res.messages)
+                    f"{args.out}"
+                    + "".join(f"\n  {line}" for line in _cut_lines(run.reports, run.attention))
+                    + "".join(f"\n  note: {m}" for m in res.messages)
                     + ("" if out["quality"] is None else "\n  " + _quality_line(out["quality"]))
-                    + _generation_lines(run.generations))
+                    + _generation_lines(run.generations)
+                    + "".join(f"\n  note: {n}" for n in out["notes"]))
     return out
 
 
