@@ -117,3 +117,24 @@ def test_layer_by_layer_criteria_come_from_the_one_registry() -> None:
                                     "random"}
     assert criterion_names(aliases=False, general=True) == TAUGHT_CRITERIA
     assert "l2" in criterion_names() and "l2" not in criterion_names(aliases=False)
+
+
+def test_tied_embeddings_stored_once_are_placed_together(tmp_path: Path) -> None:
+    """A checkpoint with tied embeddings stores the matrix once (``embed_tokens``); with the
+    model untied while the map was made, ``lm_head`` went to disk under a name the file lacks
+    and the first forward died in accelerate with ``KeyError: 'lm_head.weight'`` (SmolLM2's
+    one-file folder with ``--max-memory 300MB``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         tie_word_embeddings=True, attn_implementation=ATTENTION)
+    dense = LlamaForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "tied")  # one model.safetensors, no lm_head.weight
+    off = load_offloaded(tmp_path / "tied", max_memory={"cpu": "300KB"},
+                         offload_folder=tmp_path / "offload")
+    assert "disk" in off.device_map.values()  # the layers are offloaded, the matrix is not
+    assert off.device_map["lm_head"] == off.device_map["model.embed_tokens"] == "cpu"
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(off.model(ids).logits, dense(ids).logits, atol=1e-5)

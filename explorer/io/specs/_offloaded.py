@@ -68,6 +68,10 @@ def load_offloaded(checkpoint: str | os.PathLike[str],
     config.use_cache = False  # calibration keeps no key/value cache
     with init_empty_weights():
         model = cls(config)
+    # tied weights (an lm_head sharing the embedding's matrix, which the checkpoint stores
+    # once) are placed together only when tied: apart, lm_head could go to disk under a
+    # name the checkpoint lacks
+    model.tie_weights()
     _check_shapes(folder, model)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     device_map = infer_auto_device_map(model, max_memory=dict(max_memory) if max_memory
