@@ -207,8 +207,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="refit the layers that read removed channels on the calibration data: "
                         "bias (the mean of what was removed, FLAP) or lstsq (ridge least "
                         "squares, layer by layer on the pruned model's own inputs, kept per "
-                        "layer only where it helps on held-out calibration samples); random "
-                        "inputs without --calibration: check quality on held-out data")
+                        "layer only where it helps on held-out calibration samples); without "
+                        "--calibration a causal language model reads built-in prose, others "
+                        "random inputs: check quality with --eval")
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
