@@ -292,7 +292,10 @@ def test_factory_syntax_error(tmp_path: Path) -> None:
         ("torchvision:resnet18", "not recognised.*demo:<name>"),
         ("timm:resnet19", "unknown timm model 'resnet19'.*did you mean.*resnet18"),
         ("demo:nope", "unknown demo 'nope'.*dino_vit"),
-        ("hf:falcon9", "unknown transformers family 'falcon9'.*llama"),
+        ("hf:falcon9", "unknown transformers family 'falcon9'.*no folder of that name.*llama"),
+        # a mistyped checkpoint folder: it was "transformers config file 'ckpt' does not exist"
+        ("hf:./no/such/ckpt", r"^no folder './no/such/ckpt' \(from 'hf:./no/such/ckpt'\); give a "
+                              r"transformers checkpoint folder, a .gguf file or a config.json"),
         ("timm:resnet18?num_classes", "not 'key=value'"),
     ],
 )

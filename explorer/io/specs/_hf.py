@@ -53,14 +53,18 @@ def build_hf(text: str, device: str) -> Built:
         config = _hf_config(family.model_type, {**family.defaults, "use_cache": False}, overrides)
         kind = family.kind
     elif name.endswith(".json") or os.sep in name or "/" in name:
+        if not name.endswith(".json") and not Path(name).exists():
+            raise SpecError(f"no folder {name!r} (from 'hf:{text}'); give a transformers "
+                            f"checkpoint folder, a .gguf file or a config.json that exist")
         config, kind = _hf_config_from_file(Path(name), overrides)
         if requested_task is not None:
             kind = KIND.get(choose_task(config, requested_task, f"'hf:{text}'"),
                             ModelKind.ENCODER)
     else:
         raise SpecError(
-            f"unknown transformers family {name!r} in 'hf:{text}'; use one of "
-            f"{', '.join(HF_FAMILIES)} or a path to a local config.json"
+            f"unknown transformers family {name!r} in 'hf:{text}' (and no folder of that "
+            f"name here); use one of {', '.join(HF_FAMILIES)}, a checkpoint folder or a "
+            f"path to a local config.json"
         )
     from transformers import AutoModel, AutoModelForCausalLM
 
