@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llamas import MHA_LLAMA
+from llamas import LLAMA_7B, MHA_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -255,6 +255,32 @@ def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: 
         page.get_by_text("Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj").wait_for(
             timeout=60_000)
         page.screenshot(path=str(tmp_path / "llama_groups.png"), full_page=True)
+
+
+def test_browser_7b_shape_on_meta_groups_page(server: str, tmp_path: Path) -> None:
+    """The Llama-2-7B shape on meta (no weights): loaded on the Model page, its Groups page
+    drawn to the end (the layer table of 32 layers' heads), screenshot."""
+    shots = _shots(tmp_path)
+    with _chromium(server) as page:
+        page.get_by_text("prunable groups").wait_for(timeout=90_000)
+        spec = page.get_by_role("textbox", name="Model spec")
+        spec.fill(LLAMA_7B)
+        spec.press("Enter")
+        page.get_by_text("meta", exact=True).click()
+        page.wait_for_timeout(500)  # let the reruns of the edits settle
+        page.get_by_role("button", name="Load and trace").click()
+        page.get_by_text("options: hidden_size=4096").wait_for(timeout=300_000)
+        page.get_by_role("link", name="Groups").click()
+        page.get_by_text("Group 2: 32 heads x 128: model.layers.0.self_attn.q_proj").wait_for(
+            timeout=300_000)
+        page.get_by_role("button", name="Reject").wait_for(timeout=300_000)
+        # the run is over (Streamlit's running indicator gone), not only its first elements
+        page.wait_for_function(
+            "!document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=300_000)
+        page.wait_for_function(STALE_GONE, timeout=300_000)
+        assert page.get_by_text("33 layer rows").count() == 1  # the shared rotary row + 32
+        page.screenshot(path=str(shots / "llama7b_groups.png"), full_page=True)
+    assert (shots / "llama7b_groups.png").stat().st_size > 10_000
 
 
 def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_path: Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llamas import small_llama
+from llamas import LLAMA_7B, small_llama
 from streamlit.testing.v1 import AppTest
 
 from explorer.app.cost import Thresholds, cost_sentence
@@ -173,10 +173,6 @@ def test_the_picker_label_shows_the_cost_measured_for_it(app: AppTest) -> None:
     assert any(c.value.startswith("Cosine to original on random inputs") for c in app.caption)
     assert not [m.delta for m in app.metric if m.label in ("parameters", "MACs") and m.delta]
     assert [n.label for n in app.number_input][1] == "Remove dims per head of block 0 (of 16)"
-
-
-LLAMA_7B = ("hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
-            "&num_key_value_heads=32&intermediate_size=11008&vocab_size=32000")  # on meta
 
 
 def test_the_7b_shape_offers_equal_cuts_and_refuses_unequal_ones_in_one_line(
