@@ -33,9 +33,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PE_SESSION_DIR", tempfile.mkdtemp())  # not the user's session logs
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # served.py: AppTest runs through app.py
 
 import streamlit as st  # noqa: E402
-from streamlit.runtime.pages_manager import PagesManager  # noqa: E402
+from served import run_app_py_every_time  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from streamlit.testing.v1.local_script_runner import LocalScriptRunner  # noqa: E402
 
@@ -110,27 +111,6 @@ def _profiled_thread(self: LocalScriptRunner) -> None:
 
 
 LocalScriptRunner._run_script_thread = _profiled_thread  # type: ignore[method-assign]
-
-
-def run_app_py_every_time() -> None:
-    """Make every AppTest run start from ``app.py``, as every run after the first does on a
-    server.
-
-    Streamlit keeps "this app has a ``pages/`` folder" in a class attribute: with it set, a
-    run executes the current page's file directly (multipage v1), without ``app.py``. On a
-    server the first run's ``st.navigation`` clears it for good; AppTest sets it again before
-    every run, so after ``switch_page`` its runs skipped ``app.py``: no session lock
-    (`held_still`), no registry, and no heap trim after the run, which left a page run's
-    freed heap resident until the next fresh AppTest (RSS 300-600 MB lower after a
-    ``reopen_live`` than after the accepts before it).
-    """
-    init = PagesManager.__init__
-
-    def served(self: PagesManager, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False  # what app.py's st.navigation sets
-
-    PagesManager.__init__ = served  # type: ignore[method-assign]
 
 
 def _accept(at: AppTest) -> None:
@@ -216,8 +196,8 @@ def main() -> None:
                     help="the JSON object on one line (progress goes to stderr)")
     ap.add_argument("--pages-direct", action="store_true",
                     help="let AppTest run a switched-to page without app.py, as AppTest does "
-                         "by default (the benchmark's figures before 2026-12-05 were taken "
-                         "so): no heap trim after a run, no session lock")
+                         "by default and as this benchmark did before the option existed: no "
+                         "heap trim after a run, no session lock (tests/served.py)")
     args = ap.parse_args()
     if not args.pages_direct:
         run_app_py_every_time()
