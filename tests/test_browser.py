@@ -35,6 +35,14 @@ pytestmark = [
 STALE_GONE = "!document.querySelector(\"[data-stale='true']\")"  # a rerun is fully drawn
 
 
+def _settled(page: Any) -> None:
+    """Wait until the page's run is over (Streamlit's running indicator gone, nothing stale):
+    a screenshot before that can show a spinner and the previous run's elements."""
+    page.wait_for_function(
+        "!document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=300_000)
+    page.wait_for_function(STALE_GONE, timeout=300_000)
+
+
 def _shots(tmp_path: Path) -> Path:
     """Where screenshots go: ``tmp_path``, or the README's folder under ``PE_SCREENSHOTS``."""
     shots = ROOT / _SHOTS_ENV if _SHOTS_ENV else tmp_path
@@ -274,10 +282,7 @@ def test_browser_7b_shape_on_meta_groups_page(server: str, tmp_path: Path) -> No
         page.get_by_text("Group 2: 32 heads x 128: model.layers.0.self_attn.q_proj").wait_for(
             timeout=300_000)
         page.get_by_role("button", name="Reject").wait_for(timeout=300_000)
-        # the run is over (Streamlit's running indicator gone), not only its first elements
-        page.wait_for_function(
-            "!document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=300_000)
-        page.wait_for_function(STALE_GONE, timeout=300_000)
+        _settled(page)  # the run is over, not only its first elements drawn
         assert page.get_by_text("33 layer rows").count() == 1  # the shared rotary row + 32
         page.screenshot(path=str(shots / "llama7b_groups.png"), full_page=True)
     assert (shots / "llama7b_groups.png").stat().st_size > 10_000
@@ -322,6 +327,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         page.get_by_role("button", name="Load and trace").click()
         page.get_by_test_id("stMetricLabel").filter(has_text="perplexity").first.wait_for(
             timeout=300_000)
+        _settled(page)
         page.screenshot(path=str(SHOTS / "smollm2_model.png"), full_page=True)
 
         page.get_by_role("link", name="Groups").click()
@@ -337,6 +343,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         same = page.get_by_role("button", name="Accept the same cut in all 30 layers")
         same.wait_for(timeout=300_000)
         page.get_by_text("makes widths differ between layers").wait_for(timeout=60_000)
+        _settled(page)
         page.screenshot(path=str(SHOTS / "smollm2_groups.png"), full_page=True)
         # the same cut in every layer costs far more than one layer: seen before Accept
         page.get_by_role("button", name="What does the same cut in all 30 layers cost?"
@@ -353,6 +360,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         page.get_by_text("trade-off: quality against parameters").first.wait_for(
             timeout=300_000)
         page.wait_for_function(STALE_GONE, timeout=300_000)
+        _settled(page)
         page.screenshot(path=str(SHOTS / "smollm2_accepted.png"), full_page=True)
 
         page.get_by_role("link", name="Export").click()
