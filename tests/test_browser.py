@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -262,6 +263,13 @@ def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: 
         # proposal is the first layer's heads, named after their projection
         page.get_by_text("Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj").wait_for(
             timeout=60_000)
+        _settled(page)
+        # what the settings cut is made when its box is opened (not on every run)
+        said = re.compile(r"^params [\d,]+ (->|→) [\d,]+$")  # Markdown draws -> as →
+        assert page.get_by_text(said).count() == 0
+        page.get_by_text("What these settings cut").click()
+        page.get_by_text(said).wait_for(timeout=60_000)
+        page.get_by_text("residual is not a target").first.wait_for(timeout=60_000)
         page.screenshot(path=str(tmp_path / "llama_groups.png"), full_page=True)
 
 
