@@ -247,6 +247,28 @@ def test_cli_cut_lines_name_the_heads_as_the_config_will(
         assert f"\n  {line}\n" in text + "\n", text
         assert "head-repeat" not in text and "head-dim " not in text
 
+
+def test_cli_says_when_a_size_target_is_not_met(smollm2: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Two layers of SmolLM2 hold 28 M of their 35 M parameters in the embedding, which a
+    language model keeps by default: --target-params 0.5 cannot be met, and the search stops
+    at the deepest ratio (0.9 of every MLP). That used to be said as "searched to keep 50% of
+    the parameters" and nothing more."""
+    spec = f"hf:{smollm2}?num_hidden_layers=2"
+    common = ["prune", "--model", spec, "--device", "meta", "--importance", "random",
+              "--heads", "keep", "--json"]
+    assert main([*common, "--target-params", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kept = out["params_after"] / out["params_before"]
+    assert 0.5 < kept < 0.9
+    [note] = [n for n in out["notes"] if n.startswith("--target-params")]
+    assert note.startswith(f"--target-params 0.5 not met: {kept:.1%} of the parameters kept at "
+                           f"the deepest cut allowed (ratio 0.9 of every axis cut)")
+    assert main([*common, "--target-params", "0.95"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params_after"] <= 0.95 * out["params_before"]
+    assert not [n for n in out["notes"] if "not met" in n]
+
 def test_cli_rejects_unknown_targets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match="2"):
         main(["prune", "--model", "hf:llama", "--targets", "mlp,ffn"])

@@ -617,6 +617,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
         "targets": said.to_dict(),
     }
+    out["notes"] += _unmet(args, out, pruner.max_ratio)
     original = keep.get() if keep is not None else None
     quality = (evaluate(lm.model, original, held, task=lm.task)
                if held is not None and original is not None else None)
@@ -627,6 +628,22 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
     out["generations"] = [c.to_dict() for c in texts]
     return _Pruned(pruner, reports, out, (heads_before, heads_after), quality, said, original,
                    texts, None if large is None else large.refit)
+
+
+def _unmet(args: argparse.Namespace, out: dict[str, Any], max_ratio: float) -> list[str]:
+    """A note for each of ``--target-params`` / ``--target-macs`` the cut did not reach (the
+    search stops at the deepest ratio allowed; the rest of the model is not cut)."""
+    notes = []
+    for flag, want, what in (("--target-params", args.target_params, "params"),
+                             ("--target-macs", args.target_macs, "macs")):
+        before, after = out[f"{what}_before"], out[f"{what}_after"]
+        if want is not None and before and after is not None and after > want * before:
+            notes.append(f"{flag} {want:g} not met: {after / before:.1%} of the "
+                         f"{'parameters' if what == 'params' else 'MACs'} kept at the deepest "
+                         f"cut allowed (ratio {max_ratio:g} of every axis cut); the rest is in "
+                         f"what is not cut (targets: {', '.join(out['targets']['targets'])}; "
+                         f"--targets residual adds the hidden size and embeddings)")
+    return notes
 
 
 def _plan(pruner: Pruner, lm: LoadedModel, reports: list[StepReport]) -> Plan:
