@@ -69,7 +69,8 @@ def test_component_edge_labels_clear_titles_and_nodes(page: Any, graphs: dict[st
                                                       model: str, depth: int,
                                                       group: int | None) -> None:
     """No edge label meets a box title, a node or another label, edges that cross a box's
-    border included (the 7B shape's `[1, 16]` drew over "model (LlamaModel)")."""
+    border included (the 7B shape's `[1, 16]` drew over "model (LlamaModel)"), and no box
+    title meets a node (ELK leaves each open box room for its title)."""
     drawn = _draw(page, build_view(graphs[model], depth=depth, group=group).to_component())
     assert drawn["labels"] > 0 and drawn["titles"] > 0
     assert drawn["overlaps"] == []

@@ -213,16 +213,19 @@ const STYLE = [
     "width": 3 } },
 ];
 
+const BOX_PADDING = `[top=${PAD + TITLE_PAD},left=${PAD},bottom=${PAD},right=${PAD}]`;
+
 const LAYOUT = {
   name: "elk", fit: true, padding: 20, animate: false, nodeDimensionsIncludeLabels: false,
-  // an open box is at least as wide as its title
-  nodeLayoutOptions: (n) => (n.isParent() ? { "elk.nodeSize.constraints": "[MINIMUM_SIZE]",
+  // an open box: room for its title above its children, and at least as wide as the title
+  nodeLayoutOptions: (n) => (n.isParent() ? { "elk.padding": BOX_PADDING,
+    "elk.nodeSize.constraints": "[MINIMUM_SIZE]",
     "elk.nodeSize.minimum": `(${n.data("w") + 2 * PAD}, 0)` } : {}),
   elk: {
     "algorithm": "layered", "elk.direction": "DOWN",
     "elk.hierarchyHandling": "INCLUDE_CHILDREN",
     "elk.layered.spacing.nodeNodeBetweenLayers": 10, "elk.spacing.nodeNode": 18,
-    "elk.padding": `[top=${PAD + TITLE_PAD},left=${PAD},bottom=${PAD},right=${PAD}]`,
+    "elk.padding": BOX_PADDING,
     "elk.layered.nodePlacement.strategy": "BRANDES_KOEPF",
   },
 };
@@ -275,22 +278,25 @@ function shown() {  // the drawn nodes of the model (not the edges' labels)
 }
 
 function overlaps() {
-  // Every edge label whose box meets a box title, a node or another label (graph pixels).
+  // Every edge label whose box meets a box title, a node or another label, and every box
+  // title that meets a node (graph pixels).
   const box = (ele, opts) => ele.boundingBox({ includeOverlays: false, ...opts });
   const at = (b) => [b.x1, b.y1, b.x2, b.y2].map(Math.round);
   const meet = (a, b) => a.x1 < b.x2 && b.x1 < a.x2 && a.y1 < b.y2 && b.y1 < a.y2;
-  const others = [];
-  cy.nodes(".open").forEach((n) => others.push(
-    ["title of " + n.id(), box(n, { includeNodes: false, includeLabels: true })]));
-  cy.nodes().not(".open").forEach((n) => others.push([n.id(), box(n, {})]));
+  const titles = cy.nodes(".open").map((n) =>
+    ["title of " + n.id(), box(n, { includeNodes: false, includeLabels: true })]);
+  const nodes = cy.nodes().not(".open").map((n) => [n.id(), box(n, {})]);
   const out = [];
   cy.nodes(".elabel").forEach((l) => {
     const b = box(l, {});
-    for (const [id, o] of others) {
+    for (const [id, o] of [...titles, ...nodes]) {
       if (id !== l.id() && meet(b, o)) out.push([l.data("text"), id, at(b), at(o)]);
     }
   });
-  return { labels: cy.nodes(".elabel").length, titles: cy.nodes(".open").length, overlaps: out };
+  for (const [t, b] of titles) {
+    for (const [id, o] of nodes) if (meet(b, o)) out.push([t, id, at(b), at(o)]);
+  }
+  return { labels: cy.nodes(".elabel").length, titles: titles.length, overlaps: out };
 }
 
 function publish() {
