@@ -77,6 +77,17 @@ def test_component_edge_labels_clear_titles_and_nodes(page: Any, graphs: dict[st
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize(("model", "group"), [("7b", 2), ("dino", 2)])
+def test_component_groups_page_subgraph_keeps_labels_clear(page: Any, graphs: dict[str, Any],
+                                                           model: str, group: int) -> None:
+    """The Groups page's subgraph of a proposal (members, chain, one hop) is drawn clear too."""
+    sub = build_view(graphs[model], group=group).subgraph()
+    drawn = _draw(page, sub.to_component())
+    assert drawn["labels"] > 0 and drawn["titles"] > 0
+    assert drawn["overlaps"] == []
+
+
+@pytest.mark.browser
 def test_component_expand_all_keeps_labels_clear(page: Any, graphs: dict[str, Any]) -> None:
     """The same after the user opens every box in the browser (labels re-placed by ELK)."""
     _draw(page, build_view(graphs["7b"], depth=2).to_component())
