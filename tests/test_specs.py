@@ -304,6 +304,24 @@ def test_bad_spec(spec: str, pattern: str) -> None:
         load_model(spec)
 
 
+
+def test_a_safetensors_plan_export_read_as_hf_folder_says_what_it_is(tmp_path: Path) -> None:
+    """An export whose widths differ between layers is safetensors + plan with a config.json
+    of the original widths; read as ``hf:FOLDER`` (``evaluate --model``) it said "check that
+    config.json is the one saved with these weights", which it is."""
+    pytest.importorskip("transformers")
+    folder = tmp_path / "export"
+    load_model("hf:llama?num_hidden_layers=1").model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2  # the widths the weights do not have
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecError, match="check that config.json is the one saved"):
+        load_model(f"hf:{folder}")
+    (folder / "plan.json").write_text("{}")
+    with pytest.raises(SpecError, match=r"do not fit its config: .*; it is a safetensors \+ "
+                                        r"plan export .*load it with explorer.load_pruned\(None, "):
+        load_model(f"hf:{folder}")
+
 def test_missing_factory_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="factory file .*missing.py.* does not exist"):
         load_model(f"{tmp_path / 'missing.py'}:make")

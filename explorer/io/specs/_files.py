@@ -163,5 +163,11 @@ def mismatch_error(where: Path, mismatched: Iterable[Any]) -> SpecError | None:
     else:
         what = f"tensor {str(first)!r} has another shape than the model's"
     more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+    if (where / "plan.json").is_file():  # an export whose widths no transformers config says
+        return SpecError(f"weights in {str(where)!r} do not fit its config: {what}{more}; it is "
+                         f"a safetensors + plan export (plan.json: widths that differ between "
+                         f"layers, which config.json cannot say): load it with "
+                         f"explorer.load_pruned(None, {str(where)!r}), or export with "
+                         f"--allocation uniform for a from_pretrained folder")
     return SpecError(f"weights in {str(where)!r} do not fit its config: {what}{more}; check "
                      "that config.json is the one saved with these weights")
