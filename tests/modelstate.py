@@ -1,5 +1,6 @@
 """Exact model state for all-or-nothing tests: bitwise state_dict, every module's
-``training`` flag, every attribute the engine may patch, and a transformers config."""
+``training`` flag, every attribute the engine may patch, and a transformers config (the
+object each module holds and the fields of each)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class ModelState:
     training: dict[str, bool]
     attributes: dict[str, dict[str, Any]]  # module -> patchable attribute -> value
     config: dict[str, Any] | None
+    configs: dict[str, tuple[int, dict[str, Any]]]  # module -> id and fields of its config
 
 
 def capture(model: nn.Module, clone: bool = True) -> ModelState:
@@ -33,8 +35,10 @@ def capture(model: nn.Module, clone: bool = True) -> ModelState:
     attrs = {name: {k: v for k, v in vars(m).items() if plan_attribute(k)}
              for name, m in model.named_modules()}
     config: Any = getattr(model, "config", None)
+    configs = {name: (id(c), c.to_dict()) for name, m in model.named_modules()
+               if hasattr(c := vars(m).get("config"), "to_dict")}
     return ModelState(tensors, ids, {n: m.training for n, m in model.named_modules()}, attrs,
-                      config.to_dict() if hasattr(config, "to_dict") else None)
+                      config.to_dict() if hasattr(config, "to_dict") else None, configs)
 
 
 def assert_same(before: ModelState, model: nn.Module) -> None:
@@ -50,3 +54,4 @@ def assert_same(before: ModelState, model: nn.Module) -> None:
     assert after.training == before.training
     assert after.attributes == before.attributes
     assert after.config == before.config
+    assert after.configs == before.configs

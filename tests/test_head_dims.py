@@ -106,31 +106,30 @@ def test_smollm2_statement_is_the_cut_made(smollm2: Path) -> None:
 
 
 def test_refused_cut_is_stated_as_refused_with_what_to_do(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """GPT-NeoX's fused ``query_key_value`` splits heads by ``3 * head_size`` (not patched by a
-    cut of its unrotated dims): the statement counts nothing for the heads and says why."""
-    folder = tmp_path / "neox"
-    folder.mkdir()
-    transformers.AutoConfig.for_model(
-        "gpt_neox", **{k: v for k, v in _SMALL.items() if k != "num_key_value_heads"}
-    ).save_pretrained(folder)
-    spec = f"hf:{folder / 'config.json'}"
-    assert main(["prune", "--model", spec, "--ratio", "0.2", "--importance", "random",
-                 "--json"]) == 0
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """EVA-02's attention splits heads by a width the residual stream gives (timm's
+    ``eva.py``): a head-dim cut fails in the pre-flight, so the statement counts nothing
+    for the heads and says why. (GPT-NeoX, the example before, now cuts: its ``head_size``
+    follows the cut, `tests/test_heads.py`.)"""
+    spec = "timm:eva02_tiny_patch14_224?img_size=28"
+    args = ["prune", "--model", spec, "--ratio", "0.2", "--importance", "random",
+            "--heads", "dims", "--targets", "heads"]
+    assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     said = out["targets"]
     heads = next(t for t in said["losses"] if t["target"] == "heads")
     assert heads["cut"] == 0 and heads["params_removed"] == 0
     assert "the pre-flight refuses the cut of 1 group(s)" in heads["note"]
     assert said["params_after"] == out["params_after"]
-    assert len(said["refused"]) == 1 and "modeling_gpt_neox.py" in said["refused"][0]
+    assert len(said["refused"]) == 1 and "eva.py" in said["refused"][0]
     assert "heads 'whole' or 'query'" in said["refused"][0]
     assert out["unsafe"][0]["advice"].startswith("left uncut; the model's code splits heads")
-    assert main(["prune", "--model", spec, "--ratio", "0.2", "--importance", "random"]) == 0
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "\n  refused by the pre-flight: group " in text
     assert "; left uncut; the model's code splits heads by a width" in text
     lm = load_model(spec)  # the app's lines: the same statement
     lines = statement_lines(statement(Pruner(lm.model, lm.example_inputs, ratio=0.2,
-                                             importance="random")))
+                                             importance="random", heads="dims",
+                                             targets="heads")))
     assert lines[-1].startswith("- **refused by the pre-flight**: group ")

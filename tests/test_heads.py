@@ -157,3 +157,40 @@ def test_head_counts_reads_no_kv_heads_from_a_piece_without_heads() -> None:
     qkv = Member("attn.qkv", "attn.qkv.weight", 0, 96, rank=2)
     fused = {qkv: [frozenset({0, 1, 2}), frozenset({0, 2})]}
     assert head_counts(axes_gqa, [(qkv, {0, 1, 2})], pieces=fused)[2] == 2  # type: ignore[index]
+
+
+@pytest.mark.parametrize("rotary", [0.25, 0.5, 1.0])
+def test_gpt_neox_head_dim_cut_sets_head_size_and_equals_masked(tmp_path, rotary: float) -> None:
+    """GPT-NeoX splits its fused ``query_key_value`` by ``view(..., -1, 3 * self.head_size)``:
+    a head-dim cut must set ``head_size`` to the width q has at the attention op (rotated
+    pairs and unrotated dims together), or the view silently regroups the rows into other
+    heads (the forward runs, the function is not the masked one). The export (no config
+    describes per-head widths) replays to the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from explorer import Plan, Pruner, load_pruned
+    from explorer.io.export import export
+
+    config = transformers.AutoConfig.for_model(
+        "gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, vocab_size=64, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": rotary})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(1))
+    pruner = Pruner(model, (ids,), heads="dims", targets="heads")
+    removal = _head_removal(trace(model, (ids,)), "dims")  # the pruner's groups, traced alike
+    masked = _zeroed(model, pruner.coupling, removal)
+    applied = pruner.apply(removal)
+    rotated = int(8 * rotary) // 2  # rotary pairs, 1 of each 2 cut; then the unrotated dims
+    want = 2 * (rotated - rotated // 2) + (8 - 2 * rotated) - (8 - 2 * rotated) // 2
+    assert applied.attributes["gpt_neox.layers.0.attention"]["head_size"] == [8, want]
+    with torch.no_grad():
+        got, expected = model(ids).logits, masked(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    result = export(model, tmp_path / "out", ["hf"], plan=Plan.from_pruner(pruner, "neox"))
+    assert "hf" not in result.files  # a config derives head_size from hidden_size / heads
+    fresh = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(fresh, tmp_path / "out")(ids).logits, got,
+                                   atol=1e-5, rtol=1e-4)

@@ -46,16 +46,19 @@ ROTARY_DIM_ATTRS = ("rotary_ndims", "rotary_dim", "rotary_emb_dim")
 
 def traced_head_dims(graph: Graph) -> dict[str, int]:
     """Module -> q's last dim at its first attention op (sdpa, or the q @ k^T bmm)."""
+    return {module: graph.values[vid].shape[-1] for module, vid in traced_queries(graph).items()}
+
+
+def traced_queries(graph: Graph) -> dict[str, int]:
+    """Module -> the value id of q at its first attention op (sdpa, or the q @ k^T bmm), for
+    that module and its parent: its last dim is the head width the forward computes with."""
     out: dict[str, int] = {}
     for node in graph.ops:
         if node.op.overloadpacket in ATTENTION_OPS and node.module not in out:
             refs = graph.tensor_ids(node.args[:1])
-            if refs:
-                shape = graph.values[refs[0]].shape
-                if shape:
-                    out[node.module] = shape[-1]
-                    parent = node.module.rpartition(".")[0]
-                    out.setdefault(parent, shape[-1])
+            if refs and graph.values[refs[0]].shape:
+                out[node.module] = refs[0]
+                out.setdefault(node.module.rpartition(".")[0], refs[0])
     return out
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..coupling.analyze import Coupling
 from ..graph.tracer import TraceError, trace
 from ..prune.depth import BlockRemoval, remove_blocks
+from ..prune.fixups.configs import config_field, own, read, rejoin
 from ..prune.fixups.fold import Product, refold, scale_tensor
 from ..prune.fixups.patch import resize_tensor
 from ..prune.history import EditKind, History
@@ -140,6 +141,9 @@ class Replay:
     folds: list[Product] = field(default_factory=list)
     fills: dict[str, float] = field(default_factory=dict)
     constants: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # [old, new]
+    # module -> the config object it held before the replay gave it its own copy
+    # (``config.<field>`` attributes: `explorer.prune.fixups.configs`), for the undo
+    configs: dict[str, Any] = field(default_factory=dict)
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -372,7 +376,8 @@ class Plan:
         Args:
             model: a fresh, unpruned copy of the plan's model (cpu or meta).
             update_config: bring a transformers ``model.config`` in line with the new widths
-                (see `explorer.hfconfig`).
+                (see `explorer.hfconfig`); modules the plan gave their own config copy read
+                it again where it now says the same (`explorer.prune.fixups.configs.rejoin`).
             example_inputs: inputs to trace ``model`` with; by default zeros of the plan's
                 input shapes (float, or token ids when the model does not take floats).
             refit: the values of the plan's refit tensors (`Refit`; `explorer.io.refit`
@@ -400,6 +405,8 @@ class Plan:
             if update_config and hasattr(model, "config"):
                 from ..prune.fixups.hfconfig import update_config as _update
                 replay.config = _update(model)
+                for name, held in rejoin(model).items():  # the config says it for every layer
+                    replay.configs.setdefault(name, held)
         return replay
 
     def keeps(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, dict[int, torch.Tensor]]:
@@ -489,7 +496,7 @@ def redo_step(model: nn.Module, data: Any, where: str = "recorded cut") -> Appli
     for c in step.tensors:
         dead = set(c.removed)
         keeps[(c.tensor, c.dim)] = [i for i in range(c.size_before) if i not in dead]
-    return Applied(replay.shapes, replay.attributes, keeps, previous)
+    return Applied(replay.shapes, replay.attributes, keeps, previous, configs=replay.configs)
 
 
 def _dumps(data: dict[str, Any]) -> str:
@@ -832,10 +839,10 @@ def _check_attributes(plan: Plan, model: nn.Module) -> dict[tuple[str, str], lis
             for attr, (old, new) in attrs.items():
                 key = (mod_name, attr)
                 if key not in out:
-                    if not hasattr(module, attr):
+                    if read(module, attr, _ABSENT) is _ABSENT:
                         raise PlanError(f"step {i}: module '{mod_name}' has no attribute "
                                         f"'{attr}' (the plan changes it from {_short(old)})")
-                    cur = getattr(module, attr, None)
+                    cur = read(module, attr)
                     if _norm(cur) != _norm(old):
                         raise PlanError(f"step {i}: {mod_name}.{attr} is {_short(cur)} in "
                                         f"the model, the plan expects {_short(old)}")
@@ -847,6 +854,9 @@ def _check_attributes(plan: Plan, model: nn.Module) -> dict[tuple[str, str], lis
                                         f"{_short(old)}")
                     out[key][1] = new
     return out
+
+
+_ABSENT = object()
 
 
 def _check_blocks(plan: Plan, model: nn.Module) -> None:
@@ -928,12 +938,17 @@ def _commit(model: nn.Module, staged: _Staged) -> Replay:
             set_tensor(model, alias, value)
             shapes[alias] = staged.shapes[name]
     attributes: dict[str, dict[str, list[Any]]] = {}
+    configs: dict[str, Any] = {}
     for (mod_name, attr), (cur, new) in staged.attributes.items():
         module = model.get_submodule(mod_name)
         attr_value = tuple(new) if isinstance(cur, tuple) and isinstance(new, list) else new
-        setattr(module, attr, attr_value)
+        config = config_field(attr)
+        if config is None:
+            setattr(module, attr, attr_value)
+        else:  # a count its forward reads through the shared config: its own copy
+            own(module, mod_name, {config: attr_value}, configs)
         attributes.setdefault(mod_name, {})[attr] = [cur, attr_value]
-    return Replay(shapes, attributes)
+    return Replay(shapes, attributes, configs=configs)
 
 
 def _refold(plan: Plan, model: nn.Module, example_inputs: Sequence[Any] | None

@@ -29,6 +29,7 @@ from ..coupling.groups import GroupKey
 from ..graph.ir import Graph
 from ..graph.tracer import trace
 from .depth import BlockRemoval, remove_blocks_recorded, restore_blocks
+from .fixups.configs import rejoin
 from .fixups.hfconfig import ConfigUpdate
 from .preflight import forward_check
 from .records import StepReport
@@ -85,6 +86,9 @@ class Replayed(Protocol):
 
     @property
     def blocks(self) -> dict[str, nn.Module]: ...
+
+    @property
+    def configs(self) -> dict[str, Any]: ...
 
 
 class History:
@@ -235,7 +239,7 @@ class History:
         with self._commit(EditKind.PLAN, what) as edit:
             done = run(self.model)
             edit.applied = Applied({}, done.attributes, {}, dict(previous),
-                                   constants=dict(done.constants))
+                                   constants=dict(done.constants), configs=dict(done.configs))
             edit.blocks = BlockRemoval({}, {}, dict(done.blocks))
             self.follow_config(StepReport(0))
             self.analyse()
@@ -266,8 +270,10 @@ class History:
         after a head-dim cut, an embedding scale after a residual cut) are set to the
         config's values and their ratios folded into the weights (`fixups.fold.fold_into`,
         checked by a forward, recorded in ``applied`` for undo and plans), so a model
-        rebuilt from its config computes the same function. Where no config can describe
-        the pruned model the report says so, and ``config_note`` keeps why.
+        rebuilt from its config computes the same function; modules a cut gave their own
+        config copy are pointed back at the model's config where it now says the same
+        (`fixups.configs.rejoin`, recorded in ``applied`` for undo). Where no config can
+        describe the pruned model the report says so, and ``config_note`` keeps why.
         """
         if not hasattr(getattr(self.model, "config", None), "to_dict"):
             return
@@ -282,6 +288,9 @@ class History:
                                 "would bring in line break the forward")
             return
         self.config_note = update.reason
+        if applied is not None:
+            for name, held in rejoin(self.model).items():
+                applied.configs.setdefault(name, held)
         if update.reason:
             note = f"the transformers config cannot describe the pruned model: {update.reason}"
             if note not in report.notes:

@@ -3,18 +3,13 @@ together (the model line that fails, quoted), and what to do about a refused cut
 `Pruner.step` and its proposals."""
 from __future__ import annotations
 
-import ast
-import inspect
 import linecache
-import textwrap
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, GroupKey
-from ..coupling.heads import HEAD_COUNT_ATTRS, KV_HEAD_ATTRS
 from ..coupling.places import axis_layers
 from ..coupling.vocab import AxisRole
 from .counts import kept
@@ -66,45 +61,19 @@ def outer_cut(flight: Preflight, coupling: Coupling, group: Group,
     return None
 
 
-def advice(group: Group, picked: Mapping[int, object], module: nn.Module | None = None
-           ) -> str:
-    """What to do about a cut of ``group`` (axis -> picks) the pre-flight refuses in
-    ``module`` (the failing module, when known)."""
+def advice(group: Group, picked: Mapping[int, object]) -> str:
+    """What to do about a cut of ``group`` (axis -> picks) the pre-flight refuses."""
     roles = {group.axes[a].role for a in picked}
     if AxisRole.HEAD_DIM in roles:
         return ("left uncut; the model's code splits heads by a width this cut does not keep: "
                 "cut whole or query heads (heads 'whole' or 'query') or keep attention as it "
                 "is (heads 'keep')")
     if roles & {AxisRole.HEADS, AxisRole.HEAD_REPEAT}:
-        shared = _shared_config_reads(module) if module is not None else []
-        if shared:
-            attr, where = shared[0]
-            return (f"left uncut; {type(module).__name__}.forward reads the head count from "
-                    f"self.config.{attr} (`{where}`), one config object shared by every "
-                    f"layer, so no layer can have its own head count: cut dims inside the "
-                    f"heads (heads 'dims') or keep attention as it is (heads 'keep')")
         return ("left uncut; the model's code reads a head count this cut does not keep: "
                 "cut dims inside the heads (heads 'dims') or keep attention as it is "
                 "(heads 'keep')")
     return ("left uncut; the model's code at that line needs this width: leave its module "
             "out of the cut (ignore it) or choose another ratio")
-
-
-def _shared_config_reads(module: nn.Module) -> list[tuple[str, str]]:
-    """(attribute, file:line) of every ``self.config.<head count>`` its ``forward`` reads
-    (read from the source's syntax tree; none where the source is not readable)."""
-    forward = inspect.unwrap(type(module).forward)  # under decorators (deprecated kwargs)
-    try:
-        lines, first = inspect.getsourcelines(forward)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-        path = inspect.getsourcefile(forward) or "?"
-    except (OSError, TypeError, SyntaxError):
-        return []
-    counts = set(HEAD_COUNT_ATTRS) | set(KV_HEAD_ATTRS)
-    return [(node.attr, f"{path}:{first + node.lineno - 1}") for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and node.attr in counts
-            and isinstance(node.value, ast.Attribute) and node.value.attr == "config"
-            and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"]
 
 
 def joint_reason(location: str, props: Mapping[GroupKey, Proposal], keys: list[GroupKey]

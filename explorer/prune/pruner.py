@@ -369,13 +369,6 @@ class Pruner(Chooser):
             self._checked = (key, removal, report)
         return copy.deepcopy(self._checked[1]), copy.deepcopy(self._checked[2])
 
-    def _module(self, name: str) -> nn.Module | None:
-        """The module called ``name`` (a verdict's failing module), or None."""
-        try:
-            return self.model.get_submodule(name) if name else None
-        except AttributeError:
-            return None
-
     def _drop_unsafe(self, flight: Preflight, removal: Removal, changes: list[GroupChange],
                      report: StepReport) -> tuple[Removal, list[GroupChange]]:
         """Keep the groups whose pruning runs (alone or as a joint set, `joint.solve`);
@@ -392,8 +385,8 @@ class Pruner(Chooser):
             if cut is not None:
                 outer[gid] = cut
         report.unsafe += [Unsafe(g, v.module, v.location, v.error, advice(
-            self.groups[g], {a: idx for (_g, a), idx in parts[g].picks.items()},
-            self._module(v.module))) for g, v in sol.unsafe.items() if g not in outer]
+            self.groups[g], {a: idx for (_g, a), idx in parts[g].picks.items()}))
+            for g, v in sol.unsafe.items() if g not in outer]
         safe = set(sol.safe)
         kept_changes = [c for c in changes if c.group in safe]
         for g, (part, change) in sorted(outer.items()):

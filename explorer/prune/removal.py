@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from .fixups.attention import patch_attention
+from .fixups.configs import config_field
 from .fixups.patch import PatchInfo, patch_module, resize_tensor
 from .fixups.scoped import patch_scoped_widths
 from .fixups.widths import patch_widths
@@ -76,6 +78,10 @@ class Applied:
     # ``type(model)(model.config)`` computes the same function (`fixups.fold.fold_into`):
     # (module, attr) -> [old, new]; the scaled tensors' old objects are in ``previous``
     constants: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # module -> the config object it held before it was given its own copy
+    # (`fixups.configs`; its fields are in ``attributes`` as ``config.<field>``), for an
+    # undo that puts the shared object itself back (not part of plans)
+    configs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def apply_removal(model: nn.Module, coupling: Coupling, removal: Removal) -> Applied:
@@ -136,13 +142,16 @@ def _commit(model: nn.Module, coupling: Coupling, removal: Removal, dead: np.nda
     for (gid, axis), idx in removal.picks.items():
         if idx:
             removed_counts.setdefault(gid, {})[axis] = len(set(idx))
-    for name, log in patch_attention(model, coupling, removed_counts, keeps).items():
+    configs: dict[str, Any] = {}
+    for name, log in patch_attention(model, coupling, removed_counts, keeps, configs,
+                                     dead).items():
         attributes.setdefault(name, {}).update(log)
     for name, log in patch_widths(model, shapes, attributes).items():
         attributes.setdefault(name, {}).update(log)
     for name, log in patch_scoped_widths(model, coupling, dead, attributes).items():
         attributes.setdefault(name, {}).update(log)
-    return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous)
+    return Applied(shapes, attributes, {k: v.tolist() for k, v in keeps.items()}, previous,
+                   configs=configs)
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
@@ -159,13 +168,17 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None
 
 
 def undo(model: nn.Module, applied: Applied) -> None:
-    """Put back the exact tensors and attribute values an application replaced."""
+    """Put back the exact tensors, attribute values and config objects an application
+    replaced."""
     for name, tensor in applied.previous.items():
         set_tensor(model, name, tensor)
     for mod_name, attrs in applied.attributes.items():
         module = model.get_submodule(mod_name)
         for attr, (old, _new) in attrs.items():
-            setattr(module, attr, old)
+            if config_field(attr) is None:  # a config's field: its object is put back below
+                setattr(module, attr, old)
+    for mod_name, config in applied.configs.items():
+        setattr(model.get_submodule(mod_name), "config", config)  # noqa: B010 - not a tensor
     for (mod_name, attr), (old, _new) in applied.constants.items():
         setattr(model.get_submodule(mod_name), attr, old)
 
