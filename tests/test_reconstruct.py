@@ -375,6 +375,21 @@ def test_split_keeps_batches_it_cannot_line_up() -> None:
     assert held is not None
     assert [tuple(b[0].shape) for b in fit.batches] == [(5, 6), (3, 6)]
     assert torch.equal(held.batches[0][0], torch.stack([same[0][0][4], same[1][0][4]]))
+    # token ids padded (pad id 7) with their mask, and a per-sample input of one shape
+    # (say an image per sample): samples move together, the token inputs re-padded
+    ids = [torch.tensor([[1, 2, 7], [3, 7, 7]]), torch.tensor([[4, 5, 6, 8], [9, 7, 7, 7]])]
+    masks = [(i != 7).long() for i in ids]
+    images = [torch.tensor([[0.0], [1.0]]), torch.tensor([[2.0], [3.0]])]
+    mixed = Calibration([(i, m, x) for i, m, x in zip(ids, masks, images, strict=True)],
+                        mask_index=1)
+    fit, held = reconstruct.split(mixed, every=2)
+    assert held is not None
+    assert len(fit.batches) == len(held.batches) == 1
+    assert fit.batches[0][0].tolist() == [[4, 5, 6, 8], [1, 2, 7, 7]]
+    assert fit.batches[0][1].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert fit.batches[0][2].tolist() == [[2.0], [0.0]]
+    assert held.batches[0][0].tolist() == [[3], [9]]
+    assert held.batches[0][2].tolist() == [[1.0], [3.0]]
 
 
 def test_one_additivity_check_per_block_class_and_default_targets(

@@ -231,7 +231,8 @@ def _rebatched(calib: Calibration, size: int) -> Calibration:
             samples.append((int(real[-1]) + 1 if real is not None and len(real) else 1, b, j))
     if calib.mask_index is not None:
         samples.sort(key=lambda s: -s[0])  # stable: like lengths keep the order given
-    pads = [_pad_value(calib, i) for i in range(len(kinds[0]))]
+    pads = [_pad_value(calib, i) if kind == "tokens" else 0
+            for i, (kind, _shape) in enumerate(kinds[0])]
     out = []
     for at in range(0, len(samples), size):
         chunk = samples[at:at + size]
@@ -267,8 +268,8 @@ def _entry_kinds(calib: Calibration, batch: tuple[Any, ...]) -> list[tuple[str, 
 
 
 def _pad_value(calib: Calibration, index: int) -> Any:
-    """What the data pads entry ``index`` with (its value at the first padded token; 0
-    where nothing is padded, and for the mask itself)."""
+    """What the data pads the token-aligned entry ``index`` with (its value at the first
+    padded token; 0 where nothing is padded, and for the mask itself)."""
     if index == calib.mask_index:
         return 0
     for batch in calib.batches:
