@@ -33,8 +33,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PE_SESSION_DIR", tempfile.mkdtemp())  # not the user's session logs
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # served.py: AppTest runs through app.py
 
 import streamlit as st  # noqa: E402
+from served import run_app_py_every_time  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from streamlit.testing.v1.local_script_runner import LocalScriptRunner  # noqa: E402
 
@@ -192,7 +194,13 @@ def main() -> None:
                     "(<action>-<run>.prof; read with python -m pstats)")
     ap.add_argument("--json", action="store_true",
                     help="the JSON object on one line (progress goes to stderr)")
+    ap.add_argument("--pages-direct", action="store_true",
+                    help="let AppTest run a switched-to page without app.py, as AppTest does "
+                         "by default and as this benchmark did before the option existed: no "
+                         "heap trim after a run, no session lock (tests/served.py)")
     args = ap.parse_args()
+    if not args.pages_direct:
+        run_app_py_every_time()
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -12,3 +12,6 @@ def small_llama(layers: int, kv_heads: int) -> str:
 
 MHA_LLAMA = small_llama(3, 4)  # the Model page's switch between model kinds
 GQA_LLAMA = small_llama(3, 2)  # decisions on grouped-query attention (Session, Groups page)
+# Llama-2-7B's shape (32 layers of 32 heads x 128, MLP 11008), explored on meta: no weights
+LLAMA_7B = ("hf:llama?hidden_size=4096&num_hidden_layers=32&num_attention_heads=32"
+            "&num_key_value_heads=32&intermediate_size=11008&vocab_size=32000")

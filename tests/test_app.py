@@ -149,6 +149,7 @@ def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
     assert any(c.value.startswith("options: hidden_size=64 · ") for c in app.caption)
     groups = app.dataframe[0].value
     assert "residual stream (64 ch): model.layers" in list(groups["group"])
+    app.session_state["groups_statement"] = True  # "What these settings cut", opened
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
     # a language model's residual stream is a target only when chosen

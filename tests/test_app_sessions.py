@@ -44,6 +44,33 @@ def _accept_one(at: AppTest) -> int:
     return int(at.session_state["pe"].params)
 
 
+def test_served_apptest_runs_start_from_app_py(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AppTest ran a switched-to page without app.py (Streamlit's pages-folder mode, which
+    a server leaves after its first run): no heap trim, no registry measure after the run, so
+    the SmolLM2 benchmark read 1.0-1.5 GB for a session of 0.78 GB. `served` runs app.py
+    every time, as a server does."""
+    from served import served
+    from streamlit.runtime.pages_manager import PagesManager
+
+    from explorer.app import allocator
+    trims = [0]
+    trim = allocator.trim_heap
+
+    def counted() -> bool:
+        trims[0] += 1
+        return trim()
+
+    monkeypatch.setattr(allocator, "trim_heap", counted)
+    first = _open()
+    first.switch_page("pages/3_groups.py").run()
+    assert trims[0] == 1  # AppTest alone: only the first run went through app.py
+    monkeypatch.setattr(PagesManager, "__init__", served(PagesManager.__init__))
+    first.button(key="groups_accept").click().run()
+    assert not first.exception and not first.error, (first.exception, first.error)
+    assert trims[0] == 2 and first.session_state["pe"].applied
+    assert _sessions().held > 0  # the registry measured the session after the page run
+
+
 def test_a_refresh_and_a_second_tab_share_the_live_session() -> None:
     first = _open()
     sid = first.session_state["pe_sid"]

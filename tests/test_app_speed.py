@@ -322,3 +322,40 @@ def test_activation_scores_follow_a_cut_and_its_undo_without_a_calibration_pass(
     assert pruner.accept(next(p for p in pruner.pending() if "mlp" in p.group.title)).ok
     _scores(pruner)
     assert passes[0] == 2
+
+
+def test_an_accept_rescores_only_the_layers_its_cut_replaced(
+        llama: tuple[torch.nn.Module, tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Carrying the activation norms through an accept re-scored every layer of the model
+    (211 on SmolLM2, about 0.4 s of each Accept) when the cut replaced three: the others keep
+    their scores, which equal a full re-scoring."""
+    model, inputs = copy.deepcopy(llama[0]), llama[1]
+    gen = torch.Generator().manual_seed(1)
+    from explorer.prune.calibration import Calibration
+    data = Calibration([(torch.randint(0, 128, (4, 12), generator=gen),) for _ in range(2)])
+    pruner = Pruner(model, inputs, importance="activation", ratio=0.25, calibration=data)
+    pruner.remeasure = False
+    _scores(pruner)
+    crit = pruner.criterion
+    assert isinstance(crit, importance.Activation)
+    scored: list[str] = []
+    add = importance.Activation.add_statistics
+
+    def counted(self: importance.Activation, modules: Any, norms: dict[str, Any]) -> None:
+        scored.extend(norms)
+        add(self, modules, norms)
+
+    monkeypatch.setattr(importance.Activation, "add_statistics", counted)
+    mlp = next(p for p in pruner.pending() if "layers.1.mlp" in p.group.title)
+    assert pruner.accept(mlp).ok
+    after = _scores(pruner)
+    assert sorted(scored) == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj",
+                              "model.layers.1.mlp.up_proj"]
+    crit._made.clear()  # score every layer again from the same norms
+    scored.clear()
+    assert crit.follow(pruner.model, pruner.applied)
+    assert len(scored) == len(crit._layers) > 3
+    again = _scores(pruner)
+    assert again.keys() == after.keys()
+    for k, v in again.items():
+        assert after[k].tolist() == v.tolist(), k

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llamas import MHA_LLAMA
+from llamas import LLAMA_7B, MHA_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -33,6 +34,14 @@ pytestmark = [
 
 
 STALE_GONE = "!document.querySelector(\"[data-stale='true']\")"  # a rerun is fully drawn
+
+
+def _settled(page: Any) -> None:
+    """Wait until the page's run is over (Streamlit's running indicator gone, nothing stale):
+    a screenshot before that can show a spinner and the previous run's elements."""
+    page.wait_for_function(
+        "!document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=300_000)
+    page.wait_for_function(STALE_GONE, timeout=300_000)
 
 
 def _shots(tmp_path: Path) -> Path:
@@ -254,7 +263,37 @@ def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: 
         # proposal is the first layer's heads, named after their projection
         page.get_by_text("Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj").wait_for(
             timeout=60_000)
+        _settled(page)
+        # what the settings cut is made when its box is opened (not on every run)
+        said = re.compile(r"^params [\d,]+ (->|→) [\d,]+$")  # Markdown draws -> as →
+        assert page.get_by_text(said).count() == 0
+        page.get_by_text("What these settings cut").click()
+        page.get_by_text(said).wait_for(timeout=60_000)
+        page.get_by_text("residual is not a target").first.wait_for(timeout=60_000)
         page.screenshot(path=str(tmp_path / "llama_groups.png"), full_page=True)
+
+
+def test_browser_7b_shape_on_meta_groups_page(server: str, tmp_path: Path) -> None:
+    """The Llama-2-7B shape on meta (no weights): loaded on the Model page, its Groups page
+    drawn to the end (the layer table of 32 layers' heads), screenshot."""
+    shots = _shots(tmp_path)
+    with _chromium(server) as page:
+        page.get_by_text("prunable groups").wait_for(timeout=90_000)
+        spec = page.get_by_role("textbox", name="Model spec")
+        spec.fill(LLAMA_7B)
+        spec.press("Enter")
+        page.get_by_text("meta", exact=True).click()
+        page.wait_for_timeout(500)  # let the reruns of the edits settle
+        page.get_by_role("button", name="Load and trace").click()
+        page.get_by_text("options: hidden_size=4096").wait_for(timeout=300_000)
+        page.get_by_role("link", name="Groups").click()
+        page.get_by_text("Group 2: 32 heads x 128: model.layers.0.self_attn.q_proj").wait_for(
+            timeout=300_000)
+        page.get_by_role("button", name="Reject").wait_for(timeout=300_000)
+        _settled(page)  # the run is over, not only its first elements drawn
+        assert page.get_by_text("33 layer rows").count() == 1  # the shared rotary row + 32
+        page.screenshot(path=str(shots / "llama7b_groups.png"), full_page=True)
+    assert (shots / "llama7b_groups.png").stat().st_size > 10_000
 
 
 def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_path: Path,
@@ -296,6 +335,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         page.get_by_role("button", name="Load and trace").click()
         page.get_by_test_id("stMetricLabel").filter(has_text="perplexity").first.wait_for(
             timeout=300_000)
+        _settled(page)
         page.screenshot(path=str(SHOTS / "smollm2_model.png"), full_page=True)
 
         page.get_by_role("link", name="Groups").click()
@@ -311,6 +351,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         same = page.get_by_role("button", name="Accept the same cut in all 30 layers")
         same.wait_for(timeout=300_000)
         page.get_by_text("makes widths differ between layers").wait_for(timeout=60_000)
+        _settled(page)
         page.screenshot(path=str(SHOTS / "smollm2_groups.png"), full_page=True)
         # the same cut in every layer costs far more than one layer: seen before Accept
         page.get_by_role("button", name="What does the same cut in all 30 layers cost?"
@@ -327,6 +368,7 @@ def test_browser_smollm2_decision_shows_its_cost_and_exports(server: str, tmp_pa
         page.get_by_text("trade-off: quality against parameters").first.wait_for(
             timeout=300_000)
         page.wait_for_function(STALE_GONE, timeout=300_000)
+        _settled(page)
         page.screenshot(path=str(SHOTS / "smollm2_accepted.png"), full_page=True)
 
         page.get_by_role("link", name="Export").click()

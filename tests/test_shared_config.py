@@ -6,7 +6,9 @@ leaves every config as it was, and exports say what a config can describe."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from explorer.coupling.vocab import AxisRole
 from explorer.io.export import export
 from explorer.io.plan import PlanError, checksum
 from explorer.prune import removal as removal_module
-from explorer.prune.fixups.configs import config_reads
+from explorer.prune.fixups.reads import config_reads
 from explorer.prune.preflight import Preflight
 from explorer.prune.removal import Removal
 from explorer.prune.uniform import breaks_uniform
@@ -251,3 +253,237 @@ def test_a_recorded_cut_redoes_the_config_copy_and_undoes_it() -> None:
                                _logits(lm.model, lm.example_inputs), atol=0, rtol=0)
     undo(model, applied)
     assert all(a.config is model.config for a in _attention(model))
+
+
+# -- a one-layer head cut says what differs; plans that recorded the decoder layer's width ----
+@pytest.mark.parametrize("spec", ["hf:phi3", "hf:llama"])
+def test_one_layer_head_cut_names_the_head_counts_that_differ(spec: str) -> None:
+    """Layer 0 alone loses a key/value group: why no config describes the model names the
+    head counts per layer (Phi3 reads them from its own config copy, Llama from its weights),
+    not the decoder layer's ``hidden_size``, which the cut leaves at the residual's 64 (no
+    code reads it; it used to be set from the attention's 64 -> 32)."""
+    lm = load_model(spec)
+    pruner = Pruner(lm.model, lm.example_inputs, heads="whole", targets="heads")
+    applied = pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
+    assert "model.layers.0" not in applied.attributes
+    assert lm.model.model.layers[0].hidden_size == 64
+    assert pruner.config_note.startswith(
+        "num_attention_heads differs between layers (4 in model.layers.0.self_attn; 8 in "
+        "model.layers.1.self_attn), and num_key_value_heads (1 in model.layers.0.self_attn; "
+        "2 in model.layers.1.self_attn)"), pruner.config_note
+    assert "hidden_size" not in pruner.config_note
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "falcon", "olmo2"])
+def test_the_reason_names_the_key_value_heads_per_layer_in_other_families(family: str) -> None:
+    """The same rule on families that name or derive their head fields differently (Qwen2
+    derives the head width, Gemma sets 16 != 64 / 8, Falcon calls the field num_kv_heads)."""
+    from test_families import FAMILIES
+
+    model_type, config = FAMILIES[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **config)).eval()
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(2))
+    pruner = Pruner(model, (ids,), heads="whole", targets="heads")
+    pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
+    assert re.search(r"(num_key_value_heads|num_kv_heads)( differs between layers)? \(1 in "
+                     r"[\w.]+\.0\.self_att\w*; 2 in [\w.]+\.1\.self_att\w*\)",
+                     pruner.config_note), pruner.config_note
+    assert "hidden_size" not in pruner.config_note
+
+
+class _Block(nn.Module):
+    """Keeps two widths of its hidden layer: one its forward reads, one it only keeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.hidden_dim = self.kept_width = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)).reshape(-1, self.hidden_dim))
+
+
+def test_the_width_fix_up_sets_only_widths_the_code_reads() -> None:
+    """Half the hidden channels go: the width the forward reads follows (16 -> 8) and is
+    recorded for plans; the one no code reads is left as it was and not recorded."""
+    torch.manual_seed(0)
+    block = _Block()
+    pruner = Pruner(block, (torch.randn(4, 8),), ratio=0.5)
+    pruner.step()
+    applied = pruner.applied[-1]
+    assert block.fc1.out_features == 8 and block.hidden_dim == 8 and block.kept_width == 16
+    assert applied.attributes[""]["hidden_dim"] == [16, 8]
+    assert "kept_width" not in applied.attributes[""]
+
+
+def _recorded_as_before(pruner: Pruner, spec: str) -> dict[str, Any]:
+    """The plan as the engine recorded it before the decoder layer's unread ``hidden_size``
+    was left alone: the head cut of layer 0 also sets it 64 -> 32."""
+    data = Plan.from_pruner(pruner, spec).to_dict()
+    data["steps"][0]["attributes"]["model.layers.0"] = {"hidden_size": [64, 32]}
+    return _resealed(data)
+
+
+@pytest.mark.parametrize("spec", ["hf:phi3", "hf:llama"])
+def test_a_plan_recorded_before_still_replays(spec: str) -> None:
+    """An old plan (and a saved session's step record) naming the decoder layer's
+    ``hidden_size`` replays: the attribute's old value is checked, it is not set (no code
+    reads it), and the logits are the live cut's; the reason names the head counts."""
+    from explorer.io.plan import redo_step
+
+    lm = load_model(spec)
+    model, inputs = lm.model, lm.example_inputs
+    pruner = Pruner(model, inputs, heads="whole", targets="heads")
+    pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
+    data = _recorded_as_before(pruner, spec)
+    fresh = load_model(spec).model
+    replay = Plan.from_dict(data).apply(fresh)
+    assert fresh.model.layers[0].hidden_size == 64
+    assert replay.config.reason.startswith("num_attention_heads differs between layers")
+    torch.testing.assert_close(_logits(fresh, inputs), _logits(model, inputs), atol=0, rtol=0)
+    again = load_model(spec).model
+    redo_step(again, json.loads(json.dumps(data["steps"][0])))
+    assert again.model.layers[0].hidden_size == 64
+    torch.testing.assert_close(_logits(again, inputs), _logits(model, inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attrs,match", [
+    ({"model.layers.0": {"hidden_size": [48, 32]}},
+     r"model\.layers\.0\.hidden_size is 64 in the model, the plan expects 48"),
+    ({"model.layers.0.self_attn": {"head_dim": [8, 4]}},
+     r"this step sets model\.layers\.0\.self_attn\.head_dim to None, the plan to 4; "
+     r"re-create the plan"),
+], ids=["another old value", "an attribute the code reads"])
+def test_old_plans_are_checked_as_strictly_as_before(attrs: dict[str, Any], match: str) -> None:
+    """Only a width no code reads is skipped, and only from the value the model has."""
+    lm = load_model("hf:llama")
+    pruner = Pruner(lm.model, lm.example_inputs, heads="whole", targets="heads")
+    pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
+    data = Plan.from_pruner(pruner, "hf:llama").to_dict()
+    data["steps"][0]["attributes"].update(attrs)
+    fresh = load_model("hf:llama").model
+    before = capture(fresh)
+    with pytest.raises(PlanError, match=match):
+        Plan.from_dict(_resealed(data)).apply(fresh)
+    assert_same(before, fresh)
+
+
+# -- a count read through the config in a helper method ---------------------------------------
+class _Config:
+    """A config object every layer shares, as transformers models hold theirs."""
+
+    def __init__(self) -> None:
+        self.hidden_size = 32
+        self.num_attention_heads = 4
+
+
+class _Attention(nn.Module):
+    """Reads the head count through the shared config in helper methods only."""
+
+    def __init__(self, config: _Config) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.config.num_attention_heads, self.head_dim).transpose(1, 2)
+
+    def _scale(self) -> float:
+        return float(self.head_dim ** -0.5)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self._scale())
+        return x + self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class _Derived(_Attention):
+    """Also scales by a head width derived from the config: a value no shape check sees."""
+
+    def _scale(self) -> float:
+        return float((self.config.hidden_size // self.config.num_attention_heads) ** -0.5)
+
+
+class _Model(nn.Module):
+    def __init__(self, derive: bool = False) -> None:
+        super().__init__()
+        self.config = _Config()
+        kind = _Derived if derive else _Attention
+        self.layers = nn.ModuleList(kind(self.config) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _custom(derive: bool) -> tuple[nn.Module, tuple[torch.Tensor], Pruner, Removal]:
+    torch.manual_seed(0)
+    model = _Model(derive).eval()
+    inputs = (torch.randn(2, 5, 32),)
+    pruner = Pruner(model, inputs, heads="whole", targets="heads")
+    group = next(g for g in pruner.coupling.groups if g.heads is not None)
+    [axis] = [i for i, a in enumerate(group.axes) if a.role is AxisRole.HEADS and a.prunable]
+    removal = Removal()
+    removal.add(group.id, axis, [1, 3])
+    return model, inputs, pruner, removal
+
+
+def test_config_reads_follow_helper_methods() -> None:
+    """``forward`` -> ``_heads`` -> ``_split`` reads the head count; ``_Derived._scale``
+    derives a head width from the config: both found, each at its own line of this file."""
+    from explorer.prune.fixups.reads import derived_widths
+
+    layer = _Model(derive=True).layers[0]
+    reads = config_reads(layer)
+    split = inspect.getsourcelines(_Attention._split)[1]
+    assert reads["num_attention_heads"] == f"{__file__}:{split + 2}"
+    [found] = derived_widths(layer)
+    assert found.code == "self.config.hidden_size // self.config.num_attention_heads"
+    assert found.counts == ("config.num_attention_heads",)
+    assert found.where == f"{__file__}:{inspect.getsourcelines(_Derived._scale)[1] + 1}"
+
+
+def test_a_count_read_in_a_helper_is_set_on_the_layers_own_config() -> None:
+    """Layer 0 loses two of its four heads: it reads 2 from its own config copy (its helper
+    ``_split`` reads the count), layer 1 and the shared config keep 4, the pruned model
+    equals the original with those heads zeroed, and undo puts the shared object back."""
+    model, inputs, pruner, removal = _custom(derive=False)
+    shared = model.config
+    assert Preflight(model, inputs, pruner.coupling).check(removal).ok
+    masked = _zeroed(model, pruner.coupling, removal)
+    applied = pruner.apply(removal)
+    first, second = model.layers
+    assert applied.attributes["layers.0"]["config.num_attention_heads"] == [4, 2]
+    assert first.config is not shared and first.config.num_attention_heads == 2
+    assert second.config is shared and shared.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), masked(*inputs), atol=1e-5, rtol=1e-4)
+    pruner.undo()
+    assert all(layer.config is shared for layer in model.layers)
+
+
+def test_a_head_width_derived_from_the_config_refuses_the_cut_before_cutting() -> None:
+    """``_scale`` divides ``config.hidden_size`` by the count the cut changes: every shape
+    fits, the scale would not. The pre-flight refuses in one line naming that line, and a
+    step leaves the model as it was and says what to do."""
+    model, inputs, pruner, removal = _custom(derive=True)
+    verdict = Preflight(model, inputs, pruner.coupling).check(removal)
+    line = inspect.getsourcelines(_Derived._scale)[1] + 1
+    assert not verdict.ok and verdict.location == f"{__file__}:{line}"
+    assert verdict.error == (
+        "_Derived derives a head width from its config, `self.config.hidden_size // "
+        "self.config.num_attention_heads`, and the cut changes config.num_attention_heads "
+        "4 -> 2: the value would no longer be the head width, though every shape still fits")
+    before = capture(model)
+    report = Pruner(model, inputs, ratio=0.5, heads="whole", targets="heads").step()
+    assert_same(before, model)
+    assert report.unsafe and all(u.location == f"{__file__}:{line}" for u in report.unsafe)
+    assert "cut dims inside the heads" in report.unsafe[0].advice

@@ -14,7 +14,9 @@ integer length, UTF-8), a ``sha256`` checksum over the whole plan, attribute nam
 ranges limited to what the engine itself writes (`explorer.io.plan_rules`), and every step
 re-derived by the engine from the coupling of the model it is applied to (on a weightless
 copy): the cuts must be whole coupled channels or heads, and the attributes exactly those the
-engine sets for them. Anything else is one `PlanError` and the model is left untouched.
+engine sets for them (a width older plans record and the engine no longer sets, because no
+code of its module reads it, is checked and skipped). Anything else is one `PlanError` and
+the model is left untouched.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from ..prune.depth import BlockRemoval, remove_blocks
 from ..prune.fixups.configs import config_field, own, read, rejoin
 from ..prune.fixups.fold import Product, refold, scale_tensor
 from ..prune.fixups.patch import resize_tensor
+from ..prune.fixups.widths import describes_only
 from ..prune.history import EditKind, History
 from ..prune.preflight import meta_copy
 from ..prune.removal import Applied, PruneError, Removal, apply_removal, removed_atoms, set_tensor
@@ -923,7 +926,9 @@ def _check(plan: Plan, model: nn.Module) -> _Staged:
     for name, picks in per_tensor.items():
         new[name] = resize_tensor(tensors[name], picks)
         out_shapes[name] = (tuple(tensors[name].shape), tuple(new[name].shape))
-    return _Staged(new, aliases, out_shapes, _check_attributes(plan, model))
+    attributes = {(mod, attr): pair for (mod, attr), pair in _check_attributes(plan, model).items()
+                  if not describes_only(model.get_submodule(mod), attr)}  # checked, not set
+    return _Staged(new, aliases, out_shapes, attributes)
 
 
 def _commit(model: nn.Module, staged: _Staged) -> Replay:
@@ -1021,7 +1026,7 @@ def _check_coupling(plan: Plan, model: nn.Module, example_inputs: Sequence[Any] 
             applied = apply_removal(work, coupling, removal)
         except PruneError as e:
             raise PlanError(f"step {i}: {e}") from None
-        _compare(step, applied, i)
+        _compare(step, applied, i, work)
 
 
 def _meta_inputs(plan: Plan, example_inputs: Sequence[Any] | None) -> list[tuple[Any, ...]]:
@@ -1117,8 +1122,11 @@ def _removal_of(step: PlanStep, coupling: Coupling, i: int) -> Removal:
     return removal
 
 
-def _compare(step: PlanStep, applied: Applied, i: int) -> None:
-    """The engine's cuts and attributes for this step must be the plan's."""
+def _compare(step: PlanStep, applied: Applied, i: int, work: nn.Module) -> None:
+    """The engine's cuts and attributes for this step must be the plan's. One exception: a
+    width the plan records and the engine no longer sets because no code of its module reads
+    it (`explorer.prune.fixups.widths.describes_only`; plans made before that rule set
+    ``LlamaDecoderLayer.hidden_size`` on head cuts) is accepted, and the replay skips it."""
     ours = {(c.tensor, c.dim): c.removed for c in step.tensors}
     engine = {}
     for (name, dim), keep in applied.keeps.items():
@@ -1135,6 +1143,8 @@ def _compare(step: PlanStep, applied: Applied, i: int) -> None:
     for mod, attr in sorted(keys):
         want = derived.get(mod, {}).get(attr)
         got = step.attributes.get(mod, {}).get(attr)
+        if want is None and got is not None and describes_only(work.get_submodule(mod), attr):
+            continue
         if _norm(want) != _norm(got):
             raise PlanError(f"step {i}: this step sets {mod}.{attr} to "
                             f"{_short(None if want is None else want[1])}, the plan to "

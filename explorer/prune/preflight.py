@@ -15,7 +15,8 @@ from ..graph.ir import Graph
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError, trace
 from ..graph.walk import tensor_leaves, to_device
-from .removal import PruneError, Removal, apply_removal
+from .fixups.reads import derived_widths
+from .removal import Applied, PruneError, Removal, apply_removal
 
 
 @dataclass
@@ -146,11 +147,34 @@ class Preflight:
             self.forwards += 1
         model = self._copy()
         try:
-            apply_removal(model, self.coupling, removal)
+            applied = apply_removal(model, self.coupling, removal)
         except PruneError as exc:
             return Verdict(False, error=str(exc))
+        stale = derived_stale(model, applied)
+        if stale is not None:
+            return stale
         return forward_check(model, to_device(self.inputs, self.device), self.expected,
                              self.dynamic)
+
+
+def derived_stale(model: nn.Module, applied: Applied) -> Verdict | None:
+    """A failing verdict when a module the cut changed derives a head width in its forward
+    from its config and a head count the cut changed (``self.config.hidden_size //
+    self.num_heads``, `fixups.reads.derived_widths`): the value it computes no longer is
+    the head width, and no shape check sees it (a scale, a position table's width).
+    None when there is none."""
+    for name, changes in applied.attributes.items():
+        module = model.get_submodule(name)
+        for found in derived_widths(module):
+            changed = [c for c in found.counts if c in changes]
+            if not changed:
+                continue
+            old, new = changes[changed[0]]
+            return Verdict(False, module=name, location=found.where, error=(
+                f"{type(module).__name__} derives a head width from its config, "
+                f"`{found.code}`, and the cut changes {changed[0]} {old} -> {new}: the value "
+                f"would no longer be the head width, though every shape still fits"))
+    return None
 
 
 def same_shapes(shapes: list[tuple[int, ...]], expected: list[tuple[int, ...]],

@@ -53,17 +53,25 @@ def settings(pe: Session) -> None:
                    help="what may be cut: mlp (feed-forward hidden units), heads (attention), "
                         "residual (the hidden size: embeddings, norms, every projection), "
                         "channels (convolutions, other layers)")
-    try:
-        said = pe.statement()
-    except Exception:  # noqa: BLE001 - main() reports the same failure of the proposals
-        said = None
-    if said is not None:
-        with st.expander(f"What these settings cut: params {said.params_before:,} -> "
-                         f"{said.params_after:,}", expanded=False):
-            st.markdown("\n".join(statement_lines(said)))
+    statement(pe)
     if pe.on_meta:
         st.caption("The weights are on the meta device: there are no scores to rank, so the "
                    "lowest indices are proposed (load on cpu for importance charts).")
+
+
+def statement(pe: Session) -> None:
+    """What the settings cut, drawn only while its box is open: the statement runs the
+    pre-flight of the whole prune (`Pruner.checked`: on SmolLM2 a second weightless forward
+    after every accept), so a closed box costs an Accept nothing."""
+    box = st.expander("What these settings cut", key="groups_statement", on_change="rerun")
+    if not box.open:
+        return
+    try:
+        said = pe.statement()
+    except Exception:  # noqa: BLE001 - main() reports the same failure of the proposals
+        return
+    box.markdown(f"params {said.params_before:,} -> {said.params_after:,}\n\n"
+                 + "\n".join(statement_lines(said)))
 
 
 def thresholds() -> Thresholds:

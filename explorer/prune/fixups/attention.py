@@ -25,7 +25,8 @@ from ...coupling.heads import (
     owner_members,
     traced_queries,
 )
-from .configs import CONFIG, config_reads, own
+from .configs import CONFIG, own
+from .reads import config_reads
 
 
 def _set(module: object, names: tuple[str, ...], old: int, new: int,

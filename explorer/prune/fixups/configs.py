@@ -12,18 +12,15 @@ counts and the model's config follows them, `rejoin` points the copies back at i
 """
 from __future__ import annotations
 
-import ast
 import copy
-import functools
-import inspect
-import textwrap
 from typing import Any
 
 from torch import nn
 
 from ...coupling.heads import HEAD_COUNT_ATTRS, HEAD_DIM_ATTRS, HEAD_WIDTH_ATTRS, KV_HEAD_ATTRS
+from .reads import config_reads
 
-__all__ = ["CONFIG", "config_field", "config_reads", "own", "read", "rejoin"]
+__all__ = ["CONFIG", "HEAD_FIELDS", "config_field", "own", "read", "rejoin"]
 
 CONFIG = "config."  # the prefix of a recorded attribute that lives on the module's config
 
@@ -44,40 +41,6 @@ def read(module: nn.Module, attr: str, default: Any = None) -> Any:
 
 # the fields a cut may set on a module's own config copy
 HEAD_FIELDS = frozenset(HEAD_COUNT_ATTRS + HEAD_DIM_ATTRS + HEAD_WIDTH_ATTRS + KV_HEAD_ATTRS)
-
-
-def config_reads(module: nn.Module) -> dict[str, str]:
-    """``field -> file:line`` of every ``self.config.<field>`` (or ``getattr(self.config,
-    "<field>", ...)``) the module's ``forward`` reads (from the source's syntax tree; empty
-    where the source is not readable)."""
-    return dict(_reads(type(module).forward))
-
-
-@functools.lru_cache(maxsize=256)  # a class's source is parsed once
-def _reads(method: Any) -> tuple[tuple[str, str], ...]:
-    try:
-        forward = inspect.unwrap(method)  # under decorators (deprecated kwargs)
-        lines, first = inspect.getsourcelines(forward)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-        path = inspect.getsourcefile(forward) or "?"
-    except (OSError, TypeError, SyntaxError, ValueError):
-        return ()
-    found: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _self_config(node.value):
-            found.setdefault(node.attr, f"{path}:{first + node.lineno - 1}")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
-                node.func.id == "getattr" and len(node.args) >= 2 and \
-                _self_config(node.args[0]) and isinstance(node.args[1], ast.Constant) and \
-                isinstance(node.args[1].value, str):
-            found.setdefault(node.args[1].value, f"{path}:{first + node.lineno - 1}")
-    return tuple(sorted(found.items(), key=lambda kv: kv[1]))
-
-
-def _self_config(node: ast.expr) -> bool:
-    """Whether ``node`` is ``self.config``."""
-    return isinstance(node, ast.Attribute) and node.attr == "config" and \
-        isinstance(node.value, ast.Name) and node.value.id == "self"
 
 
 def own(module: nn.Module, name: str, values: dict[str, Any], previous: dict[str, Any]

@@ -18,9 +18,7 @@ module attributes, and rotary frequencies recomputed from it must equal the prun
 from __future__ import annotations
 
 import copy
-import inspect
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -31,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ...graph.collector import paused
+from .reads import reads_attribute
 
 __all__ = ["ConfigUpdate", "differing_constants", "real_rotary", "update_config"]
 
@@ -115,7 +114,7 @@ def _update_config(model: nn.Module) -> ConfigUpdate:
             for f, (_, new) in changed.items():
                 setattr(config, f, new)
             return ConfigUpdate(changed, ok=not found, reason=found)
-    return ConfigUpdate(reason=_disagreement(readings) or
+    return ConfigUpdate(reason=_disagreement(model, readings) or
                         f"no config of {type(config).__name__} describes the pruned model: "
                         f"{problem}")
 
@@ -436,29 +435,87 @@ def _where(key: Key) -> str:
     return key[1]
 
 
-def _disagreement(readings: dict[Slot, list[_Reading]]) -> str:
-    """The field whose readings are most evenly split between values, as a message."""
-    best: tuple[int, str, dict[int, list[str]]] | None = None
+def _layer(where: str) -> str:
+    """The layer a module belongs to: its nearest ancestor (or itself) that is an item of a
+    module list (``model.layers.0`` for ``model.layers.0.self_attn.q_proj``), else itself."""
+    parts = where.split(".")
+    for k in range(len(parts), 0, -1):
+        if parts[k - 1].isdigit():
+            return ".".join(parts[:k])
+    return where
+
+
+def _denest(mods: list[str]) -> list[str]:
+    """Name a module, not each of its parts."""
+    return [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
+
+
+def _detail(by_value: dict[int, list[str]]) -> str:
+    return "; ".join(f"{v} in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''}"
+                     for v, mods in sorted(by_value.items()))
+
+
+def _per_layer(found: list[_Reading]) -> dict[int, list[str]] | None:
+    """Value -> the modules saying it, when the layers say different values: each layer's
+    value is the one its readings give the most votes (an attribute stating the field
+    outright outweighs shapes it only explains in part: ``self_attn.head_dim`` 8 against
+    ``q_proj`` rows that halve with the heads). None when every layer says one value, or
+    the second value has fewer than 2 votes (one odd reading is no disagreement)."""
+    votes: dict[str, Counter[int]] = {}
+    for r in found:
+        votes.setdefault(_layer(r.where), Counter())[r.value] += r.weight
+    said = {layer: tally.most_common(1)[0][0] for layer, tally in votes.items()}
+    support: Counter[int] = Counter()
+    for layer, value in said.items():
+        support[value] += votes[layer][value]
+    if len(support) < 2 or support.most_common()[-1][1] < 2:
+        return None
+    by_value: dict[int, list[str]] = {}
+    for r in found:
+        if said[_layer(r.where)] == r.value and r.where not in by_value.get(r.value, []):
+            by_value.setdefault(r.value, []).append(r.where)
+    return {v: _denest(mods) for v, mods in by_value.items()}
+
+
+def _copied(model: nn.Module) -> dict[str, dict[int, list[str]]]:
+    """Config field -> value -> modules, for the fields that modules holding their own
+    copy of the model's config (`explorer.prune.fixups.configs`) say differently: the head
+    counts of a cut some layers only, read through the config. The modules of the same
+    class that read the shared config say its value."""
+    shared = getattr(model, "config", None)
+    mods = [(n, m) for n, m in model.named_modules() if vars(m).get("config") is not None]
+    copies = [(n, m) for n, m in mods if vars(m)["config"] is not shared and
+              type(vars(m)["config"]) is type(shared)]
+    out: dict[str, dict[int, list[str]]] = {}
+    for name, module in copies:
+        held = vars(module)["config"]
+        for key, value in vars(held).items():
+            theirs = vars(shared).get(key)
+            if _is_int(value) and _is_int(theirs) and value != theirs:
+                out.setdefault(key, {}).setdefault(value, []).append(name)
+    classes = {type(m) for _n, m in copies}
+    for key, by_value in out.items():
+        same = [n for n, m in mods if vars(m)["config"] is shared and type(m) in classes]
+        by_value.setdefault(getattr(shared, key), []).extend(same or ["model"])
+    return out
+
+
+def _disagreement(model: nn.Module, readings: dict[Slot, list[_Reading]]) -> str:
+    """The fields whose value differs between layers, with the layers and values, as a
+    message: the counts modules read from their own config copies first, then each field
+    whose layers' readings say different values (`_per_layer`), in the config's order."""
+    fields = _copied(model)
     for (name, _), found in readings.items():
-        by_value: dict[int, list[str]] = {}
-        for r in found:
-            mods = by_value.setdefault(r.value, [])
-            if r.where not in mods:
-                mods.append(r.where)
-        if len(by_value) < 2:
-            continue
-        minority = sorted(Counter(r.value for r in found).values())[-2]
-        if best is None or minority > best[0]:
-            best = (minority, name, by_value)
-    if best is None or best[0] < 2:
+        by_value = _per_layer(found)
+        if by_value is not None and name not in fields:
+            fields[name] = by_value
+    if not fields:
         return ""
-    _, name, by_value = best
-    by_value = {v: [m for m in mods if not any(m.startswith(o + ".") for o in mods)]
-                for v, mods in by_value.items()}  # name a layer, not each of its parts
-    detail = "; ".join(f"{v} in {', '.join(mods[:3])}{' ...' if len(mods) > 3 else ''}"
-                       for v, mods in sorted(by_value.items()))
-    return (f"{name} differs between layers ({detail}); a transformers config holds one "
-            f"value per field")
+    (name, by_value), *rest = list(fields.items())[:3]
+    text = f"{name} differs between layers ({_detail(by_value)})"
+    if rest:
+        text += ", and " + " and ".join(f"{n} ({_detail(v)})" for n, v in rest)
+    return f"{text}; a transformers config holds one value per field"
 
 
 def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, str]:
@@ -533,40 +590,10 @@ def _follow_descriptive(model: nn.Module, config: Any, fresh: nn.Module, problem
             theirs = getattr(other, attr, value)
             stale = name in before and getattr(before[name], attr, None) == value
             if _is_int(theirs) and theirs != value and \
-                    (stale or not _read_by_code(type(module), attr)):
+                    (stale or not reads_attribute(type(module), attr)):
                 setattr(module, attr, theirs)
                 changed = True
     return _mismatch(model, config, fresh)[1] if changed else problem
-
-
-_READS: dict[tuple[type, str], bool] = {}
-
-
-def _read_by_code(cls: type, attr: str) -> bool:
-    """Whether a method of ``cls`` (its own classes, not torch's; ``__init__`` aside) reads
-    ``self.<attr>``. No source to read counts as a read."""
-    key = (cls, attr)
-    if key not in _READS:
-        pattern = re.compile(rf"\.{re.escape(attr)}\b")
-        found = False
-        for klass in cls.__mro__:
-            if klass.__module__.startswith("torch.") or klass is object:
-                continue
-            for fname, fn in vars(klass).items():
-                if fname == "__init__" or not inspect.isfunction(fn):
-                    continue
-                try:
-                    source = inspect.getsource(fn)
-                except (OSError, TypeError):
-                    found = True
-                    break
-                if pattern.search(source):
-                    found = True
-                    break
-            if found:
-                break
-        _READS[key] = found
-    return _READS[key]
 
 
 # (model class, config JSON, module, attribute) -> why a constant differs (for messages)

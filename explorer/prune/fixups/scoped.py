@@ -8,7 +8,9 @@ integer attribute of that module (or an integer inside a tuple attribute) whose 
 one of those arguments, and is the size of a dim of the op's tensors that pruning changes,
 is set to the new size. Only unambiguous evidence is used: when the same old size maps to
 two new sizes in a module (a pruned channel dim and an untouched token dim of equal size),
-the attribute is left alone and the pre-flight reports the group with its line.
+the attribute is left alone and the pre-flight reports the group with its line. A width no
+code of the module reads is left alone too (`widths.describes_only`): its value matching an
+argument is a coincidence.
 
 Equal values are told apart by position: LeViT's ``split([self.key_dim, self.key_dim,
 self.val_dim])`` with key and value dims both 16 cuts them differently. For ``split`` and
@@ -38,7 +40,7 @@ from ...coupling.heads import (
 )
 from ...graph.ir import OpNode, ValueRef
 from .patch import TUPLE_WRITES, WRITES, has_patcher
-from .widths import width_name
+from .widths import describes_only, width_name
 
 Widths = dict[str, dict[str, list[object]]]  # module -> attr -> [old, new]
 
@@ -286,7 +288,8 @@ def patch_scoped_widths(model: nn.Module, coupling: Coupling, removed_atoms: np.
             continue
         if has_patcher(module):
             continue  # conv groups, norm shapes: its type's handler keeps them
-        found = {a: v for a, v in _int_attrs(module).items() if a not in already.get(name, {})}
+        found = {a: v for a, v in _int_attrs(module).items()
+                 if a not in already.get(name, {}) and not describes_only(module, a)}
         if found:
             attrs[name] = found
     changes: Widths = _split_lists(model, coupling, removed_atoms, already)

@@ -15,6 +15,8 @@ cytoscape.use(elk);
 const HIGHLIGHT = "#f28e2b";
 const CHAIN = "#d62728";
 const READABLE = 0.9; // the least zoom a selected chain is shown at
+const PAD = 10; // a box's padding around its children
+const TITLE_PAD = 18; // room for a box's title, above its children, inside the box
 
 let cy = null;
 let view = null; // the last view model
@@ -103,6 +105,7 @@ function elements() {
     if (searchText && matches(n)) cls.push("hit");
     if (n.copies > 1) cls.push("folded");
     const data = { id: n.id, text, w: size.w, h: size.h, group: n.primary_group };
+    if (isOpen) data.w = measure(text, TITLE_FONT).w;  // a box is as wide as its title
     if (n.parent !== null) data.parent = n.parent;
     els.push({ group: "nodes", data, classes: cls.join(" ") });
   }
@@ -120,12 +123,47 @@ function elements() {
     }
     seen.set(key, { a, b, label: e.label, hot });
   }
+  // An edge's label is a node of its own on the edge (a -> label -> b), in the innermost box
+  // holding both ends: ELK places it like any node, so it never lands on a node or on the
+  // title of a box the edge enters or leaves (those titles sit in the box's top padding).
+  const parentOf = new Map(els.map((x) => [x.data.id, x.data.parent ?? null]));
   let i = 0;
   for (const { a, b, label, hot } of seen.values()) {
-    els.push({ group: "edges", data: { id: "e" + i++, source: a, target: b, label },
-               classes: hot ? "hot" : "" });
+    const cls = hot ? "hot" : "";
+    if (!label) {
+      els.push({ group: "edges", data: { id: "e" + i++, source: a, target: b }, classes: cls });
+      continue;
+    }
+    const id = "label:" + i;
+    const size = measure(label, LABEL_FONT);
+    const data = { id, text: label, w: size.w, h: size.h };
+    const box = commonBox(a, b, parentOf);
+    if (box !== null) data.parent = box;
+    els.push({ group: "nodes", data, classes: ("elabel " + cls).trim(), selectable: false,
+               grabbable: false });
+    els.push({ group: "edges", data: { id: "e" + i + "a", source: a, target: id },
+               classes: ("tolabel " + cls).trim() });
+    els.push({ group: "edges", data: { id: "e" + i++, source: id, target: b }, classes: cls });
   }
   return els;
+}
+
+function commonBox(a, b, parentOf) {
+  const up = new Set();
+  for (let p = parentOf.get(a); p; p = parentOf.get(p)) up.add(p);
+  for (let p = parentOf.get(b); p; p = parentOf.get(p)) if (up.has(p)) return p;
+  return null;
+}
+
+const LABEL_FONT = "8px Helvetica, Arial, sans-serif";
+const TITLE_FONT = "bold 10px Helvetica, Arial, sans-serif";
+let ctx2d = null;
+
+function measure(text, font) {  // the drawn size of one line of text, with a little room
+  ctx2d = ctx2d || document.createElement("canvas").getContext("2d");
+  ctx2d.font = font;
+  return { w: Math.ceil(ctx2d.measureText(text).width) + 4, h: Math.ceil(parseFloat(font
+    .replace(/^bold /, "")) * 1.25) + 2 };
 }
 
 function matches(n) {
@@ -145,8 +183,11 @@ const STYLE = [
   { selector: "node.closed", style: { "background-color": "#dde6f3", "border-width": 1.5 } },
   { selector: "node.folded", style: { "border-style": "double", "border-width": 4 } },
   { selector: "node.open", style: {
+    // the title inside the box, in the top padding ELK reserves (TITLE_PAD) and nothing else
+    // uses: edge labels are nodes placed outside it, edges only cross it
     "text-valign": "top", "text-halign": "center", "background-opacity": 0.35,
-    "padding": 12, "font-weight": "bold" } },
+    "text-margin-y": TITLE_PAD - 2, "padding": PAD, "font-weight": "bold",
+    "min-width": "data(w)", "min-height-bias-top": "100%", "min-height-bias-bottom": "0%" } },
   { selector: "node.member", style: { "background-color": HIGHLIGHT, "background-opacity": 1 } },
   { selector: "node.open.member", style: { "background-color": "#fde3c8",
     "background-opacity": 0.6 } },
@@ -159,24 +200,32 @@ const STYLE = [
     "underlay-color": "#ffeb3b", "underlay-opacity": 0.6, "underlay-padding": 4 } },
   { selector: "node:selected", style: { "overlay-color": "#1f77b4", "overlay-opacity": 0.25,
     "overlay-padding": 4 } },
+  { selector: "node.elabel", style: {  // an edge's label: text on the line, not a box
+    "shape": "rectangle", "background-color": "#fff", "background-opacity": 0.85,
+    "border-width": 0, "font-size": 8, "color": "#555", "events": "no",
+    "text-valign": "center", "text-halign": "center" } },
+  { selector: "node.elabel.hot", style: { "color": CHAIN, "font-weight": "bold" } },
   { selector: "edge", style: {
     "curve-style": "bezier", "target-arrow-shape": "triangle", "width": 1.2,
-    "line-color": "#999", "target-arrow-color": "#999",
-    // at the producing end, so a label stays clear of the title of the box it enters
-    "source-label": "data(label)", "source-text-offset": 26,
-    "font-size": 8, "color": "#555", "text-background-color": "#fff",
-    "text-background-opacity": 0.8, "text-background-padding": 1 } },
+    "line-color": "#999", "target-arrow-color": "#999" } },
+  { selector: "edge.tolabel", style: { "target-arrow-shape": "none" } },
   { selector: "edge.hot", style: { "line-color": CHAIN, "target-arrow-color": CHAIN,
-    "width": 3, "color": CHAIN, "font-weight": "bold" } },
+    "width": 3 } },
 ];
+
+const BOX_PADDING = `[top=${PAD + TITLE_PAD},left=${PAD},bottom=${PAD},right=${PAD}]`;
 
 const LAYOUT = {
   name: "elk", fit: true, padding: 20, animate: false, nodeDimensionsIncludeLabels: false,
+  // an open box: room for its title above its children, and at least as wide as the title
+  nodeLayoutOptions: (n) => (n.isParent() ? { "elk.padding": BOX_PADDING,
+    "elk.nodeSize.constraints": "[MINIMUM_SIZE]",
+    "elk.nodeSize.minimum": `(${n.data("w") + 2 * PAD}, 0)` } : {}),
   elk: {
     "algorithm": "layered", "elk.direction": "DOWN",
     "elk.hierarchyHandling": "INCLUDE_CHILDREN",
-    "elk.layered.spacing.nodeNodeBetweenLayers": 28, "elk.spacing.nodeNode": 18,
-    "elk.padding": "[top=26,left=10,bottom=10,right=10]",
+    "elk.layered.spacing.nodeNodeBetweenLayers": 10, "elk.spacing.nodeNode": 18,
+    "elk.padding": BOX_PADDING,
     "elk.layered.nodePlacement.strategy": "BRANDES_KOEPF",
   },
 };
@@ -191,6 +240,7 @@ function draw(fit) {
   }
   const layout = cy.layout({ ...LAYOUT, fit });
   layout.one("layoutstop", () => {
+    roomForTitles();
     if (!fit && pan) { cy.zoom(pan.zoom); cy.pan(pan.pan); }
     const chain = cy.nodes(".chain, .member").filter((n) => !n.hasClass("open"));
     if (fit && chain.nonempty() && chain.length < cy.nodes().length) {
@@ -208,12 +258,53 @@ function draw(fit) {
   layout.run();
 }
 
+function roomForTitles() {
+  // Each open box is drawn as ELK sized it: its top where ELK put it, TITLE_PAD above its
+  // children (Cytoscape pads children evenly), and its title there, at the left.
+  const elkTop = (n) => n.ancestors().reduce((y, p) => y + p.scratch("elk").y,
+                                             n.scratch("elk").y);
+  const boxes = cy.nodes(".open").sort((a, b) => b.ancestors().length - a.ancestors().length);
+  cy.batch(() => boxes.forEach((n) => {
+    const bb = n.children().boundingBox({ includeLabels: true, includeOverlays: false });
+    n.style("min-height", bb.h + Math.max(0, bb.y1 - PAD - elkTop(n)));
+    n.updateCompoundBounds(true);
+    const w = n.boundingBox({ includeLabels: false, includeOverlays: false }).w;
+    n.style("text-margin-x", -(w / 2 - PAD - n.data("w") / 2));
+  }));
+}
+
+function shown() {  // the drawn nodes of the model (not the edges' labels)
+  return cy.nodes().not(".elabel");
+}
+
+function overlaps() {
+  // Every edge label whose box meets a box title, a node or another label, and every box
+  // title that meets a node (graph pixels).
+  const box = (ele, opts) => ele.boundingBox({ includeOverlays: false, ...opts });
+  const at = (b) => [b.x1, b.y1, b.x2, b.y2].map(Math.round);
+  const meet = (a, b) => a.x1 < b.x2 && b.x1 < a.x2 && a.y1 < b.y2 && b.y1 < a.y2;
+  const titles = cy.nodes(".open").map((n) =>
+    ["title of " + n.id(), box(n, { includeNodes: false, includeLabels: true })]);
+  const nodes = cy.nodes().not(".open").map((n) => [n.id(), box(n, {})]);
+  const out = [];
+  cy.nodes(".elabel").forEach((l) => {
+    const b = box(l, {});
+    for (const [id, o] of [...titles, ...nodes]) {
+      if (id !== l.id() && meet(b, o)) out.push([l.data("text"), id, at(b), at(o)]);
+    }
+  });
+  for (const [t, b] of titles) {
+    for (const [id, o] of nodes) if (meet(b, o)) out.push([t, id, at(b), at(o)]);
+  }
+  return { labels: cy.nodes(".elabel").length, titles: titles.length, overlaps: out };
+}
+
 function publish() {
   const el = document.getElementById("pe-state");
   const group = view ? view.group : null;
   el.dataset.selected = selectedId || "";
   el.dataset.group = group === null ? "" : String(group);
-  el.dataset.visible = String(cy.nodes().length);
+  el.dataset.visible = String(shown().length);
   el.dataset.highlighted = cy.nodes(".member").map((n) => n.id()).join(" ");
   el.dataset.layoutMs = String(Math.round(layoutMs));
   el.dataset.ready = "1";
@@ -223,7 +314,7 @@ function publish() {
 function info() {
   const open = cy.nodes(".open").length;
   const group = view.group === null ? "no group selected" : `group ${view.group} selected`;
-  return `${cy.nodes().length} nodes, ${open} open boxes, ${group} · click: select · ` +
+  return `${shown().length} nodes, ${open} open boxes, ${group} · click: select · ` +
     "double-click: open/close · wheel: zoom · drag: pan";
 }
 
@@ -300,7 +391,8 @@ function setup() {
       return { x1: b.x1 + c.left, x2: b.x2 + c.left, y1: b.y1 + c.top, y2: b.y2 + c.top,
                title: n.hasClass("open") ? 18 : 0 };
     },
-    visible: () => cy.nodes().map((n) => n.id()),
+    visible: () => shown().map((n) => n.id()),
+    overlaps,
     info: (id) => {
       const n = view.nodes.find((x) => x.id === id);
       return n ? { label: n.label, classes: cy.getElementById(id).classes() } : null;
