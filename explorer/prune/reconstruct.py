@@ -32,9 +32,10 @@ The math of one layer is in plain functions of its statistics (`moments`, `refit
 layer in memory at a time) computes the same refits. The targets enter only through output
 products ``sum y*_t [x_t[K]; 1]^T`` (out x |K|+1), never the original inputs.
 
-The calibration samples are split: every `HOLDOUT_EVERY`-th sample is held out. Per
-consumer, the plain cut, bias compensation and ridge fits over `RIDGES` for every target are
-compared on the held-out tokens and the best one is kept, so a refit stays only where it
+The calibration samples are split: every `HOLDOUT_EVERY`-th sample is held out (each part
+batched again by length, `split`). Per consumer, the plain cut, bias compensation and ridge
+fits over `RIDGES` for every target tried (`DEFAULT_STREAMS`: ``stream``, else ``original``)
+are compared on the held-out tokens and the best one is kept, so a refit stays only where it
 helps. The judge is the farthest-reaching target there is: the distance of the block's
 output to the original model's (``stream``), else of the layer's output to the original
 layer's output (``original``); relative squared error.
@@ -51,8 +52,10 @@ lockstep and leaves nothing behind but its sums. Across batches only the two str
 states entering the current block are kept (each batch's replaced by the next block's as it
 is done), plus up to `KEEP_BYTES` of what moves the pruned stream on without running the
 block again (batches past it run again with the fit), and (n+1) x (|K|+1) moments of the
-consumer being fit (n inputs); never a consumer's inputs or targets over all samples, never
-a second copy of the model.
+consumer being fit (n inputs); in a block with several consumers (attention output and MLP
+down projections), the later consumers' original outputs (real tokens; the original block
+runs once per batch, not once per consumer); never a consumer's inputs over all samples,
+never a second copy of the model.
 """
 from __future__ import annotations
 
@@ -81,8 +84,10 @@ HOLDOUT_EVERY = 5  # every 5th calibration sample judges the refits (20 %)
 # ridge strengths tried, relative to the mean input energy (chosen per layer on held-out tokens)
 RIDGES = (0.03, 0.1, 0.3, 1.0)
 STREAMS = ("local", "original", "stream")  # the targets there are (module docstring)
-# the targets tried by default: ``stream`` where the block allows it, else ``original``
-DEFAULT_STREAMS = ("original", "stream")
+# the target tried by default: ``stream`` where the block allows it, else ``original`` in its
+# place. Both were tried until 2026-12-05: on SmolLM2 (30 layers, 20 % and 40 % MLP cut)
+# ``original`` won one layer of 60, the first, where the two targets are the same
+DEFAULT_STREAMS = ("stream",)
 # what a block keeps of its last consumer's inputs to move the pruned stream on without a
 # second run of the block (`_Shift`)
 KEEP_BYTES = 96 << 20
@@ -175,7 +180,15 @@ class Reconstruction:
 
 
 def split(calib: Calibration, every: int = HOLDOUT_EVERY) -> tuple[Calibration, Calibration | None]:
-    """(fit, held-out): every ``every``-th sample held out; None when there are too few."""
+    """(fit, held-out): every ``every``-th sample held out; None when there are too few.
+
+    Each part is batched again (`_rebatched`): samples of like length together, as many per
+    batch as the largest batch given. So the held-out fifth runs in a few full batches
+    rather than one or two samples of every batch (which doubled the block calls), and the
+    batches carry little padding (prose paragraphs padded to the longest of eight are a
+    third padding). The same samples and real tokens as the batches given: every sum over
+    them is the same up to float rounding.
+    """
     total = sum(batch_size(b) for b in calib.batches)
     if total < every:
         return calib, None
@@ -190,8 +203,90 @@ def split(calib: Calibration, every: int = HOLDOUT_EVERY) -> tuple[Calibration, 
             if bool(rows.any()):
                 out.append(tuple(a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0
                                  and a.shape[0] == n else a for a in batch))
-    return (Calibration(fit, calib.loss, None, dict(calib.kwargs), calib.mask_index),
-            Calibration(held, calib.loss, None, dict(calib.kwargs), calib.mask_index))
+    size = max(batch_size(b) for b in calib.batches)
+    return (_rebatched(Calibration(fit, calib.loss, None, dict(calib.kwargs), calib.mask_index),
+                       size),
+            _rebatched(Calibration(held, calib.loss, None, dict(calib.kwargs),
+                                   calib.mask_index), size))
+
+
+def _rebatched(calib: Calibration, size: int) -> Calibration:
+    """``calib``'s samples in batches of up to ``size``, longest first (length: up to the
+    last real token of the padding mask), each batch cut or padded on the right to its
+    longest sample (the mask pads with 0, other token inputs with the value the data padded
+    with). ``calib`` as it is where its batches do not line up: a non-tensor entry differs
+    between batches, or a per-sample tensor that is not token-aligned (shaped like the
+    mask) differs in shape."""
+    batches = calib.batches
+    kinds = [_entry_kinds(calib, b) for b in batches]
+    if len(batches) < 2 or any(k != kinds[0] for k in kinds) or any(
+            kind[0] == "shared" and any(b[i] is not batches[0][i] for b in batches)
+            for i, kind in enumerate(kinds[0])):
+        return calib
+    samples: list[tuple[int, int, int]] = []  # (length, batch, row)
+    for b, batch in enumerate(batches):
+        mask = calib.token_mask(batch)
+        for j in range(batch_size(batch)):
+            real = torch.nonzero(mask[j]).flatten() if mask is not None else None
+            samples.append((int(real[-1]) + 1 if real is not None and len(real) else 1, b, j))
+    if calib.mask_index is not None:
+        samples.sort(key=lambda s: -s[0])  # stable: like lengths keep the order given
+    pads = [_pad_value(calib, i) if kind == "tokens" else 0
+            for i, (kind, _shape) in enumerate(kinds[0])]
+    out = []
+    for at in range(0, len(samples), size):
+        chunk = samples[at:at + size]
+        width = max(s[0] for s in chunk)
+        entries: list[Any] = []
+        for i, (kind, _shape) in enumerate(kinds[0]):
+            if kind == "shared":
+                entries.append(batches[0][i])
+                continue
+            rows = [batches[b][i][j:j + 1] for _n, b, j in chunk]
+            if kind == "tokens":
+                rows = [_to_width(r, width, pads[i]) for r in rows]
+            entries.append(torch.cat(rows))
+        out.append(tuple(entries))
+    return Calibration(out, calib.loss, None, dict(calib.kwargs), calib.mask_index)
+
+
+def _entry_kinds(calib: Calibration, batch: tuple[Any, ...]) -> list[tuple[str, Any]]:
+    """What each entry of ``batch`` is: ``tokens`` (per sample and token-aligned: its first
+    two dims are the padding mask's), ``rows`` (per sample, with its shape), or ``shared``;
+    with what must agree between batches to batch their samples together."""
+    n = batch_size(batch)
+    mask = calib.token_mask(batch)
+    kinds: list[tuple[str, Any]] = []
+    for a in batch:
+        if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != n:
+            kinds.append(("shared", None))
+        elif mask is not None and a.dim() >= 2 and tuple(a.shape[:2]) == tuple(mask.shape):
+            kinds.append(("tokens", (tuple(a.shape[2:]), a.dtype)))
+        else:
+            kinds.append(("rows", (tuple(a.shape[1:]), a.dtype)))
+    return kinds
+
+
+def _pad_value(calib: Calibration, index: int) -> Any:
+    """What the data pads the token-aligned entry ``index`` with (its value at the first
+    padded token; 0 where nothing is padded, and for the mask itself)."""
+    if index == calib.mask_index:
+        return 0
+    for batch in calib.batches:
+        mask = calib.token_mask(batch)
+        entry = batch[index]
+        if mask is not None and isinstance(entry, torch.Tensor) and bool((~mask).any()):
+            return entry[~mask][0].clone()
+    return 0
+
+
+def _to_width(row: torch.Tensor, width: int, pad: Any) -> torch.Tensor:
+    """A token-aligned (1, tokens, ...) entry cut or padded on the right to ``width``."""
+    if row.shape[1] >= width:
+        return row[:, :width]
+    fill = torch.full((1, width - row.shape[1], *row.shape[2:]), 0, dtype=row.dtype)
+    fill[...] = pad
+    return torch.cat([row, fill], dim=1)
 
 
 def inside_blocks(model: nn.Module, modules: Sequence[str]) -> dict[str, int]:
@@ -224,7 +319,8 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         consumers: the layers that lose input columns, with their kept columns.
         calib: calibration batches (split into fit and held-out samples, `split`).
         ridges: ridge strengths to try, relative to the mean energy of the kept inputs.
-        streams: targets to try: ``local`` and/or ``original`` (module docstring).
+        streams: targets to try (`STREAMS`, module docstring); ``stream`` where a block
+            does not define it is ``original`` in its place.
         resident: a context each block's work runs in (a model larger than memory keeps an
             offloaded block's weights loaded there, `explorer.prune.sequential`).
         block_done: called with a block's index and the reconstruction so far once that
@@ -258,10 +354,11 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
     with torch.no_grad(), calibrating(model):
         orig = [_first_inputs(model, layers[0], d) for d in data]
         pruned = [list(s) for s in orig]
+        adds: dict[tuple[Any, ...], bool] = {}  # `_adds`, per block class and consumer
         for i, layer in enumerate(layers[:max(by_layer) + 1]):
             with (resident or _as_is)(layer):
                 orig, pruned = _block(model, layer, by_layer.get(i, []), data, orig, pruned,
-                                      out, ridges, streams, keep_bytes)
+                                      out, ridges, streams, keep_bytes, adds)
             if block_done is not None and i in by_layer:
                 block_done(i, out)
     return out
@@ -269,14 +366,15 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
 
 def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[Calibration],
            orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
-           ridges: Sequence[float], streams: Sequence[str], keep_bytes: int
-           ) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
+           ridges: Sequence[float], streams: Sequence[str], keep_bytes: int,
+           adds: dict[tuple[Any, ...], bool]) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
     """Fit one block's consumers; the next block's inputs of both streams (the lists are
     replaced batch by batch, in place).
 
     One consumer at a time, in the order the forward runs them, and for each one batch at a
-    time: the batch through the original block gives the targets, through the pruned block
-    (this block's consumers fit so far read their kept inputs) the consumer's inputs. The fit
+    time: the batch through the original block gives the targets (run once, for the first
+    consumer: the later ones' outputs are kept for them), through the pruned block (this
+    block's consumers fit so far read their kept inputs) the consumer's inputs. The fit
     split's batches are summed into the moments (`Moments`), then the held-out split's judge
     the refits (`Judge`): nothing of a batch outlives its turn but the streams and, where the
     last consumer's output adds to the block's output, up to ``keep_bytes`` of what gives
@@ -288,9 +386,11 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
     order = _in_order(layer, todo, names, pruned[0][0]) if len(todo) > 1 else todo
     masks = [_masks(orig[d], data[d]) for d in range(len(data))]
     shift = _Shift(keep_bytes)
+    later: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # the later consumers' targets
     for j, c in enumerate(order):
         _fit(model, layer, c, masks, orig, pruned, out, ridges, streams, start,
-             shift if j == len(order) - 1 else None)
+             shift if j == len(order) - 1 else None, adds,
+             ([x.module for x in order[1:]], later) if j == 0 else ([], later))
     if not order:  # nothing to fit here: the original stream through the block as it is
         for d, batches in enumerate(orig):
             for b, inp in enumerate(batches):
@@ -330,44 +430,55 @@ class _Shift:
 def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch.Tensor | None]],
          orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
          ridges: Sequence[float], streams: Sequence[str], start: int,
-         shift: _Shift | None) -> None:
+         shift: _Shift | None, known: dict[tuple[Any, ...], bool],
+         later: tuple[list[str], dict[tuple[int, int], dict[str, torch.Tensor]]]) -> None:
     """Fit ``c`` batch by batch (`_block`): moments over the fit split, then the candidates
-    judged on the held-out split; the choice goes into ``out``. With ``shift`` (the block's
-    last consumer) the original stream moves on to the next block's inputs, and what the
-    pruned stream's next inputs need is kept there."""
+    judged on the held-out split; the choice goes into ``out``. The block's first consumer
+    runs the original stream on to the next block's inputs and keeps the outputs of the
+    later consumers (``later``: their names, and the outputs per batch) for them; with
+    ``shift`` (the block's last consumer) what the pruned stream's next inputs need is kept
+    there."""
     form = affine(model.get_submodule(c.module))
     assert form is not None  # `inside_blocks` keeps these only
     cols = torch.as_tensor(c.kept)
     want = "stream" in streams and shift is not None
+    after, kept_outs = later
     acc: Moments | None = None
     judge: Judge | None = None
     adds: bool | None = None if shift is not None else False
+    tried: list[str] = []  # the targets fit (`_tried`), known from the first batch
     for d in range(len(orig)):
         if d == 1 and acc is not None:  # the fit split is summed: its candidates
             judge = Judge(refits(form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges,
-                                 streams), c.kept)
+                                 tried), c.kept)
         for b in range(len(orig[d])):
             mask = masks[d][b]
-            o = _run(layer, orig[d][b], mask, model, outputs=[c.module], hidden=want)
-            if shift is not None:
+            if (d, b) in kept_outs:  # a later consumer: the first one ran the original block
+                mine = kept_outs[(d, b)].pop(c.module)
+            else:  # the block's first consumer: the original stream moves on
+                o = _run(layer, orig[d][b], mask, model, outputs=[c.module, *after])
                 orig[d][b] = o.next
+                mine = o.outs[c.module]
+                kept_outs[(d, b)] = {m: o.outs[m] for m in after}
             with _replaced(model, out, start):
                 p = _run(layer, pruned[d][b], mask, model, inputs=[c.module],
                          full=c.module if shift is not None else None, hidden=want)
             if adds is None:
-                adds = _adds(model, layer, c, out, p, pruned[d][b], start)
-            targets = {"original": o.outs[c.module]}
+                adds = _adds(model, layer, c, out, p, pruned[d][b], start, known)
+            targets = {"original": mine}
             if adds and want:  # the block's output back onto the original stream
-                assert o.hidden is not None and p.hidden is not None
-                targets["stream"] = o.hidden - (p.hidden - _rows(p.full[0][1], mask).float())
+                assert p.hidden is not None
+                o_hidden = _rows(_hidden_in(orig[d][b]), mask).float()  # moved on: its output
+                targets["stream"] = o_hidden - (p.hidden - _rows(p.full[0][1], mask).float())
             goal = "stream" if "stream" in targets else "original"
             x = p.rows[c.module]
             if d == 0:
                 if acc is None:
+                    tried = _tried(streams, targets)
                     acc = Moments.empty(x.shape[1], cols, {k: targets[k].shape[1]
-                                                           for k in {*streams, goal}
+                                                           for k in dict.fromkeys([*tried, goal])
                                                            if k in targets},
-                                        all_rows="local" in streams, goal=goal)
+                                        all_rows="local" in tried, goal=goal)
                 acc.add(x, targets)
             elif judge is not None:
                 judge.add(x, targets[goal])
@@ -381,7 +492,7 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
         # padding): the fit tokens judge, from their moments, and the summary says so
         out.heldout = False
         cands = judge.cands if judge is not None else refits(
-            form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges, streams)
+            form.weight, form.bias, c.kept, acc.gram, acc.cross, ridges, tried)
         errors = acc.errors(cands)
     else:
         cands, errors = judge.cands, judge.errors()
@@ -392,6 +503,15 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
         out.tensors[c.weight] = form.oriented(cands[choice][:, :-1]).to(dtype)
         if form.bias is not None:  # a layer without a bias is refit without one
             out.tensors[f"{c.module}.bias"] = cands[choice][:, -1].to(dtype)
+
+
+def _tried(streams: Sequence[str], targets: Mapping[str, torch.Tensor]) -> list[str]:
+    """The targets of ``streams`` a consumer is fit to, given the ``targets`` its block
+    defines: ``stream`` where defined, else ``original`` in its place (`DEFAULT_STREAMS`)."""
+    tried = [s for s in streams if s in targets or s == "local"]
+    if "stream" in streams and "stream" not in targets and "original" not in tried:
+        tried.append("original")
+    return tried
 
 
 @contextlib.contextmanager
@@ -473,19 +593,35 @@ def _run(layer: nn.Module, inp: Inputs, mask: torch.Tensor | None, model: nn.Mod
 
 
 def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction, run: _Run,
-          inp: Inputs, start: int) -> bool:
+          inp: Inputs, start: int, known: dict[tuple[Any, ...], bool]) -> bool:
     """Whether ``c``'s output is added to the block's output as it is (a residual
     connection): the block with ``c`` cut gives ``out + cut - old``, checked on one batch
     (``run``, of the pruned stream ``inp``). Then the block's next inputs need no second run
-    (`_Shift`), and the ``stream`` target is defined."""
+    (`_Shift`), and the ``stream`` target is defined.
+
+    How a block's forward combines a consumer's output is its code's, the same in every
+    block of a class: the check runs once per block class and consumer (its path in the
+    block), in ``known``, and later blocks read it (a block run per block less)."""
     if len(run.full) != 1:  # called more than once per forward
         return False
     module = model.get_submodule(c.module)
-    cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
     x, old = run.full[0]
     out = _hidden_in(run.next)
     if out.shape != old.shape:  # e.g. a layer on flattened tokens: no plain sum
         return False
+    where = next(n for n, m in layer.named_modules() if m is module)
+    key = (type(layer), where, type(module))
+    if key not in known:
+        known[key] = _sums(model, layer, module, c, rec, run, inp, start)
+    return known[key]
+
+
+def _sums(model: nn.Module, layer: nn.Module, module: nn.Module, c: Consumer,
+          rec: Reconstruction, run: _Run, inp: Inputs, start: int) -> bool:
+    """`_adds`' check: the block run again with ``c`` cut."""
+    cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
+    x, old = run.full[0]
+    out = _hidden_in(run.next)
     guess = out + (cut(module, (x,), old) - old)
     handle = module.register_forward_hook(cut)
     try:
