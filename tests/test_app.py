@@ -153,7 +153,8 @@ def test_switching_models_redraws_shape_heading_and_names_the_residual_stream(
     app.switch_page("pages/3_groups.py").run()
     assert not app.exception, app.exception
     # a language model's residual stream is a target only when chosen
-    assert app.subheader[0].value == "Group 2: 4 heads x 16: model.layers.0.self_attn.q_proj"
+    assert app.subheader[0].value == ("Group 2: 4 heads x 16: model.layers.*.self_attn.q_proj"
+                                      " (layers 0-2)")  # the group spans every layer
     assert "residual is not a target" in app.expander[0].markdown[0].value
     app.multiselect(key="groups_targets").select("residual").run()
     assert not app.exception, app.exception

@@ -1,7 +1,7 @@
 """Groups of coupled channels: the records the pruner, the reports and the app read."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .vocab import AxisRole
@@ -83,9 +83,11 @@ class Group:
     @property
     def title(self) -> str:
         """Short label such as ``"384 ch: blocks.0.mlp.fc1"``, ``"6 heads x 16: ..."`` or
-        ``"residual stream (4096 ch): model.layers"`` (named by the blocks its adds are in)."""
-        where = self.modules[0] if self.modules else (self.members[0].module if self.members
-                                                       else "?")
+        ``"residual stream (4096 ch): model.layers"`` (named by the blocks its adds are in).
+        A group spanning layers (attention tied by shared rotary frequencies) names them all:
+        ``"8 heads x 64: model.layers.*.self_attn.q_proj (layers 0-29)"``."""
+        where = layer_span(self.modules) if self.modules else (
+            self.members[0].module if self.members else "?")
         if self.heads:
             return f"{self.heads.num_heads} heads x {self.heads.head_dim}: {where}"
         if self.residual or not where:  # summed across blocks, or owned by the root module
@@ -113,6 +115,33 @@ def common_prefix(modules: Sequence[str]) -> str:
             break
         shared.append(level[0])
     return ".".join(shared)
+
+
+def layer_span(modules: Sequence[str]) -> str:
+    """The first of ``modules``, or, where the same module sits in several numbered layers
+    among them, its path with the layer number starred and the layers listed:
+    ``model.layers.*.self_attn.q_proj (layers 0-3)``."""
+    first = modules[0].split(".")
+    at = next((k for k, p in enumerate(first) if p.isdigit()), None)
+    if at is None:
+        return modules[0]
+    rest = first[:at] + first[at + 1:]
+    layers = {int(parts[at]) for m in modules if len(parts := m.split(".")) == len(first)
+              and parts[at].isdigit() and parts[:at] + parts[at + 1:] == rest}
+    if len(layers) < 2:
+        return modules[0]
+    return ".".join([*first[:at], "*", *first[at + 1:]]) + f" (layers {number_ranges(layers)})"
+
+
+def number_ranges(numbers: Iterable[int]) -> str:
+    """``0-3``, ``0, 2`` or ``0-2, 5``: sorted numbers, runs of three or more as a range."""
+    runs: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
 def group_key(group: Group) -> GroupKey:

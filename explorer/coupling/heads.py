@@ -176,24 +176,30 @@ def query_kv_heads(coupling: HeadSource, group: Group, cut: Mapping[int, int]
                    ) -> tuple[int, int, int, int] | None:
     """(query before, query after, kv before, kv after) heads of ``group`` summed over its
     key/value head axes when ``cut`` (axis -> count) is removed; None without heads."""
+    found = query_kv_heads_by_axis(coupling, group, cut)
+    if not found:
+        return None
+    q_b, q_a, kv_b, kv_a = (sum(col) for col in zip(*found.values(), strict=True))
+    return q_b, q_a, kv_b, kv_a
+
+
+def query_kv_heads_by_axis(coupling: HeadSource, group: Group, cut: Mapping[int, int]
+                           ) -> dict[int, tuple[int, int, int, int]]:
+    """`query_kv_heads` per key/value head axis (one per layer): axis index -> (query
+    before, query after, kv before, kv after)."""
     repeat = {a.family: i for i, a in enumerate(group.axes) if a.role is AxisRole.HEAD_REPEAT}
     families = [f for _m, f in coupling.members_of(group)]
-    found = False
-    q_b = q_a = kv_b = kv_a = 0
+    out: dict[int, tuple[int, int, int, int]] = {}
     for i, ax in enumerate(group.axes):
         if ax.role is not AxisRole.HEADS:
             continue
-        found = True
         r = next((repeat[f] for fams in families if ax.family in fams for f in fams
                   if f in repeat), None)
         per_b = group.axes[r].size if r is not None else 1
         per_a = per_b - cut.get(r, 0) if r is not None else 1
         kv_before, kv_after = ax.size, ax.size - cut.get(i, 0)
-        kv_b += kv_before
-        kv_a += kv_after
-        q_b += kv_before * per_b
-        q_a += kv_after * per_a
-    return (q_b, q_a, kv_b, kv_a) if found else None
+        out[i] = (kv_before * per_b, kv_after * per_a, kv_before, kv_after)
+    return out
 
 
 def head_owner(model: nn.Module, member_module: str) -> str | None:

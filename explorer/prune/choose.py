@@ -315,6 +315,11 @@ class Chooser:
                                                  * self.round_to))
         return counts
 
+    def measured_result(self) -> Measured | None:
+        """The last measured allocation (its curves and counts, in `candidates` order), or
+        None when none was measured."""
+        return self._measured[1] if self._measured is not None else None
+
     def measured_note(self) -> str:
         """What the last measured allocation chose and what uniform widths would cost ("" if
         none was measured)."""

@@ -13,8 +13,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..coupling.groups import Group
-from ..coupling.heads import query_kv_heads
+import numpy as np
+
+from ..coupling.groups import Group, number_ranges
+from ..coupling.heads import query_kv_heads_by_axis
+from ..coupling.places import axis_layers, natural_key
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
 from .measured import LEVELS
@@ -33,6 +36,19 @@ class Width:
     before: int
     after: int
     count: int
+    # which layers, where this role's widths differ between layers ("layers 1, 3"), else ""
+    layers: str = ""
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    """One layer's query and key/value heads before and after the cut."""
+
+    layer: str  # the attention module (`coupling.places.axis_layers`)
+    query_before: int
+    query_after: int
+    kv_before: int
+    kv_after: int
 
 
 @dataclass
@@ -48,6 +64,7 @@ class TargetLoss:
     widths: list[Width] = field(default_factory=list)
     removed_fraction: float | None = None  # of the widths cut (heads: of the heads)
     heads: dict[str, int] | None = None  # query / key-value heads before and after
+    head_layers: list[LayerHeads] = field(default_factory=list)  # the same, layer by layer
     note: str = ""  # the ratio asked vs the fraction removed, and why they differ
 
     def line(self) -> str:
@@ -61,12 +78,12 @@ class TargetLoss:
             gqa = self.heads is not None and self.heads["kv_before"] != self.heads["query_before"]
             parts.append(", ".join(_widths_words(self.widths, gqa)))
         if self.heads and self.cut:
-            h = self.heads
+            h, per = self.heads, self.head_layers
             words = _heads_words("query heads", h["query_before"], h["query_after"],
-                                 h.get("layers", 0))
+                                 [(x.layer, x.query_before, x.query_after) for x in per])
             if h["kv_before"] != h["query_before"]:
                 words += ", " + _heads_words("key/value heads", h["kv_before"], h["kv_after"],
-                                             h.get("layers", 0))
+                                             [(x.layer, x.kv_before, x.kv_after) for x in per])
             parts.append(words)
         if self.cut:
             parts.append(f"-{self.params_removed:,} params")
@@ -122,9 +139,11 @@ def statement(pruner: Pruner) -> Statement:
         loss = TargetLoss(target.value, target in pruner.targets, len(groups),
                           len({c.group for c in mine}),
                           params - pruner.predict_params(part) if part else 0,
-                          _reading(pruner, target, ratio), _widths(mine))
+                          _reading(pruner, target, ratio), _widths(mine, Counter(
+                              g.axes[a].role for g in groups for a in pruner.target_axes(g))))
         if target is Target.HEADS:
-            loss.heads = _head_counts(pruner, groups, part)
+            loss.head_layers = _head_layers(pruner, groups, part)
+            loss.heads = _head_totals(loss.head_layers)
         loss.removed_fraction = _fraction(mine, loss.heads)
         stopped = [u.group for u in checked.unsafe if u.group in ids]
         loss.note = (f"the pre-flight refuses the cut of {len(stopped)} group(s) (below)"
@@ -183,14 +202,21 @@ def _reading(pruner: Pruner, target: Target, ratio: float) -> str:
     return words
 
 
-def _widths(changes: list[GroupChange]) -> list[Width]:
+def _widths(changes: list[GroupChange], axes: Counter[AxisRole]) -> list[Width]:
+    """The widths cut, one per (role, before, after); where a role's widths differ between
+    layers (``axes``: how many axes of each role the target has), each says its layers."""
     counts = Counter((c.axis, c.width_before, c.width_after) for c in changes)
-    return [Width(str(r), b, a, n) for (r, b, a), n in sorted(counts.items())]
+    mixed = {r for r in {c.axis for c in changes} if sum(k[0] is r for k in counts) > 1
+             or sum(c.axis is r for c in changes) < axes[r]}
+    return [Width(str(r), b, a, n, _layer_list(
+        [c.where for c in changes if (c.axis, c.width_before, c.width_after) == (r, b, a)])
+        if r in mixed and all(c.where for c in changes) else "")
+        for (r, b, a), n in sorted(counts.items())]
 
 
 def _width_words(w: Width, gqa: bool) -> str:
     words = AxisRole(w.role).words(w.before, gqa)
-    where = f" (x{w.count})" if w.count > 1 else ""
+    where = f" in {w.layers}" if w.layers else f" (x{w.count})" if w.count > 1 else ""
     return f"{words} {w.before} -> {w.after}{where}"
 
 
@@ -208,27 +234,62 @@ def _widths_words(widths: list[Width], gqa: bool) -> list[str]:
     return [_width_words(w, gqa) for w in widths]
 
 
-def _heads_words(name: str, before: int, after: int, layers: int) -> str:
-    """``query heads 1024 -> 768 (32 -> 24 in each of 32 layers)``, or all kept."""
-    even = layers > 1 and before % layers == 0 and after % layers == 0
+def _heads_words(name: str, before: int, after: int, layers: list[tuple[str, int, int]]
+                 ) -> str:
+    """``query heads 32 -> 24 (8 -> 6 in each of 4 layers)``, all kept, or, where layers
+    differ, each layer's real count: ``query heads 32 -> 16 (8 -> 4 in layers 0, 2; kept in
+    layers 1, 3)``."""
+    counts = Counter((b, a) for _l, b, a in layers)
     if before == after:
-        return f"{name} all kept ({before // layers} in each of {layers} layers)" if even \
-            else f"{name} all kept ({before})"
-    return f"{name} {before} -> {after}" + (
-        f" ({before // layers} -> {after // layers} in each of {layers} layers)" if even else "")
+        return (f"{name} all kept ({layers[0][1]} in each of {len(layers)} layers)"
+                if len(layers) > 1 and len(counts) == 1 else f"{name} all kept ({before})")
+    head = f"{name} {before} -> {after}"
+    if len(layers) < 2:
+        return head
+    if len(counts) == 1:
+        (b, a), = counts
+        return f"{head} ({b} -> {a} in each of {len(layers)} layers)"
+    parts = []
+    for b, a in sorted(counts, key=lambda k: (k[1] - k[0], k)):
+        where = _layer_list([lay for lay, lb, la in layers if (lb, la) == (b, a)])
+        parts.append(f"kept in {where}" if a == b else f"{b} -> {a} in {where}")
+    return f"{head} ({'; '.join(parts)})"
 
 
-def _head_counts(pruner: Pruner, groups: list[Group], part: Removal) -> dict[str, int] | None:
-    """Query and key/value heads before and after ``part``, summed over every layer."""
-    found = [got for g in groups if (got := query_kv_heads(
-        pruner.coupling, g, {a: len(idx) for (gid, a), idx in part.picks.items()
-                             if gid == g.id})) is not None]
-    if not found:
+def _layer_list(layers: list[str]) -> str:
+    """``layers 0, 2`` from ``model.layers.0.self_attn``, ``model.layers.2.self_attn`` (the
+    numbered part that differs), else the names."""
+    names = sorted(layers, key=natural_key)
+    split = [n.split(".") for n in names]
+    at = next((k for k, p in enumerate(split[0]) if p.isdigit()), None)
+    if at is not None and all(len(p) == len(split[0]) and p[at].isdigit() and
+                              p[:at] + p[at + 1:] == split[0][:at] + split[0][at + 1:]
+                              for p in split):
+        return ("layers " if len(names) > 1 else "layer ") + number_ranges(
+            int(p[at]) for p in split)
+    return ", ".join(names)
+
+
+def _head_layers(pruner: Pruner, groups: list[Group], part: Removal) -> list[LayerHeads]:
+    """Each layer's query and key/value heads before and after ``part``, in layer order."""
+    out = []
+    for g in groups:
+        cut = {a: len(idx) for (gid, a), idx in part.picks.items() if gid == g.id}
+        found = query_kv_heads_by_axis(pruner.coupling, g, cut)
+        if found:
+            where = axis_layers(pruner.coupling, g)
+            out += [LayerHeads(where[i], *counts) for i, counts in found.items()]
+    return sorted(out, key=lambda x: natural_key(x.layer))
+
+
+def _head_totals(layers: list[LayerHeads]) -> dict[str, int] | None:
+    """Query and key/value heads before and after, summed over every layer."""
+    if not layers:
         return None
-    q_b, q_a, kv_b, kv_a = (sum(col) for col in zip(*found, strict=True))
-    layers = sum(a.role is AxisRole.HEADS for g in groups for a in g.axes)  # one per layer
-    return {"query_before": q_b, "query_after": q_a, "kv_before": kv_b, "kv_after": kv_a,
-            "layers": layers}
+    return {"query_before": sum(x.query_before for x in layers),
+            "query_after": sum(x.query_after for x in layers),
+            "kv_before": sum(x.kv_before for x in layers),
+            "kv_after": sum(x.kv_after for x in layers), "layers": len(layers)}
 
 
 def _fraction(changes: list[GroupChange], heads: dict[str, int] | None) -> float | None:
@@ -245,7 +306,11 @@ def _rounding(pruner: Pruner, target: Target, ratio: float, loss: TargetLoss,
               changes: list[GroupChange], groups: list[Group]) -> str:
     """Why the fraction removed differs from the ratio asked, when it does."""
     got = loss.removed_fraction
-    if pruner.allocation != "uniform" or pruner.ratios or ratio <= 0 or not loss.selected:
+    if ratio <= 0 or not loss.selected:
+        return ""
+    if pruner.allocation != "uniform" and got is None:
+        return _left_out(pruner, target, {g.id for g in groups})
+    if pruner.allocation != "uniform" or pruner.ratios:
         return ""
     if got is None:  # nothing of this target is cut: every width rounds back to itself
         sizes = [g.axes[a].size for g in groups for a in pruner.target_axes(g)]
@@ -269,3 +334,39 @@ def _rounding(pruner: Pruner, target: Target, ratio: float, loss: TargetLoss,
         if pruner.round_to > 1:
             why += f", rounded to multiples of {pruner.round_to}"
     return f"removes {got:.1%}, not the {ratio:.0%} asked: {why}"
+
+
+def _left_out(pruner: Pruner, target: Target, ids: set[int]) -> str:
+    """Why an allocation across targets (global, measured) gave ``target`` none of the cut."""
+    cands, _skipped = pruner.candidates()
+    mine = [k for k, c in enumerate(cands) if c.group.id in ids]
+    others = [k for k, c in enumerate(cands) if c.group.id not in ids]
+    if not mine:
+        return ""
+    what = f"none cut: the {pruner.allocation} allocation gave {target.value} none of the cut"
+    if not others:
+        return what
+    if pruner.allocation == "global":
+        removal, _checked = pruner.checked(pruner.plan_ratio())
+        norm = {k: c.scores / (np.mean(np.abs(c.scores)) + 1e-12) for k, c in enumerate(cands)}
+        taken = [float(norm[k][i]) for k in others
+                 for i in removal.picks.get((cands[k].group.id, cands[k].axis), [])]
+        if not taken:
+            return what
+        return (f"{what}: ranked together (scores normalised per axis), its lowest unit scores "
+                f"{min(float(norm[k].min()) for k in mine):.3g}, above the last unit taken from "
+                f"the other targets ({max(taken):.3g})")
+    found = pruner.measured_result()
+    if pruner.allocation != "measured" or found is None or len(found.curves) != len(cands):
+        return what
+    mine_cost = [c.change[1] / c.params[1] for k in mine
+                 if len((c := found.curves[k]).params) > 1 and c.params[1] > 0]
+    if not mine_cost:
+        return f"{what}: every trial cut of it alone broke the forward"
+    taken_cost = [c.at(n) / float(np.interp(n, c.removed, c.params)) for k in others
+                  if (n := found.counts[k]) and (c := found.curves[k]).params[-1] > 0]
+    if not taken_cost:
+        return what
+    return (f"{what}: the parameter budget went where a removed parameter changed the outputs "
+            f"least ({found.measure} per million parameters: {min(mine_cost) * 1e6:.3g} at its "
+            f"cheapest measured cut, at most {max(taken_cost) * 1e6:.3g} for the cuts taken)")
