@@ -5,7 +5,10 @@ once the pre-flight has dropped what breaks the forward) and sums it per target
 (`explorer.coupling.targets`): the widths each target goes from and to, the attention heads,
 the parameters it removes, and in words how the ratio is read. Where whole units round the
 ratio (three key/value groups a layer cannot lose 25 %), it says what is really removed and
-why; what the pre-flight refuses is said apart and counted nowhere.
+why; where layers keep different widths (global or measured allocation), each layer's real
+count ("8 -> 4 in layers 1, 3; kept in layers 0, 2"), never an average; a selected target
+such an allocation gives none of the cut is said uncut, with why; what the pre-flight refuses
+is said apart and counted nowhere.
 """
 from __future__ import annotations
 
