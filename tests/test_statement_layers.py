@@ -112,3 +112,23 @@ def test_layer_span_and_ranges() -> None:
     assert layer_span(["m.layers.1.q", "m.layers.1.k", "m.layers.3.q", "m.rotary"]) == \
         "m.layers.*.q (layers 1, 3)"
     assert layer_span(["model.embed_tokens"]) == "model.embed_tokens"
+
+
+def test_heads_ranked_in_then_tied_back_are_not_said_to_score_above() -> None:
+    """Was "its lowest unit scores 0.919, above the last unit taken ... (0.947)" with default
+    head dims under the global allocation: the ranking did give value head dims a few units,
+    which the tie to the rotary pairs (kept whole) took back. The reason now says so, and a
+    score is never said to be above one it is below."""
+    lm = _qwen2()
+    pruner = Pruner(lm.model, lm.example_inputs, ratio=0.3, allocation="global")
+    [heads] = [x for x in statement(pruner).losses if x.target == "heads"]
+    pruner.step()
+    assert _heads(lm) == [(8, 2)] * 4
+    assert all(m.self_attn.v_proj.out_features == 16 for m in lm.model.model.layers)
+    assert heads.cut == 0
+    assert re.fullmatch(r"none cut: the global allocation gave heads none of the cut: the "
+                        r"ranking across targets gave it [1-9][0-9]* unit\(s\), all taken back "
+                        r"by the whole-unit steps after it \(head dims follow their rotary "
+                        r"pairs, heads go whole, widths round\)", heads.note)
+    for a, b in re.findall(r"scores ([0-9.]+), above .*\(([0-9.]+)\)", heads.note):
+        assert float(a) >= float(b)

@@ -23,6 +23,7 @@ from ..coupling.heads import query_kv_heads_by_axis
 from ..coupling.places import axis_layers, natural_key
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
+from .counts import global_counts
 from .measured import LEVELS
 from .pruner import Pruner
 from .records import GroupChange
@@ -354,11 +355,18 @@ def _left_out(pruner: Pruner, target: Target, ids: set[int]) -> str:
         norm = {k: c.scores / (np.mean(np.abs(c.scores)) + 1e-12) for k, c in enumerate(cands)}
         taken = [float(norm[k][i]) for k in others
                  for i in removal.picks.get((cands[k].group.id, cands[k].axis), [])]
-        if not taken:
+        ranked = global_counts(cands, pruner.plan_ratio(), pruner.max_ratio, pruner.round_to)
+        given = sum(ranked[k] for k in mine)
+        if given:  # ranked in, then tied or rounded back (value dims follow rotary pairs)
+            return (f"{what}: the ranking across targets gave it {given} unit(s), all taken "
+                    f"back by the whole-unit steps after it (head dims follow their rotary "
+                    f"pairs, heads go whole, widths round)")
+        lowest = min(float(norm[k].min()) for k in mine)
+        if not taken or lowest < max(taken):
             return what
         return (f"{what}: ranked together (scores normalised per axis), its lowest unit scores "
-                f"{min(float(norm[k].min()) for k in mine):.3g}, above the last unit taken from "
-                f"the other targets ({max(taken):.3g})")
+                f"{lowest:.3g}, above the last unit taken from the other targets "
+                f"({max(taken):.3g})")
     found = pruner.measured_result()
     if pruner.allocation != "measured" or found is None or len(found.curves) != len(cands):
         return what
