@@ -237,6 +237,18 @@ def test_browser_graph_select_and_expand(server: str, tmp_path: Path) -> None:
 
 
 
+def _load_on_meta(page: Any, spec: str, loaded: str, timeout: int) -> None:
+    """On the Model page: type ``spec``, choose the meta device, load and trace, and wait
+    until the page shows ``loaded``."""
+    box = page.get_by_role("textbox", name="Model spec")
+    box.fill(spec)
+    box.press("Enter")
+    page.get_by_text("meta", exact=True).click()
+    page.wait_for_timeout(500)  # let the reruns of the edits settle
+    page.get_by_role("button", name="Load and trace").click()
+    page.get_by_text(loaded).wait_for(timeout=timeout)
+
+
 def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: Path) -> None:
     """Seen on the 7B shape: after loading a transformers model on meta the input-shape field
     still offered DINO's ``1,3,32,32``, the spec was repeated as a large heading, and the
@@ -245,13 +257,7 @@ def test_browser_switching_models_redraws_the_model_page(server: str, tmp_path: 
         page.get_by_text("prunable groups").wait_for(timeout=90_000)
         shape = page.get_by_role("textbox", name="Input shape (blank = default)")
         assert shape.get_attribute("placeholder") == "1,3,32,32"
-        spec = page.get_by_role("textbox", name="Model spec")
-        spec.fill(MHA_LLAMA)
-        spec.press("Enter")
-        page.get_by_text("meta", exact=True).click()
-        page.wait_for_timeout(500)  # let the reruns of the edits settle
-        page.get_by_role("button", name="Load and trace").click()
-        page.get_by_text("options: hidden_size=64").wait_for(timeout=90_000)
+        _load_on_meta(page, MHA_LLAMA, "options: hidden_size=64", 90_000)
         page.wait_for_function(
             "document.querySelector(\"input[aria-label='Input shape (blank = default)']\")"
             ".placeholder == '1,16'", timeout=30_000)
@@ -279,13 +285,7 @@ def test_browser_7b_shape_on_meta_groups_page(server: str, tmp_path: Path) -> No
     shots = _shots(tmp_path)
     with _chromium(server) as page:
         page.get_by_text("prunable groups").wait_for(timeout=90_000)
-        spec = page.get_by_role("textbox", name="Model spec")
-        spec.fill(LLAMA_7B)
-        spec.press("Enter")
-        page.get_by_text("meta", exact=True).click()
-        page.wait_for_timeout(500)  # let the reruns of the edits settle
-        page.get_by_role("button", name="Load and trace").click()
-        page.get_by_text("options: hidden_size=4096").wait_for(timeout=300_000)
+        _load_on_meta(page, LLAMA_7B, "options: hidden_size=4096", 300_000)
         page.get_by_role("link", name="Groups").click()
         page.get_by_text("Group 2: 32 heads x 128: model.layers.*.self_attn.q_proj "
                          "(layers 0-31)").wait_for(timeout=300_000)
