@@ -200,3 +200,39 @@ def test_the_last_consumer_is_not_run_where_its_output_adds_to_the_block(
     assert [f.choice for f in muted.fits] == [f.choice for f in ran.fits]
     for k, v in ran.tensors.items():
         torch.testing.assert_close(muted.tensors[k], v, rtol=1e-3, atol=3e-5)  # float rounding
+
+
+def test_producers_run_at_the_cut_width_where_that_gives_the_same_inputs(
+        small: tuple[LoadedModel, Calibration], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's refit (`compensate.block_consumers` names the gate and up projections as
+    the down projection's producers) runs them at the cut width in the pruned stream once
+    one batch showed the same kept inputs and block output: the same refits as at full
+    width, and a check that fails keeps the full width."""
+    lm, cal = small
+    uses = [0]
+    narrowed = reconstruct._narrowed
+
+    def counted(*args: object) -> object:
+        uses[0] += 1
+        return narrowed(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconstruct, "_narrowed", counted)
+    results = []
+    for same in (True, False):
+        if not same:
+            monkeypatch.setattr(reconstruct, "_narrow_same", lambda *_a: False)
+        uses[0] = 0
+        pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.3,
+                        heads="keep", targets="mlp", calibration=cal, compensate="lstsq")
+        pruner.step()
+        results.append(({k: v.detach().clone() for k, v in lm.model.state_dict().items()},
+                        uses[0]))
+        pruner.undo()
+    (narrow, narrow_uses), (wide, wide_uses) = results
+    batches = len(reconstruct.in_order(cal).batches)
+    # the first block's first batch finds the additivity, its second checks the cut width
+    # (plus the one check run): every other pruned-stream batch runs narrow
+    assert narrow_uses == LAYERS * batches - 2 + 1, narrow_uses
+    assert wide_uses == 0
+    for k, v in wide.items():
+        torch.testing.assert_close(narrow[k], v, rtol=1e-3, atol=3e-5)  # float rounding

@@ -211,7 +211,8 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError(f"compensation '{kind.value}' needs real weights, but the model is on "
                          f"the meta device; prune without it (--compensate none)")
-    todo = targets(model, coupling, removal)
+    keeps = coupling.keep_indices(removed_atoms(coupling, removal))
+    todo = cut_targets(model, keeps)
     if not todo and notes is not None:
         notes.append(f"compensation '{kind.value}' refit nothing: no layer that reads the "
                      f"removed channels is one it refits (Linear or convolution layers, "
@@ -227,7 +228,8 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
     stats, rebased = _rebase_heads(model, coupling, removal, calib, reference, stats or {},
                                    notes)
     try:
-        rec = _sequential(model, todo, calib, notes, trajectory) if gram else Reconstruction()
+        rec = _sequential(model, todo, calib, notes, trajectory, keeps) if gram \
+            else Reconstruction()
         done = {f.module for f in rec.fits}
         todo = [t for t in todo if t.module not in done]  # the rest: one-shot, as before
         known = {k: v for k, v in stats.items() if not gram or v.gram is not None}
@@ -263,11 +265,12 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
 
 
 def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
-                notes: list[str] | None, trajectory: Trajectory | None = None
+                notes: list[str] | None, trajectory: Trajectory | None = None,
+                keeps: Mapping[tuple[str, int], Sequence[int] | np.ndarray] | None = None
                 ) -> Reconstruction:
     """`reconstruct` of the consumers inside the model's repeated blocks (none when
     it has no such blocks); its summary goes into ``notes``."""
-    consumers = block_consumers(model, todo)
+    consumers = block_consumers(model, todo, keeps)
     if not consumers:
         return Reconstruction()
     try:
@@ -279,11 +282,29 @@ def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
     return rec
 
 
-def block_consumers(model: nn.Module, todo: Sequence[Target]) -> list[Consumer]:
+def block_consumers(model: nn.Module, todo: Sequence[Target],
+                    keeps: Mapping[tuple[str, int], Sequence[int] | np.ndarray] | None = None
+                    ) -> list[Consumer]:
     """The targets `reconstruct` refits: layers `reconstruct.affine` reads (Linear,
-    transformers' Conv1D) inside the repeated blocks."""
+    transformers' Conv1D) inside the repeated blocks; with the cut's ``keeps``, each with
+    its producers: the layers of its block whose output channels the cut keeps exactly as
+    it keeps the consumer's inputs (an MLP's gate and up projections for its down
+    projection), which `reconstruct` may run at the cut width."""
     inside = inside_blocks(model, [t.module for t in todo])
-    return [Consumer(t.module, t.weight, t.kept) for t in todo if t.module in inside]
+    rows: dict[int, list[tuple[str, np.ndarray]]] = {}  # block -> (layer, kept output rows)
+    if keeps:
+        for (name, dim), kept in keeps.items():
+            module, _, attr = name.rpartition(".")
+            if attr != "weight":
+                continue
+            where = inside_blocks(model, [module])
+            form = affine(model.get_submodule(module)) if where else None
+            if form is not None and form.out_dim == dim:
+                rows.setdefault(where[module], []).append((module, np.asarray(kept)))
+    return [Consumer(t.module, t.weight, t.kept, tuple(sorted(
+        m for m, kept in rows.get(inside[t.module], [])
+        if m != t.module and np.array_equal(kept, t.kept))))
+        for t in todo if t.module in inside]
 
 
 REBASE_TOLERANCE = 1e-8  # relative squared output change a re-basing may cause (rounding)

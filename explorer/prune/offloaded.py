@@ -61,7 +61,7 @@ def refit_offloaded(model: nn.Module, layout: nn.Module, applied: Applied, calib
     """
     sizes = {name: before for name, (before, _after) in applied.shapes.items()}
     todo = cut_targets(layout, applied.keeps, sizes)
-    consumers = block_consumers(layout, todo)
+    consumers = block_consumers(layout, todo, applied.keeps)
     inside = {c.module for c in consumers}
     outside = sorted(t.module for t in todo if t.module not in inside)
     if not consumers:
