@@ -318,22 +318,41 @@ def _gradients_on(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
             p.grad = saved[n][1]
 
 
+def _no_cache(model: nn.Module) -> list[Any]:
+    """Turn off ``use_cache`` in every config object the model's modules hold (a transformers
+    model built by the caller caches keys and values by default; the library's loader turns
+    it off); returns the configs changed, for the caller to turn back on."""
+    changed: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in changed and \
+                getattr(config, "use_cache", None) is True:
+            config.use_cache = False
+            changed[id(config)] = config
+    return list(changed.values())
+
+
 @contextmanager
 def calibrating(model: nn.Module) -> Iterator[None]:
     """Eval mode for calibration passes, then every module's own mode and every buffer back.
 
     Eval mode keeps BatchNorm statistics still; buffers are also compared and restored after,
     for modules that update them in eval mode too. The passes draw from a fork of torch's
-    random state (`kept_rng`), so the caller's is unchanged.
+    random state (`kept_rng`), so the caller's is unchanged. They keep no key/value cache
+    (`_no_cache`): a layer's captured inputs are run again, and a cache among them would grow
+    with every run.
     """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(owner, name, b, b.detach().clone()) for owner in model.modules()
                for name, b in owner._buffers.items() if b is not None]
+    caching = _no_cache(model)
     model.eval()
     try:
         with kept_rng(model):
             yield
     finally:
+        for config in caching:
+            config.use_cache = True
         for module, training in modes:
             module.training = training
         for owner, name, original, values in buffers:
