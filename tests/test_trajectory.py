@@ -199,7 +199,7 @@ def test_the_last_consumer_is_not_run_where_its_output_adds_to_the_block(
     assert muted_calls == LAYERS * batches + 1 + 1, muted_calls
     assert [f.choice for f in muted.fits] == [f.choice for f in ran.fits]
     for k, v in ran.tensors.items():
-        torch.testing.assert_close(muted.tensors[k], v, rtol=1e-3, atol=3e-5)  # float rounding
+        torch.testing.assert_close(muted.tensors[k], v, rtol=1e-3, atol=1e-4)  # float rounding
 
 
 def test_producers_run_at_the_cut_width_where_that_gives_the_same_inputs(
@@ -235,4 +235,4 @@ def test_producers_run_at_the_cut_width_where_that_gives_the_same_inputs(
     assert narrow_uses == LAYERS * batches - 2 + 1, narrow_uses
     assert wide_uses == 0
     for k, v in wide.items():
-        torch.testing.assert_close(narrow[k], v, rtol=1e-3, atol=3e-5)  # float rounding
+        torch.testing.assert_close(narrow[k], v, rtol=1e-3, atol=1e-4)  # float rounding
