@@ -34,10 +34,7 @@ c3.download_button("Download JSON session log", lambda: json.dumps(pe.report(), 
                    file_name="pruning_session.json", mime="application/json",
                    key="export_report", on_click="ignore")
 
-if pe.config_note:
-    st.info(f"No transformers config describes the pruned model, so `save_pretrained` would "
-            f"not reload it and the hf format falls back to safetensors + plan: "
-            f"{pe.config_note}")
+config_box = st.empty()  # why no transformers config fits, unless the export notes say it
 st.subheader("All formats")
 default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
 formats = st.multiselect("Formats", FORMATS, default=default, key="export_formats",
@@ -64,7 +61,10 @@ if st.button("Build export files", key="export_build", type="primary", disabled=
     finally:
         bar.empty()
 version, files, notes, _folder = st.session_state.get("export_files", (None, {}, [], None))
-if version == pe.version and files:
+built = version == pe.version and bool(files)
+if pe.config_line(notes if built else []):
+    config_box.info(pe.config_line(notes if built else []))
+if built:
     for note in notes:
         st.caption(note)
     cols = st.columns(min(len(files), 4))

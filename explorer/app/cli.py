@@ -57,6 +57,7 @@ from ..prune.importance import Criterion
 from ..prune.offloaded import rebased_heads
 from ..prune.preflight import forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
+from ..prune.records import said_once
 from ..prune.sequential import (
     SEQUENTIAL_CRITERIA,
     SequentialError,
@@ -598,7 +599,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         reports = [pruner.step() for _ in range(pruner.steps)]
         large = _large_refit(args, big, pruner) if big is not None and refit else None
     if large is not None:
-        reports[-1].notes += [n for n in large.notes if n not in reports[-1].notes]
+        reports[-1].notes = said_once([*reports[-1].notes, *large.notes])
     first, last = reports[0], reports[-1]
     pruned_groups = {c.group for c in first.changes if c.removed}
     heads_after = attention_modules(lm.model, pruner.coupling)
@@ -612,8 +613,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
                     "error": u.error, "advice": u.advice} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
-        "notes": list(dict.fromkeys([*([chosen.note] if chosen.note else []), *lm.notes,
-                                     *(n for r in reports for n in r.notes)])),
+        "notes": said_once([*([chosen.note] if chosen.note else []), *lm.notes,
+                            *(n for r in reports for n in r.notes)]),
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
         "targets": said.to_dict(),
     }
@@ -843,6 +844,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                  force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
+    # the run's notes the export's messages already say (its hf fall-back carries the
+    # step's config note) are not said again
+    out["notes"] = [n for n in said_once([*res.messages, *out["notes"]])
+                    if n not in res.messages]
     out["_text"] = (run.said.text() + "\n" + f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
                     f"{args.out}"

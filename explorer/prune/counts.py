@@ -93,8 +93,9 @@ def tie_head_dims(cands: list[Candidate], counts: list[int],
 
 def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
     """What the global ranking (or, with ``measured``, the measured allocation that note
-    describes) gave each width: the spread of kept widths per original width (uniform widths
-    are what a transformers config can describe)."""
+    describes) gave each width: the spread of kept widths per original width. Whether a
+    transformers config still describes the model is the step's config note
+    (`history.History.follow_config`), said there once."""
     spans: dict[int, tuple[int, int, int]] = {}
     for c in changes:
         lo, hi, n = spans.get(c.width_before, (c.width_after, c.width_after, 0))
@@ -104,8 +105,7 @@ def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
     uneven = any(lo != hi for lo, hi, _n in spans.values())
     how = measured or "global allocation: per-layer widths from scores normalised per group"
     return (f"{how} ({'; '.join(parts)})" +
-            ("; layers of one kind now differ in width, which a transformers config cannot "
-             "describe (export pt or safetensors + plan; with --allocation uniform every "
+            ("; layers of one kind now differ in width (with --allocation uniform every "
              "layer keeps the same width)" if uneven else ""))
 
 

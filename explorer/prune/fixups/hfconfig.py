@@ -31,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 from ...graph.collector import paused
 from .reads import reads_attribute
 
-__all__ = ["ConfigUpdate", "differing_constants", "real_rotary", "update_config"]
+__all__ = ["ConfigUpdate", "cannot_describe", "differing_constants", "real_rotary",
+           "update_config"]
 
 Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
 Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
@@ -58,6 +59,12 @@ class ConfigUpdate:
     changed: dict[str, list[Any]] = field(default_factory=dict)  # config key -> [old, new]
     ok: bool = False  # a save_pretrained folder of the model reloads it exactly
     reason: str = ""  # why not, when ``ok`` is False
+
+
+def cannot_describe(reason: str) -> str:
+    """The one wording of why no transformers config describes a pruned model (a step's
+    note, the hf export's fall-back, the app), so a run's notes can say it once."""
+    return f"the transformers config cannot describe the pruned model: {reason}"
 
 
 @dataclass
