@@ -224,3 +224,29 @@ def test_loading_is_quiet_and_the_callers_setting_is_kept(ckpt: Path,
             assert not hf_logging.is_progress_bar_enabled()
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_quiet_drops_the_loading_threads_own_stderr_only(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A GGUF load draws a plain tqdm bar ("Converting and de-quantizing GGUF tensors") that
+    no transformers switch reaches: what the loading thread writes to stderr inside the
+    block is dropped, another thread's (a Streamlit session beside it) is not, and stderr is
+    the caller's stream again after."""
+    import sys
+    import threading
+
+    from tqdm.auto import tqdm
+
+    before = sys.stderr
+    with quiet_transformers():
+        for _ in tqdm(range(3), desc="de-quantizing"):
+            pass
+        other = threading.Thread(target=lambda: print("beside it", file=sys.stderr))
+        other.start()
+        other.join()
+        with quiet_transformers():  # nested: still quiet after the inner block ends
+            pass
+        print("still inside", file=sys.stderr)
+    print("after", file=sys.stderr)
+    assert sys.stderr is before
+    assert capsys.readouterr().err == "beside it\nafter\n"
