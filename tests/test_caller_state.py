@@ -238,15 +238,17 @@ def test_quiet_drops_the_loading_threads_own_stderr_only(
     from tqdm.auto import tqdm
 
     before = sys.stderr
-    with quiet_transformers():
+    with quiet_transformers(stderr=True):
         for _ in tqdm(range(3), desc="de-quantizing"):
             pass
         other = threading.Thread(target=lambda: print("beside it", file=sys.stderr))
         other.start()
         other.join()
         with quiet_transformers():  # nested: still quiet after the inner block ends
-            pass
+            print("inner", file=sys.stderr)
         print("still inside", file=sys.stderr)
+    with quiet_transformers():  # other loads keep their warnings on stderr
+        print("a plain load", file=sys.stderr)
     print("after", file=sys.stderr)
     assert sys.stderr is before
-    assert capsys.readouterr().err == "beside it\nafter\n"
+    assert capsys.readouterr().err == "beside it\na plain load\nafter\n"

@@ -7,9 +7,10 @@ a plain ``tqdm`` bar ("Converting and de-quantizing GGUF tensors") that no trans
 switch reaches. The library, the CLI and the app load and save models as a step of their own
 work, so they silence the bars and the log below errors for that step only:
 `quiet_transformers` turns them off and back on after, leaving the caller's settings as they
-were, and drops what the loading thread itself writes to ``sys.stderr`` meanwhile (other
-threads' writes pass). Nested or concurrent uses (Streamlit sessions are threads) share one
-switch: the first turns them off, the last puts the settings back.
+were; a GGUF load (``quiet_transformers(stderr=True)``) also drops what the loading thread
+itself writes to ``sys.stderr`` meanwhile (other threads' writes pass). Nested or
+concurrent uses (Streamlit sessions are threads) share one switch: the first turns them
+off, the last puts the settings back.
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ class _Muted:
 _muted: _Muted | None = None  # installed as sys.stderr by the first user, removed by the last
 
 
-def _silence() -> None:
+def _silence(stderr: bool) -> None:
     global _users, _restore, _verbosity, _muted
-    _inside.depth = getattr(_inside, "depth", 0) + 1
+    _inside.depth = getattr(_inside, "depth", 0) + int(stderr)
     with _LOCK:
         _users += 1
         if _users > 1:
@@ -73,9 +74,9 @@ def _silence() -> None:
             hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped there
 
 
-def _put_back() -> None:
+def _put_back(stderr: bool) -> None:
     global _users, _restore, _verbosity, _muted
-    _inside.depth -= 1
+    _inside.depth -= int(stderr)
     with _LOCK:
         _users -= 1
         if _users:
@@ -102,16 +103,17 @@ def _put_back() -> None:
 
 
 @contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Inside the block transformers draws no progress bars and logs only errors, and this
-    thread's writes to ``sys.stderr`` are dropped; the caller's settings after.
+def quiet_transformers(stderr: bool = False) -> Iterator[None]:
+    """Inside the block transformers draws no progress bars and logs only errors (with
+    ``stderr``, this thread's writes to ``sys.stderr`` are dropped too: for a load that
+    draws a bar of its own); the caller's settings after.
 
     Example:
         >>> with quiet_transformers():
         ...     model = AutoModelForCausalLM.from_pretrained(folder)
     """
-    _silence()
+    _silence(stderr)
     try:
         yield
     finally:
-        _put_back()
+        _put_back(stderr)
