@@ -42,6 +42,13 @@ def local_counts(cands: list[Candidate], ratio: float, ratios: Mapping[str, floa
     return out
 
 
+def normalised(cand: Candidate) -> np.ndarray:
+    """A candidate's scores as the global ranking compares them across axes: divided by
+    their mean magnitude (FLAP's per-layer normalisation), so no axis wins by its scale."""
+    out: np.ndarray = cand.scores / (np.mean(np.abs(cand.scores)) + 1e-12)
+    return out
+
+
 def global_counts(cands: list[Candidate], ratio: float, max_ratio: float, round_to: int
                   ) -> list[int]:
     """Rank all indices together; every axis keeps at least (1 - max_ratio)."""
@@ -50,8 +57,7 @@ def global_counts(cands: list[Candidate], ratio: float, max_ratio: float, round_
                                              for c in cands)
     pool = []
     for k, c in enumerate(cands):
-        norm = c.scores / (np.mean(np.abs(c.scores)) + 1e-12)
-        for s in np.sort(norm):
+        for s in np.sort(normalised(c)):
             pool.append((float(s), k))
     pool.sort()
     counts = [0] * len(cands)
@@ -110,4 +116,4 @@ def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
 
 
 __all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts",
-           "tie_head_dims"]
+           "normalised", "tie_head_dims"]
