@@ -252,3 +252,21 @@ def test_quiet_drops_the_loading_threads_own_stderr_only(
     print("after", file=sys.stderr)
     assert sys.stderr is before
     assert capsys.readouterr().err == "beside it\na plain load\nafter\n"
+
+
+def test_evaluating_puts_every_mode_and_the_random_state_back() -> None:
+    """`graph.rng.evaluating`, the one eval-mode context: eval inside for every model given,
+    each submodule's own flag (a train-mode child of an eval-mode parent too) and torch's
+    random state back after, also when the body raises."""
+    from explorer.graph.rng import evaluating
+
+    a, b = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), nn.Linear(2, 2)
+    a.eval()
+    a[1].train()
+    state = torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="inside"), evaluating(a, b, (torch.ones(1, 2),)):
+        assert not any(m.training for m in [*a.modules(), b])
+        torch.rand(3)  # a draw on the fork
+        raise RuntimeError("inside")
+    assert [m.training for m in a.modules()] == [False, False, True] and b.training
+    assert torch.equal(torch.random.get_rng_state(), state)

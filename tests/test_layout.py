@@ -270,6 +270,16 @@ def test_the_score_normalisation_has_one_home() -> None:
     assert found == {"prune/counts.py"}
 
 
+def test_train_eval_modes_are_put_back_in_one_place() -> None:
+    """Running a caller's model in eval mode and putting every submodule's own mode back is
+    `graph.rng.evaluating` (calibration, evaluation, generation, latency and folds each
+    had their own copy of the save-and-restore loop)."""
+    found = {str(p.relative_to(ROOT)) for p in SOURCES for n in ast.walk(ast.parse(
+        p.read_text())) if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Attribute) and t.attr == "training" for t in n.targets)}
+    assert found == {"graph/rng.py"}
+
+
 def test_prune_loads_no_checkpoint() -> None:
     """Checkpoints are loaded by `explorer.io` (`io/specs`: `load_model`, `load_offloaded`);
     `prune/` works on the model it is given."""
