@@ -278,6 +278,18 @@ def test_groups_page_says_a_one_layer_head_cut_leaves_no_from_pretrained_folder(
     first, second = _attention(model)
     assert first.config is not model.config and first.config.num_attention_heads == 4
     assert second.config is model.config and model.config.num_attention_heads == 8
+    # the Export page says why no config describes it once: before a build in its own line,
+    # after an hf build in the export's note only (it was said in both, and twice in those)
+    app.switch_page("pages/5_export.py").run()
+    [said] = [i.value for i in app.info if "cannot describe" in i.value]
+    assert said.startswith("The transformers config cannot describe the pruned model: "
+                           "num_attention_heads differs between layers"), said
+    app.multiselect(key="export_formats").set_value(["hf"]).run()
+    app.button(key="export_build").click().run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    assert not [i.value for i in app.info if "cannot describe" in i.value]
+    notes = [c.value for c in app.caption if "num_attention_heads differs" in c.value]
+    assert len(notes) == 1 and notes[0].startswith("hf: no transformers folder: "), notes
     assert pe.undo() and all(a.config is model.config for a in _attention(model))
 
 
