@@ -6,13 +6,10 @@ from pathlib import Path
 import streamlit as st
 
 from explorer.io.export import FORMATS
-from pages._session import prompt_lines, show
+from pages._session import prompt_lines, session_or_stop, show
 
 st.title("Export")
-if "pe" not in st.session_state:
-    st.info("Load a model on the Model page first.")
-    st.stop()
-pe = st.session_state.pe
+pe = session_or_stop()
 if st.button("Run forward check", key="export_check"):
     msg = pe.forward_check()
     show(msg)

@@ -366,3 +366,13 @@ def test_graph_click_selects_the_group_of_the_channels_a_node_writes(app: AppTes
     offer.set_value(residual).run()
     assert not app.exception, app.exception
     assert app.selectbox(key="graph_group").value == residual
+
+
+@pytest.mark.parametrize("page", ["2_graph", "3_groups", "4_dimensions", "5_export"])
+def test_a_page_without_a_session_says_so_in_one_line(page: str) -> None:
+    """Every page's precondition is `pages._session.session_or_stop`: no session, one info
+    line and nothing else drawn after it."""
+    at = AppTest.from_file(str(Path(APP).parent / "pages" / f"{page}.py"),
+                           default_timeout=TIMEOUT).run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert [i.value for i in at.info] == ["Load a model on the Model page first."]

@@ -206,6 +206,16 @@ def reset() -> None:
 _SHOW = {MessageKind.SUCCESS: st.success, MessageKind.ERROR: st.error, MessageKind.INFO: st.info}
 
 
+def session_or_stop(missing: str = "Load a model on the Model page first.") -> Session:
+    """This tab's session; where none is loaded, ``missing`` in an info box and the page's
+    run ends there (every page's precondition, said one way)."""
+    pe = st.session_state.get("pe")
+    if not isinstance(pe, Session):
+        st.info(missing)
+        st.stop()
+    return pe
+
+
 def show(message: Message) -> None:
     """Draw a session message with the Streamlit element for its kind."""
     _SHOW[message.kind](message.text)
