@@ -192,10 +192,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", dest="eval_data", default=None,
                    help="held-out data (same forms, never the calibration samples): measure "
                         "quality before and after (perplexity, cosine, KL, top-1)")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="use the first N samples of each data file (default: all)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    _add_data_args(p, "samples of each data file")
     p.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
                    help="with --device meta and hf:FOLDER: compute a data-aware criterion "
                         "one decoder layer at a time from the folder's weights, holding at "
@@ -211,6 +208,21 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "layer only where it helps on held-out calibration samples); without "
                         "--calibration a causal language model reads built-in prose, others "
                         "random inputs: check quality with --eval")
+
+
+def _add_data_args(p: argparse.ArgumentParser, samples: str) -> None:
+    """How much data a command reads and how it batches it (`io.data.DataOptions`, whose
+    defaults these are); ``samples`` says which samples ``--num-samples`` counts."""
+    p.add_argument("--num-samples", type=int, default=DataOptions.num_samples,
+                   help=f"use the first N {samples} (default: all)")
+    p.add_argument("--seq-len", type=int, default=DataOptions.seq_len,
+                   help="tokens per text sample at most")
+    p.add_argument("--batch-size", type=int, default=DataOptions.batch_size,
+                   help="samples per forward")
+
+
+def _data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(args.num_samples, args.seq_len, args.batch_size)
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -267,10 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval", dest="eval_data", default=None,
                     help="held-out data: .txt (one sample a line), .jsonl, an image folder or "
                          "a tensor file")
-    ev.add_argument("--num-samples", type=int, default=None,
-                    help="use the first N held-out samples (default: all)")
-    ev.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
-    ev.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    _add_data_args(ev, "held-out samples")
     _add_generate_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -451,7 +460,7 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
                                                                 Calibration | None]:
     """Calibration and held-out data from ``--calibration`` / ``--eval`` (checked apart in
     `_load`)."""
-    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    opts = _data_options(args)
     if (args.eval_data or args.generate) and args.device == "meta":
         raise CliError(f"{'--eval' if args.eval_data else '--generate'} measures quality, "
                        f"which needs weights; use --device cpu")
@@ -756,7 +765,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if pruned.task is not reference.task:
         raise CliError(f"{args.model} is a {pruned.task.value} model and {args.reference} a "
                        f"{reference.task.value} model; compare a pruned model with its original")
-    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    opts = _data_options(args)
     held = load_data(args.eval_data, reference, opts) if args.eval_data else None
     if held is not None:
         _check_scorable(held, reference.task, args.eval_data)
