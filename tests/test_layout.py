@@ -280,6 +280,14 @@ def test_train_eval_modes_are_put_back_in_one_place() -> None:
     assert found == {"graph/rng.py"}
 
 
+def test_an_ops_module_is_named_in_one_place() -> None:
+    """Messages name the module an op ran in as `OpNode.scope` (``<root>`` for the model
+    itself); ten coupling rules and the explanations each spelled ``module or '<root>'``."""
+    spelled = {str(p.relative_to(ROOT)) for p in SOURCES if "or '<root>'" in p.read_text()
+               or 'or "<root>"' in p.read_text()}
+    assert spelled == {"graph/ir.py", "graph/tracer.py"}  # the tracer names a module, no op
+
+
 def test_prune_loads_no_checkpoint() -> None:
     """Checkpoints are loaded by `explorer.io` (`io/specs`: `load_model`, `load_offloaded`);
     `prune/` works on the model it is given."""
