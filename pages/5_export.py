@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from explorer.io.export import FORMATS
+from explorer.prune.records import said_once
 from pages._session import prompt_lines, session_or_stop, show
 
 st.title("Export")
@@ -50,7 +51,7 @@ if st.button("Build export files", key="export_build", type="primary", disabled=
             got, notes = pe.export_files((fmt,), folder.name,
                                          prompts=prompt_lines(st.session_state))
             built.update(got)
-            messages += [n for n in notes if n not in messages]
+            messages = said_once([*messages, *notes])
         st.session_state.export_files = (pe.version, built, messages, folder)
     except Exception as exc:  # noqa: BLE001 - shown as one line, the session is untouched
         folder.cleanup()
