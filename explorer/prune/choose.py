@@ -8,6 +8,7 @@ what that leaves (`predict_params`), and how a failing cut can shrink (`common_f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -32,9 +33,11 @@ from .importance import Criterion, lowest, make
 from .measured import Measured, measured
 from .outer import outer_cut
 from .preflight import Preflight, Verdict
+from .reconstruct import in_order
 from .records import Candidate, GroupChange, Skip
 from .removal import Removal, removed_atoms
 from .settings import Settings, SettingsKey, resolve_targets, target_axes, untargeted
+from .trajectory import Trajectory
 
 T = TypeVar("T")
 
@@ -84,6 +87,9 @@ class Chooser:
         self._scored: tuple[tuple[Any, ...], list[Candidate], list[Skip]] | None = None
         self._ties: tuple[int, dict[int, dict[int, dict[int, int]]]] | None = None
         self._measured: tuple[tuple[Any, ...], Measured] | None = None
+        # the scoring pass's block outputs, when a refit will run the same batches
+        # (`explorer.prune.trajectory`; dropped at the next cut or scoring)
+        self.trajectory: Trajectory | None = None
         self.targets = resolve_targets(config.targets, config.heads, self.graph, self.groups)
         self._original = {self._key(g, i): a.size for g in self.groups
                           for i, a in enumerate(g.axes)}
@@ -182,14 +188,35 @@ class Chooser:
             return
         if self.criterion.needs_data:
             calib = self._calib()
+        self.drop_trajectory()
+        trajectory: Trajectory | None = None
+        if calib is not None and self.compensate is Compensation.LSTSQ and \
+                self.criterion.one_pass:  # the refit will run these batches again: keep them
+            calib, trajectory = in_order(calib), Trajectory(self.model)
         try:
-            self.criterion.prepare(self.model, self.coupling, calib)
+            with trajectory.recording(calib) if trajectory is not None and calib is not None \
+                    else contextlib.nullcontext():
+                self.criterion.prepare(self.model, self.coupling, calib)
         except (RuntimeError, IndexError, TypeError) as e:  # a batch the forward rejects
+            if trajectory is not None:
+                trajectory.close()
             detail = " ".join(str(e).split())[:200]
             raise ValueError(f"importance '{self.importance}': the model failed on the "
                              f"calibration data ({type(e).__name__}: {detail}); give batches "
                              f"shaped like the example inputs") from e
+        except BaseException:
+            if trajectory is not None:
+                trajectory.close()
+            raise
+        if trajectory is not None and trajectory.complete:
+            self.trajectory = trajectory
         self._prepared = True
+
+    def drop_trajectory(self) -> None:
+        """Forget the recorded original stream (`explorer.prune.trajectory`): its files go."""
+        if self.trajectory is not None:
+            self.trajectory.close()
+        self.trajectory = None
 
     def _calib(self) -> Calibration:
         if self._calibration is None:

@@ -55,6 +55,7 @@ from .reconstruct import (
 )
 from .removal import Applied, Removal, apply_removal, removed_atoms, set_tensor, undo
 from .sequential import SequentialError
+from .trajectory import Trajectory
 
 GUARD_BATCHES = 2  # calibration batches the end-to-end check compares outputs on
 
@@ -180,7 +181,8 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
                          calib: Calibration, mode: Compensation | str | None,
                          ridge: float = 0.5,
                          stats: Mapping[str, InputStats] | None = None,
-                         notes: list[str] | None = None) -> Applied:
+                         notes: list[str] | None = None,
+                         trajectory: Trajectory | None = None) -> Applied:
     """`apply_removal`, then refit the consumers of the removed channels; all or nothing.
 
     Args:
@@ -195,6 +197,9 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
         notes: receives a line when the refit is dropped because it moved the model's
             outputs on the calibration data further from the unpruned ones than the plain
             cut does (the refit is kept only when it helps end to end).
+        trajectory: the unpruned blocks' outputs recorded by a pass over ``calib``'s batches
+            in `reconstruct.in_order` (the scoring pass), which the sequential refit then
+            reads instead of running the original blocks again (`explorer.prune.trajectory`).
 
     Returns:
         The `Applied` record; its ``previous`` also holds the tensors compensation replaced
@@ -222,7 +227,7 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
     stats, rebased = _rebase_heads(model, coupling, removal, calib, reference, stats or {},
                                    notes)
     try:
-        rec = _sequential(model, todo, calib, notes) if gram else Reconstruction()
+        rec = _sequential(model, todo, calib, notes, trajectory) if gram else Reconstruction()
         done = {f.module for f in rec.fits}
         todo = [t for t in todo if t.module not in done]  # the rest: one-shot, as before
         known = {k: v for k, v in stats.items() if not gram or v.gram is not None}
@@ -258,14 +263,15 @@ def prune_and_compensate(model: nn.Module, coupling: Coupling, removal: Removal,
 
 
 def _sequential(model: nn.Module, todo: list[Target], calib: Calibration,
-                notes: list[str] | None) -> Reconstruction:
+                notes: list[str] | None, trajectory: Trajectory | None = None
+                ) -> Reconstruction:
     """`reconstruct` of the consumers inside the model's repeated blocks (none when
     it has no such blocks); its summary goes into ``notes``."""
     consumers = block_consumers(model, todo)
     if not consumers:
         return Reconstruction()
     try:
-        rec = reconstruct(model, consumers, calib)
+        rec = reconstruct(model, consumers, calib, trajectory=trajectory)
     except SequentialError:  # the forward does not reach the blocks: refit one-shot
         return Reconstruction()
     if notes is not None and rec.fits:

@@ -71,6 +71,9 @@ class Criterion:
     removal_side = False
     layerwise = False  # has a layer-by-layer form (`explorer.prune.sequential`)
     general = True  # scores any model (``bn-scale`` needs BatchNorm layers)
+    # `prepare` runs the calibration batches it is given through the model once each, in
+    # order, without gradients: a pass a `explorer.prune.trajectory.Trajectory` can keep
+    one_pass = False
 
     def __init__(self) -> None:
         # told how far `prepare`'s passes over the calibration batches are (a page's bar)
@@ -493,6 +496,7 @@ class Activation(Criterion):
     """Structured Wanda: ||X_j|| * ||W[:, j]|| over the consumers of every channel."""
 
     needs_data = True
+    one_pass = True
     removal_side = True
     layerwise = True
 

@@ -285,8 +285,12 @@ class Pruner(Chooser):
         if self.compensate is None:
             return apply_removal(self.model, self.coupling, removal)
         notes: list[str] = []
-        applied = prune_and_compensate(self.model, self.coupling, removal, self._calib(),
-                                       self.compensate, notes=notes)
+        try:
+            applied = prune_and_compensate(self.model, self.coupling, removal, self._calib(),
+                                           self.compensate, notes=notes,
+                                           trajectory=self.trajectory)
+        finally:  # recorded on the model before this cut: of no use after it
+            self.drop_trajectory()
         self.notes[:] = said_once([*self.notes, *notes])
         return applied
 

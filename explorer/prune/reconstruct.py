@@ -79,6 +79,7 @@ from .sequential import (
     _with_hidden,
     decoder_layers,
 )
+from .trajectory import Trajectory
 
 HOLDOUT_EVERY = 5  # every 5th calibration sample judges the refits (20 %)
 # ridge strengths tried, relative to the mean input energy (chosen per layer on held-out tokens)
@@ -91,6 +92,9 @@ DEFAULT_STREAMS = ("stream",)
 # what a block keeps of its last consumer's inputs to move the pruned stream on without a
 # second run of the block (`_Shift`)
 KEEP_BYTES = 96 << 20
+# a ridge system whose trace over its ridge (a bound on its condition number) is below this
+# is factored and solved in float32 (`_factor`)
+FLOAT32_CONDITION = 1e5
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,15 @@ def split(calib: Calibration, every: int = HOLDOUT_EVERY) -> tuple[Calibration, 
                                    calib.mask_index), size))
 
 
+def in_order(calib: Calibration) -> Calibration:
+    """``calib``'s batches as `reconstruct` runs them: the fit split's, then the held-out
+    split's (`split`). A pass over these that keeps its blocks' outputs (a `Trajectory`) saves
+    `reconstruct` running the original blocks again."""
+    fit, held = split(calib)
+    return Calibration(fit.batches + (held.batches if held is not None else []), fit.loss,
+                       None, dict(fit.kwargs), fit.mask_index)
+
+
 def _rebatched(calib: Calibration, size: int) -> Calibration:
     """``calib``'s samples in batches of up to ``size``, longest first (length: up to the
     last real token of the padding mask), each batch cut or padded on the right to its
@@ -310,7 +323,8 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
                 ridges: Sequence[float] = RIDGES, streams: Sequence[str] = DEFAULT_STREAMS,
                 resident: Callable[[nn.Module], AbstractContextManager[Any]] | None = None,
                 block_done: Callable[[int, Reconstruction], None] | None = None,
-                keep_bytes: int = KEEP_BYTES) -> Reconstruction:
+                keep_bytes: int = KEEP_BYTES, trajectory: Trajectory | None = None
+                ) -> Reconstruction:
     """Refit ``consumers`` (layers `affine` reads, inside the repeated blocks) block by
     block.
 
@@ -329,6 +343,9 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
         keep_bytes: what a block may keep of its last consumer's kept inputs to give the
             pruned stream's next inputs without running the block again (`_Shift`); batches
             past it run the block again.
+        trajectory: the original blocks' outputs on the batches `in_order` gives, recorded
+            by a pass over them (`Trajectory.recording`); read in place of running the
+            original blocks where it `matches` the model and batches (the same result).
 
     Returns:
         The new tensors of the refit layers (less those ``block_done`` took) and the
@@ -351,23 +368,47 @@ def reconstruct(model: nn.Module, consumers: Sequence[Consumer], calib: Calibrat
     if not by_layer:
         return out
     data = [fit_data] + ([held_data] if held_data is not None else [])
+    recorded = trajectory is not None and trajectory.matches(
+        model, [b for d in data for b in d.batches])
     with torch.no_grad(), calibrating(model):
         orig = [_first_inputs(model, layers[0], d) for d in data]
         pruned = [list(s) for s in orig]
         adds: dict[tuple[Any, ...], bool] = {}  # `_adds`, per block class and consumer
         for i, layer in enumerate(layers[:max(by_layer) + 1]):
+            dense = _Dense(trajectory, i, [len(d.batches) for d in data]) \
+                if recorded and trajectory is not None else None
             with (resident or _as_is)(layer):
                 orig, pruned = _block(model, layer, by_layer.get(i, []), data, orig, pruned,
-                                      out, ridges, streams, keep_bytes, adds)
+                                      out, ridges, streams, keep_bytes, adds, dense)
             if block_done is not None and i in by_layer:
                 block_done(i, out)
     return out
 
 
+@dataclass
+class _Dense:
+    """One block's recorded outputs (`Trajectory`), by split and batch."""
+
+    trajectory: Trajectory
+    block: int
+    sizes: list[int]  # batches per split
+
+    def next(self, d: int, b: int, inp: Inputs) -> Inputs:
+        """The original stream's next inputs for batch ``b`` of split ``d`` (``inp``: its
+        inputs to this block)."""
+        hidden = self.trajectory.hidden(self.block, sum(self.sizes[:d]) + b)
+        if hidden.shape != _hidden_in(inp).shape:
+            raise SequentialError(f"the recorded output of block {self.block} is shaped "
+                                  f"{tuple(hidden.shape)}, its input "
+                                  f"{tuple(_hidden_in(inp).shape)}")
+        return _with_hidden(inp, hidden)
+
+
 def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[Calibration],
            orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
            ridges: Sequence[float], streams: Sequence[str], keep_bytes: int,
-           adds: dict[tuple[Any, ...], bool]) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
+           adds: dict[tuple[Any, ...], bool], dense: _Dense | None = None
+           ) -> tuple[list[list[Inputs]], list[list[Inputs]]]:
     """Fit one block's consumers; the next block's inputs of both streams (the lists are
     replaced batch by batch, in place).
 
@@ -378,7 +419,9 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
     split's batches are summed into the moments (`Moments`), then the held-out split's judge
     the refits (`Judge`): nothing of a batch outlives its turn but the streams and, where the
     last consumer's output adds to the block's output, up to ``keep_bytes`` of what gives
-    the next pruned inputs without running the block again (`_Shift`).
+    the next pruned inputs without running the block again (`_Shift`). With ``dense`` (the
+    recorded original outputs) the original block runs only where a consumer's original
+    output is a target.
     """
     start = len(out.fits)  # the fits of this block: the only ones its forward reads
     names = {id(model.get_submodule(c.module)): c for c in todo}
@@ -390,11 +433,12 @@ def _block(model: nn.Module, layer: nn.Module, todo: list[Consumer], data: list[
     for j, c in enumerate(order):
         _fit(model, layer, c, masks, orig, pruned, out, ridges, streams, start,
              shift if j == len(order) - 1 else None, adds,
-             ([x.module for x in order[1:]], later) if j == 0 else ([], later))
+             ([x.module for x in order[1:]], later) if j == 0 else ([], later), dense)
     if not order:  # nothing to fit here: the original stream through the block as it is
         for d, batches in enumerate(orig):
             for b, inp in enumerate(batches):
-                batches[b] = _run(layer, inp, masks[d][b], model).next
+                batches[b] = dense.next(d, b, inp) if dense is not None else \
+                    _run(layer, inp, masks[d][b], model).next
     for d, batches in enumerate(pruned):
         for b, inp in enumerate(batches):
             x = shift.kept.pop((d, b), None)
@@ -431,13 +475,15 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
          orig: list[list[Inputs]], pruned: list[list[Inputs]], out: Reconstruction,
          ridges: Sequence[float], streams: Sequence[str], start: int,
          shift: _Shift | None, known: dict[tuple[Any, ...], bool],
-         later: tuple[list[str], dict[tuple[int, int], dict[str, torch.Tensor]]]) -> None:
+         later: tuple[list[str], dict[tuple[int, int], dict[str, torch.Tensor]]],
+         dense: _Dense | None = None) -> None:
     """Fit ``c`` batch by batch (`_block`): moments over the fit split, then the candidates
     judged on the held-out split; the choice goes into ``out``. The block's first consumer
     runs the original stream on to the next block's inputs and keeps the outputs of the
     later consumers (``later``: their names, and the outputs per batch) for them; with
     ``shift`` (the block's last consumer) what the pruned stream's next inputs need is kept
-    there."""
+    there. With ``dense``, the original block runs only when a consumer's original output
+    is a target (not for a lone ``stream`` fit: its target is the block's output)."""
     form = affine(model.get_submodule(c.module))
     assert form is not None  # `inside_blocks` keeps these only
     cols = torch.as_tensor(c.kept)
@@ -453,19 +499,23 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
                                  tried), c.kept)
         for b in range(len(orig[d])):
             mask = masks[d][b]
-            if (d, b) in kept_outs:  # a later consumer: the first one ran the original block
-                mine = kept_outs[(d, b)].pop(c.module)
-            else:  # the block's first consumer: the original stream moves on
-                o = _run(layer, orig[d][b], mask, model, outputs=[c.module, *after])
-                orig[d][b] = o.next
-                mine = o.outs[c.module]
-                kept_outs[(d, b)] = {m: o.outs[m] for m in after}
             with _replaced(model, out, start):
                 p = _run(layer, pruned[d][b], mask, model, inputs=[c.module],
                          full=c.module if shift is not None else None, hidden=want)
             if adds is None:
                 adds = _adds(model, layer, c, out, p, pruned[d][b], start, known)
-            targets = {"original": mine}
+            mine: torch.Tensor | None = None
+            if (d, b) in kept_outs:  # a later consumer: the first one ran the original block
+                mine = kept_outs[(d, b)].pop(c.module)
+            elif dense is not None and not after and adds and want and \
+                    "original" not in streams:  # the original output is no target here
+                orig[d][b] = dense.next(d, b, orig[d][b])
+            else:  # the block's first consumer: the original stream moves on
+                o = _run(layer, orig[d][b], mask, model, outputs=[c.module, *after])
+                orig[d][b] = o.next
+                mine = o.outs[c.module]
+                kept_outs[(d, b)] = {m: o.outs[m] for m in after}
+            targets: dict[str, torch.Tensor] = {} if mine is None else {"original": mine}
             if adds and want:  # the block's output back onto the original stream
                 assert p.hidden is not None
                 o_hidden = _rows(_hidden_in(orig[d][b]), mask).float()  # moved on: its output
@@ -698,16 +748,39 @@ def refits(weight: torch.Tensor, bias: torch.Tensor | None, kept: np.ndarray,
     eye = torch.eye(size, dtype=g_kk.dtype)
     for r in ridges:
         lam = r * scale
-        try:
-            chol = torch.linalg.cholesky(g_kk + lam * eye)
-        except RuntimeError:  # not positive definite even with the ridge: skip this strength
+        chol = _factor(g_kk + lam * eye, lam)
+        if chol is None:  # not positive definite even with the ridge: skip this strength
             continue
         for s, right in rhs.items():
-            sol = torch.cholesky_solve((right + lam * prior[:, :size]).T, chol).T
+            sol = torch.cholesky_solve((right + lam * prior[:, :size]).T.to(chol.dtype),
+                                       chol).T.double()
             if not has_bias:
                 sol = torch.cat([sol, torch.zeros(sol.shape[0], 1, dtype=sol.dtype)], dim=1)
             cands[f"ridge {r:g} {s}"] = sol
     return cands
+
+
+def _factor(system: torch.Tensor, ridge: float) -> torch.Tensor | None:
+    """The Cholesky factor of a ridge system ``G + ridge I`` (float64 sums), in float32
+    where that is accurate, else float64; None when it is not positive definite.
+
+    float32 halves the cost of the factor and the solves (a third of the reconstruction's
+    linear algebra on SmolLM2). Its condition number is at most ``trace / ridge`` (``G`` is
+    positive semi-definite): ``n / r + n`` for the strength ``r`` relative to the mean
+    diagonal, 4.2e4 for 1,229 kept channels at ``RIDGES[0]``, so a float32 solve is good to
+    about 1e-3 at worst; a system past ``FLOAT32_CONDITION`` is solved in float64.
+    """
+    if ridge > 0 and float(torch.diagonal(system).sum()) / ridge < FLOAT32_CONDITION:
+        try:
+            factor: torch.Tensor = torch.linalg.cholesky(system.float())
+            return factor
+        except RuntimeError:
+            pass
+    try:
+        factor = torch.linalg.cholesky(system)
+    except RuntimeError:
+        return None
+    return factor
 
 
 class Moments:
@@ -718,13 +791,22 @@ class Moments:
     ``energy``: ``sum ||y||^2`` of the ``goal`` target (`errors`). ``all_rows=False`` leaves
     out the products of ``gram``'s removed rows (they keep only their sums, the last
     column): all that `refits` reads except for the ``local`` target, at |cols| / n of the
-    cost.
+    cost. Then the kept block, ``x[cols]^T x[cols]``, is summed on its own (`_gram_kept`:
+    symmetric, three quarters of a full product) and put in place when ``gram`` is read.
     """
 
     def __init__(self, gram: torch.Tensor, cross: dict[str, torch.Tensor], cols: torch.Tensor,
                  all_rows: bool = True, goal: str | None = None) -> None:
-        self.gram, self.cross, self.cols = gram, cross, cols
+        self._gram, self.cross, self.cols = gram, cross, cols
         self.all_rows, self.goal, self.energy = all_rows, goal, 0.0
+        self._kept: torch.Tensor | None = None  # the kept block's sums not yet in ``_gram``
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self._kept is not None:
+            self._gram[self.cols, :-1] += self._kept
+            self._kept = None
+        return self._gram
 
     @classmethod
     def empty(cls, n: int, cols: torch.Tensor, outs: Mapping[str, int], all_rows: bool = True,
@@ -736,14 +818,15 @@ class Moments:
 
     def add(self, p: torch.Tensor, ys: Mapping[str, torch.Tensor]) -> None:
         """Add one batch: inputs ``p`` (tokens, n) and target outputs (tokens, out)."""
-        gram, cols = self.gram, self.cols
+        gram, cols = self._gram, self.cols
         n = gram.shape[0] - 1
         pk = p[:, cols]
         sums = pk.sum(0).double()
         if self.all_rows:
             gram[:n, :-1] += (p.T @ pk).double()
         else:
-            gram[cols, :-1] += (pk.T @ pk).double()
+            kept = _gram_kept(pk)
+            self._kept = kept if self._kept is None else self._kept.add_(kept)
         gram[:n, -1] += p.sum(0).double()
         gram[n, :-1] += sums
         gram[n, -1] += p.shape[0]
@@ -764,6 +847,18 @@ class Moments:
         den = max(self.energy, 1e-30)
         return {k: max(float(((a @ g) * a).sum() - 2 * (a * c).sum()) + self.energy, 0.0) / den
                 for k, a in cands.items()}
+
+
+def _gram_kept(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` in float64 from three products of its column halves (the fourth is the
+    transpose of one: the product is symmetric)."""
+    h = x.shape[1] // 2
+    if h < 64:  # too small to gain
+        return (x.T @ x).double()
+    a, b = x[:, :h], x[:, h:]
+    ab = (a.T @ b).double()
+    return torch.cat([torch.cat([(a.T @ a).double(), ab], dim=1),
+                      torch.cat([ab.T, (b.T @ b).double()], dim=1)])
 
 
 def moments(xp: list[torch.Tensor], ys: Mapping[str, list[torch.Tensor]] | None,

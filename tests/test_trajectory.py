@@ -1,0 +1,164 @@
+"""The scoring pass's block outputs read by the reconstruction (`explorer.prune.trajectory`):
+the same refits as running the original blocks again, with half the block runs, and never
+read once the model or the batches changed. Real SmolLM2 weights cut to their first layers,
+real prose."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from smollm2 import truncated
+from torch import nn
+
+from explorer import Pruner
+from explorer.io.data import DataOptions, load_data
+from explorer.io.specs import LoadedModel
+from explorer.prune import reconstruct, trajectory
+from explorer.prune.calibration import Calibration
+from explorer.prune.importance import activation_norms
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def small(smollm2: Path, prose: tuple[Path, Path]) -> tuple[LoadedModel, Calibration]:
+    lm = truncated(smollm2, LAYERS)
+    return lm, load_data(prose[0], lm, DataOptions(12, 32, 4))
+
+
+def _consumers(model: nn.Module, keep: float = 0.7) -> list[reconstruct.Consumer]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(LAYERS):
+        name = f"model.layers.{i}.mlp.down_proj"
+        n = model.get_submodule(name).in_features
+        kept = torch.randperm(n, generator=gen)[:round(keep * n)].sort().values.numpy()
+        out.append(reconstruct.Consumer(name, f"{name}.weight", kept))
+    return out
+
+
+def _recorded(model: nn.Module, cal: Calibration) -> trajectory.Trajectory:
+    """A trajectory of the activation scoring pass over the refit's batches."""
+    traj = trajectory.Trajectory(model)
+    with traj.recording(reconstruct.in_order(cal)):
+        activation_norms(model, reconstruct.in_order(cal))
+    assert traj.complete
+    return traj
+
+
+@contextmanager
+def _block_runs(model: nn.Module) -> Iterator[list[int]]:
+    """How many times the decoder layers run, while inside."""
+    runs = [0]
+    handles = [layer.register_forward_hook(lambda *_a: runs.__setitem__(0, runs[0] + 1))
+               for layer in model.model.layers]
+    try:
+        yield runs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_the_refit_reads_the_scoring_pass_and_equals_running_the_blocks(
+        small: tuple[LoadedModel, Calibration]) -> None:
+    lm, cal = small
+    consumers = _consumers(lm.model)
+    with _block_runs(lm.model) as runs:
+        ran = reconstruct.reconstruct(lm.model, consumers, cal)
+    ran_blocks = runs[0]
+    traj = _recorded(lm.model, cal)
+    try:
+        with _block_runs(lm.model) as runs:
+            read = reconstruct.reconstruct(lm.model, consumers, cal, trajectory=traj)
+    finally:
+        traj.close()
+    assert read.tensors.keys() == ran.tensors.keys() and len(read.tensors) == LAYERS
+    for k, v in ran.tensors.items():
+        assert torch.equal(read.tensors[k], v), k
+    assert [f.choice for f in read.fits] == [f.choice for f in ran.fits]
+    # the original blocks ran once a batch besides the pruned stream's run: no more
+    batches = len(reconstruct.in_order(cal).batches)
+    assert ran_blocks - runs[0] == LAYERS * batches, (ran_blocks, runs[0])
+
+
+def test_a_changed_model_or_other_batches_are_not_read(
+        small: tuple[LoadedModel, Calibration]) -> None:
+    lm, cal = small
+    consumers = _consumers(lm.model)
+    traj = _recorded(lm.model, cal)
+    try:
+        batches = reconstruct.in_order(cal).batches
+        assert traj.matches(lm.model, batches)
+        assert not traj.matches(lm.model, batches[:-1])
+        other = [tuple(a + (i == 0 and isinstance(a, torch.Tensor)) for i, a in enumerate(b))
+                 for b in batches]
+        assert not traj.matches(lm.model, other)
+        weight = lm.model.get_submodule("model.layers.1.mlp.up_proj").weight
+        before = weight.detach().clone()
+        with torch.no_grad():
+            weight.mul_(0.5)  # in place: same tensor, a new version
+        try:
+            assert not traj.matches(lm.model, batches)
+            with _block_runs(lm.model) as runs:
+                read = reconstruct.reconstruct(lm.model, consumers, cal, trajectory=traj)
+            ran = reconstruct.reconstruct(lm.model, consumers, cal)
+        finally:
+            with torch.no_grad():
+                weight.copy_(before)
+        assert runs[0] > 2 * LAYERS * len(batches)  # the original blocks ran
+        for k, v in ran.tensors.items():
+            assert torch.equal(read.tensors[k], v), k
+    finally:
+        traj.close()
+
+
+def test_a_recording_of_another_pass_is_dropped(
+        small: tuple[LoadedModel, Calibration]) -> None:
+    lm, cal = small
+    traj = trajectory.Trajectory(lm.model)
+    folder = traj._dir
+    with traj.recording(reconstruct.in_order(cal)):
+        activation_norms(lm.model, cal)  # the batches as given, not the refit's
+    assert not traj.complete and not folder.exists()
+
+
+def test_a_step_records_once_reads_and_leaves_no_file(
+        small: tuple[LoadedModel, Calibration], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Pruner`: the scoring pass records when the step will refit; the step's refit equals
+    one that runs the original blocks; the files are gone after the cut."""
+    lm, cal = small
+    results = []
+    for read in (True, False):
+        if not read:
+            monkeypatch.setattr(trajectory.Trajectory, "matches", lambda *_a: False)
+        pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.3,
+                        heads="keep", targets="mlp", calibration=cal, compensate="lstsq")
+        pruner.checked()  # what the statement runs before the step: the scoring pass
+        traj = pruner.trajectory
+        assert traj is not None and traj.complete and any(traj._dir.iterdir())
+        report = pruner.step()
+        assert pruner.trajectory is None and not traj._dir.exists()
+        assert any("reconstruction" in n for n in report.notes), report.notes
+        results.append({k: v.detach().clone() for k, v in lm.model.state_dict().items()})
+        pruner.undo()
+    read_state, ran_state = results
+    assert read_state.keys() == ran_state.keys()
+    widths = {v.shape for k, v in read_state.items() if k.endswith("down_proj.weight")}
+    assert len(widths) == 1 and next(iter(widths))[1] < 1536, widths
+    for k, v in ran_state.items():
+        assert torch.equal(read_state[k], v), k
+    assert np.isfinite([float(v.float().abs().max()) for v in read_state.values()]).all()
+
+
+def test_no_recording_without_a_refit_to_read_it(
+        small: tuple[LoadedModel, Calibration]) -> None:
+    lm, cal = small
+    for compensate in (None, "bias"):
+        pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.3,
+                        heads="keep", targets="mlp", calibration=cal, compensate=compensate)
+        pruner.checked()
+        assert pruner.trajectory is None
