@@ -24,7 +24,7 @@ import torch
 
 from ..api import trace
 from ..coupling.heads import AttentionInfo, attention_modules, head_changes
-from ..coupling.targets import TARGET_NAMES, parse_targets, target_of
+from ..coupling.targets import TARGET_WORDS, parse_targets, target_of
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io import defaults
@@ -63,7 +63,7 @@ from ..prune.sequential import (
     SequentialError,
     sequential_criterion,
 )
-from ..prune.settings import ALLOCATIONS
+from ..prune.settings import ALLOCATIONS, COMPENSATION_WORDS, COMPENSATIONS, HEAD_MODE_WORDS
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality, evaluate, scored_tokens
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates, continuations
@@ -159,13 +159,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "with a tokenizer, reading --calibration or built-in text; magnitude "
                         "otherwise)")
     p.add_argument("--heads", default=None, choices=HEAD_MODES,
-                   help="dims: the same dims in every head; whole: whole heads (whole "
-                        "key/value groups with their query heads under GQA); query: query "
-                        "heads inside every key/value group; keep: no attention change "
-                        "(default: keep for a language model with real weights unless "
-                        "--targets names heads or residual, else dims)")
+                   help=f"{HEAD_MODE_WORDS} (default: keep for a language model with real "
+                        f"weights unless --targets names heads or residual, else dims)")
     p.add_argument("--targets", default=None, type=_targets, metavar="LIST",
-                   help=f"what may be cut, comma-separated: {', '.join(TARGET_NAMES)} "
+                   help=f"what may be cut, comma-separated: {TARGET_WORDS} "
                         f"(or all). Default: all but residual on language models (token ids "
                         f"into an embedding: the hidden size, embeddings and norms stay), all "
                         f"otherwise")
@@ -201,13 +198,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="where --max-memory offloads weights and keeps activations "
                         "(default: a temporary folder, removed afterwards)")
     _add_generate_args(p)
-    p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
-                   help="refit the layers that read removed channels on the calibration data: "
-                        "bias (the mean of what was removed, FLAP) or lstsq (ridge least "
-                        "squares, layer by layer on the pruned model's own inputs, kept per "
-                        "layer only where it helps on held-out calibration samples); without "
-                        "--calibration a causal language model reads built-in prose, others "
-                        "random inputs: check quality with --eval")
+    p.add_argument("--compensate", default="none", choices=COMPENSATIONS,
+                   help=f"{COMPENSATION_WORDS}; without --calibration a causal language model "
+                        f"reads built-in prose, others random inputs: check quality with --eval")
 
 
 def _add_data_args(p: argparse.ArgumentParser, samples: str) -> None:
