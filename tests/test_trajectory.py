@@ -162,3 +162,41 @@ def test_no_recording_without_a_refit_to_read_it(
                         heads="keep", targets="mlp", calibration=cal, compensate=compensate)
         pruner.checked()
         assert pruner.trajectory is None
+
+
+def test_the_last_consumer_is_not_run_where_its_output_adds_to_the_block(
+        small: tuple[LoadedModel, Calibration], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLP down projection of every block after the first of its class is muted in the
+    pruned stream (`reconstruct._muted`: its output adds to the block's, the refit's output
+    is added after): the same refits as running it, and it runs on no pruned-stream batch."""
+    lm, cal = small
+    consumers = _consumers(lm.model)
+    calls = [0]
+    for c in consumers:
+        module = lm.model.get_submodule(c.module)
+        plain = module.forward
+
+        def counted(x: torch.Tensor, plain: object = plain) -> torch.Tensor:
+            calls[0] += 1
+            return plain(x)  # type: ignore[operator, no-any-return]
+
+        monkeypatch.setattr(module, "forward", counted, raising=False)
+    muted = reconstruct.reconstruct(lm.model, consumers, cal)
+    muted_calls = calls[0]
+
+    @contextmanager
+    def running(_module: nn.Module, _out: int) -> Iterator[None]:
+        yield
+
+    monkeypatch.setattr(reconstruct, "_muted", running)
+    calls[0] = 0
+    ran = reconstruct.reconstruct(lm.model, consumers, cal)
+    batches = len(reconstruct.in_order(cal).batches)
+    # running: every block's down projection on every batch of both streams, plus the
+    # one additivity check; muted: the original stream's, and the first batch of the first
+    # block in the pruned stream (it finds the additivity)
+    assert calls[0] == 2 * LAYERS * batches + 1, calls[0]
+    assert muted_calls == LAYERS * batches + 1 + 1, muted_calls
+    assert [f.choice for f in muted.fits] == [f.choice for f in ran.fits]
+    for k, v in ran.tensors.items():
+        torch.testing.assert_close(muted.tensors[k], v, rtol=1e-3, atol=3e-5)  # float rounding

@@ -484,7 +484,8 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
     ``shift`` (the block's last consumer) what the pruned stream's next inputs need is kept
     there. With ``dense``, the original block runs only when a consumer's original output
     is a target (not for a lone ``stream`` fit: its target is the block's output)."""
-    form = affine(model.get_submodule(c.module))
+    module = model.get_submodule(c.module)
+    form = affine(module)
     assert form is not None  # `inside_blocks` keeps these only
     cols = torch.as_tensor(c.kept)
     want = "stream" in streams and shift is not None
@@ -499,7 +500,11 @@ def _fit(model: nn.Module, layer: nn.Module, c: Consumer, masks: list[list[torch
                                  tried), c.kept)
         for b in range(len(orig[d])):
             mask = masks[d][b]
-            with _replaced(model, out, start):
+            # the block's last consumer adding to its output (known from a block of its
+            # class) need not run: the stream takes its refit output after the fit
+            mute = want and known.get(_class_key(layer, module)) is True
+            with _replaced(model, out, start), \
+                    _muted(module, form.weight.shape[0]) if mute else contextlib.nullcontext():
                 p = _run(layer, pruned[d][b], mask, model, inputs=[c.module],
                          full=c.module if shift is not None else None, hidden=want)
             if adds is None:
@@ -659,11 +664,37 @@ def _adds(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstruction, 
     out = _hidden_in(run.next)
     if out.shape != old.shape:  # e.g. a layer on flattened tokens: no plain sum
         return False
-    where = next(n for n, m in layer.named_modules() if m is module)
-    key = (type(layer), where, type(module))
+    key = _class_key(layer, module)
     if key not in known:
         known[key] = _sums(model, layer, module, c, rec, run, inp, start)
     return known[key]
+
+
+def _class_key(layer: nn.Module, module: nn.Module) -> tuple[Any, ...]:
+    """``module``'s place in blocks of ``layer``'s class (what `_adds` knows per class)."""
+    where = next(n for n, m in layer.named_modules() if m is module)
+    return (type(layer), where, type(module))
+
+
+@contextlib.contextmanager
+def _muted(module: nn.Module, out_features: int) -> Iterator[None]:
+    """``module`` gives zeros while inside (its hooks still run: its inputs are seen), and
+    costs nothing: for the block's last consumer when its output adds to the block's output
+    (`_adds`), whose output then is the block's output less the rest of the block, which is
+    all the pruned stream needs (the consumer's output is the refit's, added after)."""
+    had = module.__dict__.get("forward")  # an instance forward (accelerate's) to put back
+
+    def silent(x: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], out_features)
+
+    module.forward = silent
+    try:
+        yield
+    finally:
+        if had is not None:
+            module.forward = had
+        else:
+            del module.forward
 
 
 def _sums(model: nn.Module, layer: nn.Module, module: nn.Module, c: Consumer,
