@@ -6,7 +6,9 @@ Each figure is wall time; the 7B Groups page rows also give the CPU time of this
 Measures, per model spec on ``meta``: loading + tracing from the Model page, then the first
 render of the Graph page; on the default model one accept + reject round trip on the
 Groups page; and on the Llama-2-7B shape (meta) Accept, Undo and Accept all on the Groups
-page. Usage: ``python benchmarks/app_render.py [--runs 3] [--only-7b]``.
+page. Usage: ``python benchmarks/app_render.py [--runs 3] [--only-7b] [--pages-direct]``.
+Every run starts from ``app.py`` as on a server (``tests/served.py``: heap trim, registry
+measure, session lock after each page run); ``--pages-direct`` gives AppTest's own runs.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PE_SESSION_DIR", tempfile.mkdtemp())  # not the user's session logs
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # served.py: AppTest runs through app.py
 
 import streamlit as st  # noqa: E402
+from served import run_app_py_every_time  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 APP = str(ROOT / "app.py")
@@ -95,7 +99,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only-7b", action="store_true", help="only the 7B Groups page times")
+    ap.add_argument("--pages-direct", action="store_true",
+                    help="let AppTest run a switched-to page without app.py, as this "
+                         "benchmark did before the option existed (tests/served.py)")
     args = ap.parse_args()
+    if not args.pages_direct:
+        run_app_py_every_time()
     AppTest.from_file(APP, default_timeout=600).run()  # warm imports and the default model
     rows = []
     runs7 = [llama_accept_undo_all() for _ in range(args.runs)]

@@ -96,8 +96,8 @@ def _one_layer(name: str) -> str:
     pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
     with tempfile.TemporaryDirectory() as tmp:
         result = export(model, Path(tmp) / "out", ["hf"], plan=Plan.from_pruner(pruner, name))
-    reason = next((m.split("no transformers folder: ", 1)[1] for m in result.messages
-                   if "no transformers folder: " in m), "hf folder")
+    reason = result.config.reason if result.config is not None and not result.config.ok \
+        else "hf folder"
     data = Plan.from_pruner(pruner, name).to_dict()
     data["steps"][0]["attributes"]["model.layers.0"] = {"hidden_size": [64, 32]}
     try:

@@ -14,7 +14,7 @@ from explorer.app.sources import example_specs, plan_text, request_from_fields
 from explorer.graph.metrics import count_params
 from explorer.render.figures import compact, quality_text
 from explorer.render.proposal_view import quality_note
-from pages._session import heldout_path, load, prompts_box, show
+from pages._session import heldout_path, load, prompts_box, session_or_stop, show
 
 
 def _pick() -> None:
@@ -82,10 +82,7 @@ if st.button("Load and trace", key="model_load", type="primary"):
 if st.session_state.get("pe_error"):
     st.error(st.session_state.pe_error)
 
-if "pe" not in st.session_state:
-    st.info("No model is loaded yet.")
-    st.stop()
-pe = st.session_state.pe
+pe = session_or_stop("No model is loaded yet.")
 
 
 def _apply_plan() -> None:

@@ -5,12 +5,11 @@ from components.graph_view import graph_view
 from explorer.render.dot import dot_to_svg, graph_to_dot, has_dot
 from explorer.render.figures import member_rows, search_modules
 from explorer.render.view import build_view
+from pages._session import session_or_stop
 
 st.title("Graph")
-if "pe" not in st.session_state:
-    st.info("Load a model on the Model page first.")
-    st.stop()
-mg = st.session_state.pe.graph
+pe = session_or_stop()
+mg = pe.graph
 groups = mg.groups()
 click = st.session_state.get("graph_view")
 if isinstance(click, dict) and click.get("n") != st.session_state.get("graph_click_n"):
@@ -36,8 +35,8 @@ if query.strip():
 unsafe: dict[int, str] = {}
 if gid is not None:  # pre-flight the selected group's pending proposal: unsafe shows file:line
     try:
-        p = next((q for q in st.session_state.pe.proposals() if q.group.id == gid), None)
-        verdict = st.session_state.pe.preflight(p) if p is not None else None
+        p = next((q for q in pe.proposals() if q.group.id == gid), None)
+        verdict = pe.preflight(p) if p is not None else None
     except Exception:  # noqa: BLE001 - e.g. a criterion that needs weights on meta
         verdict = None
     if verdict is not None and not verdict.ok:
@@ -45,7 +44,7 @@ if gid is not None:  # pre-flight the selected group's pending proposal: unsafe 
         st.warning(f"Pruning group {gid} breaks the forward in {verdict.module} "
                    f"{verdict.location}: {verdict.error}")
 view = build_view(mg, depth=depth, group=gid, fold=fold, search=found, unsafe=unsafe)
-model_key = f"{st.session_state.pe.spec}:{mg.num_ops}:{len(groups)}:{depth}:{fold}"
+model_key = f"{pe.spec}:{mg.num_ops}:{len(groups)}:{depth}:{fold}"
 graph_view(view.to_component(), key="graph_view", model_key=model_key,
            selected=st.session_state.get("graph_node"))
 clicked = next((n for n in view.nodes if n.id == st.session_state.get("graph_node")), None)

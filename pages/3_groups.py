@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer.app.session import Session
 from explorer.prune.preflight import Verdict
 from explorer.render.proposal_view import axis_rows, edited, equal_counts, layered
 from pages._groups.costs import cost, export_aware, tradeoff
 from pages._groups.decide import actions, counts_editor, metrics, pick, verdict_box
 from pages._groups.settings import settings, thresholds
 from pages._groups.views import chart, details, history, subgraph
-from pages._session import reset, show
+from pages._session import reset, session_or_stop, show
 
 
 def main() -> None:
     st.title("Groups")
-    if "pe" not in st.session_state:
-        st.info("Load a model on the Model page first.")
-        st.stop()
-    pe: Session = st.session_state.pe
+    pe = session_or_stop()
     t = thresholds()
     settings(pe)
     try:

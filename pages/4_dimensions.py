@@ -14,13 +14,10 @@ from explorer.render.figures import (
     sensitivity_figure,
     widths_figure,
 )
-from pages._session import show
+from pages._session import session_or_stop, show
 
 st.title("Dimensions & heads")
-if "pe" not in st.session_state:
-    st.info("Load a model on the Model page first.")
-    st.stop()
-pe = st.session_state.pe
+pe = session_or_stop()
 AUTO_PREFLIGHT = 16  # pending groups up to which the verdicts are computed on render
 
 if (msg := st.session_state.pop("dims_message", None)) is not None:

@@ -6,13 +6,11 @@ from pathlib import Path
 import streamlit as st
 
 from explorer.io.export import FORMATS
-from pages._session import prompt_lines, show
+from explorer.prune.records import said_once
+from pages._session import prompt_lines, session_or_stop, show
 
 st.title("Export")
-if "pe" not in st.session_state:
-    st.info("Load a model on the Model page first.")
-    st.stop()
-pe = st.session_state.pe
+pe = session_or_stop()
 if st.button("Run forward check", key="export_check"):
     msg = pe.forward_check()
     show(msg)
@@ -34,10 +32,7 @@ c3.download_button("Download JSON session log", lambda: json.dumps(pe.report(), 
                    file_name="pruning_session.json", mime="application/json",
                    key="export_report", on_click="ignore")
 
-if pe.config_note:
-    st.info(f"No transformers config describes the pruned model, so `save_pretrained` would "
-            f"not reload it and the hf format falls back to safetensors + plan: "
-            f"{pe.config_note}")
+config_box = st.empty()  # why no transformers config fits, unless the export notes say it
 st.subheader("All formats")
 default = [f for f in FORMATS if f != "hf" or pe.spec.startswith("hf:")]
 formats = st.multiselect("Formats", FORMATS, default=default, key="export_formats",
@@ -56,7 +51,7 @@ if st.button("Build export files", key="export_build", type="primary", disabled=
             got, notes = pe.export_files((fmt,), folder.name,
                                          prompts=prompt_lines(st.session_state))
             built.update(got)
-            messages += [n for n in notes if n not in messages]
+            messages = said_once([*messages, *notes])
         st.session_state.export_files = (pe.version, built, messages, folder)
     except Exception as exc:  # noqa: BLE001 - shown as one line, the session is untouched
         folder.cleanup()
@@ -64,7 +59,10 @@ if st.button("Build export files", key="export_build", type="primary", disabled=
     finally:
         bar.empty()
 version, files, notes, _folder = st.session_state.get("export_files", (None, {}, [], None))
-if version == pe.version and files:
+built = version == pe.version and bool(files)
+if pe.config_line(notes if built else []):
+    config_box.info(pe.config_line(notes if built else []))
+if built:
     for note in notes:
         st.caption(note)
     cols = st.columns(min(len(files), 4))

@@ -6,7 +6,11 @@ directly (multipage v1), without ``app.py``. On a server the first run's ``st.na
 clears it for good; AppTest sets it again before every run, so after ``switch_page`` its runs
 skip ``app.py``: no session lock (`pages._session.held_still`), no registry measure, no heap
 trim after the run (the freed heap of a page run stays resident until a fresh AppTest runs
-``app.py``). `benchmarks/app_llm.py` measures with it; a test patches it with ``monkeypatch``.
+``app.py``). Where that work is what a flow tests, the flow runs served:
+``tests/test_app_sessions.py`` (the id in the URL, the registry's measure and eviction, the
+session lock: every test, by ``monkeypatch``); `benchmarks/app_llm.py` and
+`benchmarks/app_render.py` measure with it. The other AppTests check what pages draw and do,
+which is the same either way (checked: every AppTest file passes served too).
 """
 from __future__ import annotations
 

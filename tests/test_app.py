@@ -366,3 +366,33 @@ def test_graph_click_selects_the_group_of_the_channels_a_node_writes(app: AppTes
     offer.set_value(residual).run()
     assert not app.exception, app.exception
     assert app.selectbox(key="graph_group").value == residual
+
+
+@pytest.mark.parametrize("page", ["2_graph", "3_groups", "4_dimensions", "5_export"])
+def test_a_page_without_a_session_says_so_in_one_line(page: str) -> None:
+    """Every page's precondition is `pages._session.session_or_stop`: no session, one info
+    line and nothing else drawn after it."""
+    at = AppTest.from_file(str(Path(APP).parent / "pages" / f"{page}.py"),
+                           default_timeout=TIMEOUT).run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert [i.value for i in at.info] == ["Load a model on the Model page first."]
+
+
+def test_the_groups_page_and_the_cli_describe_settings_in_the_same_words(
+        app: AppTest, capsys: pytest.CaptureFixture[str]) -> None:
+    """What each heads mode, compensation and target means has one wording
+    (`prune.settings.HEAD_MODE_WORDS`, `COMPENSATION_WORDS`, `coupling.targets.TARGET_WORDS`):
+    the page and `--help` had two, which had drifted apart."""
+    from explorer.app.cli import build_parser
+    from explorer.coupling.targets import TARGET_WORDS
+    from explorer.prune.settings import COMPENSATION_WORDS, HEAD_MODE_WORDS
+
+    app.switch_page("pages/3_groups.py").run()
+    assert app.selectbox(key="groups_heads").help == HEAD_MODE_WORDS
+    assert COMPENSATION_WORDS in app.selectbox(key="groups_compensate").help
+    assert TARGET_WORDS in app.multiselect(key="groups_targets").help
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    cli = " ".join(capsys.readouterr().out.split())
+    for words in (HEAD_MODE_WORDS, COMPENSATION_WORDS, TARGET_WORDS):
+        assert " ".join(words.split()) in cli

@@ -134,8 +134,16 @@ def test_fallback_export_writes_the_config_it_can_and_says_the_rest(llama: Loade
         readme = zf.read("README.md").decode()
     assert {"model.safetensors", "plan.json", "config.json"} <= names
     assert config["intermediate_size"] == 128  # kept: layers 0 and 2 are still 128 wide
-    assert any(n.startswith("config.json: the transformers config") for n in notes)
-    assert "intermediate_size differs between layers" in readme and "plan.json holds" in readme
+    (said,) = notes  # one note: why no folder, and what stands in for it
+    assert said.startswith("hf: no transformers folder: the transformers config cannot "
+                           "describe the pruned model: intermediate_size differs between")
+    assert "with config.json: the transformers config" in said
+    assert readme.count("intermediate_size differs between layers") == 1
+    assert "plan.json holds" in readme
+    # the Export page's line says it until an export's notes do, not beside them
+    assert pe.config_line().startswith("The transformers config cannot describe the pruned "
+                                       "model: intermediate_size differs between layers")
+    assert pe.config_line(notes) == ""
 
 
 def test_joint_reason_quotes_the_model_line_not_a_comment() -> None:

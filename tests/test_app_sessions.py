@@ -1,6 +1,10 @@
 """A session's lifetime in the app (AppTest, no browser): the id in the URL survives page
 changes; a refresh or a second tab gets the live session itself; an evicted session and a
-server restart reopen from the saved log; short memory is one line, not a dead server."""
+server restart reopen from the saved log; short memory is one line, not a dead server.
+
+Every run here starts from ``app.py``, as on a server (`served`): the id in the URL, the
+registry's measure and eviction and the session lock are ``app.py``'s work on every run,
+which AppTest's own runs after ``switch_page`` skip."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,17 +13,21 @@ import pytest
 
 pytest.importorskip("streamlit")
 import streamlit as st  # noqa: E402
+from served import served  # noqa: E402 - tests/ is on sys.path
+from streamlit.runtime.pages_manager import PagesManager  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from explorer.app import registry  # noqa: E402
 
 TIMEOUT = 120
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES_DIRECT = PagesManager.__init__  # AppTest's own: a switched-to page runs without app.py
 
 
 @pytest.fixture(autouse=True)
 def _fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PE_SESSION_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setattr(PagesManager, "__init__", served(PAGES_DIRECT))  # as on a server
     _sessions().clear()  # no live session of another test
 
 
@@ -49,10 +57,8 @@ def test_served_apptest_runs_start_from_app_py(monkeypatch: pytest.MonkeyPatch) 
     a server leaves after its first run): no heap trim, no registry measure after the run, so
     the SmolLM2 benchmark read 1.0-1.5 GB for a session of 0.78 GB. `served` runs app.py
     every time, as a server does."""
-    from served import served
-    from streamlit.runtime.pages_manager import PagesManager
-
     from explorer.app import allocator
+    monkeypatch.setattr(PagesManager, "__init__", PAGES_DIRECT)  # the oracle: AppTest alone
     trims = [0]
     trim = allocator.trim_heap
 
@@ -87,6 +93,18 @@ def test_a_refresh_and_a_second_tab_share_the_live_session() -> None:
     assert "rejected" in first.session_state["pe"].history[-1]  # ... seen in the other
 
 
+def test_a_page_link_that_drops_the_query_string_gets_the_id_back() -> None:
+    """Streamlit's page links drop ``?sid=``: the next run writes it back from the session
+    state, so a refresh on the new page finds the session (AppTest alone never ran the code
+    that does, after ``switch_page``)."""
+    first = _open()
+    sid = first.session_state["pe_sid"]
+    first.query_params.clear()
+    first.switch_page("pages/4_dimensions.py").run()
+    assert first.query_params["sid"] == sid
+    assert _open(sid).session_state["pe"] is first.session_state["pe"]
+
+
 def test_a_server_restart_replays_the_saved_log() -> None:
     first = _open()
     sid = first.session_state["pe_sid"]
@@ -103,8 +121,8 @@ def test_an_evicted_session_reopens_from_its_log_and_frees_its_place() -> None:
     sid = first.session_state["pe_sid"]
     params = _accept_one(first)
     # a session holds what its cuts made (the rest is the pristine model's): measured after
-    # every run of app.py (AppTest's switch_page runs the page alone), here its refresh
-    assert _sessions().held == 0 and _open(sid).session_state["pe_sid"] == sid
+    # every run, here the Accept's own (AppTest alone skipped it and measured 0 until a
+    # refresh ran app.py)
     assert _sessions().held > 0
     _sessions().budget = 1  # bytes: every new session evicts the others
     other = _open()  # another user loads a model: the idle session goes

@@ -224,3 +224,49 @@ def test_loading_is_quiet_and_the_callers_setting_is_kept(ckpt: Path,
             assert not hf_logging.is_progress_bar_enabled()
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_quiet_drops_the_loading_threads_own_stderr_only(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A GGUF load draws a plain tqdm bar ("Converting and de-quantizing GGUF tensors") that
+    no transformers switch reaches: what the loading thread writes to stderr inside the
+    block is dropped, another thread's (a Streamlit session beside it) is not, and stderr is
+    the caller's stream again after."""
+    import sys
+    import threading
+
+    from tqdm.auto import tqdm
+
+    before = sys.stderr
+    with quiet_transformers(stderr=True):
+        for _ in tqdm(range(3), desc="de-quantizing"):
+            pass
+        other = threading.Thread(target=lambda: print("beside it", file=sys.stderr))
+        other.start()
+        other.join()
+        with quiet_transformers():  # nested: still quiet after the inner block ends
+            print("inner", file=sys.stderr)
+        print("still inside", file=sys.stderr)
+    with quiet_transformers():  # other loads keep their warnings on stderr
+        print("a plain load", file=sys.stderr)
+    print("after", file=sys.stderr)
+    assert sys.stderr is before
+    assert capsys.readouterr().err == "beside it\na plain load\nafter\n"
+
+
+def test_evaluating_puts_every_mode_and_the_random_state_back() -> None:
+    """`graph.rng.evaluating`, the one eval-mode context: eval inside for every model given,
+    each submodule's own flag (a train-mode child of an eval-mode parent too) and torch's
+    random state back after, also when the body raises."""
+    from explorer.graph.rng import evaluating
+
+    a, b = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), nn.Linear(2, 2)
+    a.eval()
+    a[1].train()
+    state = torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="inside"), evaluating(a, b, (torch.ones(1, 2),)):
+        assert not any(m.training for m in [*a.modules(), b])
+        torch.rand(3)  # a draw on the fork
+        raise RuntimeError("inside")
+    assert [m.training for m in a.modules()] == [False, False, True] and b.training
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -103,3 +103,15 @@ def test_error_in_a_real_process() -> None:
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "unknown transformers family 'nope'" in done.stderr
+
+
+def test_prune_export_and_evaluate_read_data_alike() -> None:
+    """One set of data options (`cli._add_data_args`) with `io.data.DataOptions`' defaults."""
+    from explorer.app.cli import build_parser
+    from explorer.io.data import DataOptions
+
+    parser = build_parser()
+    for argv in (["prune", "--model", "demo:mlp"], ["export", "--model", "demo:mlp", "--out", "o"],
+                 ["evaluate", "--model", "hf:a", "--reference", "hf:b"]):
+        args = parser.parse_args(argv)
+        assert DataOptions(args.num_samples, args.seq_len, args.batch_size) == DataOptions()

@@ -253,6 +253,41 @@ def test_the_n_lowest_scores_have_one_home() -> None:
     assert found - drawing == {"prune/importance.py"}
 
 
+def _mean_magnitudes(path: Path) -> int:
+    """How many ``mean(abs(x))`` (or ``x.abs().mean()``) expressions ``path`` has."""
+    def named(node: ast.AST, name: str) -> bool:
+        return isinstance(node, ast.Call) and name in (getattr(node.func, "attr", None),
+                                                       getattr(node.func, "id", None))
+    return sum(1 for n in ast.walk(ast.parse(path.read_text())) if named(n, "mean") and (
+        (n.args and named(n.args[0], "abs")) or
+        isinstance(n.func, ast.Attribute) and named(n.func.value, "abs")))
+
+
+def test_the_score_normalisation_has_one_home() -> None:
+    """The global ranking compares axes by scores over their mean magnitude: that is
+    `counts.normalised`, which the statement reads to quote the scores (it had a copy)."""
+    found = {str(p.relative_to(ROOT)) for p in SOURCES if _mean_magnitudes(p)}
+    assert found == {"prune/counts.py"}
+
+
+def test_train_eval_modes_are_put_back_in_one_place() -> None:
+    """Running a caller's model in eval mode and putting every submodule's own mode back is
+    `graph.rng.evaluating` (calibration, evaluation, generation, latency and folds each
+    had their own copy of the save-and-restore loop)."""
+    found = {str(p.relative_to(ROOT)) for p in SOURCES for n in ast.walk(ast.parse(
+        p.read_text())) if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Attribute) and t.attr == "training" for t in n.targets)}
+    assert found == {"graph/rng.py"}
+
+
+def test_an_ops_module_is_named_in_one_place() -> None:
+    """Messages name the module an op ran in as `OpNode.scope` (``<root>`` for the model
+    itself); ten coupling rules and the explanations each spelled ``module or '<root>'``."""
+    spelled = {str(p.relative_to(ROOT)) for p in SOURCES if "or '<root>'" in p.read_text()
+               or 'or "<root>"' in p.read_text()}
+    assert spelled == {"graph/ir.py", "graph/tracer.py"}  # the tracer names a module, no op
+
+
 def test_prune_loads_no_checkpoint() -> None:
     """Checkpoints are loaded by `explorer.io` (`io/specs`: `load_model`, `load_offloaded`);
     `prune/` works on the model it is given."""

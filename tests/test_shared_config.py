@@ -139,6 +139,54 @@ def test_phi3_one_layer_cut_gets_its_own_config_and_exports_a_plan(tmp_path: Pat
     assert all(a.config is shared for a in _attention(model))
 
 
+def _tiny(model_type: str) -> nn.Module:
+    from test_families import FAMILIES
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **FAMILIES[model_type][1])).eval()
+
+
+def test_gpt_neox_one_layer_head_cut_says_which_line_no_config_can_size(
+        tmp_path: Path) -> None:
+    """GPT-NeoX sizes its fused ``query_key_value`` as ``3 * hidden_size`` rows, so no config
+    describes a head cut that keeps the residual stream. The reason was a raw shape message
+    ("'...query_key_value.weight' is (96, 64) but the config builds (192, 64)"); it now says
+    what is refused, the module and the model line that builds it, the field that also sizes
+    a kept tensor, and what to do, in the step's note and the export's."""
+    model = _tiny("gpt_neox")
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(2))
+    pruner = Pruner(model, (ids,), heads="whole", targets="heads")
+    pruner.apply(_removal(pruner, AxisRole.HEADS, layers=1))
+    note = pruner.config_note
+    qkv = "gpt_neox.layers.0.attention.query_key_value"
+    assert note.startswith(f"no GPTNeoXConfig sizes {qkv} as cut (96 x 64, was 192 x 64): `")
+    assert re.search(r"modeling_gpt_neox\.py:\d+` \(`self\.query_key_value = nn\.Linear\("
+                     r"config\.hidden_size, 3 \* config\.hidden_size", note), note
+    assert "builds it from hidden_size, and hidden_size also sizes gpt_neox.embed_in.weight " \
+        "(dim 1: 64, kept)" in note
+    assert note.endswith(f"for a from_pretrained folder leave {qkv} out of the cut")
+    assert "but the config builds" not in note
+    where = note.split("`")[1]  # the model line is real: it builds query_key_value
+    path, line = where.rsplit(":", 1)
+    assert "self.query_key_value =" in Path(path).read_text().splitlines()[int(line) - 1]
+    result = export(model, tmp_path / "out", ["hf"], plan=Plan.from_pruner(pruner, "gpt_neox"))
+    (said,) = result.messages
+    assert "hf" not in result.files and note in said
+
+
+def test_every_line_that_may_build_the_module_is_named() -> None:
+    """GPT-2 builds ``c_attn`` in one of two branches (cross-attention or not): both lines."""
+    model = _tiny("gpt2")
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(2))
+    pruner = Pruner(model, (ids,), heads="whole", targets="heads", ratio=0.5,
+                    importance="random")
+    assert pruner.step()
+    note = pruner.config_note
+    assert "`self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)`) or `" in note, note
+    assert "`self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)`) builds it from " \
+        "n_embd, and n_embd also sizes transformer.wte.weight (dim 1: 64, kept)" in note
+
+
 def test_failure_midway_leaves_every_config_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cut that fails after the attention modules got their config copies (a later fix-up
     raises), and a plan replay that fails after setting them: model, config objects and
@@ -230,6 +278,18 @@ def test_groups_page_says_a_one_layer_head_cut_leaves_no_from_pretrained_folder(
     first, second = _attention(model)
     assert first.config is not model.config and first.config.num_attention_heads == 4
     assert second.config is model.config and model.config.num_attention_heads == 8
+    # the Export page says why no config describes it once: before a build in its own line,
+    # after an hf build in the export's note only (it was said in both, and twice in those)
+    app.switch_page("pages/5_export.py").run()
+    [said] = [i.value for i in app.info if "cannot describe" in i.value]
+    assert said.startswith("The transformers config cannot describe the pruned model: "
+                           "num_attention_heads differs between layers"), said
+    app.multiselect(key="export_formats").set_value(["hf"]).run()
+    app.button(key="export_build").click().run()
+    assert not app.exception and not app.error, (app.exception, app.error)
+    assert not [i.value for i in app.info if "cannot describe" in i.value]
+    notes = [c.value for c in app.caption if "num_attention_heads differs" in c.value]
+    assert len(notes) == 1 and notes[0].startswith("hf: no transformers folder: "), notes
     assert pe.undo() and all(a.config is model.config for a in _attention(model))
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ..api import trace
 from ..coupling.heads import AttentionInfo, attention_modules, head_changes
-from ..coupling.targets import TARGET_NAMES, parse_targets, target_of
+from ..coupling.targets import TARGET_WORDS, parse_targets, target_of
 from ..graph.metrics import count_params
 from ..graph.tracer import TraceError
 from ..io import defaults
@@ -57,12 +57,13 @@ from ..prune.importance import Criterion
 from ..prune.offloaded import rebased_heads
 from ..prune.preflight import forward_check
 from ..prune.pruner import HEAD_MODES, Pruner, StepReport
+from ..prune.records import said_once
 from ..prune.sequential import (
     SEQUENTIAL_CRITERIA,
     SequentialError,
     sequential_criterion,
 )
-from ..prune.settings import ALLOCATIONS
+from ..prune.settings import ALLOCATIONS, COMPENSATION_WORDS, COMPENSATIONS, HEAD_MODE_WORDS
 from ..prune.statement import Statement, statement
 from ..quality.evaluate import Quality, evaluate, scored_tokens
 from ..quality.generate import DEFAULT_NEW_TOKENS, Continuation, check_generates, continuations
@@ -158,13 +159,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "with a tokenizer, reading --calibration or built-in text; magnitude "
                         "otherwise)")
     p.add_argument("--heads", default=None, choices=HEAD_MODES,
-                   help="dims: the same dims in every head; whole: whole heads (whole "
-                        "key/value groups with their query heads under GQA); query: query "
-                        "heads inside every key/value group; keep: no attention change "
-                        "(default: keep for a language model with real weights unless "
-                        "--targets names heads or residual, else dims)")
+                   help=f"{HEAD_MODE_WORDS} (default: keep for a language model with real "
+                        f"weights unless --targets names heads or residual, else dims)")
     p.add_argument("--targets", default=None, type=_targets, metavar="LIST",
-                   help=f"what may be cut, comma-separated: {', '.join(TARGET_NAMES)} "
+                   help=f"what may be cut, comma-separated: {TARGET_WORDS} "
                         f"(or all). Default: all but residual on language models (token ids "
                         f"into an embedding: the hidden size, embeddings and norms stay), all "
                         f"otherwise")
@@ -191,10 +189,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", dest="eval_data", default=None,
                    help="held-out data (same forms, never the calibration samples): measure "
                         "quality before and after (perplexity, cosine, KL, top-1)")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="use the first N samples of each data file (default: all)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    _add_data_args(p, "samples of each data file")
     p.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
                    help="with --device meta and hf:FOLDER: compute a data-aware criterion "
                         "one decoder layer at a time from the folder's weights, holding at "
@@ -203,13 +198,24 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="where --max-memory offloads weights and keeps activations "
                         "(default: a temporary folder, removed afterwards)")
     _add_generate_args(p)
-    p.add_argument("--compensate", default="none", choices=["none", "bias", "lstsq"],
-                   help="refit the layers that read removed channels on the calibration data: "
-                        "bias (the mean of what was removed, FLAP) or lstsq (ridge least "
-                        "squares, layer by layer on the pruned model's own inputs, kept per "
-                        "layer only where it helps on held-out calibration samples); without "
-                        "--calibration a causal language model reads built-in prose, others "
-                        "random inputs: check quality with --eval")
+    p.add_argument("--compensate", default="none", choices=COMPENSATIONS,
+                   help=f"{COMPENSATION_WORDS}; without --calibration a causal language model "
+                        f"reads built-in prose, others random inputs: check quality with --eval")
+
+
+def _add_data_args(p: argparse.ArgumentParser, samples: str) -> None:
+    """How much data a command reads and how it batches it (`io.data.DataOptions`, whose
+    defaults these are); ``samples`` says which samples ``--num-samples`` counts."""
+    p.add_argument("--num-samples", type=int, default=DataOptions.num_samples,
+                   help=f"use the first N {samples} (default: all)")
+    p.add_argument("--seq-len", type=int, default=DataOptions.seq_len,
+                   help="tokens per text sample at most")
+    p.add_argument("--batch-size", type=int, default=DataOptions.batch_size,
+                   help="samples per forward")
+
+
+def _data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(args.num_samples, args.seq_len, args.batch_size)
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -266,10 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval", dest="eval_data", default=None,
                     help="held-out data: .txt (one sample a line), .jsonl, an image folder or "
                          "a tensor file")
-    ev.add_argument("--num-samples", type=int, default=None,
-                    help="use the first N held-out samples (default: all)")
-    ev.add_argument("--seq-len", type=int, default=128, help="tokens per text sample at most")
-    ev.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    _add_data_args(ev, "held-out samples")
     _add_generate_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -450,7 +453,7 @@ def _data(args: argparse.Namespace, lm: LoadedModel) -> tuple[Calibration | None
                                                                 Calibration | None]:
     """Calibration and held-out data from ``--calibration`` / ``--eval`` (checked apart in
     `_load`)."""
-    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    opts = _data_options(args)
     if (args.eval_data or args.generate) and args.device == "meta":
         raise CliError(f"{'--eval' if args.eval_data else '--generate'} measures quality, "
                        f"which needs weights; use --device cpu")
@@ -598,7 +601,7 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         reports = [pruner.step() for _ in range(pruner.steps)]
         large = _large_refit(args, big, pruner) if big is not None and refit else None
     if large is not None:
-        reports[-1].notes += [n for n in large.notes if n not in reports[-1].notes]
+        reports[-1].notes = said_once([*reports[-1].notes, *large.notes])
     first, last = reports[0], reports[-1]
     pruned_groups = {c.group for c in first.changes if c.removed}
     heads_after = attention_modules(lm.model, pruner.coupling)
@@ -612,8 +615,8 @@ def _prune(args: argparse.Namespace, lm: LoadedModel, report: bool = False) -> _
         "unsafe": [{"group": u.group, "module": u.module, "location": u.location,
                     "error": u.error, "advice": u.advice} for r in reports for u in r.unsafe],
         "steps": [r.to_dict() for r in reports],
-        "notes": list(dict.fromkeys([*([chosen.note] if chosen.note else []), *lm.notes,
-                                     *(n for r in reports for n in r.notes)])),
+        "notes": said_once([*([chosen.note] if chosen.note else []), *lm.notes,
+                            *(n for r in reports for n in r.notes)]),
         "attention": [c.to_dict() for c in head_changes(heads_before, heads_after)],
         "targets": said.to_dict(),
     }
@@ -755,7 +758,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if pruned.task is not reference.task:
         raise CliError(f"{args.model} is a {pruned.task.value} model and {args.reference} a "
                        f"{reference.task.value} model; compare a pruned model with its original")
-    opts = DataOptions(args.num_samples, args.seq_len, args.batch_size)
+    opts = _data_options(args)
     held = load_data(args.eval_data, reference, opts) if args.eval_data else None
     if held is not None:
         _check_scorable(held, reference.task, args.eval_data)
@@ -843,6 +846,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                  force=args.force, sentence=lm.sentence, sources=_sources(args))
     out.update(_export_summary(res))
     out.pop("steps")
+    # the run's notes the export's messages already say (its hf fall-back carries the
+    # step's config note) are not said again
+    out["notes"] = [n for n in said_once([*res.messages, *out["notes"]])
+                    if n not in res.messages]
     out["_text"] = (run.said.text() + "\n" + f"{args.model}: params {out['params_before']:,} -> "
                     f"{out['params_after']:,}; wrote {', '.join(res.files) or 'nothing'} to "
                     f"{args.out}"

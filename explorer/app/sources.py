@@ -7,7 +7,6 @@ held-out data.
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ..io.data import (
     load_data,
     read_texts,
 )
+from ..io.jsonfile import read_json
 from ..io.specs import (
     LoadedModel,
     SpecError,
@@ -82,10 +82,7 @@ def spec_for_path(path: str) -> tuple[str, str]:
     if not config.is_file():
         raise SpecError(f"folder {str(p)!r} has no config.json; give a transformers or timm "
                         "checkpoint folder, or a weights file")
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError, RecursionError) as e:
-        raise SpecError(f"cannot read {str(config)!r}: {e}") from e
+    data = read_json(config, "the folder's config", SpecError)
     timm_style = isinstance(data, dict) and "architecture" in data and "model_type" not in data
     return (f"timm:{p}" if timm_style else f"hf:{p}"), ""
 

@@ -21,10 +21,12 @@ from ..io.plan import Plan
 from ..io.specs import SentenceFolder
 from ..prune.calibration import Calibration
 from ..prune.decisions import Decision
+from ..prune.fixups.hfconfig import cannot_describe
 from ..prune.joint import Solution
 from ..prune.preflight import Verdict, forward_check, shared_clone
 from ..prune.proposal import Counts, Proposal
 from ..prune.pruner import Pruner
+from ..prune.records import said_once
 from ..prune.removal import Applied
 from ..prune.sensitivity import Progress, SensitivityRow, scan
 from ..prune.statement import Statement, statement
@@ -310,6 +312,18 @@ class Workspace:
         ``save_pretrained`` of it would not reload it, and an ``hf`` export falls back to
         safetensors + plan."""
         return self.pruner.config_note if self.pruner.applied else ""
+
+    def config_line(self, said: Sequence[str] = ()) -> str:
+        """The Export page's line on why no transformers config describes the pruned model:
+        '' when one does, or when the export notes ``said`` already carry it (an hf
+        export's fall-back message says it once)."""
+        if not self.config_note:
+            return ""
+        line = cannot_describe(self.config_note)
+        if line not in said_once([line, *said]):
+            return ""
+        return (f"{line[0].upper()}{line[1:]}. `save_pretrained` would not reload it, so "
+                f"the hf format falls back to safetensors + plan.")
 
     def forward_check(self) -> Message:
         """Run the current model and compare its output shapes with the original's."""

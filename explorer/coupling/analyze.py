@@ -9,7 +9,7 @@ from typing import Any, overload
 import numpy as np
 
 from ..graph.collector import paused
-from ..graph.ir import Graph, Value, ValueKind, value_refs
+from ..graph.ir import Graph, OpNode, Value, ValueKind, value_refs
 from ..graph.ops import TOKEN_EMBEDDING_OPS
 from .context import Ctx, tensor_args
 from .dispatch import apply_rule
@@ -592,9 +592,9 @@ def _noise(fams: list[int], c: Coupling) -> bool:
     return True
 
 
-def _describe(node: object, graph: Graph) -> str:
-    short = node.short  # type: ignore[attr-defined]
-    where = node.module or "<root>"  # type: ignore[attr-defined]
+def _describe(node: OpNode, graph: Graph) -> str:
+    short = node.short
+    where = node.scope
     words = {
         "add": "residual/element-wise add", "sub": "element-wise sub",
         "mul": "element-wise multiply", "cat": "concat", "view": "reshape",
@@ -605,8 +605,8 @@ def _describe(node: object, graph: Graph) -> str:
         "_native_batch_norm_legit": "batch norm", "native_group_norm": "group norm",
     }
     text = f"{words.get(short, short)} in {where}"
-    if short in ("view", "_unsafe_view", "reshape") and node.outputs[0] is not None:  # type: ignore
-        text += f" (to {list(graph.values[node.outputs[0]].shape)})"  # type: ignore
+    if short in ("view", "_unsafe_view", "reshape") and node.outputs[0] is not None:
+        text += f" (to {list(graph.values[node.outputs[0]].shape)})"
     return text
 
 

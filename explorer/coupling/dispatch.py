@@ -28,7 +28,7 @@ def apply_rule(ctx: Ctx, node: OpNode) -> None:
 
 def _unknown(ctx: Ctx, node: OpNode) -> None:
     where = f" at {node.location}" if node.location else ""
-    reason = (f"unsupported op {node.short} in '{node.module or '<root>'}'{where}: "
+    reason = (f"unsupported op {node.short} in '{node.scope}'{where}: "
               f"no coupling rule, so its dims are left alone")
     inputs = tensor_args(node)
     if not inputs:  # a factory op we do not know: its outputs are new constants

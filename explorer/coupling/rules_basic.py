@@ -116,7 +116,7 @@ def factory(ctx: Ctx, node: OpNode) -> None:
 def data_dependent(ctx: Ctx, node: OpNode) -> None:
     """Outputs ordered or sized by data, or values read back to Python (``.item()``):
     nothing they touch may be pruned."""
-    reason = f"data-dependent {node.short} in '{node.module or '<root>'}'"
+    reason = f"data-dependent {node.short} in '{node.scope}'"
     ctx.pin_all(tensor_args(node), reason, PinKind.INDEXED)
     for i in range(len(node.outputs)):
         ctx.fresh_out(node, i, pin=reason, kind=PinKind.INDEXED)

@@ -142,7 +142,7 @@ def select(ctx: Ctx, node: OpNode) -> None:
     dim = norm_dim(arg(node, 1, "dim"), len(src))
     index = arg(node, 2, "index") % len(src[dim])
     ctx.sp.pin(src[dim][index:index + 1],
-               f"selected by the constant index {index} in '{node.module or '<root>'}'"
+               f"selected by the constant index {index} in '{node.scope}'"
                f"{' at ' + node.location if node.location else ''}", PinKind.INDEXED)
     ctx.set_out(node, 0, src[:dim] + src[dim + 1:])
 
@@ -151,7 +151,7 @@ def select(ctx: Ctx, node: OpNode) -> None:
 def unbind(ctx: Ctx, node: OpNode) -> None:
     src = ctx.dims(tensor_args(node)[0])
     dim = norm_dim(arg(node, 1, "dim", 0), len(src))
-    ctx.sp.pin(src[dim], f"unbound into separate tensors in '{node.module or '<root>'}'",
+    ctx.sp.pin(src[dim], f"unbound into separate tensors in '{node.scope}'",
                PinKind.INDEXED)
     for i in range(len(node.outputs)):
         ctx.set_out(node, i, src[:dim] + src[dim + 1:])
@@ -332,7 +332,7 @@ def as_strided(ctx: Ctx, node: OpNode) -> None:
     if size == ctx.shape(src_ref) and offset == 0 and _dense(size, stride):
         ctx.set_out(node, 0, list(src))
         return
-    reason = (f"as_strided view in '{node.module or '<root>'}' reinterprets memory; "
+    reason = (f"as_strided view in '{node.scope}' reinterprets memory; "
               f"its elements cannot be followed")
     ctx.pin_all([src_ref], reason, PinKind.UNSUPPORTED)
     ctx.fresh_out(node, 0, pin=reason, kind=PinKind.UNSUPPORTED)
@@ -350,7 +350,7 @@ def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def data_dependent_pin(ctx: Ctx, node: OpNode) -> None:
-    reason = f"{node.short} indexed by data in '{node.module or '<root>'}'"
+    reason = f"{node.short} indexed by data in '{node.scope}'"
     ctx.pin_all(tensor_args(node), reason, PinKind.INDEXED)
     for i in range(len(node.outputs)):
         ctx.fresh_out(node, i, pin=reason, kind=PinKind.INDEXED)
@@ -385,7 +385,7 @@ def index(ctx: Ctx, node: OpNode) -> None:
     src_ref = node.args[0]
     src = ctx.dims(src_ref)
     indices = list(arg(node, 1, "indices"))
-    where = f"indexed by a tensor in '{node.module or '<root>'}'" + (
+    where = f"indexed by a tensor in '{node.scope}'" + (
         f" at {node.location}" if node.location else "")
     used = [k for k, ix in enumerate(indices) if ix is not None]
     if len(used) == 1:
@@ -400,7 +400,7 @@ def index(ctx: Ctx, node: OpNode) -> None:
                     # it and the end it counts from is cut: [2] pins 0..2, [-2] the last two
                     span = src[d][:v + 1] if v >= 0 else src[d][size + v:]
                     ctx.sp.pin(span, f"position {v} of a constant index list in "
-                               f"'{node.module or '<root>'}'" + (
+                               f"'{node.scope}'" + (
                                    f" at {node.location}" if node.location else ""),
                                PinKind.INDEXED)
                 ctx.set_out(node, 0, out)
@@ -427,7 +427,7 @@ def index(ctx: Ctx, node: OpNode) -> None:
 def index_select(ctx: Ctx, node: OpNode) -> None:
     src = ctx.dims(tensor_args(node)[0])
     dim = norm_dim(arg(node, 1, "dim"), len(src))
-    where = f"rows picked by index_select in '{node.module or '<root>'}'"
+    where = f"rows picked by index_select in '{node.scope}'"
     ctx.sp.pin(src[dim], where, PinKind.INDEXED)
     out = list(src)
     out[dim] = ctx.sp.fresh(ctx.out_shape(node)[dim])

@@ -22,6 +22,10 @@ from .groups import Group
 from .vocab import AxisRole, Target
 
 TARGET_NAMES = tuple(t.value for t in Target)  # for argparse help and multiselects
+# what each target holds, in the words the command line and the app both show
+TARGET_WORDS = ("mlp (feed-forward hidden units), heads (attention), residual (the hidden "
+                "size: embeddings, norms, every projection), channels (convolutions, other "
+                "layers)")
 ALL = "all"
 
 

@@ -80,6 +80,11 @@ class OpNode:
         """Op name without namespace and overload (``add``)."""
         return str(self.op.overloadpacket.__name__)
 
+    @property
+    def scope(self) -> str:
+        """The module running this op as messages name it: ``module``, or ``<root>``."""
+        return self.module or "<root>"
+
 
 @dataclass
 class Graph:

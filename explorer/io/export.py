@@ -34,7 +34,12 @@ from torch import nn
 
 from ..coupling.heads import AttentionInfo
 from ..prune.fixups.fold import folded
-from ..prune.fixups.hfconfig import ConfigUpdate, differing_constants, update_config
+from ..prune.fixups.hfconfig import (
+    ConfigUpdate,
+    cannot_describe,
+    differing_constants,
+    update_config,
+)
 from ..prune.preflight import clone_model
 from ..prune.transaction import left_as_found
 from ..quality.evaluate import Quality
@@ -207,25 +212,28 @@ def _write(model: nn.Module, out: Path, wanted: list[str], plan: Plan | None,
            generations: Sequence[Continuation] = ()) -> ExportResult:
     """Write every wanted format into the (staging) folder ``out``."""
     result = ExportResult(str(out))
+    fallback = -1  # the message saying why no hf folder was written, when a fall-back follows
     if "hf" in wanted:
         with left_as_found(model):  # config updates and save_pretrained's own writes
             _export_hf(model, out, result, _fold_inputs(plan, example_inputs))
             hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if "hf" not in result.files and plan is not None:
+            fallback = len(result.messages) - 1
+            if "safetensors" not in wanted:
+                wanted.append("safetensors")
         if "hf" in result.files and tokenizer is not None:
             tokenizer.save_pretrained(result.files["hf"][0])
         if sentence is not None:
             _export_sentence(sentence, result, hidden)
-        if "hf" not in result.files and plan is not None and "safetensors" not in wanted:
-            wanted.append("safetensors")
-            result.messages.append("wrote model.safetensors + plan.json instead (load with "
-                                   "explorer.load_pruned)")
     if "pt" in wanted:
         torch.save(model, out / "model.pt")
         result.files["pt"] = [str(out / "model.pt")]
     if "safetensors" in wanted and plan is not None:
         result.files["safetensors"] = _export_safetensors(model, plan, out)
-        if "hf" in wanted and "hf" not in result.files:
-            result.files["safetensors"] += _fallback_config(model, out, result)
+    if fallback >= 0:  # one message: why no folder, and what stands in for it
+        config, said = _fallback_config(model, out)
+        result.files["safetensors"] += config
+        result.messages[fallback] += said
     if "report" in wanted:
         result.files["report"] = _export_report(model, out, plan, original, example_inputs,
                                                 attention, quality, generations)
@@ -293,31 +301,31 @@ def _export_safetensors(model: nn.Module, plan: Plan, out: Path) -> list[str]:
     return [str(out / "model.safetensors"), str(out / "plan.json")]
 
 
-def _fallback_config(model: nn.Module, out: Path, result: ExportResult) -> list[str]:
+def _fallback_config(model: nn.Module, out: Path) -> tuple[list[str], str]:
     """Beside the safetensors + plan that stand in for an ``hf`` folder: the model's
     transformers config as far as one describes the pruned model (the fields the cuts left
-    uniform are updated, the rest keep their original values), and a README line saying
-    which differ and that ``plan.json`` holds every cut."""
+    uniform are updated, the rest keep their original values). Returns the file, and the
+    words that finish the message saying why no folder was written (the reason is said
+    there, once)."""
+    instead = ". Wrote model.safetensors + plan.json instead"
     config: Any = getattr(model, "config", None)
     if not hasattr(config, "to_json_file"):
-        return []
-    reason = result.config.reason if result.config is not None else ""
+        return [], f"{instead} (load with explorer.load_pruned)"
     with left_as_found(model):
         update = update_config(model)  # brings what one config can say in line
         config.to_json_file(str(out / "config.json"))
     changed = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in update.changed.items())
-    result.messages.append(
-        "config.json: the transformers config with the fields every layer shares brought in "
-        f"line with the cuts ({changed or 'none changed'}); the rest keep "
-        f"their original values: {reason or update.reason}. plan.json holds every cut per "
-        "layer; load the folder with explorer.load_pruned, not from_pretrained")
-    return [str(out / "config.json")]
+    return [str(out / "config.json")], (
+        f"{instead}, with config.json: the transformers config with the fields every layer "
+        f"shares brought in line with the cuts ({changed or 'none changed'}), the rest at "
+        f"their original values. plan.json holds every cut per layer; load with "
+        f"explorer.load_pruned, not from_pretrained")
 
 
 def _export_hf(model: nn.Module, out: Path, result: ExportResult,
                inputs: list[tuple[Any, ...]]) -> None:
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
-        result.messages.append("hf: not a transformers model; no transformers folder written")
+        result.messages.append("hf: no transformers folder: not a transformers model")
         return
     update = update_config(model)
     result.config = update
@@ -344,7 +352,7 @@ def _export_hf(model: nn.Module, out: Path, result: ExportResult,
                     update.reason += f"; not folded: {fold.reason}"
                 break
     if not update.ok:
-        result.messages.append(f"hf: no transformers folder: {update.reason}")
+        result.messages.append(f"hf: no transformers folder: {cannot_describe(update.reason)}")
         return
     _save_hf(model, out, result)
 

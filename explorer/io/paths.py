@@ -15,10 +15,11 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path, PurePath
+
+from .jsonfile import read_json
 
 __all__ = ["PathError", "check_out_apart", "inside", "shard_files"]
 
@@ -83,17 +84,7 @@ def shard_files(index: Path, error: type[Exception] = PathError) -> dict[str, Pa
         error: the index is unreadable, too big, has no ``weight_map`` object of names, or a
             name that is not a weights file in the folder (see `inside`), or is missing.
     """
-    try:
-        size = index.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise error(f"checkpoint index '{index}' is {size:,} bytes, more than an index can "
-                        f"be ({MAX_INDEX_BYTES:,}); is it the right file?")
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        if isinstance(e, error):
-            raise
-        detail = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
-        raise error(f"cannot read the checkpoint index '{index}': {detail}") from e
+    data = read_json(index, "the checkpoint index", error, MAX_INDEX_BYTES)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise error(f"checkpoint index '{index}' has no 'weight_map' object; give the "

@@ -22,7 +22,7 @@ from torch import nn
 from ..coupling.heads import AttentionInfo, HeadChange, head_changes
 from ..coupling.places import natural_key
 from ..graph.metrics import count_params
-from ..graph.rng import kept_rng
+from ..graph.rng import evaluating
 from ..quality.evaluate import Quality
 from ..quality.generate import Continuation
 from ..quality.task import Metric
@@ -102,22 +102,15 @@ def measure_latencies(models: Sequence[nn.Module], inputs: Sequence[Any], runs: 
     """Median ms per model, runs interleaved so that machine load affects all alike."""
     live = [not any(t.device.type == "meta" for t in m.parameters()) for m in models]
     times: list[list[float]] = [[] for _ in models]
-    modes = [(sub, sub.training) for m in models for sub in m.modules()]
-    try:
-        for m in models:
-            m.eval()
-        with torch.inference_mode(), kept_rng(*models, inputs):
-            for i in range(warmup + runs):
-                for k, m in enumerate(models):
-                    if not live[k]:
-                        continue
-                    start = time.perf_counter()
-                    m(*inputs)
-                    if i >= warmup:
-                        times[k].append(time.perf_counter() - start)
-    finally:
-        for sub, mode in modes:
-            sub.training = mode
+    with torch.inference_mode(), evaluating(*models, inputs):
+        for i in range(warmup + runs):
+            for k, m in enumerate(models):
+                if not live[k]:
+                    continue
+                start = time.perf_counter()
+                m(*inputs)
+                if i >= warmup:
+                    times[k].append(time.perf_counter() - start)
     return [statistics.median(t) * 1000.0 if t else None for t in times]
 
 

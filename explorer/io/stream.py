@@ -55,6 +55,7 @@ from ..prune.fixups.hfconfig import (
     real_rotary,
     update_config,
 )
+from .jsonfile import read_json
 from .names import checkpoint_names, dropped_on_load
 from .own_code import refuse_own_code
 from .paths import check_out_apart, inside, shard_files
@@ -160,10 +161,7 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, RecursionError) as e:
-        raise StreamError(f"cannot read '{path}': {e}") from e
+    data = read_json(path, "the checkpoint's", StreamError)
     if not isinstance(data, dict):
         raise StreamError(f"'{path}' must hold a JSON object")
     return data

@@ -42,6 +42,13 @@ def local_counts(cands: list[Candidate], ratio: float, ratios: Mapping[str, floa
     return out
 
 
+def normalised(cand: Candidate) -> np.ndarray:
+    """A candidate's scores as the global ranking compares them across axes: divided by
+    their mean magnitude (FLAP's per-layer normalisation), so no axis wins by its scale."""
+    out: np.ndarray = cand.scores / (np.mean(np.abs(cand.scores)) + 1e-12)
+    return out
+
+
 def global_counts(cands: list[Candidate], ratio: float, max_ratio: float, round_to: int
                   ) -> list[int]:
     """Rank all indices together; every axis keeps at least (1 - max_ratio)."""
@@ -50,8 +57,7 @@ def global_counts(cands: list[Candidate], ratio: float, max_ratio: float, round_
                                              for c in cands)
     pool = []
     for k, c in enumerate(cands):
-        norm = c.scores / (np.mean(np.abs(c.scores)) + 1e-12)
-        for s in np.sort(norm):
+        for s in np.sort(normalised(c)):
             pool.append((float(s), k))
     pool.sort()
     counts = [0] * len(cands)
@@ -93,8 +99,9 @@ def tie_head_dims(cands: list[Candidate], counts: list[int],
 
 def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
     """What the global ranking (or, with ``measured``, the measured allocation that note
-    describes) gave each width: the spread of kept widths per original width (uniform widths
-    are what a transformers config can describe)."""
+    describes) gave each width: the spread of kept widths per original width. Whether a
+    transformers config still describes the model is the step's config note
+    (`history.History.follow_config`), said there once."""
     spans: dict[int, tuple[int, int, int]] = {}
     for c in changes:
         lo, hi, n = spans.get(c.width_before, (c.width_after, c.width_after, 0))
@@ -104,10 +111,9 @@ def allocation_note(changes: list[GroupChange], measured: str = "") -> str:
     uneven = any(lo != hi for lo, hi, _n in spans.values())
     how = measured or "global allocation: per-layer widths from scores normalised per group"
     return (f"{how} ({'; '.join(parts)})" +
-            ("; layers of one kind now differ in width, which a transformers config cannot "
-             "describe (export pt or safetensors + plan; with --allocation uniform every "
+            ("; layers of one kind now differ in width (with --allocation uniform every "
              "layer keeps the same width)" if uneven else ""))
 
 
 __all__ = ["allocation_note", "global_counts", "group_ratio", "kept", "local_counts",
-           "tie_head_dims"]
+           "normalised", "tie_head_dims"]

@@ -30,9 +30,9 @@ from ..graph.ir import Graph
 from ..graph.tracer import trace
 from .depth import BlockRemoval, remove_blocks_recorded, restore_blocks
 from .fixups.configs import rejoin
-from .fixups.hfconfig import ConfigUpdate
+from .fixups.hfconfig import ConfigUpdate, cannot_describe
 from .preflight import forward_check
-from .records import StepReport
+from .records import StepReport, said_once
 from .removal import Applied, Removal, undo
 from .transaction import ModelState, transaction
 
@@ -292,9 +292,7 @@ class History:
             for name, held in rejoin(self.model).items():
                 applied.configs.setdefault(name, held)
         if update.reason:
-            note = f"the transformers config cannot describe the pruned model: {update.reason}"
-            if note not in report.notes:
-                report.notes.append(note)
+            report.notes = said_once([*report.notes, cannot_describe(update.reason)])
         report.config = {k: list(v) for k, v in update.changed.items()}
 
     def _fold_constants(self, update: ConfigUpdate, applied: Applied, report: StepReport

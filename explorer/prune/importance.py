@@ -52,7 +52,7 @@ from torch import nn
 
 from ..coupling.analyze import Coupling
 from ..coupling.groups import Group, Member
-from ..graph.rng import kept_rng
+from ..graph.rng import evaluating
 from .calibration import Calibration, batch_size, compute_loss, model_loss_applies
 from .removal import Applied
 
@@ -338,23 +338,19 @@ def calibrating(model: nn.Module) -> Iterator[None]:
 
     Eval mode keeps BatchNorm statistics still; buffers are also compared and restored after,
     for modules that update them in eval mode too. The passes draw from a fork of torch's
-    random state (`kept_rng`), so the caller's is unchanged. They keep no key/value cache
-    (`_no_cache`): a layer's captured inputs are run again, and a cache among them would grow
-    with every run.
+    random state (`graph.rng.evaluating`), so the caller's is unchanged. They keep no
+    key/value cache (`_no_cache`): a layer's captured inputs are run again, and a cache among
+    them would grow with every run.
     """
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(owner, name, b, b.detach().clone()) for owner in model.modules()
                for name, b in owner._buffers.items() if b is not None]
     caching = _no_cache(model)
-    model.eval()
     try:
-        with kept_rng(model):
+        with evaluating(model):
             yield
     finally:
         for config in caching:
             config.use_cache = True
-        for module, training in modes:
-            module.training = training
         for owner, name, original, values in buffers:
             owner._buffers[name] = original
             if original.device.type != "meta" and not torch.equal(original, values):

@@ -52,11 +52,14 @@ def meta_copy(model: nn.Module) -> nn.Module:
 def clone_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copes with non-leaf tensors cached in module attributes
     (attention-bias caches, weight-norm results), which deepcopy refuses."""
-    memo: dict[int, Any] = {}
-    for t in _attribute_tensors(model):
-        if t.grad_fn is not None:
-            memo[id(t)] = t.detach().clone()
-    return copy.deepcopy(model, memo)
+    return copy.deepcopy(model, _detached(model))
+
+
+def _detached(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo standing detached copies in for the non-leaf tensors cached in
+    module attributes (deepcopy refuses a tensor with a ``grad_fn``)."""
+    return {id(t): t.detach().clone() for t in _attribute_tensors(model)
+            if t.grad_fn is not None}
 
 
 def shared_clone(model: nn.Module) -> nn.Module:
@@ -64,10 +67,7 @@ def shared_clone(model: nn.Module) -> nn.Module:
     model's tensors (no weight memory): it stays the model as it was as long as tensors are
     replaced, never written in place, which is how every cut, refit and undo here changes a
     model (`explorer.quality.original.Original` checks it)."""
-    memo: dict[int, Any] = {}
-    for t in _attribute_tensors(model):
-        if t.grad_fn is not None:
-            memo[id(t)] = t.detach().clone()
+    memo = _detached(model)
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     for b in model.buffers():

@@ -32,7 +32,7 @@ from .joint import Solution, merge, solve
 from .outer import advice, joint_reason
 from .preflight import Preflight, Verdict, forward_check
 from .proposal import Counts, Proposal
-from .records import Candidate, GroupChange, Skip, StepReport, Unsafe
+from .records import Candidate, GroupChange, Skip, StepReport, Unsafe, said_once
 from .removal import Applied, PruneError, Removal, apply_removal
 from .settings import HEAD_MODES, Settings, SettingsKey, head_mode
 from .validate import check_module_names, nonfinite_text, nonfinite_weights
@@ -291,7 +291,7 @@ class Pruner(Chooser):
                                            trajectory=self.trajectory)
         finally:  # recorded on the model before this cut: of no use after it
             self.drop_trajectory()
-        self.notes.extend(n for n in notes if n not in self.notes)
+        self.notes[:] = said_once([*self.notes, *notes])
         return applied
 
     def undo(self) -> Applied | None:
@@ -337,15 +337,15 @@ class Pruner(Chooser):
         removal, checked = self.checked(ratio)
         report.skipped, report.changes, report.unsafe = (checked.skipped, checked.changes,
                                                          checked.unsafe)
-        report.notes = list(dict.fromkeys([*self.notes, *checked.notes]))
-        if self.allocation != "uniform" and report.changes:
-            report.notes.append(allocation_note(report.changes, self.measured_note()))
+        allocated = [allocation_note(report.changes, self.measured_note())] \
+            if self.allocation != "uniform" and report.changes else []
+        report.notes = said_once([*self.notes, *checked.notes, *allocated])
         if removal:
             applied = self.history.cut(removal, self._cut, report, analyse=False,
                                        what=f"step {report.step}")
             report.attributes = dict(applied.attributes)
         self.current_step += 1
-        report.notes += [n for n in [*self.notes, *flight.notes] if n not in report.notes]
+        report.notes = said_once([*report.notes, *self.notes, *flight.notes])
         verdict = forward_check(self.model, self.inputs, flight.expected, flight.dynamic)
         report.forward_ok = verdict.graph is not None
         report.output_shape_ok = verdict.ok

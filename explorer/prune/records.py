@@ -6,6 +6,7 @@ imports another for these records).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,4 +85,14 @@ class Candidate:
     limit: float  # ratio of ``original`` this axis may lose at this step
 
 
-__all__ = ["Candidate", "GroupChange", "Skip", "StepReport", "Unsafe"]
+def said_once(notes: Iterable[str]) -> list[str]:
+    """A run's notes as they are shown, each fact said once: the one place notes from the
+    load, the statement, the steps and an export are gathered. Notes keep the order they
+    came in; a note is dropped where an earlier one is the same or another says it whole
+    (an export's ``hf: no transformers folder: ...`` carries the step's config note, so the
+    step's note is not said again)."""
+    seen = list(dict.fromkeys(n for n in notes if n))
+    return [n for n in seen if not any(n != other and n in other for other in seen)]
+
+
+__all__ = ["Candidate", "GroupChange", "Skip", "StepReport", "Unsafe", "said_once"]

@@ -20,6 +20,16 @@ from .compensate import Compensation, compensation
 from .importance import CRITERIA
 
 HEAD_MODES = tuple(m.value for m in HeadMode)  # for argparse choices and selectboxes
+# what each head mode cuts, in the words the command line and the app both show
+HEAD_MODE_WORDS = ("dims: the same dims in every head; whole: whole heads (whole key/value "
+                   "groups with their query heads under GQA); query: query heads inside every "
+                   "key/value group; keep: no attention change")
+COMPENSATIONS = ("none", *(c.value for c in Compensation))  # choices, "none" first
+# what each compensation does, in the words the command line and the app both show
+COMPENSATION_WORDS = ("refit the layers that read removed channels on the calibration data: "
+                      "bias (the mean of what was removed, FLAP) or lstsq (ridge least "
+                      "squares, layer by layer on the pruned model's own inputs, kept per "
+                      "layer only where it helps on held-out calibration samples)")
 # how widths are shared out across layers: the same fraction of every axis; ranked across
 # axes by scores normalised per axis (`counts.global_counts`); or from the change each
 # layer's cut causes alone, measured on calibration data (`explorer.prune.measured`)
@@ -170,5 +180,6 @@ def target_axes(group: Group, targets: frozenset[Target], heads: HeadMode) -> li
             (a.inner or a.role in (AxisRole.HEADS, AxisRole.HEAD_REPEAT))]
 
 
-__all__ = ["ALLOCATIONS", "HEAD_MODES", "Settings", "SettingsKey", "head_mode",
+__all__ = ["ALLOCATIONS", "COMPENSATIONS", "COMPENSATION_WORDS", "HEAD_MODES",
+           "HEAD_MODE_WORDS", "Settings", "SettingsKey", "head_mode",
            "resolve_targets", "target_axes", "untargeted"]

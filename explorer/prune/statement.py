@@ -23,7 +23,7 @@ from ..coupling.heads import query_kv_heads_by_axis
 from ..coupling.places import axis_layers, natural_key
 from ..coupling.targets import target_list, target_of
 from ..coupling.vocab import AxisRole, HeadMode, Target
-from .counts import global_counts
+from .counts import global_counts, normalised
 from .measured import LEVELS
 from .pruner import Pruner
 from .records import GroupChange
@@ -352,7 +352,7 @@ def _left_out(pruner: Pruner, target: Target, ids: set[int]) -> str:
         return what
     if pruner.allocation == "global":
         removal, _checked = pruner.checked(pruner.plan_ratio())
-        norm = {k: c.scores / (np.mean(np.abs(c.scores)) + 1e-12) for k, c in enumerate(cands)}
+        norm = {k: normalised(c) for k, c in enumerate(cands)}
         taken = [float(norm[k][i]) for k in others
                  for i in removal.picks.get((cands[k].group.id, cands[k].axis), [])]
         ranked = global_counts(cands, pruner.plan_ratio(), pruner.max_ratio, pruner.round_to)

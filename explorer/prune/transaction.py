@@ -61,16 +61,11 @@ class ModelState:
             for key in [k for k in d if k not in _SLOTS and k not in ms.attrs]:
                 del d[key]
             d.update(ms.attrs)
-        for config, saved in self.configs:
-            d = vars(config)
-            for key in [k for k in d if k not in saved]:
-                del d[key]
-            d.update(saved)
+        self._restore_configs()
 
     def settings_changed(self) -> bool:
         """Whether a module's scalar setting differs from the recorded one."""
-        return any(key != "training" and isinstance(value, (int, float, tuple, list)) and
-                   vars(ms.module).get(key, _MISSING) != value
+        return any(_setting(key, value) and vars(ms.module).get(key, _MISSING) != value
                    for ms in self.modules for key, value in ms.attrs.items())
 
     def restore_settings(self) -> None:
@@ -80,9 +75,12 @@ class ModelState:
         for ms in self.modules:
             d = vars(ms.module)
             for key, value in ms.attrs.items():
-                if key != "training" and isinstance(value, (int, float, tuple, list)) \
-                        and d.get(key, _MISSING) != value:
+                if _setting(key, value) and d.get(key, _MISSING) != value:
                     d[key] = type(value)(value) if isinstance(value, list) else value
+        self._restore_configs()
+
+    def _restore_configs(self) -> None:
+        """Every recorded config's fields as they were (fields added since removed)."""
         for config, saved in self.configs:
             d = vars(config)
             for key in [k for k in d if k not in saved]:
@@ -91,6 +89,12 @@ class ModelState:
 
 
 _MISSING = object()
+
+
+def _setting(key: str, value: object) -> bool:
+    """Whether a module attribute is a scalar setting (a width, a head count, a scale, a
+    size list) that `ModelState.restore_settings` puts back; the train/eval flag is not."""
+    return key != "training" and isinstance(value, (int, float, tuple, list))
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.rng import kept_rng
+from ..graph.rng import evaluating
 from ..graph.walk import tensor_leaves
 from ..prune.calibration import Calibration
 from .task import HEADLINE, Metric, Task, infer_task
@@ -93,7 +92,7 @@ def evaluate(model: nn.Module, reference: nn.Module,
     kind = Task(task) if task is not None else infer_task(reference)
     sums = _Sums()
     rows: int | None = None  # rows per forward, from the first output's size
-    with _eval_mode(model), _eval_mode(reference), torch.no_grad():
+    with evaluating(model), evaluating(reference), torch.no_grad():
         for batch in calib.batches:
             n = _splittable_rows(batch)
             start = 0
@@ -138,7 +137,7 @@ def reference_outputs(reference: nn.Module, data: Calibration) -> list[Output]:
     This keeps every output: for a small probe batch (`QualityProbe`), not for a data set
     (`evaluate` streams). Batches run a few rows at a time (`OUTPUT_BUDGET`)."""
     out: list[Output] = []
-    with _eval_mode(reference), torch.no_grad():
+    with evaluating(reference), torch.no_grad():
         for batch in data.batches:
             parts = [(t.detach().cpu(), flag) for _start, _stop, t, flag
                      in _row_forwards(reference, batch, data, None)]
@@ -161,7 +160,7 @@ def compare(model: nn.Module | None, references: Sequence[Output], data: Calibra
         for batch, ref in zip(data.batches, references, strict=True):
             _accumulate(sums, task, ref, ref, batch, data.mask(batch))
         return _result(task, sums)
-    with _eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         for batch, ref in zip(data.batches, references, strict=True):
             for start, stop, out, flag in _row_forwards(model, batch, data, ref[0]):
                 part = batch if stop is None else _slice(batch, start, stop)
@@ -352,15 +351,3 @@ def _to(batch: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
     return tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in batch)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, every submodule's train/eval flag and the caller's random state
-    restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with kept_rng(model):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .evaluate import _eval_mode
+from ..graph.rng import evaluating
 
 DEFAULT_NEW_TOKENS = 16  # tokens each continuation adds
 
@@ -80,7 +80,7 @@ def greedy(model: nn.Module, tokenizer: Any, prompt: str,
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
-    with _eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         out = model.generate(**enc, do_sample=False, num_beams=1,  # type: ignore[operator]
                              max_new_tokens=new_tokens, min_new_tokens=0,
                              pad_token_id=pad, temperature=None, top_p=None, top_k=None)

@@ -7,13 +7,11 @@ import streamlit as st
 
 from explorer.app.cost import Thresholds
 from explorer.app.session import Session
-from explorer.coupling.targets import TARGET_NAMES
-from explorer.prune.compensate import Compensation
+from explorer.coupling.targets import TARGET_NAMES, TARGET_WORDS
 from explorer.prune.importance import CRITERIA
-from explorer.prune.pruner import HEAD_MODES
+from explorer.prune.settings import COMPENSATION_WORDS, COMPENSATIONS, HEAD_MODE_WORDS, HEAD_MODES
 from explorer.render.proposal_view import statement_lines
 
-COMPENSATIONS = ["none", *(c.value for c in Compensation)]
 KEYS = ("groups_criterion", "groups_ratio", "groups_heads", "groups_global", "groups_round",
         "groups_targets")
 
@@ -34,9 +32,7 @@ def settings(pe: Session) -> None:
     c[0].selectbox("Importance", sorted(CRITERIA), key=KEYS[0], on_change=configure)
     c[1].slider("Ratio", 0.0, 0.9, step=0.05, key=KEYS[1], on_change=configure)
     c[2].selectbox("Heads", HEAD_MODES, key=KEYS[2], on_change=configure,
-                   help="dims: same dims in every head; whole: whole heads (whole key/value "
-                        "groups under GQA); query: query heads inside every key/value group; "
-                        "keep: no attention change")
+                   help=HEAD_MODE_WORDS)
     c[3].toggle("Global ranking", key=KEYS[3], on_change=configure,
                 help="rank channels of all groups together instead of the ratio per group")
     c[4].number_input("Round widths to", 1, 256, step=1, key=KEYS[4], on_change=configure)
@@ -44,15 +40,10 @@ def settings(pe: Session) -> None:
     row = st.columns([1, 3])
     row[0].selectbox("Compensation", COMPENSATIONS, key="groups_compensate",
                  on_change=lambda: pe.set_compensation(st.session_state.groups_compensate),
-                 help="after each accept, refit the layers that read removed channels on the "
-                      "calibration data: bias (the mean of what was removed, FLAP) or lstsq "
-                      "(ridge least squares, layer by layer, kept only where it helps on "
-                      "held-out calibration samples); the cost shown before Accept is "
-                      "measured without it")
+                 help=f"after each accept, {COMPENSATION_WORDS}; the cost shown before "
+                      f"Accept is measured without it")
     row[1].multiselect("Targets", TARGET_NAMES, key=KEYS[5], on_change=configure,
-                   help="what may be cut: mlp (feed-forward hidden units), heads (attention), "
-                        "residual (the hidden size: embeddings, norms, every projection), "
-                        "channels (convolutions, other layers)")
+                   help=f"what may be cut: {TARGET_WORDS}")
     statement(pe)
     if pe.on_meta:
         st.caption("The weights are on the meta device: there are no scores to rank, so the "

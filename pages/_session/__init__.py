@@ -19,6 +19,7 @@ from explorer.app.registry import Registry, memory_short, tensor_bytes
 from explorer.app.session import Message, MessageKind, Session
 from explorer.app.sources import LoadRequest, load_request, typed_path
 from explorer.io.specs import LoadedModel, load_model
+from explorer.prune.records import said_once
 
 DEFAULT_REQUEST = LoadRequest("demo:dino_vit_safe")
 # `file.py:fn` specs import and run that file on the server: off unless whoever starts the
@@ -136,7 +137,7 @@ def _summary(lm: LoadedModel, chosen: str | None = None) -> dict[str, Any]:
     """What the Model page says about where the weights came from (and ``chosen``: the
     criterion and data picked for the user, `explorer.io.defaults`)."""
     return {"pretrained": lm.pretrained, "task": lm.task.value,
-            "notes": [*([chosen] if chosen else []), *lm.notes],
+            "notes": said_once([*([chosen] if chosen else []), *lm.notes]),
             "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
 
 
@@ -204,6 +205,16 @@ def reset() -> None:
 
 
 _SHOW = {MessageKind.SUCCESS: st.success, MessageKind.ERROR: st.error, MessageKind.INFO: st.info}
+
+
+def session_or_stop(missing: str = "Load a model on the Model page first.") -> Session:
+    """This tab's session; where none is loaded, ``missing`` in an info box and the page's
+    run ends there (every page's precondition, said one way)."""
+    pe = st.session_state.get("pe")
+    if not isinstance(pe, Session):
+        st.info(missing)
+        st.stop()
+    return pe
 
 
 def show(message: Message) -> None:

@@ -10,7 +10,6 @@ not fit. Those files are checked here before a loader reads them (`check_safeten
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..jsonfile import read_json
 from ._types import SpecError, one_line
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -77,11 +77,8 @@ def weight_files(folder: Path) -> list[Path]:
     """The weight files a transformers folder's index (or single file) names, inside it."""
     for index in INDEX_FILES:
         if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text()).get("weight_map")
-            except (OSError, ValueError, AttributeError, RecursionError) as e:
-                raise SpecError(f"cannot read the checkpoint index {str(folder / index)!r}: "
-                                f"{one_line(e)}") from e
+            data = read_json(folder / index, "the checkpoint index", SpecError)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
             names = dict.fromkeys(str(v) for v in (weight_map or {}).values()) \
                 if isinstance(weight_map, dict) else {}
             return [folder / n for n in names if Path(n).name == n]  # others: refused elsewhere

@@ -70,7 +70,7 @@ def build_gguf(folder: Path, name: str, overrides: dict[str, Any], requested_tas
     on_meta = torch.device(device).type == "meta"
     loaded: nn.Module | None = None
     try:  # one read of the file: the config comes with the weights (each read is slow)
-        with quiet_transformers():
+        with quiet_transformers(stderr=True):  # its reader draws a tqdm bar of its own
             if on_meta:
                 config = transformers.AutoConfig.from_pretrained(
                     str(folder), gguf_file=name, local_files_only=True,

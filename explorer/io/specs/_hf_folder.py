@@ -16,7 +16,6 @@ load report is silenced (`explorer.io.quiet`): the note replaces it.
 """
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ...quality.task import ModelKind, Task, task_of_architecture
+from ..jsonfile import read_json
 from ..paths import shard_files
 from ..quiet import quiet_transformers
 from ._files import (
@@ -248,10 +248,7 @@ def read_config_json(file: Path) -> dict[str, Any]:
     """
     if not file.is_file():
         raise SpecError(f"transformers config file {str(file)!r} does not exist")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError, RecursionError) as e:
-        raise SpecError(f"cannot read transformers config {str(file)!r}: {e}") from e
+    data = read_json(file, "transformers config", SpecError)
     if not isinstance(data, dict) or "model_type" not in data:
         raise SpecError(
             f"transformers config {str(file)!r} has no 'model_type' field; "

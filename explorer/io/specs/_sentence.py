@@ -21,6 +21,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..jsonfile import read_json
 from ..paths import inside
 from ._types import SentenceFolder, SpecError
 
@@ -34,13 +35,8 @@ _MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes; a bigger one is 
 
 
 def _read_json(file: Path, what: str) -> Any:
-    try:
-        if file.stat().st_size > _MAX_BYTES:
-            raise SpecError(f"{what} '{file}' is larger than a settings file can be")
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(f"cannot read {what} '{file}': {e}; is it a sentence-transformers "
-                        f"folder?") from e
+    return read_json(file, what, SpecError, _MAX_BYTES,
+                     "; is it a sentence-transformers folder?")
 
 
 def read_sentence_folder(folder: Path) -> SentenceFolder | None:

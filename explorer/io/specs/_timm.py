@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from ...quality.task import ModelKind, Task
+from ..jsonfile import read_json
 from ._query import check_counts, split_query
 from ._types import Built, ModelFamily, SpecError
 from ._weights import load_weights
@@ -86,10 +86,7 @@ def _build_timm_folder(folder: Path, kwargs: dict[str, Any], device: str) -> Bui
         SpecError: if the folder has no usable config or its weights do not fit.
     """
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError, RecursionError) as e:
-        raise SpecError(f"cannot read the timm config {str(config_file)!r}: {e}") from e
+    config = read_json(config_file, "the timm config", SpecError)
     arch = config.get("architecture") if isinstance(config, dict) else None
     if not isinstance(arch, str):
         raise SpecError(f"timm config {str(config_file)!r} has no 'architecture' field")

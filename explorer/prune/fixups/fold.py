@@ -36,6 +36,7 @@ from torch import nn
 
 from ...graph.ir import Graph, OpNode, ValueKind, ValueRef
 from ...graph.ops import ATTENTION_OPS
+from ...graph.rng import evaluating
 from ...graph.tracer import TraceError, trace
 from ...graph.walk import flat_floats
 from .fused import MATMUL, REARRANGE, SELECT, projection_parts
@@ -393,18 +394,12 @@ def fold_into(model: nn.Module, constants: dict[tuple[str, str], float],
             scale_tensor(new[name], factor, fold.elements.get(name))
         for name, value in fold.buffers.items():
             new[name] = torch.full_like(tensors[name], value)
-    modes = {m: m.training for m in model.modules()}
     # the check compares two eval forwards (dropout would make any two differ), and leaves
     # the caller's random state and train/eval modes as they were
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        model.eval()
-        try:
-            before = flat_floats(model(*inputs))
-            previous = _swap(model, new, constants)
-            after = flat_floats(model(*inputs))
-        finally:
-            for m, training in modes.items():
-                m.training = training
+    with torch.no_grad(), evaluating(model, inputs):
+        before = flat_floats(model(*inputs))
+        previous = _swap(model, new, constants)
+        after = flat_floats(model(*inputs))
     if before.shape != after.shape or not torch.allclose(before, after, rtol=1e-4, atol=1e-5):
         unfold(model, fold, previous)
         return Fold(reason="the model computes something else after folding the constants "

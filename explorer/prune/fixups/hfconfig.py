@@ -29,9 +29,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ...graph.collector import paused
-from .reads import reads_attribute
+from .reads import assignment, reads_attribute
 
-__all__ = ["ConfigUpdate", "differing_constants", "real_rotary", "update_config"]
+__all__ = ["ConfigUpdate", "cannot_describe", "differing_constants", "real_rotary",
+           "update_config"]
 
 Key = tuple[str, ...]  # ("t", tensor, dim) or ("a", module, attr) or ("a", module, attr, i)
 Slot = tuple[str, int]  # config field and list index (-1: the field is one integer)
@@ -58,6 +59,12 @@ class ConfigUpdate:
     changed: dict[str, list[Any]] = field(default_factory=dict)  # config key -> [old, new]
     ok: bool = False  # a save_pretrained folder of the model reloads it exactly
     reason: str = ""  # why not, when ``ok`` is False
+
+
+def cannot_describe(reason: str) -> str:
+    """The one wording of why no transformers config describes a pruned model (a step's
+    note, the hf export's fall-back, the app), so a run's notes can say it once."""
+    return f"the transformers config cannot describe the pruned model: {reason}"
 
 
 @dataclass
@@ -115,6 +122,7 @@ def _update_config(model: nn.Module) -> ConfigUpdate:
                 setattr(config, f, new)
             return ConfigUpdate(changed, ok=not found, reason=found)
     return ConfigUpdate(reason=_disagreement(model, readings) or
+                        _unsized(model, config, base, doubled) or
                         f"no config of {type(config).__name__} describes the pruned model: "
                         f"{problem}")
 
@@ -518,17 +526,67 @@ def _disagreement(model: nn.Module, readings: dict[Slot, list[_Reading]]) -> str
     return f"{text}; a transformers config holds one value per field"
 
 
-def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, str]:
-    """(is it a shape difference, the first difference) between the pruned model and
-    ``fresh = type(model)(config)``; ``(False, "")`` when they are the same model."""
+def _unsized(model: nn.Module, config: Any, base: nn.Module,
+             doubled: dict[Slot, tuple[dict[Key, float], dict[Key, float]] | None]) -> str:
+    """Why no value of the config's fields sizes the first tensor the cut changed, in words:
+    the model line that builds it (``file:line``, `reads.assignment`), the fields sizing
+    it (those whose doubling changes it, ``doubled``), a tensor one of them also sizes that
+    the cut kept (GPT-NeoX's ``query_key_value`` is ``3 * hidden_size`` rows, and
+    ``hidden_size`` is the residual stream's width too), and what to do. '' where any of
+    these cannot be found."""
+    first = _first_difference(model, base)
+    if first is None:
+        return ""
+    name, ours, theirs = first
+    if theirs is None:
+        return ""
+    owner = name.rpartition(".")[0]
+    parent, _, attr = owner.rpartition(".")
+    built = assignment(type(model.get_submodule(parent)), attr) if parent else ()
+    mine = [("t", name, str(d)) for d in range(len(ours))]
+    sizing = {slot[0]: probe for slot, probe in doubled.items() if probe is not None
+              and any(probe[0].get(k) != probe[1].get(k) for k in mine)}
+    kept = _observe(model)
+    also = next(((field, key, value) for field, (seen, after) in sizing.items()
+                 for key, value in seen.items() if key[0] == "t" and key not in mine
+                 and after.get(key) == 2 * value and kept.get(key) == value), None)
+    if not built or also is None:
+        return ""
+    field, key, value = also
+    lines = " or ".join(f"`{b.where}` (`{b.code}`)" for b in built)
+    return (f"no {type(config).__name__} sizes {owner} as cut ({_dims(ours)}, was "
+            f"{_dims(theirs)}): {lines} builds it from {', '.join(sizing)}, and {field} "
+            f"also sizes {key[1]} (dim {key[2]}: {value:g}, kept); for a from_pretrained "
+            f"folder leave {owner} out of the cut")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape))
+
+
+def _first_difference(model: nn.Module, fresh: nn.Module
+                      ) -> tuple[str, tuple[int, ...], tuple[int, ...] | None] | None:
+    """The first tensor whose shape in the pruned model differs from ``fresh``'s: name,
+    its shape, and the shape ``fresh`` builds (None: ``fresh`` has no such tensor)."""
     ours = {n: tuple(t.shape) for n, t in _named_tensors(model)}
     theirs = {n: tuple(t.shape) for n, t in _named_tensors(fresh)}
     for name in ours:  # a tensor no build has first (e.g. a bias compensation created)
         if name not in theirs:
-            return True, f"'{name}' is {ours[name]} but the config builds nothing there"
+            return name, ours[name], None
     for name in ours:
         if theirs[name] != ours[name]:
-            return True, f"'{name}' is {ours[name]} but the config builds {theirs[name]}"
+            return name, ours[name], theirs[name]
+    return None
+
+
+def _mismatch(model: nn.Module, config: Any, fresh: nn.Module) -> tuple[bool, str]:
+    """(is it a shape difference, the first difference) between the pruned model and
+    ``fresh = type(model)(config)``; ``(False, "")`` when they are the same model."""
+    first = _first_difference(model, fresh)
+    if first is not None:
+        name, ours, theirs = first
+        return True, (f"'{name}' is {ours} but the config builds "
+                      f"{'nothing there' if theirs is None else theirs}")
     fresh_modules = dict(fresh.named_modules())
     for name, module in model.named_modules():
         other = fresh_modules.get(name)

@@ -89,22 +89,18 @@ def _linear(m: nn.Module, info: PatchInfo) -> None:
     info.set(m, "in_features", w.shape[1])
 
 
-@patcher(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@patcher(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+         nn.ConvTranspose3d)
 def _conv(m: nn.Module, info: PatchInfo) -> None:
+    """A convolution's weight is (out, in / groups, ...); a transposed one's (in, out /
+    groups, ...)."""
     if info.groups is not None:
         info.set(m, "groups", info.groups)
     w = tensor_attr(m, "weight")
-    info.set(m, "out_channels", w.shape[0])
-    info.set(m, "in_channels", w.shape[1] * int_attr(m, "groups"))
-
-
-@patcher(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _conv_t(m: nn.Module, info: PatchInfo) -> None:
-    if info.groups is not None:
-        info.set(m, "groups", info.groups)
-    w = tensor_attr(m, "weight")
-    info.set(m, "in_channels", w.shape[0])
-    info.set(m, "out_channels", w.shape[1] * int_attr(m, "groups"))
+    first, second = ("in_channels", "out_channels") if getattr(m, "transposed", False) \
+        else ("out_channels", "in_channels")
+    info.set(m, first, w.shape[0])
+    info.set(m, second, w.shape[1] * int_attr(m, "groups"))
 
 
 @patcher(nn.modules.batchnorm._NormBase)

@@ -1,6 +1,6 @@
 """What a module's own code reads: its attributes, its config's fields, widths it derives.
 
-Fix-ups decide from a module's source whether a value matters to it. Three questions, one
+Fix-ups decide from a module's source whether a value matters to it. Four questions, one
 reader of the source:
 
 * `reads_attribute`: does any method of the class (``__init__`` aside) read ``self.<attr>``?
@@ -12,6 +12,8 @@ reader of the source:
   head count (``self.config.hidden_size // self.num_heads``): a head width the code derives
   instead of reading it, so a cut that changes the count changes the value, whatever the
   shapes say.
+* `assignment`: where ``__init__`` builds ``self.<attr>`` (the statements and their
+  ``file:line``), to name the model line a config cannot size as cut.
 
 Sources are parsed once per class. A class whose source cannot be read counts as reading
 everything it is asked about (`reads_attribute`) and as reading nothing through its config.
@@ -30,7 +32,8 @@ from torch import nn
 
 from ...coupling.heads import HEAD_COUNT_ATTRS, KV_HEAD_ATTRS
 
-__all__ = ["Derived", "config_reads", "derived_widths", "reads_attribute"]
+__all__ = ["Assignment", "Derived", "assignment", "config_reads", "derived_widths",
+           "reads_attribute"]
 
 _COUNTS = frozenset(HEAD_COUNT_ATTRS + KV_HEAD_ATTRS)  # what a head width is divided by
 
@@ -42,6 +45,14 @@ class Derived:
     field: str  # the config field divided (``hidden_size``)
     counts: tuple[str, ...]  # what it is divided by: ``num_heads`` or ``config.<field>``
     code: str  # the expression, as written
+    where: str  # file:line
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Where a constructor builds one of its attributes."""
+
+    code: str  # the statement, as parsed (``self.query_key_value = nn.Linear(...)``)
     where: str  # file:line
 
 
@@ -73,6 +84,20 @@ def _reads_attribute(cls: type, attr: str) -> bool:
             if pattern.search(source):
                 return True
     return False
+
+
+def assignment(cls: type, attr: str) -> tuple[Assignment, ...]:
+    """The statements of ``cls.__init__`` that assign ``self.<attr>``, in source order
+    (branches each have theirs: GPT-2 builds ``c_attn`` one way for cross-attention, another
+    otherwise); empty where there is none or no source to read."""
+    parsed = _parse(cls, "__init__")
+    if parsed is None:
+        return ()
+    tree, path, first = parsed
+    found = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Attribute) and t.attr == attr and isinstance(t.value, ast.Name)
+        and t.value.id == "self" for t in n.targets)), key=lambda n: n.lineno)
+    return tuple(Assignment(ast.unparse(n), f"{path}:{first + n.lineno - 1}") for n in found)
 
 
 def config_reads(module: nn.Module) -> dict[str, str]:
