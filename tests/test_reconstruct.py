@@ -394,8 +394,8 @@ def test_split_keeps_batches_it_cannot_line_up() -> None:
 
 def test_one_additivity_check_per_block_class_and_default_targets(
         small: tuple[LoadedModel, Calibration, Calibration]) -> None:
-    """Whether a consumer's output adds to its block's output is checked by one more run
-    of the first block only (later blocks of the class read it); each block then runs once
+    """Whether a consumer's output adds to its block's output is checked by two more runs
+    of the first block only (its output cut, and moved; later blocks of the class read it); each block then runs once
     per batch of each stream, the original block once per batch also where it has two
     consumers. The MLP (its output adds to the block's) is fit to the
     ``stream`` target only; the attention output projection, not the block's last
@@ -415,8 +415,8 @@ def test_one_additivity_check_per_block_class_and_default_targets(
     finally:
         for h in handles:
             h.remove()
-    # block 0 also gives the first inputs (the model stops there) and runs the check
-    assert calls[:3] == [3 * batches + 1, 2 * batches, 2 * batches], (calls, batches)
+    # block 0 also gives the first inputs (the model stops there) and runs the checks
+    assert calls[:3] == [3 * batches + 2, 2 * batches, 2 * batches], (calls, batches)
     assert all(f.choice.endswith(" stream") for f in rec.fits), [f.choice for f in rec.fits]
     gen = torch.Generator().manual_seed(1)
     o_proj = "model.layers.0.self_attn.o_proj"
@@ -430,9 +430,10 @@ def test_one_additivity_check_per_block_class_and_default_targets(
         rec = reconstruct.reconstruct(model, both, cal)
     finally:
         handle.remove()
-    # the first inputs, one run to find the consumers' order, the check, then the original
-    # block once per batch (not once per consumer) and the pruned block once per consumer
-    assert calls[0] == batches + 1 + 1 + batches + 2 * batches, (calls[0], batches)
+    # the first inputs, one run to find the consumers' order, the check (two runs), then
+    # the original block once per batch (not once per consumer) and the pruned block once
+    # per consumer
+    assert calls[0] == batches + 1 + 2 + batches + 2 * batches, (calls[0], batches)
     choices = {f.module: f.choice for f in rec.fits}
     assert choices[o_proj] == "plain" or choices[o_proj].endswith(" original"), choices
     assert choices[both[1].module].endswith(" stream"), choices

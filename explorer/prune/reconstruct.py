@@ -769,21 +769,31 @@ def _narrow_same(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstru
 
 def _sums(model: nn.Module, layer: nn.Module, module: nn.Module, c: Consumer,
           rec: Reconstruction, run: _Run, inp: Inputs, start: int) -> bool:
-    """`_adds`' check: the block run again with ``c`` cut."""
-    cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
+    """`_adds`' check: the block run again with ``c``'s output changed, twice: cut (the
+    change the refit makes), and moved by a fixed pattern as large as the block's output
+    (where the cut changes little, as for removed channels that carry nothing, the first
+    says nothing; a norm after the consumer, as in a post-norm block, takes the pattern's
+    mean and scale away). Additive where both changes come out of the block as they went
+    in."""
     x, old = run.full[0]
     out = _hidden_in(run.next)
-    guess = out + (cut(module, (x,), old) - old)
-    handle = module.register_forward_hook(cut)
-    try:
-        with _replaced(model, rec, start):
-            args, kwargs = inp
-            real = _hidden_in(_with_hidden(inp, layer(*args, **kwargs)))
-    finally:
-        handle.remove()
-    if real.shape != guess.shape:
-        return False
-    return float((real - guess).abs().max()) <= 1e-4 * (float(real.abs().max()) + 1e-12)
+    cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
+    pattern = torch.linspace(-1.0, 1.0, old.shape[-1], dtype=old.dtype,
+                             device=old.device) * (float(out.abs().mean()) + 1e-6)
+    for change, delta in ((cut, cut(module, (x,), old) - old),
+                          (lambda _m, _a, o: o + pattern, pattern)):
+        guess = out + delta
+        handle = module.register_forward_hook(change)
+        try:
+            with _replaced(model, rec, start):
+                args, kwargs = inp
+                real = _hidden_in(_with_hidden(inp, layer(*args, **kwargs)))
+        finally:
+            handle.remove()
+        if real.shape != guess.shape or \
+                float((real - guess).abs().max()) > 1e-4 * (float(real.abs().max()) + 1e-12):
+            return False
+    return True
 
 
 def _aug(x: torch.Tensor) -> torch.Tensor:
