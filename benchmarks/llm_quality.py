@@ -11,6 +11,11 @@ from the calibration's; `tests/smollm2.py`):
   ``j`` is ``||W_down[:, j]||_2 * ||X_j||_2`` (``X_j``: channel ``j`` of the down
   projection's input over the calibration tokens), lowest removed, the same fraction in
   every layer; no compensation (our ``activation`` criterion);
+* ``wanda-sp-hand``: the same recipe written by hand as a user would, without the explorer
+  (`hand_wanda_sp`: hooks on the down projections, the model run on the calibration
+  batches as given, the lowest channels sliced out of the gate, up and down projections):
+  the reference the explorer's CPU seconds are compared to, and a check of ``activation``
+  (the same channels, so the same perplexity);
 * ``flap``: FLAP (same paper): fluctuation metric ``S_j = Var(X_j) * ||W_down[:, j]||_2^2``
   (Eq. 4: sample variance over tokens), scores standardised per layer
   ``(S - mean S) / std S`` and ranked across layers (adaptive structure search, Eq. 6), the
@@ -73,8 +78,8 @@ from explorer.prune.compensate import prune_and_compensate  # noqa: E402
 from explorer.prune.importance import Criterion, calibration_pass  # noqa: E402
 from explorer.prune.removal import Removal  # noqa: E402
 
-METHODS = ("dense", "random", "magnitude", "wanda-sp", "flap", "ours", "ours-global",
-           "ours-measured", "heads", "ours-heads")
+METHODS = ("dense", "random", "magnitude", "wanda-sp", "wanda-sp-hand", "flap", "ours",
+           "ours-global", "ours-measured", "heads", "ours-heads")
 HEAD_METHODS = ("heads", "ours-heads")
 
 
@@ -108,6 +113,40 @@ class Fluctuation(Criterion):
             var = (sq - s ** 2 / n) / max(n - 1, 1)  # sample variance over tokens
             weight = model.get_submodule(name).weight.detach().double()
             self._reduced[(f"{name}.weight", 1)] = (var * (weight ** 2).sum(0)).numpy()
+
+
+def hand_wanda_sp(model: nn.Module, calib: Calibration, ratio: float) -> None:
+    """Structured Wanda by hand on a transformers Llama: score MLP channel ``j`` by
+    ``||W_down[:, j]|| * ||X_j||`` over the real calibration tokens, remove the lowest
+    ``ratio`` of every layer from ``gate_proj``/``up_proj`` (rows) and ``down_proj``
+    (columns)."""
+    mlps = [layer.mlp for layer in model.model.layers]  # type: ignore[union-attr]
+    sq = [torch.zeros(m.down_proj.in_features, dtype=torch.float64) for m in mlps]
+    mask: list[torch.Tensor] = []
+
+    def hook(i: int) -> Any:
+        def add(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sq[i] += args[0][mask[0]].double().pow(2).sum(0)
+        return add
+
+    handles = [m.down_proj.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
+    with torch.no_grad():
+        for batch in calib.batches:
+            mask[:] = [batch[calib.mask_index].bool()]
+            model(*batch)
+    for h in handles:
+        h.remove()
+    for m, s in zip(mlps, sq, strict=True):
+        w = m.down_proj.weight.detach()
+        score = w.double().norm(dim=0) * s.sqrt()
+        keep = torch.sort(torch.argsort(score, descending=True)[
+            :w.shape[1] - int(round(ratio * w.shape[1]))]).values
+        for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            old = getattr(m, name)
+            new = nn.Linear(old.in_features if dim == 0 else len(keep),
+                            len(keep) if dim == 0 else old.out_features, bias=False)
+            new.weight.data = old.weight.data.index_select(dim, keep).clone()
+            setattr(m, name, new)
 
 
 def flap_removal(pruner: Pruner, ratio: float, max_ratio: float = 0.9) -> Removal:
@@ -175,7 +214,11 @@ def run_one(method: str, ratio: float, args: argparse.Namespace) -> dict[str, An
     head_dim = int(getattr(lm.model, "config").head_dim)  # noqa: B009 - transformers model
     q_before = _query_heads(lm.model, head_dim)
     seconds, notes = 0.0, []
-    if method != "dense":
+    if method == "wanda-sp-hand":
+        start = time.process_time()
+        hand_wanda_sp(lm.model, cal, ratio)
+        seconds = time.process_time() - start
+    elif method != "dense":
         importance = {"random": "random", "magnitude": "magnitude"}.get(method, "activation")
         heads = method in HEAD_METHODS
         pruner = Pruner(lm.model, lm.example_inputs, importance=importance, ratio=ratio,
