@@ -395,9 +395,9 @@ def test_split_keeps_batches_it_cannot_line_up() -> None:
 def test_one_additivity_check_per_block_class_and_default_targets(
         small: tuple[LoadedModel, Calibration, Calibration]) -> None:
     """Whether a consumer's output adds to its block's output is checked by two more runs
-    of the first block only (its output cut, and moved; later blocks of the class read it); each block then runs once
-    per batch of each stream, the original block once per batch also where it has two
-    consumers. The MLP (its output adds to the block's) is fit to the
+    of the first block only (its output cut, and moved; later blocks of the class read
+    it); each block then runs once per batch of each stream, the original block once per
+    batch also where it has two consumers. The MLP (its output adds to the block's) is fit to the
     ``stream`` target only; the attention output projection, not the block's last
     consumer, to its own output (``original``)."""
     lm, cal, _held = small
