@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -236,3 +237,55 @@ def test_producers_run_at_the_cut_width_where_that_gives_the_same_inputs(
     assert wide_uses == 0
     for k, v in wide.items():
         torch.testing.assert_close(narrow[k], v, rtol=1e-3, atol=1e-4)  # float rounding
+
+
+def test_blocks_given_other_inputs_than_the_first_are_not_read() -> None:
+    """A model whose blocks get per-layer inputs (Qwen2 with a sliding-window layer: its own
+    attention mask) is not read from the recording: the refit runs every block on block 0's
+    other inputs, so the recorded outputs would not line up with its pruned stream."""
+    import transformers
+
+    torch.manual_seed(0)
+    results = []
+    for types in (["full_attention"] * 3,
+                  ["full_attention", "sliding_attention", "full_attention"]):
+        cfg = transformers.Qwen2Config(
+            layer_types=types, use_sliding_window=True, sliding_window=4, hidden_size=64,
+            intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=100, attn_implementation="eager")
+        model = transformers.Qwen2ForCausalLM(cfg).eval()
+        gen = torch.Generator().manual_seed(1)
+        cal = Calibration([(torch.randint(0, 100, (4, 16), generator=gen),)
+                           for _ in range(5)])
+        consumers = []
+        for i in range(3):
+            name = f"model.layers.{i}.mlp.down_proj"
+            kept = torch.randperm(128, generator=gen)[:90].sort().values.numpy()
+            consumers.append(reconstruct.Consumer(name, f"{name}.weight", kept))
+        ran = reconstruct.reconstruct(model, consumers, cal)
+        traj = trajectory.Trajectory(model)
+        with traj.recording(reconstruct.in_order(cal)):
+            activation_norms(model, reconstruct.in_order(cal))
+        read = reconstruct.reconstruct(model, consumers, cal, trajectory=traj)
+        traj.close()
+        assert [f.error for f in read.fits] == [f.error for f in ran.fits]
+        results.append(traj)
+    assert [t._dir.exists() for t in results] == [False, False]
+
+
+def test_a_full_disk_leaves_the_scoring_and_the_refit_to_run_the_blocks(
+        small: tuple[LoadedModel, Calibration], monkeypatch: pytest.MonkeyPatch) -> None:
+    lm, cal = small
+
+    plain_open = Path.open
+
+    def full(self: Path, *a: Any, **k: Any) -> Any:
+        if self.suffix == ".bin" and self.parent.name.startswith("pe-trajectory-"):
+            raise OSError(28, "No space left on device")
+        return plain_open(self, *a, **k)
+
+    monkeypatch.setattr(Path, "open", full)
+    pruner = Pruner(lm.model, lm.example_inputs, importance="activation", ratio=0.3,
+                    heads="keep", targets="mlp", calibration=cal, compensate="lstsq")
+    removal, _report = pruner.checked()
+    assert removal and pruner.trajectory is None

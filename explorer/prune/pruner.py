@@ -283,6 +283,7 @@ class Pruner(Chooser):
 
     def _cut(self, removal: Removal) -> Applied:
         if self.compensate is None:
+            self.drop_trajectory()  # recorded on the model before this cut: of no use after
             return apply_removal(self.model, self.coupling, removal)
         notes: list[str] = []
         try:

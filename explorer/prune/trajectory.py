@@ -84,6 +84,21 @@ class Trajectory:
                 broken.append("a forward on other inputs")
             seen.append(k)
 
+        first: list[tuple[tuple[Any, ...], dict[str, Any]]] = []  # block 0's inputs, this batch
+
+        def given(i: int) -> Any:
+            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                # the refit runs every block on block 0's other inputs (its mask, positions);
+                # a block given others (a per-layer sliding-window mask) is not read from here
+                if i == 0:
+                    first[:] = [(args[1:], kwargs)]
+                elif not first or not _same(args[1:], first[0][0]) or \
+                        kwargs.keys() != first[0][1].keys() or \
+                        not _same([kwargs[k] for k in sorted(kwargs)],
+                                  [first[0][1][k] for k in sorted(kwargs)]):
+                    broken.append(f"block {i} is given other inputs than block 0")
+            return hook
+
         def keep(i: int) -> Any:
             def hook(_m: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
                 nonlocal budget
@@ -92,20 +107,26 @@ class Trajectory:
                 if len(self._entries[i]) != len(seen) - 1:
                     broken.append(f"block {i} ran out of turn")
                     return
-                hidden = _hidden_out(output).detach().contiguous()
+                hidden = _hidden_out(output).detach().cpu().contiguous()
                 raw = hidden.reshape(-1).view(torch.uint8).numpy()
                 budget -= raw.nbytes
                 if budget < 0:
                     broken.append("the disk budget")
                     return
                 path = self._dir / f"{i}.bin"
-                with path.open("ab") as f:
-                    offset = f.tell()
-                    raw.tofile(f)
+                try:
+                    with path.open("ab") as f:
+                        offset = f.tell()
+                        raw.tofile(f)
+                except OSError as e:  # a full disk: the refit runs the blocks instead
+                    broken.append(f"writing {path}: {e}")
+                    return
                 self._entries[i].append(_Entry(offset, tuple(hidden.shape), hidden.dtype))
             return hook
 
         handles = [self.model.register_forward_pre_hook(started, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(given(i), with_kwargs=True)
+                    for i, layer in enumerate(layers)]
         handles += [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
         try:
             yield
@@ -148,16 +169,26 @@ def _state(model: nn.Module) -> list[tuple[weakref.ref[torch.Tensor], int]]:
 
 
 def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    """Two batches with equal entries (tensors equal in shape and value)."""
+    """Two batches (or a block's other inputs) with equal entries: tensors equal in shape
+    and value, tuples and lists entry by entry, other objects identical or equal."""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
+        if x is y:
+            continue
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
                     and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)):
                 return False
-        elif x is not y and x != y:
-            return False
+        elif isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            if not _same(x, y):
+                return False
+        else:
+            try:
+                if not bool(x == y):
+                    return False
+            except Exception:  # noqa: BLE001 - objects without a plain equality differ
+                return False
     return True
 
 
