@@ -770,7 +770,7 @@ def _narrow_same(model: nn.Module, layer: nn.Module, c: Consumer, rec: Reconstru
 def _sums(model: nn.Module, layer: nn.Module, module: nn.Module, c: Consumer,
           rec: Reconstruction, run: _Run, inp: Inputs, start: int) -> bool:
     """`_adds`' check: the block run again with ``c``'s output changed, twice: cut (the
-    change the refit makes), and moved by a fixed pattern as large as the block's output
+    change the refit makes), and moved by a fixed pattern the size of the block's output
     (where the cut changes little, as for removed channels that carry nothing, the first
     says nothing; a norm after the consumer, as in a post-norm block, takes the pattern's
     mean and scale away). Additive where both changes come out of the block as they went
@@ -779,7 +779,7 @@ def _sums(model: nn.Module, layer: nn.Module, module: nn.Module, c: Consumer,
     out = _hidden_in(run.next)
     cut = _reader(module, Fit(c.module, c.kept, "plain", 0.0, 0.0), Reconstruction())
     pattern = torch.linspace(-1.0, 1.0, old.shape[-1], dtype=old.dtype,
-                             device=old.device) * (float(out.abs().mean()) + 1e-6)
+                             device=old.device) * (float(out.pow(2).mean().sqrt()) + 1e-6)
     for change, delta in ((cut, cut(module, (x,), old) - old),
                           (lambda _m, _a, o: o + pattern, pattern)):
         guess = out + delta
