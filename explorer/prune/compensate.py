@@ -101,11 +101,6 @@ class InputStats:
     gram: torch.Tensor | None  # sum of [x; 1][x; 1]^T (lstsq only)
 
 
-def targets(model: nn.Module, coupling: Coupling, removal: Removal) -> list[Target]:
-    """The consumer layers of ``removal`` that compensation can refit."""
-    return cut_targets(model, coupling.keep_indices(removed_atoms(coupling, removal)))
-
-
 def cut_targets(model: nn.Module, keeps: Mapping[tuple[str, int], Sequence[int] | np.ndarray],
                 sizes: Mapping[str, Sequence[int]] | None = None) -> list[Target]:
     """The consumer layers that keeping ``keeps`` ((tensor, dim) -> kept indices) cuts.
